@@ -1,0 +1,54 @@
+"""Runtime settings, read from ``RIVERFLOW_*`` environment variables (pydantic-settings).
+
+The pipeline spec says *what* to compute; these settings say *where* and *how
+fast*. Secrets are ``SecretStr`` so they never show up in logs or reprs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_SPEC = REPO_ROOT / "examples" / "fraud.yaml"
+DEV_SIGNING_KEY = "riverflow-dev-signing-key-change-me"
+
+
+class Settings(BaseSettings):
+    """Where the servers are and how the stages batch."""
+
+    model_config = SettingsConfigDict(env_prefix="RIVERFLOW_", extra="ignore")
+
+    spec: Path = Field(DEFAULT_SPEC, description="pipeline spec (YAML)")
+    kafka_bootstrap: str | None = Field(
+        None, description="host:port of a running Kafka; unset = start the local stack"
+    )
+    redis_url: str | None = Field(
+        None, description="redis:// URL of a running Redis; unset = start the local stack"
+    )
+    redis_password: SecretStr | None = None
+    redis_socket_timeout_s: float = 5.0
+    partitions: int = Field(3, ge=1, description="partitions of every topic riverflow creates")
+    replication_factor: int = Field(1, ge=1)
+    batch_size: int = Field(500, ge=1, description="max messages per processor batch")
+    batch_timeout_s: float = Field(0.05, gt=0, description="max wait to fill a batch")
+    max_event_bytes: int = Field(65_536, ge=64, description="larger payloads go to the DLQ")
+    label_horizon_s: float = Field(
+        7 * 24 * 3600.0, gt=0, description="how long a feature snapshot waits for its label"
+    )
+    label_wait_s: float = Field(
+        30.0, ge=0, description="how long a label waits for its event's snapshot"
+    )
+    snapshot_every_labels: int = Field(
+        1000, ge=0, description="learner publishes a model version every N labels (0 = never)"
+    )
+    model_poll_s: float = Field(0.1, gt=0, description="how often a scorer checks the champion")
+    signing_key: SecretStr = Field(
+        SecretStr(DEV_SIGNING_KEY), description="HMAC key for model snapshots"
+    )
+    cache_dir: Path = Field(
+        Path.home() / ".cache" / "riverflow", description="downloaded Kafka jars, stack state"
+    )
+    kafka_version: str = "4.1.1"
