@@ -1,0 +1,7 @@
+"""Errors of the feature store."""
+
+from riverflow.errors import RiverflowError
+
+
+class FeatureStoreError(RiverflowError):
+    """The feature store could not be reached or answered something unexpected."""

@@ -1,0 +1,61 @@
+"""The champion replica a scorer serves, following the registry's pointer."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from models.registry import ModelRegistry, ModelVersion
+
+
+def positive_probability(model: Any, x: dict[str, Any]) -> float:
+    """P(label is true) from a River classifier's ``predict_proba_one``."""
+    proba = model.predict_proba_one(x)
+    return float(proba.get(True, proba.get(1, 0.0)))
+
+
+class ChampionReplica:
+    """Serves the champion; swaps in a new version between batches.
+
+    ``refresh`` reads the pointer at most every ``poll_s`` seconds, so a swap
+    costs one GET per poll interval, and a blob download only when it moved.
+    """
+
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        name: str,
+        fresh: Callable[[], Any],
+        poll_s: float = 0.1,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.registry = registry
+        self.name = name
+        self.poll_s = poll_s
+        self.clock = clock
+        version = registry.champion(name)
+        if version is None:
+            self.current = ModelVersion(name, 0, fresh(), {"fresh": True})
+        else:
+            self.current = registry.load(name, version)
+        self._next_poll = clock() + poll_s
+
+    @property
+    def version(self) -> int:
+        return self.current.version
+
+    def refresh(self, force: bool = False) -> bool:
+        """Follow the champion pointer; True when the served version changed."""
+        now = self.clock()
+        if not force and now < self._next_poll:
+            return False
+        self._next_poll = now + self.poll_s
+        version = self.registry.champion(self.name)
+        if version is None or version == self.current.version:
+            return False
+        self.current = self.registry.load(self.name, version)
+        return True
+
+    def predict(self, x: dict[str, Any]) -> float:
+        return positive_probability(self.current.model, x)

@@ -1,0 +1,138 @@
+"""A seeded synthetic card-transaction stream whose fraud pattern drifts.
+
+Same seed, same stream, byte for byte. The fraud pattern switches at the
+configured event positions (concept drift with known drift points):
+
+- concept 0, *account takeover*: a stolen card makes a burst of large online
+  purchases (electronics, jewelry) from abroad;
+- concept 1, *card testing*: a stolen card makes a burst of tiny purchases of
+  digital goods at home, on mobile.
+
+Normal traffic is the same in both, so a model that learned concept 0 misses
+concept 1 until it relearns. Labels (``is_fraud``) follow their event after a
+fixed number of events, as delayed ground truth does.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+CATEGORIES = ["grocery", "fuel", "restaurant", "travel", "electronics", "jewelry", "digital"]
+CATEGORY_WEIGHTS = [30, 15, 20, 5, 8, 2, 20]
+COUNTRIES = ["FR", "DE", "ES", "IT", "NL", "GB", "US", "BR"]
+CHANNELS = ["pos", "online", "mobile"]
+BAD_KINDS = ("invalid_json", "wrong_type", "missing_field", "oversized", "not_finite")
+
+
+@dataclass(frozen=True)
+class FraudStreamConfig:
+    """Knobs of the synthetic stream; every field has a sane default."""
+
+    seed: int = 7
+    cards: int = 1000
+    burst_rate: float = 0.006  # chance per event that a new card gets compromised
+    drift_at: tuple[int, ...] = (5_000,)
+    label_delay: int = 100  # a label follows its event by this many events
+    mean_gap_s: float = 1.0
+    start_ts: float = 1_767_225_600.0  # 2026-01-01T00:00:00Z
+
+
+def concept_at(position: int, config: FraudStreamConfig) -> int:
+    """Which fraud pattern is active at this event position (0 or 1)."""
+    return sum(position >= d for d in config.drift_at) % 2
+
+
+def transactions(n: int, config: FraudStreamConfig) -> Iterator[tuple[dict[str, Any], bool]]:
+    """``n`` events with their hidden truth (is it fraud?)."""
+    rng = random.Random(config.seed)
+    home = {f"c{i:05d}": rng.choice(COUNTRIES[:6]) for i in range(config.cards)}
+    cards = list(home)
+    bursts: dict[str, int] = {}
+    ts = config.start_ts
+    for i in range(n):
+        concept = concept_at(i, config)
+        ts += rng.expovariate(1.0 / config.mean_gap_s)
+        if rng.random() < config.burst_rate:
+            bursts[rng.choice(cards)] = rng.randint(3, 6) if concept == 0 else rng.randint(5, 10)
+        if bursts and rng.random() < 0.35:
+            card = rng.choice(sorted(bursts))
+            bursts[card] -= 1
+            if bursts[card] == 0:
+                del bursts[card]
+            event = _fraud(rng, card, home[card], concept)
+            fraud = True
+        else:
+            card = rng.choice(cards)
+            event = _normal(rng, card, home[card])
+            fraud = False
+        event["event_id"] = f"e{config.seed}-{i:08d}"
+        event["ts"] = round(ts, 3)
+        yield event, fraud
+
+
+def _normal(rng: random.Random, card: str, home: str) -> dict[str, Any]:
+    return {
+        "card_id": card,
+        "amount": round(math.exp(rng.gauss(3.3, 0.9)), 2),
+        "merchant": f"m{rng.randrange(300):04d}",
+        "category": rng.choices(CATEGORIES, CATEGORY_WEIGHTS)[0],
+        "country": home if rng.random() < 0.95 else rng.choice(COUNTRIES),
+        "channel": rng.choice(CHANNELS),
+    }
+
+
+def _fraud(rng: random.Random, card: str, home: str, concept: int) -> dict[str, Any]:
+    if concept == 0:
+        abroad = [c for c in COUNTRIES if c != home]
+        return {
+            "card_id": card,
+            "amount": round(math.exp(rng.gauss(6.0, 0.5)), 2),
+            "merchant": f"m{rng.randrange(300, 320):04d}",
+            "category": rng.choice(["electronics", "jewelry"]),
+            "country": rng.choice(abroad),
+            "channel": "online",
+        }
+    return {
+        "card_id": card,
+        "amount": round(rng.uniform(0.5, 5.0), 2),
+        "merchant": f"m{rng.randrange(320, 340):04d}",
+        "category": "digital",
+        "country": home,
+        "channel": "mobile",
+    }
+
+
+def with_labels(n: int, config: FraudStreamConfig) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Events and their labels in arrival order: ``("event", e)`` / ``("label", l)``."""
+    waiting: deque[dict[str, Any]] = deque()
+    for event, fraud in transactions(n, config):
+        yield "event", event
+        waiting.append({"event_id": event["event_id"], "is_fraud": fraud})
+        if len(waiting) > config.label_delay:
+            yield "label", waiting.popleft()
+    while waiting:
+        yield "label", waiting.popleft()
+
+
+def corrupt(event: dict[str, Any], kind: str) -> bytes:
+    """A bad payload of the given kind, built from a good event."""
+    if kind == "invalid_json":
+        return orjson.dumps(event)[:-7]
+    if kind == "wrong_type":
+        return orjson.dumps({**event, "amount": str(event["amount"])})
+    if kind == "missing_field":
+        return orjson.dumps({k: v for k, v in event.items() if k != "card_id"})
+    if kind == "oversized":
+        return orjson.dumps({**event, "note": "x" * 100_000})
+    if kind == "not_finite":
+        return orjson.dumps(event).replace(
+            f'"amount":{orjson.dumps(event["amount"]).decode()}'.encode(), b'"amount":NaN'
+        )
+    raise ValueError(f"unknown corruption kind {kind!r}; known: {', '.join(BAD_KINDS)}")

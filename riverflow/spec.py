@@ -1,0 +1,93 @@
+"""The pipeline spec: one YAML declaration drives every stage.
+
+Loaded and checked by pydantic at start; every error names the offending field
+(``features.2.field: 'amt' is not an event field``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from features.definitions import FeaturePlan, FeatureSpec
+from models.spec import ModelSpec
+from riverflow.errors import RiverflowError
+from streams.schema import NUMERIC, EventSchema, FieldType, LabelSpec
+from streams.topics import Topics
+
+
+class SpecError(RiverflowError):
+    """The pipeline spec is missing, unreadable or invalid."""
+
+
+class PipelineSpec(BaseModel):
+    """Events, label, features and model of one pipeline (namespace ``name``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_-]*$", description="namespace of topics and keys")
+    events: EventSchema
+    label: LabelSpec
+    features: list[FeatureSpec] = Field(default_factory=list)
+    model: ModelSpec
+
+    @model_validator(mode="after")
+    def _cross_check(self) -> PipelineSpec:
+        fields = self.events.fields
+        ev = self.events
+        for role, name in (("key", ev.key), ("event_id", ev.event_id), ("time", ev.time)):
+            if name not in fields:
+                raise ValueError(f"events.{role}: {name!r} is not an event field")
+        if fields[ev.time] is not FieldType.TIMESTAMP:
+            raise ValueError(f"events.time: {ev.time!r} must have type timestamp")
+        if fields[ev.event_id] is not FieldType.STR:
+            raise ValueError(f"events.event_id: {ev.event_id!r} must have type str")
+        names = set()
+        for i, f in enumerate(self.features):
+            if f.name in names:
+                raise ValueError(f"features.{i}.name: duplicate feature {f.name!r}")
+            names.add(f.name)
+            if f.field is not None and fields.get(f.field) not in NUMERIC:
+                raise ValueError(f"features.{i}.field: {f.field!r} is not a numeric event field")
+            if f.entity is not None and f.entity not in fields:
+                raise ValueError(f"features.{i}.entity: {f.entity!r} is not an event field")
+        for i, name in enumerate(self.model.inputs):
+            if name not in fields:
+                raise ValueError(f"model.inputs.{i}: {name!r} is not an event field")
+            if name in names:
+                raise ValueError(f"model.inputs.{i}: {name!r} is also a feature name")
+        return self
+
+    @property
+    def topics(self) -> Topics:
+        return Topics(self.name)
+
+    def feature_plan(self) -> FeaturePlan:
+        return FeaturePlan.build(self.features, self.events.key)
+
+
+def load_spec(path: Path | str) -> PipelineSpec:
+    """Read and validate a spec file; raise ``SpecError`` naming what is wrong."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise SpecError(f"cannot read spec {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{path}: not valid YAML: {exc}") from exc
+    return parse_spec(data, source=str(path))
+
+
+def parse_spec(data: object, source: str = "spec") -> PipelineSpec:
+    """Validate an already-parsed spec; errors name the field path."""
+    try:
+        return PipelineSpec.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors(include_url=False):
+            where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"  {where}: {msg}")
+        raise SpecError(f"{source} is invalid:\n" + "\n".join(lines)) from None

@@ -1,0 +1,107 @@
+"""confluent-kafka helpers: topic creation, producing, reading a topic."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from riverflow.errors import RiverflowError
+
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # the DLQ must hold an oversized payload plus its envelope
+
+
+class KafkaIOError(RiverflowError):
+    """Kafka refused or failed an operation riverflow needed."""
+
+
+def ensure_topics(
+    bootstrap: str, names: Iterable[str], partitions: int, replication: int = 1
+) -> list[str]:
+    """Create the topics that do not exist yet; returns the names created."""
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    existing = set(admin.list_topics(timeout=10).topics)
+    config = {"max.message.bytes": str(MAX_MESSAGE_BYTES)}
+    new = [NewTopic(n, partitions, replication, config=config) for n in names if n not in existing]
+    if not new:
+        return []
+    for name, future in admin.create_topics(new).items():
+        try:
+            future.result()
+        except KafkaException as exc:
+            if "TOPIC_ALREADY_EXISTS" not in str(exc):
+                raise KafkaIOError(f"creating topic {name}: {exc}") from exc
+    return [t.topic for t in new]
+
+
+def producer(bootstrap: str, **extra: Any) -> Producer:
+    """A producer that batches (linger) and never blocks per message."""
+    conf = {
+        "bootstrap.servers": bootstrap,
+        "linger.ms": 5,
+        "enable.idempotence": True,
+        "message.max.bytes": MAX_MESSAGE_BYTES,
+        **extra,
+    }
+    return Producer(conf)
+
+
+def produce_all(prod: Producer, records: Iterable[tuple[str, bytes | None, bytes]]) -> int:
+    """Produce every (topic, key, value); flush once at the end. Raises on delivery errors."""
+    errors: list[str] = []
+
+    def on_delivery(err: Any, _msg: Any) -> None:
+        if err is not None:
+            errors.append(str(err))
+
+    n = 0
+    for topic, key, value in records:
+        while True:
+            try:
+                prod.produce(topic, value=value, key=key, on_delivery=on_delivery)
+                break
+            except BufferError:  # local queue full: let deliveries drain
+                prod.poll(0.05)
+        n += 1
+        if n % 1000 == 0:
+            prod.poll(0)
+    remaining = prod.flush(60)
+    if remaining or errors:
+        raise KafkaIOError(f"{remaining} undelivered, errors: {errors[:3]}")
+    return n
+
+
+def read_topic(
+    bootstrap: str, topic: str, idle_s: float = 2.0, follow: bool = False
+) -> Iterator[Any]:
+    """Every message of ``topic`` from the beginning, until none arrived for ``idle_s``
+    seconds (or forever with ``follow``). Reads all partitions without a consumer
+    group, so it commits nothing and joins no rebalance."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": "riverflow-reader",  # required by librdkafka, never used: no commits
+            "enable.auto.commit": False,
+            "fetch.message.max.bytes": MAX_MESSAGE_BYTES,
+        }
+    )
+    meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
+    if meta is None or meta.error is not None:
+        consumer.close()
+        raise KafkaIOError(f"no topic {topic!r} on {bootstrap}")
+    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in meta.partitions])
+    last = time.monotonic()
+    try:
+        while follow or time.monotonic() - last < idle_s:
+            batch = consumer.consume(1000, timeout=0.2)
+            for msg in batch:
+                if msg.error():
+                    raise KafkaIOError(f"reading {topic}: {msg.error()}")
+                yield msg
+            if batch:
+                last = time.monotonic()
+    finally:
+        consumer.close()

@@ -1,0 +1,40 @@
+"""Event and label schemas as declared in the spec."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class FieldType(StrEnum):
+    """Types an event field can declare. ``timestamp`` is epoch seconds (a number)."""
+
+    STR = "str"
+    INT = "int"
+    FLOAT = "float"
+    BOOL = "bool"
+    TIMESTAMP = "timestamp"
+
+
+NUMERIC = {FieldType.INT, FieldType.FLOAT, FieldType.TIMESTAMP}
+
+
+class EventSchema(BaseModel):
+    """Fields of an event and the roles some of them play."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    fields: dict[str, FieldType] = Field(min_length=1)
+    key: str = Field(description="entity key field: partitions the stream, keys the features")
+    event_id: str = Field(description="unique id field: joins labels, dedups replays")
+    time: str = Field(description="event-time field (timestamp): places events in windows")
+
+
+class LabelSpec(BaseModel):
+    """Where ground truth comes from and how it joins its event."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    field: str = Field(description="the label field (bool) in label messages")
+    event_id: str = Field("event_id", description="field carrying the event id it labels")
