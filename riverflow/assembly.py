@@ -1,0 +1,91 @@
+"""Build the processors of a pipeline from its spec and settings.
+
+Both runtimes assemble their stages here, from different stores and registries.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from features.store import FeatureStore, MemoryFeatureStore, RedisFeatureStore
+from models.champion import ChampionReplica
+from models.factory import build_model
+from models.registry import MemoryRegistry, ModelRegistry, ModelVersion, RedisRegistry
+from riverflow.errors import RiverflowError
+from riverflow.settings import DEV_SIGNING_KEY, Settings
+from riverflow.spec import PipelineSpec
+from streams.processors import Learner, Scorer
+
+
+class ConnectionFailed(RiverflowError):
+    """A server named in the settings cannot be reached."""
+
+
+def signing_key(settings: Settings) -> bytes:
+    return settings.signing_key.get_secret_value().encode()
+
+
+def uses_dev_key(settings: Settings) -> bool:
+    return settings.signing_key.get_secret_value() == DEV_SIGNING_KEY
+
+
+def redis_client(settings: Settings, url: str) -> Any:
+    """A Redis client that answered PING, or ``ConnectionFailed`` saying where."""
+    import redis
+    from redis.backoff import ExponentialBackoff
+    from redis.retry import Retry
+
+    password = settings.redis_password.get_secret_value() if settings.redis_password else None
+    client = redis.Redis.from_url(
+        url,
+        password=password,
+        socket_timeout=settings.redis_socket_timeout_s,
+        socket_connect_timeout=settings.redis_socket_timeout_s,
+        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=5),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+    )
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        safe = url.split("@")[-1]  # never echo credentials embedded in the URL
+        raise ConnectionFailed(f"Redis unreachable at {safe}: {exc}") from exc
+    return client
+
+
+def redis_backends(
+    spec: PipelineSpec, settings: Settings, client: Any
+) -> tuple[FeatureStore, ModelRegistry]:
+    store = RedisFeatureStore(client, spec.name, spec.feature_plan(), settings.label_horizon_s)
+    return store, RedisRegistry(client, spec.name, signing_key(settings))
+
+
+def memory_backends(spec: PipelineSpec, settings: Settings) -> tuple[FeatureStore, ModelRegistry]:
+    return MemoryFeatureStore(spec.feature_plan()), MemoryRegistry(signing_key(settings))
+
+
+def build_scorer(
+    spec: PipelineSpec, settings: Settings, store: FeatureStore, registry: ModelRegistry
+) -> Scorer:
+    champion = ChampionReplica(
+        registry, spec.model.name, lambda: build_model(spec.model), settings.model_poll_s
+    )
+    return Scorer(
+        spec.topics, spec.events, spec.feature_plan(), spec.model.inputs, store, champion,
+        settings.max_event_bytes,
+    )  # fmt: skip
+
+
+def build_learner(
+    spec: PipelineSpec, settings: Settings, store: FeatureStore, registry: ModelRegistry
+) -> Learner:
+    """A learner that continues from the champion version, or from a fresh model."""
+    name = spec.model.name
+    version = registry.champion(name)
+    if version is None:
+        start = ModelVersion(name, 0, build_model(spec.model))
+    else:
+        start = registry.load(name, version)
+    return Learner(
+        spec.topics, spec.label, spec.feature_plan(), store, registry, start,
+        settings.max_event_bytes, settings.label_wait_s, settings.snapshot_every_labels,
+    )  # fmt: skip

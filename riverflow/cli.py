@@ -1,0 +1,182 @@
+"""``riverflow``: demo, local stack, stages, produce, tail.
+
+Every command reads ``Settings`` (``RIVERFLOW_*`` environment variables); Kafka
+and Redis addresses come from there or, when unset, from ``riverflow stack up``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import orjson
+from rich.console import Console
+
+from riverflow.errors import RiverflowError
+from riverflow.settings import Settings
+from riverflow.spec import load_spec
+from riverflow.stack import Endpoints, stack_down, stack_status, stack_up
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def endpoints(settings: Settings) -> Endpoints:
+    """Kafka and Redis from the settings, else from the running ``stack up``."""
+    kafka, redis_url = settings.kafka_bootstrap, settings.redis_url
+    if not (kafka and redis_url):
+        running = {s.name: s for s in stack_status(settings) if s.alive()}
+        kafka = kafka or (running["kafka"].address if "kafka" in running else None)
+        redis_url = redis_url or (running["redis"].address if "redis" in running else None)
+    if not (kafka and redis_url):
+        raise RiverflowError(
+            "no Kafka/Redis: run `riverflow stack up`, or set RIVERFLOW_KAFKA_BOOTSTRAP "
+            "and RIVERFLOW_REDIS_URL"
+        )
+    return Endpoints(kafka, redis_url)
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from riverflow.demo import run_demo, summary
+
+    spec = load_spec(args.spec or settings.spec)
+    result = run_demo(spec, settings, events=args.events, seed=args.seed)
+    console.print(summary(result))
+    return 0
+
+
+def cmd_stack(args: argparse.Namespace, settings: Settings) -> int:
+    if args.action == "up":
+        with console.status("starting Kafka (KRaft) and redis-server..."):
+            ep = stack_up(settings)
+        console.print(f"export RIVERFLOW_KAFKA_BOOTSTRAP={ep.kafka_bootstrap}")
+        console.print(f"export RIVERFLOW_REDIS_URL={ep.redis_url}")
+    elif args.action == "down":
+        stopped = stack_down(settings)
+        console.print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
+    else:
+        servers = stack_status(settings)
+        if not servers:
+            console.print("no local stack (riverflow stack up starts one)")
+            return 1
+        for s in servers:
+            state = "running" if s.alive() else "DEAD"
+            console.print(f"{s.name:6} {state:8} {s.address}  pid {s.pid}  log {s.log}")
+        return 0 if all(s.alive() for s in servers) else 1
+    return 0
+
+
+def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+    from riverflow.kafka_runtime import run_stage
+
+    spec = load_spec(args.spec or settings.spec)
+    run_stage(args.stage, spec, settings, endpoints(settings))
+    return 0
+
+
+def _file_records(path: Path, topic: str) -> Iterator[tuple[str, bytes | None, bytes]]:
+    with path.open("rb") as f:
+        for line in f:
+            line = line.rstrip(b"\n")
+            if line:
+                yield topic, None, line
+
+
+def cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
+    from riverflow.generator import FraudStreamConfig, with_labels
+    from streams.kafka_io import ensure_topics, produce_all, producer
+
+    spec = load_spec(args.spec or settings.spec)
+    topics = spec.topics
+    ep = endpoints(settings)
+    ensure_topics(ep.kafka_bootstrap, topics.all(), settings.partitions)
+    records: Iterator[tuple[str, bytes | None, bytes]]
+    if args.file:
+        records = _file_records(Path(args.file), args.topic or topics.events)
+    else:
+        config = FraudStreamConfig(seed=args.seed, drift_at=(args.events // 2,))
+
+        def generated() -> Iterator[tuple[str, bytes | None, bytes]]:
+            for kind, rec in with_labels(args.events, config):
+                if kind == "event":
+                    yield topics.events, rec[spec.events.key].encode(), orjson.dumps(rec)
+                elif not args.no_labels:
+                    yield topics.labels, rec["event_id"].encode(), orjson.dumps(rec)
+
+        records = generated()
+    n = produce_all(producer(ep.kafka_bootstrap), records)
+    console.print(f"produced {n:,} messages to {ep.kafka_bootstrap}")
+    return 0
+
+
+def cmd_tail(args: argparse.Namespace, settings: Settings) -> int:
+    from streams.kafka_io import read_topic
+
+    ep = endpoints(settings)
+    for shown, msg in enumerate(read_topic(ep.kafka_bootstrap, args.topic, follow=args.follow), 1):
+        value = msg.value() or b""
+        try:
+            text = json.dumps(orjson.loads(value))
+        except orjson.JSONDecodeError:
+            text = repr(value[:200])
+        print(f"{msg.partition()}:{msg.offset()} {text}")
+        if args.limit and shown >= args.limit:
+            break
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="riverflow", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="the fraud pipeline on the embedded runtime")
+    demo.add_argument("--events", type=int, default=20_000)
+    demo.add_argument("--seed", type=int, default=7)
+    demo.add_argument("--spec", type=Path)
+    demo.set_defaults(func=cmd_demo)
+
+    stack = sub.add_parser("stack", help="local Kafka + Redis without Docker")
+    stack.add_argument("action", choices=["up", "down", "status"])
+    stack.set_defaults(func=cmd_stack)
+
+    run = sub.add_parser("run", help="run a stage on Kafka (until Ctrl-C / SIGTERM)")
+    run.add_argument("stage", choices=["scorer", "learner"])
+    run.add_argument("--spec", type=Path)
+    run.set_defaults(func=cmd_run)
+
+    produce = sub.add_parser(
+        "produce", help="produce generated events + labels, or a JSON-lines file"
+    )
+    produce.add_argument("--events", type=int, default=10_000)
+    produce.add_argument("--seed", type=int, default=7)
+    produce.add_argument("--no-labels", action="store_true")
+    produce.add_argument("--file", help="JSON-lines file, one message per line")
+    produce.add_argument("--topic", help="topic for --file (default: the events topic)")
+    produce.add_argument("--spec", type=Path)
+    produce.set_defaults(func=cmd_produce)
+
+    tail = sub.add_parser("tail", help="print a topic's messages from the beginning")
+    tail.add_argument("topic")
+    tail.add_argument("-f", "--follow", action="store_true")
+    tail.add_argument("-n", "--limit", type=int, default=0)
+    tail.set_defaults(func=cmd_tail)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    try:
+        return int(args.func(args, Settings()))
+    except RiverflowError as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
