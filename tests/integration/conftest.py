@@ -1,0 +1,130 @@
+"""A real Kafka broker and a real redis-server for the session, and stage processes.
+
+Nothing here is mocked: the session starts Kafka (KRaft, Maven jars) and
+redis-server on free loopback ports, or uses RIVERFLOW_KAFKA_BOOTSTRAP /
+RIVERFLOW_REDIS_URL when they point at running servers.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import yaml
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+from riverflow.settings import DEFAULT_SPEC, Settings
+from riverflow.spec import PipelineSpec, load_spec
+from riverflow.stack import Endpoints, local_stack
+from tests.conftest import LOGS
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Endpoints]:
+    with local_stack(Settings(), tmp_path_factory.mktemp("stack")) as ep:
+        LOGS.extend(ep.logs)
+        yield ep
+
+
+@pytest.fixture
+def redis_client(stack: Endpoints) -> redis.Redis:
+    return redis.Redis.from_url(stack.redis_url)
+
+
+@pytest.fixture
+def spec_file(tmp_path: Path) -> Path:
+    """The fraud spec under a unique name: its own topics and Redis keys."""
+    data = yaml.safe_load(DEFAULT_SPEC.read_text())
+    data["name"] = f"it-{uuid.uuid4().hex[:10]}"
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture
+def spec(spec_file: Path) -> PipelineSpec:
+    return load_spec(spec_file)
+
+
+StageFactory = Callable[..., subprocess.Popen[bytes]]
+
+
+@pytest.fixture
+def start_stage(stack: Endpoints, spec_file: Path, tmp_path: Path) -> Iterator[StageFactory]:
+    """Start ``riverflow run <stage>`` as its own process, as a user would."""
+    procs: list[subprocess.Popen[bytes]] = []
+    logs: list[Path] = []
+
+    def start(stage: str, **settings: Any) -> subprocess.Popen[bytes]:
+        env = {
+            **os.environ,
+            "RIVERFLOW_KAFKA_BOOTSTRAP": stack.kafka_bootstrap,
+            "RIVERFLOW_REDIS_URL": stack.redis_url,
+            "RIVERFLOW_SPEC": str(spec_file),
+            **{f"RIVERFLOW_{k.upper()}": str(v) for k, v in settings.items()},
+        }
+        log = tmp_path / f"{stage}-{len(procs)}.log"
+        LOGS.append(log)
+        logs.append(log)
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "riverflow.cli", "run", stage],
+                env=env, stdout=out, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    for log in logs:
+        LOGS.remove(log)
+
+
+def collect(
+    bootstrap: str, topic: str, expected: int, timeout_s: float = 120.0, settle_s: float = 2.0
+) -> list[Any]:
+    """Read ``topic`` from the start until ``expected`` messages arrived (or the timeout),
+    then ``settle_s`` longer so that extra (duplicate) messages would be seen too."""
+    consumer = Consumer(
+        {"bootstrap.servers": bootstrap, "group.id": "tests", "enable.auto.commit": False,
+         "fetch.message.max.bytes": 4 * 1024 * 1024}
+    )  # fmt: skip
+    deadline = time.monotonic() + timeout_s
+    while True:
+        meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
+        if meta is not None and meta.error is None and meta.partitions:
+            break
+        if time.monotonic() > deadline:
+            raise AssertionError(f"topic {topic} never appeared")
+        time.sleep(0.2)
+    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in meta.partitions])
+    out: list[Any] = []
+    settle_until: float | None = None
+    try:
+        while time.monotonic() < (settle_until or deadline):
+            for msg in consumer.consume(1000, timeout=0.2):
+                assert not msg.error(), msg.error()
+                out.append(msg)
+            if settle_until is None and len(out) >= expected:
+                settle_until = time.monotonic() + settle_s
+    finally:
+        consumer.close()
+    return out

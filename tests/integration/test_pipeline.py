@@ -1,0 +1,143 @@
+"""The walking skeleton on real servers: events in, predictions out, labels learned."""
+
+from __future__ import annotations
+
+import base64
+import math
+from collections import Counter
+from collections.abc import Iterable
+
+import orjson
+import redis
+
+from models.factory import build_model
+from models.registry import RedisRegistry
+from riverflow.embedded import EmbeddedRuntime
+from riverflow.generator import BAD_KINDS, FraudStreamConfig, corrupt, transactions, with_labels
+from riverflow.settings import Settings
+from riverflow.spec import PipelineSpec
+from riverflow.stack import Endpoints
+from streams.contracts import DeadLetter, Evaluation, Prediction
+from streams.kafka_io import ensure_topics, produce_all, producer
+from tests.helpers import assert_features_match, brute_force_features
+from tests.integration.conftest import StageFactory, collect
+
+N = 10_000
+
+
+def by_event_id(values: Iterable[bytes]) -> dict[str, Prediction]:
+    predictions = [Prediction.model_validate_json(v) for v in values]
+    return {p.event_id: p for p in predictions}
+
+
+def test_ten_thousand_events_through_kafka_and_redis(
+    stack: Endpoints, spec: PipelineSpec, start_stage: StageFactory, redis_client: redis.Redis
+) -> None:
+    topics = spec.topics
+    ensure_topics(stack.kafka_bootstrap, topics.all(), partitions=3)
+    config = FraudStreamConfig(cards=300, mean_gap_s=20.0, drift_at=(N // 2,))
+    records: list[tuple[str, bytes | None, bytes]] = []
+    events, bad = [], Counter[str]()
+    for i, (kind, rec) in enumerate(with_labels(N, config)):
+        if kind == "label":
+            records.append((topics.labels, rec["event_id"].encode(), orjson.dumps(rec)))
+            continue
+        if i % 97 == 0:  # a bad copy of every 97th event (the good one is sent too)
+            kind_ = BAD_KINDS[sum(bad.values()) % len(BAD_KINDS)]
+            bad[kind_] += 1
+            records.append((topics.events, rec["card_id"].encode(), corrupt(rec, kind_)))
+        events.append(rec)
+        records.append((topics.events, rec["card_id"].encode(), orjson.dumps(rec)))
+    # bad labels, duplicate labels and a label for an event that never came
+    labels = [orjson.loads(v) for t, _, v in records if t == topics.labels]
+    records += [(topics.labels, b"x", b'{"event_id": "e1", "is_fraud": "yes"}')]
+    records += [(topics.labels, None, orjson.dumps(lab)) for lab in labels[:300]]
+    records += [(topics.labels, None, b'{"event_id": "never-scored", "is_fraud": true}')]
+    assert set(bad) == set(BAD_KINDS)
+
+    start_stage("scorer", partitions=3)
+    start_stage("learner", partitions=3, label_wait_s=3, snapshot_every_labels=2000)
+    # events first, labels once they are scored: ground truth comes late
+    prod = producer(stack.kafka_bootstrap)
+    produce_all(prod, (r for r in records if r[0] == topics.events))
+
+    # exactly one prediction per valid event id: none lost, none duplicated
+    raw = collect(stack.kafka_bootstrap, topics.predictions, N)
+    predictions = [Prediction.model_validate_json(m.value()) for m in raw]
+    counts = Counter(p.event_id for p in predictions)
+    assert len(counts) == N and set(counts.values()) == {1}
+    assert set(counts) == {e["event_id"] for e in events}
+    produce_all(prod, (r for r in records if r[0] == topics.labels))
+
+    # every bad input is in the DLQ with its reason and where it came from
+    letters = [DeadLetter.model_validate_json(m.value()) for m in
+               collect(stack.kafka_bootstrap, topics.dlq, sum(bad.values()) + 2, 60)]  # fmt: skip
+    scorer_kinds = Counter(d.error_kind for d in letters if d.stage == "scorer")
+    assert scorer_kinds == bad
+    source = {"scorer": topics.events, "learner": topics.labels}
+    assert all(d.error and d.topic == source[d.stage] and d.offset >= 0 for d in letters)
+    learner_kinds = Counter(d.error_kind for d in letters if d.stage == "learner")
+    assert learner_kinds == {"wrong_type": 1, "orphan_label": 1}
+    oversized = next(d for d in letters if d.error_kind == "oversized")
+    assert len(base64.b64decode(oversized.payload_b64 or "")) > 100_000  # nothing cut off
+
+    # feature values equal a brute-force recomputation from the events
+    expected = brute_force_features(events, spec.features, spec.events.key, spec.events.time)
+    for p in predictions:
+        assert_features_match(p.features, expected[p.event_id])
+    assert max(p.features["tx_count_1h"] for p in predictions) >= 3
+
+    # the learner learned every label exactly once (duplicates were not learned)
+    evals = [Evaluation.model_validate_json(m.value()) for m in
+             collect(stack.kafka_bootstrap, topics.evaluations, N)]  # fmt: skip
+    learned = Counter(e.event_id for e in evals)
+    assert len(learned) == N and set(learned.values()) == {1}
+    assert sorted(e.labels_seen for e in evals) == list(range(1, N + 1))
+    # ... and published its snapshots as champion versions the scorer can load
+    registry = RedisRegistry(
+        redis_client, spec.name, Settings().signing_key.get_secret_value().encode()
+    )
+    assert (registry.champion(spec.model.name) or 0) >= N // 2000
+
+
+def test_embedded_and_kafka_runtimes_give_the_same_predictions(
+    stack: Endpoints, spec: PipelineSpec, start_stage: StageFactory, redis_client: redis.Redis
+) -> None:
+    topics = spec.topics
+    settings = Settings(snapshot_every_labels=0)
+    key = settings.signing_key.get_secret_value().encode()
+    # a champion trained on another stream, fixed for the run, in both registries
+    model = build_model(spec.model)
+    for event, fraud in transactions(3000, FraudStreamConfig(seed=99)):
+        model.learn_one({"amount": event["amount"], "category": event["category"],
+                         "country": event["country"], "channel": event["channel"],
+                         "tx_count_1h": 1.0, "amount_sum_1h": event["amount"],
+                         "amount_mean_24h": event["amount"]}, fraud)  # fmt: skip
+    RedisRegistry(redis_client, spec.name, key).publish(spec.model.name, model, {})
+
+    config = FraudStreamConfig(cards=300, mean_gap_s=20.0)
+    stream = [rec for kind, rec in with_labels(N, config) if kind == "event"]
+    embedded = EmbeddedRuntime(spec, settings)
+    embedded.registry.publish(spec.model.name, model, {})
+    embedded.scorer.champion.refresh(force=True)
+    for rec in stream:
+        embedded.produce(topics.events, rec["card_id"].encode(), orjson.dumps(rec))
+    embedded.drain()
+    local = by_event_id(v for _, v in embedded.messages(topics.predictions))
+
+    ensure_topics(stack.kafka_bootstrap, topics.all(), partitions=1)
+    start_stage("scorer", partitions=1, snapshot_every_labels=0)
+    produce_all(  # idempotent: the topic keeps the stream's order, even across retries
+        producer(stack.kafka_bootstrap),
+        ((topics.events, rec["card_id"].encode(), orjson.dumps(rec)) for rec in stream),
+    )
+    remote = by_event_id(m.value() for m in collect(stack.kafka_bootstrap, topics.predictions, N))
+
+    assert len(local) == len(remote) == N
+    assert {p.version for p in remote.values()} == {p.version for p in local.values()} == {1}
+    spread = {round(p.probability, 3) for p in local.values()}
+    assert len(spread) > 5  # the champion really discriminates: equality is not trivial
+    for event_id, mine in local.items():
+        theirs = remote[event_id]
+        assert theirs.features == mine.features, event_id
+        assert math.isclose(theirs.probability, mine.probability, rel_tol=0, abs_tol=0)
