@@ -43,7 +43,7 @@ class RecordValidator:
         record.__pydantic_config__ = ConfigDict(  # type: ignore[attr-defined]
             strict=True, allow_inf_nan=False, extra="ignore"
         )
-        self._adapter: TypeAdapter[dict[str, Any]] = TypeAdapter(record)
+        self._adapter: TypeAdapter[Any] = TypeAdapter(record)
         self._timestamps = [n for n, t in fields.items() if t is FieldType.TIMESTAMP]
 
     def __call__(self, raw: bytes | None) -> dict[str, Any] | Invalid:
