@@ -45,6 +45,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 
     spec = load_spec(args.spec or settings.spec)
     result = run_demo(spec, settings, events=args.events, seed=args.seed)
+    console.print()
     console.print(summary(result))
     return 0
 
@@ -65,7 +66,9 @@ def cmd_stack(args: argparse.Namespace, settings: Settings) -> int:
             return 1
         for s in servers:
             state = "running" if s.alive() else "DEAD"
-            console.print(f"{s.name:6} {state:8} {s.address}  pid {s.pid}  log {s.log}")
+            console.print(
+                f"{s.name:6} {state:8} {s.address}  pid {s.pid}  log {s.log}", soft_wrap=True
+            )
         return 0 if all(s.alive() for s in servers) else 1
     return 0
 

@@ -89,3 +89,18 @@ def test_runs_are_deterministic(fraud_spec: PipelineSpec) -> None:
         return [(p.event_id, p.probability, p.version) for p in preds]
 
     assert probabilities() == probabilities()
+
+
+def test_a_label_before_its_event_waits_then_is_learned(fraud_spec: PipelineSpec) -> None:
+    rt = EmbeddedRuntime(fraud_spec, Settings(label_wait_s=60))
+    events = [rec for kind, rec in with_labels(10, FraudStreamConfig()) if kind == "event"]
+    label = {"event_id": events[0]["event_id"], "is_fraud": True}
+    rt.produce(rt.topics.labels, None, orjson.dumps(label))
+    rt.drain()
+    assert rt.learner.learned == 0 and list(rt.learner.pending) == [label["event_id"]]
+    assert rt.messages(rt.topics.dlq) == []
+    rt.produce(rt.topics.events, None, orjson.dumps(events[0]))
+    rt.drain()
+    assert rt.learner.learned == 1 and not rt.learner.pending
+    evaluation = Evaluation.model_validate_json(rt.messages(rt.topics.evaluations)[0][1])
+    assert evaluation.event_id == label["event_id"] and evaluation.label is True
