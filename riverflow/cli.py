@@ -132,6 +132,23 @@ def cmd_tail(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
+    from riverflow.bench import BenchConfig, report, run_bench
+
+    spec = load_spec(args.spec or settings.spec)
+    config = BenchConfig(
+        events=args.events,
+        rates=tuple(int(r) for r in args.rates.split(",") if r),
+        rate_seconds=args.rate_seconds,
+        hosts=tuple(args.hosts.split(",")),
+    )
+    result = run_bench(spec, config, log=lambda line: err_console.print(f"[dim]{line}[/dim]"))
+    console.print(report(result))
+    Path(args.json).write_bytes(orjson.dumps(result.as_dict(), option=orjson.OPT_INDENT_2))
+    console.print(f"figures written to {args.json}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="riverflow", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO")
@@ -168,6 +185,14 @@ def parser() -> argparse.ArgumentParser:
     tail.add_argument("-f", "--follow", action="store_true")
     tail.add_argument("-n", "--limit", type=int, default=0)
     tail.set_defaults(func=cmd_tail)
+    bench = sub.add_parser("bench", help="measure limit, embedded and Kafka runtimes (one run)")
+    bench.add_argument("--events", type=int, default=100_000)
+    bench.add_argument("--rates", default="1000,5000", help="offered rates for latency, per s")
+    bench.add_argument("--rate-seconds", type=float, default=8.0)
+    bench.add_argument("--hosts", default="faust,confluent")
+    bench.add_argument("--json", default="bench-results.json")
+    bench.add_argument("--spec", type=Path)
+    bench.set_defaults(func=cmd_bench)
     return p
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from riverflow.assembly import (
     build_learner,
@@ -14,6 +15,8 @@ from riverflow.assembly import (
 from riverflow.settings import Settings
 from riverflow.spec import PipelineSpec
 from riverflow.stack import Endpoints
+from streams.confluent_host import ConfluentHost
+from streams.contracts import Processor
 from streams.faust_app import run_worker, stage_app
 from streams.kafka_io import ensure_topics
 
@@ -30,24 +33,32 @@ def run_stage(stage: str, spec: PipelineSpec, settings: Settings, ep: Endpoints)
     )
     store, registry = redis_backends(spec, settings, redis_client(settings, ep.redis_url))
     group = f"riverflow-{spec.name}-{stage}"
+    processor: Processor
+    on_stop: Callable[[], None] | None = None
+    tick_s: float | None = None
     if stage == "scorer":
-        scorer = build_scorer(spec, settings, store, registry)
-        app = stage_app(
-            scorer, topics.events, ep.kafka_bootstrap, group,
-            settings.batch_size, settings.batch_timeout_s,
-        )  # fmt: skip
+        processor = build_scorer(spec, settings, store, registry)
+        source = topics.events
     elif stage == "learner":
-        learner = build_learner(spec, settings, store, registry)
+        learner = processor = build_learner(spec, settings, store, registry)
+        source = topics.labels
+        tick_s = max(settings.label_wait_s / 4, 0.2)  # retries labels waiting for their event
 
-        def publish_on_stop() -> None:
+        def on_stop() -> None:
             if learner.learned and learner.snapshot_every:
                 learner.publish()
 
-        app = stage_app(
-            learner, topics.labels, ep.kafka_bootstrap, group,
-            settings.batch_size, settings.batch_timeout_s,
-            tick_s=max(settings.label_wait_s / 4, 0.2), on_stop=publish_on_stop,
-        )  # fmt: skip
     else:
         raise ValueError(f"unknown stage {stage!r} (scorer or learner)")
-    run_worker(app)
+    log.info("%s on %s (%s host)", stage, source, settings.host)
+    if settings.host == "confluent":
+        ConfluentHost(
+            processor, source, ep.kafka_bootstrap, group, settings.batch_size,
+            tick_s=tick_s, on_stop=on_stop,
+        ).run()  # fmt: skip
+    else:
+        app = stage_app(
+            processor, source, ep.kafka_bootstrap, group, settings.batch_size,
+            settings.batch_timeout_s, tick_s=tick_s, on_stop=on_stop,
+        )  # fmt: skip
+        run_worker(app)

@@ -7,6 +7,7 @@ fast*. Secrets are ``SecretStr`` so they never show up in logs or reprs.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -32,6 +33,11 @@ class Settings(BaseSettings):
     redis_socket_timeout_s: float = 5.0
     partitions: int = Field(3, ge=1, description="partitions of every topic riverflow creates")
     replication_factor: int = Field(1, ge=1)
+    host: Literal["confluent", "faust"] = Field(
+        "confluent",
+        description="what hosts a stage on Kafka: a confluent-kafka loop (measured ~10x "
+        "cheaper per event, docs/benchmarks.md) or a Faust agent",
+    )
     batch_size: int = Field(500, ge=1, description="max messages per processor batch")
     batch_timeout_s: float = Field(0.05, gt=0, description="max wait to fill a batch")
     max_event_bytes: int = Field(65_536, ge=64, description="larger payloads go to the DLQ")

@@ -19,7 +19,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from riverflow.errors import RiverflowError
@@ -260,6 +260,7 @@ class Endpoints:
     kafka_bootstrap: str
     redis_url: str
     logs: tuple[Path, ...] = ()  # server logs of the servers we started
+    pids: dict[str, int] = field(default_factory=dict)  # and their process ids
 
 
 @contextmanager
@@ -279,7 +280,9 @@ def local_stack(settings: Settings, workdir: Path) -> Iterator[Endpoints]:
         else:
             started.append(start_redis(workdir / "redis"))
             redis_url = started[-1].address
-        yield Endpoints(bootstrap, redis_url, tuple(s.log for s in started))
+        yield Endpoints(
+            bootstrap, redis_url, tuple(s.log for s in started), {s.name: s.pid for s in started}
+        )
     finally:
         for server in reversed(started):
             server.stop()

@@ -7,7 +7,9 @@ keeps the two in step.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from pydantic import BaseModel
 
@@ -30,6 +32,15 @@ class Output:
     topic: str
     key: bytes | None
     value: bytes
+
+
+class Processor(Protocol):
+    """What a host (Faust, the confluent loop, the embedded runtime) runs: a named
+    stage turning a batch of messages into the messages to write."""
+
+    stage: str
+
+    def process(self, batch: Sequence[Message]) -> list[Output]: ...
 
 
 class Prediction(BaseModel):

@@ -9,22 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import faust
 
-from streams.contracts import Message, Output
+from streams.contracts import Message, Output, Processor
 
 log = logging.getLogger(__name__)
-
-
-class Processor(Protocol):
-    """What the host runs: a named stage turning a batch into outputs."""
-
-    stage: str
-
-    def process(self, batch: Sequence[Message]) -> list[Output]: ...
 
 
 def stage_app(

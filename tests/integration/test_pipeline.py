@@ -8,6 +8,7 @@ from collections import Counter
 from collections.abc import Iterable
 
 import orjson
+import pytest
 import redis
 
 from models.factory import build_model
@@ -30,8 +31,13 @@ def by_event_id(values: Iterable[bytes]) -> dict[str, Prediction]:
     return {p.event_id: p for p in predictions}
 
 
+@pytest.mark.parametrize("host", ["confluent", "faust"])
 def test_ten_thousand_events_through_kafka_and_redis(
-    stack: Endpoints, spec: PipelineSpec, start_stage: StageFactory, redis_client: redis.Redis
+    stack: Endpoints,
+    spec: PipelineSpec,
+    start_stage: StageFactory,
+    redis_client: redis.Redis,
+    host: str,
 ) -> None:
     topics = spec.topics
     ensure_topics(stack.kafka_bootstrap, topics.all(), partitions=3)
@@ -55,8 +61,8 @@ def test_ten_thousand_events_through_kafka_and_redis(
     records += [(topics.labels, None, b'{"event_id": "never-scored", "is_fraud": true}')]
     assert set(bad) == set(BAD_KINDS)
 
-    start_stage("scorer", partitions=3)
-    start_stage("learner", partitions=3, label_wait_s=3, snapshot_every_labels=2000)
+    start_stage("scorer", partitions=3, host=host)
+    start_stage("learner", partitions=3, label_wait_s=3, snapshot_every_labels=2000, host=host)
     # events first, labels once they are scored: ground truth comes late
     prod = producer(stack.kafka_bootstrap)
     produce_all(prod, (r for r in records if r[0] == topics.events))
