@@ -259,7 +259,7 @@ def measure_host(
     env = {
         **os.environ, "RIVERFLOW_KAFKA_BOOTSTRAP": ep.kafka_bootstrap,
         "RIVERFLOW_REDIS_URL": ep.redis_url, "RIVERFLOW_SPEC": str(spec_file),
-        "RIVERFLOW_HOST": host, "RIVERFLOW_BATCH_TIMEOUT_S": "0.002",
+        "RIVERFLOW_HOST": host, "RIVERFLOW_BATCH_TIMEOUT_S": "0.002", "RIVERFLOW_METRICS_PORT": "0",
     }  # fmt: skip
     clock = PredictionClock(ep.kafka_bootstrap, topics.predictions)
     logfile = (workdir / f"{name}.log").open("wb")

@@ -1,10 +1,11 @@
-"""The Kafka runtime: one stage per process, hosted by Faust, state in Redis."""
+"""The Kafka runtime: one stage per process (confluent-kafka loop or Faust), state in Redis."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
 
+from monitors.exporter import StageMetrics, serve
 from riverflow.assembly import (
     build_learner,
     build_scorer,
@@ -21,6 +22,7 @@ from streams.faust_app import run_worker, stage_app
 from streams.kafka_io import ensure_topics
 
 log = logging.getLogger(__name__)
+METRICS_PORTS = {"scorer": 9401, "learner": 9402}
 
 
 def run_stage(stage: str, spec: PipelineSpec, settings: Settings, ep: Endpoints) -> None:
@@ -50,15 +52,20 @@ def run_stage(stage: str, spec: PipelineSpec, settings: Settings, ep: Endpoints)
 
     else:
         raise ValueError(f"unknown stage {stage!r} (scorer or learner)")
-    log.info("%s on %s (%s host)", stage, source, settings.host)
+    metrics = StageMetrics(stage)
+    port = METRICS_PORTS[stage] if settings.metrics_port is None else settings.metrics_port
+    if port:
+        serve(metrics, port)
+    log.info("%s on %s (%s host), metrics on :%s", stage, source, settings.host, port or "-")
     if settings.host == "confluent":
         ConfluentHost(
             processor, source, ep.kafka_bootstrap, group, settings.batch_size,
-            tick_s=tick_s, on_stop=on_stop,
+            tick_s=tick_s, on_stop=on_stop, metrics=metrics, dlq_topic=topics.dlq,
         ).run()  # fmt: skip
     else:
         app = stage_app(
             processor, source, ep.kafka_bootstrap, group, settings.batch_size,
-            settings.batch_timeout_s, tick_s=tick_s, on_stop=on_stop,
+            settings.batch_timeout_s, tick_s=tick_s, on_stop=on_stop, metrics=metrics,
+            dlq_topic=topics.dlq,
         )  # fmt: skip
         run_worker(app)

@@ -38,6 +38,10 @@ class Settings(BaseSettings):
         description="what hosts a stage on Kafka: a confluent-kafka loop (measured ~10x "
         "cheaper per event, docs/benchmarks.md) or a Faust agent",
     )
+    metrics_port: int | None = Field(
+        None,
+        description="port of /metrics and /healthz; default 9401 scorer, 9402 learner; 0 = off",
+    )
     batch_size: int = Field(500, ge=1, description="max messages per processor batch")
     batch_timeout_s: float = Field(0.05, gt=0, description="max wait to fill a batch")
     max_event_bytes: int = Field(65_536, ge=64, description="larger payloads go to the DLQ")

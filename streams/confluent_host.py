@@ -16,8 +16,15 @@ import threading
 import time
 from collections.abc import Callable
 
-from confluent_kafka import Consumer, KafkaError, KafkaException
+from confluent_kafka import (
+    TIMESTAMP_NOT_AVAILABLE,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    TopicPartition,
+)
 
+from monitors.exporter import StageMetrics
 from streams.contracts import Message, Output, Processor
 from streams.kafka_io import MAX_MESSAGE_BYTES, produce_all, producer
 
@@ -37,8 +44,12 @@ class ConfluentHost:
         poll_s: float = 0.1,
         tick_s: float | None = None,
         on_stop: Callable[[], None] | None = None,
+        metrics: StageMetrics | None = None,
+        dlq_topic: str = "",
     ) -> None:
         self.processor = processor
+        self.metrics = metrics
+        self.dlq_topic = dlq_topic
         self.source = source
         self.batch_size = batch_size
         self.poll_s = poll_s
@@ -70,17 +81,39 @@ class ConfluentHost:
         try:
             while not self._stop.is_set():
                 batch = self._take()
-                if batch:
-                    self._write(self.processor.process(batch))
-                    self.consumer.commit(asynchronous=True)
+                started = time.perf_counter()
+                outputs = self.processor.process(batch) if batch else []
                 if self.tick_s is not None and time.monotonic() >= next_tick:
                     next_tick = time.monotonic() + self.tick_s
-                    self._write(self.processor.process([]))
+                    outputs += self.processor.process([])
+                self._write(outputs)
+                if batch:
+                    self.consumer.commit(asynchronous=True)
+                if self.metrics is not None:
+                    self._observe(batch, outputs, time.perf_counter() - started)
         finally:
             if self.on_stop is not None:
                 self.on_stop()
             self.producer.flush(30)
             self.consumer.close()  # commits what was processed, leaves the group
+
+    def _observe(self, batch: list[Message], outputs: list[Output], seconds: float) -> None:
+        assert self.metrics is not None
+        if not batch and not outputs:
+            self.metrics.heartbeat()
+            return
+        self.metrics.observe(batch, outputs, seconds, self.dlq_topic)
+        last: dict[tuple[str, int], int] = {}
+        for m in batch:
+            last[(m.topic, m.partition)] = m.offset
+        for (topic, partition), offset in last.items():
+            # cached=True: the high watermark from the last fetch, no broker round trip
+            _, high = self.consumer.get_watermark_offsets(
+                TopicPartition(topic, partition), cached=True
+            )
+            if high >= 0:
+                self.metrics.set_lag(topic, partition, max(0, high - offset - 1))
+        self.metrics.set_status(self.processor.status())
 
     def _take(self) -> list[Message]:
         first = self.consumer.poll(self.poll_s)
@@ -97,7 +130,9 @@ class ConfluentHost:
             # a message without error always has its topic, partition and offset
             topic, partition, offset = m.topic(), m.partition(), m.offset()
             assert topic is not None and partition is not None and offset is not None
-            batch.append(Message(topic, partition, offset, m.key(), m.value()))
+            ts_type, ts = m.timestamp()
+            stamp = ts if ts_type != TIMESTAMP_NOT_AVAILABLE else None
+            batch.append(Message(topic, partition, offset, m.key(), m.value(), stamp))
         return batch
 
     def _write(self, outputs: list[Output]) -> None:

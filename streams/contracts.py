@@ -23,6 +23,7 @@ class Message:
     offset: int
     key: bytes | None
     value: bytes | None
+    timestamp_ms: int | None = None  # when it was produced (Kafka CreateTime), if known
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,10 @@ class Processor(Protocol):
     stage: str
 
     def process(self, batch: Sequence[Message]) -> list[Output]: ...
+
+    def status(self) -> dict[str, float]:
+        """Numbers worth a gauge: the model version served, metrics, counts."""
+        ...
 
 
 class Prediction(BaseModel):

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 import faust
+from faust.types import TP
 
+from monitors.exporter import StageMetrics
 from streams.contracts import Message, Output, Processor
 
 log = logging.getLogger(__name__)
@@ -27,6 +30,8 @@ def stage_app(
     batch_timeout_s: float,
     tick_s: float | None = None,
     on_stop: Any = None,
+    metrics: StageMetrics | None = None,
+    dlq_topic: str = "",
 ) -> faust.App:
     """A Faust app whose one agent feeds ``source`` to ``processor`` in batches.
 
@@ -55,29 +60,44 @@ def stage_app(
             topics[name] = app.topic(name, key_type=bytes, value_type=bytes)
         return topics[name]
 
-    async def write(outputs: list[Output]) -> None:
+    async def write(batch: list[Message], outputs: list[Output], started: float) -> None:
         futures = [await topic(o.topic).send(key=o.key, value=o.value, force=True) for o in outputs]
         await asyncio.gather(*futures)
+        if metrics is not None:
+            metrics.observe(batch, outputs, time.perf_counter() - started, dlq_topic)
+            for tp in {(m.topic, m.partition) for m in batch}:
+                high = app.consumer.highwater(TP(*tp))
+                last = max(m.offset for m in batch if (m.topic, m.partition) == tp)
+                metrics.set_lag(tp[0], tp[1], max(0, high - last - 1))
+            metrics.set_status(processor.status())
 
     lock = asyncio.Lock()  # the agent and the timer never run the processor at once
 
     @app.agent(topic(source), name=f"{processor.stage}-agent")
     async def run(stream: Any) -> None:
         async for events in stream.take_events(batch_size, within=batch_timeout_s):
+            started = time.perf_counter()
             batch = [
                 Message(e.message.topic, e.message.partition, e.message.offset,
-                        e.message.key, e.message.value)
+                        e.message.key, e.message.value, int(e.message.timestamp * 1000))
                 for e in events
             ]  # fmt: skip
             async with lock:
-                await write(processor.process(batch))
+                await write(batch, processor.process(batch), started)
 
     if tick_s is not None:
 
         @app.timer(interval=tick_s)
         async def tick() -> None:
             async with lock:
-                await write(processor.process([]))
+                await write([], processor.process([]), time.perf_counter())
+
+    if metrics is not None:
+        stage_metrics = metrics  # bound for the closure (mypy narrows it here)
+
+        @app.timer(interval=5.0)
+        async def heartbeat() -> None:  # /healthz stays green while the stream is quiet
+            stage_metrics.heartbeat()
 
     if on_stop is not None:
 

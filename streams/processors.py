@@ -100,6 +100,9 @@ class Scorer:
         self.counters.produced += len(out)
         return out
 
+    def status(self) -> dict[str, float]:
+        return {"model_version": float(self.champion.version)}
+
     def _request(self, event: dict[str, Any]) -> FeatureRequest:
         s = self.schema
         return FeatureRequest(
@@ -234,6 +237,16 @@ class Learner:
         if self.snapshot_every and self._since_snapshot >= self.snapshot_every:
             self.publish()
         return Output(self.topics.evaluations, snap.event_id.encode(), orjson.dumps(record))
+
+    def status(self) -> dict[str, float]:
+        metrics = {f"prequential_{k}": v for k, v in self.metrics.as_dict().items()}
+        return {
+            "model_version": float(self.version),
+            "labels_learned": float(self.learned),
+            "labels_duplicate": float(self.duplicates),
+            "labels_waiting": float(len(self.pending)),
+            **metrics,
+        }
 
     def publish(self) -> int:
         """Publish the model as a new version and make it the champion."""

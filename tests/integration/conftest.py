@@ -12,8 +12,11 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +24,11 @@ import pytest
 import redis
 import yaml
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from prometheus_client.parser import text_string_to_metric_families
 
 from riverflow.settings import DEFAULT_SPEC, Settings
 from riverflow.spec import PipelineSpec, load_spec
-from riverflow.stack import Endpoints, local_stack
+from riverflow.stack import Endpoints, free_port, local_stack
 from tests.conftest import LOGS
 
 pytestmark = pytest.mark.integration
@@ -57,7 +61,34 @@ def spec(spec_file: Path) -> PipelineSpec:
     return load_spec(spec_file)
 
 
-StageFactory = Callable[..., subprocess.Popen[bytes]]
+@dataclass
+class StageProcess:
+    """A stage we started, and where its /metrics and /healthz are."""
+
+    proc: subprocess.Popen[bytes]
+    metrics_port: int
+
+    def get(self, path: str) -> tuple[int, str]:
+        """HTTP GET on the stage's metrics server: (status, body)."""
+        url = f"http://127.0.0.1:{self.metrics_port}{path}"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                return resp.status, resp.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    def metric(self, sample_name: str, /, **labels: str) -> float:
+        """The value of one sample, e.g. ``metric("riverflow_dead_letters_total", kind="x")``."""
+        _, body = self.get("/metrics")
+        for family in text_string_to_metric_families(body):
+            for sample in family.samples:
+                wanted = all(sample.labels.get(k) == v for k, v in labels.items())
+                if sample.name == sample_name and wanted:
+                    return float(sample.value)
+        raise AssertionError(f"no sample {sample_name} {labels}")
+
+
+StageFactory = Callable[..., StageProcess]
 
 
 @pytest.fixture
@@ -66,12 +97,14 @@ def start_stage(stack: Endpoints, spec_file: Path, tmp_path: Path) -> Iterator[S
     procs: list[subprocess.Popen[bytes]] = []
     logs: list[Path] = []
 
-    def start(stage: str, **settings: Any) -> subprocess.Popen[bytes]:
+    def start(stage: str, **settings: Any) -> StageProcess:
+        port = free_port()
         env = {
             **os.environ,
             "RIVERFLOW_KAFKA_BOOTSTRAP": stack.kafka_bootstrap,
             "RIVERFLOW_REDIS_URL": stack.redis_url,
             "RIVERFLOW_SPEC": str(spec_file),
+            "RIVERFLOW_METRICS_PORT": str(port),
             **{f"RIVERFLOW_{k.upper()}": str(v) for k, v in settings.items()},
         }
         log = tmp_path / f"{stage}-{len(procs)}.log"
@@ -83,7 +116,7 @@ def start_stage(stack: Endpoints, spec_file: Path, tmp_path: Path) -> Iterator[S
                 env=env, stdout=out, stderr=subprocess.STDOUT,
             )  # fmt: skip
         procs.append(proc)
-        return proc
+        return StageProcess(proc, port)
 
     yield start
     for proc in procs:

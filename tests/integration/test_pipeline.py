@@ -61,8 +61,10 @@ def test_ten_thousand_events_through_kafka_and_redis(
     records += [(topics.labels, None, b'{"event_id": "never-scored", "is_fraud": true}')]
     assert set(bad) == set(BAD_KINDS)
 
-    start_stage("scorer", partitions=3, host=host)
-    start_stage("learner", partitions=3, label_wait_s=3, snapshot_every_labels=2000, host=host)
+    scorer = start_stage("scorer", partitions=3, host=host)
+    learner = start_stage(
+        "learner", partitions=3, label_wait_s=3, snapshot_every_labels=2000, host=host
+    )
     # events first, labels once they are scored: ground truth comes late
     prod = producer(stack.kafka_bootstrap)
     produce_all(prod, (r for r in records if r[0] == topics.events))
@@ -104,6 +106,17 @@ def test_ten_thousand_events_through_kafka_and_redis(
         redis_client, spec.name, Settings().signing_key.get_secret_value().encode()
     )
     assert (registry.champion(spec.model.name) or 0) >= N // 2000
+
+    # both stages tell Prometheus what they did
+    assert scorer.get("/healthz") == (200, "ok\n") and learner.get("/healthz")[0] == 200
+    consumed = scorer.metric("riverflow_consumed_messages_total", stage="scorer")
+    assert consumed == N + sum(bad.values())
+    for kind, count in bad.items():
+        assert scorer.metric("riverflow_dead_letters_total", kind=kind) == count
+    assert scorer.metric("riverflow_event_latency_seconds_count") == consumed
+    assert scorer.metric("riverflow_consumer_lag", partition="0") == 0
+    assert learner.metric("riverflow_stage_status", name="labels_learned") == N
+    assert learner.metric("riverflow_stage_status", name="prequential_roc_auc") > 0.5
 
 
 def test_embedded_and_kafka_runtimes_give_the_same_predictions(
