@@ -41,6 +41,8 @@ def run_stage(stage: str, spec: PipelineSpec, settings: Settings, ep: Endpoints)
     if stage == "scorer":
         processor = build_scorer(spec, settings, store, registry)
         source = topics.events
+        # follow the champion (and keep /healthz fresh) while the stream is quiet too
+        tick_s = settings.model_poll_s
     elif stage == "learner":
         learner = processor = build_learner(spec, settings, store, registry)
         source = topics.labels
@@ -55,7 +57,7 @@ def run_stage(stage: str, spec: PipelineSpec, settings: Settings, ep: Endpoints)
     metrics = StageMetrics(stage)
     port = METRICS_PORTS[stage] if settings.metrics_port is None else settings.metrics_port
     if port:
-        serve(metrics, port)
+        serve(metrics, port, settings.metrics_host)
     log.info("%s on %s (%s host), metrics on :%s", stage, source, settings.host, port or "-")
     if settings.host == "confluent":
         ConfluentHost(

@@ -42,6 +42,9 @@ class Settings(BaseSettings):
         None,
         description="port of /metrics and /healthz; default 9401 scorer, 9402 learner; 0 = off",
     )
+    metrics_host: str = Field(
+        "127.0.0.1", description="address /metrics binds (0.0.0.0 in containers)"
+    )
     batch_size: int = Field(500, ge=1, description="max messages per processor batch")
     batch_timeout_s: float = Field(0.05, gt=0, description="max wait to fill a batch")
     max_event_bytes: int = Field(65_536, ge=64, description="larger payloads go to the DLQ")

@@ -99,6 +99,7 @@ class ConfluentHost:
 
     def _observe(self, batch: list[Message], outputs: list[Output], seconds: float) -> None:
         assert self.metrics is not None
+        self.metrics.set_status(self.processor.status())
         if not batch and not outputs:
             self.metrics.heartbeat()
             return
@@ -113,7 +114,6 @@ class ConfluentHost:
             )
             if high >= 0:
                 self.metrics.set_lag(topic, partition, max(0, high - offset - 1))
-        self.metrics.set_status(self.processor.status())
 
     def _take(self) -> list[Message]:
         first = self.consumer.poll(self.poll_s)

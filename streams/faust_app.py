@@ -63,13 +63,17 @@ def stage_app(
     async def write(batch: list[Message], outputs: list[Output], started: float) -> None:
         futures = [await topic(o.topic).send(key=o.key, value=o.value, force=True) for o in outputs]
         await asyncio.gather(*futures)
-        if metrics is not None:
-            metrics.observe(batch, outputs, time.perf_counter() - started, dlq_topic)
-            for tp in {(m.topic, m.partition) for m in batch}:
-                high = app.consumer.highwater(TP(*tp))
-                last = max(m.offset for m in batch if (m.topic, m.partition) == tp)
-                metrics.set_lag(tp[0], tp[1], max(0, high - last - 1))
-            metrics.set_status(processor.status())
+        if metrics is None:
+            return
+        metrics.set_status(processor.status())
+        if not batch and not outputs:
+            metrics.heartbeat()
+            return
+        metrics.observe(batch, outputs, time.perf_counter() - started, dlq_topic)
+        for tp in {(m.topic, m.partition) for m in batch}:
+            high = app.consumer.highwater(TP(*tp))
+            last = max(m.offset for m in batch if (m.topic, m.partition) == tp)
+            metrics.set_lag(tp[0], tp[1], max(0, high - last - 1))
 
     lock = asyncio.Lock()  # the agent and the timer never run the processor at once
 
@@ -91,13 +95,6 @@ def stage_app(
         async def tick() -> None:
             async with lock:
                 await write([], processor.process([]), time.perf_counter())
-
-    if metrics is not None:
-        stage_metrics = metrics  # bound for the closure (mypy narrows it here)
-
-        @app.timer(interval=5.0)
-        async def heartbeat() -> None:  # /healthz stays green while the stream is quiet
-            stage_metrics.heartbeat()
 
     if on_stop is not None:
 
