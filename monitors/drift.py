@@ -1,0 +1,77 @@
+"""Concept-drift detection on a model's error stream.
+
+River's detectors by name (ADWIN by default; DDM, Page-Hinkley, KSWIN). A model
+that gets better is no alarm: ``ErrorDriftMonitor`` raises one only when the
+error rate went up. ADWIN flags any change of its window mean, so its alarms
+are kept when the mean rose; Page-Hinkley is built in ``mode="up"``; DDM only
+detects rises; KSWIN compares distributions and has no direction (each of its
+alarms counts).
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from river import base, drift
+
+from models.errors import ModelSpecError
+
+
+class DetectorKind(StrEnum):
+    ADWIN = "adwin"
+    DDM = "ddm"
+    PAGE_HINKLEY = "page_hinkley"
+    KSWIN = "kswin"
+
+
+_CLASSES: dict[DetectorKind, Any] = {
+    DetectorKind.ADWIN: drift.ADWIN,
+    DetectorKind.DDM: drift.binary.DDM,
+    DetectorKind.PAGE_HINKLEY: drift.PageHinkley,
+    DetectorKind.KSWIN: drift.KSWIN,
+}
+
+
+class DetectorSpec(BaseModel):
+    """``{kind: adwin, params: {delta: 0.002}}``: parameters are the River class's own."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: DetectorKind = DetectorKind.ADWIN
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+def build_detector(spec: DetectorSpec) -> base.DriftDetector | base.BinaryDriftDetector:
+    cls = _CLASSES[spec.kind]
+    params = dict(spec.params)
+    if spec.kind is DetectorKind.PAGE_HINKLEY:
+        params.setdefault("mode", "up")
+    try:
+        detector: base.DriftDetector | base.BinaryDriftDetector = cls(**params)
+    except (TypeError, ValueError) as exc:
+        raise ModelSpecError(f"drift detector {spec.kind.value}: bad parameters ({exc})") from exc
+    return detector
+
+
+class ErrorDriftMonitor:
+    """Feeds 0/1 errors to a detector; ``update`` is True on a rise of the error rate."""
+
+    def __init__(self, spec: DetectorSpec | None = None) -> None:
+        self.spec = spec or DetectorSpec()
+        self.detector = build_detector(self.spec)
+        self.seen = 0
+        self.alarms = 0
+
+    def update(self, error: bool) -> bool:
+        detector = self.detector
+        before = detector.estimation if isinstance(detector, drift.ADWIN) else 0.0
+        detector.update(error)
+        self.seen += 1
+        if not detector.drift_detected:
+            return False
+        if isinstance(detector, drift.ADWIN) and detector.estimation <= before:
+            return False  # the error rate fell: the model got better, no alarm
+        self.alarms += 1
+        return True
