@@ -17,7 +17,7 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,8 +181,31 @@ def start_kafka(settings: Settings, workdir: Path, timeout_s: float = 90.0) -> S
         raise StackError(f"kafka storage format failed:\n{fmt.stdout}{fmt.stderr}")
     pid = _spawn([*java, "kafka.Kafka", str(props)], log, workdir)
     server = ServerProcess("kafka", pid, f"127.0.0.1:{port}", workdir / "server.log")
+    return _ready_or_stopped(server, lambda: wait_for_kafka(server.address, timeout_s, server))
+
+
+def _wait_ready(
+    what: str, probe: Callable[[], object], timeout_s: float, server: ServerProcess | None
+) -> None:
+    """Poll ``probe`` until it returns without raising; fail early if the server died."""
+    deadline = time.monotonic() + timeout_s
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if server is not None and not server.alive():
+            raise StackError(f"{what} exited during start; log tail:\n{tail(server.log)}")
+        try:
+            probe()
+            return
+        except Exception as exc:  # whatever the client raises while the server boots
+            last = exc
+            time.sleep(0.2)
+    log_tail = tail(server.log) if server else ""
+    raise StackError(f"{what} not ready after {timeout_s}s ({last})\n{log_tail}")
+
+
+def _ready_or_stopped(server: ServerProcess, wait: Callable[[], None]) -> ServerProcess:
     try:
-        wait_for_kafka(server.address, timeout_s, server)
+        wait()
     except StackError:
         server.stop(5)
         raise
@@ -194,19 +217,7 @@ def wait_for_kafka(bootstrap: str, timeout_s: float, server: ServerProcess | Non
     from confluent_kafka.admin import AdminClient
 
     admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0})
-    deadline = time.monotonic() + timeout_s
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        if server is not None and not server.alive():
-            raise StackError(f"kafka exited during start; log tail:\n{tail(server.log)}")
-        try:
-            admin.list_topics(timeout=2)
-            return
-        except Exception as exc:  # KafkaException while the broker boots
-            last = exc
-            time.sleep(0.3)
-    log_tail = tail(server.log) if server else ""
-    raise StackError(f"kafka at {bootstrap} not ready after {timeout_s}s ({last})\n{log_tail}")
+    _wait_ready(f"kafka at {bootstrap}", lambda: admin.list_topics(timeout=2), timeout_s, server)
 
 
 def start_redis(workdir: Path, timeout_s: float = 20.0) -> ServerProcess:
@@ -226,12 +237,7 @@ def start_redis(workdir: Path, timeout_s: float = 20.0) -> ServerProcess:
     ]  # fmt: skip
     pid = _spawn(cmd, workdir / "redis.stdout", workdir)
     server = ServerProcess("redis", pid, f"redis://127.0.0.1:{port}/0", log)
-    try:
-        wait_for_redis(server.address, timeout_s, server)
-    except StackError:
-        server.stop(5)
-        raise
-    return server
+    return _ready_or_stopped(server, lambda: wait_for_redis(server.address, timeout_s, server))
 
 
 def wait_for_redis(url: str, timeout_s: float, server: ServerProcess | None = None) -> None:
@@ -239,18 +245,7 @@ def wait_for_redis(url: str, timeout_s: float, server: ServerProcess | None = No
     import redis
 
     client = redis.Redis.from_url(url, socket_timeout=1)
-    deadline = time.monotonic() + timeout_s
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        if server is not None and not server.alive():
-            raise StackError(f"redis-server exited during start; log tail:\n{tail(server.log)}")
-        try:
-            if client.ping():
-                return
-        except redis.RedisError as exc:
-            last = exc
-            time.sleep(0.1)
-    raise StackError(f"redis at {url} not ready after {timeout_s}s ({last})")
+    _wait_ready(f"redis at {url}", client.ping, timeout_s, server)
 
 
 @dataclass
