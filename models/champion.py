@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from models.registry import ModelRegistry, ModelVersion
+from models.registry import ChampionPointer, ModelRegistry, ModelVersion
 
 
 def positive_probability(model: Any, x: dict[str, Any]) -> float:
@@ -20,26 +20,29 @@ class ChampionReplica:
 
     ``refresh`` reads the pointer at most every ``poll_s`` seconds, so a swap
     costs one GET per poll interval, and a blob download only when it moved.
+    Until a version is pointed at, it serves ``fresh`` (version 0).
     """
 
     def __init__(
         self,
         registry: ModelRegistry,
-        name: str,
-        fresh: Callable[[], Any],
+        fresh: Callable[[], ModelVersion],
         poll_s: float = 0.1,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.registry = registry
-        self.name = name
         self.poll_s = poll_s
         self.clock = clock
-        version = registry.champion(name)
-        if version is None:
-            self.current = ModelVersion(name, 0, fresh(), {"fresh": True})
+        pointer = registry.champion()
+        if pointer is None:
+            self.current = fresh()
         else:
-            self.current = registry.load(name, version)
+            self.current = registry.load(pointer.model, pointer.version)
         self._next_poll = clock() + poll_s
+
+    @property
+    def name(self) -> str:
+        return self.current.name
 
     @property
     def version(self) -> int:
@@ -51,10 +54,10 @@ class ChampionReplica:
         if not force and now < self._next_poll:
             return False
         self._next_poll = now + self.poll_s
-        version = self.registry.champion(self.name)
-        if version is None or version == self.current.version:
+        pointer = self.registry.champion()
+        if pointer is None or pointer == ChampionPointer(self.name, self.version):
             return False
-        self.current = self.registry.load(self.name, version)
+        self.current = self.registry.load(pointer.model, pointer.version)
         return True
 
     def predict(self, x: dict[str, Any]) -> float:

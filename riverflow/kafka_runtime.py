@@ -1,4 +1,8 @@
-"""The Kafka runtime: one stage per process, hosted by Faust, state in Redis."""
+"""The Kafka runtime: one stage per process, state in Redis.
+
+The scorer is hosted by Faust (consumer group, scales by partitions); the learner
+by a confluent-kafka loop that reads from the positions saved in its checkpoint.
+"""
 
 from __future__ import annotations
 
@@ -14,8 +18,10 @@ from riverflow.assembly import (
 from riverflow.settings import Settings
 from riverflow.spec import PipelineSpec
 from riverflow.stack import Endpoints
+from streams.contracts import Output
 from streams.faust_app import run_worker, stage_app
 from streams.kafka_io import ensure_topics
+from streams.learner_host import run_learner_loop
 
 log = logging.getLogger(__name__)
 
@@ -29,25 +35,22 @@ def run_stage(stage: str, spec: PipelineSpec, settings: Settings, ep: Endpoints)
         ep.kafka_bootstrap, topics.all(), settings.partitions, settings.replication_factor
     )
     store, registry = redis_backends(spec, settings, redis_client(settings, ep.redis_url))
-    group = f"riverflow-{spec.name}-{stage}"
     if stage == "scorer":
         scorer = build_scorer(spec, settings, store, registry)
-        app = stage_app(
-            scorer, topics.events, ep.kafka_bootstrap, group,
+        run_worker(stage_app(
+            scorer, topics.events, ep.kafka_bootstrap, f"riverflow-{spec.name}-scorer",
             settings.batch_size, settings.batch_timeout_s,
-        )  # fmt: skip
+        ))  # fmt: skip
     elif stage == "learner":
         learner = build_learner(spec, settings, store, registry)
 
-        def publish_on_stop() -> None:
-            if learner.learned and learner.snapshot_every:
-                learner.publish()
+        def publish_on_stop() -> list[Output]:
+            publishing = settings.snapshot_every_labels or settings.snapshot_every_s
+            return learner.publish() if publishing and learner.has_unpublished() else []
 
-        app = stage_app(
-            learner, topics.labels, ep.kafka_bootstrap, group,
-            settings.batch_size, settings.batch_timeout_s,
-            tick_s=max(settings.label_wait_s / 4, 0.2), on_stop=publish_on_stop,
+        run_learner_loop(
+            learner, topics.labels, ep.kafka_bootstrap, settings.batch_size,
+            settings.batch_timeout_s, max(settings.label_wait_s / 4, 0.2), publish_on_stop,
         )  # fmt: skip
     else:
         raise ValueError(f"unknown stage {stage!r} (scorer or learner)")
-    run_worker(app)

@@ -59,12 +59,35 @@ class DeadLetter(BaseModel):
     payload_b64: str | None
 
 
+class CandidatePrediction(BaseModel):
+    """One candidate's prequential prediction: made before it learned the label."""
+
+    version: int  # the candidate's last published version its live model descends from
+    probability: float
+
+
 class Evaluation(BaseModel):
-    """``{ns}.evaluations``: a label and the learner's prequential prediction for it."""
+    """``{ns}.evaluations``: a label and every candidate's prequential prediction for it."""
 
     event_id: str
     label: bool
+    labels_seen: int
+    predictions: dict[str, CandidatePrediction]
+
+
+class ModelEvent(BaseModel):
+    """``{ns}.model-events``: the audit log of the registry.
+
+    ``published`` (a new version; ``parent`` and ``labels_seen`` set) or a move
+    of the champion pointer: ``advance`` (the learner), ``promote``, ``rollback``
+    (``previous`` set to where it pointed before).
+    """
+
+    kind: str
     model: str
     version: int
-    probability: float
-    labels_seen: int
+    parent: int | None = None
+    labels_seen: int | None = None
+    previous: dict[str, str | int] | None = None
+    at: float | None = None
+    reason: str = ""

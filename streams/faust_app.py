@@ -34,15 +34,8 @@ def stage_app(
     group: str,
     batch_size: int,
     batch_timeout_s: float,
-    tick_s: float | None = None,
-    on_stop: Any = None,
 ) -> faust.App:
-    """A Faust app whose one agent feeds ``source`` to ``processor`` in batches.
-
-    ``tick_s`` also calls the processor with an empty batch on a timer (the
-    learner uses it to retry labels waiting for their event). ``on_stop`` runs
-    when the worker shuts down cleanly.
-    """
+    """A Faust app whose one agent feeds ``source`` to ``processor`` in batches."""
     app = faust.App(
         group,
         broker=f"kafka://{bootstrap}",
@@ -68,8 +61,6 @@ def stage_app(
         futures = [await topic(o.topic).send(key=o.key, value=o.value, force=True) for o in outputs]
         await asyncio.gather(*futures)
 
-    lock = asyncio.Lock()  # the agent and the timer never run the processor at once
-
     @app.agent(topic(source), name=f"{processor.stage}-agent")
     async def run(stream: Any) -> None:
         async for events in stream.take_events(batch_size, within=batch_timeout_s):
@@ -78,21 +69,7 @@ def stage_app(
                         e.message.key, e.message.value)
                 for e in events
             ]  # fmt: skip
-            async with lock:
-                await write(processor.process(batch))
-
-    if tick_s is not None:
-
-        @app.timer(interval=tick_s)
-        async def tick() -> None:
-            async with lock:
-                await write(processor.process([]))
-
-    if on_stop is not None:
-
-        @app.on_before_shutdown.connect
-        def _stop(_app: Any, /, *_args: Any, signal: Any, **_kwargs: Any) -> None:
-            on_stop()
+            await write(processor.process(batch))
 
     return app
 

@@ -6,6 +6,7 @@ import base64
 
 import orjson
 
+from models.registry import ChampionPointer
 from riverflow.embedded import EmbeddedRuntime
 from riverflow.generator import BAD_KINDS, FraudStreamConfig, corrupt, with_labels
 from riverflow.settings import Settings
@@ -74,7 +75,15 @@ def test_the_scorer_follows_the_models_the_learner_publishes(
     ]
     assert versions[0] == 0  # a fresh model until the first snapshot
     assert versions == sorted(versions) and versions[-1] >= 4
-    assert rt.registry.champion(fraud_spec.model.name) == rt.learner.version == 6
+    name = fraud_spec.models.champion_spec.name
+    assert rt.registry.champion() == ChampionPointer(name, rt.learner.version)
+    assert rt.learner.version == 6
+    assert {
+        p.model
+        for p in map(
+            Prediction.model_validate_json, (v for _, v in rt.messages(rt.topics.predictions))
+        )
+    } == {name}
 
 
 def test_the_model_learns_the_fraud_pattern(fraud_spec: PipelineSpec, settings: Settings) -> None:
