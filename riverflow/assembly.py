@@ -73,7 +73,7 @@ def build_scorer(
     )
     return Scorer(
         spec.topics, spec.events, spec.feature_plan(), spec.models.inputs, store, champion,
-        settings.max_event_bytes,
+        settings.max_event_bytes, explain_top=spec.models.explain,
     )  # fmt: skip
 
 

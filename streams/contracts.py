@@ -8,6 +8,7 @@ keeps the two in step.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -44,6 +45,8 @@ class Prediction(BaseModel):
     event_time: float
     scored_at: float
     replayed: bool = False  # the event id was seen before: features are the stored snapshot
+    # when the spec asks (models.explain): linear terms or the tree's decision path
+    explanation: list[dict[str, Any]] | None = None
 
 
 class DeadLetter(BaseModel):

@@ -18,6 +18,7 @@ import orjson
 from features.definitions import FeaturePlan
 from features.store import Claim, FeatureRequest, FeatureSnapshot, FeatureStore
 from models.champion import ChampionReplica, positive_probability
+from models.explain import explain
 from models.registry import ChampionPointer, ModelRegistry, ModelVersion
 from monitors.prequential import PrequentialMetrics
 from streams.contracts import Message, Output
@@ -66,8 +67,10 @@ class Scorer:
         champion: ChampionReplica,
         max_event_bytes: int,
         clock: Callable[[], float] = time.time,
+        explain_top: int = 0,
     ) -> None:
         self.topics = topics
+        self.explain_top = explain_top
         self.schema = schema
         self.plan = plan
         self.inputs = list(inputs)
@@ -115,7 +118,8 @@ class Scorer:
         self, event: dict[str, Any], snap: FeatureSnapshot, model: ModelVersion, now: float
     ) -> Output:
         features = self.plan.values(snap.aggregates)
-        probability = positive_probability(model.model, {**snap.inputs, **features})
+        x = {**snap.inputs, **features}
+        probability = positive_probability(model.model, x)
         key = str(event[self.schema.key]).encode()
         record = {
             "event_id": snap.event_id,
@@ -128,6 +132,8 @@ class Scorer:
             "scored_at": now,
             "replayed": snap.replayed,
         }
+        if self.explain_top:
+            record["explanation"] = explain(model.model, x, self.explain_top)
         return Output(self.topics.predictions, key, orjson.dumps(record))
 
 
@@ -301,8 +307,9 @@ class Learner:
         x = {**snap.inputs, **self.plan.values(snap.aggregates)}
         predictions = {}
         for c in self.candidates.values():
-            probability = positive_probability(c.model, x)
-            c.metrics.update(label, probability)
+            proba = c.model.predict_proba_one(x)
+            probability = float(proba.get(True, 0.0))
+            c.metrics.update(label, proba)
             c.model.learn_one(x, label)
             predictions[c.name] = {"version": c.version, "probability": probability}
         self.learned += 1

@@ -8,7 +8,7 @@ import orjson
 
 from models.registry import ChampionPointer
 from riverflow.embedded import EmbeddedRuntime
-from riverflow.generator import BAD_KINDS, FraudStreamConfig, corrupt, with_labels
+from riverflow.generator import BAD_KINDS, FraudStreamConfig, corrupt, transactions, with_labels
 from riverflow.settings import Settings
 from riverflow.spec import PipelineSpec
 from streams.contracts import DeadLetter, Evaluation, Prediction
@@ -113,3 +113,30 @@ def test_a_label_before_its_event_waits_then_is_learned(fraud_spec: PipelineSpec
     assert rt.learner.learned == 1 and not rt.learner.pending
     evaluation = Evaluation.model_validate_json(rt.messages(rt.topics.evaluations)[0][1])
     assert evaluation.event_id == label["event_id"] and evaluation.label is True
+
+
+def test_predictions_explain_themselves_when_the_spec_asks(fraud_spec: PipelineSpec) -> None:
+    data = fraud_spec.model_dump(by_alias=True)
+    data["models"]["explain"] = 2
+    data["models"]["champion"] = "fraud-logreg"
+    spec = PipelineSpec.model_validate(data)
+    rt = run(spec, Settings(snapshot_every_labels=500, model_poll_s=1e-6), 1500)
+    last = Prediction.model_validate_json(rt.messages(rt.topics.predictions)[-1][1])
+    assert last.model == "fraud-logreg" and last.version >= 1
+    terms = last.explanation or []
+    assert len(terms) == 2 and abs(terms[0]["contribution"]) >= abs(terms[1]["contribution"])
+    assert {t["feature"] for t in terms} <= {"amount", "tx_count_1h", "amount_sum_1h",
+                                              "amount_mean_24h"}  # fmt: skip
+    assert terms[0]["weight"] * terms[0]["value"] == terms[0]["contribution"]
+
+
+def test_tree_explanations_are_its_decision_path() -> None:
+    from river import tree
+
+    from models.explain import explain
+
+    model = tree.HoeffdingTreeClassifier(grace_period=50, delta=1e-3)
+    for event, fraud in transactions(6000, FraudStreamConfig()):
+        model.learn_one({"amount": event["amount"], "category": event["category"]}, fraud)
+    path = explain(model, {"amount": 10.0, "category": "grocery"}, 5) or []
+    assert path and "amount" in path[0]["rule"]
