@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
+from models.errors import ModelError
 from models.registry import ChampionPointer, ModelRegistry, ModelVersion
+
+log = logging.getLogger(__name__)
 
 
 def positive_probability(model: Any, x: dict[str, Any]) -> float:
@@ -39,6 +43,7 @@ class ChampionReplica:
         else:
             self.current = registry.load(pointer.model, pointer.version)
         self._next_poll = clock() + poll_s
+        self._refused: ChampionPointer | None = None
 
     @property
     def name(self) -> str:
@@ -55,9 +60,16 @@ class ChampionReplica:
             return False
         self._next_poll = now + self.poll_s
         pointer = self.registry.champion()
-        if pointer is None or pointer == ChampionPointer(self.name, self.version):
+        if pointer is None or pointer in (ChampionPointer(self.name, self.version), self._refused):
             return False
-        self.current = self.registry.load(pointer.model, pointer.version)
+        try:
+            self.current = self.registry.load(pointer.model, pointer.version)
+        except ModelError as exc:
+            # keep serving the version we trust rather than stop scoring
+            log.error("champion %s refused, still serving %s v%s: %s",
+                      pointer, self.name, self.version, exc)  # fmt: skip
+            self._refused = pointer
+            return False
         return True
 
     def predict(self, x: dict[str, Any]) -> float:

@@ -53,6 +53,22 @@ def _build_param(value: Any) -> Any:
     return value
 
 
+class Select(compose.Select):
+    """``compose.Select`` in the spec's key order.
+
+    River's keeps the keys in a set, whose order changes from process to process
+    (string hashing): a seeded weight initializer would then give the features
+    different draws in the scorer, the learner and a test.
+    """
+
+    def __init__(self, *keys: base.typing.FeatureName) -> None:
+        super().__init__(*keys)
+        self.ordered = tuple(keys)
+
+    def transform_one(self, x: dict[base.typing.FeatureName, Any]) -> dict[Any, Any]:
+        return {k: x[k] for k in self.ordered}
+
+
 def build_model(spec: ModelSpec) -> base.Estimator:
     """A candidate: its selected inputs, preprocessing steps piped into the estimator.
 
@@ -67,7 +83,7 @@ def build_model(spec: ModelSpec) -> base.Estimator:
     steps: list[base.Estimator] = [build_estimator(s) for s in spec.preprocessing]
     if spec.select:
         # e.g. a linear model given only the numeric values: River scalers refuse strings
-        steps.insert(0, compose.Select(*spec.select))
+        steps.insert(0, Select(*spec.select))
     if not steps:
         return estimator
     return compose.Pipeline(*steps, estimator)

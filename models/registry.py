@@ -169,7 +169,12 @@ class ModelRegistry(ABC):
         return move if ok else None
 
     def promote(self, to: ChampionPointer, kind: str = "promote", reason: str = "") -> PointerMove:
-        """Move the pointer whatever it points at now (retrying a concurrent move)."""
+        """Move the pointer whatever it points at now (retrying a concurrent move).
+
+        The version is loaded first: a tampered blob is refused here, before any
+        scorer is pointed at it.
+        """
+        self.load(to.model, to.version)
         for _ in range(10):
             moved = self.move(to, kind, self.champion(), reason)
             if moved is not None:

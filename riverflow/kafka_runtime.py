@@ -7,6 +7,7 @@ by a confluent-kafka loop that reads from the positions saved in its checkpoint.
 from __future__ import annotations
 
 import logging
+import math
 
 from riverflow.assembly import (
     build_learner,
@@ -48,9 +49,11 @@ def run_stage(stage: str, spec: PipelineSpec, settings: Settings, ep: Endpoints)
             publishing = settings.snapshot_every_labels or settings.snapshot_every_s
             return learner.publish() if publishing and learner.has_unpublished() else []
 
+        # ticks retry waiting labels and take the timed snapshots
+        tick_s = max(0.2, min(settings.label_wait_s / 4, settings.snapshot_every_s or math.inf))
         run_learner_loop(
             learner, topics.labels, ep.kafka_bootstrap, settings.batch_size,
-            settings.batch_timeout_s, max(settings.label_wait_s / 4, 0.2), publish_on_stop,
+            settings.batch_timeout_s, tick_s, publish_on_stop,
         )  # fmt: skip
     else:
         raise ValueError(f"unknown stage {stage!r} (scorer or learner)")
