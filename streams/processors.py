@@ -229,10 +229,10 @@ class Learner:
         position and not among the labels still waiting then. Otherwise that run
         died before its next snapshot, and this run learns the label again.
         """
-        run, partition, offset = token.split(":")
-        if run == self.run:
-            return False
-        p, o = int(partition), int(offset)
+        parts = token.split(":")
+        if len(parts) != 3 or parts[0] == self.run:
+            return False  # ours, or a mark from before run tokens: trust it
+        p, o = int(parts[1]), int(parts[2])
         return not (o < self._base.get(p, 0) and (p, o) not in self._base_pending)
 
     @property

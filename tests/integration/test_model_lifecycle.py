@@ -326,3 +326,35 @@ def test_a_killed_learner_resumes_from_its_snapshot(
         assert [resumed.predict_proba_one(x) for x in held_out] == [
             once.predict_proba_one(x) for x in held_out
         ], candidate.name
+
+
+def test_list_show_and_rollback_through_the_cli(
+    stack: Endpoints, spec: PipelineSpec, spec_file: Path, redis_client: redis.Redis
+) -> None:
+    registry = RedisRegistry(redis_client, spec.name, KEY)
+    tree = spec.models.champion_spec.name
+    previous = None
+    for labels in (100, 200, 300):  # as the learner does: publish, then advance
+        version = registry.publish(tree, {"w": labels}, {"labels_seen": labels, "parent": 0})
+        to = ChampionPointer(tree, version)
+        assert registry.move(to, "advance", previous) is not None
+        previous = to
+
+    listed = cli(stack, spec_file, "list")
+    assert listed.returncode == 0, listed.stderr
+    assert "champion: fraud-hoeffding v3" in listed.stdout
+    assert "* fraud-hoeffding v3  labels 300" in listed.stdout
+    shown = cli(stack, spec_file, "show", tree, "2")
+    assert shown.returncode == 0 and orjson.loads(shown.stdout)["labels_seen"] == 200
+
+    for expected in (2, 1):
+        done = cli(stack, spec_file, "rollback", "--reason", "degraded")
+        assert done.returncode == 0, done.stderr
+        assert registry.champion() == ChampionPointer(tree, expected)
+    done = cli(stack, spec_file, "rollback")
+    assert done.returncode == 2 and "nothing to roll back to" in done.stderr
+    log = read(stack, spec.topics.model_events, 2, ModelEvent, 30, 0.5)
+    assert [(e.kind, e.version, e.previous, e.reason) for e in log] == [
+        ("rollback", 2, {"model": tree, "version": 3}, "degraded"),
+        ("rollback", 1, {"model": tree, "version": 2}, "degraded"),
+    ]

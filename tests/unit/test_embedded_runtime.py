@@ -7,6 +7,7 @@ import base64
 import orjson
 
 from models.registry import ChampionPointer
+from riverflow.assembly import build_learner
 from riverflow.embedded import EmbeddedRuntime
 from riverflow.generator import BAD_KINDS, FraudStreamConfig, corrupt, transactions, with_labels
 from riverflow.settings import Settings
@@ -140,3 +141,50 @@ def test_tree_explanations_are_its_decision_path() -> None:
         model.learn_one({"amount": event["amount"], "category": event["category"]}, fraud)
     path = explain(model, {"amount": 10.0, "category": "grocery"}, 5) or []
     assert path and "amount" in path[0]["rule"]
+
+
+def test_a_learner_restarted_from_its_checkpoint_learns_each_label_once(
+    fraud_spec: PipelineSpec,
+) -> None:
+    settings = Settings(snapshot_every_labels=300, snapshot_every_s=0, label_wait_s=60)
+    rt = run(fraud_spec, settings, 1000)  # learned all 1000, last snapshot at 900
+    assert rt.learner.learned == 1000 and rt.registry.checkpoint().labels_seen == 900
+    # a label for an event not scored yet waits in the checkpoint...
+    early = {"event_id": "later", "is_fraud": True}
+    rt.produce(rt.topics.labels, None, orjson.dumps(early))
+    rt.drain()
+    rt.log.write(rt.learner.publish())
+    # ... and the learner dies after learning more labels that no snapshot holds
+    events = [rec for kind, rec in with_labels(1200, FraudStreamConfig(seed=3)) if kind == "event"]
+    for rec in events[:200]:
+        rt.produce(rt.topics.events, None, orjson.dumps(rec))
+        label = {"event_id": rec["event_id"], "is_fraud": rec["amount"] > 300}
+        rt.produce(rt.topics.labels, None, orjson.dumps(label))
+    rt.drain()
+    assert rt.learner.learned == 1200
+    saved = rt.registry.checkpoint()
+    assert saved.labels_seen == 1000 and [m.offset for m, _ in saved.pending] == [1000]
+
+    restarted = build_learner(fraud_spec, settings, rt.store, rt.registry)
+    assert restarted.learned == 1000 and list(restarted.pending) == ["later"]
+    labels = rt.log.read(rt.topics.labels, saved.positions[0], 10_000)
+    rt.log.write(restarted.process(labels))  # the 200 lost labels: their marks are stale
+    assert restarted.learned == 1200 and restarted.duplicates == 0
+    rt.log.write(restarted.process(labels[:50]))  # read again by this run: duplicates
+    assert restarted.learned == 1200 and restarted.duplicates == 50
+
+    # the same models as one learner that never died
+    once = EmbeddedRuntime(fraud_spec, settings)
+    for topic in (rt.topics.events, rt.topics.labels):
+        for key, value in rt.messages(topic):
+            once.produce(topic, key, value)
+    once.drain()
+    assert once.learner.learned == 1200
+    probe = [{"amount": a, "category": "travel", "country": "FR", "channel": "web",
+              "tx_count_1h": 1.0, "amount_sum_1h": a, "amount_mean_24h": a}
+             for a in (5.0, 50.0, 500.0, 5000.0)]  # fmt: skip
+    for name, candidate in restarted.candidates.items():
+        other = once.learner.candidates[name].model
+        assert [candidate.model.predict_proba_one(x) for x in probe] == [
+            other.predict_proba_one(x) for x in probe
+        ], name
