@@ -12,15 +12,18 @@ import logging
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from rich.console import Console
 
 from riverflow.errors import RiverflowError
 from riverflow.settings import Settings
-from riverflow.spec import load_spec
+from riverflow.spec import PipelineSpec, load_spec
 from riverflow.stack import Endpoints, stack_down, stack_status, stack_up
+
+if TYPE_CHECKING:
+    from models.registry import RedisRegistry
 
 console = Console()
 err_console = Console(stderr=True)
@@ -133,7 +136,9 @@ def cmd_tail(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _registry(args: argparse.Namespace, settings: Settings) -> tuple[Any, Any, Endpoints]:
+def _registry(
+    args: argparse.Namespace, settings: Settings
+) -> tuple[PipelineSpec, RedisRegistry, Endpoints]:
     from models.registry import RedisRegistry
     from riverflow.assembly import redis_client, signing_key
 
@@ -152,6 +157,14 @@ def _model_event(ep: Endpoints, topic: str, record: dict[str, Any]) -> None:
                                                 orjson.dumps(record))])  # fmt: skip
 
 
+def _version(registry: RedisRegistry, args: argparse.Namespace) -> int:
+    """The version named on the command line, else the model's latest."""
+    version: int | None = args.version or registry.latest(args.name)
+    if version is None:
+        raise RiverflowError(f"model {args.name!r} has no versions")
+    return version
+
+
 def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
     from models.registry import ChampionPointer
 
@@ -162,12 +175,12 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
         console.print(f"champion: {served}" + ("" if champion else " (fresh, nothing published)"))
         names = sorted({*registry.names(), *(c.name for c in spec.models.candidates)})
         for name in names:
-            for version in registry.versions(name)[-args.last :]:
-                meta = registry.meta(name, version)
-                mark = "*" if ChampionPointer(name, version) == champion else " "
+            for v in registry.versions(name)[-args.last :]:
+                meta = registry.meta(name, v)
+                mark = "*" if ChampionPointer(name, v) == champion else " "
                 auc = meta.get("metrics", {}).get("roc_auc")
                 console.print(
-                    f"{mark} {name} v{version}  labels {meta.get('labels_seen', '-')}  "
+                    f"{mark} {name} v{v}  labels {meta.get('labels_seen', '-')}  "
                     f"roc_auc {'-' if auc is None else f'{auc:.4f}'}  parent "
                     f"{meta.get('parent', '-')}"
                 )
@@ -175,15 +188,11 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
             console.print(f"  {move.kind:8} -> {move.to}  (from {move.previous})  {move.reason}")
         return 0
     if args.action == "show":
-        version = args.version or registry.latest(args.name)
-        if version is None:
-            raise RiverflowError(f"model {args.name!r} has no versions")
+        version = _version(registry, args)
         print(json.dumps(registry.meta(args.name, version), indent=2, sort_keys=True))
         return 0
     if args.action == "export":
-        version = args.version or registry.latest(args.name)
-        if version is None:
-            raise RiverflowError(f"model {args.name!r} has no versions")
+        version = _version(registry, args)
         Path(args.output).write_bytes(registry.export(args.name, version))
         console.print(f"exported {args.name} v{version} to {args.output}")
         return 0
@@ -194,9 +203,7 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
         console.print(f"imported {imported.name} v{imported.version}")
         return 0
     if args.action == "promote":
-        version = args.version or registry.latest(args.name)
-        if version is None:
-            raise RiverflowError(f"model {args.name!r} has no versions to promote")
+        version = _version(registry, args)
         move = registry.promote(ChampionPointer(args.name, version), reason=args.reason)
     else:
         target = registry.rollback_target()
