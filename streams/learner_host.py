@@ -33,6 +33,8 @@ class PositionedProcessor(Protocol):
 
     def process(self, batch: list[Message]) -> list[Output]: ...
 
+    def commit(self) -> None: ...
+
 
 def run_learner_loop(
     learner: PositionedProcessor,
@@ -45,9 +47,9 @@ def run_learner_loop(
 ) -> None:
     """Feed ``source`` to ``learner`` from its positions until SIGTERM / SIGINT.
 
-    Outputs of a batch are acknowledged by the broker before the next batch is
-    read; ``on_stop``'s outputs (the final snapshot's model-events) are written
-    on a clean stop.
+    Outputs of a batch are acknowledged by the broker before the learner commits
+    its checkpoint and the next batch is read; ``on_stop``'s outputs (the final
+    snapshot's model-events) are written on a clean stop.
     """
     stopping = False
 
@@ -90,6 +92,8 @@ def run_learner_loop(
             if batch or now >= next_tick:
                 next_tick = now + tick_s
                 produce_all(prod, ((o.topic, o.key, o.value) for o in learner.process(batch)))
+                learner.commit()
         produce_all(prod, ((o.topic, o.key, o.value) for o in on_stop()))
+        learner.commit()
     finally:
         consumer.close()

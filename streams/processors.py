@@ -174,7 +174,8 @@ class Learner:
     been scored yet waits up to ``label_wait_s``, then goes to the DLQ as an
     orphan. Every ``snapshot_every`` labels or ``snapshot_every_s`` seconds each
     candidate is published as a new version; the champion pointer follows the
-    learner while it points at the version the learner last published.
+    learner while it points at the version the learner last published. The
+    host calls ``commit`` once a batch's outputs are written.
     """
 
     stage = "learner"
@@ -218,6 +219,7 @@ class Learner:
         # labels are marked learned under "run:partition:offset"; see _stale
         self.run = uuid.uuid4().hex[:12]
         self._saved_positions: dict[int, int] = {}
+        self._staged: LearnerState | None = None
         self._base: dict[int, int] = {}
         self._base_pending: set[tuple[int, int]] = set()
 
@@ -346,14 +348,39 @@ class Learner:
                                           "labels_seen": self.learned}))  # fmt: skip
             if parent or c.name == self.lead:
                 expect = ChampionPointer(c.name, parent) if parent else None
-                moved = self.registry.move(ChampionPointer(c.name, c.version), "advance", expect)
+                to = ChampionPointer(c.name, c.version)
+                moved = self.registry.move(to, "advance", expect)
+                current = self.registry.champion()
+                if moved is None and current and self._orphan_of(current, c.name, parent):
+                    moved = self.registry.move(to, "advance", current)
                 if moved is not None:
                     out.append(self._model_event(moved.as_dict()))
-        self.registry.save_checkpoint(self.state())
+        self._staged = self.state()
         self._saved_positions = dict(self.positions)
         self._since_snapshot = 0
         self._last_snapshot = self.clock()
         return out
+
+    def commit(self) -> None:
+        """Save the checkpoint of the last snapshot; call once its outputs are written.
+
+        Saved only then, so a learner that dies before its evaluations and
+        model-events are acknowledged restarts from the previous checkpoint
+        and writes them again (at least once) instead of losing them.
+        """
+        if self._staged is not None:
+            self.registry.save_checkpoint(self._staged)
+            self._staged = None
+
+    def _orphan_of(self, pointer: ChampionPointer, name: str, parent: int) -> bool:
+        """Whether ``pointer`` is a version of ``name`` that a dead run of this learner
+        published after ``parent`` without committing it: it still follows the learner."""
+        if pointer.model != name or not parent or pointer.version <= parent:
+            return False
+        version = pointer.version
+        while version > parent:
+            version = int(self.registry.meta(pointer.model, version).get("parent", 0))
+        return version == parent
 
     def has_unpublished(self) -> bool:
         """Labels were read since the last snapshot (learned, refused or waiting)."""

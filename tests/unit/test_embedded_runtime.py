@@ -154,6 +154,7 @@ def test_a_learner_restarted_from_its_checkpoint_learns_each_label_once(
     rt.produce(rt.topics.labels, None, orjson.dumps(early))
     rt.drain()
     rt.log.write(rt.learner.publish())
+    rt.learner.commit()
     # ... and the learner dies after learning more labels that no snapshot holds
     events = [rec for kind, rec in with_labels(1200, FraudStreamConfig(seed=3)) if kind == "event"]
     for rec in events[:200]:
@@ -188,3 +189,23 @@ def test_a_learner_restarted_from_its_checkpoint_learns_each_label_once(
         assert [candidate.model.predict_proba_one(x) for x in probe] == [
             other.predict_proba_one(x) for x in probe
         ], name
+
+
+def test_the_pointer_follows_a_restarted_learner_past_a_dead_runs_version(
+    fraud_spec: PipelineSpec,
+) -> None:
+    rt = run(fraud_spec, Settings(snapshot_every_labels=300, snapshot_every_s=0), 600)
+    lead = fraud_spec.models.champion_spec.name
+    assert rt.registry.champion() == ChampionPointer(lead, 2)
+    rt.learner.publish()  # version 3, then the learner dies before it commits
+    assert rt.registry.champion() == ChampionPointer(lead, 3)
+    assert rt.registry.checkpoint().versions[lead] == 2
+
+    restarted = build_learner(fraud_spec, Settings(), rt.store, rt.registry)
+    restarted.publish()
+    assert rt.registry.champion() == ChampionPointer(lead, 4)
+    assert rt.registry.meta(lead, 4)["parent"] == 2
+    # ... but a promotion made by someone is left alone
+    rt.registry.promote(ChampionPointer(lead, 1))
+    restarted.publish()
+    assert rt.registry.champion() == ChampionPointer(lead, 1)
