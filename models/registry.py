@@ -144,7 +144,8 @@ class ModelRegistry(ABC):
         except (ValueError, KeyError, TypeError) as exc:
             raise ModelError(f"not a riverflow model export: {exc}") from exc
         model = verify_and_load(blob, self.key)  # SignatureError before anything is stored
-        meta = {k: v for k, v in meta.items() if k not in ("version", "created", "river")}
+        # its version numbers (own, parent) belong to the registry it came from
+        meta = {k: v for k, v in meta.items() if k not in ("version", "parent", "created", "river")}
         meta["imported_from"] = {"version": record.get("version"), "meta": record["meta"]}
         version = self._store(name, blob, meta)
         return ModelVersion(name, version, model, self.meta(name, version))

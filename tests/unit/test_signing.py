@@ -66,11 +66,11 @@ def test_rollback_goes_back_one_move_at_a_time() -> None:
 
 def test_export_import_round_trip_and_tampered_export_refused() -> None:
     source, target = MemoryRegistry(b"k"), MemoryRegistry(b"k")
-    source.publish("m", {"state": 1}, {"labels_seen": 5})
+    source.publish("m", {"state": 1}, {"labels_seen": 5, "parent": 7})
     exported = source.export("m", 1)
     imported = target.import_(exported)
     assert imported.model == {"state": 1} and imported.meta["labels_seen"] == 5
-    assert imported.meta["imported_from"]["version"] == 1
+    assert imported.meta["imported_from"]["version"] == 1 and "parent" not in imported.meta
     with pytest.raises(SignatureError):
         MemoryRegistry(b"other").import_(exported)
     record = orjson.loads(exported)
