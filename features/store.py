@@ -13,14 +13,16 @@ Redis key layout (prefix ``rf:{ns}:``)::
     rf:{ns}:snap:{event id}               the snapshot the event was scored with,
                                           TTL = label horizon; its presence marks
                                           the event as seen (dedup)
-    rf:{ns}:learned:{event id}            a label was learned for this event, TTL = horizon
+    rf:{ns}:learned:{event id}            the token of the label learned for this event
+                                          (the learner's run and the label's offset),
+                                          TTL = horizon
 
 A snapshot is JSON: ``{"x": <model inputs>, "a": [[count, sum_1, ...] per group]}``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Protocol
@@ -75,8 +77,15 @@ class FeatureStore(Protocol):
         """
         ...
 
-    def claim_snapshots(self, event_ids: Sequence[str]) -> list[FeatureSnapshot | Claim]:
-        """The snapshot of each event, marking it learned; each id is handed out once."""
+    def claim_snapshots(
+        self, event_ids: Sequence[str], tokens: Sequence[str], stale: Callable[[str], bool]
+    ) -> list[FeatureSnapshot | Claim]:
+        """The snapshot of each event, marking it learned under its token.
+
+        An event already marked is a ``DUPLICATE``, unless ``stale(its token)``
+        says that learning was lost (a learner crashed before its snapshot):
+        then the mark is taken over and the snapshot handed out again.
+        """
         ...
 
 
@@ -100,7 +109,7 @@ class MemoryFeatureStore:
         self.plan = plan
         self.tiles: dict[tuple[str, str], dict[int, list[float]]] = {}
         self.snapshots: dict[str, bytes] = {}
-        self.learned: set[str] = set()
+        self.learned: dict[str, str] = {}
 
     def update_and_read(self, batch: Sequence[FeatureRequest]) -> list[FeatureSnapshot]:
         out = []
@@ -134,16 +143,19 @@ class MemoryFeatureStore:
                     total[j] += v
         return total
 
-    def claim_snapshots(self, event_ids: Sequence[str]) -> list[FeatureSnapshot | Claim]:
+    def claim_snapshots(
+        self, event_ids: Sequence[str], tokens: Sequence[str], stale: Callable[[str], bool]
+    ) -> list[FeatureSnapshot | Claim]:
         out: list[FeatureSnapshot | Claim] = []
-        for event_id in event_ids:
+        for event_id, token in zip(event_ids, tokens, strict=True):
             raw = self.snapshots.get(event_id)
+            marked = self.learned.get(event_id)
             if raw is None:
                 out.append(Claim.MISSING)
-            elif event_id in self.learned:
+            elif marked is not None and not stale(marked):
                 out.append(Claim.DUPLICATE)
             else:
-                self.learned.add(event_id)
+                self.learned[event_id] = token
                 out.append(FeatureSnapshot.decode(event_id, raw))
         return out
 
@@ -224,17 +236,19 @@ end
 return out
 """
 
-# KEYS: pairs (snapshot key, learned key); ARGV[1]: learned-marker ttl ms.
+# KEYS: pairs (snapshot key, learned key); ARGV[1]: learned-marker ttl ms, then a token
+# per pair. Returns per pair: '?' (no snapshot), the snapshot (marked now), or
+# '=' .. the existing token .. newline .. the snapshot (marked before).
 _CLAIM = """
 local out = {}
 for i = 1, #KEYS, 2 do
   local snap = redis.call('GET', KEYS[i])
   if not snap then
     out[#out + 1] = '?'
-  elseif redis.call('SET', KEYS[i + 1], '1', 'NX', 'PX', ARGV[1]) then
+  elseif redis.call('SET', KEYS[i + 1], ARGV[(i + 1) / 2 + 1], 'NX', 'PX', ARGV[1]) then
     out[#out + 1] = snap
   else
-    out[#out + 1] = '='
+    out[#out + 1] = '=' .. redis.call('GET', KEYS[i + 1]) .. '\\n' .. snap
   end
 end
 return out
@@ -284,22 +298,38 @@ class RedisFeatureStore:
                 out.append(FeatureSnapshot.decode(req.event_id, item))
         return out
 
-    def claim_snapshots(self, event_ids: Sequence[str]) -> list[FeatureSnapshot | Claim]:
+    def claim_snapshots(
+        self, event_ids: Sequence[str], tokens: Sequence[str], stale: Callable[[str], bool]
+    ) -> list[FeatureSnapshot | Claim]:
         if not event_ids:
             return []
         keys = []
         for event_id in event_ids:
-            keys += [self.snapshot_key(event_id), f"{self.prefix}learned:{event_id}"]
-        raw = self._call(self._claim, keys, [self.horizon_ms])
+            keys += [self.snapshot_key(event_id), self.learned_key(event_id)]
+        raw = self._call(self._claim, keys, [self.horizon_ms, *tokens])
         out: list[FeatureSnapshot | Claim] = []
-        for event_id, item in zip(event_ids, raw, strict=True):
+        taken: dict[str, str] = {}
+        for event_id, token, item in zip(event_ids, tokens, raw, strict=True):
             if item == b"?":
                 out.append(Claim.MISSING)
-            elif item == b"=":
-                out.append(Claim.DUPLICATE)
+            elif item.startswith(b"="):
+                marked, _, snap = item[1:].partition(b"\n")
+                if stale(marked.decode()):
+                    taken[self.learned_key(event_id)] = token
+                    out.append(FeatureSnapshot.decode(event_id, snap))
+                else:
+                    out.append(Claim.DUPLICATE)
             else:
                 out.append(FeatureSnapshot.decode(event_id, item))
+        if taken:  # only after a learner restart: rare, a second round trip is fine
+            pipe = self.client.pipeline(transaction=False)
+            for key, token in taken.items():
+                pipe.set(key, token, px=int(self.horizon_ms))
+            pipe.execute()
         return out
+
+    def learned_key(self, event_id: str) -> str:
+        return f"{self.prefix}learned:{event_id}"
 
     def _call(self, script: Any, keys: list[str], args: list[Any]) -> list[bytes]:
         import redis

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
-from models.registry import ModelRegistry, ModelVersion
+from models.errors import ModelError
+from models.registry import ChampionPointer, ModelRegistry, ModelVersion
+
+log = logging.getLogger(__name__)
 
 
 def positive_probability(model: Any, x: dict[str, Any]) -> float:
@@ -20,26 +24,30 @@ class ChampionReplica:
 
     ``refresh`` reads the pointer at most every ``poll_s`` seconds, so a swap
     costs one GET per poll interval, and a blob download only when it moved.
+    Until a version is pointed at, it serves ``fresh`` (version 0).
     """
 
     def __init__(
         self,
         registry: ModelRegistry,
-        name: str,
-        fresh: Callable[[], Any],
+        fresh: Callable[[], ModelVersion],
         poll_s: float = 0.1,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.registry = registry
-        self.name = name
         self.poll_s = poll_s
         self.clock = clock
-        version = registry.champion(name)
-        if version is None:
-            self.current = ModelVersion(name, 0, fresh(), {"fresh": True})
+        pointer = registry.champion()
+        if pointer is None:
+            self.current = fresh()
         else:
-            self.current = registry.load(name, version)
+            self.current = registry.load(pointer.model, pointer.version)
         self._next_poll = clock() + poll_s
+        self._refused: ChampionPointer | None = None
+
+    @property
+    def name(self) -> str:
+        return self.current.name
 
     @property
     def version(self) -> int:
@@ -51,10 +59,17 @@ class ChampionReplica:
         if not force and now < self._next_poll:
             return False
         self._next_poll = now + self.poll_s
-        version = self.registry.champion(self.name)
-        if version is None or version == self.current.version:
+        pointer = self.registry.champion()
+        if pointer is None or pointer in (ChampionPointer(self.name, self.version), self._refused):
             return False
-        self.current = self.registry.load(self.name, version)
+        try:
+            self.current = self.registry.load(pointer.model, pointer.version)
+        except ModelError as exc:
+            # keep serving the version we trust rather than stop scoring
+            log.error("champion %s refused, still serving %s v%s: %s",
+                      pointer, self.name, self.version, exc)  # fmt: skip
+            self._refused = pointer
+            return False
         return True
 
     def predict(self, x: dict[str, Any]) -> float:

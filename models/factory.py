@@ -9,7 +9,7 @@ from typing import Any
 from river import base, compose
 
 from models.errors import ModelSpecError
-from models.spec import EstimatorSpec, ModelSpec
+from models.spec import EstimatorSpec, ModelSpec, ModelsSpec
 
 # Only River's own estimators can be named in a spec: a spec is data, and an
 # import path outside this namespace could run arbitrary code on import.
@@ -53,8 +53,24 @@ def _build_param(value: Any) -> Any:
     return value
 
 
+class Select(compose.Select):
+    """``compose.Select`` in the spec's key order.
+
+    River's keeps the keys in a set, whose order changes from process to process
+    (string hashing): a seeded weight initializer would then give the features
+    different draws in the scorer, the learner and a test.
+    """
+
+    def __init__(self, *keys: base.typing.FeatureName) -> None:
+        super().__init__(*keys)
+        self.ordered = tuple(keys)
+
+    def transform_one(self, x: dict[base.typing.FeatureName, Any]) -> dict[Any, Any]:
+        return {k: x[k] for k in self.ordered}
+
+
 def build_model(spec: ModelSpec) -> base.Estimator:
-    """The spec's model: preprocessing steps piped into the estimator.
+    """A candidate: its selected inputs, preprocessing steps piped into the estimator.
 
     Only binary classifiers are served for now: a prediction is P(label is true).
     """
@@ -64,7 +80,15 @@ def build_model(spec: ModelSpec) -> base.Estimator:
             f"model {spec.name!r}: {spec.estimator.class_path} is not a classifier; "
             "the scorer serves binary classifiers (probability of the positive label)"
         )
-    if not spec.preprocessing:
+    steps: list[base.Estimator] = [build_estimator(s) for s in spec.preprocessing]
+    if spec.select:
+        # e.g. a linear model given only the numeric values: River scalers refuse strings
+        steps.insert(0, Select(*spec.select))
+    if not steps:
         return estimator
-    steps = [build_estimator(s) for s in spec.preprocessing]
     return compose.Pipeline(*steps, estimator)
+
+
+def build_candidates(spec: ModelsSpec) -> dict[str, base.Estimator]:
+    """Every candidate of the spec, fresh; the first bad one raises ``ModelSpecError``."""
+    return {c.name: build_model(c) for c in spec.candidates}

@@ -9,12 +9,13 @@ from typing import Any
 
 from features.store import FeatureStore, MemoryFeatureStore, RedisFeatureStore
 from models.champion import ChampionReplica
-from models.factory import build_model
+from models.factory import build_candidates, build_model
 from models.registry import MemoryRegistry, ModelRegistry, ModelVersion, RedisRegistry
+from monitors.prequential import PrequentialMetrics
 from riverflow.errors import RiverflowError
 from riverflow.settings import DEV_SIGNING_KEY, Settings
 from riverflow.spec import PipelineSpec
-from streams.processors import Learner, Scorer
+from streams.processors import Candidate, Learner, LearnerState, Scorer
 
 
 class ConnectionFailed(RiverflowError):
@@ -66,26 +67,39 @@ def memory_backends(spec: PipelineSpec, settings: Settings) -> tuple[FeatureStor
 def build_scorer(
     spec: PipelineSpec, settings: Settings, store: FeatureStore, registry: ModelRegistry
 ) -> Scorer:
+    first = spec.models.champion_spec
     champion = ChampionReplica(
-        registry, spec.model.name, lambda: build_model(spec.model), settings.model_poll_s
+        registry, lambda: ModelVersion(first.name, 0, build_model(first)), settings.model_poll_s
     )
     return Scorer(
-        spec.topics, spec.events, spec.feature_plan(), spec.model.inputs, store, champion,
-        settings.max_event_bytes,
+        spec.topics, spec.events, spec.feature_plan(), spec.models.inputs, store, champion,
+        settings.max_event_bytes, explain_top=spec.models.explain,
     )  # fmt: skip
 
 
 def build_learner(
     spec: PipelineSpec, settings: Settings, store: FeatureStore, registry: ModelRegistry
 ) -> Learner:
-    """A learner that continues from the champion version, or from a fresh model."""
-    name = spec.model.name
-    version = registry.champion(name)
-    if version is None:
-        start = ModelVersion(name, 0, build_model(spec.model))
-    else:
-        start = registry.load(name, version)
-    return Learner(
-        spec.topics, spec.label, spec.feature_plan(), store, registry, start,
-        settings.max_event_bytes, settings.label_wait_s, settings.snapshot_every_labels,
+    """A learner that continues from its last checkpoint, or from fresh candidates.
+
+    A candidate added to the spec since the checkpoint starts fresh; one removed
+    from the spec is no longer trained (its versions stay in the registry).
+    """
+    fresh = build_candidates(spec.models)  # also checks every candidate builds
+    saved: LearnerState | None = registry.checkpoint()
+    candidates = []
+    for name, model in fresh.items():
+        version = saved.versions.get(name, 0) if saved else 0
+        if saved and version:
+            candidates.append(Candidate(name, registry.load(name, version).model, version,
+                                        saved.metrics[name]))  # fmt: skip
+        else:
+            candidates.append(Candidate(name, model, 0, PrequentialMetrics()))
+    learner = Learner(
+        spec.topics, spec.label, spec.feature_plan(), store, registry, candidates,
+        spec.models.champion_spec.name, settings.max_event_bytes, settings.label_wait_s,
+        settings.snapshot_every_labels, settings.snapshot_every_s,
     )  # fmt: skip
+    if saved is not None:
+        learner.restore(saved)
+    return learner

@@ -135,14 +135,14 @@ def measure_limit(
             FeatureRequest(
                 e["event_id"], e[time_field], {k: str(e[k]) for k in entities},
                 {f: e[f] for f in sums},
-                orjson.dumps({name: e[name] for name in spec.model.inputs}),
+                orjson.dumps({name: e[name] for name in spec.models.inputs}),
             )
             for e in events
         ]
     )  # fmt: skip
     truth = {lab["event_id"]: lab[spec.label.field] for lab in labels}
     xs = [({**s.inputs, **plan.values(s.aggregates)}, truth[s.event_id]) for s in snaps]
-    model: Any = build_model(spec.model)
+    model: Any = build_model(spec.models.champion_spec)
     t0 = time.perf_counter()
     for x, y in xs:
         positive_probability(model, x)
@@ -342,7 +342,7 @@ def run_bench(
         spec={
             "name": spec.name,
             "features": len(spec.features),
-            "model": spec.model.estimator.class_path,
+            "model": spec.models.champion_spec.estimator.class_path,
             "events": cfg.events,
         },
     )

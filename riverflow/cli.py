@@ -1,4 +1,4 @@
-"""``riverflow``: demo, local stack, stages, produce, tail.
+"""``riverflow``: demo, local stack, stages, produce, tail, the model registry.
 
 Every command reads ``Settings`` (``RIVERFLOW_*`` environment variables); Kafka
 and Redis addresses come from there or, when unset, from ``riverflow stack up``.
@@ -12,14 +12,18 @@ import logging
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from rich.console import Console
 
 from riverflow.errors import RiverflowError
 from riverflow.settings import Settings
-from riverflow.spec import load_spec
+from riverflow.spec import PipelineSpec, load_spec
 from riverflow.stack import Endpoints, stack_down, stack_status, stack_up
+
+if TYPE_CHECKING:
+    from models.registry import RedisRegistry
 
 console = Console()
 err_console = Console(stderr=True)
@@ -178,6 +182,109 @@ def cmd_drift_eval(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _registry(
+    args: argparse.Namespace, settings: Settings
+) -> tuple[PipelineSpec, RedisRegistry, Endpoints]:
+    from models.registry import RedisRegistry
+    from riverflow.assembly import redis_client, signing_key
+
+    spec = load_spec(args.spec or settings.spec)
+    ep = endpoints(settings)
+    client = redis_client(settings, ep.redis_url)
+    return spec, RedisRegistry(client, spec.name, signing_key(settings)), ep
+
+
+def _model_event(ep: Endpoints, topic: str, record: dict[str, Any]) -> None:
+    """Append to ``{ns}.model-events`` (acknowledged before the command returns)."""
+    from streams.kafka_io import ensure_topics, produce_all, producer
+
+    ensure_topics(ep.kafka_bootstrap, [topic], Settings().partitions)
+    produce_all(producer(ep.kafka_bootstrap), [(topic, str(record["model"]).encode(),
+                                                orjson.dumps(record))])  # fmt: skip
+
+
+def _version(registry: RedisRegistry, args: argparse.Namespace) -> int:
+    """The version named on the command line, else the model's latest."""
+    version: int | None = args.version or registry.latest(args.name)
+    if version is None:
+        raise RiverflowError(f"model {args.name!r} has no versions")
+    return version
+
+
+def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
+    from models.registry import ChampionPointer
+
+    spec, registry, ep = _registry(args, settings)
+    champion = registry.champion()
+    if args.action == "list":
+        served = champion or ChampionPointer(spec.models.champion_spec.name, 0)
+        console.print(f"champion: {served}" + ("" if champion else " (fresh, nothing published)"))
+        names = sorted({*registry.names(), *(c.name for c in spec.models.candidates)})
+        for name in names:
+            for v in registry.versions(name)[-args.last :]:
+                meta = registry.meta(name, v)
+                mark = "*" if ChampionPointer(name, v) == champion else " "
+                auc = meta.get("metrics", {}).get("roc_auc")
+                console.print(
+                    f"{mark} {name} v{v}  labels {meta.get('labels_seen', '-')}  "
+                    f"roc_auc {'-' if auc is None else f'{auc:.4f}'}  parent "
+                    f"{meta.get('parent', '-')}"
+                )
+        for move in registry.history()[-args.last :]:
+            console.print(f"  {move.kind:8} -> {move.to}  (from {move.previous})  {move.reason}")
+        return 0
+    if args.action == "show":
+        version = _version(registry, args)
+        print(json.dumps(registry.meta(args.name, version), indent=2, sort_keys=True))
+        return 0
+    if args.action == "export":
+        version = _version(registry, args)
+        Path(args.output).write_bytes(registry.export(args.name, version))
+        console.print(f"exported {args.name} v{version} to {args.output}")
+        return 0
+    if args.action == "import":
+        imported = registry.import_(Path(args.file).read_bytes())
+        _model_event(ep, spec.topics.model_events, {"kind": "imported", "model": imported.name,
+                                                    "version": imported.version})  # fmt: skip
+        console.print(f"imported {imported.name} v{imported.version}")
+        return 0
+    if args.action == "promote":
+        version = _version(registry, args)
+        move = registry.promote(ChampionPointer(args.name, version), reason=args.reason)
+    else:
+        target = registry.rollback_target()
+        if target is None:
+            raise RiverflowError(f"nothing to roll back to (champion: {champion})")
+        move = registry.promote(target, kind="rollback", reason=args.reason)
+    _model_event(ep, spec.topics.model_events, move.as_dict())
+    console.print(f"{move.kind}: champion {move.previous} -> {move.to}")
+    return 0
+
+
+def _models_parser(sub: Any) -> None:
+    models = sub.add_parser("models", help="the model registry: versions and the champion")
+    actions = models.add_subparsers(dest="action", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--spec", type=Path)
+    ls = actions.add_parser("list", parents=[common], help="versions, champion, pointer moves")
+    ls.add_argument("--last", type=int, default=10, help="last N versions per model and moves")
+    show = actions.add_parser("show", parents=[common], help="a version's metadata (JSON)")
+    promote = actions.add_parser("promote", parents=[common], help="point the champion at it")
+    export = actions.add_parser("export", parents=[common], help="write a version to a file")
+    for p in (show, promote, export):
+        p.add_argument("name")
+        p.add_argument("version", type=int, nargs="?", help="default: the latest")
+    export.add_argument("-o", "--output", required=True)
+    rollback = actions.add_parser(
+        "rollback", parents=[common], help="back to the champion before the last move"
+    )
+    for p in (promote, rollback):
+        p.add_argument("--reason", default="", help="recorded in the history and model-events")
+    imp = actions.add_parser("import", parents=[common], help="store an exported version")
+    imp.add_argument("file")
+    models.set_defaults(func=cmd_models)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="riverflow", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO")
@@ -229,6 +336,8 @@ def parser() -> argparse.ArgumentParser:
     drift.add_argument("--stationary", type=int, default=1_000_000)
     drift.add_argument("--json", default="drift-eval.json")
     drift.set_defaults(func=cmd_drift_eval)
+
+    _models_parser(sub)
     return p
 
 

@@ -31,6 +31,7 @@ class DemoResult:
     model_versions: int
     metrics: dict[str, float]
     seconds: float
+    candidates: dict[str, float]  # each candidate's prequential ROC AUC
 
 
 def _view(rt: EmbeddedRuntime, produced: int, total: int, started: float) -> Table:
@@ -86,6 +87,7 @@ def run_demo(
         model_versions=rt.learner.version,
         metrics=rt.learner.metrics.as_dict(),
         seconds=time.perf_counter() - started,
+        candidates={c.name: c.metrics.as_dict()["roc_auc"] for c in rt.learner.candidates.values()},
     )
 
 
@@ -101,5 +103,7 @@ def summary(result: DemoResult) -> Table:
     for name, value in result.metrics.items():
         if name != "labels":
             table.add_row(f"prequential {name}", f"{value:.4f}")
+    for name, auc in result.candidates.items():
+        table.add_row(f"candidate {name} roc_auc", f"{auc:.4f}")
     table.add_row("wall time", f"{result.seconds:.1f} s")
     return table

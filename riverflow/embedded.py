@@ -59,6 +59,7 @@ class EmbeddedRuntime:
             if batch:
                 self.log.write(processor.process(batch))
                 self.offsets[topic] += len(batch)
+                self.learner.commit()
                 done += len(batch)
         return done
 
@@ -68,6 +69,7 @@ class EmbeddedRuntime:
             pass
         if self.learner.pending:
             self.log.write(self.learner.process([]))
+            self.learner.commit()
 
     def messages(self, topic: str) -> list[tuple[bytes | None, bytes]]:
         return list(self.log.topics[topic])

@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     snapshot_every_labels: int = Field(
         1000, ge=0, description="learner publishes a model version every N labels (0 = never)"
     )
+    snapshot_every_s: float = Field(
+        60.0, ge=0, description="... and at least every T seconds while labels come (0 = never)"
+    )
     model_poll_s: float = Field(0.1, gt=0, description="how often a scorer checks the champion")
     signing_key: SecretStr = Field(
         SecretStr(DEV_SIGNING_KEY), description="HMAC key for model snapshots"

@@ -12,7 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from features.definitions import FeaturePlan, FeatureSpec
-from models.spec import ModelSpec
+from models.spec import ModelsSpec
 from riverflow.errors import RiverflowError
 from streams.schema import NUMERIC, EventSchema, FieldType, LabelSpec
 from streams.topics import Topics
@@ -23,7 +23,7 @@ class SpecError(RiverflowError):
 
 
 class PipelineSpec(BaseModel):
-    """Events, label, features and model of one pipeline (namespace ``name``)."""
+    """Events, label, features and models of one pipeline (namespace ``name``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -31,7 +31,7 @@ class PipelineSpec(BaseModel):
     events: EventSchema
     label: LabelSpec
     features: list[FeatureSpec] = Field(default_factory=list)
-    model: ModelSpec
+    models: ModelsSpec
 
     @model_validator(mode="after")
     def _cross_check(self) -> PipelineSpec:
@@ -53,11 +53,19 @@ class PipelineSpec(BaseModel):
                 raise ValueError(f"features.{i}.field: {f.field!r} is not a numeric event field")
             if f.entity is not None and f.entity not in fields:
                 raise ValueError(f"features.{i}.entity: {f.entity!r} is not an event field")
-        for i, name in enumerate(self.model.inputs):
+        for i, name in enumerate(self.models.inputs):
             if name not in fields:
-                raise ValueError(f"model.inputs.{i}: {name!r} is not an event field")
+                raise ValueError(f"models.inputs.{i}: {name!r} is not an event field")
             if name in names:
-                raise ValueError(f"model.inputs.{i}: {name!r} is also a feature name")
+                raise ValueError(f"models.inputs.{i}: {name!r} is also a feature name")
+        known = names | set(self.models.inputs)
+        for i, c in enumerate(self.models.candidates):
+            for j, name in enumerate(c.select):
+                if name not in known:
+                    raise ValueError(
+                        f"models.candidates.{i}.select.{j}: {name!r} is not a model input "
+                        "or a feature"
+                    )
         return self
 
     @property

@@ -1,4 +1,4 @@
-"""A plain confluent-kafka loop hosting a processor: the alternative to Faust.
+"""A plain confluent-kafka loop hosting a processor (the default host; Faust is the other).
 
 Per batch: block for the first message, then take whatever else is already
 fetched (up to ``batch_size``) without waiting, so a quiet stream is served at
@@ -6,6 +6,12 @@ once and a busy one in large batches. Outputs are produced without per-message
 flush; one flush per batch waits for their acks, and only then are the
 batch's offsets committed. A crash therefore replays at most the uncommitted
 batch, which the store's event-id dedup absorbs.
+
+Two ways to read: in a consumer group (the scorer: partitions are balanced
+between replicas, offsets committed to the group), or from ``positions`` the
+processor keeps itself (the learner: every partition assigned from the offsets
+saved in its checkpoint; nothing committed to Kafka, ``after_write`` saves the
+checkpoint once a batch's outputs are acknowledged).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import time
 from collections.abc import Callable
 
 from confluent_kafka import (
+    OFFSET_BEGINNING,
     TIMESTAMP_NOT_AVAILABLE,
     Consumer,
     KafkaError,
@@ -26,7 +33,7 @@ from confluent_kafka import (
 
 from monitors.exporter import StageMetrics
 from streams.contracts import Message, Output, Processor
-from streams.kafka_io import MAX_MESSAGE_BYTES, produce_all, producer
+from streams.kafka_io import MAX_MESSAGE_BYTES, KafkaIOError, produce_all, producer
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +50,11 @@ class ConfluentHost:
         batch_size: int,
         poll_s: float = 0.1,
         tick_s: float | None = None,
-        on_stop: Callable[[], None] | None = None,
+        on_stop: Callable[[], list[Output]] | None = None,
         metrics: StageMetrics | None = None,
         dlq_topic: str = "",
+        positions: dict[int, int] | None = None,
+        after_write: Callable[[], None] | None = None,
     ) -> None:
         self.processor = processor
         self.metrics = metrics
@@ -55,6 +64,8 @@ class ConfluentHost:
         self.poll_s = poll_s
         self.tick_s = tick_s
         self.on_stop = on_stop
+        self.positions = positions
+        self.after_write = after_write
         self._stop = threading.Event()
         self.consumer = Consumer(
             {
@@ -62,6 +73,7 @@ class ConfluentHost:
                 "group.id": group,
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
+                "enable.partition.eof": False,
                 "fetch.message.max.bytes": MAX_MESSAGE_BYTES,
                 "fetch.wait.max.ms": 10,
                 "partition.assignment.strategy": "cooperative-sticky",
@@ -76,7 +88,10 @@ class ConfluentHost:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: self.stop())
-        self.consumer.subscribe([self.source])
+        if self.positions is None:
+            self.consumer.subscribe([self.source])
+        else:
+            self._assign(self.positions)
         next_tick = time.monotonic() + (self.tick_s or 0)
         try:
             while not self._stop.is_set():
@@ -87,15 +102,28 @@ class ConfluentHost:
                     next_tick = time.monotonic() + self.tick_s
                     outputs += self.processor.process([])
                 self._write(outputs)
-                if batch:
+                if batch and self.positions is None:
                     self.consumer.commit(asynchronous=True)
+                if self.after_write is not None and (batch or outputs):
+                    self.after_write()
                 if self.metrics is not None:
                     self._observe(batch, outputs, time.perf_counter() - started)
+            if self.on_stop is not None:  # a clean stop: its outputs are written too
+                self._write(self.on_stop())
+                if self.after_write is not None:
+                    self.after_write()
         finally:
-            if self.on_stop is not None:
-                self.on_stop()
             self.producer.flush(30)
-            self.consumer.close()  # commits what was processed, leaves the group
+            self.consumer.close()  # leaves the group (async commits are flushed)
+
+    def _assign(self, positions: dict[int, int]) -> None:
+        meta = self.consumer.list_topics(self.source, timeout=10).topics.get(self.source)
+        if meta is None or meta.error is not None:
+            raise KafkaIOError(f"no topic {self.source!r}")
+        self.consumer.assign(
+            [TopicPartition(self.source, p, positions.get(p, OFFSET_BEGINNING))
+             for p in sorted(meta.partitions)]
+        )  # fmt: skip
 
     def _observe(self, batch: list[Message], outputs: list[Output], seconds: float) -> None:
         assert self.metrics is not None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from pydantic import BaseModel
 
@@ -60,6 +60,8 @@ class Prediction(BaseModel):
     event_time: float
     scored_at: float
     replayed: bool = False  # the event id was seen before: features are the stored snapshot
+    # when the spec asks (models.explain): linear terms or the tree's decision path
+    explanation: list[dict[str, Any]] | None = None
 
 
 class DeadLetter(BaseModel):
@@ -75,12 +77,35 @@ class DeadLetter(BaseModel):
     payload_b64: str | None
 
 
+class CandidatePrediction(BaseModel):
+    """One candidate's prequential prediction: made before it learned the label."""
+
+    version: int  # the candidate's last published version its live model descends from
+    probability: float
+
+
 class Evaluation(BaseModel):
-    """``{ns}.evaluations``: a label and the learner's prequential prediction for it."""
+    """``{ns}.evaluations``: a label and every candidate's prequential prediction for it."""
 
     event_id: str
     label: bool
+    labels_seen: int
+    predictions: dict[str, CandidatePrediction]
+
+
+class ModelEvent(BaseModel):
+    """``{ns}.model-events``: the audit log of the registry.
+
+    ``published`` (a new version; ``parent`` and ``labels_seen`` set) or a move
+    of the champion pointer: ``advance`` (the learner), ``promote``, ``rollback``
+    (``previous`` set to where it pointed before).
+    """
+
+    kind: str
     model: str
     version: int
-    probability: float
-    labels_seen: int
+    parent: int | None = None
+    labels_seen: int | None = None
+    previous: dict[str, str | int] | None = None
+    at: float | None = None
+    reason: str = ""

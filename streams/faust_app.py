@@ -29,15 +29,13 @@ def stage_app(
     batch_size: int,
     batch_timeout_s: float,
     tick_s: float | None = None,
-    on_stop: Any = None,
     metrics: StageMetrics | None = None,
     dlq_topic: str = "",
 ) -> faust.App:
     """A Faust app whose one agent feeds ``source`` to ``processor`` in batches.
 
     ``tick_s`` also calls the processor with an empty batch on a timer (the
-    learner uses it to retry labels waiting for their event). ``on_stop`` runs
-    when the worker shuts down cleanly.
+    scorer follows the champion pointer on it while the stream is quiet).
     """
     app = faust.App(
         group,
@@ -95,12 +93,6 @@ def stage_app(
         async def tick() -> None:
             async with lock:
                 await write([], processor.process([]), time.perf_counter())
-
-    if on_stop is not None:
-
-        @app.on_before_shutdown.connect
-        def _stop(_app: Any, /, *_args: Any, signal: Any, **_kwargs: Any) -> None:
-            on_stop()
 
     return app
 

@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from models.factory import build_model
-from models.registry import RedisRegistry
+from models.registry import ChampionPointer, RedisRegistry
 from riverflow.embedded import EmbeddedRuntime
 from riverflow.generator import BAD_KINDS, FraudStreamConfig, corrupt, transactions, with_labels
 from riverflow.settings import Settings
@@ -105,7 +105,9 @@ def test_ten_thousand_events_through_kafka_and_redis(
     registry = RedisRegistry(
         redis_client, spec.name, Settings().signing_key.get_secret_value().encode()
     )
-    assert (registry.champion(spec.model.name) or 0) >= N // 2000
+    champion = registry.champion()
+    assert champion is not None and champion.model == spec.models.champion_spec.name
+    assert champion.version >= N // 2000
 
     # both stages tell Prometheus what they did
     assert scorer.get("/healthz") == (200, "ok\n") and learner.get("/healthz")[0] == 200
@@ -126,18 +128,24 @@ def test_embedded_and_kafka_runtimes_give_the_same_predictions(
     settings = Settings(snapshot_every_labels=0)
     key = settings.signing_key.get_secret_value().encode()
     # a champion trained on another stream, fixed for the run, in both registries
-    model = build_model(spec.model)
+    first = spec.models.champion_spec
+    model = build_model(first)
     for event, fraud in transactions(3000, FraudStreamConfig(seed=99)):
         model.learn_one({"amount": event["amount"], "category": event["category"],
                          "country": event["country"], "channel": event["channel"],
                          "tx_count_1h": 1.0, "amount_sum_1h": event["amount"],
                          "amount_mean_24h": event["amount"]}, fraud)  # fmt: skip
-    RedisRegistry(redis_client, spec.name, key).publish(spec.model.name, model, {})
+    remote_registry = RedisRegistry(redis_client, spec.name, key)
+    remote_registry.promote(
+        ChampionPointer(first.name, remote_registry.publish(first.name, model, {}))
+    )
 
     config = FraudStreamConfig(cards=300, mean_gap_s=20.0)
     stream = [rec for kind, rec in with_labels(N, config) if kind == "event"]
     embedded = EmbeddedRuntime(spec, settings)
-    embedded.registry.publish(spec.model.name, model, {})
+    embedded.registry.promote(
+        ChampionPointer(first.name, embedded.registry.publish(first.name, model, {}))
+    )
     embedded.scorer.champion.refresh(force=True)
     for rec in stream:
         embedded.produce(topics.events, rec["card_id"].encode(), orjson.dumps(rec))

@@ -10,7 +10,13 @@ import pytest
 import redis
 
 from features.errors import FeatureStoreError
-from features.store import Claim, FeatureRequest, MemoryFeatureStore, RedisFeatureStore
+from features.store import (
+    Claim,
+    FeatureRequest,
+    FeatureSnapshot,
+    MemoryFeatureStore,
+    RedisFeatureStore,
+)
 from riverflow.assembly import ConnectionFailed
 from riverflow.assembly import redis_client as connect
 from riverflow.generator import FraudStreamConfig, transactions
@@ -64,7 +70,8 @@ def test_replaying_a_batch_leaves_every_aggregate_unchanged(
 def test_every_key_written_has_a_ttl(store: RedisFeatureStore, redis_client: redis.Redis) -> None:
     reqs = requests(300)
     store.update_and_read(reqs)
-    store.claim_snapshots([r.event_id for r in reqs[:100]])
+    ids = [r.event_id for r in reqs[:100]]
+    store.claim_snapshots(ids, ids, lambda token: False)
     keys = list(redis_client.scan_iter(f"{store.prefix}*"))
     kinds = {k.decode().split(":")[2] for k in keys}
     assert kinds == {"tile", "snap", "learned"}
@@ -72,14 +79,31 @@ def test_every_key_written_has_a_ttl(store: RedisFeatureStore, redis_client: red
     assert no_ttl == []
 
 
+def never(token: str) -> bool:
+    return False
+
+
+def tokens(ids: list[str], run: str) -> list[str]:
+    return [f"{run}:{i}" for i in ids]
+
+
 def test_labels_are_claimed_once(store: RedisFeatureStore) -> None:
     reqs = requests(3)
     store.update_and_read(reqs[:2])
     ids = [r.event_id for r in reqs]
-    claims = store.claim_snapshots(ids)
+    claims = store.claim_snapshots(ids, tokens(ids, "run1"), never)
     assert claims[0].inputs["channel"]  # type: ignore[union-attr]
     assert claims[2] is Claim.MISSING
-    assert store.claim_snapshots(ids[:2]) == [Claim.DUPLICATE, Claim.DUPLICATE]
+    assert store.claim_snapshots(ids[:2], tokens(ids[:2], "run1"), never) == [
+        Claim.DUPLICATE,
+        Claim.DUPLICATE,
+    ]
+    # a mark whose learning was lost (the learner crashed before its snapshot) is taken over
+    lost = store.claim_snapshots(ids[:2], tokens(ids[:2], "run2"), lambda t: t == f"run1:{ids[0]}")
+    assert isinstance(lost[0], FeatureSnapshot) and lost[1] is Claim.DUPLICATE
+    assert store.claim_snapshots(ids[:1], ["run3"], lambda t: t.startswith("run1")) == [
+        Claim.DUPLICATE
+    ]
 
 
 def test_unreachable_redis_is_a_clear_error(fraud_spec: PipelineSpec) -> None:

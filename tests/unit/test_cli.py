@@ -40,6 +40,7 @@ def test_run_without_servers_says_how_to_get_them(tmp_path: Path) -> None:
     env = {**os.environ, "RIVERFLOW_CACHE_DIR": str(tmp_path)}
     env.pop("RIVERFLOW_KAFKA_BOOTSTRAP", None)
     env.pop("RIVERFLOW_REDIS_URL", None)
-    done = riverflow("run", "scorer", env=env)
-    assert done.returncode == 2
-    assert "riverflow stack up" in done.stderr
+    for command in (("run", "scorer"), ("models", "list")):
+        done = riverflow(*command, env=env)
+        assert done.returncode == 2
+        assert "riverflow stack up" in done.stderr

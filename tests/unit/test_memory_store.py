@@ -49,14 +49,31 @@ def test_a_replayed_batch_changes_nothing(fraud_spec: PipelineSpec) -> None:
     assert store.tiles == tiles
 
 
+def never(token: str) -> bool:
+    return False
+
+
+def tokens(ids: list[str], run: str) -> list[str]:
+    return [f"{run}:{i}" for i in ids]
+
+
 def test_each_snapshot_is_claimed_once(fraud_spec: PipelineSpec) -> None:
     store = MemoryFeatureStore(fraud_spec.feature_plan())
     reqs = requests(fraud_spec, 3)
     store.update_and_read(reqs[:2])
     ids = [r.event_id for r in reqs]
-    first = store.claim_snapshots(ids)
+    first = store.claim_snapshots(ids, tokens(ids, "run1"), never)
     assert isinstance(first[0], FeatureSnapshot) and first[0].inputs == {
         "amount": reqs[0].numbers["amount"]
     }
     assert first[2] is Claim.MISSING
-    assert store.claim_snapshots(ids[:2]) == [Claim.DUPLICATE, Claim.DUPLICATE]
+    assert store.claim_snapshots(ids[:2], tokens(ids[:2], "run1"), never) == [
+        Claim.DUPLICATE,
+        Claim.DUPLICATE,
+    ]
+    # a mark whose learning was lost (the learner crashed before its snapshot) is taken over
+    lost = store.claim_snapshots(ids[:2], tokens(ids[:2], "run2"), lambda t: t == f"run1:{ids[0]}")
+    assert isinstance(lost[0], FeatureSnapshot) and lost[1] is Claim.DUPLICATE
+    assert store.claim_snapshots(ids[:1], ["run3"], lambda t: t.startswith("run1")) == [
+        Claim.DUPLICATE
+    ]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 import pickle
 
+import orjson
 import pytest
 
-from models.errors import SignatureError
-from models.registry import MemoryRegistry
+from models.errors import ModelError, SignatureError
+from models.registry import ChampionPointer, MemoryRegistry
 from models.signing import sign, verify_and_load
 
 
@@ -33,9 +35,50 @@ def test_tampered_other_key_and_unsigned_are_refused() -> None:
 
 def test_registry_versions_and_champion_pointer() -> None:
     registry = MemoryRegistry(b"k")
-    assert registry.champion("m") is None
+    assert registry.champion() is None
     assert registry.publish("m", {"state": 1}, {"labels_seen": 10}) == 1
     assert registry.publish("m", {"state": 2}, {}) == 2
-    assert registry.champion("m") == 2
+    assert registry.champion() is None  # publishing does not move the pointer
     first = registry.load("m", 1)
     assert first.model == {"state": 1} and first.meta["labels_seen"] == 10
+    assert first.meta["river"] and first.meta["created"] > 0
+    assert registry.move(ChampionPointer("m", 1), "advance", None) is not None
+    # compare-and-set: a move expecting another pointer is not applied
+    assert registry.move(ChampionPointer("m", 2), "advance", ChampionPointer("m", 7)) is None
+    registry.promote(ChampionPointer("m", 2))
+    assert registry.champion() == ChampionPointer("m", 2)
+    assert [(m.kind, m.to.version) for m in registry.history()] == [("advance", 1), ("promote", 2)]
+    with pytest.raises(ModelError, match="no version 9"):
+        registry.promote(ChampionPointer("m", 9))
+
+
+def test_rollback_goes_back_one_move_at_a_time() -> None:
+    registry = MemoryRegistry(b"k")
+    for state in range(3):
+        registry.promote(ChampionPointer("m", registry.publish("m", {"state": state}, {})))
+    target = registry.rollback_target()
+    assert target == ChampionPointer("m", 2)
+    registry.promote(target, kind="rollback")
+    assert registry.rollback_target() == ChampionPointer("m", 1)  # not back to 3
+    registry.promote(ChampionPointer("m", 1), kind="rollback")
+    assert registry.rollback_target() is None
+
+
+def test_export_import_round_trip_and_tampered_export_refused() -> None:
+    source, target = MemoryRegistry(b"k"), MemoryRegistry(b"k")
+    source.publish("m", {"state": 1}, {"labels_seen": 5, "parent": 7})
+    exported = source.export("m", 1)
+    imported = target.import_(exported)
+    assert imported.model == {"state": 1} and imported.meta["labels_seen"] == 5
+    assert imported.meta["imported_from"]["version"] == 1 and "parent" not in imported.meta
+    with pytest.raises(SignatureError):
+        MemoryRegistry(b"other").import_(exported)
+    record = orjson.loads(exported)
+    blob = bytearray(base64.b64decode(record["blob_b64"]))
+    blob[-3] ^= 0x01
+    record["blob_b64"] = base64.b64encode(bytes(blob)).decode()
+    with pytest.raises(SignatureError, match="does not verify"):
+        target.import_(orjson.dumps(record))
+    assert target.versions("m") == [1]  # nothing stored from the refused file
+    with pytest.raises(ModelError, match="not a riverflow model export"):
+        target.import_(b"{}")

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from models.errors import ModelSpecError
-from models.factory import build_model
+from models.factory import build_candidates, build_model
 from models.spec import ModelSpec
 from riverflow.settings import DEFAULT_SPEC
 from riverflow.spec import SpecError, load_spec, parse_spec
@@ -24,8 +24,15 @@ def test_fraud_example_loads_and_builds_its_model() -> None:
     spec = load_spec(DEFAULT_SPEC)
     assert spec.topics.events == "fraud.events"
     assert spec.feature_plan().names == ["tx_count_1h", "amount_sum_1h", "amount_mean_24h"]
-    model = build_model(spec.model)
-    assert type(model).__name__ == "HoeffdingTreeClassifier"
+    models = build_candidates(spec.models)
+    assert spec.models.champion_spec.name == "fraud-hoeffding"
+    assert type(models["fraud-hoeffding"]).__name__ == "HoeffdingTreeClassifier"
+    # the linear candidate sees only the numbers: River's scalers refuse strings
+    linear = models["fraud-logreg"]
+    x = {"amount": 10.0, "category": "food", "country": "FR", "channel": "web",
+         "tx_count_1h": 1.0, "amount_sum_1h": 10.0, "amount_mean_24h": 10.0}  # fmt: skip
+    linear.learn_one(x, True)
+    assert 0.0 < linear.predict_proba_one(x)[True] < 1.0
 
 
 @pytest.mark.parametrize(
@@ -37,7 +44,17 @@ def test_fraud_example_loads_and_builds_its_model() -> None:
         (lambda d: d["features"][0].update(agg="median"), "features.0.agg"),
         (lambda d: d["events"].update(key="card"), "events.key: 'card' is not an event field"),
         (lambda d: d["events"]["fields"].update(amount="decimal"), "events.fields.amount"),
-        (lambda d: d["model"]["inputs"].append("zip"), "model.inputs.4: 'zip'"),
+        (lambda d: d["models"]["inputs"].append("zip"), "models.inputs.4: 'zip'"),
+        (lambda d: d["models"].update(champion="nope"), "models: champion: 'nope' is not a"),
+        (
+            lambda d: d["models"]["candidates"].append(d["models"]["candidates"][0]),
+            "models: candidates.2.name: duplicate candidate 'fraud-hoeffding'",
+        ),
+        (
+            lambda d: d["models"]["candidates"][1]["select"].append("zip"),
+            "models.candidates.1.select.4: 'zip' is not a model input",
+        ),
+        (lambda d: d["models"].update(candidates=[]), "models.candidates: List should have"),
         (lambda d: d.pop("label"), "label: Field required"),
         (lambda d: d.update(extra=1), "extra: Extra inputs are not permitted"),
     ],

@@ -1,0 +1,360 @@
+"""The model lifecycle on real servers: prequential equivalence with River, promotion
+while events flow, signed snapshots, export/import, a learner killed and restarted."""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import orjson
+import pytest
+import redis
+import yaml
+from pydantic import BaseModel
+from river import evaluate, metrics
+
+from models.errors import SignatureError
+from models.factory import build_model
+from models.registry import ChampionPointer, RedisRegistry
+from riverflow.generator import FraudStreamConfig, transactions, with_labels
+from riverflow.settings import Settings
+from riverflow.spec import PipelineSpec, load_spec
+from riverflow.stack import Endpoints
+from streams.contracts import Evaluation, ModelEvent, Prediction
+from streams.kafka_io import ensure_topics, produce_all, producer
+from tests.integration.conftest import StageFactory, collect
+
+KEY = Settings().signing_key.get_secret_value().encode()
+
+
+def rewrite(spec_file: Path, mutate: Callable[[dict[str, Any]], None]) -> PipelineSpec:
+    data = yaml.safe_load(spec_file.read_text())
+    mutate(data)
+    spec_file.write_text(yaml.safe_dump(data))
+    return load_spec(spec_file)
+
+
+def seeded_linear(data: dict[str, Any]) -> None:
+    """The linear candidate with randomly initialised weights: the seed must carry."""
+    linear = data["models"]["candidates"][1]["estimator"]
+    linear["params"]["initializer"] = {
+        "class": "river.optim.initializers.Normal", "params": {"sigma": 0.1, "seed": 42}
+    }  # fmt: skip
+
+
+def cli(ep: Endpoints, spec_file: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "RIVERFLOW_KAFKA_BOOTSTRAP": ep.kafka_bootstrap,
+           "RIVERFLOW_REDIS_URL": ep.redis_url, "RIVERFLOW_SPEC": str(spec_file)}  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "riverflow.cli", "models", *args],
+        capture_output=True, text=True, timeout=120, env=env, check=False,
+    )  # fmt: skip
+
+
+def events_and_labels(n: int, seed: int = 7) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    config = FraudStreamConfig(cards=200, mean_gap_s=20.0, seed=seed)
+    events, labels = [], []
+    for kind, rec in with_labels(n, config):
+        (events if kind == "event" else labels).append(rec)
+    return events, labels
+
+
+def send(ep: Endpoints, topic: str, records: list[dict[str, Any]], key: str) -> None:
+    produce_all(producer(ep.kafka_bootstrap),
+                ((topic, str(r[key]).encode(), orjson.dumps(r)) for r in records))  # fmt: skip
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def read(
+    ep: Endpoints, topic: str, n: int, kind: type[M], timeout_s: float, settle_s: float
+) -> list[M]:
+    return [kind.model_validate_json(m.value())
+            for m in collect(ep.kafka_bootstrap, topic, n, timeout_s, settle_s)]  # fmt: skip
+
+
+def model_inputs(
+    spec: PipelineSpec, events: list[dict[str, Any]], predictions: list[Prediction]
+) -> dict[str, dict[str, Any]]:
+    """Each event's model input, as the scorer saw it: its inputs and its features."""
+    features = {p.event_id: p.features for p in predictions}
+    return {e["event_id"]: {**{k: e[k] for k in spec.models.inputs}, **features[e["event_id"]]}
+            for e in events}  # fmt: skip
+
+
+def test_prequential_metrics_equal_rivers_progressive_val_score(
+    stack: Endpoints, spec_file: Path, start_stage: StageFactory
+) -> None:
+    n = 1500
+    spec = rewrite(spec_file, seeded_linear)
+    topics = spec.topics
+    ensure_topics(stack.kafka_bootstrap, topics.all(), partitions=1)
+    events, labels = events_and_labels(n)
+    start_stage("scorer", partitions=1)
+    start_stage("learner", partitions=1, snapshot_every_labels=n, snapshot_every_s=0)
+    send(stack, topics.events, events, "card_id")
+    predictions = read(stack, topics.predictions, n, Prediction, 90, 0.5)
+    # zero delay: each label right after its event is scored, in the stream's order
+    send(stack, topics.labels, labels, "event_id")
+    evaluations = read(stack, topics.evaluations, n, Evaluation, 90, 0.5)
+    assert [e.event_id for e in evaluations] == [lab["event_id"] for lab in labels]
+
+    xs = model_inputs(spec, events, predictions)
+    stream = [(xs[lab["event_id"]], lab["is_fraud"]) for lab in labels]
+    registry = RedisRegistry(redis.Redis.from_url(stack.redis_url), spec.name, KEY)
+    for candidate in spec.models.candidates:
+        meta = registry.meta(candidate.name, 1)  # published after exactly n labels
+        assert meta["labels_seen"] == n and meta["offsets"] == {topics.labels: {"0": n}}
+        for metric in (metrics.ROCAUC(), metrics.LogLoss()):
+            expected = evaluate.progressive_val_score(stream, build_model(candidate), metric)
+            got = meta["metrics"]["roc_auc" if isinstance(metric, metrics.ROCAUC) else "log_loss"]
+            assert got == expected.get(), (candidate.name, type(metric).__name__)
+        # ... and label by label, the candidate's prediction is River's
+        model = build_model(candidate)
+        for (x, y), evaluation in zip(stream, evaluations, strict=True):
+            assert evaluation.predictions[candidate.name].probability == model.predict_proba_one(
+                x
+            ).get(True, 0.0)
+            model.learn_one(x, y)
+    # both really learn, so that equality is not trivial
+    for candidate in spec.models.candidates:
+        seen = {e.predictions[candidate.name].probability for e in evaluations}
+        assert len(seen) > 20, candidate.name
+
+
+def offline_model(spec: PipelineSpec, name: str, n: int, seed: int) -> Any:
+    """A candidate trained on another stream, as if it had been published earlier."""
+    candidate = spec.models.candidate(name)
+    assert candidate is not None
+    model = build_model(candidate)
+    for event, fraud in transactions(n, FraudStreamConfig(seed=seed)):
+        x = {k: event[k] for k in spec.models.inputs}
+        model.learn_one({**x, "tx_count_1h": 1.0, "amount_sum_1h": event["amount"],
+                         "amount_mean_24h": event["amount"]}, fraud)  # fmt: skip
+    return model
+
+
+def test_promote_through_the_cli_while_events_flow(
+    stack: Endpoints, spec: PipelineSpec, spec_file: Path, start_stage: StageFactory
+) -> None:
+    rate, seconds = 5000, 6
+    n = rate * seconds
+    topics = spec.topics
+    ensure_topics(stack.kafka_bootstrap, topics.all(), partitions=3)
+    registry = RedisRegistry(redis.Redis.from_url(stack.redis_url), spec.name, KEY)
+    tree, linear = (c.name for c in spec.models.candidates)
+    registry.promote(
+        ChampionPointer(tree, registry.publish(tree, offline_model(spec, tree, 2000, 1), {}))
+    )
+    linear_v = registry.publish(linear, offline_model(spec, linear, 2000, 2), {})
+    start_stage("scorer", partitions=3)
+    events, _ = events_and_labels(n, seed=11)
+
+    def flow() -> None:  # 5,000 events/s, in 50 ms slices
+        prod = producer(stack.kafka_bootstrap)
+        per_slice = rate // 20
+        start = time.monotonic()
+        for i in range(0, n, per_slice):
+            produce_all(prod, ((topics.events, e["card_id"].encode(), orjson.dumps(e))
+                               for e in events[i : i + per_slice]))  # fmt: skip
+            time.sleep(max(0.0, start + (i + per_slice) / rate - time.monotonic()))
+
+    flowing = threading.Thread(target=flow)
+    flowing.start()
+    time.sleep(seconds / 2)
+    done = cli(stack, spec_file, "promote", linear, "--reason", "test")
+    assert done.returncode == 0, done.stderr
+    flowing.join()
+    move = registry.history()[-1]
+    assert (move.kind, move.to, move.reason) == (
+        "promote",
+        ChampionPointer(linear, linear_v),
+        "test",
+    )
+
+    raw = collect(stack.kafka_bootstrap, topics.predictions, n, 120, 1.0)
+    predictions = [Prediction.model_validate_json(m.value()) for m in raw]
+    counts = Counter(p.event_id for p in predictions)
+    assert len(counts) == n and set(counts.values()) == {1}  # none lost, none twice
+    new = [p.scored_at - move.at for p in predictions if p.model == linear]
+    old = [p.scored_at - move.at for p in predictions if p.model == tree]
+    assert new and old and len(new) + len(old) == n
+    assert {p.version for p in predictions if p.model == linear} == {linear_v}
+    # the replica reads the pointer before scoring each batch (at most every
+    # model_poll_s): no event is scored with the old version later than that
+    print(
+        f"\nswap: last prediction of the old version {max(old) * 1000:.0f} ms after the "
+        f"pointer moved, first of the new one {min(new) * 1000:.0f} ms after"
+    )
+    assert max(old) < 0.25 and min(new) > 0
+    by_partition: dict[int, list[str]] = {}
+    for m, p in zip(raw, predictions, strict=True):  # in each partition the swap is a clean cut
+        by_partition.setdefault(m.partition(), []).append(p.model)
+    for models in by_partition.values():
+        cut = models.index(linear) if linear in models else len(models)
+        assert set(models[:cut]) <= {tree} and set(models[cut:]) <= {linear}
+    events_log = read(stack, topics.model_events, 1, ModelEvent, 30, 0.5)
+    assert [(e.kind, e.model, e.version) for e in events_log] == [("promote", linear, linear_v)]
+
+
+def test_tampered_snapshot_is_refused_and_the_scorer_keeps_serving(
+    stack: Endpoints, spec: PipelineSpec, spec_file: Path, start_stage: StageFactory,
+    redis_client: redis.Redis,
+) -> None:  # fmt: skip
+    topics = spec.topics
+    ensure_topics(stack.kafka_bootstrap, topics.all(), partitions=1)
+    registry = RedisRegistry(redis_client, spec.name, KEY)
+    tree = spec.models.champion_spec.name
+    good = registry.publish(tree, offline_model(spec, tree, 500, 1), {})
+    registry.promote(ChampionPointer(tree, good))
+    bad = registry.publish(tree, offline_model(spec, tree, 500, 2), {})
+    blob_key = f"rf:{spec.name}:model:{tree}:v:{bad}"
+    blob = bytearray(bytes(redis_client.get(blob_key) or b""))  # type: ignore[arg-type]
+    blob[-5] ^= 0x01  # one bit of the pickle
+    redis_client.set(blob_key, bytes(blob))
+
+    with pytest.raises(SignatureError, match="does not verify"):
+        registry.load(tree, bad)
+    done = cli(stack, spec_file, "promote", tree, str(bad))
+    assert done.returncode == 2 and "signature does not verify" in done.stderr
+    assert registry.champion() == ChampionPointer(tree, good)
+
+    # pointed at it behind the CLI's back: the scorer refuses it and keeps serving `good`
+    start_stage("scorer", partitions=1)
+    events, _ = events_and_labels(400)
+    send(stack, topics.events, events[:200], "card_id")
+    collect(stack.kafka_bootstrap, topics.predictions, 200, 60, 0.2)
+    assert registry.move(ChampionPointer(tree, bad), "promote", ChampionPointer(tree, good))
+    time.sleep(0.5)
+    send(stack, topics.events, events[200:], "card_id")
+    predictions = read(stack, topics.predictions, 400, Prediction, 60, 0.5)
+    assert len(predictions) == 400 and {p.version for p in predictions} == {good}
+
+
+def test_export_import_round_trip_gives_identical_predictions(
+    stack: Endpoints, spec: PipelineSpec, spec_file: Path, tmp_path: Path,
+    redis_client: redis.Redis,
+) -> None:  # fmt: skip
+    source = RedisRegistry(redis_client, spec.name, KEY)
+    linear = spec.models.candidates[1].name
+    version = source.publish(linear, offline_model(spec, linear, 1000, 3), {"labels_seen": 1000})
+    exported = tmp_path / "linear.json"
+    done = cli(stack, spec_file, "export", linear, "-o", str(exported))
+    assert done.returncode == 0, done.stderr
+
+    other, other_file = f"{spec.name}-b", tmp_path / "other.yaml"
+    other_file.write_text(spec_file.read_text().replace(f"name: {spec.name}", f"name: {other}"))
+    done = cli(stack, other_file, "import", str(exported))
+    assert done.returncode == 0, done.stderr
+    target = RedisRegistry(redis_client, other, KEY)
+    assert target.versions(linear) == [1]
+    assert target.meta(linear, 1)["labels_seen"] == 1000
+    done = cli(stack, other_file, "promote", linear)
+    assert done.returncode == 0, done.stderr
+    assert target.champion() == ChampionPointer(linear, 1)
+
+    mine, theirs = source.load(linear, version).model, target.load(linear, 1).model
+    held_out = [e for e, _ in transactions(500, FraudStreamConfig(seed=4))]
+    for e in held_out:
+        x = {**{k: e[k] for k in spec.models.inputs}, "tx_count_1h": 2.0,
+             "amount_sum_1h": 2 * e["amount"], "amount_mean_24h": e["amount"]}  # fmt: skip
+        assert mine.predict_proba_one(x) == theirs.predict_proba_one(x)
+
+    record = orjson.loads(exported.read_bytes())
+    blob = bytearray(base64.b64decode(record["blob_b64"]))
+    blob[-5] ^= 0x01
+    record["blob_b64"] = base64.b64encode(bytes(blob)).decode()
+    exported.write_bytes(orjson.dumps(record))
+    done = cli(stack, other_file, "import", str(exported))
+    assert done.returncode == 2 and "signature does not verify" in done.stderr
+    assert target.versions(linear) == [1]  # nothing stored from a tampered file
+
+
+def test_a_killed_learner_resumes_from_its_snapshot(
+    stack: Endpoints, spec_file: Path, start_stage: StageFactory, redis_client: redis.Redis
+) -> None:
+    n = 3000
+    spec = rewrite(spec_file, seeded_linear)
+    topics = spec.topics
+    ensure_topics(stack.kafka_bootstrap, topics.all(), partitions=1)
+    events, labels = events_and_labels(n, seed=5)
+    start_stage("scorer", partitions=1)
+    send(stack, topics.events, events, "card_id")
+    predictions = read(stack, topics.predictions, n, Prediction, 90, 0.2)
+    # the first learner snapshots at 700 and 1400 labels and is killed after learning
+    # 2000: labels 1401..2000 were learned (and marked) but are in no snapshot
+    settings = {"partitions": 1, "snapshot_every_labels": 700, "label_wait_s": 2,
+                "batch_size": 50}  # fmt: skip
+    first = start_stage("learner", **settings, snapshot_every_s=0)
+    send(stack, topics.labels, labels[:2000], "event_id")
+    collect(stack.kafka_bootstrap, topics.evaluations, 2000, 90, 0.0)
+    registry = RedisRegistry(redis_client, spec.name, KEY)
+    first.proc.send_signal(signal.SIGKILL)
+    first.proc.wait(10)
+    killed_at = registry.checkpoint()
+    assert killed_at is not None and killed_at.labels_seen == 1400
+
+    start_stage("learner", **settings, snapshot_every_s=0.5)
+    send(stack, topics.labels, labels[2000:], "event_id")
+    deadline = time.monotonic() + 90
+    while (saved := registry.checkpoint()).labels_seen < n:
+        assert time.monotonic() < deadline, f"stuck at {saved.labels_seen} labels"
+        time.sleep(0.1)
+    assert saved.labels_seen == n and saved.positions == {0: n}  # every label, once
+    evaluations = read(stack, topics.evaluations, n, Evaluation, 30, 0.5)
+    # labels 1401..2000 were evaluated twice (by the killed run, then again): at least once
+    assert {e.event_id for e in evaluations} == {lab["event_id"] for lab in labels}
+
+    # the final models are the ones trained once, in order, on the same labels
+    xs = model_inputs(spec, events, predictions)
+    held_out = [xs[e["event_id"]] for e in events[::7]]
+    for candidate in spec.models.candidates:
+        once = build_model(candidate)
+        for lab in labels:
+            once.learn_one(xs[lab["event_id"]], lab["is_fraud"])
+        resumed = registry.load(candidate.name, saved.versions[candidate.name]).model
+        assert [resumed.predict_proba_one(x) for x in held_out] == [
+            once.predict_proba_one(x) for x in held_out
+        ], candidate.name
+
+
+def test_list_show_and_rollback_through_the_cli(
+    stack: Endpoints, spec: PipelineSpec, spec_file: Path, redis_client: redis.Redis
+) -> None:
+    registry = RedisRegistry(redis_client, spec.name, KEY)
+    tree = spec.models.champion_spec.name
+    previous = None
+    for labels in (100, 200, 300):  # as the learner does: publish, then advance
+        version = registry.publish(tree, {"w": labels}, {"labels_seen": labels, "parent": 0})
+        to = ChampionPointer(tree, version)
+        assert registry.move(to, "advance", previous) is not None
+        previous = to
+
+    listed = cli(stack, spec_file, "list")
+    assert listed.returncode == 0, listed.stderr
+    assert "champion: fraud-hoeffding v3" in listed.stdout
+    assert "* fraud-hoeffding v3  labels 300" in listed.stdout
+    shown = cli(stack, spec_file, "show", tree, "2")
+    assert shown.returncode == 0 and orjson.loads(shown.stdout)["labels_seen"] == 200
+
+    for expected in (2, 1):
+        done = cli(stack, spec_file, "rollback", "--reason", "degraded")
+        assert done.returncode == 0, done.stderr
+        assert registry.champion() == ChampionPointer(tree, expected)
+    done = cli(stack, spec_file, "rollback")
+    assert done.returncode == 2 and "nothing to roll back to" in done.stderr
+    log = read(stack, spec.topics.model_events, 2, ModelEvent, 30, 0.5)
+    assert [(e.kind, e.version, e.previous, e.reason) for e in log] == [
+        ("rollback", 2, {"model": tree, "version": 3}, "degraded"),
+        ("rollback", 1, {"model": tree, "version": 2}, "degraded"),
+    ]
