@@ -147,8 +147,7 @@ def offline_model(spec: PipelineSpec, name: str, n: int, seed: int) -> Any:
 def test_promote_through_the_cli_while_events_flow(
     stack: Endpoints, spec: PipelineSpec, spec_file: Path, start_stage: StageFactory
 ) -> None:
-    rate, seconds = 5000, 6
-    n = rate * seconds
+    rate, seconds = 5000, 20  # at most; the flow stops 2 s after the promotion
     topics = spec.topics
     ensure_topics(stack.kafka_bootstrap, topics.all(), partitions=3)
     registry = RedisRegistry(redis.Redis.from_url(stack.redis_url), spec.name, KEY)
@@ -158,23 +157,34 @@ def test_promote_through_the_cli_while_events_flow(
     )
     linear_v = registry.publish(linear, offline_model(spec, linear, 2000, 2), {})
     start_stage("scorer", partitions=3)
-    events, _ = events_and_labels(n, seed=11)
+    events, _ = events_and_labels(rate * seconds, seed=11)
+    stop = threading.Event()
+    sent = 0
 
-    def flow() -> None:  # 5,000 events/s, in 50 ms slices
+    def flow() -> None:  # 5,000 events/s, in 50 ms slices, until told to stop
+        nonlocal sent
         prod = producer(stack.kafka_bootstrap)
         per_slice = rate // 20
         start = time.monotonic()
-        for i in range(0, n, per_slice):
+        for i in range(0, len(events), per_slice):
+            if stop.is_set():
+                break
             produce_all(prod, ((topics.events, e["card_id"].encode(), orjson.dumps(e))
                                for e in events[i : i + per_slice]))  # fmt: skip
+            sent = i + per_slice
             time.sleep(max(0.0, start + (i + per_slice) / rate - time.monotonic()))
 
     flowing = threading.Thread(target=flow)
     flowing.start()
-    time.sleep(seconds / 2)
+    time.sleep(3)
+    # The CLI's own start-up takes a while on a loaded machine: the flow goes on
+    # until 2 s after the promotion, so events are scored on both sides of it.
     done = cli(stack, spec_file, "promote", linear, "--reason", "test")
-    assert done.returncode == 0, done.stderr
+    time.sleep(2)
+    stop.set()
     flowing.join()
+    n = sent
+    assert done.returncode == 0, done.stderr
     move = registry.history()[-1]
     assert (move.kind, move.to, move.reason) == (
         "promote",
