@@ -5,11 +5,24 @@ window. Windows are made of tiles (time buckets): a window of length ``W`` with
 ``B`` buckets of width ``W / B`` covers the event's own bucket and the ``B - 1``
 before it. Features that share an entity and a window share one group of tiles,
 so one Redis hash serves all of them.
+
+An entity is one event field (``card_id``) or several (``[card_id, merchant]``,
+a composite key). A feature whose entity is not the event key reads (and
+updates) that other entity's aggregates: ``{entity: merchant}`` on a card event
+joins the merchant's window onto it.
+
+Lateness: per entity value the store keeps the newest event time seen (the
+watermark ``w``). An event with ``ts >= w - lateness`` lands in its own bucket,
+however out of order. An older one is *too late*: it changes no aggregate and
+is scored with the entity's current window (the one ending at the newest
+bucket); the snapshot says so (``late``) and the scorer counts it.
 """
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Annotated
@@ -42,6 +55,18 @@ class Aggregation(StrEnum):
     COUNT = "count"
     SUM = "sum"
     MEAN = "mean"
+    STD = "std"  # population standard deviation, from sum and sum of squares
+    MIN = "min"
+    MAX = "max"
+    DISTINCT = "distinct"  # HyperLogLog in Redis (standard error 0.81%), exact in memory
+    DISTINCT_EXACT = "distinct_exact"  # a set of values per tile: exact, costs memory
+    LAST = "last"  # the field's value in the entity's previous event in the window
+    SINCE_PREVIOUS = "since_previous"  # seconds since that previous event
+    ZSCORE = "zscore"  # (value - window mean) / window std, 0 when std is 0
+
+
+NO_FIELD = {Aggregation.COUNT, Aggregation.SINCE_PREVIOUS}
+ANY_FIELD = {Aggregation.DISTINCT, Aggregation.DISTINCT_EXACT}  # strings count too
 
 
 class FeatureSpec(BaseModel):
@@ -54,81 +79,187 @@ class FeatureSpec(BaseModel):
     field: str | None = Field(None, description="event field aggregated (not for count)")
     window: Duration
     buckets: int = Field(12, ge=1, le=1000, description="tiles per window")
-    entity: str | None = Field(None, description="entity key field; default: the event key")
+    entity: str | tuple[str, ...] | None = Field(
+        None, description="entity key field(s); default: the event key"
+    )
 
     def model_post_init(self, _context: object) -> None:
-        if self.agg is Aggregation.COUNT and self.field is not None:
-            raise ValueError(f"feature {self.name!r}: count takes no field")
-        if self.agg is not Aggregation.COUNT and self.field is None:
+        if self.agg in NO_FIELD and self.field is not None:
+            raise ValueError(f"feature {self.name!r}: {self.agg.value} takes no field")
+        if self.agg not in NO_FIELD and self.field is None:
             raise ValueError(f"feature {self.name!r}: {self.agg.value} needs a field")
+        if isinstance(self.entity, tuple) and not self.entity:
+            raise ValueError(f"feature {self.name!r}: entity needs at least one field")
+
+    def entity_fields(self, default: str) -> tuple[str, ...]:
+        if self.entity is None:
+            return (default,)
+        return (self.entity,) if isinstance(self.entity, str) else self.entity
+
+
+# Layout of one group's aggregate vector (what a snapshot stores per group):
+#   [n, has_previous, seconds since the previous event,
+#    per numeric field: sum, sum_sq, min, max, previous value, this event's value,
+#    per exact-distinct field: count, per approximate-distinct field: count]
+HEAD = 3
+PER_NUMBER = 6
 
 
 @dataclass(frozen=True)
 class TileGroup:
     """Features sharing one entity and window: one hash of tiles per entity value."""
 
-    entity: str
+    entity: tuple[str, ...]
     window_s: float
     buckets: int
-    sum_fields: tuple[str, ...]
+    lateness_s: float
+    numbers: tuple[str, ...]
+    exact: tuple[str, ...] = ()
+    approx: tuple[str, ...] = ()
+
+    @property
+    def entity_name(self) -> str:
+        return "+".join(self.entity)
 
     @property
     def name(self) -> str:
-        return f"{self.entity}:{self.window_s:g}s:{self.buckets}"
+        return f"{self.entity_name}:{self.window_s:g}s:{self.buckets}"
 
     @property
     def bucket_s(self) -> float:
         return self.window_s / self.buckets
+
+    @property
+    def keep(self) -> int:
+        """Buckets kept behind the newest one: a window plus the allowed lateness,
+        and one spare so a late event's whole window is still there."""
+        return self.buckets + math.ceil(self.lateness_s / self.bucket_s) + 1
+
+    @property
+    def ttl_s(self) -> float:
+        return self.window_s + self.bucket_s + self.lateness_s
 
     def bucket(self, ts: float) -> int:
         """The tile index holding event time ``ts`` (seconds)."""
         return int(ts // self.bucket_s)
 
 
+def entity_value(fields: tuple[str, ...], event: Mapping[str, object]) -> str:
+    """The key of one entity in an event; composite keys join their parts with ``|``."""
+    return "|".join(str(event[f]) for f in fields)
+
+
 @dataclass(frozen=True)
 class FeaturePlan:
-    """How the declared features map onto tile groups, in a fixed order.
-
-    A group's aggregate is ``[count, sum(field_1), ..., sum(field_k)]`` over the
-    window; each feature reads its value from there.
-    """
+    """How the declared features map onto tile groups, in a fixed order."""
 
     features: tuple[FeatureSpec, ...]
     groups: tuple[TileGroup, ...]
-    # per feature: (group index, position of its sum in the group aggregate or -1)
+    # per feature: (group index, offset of its field's block in the group aggregate)
     _slots: tuple[tuple[int, int], ...]
 
     @classmethod
-    def build(cls, features: list[FeatureSpec], default_entity: str) -> FeaturePlan:
-        order: dict[tuple[str, float, int], list[str]] = {}
+    def build(
+        cls, features: list[FeatureSpec], default_entity: str, lateness_s: float = 0.0
+    ) -> FeaturePlan:
+        kinds: dict[tuple[tuple[str, ...], float, int], tuple[list[str], ...]] = {}
         for f in features:
-            key = (f.entity or default_entity, parse_duration(f.window), f.buckets)
-            sums = order.setdefault(key, [])
-            if f.field is not None and f.field not in sums:
-                sums.append(f.field)
-        groups = tuple(TileGroup(e, w, b, tuple(s)) for (e, w, b), s in order.items())
-        keys = list(order)
+            nums, exact, approx = kinds.setdefault(_group_key(f, default_entity), ([], [], []))
+            target = {Aggregation.DISTINCT: approx, Aggregation.DISTINCT_EXACT: exact}.get(
+                f.agg, nums
+            )
+            if f.field is not None and f.field not in target:
+                target.append(f.field)
+        keys = list(kinds)
+        groups = tuple(
+            TileGroup(e, w, b, lateness_s, tuple(n), tuple(x), tuple(a))
+            for (e, w, b), (n, x, a) in kinds.items()
+        )
         slots = []
         for f in features:
-            gi = keys.index((f.entity or default_entity, parse_duration(f.window), f.buckets))
-            pos = -1 if f.field is None else 1 + groups[gi].sum_fields.index(f.field)
-            slots.append((gi, pos))
+            gi = keys.index(_group_key(f, default_entity))
+            g = groups[gi]
+            if f.field is None:
+                offset = 0
+            elif f.agg is Aggregation.DISTINCT_EXACT:
+                offset = HEAD + PER_NUMBER * len(g.numbers) + g.exact.index(f.field)
+            elif f.agg is Aggregation.DISTINCT:
+                offset = HEAD + PER_NUMBER * len(g.numbers) + len(g.exact) + g.approx.index(f.field)
+            else:
+                offset = HEAD + PER_NUMBER * g.numbers.index(f.field)
+            slots.append((gi, offset))
         return cls(tuple(features), groups, tuple(slots))
 
     @property
     def names(self) -> list[str]:
         return [f.name for f in self.features]
 
+    @property
+    def entities(self) -> list[tuple[str, ...]]:
+        """Every entity (one or more fields) a feature is kept for."""
+        return list(dict.fromkeys(g.entity for g in self.groups))
+
+    @property
+    def number_fields(self) -> list[str]:
+        return sorted({f for g in self.groups for f in g.numbers})
+
+    @property
+    def distinct_fields(self) -> list[str]:
+        return sorted({f for g in self.groups for f in (*g.exact, *g.approx)})
+
     def values(self, aggregates: list[list[float]]) -> dict[str, float]:
         """Feature values from the group aggregates one event saw."""
-        out: dict[str, float] = {}
-        for f, (gi, pos) in zip(self.features, self._slots, strict=True):
-            agg = aggregates[gi]
-            count = agg[0]
-            if f.agg is Aggregation.COUNT:
-                out[f.name] = count
-            elif f.agg is Aggregation.SUM:
-                out[f.name] = agg[pos]
-            else:
-                out[f.name] = agg[pos] / count if count else 0.0
-        return out
+        return {
+            f.name: _value(f, aggregates[gi], off, self.groups[gi])
+            for f, (gi, off) in zip(self.features, self._slots, strict=True)
+        }
+
+    def current_values(self, aggregates: list[list[float] | None]) -> dict[str, float]:
+        """Values read outside an event (``FeatureStore.read``): groups without an
+        entity value are left out, and so is the z-score, which needs an event."""
+        return {
+            f.name: _value(f, agg, off, self.groups[gi])
+            for f, (gi, off) in zip(self.features, self._slots, strict=True)
+            if (agg := aggregates[gi]) is not None and f.agg is not Aggregation.ZSCORE
+        }
+
+
+def _group_key(f: FeatureSpec, default_entity: str) -> tuple[tuple[str, ...], float, int]:
+    return (f.entity_fields(default_entity), parse_duration(f.window), f.buckets)
+
+
+def _value(f: FeatureSpec, agg: list[float], off: int, group: TileGroup) -> float:
+    n = agg[0]
+    match f.agg:
+        case Aggregation.COUNT:
+            return float(n)
+        case Aggregation.SINCE_PREVIOUS:
+            # no previous event in the window: at least a window ago
+            return float(agg[2]) if agg[1] else group.window_s
+        case Aggregation.DISTINCT | Aggregation.DISTINCT_EXACT:
+            return float(agg[off])
+        case Aggregation.SUM:
+            return float(agg[off])
+        case Aggregation.MIN:
+            return float(agg[off + 2])
+        case Aggregation.MAX:
+            return float(agg[off + 3])
+        case Aggregation.LAST:
+            return float(agg[off + 4]) if agg[1] else 0.0
+    mean = agg[off] / n if n else 0.0
+    if f.agg is Aggregation.MEAN:
+        return mean
+    std = _std(n, agg[off], agg[off + 1])
+    if f.agg is Aggregation.STD:
+        return std
+    return (agg[off + 5] - mean) / std if std else 0.0
+
+
+def _std(n: float, total: float, squares: float) -> float:
+    if not n:
+        return 0.0
+    mean_sq = squares / n
+    var = mean_sq - (total / n) ** 2
+    # sum-of-squares variance carries rounding noise ~1e-15 * mean_sq: below a
+    # margin over it the true variance is indistinguishable from 0
+    return math.sqrt(var) if var > 1e-12 * mean_sq else 0.0
