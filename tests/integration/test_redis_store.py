@@ -1,14 +1,18 @@
-"""The Redis store on a real redis-server: same values as the embedded store,
-replays change nothing, every key expires."""
+"""The Redis store on a real redis-server: every aggregation equals the brute
+force and the embedded store, replays change nothing, every key expires."""
 
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 import orjson
 import pytest
 import redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from features.definitions import Aggregation
 from features.errors import FeatureStoreError
 from features.store import Claim, FeatureRequest, MemoryFeatureStore, RedisFeatureStore
 from riverflow.assembly import ConnectionFailed
@@ -16,6 +20,9 @@ from riverflow.assembly import redis_client as connect
 from riverflow.generator import FraudStreamConfig, transactions
 from riverflow.settings import Settings
 from riverflow.spec import PipelineSpec
+from tests.feature_streams import FEATURES, LATENESS_S, PLAN, event_streams, run_batches
+from tests.feature_streams import requests as stream_requests
+from tests.helpers import assert_aggregations_match, brute_force_features
 
 
 def requests(n: int) -> list[FeatureRequest]:
@@ -48,28 +55,89 @@ def test_same_values_bit_for_bit_as_the_embedded_store(
         ]
 
 
-def test_replaying_a_batch_leaves_every_aggregate_unchanged(
-    store: RedisFeatureStore, redis_client: redis.Redis
+@settings(
+    max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(events=event_streams(), batch=st.integers(1, 25))
+def test_every_aggregation_equals_brute_force_and_the_embedded_store(
+    redis_client: redis.Redis, events: list[dict[str, Any]], batch: int
 ) -> None:
-    reqs = requests(600)
+    store = RedisFeatureStore(redis_client, f"t{uuid.uuid4().hex[:8]}", PLAN, horizon_s=3600)
+    reqs = stream_requests(events)
+    got = run_batches(store, reqs, batch)
+    want = run_batches(MemoryFeatureStore(PLAN), reqs, batch)
+    expected = brute_force_features(events, FEATURES, "card_id", "ts", LATENESS_S)
+    hll = {f.name for f in FEATURES if f.agg is Aggregation.DISTINCT}
+    for g, w in zip(got, want, strict=True):
+        values = PLAN.values(g.aggregates)
+        assert_aggregations_match(values, expected[g.event_id], FEATURES)
+        # bit for bit the embedded store's values, but for the HyperLogLog estimates
+        exact = {k: v for k, v in values.items() if k not in hll}
+        assert exact == {k: v for k, v in PLAN.values(w.aggregates).items() if k not in hll}
+        assert g.late == w.late
+
+
+def dump(client: redis.Redis, prefix: str) -> dict[bytes, Any]:
+    """Every tile hash and HyperLogLog under ``prefix``, as stored."""
+    out: dict[bytes, Any] = {}
+    for key in client.scan_iter(f"{prefix}tile:*"):
+        out[key] = client.dump(key) if b":hll:" in key else client.hgetall(key)
+    return out
+
+
+def test_replaying_a_batch_leaves_every_aggregate_unchanged(
+    redis_client: redis.Redis,
+) -> None:
+    store = RedisFeatureStore(redis_client, f"t{uuid.uuid4().hex[:8]}", PLAN, horizon_s=3600)
+    events = [
+        {"event_id": f"e{i}", "card_id": f"c{i % 7}", "merchant": f"m{i % 5}",
+         "amount": (i % 13) * 1.5, "ts": 1_767_225_600.0 + 37.0 * i - (i % 4) * 100}
+        for i in range(600)
+    ]  # fmt: skip
+    reqs = stream_requests(events)
     first = store.update_and_read(reqs)
-    keys = sorted(redis_client.scan_iter(f"{store.prefix}tile:*"))
-    before = {k: redis_client.hgetall(k) for k in keys}
+    before = dump(redis_client, store.prefix)
+    assert any(b":hll:" in k for k in before)
     again = store.update_and_read(reqs)
     assert all(s.replayed for s in again) and not any(s.replayed for s in first)
     assert [s.aggregates for s in again] == [s.aggregates for s in first]
-    assert {k: redis_client.hgetall(k) for k in keys} == before
+    assert dump(redis_client, store.prefix) == before
 
 
-def test_every_key_written_has_a_ttl(store: RedisFeatureStore, redis_client: redis.Redis) -> None:
-    reqs = requests(300)
+def test_every_key_written_has_a_ttl(redis_client: redis.Redis) -> None:
+    store = RedisFeatureStore(redis_client, f"t{uuid.uuid4().hex[:8]}", PLAN, horizon_s=3600)
+    events = [
+        {"event_id": f"e{i}", "card_id": f"c{i % 7}", "merchant": f"m{i % 5}",
+         "amount": float(i), "ts": 1_767_225_600.0 + 60.0 * i}
+        for i in range(300)
+    ]  # fmt: skip
+    reqs = stream_requests(events)
     store.update_and_read(reqs)
     store.claim_snapshots([r.event_id for r in reqs[:100]])
     keys = list(redis_client.scan_iter(f"{store.prefix}*"))
     kinds = {k.decode().split(":")[2] for k in keys}
     assert kinds == {"tile", "snap", "learned"}
+    assert any(b":hll:" in k for k in keys)
     no_ttl = [k for k in keys if redis_client.pttl(k) < 0]
     assert no_ttl == []
+
+
+def test_the_read_path_agrees_with_the_embedded_store(redis_client: redis.Redis) -> None:
+    store = RedisFeatureStore(redis_client, f"t{uuid.uuid4().hex[:8]}", PLAN, horizon_s=3600)
+    memory = MemoryFeatureStore(PLAN)
+    events = [
+        {"event_id": f"e{i}", "card_id": f"c{i % 3}", "merchant": f"m{i % 4}",
+         "amount": i * 0.5, "ts": 1_767_225_600.0 + 90.0 * i}
+        for i in range(200)
+    ]  # fmt: skip
+    store.update_and_read(stream_requests(events))
+    memory.update_and_read(stream_requests(events))
+    who = {"card_id": "c1", "merchant": "m2", "card_id+merchant": "c1|m2"}
+    for at in (None, events[-1]["ts"] - 1000.0, events[-1]["ts"] + 7200.0):
+        got = store.read(who, at)
+        assert got == memory.read(who, at)
+        assert got["n_10m"] >= 0 and "pair_n_24h" in got
+    assert store.read({"card_id": "nobody"}) == {}
 
 
 def test_labels_are_claimed_once(store: RedisFeatureStore) -> None:
