@@ -11,6 +11,7 @@ import pytest
 import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import SecretStr
 
 from features.definitions import Aggregation
 from features.errors import FeatureStoreError
@@ -163,3 +164,17 @@ def test_unreachable_redis_is_a_clear_error(fraud_spec: PipelineSpec) -> None:
     store = RedisFeatureStore(client, "x", fraud_spec.feature_plan(), 60)
     with pytest.raises(FeatureStoreError, match="Redis unreachable"):
         store.update_and_read(requests(1))
+
+
+def test_username_and_password_from_settings(redis_client: redis.Redis, stack: Any) -> None:
+    user, secret = f"u{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    redis_client.acl_setuser(user, enabled=True, passwords=[f"+{secret}"], commands=["+ping"])
+    try:
+        settings = Settings(redis_username=user, redis_password=SecretStr(secret))
+        assert connect(settings, stack.redis_url).ping()
+        wrong = Settings(redis_username=user, redis_password=SecretStr("nope"), redis_retries=0)
+        with pytest.raises(ConnectionFailed) as info:
+            connect(wrong, stack.redis_url)
+        assert "nope" not in str(info.value) and secret not in str(info.value)
+    finally:
+        redis_client.acl_deluser(user)
