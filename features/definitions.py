@@ -207,6 +207,14 @@ class FeaturePlan:
     def distinct_fields(self) -> list[str]:
         return sorted({f for g in self.groups for f in (*g.exact, *g.approx)})
 
+    def entity_keys(self, fields: Mapping[str, object]) -> dict[str, str]:
+        """The entities (name -> key) that ``fields`` (field -> value) fully name."""
+        return {
+            "+".join(e): entity_value(e, fields)
+            for e in self.entities
+            if all(f in fields for f in e)
+        }
+
     def values(self, aggregates: list[list[float]]) -> dict[str, float]:
         """Feature values from the group aggregates one event saw."""
         return {

@@ -67,11 +67,16 @@ def redis_client(settings: Settings, url: str) -> Any:
     return client
 
 
+def redis_store(spec: PipelineSpec, settings: Settings, client: Any) -> RedisFeatureStore:
+    return RedisFeatureStore(client, spec.name, spec.feature_plan(), settings.label_horizon_s)
+
+
 def redis_backends(
     spec: PipelineSpec, settings: Settings, client: Any
 ) -> tuple[FeatureStore, ModelRegistry]:
-    store = RedisFeatureStore(client, spec.name, spec.feature_plan(), settings.label_horizon_s)
-    return store, RedisRegistry(client, spec.name, signing_key(settings))
+    return redis_store(spec, settings, client), RedisRegistry(
+        client, spec.name, signing_key(settings)
+    )
 
 
 def memory_backends(spec: PipelineSpec, settings: Settings) -> tuple[FeatureStore, ModelRegistry]:

@@ -132,6 +132,28 @@ def cmd_tail(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_features(args: argparse.Namespace, settings: Settings) -> int:
+    from riverflow.assembly import redis_client, redis_store
+
+    spec = load_spec(args.spec or settings.spec)
+    url = settings.redis_url
+    if not url:
+        running = {s.name: s for s in stack_status(settings) if s.alive()}
+        if "redis" not in running:
+            raise RiverflowError("no Redis: run `riverflow stack up` or set RIVERFLOW_REDIS_URL")
+        url = running["redis"].address
+    fields = {spec.events.key: args.entity}
+    for pair in args.with_:
+        name, sep, value = pair.partition("=")
+        if not sep or name not in spec.events.fields:
+            raise RiverflowError(f"--with {pair!r}: use FIELD=VALUE with an event field")
+        fields[name] = value
+    store = redis_store(spec, settings, redis_client(settings, url))
+    values = store.read(spec.feature_plan().entity_keys(fields), at=args.at)
+    print(json.dumps(values, indent=2))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="riverflow", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO")
@@ -168,6 +190,17 @@ def parser() -> argparse.ArgumentParser:
     tail.add_argument("-f", "--follow", action="store_true")
     tail.add_argument("-n", "--limit", type=int, default=0)
     tail.set_defaults(func=cmd_tail)
+
+    features = sub.add_parser("features", help="online feature values in Redis")
+    features.add_argument("action", choices=["get"])
+    features.add_argument("entity", help="value of the event key (e.g. a card id)")
+    features.add_argument(
+        "--with", dest="with_", action="append", default=[], metavar="FIELD=VALUE",
+        help="another entity's key, for features kept per merchant, card+merchant, ...",
+    )  # fmt: skip
+    features.add_argument("--at", type=float, help="event time windows end at (default: newest)")
+    features.add_argument("--spec", type=Path)
+    features.set_defaults(func=cmd_features)
     return p
 
 

@@ -3,7 +3,12 @@ force and the embedded store, replays change nothing, every key expires."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import uuid
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -16,7 +21,7 @@ from pydantic import SecretStr
 from features.definitions import Aggregation
 from features.errors import FeatureStoreError
 from features.store import Claim, FeatureRequest, MemoryFeatureStore, RedisFeatureStore
-from riverflow.assembly import ConnectionFailed
+from riverflow.assembly import ConnectionFailed, redis_store
 from riverflow.assembly import redis_client as connect
 from riverflow.generator import FraudStreamConfig, transactions
 from riverflow.settings import Settings
@@ -178,3 +183,22 @@ def test_username_and_password_from_settings(redis_client: redis.Redis, stack: A
         assert "nope" not in str(info.value) and secret not in str(info.value)
     finally:
         redis_client.acl_deluser(user)
+
+
+def test_features_get_prints_the_current_values(
+    stack: Any, spec_file: Path, spec: PipelineSpec, redis_client: redis.Redis
+) -> None:
+    settings = Settings(redis_url=stack.redis_url)
+    store = redis_store(spec, settings, redis_client)
+    reqs = requests(500)
+    store.update_and_read(reqs)
+    card = reqs[-1].entities["card_id"]
+    env = {**os.environ, "RIVERFLOW_REDIS_URL": stack.redis_url, "RIVERFLOW_SPEC": str(spec_file)}
+    done = subprocess.run(
+        [sys.executable, "-m", "riverflow.cli", "features", "get", card],
+        capture_output=True, text=True, env=env, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    shown = json.loads(done.stdout)
+    assert shown == store.read({"card_id": card})
+    assert shown["tx_count_1h"] >= 1 and set(shown) == set(spec.feature_plan().names)
