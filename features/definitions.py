@@ -157,6 +157,7 @@ class FeaturePlan:
     groups: tuple[TileGroup, ...]
     # per feature: (group index, offset of its field's block in the group aggregate)
     _slots: tuple[tuple[int, int], ...]
+    lateness_s: float = 0.0
 
     @classmethod
     def build(
@@ -188,7 +189,7 @@ class FeaturePlan:
             else:
                 offset = HEAD + PER_NUMBER * g.numbers.index(f.field)
             slots.append((gi, offset))
-        return cls(tuple(features), groups, tuple(slots))
+        return cls(tuple(features), groups, tuple(slots), lateness_s)
 
     @property
     def names(self) -> list[str]:

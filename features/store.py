@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Protocol
 
+import msgpack
 import orjson
 
 from features.definitions import FeaturePlan, TileGroup, entity_value
@@ -83,8 +84,8 @@ class FeatureSnapshot:
 
     @classmethod
     def decode(cls, event_id: str, raw: bytes, replayed: bool = False) -> FeatureSnapshot:
-        data = orjson.loads(raw)
-        return cls(event_id, data["x"], data["a"], replayed, bool(data.get("l")))
+        context, aggregates, late = msgpack.unpackb(raw)
+        return cls(event_id, orjson.loads(context), aggregates, replayed, bool(late))
 
 
 class Claim(Enum):
@@ -119,41 +120,22 @@ class FeatureStore(Protocol):
         ...
 
 
-def _fmt(value: float) -> str:
-    # 17 significant digits round-trip a double exactly; Lua uses the same format.
-    return f"{value:.17g}"
+def _encode_snapshot(context: bytes, vectors: list[list[float]], late: bool) -> bytes:
+    return msgpack.packb([context.decode(), vectors, int(late)])
 
 
-def _encode_snapshot(context: bytes, vectors: list[str], late: bool) -> bytes:
-    tail = ',"l":1}' if late else "}"
-    return b'{"x":' + context + b',"a":[' + ",".join(vectors).encode() + b"]" + tail.encode()
-
-
-class _Entity:
-    """One entity value's tiles in one group (the memory twin of a Redis tile hash).
+class _Tiles:
+    """One group's tiles of one entity value.
 
     A tile is ``[n, newest ts, per number: sum, squares, min, max, newest value,
     per exact and per approximate distinct field: set of values]``.
     """
 
-    __slots__ = ("hb", "tiles", "w")
+    __slots__ = ("hb", "tiles")
 
-    def __init__(self) -> None:
+    def __init__(self, hb: int) -> None:
         self.tiles: dict[int, list[Any]] = {}
-        self.w: float | None = None  # newest event time (the watermark)
-        self.hb: int | None = None  # newest bucket
-
-    def previous(self, g: TileGroup, end: int) -> tuple[float | None, list[float]]:
-        """Time and values of the newest event in the window ending at bucket ``end``."""
-        newest: float | None = None
-        tile: list[Any] | None = None
-        for k in range(end - g.buckets + 1, end + 1):
-            t = self.tiles.get(k)
-            if t is not None and (newest is None or t[1] > newest):
-                newest, tile = t[1], t
-        if tile is None:
-            return None, []
-        return newest, [tile[2 + 5 * j + 4] for j in range(len(g.numbers))]
+        self.hb = hb  # newest bucket
 
     def add(self, g: TileGroup, b: int, ts: float, xs: list[float], strings: list[str]) -> None:
         t = self.tiles.get(b)
@@ -179,46 +161,62 @@ class _Entity:
                 t[o + 4] = x
         for j, s in enumerate(strings):
             t[2 + 5 * len(xs) + j].add(s)
-        if self.w is None or ts > self.w:
-            self.w = ts
-        if self.hb is None or b > self.hb:
+        if b > self.hb:
             self.hb = b
         for old in [k for k in self.tiles if k <= self.hb - g.keep]:
             del self.tiles[old]
 
-    def vector(
-        self, g: TileGroup, end: int, since: float | None, prev: list[float], xs: list[float]
-    ) -> str:
-        """The group aggregate of the window ending at ``end`` (JSON array text)."""
-        nn, nsets = len(g.numbers), len(g.exact) + len(g.approx)
-        n = 0
-        s, q = [0.0] * nn, [0.0] * nn
-        lo: list[float | None] = [None] * nn
-        hi: list[float | None] = [None] * nn
-        sets: list[set[str]] = [set() for _ in range(nsets)]
-        for k in range(end - g.buckets + 1, end + 1):
-            t = self.tiles.get(k)
-            if t is None:
-                continue
-            n += t[0]
-            for j in range(nn):
-                o = 2 + 5 * j
-                s[j] += t[o]
-                q[j] += t[o + 1]
-                if lo[j] is None or t[o + 2] < lo[j]:
-                    lo[j] = t[o + 2]
-                if hi[j] is None or t[o + 3] > hi[j]:
-                    hi[j] = t[o + 3]
-            for j in range(nsets):
-                sets[j] |= t[2 + 5 * nn + j]
-        out = [_fmt(n), "0" if since is None else "1", _fmt(since or 0.0)]
+
+def _previous(tiles: _Tiles | None, g: TileGroup, end: int) -> tuple[float | None, list[float]]:
+    """Time and values of the newest event in the window ending at bucket ``end``."""
+    newest: float | None = None
+    tile: list[Any] | None = None
+    for k in range(end - g.buckets + 1, end + 1):
+        t = None if tiles is None else tiles.tiles.get(k)
+        if t is not None and (newest is None or t[1] > newest):
+            newest, tile = t[1], t
+    if tile is None:
+        return None, []
+    return newest, [tile[2 + 5 * j + 4] for j in range(len(g.numbers))]
+
+
+def _vector(
+    tiles: _Tiles | None,
+    g: TileGroup,
+    end: int,
+    since: float | None,
+    prev: list[float],
+    xs: list[float],
+) -> list[float]:
+    """The group aggregate of the window ending at ``end`` (layout: features.definitions)."""
+    nn, nsets = len(g.numbers), len(g.exact) + len(g.approx)
+    n = 0
+    s, q = [0.0] * nn, [0.0] * nn
+    lo: list[float | None] = [None] * nn
+    hi: list[float | None] = [None] * nn
+    sets: list[set[str]] = [set() for _ in range(nsets)]
+    for k in range(end - g.buckets + 1, end + 1):
+        t = None if tiles is None else tiles.tiles.get(k)
+        if t is None:
+            continue
+        n += t[0]
         for j in range(nn):
-            low, high = lo[j], hi[j]
-            out += [_fmt(s[j]), _fmt(q[j])]
-            out += [_fmt(0.0 if low is None else low), _fmt(0.0 if high is None else high)]
-            out += [_fmt(prev[j] if prev else 0.0), _fmt(xs[j] if xs else 0.0)]
-        out += [_fmt(len(v)) for v in sets]
-        return "[" + ",".join(out) + "]"
+            o = 2 + 5 * j
+            s[j] += t[o]
+            q[j] += t[o + 1]
+            if lo[j] is None or t[o + 2] < lo[j]:
+                lo[j] = t[o + 2]
+            if hi[j] is None or t[o + 3] > hi[j]:
+                hi[j] = t[o + 3]
+        for j in range(nsets):
+            sets[j] |= t[2 + 5 * nn + j]
+    out: list[float] = [n, 0 if since is None else 1, since or 0]
+    for j in range(nn):
+        low, high = lo[j], hi[j]
+        out += [s[j], q[j], 0 if low is None else low, 0 if high is None else high]
+        out += [prev[j] if prev else 0, xs[j] if xs else 0]
+    out += [len(v) for v in sets]
+    return out
 
 
 def _since(ts: float, newest: float | None) -> float | None:
@@ -226,6 +224,16 @@ def _since(ts: float, newest: float | None) -> float | None:
         return None
     gap = ts - newest
     return gap if gap > 0 else 0.0  # an out-of-order event comes right after the newest one
+
+
+class _Entity:
+    """One entity value: its watermark and its tiles per group (a Redis entity key's twin)."""
+
+    __slots__ = ("groups", "w")
+
+    def __init__(self) -> None:
+        self.w: float | None = None  # newest event time
+        self.groups: dict[int, _Tiles] = {}
 
 
 class MemoryFeatureStore:
@@ -247,20 +255,29 @@ class MemoryFeatureStore:
             if stored is not None:
                 out.append(FeatureSnapshot.decode(req.event_id, stored, replayed=True))
                 continue
-            vectors, late = [], False
-            for g in self.plan.groups:
-                ent = self.entities.setdefault((g.name, req.entities[g.entity_name]), _Entity())
+            ents = {}
+            for name in req.entities:
+                ent = self.entities.setdefault((name, req.entities[name]), _Entity())
+                too_late = ent.w is not None and req.ts < ent.w - self.plan.lateness_s
+                ents[name] = (ent, too_late)
+            vectors = []
+            for gi, g in enumerate(self.plan.groups):
+                ent, too_late = ents[g.entity_name]
+                tiles = ent.groups.get(gi)
                 xs = [float(req.numbers[f]) for f in g.numbers]
-                too_late = ent.w is not None and req.ts < ent.w - g.lateness_s
-                end = ent.hb if too_late and ent.hb is not None else g.bucket(req.ts)
-                newest, prev = ent.previous(g, end)
-                if too_late:
-                    late = True
-                else:
-                    strings = [req.distinct[f] for f in (*g.exact, *g.approx)]
-                    ent.add(g, end, req.ts, xs, strings)
-                vectors.append(ent.vector(g, end, _since(req.ts, newest), prev, xs))
-            raw = _encode_snapshot(req.context, vectors, late)
+                end = g.bucket(req.ts)
+                if too_late and tiles is not None:
+                    end = tiles.hb
+                newest, prev = _previous(tiles, g, end)
+                if not too_late:
+                    if tiles is None:
+                        tiles = ent.groups[gi] = _Tiles(end)
+                    tiles.add(g, end, req.ts, xs, [req.distinct[f] for f in (*g.exact, *g.approx)])
+                vectors.append(_vector(tiles, g, end, _since(req.ts, newest), prev, xs))
+            for ent, too_late in ents.values():
+                if not too_late and (ent.w is None or req.ts > ent.w):
+                    ent.w = req.ts
+            raw = _encode_snapshot(req.context, vectors, any(late for _, late in ents.values()))
             self.snapshots[req.event_id] = raw
             out.append(FeatureSnapshot.decode(req.event_id, raw))
         return out
@@ -280,93 +297,102 @@ class MemoryFeatureStore:
 
     def read(self, entities: Mapping[str, str], at: float | None = None) -> dict[str, float]:
         aggregates: list[list[float] | None] = []
-        for g in self.plan.groups:
+        for gi, g in enumerate(self.plan.groups):
             value = entities.get(g.entity_name)
-            ent = None if value is None else self.entities.get((g.name, value))
-            if ent is None or ent.w is None or ent.hb is None:
+            ent = None if value is None else self.entities.get((g.entity_name, value))
+            tiles = None if ent is None else ent.groups.get(gi)
+            if ent is None or ent.w is None or tiles is None:
                 aggregates.append(None)
                 continue
-            ts, end = (ent.w, ent.hb) if at is None else (at, g.bucket(at))
-            newest, prev = ent.previous(g, end)
-            aggregates.append(orjson.loads(ent.vector(g, end, _since(ts, newest), prev, [])))
+            ts, end = (ent.w, tiles.hb) if at is None else (at, g.bucket(at))
+            newest, prev = _previous(tiles, g, end)
+            aggregates.append(_vector(tiles, g, end, _since(ts, newest), prev, []))
         return self.plan.current_values(aggregates)
 
 
-# Shared by both scripts. A group's parameters G[g]: B buckets per window, keep
-# (buckets kept behind the newest), nn numbers, nx exact and na approximate
-# distinct fields, ttl (ms), late (allowed lateness, s). Tiles mirror
-# ``_Entity`` above, step for step, so both stores round alike.
+# Shared by both scripts; mirrors the Python above step for step, so both stores
+# add in the same order. G[g]: B buckets per window, keep (buckets kept behind
+# the newest), nn numbers, nx exact and na approximate distinct fields, ent (the
+# group's entity, an index into the event's entity keys), ttl (ms) of its key.
+# An entity key holds msgpack {w, {group index -> {hb = newest bucket, t = tiles}}}.
 _PRELUDE = """
-local fmt = function(v) return string.format('%.17g', v) end
-local function group(a, i)
-  return {B = tonumber(a[i]), keep = tonumber(a[i + 1]), nn = tonumber(a[i + 2]),
-          nx = tonumber(a[i + 3]), na = tonumber(a[i + 4]), ttl = a[i + 5],
-          late = tonumber(a[i + 6])}
+local function params(a, i)
+  local G = {}
+  for g = 1, tonumber(a[i]) do
+    local o = i + 1 + 7 * (g - 1)
+    G[g] = {B = tonumber(a[o]), keep = tonumber(a[o + 1]), nn = tonumber(a[o + 2]),
+            nx = tonumber(a[o + 3]), na = tonumber(a[o + 4]), ent = tonumber(a[o + 5]),
+            ttl = a[o + 6]}
+  end
+  return G
 end
 local cache, order = {}, {}
-local function load(key, g)
+local function load(key)
   local st = cache[key]
   if st then return st end
-  st = {t = {}, dirty = {}, g = g}
-  local flat = redis.call('HGETALL', key)
-  for j = 1, #flat, 2 do
-    local f = flat[j]
-    if f == 'w' then st.w = tonumber(flat[j + 1])
-    elseif f == 'hb' then st.hb = tonumber(flat[j + 1])
-    else st.t[tonumber(f)] = cmsgpack.unpack(flat[j + 1]) end
+  local raw = redis.call('GET', key)
+  if raw then
+    local d = cmsgpack.unpack(raw)
+    st = {w = d[1], g = d[2]}
+  else
+    st = {g = {}}
   end
   cache[key] = st
   order[#order + 1] = key
   return st
 end
-local function previous(st, g, e)
+local function previous(gs, g, e)
   local newest, tile = nil, nil
-  for k = e - g.B + 1, e do
-    local t = st.t[k]
-    if t and (newest == nil or t[2] > newest) then newest = t[2]; tile = t end
+  if gs then
+    for k = e - g.B + 1, e do
+      local t = gs.t[k]
+      if t and (newest == nil or t[2] > newest) then newest = t[2]; tile = t end
+    end
   end
   local pv = {}
   if tile then for j = 1, g.nn do pv[j] = tile[2 + 5 * (j - 1) + 5] end end
   return newest, pv
 end
-local function vector(st, g, key, e, since, pv, xs)
+local function vector(gs, g, key, gi, e, since, pv, xs)
   local n = 0
   local s, q, lo, hi, sets = {}, {}, {}, {}, {}
   for j = 1, g.nn do s[j] = 0; q[j] = 0 end
   for j = 1, g.nx do sets[j] = {} end
-  for k = e - g.B + 1, e do
-    local t = st.t[k]
-    if t then
-      n = n + t[1]
-      for j = 1, g.nn do
-        local o = 2 + 5 * (j - 1)
-        s[j] = s[j] + t[o + 1]
-        q[j] = q[j] + t[o + 2]
-        if lo[j] == nil or t[o + 3] < lo[j] then lo[j] = t[o + 3] end
-        if hi[j] == nil or t[o + 4] > hi[j] then hi[j] = t[o + 4] end
-      end
-      for j = 1, g.nx do
-        for v in pairs(t[2 + 5 * g.nn + j]) do sets[j][v] = true end
+  if gs then
+    for k = e - g.B + 1, e do
+      local t = gs.t[k]
+      if t then
+        n = n + t[1]
+        for j = 1, g.nn do
+          local o = 2 + 5 * (j - 1)
+          s[j] = s[j] + t[o + 1]
+          q[j] = q[j] + t[o + 2]
+          if lo[j] == nil or t[o + 3] < lo[j] then lo[j] = t[o + 3] end
+          if hi[j] == nil or t[o + 4] > hi[j] then hi[j] = t[o + 4] end
+        end
+        for j = 1, g.nx do
+          for v in pairs(t[2 + 5 * g.nn + j]) do sets[j][v] = true end
+        end
       end
     end
   end
-  local out = {fmt(n), since and '1' or '0', fmt(since or 0)}
+  local out = {n, since and 1 or 0, since or 0}
   for j = 1, g.nn do
-    out[#out + 1] = fmt(s[j]); out[#out + 1] = fmt(q[j])
-    out[#out + 1] = fmt(lo[j] or 0); out[#out + 1] = fmt(hi[j] or 0)
-    out[#out + 1] = fmt(pv[j] or 0); out[#out + 1] = fmt(xs[j] or 0)
+    out[#out + 1] = s[j]; out[#out + 1] = q[j]
+    out[#out + 1] = lo[j] or 0; out[#out + 1] = hi[j] or 0
+    out[#out + 1] = pv[j] or 0; out[#out + 1] = xs[j] or 0
   end
   for j = 1, g.nx do
     local c = 0
     for _ in pairs(sets[j]) do c = c + 1 end
-    out[#out + 1] = fmt(c)
+    out[#out + 1] = c
   end
   for j = 1, g.na do
     local hk = {}
-    for k = e - g.B + 1, e do hk[#hk + 1] = key .. ':hll:' .. j .. ':' .. k end
-    out[#out + 1] = fmt(redis.call('PFCOUNT', unpack(hk)))
+    for k = e - g.B + 1, e do hk[#hk + 1] = key .. ':hll:' .. gi .. ':' .. j .. ':' .. k end
+    out[#out + 1] = redis.call('PFCOUNT', unpack(hk))
   end
-  return '[' .. table.concat(out, ',') .. ']'
+  return out
 end
 local function since_of(ts, newest)
   if newest == nil then return nil end
@@ -376,14 +402,16 @@ local function since_of(ts, newest)
 end
 """
 
-# ARGV: snapshot ttl ms, group count, 7 parameters per group; then per event:
-# context JSON, ts, then per group: bucket, numbers, exact and approximate strings.
-# KEYS: per event: its snapshot key, then its tile key per group.
+# ARGV: snapshot ttl ms, lateness s, group count, 7 parameters per group, then
+# the batch (msgpack): per event [snapshot key, context JSON, ts, [entity keys],
+# [per group: [bucket, [numbers], [exact then approximate distinct strings]]]].
 _UPDATE_AND_READ = (
     _PRELUDE
     + """
-local function add(st, g, key, b, ts, xs, strs)
-  local t = st.t[b]
+local function add(st, gi, g, key, b, ts, xs, strs)
+  local gs = st.g[gi]
+  if not gs then gs = {hb = b, t = {}}; st.g[gi] = gs end
+  local t = gs.t[b]
   if not t then
     t = {0, ts}
     for j = 1, g.nn do
@@ -391,7 +419,7 @@ local function add(st, g, key, b, ts, xs, strs)
       t[#t + 1] = 0; t[#t + 1] = 0; t[#t + 1] = x; t[#t + 1] = x; t[#t + 1] = x
     end
     for j = 1, g.nx do t[#t + 1] = {} end
-    st.t[b] = t
+    gs.t[b] = t
   end
   t[1] = t[1] + 1
   local newest = ts >= t[2]
@@ -407,101 +435,91 @@ local function add(st, g, key, b, ts, xs, strs)
   end
   for j = 1, g.nx do t[2 + 5 * g.nn + j][strs[j]] = true end
   for j = 1, g.na do
-    local hk = key .. ':hll:' .. j .. ':' .. b
+    local hk = key .. ':hll:' .. gi .. ':' .. j .. ':' .. b
     redis.call('PFADD', hk, strs[g.nx + j])
     redis.call('PEXPIRE', hk, g.ttl)
   end
-  st.dirty[b] = true
-  if st.w == nil or ts > st.w then st.w = ts end
-  if st.hb == nil or b > st.hb then st.hb = b end
+  if b > gs.hb then gs.hb = b end
+  st.dirty = g.ttl
+  return gs
 end
 
 local snap_ttl = ARGV[1]
-local ng = tonumber(ARGV[2])
-local G = {}
-local i = 3
-for g = 1, ng do G[g] = group(ARGV, i); i = i + 7 end
+local lateness = tonumber(ARGV[2])
+local G = params(ARGV, 3)
+local batch = cmsgpack.unpack(ARGV[#ARGV])
 local out = {}
-local k = 1
-while i <= #ARGV do
-  local snapkey = KEYS[k]
-  local ctx = ARGV[i]
-  local ts = tonumber(ARGV[i + 1])
-  i = i + 2
-  local stored = redis.call('GET', snapkey)
+for n = 1, #batch do
+  local ev = batch[n]
+  local stored = redis.call('GET', ev[1])
   if stored then
-    out[#out + 1] = '=' .. stored
-    for g = 1, ng do i = i + 1 + G[g].nn + G[g].nx + G[g].na end
+    out[n] = '=' .. stored
   else
-    local parts, late = {}, false
-    for g = 1, ng do
-      local gg = G[g]
-      local key = KEYS[k + g]
-      local b = tonumber(ARGV[i])
-      i = i + 1
-      local xs, strs = {}, {}
-      for j = 1, gg.nn do xs[j] = tonumber(ARGV[i]); i = i + 1 end
-      for j = 1, gg.nx + gg.na do strs[j] = ARGV[i]; i = i + 1 end
-      local st = load(key, gg)
-      local too_late = st.w ~= nil and ts < st.w - gg.late
-      local e = b
-      if too_late then e = st.hb end
-      local newest, pv = previous(st, gg, e)
-      if too_late then
-        late = true
-      else
-        add(st, gg, key, b, ts, xs, strs)
-      end
-      parts[g] = vector(st, gg, key, e, since_of(ts, newest), pv, xs)
+    local ts, keys = ev[3], ev[4]
+    local ents, too_late, late = {}, {}, 0
+    for e = 1, #keys do
+      ents[e] = load(keys[e])
+      too_late[e] = ents[e].w ~= nil and ts < ents[e].w - lateness
+      if too_late[e] then late = 1 end
     end
-    local snap = '{"x":' .. ctx .. ',"a":[' .. table.concat(parts, ',') .. ']'
-    if late then snap = snap .. ',"l":1}' else snap = snap .. '}' end
-    redis.call('SET', snapkey, snap, 'PX', snap_ttl)
-    out[#out + 1] = snap
+    local vecs = {}
+    for gi = 1, #G do
+      local g, gd = G[gi], ev[5][gi]
+      local st = ents[g.ent]
+      local gs = st.g[gi]
+      local b = gd[1]
+      local e = b
+      if too_late[g.ent] and gs then e = gs.hb end
+      local newest, pv = previous(gs, g, e)
+      if not too_late[g.ent] then gs = add(st, gi, g, keys[g.ent], b, ts, gd[2], gd[3]) end
+      vecs[gi] = vector(gs, g, keys[g.ent], gi, e, since_of(ts, newest), pv, gd[2])
+    end
+    for e = 1, #keys do
+      if not too_late[e] and (ents[e].w == nil or ts > ents[e].w) then ents[e].w = ts end
+    end
+    local snap = cmsgpack.pack({ev[2], vecs, late})
+    redis.call('SET', ev[1], snap, 'PX', snap_ttl)
+    out[n] = snap
   end
-  k = k + 1 + ng
 end
 for _, key in ipairs(order) do
   local st = cache[key]
-  if next(st.dirty) then
-    local upd = {'w', fmt(st.w), 'hb', string.format('%d', st.hb)}
-    local stale = {}
-    for b in pairs(st.t) do
-      if b <= st.hb - st.g.keep then stale[#stale + 1] = string.format('%d', b) end
-    end
-    for b in pairs(st.dirty) do
-      if b > st.hb - st.g.keep then
-        upd[#upd + 1] = string.format('%d', b)
-        upd[#upd + 1] = cmsgpack.pack(st.t[b])
+  if st.dirty then
+    for gi, gs in pairs(st.g) do
+      local oldest = gs.hb - G[gi].keep
+      for b in pairs(gs.t) do
+        if b <= oldest then gs.t[b] = nil end
       end
     end
-    redis.call('HSET', key, unpack(upd))
-    if #stale > 0 then redis.call('HDEL', key, unpack(stale)) end
-    redis.call('PEXPIRE', key, st.g.ttl)
+    redis.call('SET', key, cmsgpack.pack({st.w, st.g}), 'PX', st.dirty)
   end
 end
 return out
 """
 )
 
-# KEYS: tile keys; ARGV per key: 7 group parameters, then the end bucket and the
-# read time, both '' for "at the newest event".
+# ARGV: group count, 7 parameters per group, then per group: its entity key ('' to
+# skip it), the end bucket and the read time ('' and '' for "at the newest event").
 _READ = (
     _PRELUDE
     + """
+local G = params(ARGV, 1)
 local out = {}
-for n = 1, #KEYS do
-  local a = 9 * (n - 1) + 1
-  local g = group(ARGV, a)
-  local st = load(KEYS[n], g)
-  if st.w == nil then
-    out[n] = ''
-  else
-    local e = tonumber(ARGV[a + 7]) or st.hb
-    local ts = tonumber(ARGV[a + 8]) or st.w
-    local newest, pv = previous(st, g, e)
-    out[n] = vector(st, g, KEYS[n], e, since_of(ts, newest), pv, {})
+local a = 2 + 7 * #G
+for gi = 1, #G do
+  local key = ARGV[a]
+  out[gi] = ''
+  if key ~= '' then
+    local st = load(key)
+    local gs = st.g[gi]
+    if st.w ~= nil and gs then
+      local e = tonumber(ARGV[a + 1]) or gs.hb
+      local ts = tonumber(ARGV[a + 2]) or st.w
+      local newest, pv = previous(gs, G[gi], e)
+      out[gi] = cmsgpack.pack(vector(gs, G[gi], key, gi, e, since_of(ts, newest), pv, {}))
+    end
   end
+  a = a + 3
 end
 return out
 """
@@ -524,14 +542,12 @@ return out
 """
 
 
-def _group_args(g: TileGroup) -> list[str]:
-    ttl_ms = int(g.ttl_s * 1000) + 1000
-    sizes = [g.buckets, g.keep, len(g.numbers), len(g.exact), len(g.approx), ttl_ms]
-    return [str(v) for v in sizes] + [_fmt(g.lateness_s)]
-
-
 class RedisFeatureStore:
-    """The production store: one Lua call per batch on a real Redis."""
+    """The production store: one Lua call per batch on a real Redis.
+
+    The update script names its keys inside the batch rather than in KEYS, so it
+    needs a standalone Redis (or every key of a namespace on one cluster node).
+    """
 
     def __init__(self, client: Any, namespace: str, plan: FeaturePlan, horizon_s: float) -> None:
         self.client = client
@@ -541,32 +557,47 @@ class RedisFeatureStore:
         self._update = client.register_script(_UPDATE_AND_READ)
         self._read = client.register_script(_READ)
         self._claim = client.register_script(_CLAIM)
-        self._header: list[str] = [self.horizon_ms, str(len(plan.groups))]
+        self._entities = plan.entities
+        names = ["+".join(e) for e in self._entities]
+        ttl_s = {name: 0.0 for name in names}
         for g in plan.groups:
-            self._header += _group_args(g)
+            ttl_s[g.entity_name] = max(ttl_s[g.entity_name], g.ttl_s)
+        self._groups: list[str] = [str(len(plan.groups))]
+        for g in plan.groups:
+            sizes = [g.buckets, g.keep, len(g.numbers), len(g.exact), len(g.approx)]
+            ent = names.index(g.entity_name) + 1
+            ttl_ms = int(ttl_s[g.entity_name] * 1000) + 1000
+            self._groups += [str(v) for v in (*sizes, ent, ttl_ms)]
+        self._header = [self.horizon_ms, repr(plan.lateness_s), *self._groups]
 
     def snapshot_key(self, event_id: str) -> str:
         return f"{self.prefix}snap:{event_id}"
 
-    def tile_key(self, group: TileGroup, entity_value: str) -> str:
-        return f"{self.prefix}tile:{group.name}:{entity_value}"
+    def entity_key(self, entity_name: str, value: str) -> str:
+        return f"{self.prefix}ent:{entity_name}:{value}"
 
     def update_and_read(self, batch: Sequence[FeatureRequest]) -> list[FeatureSnapshot]:
         if not batch:
             return []
-        keys: list[str] = []
-        args: list[Any] = list(self._header)
         groups = self.plan.groups
+        names = ["+".join(e) for e in self._entities]
+        events = []
         for req in batch:
-            keys.append(self.snapshot_key(req.event_id))
-            args += [req.context, _fmt(req.ts)]
-            for g in groups:
-                keys.append(self.tile_key(g, req.entities[g.entity_name]))
-                args.append(g.bucket(req.ts))
-                args.extend([_fmt(req.numbers[f]) for f in g.numbers])
-                args.extend([req.distinct[f] for f in g.exact])
-                args.extend([req.distinct[f] for f in g.approx])
-        raw = self._call(self._update, keys, args)
+            per_group = [
+                [
+                    g.bucket(req.ts),
+                    [float(req.numbers[f]) for f in g.numbers],
+                    [req.distinct[f] for f in (*g.exact, *g.approx)],
+                ]
+                for g in groups
+            ]
+            keys = [self.entity_key(name, req.entities[name]) for name in names]
+            events.append(
+                [self.snapshot_key(req.event_id), req.context, float(req.ts), keys, per_group]
+            )
+        # bytes as msgpack "raw": Redis' cmsgpack predates the bin type
+        blob = msgpack.packb(events, use_bin_type=False)
+        raw = self._call(self._update, [], [*self._header, blob])
         out = []
         for req, item in zip(batch, raw, strict=True):
             if item.startswith(b"="):
@@ -593,21 +624,13 @@ class RedisFeatureStore:
         return out
 
     def read(self, entities: Mapping[str, str], at: float | None = None) -> dict[str, float]:
-        keys: list[str] = []
-        args: list[str] = []
-        asked: list[int] = []
-        for gi, g in enumerate(self.plan.groups):
+        args = list(self._groups)
+        for g in self.plan.groups:
             value = entities.get(g.entity_name)
-            if value is None:
-                continue
-            asked.append(gi)
-            keys.append(self.tile_key(g, value))
-            args += _group_args(g)
-            args += ["", ""] if at is None else [str(g.bucket(at)), _fmt(at)]
-        aggregates: list[list[float] | None] = [None] * len(self.plan.groups)
-        if keys:
-            for gi, item in zip(asked, self._call(self._read, keys, args), strict=True):
-                aggregates[gi] = orjson.loads(item) if item else None
+            args.append("" if value is None else self.entity_key(g.entity_name, value))
+            args += ["", ""] if at is None else [str(g.bucket(at)), repr(float(at))]
+        raw = self._call(self._read, [], args)
+        aggregates = [msgpack.unpackb(item) if item else None for item in raw]
         return self.plan.current_values(aggregates)
 
     def _call(self, script: Any, keys: list[str], args: list[Any]) -> list[bytes]:

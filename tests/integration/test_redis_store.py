@@ -84,11 +84,8 @@ def test_every_aggregation_equals_brute_force_and_the_embedded_store(
 
 
 def dump(client: redis.Redis, prefix: str) -> dict[bytes, Any]:
-    """Every tile hash and HyperLogLog under ``prefix``, as stored."""
-    out: dict[bytes, Any] = {}
-    for key in client.scan_iter(f"{prefix}tile:*"):
-        out[key] = client.dump(key) if b":hll:" in key else client.hgetall(key)
-    return out
+    """Every entity's tiles and HyperLogLogs under ``prefix``, as stored."""
+    return {key: client.dump(key) for key in client.scan_iter(f"{prefix}ent:*")}
 
 
 def test_replaying_a_batch_leaves_every_aggregate_unchanged(
@@ -122,7 +119,7 @@ def test_every_key_written_has_a_ttl(redis_client: redis.Redis) -> None:
     store.claim_snapshots([r.event_id for r in reqs[:100]])
     keys = list(redis_client.scan_iter(f"{store.prefix}*"))
     kinds = {k.decode().split(":")[2] for k in keys}
-    assert kinds == {"tile", "snap", "learned"}
+    assert kinds == {"ent", "snap", "learned"}
     assert any(b":hll:" in k for k in keys)
     no_ttl = [k for k in keys if redis_client.pttl(k) < 0]
     assert no_ttl == []

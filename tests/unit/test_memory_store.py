@@ -71,11 +71,18 @@ def test_a_replayed_batch_changes_nothing(fraud_spec: PipelineSpec) -> None:
     store = MemoryFeatureStore(fraud_spec.feature_plan())
     reqs = fraud_requests(fraud_spec, 500, cards=10)
     first = store.update_and_read(reqs)
-    state = copy.deepcopy({k: (e.tiles, e.w, e.hb) for k, e in store.entities.items()})
+
+    def state() -> dict[Any, Any]:
+        return {
+            k: (e.w, {gi: (t.hb, copy.deepcopy(t.tiles)) for gi, t in e.groups.items()})
+            for k, e in store.entities.items()
+        }
+
+    before = state()
     again = store.update_and_read(reqs)
     assert all(s.replayed for s in again)
     assert [s.aggregates for s in again] == [s.aggregates for s in first]
-    assert {k: (e.tiles, e.w, e.hb) for k, e in store.entities.items()} == state
+    assert state() == before
 
 
 def test_the_read_path_returns_the_current_values() -> None:
