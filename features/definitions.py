@@ -3,8 +3,8 @@
 A feature is an aggregation of one event field per entity over an event-time
 window. Windows are made of tiles (time buckets): a window of length ``W`` with
 ``B`` buckets of width ``W / B`` covers the event's own bucket and the ``B - 1``
-before it. Features that share an entity and a window share one group of tiles,
-so one Redis hash serves all of them.
+before it. Features that share an entity and a window share one group of tiles;
+all the groups of one entity value are kept together (one Redis value).
 
 An entity is one event field (``card_id``) or several (``[card_id, merchant]``,
 a composite key). A feature whose entity is not the event key reads (and
@@ -107,7 +107,7 @@ PER_NUMBER = 6
 
 @dataclass(frozen=True)
 class TileGroup:
-    """Features sharing one entity and window: one hash of tiles per entity value."""
+    """Features sharing one entity and window: one set of tiles per entity value."""
 
     entity: tuple[str, ...]
     window_s: float

@@ -9,26 +9,25 @@ bit-identical values; the one exception is ``distinct``, a HyperLogLog in Redis
 
 Redis key layout (prefix ``rf:{ns}:``)::
 
-    rf:{ns}:tile:{group}:{entity value}   hash: "w" newest event time, "hb" newest
-                                          bucket, "{bucket}" -> msgpack array
-                                          [n, newest ts, per number: sum, sum of
-                                          squares, min, max, newest value,
-                                          per exact-distinct field: set of values]
-                                          TTL = window + one bucket + lateness
-    rf:{ns}:tile:{group}:{entity value}:hll:{j}:{bucket}
+    rf:{ns}:ent:{entity}:{value}          msgpack [w, {group -> {hb, t}}]: the newest
+                                          event time, and per tile group its newest
+                                          bucket and its tiles {bucket -> [n, newest ts,
+                                          per number: sum, sum of squares, min, max,
+                                          newest value, per exact-distinct field: set]}
+                                          TTL = longest window + its bucket + lateness
+    rf:{ns}:ent:{entity}:{value}:hll:{group}:{j}:{bucket}
                                           HyperLogLog of the j-th distinct field, same TTL
     rf:{ns}:snap:{event id}               the snapshot the event was scored with,
                                           TTL = label horizon; its presence marks
                                           the event as seen (dedup)
     rf:{ns}:learned:{event id}            a label was learned for this event, TTL = horizon
 
-``{group}`` is ``{entity}:{window}s:{buckets}`` (``card_id:3600s:12``); a
-composite entity is ``card_id+merchant`` and its value ``c00042|m017``. Tiles
-older than the window plus the lateness are deleted when their hash is written.
+``{entity}`` is the entity's field, or fields joined by ``+`` for a composite
+key (``card_id+merchant``, value ``c00042|m0017``). Tiles older than the window
+plus the lateness are dropped when their entity is written.
 
-A snapshot is JSON: ``{"x": <model inputs>, "a": [<group aggregate> per group]}``
-plus ``"l": 1`` when the event was too late for some window; the group
-aggregate layout is in ``features.definitions`` and ``FeaturePlan.values``
+A snapshot is msgpack ``[model inputs JSON, [aggregate vector per group], late]``;
+the vector layout is in ``features.definitions`` and ``FeaturePlan.values``
 turns it into feature values, for the scorer and the learner alike.
 """
 
