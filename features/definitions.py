@@ -25,6 +25,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import cached_property
 from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
@@ -97,25 +98,66 @@ class FeatureSpec(BaseModel):
         return (self.entity,) if isinstance(self.entity, str) else self.entity
 
 
+# What a group's tiles keep per numeric field, by aggregation: only what is read.
+STATS = ("sum", "square", "min", "max", "last", "current")
+NEEDS = {
+    Aggregation.SUM: ("sum",),
+    Aggregation.MEAN: ("sum",),
+    Aggregation.STD: ("sum", "square"),
+    Aggregation.ZSCORE: ("sum", "square", "current"),
+    Aggregation.MIN: ("min",),
+    Aggregation.MAX: ("max",),
+    Aggregation.LAST: ("last",),
+}
+
 # Layout of one group's aggregate vector (what a snapshot stores per group):
 #   [n, has_previous, seconds since the previous event,
-#    per numeric field: sum, sum_sq, min, max, previous value, this event's value,
+#    the window's sums, sums of squares, minima, maxima (per field that needs them),
+#    the previous event's values (``last`` fields), this event's values (``zscore``),
 #    per exact-distinct field: count, per approximate-distinct field: count]
 HEAD = 3
-PER_NUMBER = 6
 
 
 @dataclass(frozen=True)
 class TileGroup:
-    """Features sharing one entity and window: one set of tiles per entity value."""
+    """Features sharing one entity and window: one set of tiles per entity value.
+
+    ``stats[k]`` are the fields whose ``STATS[k]`` the group keeps, ``numbers``
+    every numeric field it reads from events.
+    """
 
     entity: tuple[str, ...]
     window_s: float
     buckets: int
     lateness_s: float
-    numbers: tuple[str, ...]
+    stats: tuple[tuple[str, ...], ...] = ((),) * len(STATS)
     exact: tuple[str, ...] = ()
     approx: tuple[str, ...] = ()
+
+    @property
+    def numbers(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(f for fields in self.stats for f in fields))
+
+    def indexes(self, stat: str) -> list[int]:
+        """Positions in ``numbers`` of the fields that keep ``stat``."""
+        numbers = self.numbers
+        return [numbers.index(f) for f in self.stats[STATS.index(stat)]]
+
+    @cached_property
+    def layout(self) -> tuple[list[int], ...]:
+        """Per stat of ``STATS``: positions in ``numbers`` of the fields keeping it."""
+        return tuple(self.indexes(stat) for stat in STATS)
+
+    def offset(self, stat: str, name: str) -> int:
+        """Where ``stat`` of field ``name`` sits in the group aggregate vector."""
+        k = STATS.index(stat)
+        return HEAD + sum(len(s) for s in self.stats[:k]) + self.stats[k].index(name)
+
+    def distinct_offset(self, name: str) -> int:
+        base = HEAD + sum(len(s) for s in self.stats)
+        if name in self.exact:
+            return base + self.exact.index(name)
+        return base + len(self.exact) + self.approx.index(name)
 
     @property
     def entity_name(self) -> str:
@@ -155,40 +197,44 @@ class FeaturePlan:
 
     features: tuple[FeatureSpec, ...]
     groups: tuple[TileGroup, ...]
-    # per feature: (group index, offset of its field's block in the group aggregate)
-    _slots: tuple[tuple[int, int], ...]
+    # per feature: (group index, up to three offsets in the group aggregate, -1 unused)
+    _slots: tuple[tuple[int, int, int, int], ...]
     lateness_s: float = 0.0
 
     @classmethod
     def build(
         cls, features: list[FeatureSpec], default_entity: str, lateness_s: float = 0.0
     ) -> FeaturePlan:
-        kinds: dict[tuple[tuple[str, ...], float, int], tuple[list[str], ...]] = {}
+        kinds: dict[tuple[tuple[str, ...], float, int], dict[str, list[str]]] = {}
         for f in features:
-            nums, exact, approx = kinds.setdefault(_group_key(f, default_entity), ([], [], []))
-            target = {Aggregation.DISTINCT: approx, Aggregation.DISTINCT_EXACT: exact}.get(
-                f.agg, nums
+            need = kinds.setdefault(
+                _group_key(f, default_entity), {k: [] for k in (*STATS, "exact", "approx")}
             )
-            if f.field is not None and f.field not in target:
-                target.append(f.field)
+            if f.field is None:
+                continue
+            wanted = {Aggregation.DISTINCT: ("approx",), Aggregation.DISTINCT_EXACT: ("exact",)}
+            for stat in wanted.get(f.agg) or NEEDS[f.agg]:
+                if f.field not in need[stat]:
+                    need[stat].append(f.field)
         keys = list(kinds)
         groups = tuple(
-            TileGroup(e, w, b, lateness_s, tuple(n), tuple(x), tuple(a))
-            for (e, w, b), (n, x, a) in kinds.items()
-        )
+            TileGroup(
+                e, w, b, lateness_s, tuple(tuple(n[k]) for k in STATS),
+                tuple(n["exact"]), tuple(n["approx"]),
+            )
+            for (e, w, b), n in kinds.items()
+        )  # fmt: skip
         slots = []
         for f in features:
             gi = keys.index(_group_key(f, default_entity))
             g = groups[gi]
-            if f.field is None:
-                offset = 0
-            elif f.agg is Aggregation.DISTINCT_EXACT:
-                offset = HEAD + PER_NUMBER * len(g.numbers) + g.exact.index(f.field)
-            elif f.agg is Aggregation.DISTINCT:
-                offset = HEAD + PER_NUMBER * len(g.numbers) + len(g.exact) + g.approx.index(f.field)
-            else:
-                offset = HEAD + PER_NUMBER * g.numbers.index(f.field)
-            slots.append((gi, offset))
+            offsets = [-1, -1, -1]
+            if f.agg in (Aggregation.DISTINCT, Aggregation.DISTINCT_EXACT):
+                offsets[0] = g.distinct_offset(f.field or "")
+            elif f.field is not None:
+                for i, stat in enumerate(NEEDS[f.agg]):
+                    offsets[i] = g.offset(stat, f.field)
+            slots.append((gi, offsets[0], offsets[1], offsets[2]))
         return cls(tuple(features), groups, tuple(slots), lateness_s)
 
     @property
@@ -219,17 +265,17 @@ class FeaturePlan:
     def values(self, aggregates: list[list[float]]) -> dict[str, float]:
         """Feature values from the group aggregates one event saw."""
         return {
-            f.name: _value(f, aggregates[gi], off, self.groups[gi])
-            for f, (gi, off) in zip(self.features, self._slots, strict=True)
+            f.name: _value(f, aggregates[slot[0]], slot, self.groups[slot[0]])
+            for f, slot in zip(self.features, self._slots, strict=True)
         }
 
     def current_values(self, aggregates: list[list[float] | None]) -> dict[str, float]:
         """Values read outside an event (``FeatureStore.read``): groups without an
         entity value are left out, and so is the z-score, which needs an event."""
         return {
-            f.name: _value(f, agg, off, self.groups[gi])
-            for f, (gi, off) in zip(self.features, self._slots, strict=True)
-            if (agg := aggregates[gi]) is not None and f.agg is not Aggregation.ZSCORE
+            f.name: _value(f, agg, slot, self.groups[slot[0]])
+            for f, slot in zip(self.features, self._slots, strict=True)
+            if (agg := aggregates[slot[0]]) is not None and f.agg is not Aggregation.ZSCORE
         }
 
 
@@ -237,7 +283,10 @@ def _group_key(f: FeatureSpec, default_entity: str) -> tuple[tuple[str, ...], fl
     return (f.entity_fields(default_entity), parse_duration(f.window), f.buckets)
 
 
-def _value(f: FeatureSpec, agg: list[float], off: int, group: TileGroup) -> float:
+def _value(
+    f: FeatureSpec, agg: list[float], slot: tuple[int, int, int, int], group: TileGroup
+) -> float:
+    _, a, b, c = slot
     n = agg[0]
     match f.agg:
         case Aggregation.COUNT:
@@ -245,23 +294,20 @@ def _value(f: FeatureSpec, agg: list[float], off: int, group: TileGroup) -> floa
         case Aggregation.SINCE_PREVIOUS:
             # no previous event in the window: at least a window ago
             return float(agg[2]) if agg[1] else group.window_s
-        case Aggregation.DISTINCT | Aggregation.DISTINCT_EXACT:
-            return float(agg[off])
-        case Aggregation.SUM:
-            return float(agg[off])
-        case Aggregation.MIN:
-            return float(agg[off + 2])
-        case Aggregation.MAX:
-            return float(agg[off + 3])
         case Aggregation.LAST:
-            return float(agg[off + 4]) if agg[1] else 0.0
-    mean = agg[off] / n if n else 0.0
+            return float(agg[a]) if agg[1] else 0.0
+        case (
+            Aggregation.SUM | Aggregation.MIN | Aggregation.MAX
+            | Aggregation.DISTINCT | Aggregation.DISTINCT_EXACT
+        ):  # fmt: skip
+            return float(agg[a])
+    mean = agg[a] / n if n else 0.0
     if f.agg is Aggregation.MEAN:
         return mean
-    std = _std(n, agg[off], agg[off + 1])
+    std = _std(n, agg[a], agg[b])
     if f.agg is Aggregation.STD:
         return std
-    return (agg[off + 5] - mean) / std if std else 0.0
+    return (agg[c] - mean) / std if std else 0.0
 
 
 def _std(n: float, total: float, squares: float) -> float:

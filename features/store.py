@@ -126,8 +126,9 @@ def _encode_snapshot(context: bytes, vectors: list[list[float]], late: bool) -> 
 class _Tiles:
     """One group's tiles of one entity value.
 
-    A tile is ``[n, newest ts, per number: sum, squares, min, max, newest value,
-    per exact and per approximate distinct field: set of values]``.
+    A tile is ``[n, newest ts, sums, sums of squares, minima, maxima, newest
+    values (as ``TileGroup.layout`` says which fields keep which), then per exact
+    and per approximate distinct field: the set of values]``.
     """
 
     __slots__ = ("hb", "tiles")
@@ -137,29 +138,38 @@ class _Tiles:
         self.hb = hb  # newest bucket
 
     def add(self, g: TileGroup, b: int, ts: float, xs: list[float], strings: list[str]) -> None:
+        sums, squares, mins, maxs, lasts, _ = g.layout
         t = self.tiles.get(b)
         if t is None:
-            t = [0, ts]
-            for x in xs:
-                t += [0.0, 0.0, x, x, x]
+            t = [0, ts, *(0.0 for _ in sums), *(0.0 for _ in squares)]
+            t += [xs[i] for i in (*mins, *maxs, *lasts)]
             t += [set() for _ in strings]
             self.tiles[b] = t
         t[0] += 1
         newest = ts >= t[1]
         if newest:
             t[1] = ts
-        for j, x in enumerate(xs):
-            o = 2 + 5 * j
-            t[o] += x
-            t[o + 1] += x * x
-            if x < t[o + 2]:
-                t[o + 2] = x
-            if x > t[o + 3]:
-                t[o + 3] = x
+        o = 2
+        for i in sums:
+            t[o] += xs[i]
+            o += 1
+        for i in squares:
+            t[o] += xs[i] * xs[i]
+            o += 1
+        for i in mins:
+            if xs[i] < t[o]:
+                t[o] = xs[i]
+            o += 1
+        for i in maxs:
+            if xs[i] > t[o]:
+                t[o] = xs[i]
+            o += 1
+        for i in lasts:
             if newest:
-                t[o + 4] = x
+                t[o] = xs[i]
+            o += 1
         for j, s in enumerate(strings):
-            t[2 + 5 * len(xs) + j].add(s)
+            t[o + j].add(s)
         if b > self.hb:
             self.hb = b
         for old in [k for k in self.tiles if k <= self.hb - g.keep]:
@@ -167,7 +177,7 @@ class _Tiles:
 
 
 def _previous(tiles: _Tiles | None, g: TileGroup, end: int) -> tuple[float | None, list[float]]:
-    """Time and values of the newest event in the window ending at bucket ``end``."""
+    """Time and ``last`` values of the newest event in the window ending at bucket ``end``."""
     newest: float | None = None
     tile: list[Any] | None = None
     for k in range(end - g.buckets + 1, end + 1):
@@ -176,7 +186,9 @@ def _previous(tiles: _Tiles | None, g: TileGroup, end: int) -> tuple[float | Non
             newest, tile = t[1], t
     if tile is None:
         return None, []
-    return newest, [tile[2 + 5 * j + 4] for j in range(len(g.numbers))]
+    sums, squares, mins, maxs, lasts, _ = g.layout
+    o = 2 + len(sums) + len(squares) + len(mins) + len(maxs)
+    return newest, tile[o : o + len(lasts)]
 
 
 def _vector(
@@ -188,32 +200,42 @@ def _vector(
     xs: list[float],
 ) -> list[float]:
     """The group aggregate of the window ending at ``end`` (layout: features.definitions)."""
-    nn, nsets = len(g.numbers), len(g.exact) + len(g.approx)
+    sums, squares, mins, maxs, lasts, currents = g.layout
+    ns, nq, nmin, nmax = len(sums), len(squares), len(mins), len(maxs)
+    nsets = len(g.exact) + len(g.approx)
     n = 0
-    s, q = [0.0] * nn, [0.0] * nn
-    lo: list[float | None] = [None] * nn
-    hi: list[float | None] = [None] * nn
+    s, q = [0.0] * ns, [0.0] * nq
+    lo: list[float | None] = [None] * nmin
+    hi: list[float | None] = [None] * nmax
     sets: list[set[str]] = [set() for _ in range(nsets)]
     for k in range(end - g.buckets + 1, end + 1):
         t = None if tiles is None else tiles.tiles.get(k)
         if t is None:
             continue
         n += t[0]
-        for j in range(nn):
-            o = 2 + 5 * j
-            s[j] += t[o]
-            q[j] += t[o + 1]
-            if lo[j] is None or t[o + 2] < lo[j]:
-                lo[j] = t[o + 2]
-            if hi[j] is None or t[o + 3] > hi[j]:
-                hi[j] = t[o + 3]
+        o = 2
+        for j in range(ns):
+            s[j] += t[o + j]
+        o += ns
+        for j in range(nq):
+            q[j] += t[o + j]
+        o += nq
+        for j in range(nmin):
+            low = lo[j]
+            if low is None or t[o + j] < low:
+                lo[j] = t[o + j]
+        o += nmin
+        for j in range(nmax):
+            high = hi[j]
+            if high is None or t[o + j] > high:
+                hi[j] = t[o + j]
+        o += nmax + len(lasts)
         for j in range(nsets):
-            sets[j] |= t[2 + 5 * nn + j]
-    out: list[float] = [n, 0 if since is None else 1, since or 0]
-    for j in range(nn):
-        low, high = lo[j], hi[j]
-        out += [s[j], q[j], 0 if low is None else low, 0 if high is None else high]
-        out += [prev[j] if prev else 0, xs[j] if xs else 0]
+            sets[j] |= t[o + j]
+    out: list[float] = [n, 0 if since is None else 1, since or 0, *s, *q]
+    out += [0 if v is None else v for v in (*lo, *hi)]
+    out += [prev[j] if prev else 0 for j in range(len(lasts))]
+    out += [xs[i] if xs else 0 for i in currents]
     out += [len(v) for v in sets]
     return out
 
@@ -311,20 +333,12 @@ class MemoryFeatureStore:
 
 # Shared by both scripts; mirrors the Python above step for step, so both stores
 # add in the same order. G[g]: B buckets per window, keep (buckets kept behind
-# the newest), nn numbers, nx exact and na approximate distinct fields, ent (the
-# group's entity, an index into the event's entity keys), ttl (ms) of its key.
-# An entity key holds msgpack {w, {group index -> {hb = newest bucket, t = tiles}}}.
+# the newest), S Q MN MX L C (1-based positions in the event's numbers of the
+# fields keeping sum, square, min, max, last; and the z-score fields), nx exact
+# and na approximate distinct fields, ent (the group's entity, an index into the
+# event's entity keys), ttl (ms) of its key. An entity key holds msgpack
+# {w, {group index -> {hb = newest bucket, t = tiles}}}.
 _PRELUDE = """
-local function params(a, i)
-  local G = {}
-  for g = 1, tonumber(a[i]) do
-    local o = i + 1 + 7 * (g - 1)
-    G[g] = {B = tonumber(a[o]), keep = tonumber(a[o + 1]), nn = tonumber(a[o + 2]),
-            nx = tonumber(a[o + 3]), na = tonumber(a[o + 4]), ent = tonumber(a[o + 5]),
-            ttl = a[o + 6]}
-  end
-  return G
-end
 local cache, order = {}, {}
 local function load(key)
   local st = cache[key]
@@ -349,38 +363,50 @@ local function previous(gs, g, e)
     end
   end
   local pv = {}
-  if tile then for j = 1, g.nn do pv[j] = tile[2 + 5 * (j - 1) + 5] end end
+  if tile then
+    local o = 2 + #g.S + #g.Q + #g.MN + #g.MX
+    for j = 1, #g.L do pv[j] = tile[o + j] end
+  end
   return newest, pv
 end
 local function vector(gs, g, key, gi, e, since, pv, xs)
   local n = 0
   local s, q, lo, hi, sets = {}, {}, {}, {}, {}
-  for j = 1, g.nn do s[j] = 0; q[j] = 0 end
+  local ns, nq, nmin, nmax = #g.S, #g.Q, #g.MN, #g.MX
+  for j = 1, ns do s[j] = 0 end
+  for j = 1, nq do q[j] = 0 end
   for j = 1, g.nx do sets[j] = {} end
   if gs then
     for k = e - g.B + 1, e do
       local t = gs.t[k]
       if t then
         n = n + t[1]
-        for j = 1, g.nn do
-          local o = 2 + 5 * (j - 1)
-          s[j] = s[j] + t[o + 1]
-          q[j] = q[j] + t[o + 2]
-          if lo[j] == nil or t[o + 3] < lo[j] then lo[j] = t[o + 3] end
-          if hi[j] == nil or t[o + 4] > hi[j] then hi[j] = t[o + 4] end
+        local o = 2
+        for j = 1, ns do s[j] = s[j] + t[o + j] end
+        o = o + ns
+        for j = 1, nq do q[j] = q[j] + t[o + j] end
+        o = o + nq
+        for j = 1, nmin do
+          if lo[j] == nil or t[o + j] < lo[j] then lo[j] = t[o + j] end
         end
+        o = o + nmin
+        for j = 1, nmax do
+          if hi[j] == nil or t[o + j] > hi[j] then hi[j] = t[o + j] end
+        end
+        o = o + nmax + #g.L
         for j = 1, g.nx do
-          for v in pairs(t[2 + 5 * g.nn + j]) do sets[j][v] = true end
+          for v in pairs(t[o + j]) do sets[j][v] = true end
         end
       end
     end
   end
   local out = {n, since and 1 or 0, since or 0}
-  for j = 1, g.nn do
-    out[#out + 1] = s[j]; out[#out + 1] = q[j]
-    out[#out + 1] = lo[j] or 0; out[#out + 1] = hi[j] or 0
-    out[#out + 1] = pv[j] or 0; out[#out + 1] = xs[j] or 0
-  end
+  for j = 1, ns do out[#out + 1] = s[j] end
+  for j = 1, nq do out[#out + 1] = q[j] end
+  for j = 1, nmin do out[#out + 1] = lo[j] or 0 end
+  for j = 1, nmax do out[#out + 1] = hi[j] or 0 end
+  for j = 1, #g.L do out[#out + 1] = pv[j] or 0 end
+  for j = 1, #g.C do out[#out + 1] = xs[g.C[j]] or 0 end
   for j = 1, g.nx do
     local c = 0
     for _ in pairs(sets[j]) do c = c + 1 end
@@ -401,8 +427,8 @@ local function since_of(ts, newest)
 end
 """
 
-# ARGV: snapshot ttl ms, lateness s, group count, 7 parameters per group, then
-# the batch (msgpack): per event [snapshot key, context JSON, ts, [entity keys],
+# ARGV: snapshot ttl ms, lateness s, the group parameters, then the batch
+# (msgpack): per event [snapshot key, context JSON, ts, [entity keys],
 # [per group: [bucket, [numbers], [exact then approximate distinct strings]]]].
 _UPDATE_AND_READ = (
     _PRELUDE
@@ -413,26 +439,39 @@ local function add(st, gi, g, key, b, ts, xs, strs)
   local t = gs.t[b]
   if not t then
     t = {0, ts}
-    for j = 1, g.nn do
-      local x = xs[j]
-      t[#t + 1] = 0; t[#t + 1] = 0; t[#t + 1] = x; t[#t + 1] = x; t[#t + 1] = x
-    end
+    for j = 1, #g.S + #g.Q do t[#t + 1] = 0 end
+    for j = 1, #g.MN do t[#t + 1] = xs[g.MN[j]] end
+    for j = 1, #g.MX do t[#t + 1] = xs[g.MX[j]] end
+    for j = 1, #g.L do t[#t + 1] = xs[g.L[j]] end
     for j = 1, g.nx do t[#t + 1] = {} end
     gs.t[b] = t
   end
   t[1] = t[1] + 1
   local newest = ts >= t[2]
   if newest then t[2] = ts end
-  for j = 1, g.nn do
-    local o = 2 + 5 * (j - 1)
-    local x = xs[j]
-    t[o + 1] = t[o + 1] + x
-    t[o + 2] = t[o + 2] + x * x
-    if x < t[o + 3] then t[o + 3] = x end
-    if x > t[o + 4] then t[o + 4] = x end
-    if newest then t[o + 5] = x end
+  local o = 2
+  for j = 1, #g.S do t[o + j] = t[o + j] + xs[g.S[j]] end
+  o = o + #g.S
+  for j = 1, #g.Q do
+    local x = xs[g.Q[j]]
+    t[o + j] = t[o + j] + x * x
   end
-  for j = 1, g.nx do t[2 + 5 * g.nn + j][strs[j]] = true end
+  o = o + #g.Q
+  for j = 1, #g.MN do
+    local x = xs[g.MN[j]]
+    if x < t[o + j] then t[o + j] = x end
+  end
+  o = o + #g.MN
+  for j = 1, #g.MX do
+    local x = xs[g.MX[j]]
+    if x > t[o + j] then t[o + j] = x end
+  end
+  o = o + #g.MX
+  if newest then
+    for j = 1, #g.L do t[o + j] = xs[g.L[j]] end
+  end
+  o = o + #g.L
+  for j = 1, g.nx do t[o + j][strs[j]] = true end
   for j = 1, g.na do
     local hk = key .. ':hll:' .. gi .. ':' .. j .. ':' .. b
     redis.call('PFADD', hk, strs[g.nx + j])
@@ -445,8 +484,8 @@ end
 
 local snap_ttl = ARGV[1]
 local lateness = tonumber(ARGV[2])
-local G = params(ARGV, 3)
-local batch = cmsgpack.unpack(ARGV[#ARGV])
+local G = cmsgpack.unpack(ARGV[3])
+local batch = cmsgpack.unpack(ARGV[4])
 local out = {}
 for n = 1, #batch do
   local ev = batch[n]
@@ -497,14 +536,14 @@ return out
 """
 )
 
-# ARGV: group count, 7 parameters per group, then per group: its entity key ('' to
-# skip it), the end bucket and the read time ('' and '' for "at the newest event").
+# ARGV: the group parameters, then per group: its entity key ('' to skip it), the
+# end bucket and the read time ('' and '' for "at the newest event").
 _READ = (
     _PRELUDE
     + """
-local G = params(ARGV, 1)
+local G = cmsgpack.unpack(ARGV[1])
 local out = {}
-local a = 2 + 7 * #G
+local a = 2
 for gi = 1, #G do
   local key = ARGV[a]
   out[gi] = ''
@@ -541,6 +580,9 @@ return out
 """
 
 
+_LUA_STATS = ("S", "Q", "MN", "MX", "L", "C")  # names of definitions.STATS in the scripts
+
+
 class RedisFeatureStore:
     """The production store: one Lua call per batch on a real Redis.
 
@@ -561,13 +603,16 @@ class RedisFeatureStore:
         ttl_s = {name: 0.0 for name in names}
         for g in plan.groups:
             ttl_s[g.entity_name] = max(ttl_s[g.entity_name], g.ttl_s)
-        self._groups: list[str] = [str(len(plan.groups))]
+        params = []
         for g in plan.groups:
-            sizes = [g.buckets, g.keep, len(g.numbers), len(g.exact), len(g.approx)]
-            ent = names.index(g.entity_name) + 1
-            ttl_ms = int(ttl_s[g.entity_name] * 1000) + 1000
-            self._groups += [str(v) for v in (*sizes, ent, ttl_ms)]
-        self._header = [self.horizon_ms, repr(plan.lateness_s), *self._groups]
+            layout = {k: [i + 1 for i in ix] for k, ix in zip(_LUA_STATS, g.layout, strict=True)}
+            params.append(
+                {"B": g.buckets, "keep": g.keep, "nx": len(g.exact), "na": len(g.approx),
+                 "ent": names.index(g.entity_name) + 1,
+                 "ttl": str(int(ttl_s[g.entity_name] * 1000) + 1000), **layout}
+            )  # fmt: skip
+        self._groups = msgpack.packb(params, use_bin_type=False)
+        self._header = [self.horizon_ms, repr(plan.lateness_s), self._groups]
 
     def snapshot_key(self, event_id: str) -> str:
         return f"{self.prefix}snap:{event_id}"
@@ -623,7 +668,7 @@ class RedisFeatureStore:
         return out
 
     def read(self, entities: Mapping[str, str], at: float | None = None) -> dict[str, float]:
-        args = list(self._groups)
+        args: list[Any] = [self._groups]
         for g in self.plan.groups:
             value = entities.get(g.entity_name)
             args.append("" if value is None else self.entity_key(g.entity_name, value))
