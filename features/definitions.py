@@ -134,7 +134,7 @@ class TileGroup:
     exact: tuple[str, ...] = ()
     approx: tuple[str, ...] = ()
 
-    @property
+    @cached_property
     def numbers(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(f for fields in self.stats for f in fields))
 
@@ -241,16 +241,16 @@ class FeaturePlan:
     def names(self) -> list[str]:
         return [f.name for f in self.features]
 
-    @property
+    @cached_property
     def entities(self) -> list[tuple[str, ...]]:
         """Every entity (one or more fields) a feature is kept for."""
         return list(dict.fromkeys(g.entity for g in self.groups))
 
-    @property
+    @cached_property
     def number_fields(self) -> list[str]:
         return sorted({f for g in self.groups for f in g.numbers})
 
-    @property
+    @cached_property
     def distinct_fields(self) -> list[str]:
         return sorted({f for g in self.groups for f in (*g.exact, *g.approx)})
 
