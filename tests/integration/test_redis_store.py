@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -199,3 +200,85 @@ def test_features_get_prints_the_current_values(
     shown = json.loads(done.stdout)
     assert shown == store.read({"card_id": card})
     assert shown["tx_count_1h"] >= 1 and set(shown) == set(spec.feature_plan().names)
+
+
+@pytest.fixture
+def tls_redis(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """A redis-server speaking only TLS, with a certificate from a throwaway CA."""
+    from riverflow.stack import free_port, wait_for_redis
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=riverflow-test-ca",
+    )
+    openssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    )
+    (tmp_path / "san.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
+    openssl(
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "1",
+        "-extfile",
+        "san.cnf",
+    )
+    port = free_port()
+    server = subprocess.Popen(
+        ["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+         "--tls-cert-file", "server.crt", "--tls-key-file", "server.key",
+         "--tls-ca-cert-file", "ca.crt", "--tls-auth-clients", "no", "--save", "",
+         "--dir", str(tmp_path)],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        ca = tmp_path / "ca.crt"
+        url = f"redis://127.0.0.1:{port}/0"
+        wait_for_redis(f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={ca}", 20)
+        yield url, ca
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def test_tls_from_settings(tls_redis: tuple[str, Path], fraud_spec: PipelineSpec) -> None:
+    url, ca = tls_redis
+    client = connect(Settings(redis_tls=True, redis_tls_ca_file=ca), url)
+    store = RedisFeatureStore(client, "tls", fraud_spec.feature_plan(), 60)
+    assert len(store.update_and_read(requests(5))) == 5
+    with pytest.raises(ConnectionFailed):  # the server's certificate is not trusted
+        connect(Settings(redis_tls=True, redis_retries=0), url)
+    with pytest.raises(ConnectionFailed):  # it speaks only TLS
+        connect(Settings(redis_retries=0, redis_socket_timeout_s=2), url)
