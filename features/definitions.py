@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from functools import cached_property
@@ -262,20 +262,26 @@ class FeaturePlan:
             if all(f in fields for f in e)
         }
 
+    @cached_property
+    def _readers(self) -> list[tuple[str, int, Callable[[list[float]], float], bool]]:
+        """Per feature: name, group index, how to read it from the group aggregate,
+        whether it needs an event (z-score). Built once: ``values`` runs per event."""
+        return [
+            (f.name, slot[0], _reader(f, slot, self.groups[slot[0]]), f.agg is Aggregation.ZSCORE)
+            for f, slot in zip(self.features, self._slots, strict=True)
+        ]
+
     def values(self, aggregates: list[list[float]]) -> dict[str, float]:
         """Feature values from the group aggregates one event saw."""
-        return {
-            f.name: _value(f, aggregates[slot[0]], slot, self.groups[slot[0]])
-            for f, slot in zip(self.features, self._slots, strict=True)
-        }
+        return {name: read(aggregates[gi]) for name, gi, read, _ in self._readers}
 
     def current_values(self, aggregates: list[list[float] | None]) -> dict[str, float]:
         """Values read outside an event (``FeatureStore.read``): groups without an
         entity value are left out, and so is the z-score, which needs an event."""
         return {
-            f.name: _value(f, agg, slot, self.groups[slot[0]])
-            for f, slot in zip(self.features, self._slots, strict=True)
-            if (agg := aggregates[slot[0]]) is not None and f.agg is not Aggregation.ZSCORE
+            name: read(agg)
+            for name, gi, read, needs_event in self._readers
+            if (agg := aggregates[gi]) is not None and not needs_event
         }
 
 
@@ -283,31 +289,32 @@ def _group_key(f: FeatureSpec, default_entity: str) -> tuple[tuple[str, ...], fl
     return (f.entity_fields(default_entity), parse_duration(f.window), f.buckets)
 
 
-def _value(
-    f: FeatureSpec, agg: list[float], slot: tuple[int, int, int, int], group: TileGroup
-) -> float:
+def _reader(
+    f: FeatureSpec, slot: tuple[int, int, int, int], group: TileGroup
+) -> Callable[[list[float]], float]:
     _, a, b, c = slot
-    n = agg[0]
+    window_s = group.window_s
     match f.agg:
         case Aggregation.COUNT:
-            return float(n)
+            return lambda v: float(v[0])
         case Aggregation.SINCE_PREVIOUS:
             # no previous event in the window: at least a window ago
-            return float(agg[2]) if agg[1] else group.window_s
+            return lambda v: float(v[2]) if v[1] else window_s
         case Aggregation.LAST:
-            return float(agg[a]) if agg[1] else 0.0
-        case (
-            Aggregation.SUM | Aggregation.MIN | Aggregation.MAX
-            | Aggregation.DISTINCT | Aggregation.DISTINCT_EXACT
-        ):  # fmt: skip
-            return float(agg[a])
-    mean = agg[a] / n if n else 0.0
-    if f.agg is Aggregation.MEAN:
-        return mean
-    std = _std(n, agg[a], agg[b])
-    if f.agg is Aggregation.STD:
-        return std
-    return (agg[c] - mean) / std if std else 0.0
+            return lambda v: float(v[a]) if v[1] else 0.0
+        case Aggregation.MEAN:
+            return lambda v: v[a] / v[0] if v[0] else 0.0
+        case Aggregation.STD:
+            return lambda v: _std(v[0], v[a], v[b])
+        case Aggregation.ZSCORE:
+            return lambda v: _zscore(v[0], v[a], v[b], v[c])
+    return lambda v: float(v[a])  # sum, min, max, distinct: kept as they are
+
+
+def _zscore(n: float, total: float, squares: float, x: float) -> float:
+    mean = total / n if n else 0.0
+    std = _std(n, total, squares)
+    return (x - mean) / std if std else 0.0
 
 
 def _std(n: float, total: float, squares: float) -> float:

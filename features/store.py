@@ -643,6 +643,9 @@ class RedisFeatureStore:
             )  # fmt: skip
         self._groups = msgpack.packb(params, use_bin_type=False)
         self._header = [self.horizon_ms, repr(plan.lateness_s), self._groups]
+        # what update_and_read packs per event, worked out once (it runs per event)
+        self._entity_prefixes = [(name, self.entity_key(name, "")) for name in names]
+        self._shape = [(g.bucket_s, g.numbers, (*g.exact, *g.approx)) for g in plan.groups]
 
     def snapshot_key(self, event_id: str) -> str:
         return f"{self.prefix}snap:{event_id}"
@@ -653,22 +656,21 @@ class RedisFeatureStore:
     def update_and_read(self, batch: Sequence[FeatureRequest]) -> list[FeatureSnapshot]:
         if not batch:
             return []
-        groups = self.plan.groups
-        names = ["+".join(e) for e in self._entities]
+        snap, entities, shape = self.snapshot_key(""), self._entity_prefixes, self._shape
         events = []
         for req in batch:
-            per_group = [
-                [
-                    g.bucket(req.ts),
-                    [float(req.numbers[f]) for f in g.numbers],
-                    [req.distinct[f] for f in (*g.exact, *g.approx)],
-                ]
-                for g in groups
-            ]
-            keys = [self.entity_key(name, req.entities[name]) for name in names]
+            ts, nums, strs, ents = float(req.ts), req.numbers, req.distinct, req.entities
             events.append(
-                [self.snapshot_key(req.event_id), req.context, float(req.ts), keys, per_group]
-            )
+                [
+                    snap + req.event_id, req.context, ts,
+                    [prefix + ents[name] for name, prefix in entities],
+                    [
+                        [int(ts // width), [float(nums[f]) for f in numbers],
+                         [strs[f] for f in strings]]
+                        for width, numbers, strings in shape
+                    ],
+                ]
+            )  # fmt: skip
         # bytes as msgpack "raw": Redis' cmsgpack predates the bin type
         blob = msgpack.packb(events, use_bin_type=False)
         raw = self._call(self._update, [], [*self._header, blob])
