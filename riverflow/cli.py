@@ -176,7 +176,9 @@ def _features_bench(args: argparse.Namespace, settings: Settings, spec: Pipeline
                 f"batch {r.batch_size:>5}: {r.events_per_s:>9,.0f} events/s = "
                 f"{r.feature_values_per_s:>10,.0f} feature updates+reads/s ({r.features} "
                 f"features); per batch p50 {r.p50_ms:.2f} ms, p99 {r.p99_ms:.2f} ms "
-                f"({r.batches} batches)"
+                f"({r.batches} batches); CPU per batch: client {r.client_cpu_ms:.2f} ms, "
+                f"redis-server {r.redis_cpu_ms:.2f} ms",
+                soft_wrap=True,
             )
     return 0
 
