@@ -282,3 +282,13 @@ def test_tls_from_settings(tls_redis: tuple[str, Path], fraud_spec: PipelineSpec
         connect(Settings(redis_tls=True, redis_retries=0), url)
     with pytest.raises(ConnectionFailed):  # it speaks only TLS
         connect(Settings(redis_retries=0, redis_socket_timeout_s=2), url)
+
+
+def test_the_benchmark_runs_on_real_redis(
+    redis_client: redis.Redis, fraud_spec: PipelineSpec
+) -> None:
+    from riverflow.bench_features import run_bench
+
+    result = run_bench(redis_client, fraud_spec, events=600, batch_size=100)
+    assert result.batches == 5 and result.features == 6
+    assert result.events_per_s > 0 and 0 < result.p50_ms <= result.p99_ms
