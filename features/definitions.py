@@ -3,15 +3,29 @@
 A feature is an aggregation of one event field per entity over an event-time
 window. Windows are made of tiles (time buckets): a window of length ``W`` with
 ``B`` buckets of width ``W / B`` covers the event's own bucket and the ``B - 1``
-before it. Features that share an entity and a window share one group of tiles,
-so one Redis hash serves all of them.
+before it. Features that share an entity and a window share one group of tiles;
+all the groups of one entity value are kept together (one Redis value).
+
+An entity is one event field (``card_id``) or several (``[card_id, merchant]``,
+a composite key). A feature whose entity is not the event key reads (and
+updates) that other entity's aggregates: ``{entity: merchant}`` on a card event
+joins the merchant's window onto it.
+
+Lateness: per entity value the store keeps the newest event time seen (the
+watermark ``w``). An event with ``ts >= w - lateness`` lands in its own bucket,
+however out of order. An older one is *too late*: it changes no aggregate and
+is scored with the entity's current window (the one ending at the newest
+bucket); the snapshot says so (``late``) and the scorer counts it.
 """
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import cached_property
 from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
@@ -42,6 +56,18 @@ class Aggregation(StrEnum):
     COUNT = "count"
     SUM = "sum"
     MEAN = "mean"
+    STD = "std"  # population standard deviation, from sum and sum of squares
+    MIN = "min"
+    MAX = "max"
+    DISTINCT = "distinct"  # HyperLogLog in Redis (standard error 0.81%), exact in memory
+    DISTINCT_EXACT = "distinct_exact"  # a set of values per tile: exact, costs memory
+    LAST = "last"  # the field's value in the entity's previous event in the window
+    SINCE_PREVIOUS = "since_previous"  # seconds since that previous event
+    ZSCORE = "zscore"  # (value - window mean) / window std, 0 when std is 0
+
+
+NO_FIELD = {Aggregation.COUNT, Aggregation.SINCE_PREVIOUS}
+ANY_FIELD = {Aggregation.DISTINCT, Aggregation.DISTINCT_EXACT}  # strings count too
 
 
 class FeatureSpec(BaseModel):
@@ -54,81 +80,248 @@ class FeatureSpec(BaseModel):
     field: str | None = Field(None, description="event field aggregated (not for count)")
     window: Duration
     buckets: int = Field(12, ge=1, le=1000, description="tiles per window")
-    entity: str | None = Field(None, description="entity key field; default: the event key")
+    entity: str | tuple[str, ...] | None = Field(
+        None, description="entity key field(s); default: the event key"
+    )
 
     def model_post_init(self, _context: object) -> None:
-        if self.agg is Aggregation.COUNT and self.field is not None:
-            raise ValueError(f"feature {self.name!r}: count takes no field")
-        if self.agg is not Aggregation.COUNT and self.field is None:
+        if self.agg in NO_FIELD and self.field is not None:
+            raise ValueError(f"feature {self.name!r}: {self.agg.value} takes no field")
+        if self.agg not in NO_FIELD and self.field is None:
             raise ValueError(f"feature {self.name!r}: {self.agg.value} needs a field")
+        if isinstance(self.entity, tuple) and not self.entity:
+            raise ValueError(f"feature {self.name!r}: entity needs at least one field")
+
+    def entity_fields(self, default: str) -> tuple[str, ...]:
+        if self.entity is None:
+            return (default,)
+        return (self.entity,) if isinstance(self.entity, str) else self.entity
+
+
+# What a group's tiles keep per numeric field, by aggregation: only what is read.
+STATS = ("sum", "square", "min", "max", "last", "current")
+NEEDS = {
+    Aggregation.SUM: ("sum",),
+    Aggregation.MEAN: ("sum",),
+    Aggregation.STD: ("sum", "square"),
+    Aggregation.ZSCORE: ("sum", "square", "current"),
+    Aggregation.MIN: ("min",),
+    Aggregation.MAX: ("max",),
+    Aggregation.LAST: ("last",),
+}
+
+# Layout of one group's aggregate vector (what a snapshot stores per group):
+#   [n, has_previous, seconds since the previous event,
+#    the window's sums, sums of squares, minima, maxima (per field that needs them),
+#    the previous event's values (``last`` fields), this event's values (``zscore``),
+#    per exact-distinct field: count, per approximate-distinct field: count]
+HEAD = 3
 
 
 @dataclass(frozen=True)
 class TileGroup:
-    """Features sharing one entity and window: one hash of tiles per entity value."""
+    """Features sharing one entity and window: one set of tiles per entity value.
 
-    entity: str
+    ``stats[k]`` are the fields whose ``STATS[k]`` the group keeps, ``numbers``
+    every numeric field it reads from events.
+    """
+
+    entity: tuple[str, ...]
     window_s: float
     buckets: int
-    sum_fields: tuple[str, ...]
+    lateness_s: float
+    stats: tuple[tuple[str, ...], ...] = ((),) * len(STATS)
+    exact: tuple[str, ...] = ()
+    approx: tuple[str, ...] = ()
+
+    @cached_property
+    def numbers(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(f for fields in self.stats for f in fields))
+
+    def indexes(self, stat: str) -> list[int]:
+        """Positions in ``numbers`` of the fields that keep ``stat``."""
+        numbers = self.numbers
+        return [numbers.index(f) for f in self.stats[STATS.index(stat)]]
+
+    @cached_property
+    def layout(self) -> tuple[list[int], ...]:
+        """Per stat of ``STATS``: positions in ``numbers`` of the fields keeping it."""
+        return tuple(self.indexes(stat) for stat in STATS)
+
+    def offset(self, stat: str, name: str) -> int:
+        """Where ``stat`` of field ``name`` sits in the group aggregate vector."""
+        k = STATS.index(stat)
+        return HEAD + sum(len(s) for s in self.stats[:k]) + self.stats[k].index(name)
+
+    def distinct_offset(self, name: str) -> int:
+        base = HEAD + sum(len(s) for s in self.stats)
+        if name in self.exact:
+            return base + self.exact.index(name)
+        return base + len(self.exact) + self.approx.index(name)
+
+    @property
+    def entity_name(self) -> str:
+        return "+".join(self.entity)
 
     @property
     def name(self) -> str:
-        return f"{self.entity}:{self.window_s:g}s:{self.buckets}"
+        return f"{self.entity_name}:{self.window_s:g}s:{self.buckets}"
 
     @property
     def bucket_s(self) -> float:
         return self.window_s / self.buckets
+
+    @property
+    def keep(self) -> int:
+        """Buckets kept behind the newest one: a window plus the allowed lateness,
+        and one spare so a late event's whole window is still there."""
+        return self.buckets + math.ceil(self.lateness_s / self.bucket_s) + 1
+
+    @property
+    def ttl_s(self) -> float:
+        return self.window_s + self.bucket_s + self.lateness_s
 
     def bucket(self, ts: float) -> int:
         """The tile index holding event time ``ts`` (seconds)."""
         return int(ts // self.bucket_s)
 
 
+def entity_value(fields: tuple[str, ...], event: Mapping[str, object]) -> str:
+    """The key of one entity in an event; composite keys join their parts with ``|``."""
+    return "|".join(str(event[f]) for f in fields)
+
+
 @dataclass(frozen=True)
 class FeaturePlan:
-    """How the declared features map onto tile groups, in a fixed order.
-
-    A group's aggregate is ``[count, sum(field_1), ..., sum(field_k)]`` over the
-    window; each feature reads its value from there.
-    """
+    """How the declared features map onto tile groups, in a fixed order."""
 
     features: tuple[FeatureSpec, ...]
     groups: tuple[TileGroup, ...]
-    # per feature: (group index, position of its sum in the group aggregate or -1)
-    _slots: tuple[tuple[int, int], ...]
+    # per feature: (group index, up to three offsets in the group aggregate, -1 unused)
+    _slots: tuple[tuple[int, int, int, int], ...]
+    lateness_s: float = 0.0
 
     @classmethod
-    def build(cls, features: list[FeatureSpec], default_entity: str) -> FeaturePlan:
-        order: dict[tuple[str, float, int], list[str]] = {}
+    def build(
+        cls, features: list[FeatureSpec], default_entity: str, lateness_s: float = 0.0
+    ) -> FeaturePlan:
+        kinds: dict[tuple[tuple[str, ...], float, int], dict[str, list[str]]] = {}
         for f in features:
-            key = (f.entity or default_entity, parse_duration(f.window), f.buckets)
-            sums = order.setdefault(key, [])
-            if f.field is not None and f.field not in sums:
-                sums.append(f.field)
-        groups = tuple(TileGroup(e, w, b, tuple(s)) for (e, w, b), s in order.items())
-        keys = list(order)
+            need = kinds.setdefault(
+                _group_key(f, default_entity), {k: [] for k in (*STATS, "exact", "approx")}
+            )
+            if f.field is None:
+                continue
+            wanted = {Aggregation.DISTINCT: ("approx",), Aggregation.DISTINCT_EXACT: ("exact",)}
+            for stat in wanted.get(f.agg) or NEEDS[f.agg]:
+                if f.field not in need[stat]:
+                    need[stat].append(f.field)
+        keys = list(kinds)
+        groups = tuple(
+            TileGroup(
+                e, w, b, lateness_s, tuple(tuple(n[k]) for k in STATS),
+                tuple(n["exact"]), tuple(n["approx"]),
+            )
+            for (e, w, b), n in kinds.items()
+        )  # fmt: skip
         slots = []
         for f in features:
-            gi = keys.index((f.entity or default_entity, parse_duration(f.window), f.buckets))
-            pos = -1 if f.field is None else 1 + groups[gi].sum_fields.index(f.field)
-            slots.append((gi, pos))
-        return cls(tuple(features), groups, tuple(slots))
+            gi = keys.index(_group_key(f, default_entity))
+            g = groups[gi]
+            offsets = [-1, -1, -1]
+            if f.agg in (Aggregation.DISTINCT, Aggregation.DISTINCT_EXACT):
+                offsets[0] = g.distinct_offset(f.field or "")
+            elif f.field is not None:
+                for i, stat in enumerate(NEEDS[f.agg]):
+                    offsets[i] = g.offset(stat, f.field)
+            slots.append((gi, offsets[0], offsets[1], offsets[2]))
+        return cls(tuple(features), groups, tuple(slots), lateness_s)
 
     @property
     def names(self) -> list[str]:
         return [f.name for f in self.features]
 
+    @cached_property
+    def entities(self) -> list[tuple[str, ...]]:
+        """Every entity (one or more fields) a feature is kept for."""
+        return list(dict.fromkeys(g.entity for g in self.groups))
+
+    @cached_property
+    def number_fields(self) -> list[str]:
+        return sorted({f for g in self.groups for f in g.numbers})
+
+    @cached_property
+    def distinct_fields(self) -> list[str]:
+        return sorted({f for g in self.groups for f in (*g.exact, *g.approx)})
+
+    def entity_keys(self, fields: Mapping[str, object]) -> dict[str, str]:
+        """The entities (name -> key) that ``fields`` (field -> value) fully name."""
+        return {
+            "+".join(e): entity_value(e, fields)
+            for e in self.entities
+            if all(f in fields for f in e)
+        }
+
+    @cached_property
+    def _readers(self) -> list[tuple[str, int, Callable[[list[float]], float], bool]]:
+        """Per feature: name, group index, how to read it from the group aggregate,
+        whether it needs an event (z-score). Built once: ``values`` runs per event."""
+        return [
+            (f.name, slot[0], _reader(f, slot, self.groups[slot[0]]), f.agg is Aggregation.ZSCORE)
+            for f, slot in zip(self.features, self._slots, strict=True)
+        ]
+
     def values(self, aggregates: list[list[float]]) -> dict[str, float]:
         """Feature values from the group aggregates one event saw."""
-        out: dict[str, float] = {}
-        for f, (gi, pos) in zip(self.features, self._slots, strict=True):
-            agg = aggregates[gi]
-            count = agg[0]
-            if f.agg is Aggregation.COUNT:
-                out[f.name] = count
-            elif f.agg is Aggregation.SUM:
-                out[f.name] = agg[pos]
-            else:
-                out[f.name] = agg[pos] / count if count else 0.0
-        return out
+        return {name: read(aggregates[gi]) for name, gi, read, _ in self._readers}
+
+    def current_values(self, aggregates: list[list[float] | None]) -> dict[str, float]:
+        """Values read outside an event (``FeatureStore.read``): groups without an
+        entity value are left out, and so is the z-score, which needs an event."""
+        return {
+            name: read(agg)
+            for name, gi, read, needs_event in self._readers
+            if (agg := aggregates[gi]) is not None and not needs_event
+        }
+
+
+def _group_key(f: FeatureSpec, default_entity: str) -> tuple[tuple[str, ...], float, int]:
+    return (f.entity_fields(default_entity), parse_duration(f.window), f.buckets)
+
+
+def _reader(
+    f: FeatureSpec, slot: tuple[int, int, int, int], group: TileGroup
+) -> Callable[[list[float]], float]:
+    _, a, b, c = slot
+    window_s = group.window_s
+    match f.agg:
+        case Aggregation.COUNT:
+            return lambda v: float(v[0])
+        case Aggregation.SINCE_PREVIOUS:
+            # no previous event in the window: at least a window ago
+            return lambda v: float(v[2]) if v[1] else window_s
+        case Aggregation.LAST:
+            return lambda v: float(v[a]) if v[1] else 0.0
+        case Aggregation.MEAN:
+            return lambda v: v[a] / v[0] if v[0] else 0.0
+        case Aggregation.STD:
+            return lambda v: _std(v[0], v[a], v[b])
+        case Aggregation.ZSCORE:
+            return lambda v: _zscore(v[0], v[a], v[b], v[c])
+    return lambda v: float(v[a])  # sum, min, max, distinct: kept as they are
+
+
+def _zscore(n: float, total: float, squares: float, x: float) -> float:
+    mean = total / n if n else 0.0
+    std = _std(n, total, squares)
+    return (x - mean) / std if std else 0.0
+
+
+def _std(n: float, total: float, squares: float) -> float:
+    if not n:
+        return 0.0
+    mean_sq = squares / n
+    var = mean_sq - (total / n) ** 2
+    # sum-of-squares variance carries rounding noise ~1e-15 * mean_sq: below a
+    # margin over it the true variance is indistinguishable from 0
+    return math.sqrt(var) if var > 1e-12 * mean_sq else 0.0

@@ -31,19 +31,34 @@ def uses_dev_key(settings: Settings) -> bool:
 
 
 def redis_client(settings: Settings, url: str) -> Any:
-    """A Redis client that answered PING, or ``ConnectionFailed`` saying where."""
+    """A Redis client that answered PING, or ``ConnectionFailed`` saying where.
+
+    Transient errors (connection, timeout) are retried with exponential backoff;
+    the scripts a store runs are atomic, so a retried batch is either wholly
+    applied or not at all, and dedup by event id makes a re-run harmless.
+    """
     import redis
     from redis.backoff import ExponentialBackoff
     from redis.retry import Retry
 
     password = settings.redis_password.get_secret_value() if settings.redis_password else None
+    if settings.redis_tls and url.startswith("redis://"):
+        url = "rediss://" + url.removeprefix("redis://")
+    tls: dict[str, Any] = {}
+    if url.startswith("rediss://") and settings.redis_tls_ca_file is not None:
+        tls["ssl_ca_certs"] = str(settings.redis_tls_ca_file)
     client = redis.Redis.from_url(
         url,
+        username=settings.redis_username,
         password=password,
         socket_timeout=settings.redis_socket_timeout_s,
-        socket_connect_timeout=settings.redis_socket_timeout_s,
-        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=5),
+        socket_connect_timeout=settings.redis_connect_timeout_s,
+        retry=Retry(
+            ExponentialBackoff(cap=settings.redis_backoff_cap_s, base=0.05),
+            retries=settings.redis_retries,
+        ),
         retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+        **tls,
     )
     try:
         client.ping()
@@ -53,11 +68,16 @@ def redis_client(settings: Settings, url: str) -> Any:
     return client
 
 
+def redis_store(spec: PipelineSpec, settings: Settings, client: Any) -> RedisFeatureStore:
+    return RedisFeatureStore(client, spec.name, spec.feature_plan(), settings.label_horizon_s)
+
+
 def redis_backends(
     spec: PipelineSpec, settings: Settings, client: Any
 ) -> tuple[FeatureStore, ModelRegistry]:
-    store = RedisFeatureStore(client, spec.name, spec.feature_plan(), settings.label_horizon_s)
-    return store, RedisRegistry(client, spec.name, signing_key(settings))
+    return redis_store(spec, settings, client), RedisRegistry(
+        client, spec.name, signing_key(settings)
+    )
 
 
 def memory_backends(spec: PipelineSpec, settings: Settings) -> tuple[FeatureStore, ModelRegistry]:

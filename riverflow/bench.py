@@ -32,7 +32,7 @@ import yaml
 from confluent_kafka import OFFSET_END, Consumer, TopicPartition
 from rich.table import Table
 
-from features.store import FeatureRequest, MemoryFeatureStore
+from features.store import MemoryFeatureStore, feature_request
 from models.champion import positive_probability
 from models.factory import build_model
 from riverflow.embedded import EmbeddedRuntime
@@ -127,16 +127,11 @@ def measure_limit(
     """River alone on the inputs the scorer would give it (features computed untimed)."""
     plan = spec.feature_plan()
     store = MemoryFeatureStore(plan)
-    time_field = spec.events.time
-    sums = sorted({f for g in plan.groups for f in g.sum_fields})
-    entities = sorted({g.entity for g in plan.groups})
+    inputs = spec.models.inputs
     snaps = store.update_and_read(
         [
-            FeatureRequest(
-                e["event_id"], e[time_field], {k: str(e[k]) for k in entities},
-                {f: e[f] for f in sums},
-                orjson.dumps({name: e[name] for name in spec.models.inputs}),
-            )
+            feature_request(plan, e, e["event_id"], e[spec.events.time],
+                            orjson.dumps({name: e[name] for name in inputs}))
             for e in events
         ]
     )  # fmt: skip

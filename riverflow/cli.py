@@ -1,4 +1,4 @@
-"""``riverflow``: demo, local stack, stages, produce, tail, the model registry.
+"""``riverflow``: demo, local stack, stages, produce, tail, features, the model registry.
 
 Every command reads ``Settings`` (``RIVERFLOW_*`` environment variables); Kafka
 and Redis addresses come from there or, when unset, from ``riverflow stack up``.
@@ -285,6 +285,57 @@ def _models_parser(sub: Any) -> None:
     models.set_defaults(func=cmd_models)
 
 
+def _redis_url(settings: Settings) -> str | None:
+    """Redis from the settings, else from the running ``stack up``."""
+    if settings.redis_url:
+        return settings.redis_url
+    running = {s.name: s for s in stack_status(settings) if s.alive()}
+    return running["redis"].address if "redis" in running else None
+
+
+def cmd_features(args: argparse.Namespace, settings: Settings) -> int:
+    from riverflow.assembly import redis_client, redis_store
+
+    spec = load_spec(args.spec or settings.spec)
+    if args.action == "bench":
+        return _features_bench(args, settings, spec)
+    if args.entity is None:
+        raise RiverflowError("features get: which entity? e.g. riverflow features get c00042")
+    url = _redis_url(settings)
+    if not url:
+        raise RiverflowError("no Redis: run `riverflow stack up` or set RIVERFLOW_REDIS_URL")
+    fields = {spec.events.key: args.entity}
+    for pair in args.with_:
+        name, sep, value = pair.partition("=")
+        if not sep or name not in spec.events.fields:
+            raise RiverflowError(f"--with {pair!r}: use FIELD=VALUE with an event field")
+        fields[name] = value
+    store = redis_store(spec, settings, redis_client(settings, url))
+    values = store.read(spec.feature_plan().entity_keys(fields), at=args.at)
+    print(json.dumps(values, indent=2))
+    return 0
+
+
+def _features_bench(args: argparse.Namespace, settings: Settings, spec: PipelineSpec) -> int:
+    from riverflow.assembly import redis_client
+    from riverflow.bench_features import local_redis, run_bench
+
+    with local_redis(_redis_url(settings)) as url:
+        client = redis_client(settings, url)
+        console.print(f"Redis {url.split('@')[-1]}, {args.events:,} events per run")
+        for size in args.batch or [100, 1000]:
+            r = run_bench(client, spec, args.events, size)
+            console.print(
+                f"batch {r.batch_size:>5}: {r.events_per_s:>9,.0f} events/s = "
+                f"{r.feature_values_per_s:>10,.0f} feature updates+reads/s ({r.features} "
+                f"features); per batch p50 {r.p50_ms:.2f} ms, p99 {r.p99_ms:.2f} ms "
+                f"({r.batches} batches); CPU per batch: client {r.client_cpu_ms:.2f} ms, "
+                f"redis-server {r.redis_cpu_ms:.2f} ms",
+                soft_wrap=True,
+            )
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="riverflow", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO")
@@ -338,6 +389,21 @@ def parser() -> argparse.ArgumentParser:
     drift.set_defaults(func=cmd_drift_eval)
 
     _models_parser(sub)
+
+    features = sub.add_parser("features", help="online feature values in Redis")
+    features.add_argument("action", choices=["get", "bench"])
+    features.add_argument("entity", nargs="?", help="get: value of the event key (a card id)")
+    features.add_argument(
+        "--with", dest="with_", action="append", default=[], metavar="FIELD=VALUE",
+        help="another entity's key, for features kept per merchant, card+merchant, ...",
+    )  # fmt: skip
+    features.add_argument("--at", type=float, help="event time windows end at (default: newest)")
+    features.add_argument("--events", type=int, default=50_000, help="bench: events per run")
+    features.add_argument(
+        "--batch", type=int, action="append", help="bench: batch size (default: 100 and 1000)"
+    )
+    features.add_argument("--spec", type=Path)
+    features.set_defaults(func=cmd_features)
     return p
 
 

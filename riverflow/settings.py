@@ -29,8 +29,14 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(
         None, description="redis:// URL of a running Redis; unset = start the local stack"
     )
+    redis_username: str | None = Field(None, description="Redis ACL user (default: 'default')")
     redis_password: SecretStr | None = None
-    redis_socket_timeout_s: float = 5.0
+    redis_tls: bool = Field(False, description="TLS to Redis (same as a rediss:// URL)")
+    redis_tls_ca_file: Path | None = Field(None, description="CA bundle that signed Redis' cert")
+    redis_socket_timeout_s: float = Field(5.0, gt=0, description="per-command timeout")
+    redis_connect_timeout_s: float = Field(5.0, gt=0)
+    redis_retries: int = Field(3, ge=0, description="retries of a command on a transient error")
+    redis_backoff_cap_s: float = Field(1.0, gt=0, description="longest wait between retries")
     partitions: int = Field(3, ge=1, description="partitions of every topic riverflow creates")
     replication_factor: int = Field(1, ge=1)
     host: Literal["confluent", "faust"] = Field(

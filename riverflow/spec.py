@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from features.definitions import FeaturePlan, FeatureSpec
+from features.definitions import ANY_FIELD, Duration, FeaturePlan, FeatureSpec, parse_duration
 from models.spec import ModelsSpec
 from riverflow.errors import RiverflowError
 from streams.schema import NUMERIC, EventSchema, FieldType, LabelSpec
@@ -31,6 +31,9 @@ class PipelineSpec(BaseModel):
     events: EventSchema
     label: LabelSpec
     features: list[FeatureSpec] = Field(default_factory=list)
+    allowed_lateness: Duration | None = Field(
+        "10m", description="how far behind an entity's newest event an event still counts"
+    )
     models: ModelsSpec
 
     @model_validator(mode="after")
@@ -49,10 +52,14 @@ class PipelineSpec(BaseModel):
             if f.name in names:
                 raise ValueError(f"features.{i}.name: duplicate feature {f.name!r}")
             names.add(f.name)
-            if f.field is not None and fields.get(f.field) not in NUMERIC:
+            if f.field is not None and f.agg in ANY_FIELD and f.field not in fields:
+                raise ValueError(f"features.{i}.field: {f.field!r} is not an event field")
+            numeric = fields.get(f.field or "") in NUMERIC
+            if f.field is not None and f.agg not in ANY_FIELD and not numeric:
                 raise ValueError(f"features.{i}.field: {f.field!r} is not a numeric event field")
-            if f.entity is not None and f.entity not in fields:
-                raise ValueError(f"features.{i}.entity: {f.entity!r} is not an event field")
+            for name in f.entity_fields(ev.key):
+                if name not in fields:
+                    raise ValueError(f"features.{i}.entity: {name!r} is not an event field")
         for i, name in enumerate(self.models.inputs):
             if name not in fields:
                 raise ValueError(f"models.inputs.{i}: {name!r} is not an event field")
@@ -73,7 +80,8 @@ class PipelineSpec(BaseModel):
         return Topics(self.name)
 
     def feature_plan(self) -> FeaturePlan:
-        return FeaturePlan.build(self.features, self.events.key)
+        lateness = parse_duration(self.allowed_lateness) if self.allowed_lateness else 0.0
+        return FeaturePlan.build(self.features, self.events.key, lateness)
 
 
 def load_spec(path: Path | str) -> PipelineSpec:

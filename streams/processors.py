@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 
 from features.definitions import FeaturePlan
-from features.store import Claim, FeatureRequest, FeatureSnapshot, FeatureStore
+from features.store import Claim, FeatureRequest, FeatureSnapshot, FeatureStore, feature_request
 from models.champion import ChampionReplica, positive_probability
 from models.explain import explain
 from models.registry import ChampionPointer, ModelRegistry, ModelVersion
@@ -50,6 +50,7 @@ class StageCounters:
     consumed: int = 0
     produced: int = 0
     dead_letters: int = 0
+    late_events: int = 0  # scored, but too late to count in some feature window
 
 
 class Scorer:
@@ -78,8 +79,6 @@ class Scorer:
         self.champion = champion
         self.clock = clock
         self.validate = RecordValidator(schema.fields, max_event_bytes)
-        self._numeric = sorted({f for g in plan.groups for f in g.sum_fields})
-        self._entities = sorted({g.entity for g in plan.groups})
         self.counters = StageCounters()
 
     def process(self, batch: Sequence[Message]) -> list[Output]:
@@ -96,6 +95,7 @@ class Scorer:
             requests.append(self._request(event))
         self.counters.dead_letters += len(out)
         snapshots = self.store.update_and_read(requests)
+        self.counters.late_events += sum(s.late and not s.replayed for s in snapshots)
         self.champion.refresh()
         model = self.champion.current
         now = self.clock()
@@ -109,13 +109,8 @@ class Scorer:
 
     def _request(self, event: dict[str, Any]) -> FeatureRequest:
         s = self.schema
-        return FeatureRequest(
-            event_id=event[s.event_id],
-            ts=event[s.time],
-            entities={e: str(event[e]) for e in self._entities},
-            numbers={f: event[f] for f in self._numeric},
-            context=orjson.dumps({name: event[name] for name in self.inputs}),
-        )
+        context = orjson.dumps({name: event[name] for name in self.inputs})
+        return feature_request(self.plan, event, event[s.event_id], event[s.time], context)
 
     def _predict(
         self, event: dict[str, Any], snap: FeatureSnapshot, model: ModelVersion, now: float

@@ -7,37 +7,105 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
-from features.definitions import Aggregation, FeatureSpec, parse_duration
+from features.definitions import Aggregation, FeatureSpec, entity_value, parse_duration
+
+# How far each aggregation may stray from the brute force: exact where the store
+# adds exactly representable numbers in any order; mean / std / z-score divide
+# and take roots of sums built in another order; HLL is an estimate (0.81%
+# standard error in Redis; exact in memory).
+EXACT = {
+    Aggregation.COUNT, Aggregation.SUM, Aggregation.MIN, Aggregation.MAX, Aggregation.LAST,
+    Aggregation.DISTINCT_EXACT, Aggregation.SINCE_PREVIOUS,
+}  # fmt: skip
+FLOAT_REL = 1e-6
+HLL_REL = 0.02
 
 
 def brute_force_features(
-    events: Iterable[dict[str, Any]], features: list[FeatureSpec], key: str, time: str
+    events: Iterable[dict[str, Any]],
+    features: list[FeatureSpec],
+    key: str,
+    time: str,
+    lateness_s: float = 0.0,
 ) -> dict[str, dict[str, float]]:
     """Each event's feature values, recomputed from every earlier event of its entity.
 
-    Window semantics (see features.definitions): the event's own time bucket of
-    width window/buckets and the buckets-1 before it, including the event itself.
-    Events of one entity must arrive in time order, as in the generated stream.
+    Semantics (see features.definitions): an event's window is its own time
+    bucket of width window/buckets and the buckets-1 before it, over the events
+    of its entity that arrived before it, and itself. An event older than its
+    entity's newest event minus ``lateness_s`` is too late: it counts nowhere
+    and sees the window ending at the entity's newest bucket. ``last`` and
+    ``since_previous`` are about the newest (by event time; then by arrival)
+    earlier event in the window.
     """
-    history: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    accepted: dict[tuple[tuple[str, ...], str], list[dict[str, Any]]] = defaultdict(list)
     out: dict[str, dict[str, float]] = {}
     for event in events:
         values: dict[str, float] = {}
+        ts = event[time]
+        entities = set()
         for f in features:
-            entity = f.entity or key
-            past = history[(entity, str(event[entity]))]
+            fields = f.entity_fields(key)
+            entity = (fields, entity_value(fields, event))
+            entities.add(entity)
+            past = accepted[entity]
+            late = bool(past) and ts < max(e[time] for e in past) - lateness_s
             width = parse_duration(f.window) / f.buckets
-            b = math.floor(event[time] / width)
-            window = [e for e in [*past, event] if b - f.buckets < math.floor(e[time] / width) <= b]
-            if f.agg is Aggregation.COUNT:
-                values[f.name] = float(len(window))
-            else:
-                total = math.fsum(e[f.field] for e in window)  # type: ignore[index]
-                values[f.name] = total if f.agg is Aggregation.SUM else total / len(window)
-        for entity in {f.entity or key for f in features}:
-            history[(entity, str(event[entity]))].append(event)
+
+            def bucket(t: float, width: float = width) -> int:
+                return int(t // width)
+
+            end = max(bucket(e[time]) for e in past) if late else bucket(ts)
+            earlier = [e for e in past if end - f.buckets < bucket(e[time]) <= end]
+            window = earlier if late else [*earlier, event]
+            values[f.name] = _aggregate(f, event, window, earlier, time)
+        for entity in entities:
+            past = accepted[entity]
+            if not past or ts >= max(e[time] for e in past) - lateness_s:
+                past.append(event)
         out[event["event_id"]] = values
     return out
+
+
+def _aggregate(
+    f: FeatureSpec,
+    event: dict[str, Any],
+    window: list[dict[str, Any]],
+    earlier: list[dict[str, Any]],
+    time: str,
+) -> float:
+    previous = None
+    for e in earlier:  # in arrival order: the last of equal times wins
+        if previous is None or e[time] >= previous[time]:
+            previous = e
+    if f.agg is Aggregation.COUNT:
+        return float(len(window))
+    if f.agg is Aggregation.SINCE_PREVIOUS:
+        if previous is None:
+            return parse_duration(f.window)
+        return max(event[time] - previous[time], 0.0)
+    assert f.field is not None
+    if f.agg in (Aggregation.DISTINCT, Aggregation.DISTINCT_EXACT):
+        return float(len({str(e[f.field]) for e in window}))
+    if f.agg is Aggregation.LAST:
+        return float(previous[f.field]) if previous is not None else 0.0
+    xs = [float(e[f.field]) for e in window]
+    if f.agg is Aggregation.MIN:
+        return min(xs, default=0.0)
+    if f.agg is Aggregation.MAX:
+        return max(xs, default=0.0)
+    total = math.fsum(xs)
+    if f.agg is Aggregation.SUM:
+        return total
+    mean = total / len(xs) if xs else 0.0
+    if f.agg is Aggregation.MEAN:
+        return mean
+    var = math.fsum((x - mean) ** 2 for x in xs) / len(xs) if xs else 0.0
+    mean_sq = math.fsum(x * x for x in xs) / len(xs) if xs else 0.0
+    std = math.sqrt(var) if var > 1e-12 * mean_sq else 0.0  # the store's noise floor
+    if f.agg is Aggregation.STD:
+        return std
+    return (float(event[f.field]) - mean) / std if std else 0.0
 
 
 def assert_features_match(
@@ -46,3 +114,19 @@ def assert_features_match(
     assert got.keys() == expected.keys()
     for name, value in expected.items():
         assert math.isclose(got[name], value, rel_tol=rel, abs_tol=1e-9), (name, got, expected)
+
+
+def assert_aggregations_match(
+    got: dict[str, float], expected: dict[str, float], features: list[FeatureSpec]
+) -> None:
+    """Each feature within its aggregation's tolerance (``EXACT``, ``FLOAT_REL``, ``HLL_REL``)."""
+    assert got.keys() == expected.keys()
+    for f in features:
+        g, e = got[f.name], expected[f.name]
+        if f.agg in EXACT:
+            ok = g == e
+        elif f.agg is Aggregation.DISTINCT:
+            ok = abs(g - e) <= max(1.0, HLL_REL * e)
+        else:
+            ok = math.isclose(g, e, rel_tol=FLOAT_REL, abs_tol=FLOAT_REL)
+        assert ok, (f.name, f.agg.value, g, e)

@@ -1,14 +1,25 @@
-"""The Redis store on a real redis-server: same values as the embedded store,
-replays change nothing, every key expires."""
+"""The Redis store on a real redis-server: every aggregation equals the brute
+force and the embedded store, replays change nothing, every key expires."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
 import redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydantic import SecretStr
 
+from features.definitions import Aggregation
 from features.errors import FeatureStoreError
 from features.store import (
     Claim,
@@ -17,11 +28,14 @@ from features.store import (
     MemoryFeatureStore,
     RedisFeatureStore,
 )
-from riverflow.assembly import ConnectionFailed
+from riverflow.assembly import ConnectionFailed, redis_store
 from riverflow.assembly import redis_client as connect
 from riverflow.generator import FraudStreamConfig, transactions
 from riverflow.settings import Settings
 from riverflow.spec import PipelineSpec
+from tests.feature_streams import FEATURES, LATENESS_S, PLAN, event_streams, run_batches
+from tests.feature_streams import requests as stream_requests
+from tests.helpers import assert_aggregations_match, brute_force_features
 
 
 def requests(n: int) -> list[FeatureRequest]:
@@ -54,27 +68,67 @@ def test_same_values_bit_for_bit_as_the_embedded_store(
         ]
 
 
-def test_replaying_a_batch_leaves_every_aggregate_unchanged(
-    store: RedisFeatureStore, redis_client: redis.Redis
+@settings(
+    max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(events=event_streams(), batch=st.integers(1, 25))
+def test_every_aggregation_equals_brute_force_and_the_embedded_store(
+    redis_client: redis.Redis, events: list[dict[str, Any]], batch: int
 ) -> None:
-    reqs = requests(600)
+    store = RedisFeatureStore(redis_client, f"t{uuid.uuid4().hex[:8]}", PLAN, horizon_s=3600)
+    reqs = stream_requests(events)
+    got = run_batches(store, reqs, batch)
+    want = run_batches(MemoryFeatureStore(PLAN), reqs, batch)
+    expected = brute_force_features(events, FEATURES, "card_id", "ts", LATENESS_S)
+    hll = {f.name for f in FEATURES if f.agg is Aggregation.DISTINCT}
+    for g, w in zip(got, want, strict=True):
+        values = PLAN.values(g.aggregates)
+        assert_aggregations_match(values, expected[g.event_id], FEATURES)
+        # bit for bit the embedded store's values, but for the HyperLogLog estimates
+        exact = {k: v for k, v in values.items() if k not in hll}
+        assert exact == {k: v for k, v in PLAN.values(w.aggregates).items() if k not in hll}
+        assert g.late == w.late
+
+
+def dump(client: redis.Redis, prefix: str) -> dict[bytes, Any]:
+    """Every entity's tiles and HyperLogLogs under ``prefix``, as stored."""
+    return {key: client.dump(key) for key in client.scan_iter(f"{prefix}ent:*")}
+
+
+def test_replaying_a_batch_leaves_every_aggregate_unchanged(
+    redis_client: redis.Redis,
+) -> None:
+    store = RedisFeatureStore(redis_client, f"t{uuid.uuid4().hex[:8]}", PLAN, horizon_s=3600)
+    events = [
+        {"event_id": f"e{i}", "card_id": f"c{i % 7}", "merchant": f"m{i % 5}",
+         "amount": (i % 13) * 1.5, "ts": 1_767_225_600.0 + 37.0 * i - (i % 4) * 100}
+        for i in range(600)
+    ]  # fmt: skip
+    reqs = stream_requests(events)
     first = store.update_and_read(reqs)
-    keys = sorted(redis_client.scan_iter(f"{store.prefix}tile:*"))
-    before = {k: redis_client.hgetall(k) for k in keys}
+    before = dump(redis_client, store.prefix)
+    assert any(b":hll:" in k for k in before)
     again = store.update_and_read(reqs)
     assert all(s.replayed for s in again) and not any(s.replayed for s in first)
     assert [s.aggregates for s in again] == [s.aggregates for s in first]
-    assert {k: redis_client.hgetall(k) for k in keys} == before
+    assert dump(redis_client, store.prefix) == before
 
 
-def test_every_key_written_has_a_ttl(store: RedisFeatureStore, redis_client: redis.Redis) -> None:
-    reqs = requests(300)
+def test_every_key_written_has_a_ttl(redis_client: redis.Redis) -> None:
+    store = RedisFeatureStore(redis_client, f"t{uuid.uuid4().hex[:8]}", PLAN, horizon_s=3600)
+    events = [
+        {"event_id": f"e{i}", "card_id": f"c{i % 7}", "merchant": f"m{i % 5}",
+         "amount": float(i), "ts": 1_767_225_600.0 + 60.0 * i}
+        for i in range(300)
+    ]  # fmt: skip
+    reqs = stream_requests(events)
     store.update_and_read(reqs)
     ids = [r.event_id for r in reqs[:100]]
     store.claim_snapshots(ids, ids, lambda token: False)
     keys = list(redis_client.scan_iter(f"{store.prefix}*"))
     kinds = {k.decode().split(":")[2] for k in keys}
-    assert kinds == {"tile", "snap", "learned"}
+    assert kinds == {"ent", "snap", "learned"}
+    assert any(b":hll:" in k for k in keys)
     no_ttl = [k for k in keys if redis_client.pttl(k) < 0]
     assert no_ttl == []
 
@@ -85,6 +139,24 @@ def never(token: str) -> bool:
 
 def tokens(ids: list[str], run: str) -> list[str]:
     return [f"{run}:{i}" for i in ids]
+
+
+def test_the_read_path_agrees_with_the_embedded_store(redis_client: redis.Redis) -> None:
+    store = RedisFeatureStore(redis_client, f"t{uuid.uuid4().hex[:8]}", PLAN, horizon_s=3600)
+    memory = MemoryFeatureStore(PLAN)
+    events = [
+        {"event_id": f"e{i}", "card_id": f"c{i % 3}", "merchant": f"m{i % 4}",
+         "amount": i * 0.5, "ts": 1_767_225_600.0 + 90.0 * i}
+        for i in range(200)
+    ]  # fmt: skip
+    store.update_and_read(stream_requests(events))
+    memory.update_and_read(stream_requests(events))
+    who = {"card_id": "c1", "merchant": "m2", "card_id+merchant": "c1|m2"}
+    for at in (None, events[-1]["ts"] - 1000.0, events[-1]["ts"] + 7200.0):
+        got = store.read(who, at)
+        assert got == memory.read(who, at)
+        assert got["n_10m"] >= 0 and "pair_n_24h" in got
+    assert store.read({"card_id": "nobody"}) == {}
 
 
 def test_labels_are_claimed_once(store: RedisFeatureStore) -> None:
@@ -119,3 +191,128 @@ def test_unreachable_redis_is_a_clear_error(fraud_spec: PipelineSpec) -> None:
     store = RedisFeatureStore(client, "x", fraud_spec.feature_plan(), 60)
     with pytest.raises(FeatureStoreError, match="Redis unreachable"):
         store.update_and_read(requests(1))
+
+
+def test_username_and_password_from_settings(redis_client: redis.Redis, stack: Any) -> None:
+    user, secret = f"u{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    redis_client.acl_setuser(user, enabled=True, passwords=[f"+{secret}"], commands=["+ping"])
+    try:
+        settings = Settings(redis_username=user, redis_password=SecretStr(secret))
+        assert connect(settings, stack.redis_url).ping()
+        wrong = Settings(redis_username=user, redis_password=SecretStr("nope"), redis_retries=0)
+        with pytest.raises(ConnectionFailed) as info:
+            connect(wrong, stack.redis_url)
+        assert "nope" not in str(info.value) and secret not in str(info.value)
+    finally:
+        redis_client.acl_deluser(user)
+
+
+def test_features_get_prints_the_current_values(
+    stack: Any, spec_file: Path, spec: PipelineSpec, redis_client: redis.Redis
+) -> None:
+    settings = Settings(redis_url=stack.redis_url)
+    store = redis_store(spec, settings, redis_client)
+    reqs = requests(500)
+    store.update_and_read(reqs)
+    card = reqs[-1].entities["card_id"]
+    env = {**os.environ, "RIVERFLOW_REDIS_URL": stack.redis_url, "RIVERFLOW_SPEC": str(spec_file)}
+    done = subprocess.run(
+        [sys.executable, "-m", "riverflow.cli", "features", "get", card],
+        capture_output=True, text=True, env=env, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    shown = json.loads(done.stdout)
+    assert shown == store.read({"card_id": card})
+    assert shown["tx_count_1h"] >= 1 and set(shown) == set(spec.feature_plan().names)
+
+
+@pytest.fixture
+def tls_redis(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """A redis-server speaking only TLS, with a certificate from a throwaway CA."""
+    from riverflow.stack import free_port, wait_for_redis
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=riverflow-test-ca",
+    )
+    openssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    )
+    (tmp_path / "san.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
+    openssl(
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "1",
+        "-extfile",
+        "san.cnf",
+    )
+    port = free_port()
+    server = subprocess.Popen(
+        ["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+         "--tls-cert-file", "server.crt", "--tls-key-file", "server.key",
+         "--tls-ca-cert-file", "ca.crt", "--tls-auth-clients", "no", "--save", "",
+         "--dir", str(tmp_path)],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        ca = tmp_path / "ca.crt"
+        url = f"redis://127.0.0.1:{port}/0"
+        wait_for_redis(f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={ca}", 20)
+        yield url, ca
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def test_tls_from_settings(tls_redis: tuple[str, Path], fraud_spec: PipelineSpec) -> None:
+    url, ca = tls_redis
+    client = connect(Settings(redis_tls=True, redis_tls_ca_file=ca), url)
+    store = RedisFeatureStore(client, "tls", fraud_spec.feature_plan(), 60)
+    assert len(store.update_and_read(requests(5))) == 5
+    with pytest.raises(ConnectionFailed):  # the server's certificate is not trusted
+        connect(Settings(redis_tls=True, redis_retries=0), url)
+    with pytest.raises(ConnectionFailed):  # it speaks only TLS
+        connect(Settings(redis_retries=0, redis_socket_timeout_s=2), url)
+
+
+def test_the_benchmark_runs_on_real_redis(
+    redis_client: redis.Redis, fraud_spec: PipelineSpec
+) -> None:
+    from riverflow.bench_features import run_bench
+
+    result = run_bench(redis_client, fraud_spec, events=600, batch_size=100)
+    assert result.batches == 5 and result.features == 6
+    assert result.events_per_s > 0 and 0 < result.p50_ms <= result.p99_ms

@@ -1,0 +1,117 @@
+"""Feature-store benchmark: update + read throughput and per-batch latency on Redis.
+
+Each batch is what the scorer does per batch: one ``update_and_read`` (encode,
+one Lua call, decode the snapshots) and ``FeaturePlan.values`` for every event.
+Requests are built before the clock starts. A "feature update + read" is one
+feature value of one event: events/s times the number of features.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from features.definitions import FeaturePlan, FeatureSpec
+from features.store import FeatureRequest, RedisFeatureStore, feature_request
+from riverflow.generator import FraudStreamConfig, transactions
+from riverflow.spec import PipelineSpec
+
+# Six features over three tile groups: the card's last hour and day, the merchant's hour.
+BENCH_FEATURES = [
+    FeatureSpec.model_validate(d)
+    for d in [
+        {"name": "tx_count_1h", "agg": "count", "window": "1h"},
+        {"name": "amount_sum_1h", "agg": "sum", "field": "amount", "window": "1h"},
+        {"name": "since_last_tx_1h", "agg": "since_previous", "window": "1h"},
+        {"name": "amount_mean_24h", "agg": "mean", "field": "amount", "window": "24h"},
+        {"name": "amount_zscore_24h", "agg": "zscore", "field": "amount", "window": "24h"},
+        {"name": "merchant_tx_count_1h", "agg": "count", "window": "1h", "entity": "merchant"},
+    ]
+]
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    batch_size: int
+    batches: int
+    features: int
+    events_per_s: float
+    p50_ms: float
+    p99_ms: float
+    # CPU time per batch of this process and of redis-server: what a batch costs
+    # when nothing else competes for the cores (wall times on a shared box do not)
+    client_cpu_ms: float
+    redis_cpu_ms: float
+
+    @property
+    def feature_values_per_s(self) -> float:
+        return self.events_per_s * self.features
+
+
+def bench_requests(
+    plan: FeaturePlan, spec: PipelineSpec, n: int, seed: int
+) -> list[FeatureRequest]:
+    config = FraudStreamConfig(seed=seed, cards=1000, mean_gap_s=1.0)
+    out = []
+    for event, _ in transactions(n, config):
+        context = orjson.dumps({name: event[name] for name in spec.models.inputs})
+        out.append(feature_request(plan, event, event["event_id"], event["ts"], context))
+    return out
+
+
+def run_bench(
+    client: Any, spec: PipelineSpec, events: int, batch_size: int, seed: int = 7
+) -> BenchResult:
+    """Feed ``events`` generated events in batches into a fresh namespace; time each batch."""
+    plan = FeaturePlan.build(BENCH_FEATURES, spec.events.key, 600.0)
+    store = RedisFeatureStore(client, f"bench-{uuid.uuid4().hex[:8]}", plan, horizon_s=600)
+    reqs = bench_requests(plan, spec, events, seed)
+    store.update_and_read(reqs[:batch_size])  # loads the scripts, warms the connection
+    latencies = []
+    redis_cpu = _redis_cpu_s(client)
+    client_cpu = time.process_time()
+    started = time.perf_counter()
+    for i in range(batch_size, len(reqs), batch_size):
+        t0 = time.perf_counter()
+        for snap in store.update_and_read(reqs[i : i + batch_size]):
+            plan.values(snap.aggregates)
+        latencies.append(time.perf_counter() - t0)
+    elapsed = time.perf_counter() - started
+    client_cpu = time.process_time() - client_cpu
+    redis_cpu = _redis_cpu_s(client) - redis_cpu
+    done, n = len(reqs) - batch_size, len(latencies)
+    cuts = statistics.quantiles(latencies, n=100, method="inclusive")
+    return BenchResult(
+        batch_size, n, len(plan.features), done / elapsed, cuts[49] * 1000, cuts[98] * 1000,
+        client_cpu * 1000 / n, redis_cpu * 1000 / n,
+    )  # fmt: skip
+
+
+def _redis_cpu_s(client: Any) -> float:
+    info = client.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+@contextmanager
+def local_redis(url: str | None) -> Iterator[str]:
+    """``url`` if given, else a throwaway redis-server on a free port."""
+    if url:
+        yield url
+        return
+    from riverflow.stack import start_redis
+
+    with tempfile.TemporaryDirectory(prefix="riverflow-bench-") as tmp:
+        server = start_redis(Path(tmp))
+        try:
+            yield server.address
+        finally:
+            server.stop(5)
