@@ -110,3 +110,11 @@ def test_pipeline_of_preprocessing_and_nested_params() -> None:
     model.learn_one({"a": 1.0}, True)
     assert 0.0 <= model.predict_proba_one({"a": 1.0})[True] <= 1.0
     assert model["LogisticRegression"].optimizer.learning_rate == 0.05
+
+
+def test_every_example_spec_loads_and_builds_its_champion() -> None:
+    examples = sorted((DEFAULT_SPEC.parent).glob("*.yaml"))
+    assert len(examples) >= 2
+    for path in examples:
+        spec = load_spec(path)
+        assert build_model(spec.models.champion_spec) is not None, path
