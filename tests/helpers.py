@@ -7,7 +7,10 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
+import orjson
+
 from features.definitions import Aggregation, FeatureSpec, entity_value, parse_duration
+from features.store import Claim, FeatureRequest, FeatureSnapshot, FeatureStore
 
 # How far each aggregation may stray from the brute force: exact where the store
 # adds exactly representable numbers in any order; mean / std / z-score divide
@@ -130,3 +133,31 @@ def assert_aggregations_match(
         else:
             ok = math.isclose(g, e, rel_tol=FLOAT_REL, abs_tol=FLOAT_REL)
         assert ok, (f.name, f.agg.value, g, e)
+
+
+def check_labels_are_claimed_once(store: FeatureStore, reqs: list[FeatureRequest]) -> None:
+    """The claim contract, for every store: each event's snapshot is handed out once
+    per label, unless the learning that claimed it was lost (a learner crash)."""
+
+    def tokens(ids: list[str], run: str) -> list[str]:
+        return [f"{run}:{i}" for i in ids]
+
+    def never(_token: str) -> bool:
+        return False
+
+    store.update_and_read(reqs[:2])
+    ids = [r.event_id for r in reqs[:3]]
+    first = store.claim_snapshots(ids, tokens(ids, "run1"), never)
+    assert isinstance(first[0], FeatureSnapshot)
+    assert first[0].inputs == orjson.loads(reqs[0].context)
+    assert first[2] is Claim.MISSING
+    assert store.claim_snapshots(ids[:2], tokens(ids[:2], "run1"), never) == [
+        Claim.DUPLICATE,
+        Claim.DUPLICATE,
+    ]
+    # a mark whose learning was lost (the learner crashed before its snapshot) is taken over
+    lost = store.claim_snapshots(ids[:2], tokens(ids[:2], "run2"), lambda t: t == f"run1:{ids[0]}")
+    assert isinstance(lost[0], FeatureSnapshot) and lost[1] is Claim.DUPLICATE
+    assert store.claim_snapshots(ids[:1], ["run3"], lambda t: t.startswith("run1")) == [
+        Claim.DUPLICATE
+    ]

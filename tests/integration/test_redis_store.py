@@ -22,9 +22,7 @@ from pydantic import SecretStr
 from features.definitions import Aggregation
 from features.errors import FeatureStoreError
 from features.store import (
-    Claim,
     FeatureRequest,
-    FeatureSnapshot,
     MemoryFeatureStore,
     RedisFeatureStore,
 )
@@ -35,7 +33,11 @@ from riverflow.settings import Settings
 from riverflow.spec import PipelineSpec
 from tests.feature_streams import FEATURES, LATENESS_S, PLAN, event_streams, run_batches
 from tests.feature_streams import requests as stream_requests
-from tests.helpers import assert_aggregations_match, brute_force_features
+from tests.helpers import (
+    assert_aggregations_match,
+    brute_force_features,
+    check_labels_are_claimed_once,
+)
 
 
 def requests(n: int) -> list[FeatureRequest]:
@@ -133,14 +135,6 @@ def test_every_key_written_has_a_ttl(redis_client: redis.Redis) -> None:
     assert no_ttl == []
 
 
-def never(token: str) -> bool:
-    return False
-
-
-def tokens(ids: list[str], run: str) -> list[str]:
-    return [f"{run}:{i}" for i in ids]
-
-
 def test_the_read_path_agrees_with_the_embedded_store(redis_client: redis.Redis) -> None:
     store = RedisFeatureStore(redis_client, f"t{uuid.uuid4().hex[:8]}", PLAN, horizon_s=3600)
     memory = MemoryFeatureStore(PLAN)
@@ -160,22 +154,7 @@ def test_the_read_path_agrees_with_the_embedded_store(redis_client: redis.Redis)
 
 
 def test_labels_are_claimed_once(store: RedisFeatureStore) -> None:
-    reqs = requests(3)
-    store.update_and_read(reqs[:2])
-    ids = [r.event_id for r in reqs]
-    claims = store.claim_snapshots(ids, tokens(ids, "run1"), never)
-    assert claims[0].inputs["channel"]  # type: ignore[union-attr]
-    assert claims[2] is Claim.MISSING
-    assert store.claim_snapshots(ids[:2], tokens(ids[:2], "run1"), never) == [
-        Claim.DUPLICATE,
-        Claim.DUPLICATE,
-    ]
-    # a mark whose learning was lost (the learner crashed before its snapshot) is taken over
-    lost = store.claim_snapshots(ids[:2], tokens(ids[:2], "run2"), lambda t: t == f"run1:{ids[0]}")
-    assert isinstance(lost[0], FeatureSnapshot) and lost[1] is Claim.DUPLICATE
-    assert store.claim_snapshots(ids[:1], ["run3"], lambda t: t.startswith("run1")) == [
-        Claim.DUPLICATE
-    ]
+    check_labels_are_claimed_once(store, requests(3))
 
 
 def test_unreachable_redis_is_a_clear_error(fraud_spec: PipelineSpec) -> None:

@@ -10,11 +10,16 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from features.store import Claim, FeatureRequest, FeatureSnapshot, MemoryFeatureStore
+from features.store import FeatureRequest, MemoryFeatureStore
 from riverflow.generator import FraudStreamConfig, transactions
 from riverflow.spec import PipelineSpec
 from tests.feature_streams import FEATURES, LATENESS_S, PLAN, event_streams, requests, run_batches
-from tests.helpers import assert_aggregations_match, assert_features_match, brute_force_features
+from tests.helpers import (
+    assert_aggregations_match,
+    assert_features_match,
+    brute_force_features,
+    check_labels_are_claimed_once,
+)
 
 
 def fraud_requests(spec: PipelineSpec, n: int, **config: object) -> list[FeatureRequest]:
@@ -101,31 +106,7 @@ def test_the_read_path_returns_the_current_values() -> None:
     assert store.read({"card_id": "nobody"}) == {}
 
 
-def never(token: str) -> bool:
-    return False
-
-
-def tokens(ids: list[str], run: str) -> list[str]:
-    return [f"{run}:{i}" for i in ids]
-
-
 def test_each_snapshot_is_claimed_once(fraud_spec: PipelineSpec) -> None:
-    store = MemoryFeatureStore(fraud_spec.feature_plan())
-    reqs = fraud_requests(fraud_spec, 3)
-    store.update_and_read(reqs[:2])
-    ids = [r.event_id for r in reqs]
-    first = store.claim_snapshots(ids, tokens(ids, "run1"), never)
-    assert isinstance(first[0], FeatureSnapshot) and first[0].inputs == {
-        "amount": reqs[0].numbers["amount"]
-    }
-    assert first[2] is Claim.MISSING
-    assert store.claim_snapshots(ids[:2], tokens(ids[:2], "run1"), never) == [
-        Claim.DUPLICATE,
-        Claim.DUPLICATE,
-    ]
-    # a mark whose learning was lost (the learner crashed before its snapshot) is taken over
-    lost = store.claim_snapshots(ids[:2], tokens(ids[:2], "run2"), lambda t: t == f"run1:{ids[0]}")
-    assert isinstance(lost[0], FeatureSnapshot) and lost[1] is Claim.DUPLICATE
-    assert store.claim_snapshots(ids[:1], ["run3"], lambda t: t.startswith("run1")) == [
-        Claim.DUPLICATE
-    ]
+    check_labels_are_claimed_once(
+        MemoryFeatureStore(fraud_spec.feature_plan()), fraud_requests(fraud_spec, 3)
+    )
