@@ -1,6 +1,6 @@
 """A real Kafka broker and a real redis-server for the session, and stage processes.
 
-Nothing here is mocked: the session starts Kafka (KRaft, Maven jars) and
+Every server here is real: the session starts Kafka (KRaft, Maven jars) and
 redis-server on free loopback ports, or uses RIVERFLOW_KAFKA_BOOTSTRAP /
 RIVERFLOW_REDIS_URL when they point at running servers.
 """
