@@ -71,6 +71,3 @@ class ChampionReplica:
             self._refused = pointer
             return False
         return True
-
-    def predict(self, x: dict[str, Any]) -> float:
-        return positive_probability(self.current.model, x)

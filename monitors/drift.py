@@ -61,14 +61,12 @@ class ErrorDriftMonitor:
     def __init__(self, spec: DetectorSpec | None = None) -> None:
         self.spec = spec or DetectorSpec()
         self.detector = build_detector(self.spec)
-        self.seen = 0
         self.alarms = 0
 
     def update(self, error: bool) -> bool:
         detector = self.detector
         before = detector.estimation if isinstance(detector, drift.ADWIN) else 0.0
         detector.update(error)
-        self.seen += 1
         if not detector.drift_detected:
             return False
         if isinstance(detector, drift.ADWIN) and detector.estimation <= before:

@@ -105,7 +105,10 @@ class Scorer:
         return out
 
     def status(self) -> dict[str, float]:
-        return {"model_version": float(self.champion.version)}
+        return {
+            "model_version": float(self.champion.version),
+            "late_events": float(self.counters.late_events),
+        }
 
     def _request(self, event: dict[str, Any]) -> FeatureRequest:
         s = self.schema

@@ -64,3 +64,4 @@ def test_a_too_late_event_is_scored_on_the_current_window_and_counted(
     got = predictions(rt)
     assert [got[f"e{i}"].features["n_1h"] for i in range(4)] == [1.0, 1.0, 2.0, 3.0]
     assert rt.scorer.counters.late_events == 1
+    assert rt.scorer.status()["late_events"] == 1  # exported as riverflow_stage_status
