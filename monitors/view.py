@@ -1,0 +1,74 @@
+"""What the monitor shows: one JSON document behind the status page and the report.
+
+The monitor stage keeps a ``MonitorView`` up to date; the status page serves it
+at ``/status.json`` and draws it, and ``riverflow report`` renders the same
+document into a self-contained HTML file and a PNG plot.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+MarkerKind = Literal["drift", "challenger", "promote", "rollback", "retire", "feature_drift"]
+
+
+class CandidateView(BaseModel):
+    """One candidate as the monitor sees it over its recent labelled events."""
+
+    name: str
+    role: Literal["champion", "challenger"]
+    version: int  # the last published version its live model descends from (0: none yet)
+    labels: int  # labelled events the monitor has seen for it
+    metrics: dict[str, float]  # windowed: accuracy, precision, recall, f1, roc_auc, log_loss
+    drift_alarms: int = 0
+    base: str | None = None  # for a fresh challenger: the spec candidate it was started from
+
+
+class SeriesPoint(BaseModel):
+    """One point of a candidate's windowed metric over time."""
+
+    labels: int  # monitor's count of labelled events when the point was taken (the x axis)
+    at: float  # unix seconds
+    version: int
+    value: float  # the view's ``metric`` over the window ending here
+
+
+class Marker(BaseModel):
+    """A decision or alarm, drawn as a vertical line on the charts."""
+
+    labels: int
+    at: float
+    kind: MarkerKind
+    model: str
+    text: str  # one line: what happened and the evidence
+
+
+class SegmentView(BaseModel):
+    field: str
+    metric: str
+    by: dict[str, dict[str, float]]  # segment value -> {"n": count, metric: value}
+    gap: float  # largest difference of the metric between two segments with enough labels
+
+
+class DistributionView(BaseModel):
+    """Label-free drift of one input (a feature, or ``score`` for the probability)."""
+
+    statistic: float  # two-sample Kolmogorov-Smirnov statistic, reference vs recent window
+    p_value: float
+    alarms: int
+
+
+class MonitorView(BaseModel):
+    pipeline: str
+    updated: float
+    metric: str = "accuracy"  # what ``series`` holds
+    window: int  # labelled events per sliding window
+    champion: dict[str, str | int] | None  # {"model", "version"} as the registry says
+    candidates: list[CandidateView] = Field(default_factory=list)
+    series: dict[str, list[SeriesPoint]] = Field(default_factory=dict)
+    markers: list[Marker] = Field(default_factory=list)
+    segments: SegmentView | None = None
+    distributions: dict[str, DistributionView] = Field(default_factory=dict)
+    anomaly: dict[str, float] = Field(default_factory=dict)  # HalfSpaceTrees: mean, p99 score
