@@ -14,6 +14,7 @@ Redis layout (prefix ``rf:{ns}:``), no TTL (this is the audit trail)::
     champion                  pointer (JSON {"model", "version"})
     champion:history          list of pointer moves (JSON), oldest first
     learner:checkpoint        the learner's state at its last snapshot (signed pickle)
+    challengers               hash: fresh challenger name -> JSON {"base", "started", "reason"}
 """
 
 from __future__ import annotations
@@ -197,6 +198,26 @@ class ModelRegistry(ABC):
     def history(self) -> list[PointerMove]:
         return [PointerMove.from_dict(orjson.loads(raw)) for raw in self._history()]
 
+    def last_move(self) -> PointerMove | None:
+        raw = self._last_move()
+        return None if raw is None else PointerMove.from_dict(orjson.loads(raw))
+
+    # -- fresh challengers ----------------------------------------------------------
+
+    def challengers(self) -> dict[str, dict[str, Any]]:
+        """Candidates started at run time (by the monitor), beside the spec's own:
+        name -> ``{"base": spec candidate it copies, "started": unix s, "reason"}``."""
+        return {name: orjson.loads(raw) for name, raw in self._challengers().items()}
+
+    def start_challenger(self, name: str, base: str, reason: str = "") -> None:
+        """Ask the learner to train a fresh ``name`` built like the spec candidate ``base``."""
+        record = {"base": base, "started": time.time(), "reason": reason}
+        self._set_challenger(name, orjson.dumps(record))
+
+    def retire_challenger(self, name: str) -> None:
+        """The learner stops training ``name``; its versions stay in the registry."""
+        self._set_challenger(name, None)
+
     # -- the learner's checkpoint -------------------------------------------------
 
     def checkpoint(self) -> Any:
@@ -231,6 +252,15 @@ class ModelRegistry(ABC):
     def _history(self) -> list[bytes]: ...
 
     @abstractmethod
+    def _last_move(self) -> bytes | None: ...
+
+    @abstractmethod
+    def _challengers(self) -> dict[str, bytes]: ...
+
+    @abstractmethod
+    def _set_challenger(self, name: str, raw: bytes | None) -> None: ...
+
+    @abstractmethod
     def _checkpoint(self) -> bytes | None: ...
 
     @abstractmethod
@@ -253,6 +283,7 @@ class MemoryRegistry(ModelRegistry):
         self.pointer: bytes | None = None
         self.moves: list[bytes] = []
         self.saved: bytes | None = None
+        self.fresh: dict[str, bytes] = {}
 
     def names(self) -> list[str]:
         return sorted({n for n, _ in self.blobs})
@@ -284,6 +315,18 @@ class MemoryRegistry(ModelRegistry):
 
     def _history(self) -> list[bytes]:
         return list(self.moves)
+
+    def _last_move(self) -> bytes | None:
+        return self.moves[-1] if self.moves else None
+
+    def _challengers(self) -> dict[str, bytes]:
+        return dict(self.fresh)
+
+    def _set_challenger(self, name: str, raw: bytes | None) -> None:
+        if raw is None:
+            self.fresh.pop(name, None)
+        else:
+            self.fresh[name] = raw
 
     def _checkpoint(self) -> bytes | None:
         return self.saved
@@ -353,6 +396,20 @@ class RedisRegistry(ModelRegistry):
 
     def _history(self) -> list[bytes]:
         return list(self.client.lrange(f"{self.prefix}champion:history", 0, -1))
+
+    def _last_move(self) -> bytes | None:
+        raw = self.client.lindex(f"{self.prefix}champion:history", -1)
+        return None if raw is None else bytes(raw)
+
+    def _challengers(self) -> dict[str, bytes]:
+        raw = self.client.hgetall(f"{self.prefix}challengers")
+        return {k.decode(): bytes(v) for k, v in raw.items()}
+
+    def _set_challenger(self, name: str, raw: bytes | None) -> None:
+        if raw is None:
+            self.client.hdel(f"{self.prefix}challengers", name)
+        else:
+            self.client.hset(f"{self.prefix}challengers", name, raw)
 
     def _checkpoint(self) -> bytes | None:
         raw = self.client.get(f"{self.prefix}learner:checkpoint")

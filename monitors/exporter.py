@@ -87,6 +87,75 @@ class StageMetrics:
         self.last_loop = time.monotonic()
 
 
+class MonitorMetrics:
+    """What the monitor stage exports besides the stage metrics: quality per model
+    version, drift alarms and decisions, the champion, label-free drift, segments."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self.quality = Gauge(
+            "riverflow_model_quality", "windowed quality of a candidate over recent labels",
+            ["model", "version", "metric"], registry=r,
+        )  # fmt: skip
+        self.decisions = Counter(
+            "riverflow_monitor_decisions",
+            "monitor decisions and alarms (drift, feature_drift, challenger, retire, promote, "
+            "rollback)", ["kind", "model"], registry=r,
+        )  # fmt: skip
+        self.champion = Gauge(
+            "riverflow_champion_info", "1 for the version the scorers serve",
+            ["model", "version"], registry=r,
+        )  # fmt: skip
+        self.drift = Gauge(
+            "riverflow_input_drift_statistic",
+            "KS statistic of an input (feature or score) between reference and recent windows",
+            ["input"], registry=r,
+        )  # fmt: skip
+        self.anomaly = Gauge(
+            "riverflow_anomaly_score", "HalfSpaceTrees score of recent inputs", ["stat"],
+            registry=r,
+        )  # fmt: skip
+        self.segment = Gauge(
+            "riverflow_segment_quality", "the champion's windowed quality per segment",
+            ["segment", "metric"], registry=r,
+        )  # fmt: skip
+        self.gap = Gauge(
+            "riverflow_segment_gap", "largest quality gap between two segments", ["metric"],
+            registry=r,
+        )  # fmt: skip
+        self._versions: dict[str, str] = {}
+        self._champion: tuple[str, str] | None = None
+
+    def update(self, view: Any, decisions: Iterable[Any]) -> None:
+        """Set every gauge from a ``MonitorView``; count the new decisions."""
+        for d in decisions:
+            self.decisions.labels(d.kind, d.model).inc()
+        for c in view.candidates:
+            version = str(c.version)
+            old = self._versions.get(c.name)
+            if old is not None and old != version:
+                for metric in c.metrics:
+                    self.quality.remove(c.name, old, metric)
+            self._versions[c.name] = version
+            for metric, value in c.metrics.items():
+                self.quality.labels(c.name, version, metric).set(value)
+        if view.champion is not None:
+            now = (str(view.champion["model"]), str(view.champion["version"]))
+            if self._champion is not None and self._champion != now:
+                self.champion.remove(*self._champion)
+            self._champion = now
+            self.champion.labels(*now).set(1)
+        for name, d in view.distributions.items():
+            self.drift.labels(name).set(d.statistic)
+        for stat, value in view.anomaly.items():
+            self.anomaly.labels(stat).set(value)
+        if view.segments is not None:
+            for value, numbers in view.segments.by.items():
+                for metric in ("accuracy", "n"):
+                    self.segment.labels(value, metric).set(numbers.get(metric, 0.0))
+            self.gap.labels(view.segments.metric).set(view.segments.gap)
+
+
 class _QuietHandler(WSGIRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         pass

@@ -9,12 +9,16 @@ from typing import Any
 
 from features.store import FeatureStore, MemoryFeatureStore, RedisFeatureStore
 from models.champion import ChampionReplica
+from models.errors import ModelSpecError
 from models.factory import build_candidates, build_model
 from models.registry import MemoryRegistry, ModelRegistry, ModelVersion, RedisRegistry
+from monitors.exporter import MonitorMetrics
+from monitors.policy import PipelineMonitor
 from monitors.prequential import PrequentialMetrics
 from riverflow.errors import RiverflowError
 from riverflow.settings import DEV_SIGNING_KEY, Settings
 from riverflow.spec import PipelineSpec
+from streams.monitor import Monitor
 from streams.processors import Candidate, Learner, LearnerState, Scorer
 
 
@@ -93,12 +97,16 @@ def build_scorer(
     )
     return Scorer(
         spec.topics, spec.events, spec.feature_plan(), spec.models.inputs, store, champion,
-        settings.max_event_bytes, explain_top=spec.models.explain,
+        settings.max_event_bytes, explain_top=spec.models.explain, segment=spec.monitors.segment,
     )  # fmt: skip
 
 
 def build_learner(
-    spec: PipelineSpec, settings: Settings, store: FeatureStore, registry: ModelRegistry
+    spec: PipelineSpec,
+    settings: Settings,
+    store: FeatureStore,
+    registry: ModelRegistry,
+    registry_poll_s: float | None = None,
 ) -> Learner:
     """A learner that continues from its last checkpoint, or from fresh candidates.
 
@@ -115,11 +123,39 @@ def build_learner(
                                         saved.metrics[name]))  # fmt: skip
         else:
             candidates.append(Candidate(name, model, 0, PrequentialMetrics()))
+    dynamic: dict[str, str] = {}
+    if saved is not None:  # fresh challengers the monitor started, still wanted
+        for name, info in registry.challengers().items():
+            base = spec.models.candidate(info["base"])
+            if name not in saved.versions or base is None or name in fresh:
+                continue
+            v = saved.versions[name]
+            model = registry.load(name, v).model if v else build_model(base)
+            candidates.append(Candidate(name, model, v, saved.metrics[name]))
+            dynamic[name] = base.name
+
+    def fresh_model(base: str) -> Any:
+        candidate = spec.models.candidate(base)
+        if candidate is None:
+            raise ModelSpecError(f"fresh challenger of {base!r}: not a candidate of the spec")
+        return build_model(candidate)
+
     learner = Learner(
         spec.topics, spec.label, spec.feature_plan(), store, registry, candidates,
         spec.models.champion_spec.name, settings.max_event_bytes, settings.label_wait_s,
-        settings.snapshot_every_labels, settings.snapshot_every_s,
+        settings.snapshot_every_labels, settings.snapshot_every_s, fresh_model=fresh_model,
+        registry_poll_s=settings.model_poll_s if registry_poll_s is None else registry_poll_s,
+        inputs=spec.models.inputs,
+        segment=spec.monitors.segment,
     )  # fmt: skip
+    learner.dynamic.update(dynamic)
     if saved is not None:
         learner.restore(saved)
     return learner
+
+
+def build_monitor(
+    spec: PipelineSpec, registry: ModelRegistry, metrics: MonitorMetrics | None = None
+) -> Monitor:
+    core = PipelineMonitor(spec.name, spec.monitors, registry, spec.models.champion_spec.name)
+    return Monitor(spec.topics, core, metrics)

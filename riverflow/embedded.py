@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from riverflow.assembly import build_learner, build_scorer, memory_backends
+from riverflow.assembly import build_learner, build_monitor, build_scorer, memory_backends
 from riverflow.settings import Settings
 from riverflow.spec import PipelineSpec
 from streams.contracts import Message, Output
@@ -33,7 +33,7 @@ class EmbeddedLog:
 
 
 class EmbeddedRuntime:
-    """A scorer and a learner over one in-memory log."""
+    """A scorer, a learner and a monitor over one in-memory log."""
 
     def __init__(self, spec: PipelineSpec, settings: Settings) -> None:
         self.spec = spec
@@ -42,8 +42,11 @@ class EmbeddedRuntime:
         self.log = EmbeddedLog()
         self.store, self.registry = memory_backends(spec, settings)
         self.scorer = build_scorer(spec, settings, self.store, self.registry)
-        self.learner = build_learner(spec, settings, self.store, self.registry)
-        self.offsets = {self.topics.events: 0, self.topics.labels: 0}
+        # the learner follows the monitor's decisions at once: deterministic runs
+        self.learner = build_learner(spec, settings, self.store, self.registry, registry_poll_s=0)
+        self.monitor = build_monitor(spec, self.registry)
+        t = self.topics
+        self.offsets = {t.events: 0, t.labels: 0, t.predictions: 0, t.evaluations: 0}
 
     def produce(self, topic: str, key: bytes | None, value: bytes) -> None:
         self.log.append(topic, key, value)
@@ -61,6 +64,14 @@ class EmbeddedRuntime:
                 self.offsets[topic] += len(batch)
                 self.learner.commit()
                 done += len(batch)
+        watched = []
+        for topic in (self.topics.predictions, self.topics.evaluations):
+            batch = self.log.read(topic, self.offsets[topic], self.settings.batch_size)
+            self.offsets[topic] += len(batch)
+            watched += batch
+        if watched:
+            self.log.write(self.monitor.process(watched))
+            done += len(watched)
         return done
 
     def drain(self) -> None:

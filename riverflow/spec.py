@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from features.definitions import ANY_FIELD, Duration, FeaturePlan, FeatureSpec, parse_duration
 from models.spec import ModelsSpec
+from monitors.spec import MonitorSpec
 from riverflow.errors import RiverflowError
 from streams.schema import NUMERIC, EventSchema, FieldType, LabelSpec
 from streams.topics import Topics
@@ -35,6 +36,7 @@ class PipelineSpec(BaseModel):
         "10m", description="how far behind an entity's newest event an event still counts"
     )
     models: ModelsSpec
+    monitors: MonitorSpec = Field(default_factory=MonitorSpec)
 
     @model_validator(mode="after")
     def _cross_check(self) -> PipelineSpec:
@@ -65,6 +67,8 @@ class PipelineSpec(BaseModel):
                 raise ValueError(f"models.inputs.{i}: {name!r} is not an event field")
             if name in names:
                 raise ValueError(f"models.inputs.{i}: {name!r} is also a feature name")
+        if self.monitors.segment is not None and self.monitors.segment not in fields:
+            raise ValueError(f"monitors.segment: {self.monitors.segment!r} is not an event field")
         known = names | set(self.models.inputs)
         for i, c in enumerate(self.models.candidates):
             for j, name in enumerate(c.select):

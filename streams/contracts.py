@@ -91,6 +91,7 @@ class Evaluation(BaseModel):
     label: bool
     labels_seen: int
     predictions: dict[str, CandidatePrediction]
+    segment: str | int | float | bool | None = None  # the spec's monitors.segment field, if set
 
 
 class ModelEvent(BaseModel):
@@ -98,7 +99,12 @@ class ModelEvent(BaseModel):
 
     ``published`` (a new version; ``parent`` and ``labels_seen`` set) or a move
     of the champion pointer: ``advance`` (the learner), ``promote``, ``rollback``
-    (``previous`` set to where it pointed before).
+    (``previous`` set to where it pointed before). The learner also writes
+    ``started`` / ``dropped`` (a fresh challenger it began / stopped training)
+    and ``rebased`` (a candidate continued from the version it was rolled back
+    to). The monitor (``by: monitor``) writes its decisions with their
+    ``evidence``: ``drift``, ``feature_drift``, ``challenger``, ``retire``,
+    ``promote``, ``rollback``.
     """
 
     kind: str
@@ -109,3 +115,5 @@ class ModelEvent(BaseModel):
     previous: dict[str, str | int] | None = None
     at: float | None = None
     reason: str = ""
+    evidence: dict[str, Any] | None = None
+    by: str | None = None

@@ -69,12 +69,15 @@ class Scorer:
         max_event_bytes: int,
         clock: Callable[[], float] = time.time,
         explain_top: int = 0,
+        segment: str | None = None,
     ) -> None:
         self.topics = topics
         self.explain_top = explain_top
         self.schema = schema
         self.plan = plan
         self.inputs = list(inputs)
+        # the snapshot keeps the segment field too, so the learner can tell the monitor
+        self.stored = self.inputs + ([segment] if segment and segment not in inputs else [])
         self.store = store
         self.champion = champion
         self.clock = clock
@@ -112,14 +115,14 @@ class Scorer:
 
     def _request(self, event: dict[str, Any]) -> FeatureRequest:
         s = self.schema
-        context = orjson.dumps({name: event[name] for name in self.inputs})
+        context = orjson.dumps({name: event[name] for name in self.stored})
         return feature_request(self.plan, event, event[s.event_id], event[s.time], context)
 
     def _predict(
         self, event: dict[str, Any], snap: FeatureSnapshot, model: ModelVersion, now: float
     ) -> Output:
         features = self.plan.values(snap.aggregates)
-        x = {**snap.inputs, **features}
+        x = {**{k: snap.inputs[k] for k in self.inputs}, **features}
         probability = positive_probability(model.model, x)
         key = str(event[self.schema.key]).encode()
         record = {
@@ -164,6 +167,7 @@ class LearnerState:
     labels_seen: int
     positions: dict[int, int]  # label partition -> next offset to read
     pending: list[tuple[Message, bool]]
+    saved_at: float = 0.0  # unix seconds: a rollback after this is applied on restore
 
 
 class Learner:
@@ -195,8 +199,16 @@ class Learner:
         snapshot_every: int,
         snapshot_every_s: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
+        fresh_model: Callable[[str], Any] | None = None,
+        registry_poll_s: float = 0.0,
+        inputs: Sequence[str] | None = None,
+        segment: str | None = None,
     ) -> None:
         self.topics = topics
+        self.fresh_model = fresh_model
+        self.registry_poll_s = registry_poll_s
+        self.inputs = None if inputs is None else list(inputs)
+        self.segment = segment
         self.label = label
         self.plan = plan
         self.store = store
@@ -223,6 +235,9 @@ class Learner:
         self._staged: LearnerState | None = None
         self._base: dict[int, int] = {}
         self._base_pending: set[tuple[int, int]] = set()
+        self.dynamic: dict[str, str] = {}  # fresh challengers the monitor started -> base
+        self._rollbacks_after = 0.0  # unix seconds: rollbacks after this are not applied yet
+        self._next_poll = 0.0
 
     def _stale(self, token: str) -> bool:
         """Whether a learned-marker names a label that the models do not contain.
@@ -257,7 +272,7 @@ class Learner:
         """
         self.counters.consumed += len(batch)
         now = self.clock()
-        out: list[Output] = []
+        out: list[Output] = self.follow_registry(now)
         todo: dict[str, _Pending] = dict(self.pending)
         self.pending.clear()
         order: list[tuple[Message, str | None]] = [(p.msg, e) for e, p in todo.items()]
@@ -306,8 +321,58 @@ class Learner:
         self.counters.produced += len(out)
         return out
 
+    def follow_registry(self, now: float) -> list[Output]:
+        """Train the fresh challengers the monitor started, drop the retired ones, and
+        continue a rolled-back candidate from the version it was rolled back to.
+
+        Reads the registry at most every ``registry_poll_s``; returns model-events.
+        """
+        if self.fresh_model is None or now < self._next_poll:
+            return []
+        self._next_poll = now + self.registry_poll_s
+        out = []
+        wanted = {name: info["base"] for name, info in self.registry.challengers().items()}
+        pointer = self.registry.champion()
+        for name in [n for n in self.dynamic if n not in wanted]:
+            if pointer is not None and pointer.model == name:
+                continue  # retired while champion: keep training what is served
+            del self.candidates[name], self.dynamic[name]
+            out.append(self._model_event({"kind": "dropped", "model": name,
+                                          "version": 0, "reason": "retired"}))  # fmt: skip
+        for name, base in wanted.items():
+            if name in self.candidates:
+                continue
+            self.candidates[name] = Candidate(name, self.fresh_model(base), 0,
+                                              PrequentialMetrics())  # fmt: skip
+            self.dynamic[name] = base
+            out.append(self._model_event({"kind": "started", "model": name, "version": 0,
+                                          "reason": f"fresh {base}"}))  # fmt: skip
+        move = self.registry.last_move()
+        if (
+            move is not None
+            and move.kind == "rollback"
+            and move.at > self._rollbacks_after
+            and move.to.model in self.candidates
+        ):
+            c = self.candidates[move.to.model]
+            c.model = self.registry.load(move.to.model, move.to.version).model
+            c.version = move.to.version
+            self._rollbacks_after = move.at
+            rebased = {"kind": "rebased", "model": c.name, "version": c.version,
+                       "reason": move.reason}  # fmt: skip
+            out.append(self._model_event(rebased))
+        elif move is not None:
+            self._rollbacks_after = max(self._rollbacks_after, move.at)
+        return out
+
     def _learn(self, snap: FeatureSnapshot, label: bool) -> Output:
-        x = {**snap.inputs, **self.plan.values(snap.aggregates)}
+        inputs = snap.inputs
+        segment = None
+        if self.segment is not None:
+            segment = inputs.get(self.segment)
+            if self.inputs is not None and self.segment not in self.inputs:
+                inputs = {k: v for k, v in inputs.items() if k != self.segment}
+        x = {**inputs, **self.plan.values(snap.aggregates)}
         predictions = {}
         for c in self.candidates.values():
             proba = c.model.predict_proba_one(x)
@@ -323,6 +388,8 @@ class Learner:
             "labels_seen": self.learned,
             "predictions": predictions,
         }
+        if segment is not None:
+            record["segment"] = segment
         return Output(self.topics.evaluations, snap.event_id.encode(), orjson.dumps(record))
 
     def status(self) -> dict[str, float]:
@@ -407,6 +474,7 @@ class Learner:
         self._base = dict(saved.positions)
         self._saved_positions = dict(saved.positions)
         self._base_pending = {(msg.partition, msg.offset) for msg, _ in saved.pending}
+        self._rollbacks_after = getattr(saved, "saved_at", 0.0)
         deadline = self.clock() + self.label_wait_s
         for msg, label in saved.pending:
             record = self.validate(msg.value)
@@ -420,6 +488,7 @@ class Learner:
             labels_seen=self.learned,
             positions=dict(self.positions),
             pending=[(p.msg, p.label) for p in self.pending.values()],
+            saved_at=time.time(),
         )
 
     def _model_event(self, record: dict[str, Any]) -> Output:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from riverflow.settings import DEFAULT_SPEC, Settings
-from riverflow.spec import PipelineSpec, load_spec
+from riverflow.spec import PipelineSpec, load_spec, parse_spec
 
 # Logs registered here are printed under a failing test's report.
 LOGS: list[Path] = []
@@ -16,6 +16,18 @@ LOGS: list[Path] = []
 @pytest.fixture(scope="session")
 def fraud_spec() -> PipelineSpec:
     return load_spec(DEFAULT_SPEC)
+
+
+@pytest.fixture(scope="session")
+def unmonitored_spec(fraud_spec: PipelineSpec) -> PipelineSpec:
+    """The fraud spec with every monitor policy off: the pointer only follows the learner."""
+    return without_policies(fraud_spec)
+
+
+def without_policies(spec: PipelineSpec) -> PipelineSpec:
+    off = {"promote": {"enabled": False}, "rollback": {"enabled": False},
+           "challengers": {"on_drift": False}}  # fmt: skip
+    return parse_spec({**spec.model_dump(mode="json", by_alias=True), "monitors": off})
 
 
 @pytest.fixture
