@@ -16,7 +16,6 @@ from collections import deque
 from dataclasses import dataclass
 
 from river import anomaly, compose, preprocessing
-from scipy import stats
 
 from monitors.spec import LabelFreeSpec
 from monitors.view import DistributionView
@@ -63,6 +62,8 @@ class DistributionMonitor:
             self.anomaly.learn_one(features)
         if self.seen % self.spec.every:
             return []
+        from scipy import stats  # imported here: it takes seconds, and only this needs it
+
         drifted = []
         for name, item in self.inputs.items():
             if len(item.recent) < self.spec.window:

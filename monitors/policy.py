@@ -79,7 +79,7 @@ class _Watch:
     """One candidate as the monitor follows it."""
 
     def __init__(self, spec: MonitorSpec, first_label: int) -> None:
-        self.quality = WindowedQuality(spec.window)
+        self.quality = WindowedQuality(spec.window, spec.rollback.window)
         self.drift = ErrorDriftMonitor(spec.detector)
         self.version = 0
         self.first_label = first_label
@@ -248,9 +248,9 @@ class PipelineMonitor:
         since = self.labels - (self.last_decision or 0)
         if not policy.enabled or self.champion is None or since < policy.window:
             return []
-        if len(watch.quality.correct) < policy.window:
+        if len(watch.quality.recent) < policy.window:
             return []
-        recent = watch.quality.accuracy(last=policy.window)
+        recent = watch.quality.recent.rate()
         below_floor = policy.floor is not None and recent < policy.floor
         dropped = self.level is not None and recent < self.level - policy.drop
         if not (below_floor or dropped):

@@ -25,15 +25,37 @@ METRICS: dict[str, Any] = {
 _PROBA = {"roc_auc", "log_loss"}  # these take the probability, the others the decision
 
 
-class WindowedQuality:
-    """Classification metrics of one model over its last ``size`` labelled events."""
+class _Count:
+    """How many of the last ``size`` flags are set, in O(1) per flag."""
 
     def __init__(self, size: int) -> None:
+        self.flags: deque[bool] = deque(maxlen=size)
+        self.set = 0
+
+    def add(self, flag: bool) -> None:
+        if len(self.flags) == self.flags.maxlen:
+            self.set -= self.flags[0]
+        self.flags.append(flag)
+        self.set += flag
+
+    def __len__(self) -> int:
+        return len(self.flags)
+
+    def rate(self) -> float:
+        return self.set / len(self.flags) if self.flags else 0.0
+
+
+class WindowedQuality:
+    """Classification metrics of one model over its last ``size`` labelled events,
+    and its accuracy over the last ``recent`` of them."""
+
+    def __init__(self, size: int, recent: int | None = None) -> None:
         self.size = size
         self.metrics: dict[str, Any] = {
             name: utils.Rolling(cls, window_size=size) for name, cls in METRICS.items()
         }
-        self.correct: deque[bool] = deque(maxlen=size)
+        self.correct = _Count(size)
+        self.recent = _Count(recent or size)
         self.count = 0  # every labelled event seen, not only those in the window
 
     def update(self, label: bool, probability: float) -> bool:
@@ -43,21 +65,16 @@ class WindowedQuality:
         for name, metric in self.metrics.items():
             metric.update(label, proba if name in _PROBA else decision)
         self.count += 1
-        self.correct.append(decision == label)
+        self.correct.add(decision == label)
+        self.recent.add(decision == label)
         return decision == label
 
     @property
     def full(self) -> bool:
         return len(self.correct) == self.size
 
-    def accuracy(self, last: int | None = None) -> float:
-        """Accuracy over the whole window, or over its ``last`` events."""
-        if not self.correct:
-            return 0.0
-        if last is None or last >= len(self.correct):
-            return sum(self.correct) / len(self.correct)
-        tail = list(self.correct)[-last:]
-        return sum(tail) / len(tail)
+    def accuracy(self) -> float:
+        return self.correct.rate()
 
     def as_dict(self) -> dict[str, float]:
         out = {name: float(m.get()) for name, m in self.metrics.items()}
@@ -94,23 +111,27 @@ class PairedWindow:
 
     def __init__(self, size: int) -> None:
         self.pairs: deque[tuple[bool, bool]] = deque(maxlen=size)
+        self.a_right = self.b_right = self.a_only = self.b_only = 0
 
     def update(self, a_right: bool, b_right: bool) -> None:
+        if len(self.pairs) == self.pairs.maxlen:
+            self._count(*self.pairs[0], -1)
         self.pairs.append((a_right, b_right))
+        self._count(a_right, b_right, 1)
+
+    def _count(self, a: bool, b: bool, sign: int) -> None:
+        self.a_right += sign * a
+        self.b_right += sign * b
+        self.a_only += sign * (a and not b)
+        self.b_only += sign * (b and not a)
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def test(self) -> PairedTest:
-        n = len(self.pairs)
-        a_right = sum(a for a, _ in self.pairs)
-        b_right = sum(b for _, b in self.pairs)
-        a_only = sum(a and not b for a, b in self.pairs)
-        b_only = sum(b and not a for a, b in self.pairs)
+        n, a_only, b_only = len(self.pairs), self.a_only, self.b_only
         discordant = a_only + b_only
-        if discordant == 0:
-            stat, p = 0.0, 1.0
-        else:
-            stat = (abs(a_only - b_only) - 1) ** 2 / discordant if abs(a_only - b_only) > 1 else 0.0
-            p = math.erfc(math.sqrt(stat / 2))  # chi-squared(1) survival function
-        return PairedTest(n, a_right / max(n, 1), b_right / max(n, 1), a_only, b_only, stat, p)
+        stat = (abs(a_only - b_only) - 1) ** 2 / discordant if abs(a_only - b_only) > 1 else 0.0
+        p = math.erfc(math.sqrt(stat / 2)) if discordant else 1.0  # chi-squared(1) tail
+        return PairedTest(n, self.a_right / max(n, 1), self.b_right / max(n, 1), a_only, b_only,
+                          stat, p)  # fmt: skip

@@ -24,7 +24,7 @@ class PromotePolicy(_Frozen):
     enabled: bool = True
     min_labels: int = Field(500, ge=10, description="paired events needed before deciding")
     margin: float = Field(0.005, ge=0, le=1, description="accuracy the challenger must gain")
-    alpha: float = Field(0.01, gt=0, lt=1, description="McNemar test significance level")
+    alpha: float = Field(0.001, gt=0, lt=1, description="McNemar test significance level")
 
 
 class RollbackPolicy(_Frozen):

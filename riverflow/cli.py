@@ -352,7 +352,7 @@ def parser() -> argparse.ArgumentParser:
     stack.set_defaults(func=cmd_stack)
 
     run = sub.add_parser("run", help="run a stage on Kafka (until Ctrl-C / SIGTERM)")
-    run.add_argument("stage", choices=["scorer", "learner"])
+    run.add_argument("stage", choices=["scorer", "learner", "monitor"])
     run.add_argument("--spec", type=Path)
     run.set_defaults(func=cmd_run)
 

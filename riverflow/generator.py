@@ -40,6 +40,8 @@ class FraudStreamConfig:
     burst_rate: float = 0.006  # chance per event that a new card gets compromised
     drift_at: tuple[int, ...] = (5_000,)
     label_delay: int = 100  # a label follows its event by this many events
+    # labels of the events at these positions [start, end) are flipped (a bad labelling job)
+    flipped_labels: tuple[int, int] | None = None
     mean_gap_s: float = 1.0
     start_ts: float = 1_767_225_600.0  # 2026-01-01T00:00:00Z
 
@@ -112,8 +114,11 @@ def _fraud(rng: random.Random, card: str, home: str, concept: int) -> dict[str, 
 def with_labels(n: int, config: FraudStreamConfig) -> Iterator[tuple[str, dict[str, Any]]]:
     """Events and their labels in arrival order: ``("event", e)`` / ``("label", l)``."""
     waiting: deque[dict[str, Any]] = deque()
-    for event, fraud in transactions(n, config):
+    flip = range(*config.flipped_labels) if config.flipped_labels else range(0)
+    for i, (event, fraud) in enumerate(transactions(n, config)):
         yield "event", event
+        if i in flip:
+            fraud = not fraud
         waiting.append({"event_id": event["event_id"], "is_fraud": fraud})
         if len(waiting) > config.label_delay:
             yield "label", waiting.popleft()

@@ -11,9 +11,10 @@ from __future__ import annotations
 import logging
 import math
 
-from monitors.exporter import StageMetrics, serve
+from monitors.exporter import MonitorMetrics, StageMetrics, serve
 from riverflow.assembly import (
     build_learner,
+    build_monitor,
     build_scorer,
     redis_backends,
     redis_client,
@@ -28,13 +29,13 @@ from streams.faust_app import run_worker, stage_app
 from streams.kafka_io import ensure_topics
 
 log = logging.getLogger(__name__)
-METRICS_PORTS = {"scorer": 9401, "learner": 9402}
+METRICS_PORTS = {"scorer": 9401, "learner": 9402, "monitor": 9403}
 
 
 def run_stage(stage: str, spec: PipelineSpec, settings: Settings, ep: Endpoints) -> None:
-    """Run ``scorer`` or ``learner`` until SIGTERM / Ctrl-C."""
+    """Run ``scorer``, ``learner`` or ``monitor`` until SIGTERM / Ctrl-C."""
     if stage not in METRICS_PORTS:
-        raise ValueError(f"unknown stage {stage!r} (scorer or learner)")
+        raise ValueError(f"unknown stage {stage!r} (scorer, learner or monitor)")
     if uses_dev_key(settings):
         log.warning("RIVERFLOW_SIGNING_KEY is the development default: set your own key")
     topics = spec.topics
@@ -44,10 +45,21 @@ def run_stage(stage: str, spec: PipelineSpec, settings: Settings, ep: Endpoints)
     store, registry = redis_backends(spec, settings, redis_client(settings, ep.redis_url))
     metrics = StageMetrics(stage)
     port = METRICS_PORTS[stage] if settings.metrics_port is None else settings.metrics_port
-    if port:
-        serve(metrics, port, settings.metrics_host)
     host = settings.host if stage == "scorer" else "confluent"
     log.info("%s on %s host, metrics on :%s", stage, host, port or "-")
+    if stage == "monitor":
+        monitor = build_monitor(spec, registry, MonitorMetrics(metrics.registry))
+        if port:
+            serve(metrics, port, settings.metrics_host)
+        # ticks re-read the champion pointer and retire stale challengers while quiet
+        ConfluentHost(
+            monitor, [topics.evaluations, topics.predictions], ep.kafka_bootstrap,
+            f"riverflow-{spec.name}-monitor", settings.batch_size, tick_s=settings.model_poll_s,
+            metrics=metrics, dlq_topic=topics.dlq,
+        ).run()  # fmt: skip
+        return
+    if port:
+        serve(metrics, port, settings.metrics_host)
     if stage == "scorer":
         scorer = build_scorer(spec, settings, store, registry)
         group = f"riverflow-{spec.name}-scorer"

@@ -39,12 +39,13 @@ log = logging.getLogger(__name__)
 
 
 class ConfluentHost:
-    """Runs ``processor`` over ``source`` until ``stop()`` or SIGTERM/SIGINT."""
+    """Runs ``processor`` over ``source`` (one topic, or several in a consumer group)
+    until ``stop()`` or SIGTERM/SIGINT."""
 
     def __init__(
         self,
         processor: Processor,
-        source: str,
+        source: str | list[str],
         bootstrap: str,
         group: str,
         batch_size: int,
@@ -59,7 +60,7 @@ class ConfluentHost:
         self.processor = processor
         self.metrics = metrics
         self.dlq_topic = dlq_topic
-        self.source = source
+        self.sources = [source] if isinstance(source, str) else list(source)
         self.batch_size = batch_size
         self.poll_s = poll_s
         self.tick_s = tick_s
@@ -89,7 +90,7 @@ class ConfluentHost:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: self.stop())
         if self.positions is None:
-            self.consumer.subscribe([self.source])
+            self.consumer.subscribe(self.sources)
         else:
             self._assign(self.positions)
         next_tick = time.monotonic() + (self.tick_s or 0)
@@ -117,11 +118,14 @@ class ConfluentHost:
             self.consumer.close()  # leaves the group (async commits are flushed)
 
     def _assign(self, positions: dict[int, int]) -> None:
-        meta = self.consumer.list_topics(self.source, timeout=10).topics.get(self.source)
+        if len(self.sources) != 1:
+            raise ValueError("positions are kept for one source topic only")
+        source = self.sources[0]
+        meta = self.consumer.list_topics(source, timeout=10).topics.get(source)
         if meta is None or meta.error is not None:
-            raise KafkaIOError(f"no topic {self.source!r}")
+            raise KafkaIOError(f"no topic {source!r}")
         self.consumer.assign(
-            [TopicPartition(self.source, p, positions.get(p, OFFSET_BEGINNING))
+            [TopicPartition(source, p, positions.get(p, OFFSET_BEGINNING))
              for p in sorted(meta.partitions)]
         )  # fmt: skip
 
