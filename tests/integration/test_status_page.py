@@ -12,7 +12,7 @@ import subprocess
 import tempfile
 import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -53,15 +53,13 @@ class Element:
     text: str = ""
 
 
-@dataclass
 class Dom(HTMLParser):
-    """Every element of a dumped DOM with its attributes and its own text."""
+    """Every element of a dumped DOM with its attributes and the text inside it."""
 
-    elements: list[Element] = field(default_factory=list)
-    open: list[Element] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        HTMLParser.__init__(self)
+    def __init__(self) -> None:
+        super().__init__()
+        self.elements: list[Element] = []
+        self.open: list[Element] = []
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         element = Element(tag, {k: v or "" for k, v in attrs})
