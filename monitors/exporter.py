@@ -1,4 +1,5 @@
-"""Prometheus metrics of a running stage, served with ``/healthz`` over HTTP.
+"""Prometheus metrics of a running stage, served with ``/healthz`` (and, by the
+monitor, the status page) over HTTP.
 
 Hosts call ``StageMetrics.observe`` after every batch whose outputs are
 acknowledged, so the event latency histogram measures what a consumer of the
@@ -16,6 +17,9 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+
+from monitors.status import render_html
+from monitors.view import MonitorView
 
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -161,16 +165,36 @@ class _QuietHandler(WSGIRequestHandler):
         pass
 
 
-def serve(metrics: StageMetrics, port: int, host: str = "127.0.0.1") -> WSGIServer:
-    """Serve ``/metrics`` and ``/healthz`` in a daemon thread; returns the server."""
+def serve(
+    metrics: StageMetrics,
+    port: int,
+    host: str = "127.0.0.1",
+    view: Callable[[], MonitorView] | None = None,
+) -> WSGIServer:
+    """Serve ``/metrics`` and ``/healthz`` in a daemon thread; returns the server.
+
+    With ``view`` (the monitor's current document) also the status page at ``/`` and
+    ``/status``, and the document itself at ``/status.json``.
+    """
     prometheus = make_wsgi_app(metrics.registry)
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        if environ.get("PATH_INFO") == "/healthz":
+        path = environ.get("PATH_INFO")
+        if path == "/healthz":
             ok = metrics.alive()
             start_response("200 OK" if ok else "503 Service Unavailable",
                            [("Content-Type", "text/plain")])  # fmt: skip
             return [b"ok\n" if ok else b"stalled\n"]
+        if view is not None and path in ("/", "/status"):
+            page = render_html(view(), live=True).encode()
+            start_response("200 OK", [("Content-Type", "text/html; charset=utf-8"),
+                                      ("Cache-Control", "no-store")])  # fmt: skip
+            return [page]
+        if view is not None and path == "/status.json":
+            body = view().model_dump_json().encode()
+            start_response("200 OK", [("Content-Type", "application/json"),
+                                      ("Cache-Control", "no-store")])  # fmt: skip
+            return [body]
         return prometheus(environ, start_response)
 
     server = make_server(host, port, app, handler_class=_QuietHandler)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
+
+from monitors.errors import ViewError
 
 MarkerKind = Literal["drift", "challenger", "promote", "rollback", "retire", "feature_drift"]
 
@@ -72,3 +74,15 @@ class MonitorView(BaseModel):
     segments: SegmentView | None = None
     distributions: dict[str, DistributionView] = Field(default_factory=dict)
     anomaly: dict[str, float] = Field(default_factory=dict)  # HalfSpaceTrees: mean, p99 score
+
+
+def parse_view(raw: bytes | str, source: str = "view") -> MonitorView:
+    """Validate a JSON ``MonitorView``; raise ``ViewError`` naming what is wrong and where."""
+    try:
+        return MonitorView.model_validate_json(raw)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors(include_url=False):
+            where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            lines.append(f"  {where}: {err['msg']}")
+        raise ViewError(f"{source} is not a monitor view:\n" + "\n".join(lines)) from None

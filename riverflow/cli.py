@@ -1,4 +1,5 @@
-"""``riverflow``: demo, local stack, stages, produce, tail, features, the model registry.
+"""``riverflow``: demo, local stack, stages, produce, tail, features, the model registry,
+the monitor's report.
 
 Every command reads ``Settings`` (``RIVERFLOW_*`` environment variables); Kafka
 and Redis addresses come from there or, when unset, from ``riverflow stack up``.
@@ -24,6 +25,8 @@ from riverflow.stack import Endpoints, stack_down, stack_status, stack_up
 
 if TYPE_CHECKING:
     from models.registry import RedisRegistry
+
+MONITOR_PORT = 9403  # the monitor stage's status page, /status.json and /metrics
 
 console = Console()
 err_console = Console(stderr=True)
@@ -336,6 +339,45 @@ def _features_bench(args: argparse.Namespace, settings: Settings, spec: Pipeline
     return 0
 
 
+def _fetch_view(url: str) -> bytes:
+    import urllib.error
+    import urllib.request
+
+    address = url.rstrip("/") + "/status.json"
+    try:
+        with urllib.request.urlopen(address, timeout=10) as response:
+            body: bytes = response.read()
+            return body
+    except urllib.error.HTTPError as exc:
+        raise RiverflowError(f"{address}: HTTP {exc.code} {exc.reason}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise RiverflowError(
+            f"no monitor at {url} ({reason}): start one with `riverflow run monitor`, "
+            "or pass a saved view with --state FILE.json"
+        ) from None
+
+
+def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
+    from monitors.plot import render_png
+    from monitors.status import render_html
+    from monitors.view import parse_view
+
+    if args.state:
+        try:
+            raw = args.state.read_bytes()
+        except OSError as exc:
+            raise RiverflowError(f"cannot read {args.state}: {exc.strerror}") from None
+        view = parse_view(raw, source=str(args.state))
+    else:
+        view = parse_view(_fetch_view(args.url), source=f"{args.url}/status.json")
+    args.html.write_text(render_html(view, live=False), encoding="utf-8")
+    render_png(view, args.png)
+    console.print(f"wrote {args.html} and {args.png} ({view.pipeline}, "
+                  f"{len(view.candidates)} candidates, {len(view.markers)} markers)")  # fmt: skip
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="riverflow", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO")
@@ -389,6 +431,17 @@ def parser() -> argparse.ArgumentParser:
     drift.set_defaults(func=cmd_drift_eval)
 
     _models_parser(sub)
+
+    report = sub.add_parser(
+        "report", help="the status page as a self-contained HTML file and a PNG plot"
+    )
+    source = report.add_mutually_exclusive_group()
+    source.add_argument("--url", default=f"http://127.0.0.1:{MONITOR_PORT}",
+                        help="a running monitor (default: %(default)s)")  # fmt: skip
+    source.add_argument("--state", type=Path, help="a saved view (the monitor's status.json)")
+    report.add_argument("--html", type=Path, default=Path("report.html"))
+    report.add_argument("--png", type=Path, default=Path("report.png"))
+    report.set_defaults(func=cmd_report)
 
     features = sub.add_parser("features", help="online feature values in Redis")
     features.add_argument("action", choices=["get", "bench"])

@@ -44,3 +44,60 @@ def test_run_without_servers_says_how_to_get_them(tmp_path: Path) -> None:
         done = riverflow(*command, env=env)
         assert done.returncode == 2
         assert "riverflow stack up" in done.stderr
+
+
+def test_report_from_a_saved_view_writes_the_page_and_the_plot(tmp_path: Path) -> None:
+    from tests.monitor_views import realistic_view
+
+    state = tmp_path / "status.json"
+    state.write_text(realistic_view().model_dump_json())
+    html, png = tmp_path / "out" / "report.html", tmp_path / "report.png"
+    html.parent.mkdir()
+    done = riverflow("report", "--state", str(state), "--html", str(html), "--png", str(png))
+    assert done.returncode == 0, done.stderr
+    page = html.read_text()
+    assert "Champion: hoeffding v16" in page and '"live":false' in page
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_from_a_broken_state_names_the_problem(tmp_path: Path) -> None:
+    state = tmp_path / "status.json"
+    state.write_text('{"pipeline": "fraud", "updated": 1.0, "window": "many"}')
+    done = riverflow("report", "--state", str(state), "--html", str(tmp_path / "r.html"))
+    assert done.returncode == 2
+    err = " ".join(done.stderr.split())  # rich wraps long lines
+    assert f"{state} is not a monitor view" in err
+    assert "window: Input should be a valid integer" in err
+    assert "champion: Field required" in err
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "r.html").exists()
+
+
+def test_report_without_a_monitor_says_how_to_get_one(tmp_path: Path) -> None:
+    from riverflow.stack import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"
+    done = riverflow("report", "--url", url, "--html", str(tmp_path / "r.html"))
+    assert done.returncode == 2
+    err = " ".join(done.stderr.split())
+    assert f"no monitor at {url}" in err and "--state" in err
+    assert "Traceback" not in done.stderr
+
+
+def test_report_from_a_running_monitor(tmp_path: Path) -> None:
+    from monitors.exporter import StageMetrics, serve
+    from riverflow.stack import free_port
+    from tests.monitor_views import realistic_view
+
+    view = realistic_view()
+    server = serve(StageMetrics("monitor"), free_port(), view=lambda: view)
+    try:
+        url = f"http://127.0.0.1:{server.server_port}"
+        html, png = tmp_path / "r.html", tmp_path / "r.png"
+        done = riverflow("report", "--url", url, "--html", str(html), "--png", str(png))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert done.returncode == 0, done.stderr
+    assert "Champion: hoeffding v16" in html.read_text()
+    assert png.stat().st_size > 20_000

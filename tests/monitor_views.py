@@ -1,0 +1,192 @@
+"""Monitor views as the monitor stage would serve them, built without running it."""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import get_args
+
+from monitors.view import (
+    CandidateView,
+    DistributionView,
+    Marker,
+    MarkerKind,
+    MonitorView,
+    SegmentView,
+    SeriesPoint,
+)
+
+START = 1_790_000_000.0  # unix seconds of the first point
+
+
+def realistic_view(points: int = 300, every: int = 50, seed: int = 3) -> MonitorView:
+    """Three candidates over ``points`` windows (one every ``every`` labels) with an abrupt
+    drift at 40%, a fresh challenger started by its alarm and promoted later, a rollback,
+    a retirement and a feature drift: one marker of every kind, in the order they happen."""
+    rng = random.Random(seed)
+    drift_at = int(points * 0.4) * every
+    challenger_at = drift_at + 5 * every
+    promote_at = int(points * 0.7) * every
+    rollback_at = int(points * 0.8) * every
+
+    def accuracy(labels: int, before: float, after: float, recover: float) -> float:
+        if labels < drift_at:
+            level = before
+        else:  # drops at the drift, then climbs back towards ``recover``
+            level = recover - (recover - after) * math.exp(-(labels - drift_at) / (20 * every))
+        return min(1.0, max(0.0, level + rng.gauss(0, 0.008)))
+
+    series: dict[str, list[SeriesPoint]] = {"hoeffding": [], "logreg": [], "hoeffding-fresh": []}
+    for i in range(1, points + 1):
+        labels, at = i * every, START + i * 10.0
+        series["hoeffding"].append(
+            SeriesPoint(
+                labels=labels,
+                at=at,
+                version=1 + labels // 1000,
+                value=accuracy(labels, 0.93, 0.71, 0.80),
+            )
+        )
+        series["logreg"].append(
+            SeriesPoint(
+                labels=labels,
+                at=at,
+                version=1 + labels // 1000,
+                value=accuracy(labels, 0.90, 0.74, 0.83),
+            )
+        )
+        if labels >= challenger_at:
+            series["hoeffding-fresh"].append(
+                SeriesPoint(
+                    labels=labels,
+                    at=at,
+                    version=1 + (labels - challenger_at) // 1000,
+                    value=accuracy(labels, 0.5, 0.60, 0.91),
+                )
+            )
+
+    def at(labels: int) -> float:
+        return START + labels / every * 10.0
+
+    markers = [
+        Marker(
+            labels=drift_at + 3 * every,
+            at=at(drift_at + 3 * every),
+            kind="drift",
+            model="hoeffding",
+            text="ADWIN: error rate 0.07 -> 0.27 over 600 labels",
+        ),
+        Marker(
+            labels=drift_at + 4 * every,
+            at=at(drift_at + 4 * every),
+            kind="feature_drift",
+            model="amount_mean_1h",
+            text="KS 0.31, p 1e-9 (reference vs recent 2000)",
+        ),
+        Marker(
+            labels=challenger_at,
+            at=at(challenger_at),
+            kind="challenger",
+            model="hoeffding-fresh",
+            text="fresh challenger started from hoeffding",
+        ),
+        Marker(
+            labels=promote_at,
+            at=at(promote_at),
+            kind="promote",
+            model="hoeffding-fresh",
+            text="promoted: right on 91.2% vs 80.4% of the same 2000 events",
+        ),
+        Marker(
+            labels=rollback_at,
+            at=at(rollback_at),
+            kind="rollback",
+            model="hoeffding",
+            text="rolled back: champion accuracy fell 0.12 below its previous version",
+        ),
+        Marker(
+            labels=rollback_at + 10 * every,
+            at=at(rollback_at + 10 * every),
+            kind="retire",
+            model="logreg",
+            text="retired: 300 windows behind the champion",
+        ),
+    ]
+    assert {m.kind for m in markers} == set(get_args(MarkerKind))
+    last = points * every
+    return MonitorView(
+        pipeline="fraud",
+        updated=at(last),
+        metric="accuracy",
+        window=1000,
+        champion={"model": "hoeffding", "version": 1 + last // 1000},
+        candidates=[
+            CandidateView(
+                name="hoeffding",
+                role="champion",
+                version=1 + last // 1000,
+                labels=last,
+                metrics={
+                    "accuracy": 0.81,
+                    "precision": 0.42,
+                    "recall": 0.61,
+                    "f1": 0.5,
+                    "roc_auc": 0.88,
+                    "log_loss": 0.31,
+                },
+                drift_alarms=1,
+            ),
+            CandidateView(
+                name="logreg",
+                role="challenger",
+                version=1 + last // 1000,
+                labels=last,
+                metrics={
+                    "accuracy": 0.83,
+                    "precision": 0.45,
+                    "recall": 0.55,
+                    "f1": 0.49,
+                    "roc_auc": 0.9,
+                    "log_loss": 0.29,
+                },
+            ),
+            CandidateView(
+                name="hoeffding-fresh",
+                role="challenger",
+                version=3,
+                labels=last - challenger_at,
+                base="hoeffding",
+                metrics={
+                    "accuracy": 0.91,
+                    "precision": 0.61,
+                    "recall": 0.7,
+                    "f1": 0.65,
+                    "roc_auc": 0.95,
+                    "log_loss": 0.21,
+                },
+            ),
+        ],
+        series=series,
+        markers=markers,
+        segments=SegmentView(
+            field="channel",
+            metric="accuracy",
+            gap=0.07,
+            by={
+                "web": {"n": 5200, "accuracy": 0.86},
+                "pos": {"n": 7100, "accuracy": 0.79},
+                "atm": {"n": 1700, "accuracy": 0.82},
+            },
+        ),
+        distributions={
+            "amount_mean_1h": DistributionView(statistic=0.31, p_value=1e-9, alarms=1),
+            "tx_count_10m": DistributionView(statistic=0.04, p_value=0.41, alarms=0),
+            "score": DistributionView(statistic=0.12, p_value=0.002, alarms=0),
+        },
+        anomaly={"mean": 0.42, "p99": 0.93},
+    )
+
+
+def empty_view() -> MonitorView:
+    """What the monitor serves before any label arrived."""
+    return MonitorView(pipeline="fraud", updated=START, window=1000, champion=None)
