@@ -198,9 +198,9 @@ class ModelRegistry(ABC):
     def history(self) -> list[PointerMove]:
         return [PointerMove.from_dict(orjson.loads(raw)) for raw in self._history()]
 
-    def last_move(self) -> PointerMove | None:
-        raw = self._last_move()
-        return None if raw is None else PointerMove.from_dict(orjson.loads(raw))
+    def recent_moves(self, n: int) -> list[PointerMove]:
+        """The last ``n`` pointer moves, oldest first."""
+        return [PointerMove.from_dict(orjson.loads(raw)) for raw in self._recent_moves(n)]
 
     # -- fresh challengers ----------------------------------------------------------
 
@@ -252,7 +252,7 @@ class ModelRegistry(ABC):
     def _history(self) -> list[bytes]: ...
 
     @abstractmethod
-    def _last_move(self) -> bytes | None: ...
+    def _recent_moves(self, n: int) -> list[bytes]: ...
 
     @abstractmethod
     def _challengers(self) -> dict[str, bytes]: ...
@@ -316,8 +316,8 @@ class MemoryRegistry(ModelRegistry):
     def _history(self) -> list[bytes]:
         return list(self.moves)
 
-    def _last_move(self) -> bytes | None:
-        return self.moves[-1] if self.moves else None
+    def _recent_moves(self, n: int) -> list[bytes]:
+        return self.moves[-n:]
 
     def _challengers(self) -> dict[str, bytes]:
         return dict(self.fresh)
@@ -397,9 +397,8 @@ class RedisRegistry(ModelRegistry):
     def _history(self) -> list[bytes]:
         return list(self.client.lrange(f"{self.prefix}champion:history", 0, -1))
 
-    def _last_move(self) -> bytes | None:
-        raw = self.client.lindex(f"{self.prefix}champion:history", -1)
-        return None if raw is None else bytes(raw)
+    def _recent_moves(self, n: int) -> list[bytes]:
+        return list(self.client.lrange(f"{self.prefix}champion:history", -n, -1))
 
     def _challengers(self) -> dict[str, bytes]:
         raw = self.client.hgetall(f"{self.prefix}challengers")

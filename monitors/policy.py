@@ -70,7 +70,7 @@ class Decision:
             "version": self.version,
             "at": self.at,
             "reason": self.reason,
-            "evidence": self.evidence,
+            "evidence": {**self.evidence, "labels": self.labels},
             "by": "monitor",
         }
 

@@ -49,8 +49,8 @@ def run_stage(stage: str, spec: PipelineSpec, settings: Settings, ep: Endpoints)
     log.info("%s on %s host, metrics on :%s", stage, host, port or "-")
     if stage == "monitor":
         monitor = build_monitor(spec, registry, MonitorMetrics(metrics.registry))
-        if port:
-            serve(metrics, port, settings.metrics_host)
+        if port:  # with the status page: /, /status.json
+            serve(metrics, port, settings.metrics_host, view=monitor.view)
         # ticks re-read the champion pointer and retire stale challengers while quiet
         ConfluentHost(
             monitor, [topics.evaluations, topics.predictions], ep.kafka_bootstrap,

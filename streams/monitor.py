@@ -9,6 +9,7 @@ goes to the DLQ with the reason; nothing else is lost.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 import orjson
@@ -34,8 +35,13 @@ class Monitor:
         self.core = core
         self.metrics = metrics
         self.counters = StageCounters()
+        self._lock = threading.Lock()  # the status page reads the view from another thread
 
     def process(self, batch: Sequence[Message]) -> list[Output]:
+        with self._lock:
+            return self._process(batch)
+
+    def _process(self, batch: Sequence[Message]) -> list[Output]:
         self.counters.consumed += len(batch)
         out: list[Output] = []
         decisions: list[Decision] = self.core.refresh()
@@ -70,4 +76,5 @@ class Monitor:
         return out
 
     def view(self) -> MonitorView:
-        return self.core.view()
+        with self._lock:
+            return self.core.view()

@@ -321,13 +321,13 @@ class Learner:
         self.counters.produced += len(out)
         return out
 
-    def follow_registry(self, now: float) -> list[Output]:
+    def follow_registry(self, now: float, force: bool = False) -> list[Output]:
         """Train the fresh challengers the monitor started, drop the retired ones, and
         continue a rolled-back candidate from the version it was rolled back to.
 
         Reads the registry at most every ``registry_poll_s``; returns model-events.
         """
-        if self.fresh_model is None or now < self._next_poll:
+        if self.fresh_model is None or (now < self._next_poll and not force):
             return []
         self._next_poll = now + self.registry_poll_s
         out = []
@@ -347,22 +347,31 @@ class Learner:
             self.dynamic[name] = base
             out.append(self._model_event({"kind": "started", "model": name, "version": 0,
                                           "reason": f"fresh {base}"}))  # fmt: skip
-        move = self.registry.last_move()
-        if (
-            move is not None
-            and move.kind == "rollback"
-            and move.at > self._rollbacks_after
-            and move.to.model in self.candidates
-        ):
-            c = self.candidates[move.to.model]
-            c.model = self.registry.load(move.to.model, move.to.version).model
-            c.version = move.to.version
-            self._rollbacks_after = move.at
-            rebased = {"kind": "rebased", "model": c.name, "version": c.version,
-                       "reason": move.reason}  # fmt: skip
-            out.append(self._model_event(rebased))
-        elif move is not None:
-            self._rollbacks_after = max(self._rollbacks_after, move.at)
+        out += self._follow_rollback(pointer)
+        return out
+
+    def _follow_rollback(self, pointer: ChampionPointer | None) -> list[Output]:
+        """Continue a rolled-back candidate from the version it was rolled back to.
+
+        Looks at the last moves, not only the last one: a snapshot published just
+        after a rollback to the version it continued may have advanced the
+        pointer again; that advance is rolled back too.
+        """
+        moves = self.registry.recent_moves(10)
+        new = [m for m in moves if m.at > self._rollbacks_after]
+        self._rollbacks_after = max([self._rollbacks_after, *(m.at for m in moves)])
+        back = next((m for m in reversed(new) if m.kind == "rollback"), None)
+        if back is None or back.to.model not in self.candidates:
+            return []
+        c, to = self.candidates[back.to.model], back.to
+        c.model, c.version = self.registry.load(to.model, to.version).model, to.version
+        out = [self._model_event({"kind": "rebased", "model": c.name, "version": c.version,
+                                  "reason": back.reason})]  # fmt: skip
+        if pointer is not None and pointer.model == to.model and pointer.version > to.version:
+            again = self.registry.move(to, "rollback", pointer, f"re-applied: {back.reason}")
+            if again is not None:
+                self._rollbacks_after = again.at
+                out.append(self._model_event(again.as_dict()))
         return out
 
     def _learn(self, snap: FeatureSnapshot, label: bool) -> Output:
@@ -413,7 +422,7 @@ class Learner:
         version exists, if the candidate is the lead): a promotion or rollback
         made meanwhile is never overwritten by the learner.
         """
-        out: list[Output] = []
+        out: list[Output] = self.follow_registry(self.clock(), force=True)
         offsets = {self.topics.labels: {str(p): o for p, o in sorted(self.positions.items())}}
         for c in self.candidates.values():
             meta = {

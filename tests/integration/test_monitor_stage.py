@@ -1,0 +1,123 @@
+"""The monitor stage on the real broker and Redis: a flipped-label burst is rolled back
+within 1,000 labelled events and 5 seconds, and the monitor shows it (metrics, status page)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+import redis
+
+from models.registry import PointerMove, RedisRegistry
+from monitors.view import MonitorView
+from riverflow.generator import FraudStreamConfig, with_labels
+from riverflow.settings import Settings
+from riverflow.spec import PipelineSpec
+from riverflow.stack import Endpoints
+from streams.contracts import ModelEvent
+from streams.kafka_io import ensure_topics, produce_all, producer
+from tests.integration.conftest import StageFactory, StageProcess, collect
+
+KEY = Settings().signing_key.get_secret_value().encode()
+N, FLIP = 5_000, (3_000, 3_600)
+
+
+def wait_for(what: str, check: object, timeout_s: float, every_s: float = 0.02) -> float:
+    """Poll ``check()`` until truthy; returns when it became so (unix seconds)."""
+    assert callable(check)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return time.time()
+        time.sleep(every_s)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+def labels_seen(monitor: StageProcess) -> float:
+    try:
+        return monitor.metric("riverflow_stage_status", stage="monitor", name="labels")
+    except (AssertionError, OSError):  # not up yet, or nothing counted yet
+        return 0.0
+
+
+def test_a_flipped_label_burst_is_rolled_back_within_5_seconds(
+    stack: Endpoints,
+    spec: PipelineSpec,
+    start_stage: StageFactory,
+    redis_client: redis.Redis,
+    tmp_path: Path,
+) -> None:
+    t = spec.topics
+    ensure_topics(stack.kafka_bootstrap, t.all(), partitions=1, replication=1)
+    start_stage("scorer", model_poll_s=0.05)
+    start_stage("learner", snapshot_every_labels=500, label_wait_s=5)
+    monitor = start_stage("monitor", model_poll_s=0.05)
+    stream = list(with_labels(N, FraudStreamConfig(drift_at=(), flipped_labels=FLIP)))
+    first_flipped = f"e7-{FLIP[0]:08d}"
+    cut = next(
+        i for i, (k, r) in enumerate(stream) if k == "label" and r["event_id"] == first_flipped
+    )
+    p = producer(stack.kafka_bootstrap)
+
+    def send(part: list[tuple[str, dict[str, object]]]) -> None:
+        produce_all(p, ((t.events if k == "event" else t.labels,
+                         str(r["card_id"] if k == "event" else r["event_id"]).encode(),
+                         orjson.dumps(r)) for k, r in part))  # fmt: skip
+
+    send(stream[:cut])  # clean labels up to the burst
+    before = sum(k == "label" for k, _ in stream[:cut])
+    wait_for("the monitor to see the clean labels", lambda: labels_seen(monitor) >= before, 120)
+    registry = RedisRegistry(redis_client, spec.name, KEY)
+    assert not [m for m in registry.history() if m.kind == "rollback"]
+
+    burst_sent = time.time()
+    send(stream[cut:])
+
+    def rolled_back() -> PointerMove | None:
+        return next((m for m in registry.history() if m.kind == "rollback"), None)
+
+    wait_for("a rollback", rolled_back, 60)
+    move = rolled_back()
+    assert move is not None
+    assert move.at - burst_sent < 5.0, f"rollback {move.at - burst_sent:.2f}s after the burst"
+    events = [ModelEvent.model_validate_json(m.value()) for m in
+              collect(stack.kafka_bootstrap, t.model_events, 1, settle_s=3.0)]  # fmt: skip
+    decision = next(e for e in events if e.kind == "rollback" and e.by == "monitor")
+    assert decision.evidence is not None
+    assert decision.evidence["labels"] - before <= 1_000
+    assert decision.evidence["recent_accuracy"] < decision.evidence["good_level"] - 0.1
+    assert any(e.kind == "rebased" and e.model == move.to.model for e in events)
+
+    # what the monitor shows: metrics, the status document, the page
+    assert monitor.metric("riverflow_monitor_decisions_total", kind="rollback") >= 1
+    champion = registry.champion()
+    assert champion is not None
+    wait_for("the champion's quality gauge",
+             lambda: _quality(monitor, champion.model) is not None, 10)  # fmt: skip
+    status, body = monitor.get("/status.json")
+    view = MonitorView.model_validate_json(body)
+    assert status == 200 and "rollback" in {m.kind for m in view.markers}
+    assert view.champion is not None and view.champion["model"] == champion.model
+    status, page = monitor.get("/")
+    assert status == 200 and "<script" in page
+    # the report: the same document from the running monitor, as HTML and PNG
+    html, png = tmp_path / "report.html", tmp_path / "report.png"
+    url = f"http://127.0.0.1:{monitor.metrics_port}"
+    done = subprocess.run(
+        [sys.executable, "-m", "riverflow.cli", "report", "--url", url,
+         "--html", str(html), "--png", str(png)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert champion.model in html.read_text() and "rollback" in html.read_text()
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def _quality(monitor: StageProcess, model: str) -> float | None:
+    try:
+        return monitor.metric("riverflow_model_quality", model=model, metric="accuracy")
+    except AssertionError:
+        return None
