@@ -20,6 +20,7 @@ from riverflow.stack import Endpoints
 from streams.contracts import ModelEvent
 from streams.kafka_io import ensure_topics, produce_all, producer
 from tests.integration.conftest import StageFactory, StageProcess, collect
+from tests.integration.test_status_page import rendered
 
 KEY = Settings().signing_key.get_secret_value().encode()
 N, FLIP = 5_000, (3_000, 3_600)
@@ -103,6 +104,14 @@ def test_a_flipped_label_burst_is_rolled_back_within_5_seconds(
     assert view.champion is not None and view.champion["model"] == champion.model
     status, page = monitor.get("/")
     assert status == 200 and "<script" in page
+    # ... and the page of the real monitor in headless Chromium: charts drawn, champion shown
+    dom = rendered(f"http://127.0.0.1:{monitor.metrics_port}/")
+    assert dom.one("h2", id="champion").text.startswith(f"Champion: {champion.model} v")
+    lines = dom.find("polyline", **{"class": "series"})
+    assert {line.attrs["data-model"] for line in lines} >= set(view.series)
+    assert all(len(line.attrs["points"].split()) > 10 for line in lines)
+    kinds = [m.attrs["data-kind"] for m in dom.find("g", **{"class": "marker"})]
+    assert "rollback" in kinds
     # the report: the same document from the running monitor, as HTML and PNG
     html, png = tmp_path / "report.html", tmp_path / "report.png"
     url = f"http://127.0.0.1:{monitor.metrics_port}"
