@@ -51,7 +51,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from riverflow.demo import run_demo, summary
 
     spec = load_spec(args.spec or settings.spec)
-    result = run_demo(spec, settings, events=args.events, seed=args.seed)
+    result = run_demo(spec, settings, events=args.events, seed=args.seed, scenario=args.scenario)
     console.print()
     console.print(summary(result))
     return 0
@@ -387,6 +387,11 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--events", type=int, default=20_000)
     demo.add_argument("--seed", type=int, default=7)
     demo.add_argument("--spec", type=Path)
+    demo.add_argument(
+        "--scenario", choices=["drift", "labels"], default="drift",
+        help="drift: the fraud pattern switches halfway (drift alarm, fresh challenger, "
+        "promotion); labels: a burst of flipped labels (rollback)",
+    )  # fmt: skip
     demo.set_defaults(func=cmd_demo)
 
     stack = sub.add_parser("stack", help="local Kafka + Redis without Docker")

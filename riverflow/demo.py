@@ -7,7 +7,7 @@ runs scorer and learner, shows live progress, and ends with a summary.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import orjson
 from rich.console import Console
@@ -32,6 +32,18 @@ class DemoResult:
     metrics: dict[str, float]
     seconds: float
     candidates: dict[str, float]  # each candidate's prequential ROC AUC
+    scenario: str = "drift"
+    decisions: list[str] = field(default_factory=list)  # the monitor's, one line each
+    champion: str = ""
+
+
+SCENARIOS = ("drift", "labels")
+SHOWN = ("drift", "challenger", "promote", "rollback", "retire")
+
+
+def _decisions(rt: EmbeddedRuntime) -> list[str]:
+    return [f"@{m.labels:,} labels  {m.kind:<10} {m.text}"
+            for m in rt.monitor.core.markers if m.kind in SHOWN]  # fmt: skip
 
 
 def _view(rt: EmbeddedRuntime, produced: int, total: int, started: float) -> Table:
@@ -45,6 +57,11 @@ def _view(rt: EmbeddedRuntime, produced: int, total: int, started: float) -> Tab
     m = rt.learner.metrics.as_dict()
     table.add_row("prequential ROC AUC", f"{m['roc_auc']:.4f}")
     table.add_row("events/s", f"{produced / max(time.perf_counter() - started, 1e-9):,.0f}")
+    for c in rt.monitor.core.view(series=False).candidates:
+        acc = c.metrics.get("accuracy", 0.0)
+        table.add_row(f"  {c.role} {c.name}", f"v{c.version}  accuracy {acc:.3f} (last 1,000)")
+    for line in _decisions(rt)[-6:]:
+        table.add_row("  monitor", line[:110])
     return table
 
 
@@ -55,10 +72,23 @@ def run_demo(
     seed: int = 7,
     bad_every: int = 500,
     console: Console | None = None,
+    scenario: str = "drift",
 ) -> DemoResult:
-    """Run the demo; ``bad_every`` mixes one bad event in every that many events."""
+    """Run the demo; ``bad_every`` mixes one bad event in every that many events.
+
+    ``scenario``: ``drift`` (the fraud pattern switches halfway: the monitor's
+    drift alarm, a fresh challenger, promotions) or ``labels`` (the labels of
+    3% of the events, from halfway, are flipped: a rollback).
+    """
+    if scenario not in SCENARIOS:
+        raise ValueError(f"unknown scenario {scenario!r}; known: {', '.join(SCENARIOS)}")
     console = console or Console()
-    config = FraudStreamConfig(seed=seed, drift_at=(events // 2,))
+    half = events // 2
+    if scenario == "drift":
+        config = FraudStreamConfig(seed=seed, drift_at=(half,))
+    else:
+        flipped = (half, half + events // 33)
+        config = FraudStreamConfig(seed=seed, drift_at=(), flipped_labels=flipped)
     rt = EmbeddedRuntime(spec, settings)
     started = time.perf_counter()
     produced = 0
@@ -88,6 +118,9 @@ def run_demo(
         metrics=rt.learner.metrics.as_dict(),
         seconds=time.perf_counter() - started,
         candidates={c.name: c.metrics.as_dict()["roc_auc"] for c in rt.learner.candidates.values()},
+        scenario=scenario,
+        decisions=_decisions(rt),
+        champion=str(rt.registry.champion() or ""),
     )
 
 
@@ -105,5 +138,9 @@ def summary(result: DemoResult) -> Table:
             table.add_row(f"prequential {name}", f"{value:.4f}")
     for name, auc in result.candidates.items():
         table.add_row(f"candidate {name} roc_auc", f"{auc:.4f}")
+    table.add_row("scenario", result.scenario)
+    table.add_row("champion at the end", result.champion)
+    for line in result.decisions:
+        table.add_row("monitor", line[:120])
     table.add_row("wall time", f"{result.seconds:.1f} s")
     return table
