@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from monitors.exporter import StageMetrics
+from monitors.exporter import MonitorMetrics, StageMetrics
 from riverflow.kafka_runtime import METRICS_PORTS
 from riverflow.settings import REPO_ROOT
 
@@ -16,7 +16,8 @@ DEPLOY = REPO_ROOT / "deploy"
 
 
 def exported_names() -> set[str]:
-    metrics = StageMetrics("scorer")
+    metrics = StageMetrics("monitor")
+    MonitorMetrics(metrics.registry)
     names = set()
     for family in metrics.registry.collect():
         names.add(family.name)
@@ -28,6 +29,8 @@ def exported_names() -> set[str]:
 def test_dashboard_queries_only_exported_metrics() -> None:
     dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "riverflow.json").read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    for expr in exprs:  # each a whole PromQL expression: brackets and quotes balanced
+        assert expr.count("{") == expr.count("}") and expr.count('"') % 2 == 0, expr
     used = {m for e in exprs for m in re.findall(r"\briverflow_[a-z_]+", e)}
     assert len(dashboard["panels"]) >= 6 and used
     assert used <= exported_names(), used - exported_names()
