@@ -40,6 +40,7 @@ def test_prometheus_scrapes_every_stage_and_promql_returns_the_champion(
     ensure_topics(stack.kafka_bootstrap, topics.all(), partitions=1)
     scorer = start_stage("scorer", partitions=1, model_poll_s=0.05)
     learner = start_stage("learner", partitions=1, snapshot_every_labels=200)
+    monitor = start_stage("monitor", partitions=1)
     records = [
         (topics.events if kind == "event" else topics.labels, None, orjson.dumps(rec))
         for kind, rec in with_labels(2000, FraudStreamConfig(label_delay=20))
@@ -53,7 +54,7 @@ def test_prometheus_scrapes_every_stage_and_promql_returns_the_champion(
         "scrape_configs": [
             {"job_name": f"riverflow-{name}",
              "static_configs": [{"targets": [f"127.0.0.1:{stage.metrics_port}"]}]}
-            for name, stage in (("scorer", scorer), ("learner", learner))
+            for name, stage in (("scorer", scorer), ("learner", learner), ("monitor", monitor))
         ],
     }  # fmt: skip
     config_file = tmp_path / "prometheus.yml"
@@ -73,18 +74,23 @@ def test_prometheus_scrapes_every_stage_and_promql_returns_the_champion(
     try:
         deadline = time.monotonic() + 60
         champion: list[dict[str, Any]] = []
+        quality: list[dict[str, Any]] = []
         while time.monotonic() < deadline:
             try:
                 up = query(port, 'up{job=~"riverflow-.*"} == 1')
                 champion = query(
                     port, 'riverflow_stage_status{stage="scorer",name="model_version"}'
                 )
+                # the champion's windowed accuracy, as the monitor measures it
+                promql = 'riverflow_model_quality{metric="accuracy"} * on (model) group_left '
+                quality = query(port, promql + "riverflow_champion_info")
             except OSError:
                 up = []
-            if len(up) == 2 and champion and float(champion[0]["value"][1]) >= 1:
+            if len(up) == 3 and champion and float(champion[0]["value"][1]) >= 1 and quality:
                 break
             time.sleep(0.5)
-        assert len(up) == 2, "both stages scraped"
+        assert len(up) == 3, "every stage scraped"
+        assert len(quality) == 1 and 0.5 < float(quality[0]["value"][1]) <= 1.0
         learned = query(port, 'riverflow_stage_status{stage="learner",name="model_version"}')
         assert champion and float(champion[0]["value"][1]) >= 1  # the learner's snapshots
         assert float(learned[0]["value"][1]) >= float(champion[0]["value"][1])
