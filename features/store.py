@@ -17,7 +17,8 @@ Redis key layout (prefix ``rf:{ns}:``)::
                                           TTL = longest window + its bucket + lateness
     rf:{ns}:ent:{entity}:{value}:hll:{group}:{j}:{bucket}
                                           HyperLogLog of the j-th distinct field, same TTL
-    rf:{ns}:snap:{event id}               the snapshot the event was scored with,
+    rf:{ns}:snap:{event id}               the snapshot the event was scored with and,
+                                          once scored, the prediction served for it;
                                           TTL = label horizon; its presence marks
                                           the event as seen (dedup)
     rf:{ns}:learned:{event id}            the token of the label learned for this event
@@ -30,7 +31,10 @@ plus the lateness are dropped when their entity is written.
 
 A snapshot is msgpack ``[model inputs JSON, [aggregate vector per group], late]``;
 the vector layout is in ``features.definitions`` and ``FeaturePlan.values``
-turns it into feature values, for the scorer and the learner alike.
+turns it into feature values, for the scorer and the learner alike. Once the
+event is scored, ``record_served`` makes it ``[..., late, [model, version,
+probability]]`` (a fourth element, written once: the first prediction served
+is the one kept), so the learner's claim returns both in the same read.
 """
 
 from __future__ import annotations
@@ -74,19 +78,47 @@ def feature_request(
 
 
 @dataclass(frozen=True)
+class ServedPrediction:
+    """The prediction a scorer served for an event: what the user got."""
+
+    model: str
+    version: int
+    probability: float
+
+    def encode(self) -> bytes:
+        return msgpack.packb([self.model, self.version, float(self.probability)])
+
+
+@dataclass(frozen=True)
 class FeatureSnapshot:
-    """What an event was scored with: its model inputs and its window aggregates."""
+    """What an event was scored with: its model inputs and its window aggregates,
+    and the prediction served for it once one was recorded."""
 
     event_id: str
     inputs: dict[str, Any]
     aggregates: list[list[float]]
     replayed: bool = False
     late: bool = False  # too late for some window: scored, but not counted there
+    served: ServedPrediction | None = None
 
     @classmethod
     def decode(cls, event_id: str, raw: bytes, replayed: bool = False) -> FeatureSnapshot:
-        context, aggregates, late = msgpack.unpackb(raw)
-        return cls(event_id, orjson.loads(context), aggregates, replayed, bool(late))
+        context, aggregates, late, *rest = msgpack.unpackb(raw)
+        served = ServedPrediction(*rest[0]) if rest else None
+        return cls(event_id, orjson.loads(context), aggregates, replayed, bool(late), served)
+
+
+# A stored snapshot is a 3-element msgpack array (fixarray header 0x93) until its
+# served prediction is added as a fourth element (header 0x94): the header byte
+# says whether one is stored, without decoding the record.
+_UNSERVED, _SERVED = 0x93, 0x94
+
+
+def _with_served(raw: bytes, served: bytes) -> bytes | None:
+    """The stored snapshot with its served prediction added, or None if it has one."""
+    if raw[0] != _UNSERVED:
+        return None
+    return bytes([_SERVED]) + raw[1:] + served
 
 
 class Claim(Enum):
@@ -103,14 +135,23 @@ class FeatureStore(Protocol):
         """Add each event to its tiles and read its windows, in order.
 
         An event id seen before is not counted again: its stored snapshot is
-        returned with ``replayed=True``.
+        returned with ``replayed=True`` (and its ``served`` prediction, if any).
+        """
+        ...
+
+    def record_served(self, served: Sequence[tuple[str, ServedPrediction]]) -> None:
+        """Store the prediction served for each event with its snapshot.
+
+        The first one recorded for an event stays: a replayed event does not
+        overwrite it. Events without a stored snapshot are skipped.
         """
         ...
 
     def claim_snapshots(
         self, event_ids: Sequence[str], tokens: Sequence[str], stale: Callable[[str], bool]
     ) -> list[FeatureSnapshot | Claim]:
-        """The snapshot of each event, marking it learned under its token.
+        """The snapshot of each event (with its served prediction), marking it
+        learned under its token.
 
         An event already marked is a ``DUPLICATE``, unless ``stale(its token)``
         says that learning was lost (a learner crashed before its snapshot):
@@ -311,6 +352,13 @@ class MemoryFeatureStore:
             self.snapshots[req.event_id] = raw
             out.append(FeatureSnapshot.decode(req.event_id, raw))
         return out
+
+    def record_served(self, served: Sequence[tuple[str, ServedPrediction]]) -> None:
+        for event_id, prediction in served:
+            raw = self.snapshots.get(event_id)
+            stored = None if raw is None else _with_served(raw, prediction.encode())
+            if stored is not None:
+                self.snapshots[event_id] = stored
 
     def claim_snapshots(
         self, event_ids: Sequence[str], tokens: Sequence[str], stale: Callable[[str], bool]
@@ -604,6 +652,20 @@ return out
 """
 )
 
+# ARGV[1]: msgpack [[snapshot key, msgpack [model, version, probability]], ...]. Adds the
+# served prediction as the snapshot's fourth element unless it has one (see _UNSERVED).
+_RECORD_SERVED = """
+local batch = cmsgpack.unpack(ARGV[1])
+for n = 1, #batch do
+  local key = batch[n][1]
+  local snap = redis.call('GET', key)
+  if snap and string.byte(snap, 1) == 147 then  -- 0x93: no served prediction yet
+    redis.call('SET', key, '\\148' .. string.sub(snap, 2) .. batch[n][2], 'KEEPTTL')
+  end
+end
+return {}
+"""
+
 # KEYS: pairs (snapshot key, learned key); ARGV[1]: learned-marker ttl ms, then a token
 # per pair. Returns per pair: '?' (no snapshot), the snapshot (marked now), or
 # '=' .. the existing token .. newline .. the snapshot (marked before).
@@ -641,6 +703,7 @@ class RedisFeatureStore:
         self._update = client.register_script(_UPDATE_AND_READ)
         self._read = client.register_script(_READ)
         self._claim = client.register_script(_CLAIM)
+        self._record_served = client.register_script(_RECORD_SERVED)
         self._entities = plan.entities
         names = ["+".join(e) for e in self._entities]
         ttl_s = {name: 0.0 for name in names}
@@ -695,6 +758,13 @@ class RedisFeatureStore:
             else:
                 out.append(FeatureSnapshot.decode(req.event_id, item))
         return out
+
+    def record_served(self, served: Sequence[tuple[str, ServedPrediction]]) -> None:
+        if not served:
+            return
+        snap = self.snapshot_key("")
+        batch = [[snap + event_id, prediction.encode()] for event_id, prediction in served]
+        self._call(self._record_served, [], [msgpack.packb(batch, use_bin_type=False)])
 
     def claim_snapshots(
         self, event_ids: Sequence[str], tokens: Sequence[str], stale: Callable[[str], bool]

@@ -84,14 +84,28 @@ class CandidatePrediction(BaseModel):
     probability: float
 
 
+class ServedPrediction(BaseModel):
+    """The prediction the scorer served for the event: the first one emitted for it."""
+
+    model: str
+    version: int
+    probability: float
+
+
 class Evaluation(BaseModel):
-    """``{ns}.evaluations``: a label and every candidate's prequential prediction for it."""
+    """``{ns}.evaluations``: a label, every candidate's prequential prediction for it,
+    and the prediction that was served."""
 
     event_id: str
     label: bool
     labels_seen: int
     predictions: dict[str, CandidatePrediction]
     segment: str | int | float | bool | None = None  # the spec's monitors.segment field, if set
+    # None only if the label was claimed after the scorer stored the event's snapshot
+    # and before it recorded the prediction (between its two store calls for the
+    # batch, or, if the scorer died there, until its replay), or if the event was
+    # scored by a version of riverflow that did not record served predictions
+    served: ServedPrediction | None = None
 
 
 class ModelEvent(BaseModel):

@@ -16,7 +16,14 @@ from typing import Any
 import orjson
 
 from features.definitions import FeaturePlan
-from features.store import Claim, FeatureRequest, FeatureSnapshot, FeatureStore, feature_request
+from features.store import (
+    Claim,
+    FeatureRequest,
+    FeatureSnapshot,
+    FeatureStore,
+    ServedPrediction,
+    feature_request,
+)
 from models.champion import ChampionReplica, positive_probability
 from models.explain import explain
 from models.registry import ChampionPointer, ModelRegistry, ModelVersion
@@ -54,7 +61,14 @@ class StageCounters:
 
 
 class Scorer:
-    """events -> validate -> features (one store call) -> champion -> predictions."""
+    """events -> validate -> features (one store call) -> champion -> predictions,
+    and the prediction served for each event recorded with its snapshot (a second
+    store call) for the learner to join.
+
+    A replayed event whose served prediction is stored gets that prediction
+    again, not a new one from the current champion: the first answer is the one
+    the user got, and the one the learner evaluates.
+    """
 
     stage = "scorer"
 
@@ -102,8 +116,14 @@ class Scorer:
         self.champion.refresh()
         model = self.champion.current
         now = self.clock()
+        served: list[tuple[str, ServedPrediction]] = []
         for event, snap in zip(events, snapshots, strict=True):
-            out.append(self._predict(event, snap, model, now))
+            output, prediction = self._predict(event, snap, model, now)
+            out.append(output)
+            if snap.served is None:
+                served.append((snap.event_id, prediction))
+        # before the outputs leave: a prediction is never emitted without its record
+        self.store.record_served(served)
         self.counters.produced += len(out)
         return out
 
@@ -120,25 +140,30 @@ class Scorer:
 
     def _predict(
         self, event: dict[str, Any], snap: FeatureSnapshot, model: ModelVersion, now: float
-    ) -> Output:
+    ) -> tuple[Output, ServedPrediction]:
         features = self.plan.values(snap.aggregates)
         x = {**{k: snap.inputs[k] for k in self.inputs}, **features}
-        probability = positive_probability(model.model, x)
+        served = snap.served
+        if served is None:
+            served = ServedPrediction(
+                model.name, model.version, positive_probability(model.model, x)
+            )
         key = str(event[self.schema.key]).encode()
         record = {
             "event_id": snap.event_id,
             "entity": key.decode(),
-            "probability": probability,
-            "model": model.name,
-            "version": model.version,
+            "probability": served.probability,
+            "model": served.model,
+            "version": served.version,
             "features": features,
             "event_time": event[self.schema.time],
             "scored_at": now,
             "replayed": snap.replayed,
         }
-        if self.explain_top:
+        # the model that served it explains it; a replay served by an older version is not
+        if self.explain_top and (served.model, served.version) == (model.name, model.version):
             record["explanation"] = explain(model.model, x, self.explain_top)
-        return Output(self.topics.predictions, key, orjson.dumps(record))
+        return Output(self.topics.predictions, key, orjson.dumps(record)), served
 
 
 @dataclass
@@ -171,7 +196,8 @@ class LearnerState:
 
 
 class Learner:
-    """labels -> join the snapshot the event was scored with -> test, then train.
+    """labels -> join the snapshot the event was scored with and the prediction
+    served for it -> test, then train.
 
     Every candidate sees every label in the same order: predict (prequential),
     update its metrics, ``learn_one``. Each label is claimed once in the store,
@@ -391,12 +417,16 @@ class Learner:
             predictions[c.name] = {"version": c.version, "probability": probability}
         self.learned += 1
         self._since_snapshot += 1
+        served = snap.served
         record = {
             "event_id": snap.event_id,
             "label": label,
             "labels_seen": self.learned,
             "predictions": predictions,
-        }
+            "served": None if served is None else {"model": served.model,
+                                                   "version": served.version,
+                                                   "probability": served.probability},
+        }  # fmt: skip
         if segment is not None:
             record["segment"] = segment
         return Output(self.topics.evaluations, snap.event_id.encode(), orjson.dumps(record))

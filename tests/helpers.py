@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 
 from features.definitions import Aggregation, FeatureSpec, entity_value, parse_duration
-from features.store import Claim, FeatureRequest, FeatureSnapshot, FeatureStore
+from features.store import Claim, FeatureRequest, FeatureSnapshot, FeatureStore, ServedPrediction
 
 # How far each aggregation may stray from the brute force: exact where the store
 # adds exactly representable numbers in any order; mean / std / z-score divide
@@ -161,3 +161,23 @@ def check_labels_are_claimed_once(store: FeatureStore, reqs: list[FeatureRequest
     assert store.claim_snapshots(ids[:1], ["run3"], lambda t: t.startswith("run1")) == [
         Claim.DUPLICATE
     ]
+
+
+def check_the_first_served_prediction_is_kept(
+    store: FeatureStore, reqs: list[FeatureRequest]
+) -> None:
+    """The served contract, for every store: the first prediction recorded for an
+    event stays with its snapshot; replays and the learner's claim return it."""
+    first, later = ServedPrediction("tree", 3, 0.125), ServedPrediction("tree", 4, 0.875)
+    ids = [r.event_id for r in reqs[:3]]
+    snaps = store.update_and_read(reqs[:2])
+    assert [s.served for s in snaps] == [None, None]
+    # reqs[2] was never scored: nothing to record it with, and nothing is created
+    store.record_served([(ids[0], first), (ids[2], first)])
+    store.record_served([(ids[0], later), (ids[1], later)])  # a replay: ids[0] keeps `first`
+    again = store.update_and_read(reqs[:3])
+    assert [s.replayed for s in again] == [True, True, False]
+    assert [s.served for s in again] == [first, later, None]
+    assert again[0].inputs == snaps[0].inputs and again[0].aggregates == snaps[0].aggregates
+    claims = store.claim_snapshots(ids, [f"run:{i}" for i in ids], lambda _token: False)
+    assert [c.served for c in claims if isinstance(c, FeatureSnapshot)] == [first, later, None]

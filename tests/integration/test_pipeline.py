@@ -101,6 +101,14 @@ def test_ten_thousand_events_through_kafka_and_redis(
     learned = Counter(e.event_id for e in evals)
     assert len(learned) == N and set(learned.values()) == {1}
     assert sorted(e.labels_seen for e in evals) == list(range(1, N + 1))
+    # ... joined with the prediction that was served for its event, as it is in the topic
+    served = {p.event_id: p for p in predictions}
+    for e in evals:
+        p = served[e.event_id]
+        assert e.served is not None, e.event_id
+        assert (e.served.model, e.served.version, e.served.probability) == (
+            p.model, p.version, p.probability
+        ), e.event_id  # fmt: skip
     # ... and published its snapshots as champion versions the scorer can load
     registry = RedisRegistry(
         redis_client, spec.name, Settings().signing_key.get_secret_value().encode()
@@ -119,6 +127,41 @@ def test_ten_thousand_events_through_kafka_and_redis(
     assert scorer.metric("riverflow_consumer_lag", partition="0") == 0
     assert learner.metric("riverflow_stage_status", name="labels_learned") == N
     assert learner.metric("riverflow_stage_status", name="prequential_roc_auc") > 0.5
+
+
+def test_evaluations_join_the_prediction_each_champion_version_served(
+    stack: Endpoints, spec: PipelineSpec, start_stage: StageFactory
+) -> None:
+    topics = spec.topics
+    ensure_topics(stack.kafka_bootstrap, topics.all(), partitions=3)
+    stream = list(with_labels(3000, FraudStreamConfig(cards=300, mean_gap_s=20.0)))
+    events = [rec for kind, rec in stream if kind == "event"]
+    labels = {rec["event_id"]: rec for kind, rec in stream if kind == "label"}
+    start_stage("scorer", partitions=3)
+    start_stage("learner", partitions=3, snapshot_every_labels=500, label_wait_s=3)
+    prod = producer(stack.kafka_bootstrap)
+    # three waves: events, their predictions, then their labels, so that each wave
+    # is served by the version the learner published from the waves before it
+    for wave in range(3):
+        chunk = events[wave * 1000 : (wave + 1) * 1000]
+        produce_all(prod, ((topics.events, e["card_id"].encode(), orjson.dumps(e)) for e in chunk))
+        collect(stack.kafka_bootstrap, topics.predictions, (wave + 1) * 1000, settle_s=0)
+        produce_all(prod, ((topics.labels, e["event_id"].encode(),
+                            orjson.dumps(labels[e["event_id"]])) for e in chunk))  # fmt: skip
+        collect(stack.kafka_bootstrap, topics.evaluations, (wave + 1) * 1000, settle_s=0)
+    raw = collect(stack.kafka_bootstrap, topics.predictions, 3000)
+    served = by_event_id(m.value() for m in raw)
+    evals = [Evaluation.model_validate_json(m.value()) for m in
+             collect(stack.kafka_bootstrap, topics.evaluations, 3000)]  # fmt: skip
+    assert len(served) == len(evals) == 3000
+    for e in evals:
+        p = served[e.event_id]
+        assert e.served is not None, e.event_id
+        assert (e.served.model, e.served.version, e.served.probability) == (
+            p.model, p.version, p.probability
+        ), e.event_id  # fmt: skip
+    assert len({p.version for p in served.values()}) >= 3
+    assert len({p.probability for p in served.values()}) >= 3  # not all one number
 
 
 def test_embedded_and_kafka_runtimes_give_the_same_predictions(

@@ -37,6 +37,7 @@ from tests.helpers import (
     assert_aggregations_match,
     brute_force_features,
     check_labels_are_claimed_once,
+    check_the_first_served_prediction_is_kept,
 )
 
 
@@ -155,6 +156,16 @@ def test_the_read_path_agrees_with_the_embedded_store(redis_client: redis.Redis)
 
 def test_labels_are_claimed_once(store: RedisFeatureStore) -> None:
     check_labels_are_claimed_once(store, requests(3))
+
+
+def test_the_first_served_prediction_is_kept(
+    store: RedisFeatureStore, redis_client: redis.Redis
+) -> None:
+    reqs = requests(3)
+    check_the_first_served_prediction_is_kept(store, reqs)
+    # recorded in the snapshot: it keeps its label-horizon TTL
+    ttl_ms = redis_client.pttl(store.snapshot_key(reqs[0].event_id))
+    assert 0.9 * float(store.horizon_ms) < ttl_ms <= float(store.horizon_ms)
 
 
 def test_unreachable_redis_is_a_clear_error(fraud_spec: PipelineSpec) -> None:

@@ -15,6 +15,10 @@ from riverflow.spec import PipelineSpec
 from streams.contracts import DeadLetter, Evaluation, Prediction
 
 
+def by_event_id(messages: list[tuple[bytes | None, bytes]]) -> dict[str, Prediction]:
+    return {p.event_id: p for p in (Prediction.model_validate_json(v) for _, v in messages)}
+
+
 def run(spec: PipelineSpec, settings: Settings, n: int, bad_every: int = 0) -> EmbeddedRuntime:
     rt = EmbeddedRuntime(spec, settings)
     produced = 0
@@ -86,6 +90,41 @@ def test_the_scorer_follows_the_models_the_learner_publishes(
             Prediction.model_validate_json, (v for _, v in rt.messages(rt.topics.predictions))
         )
     } == {name}
+
+
+def test_evaluations_carry_the_prediction_that_was_served(fraud_spec: PipelineSpec) -> None:
+    rt = run(fraud_spec, Settings(snapshot_every_labels=300, model_poll_s=1e-6), 2000)
+    served = by_event_id(rt.messages(rt.topics.predictions))
+    evaluations = [Evaluation.model_validate_json(v) for _, v in rt.messages(rt.topics.evaluations)]
+    assert len(evaluations) == len(served) == 2000
+    for e in evaluations:
+        p = served[e.event_id]
+        assert e.served is not None, e.event_id
+        assert (e.served.model, e.served.version, e.served.probability) == (
+            p.model, p.version, p.probability
+        ), e.event_id  # fmt: skip
+    # what was served is not the learner's own prequential prediction: the scorer
+    # served versions published before the label came, the learner holds a newer model
+    assert len({e.served.version for e in evaluations if e.served}) > 3
+    lead = fraud_spec.models.champion_spec.name
+    differ = sum(e.served.probability != e.predictions[lead].probability
+                 for e in evaluations if e.served)  # fmt: skip
+    assert differ > 1000
+
+
+def test_a_replayed_event_gets_the_prediction_first_served(fraud_spec: PipelineSpec) -> None:
+    rt = run(fraud_spec, Settings(snapshot_every_labels=300, model_poll_s=1e-6), 1000)
+    first = list(by_event_id(rt.messages(rt.topics.predictions)).values())[:100]
+    assert {p.version for p in first} == {0} and rt.scorer.champion.version >= 1
+    for key, value in rt.messages(rt.topics.events)[:100]:  # the scorer crashed: read again
+        rt.produce(rt.topics.events, key, value)
+    rt.drain()
+    replayed = [Prediction.model_validate_json(v) for _, v in rt.messages(rt.topics.predictions)]
+    again = replayed[1000:]
+    assert len(again) == 100 and all(p.replayed for p in again)
+    assert [(p.event_id, p.model, p.version, p.probability) for p in again] == [
+        (p.event_id, p.model, p.version, p.probability) for p in first
+    ]
 
 
 def test_the_model_learns_the_fraud_pattern(fraud_spec: PipelineSpec, settings: Settings) -> None:

@@ -19,6 +19,7 @@ from tests.helpers import (
     assert_features_match,
     brute_force_features,
     check_labels_are_claimed_once,
+    check_the_first_served_prediction_is_kept,
 )
 
 
@@ -108,5 +109,11 @@ def test_the_read_path_returns_the_current_values() -> None:
 
 def test_each_snapshot_is_claimed_once(fraud_spec: PipelineSpec) -> None:
     check_labels_are_claimed_once(
+        MemoryFeatureStore(fraud_spec.feature_plan()), fraud_requests(fraud_spec, 3)
+    )
+
+
+def test_the_first_served_prediction_is_kept(fraud_spec: PipelineSpec) -> None:
+    check_the_first_served_prediction_is_kept(
         MemoryFeatureStore(fraud_spec.feature_plan()), fraud_requests(fraud_spec, 3)
     )
