@@ -9,8 +9,12 @@ import pytest
 from models.errors import ModelSpecError
 from monitors.drift import DetectorKind, DetectorSpec, ErrorDriftMonitor, build_detector
 from monitors.drift_eval import (
+    FUNCTIONS,
+    concept_disagreement,
     default_model,
+    drift_profile,
     drifting_stream,
+    prequential_errors,
     recovery_times,
     score,
     serve_with_monitor,
@@ -65,3 +69,20 @@ def test_an_alarm_starts_a_challenger_that_replaces_the_stale_champion() -> None
     assert drifts == [8000]
     assert run.alarms and all(a >= 8000 for a in run.alarms)  # nothing before the drift
     assert run.promotions and 8000 < run.promotions[0] < 9000
+
+
+def test_every_drift_of_the_evaluation_stream_is_a_real_concept_change() -> None:
+    # neighbouring concepts (cyclically) label at least 40% of the same samples differently
+    pairs = zip(FUNCTIONS, FUNCTIONS[1:] + FUNCTIONS[:1], strict=True)
+    assert min(concept_disagreement(a, b, n=3000) for a, b in pairs) >= 0.4
+    # it labels the same samples by both functions: 6 and 8 (left out) nearly agree
+    assert concept_disagreement(6, 8, n=3000) < 0.1
+
+
+def test_the_drift_profile_shows_the_error_rising_at_each_drift() -> None:
+    samples, drifts = drifting_stream(24_000, 8_000, seed=3)
+    profile = drift_profile(prequential_errors(samples, default_model), drifts)
+    assert [(p["at"], p["from"], p["to"]) for p in profile] == [
+        (8000, FUNCTIONS[0], FUNCTIONS[1]), (16000, FUNCTIONS[1], FUNCTIONS[2])
+    ]  # fmt: skip
+    assert all(p["error_after"] > p["error_before"] + 0.2 for p in profile)
