@@ -1,8 +1,12 @@
 """Quality over sliding windows of labelled events, and the paired test that compares two models.
 
-A window holds the last ``size`` labelled events a model predicted; every
-metric is River's, made rolling with ``river.utils.Rolling`` (each update
-reverts the event leaving the window).
+A window holds the last ``size`` labelled events a model predicted. Accuracy,
+precision, recall, F1 and log loss are kept as running sums (O(1) per event,
+the event leaving the window subtracted); ROC AUC is computed exactly from the
+window's scores when asked (rank sum, ties averaged). The definitions are
+River's (``river.metrics``): a decision is ``probability >= 0.5``, precision,
+recall and F1 are 0 when undefined, log loss clamps probabilities to
+[1e-15, 1 - 1e-15]; ROC AUC is 0 when the window holds one class only.
 """
 
 from __future__ import annotations
@@ -10,19 +14,8 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
 
-from river import metrics, utils
-
-METRICS: dict[str, Any] = {
-    "accuracy": metrics.Accuracy,
-    "precision": metrics.Precision,
-    "recall": metrics.Recall,
-    "f1": metrics.F1,
-    "roc_auc": metrics.ROCAUC,
-    "log_loss": metrics.LogLoss,
-}
-_PROBA = {"roc_auc", "log_loss"}  # these take the probability, the others the decision
+_EPS = 1e-15
 
 
 class _Count:
@@ -51,23 +44,41 @@ class WindowedQuality:
 
     def __init__(self, size: int, recent: int | None = None) -> None:
         self.size = size
-        self.metrics: dict[str, Any] = {
-            name: utils.Rolling(cls, window_size=size) for name, cls in METRICS.items()
-        }
+        self.events: deque[tuple[bool, float]] = deque(maxlen=size)
+        self.tp = self.fp = self.fn = self.tn = 0
+        self.loss = 0.0
         self.correct = _Count(size)
         self.recent = _Count(recent or size)
         self.count = 0  # every labelled event seen, not only those in the window
 
+    def _add(self, label: bool, probability: float, sign: int) -> None:
+        decision = probability >= 0.5
+        if decision:
+            if label:
+                self.tp += sign
+            else:
+                self.fp += sign
+        elif label:
+            self.fn += sign
+        else:
+            self.tn += sign
+        p = min(max(probability if label else 1.0 - probability, _EPS), 1.0 - _EPS)
+        self.loss -= sign * math.log(p)
+
     def update(self, label: bool, probability: float) -> bool:
         """Add one labelled event; returns whether the model's decision was right."""
-        decision = probability >= 0.5
-        proba = {True: probability, False: 1.0 - probability}
-        for name, metric in self.metrics.items():
-            metric.update(label, proba if name in _PROBA else decision)
+        if len(self.events) == self.size:
+            self._add(*self.events[0], -1)
+        self.events.append((label, probability))
+        self._add(label, probability, 1)
         self.count += 1
-        self.correct.add(decision == label)
-        self.recent.add(decision == label)
-        return decision == label
+        if self.count % self.size == 0:  # keep the running loss from drifting in float
+            self.loss = -sum(math.log(min(max(p if y else 1.0 - p, _EPS), 1.0 - _EPS))
+                             for y, p in self.events)  # fmt: skip
+        right = (probability >= 0.5) == label
+        self.correct.add(right)
+        self.recent.add(right)
+        return right
 
     @property
     def full(self) -> bool:
@@ -76,10 +87,38 @@ class WindowedQuality:
     def accuracy(self) -> float:
         return self.correct.rate()
 
+    def roc_auc(self) -> float:
+        """Exact ROC AUC of the window: the probability a positive outranks a negative."""
+        positives = sum(label for label, _ in self.events)
+        negatives = len(self.events) - positives
+        if not positives or not negatives:
+            return 0.0
+        ordered = sorted(self.events, key=lambda e: e[1])
+        rank_sum, i = 0.0, 0
+        while i < len(ordered):
+            j = i
+            while j + 1 < len(ordered) and ordered[j + 1][1] == ordered[i][1]:
+                j += 1
+            mid = (i + j) / 2 + 1  # the average 1-based rank of a run of ties
+            rank_sum += mid * sum(label for label, _ in ordered[i : j + 1])
+            i = j + 1
+        return (rank_sum - positives * (positives + 1) / 2) / (positives * negatives)
+
     def as_dict(self) -> dict[str, float]:
-        out = {name: float(m.get()) for name, m in self.metrics.items()}
-        out["window"] = float(len(self.correct))
-        return out
+        n = len(self.events)
+        tp, fp, fn = self.tp, self.fp, self.fn
+        precision = tp / (tp + fp) if tp + fp else 0.0
+        recall = tp / (tp + fn) if tp + fn else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        return {
+            "accuracy": self.accuracy(),
+            "precision": precision,
+            "recall": recall,
+            "f1": f1,
+            "roc_auc": self.roc_auc(),
+            "log_loss": self.loss / n if n else 0.0,
+            "window": float(n),
+        }
 
 
 @dataclass(frozen=True)

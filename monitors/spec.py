@@ -57,7 +57,9 @@ class LabelFreeSpec(_Frozen):
     every: int = Field(500, ge=1, description="test every this many predictions")
     alpha: float = Field(1e-4, gt=0, lt=1, description="KS test level (per input, per test)")
     anomaly: bool = Field(True, description="score inputs with River's HalfSpaceTrees")
-    anomaly_every: int = Field(1, ge=1, description="score every n-th prediction")
+    anomaly_every: int = Field(
+        10, ge=1, description="score every n-th prediction (HalfSpaceTrees: ~200 µs each)"
+    )
 
 
 class MonitorSpec(_Frozen):

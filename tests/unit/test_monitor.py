@@ -14,7 +14,7 @@ from scipy import stats
 from models.registry import MemoryRegistry
 from monitors.distribution import DistributionMonitor
 from monitors.policy import PipelineMonitor
-from monitors.quality import PairedWindow
+from monitors.quality import PairedWindow, WindowedQuality
 from monitors.spec import LabelFreeSpec, MonitorSpec
 from riverflow.embedded import EmbeddedRuntime
 from riverflow.generator import FraudStreamConfig, with_labels
@@ -174,6 +174,32 @@ def test_segments_are_reported_without_the_models_seeing_the_field(
     assert sum(v["n"] for v in view.segments.by.values()) == 1500
     evaluations = [Evaluation.model_validate_json(v) for _, v in b.messages(b.topics.evaluations)]
     assert all(str(e.segment).startswith("m") for e in evaluations)
+
+
+def test_windowed_metrics_equal_rivers_rolling_metrics_and_exact_roc_auc() -> None:
+    from river import metrics, utils
+
+    rng = random.Random(11)
+    quality = WindowedQuality(300)
+    river = {name: utils.Rolling(cls, window_size=300) for name, cls in (
+        ("accuracy", metrics.Accuracy), ("precision", metrics.Precision),
+        ("recall", metrics.Recall), ("f1", metrics.F1), ("log_loss", metrics.LogLoss))}  # fmt: skip
+    events = []
+    for _ in range(2_000):
+        label = rng.random() < 0.2
+        p = round(min(1.0, max(0.0, rng.gauss(0.6 if label else 0.35, 0.2))), 2)  # ties
+        events.append((label, p))
+        quality.update(label, p)
+        for name, metric in river.items():
+            metric.update(label, {True: p, False: 1 - p} if name == "log_loss" else p >= 0.5)
+    ours = quality.as_dict()
+    for name, metric in river.items():
+        assert math.isclose(ours[name], metric.get(), rel_tol=1e-9), name
+    window = events[-300:]
+    pos = [p for y, p in window if y]
+    neg = [p for y, p in window if not y]
+    pairs = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a in pos for b in neg)
+    assert math.isclose(ours["roc_auc"], pairs / (len(pos) * len(neg)), rel_tol=1e-12)
 
 
 def test_mcnemar_p_value_matches_the_chi_squared_distribution() -> None:
