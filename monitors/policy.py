@@ -17,7 +17,9 @@ the spec's policies to the registry while traffic flows:
   labelled events falling ``rollback.drop`` below its level when it was last
   good (or below ``rollback.floor``) moves the pointer back to the version
   served when it was last good, a full rollback window before the fall; the
-  learner then continues that version, forgetting what it learned since;
+  learner then continues that version, forgetting what it learned since. The
+  level is learned again from a full window after the rollback, so a fall
+  that the rollback did not mend (a concept drift) is rolled back only once;
 - every decision is returned with its evidence (the stage writes it to
   ``{ns}.model-events``), and none is taken within ``cooldown`` labelled events
   of the previous one.
@@ -251,10 +253,19 @@ class PipelineMonitor:
         if len(watch.quality.recent) < policy.window:
             return []
         recent = watch.quality.recent.rate()
+        if self.level is None:
+            # (re)learn the level a fall is measured from: only from a full window of
+            # labels after the last promote or rollback. So a fall that a rollback did not
+            # mend (a concept drift: the older version is no better) is rolled back once,
+            # then becomes the new level, instead of being rolled back again and again.
+            if watch.quality.full and since >= self.spec.window:
+                self.level = watch.quality.accuracy()
+            else:
+                return []
         below_floor = policy.floor is not None and recent < policy.floor
-        dropped = self.level is not None and recent < self.level - policy.drop
+        dropped = recent < self.level - policy.drop
         if not (below_floor or dropped):
-            if watch.quality.full:
+            if since >= self.spec.window:
                 self.level = watch.quality.accuracy()
             if not self.good or self.good[-1][1] != self.champion:
                 self.good.append((self.labels, self.champion))
@@ -278,7 +289,7 @@ class PipelineMonitor:
         moved = self.registry.move(target, "rollback", self.champion, why)
         if moved is None:
             return []  # the pointer moved meanwhile: look again with the next label
-        self.champion = target
+        self.champion, self.level = target, None
         while self.good and self.good[-1][0] > before:
             self.good.pop()
         self.watches[champion].drift = ErrorDriftMonitor(self.spec.detector)
