@@ -68,7 +68,7 @@ def run_stage(stage: str, spec: PipelineSpec, settings: Settings, ep: Endpoints)
             run_worker(stage_app(
                 scorer, topics.events, ep.kafka_bootstrap, group, settings.batch_size,
                 settings.batch_timeout_s, tick_s=settings.model_poll_s, metrics=metrics,
-                dlq_topic=topics.dlq,
+                dlq_topic=topics.dlq, datadir=str(settings.cache_dir / "faust" / group),
             ))  # fmt: skip
         else:
             ConfluentHost(

@@ -31,14 +31,19 @@ def stage_app(
     tick_s: float | None = None,
     metrics: StageMetrics | None = None,
     dlq_topic: str = "",
+    datadir: str | None = None,
 ) -> faust.App:
     """A Faust app whose one agent feeds ``source`` to ``processor`` in batches.
 
     ``tick_s`` also calls the processor with an empty batch on a timer (the
     scorer follows the champion pointer on it while the stream is quiet).
+    ``datadir``: where Faust keeps its files (default: ``{group}-data`` in the
+    working directory, Faust's own default).
     """
+    extra: dict[str, Any] = {} if datadir is None else {"datadir": datadir}
     app = faust.App(
         group,
+        **extra,
         broker=f"kafka://{bootstrap}",
         key_serializer="raw",
         value_serializer="raw",
