@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, ValidationError
 
 from monitors.errors import ViewError
+from riverflow.errors import error_lines
 
 MarkerKind = Literal["drift", "challenger", "promote", "rollback", "retire", "feature_drift"]
 
@@ -81,8 +82,5 @@ def parse_view(raw: bytes | str, source: str = "view") -> MonitorView:
     try:
         return MonitorView.model_validate_json(raw)
     except ValidationError as exc:
-        lines = []
-        for err in exc.errors(include_url=False):
-            where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-            lines.append(f"  {where}: {err['msg']}")
-        raise ViewError(f"{source} is not a monitor view:\n" + "\n".join(lines)) from None
+        lines = "\n".join(f"  {line}" for line in error_lines(exc))
+        raise ViewError(f"{source} is not a monitor view:\n{lines}") from None

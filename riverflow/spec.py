@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from features.definitions import ANY_FIELD, Duration, FeaturePlan, FeatureSpec, parse_duration
 from models.spec import ModelsSpec
 from monitors.spec import MonitorSpec
-from riverflow.errors import RiverflowError
+from riverflow.errors import RiverflowError, error_lines
 from streams.schema import NUMERIC, EventSchema, FieldType, LabelSpec
 from streams.topics import Topics
 
@@ -105,9 +105,5 @@ def parse_spec(data: object, source: str = "spec") -> PipelineSpec:
     try:
         return PipelineSpec.model_validate(data)
     except ValidationError as exc:
-        lines = []
-        for err in exc.errors(include_url=False):
-            where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-            msg = err["msg"].removeprefix("Value error, ")
-            lines.append(f"  {where}: {msg}")
-        raise SpecError(f"{source} is invalid:\n" + "\n".join(lines)) from None
+        lines = "\n".join(f"  {line}" for line in error_lines(exc))
+        raise SpecError(f"{source} is invalid:\n{lines}") from None

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from monitors.exporter import MonitorMetrics
 from monitors.policy import Decision, PipelineMonitor
 from monitors.view import MonitorView
+from riverflow.errors import error_lines
 from streams.contracts import Evaluation, Message, Output, Prediction
 from streams.processors import StageCounters, dead_letter
 from streams.topics import Topics
@@ -57,9 +58,7 @@ class Monitor:
                         p.features, p.probability, p.model, p.version
                     )
             except ValidationError as exc:
-                first = exc.errors(include_url=False)[0]
-                where = ".".join(str(x) for x in first["loc"]) or "(record)"
-                why = f"not a {msg.topic} record: {where}: {first['msg']}"
+                why = f"not a {msg.topic} record: {error_lines(exc)[0]}"
                 out.append(dead_letter(self.topics, self.stage, msg, "bad_record", why))
         self.counters.dead_letters += len(out)
         for d in decisions:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import orjson
@@ -181,3 +181,13 @@ def check_the_first_served_prediction_is_kept(
     assert again[0].inputs == snaps[0].inputs and again[0].aggregates == snaps[0].aggregates
     claims = store.claim_snapshots(ids, [f"run:{i}" for i in ids], lambda _token: False)
     assert [c.served for c in claims if isinstance(c, FeatureSnapshot)] == [first, later, None]
+
+
+def assert_served_matches(evaluations: Iterable[Any], predictions: Mapping[str, Any]) -> None:
+    """Every evaluation carries the prediction that was served for its event, as emitted."""
+    for e in evaluations:
+        p = predictions[e.event_id]
+        assert e.served is not None, e.event_id
+        assert (e.served.model, e.served.version, e.served.probability) == (
+            p.model, p.version, p.probability
+        ), e.event_id  # fmt: skip

@@ -20,7 +20,7 @@ from riverflow.spec import PipelineSpec
 from riverflow.stack import Endpoints
 from streams.contracts import DeadLetter, Evaluation, Prediction
 from streams.kafka_io import ensure_topics, produce_all, producer
-from tests.helpers import assert_features_match, brute_force_features
+from tests.helpers import assert_features_match, assert_served_matches, brute_force_features
 from tests.integration.conftest import StageFactory, collect
 
 N = 10_000
@@ -103,12 +103,7 @@ def test_ten_thousand_events_through_kafka_and_redis(
     assert sorted(e.labels_seen for e in evals) == list(range(1, N + 1))
     # ... joined with the prediction that was served for its event, as it is in the topic
     served = {p.event_id: p for p in predictions}
-    for e in evals:
-        p = served[e.event_id]
-        assert e.served is not None, e.event_id
-        assert (e.served.model, e.served.version, e.served.probability) == (
-            p.model, p.version, p.probability
-        ), e.event_id  # fmt: skip
+    assert_served_matches(evals, served)
     # ... and published its snapshots as champion versions the scorer can load
     registry = RedisRegistry(
         redis_client, spec.name, Settings().signing_key.get_secret_value().encode()
@@ -154,12 +149,7 @@ def test_evaluations_join_the_prediction_each_champion_version_served(
     evals = [Evaluation.model_validate_json(m.value()) for m in
              collect(stack.kafka_bootstrap, topics.evaluations, 3000)]  # fmt: skip
     assert len(served) == len(evals) == 3000
-    for e in evals:
-        p = served[e.event_id]
-        assert e.served is not None, e.event_id
-        assert (e.served.model, e.served.version, e.served.probability) == (
-            p.model, p.version, p.probability
-        ), e.event_id  # fmt: skip
+    assert_served_matches(evals, served)
     assert len({p.version for p in served.values()}) >= 3
     assert len({p.probability for p in served.values()}) >= 3  # not all one number
 

@@ -13,6 +13,7 @@ from riverflow.generator import BAD_KINDS, FraudStreamConfig, corrupt, transacti
 from riverflow.settings import Settings
 from riverflow.spec import PipelineSpec
 from streams.contracts import DeadLetter, Evaluation, Prediction
+from tests.helpers import assert_served_matches
 
 
 def by_event_id(messages: list[tuple[bytes | None, bytes]]) -> dict[str, Prediction]:
@@ -97,12 +98,7 @@ def test_evaluations_carry_the_prediction_that_was_served(fraud_spec: PipelineSp
     served = by_event_id(rt.messages(rt.topics.predictions))
     evaluations = [Evaluation.model_validate_json(v) for _, v in rt.messages(rt.topics.evaluations)]
     assert len(evaluations) == len(served) == 2000
-    for e in evaluations:
-        p = served[e.event_id]
-        assert e.served is not None, e.event_id
-        assert (e.served.model, e.served.version, e.served.probability) == (
-            p.model, p.version, p.probability
-        ), e.event_id  # fmt: skip
+    assert_served_matches(evaluations, served)
     # what was served is not the learner's own prequential prediction: the scorer
     # served versions published before the label came, the learner holds a newer model
     assert len({e.served.version for e in evaluations if e.served}) > 3
