@@ -292,7 +292,6 @@ class PipelineMonitor:
         self.champion, self.level = target, None
         while self.good and self.good[-1][0] > before:
             self.good.pop()
-        self.watches[champion].drift = ErrorDriftMonitor(self.spec.detector)
         self.duels.clear()
         self.last_decision = self.labels
         return [self._decision("rollback", target.model, target.version, why, evidence)]
