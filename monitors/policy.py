@@ -50,6 +50,8 @@ from monitors.view import (
 
 MAX_POINTS = 2_000  # per series; older points are thinned out beyond this
 MAX_MARKERS = 500
+MAX_SEGMENTS = 1_000  # segment values tracked one by one
+OTHER_SEGMENT = "(other)"
 
 
 @dataclass(frozen=True)
@@ -128,6 +130,7 @@ class PipelineMonitor:
         if pointer != self.champion:
             if self.champion is None or pointer is None or pointer.model != self.champion.model:
                 self.duels.clear()  # a new champion: challengers are compared afresh
+                self.level = None  # and its level is its own
             self.champion = pointer
         self.fresh = self.registry.challengers()
         out = []
@@ -180,9 +183,12 @@ class PipelineMonitor:
             if watch.drift.update(not ok):
                 out += self._drift(name, watch)
         if segment is not None and champion in right:
-            seg = self.segments.get(str(segment))
+            key = str(segment)
+            if key not in self.segments and len(self.segments) >= MAX_SEGMENTS:
+                key = OTHER_SEGMENT  # a field of too many values: the rest are pooled
+            seg = self.segments.get(key)
             if seg is None:
-                seg = self.segments[str(segment)] = WindowedQuality(self.spec.window)
+                seg = self.segments[key] = WindowedQuality(self.spec.window)
             seg.update(label, predictions[champion][1])
         if champion in right:
             for name, ok in right.items():
