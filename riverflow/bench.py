@@ -445,7 +445,8 @@ def measure_host(
         out["search"] = {"criterion": asdict(cfg.sustained), "holds": holds}
         log(f"{host}: max sustained {best:,} events/s")
         out["latency"] = {}
-        for i, rate in enumerate([*cfg.rates, int(best * 0.8)]):
+        # slowest first: a rate above capacity leaves a backlog, which must not precede another
+        for i, rate in enumerate(sorted({*cfg.rates, int(best * 0.8)})):
             if rate > 0:
                 out["latency"][str(rate)] = held(rate, cfg.rate_seconds, f"r{i}-")
         out["peak_rss_mb"] = usage.peak_rss_mb()

@@ -214,6 +214,15 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
 
 
+def jvm_gc(pid: int) -> dict[str, float]:
+    """The broker JVM's collection counts and seconds so far (``jstat -gc``)."""
+    done = subprocess.run(["jstat", "-gc", str(pid)], capture_output=True, text=True, check=False)
+    lines = done.stdout.split("\n")
+    if done.returncode != 0 or len(lines) < 2:
+        return {}
+    return dict(zip(lines[0].split(), map(float, lines[1].split()), strict=True))
+
+
 def measure(
     name: str, variant: dict[str, Any], ep: Any, base_spec: dict[str, Any], workdir: Path,
     rate: int, seconds: float,
@@ -233,6 +242,11 @@ def measure(
     env = {**os.environ, "RIVERFLOW_KAFKA_BOOTSTRAP": ep.kafka_bootstrap,
            "RIVERFLOW_REDIS_URL": ep.redis_url, "RIVERFLOW_SPEC": str(spec_file),
            "PROBE_VARIANT": json.dumps(variant)}  # fmt: skip
+    import redis
+
+    rds = redis.Redis.from_url(ep.redis_url)
+    rds.config_set("latency-monitor-threshold", 5)  # Redis notes every event over 5 ms
+    rds.latency_reset()
     scorer = subprocess.Popen([sys.executable, __file__, "_scorer", str(trace)], env=env)
     prober = subprocess.Popen([sys.executable, __file__, "_oversleep", str(sleeps)])
     clock = PredictionClock(ep.kafka_bootstrap, spec.topics.predictions)
@@ -276,8 +290,13 @@ def measure(
             time.sleep(0.5)
         clock.wait_for_ids(send(warm, rate), 30)
         events, _ = stream(int(rate * seconds), 7, prefix=f"{name}-")
+        jvm0 = jvm_gc(ep.pids["kafka"]) if "kafka" in ep.pids else {}
+        rds.latency_reset()
         sent = send(events, rate)
         clock.wait_for_ids(sent, 60)
+        jvm1 = jvm_gc(ep.pids["kafka"]) if jvm0 else {}
+        # LATENCY LATEST: [event, last time, last ms, max ms] per kind of slow event
+        redis_spikes = {e[0].decode(): e[3] for e in rds.execute_command("LATENCY LATEST")}
     finally:
         scorer.send_signal(signal.SIGTERM)
         prober.send_signal(signal.SIGTERM)
@@ -343,6 +362,13 @@ def measure(
     result["oversleep"] = {"wakeups": sl["wakeups"], "late_over_2ms": len(late),
                            "late_over_10ms": sum(d > 0.01 for d in late),
                            "max_ms": max(late, default=0) * 1000}  # fmt: skip
+    result["redis_latency_events_over_5ms"] = redis_spikes
+    if jvm1:
+        young, full = jvm1["YGC"] - jvm0["YGC"], jvm1["FGC"] - jvm0["FGC"]
+        result["broker_gc"] = {
+            "young": young, "young_s": jvm1["YGCT"] - jvm0["YGCT"], "full": full,
+            "full_s": jvm1["FGCT"] - jvm0["FGCT"],
+        }  # fmt: skip
     result["load"] = os.getloadavg()
     return result
 
@@ -392,7 +418,8 @@ def main() -> None:
                     for k, v in r["phases_ms"].items()))  # fmt: skip
                 print(
                     f"    gc {r['gc']}; slowest 1% during a gen-2 GC: "
-                    f"{r['slowest_1pct_during_gen2']}; oversleep {r['oversleep']}",
+                    f"{r['slowest_1pct_during_gen2']}; oversleep {r['oversleep']}; "
+                    f"redis {r['redis_latency_events_over_5ms']}; broker {r.get('broker_gc')}",
                     flush=True,
                 )
     if args.json:
