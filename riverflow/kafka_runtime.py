@@ -38,8 +38,9 @@ def freeze_startup_heap() -> None:
 
     A full collection walks every tracked object: ~120,000 after startup, ~100 ms
     of CPU on our 2-core machine, a pause every event in flight waits through
-    (the scorer's p99 at 1,000 events/s, docs/benchmarks.md). Frozen objects are
-    never collected; startup's are kept for the life of the process anyway.
+    (the scorer's p99 at 1,000 events/s, docs/benchmarks.md). The cyclic GC skips
+    frozen objects; reference counting still frees them, so what leaks is only a
+    cycle among startup's objects dropped later (e.g. a restored model replaced).
     """
     gc.collect()
     gc.freeze()
@@ -64,8 +65,8 @@ def run_stage(stage: str, spec: PipelineSpec, settings: Settings, ep: Endpoints)
         monitor = build_monitor(spec, registry, MonitorMetrics(metrics.registry))
         if port:  # with the status page: /, /status.json
             serve(metrics, port, settings.metrics_host, view=monitor.view)
-        # ticks re-read the champion pointer and retire stale challengers while quiet
         freeze_startup_heap()
+        # ticks re-read the champion pointer and retire stale challengers while quiet
         ConfluentHost(
             monitor, [topics.evaluations, topics.predictions], ep.kafka_bootstrap,
             f"riverflow-{spec.name}-monitor", settings.batch_size, tick_s=settings.model_poll_s,
@@ -77,8 +78,8 @@ def run_stage(stage: str, spec: PipelineSpec, settings: Settings, ep: Endpoints)
     if stage == "scorer":
         scorer = build_scorer(spec, settings, store, registry)
         group = f"riverflow-{spec.name}-scorer"
-        # ticks follow the champion (and keep /healthz fresh) while the stream is quiet
         freeze_startup_heap()
+        # ticks follow the champion (and keep /healthz fresh) while the stream is quiet
         if host == "faust":
             run_worker(stage_app(
                 scorer, topics.events, ep.kafka_bootstrap, group, settings.batch_size,
@@ -97,9 +98,9 @@ def run_stage(stage: str, spec: PipelineSpec, settings: Settings, ep: Endpoints)
         publishing = settings.snapshot_every_labels or settings.snapshot_every_s
         return learner.publish() if publishing and learner.has_unpublished() else []
 
+    freeze_startup_heap()
     # ticks retry waiting labels and take the timed snapshots
     tick_s = max(0.2, min(settings.label_wait_s / 4, settings.snapshot_every_s or math.inf))
-    freeze_startup_heap()
     ConfluentHost(
         learner, topics.labels, ep.kafka_bootstrap, f"riverflow-{spec.name}-learner",
         settings.batch_size, tick_s=tick_s, on_stop=publish_on_stop, metrics=metrics,
