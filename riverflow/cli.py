@@ -143,12 +143,16 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     from riverflow.bench import BenchConfig, report, run_bench
 
     spec = load_spec(args.spec or settings.spec)
-    config = BenchConfig(
-        events=args.events,
-        rates=tuple(int(r) for r in args.rates.split(",") if r),
-        rate_seconds=args.rate_seconds,
-        hosts=tuple(args.hosts.split(",")),
-    )
+    given = {
+        "events": args.events,
+        "rates": tuple(int(r) for r in args.rates.split(",") if r) if args.rates else None,
+        "rate_seconds": args.rate_seconds,
+        "hosts": tuple(args.hosts.split(",")),
+        "hold_seconds": args.hold_seconds,
+        "search_steps": args.search_steps,
+    }
+    overrides = {k: v for k, v in given.items() if v is not None}
+    config = BenchConfig.quick(**overrides) if args.quick else BenchConfig(**overrides)
     result = run_bench(spec, config, log=lambda line: err_console.print(f"[dim]{line}[/dim]"))
     console.print(report(result))
     Path(args.json).write_bytes(orjson.dumps(result.as_dict(), option=orjson.OPT_INDENT_2))
@@ -437,9 +441,12 @@ def parser() -> argparse.ArgumentParser:
     tail.add_argument("-n", "--limit", type=int, default=0)
     tail.set_defaults(func=cmd_tail)
     bench = sub.add_parser("bench", help="measure limit, embedded and Kafka runtimes (one run)")
-    bench.add_argument("--events", type=int, default=100_000)
-    bench.add_argument("--rates", default="1000,5000", help="offered rates for latency, per s")
-    bench.add_argument("--rate-seconds", type=float, default=8.0)
+    bench.add_argument("--events", type=int, help="limit, embedded, drain (default 100,000)")
+    bench.add_argument("--rates", help="offered rates for latency, per s (default 1000,5000)")
+    bench.add_argument("--rate-seconds", type=float, help="each latency point (default 8)")
+    bench.add_argument("--hold-seconds", type=float, help="each rate the search tries (12)")
+    bench.add_argument("--search-steps", type=int, help="bisections of the search (4)")
+    bench.add_argument("--quick", action="store_true", help="shorter: fewer events and holds")
     bench.add_argument("--hosts", default="faust,confluent")
     bench.add_argument("--json", default="bench-results.json")
     bench.add_argument("--spec", type=Path)
