@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import faust
@@ -40,7 +41,10 @@ def stage_app(
     ``datadir``: where Faust keeps its files (default: ``{group}-data`` in the
     working directory, Faust's own default).
     """
-    extra: dict[str, Any] = {} if datadir is None else {"datadir": datadir}
+    extra: dict[str, Any] = {}
+    if datadir is not None:
+        Path(datadir).mkdir(parents=True, exist_ok=True)  # Faust makes only the last level
+        extra["datadir"] = datadir
     app = faust.App(
         group,
         **extra,
