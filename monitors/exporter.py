@@ -127,22 +127,20 @@ class MonitorMetrics:
             "riverflow_segment_gap", "largest quality gap between two segments", ["metric"],
             registry=r,
         )  # fmt: skip
-        self._versions: dict[str, str] = {}
+        self._quality: set[tuple[str, str, str]] = set()  # (model, version, metric) set now
         self._champion: tuple[str, str] | None = None
 
     def update(self, view: Any, decisions: Iterable[Any]) -> None:
         """Set every gauge from a ``MonitorView``; count the new decisions."""
         for d in decisions:
             self.decisions.labels(d.kind, d.model).inc()
-        for c in view.candidates:
-            version = str(c.version)
-            old = self._versions.get(c.name)
-            if old is not None and old != version:
-                for metric in c.metrics:
-                    self.quality.remove(c.name, old, metric)
-            self._versions[c.name] = version
-            for metric, value in c.metrics.items():
-                self.quality.labels(c.name, version, metric).set(value)
+        quality = {(c.name, str(c.version), metric): value
+                   for c in view.candidates for metric, value in c.metrics.items()}  # fmt: skip
+        for labels in self._quality - quality.keys():
+            self.quality.remove(*labels)  # an older version, or a retired challenger
+        self._quality = set(quality)
+        for labels, value in quality.items():
+            self.quality.labels(*labels).set(value)
         if view.champion is not None:
             now = (str(view.champion["model"]), str(view.champion["version"]))
             if self._champion is not None and self._champion != now:

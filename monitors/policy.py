@@ -111,6 +111,7 @@ class PipelineMonitor:
         self.last_decision: int | None = None  # label count of the last promote/rollback
         self.champion: ChampionPointer | None = None
         self.fresh: dict[str, dict[str, Any]] = {}
+        self.retired: set[str] = set()  # fresh challengers retired (names are never reused)
         self.level: float | None = None  # champion's accuracy when last seen good
         self.good: deque[tuple[int, ChampionPointer]] = deque(maxlen=10_000)
         self.series: dict[str, list[SeriesPoint]] = {}
@@ -175,6 +176,8 @@ class PipelineMonitor:
         right: dict[str, bool] = {}
         out: list[Decision] = []
         for name, (version, probability) in predictions.items():
+            if name in self.retired:
+                continue  # the learner has not dropped it yet
             watch = self.watches.get(name)
             if watch is None:
                 watch = self.watches[name] = _Watch(self.spec, self.labels)
@@ -239,15 +242,18 @@ class PipelineMonitor:
 
     def _fresh_name(self, base: str) -> str:
         pattern = re.compile(re.escape(base) + r"\.r(\d+)$")
-        used = [int(m.group(1)) for n in [*self.registry.names(), *self.fresh, *self.watches]
-                if (m := pattern.match(n))]  # fmt: skip
+        names = [*self.registry.names(), *self.fresh, *self.watches, *self.retired]
+        used = [int(m.group(1)) for n in names if (m := pattern.match(n))]
         return f"{base}.r{max(used, default=0) + 1}"
 
     def _retire(self, name: str, why: str, evidence: dict[str, Any]) -> Decision:
         self.registry.retire_challenger(name)
         self.fresh.pop(name, None)
         self.duels.pop(name, None)
-        version = self.watches[name].version if name in self.watches else 0
+        self.series.pop(name, None)
+        self.retired.add(name)
+        watch = self.watches.pop(name, None)
+        version = watch.version if watch else 0
         return self._decision("retire", name, version, f"{name} retired: {why}", evidence)
 
     def _check_rollback(self, champion: str) -> list[Decision]:
@@ -359,13 +365,12 @@ class PipelineMonitor:
     def view(self, series: bool = True) -> MonitorView:
         """The status page's document; ``series=False`` leaves out the charts' points."""
         champion = self.champion_name
-        live = set(self.fresh) | {n for n in self.watches if n not in self.fresh_ever}
         candidates = [
             CandidateView(name=name, role="champion" if name == champion else "challenger",
                           version=w.version, labels=w.quality.count,
                           metrics=w.quality.as_dict(), drift_alarms=w.drift.alarms,
                           base=self.fresh.get(name, {}).get("base"))
-            for name, w in self.watches.items() if name in live or name == champion
+            for name, w in self.watches.items()
         ]  # fmt: skip
         segments = None
         if self.spec.segment and self.segments:
@@ -375,9 +380,7 @@ class PipelineMonitor:
             gap = max(enough) - min(enough) if len(enough) >= 2 else 0.0
             segments = SegmentView(field=self.spec.segment, metric="accuracy", by=by, gap=gap)
         dist = self.distribution
-        shown = {
-            n: list(p) for n, p in self.series.items() if series and (n in live or n == champion)
-        }
+        shown = {n: list(p) for n, p in self.series.items()} if series else {}
         return MonitorView(
             pipeline=self.pipeline,
             updated=self.clock(),
@@ -392,8 +395,3 @@ class PipelineMonitor:
             distributions=dist.views() if dist else {},
             anomaly=dist.anomaly_summary() if dist else {},
         )
-
-    @property
-    def fresh_ever(self) -> set[str]:
-        """Names that look like fresh challengers (``base.rN``): shown only while alive."""
-        return {n for n in self.watches if re.search(r"\.r\d+$", n)}

@@ -50,6 +50,14 @@ def dead_letter(topics: Topics, stage: str, msg: Message, kind: str, error: str)
     return Output(topics.dlq, msg.key, orjson.dumps(record))
 
 
+def model_inputs(stored: dict[str, Any], extra: str | None) -> dict[str, Any]:
+    """The event fields a snapshot keeps for the models: all but ``extra`` (a field kept
+    only for the monitor)."""
+    if extra is None:
+        return stored
+    return {k: v for k, v in stored.items() if k != extra}
+
+
 @dataclass
 class StageCounters:
     """What a stage has done so far (the demo summary and, later, metrics read these)."""
@@ -91,7 +99,8 @@ class Scorer:
         self.plan = plan
         self.inputs = list(inputs)
         # the snapshot keeps the segment field too, so the learner can tell the monitor
-        self.stored = self.inputs + ([segment] if segment and segment not in inputs else [])
+        self.extra = segment if segment and segment not in self.inputs else None
+        self.stored = self.inputs + ([self.extra] if self.extra else [])
         self.store = store
         self.champion = champion
         self.clock = clock
@@ -142,7 +151,7 @@ class Scorer:
         self, event: dict[str, Any], snap: FeatureSnapshot, model: ModelVersion, now: float
     ) -> tuple[Output, ServedPrediction]:
         features = self.plan.values(snap.aggregates)
-        x = {**{k: snap.inputs[k] for k in self.inputs}, **features}
+        x = {**model_inputs(snap.inputs, self.extra), **features}
         served = snap.served
         if served is None:
             served = ServedPrediction(
@@ -233,8 +242,9 @@ class Learner:
         self.topics = topics
         self.fresh_model = fresh_model
         self.registry_poll_s = registry_poll_s
-        self.inputs = None if inputs is None else list(inputs)
         self.segment = segment
+        # a segment field that is no model input is in the snapshot for the monitor only
+        self.extra = segment if segment and inputs is not None and segment not in inputs else None
         self.label = label
         self.plan = plan
         self.store = store
@@ -401,13 +411,8 @@ class Learner:
         return out
 
     def _learn(self, snap: FeatureSnapshot, label: bool) -> Output:
-        inputs = snap.inputs
-        segment = None
-        if self.segment is not None:
-            segment = inputs.get(self.segment)
-            if self.inputs is not None and self.segment not in self.inputs:
-                inputs = {k: v for k, v in inputs.items() if k != self.segment}
-        x = {**inputs, **self.plan.values(snap.aggregates)}
+        segment = None if self.segment is None else snap.inputs.get(self.segment)
+        x = {**model_inputs(snap.inputs, self.extra), **self.plan.values(snap.aggregates)}
         predictions = {}
         for c in self.candidates.values():
             proba = c.model.predict_proba_one(x)
