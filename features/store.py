@@ -1,19 +1,25 @@
 """The online store: tiles per entity, point-in-time snapshots, event-id dedup.
 
 Two implementations with one behaviour: ``RedisFeatureStore`` (one Lua call per
-batch: update the tiles, read the windows, store the snapshot, all atomically)
-and ``MemoryFeatureStore`` for the embedded runtime. Both process a batch in
-order, run the same steps, add floats in the same order and so return
-bit-identical values; the one exception is ``distinct``, a HyperLogLog in Redis
-(standard error 0.81%) and an exact count in memory.
+batch, atomic; the arithmetic in the scorer's process, or on the server when
+that is refused, see the class) and ``MemoryFeatureStore`` for the embedded
+runtime. Both process a batch in order and run the same steps
+(``features.tiles``, mirrored by the Lua here). Counts, minima, maxima, last
+values and exact distinct counts are equal on every path; sums may differ in
+the last bits between the in-process path (a window's running sums) and the
+server's (a sum over its tiles), since they add in different orders; and
+``distinct`` is a HyperLogLog in Redis (standard error 0.81%) and an exact
+count in memory.
 
 Redis key layout (prefix ``rf:{ns}:``)::
 
-    rf:{ns}:ent:{entity}:{value}          msgpack [w, {group -> {hb, t}}]: the newest
-                                          event time, and per tile group its newest
-                                          bucket and its tiles {bucket -> [n, newest ts,
+    rf:{ns}:ent:{entity}:{value}          a hash: ``s`` = msgpack [w, {group -> [hb,
+                                          tiles]}]: the newest event time, and per tile
+                                          group its newest bucket and its tiles one
+                                          after the other, each [bucket, n, newest ts,
                                           per number: sum, sum of squares, min, max,
-                                          newest value, per exact-distinct field: set]}
+                                          newest value, per exact-distinct field: set];
+                                          ``v`` = its version, +1 on every write
                                           TTL = longest window + its bucket + lateness
     rf:{ns}:ent:{entity}:{value}:hll:{group}:{j}:{bucket}
                                           HyperLogLog of the j-th distinct field, same TTL
@@ -39,6 +45,7 @@ is the one kept), so the learner's claim returns both in the same read.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -46,9 +53,11 @@ from typing import Any, Protocol
 
 import msgpack
 import orjson
+import redis
 
-from features.definitions import FeaturePlan, TileGroup, entity_value
+from features.definitions import FeaturePlan, entity_value
 from features.errors import FeatureStoreError
+from features.tiles import Engine, Entity, pack_entity, unpack_entity
 
 
 @dataclass(frozen=True)
@@ -112,13 +121,14 @@ class FeatureSnapshot:
 # served prediction is added as a fourth element (header 0x94): the header byte
 # says whether one is stored, without decoding the record.
 _UNSERVED, _SERVED = 0x93, 0x94
+_SERVED_HEAD = bytes([_SERVED])
 
 
 def _with_served(raw: bytes, served: bytes) -> bytes | None:
     """The stored snapshot with its served prediction added, or None if it has one."""
     if raw[0] != _UNSERVED:
         return None
-    return bytes([_SERVED]) + raw[1:] + served
+    return _SERVED_HEAD + raw[1:] + served
 
 
 class Claim(Enum):
@@ -131,19 +141,30 @@ class Claim(Enum):
 class FeatureStore(Protocol):
     """What the processors (and the read path) need from a store."""
 
-    def update_and_read(self, batch: Sequence[FeatureRequest]) -> list[FeatureSnapshot]:
+    def update_and_read(
+        self, batch: Sequence[FeatureRequest], commit: bool = True
+    ) -> list[FeatureSnapshot]:
         """Add each event to its tiles and read its windows, in order.
 
         An event id seen before is not counted again: its stored snapshot is
         returned with ``replayed=True`` (and its ``served`` prediction, if any).
+
+        ``commit=False`` lets a store hold the batch's writes back until
+        ``record_served``, which then writes them with the predictions in one
+        step (the scorer's path: one round trip per batch).
         """
         ...
 
-    def record_served(self, served: Sequence[tuple[str, ServedPrediction]]) -> None:
+    def record_served(self, served: Sequence[tuple[str, ServedPrediction]]) -> bool:
         """Store the prediction served for each event with its snapshot.
 
         The first one recorded for an event stays: a replayed event does not
         overwrite it. Events without a stored snapshot are skipped.
+
+        False when the batch held back by ``update_and_read(commit=False)`` was
+        refused: nothing of it was written, and the caller runs it again with
+        ``update_and_read(batch)`` (which then reads what the store holds) and
+        serves from that.
         """
         ...
 
@@ -173,140 +194,6 @@ def _encode_snapshot(context: bytes, vectors: list[list[float]], late: bool) -> 
     return msgpack.packb([context.decode(), vectors, int(late)])
 
 
-class _Tiles:
-    """One group's tiles of one entity value.
-
-    A tile is ``[n, newest ts, sums, sums of squares, minima, maxima, newest
-    values (as ``TileGroup.layout`` says which fields keep which), then per exact
-    and per approximate distinct field: the set of values]``.
-    """
-
-    __slots__ = ("hb", "tiles")
-
-    def __init__(self, hb: int) -> None:
-        self.tiles: dict[int, list[Any]] = {}
-        self.hb = hb  # newest bucket
-
-    def add(self, g: TileGroup, b: int, ts: float, xs: list[float], strings: list[str]) -> None:
-        sums, squares, mins, maxs, lasts, _ = g.layout
-        t = self.tiles.get(b)
-        if t is None:
-            t = [0, ts, *(0.0 for _ in sums), *(0.0 for _ in squares)]
-            t += [xs[i] for i in (*mins, *maxs, *lasts)]
-            t += [set() for _ in strings]
-            self.tiles[b] = t
-        t[0] += 1
-        newest = ts >= t[1]
-        if newest:
-            t[1] = ts
-        o = 2
-        for i in sums:
-            t[o] += xs[i]
-            o += 1
-        for i in squares:
-            t[o] += xs[i] * xs[i]
-            o += 1
-        for i in mins:
-            if xs[i] < t[o]:
-                t[o] = xs[i]
-            o += 1
-        for i in maxs:
-            if xs[i] > t[o]:
-                t[o] = xs[i]
-            o += 1
-        for i in lasts:
-            if newest:
-                t[o] = xs[i]
-            o += 1
-        for j, s in enumerate(strings):
-            t[o + j].add(s)
-        if b > self.hb:
-            self.hb = b
-        for old in [k for k in self.tiles if k <= self.hb - g.keep]:
-            del self.tiles[old]
-
-
-def _previous(tiles: _Tiles | None, g: TileGroup, end: int) -> tuple[float | None, list[float]]:
-    """Time and ``last`` values of the newest event in the window ending at bucket ``end``."""
-    newest: float | None = None
-    tile: list[Any] | None = None
-    for k in range(end - g.buckets + 1, end + 1):
-        t = None if tiles is None else tiles.tiles.get(k)
-        if t is not None and (newest is None or t[1] > newest):
-            newest, tile = t[1], t
-    if tile is None:
-        return None, []
-    sums, squares, mins, maxs, lasts, _ = g.layout
-    o = 2 + len(sums) + len(squares) + len(mins) + len(maxs)
-    return newest, tile[o : o + len(lasts)]
-
-
-def _vector(
-    tiles: _Tiles | None,
-    g: TileGroup,
-    end: int,
-    since: float | None,
-    prev: list[float],
-    xs: list[float],
-) -> list[float]:
-    """The group aggregate of the window ending at ``end`` (layout: features.definitions)."""
-    sums, squares, mins, maxs, lasts, currents = g.layout
-    ns, nq, nmin, nmax = len(sums), len(squares), len(mins), len(maxs)
-    nsets = len(g.exact) + len(g.approx)
-    n = 0
-    s, q = [0.0] * ns, [0.0] * nq
-    lo: list[float | None] = [None] * nmin
-    hi: list[float | None] = [None] * nmax
-    sets: list[set[str]] = [set() for _ in range(nsets)]
-    for k in range(end - g.buckets + 1, end + 1):
-        t = None if tiles is None else tiles.tiles.get(k)
-        if t is None:
-            continue
-        n += t[0]
-        o = 2
-        for j in range(ns):
-            s[j] += t[o + j]
-        o += ns
-        for j in range(nq):
-            q[j] += t[o + j]
-        o += nq
-        for j in range(nmin):
-            low = lo[j]
-            if low is None or t[o + j] < low:
-                lo[j] = t[o + j]
-        o += nmin
-        for j in range(nmax):
-            high = hi[j]
-            if high is None or t[o + j] > high:
-                hi[j] = t[o + j]
-        o += nmax + len(lasts)
-        for j in range(nsets):
-            sets[j] |= t[o + j]
-    out: list[float] = [n, 0 if since is None else 1, since or 0, *s, *q]
-    out += [0 if v is None else v for v in (*lo, *hi)]
-    out += [prev[j] if prev else 0 for j in range(len(lasts))]
-    out += [xs[i] if xs else 0 for i in currents]
-    out += [len(v) for v in sets]
-    return out
-
-
-def _since(ts: float, newest: float | None) -> float | None:
-    if newest is None:
-        return None
-    gap = ts - newest
-    return gap if gap > 0 else 0.0  # an out-of-order event comes right after the newest one
-
-
-class _Entity:
-    """One entity value: its watermark and its tiles per group (a Redis entity key's twin)."""
-
-    __slots__ = ("groups", "w")
-
-    def __init__(self) -> None:
-        self.w: float | None = None  # newest event time
-        self.groups: dict[int, _Tiles] = {}
-
-
 class MemoryFeatureStore:
     """The embedded runtime's store: same semantics as Redis, in dictionaries.
 
@@ -315,50 +202,39 @@ class MemoryFeatureStore:
 
     def __init__(self, plan: FeaturePlan) -> None:
         self.plan = plan
-        self.entities: dict[tuple[str, str], _Entity] = {}
+        self.engine = Engine(plan)
+        self.entities: dict[tuple[str, str], Entity] = {}
         self.snapshots: dict[str, bytes] = {}
         self.learned: dict[str, str] = {}
 
-    def update_and_read(self, batch: Sequence[FeatureRequest]) -> list[FeatureSnapshot]:
+    def update_and_read(
+        self, batch: Sequence[FeatureRequest], commit: bool = True
+    ) -> list[FeatureSnapshot]:
         out = []
+        entities, step = self.entities, self.engine.step
         for req in batch:
             stored = self.snapshots.get(req.event_id)
             if stored is not None:
                 out.append(FeatureSnapshot.decode(req.event_id, stored, replayed=True))
                 continue
             ents = {}
-            for name in req.entities:
-                ent = self.entities.setdefault((name, req.entities[name]), _Entity())
-                too_late = ent.w is not None and req.ts < ent.w - self.plan.lateness_s
-                ents[name] = (ent, too_late)
-            vectors = []
-            for gi, g in enumerate(self.plan.groups):
-                ent, too_late = ents[g.entity_name]
-                tiles = ent.groups.get(gi)
-                xs = [float(req.numbers[f]) for f in g.numbers]
-                end = g.bucket(req.ts)
-                if too_late and tiles is not None:
-                    end = tiles.hb
-                newest, prev = _previous(tiles, g, end)
-                if not too_late:
-                    if tiles is None:
-                        tiles = ent.groups[gi] = _Tiles(end)
-                    tiles.add(g, end, req.ts, xs, [req.distinct[f] for f in (*g.exact, *g.approx)])
-                vectors.append(_vector(tiles, g, end, _since(req.ts, newest), prev, xs))
-            for ent, too_late in ents.values():
-                if not too_late and (ent.w is None or req.ts > ent.w):
-                    ent.w = req.ts
-            raw = _encode_snapshot(req.context, vectors, any(late for _, late in ents.values()))
-            self.snapshots[req.event_id] = raw
-            out.append(FeatureSnapshot.decode(req.event_id, raw))
+            for name, value in req.entities.items():
+                ent = entities.get((name, value))
+                if ent is None:
+                    ent = entities[name, value] = Entity()
+                ents[name] = ent
+            vectors, late, _ = step(ents, req.ts, req.numbers, req.distinct)
+            self.snapshots[req.event_id] = _encode_snapshot(req.context, vectors, late)
+            out.append(FeatureSnapshot(req.event_id, orjson.loads(req.context), vectors, late=late))
         return out
 
-    def record_served(self, served: Sequence[tuple[str, ServedPrediction]]) -> None:
+    def record_served(self, served: Sequence[tuple[str, ServedPrediction]]) -> bool:
         for event_id, prediction in served:
             raw = self.snapshots.get(event_id)
             stored = None if raw is None else _with_served(raw, prediction.encode())
             if stored is not None:
                 self.snapshots[event_id] = stored
+        return True
 
     def claim_snapshots(
         self, event_ids: Sequence[str], tokens: Sequence[str], stale: Callable[[str], bool]
@@ -381,13 +257,7 @@ class MemoryFeatureStore:
         for gi, g in enumerate(self.plan.groups):
             value = entities.get(g.entity_name)
             ent = None if value is None else self.entities.get((g.entity_name, value))
-            tiles = None if ent is None else ent.groups.get(gi)
-            if ent is None or ent.w is None or tiles is None:
-                aggregates.append(None)
-                continue
-            ts, end = (ent.w, tiles.hb) if at is None else (at, g.bucket(at))
-            newest, prev = _previous(tiles, g, end)
-            aggregates.append(_vector(tiles, g, end, _since(ts, newest), prev, []))
+            aggregates.append(None if ent is None else self.engine.read(gi, ent, at))
         return self.plan.current_values(aggregates)
 
 
@@ -407,7 +277,7 @@ local function load(key)
   local st = cache[key]
   if st then return st end
   st = {g = {}}
-  local raw = redis.call('GET', key)
+  local raw = redis.call('HGET', key, 's')
   if raw then
     local d = cmsgpack.unpack(raw)
     st.w = d[1]
@@ -618,7 +488,9 @@ for _, key in ipairs(order) do
       end
       groups[gi] = {gs.hb, kept}
     end
-    redis.call('SET', key, cmsgpack.pack({st.w, groups}), 'PX', st.dirty)
+    redis.call('HSET', key, 's', cmsgpack.pack({st.w, groups}))
+    redis.call('HINCRBY', key, 'v', 1)
+    redis.call('PEXPIRE', key, st.dirty)
   end
 end
 return out
@@ -685,17 +557,72 @@ return out
 """
 
 
+# What a scorer computed in process (see RedisFeatureStore._local), applied if
+# nothing it was computed from has changed. ARGV[1]: snapshot ttl ms; ARGV[2]:
+# msgpack [[snapshot key, snapshot], ...], [[entity key, version it was read at,
+# new state, ttl ms], ...]]. Returns 0, writing nothing, if an event has a
+# snapshot already (a replay) or an entity's version moved (another writer, or
+# the key expired); else writes all and returns 1.
+_COMMIT = """
+local d = cmsgpack.unpack(ARGV[2])
+local snaps, ents = d[1], d[2]
+for i = 1, #snaps do
+  if redis.call('EXISTS', snaps[i][1]) == 1 then return 0 end
+end
+for i = 1, #ents do
+  local v = tonumber(redis.call('HGET', ents[i][1], 'v')) or 0
+  if v ~= ents[i][2] then return 0 end
+end
+for i = 1, #snaps do redis.call('SET', snaps[i][1], snaps[i][2], 'PX', ARGV[1]) end
+for i = 1, #ents do
+  local e = ents[i]
+  redis.call('HSET', e[1], 's', e[3], 'v', e[2] + 1)
+  redis.call('PEXPIRE', e[1], e[4])
+end
+return 1
+"""
+
 _LUA_STATS = ("S", "Q", "MN", "MX", "L", "C")  # names of definitions.STATS in the scripts
+
+
+@dataclass
+class _Pending:
+    """A batch computed in process and not written yet."""
+
+    touched: set[str]  # every entity key the batch read
+    snapshots: list[tuple[str, str, bytes]] = field(default_factory=list)  # id, key, snapshot
+    changed: dict[str, str] = field(default_factory=dict)  # entity key -> entity name
 
 
 class RedisFeatureStore:
     """The production store: one Lua call per batch on a real Redis.
 
-    The update script names its keys inside the batch rather than in KEYS, so it
-    needs a standalone Redis (or every key of a namespace on one cluster node).
+    Two ways to run a batch, with the same results:
+
+    - **in process** (the default): the scorer keeps the state of the entities
+      it has written (a card's events all reach one scorer through its
+      partition), computes the batch with ``features.tiles`` and sends one
+      ``_COMMIT`` that stores the snapshots and the changed entities, if no
+      event of the batch was seen before and no entity changed since it was read
+      (each entity key carries a version). Redis does no arithmetic.
+    - **on the server** (``_UPDATE_AND_READ``): Redis reads, updates and writes
+      every entity itself. A batch goes this way when the commit was refused
+      (a replay after a restart, an entity another scorer wrote, an expired
+      key), then the next 1, 2, 4 ... 64 batches too while refusals go on, and
+      always when the plan counts ``distinct`` (HyperLogLogs live in Redis).
+
+    The scripts name their keys inside the batch rather than in KEYS, so they
+    need a standalone Redis (or every key of a namespace on one cluster node).
     """
 
-    def __init__(self, client: Any, namespace: str, plan: FeaturePlan, horizon_s: float) -> None:
+    def __init__(
+        self,
+        client: Any,
+        namespace: str,
+        plan: FeaturePlan,
+        horizon_s: float,
+        cached_entities: int = 100_000,
+    ) -> None:
         self.client = client
         self.plan = plan
         self.prefix = f"rf:{namespace}:"
@@ -704,6 +631,7 @@ class RedisFeatureStore:
         self._read = client.register_script(_READ)
         self._claim = client.register_script(_CLAIM)
         self._record_served = client.register_script(_RECORD_SERVED)
+        self._commit = client.register_script(_COMMIT)
         self._entities = plan.entities
         names = ["+".join(e) for e in self._entities]
         ttl_s = {name: 0.0 for name in names}
@@ -723,6 +651,15 @@ class RedisFeatureStore:
         # what update_and_read packs per event, worked out once (it runs per event)
         self._entity_prefixes = [(name, self.entity_key(name, "")) for name in names]
         self._shape = [(g.bucket_s, g.numbers, (*g.exact, *g.approx)) for g in plan.groups]
+        # the in-process path: entity key -> (state, the version it was read at)
+        self.engine = Engine(plan)
+        self.in_process = not any(g.approx for g in plan.groups)
+        self.cached_entities = cached_entities
+        self._cache: dict[str, tuple[Entity, int]] = {}
+        self._entity_ttl_ms = {name: int(ttl_s[name] * 1000) + 1000 for name in names}
+        self._skip = self._backoff = 0
+        self._pending: _Pending | None = None
+        self.batches = {"in_process": 0, "server": 0, "refused": 0}
 
     def snapshot_key(self, event_id: str) -> str:
         return f"{self.prefix}snap:{event_id}"
@@ -730,9 +667,110 @@ class RedisFeatureStore:
     def entity_key(self, entity_name: str, value: str) -> str:
         return f"{self.prefix}ent:{entity_name}:{value}"
 
-    def update_and_read(self, batch: Sequence[FeatureRequest]) -> list[FeatureSnapshot]:
+    def update_and_read(
+        self, batch: Sequence[FeatureRequest], commit: bool = True
+    ) -> list[FeatureSnapshot]:
+        if self._pending is not None:
+            raise FeatureStoreError(
+                "update_and_read(commit=False) was not followed by record_served"
+            )
         if not batch:
             return []
+        if self.in_process and self._skip == 0:
+            pending, done = self._in_process(batch)
+            if not commit:
+                self._pending = pending
+                return done
+            if self._apply(pending, {}):
+                return done
+        elif self._skip:
+            self._skip -= 1
+        self.batches["server"] += 1
+        out = self._on_server(batch)
+        for req in batch:  # the server changed these: what the process holds is stale
+            for name, prefix in self._entity_prefixes:
+                self._cache.pop(prefix + req.entities[name], None)
+        return out
+
+    def _in_process(
+        self, batch: Sequence[FeatureRequest]
+    ) -> tuple[_Pending, list[FeatureSnapshot]]:
+        """Compute the batch here, from the entities as this process holds them."""
+        cache, prefixes = self._cache, self._entity_prefixes
+        keyed = [
+            [(name, prefix + req.entities[name]) for name, prefix in prefixes] for req in batch
+        ]
+        self._load({key for keys in keyed for _, key in keys if key not in cache})
+        snap = self.snapshot_key("")
+        pending = _Pending({key for keys in keyed for _, key in keys})
+        out: list[FeatureSnapshot] = []
+        written: dict[str, bytes] = {}
+        step = self.engine.step
+        for req, keys in zip(batch, keyed, strict=True):
+            raw = written.get(req.event_id)
+            if raw is not None:  # twice in one batch: the second is a replay
+                out.append(FeatureSnapshot.decode(req.event_id, raw, replayed=True))
+                continue
+            ents = {name: cache[key][0] for name, key in keys}
+            vectors, late, names = step(ents, req.ts, req.numbers, req.distinct)
+            raw = written[req.event_id] = _encode_snapshot(req.context, vectors, late)
+            pending.snapshots.append((req.event_id, snap + req.event_id, raw))
+            for name, key in keys:
+                if name in names:
+                    pending.changed[key] = name
+            out.append(FeatureSnapshot(req.event_id, orjson.loads(req.context), vectors, late=late))
+        return pending, out
+
+    def _apply(self, pending: _Pending, served: dict[str, bytes]) -> bool:
+        """Commit what ``_in_process`` computed, with the ``served`` predictions
+        (event id -> encoded); False (nothing written) if it was refused."""
+        cache = self._cache
+        snapshots = []
+        for event_id, key, raw in pending.snapshots:
+            prediction = served.get(event_id)
+            snapshots.append(
+                [key, raw if prediction is None else _SERVED_HEAD + raw[1:] + prediction]
+            )
+        entities = []
+        for key, name in pending.changed.items():
+            ent, version = cache[key]
+            state = msgpack.packb(pack_entity(self.engine, ent), use_bin_type=False)
+            entities.append([key, version, state, self._entity_ttl_ms[name]])
+        blob = msgpack.packb([snapshots, entities], use_bin_type=False)
+        if not self._call(self._commit, [], [self.horizon_ms, blob]):
+            for key in pending.touched:  # their states hold this batch's updates
+                cache.pop(key, None)
+            self.batches["refused"] += 1
+            self._backoff = min(64, 2 * self._backoff or 1)
+            self._skip = self._backoff
+            return False
+        for key in pending.changed:
+            ent, version = cache[key]
+            cache[key] = (ent, version + 1)
+        if len(cache) > self.cached_entities:  # forget the longest held
+            for key in list(itertools.islice(cache, len(cache) - self.cached_entities * 9 // 10)):
+                del cache[key]
+        self._backoff = 0
+        self.batches["in_process"] += 1
+        return True
+
+    def _load(self, keys: set[str]) -> None:
+        """Read entities into the process (one round trip), with their versions."""
+        if not keys:
+            return
+        order = list(keys)
+        pipe = self.client.pipeline(transaction=False)
+        for key in order:
+            pipe.hmget(key, "s", "v")
+        try:
+            replies = pipe.execute()
+        except redis.ConnectionError as exc:
+            raise FeatureStoreError(f"Redis unreachable: {exc}") from exc
+        for key, (state, version) in zip(order, replies, strict=True):
+            stored = msgpack.unpackb(state, strict_map_key=False) if state else None
+            self._cache[key] = (unpack_entity(self.engine, stored), int(version or 0))
+
+    def _on_server(self, batch: Sequence[FeatureRequest]) -> list[FeatureSnapshot]:
         snap, entities, shape = self.snapshot_key(""), self._entity_prefixes, self._shape
         events = []
         for req in batch:
@@ -759,12 +797,16 @@ class RedisFeatureStore:
                 out.append(FeatureSnapshot.decode(req.event_id, item))
         return out
 
-    def record_served(self, served: Sequence[tuple[str, ServedPrediction]]) -> None:
+    def record_served(self, served: Sequence[tuple[str, ServedPrediction]]) -> bool:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            return self._apply(pending, {e: p.encode() for e, p in served})
         if not served:
-            return
+            return True
         snap = self.snapshot_key("")
         batch = [[snap + event_id, prediction.encode()] for event_id, prediction in served]
         self._call(self._record_served, [], [msgpack.packb(batch, use_bin_type=False)])
+        return True
 
     def claim_snapshots(
         self, event_ids: Sequence[str], tokens: Sequence[str], stale: Callable[[str], bool]
@@ -809,10 +851,8 @@ class RedisFeatureStore:
         aggregates = [msgpack.unpackb(item) if item else None for item in raw]
         return self.plan.current_values(aggregates)
 
-    def _call(self, script: Any, keys: list[str], args: list[Any]) -> list[bytes]:
-        import redis
-
+    def _call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
         try:
-            return list(script(keys=keys, args=args))
+            return script(keys=keys, args=args)
         except redis.ConnectionError as exc:
             raise FeatureStoreError(f"Redis unreachable: {exc}") from exc

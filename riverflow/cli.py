@@ -348,15 +348,16 @@ def _features_bench(args: argparse.Namespace, settings: Settings, spec: Pipeline
         client = redis_client(settings, url)
         console.print(f"Redis {url.split('@')[-1]}, {args.events:,} events per run")
         for size in args.batch or [100, 1000]:
-            r = run_bench(client, spec, args.events, size)
-            console.print(
-                f"batch {r.batch_size:>5}: {r.events_per_s:>9,.0f} events/s = "
-                f"{r.feature_values_per_s:>10,.0f} feature updates+reads/s ({r.features} "
-                f"features); per batch p50 {r.p50_ms:.2f} ms, p99 {r.p99_ms:.2f} ms "
-                f"({r.batches} batches); CPU per batch: client {r.client_cpu_ms:.2f} ms, "
-                f"redis-server {r.redis_cpu_ms:.2f} ms",
-                soft_wrap=True,
-            )
+            for path in args.path or ["in-process", "server"]:
+                r = run_bench(client, spec, args.events, size, path=path)
+                console.print(
+                    f"{path:>10} batch {r.batch_size:>5}: {r.events_per_s:>9,.0f} events/s = "
+                    f"{r.feature_values_per_s:>10,.0f} feature updates+reads/s ({r.features} "
+                    f"features); per batch p50 {r.p50_ms:.2f} ms, p99 {r.p99_ms:.2f} ms "
+                    f"({r.batches} batches); CPU per batch: client {r.client_cpu_ms:.2f} ms, "
+                    f"redis-server {r.redis_cpu_ms:.2f} ms",
+                    soft_wrap=True,
+                )
     return 0
 
 
@@ -493,6 +494,10 @@ def parser() -> argparse.ArgumentParser:
     features.add_argument(
         "--batch", type=int, action="append", help="bench: batch size (default: 100 and 1000)"
     )
+    features.add_argument(
+        "--path", action="append", choices=["in-process", "server"],
+        help="bench: where the store computes (default: both, one after the other)",
+    )  # fmt: skip
     features.add_argument("--spec", type=Path)
     features.set_defaults(func=cmd_features)
     return p

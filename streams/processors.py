@@ -120,21 +120,38 @@ class Scorer:
             events.append(event)
             requests.append(self._request(event))
         self.counters.dead_letters += len(out)
-        snapshots = self.store.update_and_read(requests)
+        # the store may hold the feature writes back and make them with the
+        # predictions, in one round trip (record_served)
+        snapshots = self.store.update_and_read(requests, commit=False)
+        scored, served = self._score(events, snapshots)
+        # before the outputs leave: a prediction is never emitted without its record
+        if not self.store.record_served(served):
+            # refused: replays, or entities another scorer changed. Nothing was
+            # written; the store runs the batch again on what it holds
+            snapshots = self.store.update_and_read(requests)
+            scored, served = self._score(events, snapshots)
+            self.store.record_served(served)
         self.counters.late_events += sum(s.late and not s.replayed for s in snapshots)
+        out += scored
+        self.counters.produced += len(out)
+        return out
+
+    def _score(
+        self, events: list[dict[str, Any]], snapshots: list[FeatureSnapshot]
+    ) -> tuple[list[Output], list[tuple[str, ServedPrediction]]]:
+        """The prediction of each event, and those to record (a replayed event
+        re-emits the one served before)."""
         self.champion.refresh()
         model = self.champion.current
         now = self.clock()
+        out: list[Output] = []
         served: list[tuple[str, ServedPrediction]] = []
         for event, snap in zip(events, snapshots, strict=True):
             output, prediction = self._predict(event, snap, model, now)
             out.append(output)
             if snap.served is None:
                 served.append((snap.event_id, prediction))
-        # before the outputs leave: a prediction is never emitted without its record
-        self.store.record_served(served)
-        self.counters.produced += len(out)
-        return out
+        return out, served
 
     def status(self) -> dict[str, float]:
         return {

@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 from hypothesis import strategies as st
 
-from features.definitions import FeaturePlan, FeatureSpec
+from features.definitions import Aggregation, FeaturePlan, FeatureSpec
 from features.store import FeatureRequest, FeatureSnapshot, FeatureStore, feature_request
 
 LATENESS_S = 600.0
@@ -44,6 +44,9 @@ FEATURES = [
     ]
 ]  # fmt: skip
 PLAN = FeaturePlan.build(FEATURES, "card_id", LATENESS_S)
+# without HyperLogLogs: the Redis store computes these in the scorer's process
+EXACT_FEATURES = [f for f in FEATURES if f.agg is not Aggregation.DISTINCT]
+EXACT_PLAN = FeaturePlan.build(EXACT_FEATURES, "card_id", LATENESS_S)
 
 # gaps between event times: bursts, and jumps that roll every kind of window over
 GAPS = [0.0, 0.5, 7.0, 49.0, 301.0, 1799.0, 3600.0, 43_201.0, 200_000.0]

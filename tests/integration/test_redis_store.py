@@ -19,10 +19,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import SecretStr
 
-from features.definitions import Aggregation
+from features.definitions import Aggregation, FeaturePlan
 from features.errors import FeatureStoreError
 from features.store import (
     FeatureRequest,
+    FeatureSnapshot,
+    FeatureStore,
     MemoryFeatureStore,
     RedisFeatureStore,
 )
@@ -31,7 +33,15 @@ from riverflow.assembly import redis_client as connect
 from riverflow.generator import FraudStreamConfig, transactions
 from riverflow.settings import Settings
 from riverflow.spec import PipelineSpec
-from tests.feature_streams import FEATURES, LATENESS_S, PLAN, event_streams, run_batches
+from tests.feature_streams import (
+    EXACT_FEATURES,
+    EXACT_PLAN,
+    FEATURES,
+    LATENESS_S,
+    PLAN,
+    event_streams,
+    run_batches,
+)
 from tests.feature_streams import requests as stream_requests
 from tests.helpers import (
     assert_aggregations_match,
@@ -69,6 +79,44 @@ def test_same_values_bit_for_bit_as_the_embedded_store(
         assert [(s.event_id, s.inputs, s.aggregates) for s in got] == [
             (s.event_id, s.inputs, s.aggregates) for s in want
         ]
+    # no distinct feature: every batch was computed in the process, none refused
+    assert store.batches == {"in_process": 10, "server": 0, "refused": 0}
+
+
+def test_two_scorers_writing_the_same_entities_lose_nothing(
+    redis_client: redis.Redis, fraud_spec: PipelineSpec
+) -> None:
+    """Two stores on one namespace, taking turns on the same cards: each one's
+    in-process state goes stale, its commits are refused and the batches run on
+    the server, and every value is still the one a single store computes."""
+    plan = fraud_spec.feature_plan()
+    ns = f"t{uuid.uuid4().hex[:8]}"
+    scorers = [RedisFeatureStore(redis_client, ns, plan, horizon_s=3600) for _ in range(2)]
+    memory = MemoryFeatureStore(plan)
+    reqs = requests(3000)
+    turns = [0, 0, 1, 0, 1, 1, 1, 0] * 10  # runs of turns: both paths, and the way back
+    for n, i in enumerate(range(0, len(reqs), 50)):
+        got = scorers[turns[n]].update_and_read(reqs[i : i + 50])
+        want = memory.update_and_read(reqs[i : i + 50])
+        # equal but for the rounding of float sums: a window's running sums and
+        # the server's sum over its tiles add in different orders
+        assert flat(got) == pytest.approx(flat(want), rel=1e-12, abs=1e-9)
+    for scorer in scorers:
+        assert scorer.batches["refused"] > 0 and scorer.batches["server"] > 0
+        assert scorer.batches["in_process"] > 0
+    reads = zip(store_reads(scorers[0], reqs), store_reads(memory, reqs), strict=True)
+    for read, expected in reads:
+        assert read == pytest.approx(expected, rel=1e-12, abs=1e-9)
+
+
+def flat(snapshots: list[FeatureSnapshot]) -> list[float]:
+    return [x for s in snapshots for vector in s.aggregates for x in vector]
+
+
+def store_reads(store: FeatureStore, reqs: list[FeatureRequest]) -> list[dict[str, float]]:
+    return [
+        store.read(entities) for entities in {str(r.entities): r.entities for r in reqs}.values()
+    ]
 
 
 @settings(
@@ -84,6 +132,7 @@ def test_every_aggregation_equals_brute_force_and_the_embedded_store(
     want = run_batches(MemoryFeatureStore(PLAN), reqs, batch)
     expected = brute_force_features(events, FEATURES, "card_id", "ts", LATENESS_S)
     hll = {f.name for f in FEATURES if f.agg is Aggregation.DISTINCT}
+    assert store.batches["in_process"] == 0  # HyperLogLogs: every batch runs on the server
     for g, w in zip(got, want, strict=True):
         values = PLAN.values(g.aggregates)
         assert_aggregations_match(values, expected[g.event_id], FEATURES)
@@ -93,28 +142,66 @@ def test_every_aggregation_equals_brute_force_and_the_embedded_store(
         assert g.late == w.late
 
 
+@settings(
+    max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(events=event_streams(), batch=st.integers(1, 25), turns=st.lists(st.integers(0, 1)))
+def test_in_process_values_equal_brute_force_and_the_embedded_store(
+    redis_client: redis.Redis, events: list[dict[str, Any]], batch: int, turns: list[int]
+) -> None:
+    """Without distinct features the batches are computed in the scorer's process;
+    a second scorer on the same namespace, taking ``turns``, sends batches to the
+    server path. Every value is exact and bit for bit the embedded store's."""
+    ns = f"t{uuid.uuid4().hex[:8]}"
+    scorers = [RedisFeatureStore(redis_client, ns, EXACT_PLAN, horizon_s=3600) for _ in range(2)]
+    reqs = stream_requests(events, EXACT_PLAN)
+    got = []
+    for n, i in enumerate(range(0, len(reqs), batch)):
+        got += scorers[turns[n % len(turns)] if turns else 0].update_and_read(reqs[i : i + batch])
+    want = run_batches(MemoryFeatureStore(EXACT_PLAN), reqs, batch)
+    expected = brute_force_features(events, EXACT_FEATURES, "card_id", "ts", LATENESS_S)
+    for g, w in zip(got, want, strict=True):
+        values = EXACT_PLAN.values(g.aggregates)
+        assert_aggregations_match(values, expected[g.event_id], EXACT_FEATURES)
+        assert values == EXACT_PLAN.values(w.aggregates) and g.late == w.late
+    assert sum(s.batches["in_process"] for s in scorers) > 0
+
+
 def dump(client: redis.Redis, prefix: str) -> dict[bytes, Any]:
     """Every entity's tiles and HyperLogLogs under ``prefix``, as stored."""
     return {key: client.dump(key) for key in client.scan_iter(f"{prefix}ent:*")}
 
 
+@pytest.mark.parametrize("plan", [PLAN, EXACT_PLAN], ids=["on-server", "in-process"])
 def test_replaying_a_batch_leaves_every_aggregate_unchanged(
-    redis_client: redis.Redis,
+    redis_client: redis.Redis, plan: FeaturePlan
 ) -> None:
-    store = RedisFeatureStore(redis_client, f"t{uuid.uuid4().hex[:8]}", PLAN, horizon_s=3600)
-    events = [
+    ns = f"t{uuid.uuid4().hex[:8]}"
+    store = RedisFeatureStore(redis_client, ns, plan, horizon_s=3600)
+    events: list[dict[str, Any]] = [
         {"event_id": f"e{i}", "card_id": f"c{i % 7}", "merchant": f"m{i % 5}",
          "amount": (i % 13) * 1.5, "ts": 1_767_225_600.0 + 37.0 * i - (i % 4) * 100}
         for i in range(600)
     ]  # fmt: skip
-    reqs = stream_requests(events)
-    first = store.update_and_read(reqs)
+    reqs = stream_requests(events, plan)
+    first = run_batches(store, reqs, 50)
     before = dump(redis_client, store.prefix)
-    assert any(b":hll:" in k for k in before)
-    again = store.update_and_read(reqs)
-    assert all(s.replayed for s in again) and not any(s.replayed for s in first)
-    assert [s.aggregates for s in again] == [s.aggregates for s in first]
-    assert dump(redis_client, store.prefix) == before
+    assert any(b":hll:" in k for k in before) == (plan is PLAN)
+    restarted = RedisFeatureStore(redis_client, ns, plan, horizon_s=3600)
+    for replayer in (store, restarted):
+        again = run_batches(replayer, reqs, 50)
+        assert all(s.replayed for s in again) and not any(s.replayed for s in first)
+        assert [s.aggregates for s in again] == [s.aggregates for s in first]
+        assert dump(redis_client, store.prefix) == before
+    # and the next new events count on top of exactly what was there
+    more = [
+        {**e, "event_id": f"x{e['event_id']}", "ts": float(e["ts"]) + 40_000} for e in events[:100]
+    ]
+    memory = MemoryFeatureStore(plan)
+    run_batches(memory, reqs, 50)
+    assert [s.aggregates for s in run_batches(restarted, stream_requests(more, plan), 50)] == [
+        s.aggregates for s in run_batches(memory, stream_requests(more, plan), 50)
+    ]
 
 
 def test_every_key_written_has_a_ttl(redis_client: redis.Redis) -> None:

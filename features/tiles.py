@@ -1,0 +1,362 @@
+"""The tile arithmetic, in Python: one event's update and window read per tile group.
+
+Both stores compute with this when the state is in the process: the embedded
+store always, the Redis store unless its commit is refused (see
+``features.store``). The Lua in ``features.store`` does the same steps on the
+Redis server. One difference: here a window's count, sums and sums of squares
+are kept as running totals (an in-order event, the common case, reads its
+window without visiting its tiles), where the Lua adds the tiles up; sums can
+then differ in the last bits. Windows with min, max or distinct sets, and
+out-of-order events, are read tile by tile here too.
+
+``Kernel`` works out once per group where each number sits in a tile, since
+its methods run per event.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from itertools import chain
+from operator import itemgetter
+from typing import Any
+
+from features.definitions import FeaturePlan, TileGroup
+
+
+class Tiles:
+    """One group's tiles of one entity value, by bucket in bucket order, and its
+    newest bucket. ``tot``: the count, sums and sums of squares of the window
+    ending at the newest bucket, kept as events come (None: not worked out yet)."""
+
+    __slots__ = ("hb", "tiles", "tot")
+
+    def __init__(self, hb: int) -> None:
+        self.tiles: dict[int, list[Any]] = {}
+        self.hb = hb
+        self.tot: list[Any] | None = None
+
+
+class Entity:
+    """One entity value: its watermark (newest event time) and its tiles per group."""
+
+    __slots__ = ("groups", "w")
+
+    def __init__(self) -> None:
+        self.w: float | None = None
+        self.groups: dict[int, Tiles] = {}
+
+
+class Kernel:
+    """One tile group's per-event steps, with its offsets worked out once.
+
+    A tile here is the record the Lua scripts store: ``[bucket, n, newest ts,
+    sums, sums of squares, minima, maxima, newest values, then per exact and per
+    approximate distinct field: the set of values]`` (``TileGroup.layout`` says
+    which fields keep which stat).
+    """
+
+    def __init__(self, g: TileGroup) -> None:
+        sums, squares, mins, maxs, lasts, currents = g.layout
+        self.group = g
+        self.buckets, self.keep, self.width = g.buckets, g.keep, g.bucket_s
+        o = 3
+        self.sum_at = tuple((o + j, i) for j, i in enumerate(sums))
+        o += len(sums)
+        self.square_at = tuple((o + j, i) for j, i in enumerate(squares))
+        o += len(squares)
+        self.min_at = tuple((o + j, i) for j, i in enumerate(mins))
+        o += len(mins)
+        self.max_at = tuple((o + j, i) for j, i in enumerate(maxs))
+        o += len(maxs)
+        self.last_at = tuple((o + j, i) for j, i in enumerate(lasts))
+        self.last_range = (o, o + len(lasts))
+        o += len(lasts)
+        self.sets_at = o
+        self.nsets = len(g.exact) + len(g.approx)
+        self.record = o + len(g.exact)  # values per stored tile (HyperLogLogs are keys)
+        self.seeds = (*mins, *maxs, *lasts)  # a new tile starts at the event's value
+        self.zeros = [0.0] * (len(sums) + len(squares))
+        self.currents = tuple(currents)
+        # (position in the aggregate's part, position in a tile), for ``vector``
+        self.sum_o = tuple(enumerate(o for o, _ in self.sum_at))
+        self.square_o = tuple(enumerate(o for o, _ in self.square_at))
+        self.min_o = tuple(enumerate(o for o, _ in self.min_at))
+        self.max_o = tuple(enumerate(o for o, _ in self.max_at))
+        self.set_o = tuple((j, self.sets_at + j) for j in range(self.nsets))
+        self.no_lasts = [0] * len(lasts)
+        self.total_at = tuple(o for o, _ in (*self.sum_at, *self.square_at))
+        # windows kept as running totals; min, max and distinct sets are scanned
+        self.incremental = not (mins or maxs or self.nsets)
+
+    def add(self, tiles: Tiles, b: int, ts: float, xs: list[float], strings: list[str]) -> None:
+        if b > tiles.hb:
+            self._advance(tiles, b)
+        t = tiles.tiles.get(b)
+        if t is None:
+            t = [b, 0, ts, *self.zeros, *[xs[i] for i in self.seeds]]
+            if self.nsets:
+                t += [set() for _ in range(self.nsets)]
+            older = b < tiles.hb and any(k > b for k in tiles.tiles)
+            tiles.tiles[b] = t
+            if older:  # kept in bucket order: reads add tiles oldest first
+                tiles.tiles = dict(sorted(tiles.tiles.items()))
+        t[1] += 1
+        if ts >= t[2]:
+            t[2] = ts
+            for o, i in self.last_at:
+                t[o] = xs[i]
+        for o, i in self.sum_at:
+            t[o] += xs[i]
+        for o, i in self.square_at:
+            x = xs[i]
+            t[o] += x * x
+        for o, i in self.min_at:
+            if xs[i] < t[o]:
+                t[o] = xs[i]
+        for o, i in self.max_at:
+            if xs[i] > t[o]:
+                t[o] = xs[i]
+        if strings:
+            o = self.sets_at
+            for j, s in enumerate(strings):
+                t[o + j].add(s)
+        tot = tiles.tot
+        if tot is not None and b > tiles.hb - self.buckets:
+            tot[0] += 1
+            j = 1
+            for _, i in self.sum_at:
+                tot[j] += xs[i]
+                j += 1
+            for _, i in self.square_at:
+                x = xs[i]
+                tot[j] += x * x
+                j += 1
+
+    def _advance(self, tiles: Tiles, b: int) -> None:
+        """Move the newest bucket to ``b``: tiles leaving the window leave ``tot``;
+        tiles older than a window plus the lateness (never read again) go."""
+        first_new, first_old = b - self.buckets + 1, tiles.hb - self.buckets + 1
+        cutoff = b - self.keep
+        tot, dead = tiles.tot, []
+        for k, t in tiles.tiles.items():
+            if k >= first_new:
+                break
+            if tot is not None and k >= first_old:
+                tot[0] -= t[1]
+                j = 1
+                for o in self.total_at:
+                    tot[j] -= t[o]
+                    j += 1
+            if k <= cutoff:
+                dead.append(k)
+        for k in dead:
+            del tiles.tiles[k]
+        tiles.hb = b
+
+    def totals(self, tiles: Tiles) -> list[Any]:
+        """``tot`` worked out from the tiles (once per group loaded)."""
+        first, tot = tiles.hb - self.buckets + 1, [0, *self.zeros]
+        for k, t in tiles.tiles.items():
+            if k >= first:
+                tot[0] += t[1]
+                j = 1
+                for o in self.total_at:
+                    tot[j] += t[o]
+                    j += 1
+        return tot
+
+    def event(self, tiles: Tiles, ts: float, xs: list[float], strings: list[str]) -> list[Any]:
+        """Add an event that is not too late and read its window (ending at its bucket)."""
+        b = int(ts // self.width)
+        if b < tiles.hb or not self.incremental:  # out of order, or min/max/sets: scan
+            newest, prev = self.previous(tiles, b)
+            self.add(tiles, b, ts, xs, strings)
+            return self.vector(tiles, b, since(ts, newest), prev, xs)
+        # in order: the newest earlier event in the window is in the newest tile
+        top = tiles.tiles.get(tiles.hb)
+        if top is not None and tiles.hb > b - self.buckets:
+            a, z = self.last_range
+            gap = ts - top[2]
+            head = [1, gap if gap > 0 else 0.0]
+            prev = top[a:z]  # before this event updates the tile
+        else:
+            head, prev = [0, 0], self.no_lasts
+        if tiles.tot is None:
+            tiles.tot = self.totals(tiles)
+        self.add(tiles, b, ts, xs, strings)
+        tot = tiles.tot
+        out = [tot[0], *head, *tot[1:], *prev]
+        if self.currents:
+            out += [xs[i] for i in self.currents]
+        return out
+
+    def previous(self, tiles: Tiles | None, end: int) -> tuple[float | None, list[Any]]:
+        """Time and ``last`` values of the newest event in the window ending at ``end``."""
+        if tiles is None:
+            return None, []
+        first = end - self.buckets + 1
+        newest: float | None = None
+        tile = None
+        for k, t in tiles.tiles.items():
+            if k > end:
+                break
+            if k >= first and (newest is None or t[2] > newest):
+                newest, tile = t[2], t
+        if tile is None:
+            return None, []
+        a, b = self.last_range
+        return newest, tile[a:b]
+
+    def vector(
+        self,
+        tiles: Tiles | None,
+        end: int,
+        since: float | None,
+        prev: list[Any],
+        xs: list[float],
+    ) -> list[Any]:
+        """The group aggregate of the window ending at ``end`` (layout: features.definitions),
+        its tiles added oldest first."""
+        n = 0
+        s = [0.0] * len(self.sum_o)
+        q = [0.0] * len(self.square_o)
+        lo: list[Any] = [None] * len(self.min_o)
+        hi: list[Any] = [None] * len(self.max_o)
+        sets: list[set[str]] = [set() for _ in range(self.nsets)]
+        if tiles is not None:
+            first = end - self.buckets + 1
+            sum_o, square_o, min_o, max_o = self.sum_o, self.square_o, self.min_o, self.max_o
+            set_o = self.set_o
+            for k, t in tiles.tiles.items():
+                if k > end:
+                    break
+                if k < first:
+                    continue
+                n += t[1]
+                for j, o in sum_o:
+                    s[j] += t[o]
+                for j, o in square_o:
+                    q[j] += t[o]
+                for j, o in min_o:
+                    if lo[j] is None or t[o] < lo[j]:
+                        lo[j] = t[o]
+                for j, o in max_o:
+                    if hi[j] is None or t[o] > hi[j]:
+                        hi[j] = t[o]
+                for j, o in set_o:
+                    sets[j] |= t[o]
+        out: list[Any] = [n, 0 if since is None else 1, since or 0, *s, *q]
+        if lo or hi:
+            out += [0 if v is None else v for v in (*lo, *hi)]
+        out += prev if prev else self.no_lasts
+        if self.currents:
+            out += [xs[i] if xs else 0 for i in self.currents]
+        if sets:
+            out += [len(v) for v in sets]
+        return out
+
+    def pack(self, tiles: Tiles) -> list[Any]:
+        """``[newest bucket, tiles one after the other]``, as the Lua scripts store a
+        group (an exact set as a map of value -> true)."""
+        if not self.nsets:
+            return [tiles.hb, list(chain.from_iterable(tiles.tiles.values()))]
+        flat: list[Any] = []
+        at = self.sets_at
+        for t in tiles.tiles.values():
+            flat += t[:at]
+            flat += [dict.fromkeys(v, True) for v in t[at:]]
+        return [tiles.hb, flat]
+
+    def unpack(self, stored: list[Any]) -> Tiles:
+        hb, flat = stored
+        tiles = Tiles(hb)
+        r, at = self.record, self.sets_at
+        records = [flat[p : p + r] for p in range(0, len(flat), r)]
+        if self.nsets:
+            records = [t[:at] + [set(v) for v in t[at:]] for t in records]
+        # in bucket order (Lua appends a late bucket's tile at the end)
+        tiles.tiles = {t[0]: t for t in sorted(records, key=itemgetter(0))}
+        return tiles
+
+
+def since(ts: float, newest: float | None) -> float | None:
+    if newest is None:
+        return None
+    gap = ts - newest
+    return gap if gap > 0 else 0.0  # an out-of-order event comes right after the newest one
+
+
+class Engine:
+    """A plan's kernels, and one event's whole step over its entities."""
+
+    def __init__(self, plan: FeaturePlan) -> None:
+        self.plan = plan
+        self.kernels = [Kernel(g) for g in plan.groups]
+        self.lateness = plan.lateness_s
+        self.shape = [
+            (gi, k, g.entity_name, g.numbers, (*g.exact, *g.approx))
+            for gi, (k, g) in enumerate(zip(self.kernels, plan.groups, strict=True))
+        ]
+
+    def step(
+        self,
+        ents: dict[str, Entity],
+        ts: float,
+        numbers: dict[str, float],
+        distinct: dict[str, str],
+    ) -> tuple[list[list[Any]], bool, list[str]]:
+        """Add one event to its entities (``ents``: entity name -> its state) and
+        read its windows: the group aggregates, whether it was too late for some
+        entity, and the entity names it changed."""
+        lateness = self.lateness
+        too_late = {name: ent.w is not None and ts < ent.w - lateness for name, ent in ents.items()}
+        vectors = []
+        for gi, k, name, fields, strings in self.shape:
+            ent = ents[name]
+            tiles = ent.groups.get(gi)
+            xs = [float(numbers[f]) for f in fields]
+            strs = [distinct[f] for f in strings] if strings else []
+            if not too_late[name]:
+                if tiles is None:
+                    tiles = ent.groups[gi] = Tiles(int(ts // k.width))
+                vectors.append(k.event(tiles, ts, xs, strs))
+                continue
+            # too late: counted nowhere, scored with the window ending at the newest bucket
+            end = int(ts // k.width) if tiles is None else tiles.hb
+            newest, prev = k.previous(tiles, end)
+            vectors.append(k.vector(tiles, end, since(ts, newest), prev, xs))
+        changed = []
+        for name, ent in ents.items():
+            if not too_late[name]:
+                changed.append(name)
+                if ent.w is None or ts > ent.w:
+                    ent.w = ts
+        return vectors, any(too_late.values()), changed
+
+    def read(self, gi: int, ent: Entity, at: float | None) -> list[Any] | None:
+        """Group ``gi``'s aggregate of ``ent`` at event time ``at`` (default: its newest)."""
+        tiles = ent.groups.get(gi)
+        if ent.w is None or tiles is None:
+            return None
+        k = self.kernels[gi]
+        ts, end = (ent.w, tiles.hb) if at is None else (at, int(at // k.width))
+        newest, prev = k.previous(tiles, end)
+        return k.vector(tiles, end, since(ts, newest), prev, [])
+
+
+def pack_entity(engine: Engine, ent: Entity) -> list[Any]:
+    """An entity as the Lua scripts store it: ``[w, {group index (1-based) -> group}]``."""
+    return [ent.w, {gi + 1: engine.kernels[gi].pack(t) for gi, t in ent.groups.items()}]
+
+
+def unpack_entity(engine: Engine, stored: Sequence[Any] | None) -> Entity:
+    """The inverse of ``pack_entity``. Lua packs a table whose keys are 1..n as
+    an array, so the groups arrive as a list or a map."""
+    ent = Entity()
+    if stored:
+        ent.w = stored[0]
+        groups = stored[1]
+        pairs = enumerate(groups, 1) if isinstance(groups, list) else groups.items()
+        for gi, group in pairs:
+            ent.groups[gi - 1] = engine.kernels[gi - 1].unpack(group)
+    return ent
