@@ -141,6 +141,9 @@ class Claim(Enum):
 class FeatureStore(Protocol):
     """What the processors (and the read path) need from a store."""
 
+    # batches computed in process, batches run on the server, commits refused
+    batches: dict[str, int]
+
     def update_and_read(
         self, batch: Sequence[FeatureRequest], commit: bool = True
     ) -> list[FeatureSnapshot]:
@@ -204,6 +207,7 @@ class MemoryFeatureStore:
         self.plan = plan
         self.engine = Engine(plan)
         self.entities: dict[tuple[str, str], Entity] = {}
+        self.batches = {"in_process": 0, "server": 0, "refused": 0}
         self.snapshots: dict[str, bytes] = {}
         self.learned: dict[str, str] = {}
 
@@ -212,6 +216,7 @@ class MemoryFeatureStore:
     ) -> list[FeatureSnapshot]:
         out = []
         entities, step = self.entities, self.engine.step
+        self.batches["in_process"] += 1
         for req in batch:
             stored = self.snapshots.get(req.event_id)
             if stored is not None:
@@ -609,7 +614,8 @@ class RedisFeatureStore:
       every entity itself. A batch goes this way when the commit was refused
       (a replay after a restart, an entity another scorer wrote, an expired
       key), then the next 1, 2, 4 ... 64 batches too while refusals go on, and
-      always when the plan counts ``distinct`` (HyperLogLogs live in Redis).
+      always when the plan counts ``distinct`` (HyperLogLogs live in Redis) or
+      ``cached_entities`` is 0 (``RIVERFLOW_FEATURE_CACHE_ENTITIES``).
 
     The scripts name their keys inside the batch rather than in KEYS, so they
     need a standalone Redis (or every key of a namespace on one cluster node).
@@ -653,7 +659,7 @@ class RedisFeatureStore:
         self._shape = [(g.bucket_s, g.numbers, (*g.exact, *g.approx)) for g in plan.groups]
         # the in-process path: entity key -> (state, the version it was read at)
         self.engine = Engine(plan)
-        self.in_process = not any(g.approx for g in plan.groups)
+        self.in_process = cached_entities > 0 and not any(g.approx for g in plan.groups)
         self.cached_entities = cached_entities
         self._cache: dict[str, tuple[Entity, int]] = {}
         self._entity_ttl_ms = {name: int(ttl_s[name] * 1000) + 1000 for name in names}

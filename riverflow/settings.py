@@ -37,6 +37,11 @@ class Settings(BaseSettings):
     redis_connect_timeout_s: float = Field(5.0, gt=0)
     redis_retries: int = Field(3, ge=0, description="retries of a command on a transient error")
     redis_backoff_cap_s: float = Field(1.0, gt=0, description="longest wait between retries")
+    feature_cache_entities: int = Field(
+        100_000, ge=0,
+        description="entities a scorer holds in process for the feature store (0 = none: "
+        "every batch is computed by Redis)",
+    )  # fmt: skip
     partitions: int = Field(3, ge=1, description="partitions of every topic riverflow creates")
     replication_factor: int = Field(1, ge=1)
     host: Literal["confluent", "faust"] = Field(

@@ -157,6 +157,9 @@ class Scorer:
         return {
             "model_version": float(self.champion.version),
             "late_events": float(self.counters.late_events),
+            # where the feature store computed: a scorer whose commits keep being
+            # refused (other scorers share its entities) runs on Redis
+            **{f"feature_batches_{k}": float(v) for k, v in self.store.batches.items()},
         }
 
     def _request(self, event: dict[str, Any]) -> FeatureRequest:
