@@ -15,10 +15,12 @@ Redis key layout (prefix ``rf:{ns}:``)::
 
     rf:{ns}:ent:{entity}:{value}          a hash: ``s`` = msgpack [w, {group -> [hb,
                                           tiles]}]: the newest event time, and per tile
-                                          group its newest bucket and its tiles one
-                                          after the other, each [bucket, n, newest ts,
-                                          per number: sum, sum of squares, min, max,
-                                          newest value, per exact-distinct field: set];
+                                          group its newest bucket and its tiles, each
+                                          [bucket, n, newest ts, per number: sum, sum
+                                          of squares, min, max, newest value, per
+                                          exact-distinct field: set] (one flat array
+                                          when Lua wrote it, a list per tile when a
+                                          scorer did: each is cheapest for its writer);
                                           ``v`` = its version, +1 on every write
                                           TTL = longest window + its bucket + lateness
     rf:{ns}:ent:{entity}:{value}:hll:{group}:{j}:{bucket}
@@ -286,7 +288,17 @@ local function load(key)
   if raw then
     local d = cmsgpack.unpack(raw)
     st.w = d[1]
-    for gi, gd in pairs(d[2]) do st.g[gi] = {hb = gd[1], F = gd[2]} end
+    for gi, gd in pairs(d[2]) do
+      local F = gd[2]
+      if type(F[1]) == 'table' then  -- written by a scorer: a table per tile
+        local flat = {}
+        for _, rec in ipairs(F) do
+          for x = 1, #rec do flat[#flat + 1] = rec[x] end
+        end
+        F = flat
+      end
+      st.g[gi] = {hb = gd[1], F = F}
+    end
   end
   cache[key] = st
   order[#order + 1] = key

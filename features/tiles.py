@@ -16,7 +16,6 @@ its methods run per event.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from itertools import chain
 from operator import itemgetter
 from typing import Any
 
@@ -256,22 +255,29 @@ class Kernel:
         return out
 
     def pack(self, tiles: Tiles) -> list[Any]:
-        """``[newest bucket, tiles one after the other]``, as the Lua scripts store a
-        group (an exact set as a map of value -> true)."""
+        """``[newest bucket, [tile, ...]]`` (an exact set as a map of value -> true).
+
+        The Lua scripts write a group's tiles flat, one after the other (cmsgpack
+        unpacks one flat array ~2.5x faster than a table per tile) and read
+        both; here the tiles go as they are, which costs msgpack's C code only.
+        """
         if not self.nsets:
-            return [tiles.hb, list(chain.from_iterable(tiles.tiles.values()))]
-        flat: list[Any] = []
+            return [tiles.hb, list(tiles.tiles.values())]
         at = self.sets_at
-        for t in tiles.tiles.values():
-            flat += t[:at]
-            flat += [dict.fromkeys(v, True) for v in t[at:]]
-        return [tiles.hb, flat]
+        return [
+            tiles.hb,
+            [t[:at] + [dict.fromkeys(v, True) for v in t[at : self.record]]
+             for t in tiles.tiles.values()],
+        ]  # fmt: skip
 
     def unpack(self, stored: list[Any]) -> Tiles:
-        hb, flat = stored
+        hb, stored_tiles = stored
         tiles = Tiles(hb)
         r, at = self.record, self.sets_at
-        records = [flat[p : p + r] for p in range(0, len(flat), r)]
+        if stored_tiles and isinstance(stored_tiles[0], list):  # written here: a list per tile
+            records = stored_tiles
+        else:  # written by Lua: flat
+            records = [stored_tiles[p : p + r] for p in range(0, len(stored_tiles), r)]
         if self.nsets:
             records = [t[:at] + [set(v) for v in t[at:]] for t in records]
         # in bucket order (Lua appends a late bucket's tile at the end)
