@@ -3,11 +3,12 @@
 Both stores compute with this when the state is in the process: the embedded
 store always, the Redis store unless its commit is refused (see
 ``features.store``). The Lua in ``features.store`` does the same steps on the
-Redis server. One difference: here a window's count, sums and sums of squares
-are kept as running totals (an in-order event, the common case, reads its
-window without visiting its tiles), where the Lua adds the tiles up; sums can
-then differ in the last bits. Windows with min, max or distinct sets, and
-out-of-order events, are read tile by tile here too.
+Redis server. One difference: here a window's count, sums, sums of squares,
+minima and maxima are kept as running totals (an in-order event, the common
+case, reads its window without visiting its tiles; a min or max is looked for
+again only when the tile holding it leaves the window), where the Lua adds the
+tiles up; sums can then differ in the last bits. Windows with distinct sets,
+and out-of-order events, are read tile by tile here too.
 
 ``Kernel`` works out once per group where each number sits in a tile, since
 its methods run per event.
@@ -24,8 +25,9 @@ from features.definitions import FeaturePlan, TileGroup
 
 class Tiles:
     """One group's tiles of one entity value, by bucket in bucket order, and its
-    newest bucket. ``tot``: the count, sums and sums of squares of the window
-    ending at the newest bucket, kept as events come (None: not worked out yet)."""
+    newest bucket. ``tot``: the count, sums, sums of squares, minima and maxima
+    of the window ending at the newest bucket, kept as events come (None: not
+    worked out yet)."""
 
     __slots__ = ("hb", "tiles", "tot")
 
@@ -84,8 +86,13 @@ class Kernel:
         self.set_o = tuple((j, self.sets_at + j) for j in range(self.nsets))
         self.no_lasts = [0] * len(lasts)
         self.total_at = tuple(o for o, _ in (*self.sum_at, *self.square_at))
-        # windows kept as running totals; min, max and distinct sets are scanned
-        self.incremental = not (mins or maxs or self.nsets)
+        # per min and max field: its place in ``Tiles.tot``, in a tile, in the
+        # event's numbers, and whether it is a minimum
+        extremes = [(o, i, True) for o, i in self.min_at] + [(o, i, False) for o, i in self.max_at]
+        base = 1 + len(self.total_at)
+        self.extreme_at = tuple((base + j, o, i, low) for j, (o, i, low) in enumerate(extremes))
+        # windows kept as running totals; distinct sets are read tile by tile
+        self.incremental = not self.nsets
 
     def add(self, tiles: Tiles, b: int, ts: float, xs: list[float], strings: list[str]) -> None:
         if b > tiles.hb:
@@ -130,13 +137,17 @@ class Kernel:
                 x = xs[i]
                 tot[j] += x * x
                 j += 1
+            for j, _, i, lowest in self.extreme_at:
+                v, x = tot[j], xs[i]
+                if v is None or (x < v if lowest else x > v):
+                    tot[j] = x
 
     def _advance(self, tiles: Tiles, b: int) -> None:
         """Move the newest bucket to ``b``: tiles leaving the window leave ``tot``;
         tiles older than a window plus the lateness (never read again) go."""
         first_new, first_old = b - self.buckets + 1, tiles.hb - self.buckets + 1
         cutoff = b - self.keep
-        tot, dead = tiles.tot, []
+        tot, dead, extremes_left = tiles.tot, [], False
         for k, t in tiles.tiles.items():
             if k >= first_new:
                 break
@@ -146,15 +157,28 @@ class Kernel:
                 for o in self.total_at:
                     tot[j] -= t[o]
                     j += 1
+                for j, o, _, _ in self.extreme_at:
+                    if t[o] == tot[j]:
+                        extremes_left = True
             if k <= cutoff:
                 dead.append(k)
         for k in dead:
             del tiles.tiles[k]
         tiles.hb = b
+        if extremes_left and tot is not None:  # a leaving tile held a min or max
+            self._extremes(tiles, tot)
+
+    def _extremes(self, tiles: Tiles, tot: list[Any]) -> None:
+        """The window's minima and maxima in ``tot``, from its tiles."""
+        first = tiles.hb - self.buckets + 1
+        for j, o, _, lowest in self.extreme_at:
+            values = [t[o] for k, t in tiles.tiles.items() if k >= first]
+            tot[j] = (min(values) if lowest else max(values)) if values else None
 
     def totals(self, tiles: Tiles) -> list[Any]:
         """``tot`` worked out from the tiles (once per group loaded)."""
-        first, tot = tiles.hb - self.buckets + 1, [0, *self.zeros]
+        first = tiles.hb - self.buckets + 1
+        tot: list[Any] = [0, *self.zeros]
         for k, t in tiles.tiles.items():
             if k >= first:
                 tot[0] += t[1]
@@ -162,6 +186,8 @@ class Kernel:
                 for o in self.total_at:
                     tot[j] += t[o]
                     j += 1
+        tot += [None] * len(self.extreme_at)
+        self._extremes(tiles, tot)
         return tot
 
     def event(self, tiles: Tiles, ts: float, xs: list[float], strings: list[str]) -> list[Any]:
