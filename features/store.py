@@ -20,7 +20,8 @@ Redis key layout (prefix ``rf:{ns}:``)::
                                           of squares, min, max, newest value, per
                                           exact-distinct field: set] (one flat array
                                           when Lua wrote it, a list per tile when a
-                                          scorer did: each is cheapest for its writer);
+                                          scorer did: each is cheapest for its writer;
+                                          a scorer adds the window's running totals);
                                           ``v`` = its version, +1 on every write
                                           TTL = longest window + its bucket + lateness
     rf:{ns}:ent:{entity}:{value}:hll:{group}:{j}:{bucket}
@@ -689,9 +690,10 @@ class RedisFeatureStore:
         self, batch: Sequence[FeatureRequest], commit: bool = True
     ) -> list[FeatureSnapshot]:
         if self._pending is not None:
-            raise FeatureStoreError(
-                "update_and_read(commit=False) was not followed by record_served"
-            )
+            # the last batch was never committed (its caller failed before
+            # record_served): forget what the process computed for it
+            self._forget(self._pending)
+            self._pending = None
         if not batch:
             return []
         if self.in_process and self._skip == 0:
@@ -755,9 +757,13 @@ class RedisFeatureStore:
             state = msgpack.packb(pack_entity(self.engine, ent), use_bin_type=False)
             entities.append([key, version, state, self._entity_ttl_ms[name]])
         blob = msgpack.packb([snapshots, entities], use_bin_type=False)
-        if not self._call(self._commit, [], [self.horizon_ms, blob]):
-            for key in pending.touched:  # their states hold this batch's updates
-                cache.pop(key, None)
+        try:
+            committed = self._call(self._commit, [], [self.horizon_ms, blob])
+        except Exception:
+            self._forget(pending)  # written or not, Redis holds the truth
+            raise
+        if not committed:
+            self._forget(pending)
             self.batches["refused"] += 1
             self._backoff = min(64, 2 * self._backoff or 1)
             self._skip = self._backoff
@@ -771,6 +777,12 @@ class RedisFeatureStore:
         self._backoff = 0
         self.batches["in_process"] += 1
         return True
+
+    def _forget(self, pending: _Pending) -> None:
+        """Drop the entities a batch touched: their states hold its updates,
+        which Redis did not take. They are read again when next needed."""
+        for key in pending.touched:
+            self._cache.pop(key, None)
 
     def _load(self, keys: set[str]) -> None:
         """Read entities into the process (one round trip), with their versions."""

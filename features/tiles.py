@@ -281,24 +281,33 @@ class Kernel:
         return out
 
     def pack(self, tiles: Tiles) -> list[Any]:
-        """``[newest bucket, [tile, ...]]`` (an exact set as a map of value -> true).
+        """``[newest bucket, [tile, ...], window totals]`` (an exact set as a map of
+        value -> true).
 
         The Lua scripts write a group's tiles flat, one after the other (cmsgpack
-        unpacks one flat array ~2.5x faster than a table per tile) and read
-        both; here the tiles go as they are, which costs msgpack's C code only.
+        unpacks one flat array ~2.5x faster than a table per tile), without the
+        totals, and read both layouts; here the tiles go as they are, which costs
+        msgpack's C code only. The totals go too, so a scorer that reads the
+        entity again (after a restart) continues the same running sums, to the bit.
         """
         if not self.nsets:
-            return [tiles.hb, list(tiles.tiles.values())]
-        at = self.sets_at
-        return [
-            tiles.hb,
-            [t[:at] + [dict.fromkeys(v, True) for v in t[at : self.record]]
-             for t in tiles.tiles.values()],
-        ]  # fmt: skip
+            stored = [tiles.hb, list(tiles.tiles.values())]
+        else:
+            at = self.sets_at
+            stored = [
+                tiles.hb,
+                [t[:at] + [dict.fromkeys(v, True) for v in t[at : self.record]]
+                 for t in tiles.tiles.values()],
+            ]  # fmt: skip
+        if tiles.tot is not None:
+            stored.append(tiles.tot)
+        return stored
 
     def unpack(self, stored: list[Any]) -> Tiles:
-        hb, stored_tiles = stored
+        hb, stored_tiles = stored[0], stored[1]
         tiles = Tiles(hb)
+        if len(stored) > 2:  # written by a scorer, with its running totals
+            tiles.tot = stored[2]
         r, at = self.record, self.sets_at
         if stored_tiles and isinstance(stored_tiles[0], list):  # written here: a list per tile
             records = stored_tiles

@@ -27,6 +27,7 @@ from features.store import (
     FeatureStore,
     MemoryFeatureStore,
     RedisFeatureStore,
+    ServedPrediction,
 )
 from riverflow.assembly import ConnectionFailed, redis_store
 from riverflow.assembly import redis_client as connect
@@ -111,6 +112,26 @@ def test_two_scorers_writing_the_same_entities_lose_nothing(
 
 def flat(snapshots: list[FeatureSnapshot]) -> list[float]:
     return [x for s in snapshots for vector in s.aggregates for x in vector]
+
+
+def test_a_batch_never_committed_is_forgotten(
+    store: RedisFeatureStore, fraud_spec: PipelineSpec
+) -> None:
+    """A scorer that fails between computing a batch and recording its
+    predictions runs it again: nothing of the first attempt is counted."""
+    reqs = requests(300)
+    store.update_and_read(reqs[:200])
+    first = store.update_and_read(reqs[200:], commit=False)
+    # the caller failed here (no record_served) and now runs the batch again
+    again = store.update_and_read(reqs[200:], commit=False)
+    assert store.record_served([(s.event_id, ServedPrediction("m", 1, 0.5)) for s in again])
+    assert [s.aggregates for s in again] == [s.aggregates for s in first]
+    memory = MemoryFeatureStore(fraud_spec.feature_plan())
+    want = memory.update_and_read(reqs[:200]) + memory.update_and_read(reqs[200:])
+    got = store.update_and_read(reqs)  # all replays now: what was stored
+    assert all(s.replayed for s in got)
+    assert [s.aggregates for s in got] == [s.aggregates for s in want]
+    assert all(s.served == ServedPrediction("m", 1, 0.5) for s in got[200:])
 
 
 def store_reads(store: FeatureStore, reqs: list[FeatureRequest]) -> list[dict[str, float]]:
