@@ -575,7 +575,7 @@ return out
 """
 
 
-# What a scorer computed in process (see RedisFeatureStore._local), applied if
+# What a scorer computed in process (RedisFeatureStore._in_process), applied if
 # nothing it was computed from has changed. ARGV[1]: snapshot ttl ms; ARGV[2]:
 # msgpack [[snapshot key, snapshot], ...], [[entity key, version it was read at,
 # new state, ttl ms], ...]]. Returns 0, writing nothing, if an event has a
