@@ -58,7 +58,6 @@ class Kernel:
 
     def __init__(self, g: TileGroup) -> None:
         sums, squares, mins, maxs, lasts, currents = g.layout
-        self.group = g
         self.buckets, self.keep, self.width = g.buckets, g.keep, g.bucket_s
         o = 3
         self.sum_at = tuple((o + j, i) for j, i in enumerate(sums))
