@@ -84,8 +84,8 @@ def run_bench(
     batch. ``path``: the store computes ``in-process`` (its default) or on the
     ``server`` (the Lua script it falls back to)."""
     plan = FeaturePlan.build(BENCH_FEATURES, spec.events.key, 600.0)
-    store = RedisFeatureStore(client, f"bench-{uuid.uuid4().hex[:8]}", plan, horizon_s=600)
-    store.in_process = path == "in-process"
+    cached = 100_000 if path == "in-process" else 0  # 0: every batch on the server
+    store = RedisFeatureStore(client, f"bench-{uuid.uuid4().hex[:8]}", plan, 600, cached)
     reqs = bench_requests(plan, spec, events, seed)
     store.update_and_read(reqs[:batch_size])  # loads the scripts, warms the connection
     latencies = []
