@@ -90,6 +90,7 @@ def run_stage(stage: str, spec: PipelineSpec, settings: Settings, ep: Endpoints)
             ConfluentHost(
                 scorer, topics.events, ep.kafka_bootstrap, group, settings.batch_size,
                 tick_s=settings.model_poll_s, metrics=metrics, dlq_topic=topics.dlq,
+                freeze_gc=True,
             ).run()  # fmt: skip
         return
     learner = build_learner(spec, settings, store, registry)
