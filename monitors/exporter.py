@@ -9,6 +9,7 @@ its output is durable.
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -71,10 +72,18 @@ class StageMetrics:
         for msg in batch:
             if msg.timestamp_ms is not None:
                 self.latency.observe(max(0.0, now_ms - msg.timestamp_ms) / 1000)
+        # counted per topic and per kind, then one increment each: a label lookup
+        # per output cost ~5% of a scorer's CPU
+        topics: collections.Counter[str] = collections.Counter()
+        kinds: collections.Counter[str] = collections.Counter()
         for out in outputs:
-            self._produced.labels(self.stage, out.topic).inc()
+            topics[out.topic] += 1
             if out.topic == dlq_topic:
-                self._dead.labels(self.stage, orjson.loads(out.value)["error_kind"]).inc()
+                kinds[orjson.loads(out.value)["error_kind"]] += 1
+        for topic, n in topics.items():
+            self._produced.labels(self.stage, topic).inc(n)
+        for kind, n in kinds.items():
+            self._dead.labels(self.stage, kind).inc(n)
 
     def set_lag(self, topic: str, partition: int, lag: int) -> None:
         self._lag.labels(self.stage, topic, str(partition)).set(lag)
