@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -168,7 +169,7 @@ def start_kafka(settings: Settings, workdir: Path, timeout_s: float = 90.0) -> S
     )
     log4j = workdir / "log4j2.properties"
     log4j.write_text(LOG4J2_PROPERTIES.format(log=workdir / "server.log"))
-    java = ["java", "-Xms256m", "-Xmx1g", f"-Dlog4j2.configurationFile={log4j}",
+    java = ["java", *shlex.split(settings.kafka_jvm_options), f"-Dlog4j2.configurationFile={log4j}",
             "-cp", f"{libs}/*"]  # fmt: skip
     cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
     fmt = subprocess.run(
