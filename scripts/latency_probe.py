@@ -51,7 +51,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "bench": {"linger.ms": 0},
     },
     "fetch1": {"consumer": {"fetch.wait.max.ms": 1}, "bench_fetch": {"fetch.wait.max.ms": 1}},
+    # the scorer freezes its startup heap as every stage process does
+    # (kafka_runtime.freeze_startup_heap); before 2026-11-27 09:10 "base" did not
+    "nofreeze": {"gc_freeze": False},
     "gcfreeze": {"gc_freeze": True},
+    # ... and freezes again after every batch: a collection then walks only what
+    # the current batch made, not the feature store's cached entities
+    "batchfreeze": {"gc_freeze": True, "batch_freeze": True},
     "clients": {  # nagle + nolinger + fetch1, without the GC freeze
         "consumer": {"socket.nagle.disable": True, "fetch.wait.max.ms": 1},
         "producer": {"socket.nagle.disable": True, "linger.ms": 0},
@@ -174,9 +180,11 @@ def run_scorer(trace_path: Path) -> None:
         if current.get("n"):
             current.update(t_write0=t0, t_write1=time.time(), phases=dict(acc))
             batches.append(dict(current))
+        if variant.get("batch_freeze"):
+            gc.freeze()
 
     host._take, scorer.process, host._write = timed_take, timed_process, timed_write
-    if variant.get("gc_freeze"):
+    if variant.get("gc_freeze", True):
         gc.collect()
         gc.freeze()  # what is loaded by now lives for the process: keep it out of GC scans
     try:
@@ -220,7 +228,9 @@ def jvm_gc(pid: int) -> dict[str, float]:
     lines = done.stdout.split("\n")
     if done.returncode != 0 or len(lines) < 2:
         return {}
-    return dict(zip(lines[0].split(), map(float, lines[1].split()), strict=True))
+    # a collector without some column (ZGC has no young generation) prints "-"
+    values = [0.0 if v == "-" else float(v) for v in lines[1].split()]
+    return dict(zip(lines[0].split(), values, strict=True))
 
 
 def measure(
@@ -230,6 +240,7 @@ def measure(
     from confluent_kafka import Producer
 
     from riverflow.bench import PredictionClock, paced, stream
+    from riverflow.settings import Settings
     from riverflow.spec import PipelineSpec
     from streams.kafka_io import ensure_topics
 
@@ -370,6 +381,7 @@ def measure(
             "full_s": jvm1["FGCT"] - jvm0["FGCT"],
         }  # fmt: skip
     result["load"] = os.getloadavg()
+    result["broker_jvm"] = Settings().kafka_jvm_options
     return result
 
 
