@@ -51,25 +51,17 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "bench": {"linger.ms": 0},
     },
     "fetch1": {"consumer": {"fetch.wait.max.ms": 1}, "bench_fetch": {"fetch.wait.max.ms": 1}},
-    # the scorer freezes its startup heap as every stage process does
-    # (kafka_runtime.freeze_startup_heap); before 2026-11-27 09:10 "base" did not
-    "nofreeze": {"gc_freeze": False},
-    "gcfreeze": {"gc_freeze": True},
-    # ... and freezes again after every batch: a collection then walks only what
-    # the current batch made, not the feature store's cached entities
-    "batchfreeze": {"gc_freeze": True, "batch_freeze": True},
-    "clients": {  # nagle + nolinger + fetch1, without the GC freeze
+    # the scorer freezes its startup heap and then its heap after every batch, as
+    # `riverflow run scorer` does (kafka_runtime, ConfluentHost(freeze_gc=True));
+    # before 2026-11-27 09:10 "base" froze neither, until 09:40 only the startup heap
+    "startfreeze": {"batch_freeze": False},  # the startup heap only
+    "nofreeze": {"gc_freeze": False, "batch_freeze": False},
+    "commit100": {"commit_every_s": 0.1},  # offsets committed at most every 100 ms
+    "clients": {  # nagle + nolinger + fetch1
         "consumer": {"socket.nagle.disable": True, "fetch.wait.max.ms": 1},
         "producer": {"socket.nagle.disable": True, "linger.ms": 0},
         "bench": {"socket.nagle.disable": True, "linger.ms": 0},
         "bench_fetch": {"socket.nagle.disable": True, "fetch.wait.max.ms": 1},
-    },
-    "tuned": {
-        "consumer": {"socket.nagle.disable": True, "fetch.wait.max.ms": 1},
-        "producer": {"socket.nagle.disable": True, "linger.ms": 0},
-        "bench": {"socket.nagle.disable": True, "linger.ms": 0},
-        "bench_fetch": {"socket.nagle.disable": True, "fetch.wait.max.ms": 1},
-        "gc_freeze": True,
     },
 }
 
@@ -137,10 +129,21 @@ def run_scorer(trace_path: Path) -> None:
     host = host_mod.ConfluentHost(
         scorer, spec.topics.events, ep.kafka_bootstrap, f"riverflow-{spec.name}-scorer",
         settings.batch_size, tick_s=settings.model_poll_s,
+        freeze_gc=variant.get("batch_freeze", True),
     )  # fmt: skip
     host.consumer = _Timed(
         host.consumer, acc, {"poll": "poll", "consume": "consume", "commit": "commit"}
     )
+    if variant.get("commit_every_s"):  # experiment: offsets committed at most this often
+        every, inner, last = variant["commit_every_s"], host.consumer.commit, [0.0]
+
+        def throttled(*args: Any, **kwargs: Any) -> Any:
+            if time.monotonic() - last[0] >= every:
+                last[0] = time.monotonic()
+                return inner(*args, **kwargs)
+            return None
+
+        host.consumer.commit = throttled  # type: ignore[method-assign]
     host.producer = _Timed(host.producer, acc, {"produce": "produce", "flush": "flush"})
 
     batches: list[dict[str, Any]] = []
@@ -180,8 +183,6 @@ def run_scorer(trace_path: Path) -> None:
         if current.get("n"):
             current.update(t_write0=t0, t_write1=time.time(), phases=dict(acc))
             batches.append(dict(current))
-        if variant.get("batch_freeze"):
-            gc.freeze()
 
     host._take, scorer.process, host._write = timed_take, timed_process, timed_write
     if variant.get("gc_freeze", True):
@@ -239,7 +240,7 @@ def measure(
 ) -> dict[str, Any]:  # fmt: skip
     from confluent_kafka import Producer
 
-    from riverflow.bench import PredictionClock, paced, stream
+    from riverflow.bench import PredictionClock, ProcessUsage, paced, stream
     from riverflow.settings import Settings
     from riverflow.spec import PipelineSpec
     from streams.kafka_io import ensure_topics
@@ -302,10 +303,15 @@ def measure(
         clock.wait_for_ids(send(warm, rate), 30)
         events, _ = stream(int(rate * seconds), 7, prefix=f"{name}-")
         jvm0 = jvm_gc(ep.pids["kafka"]) if "kafka" in ep.pids else {}
+        usage = {"scorer": ProcessUsage(scorer.pid)} | {
+            k: ProcessUsage(v) for k, v in ep.pids.items()
+        }
+        cpu0 = {k: u.cpu_s() for k, u in usage.items()}
         rds.latency_reset()
         sent = send(events, rate)
         clock.wait_for_ids(sent, 60)
         jvm1 = jvm_gc(ep.pids["kafka"]) if jvm0 else {}
+        cpu_us = {k: (u.cpu_s() - cpu0[k]) / len(sent) * 1e6 for k, u in usage.items()}
         # LATENCY LATEST: [event, last time, last ms, max ms] per kind of slow event
         redis_spikes = {e[0].decode(): e[3] for e in rds.execute_command("LATENCY LATEST")}
     finally:
@@ -382,6 +388,7 @@ def measure(
         }  # fmt: skip
     result["load"] = os.getloadavg()
     result["broker_jvm"] = Settings().kafka_jvm_options
+    result["cpu_us_per_event"] = cpu_us  # while the events were sent and came back
     return result
 
 
@@ -431,7 +438,8 @@ def main() -> None:
                 print(
                     f"    gc {r['gc']}; slowest 1% during a gen-2 GC: "
                     f"{r['slowest_1pct_during_gen2']}; oversleep {r['oversleep']}; "
-                    f"redis {r['redis_latency_events_over_5ms']}; broker {r.get('broker_gc')}",
+                    f"redis {r['redis_latency_events_over_5ms']}; broker {r.get('broker_gc')}; "
+                    f"CPU us/event {r['cpu_us_per_event']}",
                     flush=True,
                 )
     if args.json:
