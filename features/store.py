@@ -640,7 +640,7 @@ class RedisFeatureStore:
         namespace: str,
         plan: FeaturePlan,
         horizon_s: float,
-        cached_entities: int = 100_000,
+        cached_entities: int = 15_000,
     ) -> None:
         self.client = client
         self.plan = plan

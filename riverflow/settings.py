@@ -38,9 +38,9 @@ class Settings(BaseSettings):
     redis_retries: int = Field(3, ge=0, description="retries of a command on a transient error")
     redis_backoff_cap_s: float = Field(1.0, gt=0, description="longest wait between retries")
     feature_cache_entities: int = Field(
-        100_000, ge=0,
+        15_000, ge=0,
         description="entities a scorer holds in process for the feature store (0 = none: "
-        "every batch is computed by Redis)",
+        "every batch is computed by Redis); each costs ~3-7 KB of memory",
     )  # fmt: skip
     partitions: int = Field(3, ge=1, description="partitions of every topic riverflow creates")
     replication_factor: int = Field(1, ge=1)

@@ -166,15 +166,26 @@ def test_every_aggregation_equals_brute_force_and_the_embedded_store(
 @settings(
     max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-@given(events=event_streams(), batch=st.integers(1, 25), turns=st.lists(st.integers(0, 1)))
+@given(
+    events=event_streams(),
+    batch=st.integers(1, 25),
+    turns=st.lists(st.integers(0, 1)),
+    cached=st.sampled_from([1, 3, 15_000]),
+)
 def test_in_process_values_equal_brute_force_and_the_embedded_store(
-    redis_client: redis.Redis, events: list[dict[str, Any]], batch: int, turns: list[int]
-) -> None:
+    redis_client: redis.Redis, events: list[dict[str, Any]], batch: int, turns: list[int],
+    cached: int,
+) -> None:  # fmt: skip
     """Without distinct features the batches are computed in the scorer's process;
     a second scorer on the same namespace, taking ``turns``, sends batches to the
-    server path. Every value is exact and bit for bit the embedded store's."""
+    server path. A scorer holding fewer entities than the stream touches
+    (``cached``) reads the others back from Redis. Every value is exact and bit
+    for bit the embedded store's."""
     ns = f"t{uuid.uuid4().hex[:8]}"
-    scorers = [RedisFeatureStore(redis_client, ns, EXACT_PLAN, horizon_s=3600) for _ in range(2)]
+    scorers = [
+        RedisFeatureStore(redis_client, ns, EXACT_PLAN, horizon_s=3600, cached_entities=cached)
+        for _ in range(2)
+    ]
     reqs = stream_requests(events, EXACT_PLAN)
     got = []
     for n, i in enumerate(range(0, len(reqs), batch)):
