@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
+from pydantic import ValidationError
 from rich.console import Console
 
 from riverflow.errors import RiverflowError
@@ -507,7 +508,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     try:
-        return int(args.func(args, Settings()))
+        settings = Settings()
+    except ValidationError as exc:  # a RIVERFLOW_* variable that does not parse
+        for e in exc.errors(include_url=False):
+            name = "RIVERFLOW_" + "_".join(str(p) for p in e["loc"]).upper()
+            err_console.print(f"[red]error:[/red] {name}: {e['msg']}")
+        return 2
+    try:
+        return int(args.func(args, settings))
     except RiverflowError as exc:
         err_console.print(f"[red]error:[/red] {exc}")
         return 2

@@ -6,10 +6,11 @@ fast*. Secrets are ``SecretStr`` so they never show up in logs or reprs.
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -85,3 +86,12 @@ class Settings(BaseSettings):
         "ZGC, because G1's young-generation pauses (~15 ms, a few every 15 s) held the "
         "scorer's acks at 1,000 events/s (docs/benchmarks.md)",
     )
+
+    @field_validator("kafka_jvm_options")
+    @classmethod
+    def _jvm_options_split(cls, value: str) -> str:
+        try:
+            shlex.split(value)
+        except ValueError as exc:  # an unclosed quote
+            raise ValueError(f"not a list of JVM options ({exc}): {value!r}") from exc
+        return value

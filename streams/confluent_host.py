@@ -16,7 +16,7 @@ checkpoint once a batch's outputs are acknowledged).
 ``freeze_gc`` (the scorer) freezes the heap after every batch, so the cyclic
 GC never walks the feature state the process keeps; what it gives up is
 collecting a reference cycle that outlives its batch (the scorer's steady state
-makes none: tests/unit/test_gc_freeze.py).
+makes none: tests/integration/test_scorer_gc.py).
 """
 
 from __future__ import annotations

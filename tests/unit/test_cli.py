@@ -34,6 +34,16 @@ def test_a_broken_spec_is_a_clear_error_not_a_traceback(tmp_path: Path) -> None:
     assert "Traceback" not in done.stderr
 
 
+def test_a_bad_setting_is_named_not_a_traceback() -> None:
+    import os
+
+    env = {**os.environ, "RIVERFLOW_BATCH_SIZE": "0", "RIVERFLOW_KAFKA_JVM_OPTIONS": '-Xmx1g "x'}
+    done = riverflow("stack", "status", env=env)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "RIVERFLOW_BATCH_SIZE: Input should be greater than or equal to 1" in done.stderr
+    assert "RIVERFLOW_KAFKA_JVM_OPTIONS: Value error, not a list of JVM options" in done.stderr
+
+
 def test_run_without_servers_says_how_to_get_them(tmp_path: Path) -> None:
     import os
 
