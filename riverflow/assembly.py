@@ -73,11 +73,10 @@ def redis_client(settings: Settings, url: str) -> Any:
 
 
 def redis_store(spec: PipelineSpec, settings: Settings, client: Any) -> RedisFeatureStore:
-    store = RedisFeatureStore(
+    return RedisFeatureStore(
         client, spec.name, spec.feature_plan(), settings.label_horizon_s,
         cached_entities=settings.feature_cache_entities,
     )  # fmt: skip
-    return store
 
 
 def redis_backends(
