@@ -57,10 +57,9 @@ from typing import Any, Protocol
 import msgpack
 import orjson
 import redis
-
-from features.definitions import FeaturePlan, entity_value
-from features.errors import FeatureStoreError
-from features.tiles import Engine, Entity, pack_entity, unpack_entity
+from riverflow.features.definitions import FeaturePlan, entity_value
+from riverflow.features.errors import FeatureStoreError
+from riverflow.features.tiles import Engine, Entity, pack_entity, unpack_entity
 
 
 @dataclass(frozen=True)

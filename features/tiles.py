@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from operator import itemgetter
 from typing import Any
 
-from features.definitions import FeaturePlan, TileGroup
+from riverflow.features.definitions import FeaturePlan, TileGroup
 
 
 class Tiles:

@@ -7,8 +7,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from models.errors import ModelError
-from models.registry import ChampionPointer, ModelRegistry, ModelVersion
+from riverflow.models.errors import ModelError
+from riverflow.models.registry import ChampionPointer, ModelRegistry, ModelVersion
 
 log = logging.getLogger(__name__)
 

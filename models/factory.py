@@ -7,9 +7,8 @@ import inspect
 from typing import Any
 
 from river import base, compose
-
-from models.errors import ModelSpecError
-from models.spec import EstimatorSpec, ModelSpec, ModelsSpec
+from riverflow.models.errors import ModelSpecError
+from riverflow.models.spec import EstimatorSpec, ModelSpec, ModelsSpec
 
 # Only River's own estimators can be named in a spec: a spec is data, and an
 # import path outside this namespace could run arbitrary code on import.

@@ -27,9 +27,8 @@ from typing import Any
 
 import orjson
 import river
-
-from models.errors import ModelError
-from models.signing import sign, verify_and_load
+from riverflow.models.errors import ModelError
+from riverflow.models.signing import sign, verify_and_load
 
 EXPORT_FORMAT = "riverflow-model/1"
 

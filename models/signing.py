@@ -11,7 +11,7 @@ import hmac
 import pickle
 from typing import Any
 
-from models.errors import SignatureError
+from riverflow.models.errors import SignatureError
 
 MAGIC = b"RFS1"
 _DIGEST = hashlib.sha256

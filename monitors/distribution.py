@@ -16,9 +16,8 @@ from collections import deque
 from dataclasses import dataclass
 
 from river import anomaly, compose, preprocessing
-
-from monitors.spec import LabelFreeSpec
-from monitors.view import DistributionView
+from riverflow.monitors.spec import LabelFreeSpec
+from riverflow.monitors.view import DistributionView
 
 
 @dataclass

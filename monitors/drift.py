@@ -15,8 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 from river import base, drift
-
-from models.errors import ModelSpecError
+from riverflow.models.errors import ModelSpecError
 
 
 class DetectorKind(StrEnum):

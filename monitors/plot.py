@@ -6,9 +6,8 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-
-from monitors.status import CANDIDATE_COLOURS, MARKER_COLOURS, champion_text
-from monitors.view import MonitorView
+from riverflow.monitors.status import CANDIDATE_COLOURS, MARKER_COLOURS, champion_text
+from riverflow.monitors.view import MonitorView
 
 
 def render_png(view: MonitorView, path: Path) -> None:

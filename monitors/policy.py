@@ -34,12 +34,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from models.registry import ChampionPointer, ModelRegistry
-from monitors.distribution import DistributionMonitor
-from monitors.drift import ErrorDriftMonitor
-from monitors.quality import PairedWindow, WindowedQuality
-from monitors.spec import MonitorSpec
-from monitors.view import (
+from riverflow.models.registry import ChampionPointer, ModelRegistry
+from riverflow.monitors.distribution import DistributionMonitor
+from riverflow.monitors.drift import ErrorDriftMonitor
+from riverflow.monitors.quality import PairedWindow, WindowedQuality
+from riverflow.monitors.spec import MonitorSpec
+from riverflow.monitors.view import (
     CandidateView,
     Marker,
     MarkerKind,

@@ -9,9 +9,8 @@ and rolls the champion back when it drops sharply.
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-
-from models.errors import ModelSpecError
-from monitors.drift import DetectorSpec, build_detector
+from riverflow.models.errors import ModelSpecError
+from riverflow.monitors.drift import DetectorSpec, build_detector
 
 
 class _Frozen(BaseModel):

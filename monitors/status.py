@@ -15,8 +15,7 @@ import time
 from typing import get_args
 
 import orjson
-
-from monitors.view import MarkerKind, MonitorView
+from riverflow.monitors.view import MarkerKind, MonitorView
 
 MARKER_COLOURS: dict[MarkerKind, str] = {
     "drift": "#d62728",

@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import BaseModel, Field, ValidationError
+from riverflow.monitors.errors import ViewError
 
-from monitors.errors import ViewError
 from riverflow.errors import error_lines
 
 MarkerKind = Literal["drift", "challenger", "promote", "rollback", "retire", "feature_drift"]

@@ -7,19 +7,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from features.store import FeatureStore, MemoryFeatureStore, RedisFeatureStore
-from models.champion import ChampionReplica
-from models.errors import ModelSpecError
-from models.factory import build_candidates, build_model
-from models.registry import MemoryRegistry, ModelRegistry, ModelVersion, RedisRegistry
-from monitors.exporter import MonitorMetrics
-from monitors.policy import PipelineMonitor
-from monitors.prequential import PrequentialMetrics
 from riverflow.errors import RiverflowError
+from riverflow.features.store import FeatureStore, MemoryFeatureStore, RedisFeatureStore
+from riverflow.models.champion import ChampionReplica
+from riverflow.models.errors import ModelSpecError
+from riverflow.models.factory import build_candidates, build_model
+from riverflow.models.registry import MemoryRegistry, ModelRegistry, ModelVersion, RedisRegistry
+from riverflow.monitors.exporter import MonitorMetrics
+from riverflow.monitors.policy import PipelineMonitor
+from riverflow.monitors.prequential import PrequentialMetrics
 from riverflow.settings import DEV_SIGNING_KEY, Settings
 from riverflow.spec import PipelineSpec
-from streams.monitor import Monitor
-from streams.processors import Candidate, Learner, LearnerState, Scorer
+from riverflow.stages.learner import Candidate, Learner, LearnerState
+from riverflow.stages.monitor import Monitor
+from riverflow.stages.scorer import Scorer
 
 
 class ConnectionFailed(RiverflowError):
@@ -92,11 +93,16 @@ def memory_backends(spec: PipelineSpec, settings: Settings) -> tuple[FeatureStor
 
 
 def build_scorer(
-    spec: PipelineSpec, settings: Settings, store: FeatureStore, registry: ModelRegistry
+    spec: PipelineSpec,
+    settings: Settings,
+    store: FeatureStore,
+    registry: ModelRegistry,
+    model_poll_s: float | None = None,
 ) -> Scorer:
     first = spec.models.champion_spec
+    poll_s = settings.model_poll_s if model_poll_s is None else model_poll_s
     champion = ChampionReplica(
-        registry, lambda: ModelVersion(first.name, 0, build_model(first)), settings.model_poll_s
+        registry, lambda: ModelVersion(first.name, 0, build_model(first)), poll_s
     )
     return Scorer(
         spec.topics, spec.events, spec.feature_plan(), spec.models.inputs, store, champion,

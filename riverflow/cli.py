@@ -22,10 +22,10 @@ from rich.console import Console
 from riverflow.errors import RiverflowError
 from riverflow.settings import Settings
 from riverflow.spec import PipelineSpec, load_spec
-from riverflow.stack import Endpoints, stack_down, stack_status, stack_up
+from riverflow.tools.stack import Endpoints, stack_down, stack_status, stack_up
 
 if TYPE_CHECKING:
-    from models.registry import RedisRegistry
+    from riverflow.models.registry import RedisRegistry
 
 MONITOR_PORT = 9403  # the monitor stage's status page, /status.json and /metrics
 
@@ -49,7 +49,7 @@ def endpoints(settings: Settings) -> Endpoints:
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
-    from riverflow.demo import run_demo, summary
+    from riverflow.tools.demo import run_demo, summary
 
     spec = load_spec(args.spec or settings.spec)
     result = run_demo(spec, settings, events=args.events, seed=args.seed, scenario=args.scenario)
@@ -98,8 +98,8 @@ def _file_records(path: Path, topic: str) -> Iterator[tuple[str, bytes | None, b
 
 
 def cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
-    from riverflow.generator import FraudStreamConfig, with_labels
-    from streams.kafka_io import ensure_topics, produce_all, producer
+    from riverflow.streams.kafka_io import ensure_topics, produce_all, producer
+    from riverflow.tools.generator import FraudStreamConfig, with_labels
 
     spec = load_spec(args.spec or settings.spec)
     topics = spec.topics
@@ -125,7 +125,7 @@ def cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_tail(args: argparse.Namespace, settings: Settings) -> int:
-    from streams.kafka_io import read_topic
+    from riverflow.streams.kafka_io import read_topic
 
     ep = endpoints(settings)
     for shown, msg in enumerate(read_topic(ep.kafka_bootstrap, args.topic, follow=args.follow), 1):
@@ -141,7 +141,7 @@ def cmd_tail(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
-    from riverflow.bench import BenchConfig, report, run_bench
+    from riverflow.tools.bench import BenchConfig, report, run_bench
 
     spec = load_spec(args.spec or settings.spec)
     given = {
@@ -164,7 +164,7 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_drift_eval(args: argparse.Namespace, settings: Settings) -> int:
     from rich.table import Table
 
-    from monitors.drift_eval import DriftEvalConfig, run_drift_eval
+    from riverflow.tools.drift_eval import DriftEvalConfig, run_drift_eval
 
     config = DriftEvalConfig(events=args.events, every=args.every, stationary=args.stationary)
     result = run_drift_eval(config, log=lambda line: err_console.print(f"[dim]{line}[/dim]"))
@@ -191,7 +191,7 @@ def cmd_drift_eval(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_recovery_eval(args: argparse.Namespace, settings: Settings) -> int:
-    from riverflow.recovery import run_recovery_eval
+    from riverflow.tools.recovery import run_recovery_eval
 
     def log(line: str) -> None:
         err_console.print(f"[dim]{line}[/dim]")
@@ -210,8 +210,8 @@ def cmd_recovery_eval(args: argparse.Namespace, settings: Settings) -> int:
 def _registry(
     args: argparse.Namespace, settings: Settings
 ) -> tuple[PipelineSpec, RedisRegistry, Endpoints]:
-    from models.registry import RedisRegistry
     from riverflow.assembly import redis_client, signing_key
+    from riverflow.models.registry import RedisRegistry
 
     spec = load_spec(args.spec or settings.spec)
     ep = endpoints(settings)
@@ -221,7 +221,7 @@ def _registry(
 
 def _model_event(ep: Endpoints, topic: str, record: dict[str, Any]) -> None:
     """Append to ``{ns}.model-events`` (acknowledged before the command returns)."""
-    from streams.kafka_io import ensure_topics, produce_all, producer
+    from riverflow.streams.kafka_io import ensure_topics, produce_all, producer
 
     ensure_topics(ep.kafka_bootstrap, [topic], Settings().partitions)
     produce_all(producer(ep.kafka_bootstrap), [(topic, str(record["model"]).encode(),
@@ -237,7 +237,7 @@ def _version(registry: RedisRegistry, args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
-    from models.registry import ChampionPointer
+    from riverflow.models.registry import ChampionPointer
 
     spec, registry, ep = _registry(args, settings)
     champion = registry.champion()
@@ -343,7 +343,7 @@ def cmd_features(args: argparse.Namespace, settings: Settings) -> int:
 
 def _features_bench(args: argparse.Namespace, settings: Settings, spec: PipelineSpec) -> int:
     from riverflow.assembly import redis_client
-    from riverflow.bench_features import local_redis, run_bench
+    from riverflow.tools.bench_features import local_redis, run_bench
 
     with local_redis(_redis_url(settings)) as url:
         client = redis_client(settings, url)
@@ -382,9 +382,9 @@ def _fetch_view(url: str) -> bytes:
 
 
 def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
-    from monitors.plot import render_png
-    from monitors.status import render_html
-    from monitors.view import parse_view
+    from riverflow.monitors.plot import render_png
+    from riverflow.monitors.status import render_html
+    from riverflow.monitors.view import parse_view
 
     if args.state:
         try:

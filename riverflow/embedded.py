@@ -11,7 +11,7 @@ from collections import defaultdict
 from riverflow.assembly import build_learner, build_monitor, build_scorer, memory_backends
 from riverflow.settings import Settings
 from riverflow.spec import PipelineSpec
-from streams.contracts import Message, Output
+from riverflow.streams.contracts import Message, Output
 
 
 class EmbeddedLog:
@@ -41,8 +41,9 @@ class EmbeddedRuntime:
         self.topics = spec.topics
         self.log = EmbeddedLog()
         self.store, self.registry = memory_backends(spec, settings)
-        self.scorer = build_scorer(spec, settings, self.store, self.registry)
-        # the learner follows the monitor's decisions at once: deterministic runs
+        # the scorer and the learner follow the monitor's decisions at once (a read of
+        # the in-memory registry per batch): runs are deterministic, not paced by the clock
+        self.scorer = build_scorer(spec, settings, self.store, self.registry, model_poll_s=0)
         self.learner = build_learner(spec, settings, self.store, self.registry, registry_poll_s=0)
         self.monitor = build_monitor(spec, self.registry)
         t = self.topics

@@ -12,7 +12,6 @@ import gc
 import logging
 import math
 
-from monitors.exporter import MonitorMetrics, StageMetrics, serve
 from riverflow.assembly import (
     build_learner,
     build_monitor,
@@ -21,13 +20,14 @@ from riverflow.assembly import (
     redis_client,
     uses_dev_key,
 )
+from riverflow.monitors.exporter import MonitorMetrics, StageMetrics, serve
 from riverflow.settings import Settings
 from riverflow.spec import PipelineSpec
-from riverflow.stack import Endpoints
-from streams.confluent_host import ConfluentHost
-from streams.contracts import Output
-from streams.faust_app import run_worker, stage_app
-from streams.kafka_io import ensure_topics
+from riverflow.streams.confluent_host import ConfluentHost
+from riverflow.streams.contracts import Output
+from riverflow.streams.faust_app import run_worker, stage_app
+from riverflow.streams.kafka_io import ensure_topics
+from riverflow.tools.stack import Endpoints
 
 log = logging.getLogger(__name__)
 METRICS_PORTS = {"scorer": 9401, "learner": 9402, "monitor": 9403}

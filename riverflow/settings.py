@@ -7,14 +7,15 @@ fast*. Secrets are ``SecretStr`` so they never show up in logs or reprs.
 from __future__ import annotations
 
 import shlex
+from importlib.resources import files
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_SPEC = REPO_ROOT / "examples" / "fraud.yaml"
+# package data, so an installed riverflow finds it from any directory
+DEFAULT_SPEC = Path(str(files("riverflow.examples").joinpath("fraud.yaml")))
 DEV_SIGNING_KEY = "riverflow-dev-signing-key-change-me"
 
 

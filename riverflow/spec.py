@@ -6,17 +6,24 @@ Loaded and checked by pydantic at start; every error names the offending field
 
 from __future__ import annotations
 
+from importlib.resources import files
 from pathlib import Path
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from features.definitions import ANY_FIELD, Duration, FeaturePlan, FeatureSpec, parse_duration
-from models.spec import ModelsSpec
-from monitors.spec import MonitorSpec
 from riverflow.errors import RiverflowError, error_lines
-from streams.schema import NUMERIC, EventSchema, FieldType, LabelSpec
-from streams.topics import Topics
+from riverflow.features.definitions import (
+    ANY_FIELD,
+    Duration,
+    FeaturePlan,
+    FeatureSpec,
+    parse_duration,
+)
+from riverflow.models.spec import ModelsSpec
+from riverflow.monitors.spec import MonitorSpec
+from riverflow.streams.schema import NUMERIC, EventSchema, FieldType, LabelSpec
+from riverflow.streams.topics import Topics
 
 
 class SpecError(RiverflowError):
@@ -88,9 +95,25 @@ class PipelineSpec(BaseModel):
         return FeaturePlan.build(self.features, self.events.key, lateness)
 
 
+def shipped_example(name: str) -> Path | None:
+    """The spec shipped with riverflow under this name (``fraud``, ``fraud.yaml`` or
+    ``examples/fraud.yaml``), or None."""
+    path = Path(name)
+    if path.parent not in (Path("."), Path("examples")):
+        return None
+    resource = files("riverflow.examples").joinpath(path.with_suffix(".yaml").name)
+    return Path(str(resource)) if resource.is_file() else None
+
+
 def load_spec(path: Path | str) -> PipelineSpec:
-    """Read and validate a spec file; raise ``SpecError`` naming what is wrong."""
+    """Read and validate a spec file; raise ``SpecError`` naming what is wrong.
+
+    A path that names no file but one of the shipped examples (``examples/fraud.yaml``,
+    ``fraud``) reads that example, so the documented commands work from any directory.
+    """
     path = Path(path)
+    if not path.exists():
+        path = shipped_example(str(path)) or path
     try:
         data = yaml.safe_load(path.read_text())
     except OSError as exc:

@@ -36,10 +36,9 @@ from confluent_kafka import (
     KafkaException,
     TopicPartition,
 )
-
-from monitors.exporter import StageMetrics
-from streams.contracts import Message, Output, Processor
-from streams.kafka_io import MAX_MESSAGE_BYTES, KafkaIOError, produce_all, producer
+from riverflow.monitors.exporter import StageMetrics
+from riverflow.streams.contracts import Message, Output, Processor
+from riverflow.streams.kafka_io import MAX_MESSAGE_BYTES, KafkaIOError, produce_all, producer
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,8 @@ from typing import Any
 
 import faust
 from faust.types import TP
-
-from monitors.exporter import StageMetrics
-from streams.contracts import Message, Output, Processor
+from riverflow.monitors.exporter import StageMetrics
+from riverflow.streams.contracts import Message, Output, Processor
 
 log = logging.getLogger(__name__)
 

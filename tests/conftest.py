@@ -11,6 +11,18 @@ from riverflow.spec import PipelineSpec, load_spec, parse_spec
 
 # Logs registered here are printed under a failing test's report.
 LOGS: list[Path] = []
+# The checkout the tests run in (for files that are not package data: deploy/, compose).
+REPO_ROOT = Path(__file__).resolve().parent.parent
+INTEGRATION = REPO_ROOT / "tests" / "integration"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test under tests/integration/ is marked ``integration``, so
+    ``-m "not integration"`` runs the fast suite (a ``pytestmark`` in a conftest is
+    ignored by pytest)."""
+    for item in items:
+        if INTEGRATION in item.path.parents:
+            item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture(scope="session")
@@ -40,7 +52,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
     outcome = yield
     report = outcome.get_result()
     if report.when == "call" and report.failed:
-        from riverflow.stack import tail
+        from riverflow.tools.stack import tail
 
         for log in LOGS:
             text = tail(log, 60)

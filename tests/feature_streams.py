@@ -13,9 +13,8 @@ from typing import Any
 
 import orjson
 from hypothesis import strategies as st
-
-from features.definitions import Aggregation, FeaturePlan, FeatureSpec
-from features.store import FeatureRequest, FeatureSnapshot, FeatureStore, feature_request
+from riverflow.features.definitions import Aggregation, FeaturePlan, FeatureSpec
+from riverflow.features.store import FeatureRequest, FeatureSnapshot, FeatureStore, feature_request
 
 LATENESS_S = 600.0
 START_TS = 1_767_225_600.0

@@ -8,9 +8,14 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import orjson
-
-from features.definitions import Aggregation, FeatureSpec, entity_value, parse_duration
-from features.store import Claim, FeatureRequest, FeatureSnapshot, FeatureStore, ServedPrediction
+from riverflow.features.definitions import Aggregation, FeatureSpec, entity_value, parse_duration
+from riverflow.features.store import (
+    Claim,
+    FeatureRequest,
+    FeatureSnapshot,
+    FeatureStore,
+    ServedPrediction,
+)
 
 # How far each aggregation may stray from the brute force: exact where the store
 # adds exactly representable numbers in any order; mean / std / z-score divide

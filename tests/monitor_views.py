@@ -6,7 +6,7 @@ import math
 import random
 from typing import get_args
 
-from monitors.view import (
+from riverflow.monitors.view import (
     CandidateView,
     DistributionView,
     Marker,

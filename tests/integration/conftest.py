@@ -28,10 +28,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from riverflow.settings import DEFAULT_SPEC, Settings
 from riverflow.spec import PipelineSpec, load_spec
-from riverflow.stack import Endpoints, free_port, local_stack
+from riverflow.tools.stack import Endpoints, free_port, local_stack
 from tests.conftest import LOGS
-
-pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="session")

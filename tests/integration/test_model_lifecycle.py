@@ -21,16 +21,16 @@ import redis
 import yaml
 from pydantic import BaseModel
 from river import evaluate, metrics
+from riverflow.models.errors import SignatureError
+from riverflow.models.factory import build_model
+from riverflow.models.registry import ChampionPointer, RedisRegistry
+from riverflow.streams.contracts import Evaluation, ModelEvent, Prediction
+from riverflow.streams.kafka_io import ensure_topics, produce_all, producer
 
-from models.errors import SignatureError
-from models.factory import build_model
-from models.registry import ChampionPointer, RedisRegistry
-from riverflow.generator import FraudStreamConfig, transactions, with_labels
 from riverflow.settings import Settings
 from riverflow.spec import PipelineSpec, load_spec
-from riverflow.stack import Endpoints
-from streams.contracts import Evaluation, ModelEvent, Prediction
-from streams.kafka_io import ensure_topics, produce_all, producer
+from riverflow.tools.generator import FraudStreamConfig, transactions, with_labels
+from riverflow.tools.stack import Endpoints
 from tests.integration.conftest import StageFactory, collect
 
 KEY = Settings().signing_key.get_secret_value().encode()

@@ -10,16 +10,22 @@ from collections.abc import Iterable
 import orjson
 import pytest
 import redis
+from riverflow.models.factory import build_model
+from riverflow.models.registry import ChampionPointer, RedisRegistry
+from riverflow.streams.contracts import DeadLetter, Evaluation, Prediction
+from riverflow.streams.kafka_io import ensure_topics, produce_all, producer
 
-from models.factory import build_model
-from models.registry import ChampionPointer, RedisRegistry
 from riverflow.embedded import EmbeddedRuntime
-from riverflow.generator import BAD_KINDS, FraudStreamConfig, corrupt, transactions, with_labels
 from riverflow.settings import Settings
 from riverflow.spec import PipelineSpec
-from riverflow.stack import Endpoints
-from streams.contracts import DeadLetter, Evaluation, Prediction
-from streams.kafka_io import ensure_topics, produce_all, producer
+from riverflow.tools.generator import (
+    BAD_KINDS,
+    FraudStreamConfig,
+    corrupt,
+    transactions,
+    with_labels,
+)
+from riverflow.tools.stack import Endpoints
 from tests.helpers import assert_features_match, assert_served_matches, brute_force_features
 from tests.integration.conftest import StageFactory, collect
 

@@ -13,13 +13,12 @@ from typing import Any
 
 import orjson
 import yaml
+from riverflow.streams.kafka_io import ensure_topics, produce_all, producer
 
-from riverflow.generator import FraudStreamConfig, with_labels
-from riverflow.settings import REPO_ROOT
 from riverflow.spec import PipelineSpec
-from riverflow.stack import Endpoints, free_port
-from streams.kafka_io import ensure_topics, produce_all, producer
-from tests.conftest import LOGS
+from riverflow.tools.generator import FraudStreamConfig, with_labels
+from riverflow.tools.stack import Endpoints, free_port
+from tests.conftest import LOGS, REPO_ROOT
 from tests.integration.conftest import StageFactory, collect
 
 

@@ -18,10 +18,9 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import SecretStr
-
-from features.definitions import Aggregation, FeaturePlan
-from features.errors import FeatureStoreError
-from features.store import (
+from riverflow.features.definitions import Aggregation, FeaturePlan
+from riverflow.features.errors import FeatureStoreError
+from riverflow.features.store import (
     FeatureRequest,
     FeatureSnapshot,
     FeatureStore,
@@ -29,11 +28,12 @@ from features.store import (
     RedisFeatureStore,
     ServedPrediction,
 )
+
 from riverflow.assembly import ConnectionFailed, redis_store
 from riverflow.assembly import redis_client as connect
-from riverflow.generator import FraudStreamConfig, transactions
 from riverflow.settings import Settings
 from riverflow.spec import PipelineSpec
+from riverflow.tools.generator import FraudStreamConfig, transactions
 from tests.feature_streams import (
     EXACT_FEATURES,
     EXACT_PLAN,
@@ -288,7 +288,7 @@ def test_the_first_served_prediction_is_kept(
 
 
 def test_unreachable_redis_is_a_clear_error(fraud_spec: PipelineSpec) -> None:
-    from riverflow.stack import free_port
+    from riverflow.tools.stack import free_port
 
     url = f"redis://:hunter2@127.0.0.1:{free_port()}/0"
     settings = Settings(redis_socket_timeout_s=0.5)
@@ -338,7 +338,7 @@ def test_features_get_prints_the_current_values(
 @pytest.fixture
 def tls_redis(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     """A redis-server speaking only TLS, with a certificate from a throwaway CA."""
-    from riverflow.stack import free_port, wait_for_redis
+    from riverflow.tools.stack import free_port, wait_for_redis
 
     def openssl(*args: str) -> None:
         subprocess.run(["openssl", *args], cwd=tmp_path, check=True, capture_output=True)
@@ -420,7 +420,7 @@ def test_tls_from_settings(tls_redis: tuple[str, Path], fraud_spec: PipelineSpec
 def test_the_benchmark_runs_on_real_redis(
     redis_client: redis.Redis, fraud_spec: PipelineSpec
 ) -> None:
-    from riverflow.bench_features import run_bench
+    from riverflow.tools.bench_features import run_bench
 
     result = run_bench(redis_client, fraud_spec, events=600, batch_size=100)
     assert result.batches == 5 and result.features == 6
@@ -435,8 +435,9 @@ def test_a_restarted_scorer_replays_a_batch_from_what_it_served(
     snapshot), runs the batch again on what Redis holds and emits, for every
     event, the prediction it served the first time; new events after it count
     on top of the first run's aggregates."""
+    from riverflow.streams.contracts import Message
+
     from riverflow.assembly import build_scorer, memory_backends
-    from streams.contracts import Message
 
     ns = f"t{uuid.uuid4().hex[:8]}"
     events = [e for e, _ in transactions(300, FraudStreamConfig(cards=20, mean_gap_s=30.0))]

@@ -12,14 +12,14 @@ import uuid
 
 import orjson
 import redis
+from riverflow.models.factory import build_model
+from riverflow.models.registry import ChampionPointer
+from riverflow.streams.contracts import Message
 
-from models.factory import build_model
-from models.registry import ChampionPointer
 from riverflow.assembly import build_scorer, redis_backends
-from riverflow.generator import FraudStreamConfig, transactions
 from riverflow.settings import Settings
 from riverflow.spec import PipelineSpec
-from streams.contracts import Message
+from riverflow.tools.generator import FraudStreamConfig, transactions
 
 
 def test_a_scorer_makes_no_garbage_cycle_in_its_steady_state(

@@ -10,7 +10,7 @@ import redis
 from confluent_kafka.admin import AdminClient
 
 from riverflow.settings import Settings
-from riverflow.stack import Endpoints, StackError, kafka_libs, start_redis
+from riverflow.tools.stack import Endpoints, StackError, kafka_libs, start_redis
 
 
 def test_the_broker_and_redis_answer(stack: Endpoints, redis_client: redis.Redis) -> None:

@@ -1,0 +1,79 @@
+"""The monitor stage: evaluations and predictions in, decisions out.
+
+Reads ``{ns}.evaluations`` (quality, drift, promote / rollback / fresh
+challengers) and ``{ns}.predictions`` (label-free drift and anomaly scores),
+applies the decisions to the registry through ``monitors.policy`` and writes
+each one, with its evidence, to ``{ns}.model-events``. A record it cannot read
+goes to the DLQ with the reason; nothing else is lost.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+import orjson
+from pydantic import ValidationError
+
+from riverflow.errors import error_lines
+from riverflow.monitors.exporter import MonitorMetrics
+from riverflow.monitors.policy import Decision, PipelineMonitor
+from riverflow.monitors.view import MonitorView
+from riverflow.stages.common import StageCounters, dead_letter
+from riverflow.streams.contracts import Evaluation, Message, Output, Prediction
+from riverflow.streams.topics import Topics
+
+
+class Monitor:
+    """The processor of the monitor stage (see the module docstring)."""
+
+    stage = "monitor"
+
+    def __init__(
+        self, topics: Topics, core: PipelineMonitor, metrics: MonitorMetrics | None = None
+    ) -> None:
+        self.topics = topics
+        self.core = core
+        self.metrics = metrics
+        self.counters = StageCounters()
+        self._lock = threading.Lock()  # the status page reads the view from another thread
+
+    def process(self, batch: Sequence[Message]) -> list[Output]:
+        with self._lock:
+            return self._process(batch)
+
+    def _process(self, batch: Sequence[Message]) -> list[Output]:
+        self.counters.consumed += len(batch)
+        out: list[Output] = []
+        decisions: list[Decision] = self.core.refresh()
+        for msg in batch:
+            try:
+                if msg.topic == self.topics.evaluations:
+                    ev = Evaluation.model_validate_json(msg.value or b"")
+                    predictions = {n: (p.version, p.probability) for n, p in ev.predictions.items()}
+                    decisions += self.core.on_evaluation(ev.label, predictions, ev.segment)
+                elif msg.topic == self.topics.predictions:
+                    p = Prediction.model_validate_json(msg.value or b"")
+                    decisions += self.core.on_prediction(
+                        p.features, p.probability, p.model, p.version
+                    )
+            except ValidationError as exc:
+                why = f"not a {msg.topic} record: {error_lines(exc)[0]}"
+                out.append(dead_letter(self.topics, self.stage, msg, "bad_record", why))
+        self.counters.dead_letters += len(out)
+        for d in decisions:
+            out.append(Output(self.topics.model_events, d.model.encode(),
+                              orjson.dumps(d.as_event())))  # fmt: skip
+        if self.metrics is not None:
+            self.metrics.update(self.core.view(series=False), decisions)
+        self.counters.produced += len(out)
+        return out
+
+    def status(self) -> dict[str, float]:
+        out = {"labels": float(self.core.labels)}
+        out.update({f"decisions_{k}": float(v) for k, v in self.core.decisions.items()})
+        return out
+
+    def view(self) -> MonitorView:
+        with self._lock:
+            return self.core.view()

@@ -1,0 +1,158 @@
+"""The scorer stage: events -> validate -> features (one store call) -> champion ->
+predictions.
+
+It holds no I/O of its own beyond the store and registry it is given, so the
+Kafka runtime, the embedded runtime and the benchmark run it unchanged.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import orjson
+
+from riverflow.features.definitions import FeaturePlan
+from riverflow.features.store import (
+    FeatureRequest,
+    FeatureSnapshot,
+    FeatureStore,
+    ServedPrediction,
+    feature_request,
+)
+from riverflow.models.champion import ChampionReplica, positive_probability
+from riverflow.models.explain import explain
+from riverflow.models.registry import ModelVersion
+from riverflow.stages.common import StageCounters, dead_letter, model_inputs
+from riverflow.streams.contracts import Message, Output
+from riverflow.streams.schema import EventSchema
+from riverflow.streams.topics import Topics
+from riverflow.streams.validation import Invalid, RecordValidator
+
+
+class Scorer:
+    """events -> validate -> features (one store call) -> champion -> predictions,
+    and the prediction served for each event recorded with its snapshot (a second
+    store call) for the learner to join.
+
+    A replayed event whose served prediction is stored gets that prediction
+    again, not a new one from the current champion: the first answer is the one
+    the user got, and the one the learner evaluates.
+    """
+
+    stage = "scorer"
+
+    def __init__(
+        self,
+        topics: Topics,
+        schema: EventSchema,
+        plan: FeaturePlan,
+        inputs: Sequence[str],
+        store: FeatureStore,
+        champion: ChampionReplica,
+        max_event_bytes: int,
+        clock: Callable[[], float] = time.time,
+        explain_top: int = 0,
+        segment: str | None = None,
+    ) -> None:
+        self.topics = topics
+        self.explain_top = explain_top
+        self.schema = schema
+        self.plan = plan
+        self.inputs = list(inputs)
+        # the snapshot keeps the segment field too, so the learner can tell the monitor
+        self.extra = segment if segment and segment not in self.inputs else None
+        self.stored = self.inputs + ([self.extra] if self.extra else [])
+        self.store = store
+        self.champion = champion
+        self.clock = clock
+        self.validate = RecordValidator(schema.fields, max_event_bytes)
+        self.counters = StageCounters()
+
+    def process(self, batch: Sequence[Message]) -> list[Output]:
+        self.counters.consumed += len(batch)
+        out: list[Output] = []
+        events: list[dict[str, Any]] = []
+        requests: list[FeatureRequest] = []
+        for msg in batch:
+            event = self.validate(msg.value)
+            if isinstance(event, Invalid):
+                out.append(dead_letter(self.topics, self.stage, msg, event.kind, event.message))
+                continue
+            events.append(event)
+            requests.append(self._request(event))
+        self.counters.dead_letters += len(out)
+        # the store may hold the feature writes back and make them with the
+        # predictions, in one round trip (record_served)
+        snapshots = self.store.update_and_read(requests, commit=False)
+        scored, served = self._score(events, snapshots)
+        # before the outputs leave: a prediction is never emitted without its record
+        if not self.store.record_served(served):
+            # refused: replays, or entities another scorer changed. Nothing was
+            # written; the store runs the batch again on what it holds
+            snapshots = self.store.update_and_read(requests)
+            scored, served = self._score(events, snapshots)
+            self.store.record_served(served)
+        self.counters.late_events += sum(s.late and not s.replayed for s in snapshots)
+        out += scored
+        self.counters.produced += len(out)
+        return out
+
+    def _score(
+        self, events: list[dict[str, Any]], snapshots: list[FeatureSnapshot]
+    ) -> tuple[list[Output], list[tuple[str, ServedPrediction]]]:
+        """The prediction of each event, and those to record (a replayed event
+        re-emits the one served before)."""
+        self.champion.refresh()
+        model = self.champion.current
+        now = self.clock()
+        out: list[Output] = []
+        served: list[tuple[str, ServedPrediction]] = []
+        for event, snap in zip(events, snapshots, strict=True):
+            output, prediction = self._predict(event, snap, model, now)
+            out.append(output)
+            if snap.served is None:
+                served.append((snap.event_id, prediction))
+        return out, served
+
+    def status(self) -> dict[str, float]:
+        return {
+            "model_version": float(self.champion.version),
+            "late_events": float(self.counters.late_events),
+            # where the feature store computed: a scorer whose commits keep being
+            # refused (other scorers share its entities) runs on Redis
+            **{f"feature_batches_{k}": float(v) for k, v in self.store.batches.items()},
+        }
+
+    def _request(self, event: dict[str, Any]) -> FeatureRequest:
+        s = self.schema
+        context = orjson.dumps({name: event[name] for name in self.stored})
+        return feature_request(self.plan, event, event[s.event_id], event[s.time], context)
+
+    def _predict(
+        self, event: dict[str, Any], snap: FeatureSnapshot, model: ModelVersion, now: float
+    ) -> tuple[Output, ServedPrediction]:
+        features = self.plan.values(snap.aggregates)
+        x = {**model_inputs(snap.inputs, self.extra), **features}
+        served = snap.served
+        if served is None:
+            served = ServedPrediction(
+                model.name, model.version, positive_probability(model.model, x)
+            )
+        key = str(event[self.schema.key]).encode()
+        record = {
+            "event_id": snap.event_id,
+            "entity": key.decode(),
+            "probability": served.probability,
+            "model": served.model,
+            "version": served.version,
+            "features": features,
+            "event_time": event[self.schema.time],
+            "scored_at": now,
+            "replayed": snap.replayed,
+        }
+        # the model that served it explains it; a replay served by an older version is not
+        if self.explain_top and (served.model, served.version) == (model.name, model.version):
+            record["explanation"] = explain(model.model, x, self.explain_top)
+        return Output(self.topics.predictions, key, orjson.dumps(record)), served

@@ -1,0 +1,340 @@
+"""The local stack without Docker: a real Kafka broker (KRaft) and a real redis-server.
+
+Kafka comes from Maven Central jars fetched once by ``kafka/pom.xml`` (package data
+beside this module) into the user's cache directory; Redis is Debian's
+``redis-server``. Both listen on free loopback ports. Ready means usable: the admin
+client lists topics, Redis answers PING. The test session fixtures and
+``riverflow stack up`` share this.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from importlib.resources import files
+from pathlib import Path
+
+from riverflow.errors import RiverflowError
+from riverflow.settings import Settings
+
+# package data: Maven runs it from any directory
+POM = Path(str(files("riverflow.tools").joinpath("kafka", "pom.xml")))
+NO_JAVA = "Java 17+ is needed to run the Kafka broker: apt-get install openjdk-17-jre-headless"
+
+LOG4J2_PROPERTIES = """\
+status = warn
+appender.file.type = File
+appender.file.name = file
+appender.file.fileName = {log}
+appender.file.layout.type = PatternLayout
+appender.file.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = INFO
+rootLogger.appenderRef.file.ref = file
+logger.kafka.name = kafka
+logger.kafka.level = INFO
+logger.state.name = state.change.logger
+logger.state.level = WARN
+"""
+
+
+class StackError(RiverflowError):
+    """A server of the local stack could not be fetched, started or reached."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def tail(path: Path, lines: int = 40) -> str:
+    """The last ``lines`` lines of a log file (empty if it does not exist)."""
+    if not path.exists():
+        return ""
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def kafka_libs(settings: Settings) -> Path:
+    """The folder of broker jars, fetched with Maven on first use and cached after."""
+    libs = settings.cache_dir / f"kafka-{settings.kafka_version}" / "libs"
+    marker = libs / ".complete"
+    if marker.exists():
+        return libs
+    if shutil.which("mvn") is None:
+        raise StackError(
+            "Maven (mvn) is needed once to fetch the Kafka jars: apt-get install maven"
+        )
+    if shutil.which("java") is None:
+        raise StackError(NO_JAVA)
+    libs.mkdir(parents=True, exist_ok=True)
+    # Maven runs on a copy in the cache: the installed package may be read-only
+    pom = libs.parent / "pom.xml"
+    pom.write_text(POM.read_text())
+    cmd = [
+        "mvn", "-q", "-B", "-f", str(pom), "dependency:copy-dependencies",
+        f"-DoutputDirectory={libs}", f"-Dkafka.version={settings.kafka_version}",
+    ]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise StackError(f"fetching Kafka jars failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+    marker.touch()
+    return libs
+
+
+@dataclass
+class ServerProcess:
+    """A server we started: its process id, address and log file."""
+
+    name: str
+    pid: int
+    address: str
+    log: Path
+
+    def alive(self) -> bool:
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        # A zombie child still answers kill(0); reap it if it is ours.
+        try:
+            reaped, _ = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            return True
+        return reaped == 0
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """SIGTERM (the broker's clean shutdown hook), SIGKILL after ``timeout_s``."""
+        if not self.alive():
+            return
+        os.kill(self.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not self.alive():
+                return
+            time.sleep(0.1)
+        os.kill(self.pid, signal.SIGKILL)
+
+
+def _spawn(cmd: list[str], log: Path, cwd: Path) -> int:
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )  # fmt: skip
+    return proc.pid
+
+
+def start_kafka(settings: Settings, workdir: Path, timeout_s: float = 90.0) -> ServerProcess:
+    """Format and start a single-node KRaft broker (combined mode) on free ports."""
+    if shutil.which("java") is None:
+        raise StackError(NO_JAVA)
+    libs = kafka_libs(settings)
+    workdir.mkdir(parents=True, exist_ok=True)
+    port, cport = free_port(), free_port()
+    log = workdir / "kafka.log"
+    props = workdir / "server.properties"
+    props.write_text(
+        "\n".join(
+            [
+                "process.roles=broker,controller",
+                "node.id=1",
+                f"controller.quorum.bootstrap.servers=127.0.0.1:{cport}",
+                f"listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{cport}",
+                f"advertised.listeners=PLAINTEXT://127.0.0.1:{port}",
+                "controller.listener.names=CONTROLLER",
+                "inter.broker.listener.name=PLAINTEXT",
+                "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+                f"log.dirs={workdir / 'data'}",
+                "num.partitions=1",
+                "num.network.threads=2",
+                "num.io.threads=2",
+                "offsets.topic.replication.factor=1",
+                "offsets.topic.num.partitions=1",
+                "transaction.state.log.replication.factor=1",
+                "transaction.state.log.min.isr=1",
+                "share.coordinator.state.topic.replication.factor=1",
+                "share.coordinator.state.topic.min.isr=1",
+                "group.initial.rebalance.delay.ms=0",
+                "auto.create.topics.enable=false",
+                "message.max.bytes=4194304",
+                "",
+            ]
+        )
+    )
+    log4j = workdir / "log4j2.properties"
+    log4j.write_text(LOG4J2_PROPERTIES.format(log=workdir / "server.log"))
+    java = ["java", *shlex.split(settings.kafka_jvm_options), f"-Dlog4j2.configurationFile={log4j}",
+            "-cp", f"{libs}/*"]  # fmt: skip
+    cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+    fmt = subprocess.run(
+        # "--cluster-id=" because a base64 id may start with "-" and read as an option
+        [*java, "kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id}", "-c", str(props),
+         "--standalone", "--ignore-formatted"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if fmt.returncode != 0:
+        raise StackError(f"kafka storage format failed:\n{fmt.stdout}{fmt.stderr}")
+    pid = _spawn([*java, "kafka.Kafka", str(props)], log, workdir)
+    server = ServerProcess("kafka", pid, f"127.0.0.1:{port}", workdir / "server.log")
+    return _ready_or_stopped(server, lambda: wait_for_kafka(server.address, timeout_s, server))
+
+
+def _wait_ready(
+    what: str, probe: Callable[[], object], timeout_s: float, server: ServerProcess | None
+) -> None:
+    """Poll ``probe`` until it returns without raising; fail early if the server died."""
+    deadline = time.monotonic() + timeout_s
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if server is not None and not server.alive():
+            raise StackError(f"{what} exited during start; log tail:\n{tail(server.log)}")
+        try:
+            probe()
+            return
+        except Exception as exc:  # whatever the client raises while the server boots
+            last = exc
+            time.sleep(0.2)
+    log_tail = tail(server.log) if server else ""
+    raise StackError(f"{what} not ready after {timeout_s}s ({last})\n{log_tail}")
+
+
+def _ready_or_stopped(server: ServerProcess, wait: Callable[[], None]) -> ServerProcess:
+    try:
+        wait()
+    except StackError:
+        server.stop(5)
+        raise
+    return server
+
+
+def wait_for_kafka(bootstrap: str, timeout_s: float, server: ServerProcess | None = None) -> None:
+    """Return once an admin client lists topics on ``bootstrap``."""
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0})
+    _wait_ready(f"kafka at {bootstrap}", lambda: admin.list_topics(timeout=2), timeout_s, server)
+
+
+def start_redis(workdir: Path, timeout_s: float = 20.0) -> ServerProcess:
+    """Start redis-server on a free loopback port with its own directory."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise StackError(
+            "redis-server not found: install Debian's package (apt-get install redis-server) "
+            "or point RIVERFLOW_REDIS_URL at a running Redis"
+        )
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    log = workdir / "redis.log"
+    cmd = [
+        exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir), "--save", "",
+        "--appendonly", "no", "--protected-mode", "yes", "--logfile", str(log),
+    ]  # fmt: skip
+    pid = _spawn(cmd, workdir / "redis.stdout", workdir)
+    server = ServerProcess("redis", pid, f"redis://127.0.0.1:{port}/0", log)
+    return _ready_or_stopped(server, lambda: wait_for_redis(server.address, timeout_s, server))
+
+
+def wait_for_redis(url: str, timeout_s: float, server: ServerProcess | None = None) -> None:
+    """Return once Redis at ``url`` answers PING."""
+    import redis
+
+    client = redis.Redis.from_url(url, socket_timeout=1)
+    _wait_ready(f"redis at {url}", client.ping, timeout_s, server)
+
+
+@dataclass
+class Endpoints:
+    """Where the stages find Kafka and Redis."""
+
+    kafka_bootstrap: str
+    redis_url: str
+    logs: tuple[Path, ...] = ()  # server logs of the servers we started
+    pids: dict[str, int] = field(default_factory=dict)  # and their process ids
+
+
+@contextmanager
+def local_stack(settings: Settings, workdir: Path) -> Iterator[Endpoints]:
+    """Use the servers named in settings, or start our own for the duration."""
+    started: list[ServerProcess] = []
+    try:
+        bootstrap = settings.kafka_bootstrap
+        if bootstrap:
+            wait_for_kafka(bootstrap, 30)
+        else:
+            started.append(start_kafka(settings, workdir / "kafka"))
+            bootstrap = started[-1].address
+        redis_url = settings.redis_url
+        if redis_url:
+            wait_for_redis(redis_url, 10)
+        else:
+            started.append(start_redis(workdir / "redis"))
+            redis_url = started[-1].address
+        yield Endpoints(
+            bootstrap, redis_url, tuple(s.log for s in started), {s.name: s.pid for s in started}
+        )
+    finally:
+        for server in reversed(started):
+            server.stop()
+
+
+# -- `riverflow stack up | down | status`: a stack that outlives the command ----------
+
+
+def _state_file(settings: Settings) -> Path:
+    return settings.cache_dir / "stack" / "state.json"
+
+
+def stack_up(settings: Settings) -> Endpoints:
+    """Start Kafka and Redis in the background and remember them for ``stack down``."""
+    state = _state_file(settings)
+    if state.exists():
+        running = stack_status(settings)
+        if running and all(s.alive() for s in running):
+            data = json.loads(state.read_text())
+            return Endpoints(data["kafka"]["address"], data["redis"]["address"])
+        stack_down(settings)
+    root = state.parent
+    shutil.rmtree(root, ignore_errors=True)
+    kafka = start_kafka(settings, root / "kafka")
+    try:
+        redis_server = start_redis(root / "redis")
+    except StackError:
+        kafka.stop()
+        raise
+    state.write_text(
+        json.dumps({s.name: {**s.__dict__, "log": str(s.log)} for s in (kafka, redis_server)})
+    )
+    return Endpoints(kafka.address, redis_server.address)
+
+
+def stack_status(settings: Settings) -> list[ServerProcess]:
+    """The servers ``stack up`` started (alive or not); empty if none."""
+    state = _state_file(settings)
+    if not state.exists():
+        return []
+    data = json.loads(state.read_text())
+    return [ServerProcess(v["name"], v["pid"], v["address"], Path(v["log"])) for v in data.values()]
+
+
+def stack_down(settings: Settings) -> list[str]:
+    """Stop what ``stack up`` started; returns the names stopped."""
+    stopped = []
+    for server in stack_status(settings):
+        if server.alive():
+            server.stop()
+            stopped.append(server.name)
+    _state_file(settings).unlink(missing_ok=True)
+    return stopped

@@ -1,0 +1,279 @@
+"""The monitor stage on the embedded runtime: drift, fresh challengers, promotion, rollback."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from typing import Any
+
+import orjson
+import pytest
+from riverflow.models.registry import MemoryRegistry
+from riverflow.monitors.distribution import DistributionMonitor
+from riverflow.monitors.policy import PipelineMonitor
+from riverflow.monitors.quality import PairedWindow, WindowedQuality
+from riverflow.monitors.spec import LabelFreeSpec, MonitorSpec
+from riverflow.streams.contracts import DeadLetter, Evaluation, Message, ModelEvent, Prediction
+from scipy import stats
+
+from riverflow.embedded import EmbeddedRuntime
+from riverflow.settings import Settings
+from riverflow.spec import PipelineSpec, SpecError, parse_spec
+from riverflow.tools.generator import FraudStreamConfig, with_labels
+
+FLIP_START, FLIP_END = 3000, 3600
+
+
+def run(spec: PipelineSpec, n: int, config: FraudStreamConfig) -> EmbeddedRuntime:
+    rt = EmbeddedRuntime(spec, Settings(label_wait_s=0.0, snapshot_every_labels=500))
+    produced = 0
+    for kind, rec in with_labels(n, config):
+        if kind == "event":
+            produced += 1
+            rt.produce(rt.topics.events, rec["card_id"].encode(), orjson.dumps(rec))
+            if produced % 500 == 0:
+                rt.step()
+        else:
+            rt.produce(rt.topics.labels, rec["event_id"].encode(), orjson.dumps(rec))
+    rt.drain()
+    return rt
+
+
+def events(rt: EmbeddedRuntime) -> list[ModelEvent]:
+    return [ModelEvent.model_validate_json(v) for _, v in rt.messages(rt.topics.model_events)]
+
+
+@pytest.fixture(scope="module")
+def flipped(fraud_spec: PipelineSpec) -> EmbeddedRuntime:
+    """6,000 events; the labels of events 3,000-3,599 are flipped (a bad labelling job)."""
+    return run(fraud_spec, 6000, FraudStreamConfig(drift_at=(), flipped_labels=(3000, 3600)))
+
+
+@pytest.fixture(scope="module")
+def drifting(fraud_spec: PipelineSpec) -> EmbeddedRuntime:
+    """12,000 events; the fraud pattern switches at event 6,000."""
+    return run(fraud_spec, 12000, FraudStreamConfig(drift_at=(6000,)))
+
+
+def test_a_corrupted_label_burst_rolls_the_champion_back(flipped: EmbeddedRuntime) -> None:
+    rt = flipped
+    rollbacks = [e for e in events(rt) if e.kind == "rollback"]
+    assert rollbacks, "no rollback after 600 flipped labels"
+    first = rollbacks[0]
+    assert first.by == "monitor" and first.evidence is not None
+    ev = first.evidence
+    assert ev["recent_accuracy"] < ev["good_level"] - ev["drop"]
+    # within 1,000 labelled events of the burst (labels arrive in event order here)
+    marker = next(m for m in rt.monitor.core.markers if m.kind == "rollback")
+    assert FLIP_START < marker.labels <= FLIP_START + 1000
+    # the registry moved, and the learner continued the version rolled back to
+    move = next(m for m in rt.registry.history() if m.kind == "rollback")
+    assert (move.to.model, move.to.version) == (first.model, first.version)
+    rebased = [e for e in events(rt) if e.kind == "rebased"]
+    assert [(e.model, e.version) for e in rebased][:1] == [(first.model, first.version)]
+    children = [v for v in rt.registry.versions(first.model)
+                if rt.registry.meta(first.model, v)["parent"] == first.version]  # fmt: skip
+    assert len(children) >= 2  # the version it had continued before, and the rebased one
+
+
+def test_no_prediction_is_served_by_a_model_that_is_not_ready(
+    flipped: EmbeddedRuntime, drifting: EmbeddedRuntime, fraud_spec: PipelineSpec
+) -> None:
+    min_labels = fraud_spec.monitors.promote.min_labels
+    for rt in (flipped, drifting):
+        raw = (v for _, v in rt.messages(rt.topics.predictions))
+        served = {(p.model, p.version) for p in map(Prediction.model_validate_json, raw)}
+        for model, version in served:
+            if version == 0:  # the spec's champion, fresh, before the first snapshot
+                assert model == fraud_spec.models.champion_spec.name
+                continue
+            trained = rt.registry.meta(model, version)["metrics"]["labels"]
+            assert trained > 0
+            if model not in {c.name for c in fraud_spec.models.candidates}:
+                assert trained >= min_labels, f"{model} v{version} served after {trained} labels"
+
+
+def test_drift_alarm_starts_a_fresh_challenger_that_learns(drifting: EmbeddedRuntime) -> None:
+    rt = drifting
+    log = events(rt)
+    champion_at_alarm = None
+    drifts = [e for e in log if e.kind == "drift"]
+    assert drifts and all(e.evidence and e.evidence["detector"] == "adwin" for e in drifts)
+    challengers = [e for e in log if e.kind == "challenger"]
+    assert challengers, "no fresh challenger after the drift"
+    fresh = challengers[0]
+    assert fresh.model.endswith(".r1") and fresh.evidence is not None
+    champion_at_alarm = fresh.evidence["base"]
+    assert fresh.model.startswith(str(champion_at_alarm))
+    marker = next(m for m in rt.monitor.core.markers if m.kind == "challenger")
+    assert marker.labels > 6000, "started before the drift"
+    assert any(e.kind == "started" and e.model == fresh.model for e in log)  # by the learner
+    evaluations = [Evaluation.model_validate_json(v) for _, v in rt.messages(rt.topics.evaluations)]
+    trained = [e for e in evaluations if fresh.model in e.predictions]
+    assert len(trained) > 1000
+    # the fresh one is a new model: its first predictions carry no published version yet
+    assert trained[0].predictions[fresh.model].version == 0
+
+
+def test_promotions_carry_significant_evidence_and_respect_the_cooldown(
+    drifting: EmbeddedRuntime, flipped: EmbeddedRuntime, fraud_spec: PipelineSpec
+) -> None:
+    policy = fraud_spec.monitors
+    for rt in (drifting, flipped):
+        promotions = [e for e in events(rt) if e.kind == "promote" and e.by == "monitor"]
+        for p in promotions:
+            ev = p.evidence or {}
+            assert ev["n"] >= policy.promote.min_labels and ev["p_value"] < policy.promote.alpha
+            assert ev["challenger_accuracy"] - ev["champion_accuracy"] >= policy.promote.margin
+        decided = [m.labels for m in rt.monitor.core.markers if m.kind in ("promote", "rollback")]
+        assert all(b - a >= policy.cooldown for a, b in itertools.pairwise(decided))
+    assert any(e.kind == "promote" for e in events(drifting))
+
+
+def test_the_scorers_follow_the_monitors_decisions(drifting: EmbeddedRuntime) -> None:
+    rt = drifting
+    predictions = [Prediction.model_validate_json(v) for _, v in rt.messages(rt.topics.predictions)]
+    moves = [e for e in events(rt) if e.kind in ("promote", "rollback") and e.by == "monitor"]
+    assert moves
+    served = [(p.model, p.version) for p in predictions]
+    for move in moves[:-1]:  # the last may come after the last event was scored
+        assert (move.model, move.version) in served
+    rt.scorer.champion.refresh(force=True)  # what its next poll does
+    pointer = rt.registry.champion()
+    assert pointer is not None
+    assert (rt.scorer.champion.name, rt.scorer.champion.version) == (pointer.model, pointer.version)
+
+
+def test_the_view_shows_champion_challengers_series_and_markers(drifting: EmbeddedRuntime) -> None:
+    view = drifting.monitor.view()
+    pointer = drifting.registry.champion()
+    assert pointer is not None and view.champion == {"model": pointer.model,
+                                                      "version": pointer.version}  # fmt: skip
+    roles = {c.name: c.role for c in view.candidates}
+    assert roles[pointer.model] == "champion" and list(roles.values()).count("champion") == 1
+    assert all(len(view.series[c.name]) > 10 for c in view.candidates)
+    assert {"drift", "challenger", "promote"} <= {m.kind for m in view.markers}
+    for c in view.candidates:
+        assert set(c.metrics) >= {"accuracy", "precision", "recall", "f1", "roc_auc", "log_loss"}
+    assert "score" in view.distributions and view.anomaly["scored"] > 0
+
+
+def test_segments_are_reported_without_the_models_seeing_the_field(
+    fraud_spec: PipelineSpec,
+) -> None:
+    data = fraud_spec.model_dump(mode="json", by_alias=True)
+    segmented = parse_spec({**data, "monitors": {"segment": "merchant"}})
+    config = FraudStreamConfig(drift_at=())
+    a, b = run(fraud_spec, 1500, config), run(segmented, 1500, config)
+    probs = [[orjson.loads(v)["probability"] for _, v in rt.messages(rt.topics.predictions)]
+             for rt in (a, b)]  # fmt: skip
+    assert probs[0] == probs[1]  # merchant is not a model input: the models never saw it
+    view = b.monitor.view()
+    assert view.segments is not None and view.segments.field == "merchant"
+    assert sum(v["n"] for v in view.segments.by.values()) == 1500
+    evaluations = [Evaluation.model_validate_json(v) for _, v in b.messages(b.topics.evaluations)]
+    assert all(str(e.segment).startswith("m") for e in evaluations)
+
+
+def test_windowed_metrics_equal_rivers_rolling_metrics_and_exact_roc_auc() -> None:
+    from river import metrics, utils
+
+    rng = random.Random(11)
+    quality = WindowedQuality(300)
+    river = {name: utils.Rolling(cls, window_size=300) for name, cls in (
+        ("accuracy", metrics.Accuracy), ("precision", metrics.Precision),
+        ("recall", metrics.Recall), ("f1", metrics.F1), ("log_loss", metrics.LogLoss))}  # fmt: skip
+    events = []
+    for _ in range(2_000):
+        label = rng.random() < 0.2
+        p = round(min(1.0, max(0.0, rng.gauss(0.6 if label else 0.35, 0.2))), 2)  # ties
+        events.append((label, p))
+        quality.update(label, p)
+        for name, metric in river.items():
+            metric.update(label, {True: p, False: 1 - p} if name == "log_loss" else p >= 0.5)
+    ours = quality.as_dict()
+    for name, metric in river.items():
+        assert math.isclose(ours[name], metric.get(), rel_tol=1e-9), name
+    window = events[-300:]
+    pos = [p for y, p in window if y]
+    neg = [p for y, p in window if not y]
+    pairs = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a in pos for b in neg)
+    assert math.isclose(ours["roc_auc"], pairs / (len(pos) * len(neg)), rel_tol=1e-12)
+
+
+def test_mcnemar_p_value_matches_the_chi_squared_distribution() -> None:
+    rng = random.Random(3)
+    window = PairedWindow(400)
+    for _ in range(1000):  # only the last 400 count
+        window.update(rng.random() < 0.8, rng.random() < 0.85)
+    pairs = list(window.pairs)
+    a_only = sum(a and not b for a, b in pairs)
+    b_only = sum(b and not a for a, b in pairs)
+    test = window.test()
+    assert (test.n, test.a_only, test.b_only) == (400, a_only, b_only)
+    expected = stats.chi2.sf((abs(a_only - b_only) - 1) ** 2 / (a_only + b_only), df=1)
+    assert math.isclose(test.p_value, expected, rel_tol=1e-9)
+
+
+def test_stale_challengers_are_retired_and_the_cap_holds(fraud_spec: PipelineSpec) -> None:
+    spec = MonitorSpec(challengers={"patience": 100, "max": 1}, cooldown=0)
+    registry = MemoryRegistry(b"k" * 32)
+    monitor = PipelineMonitor("fraud", spec, registry, "fraud-hoeffding")
+    registry.start_challenger("fraud-hoeffding.r1", "fraud-hoeffding", "test")
+    monitor.refresh()
+    for i in range(150):
+        both = {"fraud-hoeffding": (1, 0.9), "fraud-hoeffding.r1": (0, 0.9)}
+        monitor.on_evaluation(i % 2 == 0, both)
+    decisions = monitor.refresh()
+    assert [(d.kind, d.model) for d in decisions] == [("retire", "fraud-hoeffding.r1")]
+    assert registry.challengers() == {}
+
+
+def test_label_free_drift_fires_on_a_shift_and_not_on_a_stationary_stream() -> None:
+    rng = random.Random(5)
+    spec = LabelFreeSpec(anomaly=False)
+    steady = DistributionMonitor(spec)
+    alarms = sum(len(steady.update({"x": rng.gauss(0, 1)}, rng.random())) for _ in range(50_000))
+    assert alarms == 0
+    shifting = DistributionMonitor(spec)
+    fired: list[int] = []
+    for i in range(6_000):
+        x = rng.gauss(0 if i < 3_000 else 0.5, 1)
+        if shifting.update({"x": x}, 0.5):
+            fired.append(i)
+    assert fired and 3_000 < fired[0] <= 4_000
+
+
+def test_a_bad_record_goes_to_the_dlq_and_the_rest_is_read(fraud_spec: PipelineSpec) -> None:
+    rt = EmbeddedRuntime(fraud_spec, Settings())
+    t = rt.topics
+    prediction = {"fraud-hoeffding": {"version": 0, "probability": 0.7}}
+    good = {"event_id": "e1", "label": True, "labels_seen": 1, "predictions": prediction}
+    batch = [
+        Message(t.evaluations, 0, 0, b"e0", b"{not json"),
+        Message(t.evaluations, 0, 1, b"e1", orjson.dumps(good)),
+        Message(t.predictions, 0, 0, b"c1", orjson.dumps({"event_id": "e1"})),
+    ]
+    out = rt.monitor.process(batch)
+    letters = [DeadLetter.model_validate_json(o.value) for o in out if o.topic == t.dlq]
+    assert [(d.offset, d.error_kind) for d in letters] == [(0, "bad_record"), (0, "bad_record")]
+    assert "predictions" in letters[1].error and "entity" in letters[1].error
+    assert rt.monitor.core.labels == 1
+
+
+@pytest.mark.parametrize(
+    ("monitors", "message"),
+    [
+        ({"detector": {"kind": "adwin", "params": {"nope": 1}}}, "detector"),
+        ({"detector": {"kind": "magic"}}, "monitors.detector.kind"),
+        ({"segment": "planet"}, "monitors.segment: 'planet' is not an event field"),
+        ({"rollback": {"window": 5000}}, "rollback.window"),
+    ],
+)
+def test_broken_monitor_specs_are_refused_naming_the_field(
+    fraud_spec: PipelineSpec, monitors: dict[str, Any], message: str
+) -> None:
+    data = fraud_spec.model_dump(mode="json", by_alias=True)
+    with pytest.raises(SpecError, match=message):
+        parse_spec({**data, "monitors": monitors})

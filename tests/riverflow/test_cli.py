@@ -1,0 +1,114 @@
+"""The CLI as a user runs it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+
+def riverflow(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "riverflow.cli", *args],
+        capture_output=True, text=True, timeout=300, env=env, check=False,
+    )  # fmt: skip
+
+
+def test_demo_prints_the_summary() -> None:
+    done = riverflow("demo", "--events", "4000")
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    for row in ("events", "predictions", "dead letters (DLQ)", "labels learned",
+                "prequential roc_auc"):  # fmt: skip
+        assert row in out
+    # 4000 events, one in 500 corrupted: 8 in the DLQ, the rest predicted
+    assert "3,992" in out and " 8 " in out
+
+
+def test_a_broken_spec_is_a_clear_error_not_a_traceback(tmp_path: Path) -> None:
+    spec = tmp_path / "bad.yaml"
+    spec.write_text("name: x\nevents: {}\n")
+    done = riverflow("demo", "--spec", str(spec))
+    assert done.returncode == 2
+    assert "events.fields: Field required" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_bad_setting_is_named_not_a_traceback() -> None:
+    import os
+
+    env = {**os.environ, "RIVERFLOW_BATCH_SIZE": "0", "RIVERFLOW_KAFKA_JVM_OPTIONS": '-Xmx1g "x'}
+    done = riverflow("stack", "status", env=env)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "RIVERFLOW_BATCH_SIZE: Input should be greater than or equal to 1" in done.stderr
+    assert "RIVERFLOW_KAFKA_JVM_OPTIONS: Value error, not a list of JVM options" in done.stderr
+
+
+def test_run_without_servers_says_how_to_get_them(tmp_path: Path) -> None:
+    import os
+
+    env = {**os.environ, "RIVERFLOW_CACHE_DIR": str(tmp_path)}
+    env.pop("RIVERFLOW_KAFKA_BOOTSTRAP", None)
+    env.pop("RIVERFLOW_REDIS_URL", None)
+    for command in (("run", "scorer"), ("models", "list")):
+        done = riverflow(*command, env=env)
+        assert done.returncode == 2
+        assert "riverflow stack up" in done.stderr
+
+
+def test_report_from_a_saved_view_writes_the_page_and_the_plot(tmp_path: Path) -> None:
+    from tests.monitor_views import realistic_view
+
+    state = tmp_path / "status.json"
+    state.write_text(realistic_view().model_dump_json())
+    html, png = tmp_path / "out" / "report.html", tmp_path / "report.png"
+    html.parent.mkdir()
+    done = riverflow("report", "--state", str(state), "--html", str(html), "--png", str(png))
+    assert done.returncode == 0, done.stderr
+    page = html.read_text()
+    assert "Champion: hoeffding v16" in page and '"live":false' in page
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_from_a_broken_state_names_the_problem(tmp_path: Path) -> None:
+    state = tmp_path / "status.json"
+    state.write_text('{"pipeline": "fraud", "updated": 1.0, "window": "many"}')
+    done = riverflow("report", "--state", str(state), "--html", str(tmp_path / "r.html"))
+    assert done.returncode == 2
+    err = " ".join(done.stderr.split())  # rich wraps long lines
+    assert f"{state} is not a monitor view" in err
+    assert "window: Input should be a valid integer" in err
+    assert "champion: Field required" in err
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "r.html").exists()
+
+
+def test_report_without_a_monitor_says_how_to_get_one(tmp_path: Path) -> None:
+    from riverflow.tools.stack import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"
+    done = riverflow("report", "--url", url, "--html", str(tmp_path / "r.html"))
+    assert done.returncode == 2
+    err = " ".join(done.stderr.split())
+    assert f"no monitor at {url}" in err and "--state" in err
+    assert "Traceback" not in done.stderr
+
+
+def test_report_from_a_running_monitor(tmp_path: Path) -> None:
+    from riverflow.monitors.exporter import StageMetrics, serve
+
+    from riverflow.tools.stack import free_port
+    from tests.monitor_views import realistic_view
+
+    view = realistic_view()
+    server = serve(StageMetrics("monitor"), free_port(), view=lambda: view)
+    try:
+        url = f"http://127.0.0.1:{server.server_port}"
+        html, png = tmp_path / "r.html", tmp_path / "r.png"
+        done = riverflow("report", "--url", url, "--html", str(html), "--png", str(png))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert done.returncode == 0, done.stderr
+    assert "Champion: hoeffding v16" in html.read_text()
+    assert png.stat().st_size > 20_000
