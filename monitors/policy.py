@@ -23,6 +23,9 @@ the spec's policies to the registry while traffic flows:
 - every decision is returned with its evidence (the stage writes it to
   ``{ns}.model-events``), and none is taken within ``cooldown`` labelled events
   of the previous one.
+
+What the status page shows of all this over time (series, markers) is kept
+apart, by ``monitors.history``.
 """
 
 from __future__ import annotations
@@ -32,24 +35,14 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 from riverflow.models.registry import ChampionPointer, ModelRegistry
 from riverflow.monitors.distribution import DistributionMonitor
 from riverflow.monitors.drift import ErrorDriftMonitor
 from riverflow.monitors.quality import PairedWindow, WindowedQuality
 from riverflow.monitors.spec import MonitorSpec
-from riverflow.monitors.view import (
-    CandidateView,
-    Marker,
-    MarkerKind,
-    MonitorView,
-    SegmentView,
-    SeriesPoint,
-)
 
-MAX_POINTS = 2_000  # per series; older points are thinned out beyond this
-MAX_MARKERS = 500
 MAX_SEGMENTS = 1_000  # segment values tracked one by one
 OTHER_SEGMENT = "(other)"
 
@@ -79,7 +72,7 @@ class Decision:
         }
 
 
-class _Watch:
+class Watch:
     """One candidate as the monitor follows it."""
 
     def __init__(self, spec: MonitorSpec, first_label: int) -> None:
@@ -105,7 +98,7 @@ class PipelineMonitor:
         self.registry = registry
         self.lead = lead
         self.clock = clock
-        self.watches: dict[str, _Watch] = {}
+        self.watches: dict[str, Watch] = {}
         self.duels: dict[str, PairedWindow] = {}  # challenger -> (champion right, it right)
         self.labels = 0
         self.last_decision: int | None = None  # label count of the last promote/rollback
@@ -114,14 +107,10 @@ class PipelineMonitor:
         self.retired: set[str] = set()  # fresh challengers retired (names are never reused)
         self.level: float | None = None  # champion's accuracy when last seen good
         self.good: deque[tuple[int, ChampionPointer]] = deque(maxlen=10_000)
-        self.series: dict[str, list[SeriesPoint]] = {}
-        self.markers: list[Marker] = []
-        self.decisions: dict[str, int] = {}
         self.segments: dict[str, WindowedQuality] = {}
         self.distribution = (
             DistributionMonitor(spec.label_free) if spec.label_free.enabled else None
         )
-        self._every = max(1, spec.window // 20)
 
     # -- inputs -----------------------------------------------------------------
 
@@ -180,7 +169,7 @@ class PipelineMonitor:
                 continue  # the learner has not dropped it yet
             watch = self.watches.get(name)
             if watch is None:
-                watch = self.watches[name] = _Watch(self.spec, self.labels)
+                watch = self.watches[name] = Watch(self.spec, self.labels)
             watch.version = version
             right[name] = ok = watch.quality.update(label, probability)
             if watch.drift.update(not ok):
@@ -202,8 +191,6 @@ class PipelineMonitor:
                     duel.update(right[champion], ok)
             out += self._check_rollback(champion)
             out += self._check_promotions(champion)
-        if self.labels % self._every == 0:
-            self._add_points()
         return out
 
     # -- policies -----------------------------------------------------------------
@@ -212,7 +199,7 @@ class PipelineMonitor:
         last = self.last_decision
         return last is not None and self.labels - last < self.spec.cooldown
 
-    def _drift(self, name: str, watch: _Watch) -> list[Decision]:
+    def _drift(self, name: str, watch: Watch) -> list[Decision]:
         detector = watch.drift.detector
         evidence = {"detector": self.spec.detector.kind.value,
                     "error_rate": round(1 - watch.quality.accuracy(), 6),
@@ -250,7 +237,6 @@ class PipelineMonitor:
         self.registry.retire_challenger(name)
         self.fresh.pop(name, None)
         self.duels.pop(name, None)
-        self.series.pop(name, None)
         self.retired.add(name)
         watch = self.watches.pop(name, None)
         version = watch.version if watch else 0
@@ -339,59 +325,7 @@ class PipelineMonitor:
             return [self._decision("promote", name, version, why, evidence)]
         return []
 
-    # -- what it shows ------------------------------------------------------------
-
     def _decision(
         self, kind: str, model: str, version: int, reason: str, evidence: dict[str, Any]
     ) -> Decision:
-        d = Decision(kind, model, version, reason, evidence, self.clock(), self.labels)
-        self.decisions[kind] = self.decisions.get(kind, 0) + 1
-        marker_kind = cast(MarkerKind, kind)
-        self.markers.append(Marker(labels=d.labels, at=d.at, kind=marker_kind, model=model,
-                                   text=reason))  # fmt: skip
-        if len(self.markers) > MAX_MARKERS:
-            del self.markers[: len(self.markers) - MAX_MARKERS]
-        return d
-
-    def _add_points(self) -> None:
-        now = self.clock()
-        for name, watch in self.watches.items():
-            points = self.series.setdefault(name, [])
-            points.append(SeriesPoint(labels=self.labels, at=now, version=watch.version,
-                                      value=watch.quality.accuracy()))  # fmt: skip
-            if len(points) > MAX_POINTS:
-                del points[::2]
-
-    def view(self, series: bool = True) -> MonitorView:
-        """The status page's document; ``series=False`` leaves out the charts' points."""
-        champion = self.champion_name
-        candidates = [
-            CandidateView(name=name, role="champion" if name == champion else "challenger",
-                          version=w.version, labels=w.quality.count,
-                          metrics=w.quality.as_dict(), drift_alarms=w.drift.alarms,
-                          base=self.fresh.get(name, {}).get("base"))
-            for name, w in self.watches.items()
-        ]  # fmt: skip
-        segments = None
-        if self.spec.segment and self.segments:
-            by = {value: {"n": float(q.count), **q.as_dict()} for value, q in self.segments.items()}
-            enough = [q.accuracy() for q in self.segments.values()
-                      if q.count >= self.spec.segment_min_labels]  # fmt: skip
-            gap = max(enough) - min(enough) if len(enough) >= 2 else 0.0
-            segments = SegmentView(field=self.spec.segment, metric="accuracy", by=by, gap=gap)
-        dist = self.distribution
-        shown = {n: list(p) for n, p in self.series.items()} if series else {}
-        return MonitorView(
-            pipeline=self.pipeline,
-            updated=self.clock(),
-            window=self.spec.window,
-            champion=None
-            if self.champion is None
-            else {"model": self.champion.model, "version": self.champion.version},
-            candidates=candidates,
-            series=shown,
-            markers=list(self.markers),
-            segments=segments,
-            distributions=dist.views() if dist else {},
-            anomaly=dist.anomaly_summary() if dist else {},
-        )
+        return Decision(kind, model, version, reason, evidence, self.clock(), self.labels)

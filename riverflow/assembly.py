@@ -14,6 +14,7 @@ from riverflow.models.errors import ModelSpecError
 from riverflow.models.factory import build_candidates, build_model
 from riverflow.models.registry import MemoryRegistry, ModelRegistry, ModelVersion, RedisRegistry
 from riverflow.monitors.exporter import MonitorMetrics
+from riverflow.monitors.history import MonitorHistory
 from riverflow.monitors.policy import PipelineMonitor
 from riverflow.monitors.prequential import PrequentialMetrics
 from riverflow.settings import DEV_SIGNING_KEY, Settings
@@ -167,4 +168,4 @@ def build_monitor(
     spec: PipelineSpec, registry: ModelRegistry, metrics: MonitorMetrics | None = None
 ) -> Monitor:
     core = PipelineMonitor(spec.name, spec.monitors, registry, spec.models.champion_spec.name)
-    return Monitor(spec.topics, core, metrics)
+    return Monitor(spec.topics, core, MonitorHistory(), metrics)

@@ -3,8 +3,9 @@
 Reads ``{ns}.evaluations`` (quality, drift, promote / rollback / fresh
 challengers) and ``{ns}.predictions`` (label-free drift and anomaly scores),
 applies the decisions to the registry through ``monitors.policy`` and writes
-each one, with its evidence, to ``{ns}.model-events``. A record it cannot read
-goes to the DLQ with the reason; nothing else is lost.
+each one, with its evidence, to ``{ns}.model-events``; ``monitors.history``
+records them and the candidates' quality for the status page. A record it
+cannot read goes to the DLQ with the reason; nothing else is lost.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pydantic import ValidationError
 
 from riverflow.errors import error_lines
 from riverflow.monitors.exporter import MonitorMetrics
+from riverflow.monitors.history import MonitorHistory
 from riverflow.monitors.policy import Decision, PipelineMonitor
 from riverflow.monitors.view import MonitorView
 from riverflow.stages.common import StageCounters, dead_letter
@@ -30,10 +32,15 @@ class Monitor:
     stage = "monitor"
 
     def __init__(
-        self, topics: Topics, core: PipelineMonitor, metrics: MonitorMetrics | None = None
+        self,
+        topics: Topics,
+        core: PipelineMonitor,
+        history: MonitorHistory,
+        metrics: MonitorMetrics | None = None,
     ) -> None:
         self.topics = topics
         self.core = core
+        self.history = history
         self.metrics = metrics
         self.counters = StageCounters()
         self._lock = threading.Lock()  # the status page reads the view from another thread
@@ -52,6 +59,7 @@ class Monitor:
                     ev = Evaluation.model_validate_json(msg.value or b"")
                     predictions = {n: (p.version, p.probability) for n, p in ev.predictions.items()}
                     decisions += self.core.on_evaluation(ev.label, predictions, ev.segment)
+                    self.history.sample(self.core)
                 elif msg.topic == self.topics.predictions:
                     p = Prediction.model_validate_json(msg.value or b"")
                     decisions += self.core.on_prediction(
@@ -61,19 +69,20 @@ class Monitor:
                 why = f"not a {msg.topic} record: {error_lines(exc)[0]}"
                 out.append(dead_letter(self.topics, self.stage, msg, "bad_record", why))
         self.counters.dead_letters += len(out)
+        self.history.record(decisions)
         for d in decisions:
             out.append(Output(self.topics.model_events, d.model.encode(),
                               orjson.dumps(d.as_event())))  # fmt: skip
         if self.metrics is not None:
-            self.metrics.update(self.core.view(series=False), decisions)
+            self.metrics.update(self.history.view(self.core, series=False), decisions)
         self.counters.produced += len(out)
         return out
 
     def status(self) -> dict[str, float]:
         out = {"labels": float(self.core.labels)}
-        out.update({f"decisions_{k}": float(v) for k, v in self.core.decisions.items()})
+        out.update({f"decisions_{k}": float(v) for k, v in self.history.decisions.items()})
         return out
 
-    def view(self) -> MonitorView:
+    def view(self, series: bool = True) -> MonitorView:
         with self._lock:
-            return self.core.view()
+            return self.history.view(self.core, series)

@@ -43,7 +43,7 @@ SHOWN = ("drift", "challenger", "promote", "rollback", "retire")
 
 def _decisions(rt: EmbeddedRuntime) -> list[str]:
     return [f"@{m.labels:,} labels  {m.kind:<10} {m.text}"
-            for m in rt.monitor.core.markers if m.kind in SHOWN]  # fmt: skip
+            for m in rt.monitor.history.markers if m.kind in SHOWN]  # fmt: skip
 
 
 def _view(rt: EmbeddedRuntime, produced: int, total: int, started: float) -> Table:
@@ -57,7 +57,7 @@ def _view(rt: EmbeddedRuntime, produced: int, total: int, started: float) -> Tab
     m = rt.learner.metrics.as_dict()
     table.add_row("prequential ROC AUC", f"{m['roc_auc']:.4f}")
     table.add_row("events/s", f"{produced / max(time.perf_counter() - started, 1e-9):,.0f}")
-    for c in rt.monitor.core.view(series=False).candidates:
+    for c in rt.monitor.view(series=False).candidates:
         acc = c.metrics.get("accuracy", 0.0)
         table.add_row(f"  {c.role} {c.name}", f"v{c.version}  accuracy {acc:.3f} (last 1,000)")
     for line in _decisions(rt)[-6:]:

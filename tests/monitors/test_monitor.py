@@ -65,7 +65,7 @@ def test_a_corrupted_label_burst_rolls_the_champion_back(flipped: EmbeddedRuntim
     ev = first.evidence
     assert ev["recent_accuracy"] < ev["good_level"] - ev["drop"]
     # within 1,000 labelled events of the burst (labels arrive in event order here)
-    marker = next(m for m in rt.monitor.core.markers if m.kind == "rollback")
+    marker = next(m for m in rt.monitor.history.markers if m.kind == "rollback")
     assert FLIP_START < marker.labels <= FLIP_START + 1000
     # the registry moved, and the learner continued the version rolled back to
     move = next(m for m in rt.registry.history() if m.kind == "rollback")
@@ -106,7 +106,7 @@ def test_drift_alarm_starts_a_fresh_challenger_that_learns(drifting: EmbeddedRun
     assert fresh.model.endswith(".r1") and fresh.evidence is not None
     champion_at_alarm = fresh.evidence["base"]
     assert fresh.model.startswith(str(champion_at_alarm))
-    marker = next(m for m in rt.monitor.core.markers if m.kind == "challenger")
+    marker = next(m for m in rt.monitor.history.markers if m.kind == "challenger")
     assert marker.labels > 6000, "started before the drift"
     assert any(e.kind == "started" and e.model == fresh.model for e in log)  # by the learner
     evaluations = [Evaluation.model_validate_json(v) for _, v in rt.messages(rt.topics.evaluations)]
@@ -126,7 +126,8 @@ def test_promotions_carry_significant_evidence_and_respect_the_cooldown(
             ev = p.evidence or {}
             assert ev["n"] >= policy.promote.min_labels and ev["p_value"] < policy.promote.alpha
             assert ev["challenger_accuracy"] - ev["champion_accuracy"] >= policy.promote.margin
-        decided = [m.labels for m in rt.monitor.core.markers if m.kind in ("promote", "rollback")]
+        markers = rt.monitor.history.markers
+        decided = [m.labels for m in markers if m.kind in ("promote", "rollback")]
         assert all(b - a >= policy.cooldown for a, b in itertools.pairwise(decided))
     assert any(e.kind == "promote" for e in events(drifting))
 

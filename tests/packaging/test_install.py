@@ -49,7 +49,9 @@ def test_the_wheel_holds_one_top_level_package(wheel: Path) -> None:
     top = {n.split("/")[0] for n in names}
     assert top == {"riverflow", f"{wheel.name.split('-py3')[0]}.dist-info"}, top
     for data in ("riverflow/examples/fraud.yaml", "riverflow/examples/fraud-bench.yaml",
-                 "riverflow/tools/kafka/pom.xml", "riverflow/streams/topics.py"):  # fmt: skip
+                 "riverflow/tools/kafka/pom.xml", "riverflow/streams/topics.py",
+                 "riverflow/monitors/page/status.html", "riverflow/monitors/page/status.css",
+                 "riverflow/monitors/page/status.js"):  # fmt: skip
         assert data in names, data
 
 

@@ -1,0 +1,96 @@
+"""What the status page and the report show of the monitor, over time.
+
+``PipelineMonitor`` (``monitors.policy``) decides; ``MonitorHistory`` records
+how it went: a point of every candidate's windowed accuracy every twentieth of
+a window of labelled events, and a marker per decision. It draws the
+``MonitorView`` from that record and the monitor's current state, so the page
+can change without touching a decision.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from typing import cast
+
+from riverflow.monitors.policy import Decision, PipelineMonitor
+from riverflow.monitors.view import (
+    CandidateView,
+    Marker,
+    MarkerKind,
+    MonitorView,
+    SegmentView,
+    SeriesPoint,
+)
+
+MAX_POINTS = 2_000  # per series; older points are thinned out beyond this
+MAX_MARKERS = 500
+
+
+class MonitorHistory:
+    """The series and markers of one pipeline's monitor, and the counts of its decisions."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock
+        self.series: dict[str, list[SeriesPoint]] = {}
+        self.markers: list[Marker] = []
+        self.decisions: dict[str, int] = {}
+
+    def record(self, decisions: Iterable[Decision]) -> None:
+        """A marker per decision; a retired challenger's line leaves the chart."""
+        for d in decisions:
+            self.decisions[d.kind] = self.decisions.get(d.kind, 0) + 1
+            self.markers.append(Marker(labels=d.labels, at=d.at, kind=cast(MarkerKind, d.kind),
+                                       model=d.model, text=d.reason))  # fmt: skip
+            if d.kind == "retire":
+                self.series.pop(d.model, None)
+        if len(self.markers) > MAX_MARKERS:
+            del self.markers[: len(self.markers) - MAX_MARKERS]
+
+    def sample(self, monitor: PipelineMonitor) -> None:
+        """Called after each labelled event: a point per candidate every ``window // 20``."""
+        if monitor.labels % max(1, monitor.spec.window // 20):
+            return
+        now = self.clock()
+        for name, watch in monitor.watches.items():
+            points = self.series.setdefault(name, [])
+            points.append(SeriesPoint(labels=monitor.labels, at=now, version=watch.version,
+                                      value=watch.quality.accuracy()))  # fmt: skip
+            if len(points) > MAX_POINTS:
+                del points[::2]
+
+    def view(self, monitor: PipelineMonitor, series: bool = True) -> MonitorView:
+        """The status page's document; ``series=False`` leaves out the charts' points."""
+        spec = monitor.spec
+        champion = monitor.champion_name
+        candidates = [
+            CandidateView(name=name, role="champion" if name == champion else "challenger",
+                          version=w.version, labels=w.quality.count,
+                          metrics=w.quality.as_dict(), drift_alarms=w.drift.alarms,
+                          base=monitor.fresh.get(name, {}).get("base"))
+            for name, w in monitor.watches.items()
+        ]  # fmt: skip
+        segments = None
+        if spec.segment and monitor.segments:
+            by = {value: {"n": float(q.count), **q.as_dict()}
+                  for value, q in monitor.segments.items()}  # fmt: skip
+            enough = [q.accuracy() for q in monitor.segments.values()
+                      if q.count >= spec.segment_min_labels]  # fmt: skip
+            gap = max(enough) - min(enough) if len(enough) >= 2 else 0.0
+            segments = SegmentView(field=spec.segment, metric="accuracy", by=by, gap=gap)
+        dist = monitor.distribution
+        shown = {n: list(p) for n, p in self.series.items()} if series else {}
+        return MonitorView(
+            pipeline=monitor.pipeline,
+            updated=self.clock(),
+            window=spec.window,
+            champion=None
+            if monitor.champion is None
+            else {"model": monitor.champion.model, "version": monitor.champion.version},
+            candidates=candidates,
+            series=shown,
+            markers=list(self.markers),
+            segments=segments,
+            distributions=dist.views() if dist else {},
+            anomaly=dist.anomaly_summary() if dist else {},
+        )
