@@ -13,3 +13,7 @@ class ModelSpecError(ModelError):
 
 class SignatureError(ModelError):
     """A snapshot blob is unsigned or was not signed with our key: refused unread."""
+
+
+class CheckpointError(ModelError):
+    """A stored learner checkpoint is not a document this version reads: refused."""

@@ -13,7 +13,7 @@ Redis layout (prefix ``rf:{ns}:``), no TTL (this is the audit trail)::
     model:{name}:meta:{n}     metadata (JSON)
     champion                  pointer (JSON {"model", "version"})
     champion:history          list of pointer moves (JSON), oldest first
-    learner:checkpoint        the learner's state at its last snapshot (signed pickle)
+    learner:checkpoint        the learner's state at its last snapshot (signed JSON, see checkpoint)
     challengers               hash: fresh challenger name -> JSON {"base", "started", "reason"}
 """
 
@@ -27,6 +27,7 @@ from typing import Any
 
 import orjson
 import river
+from riverflow.models.checkpoint import LearnerCheckpoint
 from riverflow.models.errors import ModelError
 from riverflow.models.signing import sign, verify_and_load
 
@@ -219,13 +220,14 @@ class ModelRegistry(ABC):
 
     # -- the learner's checkpoint -------------------------------------------------
 
-    def checkpoint(self) -> Any:
-        """The learner state saved with its last snapshot (signed like a model), or None."""
+    def checkpoint(self) -> LearnerCheckpoint | None:
+        """The learner state saved with its last snapshot, or None; refused unless signed
+        with our key and in a format this version reads."""
         raw = self._checkpoint()
-        return None if raw is None else verify_and_load(raw, self.key)
+        return None if raw is None else LearnerCheckpoint.decode(raw, self.key)
 
-    def save_checkpoint(self, state: Any) -> None:
-        self._save_checkpoint(sign(state, self.key))
+    def save_checkpoint(self, checkpoint: LearnerCheckpoint) -> None:
+        self._save_checkpoint(checkpoint.encode(self.key))
 
     # -- storage primitives -------------------------------------------------------
 

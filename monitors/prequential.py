@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
-from river import metrics
+from river import metrics, stats
 
 
 class PrequentialMetrics:
@@ -36,3 +37,46 @@ class PrequentialMetrics:
             "roc_auc": float(self.roc_auc.get()),
             "log_loss": float(self.log_loss.get()),
         }
+
+    def state(self) -> dict[str, Any]:
+        """Everything the metrics hold, as plain numbers (the learner checkpoint's JSON).
+
+        River has no export of a metric's state, so this reads its confusion
+        matrices (cells ``[label, predicted, weight]``) and the running mean of the
+        log loss; ``from_state`` rebuilds them so the metrics continue exactly
+        (river is pinned; tests/monitors/test_prequential.py checks the round trip).
+        """
+        mean = self.log_loss._mean
+        return {
+            "count": self.count,
+            "accuracy": _cells(self.accuracy.cm),
+            "roc_auc": [_cells(cm) for cm in self.roc_auc.cms],
+            "log_loss": {"n": mean.n, "mean": mean.get()},
+        }
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> PrequentialMetrics:
+        """The metrics whose ``state()`` this was."""
+        restored = cls()
+        restored.count = int(state["count"])
+        _refill(restored.accuracy.cm, state["accuracy"])
+        if len(state["roc_auc"]) != len(restored.roc_auc.cms):
+            raise ValueError(f"ROC AUC state has {len(state['roc_auc'])} thresholds, "
+                             f"expected {len(restored.roc_auc.cms)}")  # fmt: skip
+        for cm, cells in zip(restored.roc_auc.cms, state["roc_auc"], strict=True):
+            _refill(cm, cells)
+        loss = state["log_loss"]
+        restored.log_loss._mean = stats.Mean._from_state(float(loss["n"]), float(loss["mean"]))
+        return restored
+
+
+def _cells(cm: metrics.ConfusionMatrix) -> list[list[Any]]:
+    return [[y, p, w] for y, row in cm.data.items() for p, w in row.items()]
+
+
+def _refill(cm: metrics.ConfusionMatrix, cells: list[list[Any]]) -> None:
+    # one weighted update per cell: the weights are counts of whole labels, so every
+    # total the metrics read comes out the same as label by label (only
+    # ``n_samples``, which no metric here reads, counts cells instead)
+    for y, p, w in cells:
+        cm.update(bool(y), bool(p), float(w))

@@ -10,7 +10,6 @@ from typing import Any
 from riverflow.errors import RiverflowError
 from riverflow.features.store import FeatureStore, MemoryFeatureStore, RedisFeatureStore
 from riverflow.models.champion import ChampionReplica
-from riverflow.models.errors import ModelSpecError
 from riverflow.models.factory import build_candidates, build_model
 from riverflow.models.registry import MemoryRegistry, ModelRegistry, ModelVersion, RedisRegistry
 from riverflow.monitors.exporter import MonitorMetrics
@@ -19,7 +18,8 @@ from riverflow.monitors.policy import PipelineMonitor
 from riverflow.monitors.prequential import PrequentialMetrics
 from riverflow.settings import DEV_SIGNING_KEY, Settings
 from riverflow.spec import PipelineSpec
-from riverflow.stages.learner import Candidate, Learner, LearnerState
+from riverflow.stages.learner import LabelJoin, Learner, LearnerTiming
+from riverflow.stages.lineage import Candidate, Following, Lineage
 from riverflow.stages.monitor import Monitor
 from riverflow.stages.scorer import Scorer
 
@@ -124,41 +124,24 @@ def build_learner(
     from the spec is no longer trained (its versions stay in the registry).
     """
     fresh = build_candidates(spec.models)  # also checks every candidate builds
-    saved: LearnerState | None = registry.checkpoint()
-    candidates = []
-    for name, model in fresh.items():
-        version = saved.versions.get(name, 0) if saved else 0
-        if saved and version:
-            candidates.append(Candidate(name, registry.load(name, version).model, version,
-                                        saved.metrics[name]))  # fmt: skip
-        else:
-            candidates.append(Candidate(name, model, 0, PrequentialMetrics()))
-    dynamic: dict[str, str] = {}
-    if saved is not None:  # fresh challengers the monitor started, still wanted
-        for name, info in registry.challengers().items():
-            base = spec.models.candidate(info["base"])
-            if name not in saved.versions or base is None or name in fresh:
-                continue
-            v = saved.versions[name]
-            model = registry.load(name, v).model if v else build_model(base)
-            candidates.append(Candidate(name, model, v, saved.metrics[name]))
-            dynamic[name] = base.name
 
-    def fresh_model(base: str) -> Any:
+    def fresh_model(base: str) -> Any | None:
         candidate = spec.models.candidate(base)
-        if candidate is None:
-            raise ModelSpecError(f"fresh challenger of {base!r}: not a candidate of the spec")
-        return build_model(candidate)
+        return None if candidate is None else build_model(candidate)
 
-    learner = Learner(
-        spec.topics, spec.label, spec.feature_plan(), store, registry, candidates,
-        spec.models.champion_spec.name, settings.max_event_bytes, settings.label_wait_s,
-        settings.snapshot_every_labels, settings.snapshot_every_s, fresh_model=fresh_model,
-        registry_poll_s=settings.model_poll_s if registry_poll_s is None else registry_poll_s,
-        inputs=spec.models.inputs,
-        segment=spec.monitors.segment,
+    poll_s = settings.model_poll_s if registry_poll_s is None else registry_poll_s
+    lineage = Lineage(
+        registry, spec.topics,
+        [Candidate(name, model, 0, PrequentialMetrics()) for name, model in fresh.items()],
+        spec.models.champion_spec.name, Following(fresh_model, poll_s),
     )  # fmt: skip
-    learner.dynamic.update(dynamic)
+    join = LabelJoin(spec.label, settings.max_event_bytes, spec.feature_plan(),
+                     tuple(spec.models.inputs), spec.monitors.segment)  # fmt: skip
+    timing = LearnerTiming(
+        settings.label_wait_s, settings.snapshot_every_labels, settings.snapshot_every_s
+    )
+    learner = Learner(spec.topics, store, lineage, join, timing)
+    saved = registry.checkpoint()
     if saved is not None:
         learner.restore(saved)
     return learner

@@ -1,8 +1,9 @@
 """The learner stage: labels -> join the snapshot the event was scored with and the
-prediction served for it -> test, then train every candidate; publish versions.
+prediction served for it -> test, then train every candidate.
 
-It holds no I/O of its own beyond the store and registry it is given, so the
-Kafka runtime, the embedded runtime and the benchmark run it unchanged.
+It holds no I/O of its own beyond the store and the lineage it is given (which
+publishes versions and keeps the checkpoint, ``riverflow.stages.lineage``), so
+the Kafka runtime, the embedded runtime and the benchmark run it unchanged.
 """
 
 from __future__ import annotations
@@ -11,15 +12,15 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import orjson
 
 from riverflow.features.definitions import FeaturePlan
 from riverflow.features.store import Claim, FeatureSnapshot, FeatureStore
-from riverflow.models.registry import ChampionPointer, ModelRegistry
+from riverflow.models.checkpoint import LearnerCheckpoint
 from riverflow.monitors.prequential import PrequentialMetrics
 from riverflow.stages.common import StageCounters, dead_letter, model_inputs
+from riverflow.stages.lineage import Candidate, Lineage
 from riverflow.streams.contracts import Message, Output
 from riverflow.streams.schema import FieldType, LabelSpec
 from riverflow.streams.topics import Topics
@@ -33,26 +34,27 @@ class _Pending:
     deadline: float
 
 
-@dataclass
-class Candidate:
-    """One candidate as the learner holds it: its live model and its prequential metrics."""
+@dataclass(frozen=True)
+class LabelJoin:
+    """How a label becomes a training example: the label's fields and size limit, the
+    features and event fields (``inputs``) of the event it joins, and the
+    ``segment`` field passed on to the monitor."""
 
-    name: str
-    model: Any
-    version: int  # the last published version this model descends from (0: fresh)
-    metrics: PrequentialMetrics
+    label: LabelSpec
+    max_bytes: int
+    plan: FeaturePlan
+    inputs: tuple[str, ...]
+    segment: str | None
 
 
-@dataclass
-class LearnerState:
-    """What the learner restarts from (saved signed, with every snapshot)."""
+@dataclass(frozen=True)
+class LearnerTiming:
+    """How long a label waits for its event; how often candidates are published
+    (every ``snapshot_every`` labels and every ``snapshot_every_s`` seconds; 0: never)."""
 
-    versions: dict[str, int]
-    metrics: dict[str, PrequentialMetrics]
-    labels_seen: int
-    positions: dict[int, int]  # label partition -> next offset to read
-    pending: list[tuple[Message, bool]]
-    saved_at: float = 0.0  # unix seconds: a rollback after this is applied on restore
+    label_wait_s: float
+    snapshot_every: int
+    snapshot_every_s: float
 
 
 class Learner:
@@ -63,10 +65,9 @@ class Learner:
     update its metrics, ``learn_one``. Each label is claimed once in the store,
     so a duplicate label is never learned twice. A label whose event has not
     been scored yet waits up to ``label_wait_s``, then goes to the DLQ as an
-    orphan. Every ``snapshot_every`` labels or ``snapshot_every_s`` seconds each
-    candidate is published as a new version; the champion pointer follows the
-    learner while it points at the version the learner last published. The
-    host calls ``commit`` once a batch's outputs are written.
+    orphan. Every ``snapshot_every`` labels or ``snapshot_every_s`` seconds the
+    lineage publishes each candidate as a new version and stages the
+    checkpoint. The host calls ``commit`` once a batch's outputs are written.
     """
 
     stage = "learner"
@@ -74,40 +75,24 @@ class Learner:
     def __init__(
         self,
         topics: Topics,
-        label: LabelSpec,
-        plan: FeaturePlan,
         store: FeatureStore,
-        registry: ModelRegistry,
-        candidates: Sequence[Candidate],
-        lead: str,
-        max_bytes: int,
-        label_wait_s: float,
-        snapshot_every: int,
-        snapshot_every_s: float = 0.0,
+        lineage: Lineage,
+        join: LabelJoin,
+        timing: LearnerTiming,
         clock: Callable[[], float] = time.monotonic,
-        fresh_model: Callable[[str], Any] | None = None,
-        registry_poll_s: float = 0.0,
-        inputs: Sequence[str] | None = None,
-        segment: str | None = None,
     ) -> None:
         self.topics = topics
-        self.fresh_model = fresh_model
-        self.registry_poll_s = registry_poll_s
-        self.segment = segment
-        # a segment field that is no model input is in the snapshot for the monitor only
-        self.extra = segment if segment and inputs is not None and segment not in inputs else None
-        self.label = label
-        self.plan = plan
         self.store = store
-        self.registry = registry
-        self.candidates = {c.name: c for c in candidates}
-        self.lead = lead
-        self.label_wait_s = label_wait_s
-        self.snapshot_every = snapshot_every
-        self.snapshot_every_s = snapshot_every_s
+        self.lineage = lineage
+        self.join = join
+        self.timing = timing
         self.clock = clock
+        # a segment field that is no model input is in the snapshot for the monitor only
+        segment = join.segment
+        self.extra = segment if segment and segment not in join.inputs else None
         self.validate = RecordValidator(
-            {label.event_id: FieldType.STR, label.field: FieldType.BOOL}, max_bytes
+            {join.label.event_id: FieldType.STR, join.label.field: FieldType.BOOL},
+            join.max_bytes,
         )
         self.pending: dict[str, _Pending] = {}
         self.learned = 0
@@ -119,12 +104,8 @@ class Learner:
         # labels are marked learned under "run:partition:offset"; see _stale
         self.run = uuid.uuid4().hex[:12]
         self._saved_positions: dict[int, int] = {}
-        self._staged: LearnerState | None = None
         self._base: dict[int, int] = {}
         self._base_pending: set[tuple[int, int]] = set()
-        self.dynamic: dict[str, str] = {}  # fresh challengers the monitor started -> base
-        self._rollbacks_after = 0.0  # unix seconds: rollbacks after this are not applied yet
-        self._next_poll = 0.0
 
     def _stale(self, token: str) -> bool:
         """Whether a learned-marker names a label that the models do not contain.
@@ -141,14 +122,19 @@ class Learner:
         return not (o < self._base.get(p, 0) and (p, o) not in self._base_pending)
 
     @property
+    def candidates(self) -> dict[str, Candidate]:
+        """The candidates trained on every label, by name."""
+        return self.lineage.candidates
+
+    @property
     def metrics(self) -> PrequentialMetrics:
         """The lead candidate's metrics (the spec's champion)."""
-        return self.candidates[self.lead].metrics
+        return self.candidates[self.lineage.lead].metrics
 
     @property
     def version(self) -> int:
         """The lead candidate's last published version."""
-        return self.candidates[self.lead].version
+        return self.candidates[self.lineage.lead].version
 
     def process(self, batch: Sequence[Message]) -> list[Output]:
         """Learn from a batch of labels (an empty batch retries waiting labels).
@@ -159,7 +145,8 @@ class Learner:
         """
         self.counters.consumed += len(batch)
         now = self.clock()
-        out: list[Output] = self.follow_registry(now)
+        label, wait_s = self.join.label, self.timing.label_wait_s
+        out: list[Output] = self.lineage.follow(now)
         todo: dict[str, _Pending] = dict(self.pending)
         self.pending.clear()
         order: list[tuple[Message, str | None]] = [(p.msg, e) for e, p in todo.items()]
@@ -169,16 +156,17 @@ class Learner:
                 out.append(dead_letter(self.topics, self.stage, msg, record.kind, record.message))
                 order.append((msg, None))
                 continue
-            event_id = record[self.label.event_id]
+            event_id = record[label.event_id]
             if event_id in todo:  # the same label twice in flight: learn it once
                 self.duplicates += 1
                 order.append((msg, None))
                 continue
-            todo[event_id] = _Pending(msg, record[self.label.field], now + self.label_wait_s)
+            todo[event_id] = _Pending(msg, record[label.field], now + wait_s)
             order.append((msg, event_id))
         ids = list(todo)
         tokens = [f"{self.run}:{todo[e].msg.partition}:{todo[e].msg.offset}" for e in ids]
         claims = dict(zip(ids, self.store.claim_snapshots(ids, tokens, self._stale), strict=True))
+        every = self.timing.snapshot_every
         for msg, event_id in order:
             if event_id is not None:
                 item, claim = todo[event_id], claims[event_id]
@@ -186,7 +174,7 @@ class Learner:
                     self.duplicates += 1
                 elif claim is Claim.MISSING:
                     if now >= item.deadline:
-                        why = f"no scored event {event_id!r} within {self.label_wait_s}s"
+                        why = f"no scored event {event_id!r} within {wait_s}s"
                         out.append(
                             dead_letter(self.topics, self.stage, item.msg, "orphan_label", why)
                         )
@@ -196,74 +184,18 @@ class Learner:
                     out.append(self._learn(claim, item.label))
             if msg.offset >= self.positions.get(msg.partition, 0):
                 self.positions[msg.partition] = msg.offset + 1
-            if self.snapshot_every and self._since_snapshot >= self.snapshot_every:
+            if every and self._since_snapshot >= every:
                 out += self.publish()
-        if (
-            self.snapshot_every_s
-            and self._since_snapshot
-            and now - self._last_snapshot >= self.snapshot_every_s
-        ):
+        every_s = self.timing.snapshot_every_s
+        if every_s and self._since_snapshot and now - self._last_snapshot >= every_s:
             out += self.publish()
         self.counters.dead_letters += sum(o.topic == self.topics.dlq for o in out)
         self.counters.produced += len(out)
         return out
 
-    def follow_registry(self, now: float, force: bool = False) -> list[Output]:
-        """Train the fresh challengers the monitor started, drop the retired ones, and
-        continue a rolled-back candidate from the version it was rolled back to.
-
-        Reads the registry at most every ``registry_poll_s``; returns model-events.
-        """
-        if self.fresh_model is None or (now < self._next_poll and not force):
-            return []
-        self._next_poll = now + self.registry_poll_s
-        out = []
-        wanted = {name: info["base"] for name, info in self.registry.challengers().items()}
-        pointer = self.registry.champion()
-        for name in [n for n in self.dynamic if n not in wanted]:
-            if pointer is not None and pointer.model == name:
-                continue  # retired while champion: keep training what is served
-            del self.candidates[name], self.dynamic[name]
-            out.append(self._model_event({"kind": "dropped", "model": name,
-                                          "version": 0, "reason": "retired"}))  # fmt: skip
-        for name, base in wanted.items():
-            if name in self.candidates:
-                continue
-            self.candidates[name] = Candidate(name, self.fresh_model(base), 0,
-                                              PrequentialMetrics())  # fmt: skip
-            self.dynamic[name] = base
-            out.append(self._model_event({"kind": "started", "model": name, "version": 0,
-                                          "reason": f"fresh {base}"}))  # fmt: skip
-        out += self._follow_rollback(pointer)
-        return out
-
-    def _follow_rollback(self, pointer: ChampionPointer | None) -> list[Output]:
-        """Continue a rolled-back candidate from the version it was rolled back to.
-
-        Looks at the last moves, not only the last one: a snapshot published just
-        after a rollback to the version it continued may have advanced the
-        pointer again; that advance is rolled back too.
-        """
-        moves = self.registry.recent_moves(10)
-        new = [m for m in moves if m.at > self._rollbacks_after]
-        self._rollbacks_after = max([self._rollbacks_after, *(m.at for m in moves)])
-        back = next((m for m in reversed(new) if m.kind == "rollback"), None)
-        if back is None or back.to.model not in self.candidates:
-            return []
-        c, to = self.candidates[back.to.model], back.to
-        c.model, c.version = self.registry.load(to.model, to.version).model, to.version
-        out = [self._model_event({"kind": "rebased", "model": c.name, "version": c.version,
-                                  "reason": back.reason})]  # fmt: skip
-        if pointer is not None and pointer.model == to.model and pointer.version > to.version:
-            again = self.registry.move(to, "rollback", pointer, f"re-applied: {back.reason}")
-            if again is not None:
-                self._rollbacks_after = again.at
-                out.append(self._model_event(again.as_dict()))
-        return out
-
     def _learn(self, snap: FeatureSnapshot, label: bool) -> Output:
-        segment = None if self.segment is None else snap.inputs.get(self.segment)
-        x = {**model_inputs(snap.inputs, self.extra), **self.plan.values(snap.aggregates)}
+        segment = None if self.join.segment is None else snap.inputs.get(self.join.segment)
+        x = {**model_inputs(snap.inputs, self.extra), **self.join.plan.values(snap.aggregates)}
         predictions = {}
         for c in self.candidates.values():
             proba = c.model.predict_proba_one(x)
@@ -301,37 +233,10 @@ class Learner:
         return out
 
     def publish(self) -> list[Output]:
-        """Publish every candidate as a new version; returns the model-events to write.
-
-        The champion pointer advances to a candidate's new version only if it
-        still points at that candidate's previous version (or, before any
-        version exists, if the candidate is the lead): a promotion or rollback
-        made meanwhile is never overwritten by the learner.
-        """
-        out: list[Output] = self.follow_registry(self.clock(), force=True)
-        offsets = {self.topics.labels: {str(p): o for p, o in sorted(self.positions.items())}}
-        for c in self.candidates.values():
-            meta = {
-                "model": c.name,
-                "parent": c.version,
-                "labels_seen": self.learned,
-                "offsets": offsets,
-                "metrics": c.metrics.as_dict(),
-            }
-            parent, c.version = c.version, self.registry.publish(c.name, c.model, meta)
-            out.append(self._model_event({"kind": "published", "model": c.name,
-                                          "version": c.version, "parent": parent,
-                                          "labels_seen": self.learned}))  # fmt: skip
-            if parent or c.name == self.lead:
-                expect = ChampionPointer(c.name, parent) if parent else None
-                to = ChampionPointer(c.name, c.version)
-                moved = self.registry.move(to, "advance", expect)
-                current = self.registry.champion()
-                if moved is None and current and self._orphan_of(current, c.name, parent):
-                    moved = self.registry.move(to, "advance", current)
-                if moved is not None:
-                    out.append(self._model_event(moved.as_dict()))
-        self._staged = self.state()
+        """Publish every candidate as a new version (see ``Lineage.publish``); returns
+        the model-events to write."""
+        pending = [(p.msg, p.label) for p in self.pending.values()]
+        out = self.lineage.publish(self.clock(), self.learned, self.positions, pending)
         self._saved_positions = dict(self.positions)
         self._since_snapshot = 0
         self._last_snapshot = self.clock()
@@ -344,47 +249,23 @@ class Learner:
         model-events are acknowledged restarts from the previous checkpoint
         and writes them again (at least once) instead of losing them.
         """
-        if self._staged is not None:
-            self.registry.save_checkpoint(self._staged)
-            self._staged = None
-
-    def _orphan_of(self, pointer: ChampionPointer, name: str, parent: int) -> bool:
-        """Whether ``pointer`` is a version of ``name`` that a dead run of this learner
-        published after ``parent`` without committing it: it still follows the learner."""
-        if pointer.model != name or not parent or pointer.version <= parent:
-            return False
-        version = pointer.version
-        while version > parent:
-            version = int(self.registry.meta(pointer.model, version).get("parent", 0))
-        return version == parent
+        self.lineage.commit()
 
     def has_unpublished(self) -> bool:
         """Labels were read since the last snapshot (learned, refused or waiting)."""
         return self.positions != self._saved_positions
 
-    def restore(self, saved: LearnerState) -> None:
-        """Continue from a checkpoint: its label count, read positions and waiting labels."""
+    def restore(self, saved: LearnerCheckpoint) -> None:
+        """Continue from a checkpoint: its candidates' versions and metrics (in the
+        lineage), its label count, read positions and waiting labels."""
+        self.lineage.restore(saved)
         self.learned = saved.labels_seen
         self.positions = dict(saved.positions)
         self._base = dict(saved.positions)
         self._saved_positions = dict(saved.positions)
         self._base_pending = {(msg.partition, msg.offset) for msg, _ in saved.pending}
-        self._rollbacks_after = getattr(saved, "saved_at", 0.0)
-        deadline = self.clock() + self.label_wait_s
+        deadline = self.clock() + self.timing.label_wait_s
         for msg, label in saved.pending:
             record = self.validate(msg.value)
             assert not isinstance(record, Invalid)  # it was valid when it was saved
-            self.pending[record[self.label.event_id]] = _Pending(msg, label, deadline)
-
-    def state(self) -> LearnerState:
-        return LearnerState(
-            versions={c.name: c.version for c in self.candidates.values()},
-            metrics={c.name: c.metrics for c in self.candidates.values()},
-            labels_seen=self.learned,
-            positions=dict(self.positions),
-            pending=[(p.msg, p.label) for p in self.pending.values()],
-            saved_at=time.time(),
-        )
-
-    def _model_event(self, record: dict[str, Any]) -> Output:
-        return Output(self.topics.model_events, str(record["model"]).encode(), orjson.dumps(record))
+            self.pending[record[self.join.label.event_id]] = _Pending(msg, label, deadline)

@@ -9,7 +9,7 @@ import orjson
 import pytest
 from riverflow.models.errors import ModelError, SignatureError
 from riverflow.models.registry import ChampionPointer, MemoryRegistry
-from riverflow.models.signing import sign, verify_and_load
+from riverflow.models.signing import sign, sign_bytes, verify_and_load, verify_bytes
 
 
 class Boom:
@@ -30,6 +30,18 @@ def test_tampered_other_key_and_unsigned_are_refused() -> None:
         verify_and_load(sign({"w": 1}, b"other"), b"k")
     with pytest.raises(SignatureError, match="not signed"):
         verify_and_load(pickle.dumps(Boom()), b"k")
+
+
+def test_signed_documents_and_signed_pickles_are_not_interchangeable() -> None:
+    document = sign_bytes(b'{"a": 1}', b"k")
+    assert verify_bytes(document, b"k", "doc") == b'{"a": 1}'
+    with pytest.raises(SignatureError, match="model snapshot is not signed"):
+        verify_and_load(document, b"k")  # never handed to pickle
+    relabelled = sign(1, b"k")[:4] + document[4:]
+    with pytest.raises(SignatureError, match="does not verify"):
+        verify_and_load(relabelled, b"k")
+    with pytest.raises(SignatureError, match="doc is not signed"):
+        verify_bytes(sign({"w": 1}, b"k"), b"k", "doc")
 
 
 def test_registry_versions_and_champion_pointer() -> None:
