@@ -65,7 +65,9 @@ class LearnerCheckpoint:
         if raw.startswith(MAGIC):
             raise CheckpointError(
                 f"{_WHAT} is a signed pickle written by an earlier riverflow, not a "
-                f"{FORMAT} document: refused"
+                f"{FORMAT} document: refused. Delete the key rf:<pipeline>:learner:checkpoint "
+                "to start the learner from the spec's models and the labels topic's start "
+                "(published versions and the champion pointer stay)"
             )
         try:
             document = orjson.loads(verify_bytes(raw, key, _WHAT))
