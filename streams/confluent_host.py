@@ -17,10 +17,10 @@ The host holds transport only: what it reads and how it batches
 (``HostSettings``), its clients' settings (``ClientSettings``, passed in), and
 where it reports each batch (a ``StageReporter``, passed in).
 
-``HostSettings.freeze_gc`` (the scorer) freezes the heap after every batch, so the cyclic
-GC never walks the feature state the process keeps; what it gives up is
-collecting a reference cycle that outlives its batch (the scorer's steady state
-makes none: tests/integration/test_scorer_gc.py).
+``HostSettings.freeze_gc`` (the scorer) freezes the heap after every batch, so
+the cyclic GC never walks the feature state the process keeps; what it gives up
+is collecting a reference cycle that outlives its batch (the scorer's steady
+state makes none: tests/integration/test_scorer_gc.py).
 """
 
 from __future__ import annotations
