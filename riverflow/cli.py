@@ -154,7 +154,9 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     }
     overrides = {k: v for k, v in given.items() if v is not None}
     config = BenchConfig.quick(**overrides) if args.quick else BenchConfig(**overrides)
-    result = run_bench(spec, config, log=lambda line: err_console.print(f"[dim]{line}[/dim]"))
+    result = run_bench(
+        spec, config, settings, log=lambda line: err_console.print(f"[dim]{line}[/dim]")
+    )
     console.print(report(result))
     Path(args.json).write_bytes(orjson.dumps(result.as_dict(), option=orjson.OPT_INDENT_2))
     console.print(f"figures written to {args.json}")

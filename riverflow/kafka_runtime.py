@@ -23,7 +23,7 @@ from riverflow.assembly import (
 from riverflow.monitors.exporter import MonitorMetrics, StageMetrics, serve
 from riverflow.settings import Settings
 from riverflow.spec import PipelineSpec
-from riverflow.streams.confluent_host import ConfluentHost
+from riverflow.streams.confluent_host import Checkpointing, ConfluentHost, HostSettings
 from riverflow.streams.contracts import Output
 from riverflow.streams.faust_app import run_worker, stage_app
 from riverflow.streams.kafka_io import ensure_topics
@@ -44,6 +44,17 @@ def freeze_startup_heap() -> None:
     """
     gc.collect()
     gc.freeze()
+
+
+def host_settings(
+    stage: str, spec: PipelineSpec, settings: Settings, ep: Endpoints, tick_s: float
+) -> HostSettings:
+    """How ``stage`` runs on the confluent-kafka loop: its own consumer group, and
+    (the scorer only) its heap frozen after every batch."""
+    return HostSettings(
+        ep.kafka_bootstrap, f"riverflow-{spec.name}-{stage}", settings.batch_size,
+        tick_s=tick_s, dlq_topic=spec.topics.dlq, freeze_gc=stage == "scorer",
+    )  # fmt: skip
 
 
 def run_stage(stage: str, spec: PipelineSpec, settings: Settings, ep: Endpoints) -> None:
@@ -68,30 +79,25 @@ def run_stage(stage: str, spec: PipelineSpec, settings: Settings, ep: Endpoints)
         freeze_startup_heap()
         # ticks re-read the champion pointer and retire stale challengers while quiet
         ConfluentHost(
-            monitor, [topics.evaluations, topics.predictions], ep.kafka_bootstrap,
-            f"riverflow-{spec.name}-monitor", settings.batch_size, tick_s=settings.model_poll_s,
-            metrics=metrics, dlq_topic=topics.dlq,
+            monitor, [topics.evaluations, topics.predictions],
+            host_settings(stage, spec, settings, ep, settings.model_poll_s), metrics=metrics,
         ).run()  # fmt: skip
         return
     if port:
         serve(metrics, port, settings.metrics_host)
     if stage == "scorer":
         scorer = build_scorer(spec, settings, store, registry)
-        group = f"riverflow-{spec.name}-scorer"
-        freeze_startup_heap()
         # ticks follow the champion (and keep /healthz fresh) while the stream is quiet
+        loop = host_settings(stage, spec, settings, ep, settings.model_poll_s)
+        freeze_startup_heap()
         if host == "faust":
             run_worker(stage_app(
-                scorer, topics.events, ep.kafka_bootstrap, group, settings.batch_size,
-                settings.batch_timeout_s, tick_s=settings.model_poll_s, metrics=metrics,
-                dlq_topic=topics.dlq, datadir=str(settings.cache_dir / "faust" / group),
+                scorer, topics.events, ep.kafka_bootstrap, loop.group, settings.batch_size,
+                settings.batch_timeout_s, tick_s=loop.tick_s, metrics=metrics,
+                dlq_topic=topics.dlq, datadir=str(settings.cache_dir / "faust" / loop.group),
             ))  # fmt: skip
         else:
-            ConfluentHost(
-                scorer, topics.events, ep.kafka_bootstrap, group, settings.batch_size,
-                tick_s=settings.model_poll_s, metrics=metrics, dlq_topic=topics.dlq,
-                freeze_gc=True,
-            ).run()  # fmt: skip
+            ConfluentHost(scorer, topics.events, loop, metrics=metrics).run()
         return
     learner = build_learner(spec, settings, store, registry)
 
@@ -103,7 +109,6 @@ def run_stage(stage: str, spec: PipelineSpec, settings: Settings, ep: Endpoints)
     # ticks retry waiting labels and take the timed snapshots
     tick_s = max(0.2, min(settings.label_wait_s / 4, settings.snapshot_every_s or math.inf))
     ConfluentHost(
-        learner, topics.labels, ep.kafka_bootstrap, f"riverflow-{spec.name}-learner",
-        settings.batch_size, tick_s=tick_s, on_stop=publish_on_stop, metrics=metrics,
-        dlq_topic=topics.dlq, positions=learner.positions, after_write=learner.commit,
+        learner, topics.labels, host_settings(stage, spec, settings, ep, tick_s), metrics=metrics,
+        checkpoint=Checkpointing(learner.positions, learner.commit, on_stop=publish_on_stop),
     ).run()  # fmt: skip

@@ -8,15 +8,19 @@ batch's offsets committed. A crash therefore replays at most the uncommitted
 batch, which the store's event-id dedup absorbs.
 
 Two ways to read: in a consumer group (the scorer: partitions are balanced
-between replicas, offsets committed to the group), or from ``positions`` the
-processor keeps itself (the learner: every partition assigned from the offsets
-saved in its checkpoint; nothing committed to Kafka, ``after_write`` saves the
-checkpoint once a batch's outputs are acknowledged).
+between replicas, offsets committed to the group), or from positions the
+processor keeps itself (the learner, ``Checkpointing``: every partition assigned
+from the offsets saved in its checkpoint; nothing committed to Kafka,
+``after_write`` saves the checkpoint once a batch's outputs are acknowledged).
 
-``freeze_gc`` (the scorer) freezes the heap after every batch, so the cyclic
-GC never walks the feature state the process keeps; what it gives up is
-collecting a reference cycle that outlives its batch (the scorer's steady state
-makes none: tests/integration/test_scorer_gc.py).
+The host holds transport only: what it reads and how it batches
+(``HostSettings``), its clients' settings (``ClientSettings``, passed in), and
+where it reports each batch (a ``StageReporter``, passed in).
+
+``HostSettings.freeze_gc`` (the scorer) freezes the heap after every batch, so
+the cyclic GC never walks the feature state the process keeps; what it gives up
+is collecting a reference cycle that outlives its batch (the scorer's steady
+state makes none: tests/integration/test_scorer_gc.py).
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
@@ -34,13 +40,59 @@ from confluent_kafka import (
     Consumer,
     KafkaError,
     KafkaException,
+    Producer,
     TopicPartition,
 )
-from riverflow.monitors.exporter import StageMetrics
 from riverflow.streams.contracts import Message, Output, Processor
-from riverflow.streams.kafka_io import MAX_MESSAGE_BYTES, KafkaIOError, produce_all, producer
+from riverflow.streams.kafka_io import (
+    MAX_MESSAGE_BYTES,
+    KafkaIOError,
+    produce_all,
+    producer_config,
+)
+from riverflow.streams.reporting import StageReporter
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class HostSettings:
+    """Where a stage's loop reads and how it batches."""
+
+    bootstrap: str
+    group: str
+    batch_size: int
+    poll_s: float = 0.1  # the longest wait for a batch's first message
+    tick_s: float | None = None  # also call the processor with an empty batch this often
+    dlq_topic: str = ""  # outputs to it are reported as dead letters
+    freeze_gc: bool = False  # freeze the heap after every batch (module docstring)
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """The host's confluent-kafka clients: librdkafka settings laid over the host's
+    own, and what builds each client from its final settings (the latency probe
+    passes clients that time their calls)."""
+
+    consumer: Mapping[str, Any] = field(default_factory=dict)
+    producer: Mapping[str, Any] = field(default_factory=dict)
+    make_consumer: Callable[[dict[str, Any]], Consumer] = Consumer
+    make_producer: Callable[[dict[str, Any]], Producer] = Producer
+
+
+@dataclass(frozen=True)
+class Checkpointing:
+    """Read from positions the processor keeps itself, not a consumer group's offsets.
+
+    Every partition of the one source is assigned from ``positions`` (the dict is
+    read when the host starts); nothing is committed to Kafka; ``after_write``
+    saves the checkpoint once a batch's outputs are acknowledged. ``on_stop``:
+    outputs to write at a clean stop, saved the same way.
+    """
+
+    positions: dict[int, int]
+    after_write: Callable[[], None]
+    on_stop: Callable[[], list[Output]] | None = None
 
 
 class ConfluentHost:
@@ -51,43 +103,34 @@ class ConfluentHost:
         self,
         processor: Processor,
         source: str | list[str],
-        bootstrap: str,
-        group: str,
-        batch_size: int,
-        poll_s: float = 0.1,
-        tick_s: float | None = None,
-        on_stop: Callable[[], list[Output]] | None = None,
-        metrics: StageMetrics | None = None,
-        dlq_topic: str = "",
-        positions: dict[int, int] | None = None,
-        after_write: Callable[[], None] | None = None,
-        freeze_gc: bool = False,
+        settings: HostSettings,
+        clients: ClientSettings | None = None,
+        metrics: StageReporter | None = None,
+        checkpoint: Checkpointing | None = None,
     ) -> None:
+        clients = clients or ClientSettings()
         self.processor = processor
-        self.freeze_gc = freeze_gc
-        self.metrics = metrics
-        self.dlq_topic = dlq_topic
         self.sources = [source] if isinstance(source, str) else list(source)
-        self.batch_size = batch_size
-        self.poll_s = poll_s
-        self.tick_s = tick_s
-        self.on_stop = on_stop
-        self.positions = positions
-        self.after_write = after_write
+        self.settings = settings
+        self.metrics = metrics
+        self.checkpoint = checkpoint
         self._stop = threading.Event()
-        self.consumer = Consumer(
+        self.consumer = clients.make_consumer(
             {
-                "bootstrap.servers": bootstrap,
-                "group.id": group,
+                "bootstrap.servers": settings.bootstrap,
+                "group.id": settings.group,
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
                 "enable.partition.eof": False,
                 "fetch.message.max.bytes": MAX_MESSAGE_BYTES,
                 "fetch.wait.max.ms": 10,
                 "partition.assignment.strategy": "cooperative-sticky",
+                **clients.consumer,
             }
         )
-        self.producer = producer(bootstrap, **{"linger.ms": 1})
+        self.producer = clients.make_producer(
+            producer_config(settings.bootstrap, **{"linger.ms": 1, **clients.producer})
+        )
 
     def stop(self) -> None:
         self._stop.set()
@@ -96,36 +139,36 @@ class ConfluentHost:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: self.stop())
-        if self.positions is None:
+        tick_s, checkpoint = self.settings.tick_s, self.checkpoint
+        if checkpoint is None:
             self.consumer.subscribe(self.sources)
         else:
-            self._assign(self.positions)
-        next_tick = time.monotonic() + (self.tick_s or 0)
+            self._assign(checkpoint.positions)
+        next_tick = time.monotonic() + (tick_s or 0)
         try:
             while not self._stop.is_set():
                 batch = self._take()
                 started = time.perf_counter()
                 outputs = self.processor.process(batch) if batch else []
-                if self.tick_s is not None and time.monotonic() >= next_tick:
-                    next_tick = time.monotonic() + self.tick_s
+                if tick_s is not None and time.monotonic() >= next_tick:
+                    next_tick = time.monotonic() + tick_s
                     outputs += self.processor.process([])
                 self._write(outputs)
-                if batch and self.positions is None:
+                if batch and checkpoint is None:
                     self.consumer.commit(asynchronous=True)
-                if self.after_write is not None and (batch or outputs):
-                    self.after_write()
+                if checkpoint is not None and (batch or outputs):
+                    checkpoint.after_write()
                 if self.metrics is not None:
                     self._observe(batch, outputs, time.perf_counter() - started)
-                if self.freeze_gc:
+                if self.settings.freeze_gc:
                     # what outlives a batch (cached feature state) leaves the cyclic
                     # GC's generations: collections then walk one batch's objects,
                     # never the whole cache (a full pass over 100,000 cached
                     # entities took ~2 s). O(1); see docs/architecture.md
                     gc.freeze()
-            if self.on_stop is not None:  # a clean stop: its outputs are written too
-                self._write(self.on_stop())
-                if self.after_write is not None:
-                    self.after_write()
+            if checkpoint is not None and checkpoint.on_stop is not None:
+                self._write(checkpoint.on_stop())  # a clean stop: its outputs are written too
+                checkpoint.after_write()
         finally:
             self.producer.flush(30)
             self.consumer.close()  # leaves the group (async commits are flushed)
@@ -148,7 +191,7 @@ class ConfluentHost:
         if not batch and not outputs:
             self.metrics.heartbeat()
             return
-        self.metrics.observe(batch, outputs, seconds, self.dlq_topic)
+        self.metrics.observe(batch, outputs, seconds, self.settings.dlq_topic)
         last: dict[tuple[str, int], int] = {}
         for m in batch:
             last[(m.topic, m.partition)] = m.offset
@@ -161,10 +204,10 @@ class ConfluentHost:
                 self.metrics.set_lag(topic, partition, max(0, high - offset - 1))
 
     def _take(self) -> list[Message]:
-        first = self.consumer.poll(self.poll_s)
+        first = self.consumer.poll(self.settings.poll_s)
         if first is None:
             return []
-        raw = [first, *self.consumer.consume(self.batch_size - 1, timeout=0)]
+        raw = [first, *self.consumer.consume(self.settings.batch_size - 1, timeout=0)]
         batch = []
         for m in raw:
             err = m.error()

@@ -15,8 +15,8 @@ from typing import Any
 
 import faust
 from faust.types import TP
-from riverflow.monitors.exporter import StageMetrics
 from riverflow.streams.contracts import Message, Output, Processor
+from riverflow.streams.reporting import StageReporter
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ def stage_app(
     batch_size: int,
     batch_timeout_s: float,
     tick_s: float | None = None,
-    metrics: StageMetrics | None = None,
+    metrics: StageReporter | None = None,
     dlq_topic: str = "",
     datadir: str | None = None,
 ) -> faust.App:

@@ -37,16 +37,20 @@ def ensure_topics(
     return [t.topic for t in new]
 
 
-def producer(bootstrap: str, **extra: Any) -> Producer:
-    """A producer that batches (linger) and never blocks per message."""
-    conf = {
+def producer_config(bootstrap: str, **extra: Any) -> dict[str, Any]:
+    """Settings of a producer that batches (linger) and never blocks per message."""
+    return {
         "bootstrap.servers": bootstrap,
         "linger.ms": 5,
         "enable.idempotence": True,
         "message.max.bytes": MAX_MESSAGE_BYTES,
         **extra,
     }
-    return Producer(conf)
+
+
+def producer(bootstrap: str, **extra: Any) -> Producer:
+    """A producer that batches (linger) and never blocks per message."""
+    return Producer(producer_config(bootstrap, **extra))
 
 
 def produce_all(prod: Producer, records: Iterable[tuple[str, bytes | None, bytes]]) -> int:

@@ -25,11 +25,11 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 import yaml
@@ -47,6 +47,7 @@ from riverflow.tools.generator import FraudStreamConfig, with_labels
 from riverflow.tools.stack import Endpoints, local_stack
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+T = TypeVar("T")
 
 
 @dataclass
@@ -225,10 +226,12 @@ def measure_limit(
 
 
 def measure_embedded(
-    spec: PipelineSpec, events: list[dict[str, Any]], labels: list[dict[str, Any]]
-) -> dict[str, float]:
-    settings = Settings(snapshot_every_labels=0, label_wait_s=0)
-    rt = EmbeddedRuntime(spec, settings)
+    spec: PipelineSpec, settings: Settings, events: list[dict[str, Any]],
+    labels: list[dict[str, Any]],
+) -> dict[str, float]:  # fmt: skip
+    rt = EmbeddedRuntime(
+        spec, settings.model_copy(update={"snapshot_every_labels": 0, "label_wait_s": 0})
+    )
     for e in events:
         rt.produce(rt.topics.events, e[spec.events.key].encode(), orjson.dumps(e))
     for lab in labels:
@@ -244,15 +247,18 @@ def measure_embedded(
 
 
 class PredictionClock:
-    """Reads a predictions topic in a thread, noting when each event id arrives."""
+    """Reads a predictions topic in a thread, noting when each event id arrives.
 
-    def __init__(self, bootstrap: str, topic: str) -> None:
+    ``config``: librdkafka settings laid over the reading consumer's own.
+    """
+
+    def __init__(self, bootstrap: str, topic: str, config: Mapping[str, Any] | None = None) -> None:
         self.arrivals: dict[str, float] = {}
         self.scored: dict[str, float] = {}  # the scorer's clock when it scored the event
         self._stop = threading.Event()
         self._consumer = Consumer(
             {"bootstrap.servers": bootstrap, "group.id": f"bench-{uuid.uuid4().hex}",
-             "enable.auto.commit": False, "fetch.wait.max.ms": 5}
+             "enable.auto.commit": False, "fetch.wait.max.ms": 5, **(config or {})}
         )  # fmt: skip
         meta = self._consumer.list_topics(topic, timeout=10).topics[topic]
         self._consumer.assign([TopicPartition(topic, p, OFFSET_END) for p in meta.partitions])
@@ -293,9 +299,7 @@ class PredictionClock:
         self._consumer.close()
 
 
-def paced(
-    records: list[tuple[str, bytes, bytes, str]], rate: float
-) -> Iterator[tuple[str, bytes, bytes, str]]:
+def paced(records: list[T], rate: float) -> Iterator[T]:
     """Yield records at ``rate`` per second (in 1 ms slices)."""
     start = time.perf_counter()
     for i, rec in enumerate(records):
@@ -468,10 +472,9 @@ def measure_host(
 
 
 def run_bench(
-    spec: PipelineSpec, cfg: BenchConfig, log: Callable[[str], None] = print
+    spec: PipelineSpec, cfg: BenchConfig, settings: Settings, log: Callable[[str], None] = print
 ) -> BenchResult:
     """Run every part; servers from the settings, or a local stack started for the run."""
-    settings = Settings()
     result = BenchResult(
         machine={
             "cpus": os.cpu_count(),
@@ -488,7 +491,7 @@ def run_bench(
     events, labels = stream(cfg.events, cfg.seed)
     result.limit = measure_limit(spec, events, labels)
     log(f"limit: {result.limit['predict_learn_events_per_s']:,.0f} events/s (predict + learn)")
-    result.embedded = measure_embedded(spec, events, labels)
+    result.embedded = measure_embedded(spec, settings, events, labels)
     log(f"embedded: {result.embedded['events_per_s']:,.0f} events/s")
     with tempfile.TemporaryDirectory(prefix="riverflow-bench-") as tmp:
         workdir = Path(tmp)

@@ -112,7 +112,7 @@ def run_bench(
         if not store.record_served(served):
             raise RuntimeError("the benchmark's namespace is its own: no commit is refused")
         latencies.append(time.perf_counter() - t0)
-        if freeze_gc:  # as the scorer does after every batch (ConfluentHost(freeze_gc=True))
+        if freeze_gc:  # as the scorer does after every batch (HostSettings(freeze_gc=True))
             gc.freeze()
     elapsed = time.perf_counter() - started
     if freeze_gc:

@@ -1,12 +1,13 @@
 """Where an event's end-to-end time goes in the Kafka scorer, at a paced rate.
 
-    python scripts/latency_probe.py --rate 1000 --seconds 20 --variants base,nagle --rounds 2
+    python -m riverflow.tools.latency_probe --rate 1000 --seconds 20 \
+        --variants base,nagle --rounds 2
 
 Starts a throwaway Kafka + Redis, then for each variant in turn (alternated over
 ``--rounds``) a scorer process on the confluent-kafka loop with every phase of
-its loop timed (poll wait, validate, Redis update call, champion refresh,
-scoring, record_served call, produce + flush for acks, commit, metrics) and its
-GC pauses noted. The driver sends events at ``--rate`` and reads the
+its loop timed (poll wait, consume, validate, Redis update call, champion
+refresh, record_served call, produce + flush for acks, commit) and its GC
+pauses noted. The driver sends events at ``--rate`` and reads the
 predictions back (the same paced producer and reading consumer as
 ``riverflow bench``), notes each event's delivery ack, and splits every
 event's latency into: input (produce call -> the scorer's poll returns it),
@@ -17,7 +18,10 @@ delay). Prints p50 / p99 of every segment for all events and for the slowest
 1%, per variant, and writes everything as JSON (``--json``).
 
 A diagnostic, not a test: the variants are configuration overrides tried on
-the scorer and the bench's own clients (see ``VARIANTS``).
+the scorer and the bench's own clients (see ``VARIANTS``). The scorer's clients
+get them as ``ClientSettings``, and are built by that same parameter as clients
+that time their calls; the scorer's store, champion and validator are timed by
+wrappers handed to it.
 """
 
 from __future__ import annotations
@@ -32,11 +36,38 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import orjson
+import redis
 import yaml
+from confluent_kafka import Consumer, Producer
+from confluent_kafka import Message as KafkaMessage
+
+from riverflow.assembly import build_scorer, redis_backends, redis_client
+from riverflow.cli import endpoints
+from riverflow.features.store import (
+    Claim,
+    FeatureRequest,
+    FeatureSnapshot,
+    FeatureStore,
+    ServedPrediction,
+)
+from riverflow.models.champion import ChampionReplica
+from riverflow.settings import Settings
+from riverflow.spec import PipelineSpec, load_spec
+from riverflow.stages.scorer import Scorer
+from riverflow.streams.confluent_host import ClientSettings, ConfluentHost, HostSettings
+from riverflow.streams.contracts import Message, Output
+from riverflow.streams.kafka_io import ensure_topics
+from riverflow.streams.schema import EventSchema
+from riverflow.streams.validation import Invalid, RecordValidator
+from riverflow.tools.bench import PredictionClock, ProcessUsage, paced, stream
+from riverflow.tools.stack import Endpoints, local_stack
+
+PROBE = [sys.executable, "-m", "riverflow.tools.latency_probe"]  # its own processes run it too
 
 # the scorer's and the bench's librdkafka overrides, and the scorer's GC handling, per variant
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -52,7 +83,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     },
     "fetch1": {"consumer": {"fetch.wait.max.ms": 1}, "bench_fetch": {"fetch.wait.max.ms": 1}},
     # the scorer freezes its startup heap and then its heap after every batch, as
-    # `riverflow run scorer` does (kafka_runtime, ConfluentHost(freeze_gc=True));
+    # `riverflow run scorer` does (kafka_runtime, HostSettings(freeze_gc=True));
     # before 2026-11-27 09:10 "base" froze neither, until 09:40 only the startup heap
     "startfreeze": {"batch_freeze": False},  # the startup heap only
     "nofreeze": {"gc_freeze": False, "batch_freeze": False},
@@ -69,84 +100,203 @@ VARIANTS: dict[str, dict[str, Any]] = {
 # -- scorer side: the real scorer, its loop timed ------------------------------------
 
 
-class _Timed:
-    """Delegates to ``inner``; the named methods add their wall time to ``acc``."""
+class LoopTrace:
+    """The scorer's loop as the probe's clients and wrappers see it: per batch, when it
+    was taken, processed and written, and the wall time of every timed call in it."""
 
-    def __init__(self, inner: Any, acc: dict[str, float], methods: dict[str, str]) -> None:
-        self._inner, self._acc, self._methods = inner, acc, methods
+    def __init__(self) -> None:
+        self.batches: list[dict[str, Any]] = []
+        self.phases: dict[str, float] = {}  # the current batch's timed calls, by phase
+        self.current: dict[str, Any] = {}
 
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self._inner, name)
-        phase = self._methods.get(name)
-        if phase is None:
-            return attr
+    def add(self, phase: str, since: float) -> None:
+        self.phases[phase] = self.phases.get(phase, 0.0) + time.time() - since
 
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            t0 = time.time()
-            try:
-                return attr(*args, **kwargs)
-            finally:
-                self._acc[phase] = self._acc.get(phase, 0.0) + time.time() - t0
+    def taking(self, at: float) -> None:
+        """The loop polls for its next batch: the one before is closed."""
+        self.phases = {}
+        self.current = {"t_take0": at}
 
-        return timed
+    def processed(self, batch: Sequence[Message], at: float) -> None:
+        self.current.update(
+            n=len(batch), first=self.phases.get("poll", 0.0), rest=self.phases.get("consume", 0.0),
+            offsets=[(m.partition, m.offset) for m in batch], t_process0=at,
+            t_process1=time.time(),
+        )  # fmt: skip
+
+    def written(self) -> None:
+        """The outputs were flushed (once per batch; a flush at shutdown is not)."""
+        if self.current.get("n") and "t_write1" not in self.current:
+            # the phases dict stays open: the commit after the write lands in it too
+            self.current.update(t_write1=time.time(), phases=self.phases)
+            self.batches.append(self.current)
 
 
-def run_scorer(trace_path: Path) -> None:
-    import confluent_kafka
+class TimedConsumer(Consumer):
+    """The host's consumer, its calls timed into ``trace``. ``commit_every_s`` > 0: offsets
+    are committed at most that often (an experiment)."""
 
-    import riverflow.streams.confluent_host as host_mod
-    from riverflow.assembly import build_scorer, redis_backends, redis_client
-    from riverflow.cli import load_spec
-    from riverflow.settings import Settings
-    from riverflow.streams.kafka_io import producer
-    from riverflow.tools.stack import Endpoints
+    def __init__(
+        self, config: dict[str, Any], trace: LoopTrace, commit_every_s: float = 0.0
+    ) -> None:
+        super().__init__(config)
+        self.trace, self.commit_every_s, self._committed = trace, commit_every_s, 0.0
 
-    variant = json.loads(os.environ.get("PROBE_VARIANT", "{}"))
-    consumer_conf, producer_conf = variant.get("consumer", {}), variant.get("producer", {})
-    host_mod.Consumer = lambda conf: confluent_kafka.Consumer({**conf, **consumer_conf})
-    host_mod.producer = lambda b, **kw: producer(b, **{**kw, **producer_conf})
+    def poll(self, timeout: float = -1) -> KafkaMessage | None:
+        t0 = time.time()
+        self.trace.taking(t0)
+        try:
+            return super().poll(timeout)
+        finally:
+            self.trace.add("poll", t0)
 
-    settings = Settings()
-    spec = load_spec(settings.spec)
-    ep = Endpoints(settings.kafka_bootstrap, settings.redis_url)
-    store, registry = redis_backends(spec, settings, redis_client(settings, ep.redis_url))
-    scorer = build_scorer(spec, settings, store, registry)
-    acc: dict[str, float] = {}
-    scorer.store = _Timed(
-        scorer.store, acc, {"update_and_read": "update", "record_served": "record"}
-    )
-    scorer.champion = _Timed(scorer.champion, acc, {"refresh": "refresh"})
-    validate = scorer.validate
-
-    def timed_validate(value: bytes | None) -> Any:
+    def consume(self, num_messages: int = 1, timeout: float = -1) -> list[KafkaMessage]:
         t0 = time.time()
         try:
-            return validate(value)
+            return super().consume(num_messages, timeout)
         finally:
-            acc["validate"] = acc.get("validate", 0.0) + time.time() - t0
+            self.trace.add("consume", t0)
+            self.trace.current["t_taken"] = time.time()
 
-    scorer.validate = timed_validate
-    host = host_mod.ConfluentHost(
-        scorer, spec.topics.events, ep.kafka_bootstrap, f"riverflow-{spec.name}-scorer",
-        settings.batch_size, tick_s=settings.model_poll_s,
-        freeze_gc=variant.get("batch_freeze", True),
+    def commit(self, *args: Any, **kwargs: Any) -> Any:
+        if self.commit_every_s:
+            if time.monotonic() - self._committed < self.commit_every_s:
+                return None
+            self._committed = time.monotonic()
+        t0 = time.time()
+        try:
+            return super().commit(*args, **kwargs)
+        finally:
+            self.trace.add("commit", t0)
+
+
+class TimedProducer(Producer):
+    """The host's producer, its calls timed into ``trace``."""
+
+    def __init__(self, config: dict[str, Any], trace: LoopTrace) -> None:
+        super().__init__(config)
+        self.trace = trace
+
+    def produce(self, *args: Any, **kwargs: Any) -> None:
+        t0 = time.time()
+        self.trace.current.setdefault("t_write0", t0)
+        try:
+            super().produce(*args, **kwargs)
+        finally:
+            self.trace.add("produce", t0)
+
+    def flush(self, timeout: float = -1) -> int:
+        t0 = time.time()
+        try:
+            return super().flush(timeout)
+        finally:
+            self.trace.add("flush", t0)
+            self.trace.written()
+
+
+class TimedStore:
+    """The scorer's feature store; its two calls per batch timed into ``trace``."""
+
+    def __init__(self, inner: FeatureStore, trace: LoopTrace) -> None:
+        self.inner, self.trace = inner, trace
+        self.batches = inner.batches  # the same counters: the store updates them in place
+
+    def update_and_read(
+        self, batch: Sequence[FeatureRequest], commit: bool = True
+    ) -> list[FeatureSnapshot]:
+        t0 = time.time()
+        try:
+            return self.inner.update_and_read(batch, commit)
+        finally:
+            self.trace.add("update", t0)
+
+    def record_served(self, served: Sequence[tuple[str, ServedPrediction]]) -> bool:
+        t0 = time.time()
+        try:
+            return self.inner.record_served(served)
+        finally:
+            self.trace.add("record", t0)
+
+    def claim_snapshots(
+        self, event_ids: Sequence[str], tokens: Sequence[str], stale: Callable[[str], bool]
+    ) -> list[FeatureSnapshot | Claim]:
+        return self.inner.claim_snapshots(event_ids, tokens, stale)
+
+    def read(self, entities: Mapping[str, str], at: float | None = None) -> dict[str, float]:
+        return self.inner.read(entities, at)
+
+
+class TimedChampion(ChampionReplica):
+    """The champion replica, its ``refresh`` timed into ``trace``."""
+
+    def __init__(self, served: ChampionReplica, trace: LoopTrace) -> None:
+        # follows the same registry as ``served``, starting from the version it serves
+        super().__init__(served.registry, lambda: served.current, served.poll_s, served.clock)
+        self.trace = trace
+
+    def refresh(self, force: bool = False) -> bool:
+        t0 = time.time()
+        try:
+            return super().refresh(force)
+        finally:
+            self.trace.add("refresh", t0)
+
+
+class TimedValidator(RecordValidator):
+    """The scorer's event validator, each call timed into ``trace``."""
+
+    def __init__(self, schema: EventSchema, max_bytes: int, trace: LoopTrace) -> None:
+        super().__init__(schema.fields, max_bytes)
+        self.trace = trace
+
+    def __call__(self, raw: bytes | None) -> dict[str, Any] | Invalid:
+        t0 = time.time()
+        try:
+            return super().__call__(raw)
+        finally:
+            self.trace.add("validate", t0)
+
+
+class TimedProcessor:
+    """The scorer as its host runs it; each non-empty batch noted in ``trace``."""
+
+    def __init__(self, inner: Scorer, trace: LoopTrace) -> None:
+        self.inner, self.trace, self.stage = inner, trace, inner.stage
+
+    def process(self, batch: Sequence[Message]) -> list[Output]:
+        t0 = time.time()
+        out = self.inner.process(batch)
+        if batch:
+            self.trace.processed(batch, t0)
+        return out
+
+    def status(self) -> dict[str, float]:
+        return self.inner.status()
+
+
+def run_scorer(trace_path: Path, variant: dict[str, Any]) -> None:
+    """The scorer as ``riverflow run scorer`` hosts it on the confluent loop (settings
+    from the environment), with the ``variant``'s overrides and every phase timed."""
+    settings = Settings()
+    spec = load_spec(settings.spec)
+    ep = endpoints(settings)
+    trace = LoopTrace()
+    store, registry = redis_backends(spec, settings, redis_client(settings, ep.redis_url))
+    scorer = build_scorer(spec, settings, TimedStore(store, trace), registry)
+    scorer.champion = TimedChampion(scorer.champion, trace)
+    scorer.validate = TimedValidator(spec.events, settings.max_event_bytes, trace)
+    commit_every_s = variant.get("commit_every_s", 0.0)
+    clients = ClientSettings(
+        consumer=variant.get("consumer", {}), producer=variant.get("producer", {}),
+        make_consumer=lambda conf: TimedConsumer(conf, trace, commit_every_s),
+        make_producer=lambda conf: TimedProducer(conf, trace),
     )  # fmt: skip
-    host.consumer = _Timed(
-        host.consumer, acc, {"poll": "poll", "consume": "consume", "commit": "commit"}
-    )
-    if variant.get("commit_every_s"):  # experiment: offsets committed at most this often
-        every, inner, last = variant["commit_every_s"], host.consumer.commit, [0.0]
+    loop = HostSettings(
+        ep.kafka_bootstrap, f"riverflow-{spec.name}-scorer", settings.batch_size,
+        tick_s=settings.model_poll_s, freeze_gc=variant.get("batch_freeze", True),
+    )  # fmt: skip
+    host = ConfluentHost(TimedProcessor(scorer, trace), spec.topics.events, loop, clients)
 
-        def throttled(*args: Any, **kwargs: Any) -> Any:
-            if time.monotonic() - last[0] >= every:
-                last[0] = time.monotonic()
-                return inner(*args, **kwargs)
-            return None
-
-        host.consumer.commit = throttled  # type: ignore[method-assign]
-    host.producer = _Timed(host.producer, acc, {"produce": "produce", "flush": "flush"})
-
-    batches: list[dict[str, Any]] = []
     gcs: list[tuple[float, float, int]] = []
     gc_started = [0.0]
 
@@ -157,41 +307,15 @@ def run_scorer(trace_path: Path) -> None:
             gcs.append((gc_started[0], time.time() - gc_started[0], info["generation"]))
 
     gc.callbacks.append(on_gc)
-    take, process, write = host._take, scorer.process, host._write
-    current: dict[str, Any] = {}
-
-    def timed_take() -> Any:
-        acc.clear()
-        t0 = time.time()
-        batch = take()
-        current.clear()
-        current.update(t_take0=t0, t_taken=time.time(), n=len(batch),
-                       first=acc.get("poll", 0.0), rest=acc.get("consume", 0.0),
-                       offsets=[(m.partition, m.offset) for m in batch])  # fmt: skip
-        return batch
-
-    def timed_process(batch: Any) -> Any:
-        t0 = time.time()
-        out = process(batch)
-        if batch:
-            current.update(t_process0=t0, t_process1=time.time())
-        return out
-
-    def timed_write(outputs: Any) -> None:
-        t0 = time.time()
-        write(outputs)
-        if current.get("n"):
-            current.update(t_write0=t0, t_write1=time.time(), phases=dict(acc))
-            batches.append(dict(current))
-
-    host._take, scorer.process, host._write = timed_take, timed_process, timed_write
     if variant.get("gc_freeze", True):
+        # kafka_runtime.freeze_startup_heap, not imported: that module loads Faust,
+        # whose objects would change what the GC variants measure
         gc.collect()
-        gc.freeze()  # what is loaded by now lives for the process: keep it out of GC scans
+        gc.freeze()
     try:
         host.run()
     finally:
-        trace_path.write_bytes(orjson.dumps({"batches": batches, "gc": gcs}))
+        trace_path.write_bytes(orjson.dumps({"batches": trace.batches, "gc": gcs}))
 
 
 # -- scheduling delay of the box -----------------------------------------------------
@@ -235,16 +359,9 @@ def jvm_gc(pid: int) -> dict[str, float]:
 
 
 def measure(
-    name: str, variant: dict[str, Any], ep: Any, base_spec: dict[str, Any], workdir: Path,
+    name: str, variant: dict[str, Any], ep: Endpoints, base_spec: dict[str, Any], workdir: Path,
     rate: int, seconds: float,
 ) -> dict[str, Any]:  # fmt: skip
-    from confluent_kafka import Producer
-
-    from riverflow.settings import Settings
-    from riverflow.spec import PipelineSpec
-    from riverflow.streams.kafka_io import ensure_topics
-    from riverflow.tools.bench import PredictionClock, ProcessUsage, paced, stream
-
     spec_name = f"probe{uuid.uuid4().hex[:6]}"
     spec = PipelineSpec.model_validate({**base_spec, "name": spec_name})
     spec_file = workdir / f"{spec_name}.yaml"
@@ -252,26 +369,13 @@ def measure(
     ensure_topics(ep.kafka_bootstrap, spec.topics.all(), partitions=3)
     trace, sleeps = workdir / f"{spec_name}.trace.json", workdir / f"{spec_name}.sleep.json"
     env = {**os.environ, "RIVERFLOW_KAFKA_BOOTSTRAP": ep.kafka_bootstrap,
-           "RIVERFLOW_REDIS_URL": ep.redis_url, "RIVERFLOW_SPEC": str(spec_file),
-           "PROBE_VARIANT": json.dumps(variant)}  # fmt: skip
-    import redis
-
+           "RIVERFLOW_REDIS_URL": ep.redis_url, "RIVERFLOW_SPEC": str(spec_file)}  # fmt: skip
     rds = redis.Redis.from_url(ep.redis_url)
     rds.config_set("latency-monitor-threshold", 5)  # Redis notes every event over 5 ms
     rds.latency_reset()
-    scorer = subprocess.Popen([sys.executable, __file__, "_scorer", str(trace)], env=env)
-    prober = subprocess.Popen([sys.executable, __file__, "_oversleep", str(sleeps)])
-    clock = PredictionClock(ep.kafka_bootstrap, spec.topics.predictions)
-    if variant.get("bench_fetch"):  # the reading consumer's config: rebuild it
-        clock.close()
-        import confluent_kafka
-
-        real = confluent_kafka.Consumer
-        import riverflow.tools.bench as bench_mod
-
-        bench_mod.Consumer = lambda conf: real({**conf, **variant["bench_fetch"]})
-        clock = PredictionClock(ep.kafka_bootstrap, spec.topics.predictions)
-        bench_mod.Consumer = real
+    scorer = subprocess.Popen([*PROBE, "_scorer", str(trace), json.dumps(variant)], env=env)
+    prober = subprocess.Popen([*PROBE, "_oversleep", str(sleeps)])
+    clock = PredictionClock(ep.kafka_bootstrap, spec.topics.predictions, variant.get("bench_fetch"))
     prod = Producer({"bootstrap.servers": ep.kafka_bootstrap, "linger.ms": 1,
                      "enable.idempotence": True, **variant.get("bench", {})})  # fmt: skip
     key = spec.events.key
@@ -370,9 +474,9 @@ def measure(
         for ds in [[d for _, d, gen in window_gc if gen == g]]
     }
     # how many of the slowest 1% were in flight while the scorer ran a gen-2 collection
-    full = [(t, t + d) for t, d, g in window_gc if g == 2]
+    gen2 = [(t, t + d) for t, d, g in window_gc if g == 2]
     result["slowest_1pct_during_gen2"] = sum(
-        any(a < r["t_arrived"] and b > r["t_sent"] for a, b in full) for r in tail
+        any(a < r["t_arrived"] and b > r["t_sent"] for a, b in gen2) for r in tail
     )
     sl = orjson.loads(sleeps.read_bytes())
     late = [d for t, d in sl["late"] if t0 <= t <= t1]
@@ -387,14 +491,13 @@ def measure(
             "full_s": jvm1["FGCT"] - jvm0["FGCT"],
         }  # fmt: skip
     result["load"] = os.getloadavg()
-    result["broker_jvm"] = Settings().kafka_jvm_options
     result["cpu_us_per_event"] = cpu_us  # while the events were sent and came back
     return result
 
 
 def main() -> None:
-    if len(sys.argv) > 2 and sys.argv[1] == "_scorer":
-        run_scorer(Path(sys.argv[2]))
+    if len(sys.argv) > 3 and sys.argv[1] == "_scorer":
+        run_scorer(Path(sys.argv[2]), json.loads(sys.argv[3]))
         return
     if len(sys.argv) > 2 and sys.argv[1] == "_oversleep":
         run_oversleep(Path(sys.argv[2]))
@@ -410,19 +513,18 @@ def main() -> None:
     ap.add_argument("--json", default="")
     ap.add_argument("--warmup", type=float, default=5, help="seconds of a discarded first run")
     args = ap.parse_args()
-    from riverflow.settings import Settings
-    from riverflow.tools.stack import local_stack
-
-    base_spec = yaml.safe_load(Path(args.spec).read_text())
+    settings = Settings()
+    base_spec = load_spec(args.spec).model_dump(mode="json", by_alias=True)
     results = []
     with tempfile.TemporaryDirectory(prefix="riverflow-probe-") as tmp, \
-            local_stack(Settings(), Path(tmp) / "stack") as ep:  # fmt: skip
+            local_stack(settings, Path(tmp) / "stack") as ep:  # fmt: skip
         if args.warmup:  # a fresh broker's JVM is slow for its first minute
             measure("warmup", {}, ep, base_spec, Path(tmp), args.rate, args.warmup)
         for rnd in range(args.rounds):
             for name in args.variants.split(","):
                 r = measure(name, VARIANTS[name], ep, base_spec, Path(tmp), args.rate, args.seconds)
                 r["round"] = rnd + 1
+                r["broker_jvm"] = settings.kafka_jvm_options
                 results.append(r)
                 a, s = r["all"], r["slowest_1pct_mean_ms"]
                 print(f"[{rnd + 1}] {name}: load {r['load'][0]:.1f}, "

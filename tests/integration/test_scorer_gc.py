@@ -1,4 +1,4 @@
-"""The scorer freezes its heap after every batch (``ConfluentHost(freeze_gc=True)``),
+"""The scorer freezes its heap after every batch (``HostSettings(freeze_gc=True)``),
 so the cyclic GC never collects what outlives a batch. That is safe only while
 the scorer's steady state makes no reference cycle: here it runs its batches on
 real Redis, with new champion versions (a tree, a pipeline), bad messages, a

@@ -1,0 +1,36 @@
+"""What a Kafka host reports to after every batch: the stage's metrics exporter.
+
+The exporter lives with the monitors (``riverflow.monitors.exporter.StageMetrics``,
+which satisfies this protocol structurally); the composition root passes it in, so
+transport never imports what it reports to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from riverflow.streams.contracts import Message, Output
+
+
+class StageReporter(Protocol):
+    """Throughput, outcomes, lag and liveness of one stage, as its host sees them."""
+
+    def observe(
+        self, batch: Sequence[Message], outputs: Sequence[Output], seconds: float, dlq_topic: str
+    ) -> None:
+        """A batch whose outputs are acknowledged, ``seconds`` after it was taken; outputs
+        to ``dlq_topic`` are dead letters."""
+        ...
+
+    def set_lag(self, topic: str, partition: int, lag: int) -> None:
+        """Messages of the partition not consumed yet."""
+        ...
+
+    def set_status(self, status: dict[str, float]) -> None:
+        """What the processor reports (``Processor.status``)."""
+        ...
+
+    def heartbeat(self) -> None:
+        """The loop went round without a batch (the stage is alive while quiet)."""
+        ...
