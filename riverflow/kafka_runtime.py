@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import logging
 import math
+from dataclasses import replace
 
 from riverflow.assembly import (
     build_learner,
@@ -23,9 +24,10 @@ from riverflow.assembly import (
 from riverflow.monitors.exporter import MonitorMetrics, StageMetrics, serve
 from riverflow.settings import Settings
 from riverflow.spec import PipelineSpec
-from riverflow.streams.confluent_host import Checkpointing, ConfluentHost, HostSettings
+from riverflow.streams.confluent_host import Checkpointing, ConfluentHost
 from riverflow.streams.contracts import Output
 from riverflow.streams.faust_app import run_worker, stage_app
+from riverflow.streams.hosting import HostSettings
 from riverflow.streams.kafka_io import ensure_topics
 from riverflow.tools.stack import Endpoints
 
@@ -91,11 +93,9 @@ def run_stage(stage: str, spec: PipelineSpec, settings: Settings, ep: Endpoints)
         loop = host_settings(stage, spec, settings, ep, settings.model_poll_s)
         freeze_startup_heap()
         if host == "faust":
-            run_worker(stage_app(
-                scorer, topics.events, ep.kafka_bootstrap, loop.group, settings.batch_size,
-                settings.batch_timeout_s, tick_s=loop.tick_s, metrics=metrics,
-                dlq_topic=topics.dlq, datadir=str(settings.cache_dir / "faust" / loop.group),
-            ))  # fmt: skip
+            faust_loop = replace(loop, poll_s=settings.batch_timeout_s)
+            datadir = str(settings.cache_dir / "faust" / loop.group)
+            run_worker(stage_app(scorer, topics.events, faust_loop, metrics, datadir))
         else:
             ConfluentHost(scorer, topics.events, loop, metrics=metrics).run()
         return

@@ -44,28 +44,15 @@ from confluent_kafka import (
     TopicPartition,
 )
 from riverflow.streams.contracts import Message, Output, Processor
+from riverflow.streams.hosting import HostSettings, StageReporter
 from riverflow.streams.kafka_io import (
     MAX_MESSAGE_BYTES,
     KafkaIOError,
     produce_all,
     producer_config,
 )
-from riverflow.streams.reporting import StageReporter
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class HostSettings:
-    """Where a stage's loop reads and how it batches."""
-
-    bootstrap: str
-    group: str
-    batch_size: int
-    poll_s: float = 0.1  # the longest wait for a batch's first message
-    tick_s: float | None = None  # also call the processor with an empty batch this often
-    dlq_topic: str = ""  # outputs to it are reported as dead letters
-    freeze_gc: bool = False  # freeze the heap after every batch (module docstring)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from typing import Any
 import faust
 from faust.types import TP
 from riverflow.streams.contracts import Message, Output, Processor
-from riverflow.streams.reporting import StageReporter
+from riverflow.streams.hosting import HostSettings, StageReporter
 
 log = logging.getLogger(__name__)
 
@@ -24,22 +24,24 @@ log = logging.getLogger(__name__)
 def stage_app(
     processor: Processor,
     source: str,
-    bootstrap: str,
-    group: str,
-    batch_size: int,
-    batch_timeout_s: float,
-    tick_s: float | None = None,
+    settings: HostSettings,
     metrics: StageReporter | None = None,
-    dlq_topic: str = "",
     datadir: str | None = None,
 ) -> faust.App:
-    """A Faust app whose one agent feeds ``source`` to ``processor`` in batches.
+    """A Faust app whose one agent feeds ``source`` to ``processor`` in batches of up to
+    ``settings.batch_size``, waiting at most ``settings.poll_s`` to fill one.
 
-    ``tick_s`` also calls the processor with an empty batch on a timer (the
-    scorer follows the champion pointer on it while the stream is quiet).
-    ``datadir``: where Faust keeps its files (default: ``{group}-data`` in the
-    working directory, Faust's own default).
+    ``settings.tick_s`` also calls the processor with an empty batch on a timer (the
+    scorer follows the champion pointer on it while the stream is quiet);
+    ``settings.freeze_gc`` is the confluent loop's only. ``datadir``: where Faust keeps
+    its files (default: ``{group}-data`` in the working directory, Faust's own default).
     """
+    group, batch_size, tick_s, dlq_topic = (
+        settings.group,
+        settings.batch_size,
+        settings.tick_s,
+        settings.dlq_topic,
+    )
     extra: dict[str, Any] = {}
     if datadir is not None:
         Path(datadir).mkdir(parents=True, exist_ok=True)  # Faust makes only the last level
@@ -47,7 +49,7 @@ def stage_app(
     app = faust.App(
         group,
         **extra,
-        broker=f"kafka://{bootstrap}",
+        broker=f"kafka://{settings.bootstrap}",
         key_serializer="raw",
         value_serializer="raw",
         store="memory://",
@@ -85,7 +87,7 @@ def stage_app(
 
     @app.agent(topic(source), name=f"{processor.stage}-agent")
     async def run(stream: Any) -> None:
-        async for events in stream.take_events(batch_size, within=batch_timeout_s):
+        async for events in stream.take_events(batch_size, within=settings.poll_s):
             started = time.perf_counter()
             batch = [
                 Message(e.message.topic, e.message.partition, e.message.offset,

@@ -1,4 +1,6 @@
-"""What a Kafka host reports to after every batch: the stage's metrics exporter.
+"""What a Kafka host is given, whichever it is (confluent-kafka loop or Faust): where it
+reads and how it batches, and what it reports to after every batch: the stage's
+metrics exporter.
 
 The exporter lives with the monitors (``riverflow.monitors.exporter.StageMetrics``,
 which satisfies this protocol structurally); the composition root passes it in, so
@@ -8,6 +10,7 @@ transport never imports what it reports to.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from riverflow.streams.contracts import Message, Output
@@ -34,3 +37,16 @@ class StageReporter(Protocol):
     def heartbeat(self) -> None:
         """The loop went round without a batch (the stage is alive while quiet)."""
         ...
+
+
+@dataclass(frozen=True)
+class HostSettings:
+    """Where a stage's loop reads and how it batches."""
+
+    bootstrap: str
+    group: str
+    batch_size: int
+    poll_s: float = 0.1  # the longest wait for a batch's first message
+    tick_s: float | None = None  # also call the processor with an empty batch this often
+    dlq_topic: str = ""  # outputs to it are reported as dead letters
+    freeze_gc: bool = False  # freeze the heap after every batch (module docstring)
