@@ -47,6 +47,7 @@ from riverflow.monitors.view import (
     SegmentView,
     SeriesPoint,
 )
+from riverflow.streams.contracts import ModelEvent
 
 MAX_POINTS = 2_000  # per series; older points are thinned out beyond this
 MAX_MARKERS = 500
@@ -66,17 +67,17 @@ class Decision:
     at: float = 0.0
     labels: int = 0  # the monitor's count of labelled events when it happened
 
-    def as_event(self) -> dict[str, Any]:
+    def as_event(self) -> ModelEvent:
         """The ``{ns}.model-events`` record."""
-        return {
-            "kind": self.kind,
-            "model": self.model,
-            "version": self.version,
-            "at": self.at,
-            "reason": self.reason,
-            "evidence": {**self.evidence, "labels": self.labels},
-            "by": "monitor",
-        }
+        return ModelEvent(
+            kind=self.kind,
+            model=self.model,
+            version=self.version,
+            at=self.at,
+            reason=self.reason,
+            evidence={**self.evidence, "labels": self.labels},
+            by="monitor",
+        )
 
 
 class _Watch:

@@ -13,14 +13,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
-
 from riverflow.features.definitions import FeaturePlan
 from riverflow.features.store import Claim, FeatureSnapshot, FeatureStore
 from riverflow.models.registry import ChampionPointer, ModelRegistry
 from riverflow.monitors.prequential import PrequentialMetrics
 from riverflow.stages.common import StageCounters, dead_letter, model_inputs
-from riverflow.streams.contracts import Message, Output
+from riverflow.streams.contracts import CandidatePrediction, Evaluation, Message, ModelEvent, Output
 from riverflow.streams.schema import FieldType, LabelSpec
 from riverflow.streams.topics import Topics
 from riverflow.streams.validation import Invalid, RecordValidator
@@ -224,16 +222,16 @@ class Learner:
             if pointer is not None and pointer.model == name:
                 continue  # retired while champion: keep training what is served
             del self.candidates[name], self.dynamic[name]
-            out.append(self._model_event({"kind": "dropped", "model": name,
-                                          "version": 0, "reason": "retired"}))  # fmt: skip
+            out.append(self._model_event(ModelEvent(kind="dropped", model=name,
+                                                    version=0, reason="retired")))  # fmt: skip
         for name, base in wanted.items():
             if name in self.candidates:
                 continue
             self.candidates[name] = Candidate(name, self.fresh_model(base), 0,
                                               PrequentialMetrics())  # fmt: skip
             self.dynamic[name] = base
-            out.append(self._model_event({"kind": "started", "model": name, "version": 0,
-                                          "reason": f"fresh {base}"}))  # fmt: skip
+            out.append(self._model_event(ModelEvent(kind="started", model=name, version=0,
+                                                    reason=f"fresh {base}")))  # fmt: skip
         out += self._follow_rollback(pointer)
         return out
 
@@ -252,40 +250,36 @@ class Learner:
             return []
         c, to = self.candidates[back.to.model], back.to
         c.model, c.version = self.registry.load(to.model, to.version).model, to.version
-        out = [self._model_event({"kind": "rebased", "model": c.name, "version": c.version,
-                                  "reason": back.reason})]  # fmt: skip
+        out = [self._model_event(ModelEvent(kind="rebased", model=c.name, version=c.version,
+                                            reason=back.reason))]  # fmt: skip
         if pointer is not None and pointer.model == to.model and pointer.version > to.version:
             again = self.registry.move(to, "rollback", pointer, f"re-applied: {back.reason}")
             if again is not None:
                 self._rollbacks_after = again.at
-                out.append(self._model_event(again.as_dict()))
+                out.append(self._model_event(again.as_event()))
         return out
 
     def _learn(self, snap: FeatureSnapshot, label: bool) -> Output:
         segment = None if self.segment is None else snap.inputs.get(self.segment)
         x = {**model_inputs(snap.inputs, self.extra), **self.plan.values(snap.aggregates)}
-        predictions = {}
+        predictions: dict[str, CandidatePrediction] = {}
         for c in self.candidates.values():
             proba = c.model.predict_proba_one(x)
             probability = float(proba.get(True, 0.0))
             c.metrics.update(label, proba)
             c.model.learn_one(x, label)
-            predictions[c.name] = {"version": c.version, "probability": probability}
+            predictions[c.name] = CandidatePrediction(c.version, probability)
         self.learned += 1
         self._since_snapshot += 1
-        served = snap.served
-        record = {
-            "event_id": snap.event_id,
-            "label": label,
-            "labels_seen": self.learned,
-            "predictions": predictions,
-            "served": None if served is None else {"model": served.model,
-                                                   "version": served.version,
-                                                   "probability": served.probability},
-        }  # fmt: skip
-        if segment is not None:
-            record["segment"] = segment
-        return Output(self.topics.evaluations, snap.event_id.encode(), orjson.dumps(record))
+        record = Evaluation(
+            event_id=snap.event_id,
+            label=label,
+            labels_seen=self.learned,
+            predictions=predictions,
+            served=snap.served,
+            segment=segment,
+        )
+        return Output(self.topics.evaluations, snap.event_id.encode(), record.encode())
 
     def status(self) -> dict[str, float]:
         out = {
@@ -319,9 +313,9 @@ class Learner:
                 "metrics": c.metrics.as_dict(),
             }
             parent, c.version = c.version, self.registry.publish(c.name, c.model, meta)
-            out.append(self._model_event({"kind": "published", "model": c.name,
-                                          "version": c.version, "parent": parent,
-                                          "labels_seen": self.learned}))  # fmt: skip
+            out.append(self._model_event(ModelEvent(kind="published", model=c.name,
+                                                    version=c.version, parent=parent,
+                                                    labels_seen=self.learned)))  # fmt: skip
             if parent or c.name == self.lead:
                 expect = ChampionPointer(c.name, parent) if parent else None
                 to = ChampionPointer(c.name, c.version)
@@ -330,7 +324,7 @@ class Learner:
                 if moved is None and current and self._orphan_of(current, c.name, parent):
                     moved = self.registry.move(to, "advance", current)
                 if moved is not None:
-                    out.append(self._model_event(moved.as_dict()))
+                    out.append(self._model_event(moved.as_event()))
         self._staged = self.state()
         self._saved_positions = dict(self.positions)
         self._since_snapshot = 0
@@ -386,5 +380,5 @@ class Learner:
             saved_at=time.time(),
         )
 
-    def _model_event(self, record: dict[str, Any]) -> Output:
-        return Output(self.topics.model_events, str(record["model"]).encode(), orjson.dumps(record))
+    def _model_event(self, event: ModelEvent) -> Output:
+        return Output(self.topics.model_events, event.model.encode(), event.encode())
