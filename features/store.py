@@ -60,6 +60,7 @@ import redis
 from riverflow.features.definitions import FeaturePlan, entity_value
 from riverflow.features.errors import FeatureStoreError
 from riverflow.features.tiles import Engine, Entity, pack_entity, unpack_entity
+from riverflow.streams.contracts import ServedPrediction
 
 
 @dataclass(frozen=True)
@@ -88,16 +89,9 @@ def feature_request(
     )
 
 
-@dataclass(frozen=True)
-class ServedPrediction:
-    """The prediction a scorer served for an event: what the user got."""
-
-    model: str
-    version: int
-    probability: float
-
-    def encode(self) -> bytes:
-        return msgpack.packb([self.model, self.version, float(self.probability)])
+def _packed(served: ServedPrediction) -> bytes:
+    """A served prediction as the snapshot's fourth element stores it."""
+    return msgpack.packb([served.model, served.version, float(served.probability)])
 
 
 @dataclass(frozen=True)
@@ -238,7 +232,7 @@ class MemoryFeatureStore:
     def record_served(self, served: Sequence[tuple[str, ServedPrediction]]) -> bool:
         for event_id, prediction in served:
             raw = self.snapshots.get(event_id)
-            stored = None if raw is None else _with_served(raw, prediction.encode())
+            stored = None if raw is None else _with_served(raw, _packed(prediction))
             if stored is not None:
                 self.snapshots[event_id] = stored
         return True
@@ -829,11 +823,11 @@ class RedisFeatureStore:
     def record_served(self, served: Sequence[tuple[str, ServedPrediction]]) -> bool:
         if self._pending is not None:
             pending, self._pending = self._pending, None
-            return self._apply(pending, {e: p.encode() for e, p in served})
+            return self._apply(pending, {e: _packed(p) for e, p in served})
         if not served:
             return True
         snap = self.snapshot_key("")
-        batch = [[snap + event_id, prediction.encode()] for event_id, prediction in served]
+        batch = [[snap + event_id, _packed(prediction)] for event_id, prediction in served]
         self._call(self._record_served, [], [msgpack.packb(batch, use_bin_type=False)])
         return True
 

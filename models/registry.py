@@ -30,6 +30,7 @@ import river
 from riverflow.models.checkpoint import LearnerCheckpoint
 from riverflow.models.errors import ModelError
 from riverflow.models.signing import sign, verify_and_load
+from riverflow.streams.contracts import ModelEvent
 
 EXPORT_FORMAT = "riverflow-model/1"
 
@@ -75,16 +76,17 @@ class PointerMove:
     at: float
     reason: str = ""
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_event(self) -> ModelEvent:
+        """The ``{ns}.model-events`` record, also what the pointer history keeps."""
         prev = self.previous
-        return {
-            "kind": self.kind,
-            "model": self.to.model,
-            "version": self.to.version,
-            "previous": None if prev is None else {"model": prev.model, "version": prev.version},
-            "at": self.at,
-            "reason": self.reason,
-        }
+        return ModelEvent(
+            kind=self.kind,
+            model=self.to.model,
+            version=self.to.version,
+            previous=None if prev is None else {"model": prev.model, "version": prev.version},
+            at=self.at,
+            reason=self.reason,
+        )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PointerMove:
@@ -167,7 +169,7 @@ class ModelRegistry(ABC):
         self._get(to.model, to.version)  # only existing versions can be served
         move = PointerMove(kind, to, expect, time.time(), reason)
         old = b"" if expect is None else expect.encode()
-        ok = self._compare_and_set(old, to.encode(), orjson.dumps(move.as_dict()))
+        ok = self._compare_and_set(old, to.encode(), move.as_event().encode())
         return move if ok else None
 
     def promote(self, to: ChampionPointer, kind: str = "promote", reason: str = "") -> PointerMove:

@@ -42,6 +42,7 @@ from riverflow.monitors.distribution import DistributionMonitor
 from riverflow.monitors.drift import ErrorDriftMonitor
 from riverflow.monitors.quality import PairedWindow, WindowedQuality
 from riverflow.monitors.spec import MonitorSpec
+from riverflow.streams.contracts import ModelEvent
 
 MAX_SEGMENTS = 1_000  # segment values tracked one by one
 OTHER_SEGMENT = "(other)"
@@ -59,17 +60,17 @@ class Decision:
     at: float = 0.0
     labels: int = 0  # the monitor's count of labelled events when it happened
 
-    def as_event(self) -> dict[str, Any]:
+    def as_event(self) -> ModelEvent:
         """The ``{ns}.model-events`` record."""
-        return {
-            "kind": self.kind,
-            "model": self.model,
-            "version": self.version,
-            "at": self.at,
-            "reason": self.reason,
-            "evidence": {**self.evidence, "labels": self.labels},
-            "by": "monitor",
-        }
+        return ModelEvent(
+            kind=self.kind,
+            model=self.model,
+            version=self.version,
+            at=self.at,
+            reason=self.reason,
+            evidence={**self.evidence, "labels": self.labels},
+            by="monitor",
+        )
 
 
 class Watch:

@@ -26,6 +26,7 @@ from riverflow.tools.stack import Endpoints, stack_down, stack_status, stack_up
 
 if TYPE_CHECKING:
     from riverflow.models.registry import RedisRegistry
+    from riverflow.streams.contracts import ModelEvent
 
 MONITOR_PORT = 9403  # the monitor stage's status page, /status.json and /metrics
 
@@ -221,13 +222,12 @@ def _registry(
     return spec, RedisRegistry(client, spec.name, signing_key(settings)), ep
 
 
-def _model_event(ep: Endpoints, topic: str, record: dict[str, Any]) -> None:
+def _model_event(ep: Endpoints, topic: str, event: ModelEvent) -> None:
     """Append to ``{ns}.model-events`` (acknowledged before the command returns)."""
     from riverflow.streams.kafka_io import ensure_topics, produce_all, producer
 
     ensure_topics(ep.kafka_bootstrap, [topic], Settings().partitions)
-    produce_all(producer(ep.kafka_bootstrap), [(topic, str(record["model"]).encode(),
-                                                orjson.dumps(record))])  # fmt: skip
+    produce_all(producer(ep.kafka_bootstrap), [(topic, event.model.encode(), event.encode())])
 
 
 def _version(registry: RedisRegistry, args: argparse.Namespace) -> int:
@@ -240,6 +240,7 @@ def _version(registry: RedisRegistry, args: argparse.Namespace) -> int:
 
 def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
     from riverflow.models.registry import ChampionPointer
+    from riverflow.streams.contracts import ModelEvent
 
     spec, registry, ep = _registry(args, settings)
     champion = registry.champion()
@@ -271,8 +272,8 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     if args.action == "import":
         imported = registry.import_(Path(args.file).read_bytes())
-        _model_event(ep, spec.topics.model_events, {"kind": "imported", "model": imported.name,
-                                                    "version": imported.version})  # fmt: skip
+        event = ModelEvent(kind="imported", model=imported.name, version=imported.version)
+        _model_event(ep, spec.topics.model_events, event)
         console.print(f"imported {imported.name} v{imported.version}")
         return 0
     if args.action == "promote":
@@ -283,7 +284,7 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
         if target is None:
             raise RiverflowError(f"nothing to roll back to (champion: {champion})")
         move = registry.promote(target, kind="rollback", reason=args.reason)
-    _model_event(ep, spec.topics.model_events, move.as_dict())
+    _model_event(ep, spec.topics.model_events, move.as_event())
     console.print(f"{move.kind}: champion {move.previous} -> {move.to}")
     return 0
 

@@ -9,13 +9,8 @@ from typing import Any
 
 import orjson
 from riverflow.features.definitions import Aggregation, FeatureSpec, entity_value, parse_duration
-from riverflow.features.store import (
-    Claim,
-    FeatureRequest,
-    FeatureSnapshot,
-    FeatureStore,
-    ServedPrediction,
-)
+from riverflow.features.store import Claim, FeatureRequest, FeatureSnapshot, FeatureStore
+from riverflow.streams.contracts import ServedPrediction
 
 # How far each aggregation may stray from the brute force: exact where the store
 # adds exactly representable numbers in any order; mean / std / z-score divide

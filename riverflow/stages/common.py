@@ -7,26 +7,24 @@ import base64
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
-
-from riverflow.streams.contracts import Message, Output
+from riverflow.streams.contracts import DeadLetter, Message, Output
 from riverflow.streams.topics import Topics
 
 
 def dead_letter(topics: Topics, stage: str, msg: Message, kind: str, error: str) -> Output:
     """The DLQ record of a refused message: its bytes, its origin, the reason."""
     b64 = base64.b64encode
-    record = {
-        "stage": stage,
-        "error_kind": kind,
-        "error": error,
-        "topic": msg.topic,
-        "partition": msg.partition,
-        "offset": msg.offset,
-        "key_b64": None if msg.key is None else b64(msg.key).decode(),
-        "payload_b64": None if msg.value is None else b64(msg.value).decode(),
-    }
-    return Output(topics.dlq, msg.key, orjson.dumps(record))
+    record = DeadLetter(
+        stage=stage,
+        error_kind=kind,
+        error=error,
+        topic=msg.topic,
+        partition=msg.partition,
+        offset=msg.offset,
+        key_b64=None if msg.key is None else b64(msg.key).decode(),
+        payload_b64=None if msg.value is None else b64(msg.value).decode(),
+    )
+    return Output(topics.dlq, msg.key, record.encode())
 
 
 def model_inputs(stored: dict[str, Any], extra: str | None) -> dict[str, Any]:

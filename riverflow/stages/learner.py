@@ -13,15 +13,13 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import orjson
-
 from riverflow.features.definitions import FeaturePlan
 from riverflow.features.store import Claim, FeatureSnapshot, FeatureStore
 from riverflow.models.checkpoint import LearnerCheckpoint
 from riverflow.monitors.prequential import PrequentialMetrics
 from riverflow.stages.common import StageCounters, dead_letter, model_inputs
 from riverflow.stages.lineage import Candidate, Lineage
-from riverflow.streams.contracts import Message, Output
+from riverflow.streams.contracts import CandidatePrediction, Evaluation, Message, Output
 from riverflow.streams.schema import FieldType, LabelSpec
 from riverflow.streams.topics import Topics
 from riverflow.streams.validation import Invalid, RecordValidator
@@ -196,28 +194,24 @@ class Learner:
     def _learn(self, snap: FeatureSnapshot, label: bool) -> Output:
         segment = None if self.join.segment is None else snap.inputs.get(self.join.segment)
         x = {**model_inputs(snap.inputs, self.extra), **self.join.plan.values(snap.aggregates)}
-        predictions = {}
+        predictions: dict[str, CandidatePrediction] = {}
         for c in self.candidates.values():
             proba = c.model.predict_proba_one(x)
             probability = float(proba.get(True, 0.0))
             c.metrics.update(label, proba)
             c.model.learn_one(x, label)
-            predictions[c.name] = {"version": c.version, "probability": probability}
+            predictions[c.name] = CandidatePrediction(c.version, probability)
         self.learned += 1
         self._since_snapshot += 1
-        served = snap.served
-        record = {
-            "event_id": snap.event_id,
-            "label": label,
-            "labels_seen": self.learned,
-            "predictions": predictions,
-            "served": None if served is None else {"model": served.model,
-                                                   "version": served.version,
-                                                   "probability": served.probability},
-        }  # fmt: skip
-        if segment is not None:
-            record["segment"] = segment
-        return Output(self.topics.evaluations, snap.event_id.encode(), orjson.dumps(record))
+        record = Evaluation(
+            event_id=snap.event_id,
+            label=label,
+            labels_seen=self.learned,
+            predictions=predictions,
+            served=snap.served,
+            segment=segment,
+        )
+        return Output(self.topics.evaluations, snap.event_id.encode(), record.encode())
 
     def status(self) -> dict[str, float]:
         out = {

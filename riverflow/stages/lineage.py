@@ -14,13 +14,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
-
 from riverflow.models.checkpoint import LearnerCheckpoint
 from riverflow.models.errors import ModelSpecError
 from riverflow.models.registry import ChampionPointer, ModelRegistry, PointerMove
 from riverflow.monitors.prequential import PrequentialMetrics
-from riverflow.streams.contracts import Message, Output
+from riverflow.streams.contracts import Message, ModelEvent, Output
 from riverflow.streams.topics import Topics
 
 
@@ -85,8 +83,8 @@ class Lineage:
             if pointer is not None and pointer.model == name:
                 continue  # retired while champion: keep training what is served
             del self.candidates[name], self.dynamic[name]
-            out.append(self._model_event({"kind": "dropped", "model": name,
-                                          "version": 0, "reason": "retired"}))  # fmt: skip
+            out.append(self._model_event(ModelEvent(kind="dropped", model=name,
+                                                    version=0, reason="retired")))  # fmt: skip
         for name, base in wanted.items():
             if name in self.candidates:
                 continue
@@ -95,8 +93,8 @@ class Lineage:
                 raise ModelSpecError(f"fresh challenger of {base!r}: not a candidate of the spec")
             self.candidates[name] = Candidate(name, model, 0, PrequentialMetrics())
             self.dynamic[name] = base
-            out.append(self._model_event({"kind": "started", "model": name, "version": 0,
-                                          "reason": f"fresh {base}"}))  # fmt: skip
+            out.append(self._model_event(ModelEvent(kind="started", model=name, version=0,
+                                                    reason=f"fresh {base}")))  # fmt: skip
         out += self._follow_rollback(pointer)
         return out
 
@@ -115,13 +113,13 @@ class Lineage:
             return []
         c, to = self.candidates[back.to.model], back.to
         c.model, c.version = self.registry.load(to.model, to.version).model, to.version
-        out = [self._model_event({"kind": "rebased", "model": c.name, "version": c.version,
-                                  "reason": back.reason})]  # fmt: skip
+        out = [self._model_event(ModelEvent(kind="rebased", model=c.name, version=c.version,
+                                            reason=back.reason))]  # fmt: skip
         if pointer is not None and pointer.model == to.model and pointer.version > to.version:
             again = self.registry.move(to, "rollback", pointer, f"re-applied: {back.reason}")
             if again is not None:
                 self._rollbacks_after = again.at
-                out.append(self._model_event(again.as_dict()))
+                out.append(self._model_event(again.as_event()))
         return out
 
     def publish(
@@ -145,13 +143,13 @@ class Lineage:
                 "metrics": c.metrics.as_dict(),
             }
             parent, c.version = c.version, self.registry.publish(c.name, c.model, meta)
-            out.append(self._model_event({"kind": "published", "model": c.name,
-                                          "version": c.version, "parent": parent,
-                                          "labels_seen": labels_seen}))  # fmt: skip
+            out.append(self._model_event(ModelEvent(kind="published", model=c.name,
+                                                    version=c.version, parent=parent,
+                                                    labels_seen=labels_seen)))  # fmt: skip
             if parent or c.name == self.lead:
                 moved = self._advance(c.name, parent, c.version)
                 if moved is not None:
-                    out.append(self._model_event(moved.as_dict()))
+                    out.append(self._model_event(moved.as_event()))
         self._staged = LearnerCheckpoint(
             versions={c.name: c.version for c in self.candidates.values()},
             metrics={c.name: c.metrics.state() for c in self.candidates.values()},
@@ -213,5 +211,5 @@ class Lineage:
             self.dynamic[name] = info["base"]
         self._rollbacks_after = saved.saved_at
 
-    def _model_event(self, record: dict[str, Any]) -> Output:
-        return Output(self.topics.model_events, str(record["model"]).encode(), orjson.dumps(record))
+    def _model_event(self, event: ModelEvent) -> Output:
+        return Output(self.topics.model_events, event.model.encode(), event.encode())

@@ -13,7 +13,6 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 
-import orjson
 from pydantic import ValidationError
 
 from riverflow.errors import error_lines
@@ -56,12 +55,12 @@ class Monitor:
         for msg in batch:
             try:
                 if msg.topic == self.topics.evaluations:
-                    ev = Evaluation.model_validate_json(msg.value or b"")
+                    ev = Evaluation.decode(msg.value or b"")
                     predictions = {n: (p.version, p.probability) for n, p in ev.predictions.items()}
                     decisions += self.core.on_evaluation(ev.label, predictions, ev.segment)
                     self.history.sample(self.core)
                 elif msg.topic == self.topics.predictions:
-                    p = Prediction.model_validate_json(msg.value or b"")
+                    p = Prediction.decode(msg.value or b"")
                     decisions += self.core.on_prediction(
                         p.features, p.probability, p.model, p.version
                     )
@@ -71,8 +70,7 @@ class Monitor:
         self.counters.dead_letters += len(out)
         self.history.record(decisions)
         for d in decisions:
-            out.append(Output(self.topics.model_events, d.model.encode(),
-                              orjson.dumps(d.as_event())))  # fmt: skip
+            out.append(Output(self.topics.model_events, d.model.encode(), d.as_event().encode()))
         if self.metrics is not None:
             self.metrics.update(self.history.view(self.core, series=False), decisions)
         self.counters.produced += len(out)

@@ -26,13 +26,9 @@ from typing import Any
 import orjson
 
 from riverflow.features.definitions import FeaturePlan, FeatureSpec
-from riverflow.features.store import (
-    FeatureRequest,
-    RedisFeatureStore,
-    ServedPrediction,
-    feature_request,
-)
+from riverflow.features.store import FeatureRequest, RedisFeatureStore, feature_request
 from riverflow.spec import PipelineSpec
+from riverflow.streams.contracts import ServedPrediction
 from riverflow.tools.generator import FraudStreamConfig, transactions
 
 # Six features over three tile groups: the card's last hour and day, the merchant's hour.

@@ -22,6 +22,7 @@ import orjson
 from riverflow.embedded import EmbeddedRuntime
 from riverflow.settings import Settings
 from riverflow.spec import PipelineSpec, parse_spec
+from riverflow.streams.contracts import ModelEvent, Prediction
 from riverflow.tools.drift_eval import drifting_stream, recovery_times
 
 AGRAWAL_FIELDS = ("salary", "commission", "age", "elevel", "car", "zipcode", "hvalue", "hyears",
@@ -50,7 +51,7 @@ def agrawal_spec(monitored: bool) -> PipelineSpec:
 @dataclass
 class PipelineRun:
     correct: list[bool]  # was the served prediction right, per event in order
-    decisions: list[dict[str, Any]]  # the monitor's model-events
+    decisions: list[ModelEvent]  # the monitor's
     seconds: float
 
 
@@ -77,10 +78,10 @@ def run_pipeline(
     seconds = time.perf_counter() - started
     correct = []
     for _, raw in rt.messages(rt.topics.predictions):
-        p = orjson.loads(raw)
-        correct.append((p["probability"] >= 0.5) == truth[p["event_id"]])
-    decisions = [e for e in (orjson.loads(v) for _, v in rt.messages(rt.topics.model_events))
-                 if e.get("by") == "monitor"]  # fmt: skip
+        p = Prediction.decode(raw)
+        correct.append((p.probability >= 0.5) == truth[p.event_id])
+    logged = [ModelEvent.decode(v) for _, v in rt.messages(rt.topics.model_events)]
+    decisions = [e for e in logged if e.by == "monitor"]
     return PipelineRun(correct, decisions, seconds)
 
 
@@ -100,7 +101,7 @@ def run_recovery_eval(
         times = recovery_times(run.correct, drifts, window)
         kinds: dict[str, int] = {}
         for d in run.decisions:
-            kinds[d["kind"]] = kinds.get(d["kind"], 0) + 1
+            kinds[d.kind] = kinds.get(d.kind, 0) + 1
         out[name] = {
             "recovery_events": times,
             "mean_recovery": sum(times) / len(times),

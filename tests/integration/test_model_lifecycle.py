@@ -19,12 +19,11 @@ import orjson
 import pytest
 import redis
 import yaml
-from pydantic import BaseModel
 from river import evaluate, metrics
 from riverflow.models.errors import SignatureError
 from riverflow.models.factory import build_model
 from riverflow.models.registry import ChampionPointer, RedisRegistry
-from riverflow.streams.contracts import Evaluation, ModelEvent, Prediction
+from riverflow.streams.contracts import Evaluation, ModelEvent, Prediction, Record
 from riverflow.streams.kafka_io import ensure_topics, produce_all, producer
 
 from riverflow.settings import Settings
@@ -73,13 +72,13 @@ def send(ep: Endpoints, topic: str, records: list[dict[str, Any]], key: str) -> 
                 ((topic, str(r[key]).encode(), orjson.dumps(r)) for r in records))  # fmt: skip
 
 
-M = TypeVar("M", bound=BaseModel)
+M = TypeVar("M", bound=Record)
 
 
 def read(
     ep: Endpoints, topic: str, n: int, kind: type[M], timeout_s: float, settle_s: float
 ) -> list[M]:
-    return [kind.model_validate_json(m.value())
+    return [kind.decode(m.value())
             for m in collect(ep.kafka_bootstrap, topic, n, timeout_s, settle_s)]  # fmt: skip
 
 
@@ -193,7 +192,7 @@ def test_promote_through_the_cli_while_events_flow(
     )
 
     raw = collect(stack.kafka_bootstrap, topics.predictions, n, 120, 1.0)
-    predictions = [Prediction.model_validate_json(m.value()) for m in raw]
+    predictions = [Prediction.decode(m.value()) for m in raw]
     counts = Counter(p.event_id for p in predictions)
     assert len(counts) == n and set(counts.values()) == {1}  # none lost, none twice
     new = [p.scored_at - move.at for p in predictions if p.model == linear]

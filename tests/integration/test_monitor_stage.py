@@ -84,7 +84,7 @@ def test_a_flipped_label_burst_is_rolled_back_within_5_seconds(
     move = rolled_back()
     assert move is not None
     assert move.at - burst_sent < 5.0, f"rollback {move.at - burst_sent:.2f}s after the burst"
-    events = [ModelEvent.model_validate_json(m.value()) for m in
+    events = [ModelEvent.decode(m.value()) for m in
               collect(stack.kafka_bootstrap, t.model_events, 1, settle_s=3.0)]  # fmt: skip
     decision = next(e for e in events if e.kind == "rollback" and e.by == "monitor")
     assert decision.evidence is not None

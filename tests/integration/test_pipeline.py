@@ -33,7 +33,7 @@ N = 10_000
 
 
 def by_event_id(values: Iterable[bytes]) -> dict[str, Prediction]:
-    predictions = [Prediction.model_validate_json(v) for v in values]
+    predictions = [Prediction.decode(v) for v in values]
     return {p.event_id: p for p in predictions}
 
 
@@ -77,14 +77,14 @@ def test_ten_thousand_events_through_kafka_and_redis(
 
     # exactly one prediction per valid event id: none lost, none duplicated
     raw = collect(stack.kafka_bootstrap, topics.predictions, N)
-    predictions = [Prediction.model_validate_json(m.value()) for m in raw]
+    predictions = [Prediction.decode(m.value()) for m in raw]
     counts = Counter(p.event_id for p in predictions)
     assert len(counts) == N and set(counts.values()) == {1}
     assert set(counts) == {e["event_id"] for e in events}
     produce_all(prod, (r for r in records if r[0] == topics.labels))
 
     # every bad input is in the DLQ with its reason and where it came from
-    letters = [DeadLetter.model_validate_json(m.value()) for m in
+    letters = [DeadLetter.decode(m.value()) for m in
                collect(stack.kafka_bootstrap, topics.dlq, sum(bad.values()) + 2, 60)]  # fmt: skip
     scorer_kinds = Counter(d.error_kind for d in letters if d.stage == "scorer")
     assert scorer_kinds == bad
@@ -102,7 +102,7 @@ def test_ten_thousand_events_through_kafka_and_redis(
     assert max(p.features["tx_count_1h"] for p in predictions) >= 3
 
     # the learner learned every label exactly once (duplicates were not learned)
-    evals = [Evaluation.model_validate_json(m.value()) for m in
+    evals = [Evaluation.decode(m.value()) for m in
              collect(stack.kafka_bootstrap, topics.evaluations, N)]  # fmt: skip
     learned = Counter(e.event_id for e in evals)
     assert len(learned) == N and set(learned.values()) == {1}
@@ -152,7 +152,7 @@ def test_evaluations_join_the_prediction_each_champion_version_served(
         collect(stack.kafka_bootstrap, topics.evaluations, (wave + 1) * 1000, settle_s=0)
     raw = collect(stack.kafka_bootstrap, topics.predictions, 3000)
     served = by_event_id(m.value() for m in raw)
-    evals = [Evaluation.model_validate_json(m.value()) for m in
+    evals = [Evaluation.decode(m.value()) for m in
              collect(stack.kafka_bootstrap, topics.evaluations, 3000)]  # fmt: skip
     assert len(served) == len(evals) == 3000
     assert_served_matches(evals, served)

@@ -26,8 +26,8 @@ from riverflow.features.store import (
     FeatureStore,
     MemoryFeatureStore,
     RedisFeatureStore,
-    ServedPrediction,
 )
+from riverflow.streams.contracts import ServedPrediction
 
 from riverflow.assembly import ConnectionFailed, redis_store
 from riverflow.assembly import redis_client as connect

@@ -41,7 +41,7 @@ def run(spec: PipelineSpec, n: int, config: FraudStreamConfig) -> EmbeddedRuntim
 
 
 def events(rt: EmbeddedRuntime) -> list[ModelEvent]:
-    return [ModelEvent.model_validate_json(v) for _, v in rt.messages(rt.topics.model_events)]
+    return [ModelEvent.decode(v) for _, v in rt.messages(rt.topics.model_events)]
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,7 @@ def test_no_prediction_is_served_by_a_model_that_is_not_ready(
     min_labels = fraud_spec.monitors.promote.min_labels
     for rt in (flipped, drifting):
         raw = (v for _, v in rt.messages(rt.topics.predictions))
-        served = {(p.model, p.version) for p in map(Prediction.model_validate_json, raw)}
+        served = {(p.model, p.version) for p in map(Prediction.decode, raw)}
         for model, version in served:
             if version == 0:  # the spec's champion, fresh, before the first snapshot
                 assert model == fraud_spec.models.champion_spec.name
@@ -109,7 +109,7 @@ def test_drift_alarm_starts_a_fresh_challenger_that_learns(drifting: EmbeddedRun
     marker = next(m for m in rt.monitor.history.markers if m.kind == "challenger")
     assert marker.labels > 6000, "started before the drift"
     assert any(e.kind == "started" and e.model == fresh.model for e in log)  # by the learner
-    evaluations = [Evaluation.model_validate_json(v) for _, v in rt.messages(rt.topics.evaluations)]
+    evaluations = [Evaluation.decode(v) for _, v in rt.messages(rt.topics.evaluations)]
     trained = [e for e in evaluations if fresh.model in e.predictions]
     assert len(trained) > 1000
     # the fresh one is a new model: its first predictions carry no published version yet
@@ -134,7 +134,7 @@ def test_promotions_carry_significant_evidence_and_respect_the_cooldown(
 
 def test_the_scorers_follow_the_monitors_decisions(drifting: EmbeddedRuntime) -> None:
     rt = drifting
-    predictions = [Prediction.model_validate_json(v) for _, v in rt.messages(rt.topics.predictions)]
+    predictions = [Prediction.decode(v) for _, v in rt.messages(rt.topics.predictions)]
     moves = [e for e in events(rt) if e.kind in ("promote", "rollback") and e.by == "monitor"]
     assert moves
     served = [(p.model, p.version) for p in predictions]
@@ -173,7 +173,7 @@ def test_segments_are_reported_without_the_models_seeing_the_field(
     view = b.monitor.view()
     assert view.segments is not None and view.segments.field == "merchant"
     assert sum(v["n"] for v in view.segments.by.values()) == 1500
-    evaluations = [Evaluation.model_validate_json(v) for _, v in b.messages(b.topics.evaluations)]
+    evaluations = [Evaluation.decode(v) for _, v in b.messages(b.topics.evaluations)]
     assert all(str(e.segment).startswith("m") for e in evaluations)
 
 
@@ -257,7 +257,7 @@ def test_a_bad_record_goes_to_the_dlq_and_the_rest_is_read(fraud_spec: PipelineS
         Message(t.predictions, 0, 0, b"c1", orjson.dumps({"event_id": "e1"})),
     ]
     out = rt.monitor.process(batch)
-    letters = [DeadLetter.model_validate_json(o.value) for o in out if o.topic == t.dlq]
+    letters = [DeadLetter.decode(o.value) for o in out if o.topic == t.dlq]
     assert [(d.offset, d.error_kind) for d in letters] == [(0, "bad_record"), (0, "bad_record")]
     assert "predictions" in letters[1].error and "entity" in letters[1].error
     assert rt.monitor.core.labels == 1

@@ -23,7 +23,7 @@ from tests.helpers import assert_served_matches
 
 
 def by_event_id(messages: list[tuple[bytes | None, bytes]]) -> dict[str, Prediction]:
-    return {p.event_id: p for p in (Prediction.model_validate_json(v) for _, v in messages)}
+    return {p.event_id: p for p in (Prediction.decode(v) for _, v in messages)}
 
 
 def run(spec: PipelineSpec, settings: Settings, n: int, bad_every: int = 0) -> EmbeddedRuntime:
@@ -48,10 +48,10 @@ def test_one_prediction_per_valid_event_and_bad_ones_in_dlq(
     fraud_spec: PipelineSpec, settings: Settings
 ) -> None:
     rt = run(fraud_spec, settings, 3000, bad_every=100)
-    predictions = [Prediction.model_validate_json(v) for _, v in rt.messages(rt.topics.predictions)]
+    predictions = [Prediction.decode(v) for _, v in rt.messages(rt.topics.predictions)]
     ids = [p.event_id for p in predictions]
     assert len(ids) == len(set(ids)) == 3000 - 30
-    letters = [DeadLetter.model_validate_json(v) for _, v in rt.messages(rt.topics.dlq)]
+    letters = [DeadLetter.decode(v) for _, v in rt.messages(rt.topics.dlq)]
     scorer_letters = [d for d in letters if d.stage == "scorer"]
     assert {d.error_kind for d in scorer_letters} == set(BAD_KINDS)
     assert len(scorer_letters) == 30
@@ -70,7 +70,7 @@ def test_every_label_is_learned_exactly_once(fraud_spec: PipelineSpec, settings:
     for key, value in list(rt.messages(rt.topics.labels))[:500]:
         rt.produce(rt.topics.labels, key, value)
     rt.drain()
-    evaluations = [Evaluation.model_validate_json(v) for _, v in rt.messages(rt.topics.evaluations)]
+    evaluations = [Evaluation.decode(v) for _, v in rt.messages(rt.topics.evaluations)]
     assert sorted(e.event_id for e in evaluations) == sorted(
         orjson.loads(v)["event_id"] for _, v in rt.messages(rt.topics.events)
     )
@@ -83,26 +83,21 @@ def test_the_scorer_follows_the_models_the_learner_publishes(
 ) -> None:
     fraud_spec = unmonitored_spec
     rt = run(fraud_spec, Settings(snapshot_every_labels=500, model_poll_s=1e-6), 3000)
-    versions = [
-        Prediction.model_validate_json(v).version for _, v in rt.messages(rt.topics.predictions)
-    ]
+    versions = [Prediction.decode(v).version for _, v in rt.messages(rt.topics.predictions)]
     assert versions[0] == 0  # a fresh model until the first snapshot
     assert versions == sorted(versions) and versions[-1] >= 4
     name = fraud_spec.models.champion_spec.name
     assert rt.registry.champion() == ChampionPointer(name, rt.learner.version)
     assert rt.learner.version == 6
     assert {
-        p.model
-        for p in map(
-            Prediction.model_validate_json, (v for _, v in rt.messages(rt.topics.predictions))
-        )
+        p.model for p in map(Prediction.decode, (v for _, v in rt.messages(rt.topics.predictions)))
     } == {name}
 
 
 def test_evaluations_carry_the_prediction_that_was_served(fraud_spec: PipelineSpec) -> None:
     rt = run(fraud_spec, Settings(snapshot_every_labels=300, model_poll_s=1e-6), 2000)
     served = by_event_id(rt.messages(rt.topics.predictions))
-    evaluations = [Evaluation.model_validate_json(v) for _, v in rt.messages(rt.topics.evaluations)]
+    evaluations = [Evaluation.decode(v) for _, v in rt.messages(rt.topics.evaluations)]
     assert len(evaluations) == len(served) == 2000
     assert_served_matches(evaluations, served)
     # what was served is not the learner's own prequential prediction: the scorer
@@ -121,7 +116,7 @@ def test_a_replayed_event_gets_the_prediction_first_served(fraud_spec: PipelineS
     for key, value in rt.messages(rt.topics.events)[:100]:  # the scorer crashed: read again
         rt.produce(rt.topics.events, key, value)
     rt.drain()
-    replayed = [Prediction.model_validate_json(v) for _, v in rt.messages(rt.topics.predictions)]
+    replayed = [Prediction.decode(v) for _, v in rt.messages(rt.topics.predictions)]
     again = replayed[1000:]
     assert len(again) == 100 and all(p.replayed for p in again)
     assert [(p.event_id, p.model, p.version, p.probability) for p in again] == [
@@ -137,7 +132,7 @@ def test_the_model_learns_the_fraud_pattern(fraud_spec: PipelineSpec, settings: 
 def test_runs_are_deterministic(fraud_spec: PipelineSpec) -> None:
     def probabilities() -> list[tuple[str, float, int]]:
         rt = run(fraud_spec, Settings(snapshot_every_labels=400, model_poll_s=1e-6), 2000)
-        preds = [Prediction.model_validate_json(v) for _, v in rt.messages(rt.topics.predictions)]
+        preds = [Prediction.decode(v) for _, v in rt.messages(rt.topics.predictions)]
         return [(p.event_id, p.probability, p.version) for p in preds]
 
     assert probabilities() == probabilities()
@@ -154,7 +149,7 @@ def test_a_label_before_its_event_waits_then_is_learned(fraud_spec: PipelineSpec
     rt.produce(rt.topics.events, None, orjson.dumps(events[0]))
     rt.drain()
     assert rt.learner.learned == 1 and not rt.learner.pending
-    evaluation = Evaluation.model_validate_json(rt.messages(rt.topics.evaluations)[0][1])
+    evaluation = Evaluation.decode(rt.messages(rt.topics.evaluations)[0][1])
     assert evaluation.event_id == label["event_id"] and evaluation.label is True
 
 
@@ -164,7 +159,7 @@ def test_predictions_explain_themselves_when_the_spec_asks(fraud_spec: PipelineS
     data["models"]["champion"] = "fraud-logreg"
     spec = PipelineSpec.model_validate(data)
     rt = run(spec, Settings(snapshot_every_labels=500, model_poll_s=1e-6), 1500)
-    last = Prediction.model_validate_json(rt.messages(rt.topics.predictions)[-1][1])
+    last = Prediction.decode(rt.messages(rt.topics.predictions)[-1][1])
     assert last.model == "fraud-logreg" and last.version >= 1
     terms = last.explanation or []
     assert len(terms) == 2 and abs(terms[0]["contribution"]) >= abs(terms[1]["contribution"])

@@ -24,7 +24,7 @@ def spec_with(features: list[dict[str, Any]]) -> PipelineSpec:
 
 
 def predictions(rt: EmbeddedRuntime) -> dict[str, Prediction]:
-    out = [Prediction.model_validate_json(v) for _, v in rt.messages(rt.topics.predictions)]
+    out = [Prediction.decode(v) for _, v in rt.messages(rt.topics.predictions)]
     return {p.event_id: p for p in out}
 
 

@@ -7,7 +7,7 @@ from riverflow.tools.recovery import agrawal_spec, run_pipeline
 
 def test_a_concept_drift_is_rolled_back_at_most_once_and_the_served_model_recovers() -> None:
     run = run_pipeline(agrawal_spec(monitored=True), events=20_000, every=10_000, seed=42)
-    kinds = [d["kind"] for d in run.decisions]
+    kinds = [d.kind for d in run.decisions]
     # the fall at the drift may look like a bad version once; rolling back again and
     # again would keep the champion from learning the new concept
     assert kinds.count("rollback") <= 1, kinds
