@@ -47,7 +47,7 @@ from riverflow.features.store import (
 )
 from riverflow.features.tiles import Engine
 
-from tests.feature_streams import EXACT_PLAN, event_streams, run_batches
+from tests.feature_streams import EXACT_PLAN, LATENESS_S, event_streams, run_batches
 from tests.feature_streams import requests as stream_requests
 
 SETTINGS = settings(
@@ -65,10 +65,19 @@ AMOUNTS = st.one_of(
 
 @st.composite
 def streams(draw: st.DrawFn) -> list[dict[str, Any]]:
-    """Long enough that windows fill, roll over and hold tiles added in several orders."""
+    """Long enough that windows fill, roll over and hold tiles added in several
+    orders; a few events exactly as late as their card allows (still counted)."""
     events = draw(event_streams(min_size=20, max_size=80))
     amounts = draw(st.lists(AMOUNTS, min_size=len(events), max_size=len(events)))
-    return [{**e, "amount": a} for e, a in zip(events, amounts, strict=True)]
+    at_limit = draw(st.sets(st.integers(0, len(events) - 1), max_size=3))
+    newest: dict[str, float] = {}
+    out = []
+    for i, (event, amount) in enumerate(zip(events, amounts, strict=True)):
+        card = event["card_id"]
+        ts = newest[card] - LATENESS_S if i in at_limit and card in newest else event["ts"]
+        newest[card] = max(newest.get(card, ts), ts)
+        out.append({**event, "amount": amount, "ts": ts})
+    return out
 
 
 def tile_by_tile(engine: Engine) -> None:
