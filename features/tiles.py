@@ -2,13 +2,13 @@
 
 Both stores compute with this when the state is in the process: the embedded
 store always, the Redis store unless its commit is refused (see
-``features.store``). The Lua in ``features.store`` does the same steps on the
-Redis server. One difference: here a window's count, sums, sums of squares,
-minima and maxima are kept as running totals (an in-order event, the common
-case, reads its window without visiting its tiles; a min or max is looked for
-again only when the tile holding it leaves the window), where the Lua adds the
-tiles up; sums can then differ in the last bits. Windows with distinct sets,
-and out-of-order events, are read tile by tile here too.
+``features.store.redis_store``). The Lua in ``features/store/lua/prelude.lua``
+does the same steps on the Redis server. One difference: here a window's count,
+sums, sums of squares, minima and maxima are kept as running totals (an
+in-order event, the common case, reads its window without visiting its tiles; a
+min or max is looked for again only when the tile holding it leaves the window),
+where the Lua adds the tiles up; sums can then differ in the last bits. Windows
+with distinct sets, and out-of-order events, are read tile by tile here too.
 
 ``Kernel`` works out once per group where each number sits in a tile, since
 its methods run per event.

@@ -52,7 +52,7 @@ GAPS = [0.0, 0.5, 7.0, 49.0, 301.0, 1799.0, 3600.0, 43_201.0, 200_000.0]
 
 
 @st.composite
-def event_streams(draw: st.DrawFn, max_size: int = 60) -> list[dict[str, Any]]:
+def event_streams(draw: st.DrawFn, min_size: int = 1, max_size: int = 60) -> list[dict[str, Any]]:
     """Events of 3 cards at 4 merchants; some out of order within the lateness, some beyond."""
     steps = draw(
         st.lists(
@@ -63,7 +63,7 @@ def event_streams(draw: st.DrawFn, max_size: int = 60) -> list[dict[str, Any]]:
                 st.sampled_from(GAPS),
                 st.one_of(st.just(0.0), st.floats(0.0, 2 * LATENESS_S)),
             ),
-            min_size=1,
+            min_size=min_size,
             max_size=max_size,
         )
     )

@@ -53,14 +53,13 @@ from riverflow.features.store import (
     FeatureRequest,
     FeatureSnapshot,
     FeatureStore,
-    ServedPrediction,
 )
 from riverflow.models.champion import ChampionReplica
 from riverflow.settings import Settings
 from riverflow.spec import PipelineSpec, load_spec
 from riverflow.stages.scorer import Scorer
 from riverflow.streams.confluent_host import ClientSettings, ConfluentHost
-from riverflow.streams.contracts import Message, Output
+from riverflow.streams.contracts import Message, Output, ServedPrediction
 from riverflow.streams.hosting import HostSettings
 from riverflow.streams.kafka_io import ensure_topics
 from riverflow.streams.schema import EventSchema

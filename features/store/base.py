@@ -1,0 +1,153 @@
+"""What every store shares: the request, the snapshot, the served prediction, the
+claim outcome, the ``FeatureStore`` protocol and how a snapshot is stored.
+
+A snapshot is msgpack ``[model inputs JSON, [aggregate vector per group], late]``;
+the vector layout is in ``features.definitions`` and ``FeaturePlan.values``
+turns it into feature values, for the scorer and the learner alike. Once the
+event is scored, ``record_served`` makes it ``[..., late, [model, version,
+probability]]`` (a fourth element, written once: the first prediction served
+is the one kept), so the learner's claim returns both in the same read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Protocol
+
+import msgpack
+import orjson
+from riverflow.features.definitions import FeaturePlan, entity_value
+from riverflow.streams.contracts import ServedPrediction
+
+
+@dataclass(frozen=True)
+class FeatureRequest:
+    """One event's part in a batch update: what to add, where, and its model inputs."""
+
+    event_id: str
+    ts: float
+    entities: dict[str, str]  # entity name (``card_id``, ``card_id+merchant``) -> value
+    numbers: dict[str, float]
+    context: bytes  # JSON of the model inputs taken from the event
+    distinct: dict[str, str] = field(default_factory=dict)  # fields counted distinct, as str
+
+
+def feature_request(
+    plan: FeaturePlan, event: Mapping[str, Any], event_id: str, ts: float, context: bytes
+) -> FeatureRequest:
+    """What the plan needs from one event: its entity keys, numbers and distinct values."""
+    return FeatureRequest(
+        event_id=event_id,
+        ts=ts,
+        entities={"+".join(e): entity_value(e, event) for e in plan.entities},
+        numbers={f: event[f] for f in plan.number_fields},
+        context=context,
+        distinct={f: str(event[f]) for f in plan.distinct_fields},
+    )
+
+
+def packed(served: ServedPrediction) -> bytes:
+    """A served prediction as the snapshot's fourth element stores it."""
+    return msgpack.packb([served.model, served.version, float(served.probability)])
+
+
+@dataclass(frozen=True)
+class FeatureSnapshot:
+    """What an event was scored with: its model inputs and its window aggregates,
+    and the prediction served for it once one was recorded."""
+
+    event_id: str
+    inputs: dict[str, Any]
+    aggregates: list[list[float]]
+    replayed: bool = False
+    late: bool = False  # too late for some window: scored, but not counted there
+    served: ServedPrediction | None = None
+
+    @classmethod
+    def decode(cls, event_id: str, raw: bytes, replayed: bool = False) -> FeatureSnapshot:
+        context, aggregates, late, *rest = msgpack.unpackb(raw)
+        served = ServedPrediction(*rest[0]) if rest else None
+        return cls(event_id, orjson.loads(context), aggregates, replayed, bool(late), served)
+
+
+# A stored snapshot is a 3-element msgpack array (fixarray header 0x93) until its
+# served prediction is added as a fourth element (header 0x94): the header byte
+# says whether one is stored, without decoding the record.
+_UNSERVED, _SERVED = 0x93, 0x94
+SERVED_HEAD = bytes([_SERVED])
+
+
+def with_served(raw: bytes, served: bytes) -> bytes | None:
+    """The stored snapshot with its served prediction added, or None if it has one."""
+    if raw[0] != _UNSERVED:
+        return None
+    return SERVED_HEAD + raw[1:] + served
+
+
+class Claim(Enum):
+    """Why a label's snapshot was not handed out."""
+
+    MISSING = "missing"  # the event has not been scored (yet)
+    DUPLICATE = "duplicate"  # a label for this event was learned already
+
+
+class FeatureStore(Protocol):
+    """What the processors (and the read path) need from a store."""
+
+    # batches computed in process, batches run on the server, commits refused
+    batches: dict[str, int]
+
+    def update_and_read(
+        self, batch: Sequence[FeatureRequest], commit: bool = True
+    ) -> list[FeatureSnapshot]:
+        """Add each event to its tiles and read its windows, in order.
+
+        An event id seen before is not counted again: its stored snapshot is
+        returned with ``replayed=True`` (and its ``served`` prediction, if any).
+
+        ``commit=False`` lets a store hold the batch's writes back until
+        ``record_served``, which then writes them with the predictions in one
+        step (the scorer's path: one round trip per batch).
+        """
+        ...
+
+    def record_served(self, served: Sequence[tuple[str, ServedPrediction]]) -> bool:
+        """Store the prediction served for each event with its snapshot.
+
+        The first one recorded for an event stays: a replayed event does not
+        overwrite it. Events without a stored snapshot are skipped.
+
+        False when the batch held back by ``update_and_read(commit=False)`` was
+        refused: nothing of it was written, and the caller runs it again with
+        ``update_and_read(batch)`` (which then reads what the store holds) and
+        serves from that.
+        """
+        ...
+
+    def claim_snapshots(
+        self, event_ids: Sequence[str], tokens: Sequence[str], stale: Callable[[str], bool]
+    ) -> list[FeatureSnapshot | Claim]:
+        """The snapshot of each event (with its served prediction), marking it
+        learned under its token.
+
+        An event already marked is a ``DUPLICATE``, unless ``stale(its token)``
+        says that learning was lost (a learner crashed before its snapshot):
+        then the mark is taken over and the snapshot handed out again.
+        """
+        ...
+
+    def read(self, entities: Mapping[str, str], at: float | None = None) -> dict[str, float]:
+        """Current feature values of the given entities (name -> value), changing nothing.
+
+        Windows end at event time ``at``, by default at each entity's newest
+        event; ``last`` is then the newest value. Features of entities not
+        given, and z-scores (they need an event), are left out.
+        """
+        ...
+
+
+def encode_snapshot(context: bytes, vectors: list[list[float]], late: bool) -> bytes:
+    """A snapshot as stored, without a served prediction (see the module docstring)."""
+    return msgpack.packb([context.decode(), vectors, int(late)])

@@ -1,0 +1,121 @@
+-- ARGV: snapshot ttl ms, lateness s, the group parameters, then the batch
+-- (msgpack): per event [snapshot key, context JSON, ts, [entity keys],
+-- [per group: [bucket, [numbers], [exact then approximate distinct strings]]]].
+-- Runs after prelude.lua.
+local function add(st, gi, g, key, b, ts, xs, strs)
+  local gs = st.g[gi]
+  if not gs then gs = {hb = b, F = {}, idx = {}}; st.g[gi] = gs end
+  local F = gs.F
+  local p = gs.idx[b]
+  if not p then
+    p = #F
+    gs.idx[b] = p
+    F[p + 1] = b; F[p + 2] = 0; F[p + 3] = ts
+    local m = p + 3
+    for j = 1, #g.S + #g.Q do m = m + 1; F[m] = 0 end
+    for j = 1, #g.MN do m = m + 1; F[m] = xs[g.MN[j]] end
+    for j = 1, #g.MX do m = m + 1; F[m] = xs[g.MX[j]] end
+    for j = 1, #g.L do m = m + 1; F[m] = xs[g.L[j]] end
+    for j = 1, g.nx do m = m + 1; F[m] = {} end
+  end
+  F[p + 2] = F[p + 2] + 1
+  local newest = ts >= F[p + 3]
+  if newest then F[p + 3] = ts end
+  local o = p + 3
+  for j = 1, #g.S do F[o + j] = F[o + j] + xs[g.S[j]] end
+  o = o + #g.S
+  for j = 1, #g.Q do
+    local x = xs[g.Q[j]]
+    F[o + j] = F[o + j] + x * x
+  end
+  o = o + #g.Q
+  for j = 1, #g.MN do
+    local x = xs[g.MN[j]]
+    if x < F[o + j] then F[o + j] = x end
+  end
+  o = o + #g.MN
+  for j = 1, #g.MX do
+    local x = xs[g.MX[j]]
+    if x > F[o + j] then F[o + j] = x end
+  end
+  o = o + #g.MX
+  if newest then
+    for j = 1, #g.L do F[o + j] = xs[g.L[j]] end
+  end
+  o = o + #g.L
+  for j = 1, g.nx do F[o + j][strs[j]] = true end
+  for j = 1, g.na do
+    local hk = key .. ':hll:' .. gi .. ':' .. j .. ':' .. b
+    redis.call('PFADD', hk, strs[g.nx + j])
+    redis.call('PEXPIRE', hk, g.ttl)
+  end
+  if b > gs.hb then gs.hb = b end
+  st.dirty = g.ttl
+  return gs
+end
+
+local snap_ttl = ARGV[1]
+local lateness = tonumber(ARGV[2])
+local G = cmsgpack.unpack(ARGV[3])
+local batch = cmsgpack.unpack(ARGV[4])
+local out = {}
+for n = 1, #batch do
+  local ev = batch[n]
+  local stored = redis.call('GET', ev[1])
+  if stored then
+    out[n] = '=' .. stored
+  else
+    local ts, keys = ev[3], ev[4]
+    local ents, too_late, late = {}, {}, 0
+    for e = 1, #keys do
+      ents[e] = load(keys[e])
+      too_late[e] = ents[e].w ~= nil and ts < ents[e].w - lateness
+      if too_late[e] then late = 1 end
+    end
+    local vecs = {}
+    for gi = 1, #G do
+      local g, gd = G[gi], ev[5][gi]
+      local st = ents[g.ent]
+      local gs = grp(st, gi, g)
+      local b = gd[1]
+      local e = b
+      if too_late[g.ent] and gs then e = gs.hb end
+      local newest, pv = previous(gs, g, e)
+      if not too_late[g.ent] then gs = add(st, gi, g, keys[g.ent], b, ts, gd[2], gd[3]) end
+      vecs[gi] = vector(gs, g, keys[g.ent], gi, e, since_of(ts, newest), pv, gd[2])
+    end
+    for e = 1, #keys do
+      if not too_late[e] and (ents[e].w == nil or ts > ents[e].w) then ents[e].w = ts end
+    end
+    local snap = cmsgpack.pack({ev[2], vecs, late})
+    redis.call('SET', ev[1], snap, 'PX', snap_ttl)
+    out[n] = snap
+  end
+end
+for _, key in ipairs(order) do
+  local st = cache[key]
+  if st.dirty then
+    local groups = {}
+    for gi, gs in pairs(st.g) do
+      local g, F = G[gi], gs.F
+      local oldest = gs.hb - g.keep
+      local kept = F
+      for p = 0, #F - 1, g.R do
+        if F[p + 1] <= oldest then kept = nil; break end
+      end
+      if not kept then
+        kept = {}
+        for p = 0, #F - 1, g.R do
+          if F[p + 1] > oldest then
+            for x = 1, g.R do kept[#kept + 1] = F[p + x] end
+          end
+        end
+      end
+      groups[gi] = {gs.hb, kept}
+    end
+    redis.call('HSET', key, 's', cmsgpack.pack({st.w, groups}))
+    redis.call('HINCRBY', key, 'v', 1)
+    redis.call('PEXPIRE', key, st.dirty)
+  end
+end
+return out

@@ -1,0 +1,364 @@
+"""The production store on Redis: one Lua call per batch, atomic; the arithmetic
+in the scorer's process, or on the server when that is refused (see
+``RedisFeatureStore``).
+
+The scripts sit in ``lua/`` beside this module: ``update_and_read.lua`` and
+``read.lua`` run after ``prelude.lua``, which does the steps of
+``features.tiles`` on the server; ``commit.lua``, ``record_served.lua`` and
+``claim.lua`` stand alone. Counts, minima, maxima, last values and exact
+distinct counts are equal on every path; sums may differ in the last bits
+between the in-process path (a window's running sums) and the server's (a sum
+over its tiles), since they add in different orders; and ``distinct`` is a
+HyperLogLog here (standard error 0.81%) and an exact count in memory.
+
+Key layout (prefix ``rf:{ns}:``)::
+
+    rf:{ns}:ent:{entity}:{value}          a hash: ``s`` = msgpack [w, {group -> [hb,
+                                          tiles]}]: the newest event time, and per tile
+                                          group its newest bucket and its tiles, each
+                                          [bucket, n, newest ts, per number: sum, sum
+                                          of squares, min, max, newest value, per
+                                          exact-distinct field: set] (one flat array
+                                          when Lua wrote it, a list per tile when a
+                                          scorer did: each is cheapest for its writer;
+                                          a scorer adds the window's running totals);
+                                          ``v`` = its version, +1 on every write
+                                          TTL = longest window + its bucket + lateness
+    rf:{ns}:ent:{entity}:{value}:hll:{group}:{j}:{bucket}
+                                          HyperLogLog of the j-th distinct field, same TTL
+    rf:{ns}:snap:{event id}               the snapshot the event was scored with and,
+                                          once scored, the prediction served for it;
+                                          TTL = label horizon; its presence marks
+                                          the event as seen (dedup)
+    rf:{ns}:learned:{event id}            the token of the label learned for this event
+                                          (the learner's run and the label's offset),
+                                          TTL = horizon
+
+``{entity}`` is the entity's field, or fields joined by ``+`` for a composite
+key (``card_id+merchant``, value ``c00042|m0017``). Tiles older than the window
+plus the lateness are dropped when their entity is written.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+import msgpack
+import orjson
+import redis
+from riverflow.features.definitions import FeaturePlan
+from riverflow.features.errors import FeatureStoreError
+from riverflow.features.store.base import (
+    SERVED_HEAD,
+    Claim,
+    FeatureRequest,
+    FeatureSnapshot,
+    encode_snapshot,
+    packed,
+)
+from riverflow.features.tiles import Engine, Entity, pack_entity, unpack_entity
+from riverflow.streams.contracts import ServedPrediction
+
+
+def _lua(*names: str) -> str:
+    """The text of the named scripts in ``lua/``, joined in order."""
+    folder = resources.files("riverflow.features.store").joinpath("lua")
+    return "".join(folder.joinpath(f"{name}.lua").read_text(encoding="utf-8") for name in names)
+
+
+_UPDATE_AND_READ = _lua("prelude", "update_and_read")
+_READ = _lua("prelude", "read")
+_RECORD_SERVED = _lua("record_served")
+_CLAIM = _lua("claim")
+_COMMIT = _lua("commit")
+
+_LUA_STATS = ("S", "Q", "MN", "MX", "L", "C")  # names of definitions.STATS in the scripts
+
+
+@dataclass
+class _Pending:
+    """A batch computed in process and not written yet."""
+
+    touched: set[str]  # every entity key the batch read
+    snapshots: list[tuple[str, str, bytes]] = field(default_factory=list)  # id, key, snapshot
+    changed: dict[str, str] = field(default_factory=dict)  # entity key -> entity name
+
+
+class RedisFeatureStore:
+    """The production store: one Lua call per batch on a real Redis.
+
+    Two ways to run a batch, with the same results:
+
+    - **in process** (the default): the scorer keeps the state of the entities
+      it has written (a card's events all reach one scorer through its
+      partition), computes the batch with ``features.tiles`` and sends one
+      ``commit.lua`` call that stores the snapshots and the changed entities, if no
+      event of the batch was seen before and no entity changed since it was read
+      (each entity key carries a version). Redis does no arithmetic.
+    - **on the server** (``update_and_read.lua``): Redis reads, updates and writes
+      every entity itself. A batch goes this way when the commit was refused
+      (a replay after a restart, an entity another scorer wrote, an expired
+      key), then the next 1, 2, 4 ... 64 batches too while refusals go on, and
+      always when the plan counts ``distinct`` (HyperLogLogs live in Redis) or
+      ``cached_entities`` is 0 (``RIVERFLOW_FEATURE_CACHE_ENTITIES``).
+
+    The scripts name their keys inside the batch rather than in KEYS, so they
+    need a standalone Redis (or every key of a namespace on one cluster node).
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        namespace: str,
+        plan: FeaturePlan,
+        horizon_s: float,
+        cached_entities: int = 15_000,
+    ) -> None:
+        self.client = client
+        self.plan = plan
+        self.prefix = f"rf:{namespace}:"
+        self.horizon_ms = str(int(horizon_s * 1000))
+        self._update = client.register_script(_UPDATE_AND_READ)
+        self._read = client.register_script(_READ)
+        self._claim = client.register_script(_CLAIM)
+        self._record_served = client.register_script(_RECORD_SERVED)
+        self._commit = client.register_script(_COMMIT)
+        self._entities = plan.entities
+        names = ["+".join(e) for e in self._entities]
+        ttl_s = {name: 0.0 for name in names}
+        for g in plan.groups:
+            ttl_s[g.entity_name] = max(ttl_s[g.entity_name], g.ttl_s)
+        params = []
+        for g in plan.groups:
+            layout = {k: [i + 1 for i in ix] for k, ix in zip(_LUA_STATS, g.layout, strict=True)}
+            params.append(
+                {"B": g.buckets, "keep": g.keep, "nx": len(g.exact), "na": len(g.approx),
+                 "R": 3 + sum(len(ix) for ix in g.layout[:5]) + len(g.exact),
+                 "ent": names.index(g.entity_name) + 1,
+                 "ttl": str(int(ttl_s[g.entity_name] * 1000) + 1000), **layout}
+            )  # fmt: skip
+        self._groups = msgpack.packb(params, use_bin_type=False)
+        self._header = [self.horizon_ms, repr(plan.lateness_s), self._groups]
+        # what update_and_read packs per event, worked out once (it runs per event)
+        self._entity_prefixes = [(name, self.entity_key(name, "")) for name in names]
+        self._shape = [(g.bucket_s, g.numbers, (*g.exact, *g.approx)) for g in plan.groups]
+        # the in-process path: entity key -> (state, the version it was read at)
+        self.engine = Engine(plan)
+        self.in_process = cached_entities > 0 and not any(g.approx for g in plan.groups)
+        self.cached_entities = cached_entities
+        self._cache: dict[str, tuple[Entity, int]] = {}
+        self._entity_ttl_ms = {name: int(ttl_s[name] * 1000) + 1000 for name in names}
+        self._skip = self._backoff = 0
+        self._pending: _Pending | None = None
+        self.batches = {"in_process": 0, "server": 0, "refused": 0}
+
+    def snapshot_key(self, event_id: str) -> str:
+        return f"{self.prefix}snap:{event_id}"
+
+    def entity_key(self, entity_name: str, value: str) -> str:
+        return f"{self.prefix}ent:{entity_name}:{value}"
+
+    def update_and_read(
+        self, batch: Sequence[FeatureRequest], commit: bool = True
+    ) -> list[FeatureSnapshot]:
+        if self._pending is not None:
+            # the last batch was never committed (its caller failed before
+            # record_served): forget what the process computed for it
+            self._forget(self._pending)
+            self._pending = None
+        if not batch:
+            return []
+        if self.in_process and self._skip == 0:
+            pending, done = self._in_process(batch)
+            if not commit:
+                self._pending = pending
+                return done
+            if self._apply(pending, {}):
+                return done
+        elif self._skip:
+            self._skip -= 1
+        self.batches["server"] += 1
+        out = self._on_server(batch)
+        for req in batch:  # the server changed these: what the process holds is stale
+            for name, prefix in self._entity_prefixes:
+                self._cache.pop(prefix + req.entities[name], None)
+        return out
+
+    def _in_process(
+        self, batch: Sequence[FeatureRequest]
+    ) -> tuple[_Pending, list[FeatureSnapshot]]:
+        """Compute the batch here, from the entities as this process holds them."""
+        cache, prefixes = self._cache, self._entity_prefixes
+        keyed = [
+            [(name, prefix + req.entities[name]) for name, prefix in prefixes] for req in batch
+        ]
+        self._load({key for keys in keyed for _, key in keys if key not in cache})
+        snap = self.snapshot_key("")
+        pending = _Pending({key for keys in keyed for _, key in keys})
+        out: list[FeatureSnapshot] = []
+        written: dict[str, bytes] = {}
+        step = self.engine.step
+        for req, keys in zip(batch, keyed, strict=True):
+            raw = written.get(req.event_id)
+            if raw is not None:  # twice in one batch: the second is a replay
+                out.append(FeatureSnapshot.decode(req.event_id, raw, replayed=True))
+                continue
+            ents = {name: cache[key][0] for name, key in keys}
+            vectors, late, names = step(ents, req.ts, req.numbers, req.distinct)
+            raw = written[req.event_id] = encode_snapshot(req.context, vectors, late)
+            pending.snapshots.append((req.event_id, snap + req.event_id, raw))
+            for name, key in keys:
+                if name in names:
+                    pending.changed[key] = name
+            out.append(FeatureSnapshot(req.event_id, orjson.loads(req.context), vectors, late=late))
+        return pending, out
+
+    def _apply(self, pending: _Pending, served: dict[str, bytes]) -> bool:
+        """Commit what ``_in_process`` computed, with the ``served`` predictions
+        (event id -> encoded); False (nothing written) if it was refused."""
+        cache = self._cache
+        snapshots = []
+        for event_id, key, raw in pending.snapshots:
+            prediction = served.get(event_id)
+            snapshots.append(
+                [key, raw if prediction is None else SERVED_HEAD + raw[1:] + prediction]
+            )
+        entities = []
+        for key, name in pending.changed.items():
+            ent, version = cache[key]
+            state = msgpack.packb(pack_entity(self.engine, ent), use_bin_type=False)
+            entities.append([key, version, state, self._entity_ttl_ms[name]])
+        blob = msgpack.packb([snapshots, entities], use_bin_type=False)
+        try:
+            committed = self._call(self._commit, [], [self.horizon_ms, blob])
+        except Exception:
+            self._forget(pending)  # written or not, Redis holds the truth
+            raise
+        if not committed:
+            self._forget(pending)
+            self.batches["refused"] += 1
+            self._backoff = min(64, 2 * self._backoff or 1)
+            self._skip = self._backoff
+            return False
+        for key in pending.changed:
+            ent, version = cache[key]
+            cache[key] = (ent, version + 1)
+        if len(cache) > self.cached_entities:  # forget the longest held
+            for key in list(itertools.islice(cache, len(cache) - self.cached_entities * 9 // 10)):
+                del cache[key]
+        self._backoff = 0
+        self.batches["in_process"] += 1
+        return True
+
+    def _forget(self, pending: _Pending) -> None:
+        """Drop the entities a batch touched: their states hold its updates,
+        which Redis did not take. They are read again when next needed."""
+        for key in pending.touched:
+            self._cache.pop(key, None)
+
+    def _load(self, keys: set[str]) -> None:
+        """Read entities into the process (one round trip), with their versions."""
+        if not keys:
+            return
+        order = list(keys)
+        pipe = self.client.pipeline(transaction=False)
+        for key in order:
+            pipe.hmget(key, "s", "v")
+        try:
+            replies = pipe.execute()
+        except redis.ConnectionError as exc:
+            raise FeatureStoreError(f"Redis unreachable: {exc}") from exc
+        for key, (state, version) in zip(order, replies, strict=True):
+            stored = msgpack.unpackb(state, strict_map_key=False) if state else None
+            self._cache[key] = (unpack_entity(self.engine, stored), int(version or 0))
+
+    def _on_server(self, batch: Sequence[FeatureRequest]) -> list[FeatureSnapshot]:
+        snap, entities, shape = self.snapshot_key(""), self._entity_prefixes, self._shape
+        events = []
+        for req in batch:
+            ts, nums, strs, ents = float(req.ts), req.numbers, req.distinct, req.entities
+            events.append(
+                [
+                    snap + req.event_id, req.context, ts,
+                    [prefix + ents[name] for name, prefix in entities],
+                    [
+                        [int(ts // width), [float(nums[f]) for f in numbers],
+                         [strs[f] for f in strings]]
+                        for width, numbers, strings in shape
+                    ],
+                ]
+            )  # fmt: skip
+        # bytes as msgpack "raw": Redis' cmsgpack predates the bin type
+        blob = msgpack.packb(events, use_bin_type=False)
+        raw = self._call(self._update, [], [*self._header, blob])
+        out = []
+        for req, item in zip(batch, raw, strict=True):
+            if item.startswith(b"="):
+                out.append(FeatureSnapshot.decode(req.event_id, item[1:], replayed=True))
+            else:
+                out.append(FeatureSnapshot.decode(req.event_id, item))
+        return out
+
+    def record_served(self, served: Sequence[tuple[str, ServedPrediction]]) -> bool:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            return self._apply(pending, {e: packed(p) for e, p in served})
+        if not served:
+            return True
+        snap = self.snapshot_key("")
+        batch = [[snap + event_id, packed(prediction)] for event_id, prediction in served]
+        self._call(self._record_served, [], [msgpack.packb(batch, use_bin_type=False)])
+        return True
+
+    def claim_snapshots(
+        self, event_ids: Sequence[str], tokens: Sequence[str], stale: Callable[[str], bool]
+    ) -> list[FeatureSnapshot | Claim]:
+        if not event_ids:
+            return []
+        keys = []
+        for event_id in event_ids:
+            keys += [self.snapshot_key(event_id), self.learned_key(event_id)]
+        raw = self._call(self._claim, keys, [self.horizon_ms, *tokens])
+        out: list[FeatureSnapshot | Claim] = []
+        taken: dict[str, str] = {}
+        for event_id, token, item in zip(event_ids, tokens, raw, strict=True):
+            if item == b"?":
+                out.append(Claim.MISSING)
+            elif item.startswith(b"="):
+                marked, _, snap = item[1:].partition(b"\n")
+                if stale(marked.decode()):
+                    taken[self.learned_key(event_id)] = token
+                    out.append(FeatureSnapshot.decode(event_id, snap))
+                else:
+                    out.append(Claim.DUPLICATE)
+            else:
+                out.append(FeatureSnapshot.decode(event_id, item))
+        if taken:  # only after a learner restart: rare, a second round trip is fine
+            pipe = self.client.pipeline(transaction=False)
+            for key, token in taken.items():
+                pipe.set(key, token, px=int(self.horizon_ms))
+            pipe.execute()
+        return out
+
+    def learned_key(self, event_id: str) -> str:
+        return f"{self.prefix}learned:{event_id}"
+
+    def read(self, entities: Mapping[str, str], at: float | None = None) -> dict[str, float]:
+        args: list[Any] = [self._groups]
+        for g in self.plan.groups:
+            value = entities.get(g.entity_name)
+            args.append("" if value is None else self.entity_key(g.entity_name, value))
+            args += ["", ""] if at is None else [str(g.bucket(at)), repr(float(at))]
+        raw = self._call(self._read, [], args)
+        aggregates = [msgpack.unpackb(item) if item else None for item in raw]
+        return self.plan.current_values(aggregates)
+
+    def _call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        try:
+            return script(keys=keys, args=args)
+        except redis.ConnectionError as exc:
+            raise FeatureStoreError(f"Redis unreachable: {exc}") from exc
