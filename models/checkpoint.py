@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+
 from riverflow.models.errors import CheckpointError
 from riverflow.models.signing import MAGIC, sign_bytes, verify_bytes
 from riverflow.streams.contracts import Message

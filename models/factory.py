@@ -7,6 +7,7 @@ import inspect
 from typing import Any
 
 from river import base, compose
+
 from riverflow.models.errors import ModelSpecError
 from riverflow.models.spec import EstimatorSpec, ModelSpec, ModelsSpec
 

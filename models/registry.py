@@ -27,6 +27,7 @@ from typing import Any
 
 import orjson
 import river
+
 from riverflow.models.checkpoint import LearnerCheckpoint
 from riverflow.models.errors import ModelError
 from riverflow.models.signing import sign, verify_and_load

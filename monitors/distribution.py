@@ -16,6 +16,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from river import anomaly, compose, preprocessing
+
 from riverflow.monitors.spec import LabelFreeSpec
 from riverflow.monitors.view import DistributionView
 

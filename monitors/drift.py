@@ -15,6 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 from river import base, drift
+
 from riverflow.models.errors import ModelSpecError
 
 

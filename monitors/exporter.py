@@ -18,6 +18,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+
 from riverflow.monitors.status import render_html
 from riverflow.monitors.view import MonitorView
 

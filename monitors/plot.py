@@ -6,6 +6,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+
 from riverflow.monitors.status import CANDIDATE_COLOURS, MARKER_COLOURS, champion_text
 from riverflow.monitors.view import MonitorView
 

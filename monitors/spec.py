@@ -9,6 +9,7 @@ and rolls the champion back when it drops sharply.
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
 from riverflow.models.errors import ModelSpecError
 from riverflow.monitors.drift import DetectorSpec, build_detector
 

@@ -19,6 +19,7 @@ from importlib.resources import files
 from typing import get_args
 
 import orjson
+
 from riverflow.monitors.view import MarkerKind, MonitorView
 
 MARKER_COLOURS: dict[MarkerKind, str] = {

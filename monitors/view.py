@@ -10,9 +10,9 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import BaseModel, Field, ValidationError
-from riverflow.monitors.errors import ViewError
 
 from riverflow.errors import error_lines
+from riverflow.monitors.errors import ViewError
 
 MarkerKind = Literal["drift", "challenger", "promote", "rollback", "retire", "feature_drift"]
 

@@ -43,6 +43,7 @@ from confluent_kafka import (
     Producer,
     TopicPartition,
 )
+
 from riverflow.streams.contracts import Message, Output, Processor
 from riverflow.streams.hosting import HostSettings, StageReporter
 from riverflow.streams.kafka_io import (

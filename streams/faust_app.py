@@ -15,6 +15,7 @@ from typing import Any
 
 import faust
 from faust.types import TP
+
 from riverflow.streams.contracts import Message, Output, Processor
 from riverflow.streams.hosting import HostSettings, StageReporter
 

@@ -8,8 +8,9 @@ from typing import Any
 
 import orjson
 from pydantic import ConfigDict, TypeAdapter, ValidationError
-from riverflow.streams.schema import FieldType
 from typing_extensions import TypedDict
+
+from riverflow.streams.schema import FieldType
 
 _PY_TYPES: dict[FieldType, Any] = {
     FieldType.STR: str,

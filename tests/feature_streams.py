@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 from hypothesis import strategies as st
+
 from riverflow.features.definitions import Aggregation, FeaturePlan, FeatureSpec
 from riverflow.features.store import FeatureRequest, FeatureSnapshot, FeatureStore, feature_request
 

@@ -8,6 +8,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import orjson
+
 from riverflow.features.definitions import Aggregation, FeatureSpec, entity_value, parse_duration
 from riverflow.features.store import Claim, FeatureRequest, FeatureSnapshot, FeatureStore
 from riverflow.streams.contracts import ServedPrediction

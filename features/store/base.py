@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import msgpack
 import orjson
+
 from riverflow.features.definitions import FeaturePlan, entity_value
 from riverflow.streams.contracts import ServedPrediction
 

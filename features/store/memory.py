@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 
 import orjson
+
 from riverflow.features.definitions import FeaturePlan
 from riverflow.features.store.base import (
     Claim,

@@ -50,6 +50,7 @@ from typing import Any
 import msgpack
 import orjson
 import redis
+
 from riverflow.features.definitions import FeaturePlan
 from riverflow.features.errors import FeatureStoreError
 from riverflow.features.store.base import (

@@ -7,9 +7,9 @@ import re
 from typing import Any
 
 import yaml
-from riverflow.monitors.exporter import MonitorMetrics, StageMetrics
 
 from riverflow.kafka_runtime import METRICS_PORTS
+from riverflow.monitors.exporter import MonitorMetrics, StageMetrics
 from tests.conftest import REPO_ROOT
 
 DEPLOY = REPO_ROOT / "deploy"

@@ -9,8 +9,8 @@ from typing import Any
 import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from riverflow.features.store import FeatureRequest, MemoryFeatureStore
 
+from riverflow.features.store import FeatureRequest, MemoryFeatureStore
 from riverflow.spec import PipelineSpec
 from riverflow.tools.generator import FraudStreamConfig, transactions
 from tests.feature_streams import FEATURES, LATENESS_S, PLAN, event_streams, requests, run_batches

@@ -20,14 +20,14 @@ import pytest
 import redis
 import yaml
 from river import evaluate, metrics
+
 from riverflow.models.errors import SignatureError
 from riverflow.models.factory import build_model
 from riverflow.models.registry import ChampionPointer, RedisRegistry
-from riverflow.streams.contracts import Evaluation, ModelEvent, Prediction, Record
-from riverflow.streams.kafka_io import ensure_topics, produce_all, producer
-
 from riverflow.settings import Settings
 from riverflow.spec import PipelineSpec, load_spec
+from riverflow.streams.contracts import Evaluation, ModelEvent, Prediction, Record
+from riverflow.streams.kafka_io import ensure_topics, produce_all, producer
 from riverflow.tools.generator import FraudStreamConfig, transactions, with_labels
 from riverflow.tools.stack import Endpoints
 from tests.integration.conftest import StageFactory, collect

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import orjson
 import redis
+
 from riverflow.models.registry import PointerMove, RedisRegistry
 from riverflow.monitors.view import MonitorView
-from riverflow.streams.contracts import ModelEvent
-from riverflow.streams.kafka_io import ensure_topics, produce_all, producer
-
 from riverflow.settings import Settings
 from riverflow.spec import PipelineSpec
+from riverflow.streams.contracts import ModelEvent
+from riverflow.streams.kafka_io import ensure_topics, produce_all, producer
 from riverflow.tools.generator import FraudStreamConfig, with_labels
 from riverflow.tools.stack import Endpoints
 from tests.integration.conftest import StageFactory, StageProcess, collect

@@ -10,14 +10,14 @@ from collections.abc import Iterable
 import orjson
 import pytest
 import redis
-from riverflow.models.factory import build_model
-from riverflow.models.registry import ChampionPointer, RedisRegistry
-from riverflow.streams.contracts import DeadLetter, Evaluation, Prediction
-from riverflow.streams.kafka_io import ensure_topics, produce_all, producer
 
 from riverflow.embedded import EmbeddedRuntime
+from riverflow.models.factory import build_model
+from riverflow.models.registry import ChampionPointer, RedisRegistry
 from riverflow.settings import Settings
 from riverflow.spec import PipelineSpec
+from riverflow.streams.contracts import DeadLetter, Evaluation, Prediction
+from riverflow.streams.kafka_io import ensure_topics, produce_all, producer
 from riverflow.tools.generator import (
     BAD_KINDS,
     FraudStreamConfig,

@@ -13,9 +13,9 @@ from typing import Any
 
 import orjson
 import yaml
-from riverflow.streams.kafka_io import ensure_topics, produce_all, producer
 
 from riverflow.spec import PipelineSpec
+from riverflow.streams.kafka_io import ensure_topics, produce_all, producer
 from riverflow.tools.generator import FraudStreamConfig, with_labels
 from riverflow.tools.stack import Endpoints, free_port
 from tests.conftest import LOGS, REPO_ROOT

@@ -18,6 +18,9 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import SecretStr
+
+from riverflow.assembly import ConnectionFailed, redis_store
+from riverflow.assembly import redis_client as connect
 from riverflow.features.definitions import Aggregation, FeaturePlan
 from riverflow.features.errors import FeatureStoreError
 from riverflow.features.store import (
@@ -27,12 +30,9 @@ from riverflow.features.store import (
     MemoryFeatureStore,
     RedisFeatureStore,
 )
-from riverflow.streams.contracts import ServedPrediction
-
-from riverflow.assembly import ConnectionFailed, redis_store
-from riverflow.assembly import redis_client as connect
 from riverflow.settings import Settings
 from riverflow.spec import PipelineSpec
+from riverflow.streams.contracts import ServedPrediction
 from riverflow.tools.generator import FraudStreamConfig, transactions
 from tests.feature_streams import (
     EXACT_FEATURES,
@@ -435,9 +435,8 @@ def test_a_restarted_scorer_replays_a_batch_from_what_it_served(
     snapshot), runs the batch again on what Redis holds and emits, for every
     event, the prediction it served the first time; new events after it count
     on top of the first run's aggregates."""
-    from riverflow.streams.contracts import Message
-
     from riverflow.assembly import build_scorer, memory_backends
+    from riverflow.streams.contracts import Message
 
     ns = f"t{uuid.uuid4().hex[:8]}"
     events = [e for e, _ in transactions(300, FraudStreamConfig(cards=20, mean_gap_s=30.0))]

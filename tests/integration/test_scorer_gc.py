@@ -12,13 +12,13 @@ import uuid
 
 import orjson
 import redis
-from riverflow.models.factory import build_model
-from riverflow.models.registry import ChampionPointer
-from riverflow.streams.contracts import Message
 
 from riverflow.assembly import build_scorer, redis_backends
+from riverflow.models.factory import build_model
+from riverflow.models.registry import ChampionPointer
 from riverflow.settings import Settings
 from riverflow.spec import PipelineSpec
+from riverflow.streams.contracts import Message
 from riverflow.tools.generator import FraudStreamConfig, transactions
 
 

@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from matplotlib.image import imread
+
 from riverflow.monitors.exporter import StageMetrics, serve
 from riverflow.monitors.status import render_html
 from riverflow.monitors.view import MonitorView
-
 from riverflow.tools.stack import free_port
 from tests.monitor_views import empty_view, realistic_view
 

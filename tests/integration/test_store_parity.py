@@ -39,6 +39,7 @@ from typing import Any
 import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from riverflow.features.store import (
     FeatureSnapshot,
     MemoryFeatureStore,
@@ -46,7 +47,6 @@ from riverflow.features.store import (
 )
 from riverflow.features.tiles import Engine
 from riverflow.streams.contracts import ServedPrediction
-
 from tests.feature_streams import EXACT_PLAN, LATENESS_S, event_streams, run_batches
 from tests.feature_streams import requests as stream_requests
 

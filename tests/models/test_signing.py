@@ -7,6 +7,7 @@ import pickle
 
 import orjson
 import pytest
+
 from riverflow.models.errors import ModelError, SignatureError
 from riverflow.models.registry import ChampionPointer, MemoryRegistry
 from riverflow.models.signing import sign, sign_bytes, verify_and_load, verify_bytes

@@ -5,9 +5,9 @@ from __future__ import annotations
 import random
 
 import pytest
+
 from riverflow.models.errors import ModelSpecError
 from riverflow.monitors.drift import DetectorKind, DetectorSpec, ErrorDriftMonitor, build_detector
-
 from riverflow.tools.drift_eval import (
     FUNCTIONS,
     concept_disagreement,

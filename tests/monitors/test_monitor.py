@@ -9,17 +9,17 @@ from typing import Any
 
 import orjson
 import pytest
+from scipy import stats
+
+from riverflow.embedded import EmbeddedRuntime
 from riverflow.models.registry import MemoryRegistry
 from riverflow.monitors.distribution import DistributionMonitor
 from riverflow.monitors.policy import PipelineMonitor
 from riverflow.monitors.quality import PairedWindow, WindowedQuality
 from riverflow.monitors.spec import LabelFreeSpec, MonitorSpec
-from riverflow.streams.contracts import DeadLetter, Evaluation, Message, ModelEvent, Prediction
-from scipy import stats
-
-from riverflow.embedded import EmbeddedRuntime
 from riverflow.settings import Settings
 from riverflow.spec import PipelineSpec, SpecError, parse_spec
+from riverflow.streams.contracts import DeadLetter, Evaluation, Message, ModelEvent, Prediction
 from riverflow.tools.generator import FraudStreamConfig, with_labels
 
 FLIP_START, FLIP_END = 3000, 3600

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import orjson
+
 from riverflow.monitors.prequential import PrequentialMetrics
 
 

@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from matplotlib.image import imread
+
 from riverflow.monitors.errors import ViewError
 from riverflow.monitors.exporter import StageMetrics, serve
 from riverflow.monitors.plot import render_png
 from riverflow.monitors.status import CANDIDATE_COLOURS, MARKER_COLOURS, render_html
 from riverflow.monitors.view import MonitorView, parse_view
-
 from riverflow.tools.stack import free_port
 from tests.monitor_views import empty_view, realistic_view
 

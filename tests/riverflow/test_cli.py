@@ -96,7 +96,6 @@ def test_report_without_a_monitor_says_how_to_get_one(tmp_path: Path) -> None:
 
 def test_report_from_a_running_monitor(tmp_path: Path) -> None:
     from riverflow.monitors.exporter import StageMetrics, serve
-
     from riverflow.tools.stack import free_port
     from tests.monitor_views import realistic_view
 

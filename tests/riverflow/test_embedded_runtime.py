@@ -5,13 +5,13 @@ from __future__ import annotations
 import base64
 
 import orjson
-from riverflow.models.registry import ChampionPointer
-from riverflow.streams.contracts import DeadLetter, Evaluation, Prediction
 
 from riverflow.assembly import build_learner
 from riverflow.embedded import EmbeddedRuntime
+from riverflow.models.registry import ChampionPointer
 from riverflow.settings import Settings
 from riverflow.spec import PipelineSpec
+from riverflow.streams.contracts import DeadLetter, Evaluation, Prediction
 from riverflow.tools.generator import (
     BAD_KINDS,
     FraudStreamConfig,
@@ -170,6 +170,7 @@ def test_predictions_explain_themselves_when_the_spec_asks(fraud_spec: PipelineS
 
 def test_tree_explanations_are_its_decision_path() -> None:
     from river import tree
+
     from riverflow.models.explain import explain
 
     model = tree.HoeffdingTreeClassifier(grace_period=50, delta=1e-3)

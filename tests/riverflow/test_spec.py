@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 import yaml
+
 from riverflow.models.errors import ModelSpecError
 from riverflow.models.factory import build_candidates, build_model
 from riverflow.models.spec import ModelSpec
-
 from riverflow.settings import DEFAULT_SPEC
 from riverflow.spec import SpecError, load_spec, parse_spec
 

@@ -10,13 +10,13 @@ from typing import Any
 
 import orjson
 import pytest
+
+from riverflow.assembly import build_learner, signing_key
+from riverflow.embedded import EmbeddedRuntime
 from riverflow.models.checkpoint import FORMAT, LearnerCheckpoint
 from riverflow.models.errors import CheckpointError, SignatureError
 from riverflow.models.registry import MemoryRegistry
 from riverflow.models.signing import sign, sign_bytes, verify_bytes
-
-from riverflow.assembly import build_learner, signing_key
-from riverflow.embedded import EmbeddedRuntime
 from riverflow.settings import Settings
 from riverflow.spec import PipelineSpec
 from riverflow.tools.generator import FraudStreamConfig, with_labels

@@ -6,11 +6,11 @@ from typing import Any
 
 import orjson
 import yaml
-from riverflow.streams.contracts import Prediction
 
 from riverflow.embedded import EmbeddedRuntime
 from riverflow.settings import DEFAULT_SPEC, Settings
 from riverflow.spec import PipelineSpec, parse_spec
+from riverflow.streams.contracts import Prediction
 from riverflow.tools.generator import FraudStreamConfig, transactions
 from tests.helpers import assert_aggregations_match, brute_force_features
 

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from confluent_kafka import TIMESTAMP_CREATE_TIME, TopicPartition
+
 from riverflow.streams.confluent_host import (
     Checkpointing,
     ClientSettings,

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import orjson
 import pytest
+
+from riverflow.embedded import EmbeddedRuntime
+from riverflow.settings import Settings
+from riverflow.spec import PipelineSpec, parse_spec
 from riverflow.streams.contracts import (
     DeadLetter,
     Evaluation,
@@ -13,10 +17,6 @@ from riverflow.streams.contracts import (
     Prediction,
     Record,
 )
-
-from riverflow.embedded import EmbeddedRuntime
-from riverflow.settings import Settings
-from riverflow.spec import PipelineSpec, parse_spec
 from riverflow.tools.generator import BAD_KINDS, FraudStreamConfig, corrupt, with_labels
 
 

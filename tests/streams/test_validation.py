@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from riverflow.streams.validation import Invalid, RecordValidator
 
 from riverflow.spec import PipelineSpec
+from riverflow.streams.validation import Invalid, RecordValidator
 from riverflow.tools.generator import BAD_KINDS, FraudStreamConfig, corrupt, transactions
 
 
