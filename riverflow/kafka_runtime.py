@@ -12,6 +12,7 @@ import gc
 import logging
 import math
 from dataclasses import replace
+from typing import Protocol
 
 from riverflow.assembly import (
     build_learner,
@@ -29,10 +30,20 @@ from riverflow.streams.contracts import Output
 from riverflow.streams.faust_app import run_worker, stage_app
 from riverflow.streams.hosting import HostSettings
 from riverflow.streams.kafka_io import ensure_topics
-from riverflow.tools.stack import Endpoints
 
 log = logging.getLogger(__name__)
 METRICS_PORTS = {"scorer": 9401, "learner": 9402, "monitor": 9403}
+
+
+class Servers(Protocol):
+    """Where a stage finds Kafka and Redis (the local stack's ``Endpoints``, or the
+    servers the settings name): the runtime needs nothing else of the tools."""
+
+    @property
+    def kafka_bootstrap(self) -> str: ...
+
+    @property
+    def redis_url(self) -> str: ...
 
 
 def freeze_startup_heap() -> None:
@@ -49,7 +60,7 @@ def freeze_startup_heap() -> None:
 
 
 def host_settings(
-    stage: str, spec: PipelineSpec, settings: Settings, ep: Endpoints, tick_s: float
+    stage: str, spec: PipelineSpec, settings: Settings, ep: Servers, tick_s: float
 ) -> HostSettings:
     """How ``stage`` runs on the confluent-kafka loop: its own consumer group, and
     (the scorer only) its heap frozen after every batch."""
@@ -59,7 +70,7 @@ def host_settings(
     )  # fmt: skip
 
 
-def run_stage(stage: str, spec: PipelineSpec, settings: Settings, ep: Endpoints) -> None:
+def run_stage(stage: str, spec: PipelineSpec, settings: Settings, ep: Servers) -> None:
     """Run ``scorer``, ``learner`` or ``monitor`` until SIGTERM / Ctrl-C."""
     if stage not in METRICS_PORTS:
         raise ValueError(f"unknown stage {stage!r} (scorer, learner or monitor)")

@@ -72,3 +72,17 @@ def test_imports_run_one_way(package: str) -> None:
         if not any(name == a or name.startswith(f"{a}.") for a in allowed)
     }
     assert wrong == set()
+
+
+def test_the_runtime_imports_no_tool() -> None:
+    """Tools (demo, stack, bench, probes) sit beside the runtime: the stages and what
+    hosts them import none of them; only the CLI, which runs both, does."""
+    root = REPO_ROOT / "riverflow"
+    runtime = [*(root / "stages").glob("*.py"), *(p for p in root.glob("*.py") if p.name != "cli.py")]
+    wrong = {
+        f"{path.relative_to(REPO_ROOT)}: {name}"
+        for path in runtime
+        for name in imports_of(path)
+        if name.startswith("riverflow.tools")
+    }
+    assert wrong == set()
