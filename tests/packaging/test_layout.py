@@ -78,7 +78,10 @@ def test_the_runtime_imports_no_tool() -> None:
     """Tools (demo, stack, bench, probes) sit beside the runtime: the stages and what
     hosts them import none of them; only the CLI, which runs both, does."""
     root = REPO_ROOT / "riverflow"
-    runtime = [*(root / "stages").glob("*.py"), *(p for p in root.glob("*.py") if p.name != "cli.py")]
+    runtime = [
+        *(root / "stages").glob("*.py"),
+        *(p for p in root.glob("*.py") if p.name != "cli.py"),
+    ]
     wrong = {
         f"{path.relative_to(REPO_ROOT)}: {name}"
         for path in runtime
