@@ -2,11 +2,11 @@
 
 Runs the whole pipeline (scorer, learner, monitor on the embedded runtime) twice
 on the same Agrawal stream with abrupt concept switches at known positions
-(``monitors.drift_eval.drifting_stream``): once with the spec's monitor
+(``riverflow.tools.drift_eval.drifting_stream``): once with the spec's monitor
 policies, once with them off (the champion only keeps learning). Recovery after
 a drift is the number of events until the *served* predictions' windowed
 accuracy is back within 2 points of its level just before the drift
-(``monitors.drift_eval.recovery_times``). ``riverflow recovery-eval`` prints both
+(``riverflow.tools.drift_eval.recovery_times``). ``riverflow recovery-eval`` prints both
 and their ratio.
 """
 
