@@ -4,6 +4,7 @@ the counters a stage keeps."""
 from __future__ import annotations
 
 import base64
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,12 @@ def dead_letter(topics: Topics, stage: str, msg: Message, kind: str, error: str)
         payload_b64=None if msg.value is None else b64(msg.value).decode(),
     )
     return Output(topics.dlq, msg.key, record.encode())
+
+
+def monitor_only_field(segment: str | None, inputs: Sequence[str]) -> str | None:
+    """The segment field a snapshot keeps for the monitor alone (None when it is none,
+    or a model input anyway): the scorer stores it, the learner leaves it out of ``x``."""
+    return segment if segment and segment not in inputs else None
 
 
 def model_inputs(stored: dict[str, Any], extra: str | None) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from riverflow.features.definitions import FeaturePlan
 from riverflow.features.store import Claim, FeatureSnapshot, FeatureStore
 from riverflow.models.checkpoint import LearnerCheckpoint
 from riverflow.monitors.prequential import PrequentialMetrics
-from riverflow.stages.common import StageCounters, dead_letter, model_inputs
+from riverflow.stages.common import StageCounters, dead_letter, model_inputs, monitor_only_field
 from riverflow.stages.lineage import Candidate, Lineage
 from riverflow.streams.contracts import CandidatePrediction, Evaluation, Message, Output
 from riverflow.streams.schema import FieldType, LabelSpec
@@ -85,9 +85,7 @@ class Learner:
         self.join = join
         self.timing = timing
         self.clock = clock
-        # a segment field that is no model input is in the snapshot for the monitor only
-        segment = join.segment
-        self.extra = segment if segment and segment not in join.inputs else None
+        self.extra = monitor_only_field(join.segment, join.inputs)
         self.validate = RecordValidator(
             {join.label.event_id: FieldType.STR, join.label.field: FieldType.BOOL},
             join.max_bytes,

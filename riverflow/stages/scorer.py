@@ -18,7 +18,7 @@ from riverflow.features.store import FeatureRequest, FeatureSnapshot, FeatureSto
 from riverflow.models.champion import ChampionReplica, positive_probability
 from riverflow.models.explain import explain
 from riverflow.models.registry import ModelVersion
-from riverflow.stages.common import StageCounters, dead_letter, model_inputs
+from riverflow.stages.common import StageCounters, dead_letter, model_inputs, monitor_only_field
 from riverflow.streams.contracts import (
     UNSET,
     Message,
@@ -63,7 +63,7 @@ class Scorer:
         self.plan = plan
         self.inputs = list(inputs)
         # the snapshot keeps the segment field too, so the learner can tell the monitor
-        self.extra = segment if segment and segment not in self.inputs else None
+        self.extra = monitor_only_field(segment, self.inputs)
         self.stored = self.inputs + ([self.extra] if self.extra else [])
         self.store = store
         self.champion = champion

@@ -37,6 +37,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -54,13 +55,13 @@ from riverflow.features.store import (
     FeatureSnapshot,
     FeatureStore,
 )
+from riverflow.kafka_runtime import host_settings
 from riverflow.models.champion import ChampionReplica
 from riverflow.settings import Settings
 from riverflow.spec import PipelineSpec, load_spec
 from riverflow.stages.scorer import Scorer
 from riverflow.streams.confluent_host import ClientSettings, ConfluentHost
 from riverflow.streams.contracts import Message, Output, ServedPrediction
-from riverflow.streams.hosting import HostSettings
 from riverflow.streams.kafka_io import ensure_topics
 from riverflow.streams.schema import EventSchema
 from riverflow.streams.validation import Invalid, RecordValidator
@@ -291,10 +292,11 @@ def run_scorer(trace_path: Path, variant: dict[str, Any]) -> None:
         make_consumer=lambda conf: TimedConsumer(conf, trace, commit_every_s),
         make_producer=lambda conf: TimedProducer(conf, trace),
     )  # fmt: skip
-    loop = HostSettings(
-        ep.kafka_bootstrap, f"riverflow-{spec.name}-scorer", settings.batch_size,
-        tick_s=settings.model_poll_s, freeze_gc=variant.get("batch_freeze", True),
-    )  # fmt: skip
+    # as ``riverflow run scorer`` hosts it, but for the variant's choice of freezing
+    loop = replace(
+        host_settings("scorer", spec, settings, ep, settings.model_poll_s),
+        freeze_gc=variant.get("batch_freeze", True),
+    )
     host = ConfluentHost(TimedProcessor(scorer, trace), spec.topics.events, loop, clients)
 
     gcs: list[tuple[float, float, int]] = []
