@@ -100,7 +100,7 @@ def _file_records(path: Path, topic: str) -> Iterator[tuple[str, bytes | None, b
 
 def cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
     from riverflow.streams.kafka_io import ensure_topics, produce_all, producer
-    from riverflow.tools.generator import FraudStreamConfig, with_labels
+    from riverflow.tools.generator import FraudStreamConfig, paced, with_labels
 
     spec = load_spec(args.spec or settings.spec)
     topics = spec.topics
@@ -120,6 +120,12 @@ def cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
                     yield topics.labels, rec["event_id"].encode(), orjson.dumps(rec)
 
         records = generated()
+    if args.rate is not None:
+        if args.rate <= 0:
+            raise RiverflowError(f"--rate {args.rate:g}: events per second must be positive")
+        # a file's every line takes a slot; generated labels ride along with their events
+        events_only = None if args.file else lambda r: r[0] == topics.events
+        records = paced(records, args.rate, counts=events_only)
     n = produce_all(producer(ep.kafka_bootstrap), records)
     console.print(f"produced {n:,} messages to {ep.kafka_bootstrap}")
     return 0
@@ -162,6 +168,40 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     Path(args.json).write_bytes(orjson.dumps(result.as_dict(), option=orjson.OPT_INDENT_2))
     console.print(f"figures written to {args.json}")
     return 0
+
+
+def cmd_soak(args: argparse.Namespace, settings: Settings) -> int:
+    import tempfile
+    from contextlib import AbstractContextManager, nullcontext
+
+    from riverflow.tools.soak import SoakConfig, report, run_soak
+    from riverflow.tools.stack import local_stack
+
+    spec = load_spec(args.spec or settings.spec)
+    config = SoakConfig(
+        minutes=args.minutes, rate=args.rate, labels_behind=args.labels_behind, seed=args.seed,
+        warmup_s=args.warmup, drain_s=args.drain,
+    )  # fmt: skip
+    if config.rate <= 0 or config.minutes <= 0 or config.labels_behind < 0:
+        raise RiverflowError("soak: --rate and --minutes must be positive, --labels-behind >= 0")
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="riverflow-soak-"))
+
+    def log(line: str) -> None:
+        err_console.print(f"[dim]{line}[/dim]")
+
+    servers: AbstractContextManager[Endpoints]
+    try:
+        servers = nullcontext(endpoints(settings))
+    except RiverflowError:
+        log("no running stack: starting Kafka and Redis for this run")
+        servers = local_stack(settings, workdir / "stack")
+    with servers as ep:
+        result = run_soak(spec, config, settings, ep, workdir, log=log)
+    console.print(report(result))
+    if args.json:
+        Path(args.json).write_bytes(orjson.dumps(result.as_dict(), option=orjson.OPT_INDENT_2))
+        console.print(f"figures written to {args.json}")
+    return 1 if args.check and not result.passed else 0
 
 
 def cmd_drift_eval(args: argparse.Namespace, settings: Settings) -> int:
@@ -437,6 +477,9 @@ def parser() -> argparse.ArgumentParser:
     produce.add_argument("--no-labels", action="store_true")
     produce.add_argument("--file", help="JSON-lines file, one message per line")
     produce.add_argument("--topic", help="topic for --file (default: the events topic)")
+    produce.add_argument(
+        "--rate", type=float, help="events per second, paced (default: as fast as possible)"
+    )
     produce.add_argument("--spec", type=Path)
     produce.set_defaults(func=cmd_produce)
 
@@ -456,6 +499,23 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", default="bench-results.json")
     bench.add_argument("--spec", type=Path)
     bench.set_defaults(func=cmd_bench)
+
+    soak = sub.add_parser(
+        "soak", help="scorer, learner and monitor under steady load: gaps, lag, memory, counts"
+    )
+    soak.add_argument("--minutes", type=float, default=25.0)
+    soak.add_argument("--rate", type=float, default=1500.0, help="events per second, paced")
+    soak.add_argument("--labels-behind", type=int, default=400,
+                      help="a label follows its event by this many events")  # fmt: skip
+    soak.add_argument("--warmup", type=float, help="seconds not judged (default: 1/4, <= 60)")
+    soak.add_argument("--drain", type=float, default=60.0,
+                      help="seconds to wait after the last event for what is missing")  # fmt: skip
+    soak.add_argument("--seed", type=int, default=7)
+    soak.add_argument("--json", help="write every figure to this file")
+    soak.add_argument("--check", action="store_true", help="exit 1 when a target failed")
+    soak.add_argument("--workdir", type=Path, help="stage logs (default: a new temp folder)")
+    soak.add_argument("--spec", type=Path)
+    soak.set_defaults(func=cmd_soak)
 
     drift = sub.add_parser("drift-eval", help="drift detection quality on synthetic drift streams")
     drift.add_argument("--events", type=int, default=200_000)
