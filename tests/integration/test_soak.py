@@ -1,0 +1,65 @@
+"""The soak in CI: two minutes of paced load on the real broker and Redis, with the
+scorer, learner and monitor as their own processes (``riverflow soak`` runs 25)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+from rich.console import Console
+
+from riverflow.settings import Settings
+from riverflow.spec import PipelineSpec
+from riverflow.tools.soak import SoakConfig, report, run_soak
+from riverflow.tools.stack import Endpoints
+from tests.integration.conftest import collect
+
+# a moderate rate: CI has 2 shared cores, and other jobs run beside the suite
+CONFIG = SoakConfig(minutes=2.0, rate=300.0, labels_behind=400, warmup_s=20.0, drain_s=60.0)
+
+
+def test_two_minutes_of_steady_load_lose_and_stall_nothing(
+    stack: Endpoints, spec: PipelineSpec, tmp_path: Path
+) -> None:
+    result = run_soak(spec, CONFIG, Settings(), stack, tmp_path, log=lambda _: None)
+    Console(width=140).print(report(result))  # shown under a failure, as the user sees it
+    counts = result.counts
+    produced = counts["events_produced"]
+    assert produced == CONFIG.events
+    # every event predicted, once or with its replays flagged
+    assert counts["missing_predictions"] == 0
+    assert counts["second_predictions_unflagged"] == 0
+    assert result.gaps["over_limit"] == 0, result.gaps
+    # labels: every one produced (all but the last 400 events') learned once, none orphaned
+    assert counts["labels_produced"] == produced - CONFIG.labels_behind - 1
+    assert counts["orphan_labels"] == 0
+    assert counts["labels_learned_twice"] == 0
+    assert counts["labels_learned"] == counts["labels_produced"]
+    assert all(stage["alive"] for stage in result.stages.values()), result.stages
+    # memory is reported (too short a run to judge flatness)
+    for stage in ("scorer", "learner", "monitor"):
+        assert result.memory["rss_mb"][stage]
+    assert result.memory["redis_mb"] and result.memory["redis_keys"]
+    assert orjson.loads(orjson.dumps(result.as_dict()))["counts"] == counts
+
+
+def test_produce_at_a_rate_is_paced_and_delivers_everything(
+    stack: Endpoints, spec_file: Path, spec: PipelineSpec
+) -> None:
+    env = {**os.environ, "RIVERFLOW_KAFKA_BOOTSTRAP": stack.kafka_bootstrap,
+           "RIVERFLOW_REDIS_URL": stack.redis_url}  # fmt: skip
+    t0 = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "riverflow.cli", "produce", "--events", "1000", "--rate", "400",
+         "--spec", str(spec_file)],
+        capture_output=True, text=True, env=env, timeout=120, check=False,
+    )  # fmt: skip
+    took = time.monotonic() - t0
+    assert done.returncode == 0, done.stderr
+    assert "produced 2,000 messages" in done.stdout  # 1,000 events and their labels
+    assert took >= 1000 / 400 - 0.1  # paced: never faster than asked
+    assert len(collect(stack.kafka_bootstrap, spec.topics.events, 1000, settle_s=0.5)) == 1000
