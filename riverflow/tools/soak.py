@@ -408,25 +408,30 @@ class Watchers:
     def _read_predictions(self) -> None:
         for now, batch in self._batches(self._predictions):
             for msg in batch:
-                p = orjson.loads(msg.value())
-                self.ledger.predict(p["event_id"], now, bool(p.get("replayed")))
+                try:
+                    p = orjson.loads(msg.value())
+                    self.ledger.predict(str(p["event_id"]), now, bool(p.get("replayed")))
+                except (ValueError, KeyError, TypeError):  # not a prediction: not this run's
+                    self.ledger.unknown += 1
             if batch and self.producing:
                 self.gaps.arrived(now)
 
     def _read_outcomes(self) -> None:
         for _, batch in self._batches(self._outcomes):
             for msg in batch:
-                record = orjson.loads(msg.value())
-                if msg.topic() == self.topics.evaluations:
-                    self.ledger.learn(record["event_id"])
-                    continue
-                self.dead_letters[(record["stage"], record["error_kind"])] += 1
-                if record["error_kind"] == "orphan_label" and record.get("payload_b64"):
-                    try:
-                        label = orjson.loads(base64.b64decode(record["payload_b64"]))
-                        self.ledger.orphan(str(label["event_id"]))
-                    except (ValueError, KeyError, TypeError):
-                        pass
+                try:
+                    self._outcome(msg.topic(), orjson.loads(msg.value()))
+                except (ValueError, KeyError, TypeError):  # not a record a stage writes
+                    self.ledger.unknown += 1
+
+    def _outcome(self, topic: str, record: dict[str, Any]) -> None:
+        if topic == self.topics.evaluations:
+            self.ledger.learn(str(record["event_id"]))
+            return
+        self.dead_letters[(str(record["stage"]), str(record["error_kind"]))] += 1
+        if record["error_kind"] == "orphan_label" and record.get("payload_b64"):
+            label = orjson.loads(base64.b64decode(record["payload_b64"]))
+            self.ledger.orphan(str(label["event_id"]))
 
     def _sample(self, sample: Callable[[float], None], every_s: float) -> None:
         next_sample = 0.0
