@@ -102,6 +102,8 @@ def cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
     from riverflow.streams.kafka_io import ensure_topics, produce_all, producer
     from riverflow.tools.generator import FraudStreamConfig, paced, with_labels
 
+    if args.rate is not None and args.rate <= 0:
+        raise RiverflowError(f"--rate {args.rate:g}: events per second must be positive")
     spec = load_spec(args.spec or settings.spec)
     topics = spec.topics
     ep = endpoints(settings)
@@ -121,8 +123,6 @@ def cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
 
         records = generated()
     if args.rate is not None:
-        if args.rate <= 0:
-            raise RiverflowError(f"--rate {args.rate:g}: events per second must be positive")
         # a file's every line takes a slot; generated labels ride along with their events
         events_only = None if args.file else lambda r: r[0] == topics.events
         records = paced(records, args.rate, counts=events_only)
@@ -172,7 +172,7 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_soak(args: argparse.Namespace, settings: Settings) -> int:
     import tempfile
-    from contextlib import AbstractContextManager, nullcontext
+    from contextlib import AbstractContextManager, ExitStack, nullcontext
 
     from riverflow.tools.soak import SoakConfig, report, run_soak
     from riverflow.tools.stack import local_stack
@@ -190,12 +190,15 @@ def cmd_soak(args: argparse.Namespace, settings: Settings) -> int:
         err_console.print(f"[dim]{line}[/dim]")
 
     servers: AbstractContextManager[Endpoints]
-    try:
-        servers = nullcontext(endpoints(settings))
-    except RiverflowError:
-        log("no running stack: starting Kafka and Redis for this run")
-        servers = local_stack(settings, workdir / "stack")
-    with servers as ep:
+    with ExitStack() as held:
+        try:
+            servers = nullcontext(endpoints(settings))
+        except RiverflowError:
+            log("no running stack: starting Kafka and Redis for this run")
+            # their data (GBs after 25 minutes at 1,500/s) goes when the run ends
+            data = held.enter_context(tempfile.TemporaryDirectory(prefix="riverflow-soak-"))
+            servers = local_stack(settings, Path(data))
+        ep = held.enter_context(servers)
         result = run_soak(spec, config, settings, ep, workdir, log=log)
     console.print(report(result))
     if args.json:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 import random
+import subprocess
+import sys
 
 import pytest
 
@@ -162,3 +164,13 @@ def test_a_late_tick_is_made_up_without_drift(monkeypatch: pytest.MonkeyPatch) -
         if i == 10:
             clock.now += 0.5  # the producer was held up for half a second
     assert clock.now == pytest.approx(9.99)
+
+
+@pytest.mark.parametrize(
+    "args", [("soak", "--rate", "0"), ("soak", "--minutes", "-1"), ("produce", "--rate", "0")]
+)
+def test_a_rate_or_duration_that_cannot_be_is_an_error_line(args: tuple[str, ...]) -> None:
+    done = subprocess.run([sys.executable, "-m", "riverflow.cli", *args],
+                          capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "error:" in done.stderr and "must be positive" in done.stderr
