@@ -20,7 +20,8 @@ from riverflow.models.explain import explain
 from riverflow.models.registry import ModelVersion
 from riverflow.stages.common import (
     DLQ_KEEP_BYTES,
-    StageCounters,     dead_letter,
+    StageCounters,
+    dead_letter,
     model_inputs,
     monitor_only_field,
 )
@@ -87,12 +88,8 @@ class Scorer:
         for msg in batch:
             event = self.validate(msg.value)
             if isinstance(event, Invalid):
-                out.append(
-                    dead_letter(
-                        self.topics, self.stage, msg, event.kind, event.message,
-                        self.dlq_keep_bytes,
-                    )  # fmt: skip
-                )
+                why, keep = event.message, self.dlq_keep_bytes
+                out.append(dead_letter(self.topics, self.stage, msg, event.kind, why, keep))
                 continue
             events.append(event)
             requests.append(self._request(event))
