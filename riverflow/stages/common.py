@@ -9,7 +9,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from riverflow.streams.contracts import DeadLetter, Message, Output
+from riverflow.streams.contracts import DeadLetter, Message, Output, Processor
+from riverflow.streams.guard import Guard, Health
 from riverflow.streams.topics import Topics
 
 DLQ_KEEP_BYTES = 256 * 1024  # setting dlq_keep_bytes: the original bytes a DLQ record keeps
@@ -48,6 +49,22 @@ def _kept(raw: bytes | None, limit: int) -> tuple[str | None, int | None, str | 
     if len(raw) > limit:
         return None, len(raw), sha, True
     return base64.b64encode(raw).decode(), len(raw), sha, False
+
+
+def guarded(
+    processor: Processor,
+    topics: Topics,
+    outage_limit_s: float = 120.0,
+    keep_bytes: int = DLQ_KEEP_BYTES,
+    health: Health | None = None,
+) -> Guard:
+    """``processor`` behind the last resort every host runs a stage with
+    (``streams.guard``): its internal errors go to the DLQ, outages are waited out."""
+
+    def dlq(msg: Message, kind: str, error: str) -> Output:
+        return dead_letter(topics, processor.stage, msg, kind, error, keep_bytes)
+
+    return Guard(processor, dlq, outage_limit_s, health)
 
 
 def monitor_only_field(segment: str | None, inputs: Sequence[str]) -> str | None:
