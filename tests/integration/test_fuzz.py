@@ -29,7 +29,7 @@ from riverflow.tools.hostile import HostileEvents
 from riverflow.tools.stack import Endpoints, free_port, wait_for_redis
 from tests.integration.conftest import StageFactory, collect
 
-HOSTILE = 10_000
+HOSTILE = 12_000  # of which ~9,400 refused, the rest valid despite a hostile touch
 VALID = 2_000
 
 
@@ -48,7 +48,7 @@ def test_ten_thousand_hostile_messages_never_stop_the_scorer(
     }
     bad = Counter(h.kind for h in sent if h.kind is not None)
     valid = Counter(h.event_id for h in sent if h.kind is None)
-    assert sum(bad.values()) >= HOSTILE - 50 and len(valid) == sum(valid.values())
+    assert sum(h.cls != "valid" for h in sent) == HOSTILE and len(valid) == sum(valid.values())
 
     produce_all(producer(stack.kafka_bootstrap), ((topics.events, h.key, h.value) for h in sent))  # type: ignore[misc]
 
