@@ -196,6 +196,8 @@ def test_a_redis_outage_is_waited_out_not_blamed_on_messages(
             time.sleep(0.5)
         assert scorer.get("/healthz") == (200, "ok\n")
         assert scorer.proc.poll() is None
+        scorer.proc.terminate()  # before its Redis goes again
+        assert scorer.proc.wait(30) == 0
     finally:
         restarted.terminate()
         restarted.wait(10)
