@@ -36,8 +36,13 @@ from riverflow.streams.contracts import Message, Output, Processor
 
 log = logging.getLogger(__name__)
 
-# answers of a Redis server that is there but cannot serve now
-_REDIS_BUSY = ("BUSY", "LOADING", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "READONLY")
+# answers of a Redis server that is there but cannot serve now (or, like a changed
+# password or a full memory, not until someone acts: better to stop after the outage
+# limit than to send every message to the DLQ)
+_REDIS_BUSY = (
+    "BUSY", "LOADING", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "READONLY", "OOM",
+    "NOAUTH", "WRONGPASS", "NOPERM", "MISCONF",
+)  # fmt: skip
 
 
 class StageOutage(RiverflowError):
@@ -73,7 +78,9 @@ def _outage_of(e: BaseException) -> str | None:
     if rx is not None:
         if isinstance(e, rx.ConnectionError | rx.TimeoutError | rx.BusyLoadingError):
             return f"Redis: {name}: {e}"
-        if isinstance(e, rx.ResponseError) and str(e).startswith(_REDIS_BUSY):
+        if isinstance(e, rx.ResponseError | rx.AuthenticationError) and str(e).startswith(
+            _REDIS_BUSY
+        ):
             return f"Redis: {str(e)[:200]}"
     if isinstance(e, ConnectionError | TimeoutError):  # the builtins (OSError)
         return f"{name}: {e}"
