@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import urllib.error
+import urllib.request
 from collections import Counter
 from collections.abc import Sequence
 
@@ -13,6 +15,7 @@ import pytest
 import redis
 
 from riverflow.embedded import EmbeddedRuntime
+from riverflow.monitors.exporter import StageMetrics, serve
 from riverflow.settings import Settings
 from riverflow.spec import PipelineSpec
 from riverflow.stages.common import dead_letter, guarded
@@ -20,6 +23,7 @@ from riverflow.streams.contracts import DeadLetter, Message, Output, Prediction
 from riverflow.streams.guard import StageOutage
 from riverflow.streams.topics import Topics
 from riverflow.tools.hostile import HostileEvents
+from riverflow.tools.stack import free_port
 
 
 def letters(rt: EmbeddedRuntime) -> list[DeadLetter]:
@@ -217,3 +221,26 @@ def test_the_guard_gives_up_after_the_outage_limit() -> None:
     with pytest.raises(StageOutage, match=r"down 60s.*outage_limit_s.*Connection refused"):
         guard.process(batch([b"a"]))
     assert 60 <= now[0] < 61
+
+
+def test_healthz_answers_503_with_the_reason_while_a_server_is_down() -> None:
+    metrics = StageMetrics("scorer")
+    server = serve(metrics, free_port())
+    url = f"http://127.0.0.1:{server.server_port}/healthz"
+
+    def healthz() -> tuple[int, bytes]:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                return resp.status, resp.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+
+    try:
+        assert healthz() == (200, b"ok\n")
+        metrics.set_degraded("Redis: Connection refused")
+        assert healthz() == (503, b"degraded: Redis: Connection refused\n")
+        metrics.set_degraded(None)
+        assert healthz() == (200, b"ok\n")
+    finally:
+        server.shutdown()
+        server.server_close()
