@@ -50,6 +50,25 @@ def _raw(event: dict[str, Any], field: str, literal: str | bytes) -> bytes:
     return body.replace(orjson.dumps(marker), raw)
 
 
+Build = Callable[[dict[str, Any]], bytes | None]
+
+
+def _field_as(field: str, literal: str | bytes) -> Build:
+    return lambda e: _raw(e, field, literal)
+
+
+def _suffix_of(field: str, escaped: str) -> Build:
+    return lambda e: _raw(e, field, _suffixed(e[field], escaped))
+
+
+def _constant(raw: bytes) -> Build:
+    return lambda e: raw
+
+
+def _without(field: str) -> Build:
+    return lambda e: orjson.dumps({k: v for k, v in e.items() if k != field})
+
+
 def _suffixed(value: str, escaped: str) -> str:
     """The JSON string of ``value`` followed by ``escaped`` (JSON escapes, as written)."""
     return orjson.dumps(value).decode()[:-1] + escaped + '"'
@@ -110,32 +129,30 @@ class HostileEvents:
             ("253402300800", "ts_year_10000"),
             ("100000000000000000000000", "ts_bigint"),
         ):
-            c[name] = on("out_of_range", lambda e, ts=ts: _raw(e, s.time, ts))
+            c[name] = on("out_of_range", _field_as(s.time, ts))
         c["ts_negative"] = on("wrong_value", lambda e: _raw(e, s.time, "-1"))
         c["ts_nan"] = on("not_finite", lambda e: _raw(e, s.time, "NaN"))
         c["ts_string"] = on("wrong_type", lambda e: _raw(e, s.time, '"2024-01-01"'))
         for f in self.numbers:
-            c[f"{f}_1e300"] = on("out_of_range", lambda e, f=f: _raw(e, f, "1e300"))
-            c[f"{f}_giant_int"] = on("out_of_range", lambda e, f=f: _raw(e, f, "9" * 400))
-            c[f"{f}_nan"] = on("not_finite", lambda e, f=f: _raw(e, f, "NaN"))
-            c[f"{f}_infinity"] = on("not_finite", lambda e, f=f: _raw(e, f, "-Infinity"))
-            c[f"{f}_1e400"] = on("not_finite", lambda e, f=f: _raw(e, f, "1e400"))
-            c[f"{f}_bool"] = on("wrong_type", lambda e, f=f: _raw(e, f, "true"))
-            c[f"{f}_string"] = on("wrong_type", lambda e, f=f: _raw(e, f, '"12.5"'))
+            c[f"{f}_1e300"] = on("out_of_range", _field_as(f, "1e300"))
+            c[f"{f}_giant_int"] = on("out_of_range", _field_as(f, "9" * 400))
+            c[f"{f}_nan"] = on("not_finite", _field_as(f, "NaN"))
+            c[f"{f}_infinity"] = on("not_finite", _field_as(f, "-Infinity"))
+            c[f"{f}_1e400"] = on("not_finite", _field_as(f, "1e400"))
+            c[f"{f}_bool"] = on("wrong_type", _field_as(f, "true"))
+            c[f"{f}_string"] = on("wrong_type", _field_as(f, '"12.5"'))
         for f in self.floats:
-            c[f"{f}_int"] = on(None, lambda e, f=f: _raw(e, f, "100000000000"))
+            c[f"{f}_int"] = on(None, _field_as(f, "100000000000"))
         for f in self.strings:
-            c[f"surrogate_{f}"] = on("invalid_text", lambda e, f=f: _raw(e, f, '"a\\ud800"'))
-            c[f"low_surrogate_{f}"] = on("invalid_text", lambda e, f=f: _raw(e, f, '"\\udc00"'))
-            c[f"not_utf8_{f}"] = on("invalid_json", lambda e, f=f: _raw(e, f, b'"\xff"'))
-            c[f"{f}_number"] = on("wrong_type", lambda e, f=f: _raw(e, f, "5"))
-            c[f"{f}_null"] = on("wrong_type", lambda e, f=f: _raw(e, f, "null"))
-            c[f"pair_{f}"] = on(None, lambda e, f=f: _raw(e, f, _suffixed(e[f], "\\ud83d\\ude00")))
-            c[f"nul_{f}"] = on(None, lambda e, f=f: _raw(e, f, _suffixed(e[f], "\\u0000b")))
+            c[f"surrogate_{f}"] = on("invalid_text", _field_as(f, '"a\\ud800"'))
+            c[f"low_surrogate_{f}"] = on("invalid_text", _field_as(f, '"\\udc00"'))
+            c[f"not_utf8_{f}"] = on("invalid_json", _field_as(f, b'"\xff"'))
+            c[f"{f}_number"] = on("wrong_type", _field_as(f, "5"))
+            c[f"{f}_null"] = on("wrong_type", _field_as(f, "null"))
+            c[f"pair_{f}"] = on(None, _suffix_of(f, "\\ud83d\\ude00"))
+            c[f"nul_{f}"] = on(None, _suffix_of(f, "\\u0000b"))
         for f in s.fields:
-            c[f"missing_{f}"] = on(
-                "missing_field", lambda e, f=f: orjson.dumps({k: v for k, v in e.items() if k != f})
-            )
+            c[f"missing_{f}"] = on("missing_field", _without(f))
         c["surrogate_in_key"] = on(
             "invalid_text", lambda e: orjson.dumps(e)[:-1] + b',"\\ud800x":1}'
         )
@@ -157,7 +174,7 @@ class HostileEvents:
             (b"null", "null"),
             (b"true", "bool"),
         ):
-            c[f"not_object_{name}"] = on("not_an_object", lambda e, raw=raw: raw)
+            c[f"not_object_{name}"] = on("not_an_object", _constant(raw))
         c["truncated_json"] = on("invalid_json", lambda e: orjson.dumps(e)[:-3])
         c["garbage"] = on(
             "invalid_json", lambda e: b"\x00\xff" + self.rng.randbytes(self.rng.randrange(1, 200))
