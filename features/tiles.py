@@ -22,6 +22,18 @@ from typing import Any
 
 from riverflow.features.definitions import FeaturePlan, TileGroup
 
+# |event time| the tiles take, in seconds (~31 million years): a bucket index stays an
+# exact integer (< 2**53) and a msgpack int64. The validator refuses far less
+# (settings event_time_min_s / event_time_max_s); this is the store's own limit.
+MAX_TIME_S = 1e15
+
+
+def check_time(ts: float) -> float:
+    """``ts`` if the tiles can take it, else ValueError naming it."""
+    if not -MAX_TIME_S <= ts <= MAX_TIME_S:  # also refuses NaN
+        raise ValueError(f"event time {ts!r} is out of the feature store's range")
+    return ts
+
 
 class Tiles:
     """One group's tiles of one entity value, by bucket in bucket order, and its
@@ -348,6 +360,7 @@ class Engine:
         """Add one event to its entities (``ents``: entity name -> its state) and
         read its windows: the group aggregates, whether it was too late for some
         entity, and the entity names it changed."""
+        check_time(ts)
         lateness = self.lateness
         too_late = {name: ent.w is not None and ts < ent.w - lateness for name, ent in ents.items()}
         vectors = []
@@ -379,7 +392,7 @@ class Engine:
         if ent.w is None or tiles is None:
             return None
         k = self.kernels[gi]
-        ts, end = (ent.w, tiles.hb) if at is None else (at, int(at // k.width))
+        ts, end = (ent.w, tiles.hb) if at is None else (at, int(check_time(at) // k.width))
         newest, prev = k.previous(tiles, end)
         return k.vector(tiles, end, since(ts, newest), prev, [])
 

@@ -60,6 +60,18 @@ class StageMetrics:
             ["stage", "name"], registry=r,
         )  # fmt: skip
         self.last_loop = time.monotonic()
+        self.degraded: str | None = None  # why the stage waits for a server, while it does
+        self._degraded = Gauge(
+            "riverflow_stage_degraded", "1 while the stage retries because a server is down",
+            ["stage"], registry=r,
+        ).labels(stage)  # fmt: skip
+
+    def set_degraded(self, reason: str | None) -> None:
+        """The stage waits for a server (``reason``), or no longer (None): /healthz
+        answers 503 with the reason while it lasts."""
+        self.degraded = reason
+        self._degraded.set(reason is not None)
+        self.last_loop = time.monotonic()  # the loop is alive: it is retrying
 
     def observe(
         self, batch: Sequence[Any], outputs: Iterable[Any], seconds: float, dlq_topic: str
@@ -188,9 +200,12 @@ def serve(
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         path = environ.get("PATH_INFO")
         if path == "/healthz":
-            ok = metrics.alive()
+            degraded = metrics.degraded
+            ok = degraded is None and metrics.alive()
             start_response("200 OK" if ok else "503 Service Unavailable",
                            [("Content-Type", "text/plain")])  # fmt: skip
+            if degraded is not None:
+                return [f"degraded: {degraded}\n".encode("utf-8", "backslashreplace")]
             return [b"ok\n" if ok else b"stalled\n"]
         if view is not None and path in ("/", "/status"):
             page = render_html(view(), live=True).encode()

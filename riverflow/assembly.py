@@ -22,6 +22,7 @@ from riverflow.stages.learner import LabelJoin, Learner, LearnerTiming
 from riverflow.stages.lineage import Candidate, Following, Lineage
 from riverflow.stages.monitor import Monitor
 from riverflow.stages.scorer import Scorer
+from riverflow.streams.validation import Bounds
 
 
 class ConnectionFailed(RiverflowError):
@@ -108,6 +109,9 @@ def build_scorer(
     return Scorer(
         spec.topics, spec.events, spec.feature_plan(), spec.models.inputs, store, champion,
         settings.max_event_bytes, explain_top=spec.models.explain, segment=spec.monitors.segment,
+        bounds=Bounds(settings.event_time_min_s, settings.event_time_max_s,
+                      settings.max_abs_number),
+        dlq_keep_bytes=settings.dlq_keep_bytes,
     )  # fmt: skip
 
 

@@ -11,6 +11,7 @@ from collections import defaultdict
 from riverflow.assembly import build_learner, build_monitor, build_scorer, memory_backends
 from riverflow.settings import Settings
 from riverflow.spec import PipelineSpec
+from riverflow.stages.common import guarded
 from riverflow.streams.contracts import Message, Output
 
 
@@ -46,6 +47,11 @@ class EmbeddedRuntime:
         self.scorer = build_scorer(spec, settings, self.store, self.registry, model_poll_s=0)
         self.learner = build_learner(spec, settings, self.store, self.registry, registry_poll_s=0)
         self.monitor = build_monitor(spec, self.registry)
+        # each behind the last resort the Kafka hosts run it with (streams.guard)
+        self.guards = {
+            p.stage: guarded(p, self.topics, settings.outage_limit_s, settings.dlq_keep_bytes)
+            for p in (self.scorer, self.learner, self.monitor)
+        }
         t = self.topics
         self.offsets = {t.events: 0, t.labels: 0, t.predictions: 0, t.evaluations: 0}
 
@@ -56,8 +62,8 @@ class EmbeddedRuntime:
         """Process one batch of events, then one of labels; returns messages consumed."""
         done = 0
         for topic, processor in (
-            (self.topics.events, self.scorer),
-            (self.topics.labels, self.learner),
+            (self.topics.events, self.guards["scorer"]),
+            (self.topics.labels, self.guards["learner"]),
         ):
             batch = self.log.read(topic, self.offsets[topic], self.settings.batch_size)
             if batch:
@@ -71,7 +77,7 @@ class EmbeddedRuntime:
             self.offsets[topic] += len(batch)
             watched += batch
         if watched:
-            self.log.write(self.monitor.process(watched))
+            self.log.write(self.guards["monitor"].process(watched))
             done += len(watched)
         return done
 
@@ -80,7 +86,7 @@ class EmbeddedRuntime:
         while self.step():
             pass
         if self.learner.pending:
-            self.log.write(self.learner.process([]))
+            self.log.write(self.guards["learner"].process([]))
             self.learner.commit()
 
     def messages(self, topic: str) -> list[tuple[bytes | None, bytes]]:

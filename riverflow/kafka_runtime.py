@@ -25,9 +25,11 @@ from riverflow.assembly import (
 from riverflow.monitors.exporter import MonitorMetrics, StageMetrics, serve
 from riverflow.settings import Settings
 from riverflow.spec import PipelineSpec
+from riverflow.stages.common import guarded
 from riverflow.streams.confluent_host import Checkpointing, ConfluentHost
-from riverflow.streams.contracts import Output
+from riverflow.streams.contracts import Output, Processor
 from riverflow.streams.faust_app import run_worker, stage_app
+from riverflow.streams.guard import Guard
 from riverflow.streams.hosting import HostSettings
 from riverflow.streams.kafka_io import ensure_topics
 
@@ -82,6 +84,10 @@ def run_stage(stage: str, spec: PipelineSpec, settings: Settings, ep: Servers) -
     )
     store, registry = redis_backends(spec, settings, redis_client(settings, ep.redis_url))
     metrics = StageMetrics(stage)
+
+    def guard(processor: Processor) -> Guard:  # internal errors to the DLQ, outages waited out
+        return guarded(processor, topics, settings.outage_limit_s, settings.dlq_keep_bytes, metrics)
+
     port = METRICS_PORTS[stage] if settings.metrics_port is None else settings.metrics_port
     host = settings.host if stage == "scorer" else "confluent"
     log.info("%s on %s host, metrics on :%s", stage, host, port or "-")
@@ -92,7 +98,7 @@ def run_stage(stage: str, spec: PipelineSpec, settings: Settings, ep: Servers) -
         freeze_startup_heap()
         # ticks re-read the champion pointer and retire stale challengers while quiet
         ConfluentHost(
-            monitor, [topics.evaluations, topics.predictions],
+            guard(monitor), [topics.evaluations, topics.predictions],
             host_settings(stage, spec, settings, ep, settings.model_poll_s), metrics=metrics,
         ).run()  # fmt: skip
         return
@@ -106,9 +112,9 @@ def run_stage(stage: str, spec: PipelineSpec, settings: Settings, ep: Servers) -
         if host == "faust":
             faust_loop = replace(loop, poll_s=settings.batch_timeout_s)
             datadir = str(settings.cache_dir / "faust" / loop.group)
-            run_worker(stage_app(scorer, topics.events, faust_loop, metrics, datadir))
+            run_worker(stage_app(guard(scorer), topics.events, faust_loop, metrics, datadir))
         else:
-            ConfluentHost(scorer, topics.events, loop, metrics=metrics).run()
+            ConfluentHost(guard(scorer), topics.events, loop, metrics=metrics).run()
         return
     learner = build_learner(spec, settings, store, registry)
 
@@ -119,7 +125,8 @@ def run_stage(stage: str, spec: PipelineSpec, settings: Settings, ep: Servers) -
     freeze_startup_heap()
     # ticks retry waiting labels and take the timed snapshots
     tick_s = max(0.2, min(settings.label_wait_s / 4, settings.snapshot_every_s or math.inf))
+    loop = host_settings(stage, spec, settings, ep, tick_s)
     ConfluentHost(
-        learner, topics.labels, host_settings(stage, spec, settings, ep, tick_s), metrics=metrics,
+        guard(learner), topics.labels, loop, metrics=metrics,
         checkpoint=Checkpointing(learner.positions, learner.commit, on_stop=publish_on_stop),
     ).run()  # fmt: skip

@@ -88,6 +88,23 @@ class Settings(BaseSettings):
         "scorer's acks at 1,000 events/s (docs/benchmarks.md)",
     )
 
+    # hostile input and outages (streams.validation, streams.guard)
+    event_time_min_s: float = Field(0.0, description="an earlier event time goes to the DLQ")
+    event_time_max_s: float = Field(
+        253_402_300_799.0, description="a later event time goes to the DLQ (default: year 9999)"
+    )
+    max_abs_number: float = Field(
+        1e18, gt=0, le=1e300, description="an int or float field beyond +-this goes to the DLQ"
+    )
+    dlq_keep_bytes: int = Field(
+        256 * 1024, ge=0, le=1024 * 1024,
+        description="a DLQ record keeps this much of the original key and value (beyond: "
+        "length and sha256)",
+    )  # fmt: skip
+    outage_limit_s: float = Field(
+        120.0, ge=60, description="a stage retries while Redis/Kafka is down this long, then exits"
+    )
+
     @field_validator("kafka_jvm_options")
     @classmethod
     def _jvm_options_split(cls, value: str) -> str:

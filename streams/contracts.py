@@ -142,7 +142,13 @@ class Prediction(Record):
 
 @dataclass(slots=True)
 class DeadLetter(Record):
-    """``{ns}.dlq``: a message a stage refused, with why and where it came from."""
+    """``{ns}.dlq``: a message a stage refused, with why and where it came from.
+
+    The original key and value are kept (base64) up to a limit (setting
+    ``dlq_keep_bytes``); beyond it ``*_b64`` is None and ``*_truncated`` true, and
+    the length and sha256 of the whole still identify it, so the record always
+    fits its topic. ``*_bytes`` and ``*_sha256`` are None for an absent key/value.
+    """
 
     stage: str
     error_kind: str
@@ -152,6 +158,12 @@ class DeadLetter(Record):
     offset: int
     key_b64: str | None
     payload_b64: str | None
+    key_bytes: int | None = None
+    key_sha256: str | None = None
+    key_truncated: bool = False
+    payload_bytes: int | None = None
+    payload_sha256: str | None = None
+    payload_truncated: bool = False
 
     def encode(self) -> bytes:
         return orjson.dumps(
@@ -164,6 +176,12 @@ class DeadLetter(Record):
                 "offset": self.offset,
                 "key_b64": self.key_b64,
                 "payload_b64": self.payload_b64,
+                "key_bytes": self.key_bytes,
+                "key_sha256": self.key_sha256,
+                "key_truncated": self.key_truncated,
+                "payload_bytes": self.payload_bytes,
+                "payload_sha256": self.payload_sha256,
+                "payload_truncated": self.payload_truncated,
             }
         )
 

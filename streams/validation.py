@@ -1,4 +1,11 @@
-"""Turn raw message bytes into a typed dict, or into the reason they were refused."""
+"""Turn raw message bytes into a typed dict, or into the reason they were refused.
+
+Whatever the bytes, the validator answers (a record or an ``Invalid``) and never
+raises: nesting deeper than the parser's limit, lone UTF-16 surrogates (in keys or
+values), numbers and timestamps out of range are refused with a kind naming the
+problem, before anything downstream (msgpack, the Lua scripts, orjson.dumps) sees
+them. A record it returns holds only valid text and finite numbers within bounds.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +27,21 @@ _PY_TYPES: dict[FieldType, Any] = {
     FieldType.TIMESTAMP: float,
 }
 
+MAX_DEPTH = 1024  # orjson's own limit on nesting; the stdlib fallback is held to it too
+YEAR_9999 = 253_402_300_799.0  # 9999-12-31T23:59:59Z, epoch seconds
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """What a valid record's numbers may hold (settings ``event_time_min_s``,
+    ``event_time_max_s``, ``max_abs_number``)."""
+
+    ts_min: float = 0.0
+    ts_max: float = YEAR_9999
+    # |x| of an int or float field: beyond it the store's sums of squares overflow
+    # and the tiles' int64 fields cannot hold it
+    max_abs: float = 1e18
+
 
 @dataclass(frozen=True)
 class Invalid:
@@ -34,17 +56,23 @@ def _reject_constant(name: str) -> float:
 
 
 class RecordValidator:
-    """Validates JSON objects against declared fields: strict types, finite numbers,
-    every declared field present, a size limit. Undeclared fields are dropped."""
+    """Validates JSON objects against declared fields: strict types (an integer is
+    taken for a float field), finite numbers within ``bounds``, every declared field
+    present, a size limit. Undeclared fields are dropped."""
 
-    def __init__(self, fields: dict[str, FieldType], max_bytes: int) -> None:
+    def __init__(
+        self, fields: dict[str, FieldType], max_bytes: int, bounds: Bounds | None = None
+    ) -> None:
         self.max_bytes = max_bytes
+        self.bounds = bounds or Bounds()
         record = TypedDict("record", {n: _PY_TYPES[t] for n, t in fields.items()})  # type: ignore[misc]
         record.__pydantic_config__ = ConfigDict(  # type: ignore[attr-defined]
             strict=True, allow_inf_nan=False, extra="ignore"
         )
         self._adapter: TypeAdapter[Any] = TypeAdapter(record)
         self._timestamps = [n for n, t in fields.items() if t is FieldType.TIMESTAMP]
+        self._floats = [n for n, t in fields.items() if t in (FieldType.FLOAT, FieldType.TIMESTAMP)]
+        self._numbers = [n for n, t in fields.items() if t in (FieldType.FLOAT, FieldType.INT)]
 
     def __call__(self, raw: bytes | None) -> dict[str, Any] | Invalid:
         if raw is None:
@@ -53,29 +81,111 @@ class RecordValidator:
             return Invalid("oversized", f"payload is {len(raw)} bytes, limit {self.max_bytes}")
         try:
             data = orjson.loads(raw)
-        except orjson.JSONDecodeError:
+        except orjson.JSONDecodeError as exc:
+            if "depth" in str(exc):
+                return Invalid("too_deep", f"nested deeper than {MAX_DEPTH} levels")
             data = self._lenient(raw)
             if isinstance(data, Invalid):
                 return data
         if not isinstance(data, dict):
             return Invalid("not_an_object", f"expected a JSON object, got {type(data).__name__}")
+        for name in self._floats:  # a JSON integer is a number: 100000000000 is an amount
+            value = data.get(name)
+            if type(value) is int:
+                try:
+                    data[name] = float(value)
+                except OverflowError:
+                    return Invalid("out_of_range", f"{name}: beyond the range of a float")
         try:
             record = self._adapter.validate_python(data)
         except ValidationError as exc:
             return _explain(exc)
+        return self._in_bounds(record)
+
+    def _in_bounds(self, record: dict[str, Any]) -> dict[str, Any] | Invalid:
+        b = self.bounds
         for name in self._timestamps:
-            if record[name] < 0:
-                return Invalid("wrong_value", f"{name}: timestamp must be >= 0 (epoch seconds)")
+            ts = record[name]
+            if ts < b.ts_min:
+                return Invalid("wrong_value", f"{name}: timestamp {ts!r} is before {b.ts_min}")
+            if ts > b.ts_max:
+                return Invalid("out_of_range", f"{name}: timestamp {ts!r} is after {b.ts_max}")
+        for name in self._numbers:
+            if abs(record[name]) > b.max_abs:
+                return Invalid("out_of_range", f"{name}: |{record[name]!r}| > {b.max_abs:g}")
         return record
 
     @staticmethod
     def _lenient(raw: bytes) -> Any:
         # orjson refuses NaN/Infinity outright; the stdlib parser reads them so the
-        # error can name the field instead of a byte offset.
+        # error can name the field instead of a byte offset. It also reads what
+        # orjson refuses for good reason: lone surrogates (refused here) and, were it
+        # not for the limit, nesting deep enough to exhaust the stack.
+        if _depth_exceeds(raw, MAX_DEPTH):
+            return Invalid("too_deep", f"nested deeper than {MAX_DEPTH} levels")
         try:
-            return json.loads(raw, parse_constant=_reject_constant)
+            data = json.loads(raw, parse_constant=_reject_constant)
+        except RecursionError:
+            return Invalid("too_deep", "nested too deep to parse")
         except (ValueError, UnicodeDecodeError) as exc:
             return Invalid("invalid_json", f"not valid JSON: {exc}")
+        bad = _bad_text(data)
+        if bad is not None:
+            return Invalid("invalid_text", f"{bad}: not valid Unicode text (a lone surrogate)")
+        return data
+
+
+def _depth_exceeds(raw: bytes, limit: int) -> bool:
+    """Whether brackets outside strings nest deeper than ``limit`` (a linear scan, no
+    recursion; only messages orjson refused come here)."""
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return False
+    depth, in_str, escaped = 0, False, False
+    for c in raw:
+        if in_str:
+            if escaped:
+                escaped = False
+            elif c == 0x5C:  # backslash
+                escaped = True
+            elif c == 0x22:
+                in_str = False
+        elif c == 0x22:
+            in_str = True
+        elif c in (0x5B, 0x7B):
+            depth += 1
+            if depth > limit:
+                return True
+        elif c in (0x5D, 0x7D):
+            depth -= 1
+    return False
+
+
+def _valid_text(s: str) -> bool:
+    try:
+        s.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _bad_text(data: Any) -> str | None:
+    """Where the first string (a key or a value) that is not valid UTF-8 sits, or None
+    (iterative: the depth is bounded, the width is not)."""
+    stack: list[tuple[str, Any]] = [("(root)", data)]
+    while stack:
+        where, item = stack.pop()
+        if isinstance(item, str):
+            if not _valid_text(item):
+                return where
+        elif isinstance(item, dict):
+            for k, v in item.items():
+                name = k if where == "(root)" else f"{where}.{k}"
+                if not _valid_text(k):
+                    return f"key in {where}"
+                stack.append((name, v))
+        elif isinstance(item, list):
+            stack.extend((f"{where}[{i}]", v) for i, v in enumerate(item))
+    return None
 
 
 def _explain(exc: ValidationError) -> Invalid:
@@ -86,4 +196,4 @@ def _explain(exc: ValidationError) -> Invalid:
         first["type"], "wrong_type"
     )
     more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
-    return Invalid(kind, f"{where}: {first['msg']}{more}")
+    return Invalid(kind, f"{where}: {first['msg'][:200]}{more}")

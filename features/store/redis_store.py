@@ -61,7 +61,7 @@ from riverflow.features.store.base import (
     encode_snapshot,
     packed,
 )
-from riverflow.features.tiles import Engine, Entity, pack_entity, unpack_entity
+from riverflow.features.tiles import Engine, Entity, check_time, pack_entity, unpack_entity
 from riverflow.streams.contracts import ServedPrediction
 
 
@@ -281,7 +281,8 @@ class RedisFeatureStore:
         snap, entities, shape = self.snapshot_key(""), self._entity_prefixes, self._shape
         events = []
         for req in batch:
-            ts, nums, strs, ents = float(req.ts), req.numbers, req.distinct, req.entities
+            ts, nums, strs = check_time(float(req.ts)), req.numbers, req.distinct
+            ents = req.entities
             events.append(
                 [
                     snap + req.event_id, req.context, ts,
@@ -353,6 +354,8 @@ class RedisFeatureStore:
         for g in self.plan.groups:
             value = entities.get(g.entity_name)
             args.append("" if value is None else self.entity_key(g.entity_name, value))
+            if at is not None:
+                check_time(at)
             args += ["", ""] if at is None else [str(g.bucket(at)), repr(float(at))]
         raw = self._call(self._read, [], args)
         aggregates = [msgpack.unpackb(item) if item else None for item in raw]

@@ -4,28 +4,67 @@ the counters a stage keeps."""
 from __future__ import annotations
 
 import base64
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from riverflow.streams.contracts import DeadLetter, Message, Output
+from riverflow.streams.contracts import DeadLetter, Message, Output, Processor
+from riverflow.streams.guard import Guard, Health
 from riverflow.streams.topics import Topics
 
+DLQ_KEEP_BYTES = 256 * 1024  # setting dlq_keep_bytes: the original bytes a DLQ record keeps
+ERROR_CHARS = 1000  # an error message is cut to this length
 
-def dead_letter(topics: Topics, stage: str, msg: Message, kind: str, error: str) -> Output:
-    """The DLQ record of a refused message: its bytes, its origin, the reason."""
-    b64 = base64.b64encode
+
+def dead_letter(
+    topics: Topics,
+    stage: str,
+    msg: Message,
+    kind: str,
+    error: str,
+    keep_bytes: int = DLQ_KEEP_BYTES,
+) -> Output:
+    """The DLQ record of a refused message: its bytes (up to ``keep_bytes``; beyond,
+    their length and sha256), its origin, the reason. It always fits its topic."""
+    key_b64, key_n, key_sha, key_cut = _kept(msg.key, keep_bytes)
+    value_b64, value_n, value_sha, value_cut = _kept(msg.value, keep_bytes)
+    if len(error) > ERROR_CHARS:
+        error = error[:ERROR_CHARS] + f"... ({len(error)} characters)"
+    # lone surrogates in an exception's text would make orjson refuse the record
+    error = error.encode("utf-8", "backslashreplace").decode()
     record = DeadLetter(
-        stage=stage,
-        error_kind=kind,
-        error=error,
-        topic=msg.topic,
-        partition=msg.partition,
-        offset=msg.offset,
-        key_b64=None if msg.key is None else b64(msg.key).decode(),
-        payload_b64=None if msg.value is None else b64(msg.value).decode(),
-    )
-    return Output(topics.dlq, msg.key, record.encode())
+        stage, kind, error, msg.topic, msg.partition, msg.offset, key_b64, value_b64,
+        key_n, key_sha, key_cut, value_n, value_sha, value_cut,
+    )  # fmt: skip
+    key = msg.key if not key_cut else (key_sha or "").encode()
+    return Output(topics.dlq, key, record.encode())
+
+
+def _kept(raw: bytes | None, limit: int) -> tuple[str | None, int | None, str | None, bool]:
+    """base64 (None beyond ``limit``), length, sha256 hex, and whether it was cut."""
+    if raw is None:
+        return None, None, None, False
+    sha = hashlib.sha256(raw).hexdigest()
+    if len(raw) > limit:
+        return None, len(raw), sha, True
+    return base64.b64encode(raw).decode(), len(raw), sha, False
+
+
+def guarded(
+    processor: Processor,
+    topics: Topics,
+    outage_limit_s: float = 120.0,
+    keep_bytes: int = DLQ_KEEP_BYTES,
+    health: Health | None = None,
+) -> Guard:
+    """``processor`` behind the last resort every host runs a stage with
+    (``streams.guard``): its internal errors go to the DLQ, outages are waited out."""
+
+    def dlq(msg: Message, kind: str, error: str) -> Output:
+        return dead_letter(topics, processor.stage, msg, kind, error, keep_bytes)
+
+    return Guard(processor, dlq, outage_limit_s, health)
 
 
 def monitor_only_field(segment: str | None, inputs: Sequence[str]) -> str | None:

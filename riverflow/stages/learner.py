@@ -144,7 +144,6 @@ class Learner:
         label, wait_s = self.join.label, self.timing.label_wait_s
         out: list[Output] = self.lineage.follow(now)
         todo: dict[str, _Pending] = dict(self.pending)
-        self.pending.clear()
         order: list[tuple[Message, str | None]] = [(p.msg, e) for e, p in todo.items()]
         for msg in batch:
             record = self.validate(msg.value)
@@ -162,6 +161,7 @@ class Learner:
         ids = list(todo)
         tokens = [f"{self.run}:{todo[e].msg.partition}:{todo[e].msg.offset}" for e in ids]
         claims = dict(zip(ids, self.store.claim_snapshots(ids, tokens, self._stale), strict=True))
+        self.pending.clear()  # after the claims: a batch run again (streams.guard) keeps them
         every = self.timing.snapshot_every
         for msg, event_id in order:
             if event_id is not None:

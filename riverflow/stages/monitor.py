@@ -10,6 +10,7 @@ cannot read goes to the DLQ with the reason; nothing else is lost.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Sequence
 
@@ -23,6 +24,10 @@ from riverflow.monitors.view import MonitorView
 from riverflow.stages.common import StageCounters, dead_letter
 from riverflow.streams.contracts import Evaluation, Message, Output, Prediction
 from riverflow.streams.topics import Topics
+
+
+class _Refused(Exception):
+    """A record that parses but holds what the monitor must not take in."""
 
 
 class Monitor:
@@ -56,16 +61,23 @@ class Monitor:
             try:
                 if msg.topic == self.topics.evaluations:
                     ev = Evaluation.decode(msg.value or b"")
+                    if not all(math.isfinite(p.probability) for p in ev.predictions.values()):
+                        raise _Refused("a probability is not a finite number")
                     predictions = {n: (p.version, p.probability) for n, p in ev.predictions.items()}
                     decisions += self.core.on_evaluation(ev.label, predictions, ev.segment)
                     self.history.sample(self.core)
                 elif msg.topic == self.topics.predictions:
                     p = Prediction.decode(msg.value or b"")
+                    if not math.isfinite(p.probability) or not all(
+                        math.isfinite(v) for v in p.features.values()
+                    ):
+                        raise _Refused("the probability or a feature is not a finite number")
                     decisions += self.core.on_prediction(
                         p.features, p.probability, p.model, p.version
                     )
-            except ValidationError as exc:
-                why = f"not a {msg.topic} record: {error_lines(exc)[0]}"
+            except (ValidationError, _Refused) as exc:
+                line = error_lines(exc)[0] if isinstance(exc, ValidationError) else str(exc)
+                why = f"not a {msg.topic} record: {line}"
                 out.append(dead_letter(self.topics, self.stage, msg, "bad_record", why))
         self.counters.dead_letters += len(out)
         self.history.record(decisions)

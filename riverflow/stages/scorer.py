@@ -18,7 +18,13 @@ from riverflow.features.store import FeatureRequest, FeatureSnapshot, FeatureSto
 from riverflow.models.champion import ChampionReplica, positive_probability
 from riverflow.models.explain import explain
 from riverflow.models.registry import ModelVersion
-from riverflow.stages.common import StageCounters, dead_letter, model_inputs, monitor_only_field
+from riverflow.stages.common import (
+    DLQ_KEEP_BYTES,
+    StageCounters,
+    dead_letter,
+    model_inputs,
+    monitor_only_field,
+)
 from riverflow.streams.contracts import (
     UNSET,
     Message,
@@ -29,7 +35,7 @@ from riverflow.streams.contracts import (
 )
 from riverflow.streams.schema import EventSchema
 from riverflow.streams.topics import Topics
-from riverflow.streams.validation import Invalid, RecordValidator
+from riverflow.streams.validation import Bounds, Invalid, RecordValidator
 
 
 class Scorer:
@@ -56,6 +62,8 @@ class Scorer:
         clock: Callable[[], float] = time.time,
         explain_top: int = 0,
         segment: str | None = None,
+        bounds: Bounds | None = None,
+        dlq_keep_bytes: int = DLQ_KEEP_BYTES,
     ) -> None:
         self.topics = topics
         self.explain_top = explain_top
@@ -68,7 +76,8 @@ class Scorer:
         self.store = store
         self.champion = champion
         self.clock = clock
-        self.validate = RecordValidator(schema.fields, max_event_bytes)
+        self.validate = RecordValidator(schema.fields, max_event_bytes, bounds)
+        self.dlq_keep_bytes = dlq_keep_bytes
         self.counters = StageCounters()
 
     def process(self, batch: Sequence[Message]) -> list[Output]:
@@ -79,7 +88,8 @@ class Scorer:
         for msg in batch:
             event = self.validate(msg.value)
             if isinstance(event, Invalid):
-                out.append(dead_letter(self.topics, self.stage, msg, event.kind, event.message))
+                why, keep = event.message, self.dlq_keep_bytes
+                out.append(dead_letter(self.topics, self.stage, msg, event.kind, why, keep))
                 continue
             events.append(event)
             requests.append(self._request(event))

@@ -47,8 +47,8 @@ local function previous(gs, g, e)
   local newest, base = nil, nil
   if gs then
     local F, idx = gs.F, gs.idx
-    for k = e - g.B + 1, e do
-      local p = idx[k]
+    for d = 1 - g.B, 0 do  -- B steps whatever e is (k = k + 1 stalls at 2^53)
+      local p = idx[e + d]
       if p and (newest == nil or F[p + 3] > newest) then newest = F[p + 3]; base = p + 1 end
     end
   end
@@ -68,8 +68,8 @@ local function vector(gs, g, key, gi, e, since, pv, xs)
   for j = 1, g.nx do sets[j] = {} end
   if gs then
     local F, idx = gs.F, gs.idx
-    for k = e - g.B + 1, e do
-      local p = idx[k]
+    for d = 1 - g.B, 0 do  -- B steps whatever e is (k = k + 1 stalls at 2^53)
+      local p = idx[e + d]
       if p then
         n = n + F[p + 2]
         local o = p + 3
@@ -105,7 +105,7 @@ local function vector(gs, g, key, gi, e, since, pv, xs)
   end
   for j = 1, g.na do
     local hk = {}
-    for k = e - g.B + 1, e do hk[#hk + 1] = key .. ':hll:' .. gi .. ':' .. j .. ':' .. k end
+    for i = 1 - g.B, 0 do hk[#hk + 1] = key .. ':hll:' .. gi .. ':' .. j .. ':' .. (e + i) end
     out[#out + 1] = redis.call('PFCOUNT', unpack(hk))
   end
   return out

@@ -1,0 +1,193 @@
+"""The last resort around every stage: no message can crash or stall it, and a
+server that is down is waited for, never blamed on a message.
+
+``Guard`` wraps a processor (the scorer, the learner, the monitor) on every host
+(the confluent loop, Faust, the embedded runtime). When ``process(batch)`` raises:
+
+- a server outage (Redis unreachable, timing out, loading or BUSY running a
+  script; a retriable Kafka error): the same batch is run again after a bounded
+  exponential backoff, the stage reports itself degraded (``/healthz`` answers 503
+  with the reason) while it lasts, and after ``outage_limit_s`` without success it
+  gives up with ``StageOutage`` (the process exits non-zero with one line). Nothing
+  goes to the DLQ and nothing is skipped because a server is down.
+- anything else (a bug, or a message no validator foresaw): the batch is bisected
+  until each message that still raises on its own is alone; that one goes to the
+  DLQ as ``internal_error`` with the exception's type and message, the others are
+  processed, and the stage goes on.
+
+Running messages again relies on what the stages already guarantee for replays
+(docs/architecture.md): the outputs of an attempt that raised are discarded, so
+only the attempt that succeeds emits; the scorer's store calls are idempotent by
+event id (a snapshot stored by the failed attempt is read back, the prediction is
+recorded once); the learner claims each label once by event id, so a label is
+never learned twice (one claimed by an attempt that raised before learning it is
+not learned by this run; a restart from a checkpoint before it learns it again).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+from riverflow.errors import RiverflowError
+from riverflow.streams.contracts import Message, Output, Processor
+
+log = logging.getLogger(__name__)
+
+# answers of a Redis server that is there but cannot serve now (or, like a changed
+# password or a full memory, not until someone acts: better to stop after the outage
+# limit than to send every message to the DLQ)
+_REDIS_BUSY = (
+    "BUSY", "LOADING", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "READONLY", "OOM",
+    "NOAUTH", "WRONGPASS", "NOPERM", "MISCONF",
+)  # fmt: skip
+
+
+class StageOutage(RiverflowError):
+    """A server stayed down longer than the outage limit: the stage stops."""
+
+
+class Health(Protocol):
+    """Where the guard says the stage is degraded (``StageMetrics.set_degraded``)."""
+
+    def set_degraded(self, reason: str | None) -> None: ...
+
+
+def outage(exc: BaseException) -> str | None:
+    """Why ``exc`` (or an exception it was raised from) is a server being down, or
+    None if it is not one."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        why = _outage_of(e)
+        if why is not None:
+            return why
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _outage_of(e: BaseException) -> str | None:
+    name = f"{type(e).__module__}.{type(e).__name__}"
+    try:
+        import redis.exceptions as rx
+    except ImportError:  # pragma: no cover - redis is a dependency
+        rx = None  # type: ignore[assignment]
+    if rx is not None:
+        if isinstance(e, rx.ConnectionError | rx.TimeoutError | rx.BusyLoadingError):
+            return f"Redis: {name}: {e}"
+        if isinstance(e, rx.ResponseError | rx.AuthenticationError) and str(e).startswith(
+            _REDIS_BUSY
+        ):
+            return f"Redis: {str(e)[:200]}"
+    if isinstance(e, ConnectionError | TimeoutError):  # the builtins (OSError)
+        return f"{name}: {e}"
+    if type(e).__name__ == "KafkaException" and e.args:
+        err = e.args[0]
+        retriable = getattr(err, "retriable", None)
+        if callable(retriable) and retriable():
+            return f"Kafka: {err}"
+    return None
+
+
+class Guard:
+    """A processor that runs ``inner`` and survives it raising (module docstring)."""
+
+    def __init__(
+        self,
+        inner: Processor,
+        dlq: Callable[[Message, str, str], Output],
+        outage_limit_s: float = 120.0,
+        health: Health | None = None,
+        first_backoff_s: float = 0.2,
+        max_backoff_s: float = 5.0,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.inner = inner
+        self.stage = inner.stage
+        self.dlq = dlq  # the DLQ record of a message, a kind and an error
+        self.outage_limit_s = outage_limit_s
+        self.health = health
+        self.first_backoff_s = first_backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.sleep = sleep
+        self.clock = clock
+        self.internal_errors = 0
+        self.outages = 0  # outages lived through
+        self.degraded: str | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        # what else the host or the runtime reads of the stage (counters, view, ...)
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def status(self) -> dict[str, float]:
+        return {
+            **self.inner.status(),
+            "internal_errors": float(self.internal_errors),
+            "degraded": float(self.degraded is not None),
+        }
+
+    def process(self, batch: Sequence[Message]) -> list[Output]:
+        try:
+            return self._through_outage(batch)
+        except StageOutage:
+            raise
+        except Exception as exc:  # the last resort: see the module docstring
+            return self._bisect(batch, exc)
+
+    def _through_outage(self, batch: Sequence[Message]) -> list[Output]:
+        """``inner.process(batch)``, again and again while a server is down."""
+        started: float | None = None
+        delay = self.first_backoff_s
+        while True:
+            try:
+                out = self.inner.process(batch)
+            except Exception as exc:
+                why = outage(exc)
+                if why is None:
+                    raise
+                now = self.clock()
+                if started is None:
+                    started = now
+                    self.outages += 1
+                    log.warning("%s degraded, retrying the batch: %s", self.stage, why)
+                self._set_degraded(why)
+                down = now - started
+                if down >= self.outage_limit_s:
+                    raise StageOutage(
+                        f"{self.stage}: a server has been down {down:.0f}s "
+                        f"(limit {self.outage_limit_s:g}s, setting outage_limit_s): {why}"
+                    ) from exc
+                self.sleep(min(delay, max(0.0, self.outage_limit_s - down)))
+                delay = min(delay * 2, self.max_backoff_s)
+                continue
+            if self.degraded is not None:
+                log.warning("%s recovered after %.1fs", self.stage, self.clock() - (started or 0))
+                self._set_degraded(None)
+            return out
+
+    def _bisect(self, batch: Sequence[Message], exc: Exception) -> list[Output]:
+        if not batch:  # a tick: nothing to set aside; the next one tries again
+            log.error("%s: a tick raised %s: %s", self.stage, type(exc).__name__, exc)
+            self.internal_errors += 1
+            return []
+        if len(batch) == 1:
+            msg = batch[0]
+            self.internal_errors += 1
+            why = f"{type(exc).__name__}: {exc}"
+            log.error(
+                "%s: %s[%s]@%s raised %s", self.stage, msg.topic, msg.partition, msg.offset, why
+            )
+            return [self.dlq(msg, "internal_error", why)]
+        mid = len(batch) // 2
+        return self.process(batch[:mid]) + self.process(batch[mid:])
+
+    def _set_degraded(self, reason: str | None) -> None:
+        self.degraded = reason
+        if self.health is not None:
+            self.health.set_degraded(reason)
