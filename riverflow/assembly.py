@@ -18,7 +18,7 @@ from riverflow.monitors.policy import PipelineMonitor
 from riverflow.monitors.prequential import PrequentialMetrics
 from riverflow.settings import DEV_SIGNING_KEY, Settings
 from riverflow.spec import PipelineSpec
-from riverflow.stages.learner import LabelJoin, Learner, LearnerTiming
+from riverflow.stages.learner import LabelJoin, Learner, LearnerTiming, ScoredThrough
 from riverflow.stages.lineage import Candidate, Following, Lineage
 from riverflow.stages.monitor import Monitor
 from riverflow.stages.scorer import Scorer
@@ -117,8 +117,12 @@ def build_learner(
     store: FeatureStore,
     registry: ModelRegistry,
     registry_poll_s: float | None = None,
+    scored_through: ScoredThrough | None = None,
 ) -> Learner:
     """A learner that continues from its last checkpoint, or from fresh candidates.
+
+    ``scored_through``: how far the scorer has got (see ``ScoredThrough``); by
+    default every event is taken as scored (the embedded runtime).
 
     A candidate added to the spec since the checkpoint starts fresh; one removed
     from the spec is no longer trained (its versions stay in the registry).
@@ -138,9 +142,11 @@ def build_learner(
     join = LabelJoin(spec.label, settings.max_event_bytes, spec.feature_plan(),
                      tuple(spec.models.inputs), spec.monitors.segment)  # fmt: skip
     timing = LearnerTiming(
-        settings.label_wait_s, settings.snapshot_every_labels, settings.snapshot_every_s
-    )
-    learner = Learner(spec.topics, store, lineage, join, timing)
+        settings.label_wait_s, settings.snapshot_every_labels, settings.snapshot_every_s,
+        label_horizon_s=settings.label_horizon_s, max_waiting=settings.label_max_waiting,
+        keep_learned_s=settings.learned_keep_s,
+    )  # fmt: skip
+    learner = Learner(spec.topics, store, lineage, join, timing, scored_through=scored_through)
     saved = registry.checkpoint()
     if saved is not None:
         learner.restore(saved)

@@ -88,6 +88,32 @@ class Settings(BaseSettings):
         "scorer's acks at 1,000 events/s (docs/benchmarks.md)",
     )
 
+    # -- the learner's labels and what it keeps in Redis --------------------------
+    label_max_waiting: int = Field(
+        50_000, ge=1,
+        description="labels waiting for their event's snapshot at most; past it the oldest "
+        "goes to the DLQ as orphan_label (waiting list full)",
+    )  # fmt: skip
+    learned_keep_s: float = Field(
+        600.0, ge=0,
+        description="a learned label's snapshot and mark stay this long after the checkpoint "
+        "covering it is committed (scorer replays and duplicate labels are still recognised); "
+        "0 = deleted then",
+    )  # fmt: skip
+    scorer_progress_poll_s: float = Field(
+        1.0, gt=0, description="how often the learner reads the scorer group's lag on events"
+    )
+    registry_keep_versions: int = Field(
+        20, ge=1,
+        description="newest versions kept per candidate at publish; champions (past and "
+        "present) and the checkpoint's versions are always kept",
+    )  # fmt: skip
+    redis_outage_wait_s: float = Field(
+        120.0, ge=0,
+        description="how long the learner waits out an unreachable Redis (startup, restore, "
+        "checkpoint commit) before it gives up",
+    )  # fmt: skip
+
     @field_validator("kafka_jvm_options")
     @classmethod
     def _jvm_options_split(cls, value: str) -> str:

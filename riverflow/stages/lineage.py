@@ -181,11 +181,13 @@ class Lineage:
             version = int(self.registry.meta(pointer.model, version).get("parent", 0))
         return version == parent
 
-    def commit(self) -> None:
-        """Save the checkpoint staged by the last ``publish``."""
-        if self._staged is not None:
-            self.registry.save_checkpoint(self._staged)
-            self._staged = None
+    def commit(self) -> bool:
+        """Save the checkpoint staged by the last ``publish``; whether there was one."""
+        if self._staged is None:
+            return False
+        self.registry.save_checkpoint(self._staged)
+        self._staged = None
+        return True
 
     def restore(self, saved: LearnerCheckpoint) -> None:
         """Continue each candidate from its version in ``saved`` (a candidate new since
