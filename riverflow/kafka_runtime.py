@@ -20,6 +20,7 @@ from riverflow.assembly import (
     build_scorer,
     redis_backends,
     redis_client,
+    through_outage,
     uses_dev_key,
 )
 from riverflow.monitors.exporter import MonitorMetrics, StageMetrics, serve
@@ -29,7 +30,7 @@ from riverflow.streams.confluent_host import Checkpointing, ConfluentHost
 from riverflow.streams.contracts import Output
 from riverflow.streams.faust_app import run_worker, stage_app
 from riverflow.streams.hosting import HostSettings
-from riverflow.streams.kafka_io import ensure_topics
+from riverflow.streams.kafka_io import GroupProgress, ensure_topics
 
 log = logging.getLogger(__name__)
 METRICS_PORTS = {"scorer": 9401, "learner": 9402, "monitor": 9403}
@@ -80,7 +81,9 @@ def run_stage(stage: str, spec: PipelineSpec, settings: Settings, ep: Servers) -
     ensure_topics(
         ep.kafka_bootstrap, topics.all(), settings.partitions, settings.replication_factor
     )
-    store, registry = redis_backends(spec, settings, redis_client(settings, ep.redis_url))
+    # the learner waits out a Redis outage at startup; the other stages fail fast
+    wait_s = settings.redis_outage_wait_s if stage == "learner" else 0.0
+    store, registry = redis_backends(spec, settings, redis_client(settings, ep.redis_url, wait_s))
     metrics = StageMetrics(stage)
     port = METRICS_PORTS[stage] if settings.metrics_port is None else settings.metrics_port
     host = settings.host if stage == "scorer" else "confluent"
@@ -110,16 +113,27 @@ def run_stage(stage: str, spec: PipelineSpec, settings: Settings, ep: Servers) -
         else:
             ConfluentHost(scorer, topics.events, loop, metrics=metrics).run()
         return
-    learner = build_learner(spec, settings, store, registry)
+    # labels wait for their events while the scorer group has not caught up on them
+    scorer_group = host_settings("scorer", spec, settings, ep, settings.model_poll_s).group
+    progress = GroupProgress(
+        ep.kafka_bootstrap, scorer_group, topics.events, settings.scorer_progress_poll_s
+    )
+    learner = through_outage(
+        lambda: build_learner(spec, settings, store, registry, scored_through=progress),
+        settings.redis_outage_wait_s, "restoring the learner",
+    )  # fmt: skip
 
     def publish_on_stop() -> list[Output]:
         publishing = settings.snapshot_every_labels or settings.snapshot_every_s
         return learner.publish() if publishing and learner.has_unpublished() else []
+
+    def commit() -> None:
+        through_outage(learner.commit, settings.redis_outage_wait_s, "saving the checkpoint")
 
     freeze_startup_heap()
     # ticks retry waiting labels and take the timed snapshots
     tick_s = max(0.2, min(settings.label_wait_s / 4, settings.snapshot_every_s or math.inf))
     ConfluentHost(
         learner, topics.labels, host_settings(stage, spec, settings, ep, tick_s), metrics=metrics,
-        checkpoint=Checkpointing(learner.positions, learner.commit, on_stop=publish_on_stop),
+        checkpoint=Checkpointing(learner.positions, commit, on_stop=publish_on_stop),
     ).run()  # fmt: skip
