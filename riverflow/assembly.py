@@ -126,9 +126,10 @@ def redis_store(spec: PipelineSpec, settings: Settings, client: Any) -> RedisFea
 def redis_backends(
     spec: PipelineSpec, settings: Settings, client: Any
 ) -> tuple[FeatureStore, ModelRegistry]:
-    return redis_store(spec, settings, client), RedisRegistry(
-        client, spec.name, signing_key(settings)
+    registry = RedisRegistry(
+        client, spec.name, signing_key(settings), keep_versions=settings.registry_keep_versions
     )
+    return redis_store(spec, settings, client), registry
 
 
 def memory_backends(spec: PipelineSpec, settings: Settings) -> tuple[FeatureStore, ModelRegistry]:

@@ -275,6 +275,12 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
         event = ModelEvent(kind="imported", model=imported.name, version=imported.version)
         _model_event(ep, spec.topics.model_events, event)
         console.print(f"imported {imported.name} v{imported.version}")
+        if not imported.meta["imported_from"]["meta_verified"]:
+            err_console.print(
+                "[yellow]warning:[/yellow] an old export (riverflow-model/1): its model is "
+                "signed, its metadata (labels_seen, metrics) is not and was kept aside as "
+                "unverified; re-export it with this riverflow to carry it verified"
+            )
         return 0
     if args.action == "promote":
         version = _version(registry, args)
