@@ -75,8 +75,10 @@ def cmd_stack(args: argparse.Namespace, settings: Settings) -> int:
             return 1
         for s in servers:
             state = "running" if s.alive() else "DEAD"
+            kept = f"  ({s.durability})" if s.durability else ""
             console.print(
-                f"{s.name:6} {state:8} {s.address}  pid {s.pid}  log {s.log}", soft_wrap=True
+                f"{s.name:6} {state:8} {s.address}  pid {s.pid}  log {s.log}{kept}",
+                soft_wrap=True,
             )
         return 0 if all(s.alive() for s in servers) else 1
     return 0
