@@ -67,6 +67,8 @@ class LearnerTiming:
     keep_learned_s: float = 600.0
 
 
+_RELEASE_AT_MOST = 100_000  # learned event ids held to release at the next commit
+
 ScoredThrough = Callable[[], float | None]
 """The time (on the learner's clock) before which every event produced has been
 scored, or None if not known yet. The Kafka runtime compares the scorer group's
@@ -136,6 +138,8 @@ class Learner:
         self._learned_ids: list[str] = []
         self._staged_ids: list[str] = []
         self._orphan_ids: list[str] = []
+        self._carried: list[Output] = []  # made by a call that raised: see process
+        self._unlearned: set[str] = set()  # tokens claimed by a call that raised: see _stale
 
     def _stale(self, token: str) -> bool:
         """Whether a learned-marker names a label that the models do not contain.
@@ -146,6 +150,8 @@ class Learner:
         died before its next snapshot, and this run learns the label again.
         An orphan mark is never stale: that label went to the DLQ.
         """
+        if token in self._unlearned:
+            return True  # ours, claimed by a call that raised before learning it
         parts = token.split(":")
         if parts[0] == ORPHAN or len(parts) != 3 or parts[0] == self.run:
             return False  # ours, an orphan, or a mark from before run tokens: trust it
@@ -175,14 +181,31 @@ class Learner:
         and the read position advances label by label, so a snapshot taken
         mid-batch records exactly the labels its models have learned and those
         still waiting.
+
+        If it raises (Redis unreachable), what it did stands: the outputs made so
+        far are returned by the next call, and labels already read are skipped
+        when the batch is given again.
         """
+        out, self._carried = self._carried, []
+        try:
+            self._process(batch, out)
+        except BaseException:
+            self._carried = out
+            raise
+        self.counters.dead_letters += sum(o.topic == self.topics.dlq for o in out)
+        self.counters.produced += len(out)
+        return out
+
+    def _process(self, batch: Sequence[Message], out: list[Output]) -> None:
         self.counters.consumed += len(batch)
         now = self.clock()
         through = self.scored_through()  # read before the claims: see _orphaned
-        out: list[Output] = self.lineage.follow(now)
+        out += self.lineage.follow(now)
         order: list[tuple[Message, str | None]] = [(p.msg, e) for e, p in self.pending.items()]
         fresh: dict[str, _Pending] = {}
         for msg in batch:
+            if msg.offset < self.positions.get(msg.partition, 0):
+                continue  # read already (a batch given again after an error)
             record = self.validate(msg.value)
             if isinstance(record, Invalid):
                 out.append(dead_letter(self.topics, self.stage, msg, record.kind, record.message))
@@ -199,6 +222,8 @@ class Learner:
         ids = list(todo)
         tokens = [f"{self.run}:{todo[e].msg.partition}:{todo[e].msg.offset}" for e in ids]
         claims = dict(zip(ids, self.store.claim_snapshots(ids, tokens, self._stale), strict=True))
+        self._unlearned.update(t for e, t in zip(ids, tokens, strict=True)
+                               if isinstance(claims[e], FeatureSnapshot))  # fmt: skip
         every = self.timing.snapshot_every
         for msg, event_id in order:
             if event_id is not None:
@@ -217,7 +242,10 @@ class Learner:
                 else:
                     self.pending.pop(event_id, None)
                     out.append(self._learn(claim, item.label))
+                    self._unlearned.discard(f"{self.run}:{msg.partition}:{msg.offset}")
                     self._learned_ids.append(event_id)
+                    if len(self._learned_ids) > 2 * _RELEASE_AT_MOST:  # no snapshot for long
+                        del self._learned_ids[:-_RELEASE_AT_MOST]
             if msg.offset >= self.positions.get(msg.partition, 0):
                 self.positions[msg.partition] = msg.offset + 1
                 self._changed = True
@@ -228,11 +256,8 @@ class Learner:
             self.store.mark_orphans(self._orphan_ids)
             self._orphan_ids = []
         every_s = self.timing.snapshot_every_s
-        if every_s and self._changed and now - self._last_snapshot >= every_s:
+        if every_s and self._since_snapshot and now - self._last_snapshot >= every_s:
             out += self.publish()
-        self.counters.dead_letters += sum(o.topic == self.topics.dlq for o in out)
-        self.counters.produced += len(out)
-        return out
 
     def _orphaned(self, item: _Pending, now: float, through: float | None) -> str | None:
         """Why a label without a snapshot is an orphan now, or None: it waits on.
@@ -308,7 +333,8 @@ class Learner:
         the model-events to write."""
         pending = [(p.msg, p.label) for p in self.pending.values()]
         out = self.lineage.publish(self.clock(), self.learned, self.positions, pending)
-        self._staged_ids += self._learned_ids
+        # bounded: ids beyond it are not released early, they expire at the horizon
+        self._staged_ids = [*self._staged_ids, *self._learned_ids][-_RELEASE_AT_MOST:]
         self._learned_ids = []
         self._since_snapshot = 0
         self._changed = False

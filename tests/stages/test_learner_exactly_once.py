@@ -44,17 +44,23 @@ class Killed(Exception):
     """The learner's process died here."""
 
 
+class Outage(Exception):
+    """Redis did not answer this write (the learner lives on and retries)."""
+
+
 @dataclass
 class Kills:
-    """Kills the learner before its n-th write to the store or the registry."""
+    """Kills the learner before its n-th write to the store or the registry (or,
+    with ``outage``, fails that write and lets the learner retry the batch)."""
 
     at: set[int] = field(default_factory=set)
     count: int = 0
+    outage: bool = False
 
-    def tick(self) -> None:
+    def tick(self, write: bool = True) -> None:
         self.count += 1
-        if self.count in self.at:
-            raise Killed(self.count)
+        if self.count in self.at and not (self.outage and not write):
+            raise (Outage if self.outage else Killed)(self.count)
 
 
 class KillableStore(MemoryFeatureStore):
@@ -139,12 +145,14 @@ class World:
             batch = self.next_labels(learner.positions)
             try:
                 outputs = learner.process(batch)
-                self.kills.tick()  # between the batch and its outputs written
+                self.kills.tick(write=False)  # between the batch and its outputs written
                 self.written += outputs
                 learner.commit()
             except Killed:
                 learner = self.start_learner()
                 continue
+            except Outage:
+                continue  # the same learner is given the batch again
             done = self.tick > max(at for _, at, _ in self.events)
             if done and not batch and not learner.pending:
                 break
@@ -278,3 +286,13 @@ def test_a_clean_stop_publishes_labels_learned_from_the_waiting_list(
     learner.process([])  # learned from the waiting list: no read position moved
     assert not learner.pending and learner.learned == 2
     assert learner.has_unpublished()  # so a clean stop publishes them
+
+
+def test_a_batch_retried_after_a_redis_error_evaluates_every_label_once(
+    unmonitored_spec: PipelineSpec,
+) -> None:
+    for at in range(1, writes_in_a_run(unmonitored_spec) + 1):
+        w = world(unmonitored_spec, Kills({at}, outage=True))
+        check(w, w.run())
+        evaluated = Counter(o.key for o in w.written if o.topic == w.spec.topics.evaluations)
+        assert set(evaluated.values()) == {1}, at  # none lost, none twice
