@@ -114,7 +114,8 @@ class Learner:
         self.join = join
         self.timing = timing
         self.clock = clock
-        self.scored_through: ScoredThrough = scored_through or clock
+        # by default every event counts as scored: "now" on the learner's clock
+        self.scored_through: ScoredThrough = scored_through or (lambda: self.clock())
         self.extra = monitor_only_field(join.segment, join.inputs)
         self.validate = RecordValidator(
             {join.label.event_id: FieldType.STR, join.label.field: FieldType.BOOL},
@@ -205,7 +206,8 @@ class Learner:
         fresh: dict[str, _Pending] = {}
         for msg in batch:
             if msg.offset < self.positions.get(msg.partition, 0):
-                continue  # read already (a batch given again after an error)
+                self.duplicates += 1  # read already (e.g. a batch given again after an error)
+                continue
             record = self.validate(msg.value)
             if isinstance(record, Invalid):
                 out.append(dead_letter(self.topics, self.stage, msg, record.kind, record.message))
