@@ -5,10 +5,15 @@ version, labels seen, the label offsets it covers, metrics at snapshot time,
 created time, River version. The champion pointer names the one version the
 scorers serve; every move of it is appended to the pointer history.
 
+At publish, versions beyond the newest ``keep_versions`` of a candidate are
+deleted, except every version the champion pointer ever named and those the
+learner's checkpoint continues from (``prune``); the pointer history stays whole.
+
 Redis layout (prefix ``rf:{ns}:``), no TTL (this is the audit trail)::
 
     models                    set of candidate names with versions
-    model:{name}:seq          last version number of the candidate
+    model:{name}:seq          last version number of the candidate (never goes back)
+    model:{name}:versions     sorted set of the versions stored
     model:{name}:v:{n}        signed blob
     model:{name}:meta:{n}     metadata (JSON)
     champion                  pointer (JSON {"model", "version"})
@@ -30,10 +35,11 @@ import river
 
 from riverflow.models.checkpoint import LearnerCheckpoint
 from riverflow.models.errors import ModelError
-from riverflow.models.signing import sign, verify_and_load
+from riverflow.models.signing import document_mac, sign, verify_and_load, verify_mac
 from riverflow.streams.contracts import ModelEvent
 
-EXPORT_FORMAT = "riverflow-model/1"
+EXPORT_FORMAT = "riverflow-model/2"
+OLD_EXPORT_FORMAT = "riverflow-model/1"  # its metadata is not signed: see ``import_``
 
 
 @dataclass(frozen=True)
@@ -109,14 +115,47 @@ class ModelRegistry(ABC):
     is written once here.
     """
 
-    def __init__(self, key: bytes) -> None:
+    def __init__(self, key: bytes, keep_versions: int | None = None) -> None:
         self.key = key
+        self.keep_versions = keep_versions
 
     # -- versions ---------------------------------------------------------------
 
     def publish(self, name: str, model: Any, meta: dict[str, Any]) -> int:
-        """Store a new immutable version of ``name``; the pointer does not move."""
-        return self._store(name, sign(model, self.key), meta)
+        """Store a new immutable version of ``name``; the pointer does not move.
+
+        Its number is above every number ``name`` ever had, and above
+        ``meta["parent"]``: a registry that lost its sequence (a Redis restart
+        without persistence) never hands a number out twice to a descendant of
+        a version it still knows. Then older versions are pruned (see ``prune``).
+        """
+        version = self._store(name, sign(model, self.key), meta)
+        if self.keep_versions is not None:
+            self.prune(name, self.keep_versions)
+        return version
+
+    def prune(self, name: str, keep: int) -> list[int]:
+        """Delete ``name``'s versions but the newest ``keep``, every version the
+        champion pointer ever named (its history), and those the learner's
+        checkpoint continues from; returns the versions deleted."""
+        versions = self.versions(name)
+        old = set(versions[:-keep]) if keep else set(versions)
+        if not old:
+            return []
+        for move in self.history():
+            for pointer in (move.to, move.previous):
+                if pointer is not None and pointer.model == name:
+                    old.discard(pointer.version)
+        champion = self.champion()
+        if champion is not None and champion.model == name:
+            old.discard(champion.version)
+        saved = self.checkpoint()
+        if saved is not None:
+            old.discard(saved.versions.get(name, 0))
+        doomed = sorted(old)
+        if doomed:
+            self._delete(name, doomed)
+        return doomed
 
     def load(self, name: str, version: int) -> ModelVersion:
         """The version's model, unpickled only if its signature verifies."""
@@ -131,26 +170,45 @@ class ModelRegistry(ABC):
         return versions[-1] if versions else None
 
     def export(self, name: str, version: int) -> bytes:
-        """A file's content: the signed blob and its metadata."""
+        """A file's content: the signed blob and its metadata, signed together (an
+        edited ``labels_seen`` or metric is refused on import)."""
         blob, meta = self._get(name, version)
-        record = {"format": EXPORT_FORMAT, "name": name, "version": version, "meta": meta,
-                  "blob_b64": base64.b64encode(blob).decode()}  # fmt: skip
+        blob_b64 = base64.b64encode(blob).decode()
+        record: dict[str, Any] = {"format": EXPORT_FORMAT, "name": name, "version": version,
+                                  "meta": meta, "blob_b64": blob_b64}  # fmt: skip
+        mac = document_mac(_signed(record), self.key)
+        record["signature_b64"] = base64.b64encode(mac).decode()
         return orjson.dumps(record, option=orjson.OPT_INDENT_2)
 
     def import_(self, data: bytes) -> ModelVersion:
-        """Store an exported version as a new version; refused unless signed with our key."""
+        """Store an exported version as a new version; refused unless signed with our key.
+
+        A file of the old format (``riverflow-model/1``, metadata unsigned) is read
+        only if its blob verifies, and its metadata is then kept aside as
+        unverified (``imported_from.meta_verified`` false), never as the version's own.
+        """
         try:
             record = orjson.loads(data)
-            if record.get("format") != EXPORT_FORMAT:
-                raise ValueError(f"format is not {EXPORT_FORMAT}")
+            found = record.get("format")
+            if found not in (EXPORT_FORMAT, OLD_EXPORT_FORMAT):
+                raise ValueError(f"format {found!r} is not {EXPORT_FORMAT}")
             blob = base64.b64decode(record["blob_b64"], validate=True)
             name, meta = str(record["name"]), dict(record["meta"])
-        except (ValueError, KeyError, TypeError) as exc:
+            signed = found == EXPORT_FORMAT
+            mac = base64.b64decode(record["signature_b64"], validate=True) if signed else b""
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ModelError(f"not a riverflow model export: {exc}") from exc
-        model = verify_and_load(blob, self.key)  # SignatureError before anything is stored
-        # its version numbers (own, parent) belong to the registry it came from
-        meta = {k: v for k, v in meta.items() if k not in ("version", "parent", "created", "river")}
-        meta["imported_from"] = {"version": record.get("version"), "meta": record["meta"]}
+        if signed:  # SignatureError before anything is stored
+            verify_mac(_signed(record), mac, self.key, "model export (blob and metadata)")
+        model = verify_and_load(blob, self.key)
+        origin = {"version": record.get("version"), "meta": record["meta"],
+                  "meta_verified": signed}  # fmt: skip
+        if signed:  # its version numbers (own, parent) belong to the registry it came from
+            drop = ("version", "parent", "created", "river")
+            meta = {k: v for k, v in meta.items() if k not in drop}
+        else:
+            meta = {"model": name}
+        meta["imported_from"] = origin
         version = self._store(name, blob, meta)
         return ModelVersion(name, version, model, self.meta(name, version))
 
@@ -247,6 +305,9 @@ class ModelRegistry(ABC):
     def _get(self, name: str, version: int) -> tuple[bytes, dict[str, Any]]: ...
 
     @abstractmethod
+    def _delete(self, name: str, versions: list[int]) -> None: ...
+
+    @abstractmethod
     def _pointer(self) -> bytes | None: ...
 
     @abstractmethod
@@ -271,6 +332,12 @@ class ModelRegistry(ABC):
     def _save_checkpoint(self, raw: bytes) -> None: ...
 
 
+def _signed(record: dict[str, Any]) -> bytes:
+    """What an export's signature covers: every field but the signature, canonical."""
+    fields = {k: v for k, v in record.items() if k != "signature_b64"}
+    return orjson.dumps(fields, option=orjson.OPT_SORT_KEYS)
+
+
 def _meta(version: int, meta: dict[str, Any]) -> bytes:
     return orjson.dumps(
         {**meta, "version": version, "created": time.time(), "river": river.__version__}
@@ -281,9 +348,10 @@ class MemoryRegistry(ModelRegistry):
     """The embedded runtime's registry. Blobs are signed here too, so both registries
     hand out copies that cannot alias the publisher's live model."""
 
-    def __init__(self, key: bytes) -> None:
-        super().__init__(key)
+    def __init__(self, key: bytes, keep_versions: int | None = None) -> None:
+        super().__init__(key, keep_versions)
         self.blobs: dict[tuple[str, int], tuple[bytes, bytes]] = {}
+        self.seq: dict[str, int] = {}
         self.pointer: bytes | None = None
         self.moves: list[bytes] = []
         self.saved: bytes | None = None
@@ -296,9 +364,14 @@ class MemoryRegistry(ModelRegistry):
         return sorted(v for n, v in self.blobs if n == name)
 
     def _store(self, name: str, blob: bytes, meta: dict[str, Any]) -> int:
-        version = 1 + max(self.versions(name), default=0)
+        last = max(self.seq.get(name, 0), *self.versions(name), int(meta.get("parent") or 0))
+        version = self.seq[name] = last + 1
         self.blobs[(name, version)] = (blob, _meta(version, meta))
         return version
+
+    def _delete(self, name: str, versions: list[int]) -> None:
+        for v in versions:
+            del self.blobs[(name, v)]
 
     def _get(self, name: str, version: int) -> tuple[bytes, dict[str, Any]]:
         try:
@@ -349,14 +422,43 @@ return 1
 """
 
 
+_UNNUMBERED = -987654321  # the version in a meta document until _STORE numbers it
+
+# KEYS: seq, versions (sorted set), models; ARGV: name, floor, blob key prefix, meta key
+# prefix, blob, meta (JSON with "version": _UNNUMBERED, replaced here). The next number above the
+# sequence, the floor and every stored version: never one handed out before.
+_STORE = """
+local v = redis.call('INCR', KEYS[1])
+local top = redis.call('ZRANGE', KEYS[2], -1, -1)
+local floor = math.max(tonumber(ARGV[2]), tonumber(top[1] or '0'))
+if v <= floor then
+  v = floor + 1
+  redis.call('SET', KEYS[1], v)
+end
+while redis.call('EXISTS', ARGV[4] .. v) == 1 do
+  v = v + 1
+  redis.call('SET', KEYS[1], v)
+end
+local meta = string.gsub(ARGV[6], '"version":%-987654321', '"version":' .. v, 1)
+redis.call('SET', ARGV[3] .. v, ARGV[5])
+redis.call('SET', ARGV[4] .. v, meta)
+redis.call('ZADD', KEYS[2], v, v)
+redis.call('SADD', KEYS[3], ARGV[1])
+return v
+"""
+
+
 class RedisRegistry(ModelRegistry):
     """The registry shared by every stage of a pipeline."""
 
-    def __init__(self, client: Any, namespace: str, key: bytes) -> None:
-        super().__init__(key)
+    def __init__(
+        self, client: Any, namespace: str, key: bytes, keep_versions: int | None = None
+    ) -> None:
+        super().__init__(key, keep_versions)
         self.client = client
         self.prefix = f"rf:{namespace}:"
         self._cas = client.register_script(_COMPARE_AND_SET)
+        self._store_script = client.register_script(_STORE)
 
     def _model(self, name: str) -> str:
         return f"{self.prefix}model:{name}:"
@@ -365,7 +467,11 @@ class RedisRegistry(ModelRegistry):
         return sorted(n.decode() for n in self.client.smembers(f"{self.prefix}models"))
 
     def versions(self, name: str) -> list[int]:
-        # numbers are dense except where a publisher died between INCR and SET: check
+        listed = self.client.zrange(f"{self._model(name)}versions", 0, -1)
+        if listed:
+            return [int(v) for v in listed]
+        # written before the sorted set: numbers are dense except where a publisher
+        # died between INCR and SET: check
         last = int(self.client.get(f"{self._model(name)}seq") or 0)
         keys = [f"{self._model(name)}meta:{v}" for v in range(1, last + 1)]
         found = self.client.exists(*keys) if keys else 0
@@ -375,13 +481,28 @@ class RedisRegistry(ModelRegistry):
 
     def _store(self, name: str, blob: bytes, meta: dict[str, Any]) -> int:
         prefix = self._model(name)
-        version = int(self.client.incr(f"{prefix}seq"))
+        self._index(name)
+        floor = int(meta.get("parent") or 0)
+        keys = [f"{prefix}seq", f"{prefix}versions", f"{self.prefix}models"]
+        args = [name, floor, f"{prefix}v:", f"{prefix}meta:", blob, _meta(_UNNUMBERED, meta)]
+        return int(self._store_script(keys=keys, args=args))
+
+    def _index(self, name: str) -> None:
+        """List the versions stored before the sorted set existed in it (once)."""
+        key = f"{self._model(name)}versions"
+        if self.client.exists(key):
+            return
+        found = self.versions(name)
+        if found:
+            self.client.zadd(key, {str(v): v for v in found})
+
+    def _delete(self, name: str, versions: list[int]) -> None:
+        prefix = self._model(name)
         pipe = self.client.pipeline(transaction=True)
-        pipe.set(f"{prefix}v:{version}", blob)
-        pipe.set(f"{prefix}meta:{version}", _meta(version, meta))
-        pipe.sadd(f"{self.prefix}models", name)
+        for v in versions:
+            pipe.delete(f"{prefix}v:{v}", f"{prefix}meta:{v}")
+        pipe.zrem(f"{prefix}versions", *[str(v) for v in versions])
         pipe.execute()
-        return version
 
     def _get(self, name: str, version: int) -> tuple[bytes, dict[str, Any]]:
         prefix = self._model(name)

@@ -44,6 +44,17 @@ def verify_bytes(blob: bytes, key: bytes, what: str) -> bytes:
     return _verified(blob, key, DOCUMENT_MAGIC, DOCUMENT_MAGIC, what)
 
 
+def document_mac(payload: bytes, key: bytes) -> bytes:
+    """The MAC ``sign_bytes`` puts before ``payload`` (for a signature kept apart from it)."""
+    return hmac.new(key, DOCUMENT_MAGIC + payload, _DIGEST).digest()
+
+
+def verify_mac(payload: bytes, mac: bytes, key: bytes, what: str) -> None:
+    """Refuse ``payload`` unless ``mac`` is its ``document_mac`` under ``key``."""
+    if not hmac.compare_digest(mac, document_mac(payload, key)):
+        raise SignatureError(f"{what} signature does not verify (tampered or other key)")
+
+
 def _verified(blob: bytes, key: bytes, magic: bytes, covered: bytes, what: str) -> bytes:
     size = _DIGEST().digest_size
     if len(blob) < len(magic) + size or not blob.startswith(magic):

@@ -5,7 +5,10 @@ Both runtimes assemble their stages here, from different stores and registries.
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from riverflow.errors import RiverflowError
 from riverflow.features.store import FeatureStore, MemoryFeatureStore, RedisFeatureStore
@@ -18,11 +21,13 @@ from riverflow.monitors.policy import PipelineMonitor
 from riverflow.monitors.prequential import PrequentialMetrics
 from riverflow.settings import DEV_SIGNING_KEY, Settings
 from riverflow.spec import PipelineSpec
-from riverflow.stages.learner import LabelJoin, Learner, LearnerTiming
+from riverflow.stages.learner import LabelJoin, Learner, LearnerTiming, ScoredThrough
 from riverflow.stages.lineage import Candidate, Following, Lineage
 from riverflow.stages.monitor import Monitor
 from riverflow.stages.scorer import Scorer
 from riverflow.streams.validation import Bounds
+
+log = logging.getLogger(__name__)
 
 
 class ConnectionFailed(RiverflowError):
@@ -37,24 +42,67 @@ def uses_dev_key(settings: Settings) -> bool:
     return settings.signing_key.get_secret_value() == DEV_SIGNING_KEY
 
 
-def redis_client(settings: Settings, url: str) -> Any:
-    """A Redis client that answered PING, or ``ConnectionFailed`` saying where.
+T = TypeVar("T")
+
+
+def through_outage(call: Callable[[], T], wait_s: float, what: str) -> T:
+    """``call()``, retried with backoff (up to 5 s apart) while Redis is unreachable,
+    for at most ``wait_s``; then its error is raised. For the learner's startup,
+    restore and checkpoint commit: each is safe to repeat."""
+    import redis
+
+    from riverflow.features.errors import FeatureStoreError
+
+    give_up, pause = time.monotonic() + wait_s, 0.2
+    while True:
+        try:
+            return call()
+        except (redis.ConnectionError, redis.TimeoutError, FeatureStoreError,
+                ConnectionFailed) as exc:  # fmt: skip
+            if isinstance(exc, FeatureStoreError) and not isinstance(
+                exc.__cause__, redis.ConnectionError | redis.TimeoutError
+            ):
+                raise
+            if time.monotonic() + pause > give_up:
+                raise
+            log.warning("%s: Redis unreachable (%s); retrying in %.1fs", what, exc, pause)
+            time.sleep(pause)
+            pause = min(5.0, pause * 2)
+
+
+def redis_client(settings: Settings, url: str, wait_s: float = 0.0) -> Any:
+    """A Redis client that answered PING (waiting up to ``wait_s`` for one), or
+    ``ConnectionFailed`` saying where; a malformed URL is a ``ConnectionFailed`` too.
 
     Transient errors (connection, timeout) are retried with exponential backoff;
     the scripts a store runs are atomic, so a retried batch is either wholly
     applied or not at all, and dedup by event id makes a re-run harmless.
     """
     import redis
-    from redis.backoff import ExponentialBackoff
-    from redis.retry import Retry
 
-    password = settings.redis_password.get_secret_value() if settings.redis_password else None
     if settings.redis_tls and url.startswith("redis://"):
         url = "rediss://" + url.removeprefix("redis://")
     tls: dict[str, Any] = {}
     if url.startswith("rediss://") and settings.redis_tls_ca_file is not None:
         tls["ssl_ca_certs"] = str(settings.redis_tls_ca_file)
-    client = redis.Redis.from_url(
+    safe = url.split("@")[-1]  # never echo credentials embedded in the URL
+    try:
+        client = _client_from_url(redis, settings, url, tls)
+    except ValueError as exc:  # a scheme redis-py does not know, a port that is no number
+        raise ConnectionFailed(f"Redis URL {safe!r} is malformed: {exc}") from exc
+    try:
+        through_outage(client.ping, wait_s, f"Redis at {safe}")
+    except redis.RedisError as exc:
+        raise ConnectionFailed(f"Redis unreachable at {safe}: {exc}") from exc
+    return client
+
+
+def _client_from_url(redis: Any, settings: Settings, url: str, tls: dict[str, Any]) -> Any:
+    from redis.backoff import ExponentialBackoff
+    from redis.retry import Retry
+
+    password = settings.redis_password.get_secret_value() if settings.redis_password else None
+    return redis.Redis.from_url(
         url,
         username=settings.redis_username,
         password=password,
@@ -67,12 +115,6 @@ def redis_client(settings: Settings, url: str) -> Any:
         retry_on_error=[redis.ConnectionError, redis.TimeoutError],
         **tls,
     )
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        safe = url.split("@")[-1]  # never echo credentials embedded in the URL
-        raise ConnectionFailed(f"Redis unreachable at {safe}: {exc}") from exc
-    return client
 
 
 def redis_store(spec: PipelineSpec, settings: Settings, client: Any) -> RedisFeatureStore:
@@ -85,9 +127,10 @@ def redis_store(spec: PipelineSpec, settings: Settings, client: Any) -> RedisFea
 def redis_backends(
     spec: PipelineSpec, settings: Settings, client: Any
 ) -> tuple[FeatureStore, ModelRegistry]:
-    return redis_store(spec, settings, client), RedisRegistry(
-        client, spec.name, signing_key(settings)
+    registry = RedisRegistry(
+        client, spec.name, signing_key(settings), keep_versions=settings.registry_keep_versions
     )
+    return redis_store(spec, settings, client), registry
 
 
 def memory_backends(spec: PipelineSpec, settings: Settings) -> tuple[FeatureStore, ModelRegistry]:
@@ -121,8 +164,12 @@ def build_learner(
     store: FeatureStore,
     registry: ModelRegistry,
     registry_poll_s: float | None = None,
+    scored_through: ScoredThrough | None = None,
 ) -> Learner:
     """A learner that continues from its last checkpoint, or from fresh candidates.
+
+    ``scored_through``: how far the scorer has got (see ``ScoredThrough``); by
+    default every event is taken as scored (the embedded runtime).
 
     A candidate added to the spec since the checkpoint starts fresh; one removed
     from the spec is no longer trained (its versions stay in the registry).
@@ -142,9 +189,11 @@ def build_learner(
     join = LabelJoin(spec.label, settings.max_event_bytes, spec.feature_plan(),
                      tuple(spec.models.inputs), spec.monitors.segment)  # fmt: skip
     timing = LearnerTiming(
-        settings.label_wait_s, settings.snapshot_every_labels, settings.snapshot_every_s
-    )
-    learner = Learner(spec.topics, store, lineage, join, timing)
+        settings.label_wait_s, settings.snapshot_every_labels, settings.snapshot_every_s,
+        label_horizon_s=settings.label_horizon_s, max_waiting=settings.label_max_waiting,
+        keep_learned_s=settings.learned_keep_s,
+    )  # fmt: skip
+    learner = Learner(spec.topics, store, lineage, join, timing, scored_through=scored_through)
     saved = registry.checkpoint()
     if saved is not None:
         learner.restore(saved)

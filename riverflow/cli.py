@@ -75,8 +75,10 @@ def cmd_stack(args: argparse.Namespace, settings: Settings) -> int:
             return 1
         for s in servers:
             state = "running" if s.alive() else "DEAD"
+            kept = f"  ({s.durability})" if s.durability else ""
             console.print(
-                f"{s.name:6} {state:8} {s.address}  pid {s.pid}  log {s.log}", soft_wrap=True
+                f"{s.name:6} {state:8} {s.address}  pid {s.pid}  log {s.log}{kept}",
+                soft_wrap=True,
             )
         return 0 if all(s.alive() for s in servers) else 1
     return 0
@@ -318,6 +320,12 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
         event = ModelEvent(kind="imported", model=imported.name, version=imported.version)
         _model_event(ep, spec.topics.model_events, event)
         console.print(f"imported {imported.name} v{imported.version}")
+        if not imported.meta["imported_from"]["meta_verified"]:
+            err_console.print(
+                "[yellow]warning:[/yellow] an old export (riverflow-model/1): its model is "
+                "signed, its metadata (labels_seen, metrics) is not and was kept aside as "
+                "unverified; re-export it with this riverflow to carry it verified"
+            )
         return 0
     if args.action == "promote":
         version = _version(registry, args)

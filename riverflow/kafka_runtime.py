@@ -20,6 +20,7 @@ from riverflow.assembly import (
     build_scorer,
     redis_backends,
     redis_client,
+    through_outage,
     uses_dev_key,
 )
 from riverflow.monitors.exporter import MonitorMetrics, StageMetrics, serve
@@ -31,7 +32,7 @@ from riverflow.streams.contracts import Output, Processor
 from riverflow.streams.faust_app import run_worker, stage_app
 from riverflow.streams.guard import Guard
 from riverflow.streams.hosting import HostSettings
-from riverflow.streams.kafka_io import ensure_topics
+from riverflow.streams.kafka_io import GroupProgress, ensure_topics
 
 log = logging.getLogger(__name__)
 METRICS_PORTS = {"scorer": 9401, "learner": 9402, "monitor": 9403}
@@ -82,7 +83,9 @@ def run_stage(stage: str, spec: PipelineSpec, settings: Settings, ep: Servers) -
     ensure_topics(
         ep.kafka_bootstrap, topics.all(), settings.partitions, settings.replication_factor
     )
-    store, registry = redis_backends(spec, settings, redis_client(settings, ep.redis_url))
+    # a Redis that is down at startup is waited for, as it is later (streams.guard)
+    client = redis_client(settings, ep.redis_url, settings.outage_limit_s)
+    store, registry = redis_backends(spec, settings, client)
     metrics = StageMetrics(stage)
 
     def guard(processor: Processor) -> Guard:  # internal errors to the DLQ, outages waited out
@@ -116,11 +119,22 @@ def run_stage(stage: str, spec: PipelineSpec, settings: Settings, ep: Servers) -
         else:
             ConfluentHost(guard(scorer), topics.events, loop, metrics=metrics).run()
         return
-    learner = build_learner(spec, settings, store, registry)
+    # labels wait for their events while the scorer group has not caught up on them
+    scorer_group = host_settings("scorer", spec, settings, ep, settings.model_poll_s).group
+    progress = GroupProgress(
+        ep.kafka_bootstrap, scorer_group, topics.events, settings.scorer_progress_poll_s
+    )
+    learner = through_outage(
+        lambda: build_learner(spec, settings, store, registry, scored_through=progress),
+        settings.outage_limit_s, "restoring the learner",
+    )  # fmt: skip
 
     def publish_on_stop() -> list[Output]:
         publishing = settings.snapshot_every_labels or settings.snapshot_every_s
         return learner.publish() if publishing and learner.has_unpublished() else []
+
+    def commit() -> None:
+        through_outage(learner.commit, settings.outage_limit_s, "saving the checkpoint")
 
     freeze_startup_heap()
     # ticks retry waiting labels and take the timed snapshots
@@ -128,5 +142,5 @@ def run_stage(stage: str, spec: PipelineSpec, settings: Settings, ep: Servers) -
     loop = host_settings(stage, spec, settings, ep, tick_s)
     ConfluentHost(
         guard(learner), topics.labels, loop, metrics=metrics,
-        checkpoint=Checkpointing(learner.positions, learner.commit, on_stop=publish_on_stop),
+        checkpoint=Checkpointing(learner.positions, commit, on_stop=publish_on_stop),
     ).run()  # fmt: skip

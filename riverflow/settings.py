@@ -102,8 +102,30 @@ class Settings(BaseSettings):
         "length and sha256)",
     )  # fmt: skip
     outage_limit_s: float = Field(
-        120.0, ge=60, description="a stage retries while Redis/Kafka is down this long, then exits"
+        120.0, ge=60,
+        description="a stage waits out Redis or Kafka being down (at startup, restore, every "
+        "batch, checkpoint commit) this long, retrying with backoff, then exits",
+    )  # fmt: skip
+    # -- the learner's labels and what it keeps in Redis --------------------------
+    label_max_waiting: int = Field(
+        50_000, ge=1,
+        description="labels waiting for their event's snapshot at most; past it the oldest "
+        "goes to the DLQ as orphan_label (waiting list full)",
+    )  # fmt: skip
+    learned_keep_s: float = Field(
+        600.0, ge=0,
+        description="a learned label's snapshot and mark stay this long after the checkpoint "
+        "covering it is committed (scorer replays and duplicate labels are still recognised); "
+        "0 = deleted then",
+    )  # fmt: skip
+    scorer_progress_poll_s: float = Field(
+        1.0, gt=0, description="how often the learner reads the scorer group's lag on events"
     )
+    registry_keep_versions: int = Field(
+        20, ge=1,
+        description="newest versions kept per candidate at publish; champions (past and "
+        "present) and the checkpoint's versions are always kept",
+    )  # fmt: skip
 
     @field_validator("kafka_jvm_options")
     @classmethod

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
@@ -11,6 +12,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from riverflow.errors import RiverflowError
 
+log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # the DLQ must hold an oversized payload plus its envelope
 
 
@@ -109,3 +111,72 @@ def read_topic(
                 last = time.monotonic()
     finally:
         consumer.close()
+
+
+class GroupProgress:
+    """How far a consumer group has got through a topic, as a time on ``clock``.
+
+    Called (at most every ``poll_s``; between calls the last answer is returned)
+    it returns T such that every message produced to ``topic`` before T has
+    been committed by ``group``, or None until that is first known. It reads the
+    high watermarks at T, then waits until the group's committed offsets reach
+    them; then T is confirmed and a new probe starts. The learner's
+    ``ScoredThrough`` in the Kafka runtime: the scorer group's committed offsets
+    on the events topic (it commits a batch once its snapshots are stored).
+    A Kafka error keeps the last answer (the learner's labels wait longer).
+    """
+
+    def __init__(
+        self,
+        bootstrap: str,
+        group: str,
+        topic: str,
+        poll_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.topic = topic
+        self.poll_s = poll_s
+        self.clock = clock
+        # group.id only names whose committed offsets are read: it never subscribes,
+        # so it never joins the group or takes partitions from its members
+        self.consumer = Consumer(
+            {"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False}
+        )
+        self._probe: tuple[float, dict[int, int]] | None = None
+        self._through: float | None = None
+        self._next = 0.0
+
+    def __call__(self) -> float | None:
+        now = self.clock()
+        if now < self._next:
+            return self._through
+        self._next = now + self.poll_s
+        try:
+            if self._probe is not None:
+                at, highs = self._probe
+                committed = self._committed(list(highs))
+                if all(h <= 0 or committed.get(p, -1) >= h for p, h in highs.items()):
+                    self._through, self._probe = at, None
+            if self._probe is None:
+                at = self.clock()
+                self._probe = (at, self._highs())
+        except KafkaException as exc:
+            log.warning("reading how far the group has got on %s: %s", self.topic, exc)
+        return self._through
+
+    def _highs(self) -> dict[int, int]:
+        meta = self.consumer.list_topics(self.topic, timeout=5).topics.get(self.topic)
+        if meta is None or meta.error is not None:
+            raise KafkaException(f"no topic {self.topic!r}")
+        highs = {}
+        for p in sorted(meta.partitions):
+            _, high = self.consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=5)
+            highs[p] = high
+        return highs
+
+    def _committed(self, partitions: list[int]) -> dict[int, int]:
+        tps = [TopicPartition(self.topic, p) for p in partitions]
+        return {tp.partition: tp.offset for tp in self.consumer.committed(tps, timeout=5)}
+
+    def close(self) -> None:
+        self.consumer.close()

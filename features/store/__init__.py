@@ -8,6 +8,7 @@ the Lua); where their results may differ is in ``redis_store``'s docstring.
 """
 
 from riverflow.features.store.base import (
+    ORPHAN,
     Claim,
     FeatureRequest,
     FeatureSnapshot,
@@ -18,6 +19,7 @@ from riverflow.features.store.memory import MemoryFeatureStore
 from riverflow.features.store.redis_store import RedisFeatureStore
 
 __all__ = [
+    "ORPHAN",
     "Claim",
     "FeatureRequest",
     "FeatureSnapshot",

@@ -92,6 +92,11 @@ class Claim(Enum):
 
     MISSING = "missing"  # the event has not been scored (yet)
     DUPLICATE = "duplicate"  # a label for this event was learned already
+    ORPHANED = "orphaned"  # a label for this event went to the DLQ as an orphan
+
+
+# the learned-mark of an event whose label went to the DLQ as an orphan
+ORPHAN = "orphan"
 
 
 class FeatureStore(Protocol):
@@ -135,8 +140,22 @@ class FeatureStore(Protocol):
 
         An event already marked is a ``DUPLICATE``, unless ``stale(its token)``
         says that learning was lost (a learner crashed before its snapshot):
-        then the mark is taken over and the snapshot handed out again.
+        then the mark is taken over and the snapshot handed out again. An event
+        marked ``ORPHAN`` is ``ORPHANED``, whether its snapshot exists or not.
         """
+        ...
+
+    def mark_orphans(self, event_ids: Sequence[str]) -> None:
+        """Mark events whose label went to the DLQ as orphans (unless marked already),
+        for the label horizon: a later claim of them is ``ORPHANED``."""
+        ...
+
+    def release_learned(self, event_ids: Sequence[str], keep_s: float) -> None:
+        """Let go of the snapshots and learned-marks of labels learned into a committed
+        checkpoint: they expire ``keep_s`` from now (0: deleted now), instead of
+        at the label horizon. Until then a scorer's replay of the event is still
+        recognised and a duplicate label is still a ``DUPLICATE``; after, a
+        duplicate label finds no snapshot and ends as an orphan."""
         ...
 
     def read(self, entities: Mapping[str, str], at: float | None = None) -> dict[str, float]:

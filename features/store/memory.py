@@ -9,6 +9,7 @@ import orjson
 
 from riverflow.features.definitions import FeaturePlan
 from riverflow.features.store.base import (
+    ORPHAN,
     Claim,
     FeatureRequest,
     FeatureSnapshot,
@@ -71,7 +72,9 @@ class MemoryFeatureStore:
         for event_id, token in zip(event_ids, tokens, strict=True):
             raw = self.snapshots.get(event_id)
             marked = self.learned.get(event_id)
-            if raw is None:
+            if marked == ORPHAN:
+                out.append(Claim.ORPHANED)
+            elif raw is None:
                 out.append(Claim.MISSING)
             elif marked is not None and not stale(marked):
                 out.append(Claim.DUPLICATE)
@@ -79,6 +82,17 @@ class MemoryFeatureStore:
                 self.learned[event_id] = token
                 out.append(FeatureSnapshot.decode(event_id, raw))
         return out
+
+    def mark_orphans(self, event_ids: Sequence[str]) -> None:
+        for event_id in event_ids:
+            self.learned.setdefault(event_id, ORPHAN)
+
+    def release_learned(self, event_ids: Sequence[str], keep_s: float) -> None:
+        if keep_s > 0:
+            return  # keys do not expire here
+        for event_id in event_ids:
+            self.snapshots.pop(event_id, None)
+            self.learned.pop(event_id, None)
 
     def read(self, entities: Mapping[str, str], at: float | None = None) -> dict[str, float]:
         aggregates: list[list[float] | None] = []

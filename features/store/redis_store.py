@@ -32,7 +32,10 @@ Key layout (prefix ``rf:{ns}:``)::
                                           the event as seen (dedup)
     rf:{ns}:learned:{event id}            the token of the label learned for this event
                                           (the learner's run and the label's offset),
-                                          TTL = horizon
+                                          or ``orphan`` (its label went to the DLQ),
+                                          TTL = horizon; a learned label's snapshot and
+                                          mark expire ``keep_learned_s`` after the
+                                          checkpoint covering it is committed
 
 ``{entity}`` is the entity's field, or fields joined by ``+`` for a composite
 key (``card_id+merchant``, value ``c00042|m0017``). Tiles older than the window
@@ -54,6 +57,7 @@ import redis
 from riverflow.features.definitions import FeaturePlan
 from riverflow.features.errors import FeatureStoreError
 from riverflow.features.store.base import (
+    ORPHAN,
     SERVED_HEAD,
     Claim,
     FeatureRequest,
@@ -328,7 +332,9 @@ class RedisFeatureStore:
         out: list[FeatureSnapshot | Claim] = []
         taken: dict[str, str] = {}
         for event_id, token, item in zip(event_ids, tokens, raw, strict=True):
-            if item == b"?":
+            if item == b"!":
+                out.append(Claim.ORPHANED)
+            elif item == b"?":
                 out.append(Claim.MISSING)
             elif item.startswith(b"="):
                 marked, _, snap = item[1:].partition(b"\n")
@@ -348,6 +354,34 @@ class RedisFeatureStore:
 
     def learned_key(self, event_id: str) -> str:
         return f"{self.prefix}learned:{event_id}"
+
+    def mark_orphans(self, event_ids: Sequence[str]) -> None:
+        if not event_ids:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for event_id in event_ids:
+            pipe.set(self.learned_key(event_id), ORPHAN, nx=True, px=int(self.horizon_ms))
+        self._execute(pipe)
+
+    def release_learned(self, event_ids: Sequence[str], keep_s: float) -> None:
+        if not event_ids:
+            return
+        keep_ms = min(int(keep_s * 1000), int(self.horizon_ms))
+        pipe = self.client.pipeline(transaction=False)
+        for event_id in event_ids:
+            keys = (self.snapshot_key(event_id), self.learned_key(event_id))
+            if keep_ms > 0:
+                for key in keys:
+                    pipe.pexpire(key, keep_ms)
+            else:
+                pipe.delete(*keys)
+        self._execute(pipe)
+
+    def _execute(self, pipe: Any) -> list[Any]:
+        try:
+            return list(pipe.execute())
+        except redis.ConnectionError as exc:
+            raise FeatureStoreError(f"Redis unreachable: {exc}") from exc
 
     def read(self, entities: Mapping[str, str], at: float | None = None) -> dict[str, float]:
         args: list[Any] = [self._groups]

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from riverflow.features.definitions import FeaturePlan
-from riverflow.features.store import Claim, FeatureSnapshot, FeatureStore
+from riverflow.features.store import ORPHAN, Claim, FeatureSnapshot, FeatureStore
 from riverflow.models.checkpoint import LearnerCheckpoint
 from riverflow.monitors.prequential import PrequentialMetrics
 from riverflow.stages.common import StageCounters, dead_letter, model_inputs, monitor_only_field
@@ -29,7 +29,7 @@ from riverflow.streams.validation import Invalid, RecordValidator
 class _Pending:
     msg: Message
     label: bool
-    deadline: float
+    since: float  # when this run started waiting for its event (the learner's clock)
 
 
 @dataclass(frozen=True)
@@ -48,11 +48,32 @@ class LabelJoin:
 @dataclass(frozen=True)
 class LearnerTiming:
     """How long a label waits for its event; how often candidates are published
-    (every ``snapshot_every`` labels and every ``snapshot_every_s`` seconds; 0: never)."""
+    (every ``snapshot_every`` labels and every ``snapshot_every_s`` seconds; 0: never).
+
+    A label waits at least ``label_wait_s`` *and* until the scorer has scored every
+    event produced by then; one older than ``label_horizon_s`` (its Kafka
+    timestamp) is an orphan at once. At most ``max_waiting`` labels wait: past
+    that, the oldest waiting label becomes an orphan (``orphan_label``, reason
+    "waiting list full"). ``keep_learned_s``: how long a learned label's
+    snapshot and mark stay in the store once the checkpoint covering it is
+    committed (0: deleted then).
+    """
 
     label_wait_s: float
     snapshot_every: int
     snapshot_every_s: float
+    label_horizon_s: float = 7 * 24 * 3600.0
+    max_waiting: int = 50_000
+    keep_learned_s: float = 600.0
+
+
+_RELEASE_AT_MOST = 100_000  # learned event ids held to release at the next commit
+
+ScoredThrough = Callable[[], float | None]
+"""The time (on the learner's clock) before which every event produced has been
+scored, or None if not known yet. The Kafka runtime compares the scorer group's
+committed offsets with the events topic's high watermarks; the embedded
+runtime scores every event before its label, so there it is always now."""
 
 
 class Learner:
@@ -62,10 +83,17 @@ class Learner:
     Every candidate sees every label in the same order: predict (prequential),
     update its metrics, ``learn_one``. Each label is claimed once in the store,
     so a duplicate label is never learned twice. A label whose event has not
-    been scored yet waits up to ``label_wait_s``, then goes to the DLQ as an
-    orphan. Every ``snapshot_every`` labels or ``snapshot_every_s`` seconds the
-    lineage publishes each candidate as a new version and stages the
-    checkpoint. The host calls ``commit`` once a batch's outputs are written.
+    been scored yet waits (see ``LearnerTiming``), then goes to the DLQ as an
+    orphan, and is marked so in the store: a learner restarted from an older
+    checkpoint refuses it again instead of learning it. Every
+    ``snapshot_every`` labels or ``snapshot_every_s`` seconds the lineage
+    publishes each candidate as a new version and stages the checkpoint. The
+    host calls ``commit`` once a batch's outputs are written.
+
+    Exactly once: a checkpoint's read positions never pass a label that is
+    neither learned into its models nor in its waiting list, so a learner
+    restarted from any committed checkpoint learns each label once more only
+    if the models it continues from lack it.
     """
 
     stage = "learner"
@@ -78,6 +106,7 @@ class Learner:
         join: LabelJoin,
         timing: LearnerTiming,
         clock: Callable[[], float] = time.monotonic,
+        scored_through: ScoredThrough | None = None,
     ) -> None:
         self.topics = topics
         self.store = store
@@ -85,6 +114,8 @@ class Learner:
         self.join = join
         self.timing = timing
         self.clock = clock
+        # by default every event counts as scored: "now" on the learner's clock
+        self.scored_through: ScoredThrough = scored_through or (lambda: self.clock())
         self.extra = monitor_only_field(join.segment, join.inputs)
         self.validate = RecordValidator(
             {join.label.event_id: FieldType.STR, join.label.field: FieldType.BOOL},
@@ -94,14 +125,22 @@ class Learner:
         self.learned = 0
         self.positions: dict[int, int] = {}
         self.duplicates = 0
+        self.orphans = 0
         self.counters = StageCounters()
         self._since_snapshot = 0
+        self._changed = False  # anything to publish since the last snapshot
         self._last_snapshot = clock()
         # labels are marked learned under "run:partition:offset"; see _stale
         self.run = uuid.uuid4().hex[:12]
-        self._saved_positions: dict[int, int] = {}
         self._base: dict[int, int] = {}
         self._base_pending: set[tuple[int, int]] = set()
+        # event ids learned since the last snapshot, and those of the staged one:
+        # released in the store once the checkpoint covering them is committed
+        self._learned_ids: list[str] = []
+        self._staged_ids: list[str] = []
+        self._orphan_ids: list[str] = []
+        self._carried: list[Output] = []  # made by a call that raised: see process
+        self._unlearned: set[str] = set()  # tokens claimed by a call that raised: see _stale
 
     def _stale(self, token: str) -> bool:
         """Whether a learned-marker names a label that the models do not contain.
@@ -110,10 +149,13 @@ class Learner:
         the checkpoint we started from covers its label: read before the saved
         position and not among the labels still waiting then. Otherwise that run
         died before its next snapshot, and this run learns the label again.
+        An orphan mark is never stale: that label went to the DLQ.
         """
+        if token in self._unlearned:
+            return True  # ours, claimed by a call that raised before learning it
         parts = token.split(":")
-        if len(parts) != 3 or parts[0] == self.run:
-            return False  # ours, or a mark from before run tokens: trust it
+        if parts[0] == ORPHAN or len(parts) != 3 or parts[0] == self.run:
+            return False  # ours, an orphan, or a mark from before run tokens: trust it
         p, o = int(parts[1]), int(parts[2])
         return not (o < self._base.get(p, 0) and (p, o) not in self._base_pending)
 
@@ -135,59 +177,121 @@ class Learner:
     def process(self, batch: Sequence[Message]) -> list[Output]:
         """Learn from a batch of labels (an empty batch retries waiting labels).
 
-        Labels are handled in order (waiting ones first), and the read position
-        advances label by label, so a snapshot taken mid-batch records exactly
-        the labels its models have learned.
+        Labels are handled in order (waiting ones first). A label stays in
+        ``pending`` from the moment it is read until it is learned or refused,
+        and the read position advances label by label, so a snapshot taken
+        mid-batch records exactly the labels its models have learned and those
+        still waiting.
+
+        If it raises (Redis unreachable), what it did stands: the outputs made so
+        far are returned by the next call, and labels already read are skipped
+        when the batch is given again.
         """
+        out, self._carried = self._carried, []
+        try:
+            self._process(batch, out)
+        except BaseException:
+            self._carried = out
+            raise
+        self.counters.dead_letters += sum(o.topic == self.topics.dlq for o in out)
+        self.counters.produced += len(out)
+        return out
+
+    def _process(self, batch: Sequence[Message], out: list[Output]) -> None:
         self.counters.consumed += len(batch)
         now = self.clock()
-        label, wait_s = self.join.label, self.timing.label_wait_s
-        out: list[Output] = self.lineage.follow(now)
-        todo: dict[str, _Pending] = dict(self.pending)
-        order: list[tuple[Message, str | None]] = [(p.msg, e) for e, p in todo.items()]
+        through = self.scored_through()  # read before the claims: see _orphaned
+        out += self.lineage.follow(now)
+        order: list[tuple[Message, str | None]] = [(p.msg, e) for e, p in self.pending.items()]
+        fresh: dict[str, _Pending] = {}
         for msg in batch:
+            if msg.offset < self.positions.get(msg.partition, 0):
+                self.duplicates += 1  # read already (e.g. a batch given again after an error)
+                continue
             record = self.validate(msg.value)
             if isinstance(record, Invalid):
                 out.append(dead_letter(self.topics, self.stage, msg, record.kind, record.message))
                 order.append((msg, None))
                 continue
-            event_id = record[label.event_id]
-            if event_id in todo:  # the same label twice in flight: learn it once
+            event_id = record[self.join.label.event_id]
+            if event_id in self.pending or event_id in fresh:  # twice in flight: learn once
                 self.duplicates += 1
                 order.append((msg, None))
                 continue
-            todo[event_id] = _Pending(msg, record[label.field], now + wait_s)
+            fresh[event_id] = _Pending(msg, record[self.join.label.field], now)
             order.append((msg, event_id))
+        todo = {**self.pending, **fresh}
         ids = list(todo)
         tokens = [f"{self.run}:{todo[e].msg.partition}:{todo[e].msg.offset}" for e in ids]
         claims = dict(zip(ids, self.store.claim_snapshots(ids, tokens, self._stale), strict=True))
-        self.pending.clear()  # after the claims: a batch run again (streams.guard) keeps them
+        self._unlearned.update(t for e, t in zip(ids, tokens, strict=True)
+                               if isinstance(claims[e], FeatureSnapshot))  # fmt: skip
         every = self.timing.snapshot_every
         for msg, event_id in order:
             if event_id is not None:
                 item, claim = todo[event_id], claims[event_id]
-                if claim is Claim.DUPLICATE:
-                    self.duplicates += 1
-                elif claim is Claim.MISSING:
-                    if now >= item.deadline:
-                        why = f"no scored event {event_id!r} within {wait_s}s"
-                        out.append(
-                            dead_letter(self.topics, self.stage, item.msg, "orphan_label", why)
-                        )
+                if claim is Claim.MISSING:
+                    why = self._orphaned(item, now, through)
+                    if why is None:
+                        self.pending[event_id] = item  # a fresh label starts waiting here
                     else:
-                        self.pending[event_id] = item
+                        out.append(self._orphan(event_id, item, why))
+                elif claim is Claim.DUPLICATE:
+                    self.duplicates += 1
+                    self.pending.pop(event_id, None)
+                elif claim is Claim.ORPHANED:
+                    out.append(self._orphan(event_id, item, "refused before (orphan mark)"))
                 else:
+                    self.pending.pop(event_id, None)
                     out.append(self._learn(claim, item.label))
+                    self._unlearned.discard(f"{self.run}:{msg.partition}:{msg.offset}")
+                    self._learned_ids.append(event_id)
+                    if len(self._learned_ids) > 2 * _RELEASE_AT_MOST:  # no snapshot for long
+                        del self._learned_ids[:-_RELEASE_AT_MOST]
             if msg.offset >= self.positions.get(msg.partition, 0):
                 self.positions[msg.partition] = msg.offset + 1
+                self._changed = True
             if every and self._since_snapshot >= every:
                 out += self.publish()
+        out += self._overflow()
+        if self._orphan_ids:  # marked before their DLQ records or a checkpoint are written
+            self.store.mark_orphans(self._orphan_ids)
+            self._orphan_ids = []
         every_s = self.timing.snapshot_every_s
         if every_s and self._since_snapshot and now - self._last_snapshot >= every_s:
             out += self.publish()
-        self.counters.dead_letters += sum(o.topic == self.topics.dlq for o in out)
-        self.counters.produced += len(out)
-        return out
+
+    def _orphaned(self, item: _Pending, now: float, through: float | None) -> str | None:
+        """Why a label without a snapshot is an orphan now, or None: it waits on.
+
+        ``through`` was read before the claim that found no snapshot, so every
+        event produced before it had been scored and stored by then.
+        """
+        wait_s = self.timing.label_wait_s
+        if item.msg.timestamp_ms is not None:
+            age = time.time() - item.msg.timestamp_ms / 1000
+            if age > self.timing.label_horizon_s:
+                return f"label older than the horizon ({self.timing.label_horizon_s:g}s)"
+        if now - item.since >= wait_s and through is not None and through >= item.since + wait_s:
+            return f"no scored event after {wait_s:g}s, with every event scored"
+        return None
+
+    def _orphan(self, event_id: str, item: _Pending, why: str) -> Output:
+        self.pending.pop(event_id, None)
+        self._orphan_ids.append(event_id)
+        self.orphans += 1
+        self._changed = True
+        why = f"no scored event {event_id!r}: {why}"
+        return dead_letter(self.topics, self.stage, item.msg, "orphan_label", why)
+
+    def _overflow(self) -> list[Output]:
+        """Orphan the oldest waiting labels past ``max_waiting`` (memory stays bounded;
+        the host reads on: backpressure would stall every label behind them)."""
+        extra = len(self.pending) - self.timing.max_waiting
+        if extra <= 0:
+            return []
+        why = f"waiting list full ({self.timing.max_waiting} labels)"
+        return [self._orphan(e, self.pending[e], why) for e in list(self.pending)[:extra]]
 
     def _learn(self, snap: FeatureSnapshot, label: bool) -> Output:
         segment = None if self.join.segment is None else snap.inputs.get(self.join.segment)
@@ -201,6 +305,7 @@ class Learner:
             predictions[c.name] = CandidatePrediction(c.version, probability)
         self.learned += 1
         self._since_snapshot += 1
+        self._changed = True
         record = Evaluation(
             event_id=snap.event_id,
             label=label,
@@ -215,6 +320,7 @@ class Learner:
         out = {
             "labels_learned": float(self.learned),
             "labels_duplicate": float(self.duplicates),
+            "labels_orphaned": float(self.orphans),
             "labels_waiting": float(len(self.pending)),
             "model_version": float(self.version),  # the lead candidate's
             **{f"prequential_{k}": v for k, v in self.metrics.as_dict().items()},
@@ -229,8 +335,11 @@ class Learner:
         the model-events to write."""
         pending = [(p.msg, p.label) for p in self.pending.values()]
         out = self.lineage.publish(self.clock(), self.learned, self.positions, pending)
-        self._saved_positions = dict(self.positions)
+        # bounded: ids beyond it are not released early, they expire at the horizon
+        self._staged_ids = [*self._staged_ids, *self._learned_ids][-_RELEASE_AT_MOST:]
+        self._learned_ids = []
         self._since_snapshot = 0
+        self._changed = False
         self._last_snapshot = self.clock()
         return out
 
@@ -239,25 +348,28 @@ class Learner:
 
         Saved only then, so a learner that dies before its evaluations and
         model-events are acknowledged restarts from the previous checkpoint
-        and writes them again (at least once) instead of losing them.
+        and writes them again (at least once) instead of losing them. Then the
+        store lets go of the snapshots those labels were learned from.
         """
-        self.lineage.commit()
+        if self.lineage.commit() and self._staged_ids:
+            self.store.release_learned(self._staged_ids, self.timing.keep_learned_s)
+            self._staged_ids = []
 
     def has_unpublished(self) -> bool:
-        """Labels were read since the last snapshot (learned, refused or waiting)."""
-        return self.positions != self._saved_positions
+        """Labels were read, learned or refused since the last snapshot."""
+        return self._changed
 
     def restore(self, saved: LearnerCheckpoint) -> None:
         """Continue from a checkpoint: its candidates' versions and metrics (in the
         lineage), its label count, read positions and waiting labels."""
         self.lineage.restore(saved)
         self.learned = saved.labels_seen
-        self.positions = dict(saved.positions)
+        self.positions.clear()  # the host may hold this dict already
+        self.positions.update(saved.positions)
         self._base = dict(saved.positions)
-        self._saved_positions = dict(saved.positions)
         self._base_pending = {(msg.partition, msg.offset) for msg, _ in saved.pending}
-        deadline = self.clock() + self.timing.label_wait_s
+        now = self.clock()
         for msg, label in saved.pending:
             record = self.validate(msg.value)
             assert not isinstance(record, Invalid)  # it was valid when it was saved
-            self.pending[record[self.join.label.event_id]] = _Pending(msg, label, deadline)
+            self.pending[record[self.join.label.event_id]] = _Pending(msg, label, now)

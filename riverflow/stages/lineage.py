@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from riverflow.models.checkpoint import LearnerCheckpoint
-from riverflow.models.errors import ModelSpecError
+from riverflow.models.errors import ModelError, ModelSpecError
 from riverflow.models.registry import ChampionPointer, ModelRegistry, PointerMove
 from riverflow.monitors.prequential import PrequentialMetrics
 from riverflow.streams.contracts import Message, ModelEvent, Output
@@ -178,14 +178,19 @@ class Lineage:
             return False
         version = pointer.version
         while version > parent:
-            version = int(self.registry.meta(pointer.model, version).get("parent", 0))
+            try:
+                version = int(self.registry.meta(pointer.model, version).get("parent", 0))
+            except ModelError:  # pruned: not a line of versions the pointer followed
+                return False
         return version == parent
 
-    def commit(self) -> None:
-        """Save the checkpoint staged by the last ``publish``."""
-        if self._staged is not None:
-            self.registry.save_checkpoint(self._staged)
-            self._staged = None
+    def commit(self) -> bool:
+        """Save the checkpoint staged by the last ``publish``; whether there was one."""
+        if self._staged is None:
+            return False
+        self.registry.save_checkpoint(self._staged)
+        self._staged = None
+        return True
 
     def restore(self, saved: LearnerCheckpoint) -> None:
         """Continue each candidate from its version in ``saved`` (a candidate new since

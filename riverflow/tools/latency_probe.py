@@ -223,6 +223,12 @@ class TimedStore:
     ) -> list[FeatureSnapshot | Claim]:
         return self.inner.claim_snapshots(event_ids, tokens, stale)
 
+    def mark_orphans(self, event_ids: Sequence[str]) -> None:
+        self.inner.mark_orphans(event_ids)
+
+    def release_learned(self, event_ids: Sequence[str], keep_s: float) -> None:
+        self.inner.release_learned(event_ids, keep_s)
+
     def read(self, entities: Mapping[str, str], at: float | None = None) -> dict[str, float]:
         return self.inner.read(entities, at)
 

@@ -95,12 +95,26 @@ def kafka_libs(settings: Settings) -> Path:
 
 @dataclass
 class ServerProcess:
-    """A server we started: its process id, address and log file."""
+    """A server we started: its process id, address and log file, and what it keeps
+    on disk (``durability``)."""
 
     name: str
     pid: int
     address: str
     log: Path
+    durability: str = ""
+
+    @property
+    def port(self) -> int:
+        return int(self.address.rsplit(":", 1)[1].split("/")[0])
+
+    def found(self) -> ServerProcess:
+        """This server as it runs now: the process listening on its port, which a
+        restart by hand may have replaced (same port, another pid)."""
+        pid = pid_listening_on(self.port)
+        if pid is None or pid == self.pid:
+            return self
+        return ServerProcess(self.name, pid, self.address, self.log, self.durability)
 
     def alive(self) -> bool:
         try:
@@ -125,6 +139,34 @@ class ServerProcess:
                 return
             time.sleep(0.1)
         os.kill(self.pid, signal.SIGKILL)
+
+
+def pid_listening_on(port: int) -> int | None:
+    """The process listening on TCP ``port`` (any local address), read from /proc:
+    the socket's inode in /proc/net/tcp{,6}, then the process holding it. None if
+    nothing listens there or the process is not ours to inspect."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            cols = line.split()
+            if len(cols) > 9 and cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(f"socket:[{cols[9]}]")
+    if not inodes:
+        return None
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            for fd in (proc / "fd").iterdir():
+                if os.readlink(fd) in inodes:
+                    return int(proc.name)
+        except OSError:  # gone meanwhile, or another user's
+            continue
+    return None
 
 
 def _spawn(cmd: list[str], log: Path, cwd: Path) -> int:
@@ -227,8 +269,17 @@ def wait_for_kafka(bootstrap: str, timeout_s: float, server: ServerProcess | Non
     _wait_ready(f"kafka at {bootstrap}", lambda: admin.list_topics(timeout=2), timeout_s, server)
 
 
-def start_redis(workdir: Path, timeout_s: float = 20.0) -> ServerProcess:
-    """Start redis-server on a free loopback port with its own directory."""
+REDIS_DURABILITY = "AOF, fsync every second"
+
+
+def start_redis(workdir: Path, timeout_s: float = 20.0, port: int | None = None) -> ServerProcess:
+    """Start redis-server on a free loopback port (or ``port``) with its own directory.
+
+    Durable: an append-only file fsynced every second (``appendonly yes``,
+    ``appendfsync everysec``) in ``workdir``, so a restart keeps the registry, the
+    checkpoint and the snapshots (a crash loses at most the last second); started
+    again on the same directory, it reads them back.
+    """
     exe = shutil.which("redis-server")
     if exe is None:
         raise StackError(
@@ -236,14 +287,15 @@ def start_redis(workdir: Path, timeout_s: float = 20.0) -> ServerProcess:
             "or point RIVERFLOW_REDIS_URL at a running Redis"
         )
     workdir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     log = workdir / "redis.log"
     cmd = [
         exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir), "--save", "",
-        "--appendonly", "no", "--protected-mode", "yes", "--logfile", str(log),
+        "--appendonly", "yes", "--appendfsync", "everysec", "--maxmemory-policy", "noeviction",
+        "--protected-mode", "yes", "--logfile", str(log),
     ]  # fmt: skip
     pid = _spawn(cmd, workdir / "redis.stdout", workdir)
-    server = ServerProcess("redis", pid, f"redis://127.0.0.1:{port}/0", log)
+    server = ServerProcess("redis", pid, f"redis://127.0.0.1:{port}/0", log, REDIS_DURABILITY)
     return _ready_or_stopped(server, lambda: wait_for_redis(server.address, timeout_s, server))
 
 
@@ -321,16 +373,23 @@ def stack_up(settings: Settings) -> Endpoints:
 
 
 def stack_status(settings: Settings) -> list[ServerProcess]:
-    """The servers ``stack up`` started (alive or not); empty if none."""
+    """The servers ``stack up`` started (alive or not); empty if none. Each is found
+    by the port it listens on, so a server restarted by hand on it is the one named."""
     state = _state_file(settings)
     if not state.exists():
         return []
     data = json.loads(state.read_text())
-    return [ServerProcess(v["name"], v["pid"], v["address"], Path(v["log"])) for v in data.values()]
+    return [
+        ServerProcess(
+            v["name"], v["pid"], v["address"], Path(v["log"]), v.get("durability", "")
+        ).found()
+        for v in data.values()
+    ]
 
 
 def stack_down(settings: Settings) -> list[str]:
-    """Stop what ``stack up`` started; returns the names stopped."""
+    """Stop what ``stack up`` started (or what runs on its ports now); returns the
+    names stopped."""
     stopped = []
     for server in stack_status(settings):
         if server.alive():

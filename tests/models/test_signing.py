@@ -78,11 +78,12 @@ def test_rollback_goes_back_one_move_at_a_time() -> None:
 
 def test_export_import_round_trip_and_tampered_export_refused() -> None:
     source, target = MemoryRegistry(b"k"), MemoryRegistry(b"k")
-    source.publish("m", {"state": 1}, {"labels_seen": 5, "parent": 7})
-    exported = source.export("m", 1)
+    version = source.publish("m", {"state": 1}, {"labels_seen": 5, "parent": 7})
+    assert version == 8  # numbered above its parent
+    exported = source.export("m", version)
     imported = target.import_(exported)
     assert imported.model == {"state": 1} and imported.meta["labels_seen"] == 5
-    assert imported.meta["imported_from"]["version"] == 1 and "parent" not in imported.meta
+    assert imported.meta["imported_from"]["version"] == 8 and "parent" not in imported.meta
     with pytest.raises(SignatureError):
         MemoryRegistry(b"other").import_(exported)
     record = orjson.loads(exported)

@@ -1,0 +1,124 @@
+"""Labels on the real servers: a label waits while the scorer has not scored its
+event (however long that takes), and goes to the DLQ only once the scorer has
+caught up; a clean stop publishes what was learned; the store lets go of what
+was learned, and remembers what went to the DLQ."""
+
+from __future__ import annotations
+
+import signal
+import time
+import uuid
+
+import orjson
+import redis
+from confluent_kafka import Consumer, TopicPartition
+
+from riverflow.assembly import signing_key
+from riverflow.features.store import (
+    Claim,
+    FeatureSnapshot,
+    MemoryFeatureStore,
+    RedisFeatureStore,
+    feature_request,
+)
+from riverflow.models.registry import RedisRegistry
+from riverflow.settings import Settings
+from riverflow.spec import PipelineSpec
+from riverflow.streams.contracts import DeadLetter
+from riverflow.streams.kafka_io import GroupProgress, ensure_topics, produce_all, producer
+from riverflow.tools.generator import FraudStreamConfig, with_labels
+from riverflow.tools.stack import Endpoints
+
+from .conftest import StageFactory, collect
+
+
+def test_orphan_marks_and_released_snapshots_in_both_stores(
+    redis_client: redis.Redis, spec: PipelineSpec
+) -> None:
+    plan = spec.feature_plan()
+    ns = f"t{uuid.uuid4().hex[:8]}"
+    rs = RedisFeatureStore(redis_client, ns, plan, horizon_s=3600)
+
+    events = [e for kind, e in with_labels(4, FraudStreamConfig(seed=2)) if kind == "event"]
+    reqs = [
+        feature_request(plan, e, e["event_id"], e["ts"], orjson.dumps({"amount": e["amount"]}))
+        for e in events
+    ]
+    ids = [r.event_id for r in reqs]
+    for store in (rs, MemoryFeatureStore(plan)):
+        store.update_and_read(reqs[:2])
+        store.mark_orphans([ids[2]])  # went to the DLQ before its event was scored
+        store.update_and_read(reqs[2:])
+        claims = store.claim_snapshots(ids, [f"r:0:{i}" for i in range(4)], lambda t: True)
+        assert [type(c) for c in claims[:2]] == [FeatureSnapshot] * 2
+        assert claims[2] is Claim.ORPHANED and isinstance(claims[3], FeatureSnapshot)
+        store.release_learned(ids[:1], 0)  # deleted once the checkpoint is committed
+        store.release_learned(ids[1:2], 5)  # or kept a little while
+        assert store.claim_snapshots(ids[:1], ["r2:0:0"], lambda t: False) == [Claim.MISSING]
+        assert store.claim_snapshots(ids[1:2], ["r2:0:1"], lambda t: False) == [Claim.DUPLICATE]
+    assert not redis_client.exists(rs.snapshot_key(ids[0]), rs.learned_key(ids[0]))
+    assert 0 < redis_client.pttl(rs.snapshot_key(ids[1])) <= 5000
+    assert 0 < redis_client.pttl(rs.learned_key(ids[1])) <= 5000
+    assert redis_client.pttl(rs.learned_key(ids[2])) > 5000  # the orphan mark: the horizon
+
+
+def test_group_progress_follows_the_committed_offsets(stack: Endpoints) -> None:
+    topic, group = f"progress-{uuid.uuid4().hex[:8]}", f"g-{uuid.uuid4().hex[:8]}"
+    ensure_topics(stack.kafka_bootstrap, [topic], 2)
+    produce_all(
+        producer(stack.kafka_bootstrap), [(topic, str(i).encode(), b"x") for i in range(20)]
+    )
+    progress = GroupProgress(stack.kafka_bootstrap, group, topic, poll_s=0)
+    assert progress() is None and progress() is None  # the group has committed nothing
+    member = Consumer({"bootstrap.servers": stack.kafka_bootstrap, "group.id": group,
+                       "enable.auto.commit": False})  # fmt: skip
+    meta = member.list_topics(topic, timeout=10).topics[topic]
+    highs = {p: member.get_watermark_offsets(TopicPartition(topic, p), timeout=5)[1]
+             for p in meta.partitions}  # fmt: skip
+    member.commit(offsets=[TopicPartition(topic, p, h) for p, h in highs.items()],
+                  asynchronous=False)  # fmt: skip
+    before = time.monotonic()
+    first = progress()  # confirms the probe started before the commit, starts another
+    assert first is not None and first <= before
+    again = progress()  # nothing new produced: confirmed at once
+    assert again is not None and again > before
+    produce_all(producer(stack.kafka_bootstrap), [(topic, b"1", b"y")])
+    made = time.monotonic()
+    stuck = progress()  # confirms the probe taken before that message ...
+    assert stuck is not None and stuck < made
+    assert progress() == progress() == stuck  # ... and no later one: it is not committed
+    member.close()
+    progress.close()
+
+
+def test_labels_wait_for_a_scorer_that_starts_late_then_only_the_unscorable_is_orphaned(
+    stack: Endpoints, spec: PipelineSpec, start_stage: StageFactory
+) -> None:
+    topics, n = spec.topics, 150
+    ensure_topics(stack.kafka_bootstrap, topics.all(), 1)
+    learner = start_stage("learner", partitions=1, label_wait_s=1, snapshot_every_labels=100_000,
+                          snapshot_every_s=3600, scorer_progress_poll_s=0.5)  # fmt: skip
+    stream = list(with_labels(n, FraudStreamConfig(seed=9)))
+    records = [
+        (topics.events if kind == "event" else topics.labels, None, orjson.dumps(rec))
+        for kind, rec in stream
+    ]
+    produce_all(producer(stack.kafka_bootstrap), records)
+    time.sleep(6)  # far past label_wait_s: the scorer is not even running
+    assert collect(stack.kafka_bootstrap, topics.dlq, 1, timeout_s=2, settle_s=0) == []
+
+    start_stage("scorer", partitions=1)
+    evaluations = collect(stack.kafka_bootstrap, topics.evaluations, n, 90, settle_s=1)
+    assert len(evaluations) == n
+    never = orjson.dumps({"event_id": "never-produced", "is_fraud": True})
+    produce_all(producer(stack.kafka_bootstrap), [(topics.labels, None, never)])
+    [letter] = [
+        DeadLetter.decode(m.value()) for m in collect(stack.kafka_bootstrap, topics.dlq, 1, 60)
+    ]
+    assert letter.error_kind == "orphan_label" and "never-produced" in letter.error
+
+    learner.proc.send_signal(signal.SIGTERM)  # a clean stop publishes what it learned
+    assert learner.proc.wait(30) == 0
+    key = signing_key(Settings())
+    saved = RedisRegistry(redis.Redis.from_url(stack.redis_url), spec.name, key).checkpoint()
+    assert saved is not None and saved.labels_seen == n and not saved.pending

@@ -1,0 +1,79 @@
+"""What the registry keeps: the newest versions of each candidate, every version
+that served as champion and those the learner continues from; a version number
+is never handed out twice; an export's metadata is signed with its model."""
+
+from __future__ import annotations
+
+import base64
+
+import orjson
+import pytest
+
+from riverflow.models.checkpoint import LearnerCheckpoint
+from riverflow.models.errors import SignatureError
+from riverflow.models.registry import OLD_EXPORT_FORMAT, ChampionPointer, MemoryRegistry
+
+
+def checkpoint(versions: dict[str, int]) -> LearnerCheckpoint:
+    metrics = {name: {} for name in versions}
+    return LearnerCheckpoint(versions, metrics, 0, {}, [])
+
+
+def test_old_versions_are_pruned_but_champions_and_the_checkpoints_stay() -> None:
+    registry = MemoryRegistry(b"k", keep_versions=3)
+    for v in range(1, 5):
+        assert registry.publish("m", {"v": v}, {"parent": v - 1}) == v
+    registry.promote(ChampionPointer("m", 2))
+    registry.save_checkpoint(checkpoint({"m": 3}))
+    for v in range(5, 13):
+        registry.publish("m", {"v": v}, {"parent": v - 1})
+    registry.publish("other", {"v": 1}, {})
+    # newest 3, the champion (2) and the checkpoint's (3); 1 and 4..9 are gone
+    assert registry.versions("m") == [2, 3, 10, 11, 12]
+    assert registry.versions("other") == [1]
+    registry.promote(ChampionPointer("m", 12))
+    for v in range(13, 17):
+        registry.publish("m", {"v": v}, {"parent": v - 1})
+    # 2 was champion once: it stays (a rollback can go back to it)
+    assert registry.versions("m") == [2, 3, 12, 14, 15, 16]
+    assert registry.load("m", 2).model == {"v": 2}
+
+
+def test_a_version_number_is_never_handed_out_twice() -> None:
+    registry = MemoryRegistry(b"k", keep_versions=1)
+    for v in range(1, 4):
+        registry.publish("m", {"v": v}, {"parent": v - 1})
+    assert registry.versions("m") == [3]
+    assert registry.publish("m", {"v": 4}, {"parent": 3}) == 4
+    registry.blobs.clear()  # the registry lost everything (no persistence) ...
+    registry.seq.clear()
+    # ... but a learner continuing from v4 publishes v5, never a second v1
+    assert registry.publish("m", {"v": 5}, {"parent": 4}) == 5
+
+
+def test_an_export_with_edited_metadata_is_refused() -> None:
+    source, target = MemoryRegistry(b"k"), MemoryRegistry(b"k")
+    source.publish("m", {"state": 1}, {"labels_seen": 5, "metrics": {"roc_auc": 0.61}})
+    record = orjson.loads(source.export("m", 1))
+    for field, value in (("labels_seen", 5_000_000), ("metrics", {"roc_auc": 0.99})):
+        edited = {**record, "meta": {**record["meta"], field: value}}
+        with pytest.raises(SignatureError, match="blob and metadata"):
+            target.import_(orjson.dumps(edited))
+    assert target.versions("m") == []
+    assert target.import_(orjson.dumps(record)).meta["labels_seen"] == 5
+
+
+def test_an_old_export_is_read_with_its_metadata_marked_unverified() -> None:
+    source, target = MemoryRegistry(b"k"), MemoryRegistry(b"k")
+    source.publish("m", {"state": 1}, {"labels_seen": 5})
+    record = orjson.loads(source.export("m", 1))
+    old = {k: v for k, v in record.items() if k != "signature_b64"}
+    old.update(format=OLD_EXPORT_FORMAT, meta={**record["meta"], "labels_seen": 9})
+    imported = target.import_(orjson.dumps(old))
+    assert imported.model == {"state": 1} and "labels_seen" not in imported.meta
+    assert imported.meta["imported_from"]["meta_verified"] is False
+    blob = bytearray(base64.b64decode(old["blob_b64"]))
+    blob[-3] ^= 0x01
+    old["blob_b64"] = base64.b64encode(bytes(blob)).decode()
+    with pytest.raises(SignatureError):  # its model must still verify
+        target.import_(orjson.dumps(old))

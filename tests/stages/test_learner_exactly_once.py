@@ -1,0 +1,298 @@
+"""Each label is learned exactly once into the models a learner continues from,
+whatever point a learner is killed at and however far the scorer lags; a label
+goes to the DLQ only when its event can no longer be scored, and never after it
+was learned."""
+
+from __future__ import annotations
+
+import base64
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import pytest
+
+from riverflow.assembly import build_learner, build_scorer, signing_key
+from riverflow.features.store import MemoryFeatureStore
+from riverflow.models.registry import MemoryRegistry
+from riverflow.settings import Settings
+from riverflow.spec import PipelineSpec
+from riverflow.stages.learner import Learner
+from riverflow.streams.contracts import DeadLetter, Message, Output
+from riverflow.tools.generator import FraudStreamConfig, transactions
+
+WAIT_S = 3.0
+SETTINGS = Settings(label_wait_s=WAIT_S, snapshot_every_labels=4, snapshot_every_s=5)
+
+
+class Recorder:
+    """A model that remembers what it learned (each event has its own ``amount``)."""
+
+    def __init__(self) -> None:
+        self.seen: list[float] = []
+
+    def predict_proba_one(self, x: dict[str, Any]) -> dict[bool, float]:
+        return {True: 0.5, False: 0.5}
+
+    def learn_one(self, x: dict[str, Any], y: bool) -> None:
+        self.seen.append(x["amount"])
+
+
+class Killed(Exception):
+    """The learner's process died here."""
+
+
+class Outage(Exception):
+    """Redis did not answer this write (the learner lives on and retries)."""
+
+
+@dataclass
+class Kills:
+    """Kills the learner before its n-th write to the store or the registry (or,
+    with ``outage``, fails that write and lets the learner retry the batch)."""
+
+    at: set[int] = field(default_factory=set)
+    count: int = 0
+    outage: bool = False
+
+    def tick(self, write: bool = True) -> None:
+        self.count += 1
+        if self.count in self.at and not (self.outage and not write):
+            raise (Outage if self.outage else Killed)(self.count)
+
+
+class KillableStore(MemoryFeatureStore):
+    kills: Kills
+
+    def claim_snapshots(self, *args: Any) -> Any:
+        self.kills.tick()
+        return super().claim_snapshots(*args)
+
+    def mark_orphans(self, *args: Any) -> None:
+        self.kills.tick()
+        super().mark_orphans(*args)
+
+    def release_learned(self, *args: Any) -> None:
+        self.kills.tick()
+        super().release_learned(*args)
+
+
+class KillableRegistry(MemoryRegistry):
+    kills: Kills
+
+    def _store(self, *args: Any) -> int:
+        self.kills.tick()
+        return super()._store(*args)
+
+    def _compare_and_set(self, *args: Any) -> bool:
+        self.kills.tick()
+        return super()._compare_and_set(*args)
+
+    def _save_checkpoint(self, raw: bytes) -> None:
+        self.kills.tick()
+        super()._save_checkpoint(raw)
+
+
+@dataclass
+class World:
+    """Events scored on their own schedule (the scorer lags, goes down), labels on two
+    partitions read from the learner's positions, outputs written once a batch is done."""
+
+    spec: PipelineSpec
+    kills: Kills
+    events: list[tuple[int, int, Message]]  # (tick it is produced at, scored at, the event)
+    labels: dict[int, list[Message]]
+    amounts: dict[str, float]  # event id -> its amount
+    store: KillableStore = field(init=False)
+    registry: KillableRegistry = field(init=False)
+    written: list[Output] = field(default_factory=list)
+    tick: int = 0
+
+    def __post_init__(self) -> None:
+        self.store = KillableStore(self.spec.feature_plan())
+        self.store.kills = self.kills
+        self.registry = KillableRegistry(signing_key(SETTINGS))
+        self.registry.kills = self.kills
+        self.scorer = build_scorer(self.spec, SETTINGS, self.store, self.registry, model_poll_s=0)
+
+    def scored_through(self) -> float:
+        """Every event produced before this was scored (the Kafka runtime reads it
+        from the scorer group's lag)."""
+        unscored = [made for made, at, _ in self.events if made <= self.tick < at]
+        return float(self.tick) if not unscored else min(unscored) - 0.5
+
+    def start_learner(self) -> Learner:
+        learner = build_learner(
+            self.spec, SETTINGS, self.store, self.registry, registry_poll_s=0,
+            scored_through=self.scored_through,
+        )  # fmt: skip
+        learner.clock = lambda: float(self.tick)
+        for c in learner.candidates.values():
+            if not isinstance(c.model, Recorder):
+                c.model = Recorder()
+        return learner
+
+    def next_labels(self, positions: dict[int, int]) -> list[Message]:
+        return [m for p, ms in self.labels.items() for m in ms[positions.get(p, 0) :][:3]]
+
+    def run(self) -> Learner:
+        learner = self.start_learner()
+        while True:
+            self.tick += 1
+            self.scorer.process([m for _, at, m in self.events if at == self.tick])
+            batch = self.next_labels(learner.positions)
+            try:
+                outputs = learner.process(batch)
+                self.kills.tick(write=False)  # between the batch and its outputs written
+                self.written += outputs
+                learner.commit()
+            except Killed:
+                learner = self.start_learner()
+                continue
+            except Outage:
+                continue  # the same learner is given the batch again
+            done = self.tick > max(at for _, at, _ in self.events)
+            if done and not batch and not learner.pending:
+                break
+        try:  # a clean stop publishes what was learned since the last snapshot
+            self.written += learner.publish() if learner.has_unpublished() else []
+            learner.commit()
+        except Killed:
+            return self.run()
+        return learner
+
+
+def world(spec: PipelineSpec, kills: Kills, seed: int = 3) -> World:
+    """40 events; a scorer that lags, and is down from tick 6 to 14; labels on two
+    partitions, some before their event is scored, one long before (an orphan), two
+    duplicates, one label of an event never produced and one invalid label."""
+    rng = random.Random(seed)
+    events, labels, amounts = [], {0: [], 1: []}, {}  # type: ignore[var-annotated]
+    for i, (event, fraud) in enumerate(transactions(40, FraudStreamConfig(seed=seed))):
+        event["amount"] = amounts[event["event_id"]] = float(i) + 0.5
+        made = 1 + i // 4 if i != 30 else 25  # one event comes long after its label
+        at = 15 if 6 <= made < 15 else made  # the scorer is down
+        msg = Message("events", 0, i, None, orjson.dumps(event))
+        events.append((made, at, msg))
+        labels[i % 2].append({"event_id": event["event_id"], "is_fraud": fraud})
+    labels[0].insert(5, labels[0][1])  # a duplicate label
+    labels[1].append(labels[1][0])  # and another, late
+    labels[1].insert(3, {"event_id": "never-produced", "is_fraud": True})
+    labels[0].insert(9, {"event_id": 7})  # invalid
+    rng.shuffle(labels[1][10:16])
+    topic = spec.topics.labels
+    msgs = {
+        p: [Message(topic, p, o, None, orjson.dumps(v)) for o, v in enumerate(vs)]
+        for p, vs in labels.items()
+    }
+    return World(spec, kills, events, msgs, amounts)
+
+
+def check(w: World, learner: Learner) -> None:
+    saved = w.registry.checkpoint()
+    assert saved is not None and not saved.pending
+    learned: Counter[float] = Counter()
+    for name, version in saved.versions.items():
+        model = w.registry.load(name, version).model
+        assert isinstance(model, Recorder)
+        assert learned in (Counter(), Counter(model.seen)), name  # all candidates alike
+        learned = Counter(model.seen)
+    letters = [DeadLetter.decode(o.value) for o in w.written if o.topic == w.spec.topics.dlq]
+    orphans = {_event_id(d) for d in letters if d.error_kind == "orphan_label"}
+    late = orjson.loads(w.events[30][2].value or b"")["event_id"]
+    # only the event never produced, and the one that came long after its label
+    # (unless a restarted learner read that label again late enough to learn it)
+    assert orphans in ({"never-produced", late}, {"never-produced"})
+    assert learned == Counter(a for e, a in w.amounts.items() if e not in orphans)
+    assert saved.labels_seen == len(w.amounts) - len(orphans) + 1
+
+
+def _event_id(letter: DeadLetter) -> str:
+    return str(orjson.loads(base64.b64decode(letter.payload_b64 or ""))["event_id"])
+
+
+def writes_in_a_run(spec: PipelineSpec) -> int:
+    w = world(spec, Kills())
+    check(w, w.run())
+    return w.kills.count
+
+
+def test_an_uninterrupted_learner_learns_every_label_once_and_orphans_only_the_unproduced(
+    unmonitored_spec: PipelineSpec,
+) -> None:
+    assert writes_in_a_run(unmonitored_spec) > 20
+
+
+def test_a_learner_killed_at_any_point_learns_every_label_exactly_once(
+    unmonitored_spec: PipelineSpec,
+) -> None:
+    for at in range(1, writes_in_a_run(unmonitored_spec) + 1):
+        w = world(unmonitored_spec, Kills({at}))
+        check(w, w.run())
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_learner_killed_again_and_again_learns_every_label_exactly_once(
+    unmonitored_spec: PipelineSpec, seed: int
+) -> None:
+    rng = random.Random(seed)
+    kills = Kills(set(rng.sample(range(1, 150), 25)))
+    w = world(unmonitored_spec, kills, seed=seed)
+    check(w, w.run())
+
+
+def label_msg(spec: PipelineSpec, offset: int, event_id: str, ts_ms: int | None = None) -> Message:
+    value = orjson.dumps({"event_id": event_id, "is_fraud": True})
+    return Message(spec.topics.labels, 0, offset, None, value, ts_ms)
+
+
+def test_a_label_waits_while_the_scorer_lags_and_is_an_orphan_once_it_caught_up(
+    unmonitored_spec: PipelineSpec,
+) -> None:
+    clock, through = [0.0], [0.0]
+    store = MemoryFeatureStore(unmonitored_spec.feature_plan())
+    registry = MemoryRegistry(signing_key(SETTINGS))
+    learner = build_learner(unmonitored_spec, SETTINGS, store, registry,
+                            scored_through=lambda: through[0])  # fmt: skip
+    learner.clock = lambda: clock[0]
+    assert learner.process([label_msg(unmonitored_spec, 0, "e1")]) == []
+    clock[0] = 100 * WAIT_S  # long past label_wait_s, but the scorer is behind
+    assert learner.process([]) == [] and list(learner.pending) == ["e1"]
+    through[0] = WAIT_S  # every event produced within label_wait_s of the label: scored
+    [letter] = [DeadLetter.decode(o.value) for o in learner.process([])]
+    assert letter.error_kind == "orphan_label" and "every event scored" in letter.error
+    assert not learner.pending
+    # a label older than the label horizon cannot find its event: an orphan at once
+    old = label_msg(unmonitored_spec, 1, "e2", ts_ms=1000)
+    [letter] = [DeadLetter.decode(o.value) for o in learner.process([old])]
+    assert "older than the horizon" in letter.error
+
+
+def test_a_clean_stop_publishes_labels_learned_from_the_waiting_list(
+    unmonitored_spec: PipelineSpec,
+) -> None:
+    w = world(unmonitored_spec, Kills())
+    learner = w.start_learner()
+    w.tick = 1
+    first = [m for m in w.labels[0][:2]]  # their events are not scored yet
+    learner.process(first)
+    learner.publish()
+    learner.commit()
+    assert not learner.has_unpublished() and len(learner.pending) == 2
+    w.tick = 2
+    w.scorer.process([m for made, _, m in w.events if made <= 2])
+    learner.process([])  # learned from the waiting list: no read position moved
+    assert not learner.pending and learner.learned == 2
+    assert learner.has_unpublished()  # so a clean stop publishes them
+
+
+def test_a_batch_retried_after_a_redis_error_evaluates_every_label_once(
+    unmonitored_spec: PipelineSpec,
+) -> None:
+    for at in range(1, writes_in_a_run(unmonitored_spec) + 1):
+        w = world(unmonitored_spec, Kills({at}, outage=True))
+        check(w, w.run())
+        evaluated = Counter(o.key for o in w.written if o.topic == w.spec.topics.evaluations)
+        assert set(evaluated.values()) == {1}, at  # none lost, none twice
