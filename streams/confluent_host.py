@@ -180,9 +180,7 @@ class ConfluentHost:
             # fences an earlier producer with our transactional.id and aborts what it left open
             self.producer.init_transactions(self.settings.transaction_timeout_s * 3)
         if checkpoint is None:
-            self.consumer.subscribe(
-                self.sources, on_revoke=self._on_revoke, on_lost=self._on_lost
-            )
+            self.consumer.subscribe(self.sources, on_revoke=self._on_revoke, on_lost=self._on_lost)
         else:
             self._assign(checkpoint.positions)
         next_tick = time.monotonic() + (tick_s or 0)

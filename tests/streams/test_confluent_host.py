@@ -109,9 +109,7 @@ class FakeProducer:
         self.config, self.log = config, log
         self.fail_commits = 0
 
-    def produce(
-        self, topic: str, value: bytes, key: bytes | None, on_delivery: Any = None
-    ) -> None:
+    def produce(self, topic: str, value: bytes, key: bytes | None, on_delivery: Any = None) -> None:
         self.log.append(f"produce {topic}")
 
     def poll(self, timeout: float) -> int:
@@ -137,7 +135,9 @@ class FakeProducer:
         if self.fail_commits:
             self.fail_commits -= 1
             self.log.append("commit_transaction failed")
-            raise KafkaException(KafkaError(KafkaError._STATE, "abortable", txn_requires_abort=True))
+            raise KafkaException(
+                KafkaError(KafkaError._STATE, "abortable", txn_requires_abort=True)
+            )
         self.log.append("commit_transaction")
 
     def abort_transaction(self, timeout: float) -> None:
@@ -310,9 +310,7 @@ def test_revoked_partitions_get_their_acknowledged_offsets_committed_synchronous
 
 
 def test_static_membership_and_session_settings_reach_the_consumer() -> None:
-    host, _ = host_on_fakes(
-        Echo(), [], host={"instance_id": "scorer-a", "session_timeout_s": 7.5}
-    )
+    host, _ = host_on_fakes(Echo(), [], host={"instance_id": "scorer-a", "session_timeout_s": 7.5})
     config = host.consumer.config
     assert config["group.instance.id"] == "scorer-a"
     assert config["session.timeout.ms"] == 7500 and config["heartbeat.interval.ms"] == 2500
@@ -356,3 +354,23 @@ def test_exactly_once_needs_an_instance_id_and_a_consumer_group() -> None:
             Echo(), [], host={"exactly_once": True, "instance_id": "a"},
             checkpoint=Checkpointing({}, lambda: None),
         )  # fmt: skip
+
+
+def test_exactly_once_on_faust_is_refused_with_a_clear_error() -> None:
+    from riverflow.errors import RiverflowError
+    from riverflow.kafka_runtime import check_guarantee
+    from riverflow.settings import Settings
+
+    check_guarantee(Settings(host="faust"))  # at least once on Faust: fine
+    with pytest.raises(RiverflowError, match="exactly_once needs the confluent host"):
+        check_guarantee(Settings(host="faust", processing_guarantee="exactly_once"))
+
+
+def test_the_default_instance_id_is_stable_and_tells_two_scorers_on_one_host_apart() -> None:
+    from riverflow.kafka_runtime import instance_id
+    from riverflow.settings import Settings
+
+    first, again = instance_id("scorer", Settings()), instance_id("scorer", Settings())
+    assert first == again and first.startswith("scorer-") and first.endswith("-9401")
+    assert instance_id("scorer", Settings(metrics_port=9411)) != first
+    assert instance_id("scorer", Settings(instance_id="blue-1")) == "blue-1"
