@@ -61,15 +61,16 @@ def freeze_startup_heap() -> None:
     gc.freeze()
 
 
-def instance_id(stage: str, settings: Settings) -> str:
+def instance_id(stage: str, settings: Settings) -> str | None:
     """This process's static membership id: ``RIVERFLOW_INSTANCE_ID``, or one derived
-    from what stays the same when the process restarts on the same host (the stage,
-    the hostname, the metrics port: two stages of one kind on one host already need
-    two ports)."""
+    from what stays the same when the process restarts on the same host: the stage,
+    the hostname and the metrics port (two stages of one kind on one host already
+    need two ports). With the metrics port off and no id set: None (a dynamic
+    member), since two such processes on one host would take each other's id."""
     if settings.instance_id:
         return settings.instance_id
     port = METRICS_PORTS.get(stage, 0) if settings.metrics_port is None else settings.metrics_port
-    return f"{stage}-{socket.gethostname()}" + (f"-{port}" if port else "")
+    return f"{stage}-{socket.gethostname()}-{port}" if port else None
 
 
 def host_settings(

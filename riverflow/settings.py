@@ -108,7 +108,8 @@ class Settings(BaseSettings):
         None,
         description="this process's static group membership id (group.instance.id); a "
         "restart with the same id takes its partitions back at once. Default: "
-        "{stage}-{hostname}-{metrics port}; set it where hostnames change per restart",
+        "{stage}-{hostname}-{metrics port} (none with the metrics port off: a dynamic "
+        "member); set it where hostnames change per restart",
     )
     session_timeout_s: float = Field(
         6.0, ge=1,

@@ -374,3 +374,4 @@ def test_the_default_instance_id_is_stable_and_tells_two_scorers_on_one_host_apa
     assert first == again and first.startswith("scorer-") and first.endswith("-9401")
     assert instance_id("scorer", Settings(metrics_port=9411)) != first
     assert instance_id("scorer", Settings(instance_id="blue-1")) == "blue-1"
+    assert instance_id("scorer", Settings(metrics_port=0)) is None  # dynamic: nothing to tell
