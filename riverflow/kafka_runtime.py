@@ -88,6 +88,7 @@ def host_settings(
         commit_interval_s=settings.commit_interval_s,
         exactly_once=stage == "scorer" and settings.processing_guarantee == "exactly_once",
         transaction_timeout_s=settings.transaction_timeout_s,
+        transaction_interval_s=settings.transaction_interval_s,
     )  # fmt: skip
 
 

@@ -122,6 +122,11 @@ class Settings(BaseSettings):
     max_poll_interval_s: float = Field(
         300.0, ge=1, description="a batch slower than this takes the stage out of its group"
     )
+    transaction_interval_s: float = Field(
+        0.1, ge=0,
+        description="exactly once: a transaction spans the batches of this long (what a "
+        "read_committed reader waits at most, beyond the batch)",
+    )  # fmt: skip
     transaction_timeout_s: float = Field(
         10.0, ge=1,
         description="exactly once: the broker aborts a transaction left open this long "

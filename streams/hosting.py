@@ -57,3 +57,4 @@ class HostSettings:
     commit_interval_s: float = 1.0  # offsets committed at most this often, one commit in flight
     exactly_once: bool = False  # Kafka transactions: outputs and offsets commit together
     transaction_timeout_s: float = 10.0  # the broker aborts a transaction open this long
+    transaction_interval_s: float = 0.1  # a transaction spans the batches of this long

@@ -320,8 +320,9 @@ def test_static_membership_and_session_settings_reach_the_consumer() -> None:
 def test_exactly_once_commits_outputs_and_offsets_in_one_transaction_per_batch() -> None:
     processor = Echo(stop_after=2)
     host, log = host_on_fakes(
-        processor, batches(2), host={"instance_id": "scorer-a", "exactly_once": True}
-    )
+        processor, batches(2),
+        host={"instance_id": "scorer-a", "exactly_once": True, "transaction_interval_s": 0},
+    )  # fmt: skip
     host.settings = replace(host.settings, batch_size=2)
     assert host.producer.config["transactional.id"] == "group-a.scorer-a"
     assert host.consumer.config["isolation.level"] == "read_committed"
@@ -339,6 +340,7 @@ def test_a_failed_transaction_is_aborted_and_its_batch_comes_again() -> None:
         processor, [FakeMessage("in", 0, 5, b"a"), FakeMessage("in", 1, 8, b"b")],
         host={"instance_id": "scorer-a", "exactly_once": True},
     )  # fmt: skip
+    host.settings = replace(host.settings, transaction_interval_s=0)
     host.producer.fail_commits = 1
     run(host)
     assert log.count("abort") == 1 and host.consumer.seeks == [(0, 5), (1, 8)]
@@ -375,3 +377,26 @@ def test_the_default_instance_id_is_stable_and_tells_two_scorers_on_one_host_apa
     assert instance_id("scorer", Settings(metrics_port=9411)) != first
     assert instance_id("scorer", Settings(instance_id="blue-1")) == "blue-1"
     assert instance_id("scorer", Settings(metrics_port=0)) is None  # dynamic: nothing to tell
+
+
+def test_a_transaction_spans_the_batches_of_its_interval_and_a_revoke_commits_it() -> None:
+    processor = Echo(stop_after=3)
+    host, log = host_on_fakes(
+        processor, batches(2),
+        host={"instance_id": "scorer-a", "exactly_once": True, "transaction_interval_s": 3600},
+    )  # fmt: skip
+    host.settings = replace(host.settings, batch_size=2)
+    polls = 0
+
+    def revoke_after_two_batches(consumer: FakeConsumer) -> None:
+        nonlocal polls
+        polls += 1
+        if polls == 3:
+            consumer.callbacks["on_revoke"](consumer, [TopicPartition("in", 1)])
+            consumer.pending.append(FakeMessage("in", 0, 9, b"y"))
+
+    host.consumer.before_poll = revoke_after_two_batches
+    run(host)
+    assert log.count("begin") == 2  # two batches in the first, the third in the second
+    assert [e for e in log if e.startswith("offsets")] == ["offsets 0:2,1:2", "offsets 0:10"]
+    assert log.index("offsets 0:2,1:2") < log.index("produce out", log.index("begin", 3))
