@@ -160,6 +160,7 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         "hosts": tuple(args.hosts.split(",")),
         "hold_seconds": args.hold_seconds,
         "search_steps": args.search_steps,
+        "guarantee": args.guarantee,
     }
     overrides = {k: v for k, v in given.items() if v is not None}
     config = BenchConfig.quick(**overrides) if args.quick else BenchConfig(**overrides)
@@ -507,6 +508,11 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--search-steps", type=int, help="bisections of the search (4)")
     bench.add_argument("--quick", action="store_true", help="shorter: fewer events and holds")
     bench.add_argument("--hosts", default="faust,confluent")
+    bench.add_argument(
+        "--guarantee", choices=["at_least_once", "exactly_once", "both"],
+        help="the confluent scorer's drain under each (both: also exactly once, then at "
+        "least once again; default at_least_once)",
+    )  # fmt: skip
     bench.add_argument("--json", default="bench-results.json")
     bench.add_argument("--spec", type=Path)
     bench.set_defaults(func=cmd_bench)

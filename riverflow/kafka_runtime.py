@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import logging
 import math
+import socket
 from dataclasses import replace
 from typing import Protocol
 
@@ -23,6 +24,7 @@ from riverflow.assembly import (
     through_outage,
     uses_dev_key,
 )
+from riverflow.errors import RiverflowError
 from riverflow.monitors.exporter import MonitorMetrics, StageMetrics, serve
 from riverflow.settings import Settings
 from riverflow.spec import PipelineSpec
@@ -62,21 +64,51 @@ def freeze_startup_heap() -> None:
     gc.freeze()
 
 
+def instance_id(stage: str, settings: Settings) -> str | None:
+    """This process's static membership id: ``RIVERFLOW_INSTANCE_ID``, or one derived
+    from what stays the same when the process restarts on the same host: the stage,
+    the hostname and the metrics port (two stages of one kind on one host already
+    need two ports). With the metrics port off and no id set: None (a dynamic
+    member), since two such processes on one host would take each other's id."""
+    if settings.instance_id:
+        return settings.instance_id
+    port = METRICS_PORTS.get(stage, 0) if settings.metrics_port is None else settings.metrics_port
+    return f"{stage}-{socket.gethostname()}-{port}" if port else None
+
+
 def host_settings(
     stage: str, spec: PipelineSpec, settings: Settings, ep: Servers, tick_s: float
 ) -> HostSettings:
-    """How ``stage`` runs on the confluent-kafka loop: its own consumer group, and
-    (the scorer only) its heap frozen after every batch."""
+    """How ``stage`` runs on the confluent-kafka loop: its own consumer group (a static
+    member of it, except the learner, which reads from its checkpoint), and (the scorer
+    only) its heap frozen after every batch and transactions with ``exactly_once``."""
     return HostSettings(
         ep.kafka_bootstrap, f"riverflow-{spec.name}-{stage}", settings.batch_size,
         tick_s=tick_s, dlq_topic=spec.topics.dlq, freeze_gc=stage == "scorer",
+        instance_id=None if stage == "learner" else instance_id(stage, settings),
+        session_timeout_s=settings.session_timeout_s,
+        max_poll_interval_s=settings.max_poll_interval_s,
+        commit_interval_s=settings.commit_interval_s,
+        exactly_once=stage == "scorer" and settings.processing_guarantee == "exactly_once",
+        transaction_timeout_s=settings.transaction_timeout_s,
+        transaction_interval_s=settings.transaction_interval_s,
     )  # fmt: skip
+
+
+def check_guarantee(settings: Settings) -> None:
+    """Refuse what the settings ask and the host cannot give."""
+    if settings.processing_guarantee == "exactly_once" and settings.host == "faust":
+        raise RiverflowError(
+            "RIVERFLOW_PROCESSING_GUARANTEE=exactly_once needs the confluent host: the Faust "
+            "host gives at least once only (unset RIVERFLOW_HOST or set it to confluent)"
+        )
 
 
 def run_stage(stage: str, spec: PipelineSpec, settings: Settings, ep: Servers) -> None:
     """Run ``scorer``, ``learner`` or ``monitor`` until SIGTERM / Ctrl-C."""
     if stage not in METRICS_PORTS:
         raise ValueError(f"unknown stage {stage!r} (scorer, learner or monitor)")
+    check_guarantee(settings)
     if uses_dev_key(settings):
         log.warning("RIVERFLOW_SIGNING_KEY is the development default: set your own key")
     topics = spec.topics
@@ -94,6 +126,9 @@ def run_stage(stage: str, spec: PipelineSpec, settings: Settings, ep: Servers) -
     port = METRICS_PORTS[stage] if settings.metrics_port is None else settings.metrics_port
     host = settings.host if stage == "scorer" else "confluent"
     log.info("%s on %s host, metrics on :%s", stage, host, port or "-")
+    if stage == "scorer":
+        log.info("scorer: %s, group instance %s", settings.processing_guarantee,
+                 instance_id(stage, settings) if host == "confluent" else "- (faust)")  # fmt: skip
     if stage == "monitor":
         monitor = build_monitor(spec, registry, MonitorMetrics(metrics.registry))
         if port:  # with the status page: /, /status.json

@@ -135,3 +135,39 @@ class Settings(BaseSettings):
         except ValueError as exc:  # an unclosed quote
             raise ValueError(f"not a list of JVM options ({exc}): {value!r}") from exc
         return value
+
+    # -- delivery guarantees and failover (docs/architecture.md, "Delivery and failover") --
+    processing_guarantee: Literal["at_least_once", "exactly_once"] = Field(
+        "at_least_once",
+        description="the scorer's predictions: at least once (a crash replays the last "
+        "~commit_interval_s of events, flagged replayed with the same answer) or exactly "
+        "once for read_committed readers (Kafka transactions; the confluent host only)",
+    )
+    instance_id: str | None = Field(
+        None,
+        description="this process's static group membership id (group.instance.id); a "
+        "restart with the same id takes its partitions back at once. Default: "
+        "{stage}-{hostname}-{metrics port} (none with the metrics port off: a dynamic "
+        "member); set it where hostnames change per restart",
+    )
+    session_timeout_s: float = Field(
+        6.0, ge=1,
+        description="a scorer silent this long loses its partitions to the others "
+        "(the broker's group.min.session.timeout.ms, default 6 s, is the floor)",
+    )  # fmt: skip
+    commit_interval_s: float = Field(
+        1.0, gt=0, description="offsets committed at most this often, one commit in flight"
+    )
+    max_poll_interval_s: float = Field(
+        300.0, ge=1, description="a batch slower than this takes the stage out of its group"
+    )
+    transaction_interval_s: float = Field(
+        0.1, ge=0,
+        description="exactly once: a transaction spans the batches of this long (what a "
+        "read_committed reader waits at most, beyond the batch)",
+    )  # fmt: skip
+    transaction_timeout_s: float = Field(
+        10.0, ge=1,
+        description="exactly once: the broker aborts a transaction left open this long "
+        "(a killed scorer that does not come back holds its partitions' reads until then)",
+    )  # fmt: skip

@@ -3,9 +3,34 @@
 Per batch: block for the first message, then take whatever else is already
 fetched (up to ``batch_size``) without waiting, so a quiet stream is served at
 once and a busy one in large batches. Outputs are produced without per-message
-flush; one flush per batch waits for their acks, and only then are the
-batch's offsets committed. A crash therefore replays at most the uncommitted
-batch, which the store's event-id dedup absorbs.
+flush; one flush per batch waits for their acks, and only then do the batch's
+offsets become committable.
+
+Offset commits are bounded (at least once, the default): the latest committable
+offset per partition is committed asynchronously at most every
+``commit_interval_s``, and never while the previous commit is in flight (its
+``on_commit`` callback ends it). Committing after every batch queued thousands
+of OffsetCommitRequests on the coordinator connection, and heartbeats waited
+behind them until the session expired (issue 13's soak). When partitions are
+revoked, and at a clean stop, their final offsets are committed synchronously.
+A crash therefore replays what was acknowledged since the last commit (about
+``commit_interval_s`` of events), which the store's event-id dedup absorbs.
+
+Exactly once (``HostSettings.exactly_once``): outputs and offsets go in Kafka
+transactions (``send_offsets_to_transaction`` with the consumer's group
+metadata) that commit together or not at all. A transaction spans the batches
+of ``transaction_interval_s`` (0.1 s): a transaction per batch cost ~28% of the
+drain rate (five broker round trips each). A failed transaction is aborted and
+the consumer rewound to its first offsets, so its batches are processed again;
+a fenced producer (another process took the same ``transactional.id``) stops
+the host. A revoke commits the open transaction first (its offsets must not
+go with the partitions); partitions lost abort it.
+
+Group membership: with ``instance_id`` the consumer is a static member
+(``group.instance.id``): a restarted process with the same id takes back its
+partitions at once, without a rebalance; a member that does not come back loses
+them after ``session_timeout_s``. See docs/architecture.md, "Delivery and
+failover".
 
 Two ways to read: in a consumer group (the scorer: partitions are balanced
 between replicas, offsets committed to the group), or from positions the
@@ -83,6 +108,14 @@ class Checkpointing:
     on_stop: Callable[[], list[Output]] | None = None
 
 
+def transactional_id(settings: HostSettings) -> str:
+    """The producer's ``transactional.id``: stable per group and instance, so a restarted
+    process fences its predecessor (and aborts what that one left open)."""
+    if not settings.instance_id:
+        raise ValueError("exactly_once needs an instance id (RIVERFLOW_INSTANCE_ID)")
+    return f"{settings.group}.{settings.instance_id}"
+
+
 class ConfluentHost:
     """Runs ``processor`` over ``source`` (one topic, or several in a consumer group)
     until ``stop()`` or SIGTERM/SIGINT."""
@@ -103,21 +136,41 @@ class ConfluentHost:
         self.metrics = metrics
         self.checkpoint = checkpoint
         self._stop = threading.Event()
-        self.consumer = clients.make_consumer(
-            {
-                "bootstrap.servers": settings.bootstrap,
-                "group.id": settings.group,
-                "enable.auto.commit": False,
-                "auto.offset.reset": "earliest",
-                "enable.partition.eof": False,
-                "fetch.message.max.bytes": MAX_MESSAGE_BYTES,
-                "fetch.wait.max.ms": 10,
-                "partition.assignment.strategy": "cooperative-sticky",
-                **clients.consumer,
-            }
-        )
+        if settings.exactly_once and checkpoint is not None:
+            raise ValueError("exactly_once needs a consumer group, not checkpointed positions")
+        self.exactly_once = settings.exactly_once
+        self._committable: dict[tuple[str, int], int] = {}  # next offset, acknowledged
+        self._committed: dict[tuple[str, int], int] = {}  # what the last commit sent
+        self._commit_in_flight = False
+        self._next_commit = 0.0
+        self._txn_started: float | None = None  # the open transaction's start
+        self._txn_first: dict[tuple[str, int], int] = {}  # its first offset per partition
+        self._txn_next: dict[tuple[str, int], int] = {}  # its next offset per partition
+        session_ms = int(settings.session_timeout_s * 1000)
+        consumer: dict[str, Any] = {
+            "bootstrap.servers": settings.bootstrap,
+            "group.id": settings.group,
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "enable.partition.eof": False,
+            "fetch.message.max.bytes": MAX_MESSAGE_BYTES,
+            "fetch.wait.max.ms": 10,
+            "partition.assignment.strategy": "cooperative-sticky",
+            "session.timeout.ms": session_ms,
+            "heartbeat.interval.ms": max(100, session_ms // 3),
+            "max.poll.interval.ms": int(settings.max_poll_interval_s * 1000),
+            "isolation.level": "read_committed",
+            "on_commit": self._on_commit,
+        }
+        if settings.instance_id:
+            consumer["group.instance.id"] = settings.instance_id
+        self.consumer = clients.make_consumer({**consumer, **clients.consumer})
+        producer: dict[str, Any] = {"linger.ms": 1}
+        if settings.exactly_once:
+            producer["transactional.id"] = transactional_id(settings)
+            producer["transaction.timeout.ms"] = int(settings.transaction_timeout_s * 1000)
         self.producer = clients.make_producer(
-            producer_config(settings.bootstrap, **{"linger.ms": 1, **clients.producer})
+            producer_config(settings.bootstrap, **{**producer, **clients.producer})
         )
 
     def stop(self) -> None:
@@ -128,8 +181,11 @@ class ConfluentHost:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: self.stop())
         tick_s, checkpoint = self.settings.tick_s, self.checkpoint
+        if self.exactly_once:
+            # fences an earlier producer with our transactional.id and aborts what it left open
+            self.producer.init_transactions(self.settings.transaction_timeout_s * 3)
         if checkpoint is None:
-            self.consumer.subscribe(self.sources)
+            self.consumer.subscribe(self.sources, on_revoke=self._on_revoke, on_lost=self._on_lost)
         else:
             self._assign(checkpoint.positions)
         next_tick = time.monotonic() + (tick_s or 0)
@@ -141,9 +197,13 @@ class ConfluentHost:
                 if tick_s is not None and time.monotonic() >= next_tick:
                     next_tick = time.monotonic() + tick_s
                     outputs += self.processor.process([])
-                self._write(outputs)
-                if batch and checkpoint is None:
-                    self.consumer.commit(asynchronous=True)
+                if self.exactly_once:
+                    self._transact(batch, outputs)
+                else:
+                    self._write(outputs)
+                    if checkpoint is None:
+                        self._mark(batch)
+                        self._commit_due()
                 if checkpoint is not None and (batch or outputs):
                     checkpoint.after_write()
                 if self.metrics is not None:
@@ -157,9 +217,184 @@ class ConfluentHost:
             if checkpoint is not None and checkpoint.on_stop is not None:
                 self._write(checkpoint.on_stop())  # a clean stop: its outputs are written too
                 checkpoint.after_write()
+            if self.exactly_once:
+                self._end_transaction()
         finally:
             self.producer.flush(30)
-            self.consumer.close()  # leaves the group (async commits are flushed)
+            if checkpoint is None and not self.exactly_once:
+                self._commit_now(None)
+            # a static member stays in the group: its partitions wait for it to come
+            # back until the session times out; a dynamic one leaves
+            self.consumer.close()
+
+    # -- offsets (at least once) --
+
+    def _mark(self, batch: list[Message]) -> None:
+        """The batch's outputs are acknowledged: its offsets may be committed."""
+        for m in batch:
+            self._committable[(m.topic, m.partition)] = m.offset + 1
+
+    def _pending(self, partitions: set[tuple[str, int]] | None) -> list[TopicPartition]:
+        return [
+            TopicPartition(t, p, o)
+            for (t, p), o in self._committable.items()
+            if self._committed.get((t, p)) != o and (partitions is None or (t, p) in partitions)
+        ]
+
+    def _commit_due(self) -> None:
+        """Commit the latest offsets asynchronously: at most one commit in flight, at most
+        one per ``commit_interval_s``."""
+        now = time.monotonic()
+        if self._commit_in_flight or now < self._next_commit:
+            return
+        offsets = self._pending(None)
+        if not offsets:
+            return
+        self._next_commit = now + self.settings.commit_interval_s
+        self._commit_in_flight = True
+        try:
+            self.consumer.commit(offsets=offsets, asynchronous=True)
+        except KafkaException as exc:  # e.g. no assignment any more: the next one retries
+            self._commit_in_flight = False
+            log.warning("offset commit not sent: %s", exc)
+            return
+        for tp in offsets:
+            self._committed[(tp.topic, tp.partition)] = tp.offset
+
+    def _commit_now(self, partitions: set[tuple[str, int]] | None) -> None:
+        """Commit the final offsets of ``partitions`` (None: all) and wait for the broker."""
+        offsets = self._pending(partitions)
+        if offsets:
+            try:
+                self.consumer.commit(offsets=offsets, asynchronous=False)
+            except KafkaException as exc:  # what was not committed is replayed (dedup)
+                log.warning("final offset commit failed: %s", exc)
+        for tp in offsets:
+            self._committed[(tp.topic, tp.partition)] = tp.offset
+
+    def _on_commit(self, err: Any, partitions: list[TopicPartition]) -> None:
+        self._commit_in_flight = False
+        if err is not None:
+            # the offsets stay committable: the next commit sends them again
+            log.warning("offset commit failed: %s", err)
+            for tp in partitions:
+                key = (tp.topic, tp.partition)
+                if self._committed.get(key) == tp.offset:
+                    del self._committed[key]
+
+    def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        """Partitions go to another member: commit what was acknowledged on them first
+        (called inside a poll, so no batch is half done and no transaction is open)."""
+        gone = {(tp.topic, tp.partition) for tp in partitions}
+        if self.exactly_once:
+            self._end_transaction()  # the open transaction holds their offsets
+        else:
+            self._commit_now(gone)
+        self._forget(gone)
+
+    def _on_lost(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        """Partitions taken away without a revoke (the session expired): they may be
+        someone else's already, so nothing is committed for them (an open transaction
+        is aborted and what it read read again)."""
+        if self.exactly_once and self._txn_started is not None:
+            self._abort()
+            self._rewind()
+        self._forget({(tp.topic, tp.partition) for tp in partitions})
+
+    def _forget(self, partitions: set[tuple[str, int]]) -> None:
+        for key in partitions:
+            self._committable.pop(key, None)
+            self._committed.pop(key, None)
+
+    # -- transactions (exactly once) --
+
+    def _transact(self, batch: list[Message], outputs: list[Output]) -> None:
+        """Add the batch's outputs and offsets to the open transaction (beginning one if
+        none is open); commit it once it has been open ``transaction_interval_s``."""
+        prod = self.producer
+        if batch or outputs:
+            try:
+                if self._txn_started is None:
+                    prod.begin_transaction()
+                    self._txn_started = time.monotonic()
+                for o in outputs:
+                    while True:
+                        try:
+                            prod.produce(o.topic, value=o.value, key=o.key)
+                            break
+                        except BufferError:  # local queue full: let deliveries drain
+                            prod.poll(0.05)
+            except KafkaException as exc:
+                self._failed_transaction(exc, batch)
+                return
+            for m in batch:
+                self._txn_first.setdefault((m.topic, m.partition), m.offset)
+                self._txn_next[(m.topic, m.partition)] = m.offset + 1
+        started = self._txn_started
+        if (
+            started is not None
+            and time.monotonic() - started >= self.settings.transaction_interval_s
+        ):
+            self._end_transaction()
+
+    def _end_transaction(self) -> None:
+        """Commit the open transaction with its offsets (``send_offsets_to_transaction``
+        with the consumer's group metadata: a member of an older generation is fenced);
+        on an abortable error, abort it and rewind to its first offsets."""
+        if self._txn_started is None:
+            return
+        timeout = self.settings.transaction_timeout_s
+        try:
+            if self._txn_next:
+                self.producer.send_offsets_to_transaction(
+                    [TopicPartition(t, p, o) for (t, p), o in self._txn_next.items()],
+                    self.consumer.consumer_group_metadata(), timeout,
+                )  # fmt: skip
+            for attempt in range(3):
+                try:
+                    self.producer.commit_transaction(timeout)
+                    break
+                except KafkaException as exc:
+                    err = exc.args[0]
+                    if attempt == 2 or not isinstance(err, KafkaError) or not err.retriable():
+                        raise
+        except KafkaException as exc:
+            self._failed_transaction(exc, [])
+            return
+        self._txn_started = None
+        self._txn_first.clear()
+        self._txn_next.clear()
+
+    def _failed_transaction(self, exc: KafkaException, batch: list[Message]) -> None:
+        """Abort the open transaction and rewind every partition it read (and ``batch``'s)
+        to where it began, so that what it held is processed again; a fatal error (fenced)
+        stops the host."""
+        err = exc.args[0]
+        if not isinstance(err, KafkaError) or err.fatal() or not err.txn_requires_abort():
+            raise KafkaIOError(
+                f"transaction failed for good ({exc}); fenced means another process "
+                f"runs with transactional.id {transactional_id(self.settings)!r}: "
+                "give each its own RIVERFLOW_INSTANCE_ID"
+            ) from exc
+        log.warning("transaction aborted, its batches come again: %s", exc)
+        self._abort()
+        for m in batch:
+            self._txn_first.setdefault((m.topic, m.partition), m.offset)
+        self._rewind()
+
+    def _abort(self) -> None:
+        if self._txn_started is not None:
+            self.producer.abort_transaction(self.settings.transaction_timeout_s)
+        self._txn_started = None
+        self._txn_next.clear()
+
+    def _rewind(self) -> None:
+        for (topic, partition), offset in self._txn_first.items():
+            try:
+                self.consumer.seek(TopicPartition(topic, partition, offset))
+            except KafkaException as exc:  # revoked meanwhile: its next owner reads it
+                log.warning("rewind of %s[%d] skipped: %s", topic, partition, exc)
+        self._txn_first.clear()
 
     def _assign(self, positions: dict[int, int]) -> None:
         if len(self.sources) != 1:
@@ -202,6 +437,12 @@ class ConfluentHost:
             if err is not None:
                 if err.code() == KafkaError._PARTITION_EOF:
                     continue
+                if err.fatal() and self.settings.instance_id:
+                    raise KafkaIOError(
+                        f"Kafka consumer stopped: {err}. A fenced static member means another "
+                        f"process joined group {self.settings.group!r} as "
+                        f"{self.settings.instance_id!r}: give each its own RIVERFLOW_INSTANCE_ID"
+                    )
                 raise KafkaException(err)
             # a message without error always has its topic, partition and offset
             topic, partition, offset = m.topic(), m.partition(), m.offset()

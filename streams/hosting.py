@@ -50,3 +50,11 @@ class HostSettings:
     tick_s: float | None = None  # also call the processor with an empty batch this often
     dlq_topic: str = ""  # outputs to it are reported as dead letters
     freeze_gc: bool = False  # freeze the heap after every batch (module docstring)
+    # consumer-group membership and delivery (the confluent loop; Faust: session only)
+    instance_id: str | None = None  # group.instance.id: static membership (None = dynamic)
+    session_timeout_s: float = 6.0  # a member silent this long loses its partitions
+    max_poll_interval_s: float = 300.0  # a batch slower than this leaves the group
+    commit_interval_s: float = 1.0  # offsets committed at most this often, one commit in flight
+    exactly_once: bool = False  # Kafka transactions: outputs and offsets commit together
+    transaction_timeout_s: float = 10.0  # the broker aborts a transaction open this long
+    transaction_interval_s: float = 0.1  # a transaction spans the batches of this long

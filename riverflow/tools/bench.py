@@ -129,6 +129,9 @@ class BenchConfig:
     rates: tuple[int, ...] = (1_000, 5_000)
     rate_seconds: float = 8.0  # each fixed-rate latency point
     hosts: tuple[str, ...] = ("faust", "confluent")
+    # at_least_once, exactly_once or both: "both" adds two drains of the confluent scorer,
+    # exactly once then at least once again (the cost of transactions, beside the noise)
+    guarantee: str = "at_least_once"
     seed: int = 11
     hold_seconds: float = 12.0  # each rate tried by the sustained search
     warmup_seconds: float = 4.0  # paced, at the search's first rate, before it (not judged)
@@ -380,9 +383,10 @@ def offer(
 def measure_host(
     host: str, spec: PipelineSpec, ep: Endpoints, cfg: BenchConfig, workdir: Path,
     server_pids: dict[str, int], log: Callable[[str], None],
+    guarantee: str = "at_least_once", drain_only: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
     """Drain rate, maximum sustained rate, latency at fixed rates, CPU and RSS of a
-    scorer on ``host``."""
+    scorer on ``host`` with ``guarantee`` (``drain_only``: the drain alone)."""
     name = f"bench-{host}-{uuid.uuid4().hex[:6]}"
     data = spec.model_dump(mode="json", by_alias=True)
     data["name"] = name
@@ -399,6 +403,7 @@ def measure_host(
         **os.environ, "RIVERFLOW_KAFKA_BOOTSTRAP": ep.kafka_bootstrap,
         "RIVERFLOW_REDIS_URL": ep.redis_url, "RIVERFLOW_SPEC": str(spec_file),
         "RIVERFLOW_HOST": host, "RIVERFLOW_BATCH_TIMEOUT_S": "0.002", "RIVERFLOW_METRICS_PORT": "0",
+        "RIVERFLOW_PROCESSING_GUARANTEE": guarantee, "RIVERFLOW_INSTANCE_ID": f"{name}-0",
     }  # fmt: skip
     clock = PredictionClock(ep.kafka_bootstrap, topics.predictions)
     logfile = (workdir / f"{name}.log").open("wb")
@@ -424,7 +429,10 @@ def measure_host(
         out["cpu_s_per_million"] = (usage.cpu_s() - cpu0) / drained * 1e6
         for server, u in servers.items():
             out[f"{server}_cpu_s_per_million"] = (u.cpu_s() - server_cpu0[server]) / drained * 1e6
-        log(f"{host}: drained {cfg.events:,} at {drain:,.0f} events/s")
+        log(f"{host} ({guarantee}): drained {cfg.events:,} at {drain:,.0f} events/s")
+        if drain_only:
+            out["peak_rss_mb"] = usage.peak_rss_mb()
+            return out
         gc.collect()  # what the drain left behind; then the bench's heap is out of the way
         gc.freeze()
 
@@ -497,7 +505,14 @@ def run_bench(
         workdir = Path(tmp)
         with local_stack(settings, workdir / "stack") as ep:
             for host in cfg.hosts:
-                result.kafka[host] = measure_host(host, spec, ep, cfg, workdir, ep.pids, log)
+                if cfg.guarantee != "exactly_once":
+                    result.kafka[host] = measure_host(host, spec, ep, cfg, workdir, ep.pids, log)
+            if cfg.guarantee != "at_least_once" and "confluent" in cfg.hosts:
+                drains = ["exactly_once"] + (["at_least_once"] if cfg.guarantee == "both" else [])
+                for guarantee in drains:
+                    result.kafka[f"confluent, {guarantee}"] = measure_host(
+                        "confluent", spec, ep, cfg, workdir, ep.pids, log, guarantee, True
+                    )
     return result
 
 
@@ -530,6 +545,8 @@ def report(result: BenchResult) -> Table:
         cpu = f"{fig['cpu_s_per_million']:,.0f} (+ {servers})"
         rate_row(f"Kafka scorer on {host}: backlog drain", fig["drain_events_per_s"], cpu,
                  f"{fig['peak_rss_mb']:,.0f}")  # fmt: skip
+        if "search" not in fig:  # a drain alone (--guarantee)
+            continue
         tried = ", ".join(
             f"{h['rate']:,}{'+' if h['sustained'] else '-'}" for h in fig["search"]["holds"]
         )

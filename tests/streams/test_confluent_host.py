@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from dataclasses import replace
 from types import SimpleNamespace
 from typing import Any
 
-from confluent_kafka import TIMESTAMP_CREATE_TIME, TopicPartition
+import pytest
+from confluent_kafka import TIMESTAMP_CREATE_TIME, KafkaError, KafkaException, TopicPartition
 
 from riverflow.streams.confluent_host import (
     Checkpointing,
@@ -53,8 +55,15 @@ class FakeConsumer:
     def __init__(self, config: dict[str, Any], log: list[str], pending: list[FakeMessage]):
         self.config, self.log, self.pending = config, log, pending
         self.assigned: list[TopicPartition] = []
+        self.callbacks: dict[str, Any] = {}
+        self.commits: list[tuple[dict[tuple[str, int], int], bool]] = []
+        self.unanswered: list[list[TopicPartition]] = []  # async commits, answered by a poll
+        self.answer_commits = True
+        self.seeks: list[tuple[int, int]] = []
+        self.before_poll: Any = None
 
-    def subscribe(self, topics: list[str]) -> None:
+    def subscribe(self, topics: list[str], **callbacks: Any) -> None:
+        self.callbacks = callbacks
         self.log.append(f"subscribe {','.join(topics)}")
 
     def list_topics(self, topic: str, timeout: float) -> Any:
@@ -65,14 +74,28 @@ class FakeConsumer:
         self.assigned = partitions
 
     def poll(self, timeout: float) -> FakeMessage | None:
+        if self.before_poll is not None:
+            self.before_poll(self)
+        while self.answer_commits and self.unanswered:  # librdkafka serves callbacks in poll
+            self.config["on_commit"](None, self.unanswered.pop(0))
         return self.pending.pop(0) if self.pending else None
 
     def consume(self, n: int, timeout: float) -> list[FakeMessage]:
         taken, self.pending = self.pending[:n], self.pending[n:]
         return taken
 
-    def commit(self, asynchronous: bool) -> None:
-        self.log.append("commit")
+    def commit(self, offsets: list[TopicPartition], asynchronous: bool) -> None:
+        self.log.append("commit" if asynchronous else "commit sync")
+        self.commits.append(({(tp.topic, tp.partition): tp.offset for tp in offsets}, asynchronous))
+        if asynchronous:
+            self.unanswered.append(offsets)
+
+    def seek(self, tp: TopicPartition) -> None:
+        self.seeks.append((tp.partition, tp.offset))
+        self.pending.append(FakeMessage(tp.topic, tp.partition, tp.offset, b"again"))
+
+    def consumer_group_metadata(self) -> str:
+        return "group-metadata"
 
     def get_watermark_offsets(self, tp: TopicPartition, cached: bool) -> tuple[int, int]:
         return 0, 10
@@ -84,8 +107,9 @@ class FakeConsumer:
 class FakeProducer:
     def __init__(self, config: dict[str, Any], log: list[str]) -> None:
         self.config, self.log = config, log
+        self.fail_commits = 0
 
-    def produce(self, topic: str, value: bytes, key: bytes | None, on_delivery: Any) -> None:
+    def produce(self, topic: str, value: bytes, key: bytes | None, on_delivery: Any = None) -> None:
         self.log.append(f"produce {topic}")
 
     def poll(self, timeout: float) -> int:
@@ -94,6 +118,30 @@ class FakeProducer:
     def flush(self, timeout: float) -> int:
         self.log.append("flush")
         return 0
+
+    def init_transactions(self, timeout: float) -> None:
+        self.log.append("init_transactions")
+
+    def begin_transaction(self) -> None:
+        self.log.append("begin")
+
+    def send_offsets_to_transaction(
+        self, offsets: list[TopicPartition], metadata: Any, timeout: float
+    ) -> None:
+        assert metadata == "group-metadata"
+        self.log.append("offsets " + ",".join(f"{tp.partition}:{tp.offset}" for tp in offsets))
+
+    def commit_transaction(self, timeout: float) -> None:
+        if self.fail_commits:
+            self.fail_commits -= 1
+            self.log.append("commit_transaction failed")
+            raise KafkaException(
+                KafkaError(KafkaError._STATE, "abortable", txn_requires_abort=True)
+            )
+        self.log.append("commit_transaction")
+
+    def abort_transaction(self, timeout: float) -> None:
+        self.log.append("abort")
 
 
 class Echo:
@@ -143,7 +191,7 @@ class Reporter:
 
 def host_on_fakes(
     processor: Echo, pending: list[FakeMessage], clients: dict[str, Any] | None = None,
-    **kwargs: Any,
+    host: dict[str, Any] | None = None, **kwargs: Any,
 ) -> tuple[ConfluentHost, list[str]]:  # fmt: skip
     log: list[str] = []
     settings = ClientSettings(
@@ -151,7 +199,9 @@ def host_on_fakes(
         make_consumer=lambda config: FakeConsumer(config, log, pending),
         make_producer=lambda config: FakeProducer(config, log),
     )
-    loop = HostSettings("broker:9092", "group-a", batch_size=10, poll_s=0.01, dlq_topic="dlq")
+    loop = HostSettings(
+        "broker:9092", "group-a", batch_size=10, poll_s=0.01, dlq_topic="dlq", **(host or {})
+    )
     host = ConfluentHost(processor, "in", loop, settings, **kwargs)
     processor.host = host
     return host, log
@@ -159,7 +209,7 @@ def host_on_fakes(
 
 def run(host: ConfluentHost) -> None:
     # not the main thread: the host then leaves pytest's signal handlers alone
-    thread = threading.Thread(target=host.run)
+    thread = threading.Thread(target=host.run, daemon=True)
     thread.start()
     thread.join(10)
     assert not thread.is_alive()
@@ -183,6 +233,7 @@ def test_a_batch_is_committed_after_its_outputs_are_flushed_and_reported() -> No
     run(host)
     assert [m.value for m in processor.batches[0]] == [b"a", b"b"]
     assert log[:5] == ["subscribe in", "produce out", "produce out", "flush", "commit"]
+    assert host.consumer.commits[0] == ({("in", 0): 4, ("in", 1): 8}, True)
     batch, outputs, dlq = reporter.observed[0]
     assert [m.offset for m in batch] == [3, 7] and len(outputs) == 2 and dlq == "dlq"
     assert reporter.lag == {("in", 0): 6, ("in", 1): 2}  # high watermark 10
@@ -203,3 +254,149 @@ def test_checkpointed_positions_are_assigned_and_saved_after_writes_never_commit
     assert "commit" not in log
     assert saved == [1, 1]  # after the batch's write, and after the final outputs' write
     assert log.count("flush") >= 2
+
+
+def batches(n: int, per: int = 2) -> list[FakeMessage]:
+    """``n`` batches' worth of messages on partitions 0 and 1 (offsets 0, 1, ...)."""
+    return [FakeMessage("in", i % 2, i // 2, b"x") for i in range(n * per)]
+
+
+def test_commits_are_bounded_one_in_flight_and_the_final_offsets_committed_at_stop() -> None:
+    # 20 batches, commits never answered: one async commit is sent, never one per batch
+    processor = Echo(stop_after=20)
+    host, log = host_on_fakes(processor, [], host={"commit_interval_s": 0.0})
+    host.consumer.answer_commits = False
+    host.settings = replace(host.settings, batch_size=2)
+    host.consumer.pending = batches(20)
+    run(host)
+    assert len(processor.batches) == 20
+    commits = host.consumer.commits
+    assert [sync for _, sync in commits] == [True, False]  # one async in flight, one final
+    assert commits[0][0] == {("in", 0): 1, ("in", 1): 1}  # after the first batch
+    assert commits[-1][0] == {("in", 0): 20, ("in", 1): 20}  # the last batch's, synchronously
+    assert log[-1] == "close" and log.index("commit sync") > max(
+        i for i, e in enumerate(log) if e == "flush"
+    )
+
+
+def test_commits_follow_the_interval_with_the_latest_offsets() -> None:
+    # answered at once, but at most one per interval: 1 h here, so one async + the final
+    processor = Echo(stop_after=10)
+    host, _ = host_on_fakes(processor, batches(10), host={"commit_interval_s": 3600.0})
+    host.settings = replace(host.settings, batch_size=2)
+    run(host)
+    assert [sync for _, sync in host.consumer.commits] == [True, False]
+
+
+def test_revoked_partitions_get_their_acknowledged_offsets_committed_synchronously() -> None:
+    processor = Echo(stop_after=3)
+    host, _ = host_on_fakes(processor, batches(2), host={"commit_interval_s": 3600.0})
+    host.settings = replace(host.settings, batch_size=2)
+    polls = 0
+
+    def revoke_after_two_batches(consumer: FakeConsumer) -> None:
+        nonlocal polls
+        polls += 1
+        if polls == 3:  # inside the poll after the second batch, as librdkafka calls it
+            consumer.callbacks["on_revoke"](consumer, [TopicPartition("in", 1)])
+            consumer.pending.append(FakeMessage("in", 0, 9, b"y"))
+
+    host.consumer.before_poll = revoke_after_two_batches
+    run(host)
+    commits = host.consumer.commits
+    assert commits[0] == ({("in", 0): 1, ("in", 1): 1}, True)
+    assert commits[1] == ({("in", 1): 2}, False)  # on revoke: partition 1 only, and waited for
+    assert commits[2] == ({("in", 0): 10}, False)  # at the stop: partition 1 is not ours
+
+
+def test_static_membership_and_session_settings_reach_the_consumer() -> None:
+    host, _ = host_on_fakes(Echo(), [], host={"instance_id": "scorer-a", "session_timeout_s": 7.5})
+    config = host.consumer.config
+    assert config["group.instance.id"] == "scorer-a"
+    assert config["session.timeout.ms"] == 7500 and config["heartbeat.interval.ms"] == 2500
+    assert "transactional.id" not in host.producer.config
+
+
+def test_exactly_once_commits_outputs_and_offsets_in_one_transaction_per_batch() -> None:
+    processor = Echo(stop_after=2)
+    host, log = host_on_fakes(
+        processor, batches(2),
+        host={"instance_id": "scorer-a", "exactly_once": True, "transaction_interval_s": 0},
+    )  # fmt: skip
+    host.settings = replace(host.settings, batch_size=2)
+    assert host.producer.config["transactional.id"] == "group-a.scorer-a"
+    assert host.consumer.config["isolation.level"] == "read_committed"
+    run(host)
+    assert log[:8] == [
+        "init_transactions", "subscribe in", "begin", "produce out", "produce out",
+        "offsets 0:1,1:1", "commit_transaction", "begin",
+    ]  # fmt: skip
+    assert not host.consumer.commits  # offsets go with the transaction only
+
+
+def test_a_failed_transaction_is_aborted_and_its_batch_comes_again() -> None:
+    processor = Echo(stop_after=2)
+    host, log = host_on_fakes(
+        processor, [FakeMessage("in", 0, 5, b"a"), FakeMessage("in", 1, 8, b"b")],
+        host={"instance_id": "scorer-a", "exactly_once": True},
+    )  # fmt: skip
+    host.settings = replace(host.settings, transaction_interval_s=0)
+    host.producer.fail_commits = 1
+    run(host)
+    assert log.count("abort") == 1 and host.consumer.seeks == [(0, 5), (1, 8)]
+    assert [m.offset for m in processor.batches[1]] == [5, 8]  # read again from the seek
+    assert log[-4:] == ["offsets 0:6,1:9", "commit_transaction", "flush", "close"]
+
+
+def test_exactly_once_needs_an_instance_id_and_a_consumer_group() -> None:
+    with pytest.raises(ValueError, match="instance id"):
+        host_on_fakes(Echo(), [], host={"exactly_once": True})
+    with pytest.raises(ValueError, match="consumer group"):
+        host_on_fakes(
+            Echo(), [], host={"exactly_once": True, "instance_id": "a"},
+            checkpoint=Checkpointing({}, lambda: None),
+        )  # fmt: skip
+
+
+def test_exactly_once_on_faust_is_refused_with_a_clear_error() -> None:
+    from riverflow.errors import RiverflowError
+    from riverflow.kafka_runtime import check_guarantee
+    from riverflow.settings import Settings
+
+    check_guarantee(Settings(host="faust"))  # at least once on Faust: fine
+    with pytest.raises(RiverflowError, match="exactly_once needs the confluent host"):
+        check_guarantee(Settings(host="faust", processing_guarantee="exactly_once"))
+
+
+def test_the_default_instance_id_is_stable_and_tells_two_scorers_on_one_host_apart() -> None:
+    from riverflow.kafka_runtime import instance_id
+    from riverflow.settings import Settings
+
+    first, again = instance_id("scorer", Settings()), instance_id("scorer", Settings())
+    assert first == again and first.startswith("scorer-") and first.endswith("-9401")
+    assert instance_id("scorer", Settings(metrics_port=9411)) != first
+    assert instance_id("scorer", Settings(instance_id="blue-1")) == "blue-1"
+    assert instance_id("scorer", Settings(metrics_port=0)) is None  # dynamic: nothing to tell
+
+
+def test_a_transaction_spans_the_batches_of_its_interval_and_a_revoke_commits_it() -> None:
+    processor = Echo(stop_after=3)
+    host, log = host_on_fakes(
+        processor, batches(2),
+        host={"instance_id": "scorer-a", "exactly_once": True, "transaction_interval_s": 3600},
+    )  # fmt: skip
+    host.settings = replace(host.settings, batch_size=2)
+    polls = 0
+
+    def revoke_after_two_batches(consumer: FakeConsumer) -> None:
+        nonlocal polls
+        polls += 1
+        if polls == 3:
+            consumer.callbacks["on_revoke"](consumer, [TopicPartition("in", 1)])
+            consumer.pending.append(FakeMessage("in", 0, 9, b"y"))
+
+    host.consumer.before_poll = revoke_after_two_batches
+    run(host)
+    assert log.count("begin") == 2  # two batches in the first, the third in the second
+    assert [e for e in log if e.startswith("offsets")] == ["offsets 0:2,1:2", "offsets 0:10"]
+    assert log.index("offsets 0:2,1:2") < log.index("produce out", log.index("begin", 3))
