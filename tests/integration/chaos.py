@@ -42,6 +42,13 @@ T = TypeVar("T")
 SIGNING_KEY = Settings().signing_key.get_secret_value().encode()
 
 
+class Stage(Protocol):
+    """A stage process (conftest's ``StageProcess``)."""
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes]: ...
+
+
 # -- the stream ---------------------------------------------------------------------
 
 
@@ -182,10 +189,15 @@ class TopicTail(Generic[T]):
             self._consumer.close()
 
     def first(
-        self, wanted: Callable[[Seen[T]], bool], timeout_s: float, since: int = 0
+        self,
+        wanted: Callable[[Seen[T]], bool],
+        timeout_s: float,
+        since: int = 0,
+        writer: Stage | None = None,
     ) -> Seen[T] | None:
         """The first record (from index ``since``) that is ``wanted``, waiting for it up
-        to ``timeout_s``; None if none came."""
+        to ``timeout_s`` (or until the stage that would write it has exited); None if
+        none came."""
         deadline = time.monotonic() + timeout_s
         checked = since
         while True:
@@ -194,7 +206,7 @@ class TopicTail(Generic[T]):
                 if wanted(item):
                     return item
             checked = upto
-            if time.monotonic() >= deadline:
+            if time.monotonic() >= deadline or (writer and writer.proc.poll() is not None):
                 return None
             time.sleep(0.05)
 
@@ -216,11 +228,20 @@ class TopicTail(Generic[T]):
 
 
 def resumed(
-    tail: TopicTail[Any], produced: Mapping[str, float], after: float, timeout_s: float, since: int
+    tail: TopicTail[Any],
+    produced: Mapping[str, float],
+    after: float,
+    timeout_s: float,
+    since: int,
+    writer: Stage | None = None,
 ) -> Seen[Any] | None:
     """The first output (from index ``since``) for an input produced after ``after``,
-    waiting up to ``timeout_s``: a stage that serves again."""
-    return tail.first(lambda s: produced.get(s.record.event_id, 0.0) > after, timeout_s, since)
+    waiting up to ``timeout_s`` (while ``writer`` runs): a stage that serves again."""
+
+    def wanted(s: Seen[Any]) -> bool:
+        return produced.get(s.record.event_id, 0.0) > after
+
+    return tail.first(wanted, timeout_s, since, writer)
 
 
 def tails(
@@ -258,14 +279,6 @@ class Kill:
     killed_at: float
     restarted_at: float
     was_alive: bool  # False: the stage had already exited by itself
-    recovered_at: float | None = None  # its output again (see the test for which)
-
-
-class Stage(Protocol):
-    """A stage process (conftest's ``StageProcess``)."""
-
-    @property
-    def proc(self) -> subprocess.Popen[bytes]: ...
 
 
 S = TypeVar("S", bound=Stage)

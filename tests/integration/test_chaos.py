@@ -76,7 +76,7 @@ def test_sigkilled_scorer_and_learner_lose_nothing(
                 stage, stages[stage], scorer if stage == "scorer" else learner
             )
             kills.append(kill)
-            resumed(tail, produced, kill.killed_at, WAIT_CAP_S, since)
+            resumed(tail, produced, kill.killed_at, WAIT_CAP_S, since, stages[stage])
             time.sleep(GAP_S)
     except BaseException:
         stream.abort()

@@ -164,7 +164,9 @@ class Run:
     def flowing_again(self, since: float, since_index: int) -> float | None:
         """Seconds from ``since`` to the first prediction of an event produced after it."""
         predictions = self.tails[0]
-        first = resumed(predictions, self.stream.events, since, 60, since_index)
+        first = resumed(
+            predictions, self.stream.events, since, 60, since_index, self.stages["scorer"]
+        )
         return None if first is None else first.at - since
 
 
