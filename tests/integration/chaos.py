@@ -585,12 +585,13 @@ def label_audit(
 
 
 def stop_cleanly(*stages: Stage, timeout_s: float = 60.0) -> list[str]:
-    """SIGTERM each stage and wait for it; failures: one that exited badly or hung."""
-    for s in stages:
-        if s.proc.poll() is None:
-            s.proc.send_signal(signal.SIGTERM)
+    """SIGTERM each stage still running and wait for it; failures: one that exited
+    badly or hung (one that had exited before is ``dead``'s to report)."""
+    running = [s for s in stages if s.proc.poll() is None]
+    for s in running:
+        s.proc.send_signal(signal.SIGTERM)
     out = []
-    for s in stages:
+    for s in running:
         try:
             code = s.proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
