@@ -178,13 +178,20 @@ def _spawn(cmd: list[str], log: Path, cwd: Path) -> int:
     return proc.pid
 
 
-def start_kafka(settings: Settings, workdir: Path, timeout_s: float = 90.0) -> ServerProcess:
-    """Format and start a single-node KRaft broker (combined mode) on free ports."""
+def start_kafka(
+    settings: Settings,
+    workdir: Path,
+    timeout_s: float = 90.0,
+    ports: tuple[int, int] | None = None,
+) -> ServerProcess:
+    """Format and start a single-node KRaft broker (combined mode) on ``ports`` (broker,
+    controller; default: free ones). Started again on the same ports and ``workdir``,
+    it is the same broker again: its cluster id and data stay."""
     if shutil.which("java") is None:
         raise StackError(NO_JAVA)
     libs = kafka_libs(settings)
     workdir.mkdir(parents=True, exist_ok=True)
-    port, cport = free_port(), free_port()
+    port, cport = ports or (free_port(), free_port())
     log = workdir / "kafka.log"
     props = workdir / "server.properties"
     props.write_text(
@@ -219,6 +226,14 @@ def start_kafka(settings: Settings, workdir: Path, timeout_s: float = 90.0) -> S
     log4j.write_text(LOG4J2_PROPERTIES.format(log=workdir / "server.log"))
     java = ["java", *shlex.split(settings.kafka_jvm_options), f"-Dlog4j2.configurationFile={log4j}",
             "-cp", f"{libs}/*"]  # fmt: skip
+    if not (workdir / "data" / "meta.properties").exists():  # else: formatted, a restart
+        _format_kafka(java, props)
+    pid = _spawn([*java, "kafka.Kafka", str(props)], log, workdir)
+    server = ServerProcess("kafka", pid, f"127.0.0.1:{port}", workdir / "server.log")
+    return _ready_or_stopped(server, lambda: wait_for_kafka(server.address, timeout_s, server))
+
+
+def _format_kafka(java: list[str], props: Path) -> None:
     cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
     fmt = subprocess.run(
         # "--cluster-id=" because a base64 id may start with "-" and read as an option
@@ -228,9 +243,6 @@ def start_kafka(settings: Settings, workdir: Path, timeout_s: float = 90.0) -> S
     )  # fmt: skip
     if fmt.returncode != 0:
         raise StackError(f"kafka storage format failed:\n{fmt.stdout}{fmt.stderr}")
-    pid = _spawn([*java, "kafka.Kafka", str(props)], log, workdir)
-    server = ServerProcess("kafka", pid, f"127.0.0.1:{port}", workdir / "server.log")
-    return _ready_or_stopped(server, lambda: wait_for_kafka(server.address, timeout_s, server))
 
 
 def _wait_ready(

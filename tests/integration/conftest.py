@@ -16,6 +16,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from riverflow.settings import DEFAULT_SPEC, Settings
 from riverflow.spec import PipelineSpec, load_spec
 from riverflow.tools.stack import Endpoints, free_port, local_stack
 from tests.conftest import LOGS
+from tests.integration.chaos import PrivateStack
 
 
 @pytest.fixture(scope="session")
@@ -89,9 +91,12 @@ class StageProcess:
 StageFactory = Callable[..., StageProcess]
 
 
-@pytest.fixture
-def start_stage(stack: Endpoints, spec_file: Path, tmp_path: Path) -> Iterator[StageFactory]:
-    """Start ``riverflow run <stage>`` as its own process, as a user would."""
+@contextmanager
+def stage_processes(
+    servers: Endpoints | PrivateStack, spec_file: Path, logdir: Path
+) -> Iterator[StageFactory]:
+    """A factory of ``riverflow run <stage>`` processes on ``servers``; at the end, each
+    one still running gets SIGTERM (SIGKILL if it does not stop within 30 s)."""
     procs: list[subprocess.Popen[bytes]] = []
     logs: list[Path] = []
 
@@ -99,13 +104,13 @@ def start_stage(stack: Endpoints, spec_file: Path, tmp_path: Path) -> Iterator[S
         port = free_port()
         env = {
             **os.environ,
-            "RIVERFLOW_KAFKA_BOOTSTRAP": stack.kafka_bootstrap,
-            "RIVERFLOW_REDIS_URL": stack.redis_url,
+            "RIVERFLOW_KAFKA_BOOTSTRAP": servers.kafka_bootstrap,
+            "RIVERFLOW_REDIS_URL": servers.redis_url,
             "RIVERFLOW_SPEC": str(spec_file),
             "RIVERFLOW_METRICS_PORT": str(port),
             **{f"RIVERFLOW_{k.upper()}": str(v) for k, v in settings.items()},
         }
-        log = tmp_path / f"{stage}-{len(procs)}.log"
+        log = logdir / f"{stage}-{len(procs)}.log"
         LOGS.append(log)
         logs.append(log)
         with log.open("wb") as out:
@@ -116,16 +121,51 @@ def start_stage(stack: Endpoints, spec_file: Path, tmp_path: Path) -> Iterator[S
         procs.append(proc)
         return StageProcess(proc, port)
 
-    yield start
-    for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    for proc in procs:
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    for log in logs:
+    try:
+        yield start
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        for log in logs:
+            LOGS.remove(log)
+
+
+@pytest.fixture
+def start_stage(stack: Endpoints, spec_file: Path, tmp_path: Path) -> Iterator[StageFactory]:
+    """Start ``riverflow run <stage>`` as its own process, as a user would."""
+    with stage_processes(stack, spec_file, tmp_path) as start:
+        yield start
+
+
+@pytest.fixture(scope="module")
+def private_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateStack]:
+    """A Kafka broker and a redis-server of the module's own, which its tests may stop
+    and restart (``restart_kafka``, ``restart_redis``) without disturbing ``stack``.
+    Each test starts with both running."""
+    servers = PrivateStack(Settings(), tmp_path_factory.mktemp("private-stack"))
+    try:
+        servers.start()
+        yield servers
+    finally:
+        servers.stop()
+
+
+@pytest.fixture
+def start_private_stage(
+    private_stack: PrivateStack, spec_file: Path, tmp_path: Path
+) -> Iterator[StageFactory]:
+    """``start_stage`` on the private stack."""
+    private_stack.start()  # a server a previous test left stopped
+    LOGS.extend(private_stack.logs)
+    with stage_processes(private_stack, spec_file, tmp_path) as start:
+        yield start
+    for log in private_stack.logs:
         LOGS.remove(log)
 
 

@@ -1,0 +1,250 @@
+"""Redis and the Kafka broker restarted under a paced stream, on a stack of the
+module's own (the session's shared stack is never stopped).
+
+Scorer, learner and monitor run as processes while events flow at 250/s with
+their labels 400 events behind. A server is stopped (SIGTERM) and started again
+on its port and directory, as an operator's restart does. Nothing may be lost:
+the stages wait the outage out, every event is predicted, every label is learned,
+and (Redis) the registry's versions, champion pointer and the learner's
+checkpoint survive, no version number naming a second model.
+
+Run with ``-s`` to see the seconds (they are in the failure message too).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from riverflow.models.registry import ChampionPointer, RedisRegistry
+from riverflow.spec import PipelineSpec
+from riverflow.streams.kafka_io import ensure_topics
+from tests.integration.chaos import (
+    SIGNING_KEY,
+    PacedStream,
+    PredictionAudit,
+    PrivateStack,
+    TopicTail,
+    by_event,
+    dead,
+    label_audit,
+    orphaned_labels,
+    resumed,
+    stop_cleanly,
+    tails,
+)
+from tests.integration.conftest import StageFactory, StageProcess
+
+RATE = 250  # events/s
+LABEL_DELAY = 400  # events between an event and its label
+STREAM_ON_S = 6.0  # the stream flows on this long after the server is back
+
+
+@dataclass
+class RegistryState:
+    """What the registry holds at one moment."""
+
+    pointer: ChampionPointer | None
+    history: list[tuple[str, str, int]]  # (kind, model, version) of each pointer move
+    versions: dict[tuple[str, int], dict[str, Any]]  # (model, version) -> its metadata
+    labels_seen: int | None  # the learner checkpoint's
+
+    @classmethod
+    def read(cls, redis_url: str, namespace: str) -> RegistryState:
+        registry = RedisRegistry(redis.Redis.from_url(redis_url), namespace, SIGNING_KEY)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                saved = registry.checkpoint()
+                return cls(
+                    registry.champion(),
+                    [(m.kind, m.to.model, m.to.version) for m in registry.history()],
+                    {(n, v): registry.meta(n, v) for n in registry.names()
+                     for v in registry.versions(n)},
+                    None if saved is None else saved.labels_seen,
+                )  # fmt: skip
+            except redis.exceptions.BusyLoadingError:  # a restarted Redis reading its AOF
+                assert time.monotonic() < deadline, "Redis still loading its data after 10 s"
+                time.sleep(0.1)
+
+
+def survived(before: RegistryState, after: RegistryState, when: str, every: bool) -> list[str]:
+    """What of ``before`` is missing or changed in ``after``: the pointer and its
+    history, the learner's checkpoint, the versions (``every`` one, else those that
+    served as champion: the others may be pruned by retention), no version number
+    going back or naming another model."""
+    out = []
+    last = after.history[-1][1:] if after.history else None
+    if after.pointer is None:
+        out.append(f"{when}: no champion pointer (it was {before.pointer})")
+    elif last != (after.pointer.model, after.pointer.version):
+        out.append(f"{when}: the pointer {after.pointer} is not its last move {last}")
+    if after.history[: len(before.history)] != before.history:
+        out.append(f"{when}: pointer history {before.history} became {after.history}")
+    champions = {(model, version) for _, model, version in before.history}
+    for (name, version), meta in before.versions.items():
+        now = after.versions.get((name, version))
+        if now is None and (every or (name, version) in champions):
+            out.append(f"{when}: {name} v{version} is gone")
+        elif now is not None and now != meta:
+            out.append(
+                f"{when}: {name} v{version} now names another model (labels_seen "
+                f"{meta.get('labels_seen')} -> {now.get('labels_seen')})"
+            )
+    for name in sorted({n for n, _ in before.versions}):
+        newest = max(v for n, v in before.versions if n == name)
+        newest_now = max((v for n, v in after.versions if n == name), default=0)
+        if newest_now < newest:
+            out.append(f"{when}: {name}'s newest version went from v{newest} to v{newest_now}")
+    if after.labels_seen is None or (before.labels_seen or 0) > after.labels_seen:
+        out.append(f"{when}: learner checkpoint at {before.labels_seen} labels became "
+                   f"{after.labels_seen}")  # fmt: skip
+    return out
+
+
+@dataclass
+class Run:
+    """Stages on the private stack, the stream and the tails of what they write."""
+
+    servers: PrivateStack
+    spec: PipelineSpec
+    stages: dict[str, StageProcess]
+    stream: PacedStream
+    tails: tuple[TopicTail[Any], TopicTail[Any], TopicTail[Any]]
+
+    @classmethod
+    def start(cls, servers: PrivateStack, spec: PipelineSpec, start: StageFactory) -> Run:
+        ensure_topics(servers.kafka_bootstrap, spec.topics.all(), partitions=3)
+        seen = tails(servers.kafka_bootstrap, spec.topics)
+        stages = {
+            "scorer": start("scorer", partitions=3, instance_id="scorer-1"),
+            "learner": start("learner", partitions=3),
+            "monitor": start("monitor", partitions=3),
+        }
+        stream = PacedStream(servers.kafka_bootstrap, spec.topics, RATE, LABEL_DELAY).start()
+        run = cls(servers, spec, stages, stream, seen)
+        predictions, evaluations, _ = seen
+        assert predictions.first(lambda s: True, 60), f"never scored; {dead(stages)}"
+        assert evaluations.first(lambda s: True, 60), f"never learned; {dead(stages)}"
+        return run
+
+    def finish(self) -> tuple[list[str], list[str]]:
+        """Stop the stream, drain, stop the stages cleanly; (failures, report lines)."""
+        self.stream.finish()
+        predictions, evaluations, letters = self.tails
+        events, labels, stages = self.stream.events, self.stream.labels, self.stages
+        predictions.wait(
+            lambda seen: (
+                stages["scorer"].proc.poll() is not None
+                or len({s.record.event_id for s in seen}) >= len(events)
+            ),
+            60,
+        )
+        evaluations.wait(
+            lambda seen: (
+                stages["learner"].proc.poll() is not None
+                or len({s.record.event_id for s in seen} | set(orphaned_labels(letters.seen)))
+                >= len(labels)
+            ),
+            45,
+        )
+        failures = dead(stages)
+        failures += stop_cleanly(*stages.values())
+        audit = PredictionAudit(events, by_event(predictions.close(1.0)))
+        labelled = label_audit(
+            self.servers.kafka_bootstrap, self.servers.redis_url, self.spec.name, labels,
+            audit.predictions, evaluations.close(0.0), letters.close(0.0),
+        )  # fmt: skip
+        if audit.lost:
+            failures.append(f"{len(audit.lost)} events never predicted, e.g. {audit.lost[:3]}")
+        bad = audit.bad_replays
+        if bad:
+            failures.append(f"{len(bad)} extra predictions are not consistent replays: {bad[:3]}")
+        failures += labelled.failures()
+        others = [s.record for s in letters.seen if s.record.error_kind != "orphan_label"]
+        if others:  # a server that is down is not a bad message
+            failures.append(f"{len(others)} DLQ records of no bad input: {others[:2]}")
+        failures += predictions.errors + evaluations.errors + letters.errors
+        lines = [
+            f"{len(events)} events at {RATE}/s, {len(audit.predictions)} predicted, lost "
+            f"{len(audit.lost)}, {len(audit.extras)} extra predictions",
+            labelled.summary(),
+            f"DLQ: {len(letters.seen)} records "
+            f"{sorted({(s.record.stage, s.record.error_kind) for s in letters.seen})}",
+        ]
+        return failures, lines
+
+    def flowing_again(self, since: float, since_index: int) -> float | None:
+        """Seconds from ``since`` to the first prediction of an event produced after it."""
+        predictions = self.tails[0]
+        first = resumed(
+            predictions, self.stream.events, since, 60, since_index, self.stages["scorer"]
+        )
+        return None if first is None else first.at - since
+
+
+def test_a_redis_restart_mid_stream_loses_nothing(
+    private_stack: PrivateStack, spec: PipelineSpec, start_private_stage: StageFactory
+) -> None:
+    run = Run.start(private_stack, spec, start_private_stage)
+    url, failures = private_stack.redis_url, []
+    try:
+        deadline = time.monotonic() + 60  # until the learner has published and committed
+        while (before := RegistryState.read(url, spec.name)).labels_seen is None:
+            assert time.monotonic() < deadline, f"nothing published; {dead(run.stages)}"
+            time.sleep(0.5)
+        assert before.pointer is not None
+        since_index = len(run.tails[0].seen)
+        outage = private_stack.restart_redis(down_s=3.0)
+        just_after = RegistryState.read(url, spec.name)
+        failures += survived(before, just_after, "just after the restart", every=True)
+        flowing = run.flowing_again(outage.up_at, since_index)
+        time.sleep(STREAM_ON_S)
+        failures += [f"after the outage: {d}" for d in dead(run.stages)]
+    except BaseException:
+        run.stream.abort()
+        raise
+    drained, lines = run.finish()
+    failures += drained
+    failures += survived(before, RegistryState.read(url, spec.name), "at the end", every=False)
+    if flowing is None:
+        failures.append("no prediction of an event produced after Redis was back")
+    report = "\n".join(
+        [f"{outage}; predictions flowing {flowing and round(flowing, 1)} s after it was up",
+         f"registry before: pointer {before.pointer}, {len(before.versions)} versions, "
+         f"checkpoint at {before.labels_seen} labels", *lines]
+    )  # fmt: skip
+    print(f"\n{report}")
+    assert not failures, "\n".join(failures) + "\n\n" + report
+
+
+def test_a_broker_restart_mid_stream_loses_nothing(
+    private_stack: PrivateStack, spec: PipelineSpec, start_private_stage: StageFactory
+) -> None:
+    run = Run.start(private_stack, spec, start_private_stage)
+    failures = []
+    try:
+        time.sleep(2.0)
+        since_index = len(run.tails[0].seen)
+        outage = private_stack.restart_kafka()
+        flowing = run.flowing_again(outage.up_at, since_index)
+        time.sleep(STREAM_ON_S)
+        failures += [f"after the outage: {d}" for d in dead(run.stages)]
+    except BaseException:
+        run.stream.abort()
+        raise
+    drained, lines = run.finish()
+    failures += drained
+    if flowing is None:
+        failures.append("no prediction of an event produced after the broker was back")
+    resumed_after_stop = None if flowing is None else outage.up_at + flowing - outage.stopping_at
+    report = "\n".join(
+        [f"{outage}; predictions flowing {flowing and round(flowing, 1)} s after it was up, "
+         f"{resumed_after_stop and round(resumed_after_stop, 1)} s after the stop began",
+         *lines]
+    )  # fmt: skip
+    print(f"\n{report}")
+    assert not failures, "\n".join(failures) + "\n\n" + report
