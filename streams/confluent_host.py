@@ -157,7 +157,8 @@ class ConfluentHost:
             "fetch.wait.max.ms": 10,
             "partition.assignment.strategy": "cooperative-sticky",
             "session.timeout.ms": session_ms,
-            "heartbeat.interval.ms": max(100, session_ms // 3),
+            # a fifth: the survivors learn of a dead member's rebalance within ~1 s of its expiry
+            "heartbeat.interval.ms": max(100, session_ms // 5),
             "max.poll.interval.ms": int(settings.max_poll_interval_s * 1000),
             "isolation.level": "read_committed",
             "on_commit": self._on_commit,

@@ -313,7 +313,7 @@ def test_static_membership_and_session_settings_reach_the_consumer() -> None:
     host, _ = host_on_fakes(Echo(), [], host={"instance_id": "scorer-a", "session_timeout_s": 7.5})
     config = host.consumer.config
     assert config["group.instance.id"] == "scorer-a"
-    assert config["session.timeout.ms"] == 7500 and config["heartbeat.interval.ms"] == 2500
+    assert config["session.timeout.ms"] == 7500 and config["heartbeat.interval.ms"] == 1500
     assert "transactional.id" not in host.producer.config
 
 
