@@ -108,6 +108,10 @@ class Checkpointing:
     on_stop: Callable[[], list[Output]] | None = None
 
 
+# fenced again this soon after rejoining: another process has our instance id
+FENCED_AGAIN_S = 60.0
+
+
 def transactional_id(settings: HostSettings) -> str:
     """The producer's ``transactional.id``: stable per group and instance, so a restarted
     process fences its predecessor (and aborts what that one left open)."""
@@ -165,7 +169,10 @@ class ConfluentHost:
         }
         if settings.instance_id:
             consumer["group.instance.id"] = settings.instance_id
-        self.consumer = clients.make_consumer({**consumer, **clients.consumer})
+        self._consumer_config = {**consumer, **clients.consumer}
+        self._make_consumer = clients.make_consumer
+        self._fenced_at: float | None = None  # when the consumer was last fenced
+        self.consumer = clients.make_consumer(self._consumer_config)
         producer: dict[str, Any] = {"linger.ms": 1}
         if settings.exactly_once:
             producer["transactional.id"] = transactional_id(settings)
@@ -438,12 +445,9 @@ class ConfluentHost:
             if err is not None:
                 if err.code() == KafkaError._PARTITION_EOF:
                     continue
-                if err.fatal() and self.settings.instance_id:
-                    raise KafkaIOError(
-                        f"Kafka consumer stopped: {err}. A fenced static member means another "
-                        f"process joined group {self.settings.group!r} as "
-                        f"{self.settings.instance_id!r}: give each its own RIVERFLOW_INSTANCE_ID"
-                    )
+                if err.fatal() and self.settings.instance_id and self.checkpoint is None:
+                    self._rejoin(err)
+                    return []
                 raise KafkaException(err)
             # a message without error always has its topic, partition and offset
             topic, partition, offset = m.topic(), m.partition(), m.offset()
@@ -452,6 +456,39 @@ class ConfluentHost:
             stamp = ts if ts_type != TIMESTAMP_NOT_AVAILABLE else None
             batch.append(Message(topic, partition, offset, m.key(), m.value(), stamp))
         return batch
+
+    def _rejoin(self, err: KafkaError) -> None:
+        """The static member was fenced: a new consumer joins with the same instance id.
+
+        A session that expired while the broker was unreachable ends this way (the
+        old member's next request is refused once its id is taken over), and so
+        does a second process started with our instance id. The first is survived:
+        nothing is committed for the partitions (they may be another member's by
+        now; an open transaction is aborted and what it read is read again by
+        whoever owns them). The second fences us again soon after we rejoin: then
+        the host stops with an error naming the setting.
+        """
+        now = time.monotonic()
+        again = self._fenced_at is not None and now - self._fenced_at < FENCED_AGAIN_S
+        if again:
+            raise KafkaIOError(
+                f"Kafka consumer stopped: {err}. Fenced twice within {FENCED_AGAIN_S:g} s: "
+                f"another process is in group {self.settings.group!r} as "
+                f"{self.settings.instance_id!r}; give each its own RIVERFLOW_INSTANCE_ID"
+            )
+        self._fenced_at = now
+        log.warning("consumer fenced (%s): rejoining group %s", err, self.settings.group)
+        if self.exactly_once and self._txn_started is not None:
+            self._abort()
+        self._txn_first.clear()
+        self._commit_in_flight = False
+        self._forget(set(self._committable) | set(self._committed))
+        try:
+            self.consumer.close()
+        except KafkaException as exc:  # a fatal consumer may refuse even that
+            log.info("closing the fenced consumer: %s", exc)
+        self.consumer = self._make_consumer(self._consumer_config)
+        self.consumer.subscribe(self.sources, on_revoke=self._on_revoke, on_lost=self._on_lost)
 
     def _write(self, outputs: list[Output]) -> None:
         # Raises when an output is not acknowledged: the batch is then not committed

@@ -400,3 +400,39 @@ def test_a_transaction_spans_the_batches_of_its_interval_and_a_revoke_commits_it
     assert log.count("begin") == 2  # two batches in the first, the third in the second
     assert [e for e in log if e.startswith("offsets")] == ["offsets 0:2,1:2", "offsets 0:10"]
     assert log.index("offsets 0:2,1:2") < log.index("produce out", log.index("begin", 3))
+
+
+class FencedMessage(FakeMessage):
+    """What poll returns once the broker fenced a static member: a fatal error."""
+
+    def __init__(self) -> None:
+        super().__init__("in", 0, -1, b"")
+
+    def error(self) -> Any:
+        return KafkaError(KafkaError._FATAL, "Static consumer fenced", fatal=True)
+
+
+def test_a_fenced_static_member_rejoins_once_and_stops_when_fenced_again() -> None:
+    # once: what a session that expired while the broker was down ends in
+    processor = Echo()
+    pending = [FencedMessage(), FakeMessage("in", 0, 0, b"a")]
+    host, log = host_on_fakes(processor, pending, host={"instance_id": "monitor-a"})
+    run(host)
+    assert log[:3] == ["subscribe in", "close", "subscribe in"]
+    assert [m.value for m in processor.batches[0]] == [b"a"]
+    assert host.consumer.config["group.instance.id"] == "monitor-a"
+    # twice within a minute: another process runs with our instance id
+    host, log = host_on_fakes(Echo(), [FencedMessage(), FencedMessage()],
+                              host={"instance_id": "monitor-a"})  # fmt: skip
+    raised: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            host.run()
+        except BaseException as exc:
+            raised.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(10)
+    assert len(raised) == 1 and "RIVERFLOW_INSTANCE_ID" in str(raised[0])
