@@ -6,8 +6,13 @@ created time, River version. The champion pointer names the one version the
 scorers serve; every move of it is appended to the pointer history.
 
 At publish, versions beyond the newest ``keep_versions`` of a candidate are
-deleted, except every version the champion pointer ever named and those the
-learner's checkpoint continues from (``prune``); the pointer history stays whole.
+deleted, except the champion, every version a decision (a promotion, a
+rollback) moved the pointer to or away from, and those the learner's checkpoint
+continues from (``prune``); the pointer history stays whole. The versions the
+pointer only *advanced* through (the learner's snapshots of the champion it
+trains, one per ``snapshot_every`` labels) are kept among the newest only:
+keeping them all grew Redis ~60 MB a minute at 1,500 labels/s (the soak,
+docs/benchmarks.md).
 
 Redis layout (prefix ``rf:{ns}:``), no TTL (this is the audit trail)::
 
@@ -135,14 +140,17 @@ class ModelRegistry(ABC):
         return version
 
     def prune(self, name: str, keep: int) -> list[int]:
-        """Delete ``name``'s versions but the newest ``keep``, every version the
-        champion pointer ever named (its history), and those the learner's
-        checkpoint continues from; returns the versions deleted."""
+        """Delete ``name``'s versions but the newest ``keep``, the champion, every
+        version a promotion or rollback moved the pointer to or away from (a
+        rollback can go back to it), and those the learner's checkpoint continues
+        from; returns the versions deleted."""
         versions = self.versions(name)
         old = set(versions[:-keep]) if keep else set(versions)
         if not old:
             return []
         for move in self.history():
+            if move.kind == "advance" and move.previous is not None:
+                continue  # the champion's own next snapshot: the newest ``keep`` cover it
             for pointer in (move.to, move.previous):
                 if pointer is not None and pointer.model == name:
                     old.discard(pointer.version)
@@ -248,13 +256,26 @@ class ModelRegistry(ABC):
         """The pointer before the move that made the current champion.
 
         Rollback moves are skipped when looking for that move, so rolling back
-        twice goes two steps back instead of flipping between two versions.
+        twice goes two steps back instead of flipping between two versions. A
+        version pruned since (one the pointer only advanced through) is passed
+        over for the one before it: the newest earlier champion still stored.
         """
         current = self.champion()
         for past in reversed(self.history()):
             if past.to == current and past.kind != "rollback":
-                return past.previous
+                target = past.previous
+                if target is None or self.has(target):
+                    return target
+                current = target
         return None
+
+    def has(self, pointer: ChampionPointer) -> bool:
+        """Whether the version ``pointer`` names is stored (not pruned)."""
+        try:
+            self._get(pointer.model, pointer.version)
+        except ModelError:
+            return False
+        return True
 
     def history(self) -> list[PointerMove]:
         return [PointerMove.from_dict(orjson.loads(raw)) for raw in self._history()]

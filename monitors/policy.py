@@ -274,7 +274,11 @@ class PipelineMonitor:
         if self._cooling():
             return []
         before = self.labels - policy.window
-        target = next((p for n, p in reversed(self.good) if n <= before), None)
+        # a version pruned since (the registry keeps the champion's newest snapshots)
+        # is passed over for an earlier good one
+        target = next(
+            (p for n, p in reversed(self.good) if n <= before and self.registry.has(p)), None
+        )
         if target is None:
             return []
         evidence = {"recent_accuracy": round(recent, 6), "window": policy.window,

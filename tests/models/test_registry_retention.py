@@ -39,6 +39,26 @@ def test_old_versions_are_pruned_but_champions_and_the_checkpoints_stay() -> Non
     assert registry.load("m", 2).model == {"v": 2}
 
 
+def test_versions_the_champion_only_advanced_through_are_not_kept_forever() -> None:
+    # the learner publishes the champion it trains and advances the pointer every
+    # snapshot: kept all, they grew Redis ~60 MB/min in the soak
+    registry = MemoryRegistry(b"k", keep_versions=3)
+    registry.publish("m", {"v": 1}, {"parent": 0})
+    assert registry.move(ChampionPointer("m", 1), "advance", None) is not None
+    for v in range(2, 31):
+        registry.publish("m", {"v": v}, {"parent": v - 1})
+        expect = ChampionPointer("m", v - 1)
+        assert registry.move(ChampionPointer("m", v), "advance", expect) is not None
+    registry.promote(ChampionPointer("m", 29), "rollback")
+    for v in range(31, 41):
+        registry.publish("m", {"v": v}, {"parent": v - 1})
+    # the first champion, the rollback's target (29) and the version it replaced
+    # (30), and the newest 3; the 27 snapshots advanced through in between are gone
+    assert registry.versions("m") == [1, 29, 30, 38, 39, 40]
+    # rolling back again passes over the pruned 28..2 to the first champion
+    assert registry.rollback_target() == ChampionPointer("m", 1)
+
+
 def test_a_version_number_is_never_handed_out_twice() -> None:
     registry = MemoryRegistry(b"k", keep_versions=1)
     for v in range(1, 4):
