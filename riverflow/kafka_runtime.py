@@ -92,6 +92,7 @@ def host_settings(
         exactly_once=stage == "scorer" and settings.processing_guarantee == "exactly_once",
         transaction_timeout_s=settings.transaction_timeout_s,
         transaction_interval_s=settings.transaction_interval_s,
+        write_timeout_s=settings.outage_limit_s,
     )  # fmt: skip
 
 

@@ -109,8 +109,9 @@ class Settings(BaseSettings):
     # -- the learner's labels and what it keeps in Redis --------------------------
     label_max_waiting: int = Field(
         50_000, ge=1,
-        description="labels waiting for their event's snapshot at most; past it the oldest "
-        "goes to the DLQ as orphan_label (waiting list full)",
+        description="labels waiting for their event's snapshot: at this many the learner "
+        "stops reading labels until some are scored (confluent host); a host that reads on "
+        "regardless orphans the oldest past twice this",
     )  # fmt: skip
     learned_keep_s: float = Field(
         600.0, ge=0,

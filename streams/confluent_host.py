@@ -173,6 +173,12 @@ class ConfluentHost:
         self._make_consumer = clients.make_consumer
         self._fenced_at: float | None = None  # when the consumer was last fenced
         self.consumer = clients.make_consumer(self._consumer_config)
+        self._paused = False  # the processor asked for no input (backpressure)
+        hooks = getattr(processor, "on_wait", None)  # streams.guard.Guard
+        if settings.exactly_once and isinstance(hooks, list):
+            # a batch waiting out a Redis outage must not hold a transaction open:
+            # the broker aborts it after transaction_timeout_s, fencing the producer
+            hooks.append(self._end_transaction)
         producer: dict[str, Any] = {"linger.ms": 1}
         if settings.exactly_once:
             producer["transactional.id"] = transactional_id(settings)
@@ -199,6 +205,7 @@ class ConfluentHost:
         next_tick = time.monotonic() + (tick_s or 0)
         try:
             while not self._stop.is_set():
+                self._backpressure()
                 batch = self._take()
                 started = time.perf_counter()
                 outputs = self.processor.process(batch) if batch else []
@@ -448,7 +455,12 @@ class ConfluentHost:
                 if err.fatal() and self.settings.instance_id and self.checkpoint is None:
                     self._rejoin(err)
                     return []
-                raise KafkaException(err)
+                if err.fatal():
+                    raise KafkaException(err)
+                # transient (a broker away, a poll interval exceeded): librdkafka
+                # recovers by itself; the messages of this batch are still good
+                log.warning("consumer: %s", err)
+                continue
             # a message without error always has its topic, partition and offset
             topic, partition, offset = m.topic(), m.partition(), m.offset()
             assert topic is not None and partition is not None and offset is not None
@@ -456,6 +468,21 @@ class ConfluentHost:
             stamp = ts if ts_type != TIMESTAMP_NOT_AVAILABLE else None
             batch.append(Message(topic, partition, offset, m.key(), m.value(), stamp))
         return batch
+
+    def _backpressure(self) -> None:
+        """Pause the assigned partitions while the processor accepts no input (the
+        learner with its waiting list full), resume when it does; ticks go on."""
+        accepting = getattr(self.processor, "accepting", None)
+        if accepting is None or accepting() != self._paused:
+            return
+        partitions = self.consumer.assignment()
+        if self._paused:
+            self.consumer.resume(partitions)
+            log.info("%s: reading again", self.processor.stage)
+        else:
+            self.consumer.pause(partitions)
+            log.warning("%s: input paused until the processor catches up", self.processor.stage)
+        self._paused = not self._paused
 
     def _rejoin(self, err: KafkaError) -> None:
         """The static member was fenced: a new consumer joins with the same instance id.
@@ -494,4 +521,5 @@ class ConfluentHost:
         # Raises when an output is not acknowledged: the batch is then not committed
         # and will be consumed again after a restart.
         if outputs:
-            produce_all(self.producer, ((o.topic, o.key, o.value) for o in outputs))
+            records = ((o.topic, o.key, o.value) for o in outputs)
+            produce_all(self.producer, records, self.settings.write_timeout_s)

@@ -115,6 +115,9 @@ class Guard:
         self.max_backoff_s = max_backoff_s
         self.sleep = sleep
         self.clock = clock
+        # called once when an outage begins, before the first wait (the exactly-once
+        # host commits its open transaction: the broker would abort it meanwhile)
+        self.on_wait: list[Callable[[], None]] = []
         self.internal_errors = 0
         self.outages = 0  # outages lived through
         self.degraded: str | None = None
@@ -156,6 +159,8 @@ class Guard:
                     started = now
                     self.outages += 1
                     log.warning("%s degraded, retrying the batch: %s", self.stage, why)
+                    for hook in self.on_wait:
+                        hook()
                 self._set_degraded(why)
                 down = now - started
                 if down >= self.outage_limit_s:

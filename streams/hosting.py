@@ -58,3 +58,4 @@ class HostSettings:
     exactly_once: bool = False  # Kafka transactions: outputs and offsets commit together
     transaction_timeout_s: float = 10.0  # the broker aborts a transaction open this long
     transaction_interval_s: float = 0.1  # a transaction spans the batches of this long
+    write_timeout_s: float = 120.0  # a batch's outputs wait this long for a broker that is down

@@ -55,8 +55,12 @@ def producer(bootstrap: str, **extra: Any) -> Producer:
     return Producer(producer_config(bootstrap, **extra))
 
 
-def produce_all(prod: Producer, records: Iterable[tuple[str, bytes | None, bytes]]) -> int:
-    """Produce every (topic, key, value); flush once at the end. Raises on delivery errors."""
+def produce_all(
+    prod: Producer, records: Iterable[tuple[str, bytes | None, bytes]], timeout_s: float = 60.0
+) -> int:
+    """Produce every (topic, key, value); flush once at the end, waiting up to
+    ``timeout_s`` for the acks (librdkafka retries meanwhile, e.g. while the broker
+    restarts). Raises on delivery errors."""
     errors: list[str] = []
 
     def on_delivery(err: Any, _msg: Any) -> None:
@@ -74,7 +78,7 @@ def produce_all(prod: Producer, records: Iterable[tuple[str, bytes | None, bytes
         n += 1
         if n % 1000 == 0:
             prod.poll(0)
-    remaining = prod.flush(60)
+    remaining = prod.flush(timeout_s)
     if remaining or errors:
         raise KafkaIOError(f"{remaining} undelivered, errors: {errors[:3]}")
     return n

@@ -223,9 +223,15 @@ class Learner:
         todo = {**self.pending, **fresh}
         ids = list(todo)
         tokens = [f"{self.run}:{todo[e].msg.partition}:{todo[e].msg.offset}" for e in ids]
+        # ours until learned, from before the claim: if the claim's answer is lost
+        # after its script ran (a timeout, retried), the mark it left is ours to take
+        # over, not a duplicate
+        self._unlearned.update(tokens)
         claims = dict(zip(ids, self.store.claim_snapshots(ids, tokens, self._stale), strict=True))
-        self._unlearned.update(t for e, t in zip(ids, tokens, strict=True)
-                               if isinstance(claims[e], FeatureSnapshot))  # fmt: skip
+        taken = {
+            t for e, t in zip(ids, tokens, strict=True) if isinstance(claims[e], FeatureSnapshot)
+        }
+        self._unlearned.difference_update(set(tokens) - taken)
         every = self.timing.snapshot_every
         for msg, event_id in order:
             if event_id is not None:
@@ -242,8 +248,8 @@ class Learner:
                 elif claim is Claim.ORPHANED:
                     out.append(self._orphan(event_id, item, "refused before (orphan mark)"))
                 else:
-                    self.pending.pop(event_id, None)
                     out.append(self._learn(claim, item.label))
+                    self.pending.pop(event_id, None)  # after: a label whose learning raised waits
                     self._unlearned.discard(f"{self.run}:{msg.partition}:{msg.offset}")
                     self._learned_ids.append(event_id)
                     if len(self._learned_ids) > 2 * _RELEASE_AT_MOST:  # no snapshot for long
@@ -284,13 +290,21 @@ class Learner:
         why = f"no scored event {event_id!r}: {why}"
         return dead_letter(self.topics, self.stage, item.msg, "orphan_label", why)
 
+    def accepting(self) -> bool:
+        """Whether to read more labels: not while ``max_waiting`` wait for their events
+        (the confluent host pauses the labels partitions meanwhile and ticks on, so
+        a scorer down for minutes costs no label)."""
+        return len(self.pending) < self.timing.max_waiting
+
     def _overflow(self) -> list[Output]:
-        """Orphan the oldest waiting labels past ``max_waiting`` (memory stays bounded;
-        the host reads on: backpressure would stall every label behind them)."""
-        extra = len(self.pending) - self.timing.max_waiting
+        """Orphan the oldest waiting labels past twice ``max_waiting``: memory stays
+        bounded on a host that reads on regardless (the confluent host pauses at
+        ``max_waiting``, see ``accepting``)."""
+        cap = 2 * self.timing.max_waiting
+        extra = len(self.pending) - cap
         if extra <= 0:
             return []
-        why = f"waiting list full ({self.timing.max_waiting} labels)"
+        why = f"waiting list full ({cap} labels)"
         return [self._orphan(e, self.pending[e], why) for e in list(self.pending)[:extra]]
 
     def _learn(self, snap: FeatureSnapshot, label: bool) -> Output:
@@ -334,7 +348,9 @@ class Learner:
         """Publish every candidate as a new version (see ``Lineage.publish``); returns
         the model-events to write."""
         pending = [(p.msg, p.label) for p in self.pending.values()]
-        out = self.lineage.publish(self.clock(), self.learned, self.positions, pending)
+        # what a call that raised made goes out with it (a clean stop publishes it too)
+        out, self._carried = self._carried, []
+        out += self.lineage.publish(self.clock(), self.learned, self.positions, pending)
         # bounded: ids beyond it are not released early, they expire at the horizon
         self._staged_ids = [*self._staged_ids, *self._learned_ids][-_RELEASE_AT_MOST:]
         self._learned_ids = []
@@ -351,13 +367,16 @@ class Learner:
         and writes them again (at least once) instead of losing them. Then the
         store lets go of the snapshots those labels were learned from.
         """
+        if self._carried:  # outputs the checkpoint covers are not written yet
+            return
         if self.lineage.commit() and self._staged_ids:
             self.store.release_learned(self._staged_ids, self.timing.keep_learned_s)
             self._staged_ids = []
 
     def has_unpublished(self) -> bool:
-        """Labels were read, learned or refused since the last snapshot."""
-        return self._changed
+        """Labels were read, learned or refused since the last snapshot (or a call
+        that raised left outputs to write)."""
+        return self._changed or bool(self._carried)
 
     def restore(self, saved: LearnerCheckpoint) -> None:
         """Continue from a checkpoint: its candidates' versions and metrics (in the

@@ -56,6 +56,7 @@ class Kills:
     at: set[int] = field(default_factory=set)
     count: int = 0
     outage: bool = False
+    reply_lost: bool = False  # a claim fails after its script ran (a timeout, retried)
 
     def tick(self, write: bool = True) -> None:
         self.count += 1
@@ -67,8 +68,12 @@ class KillableStore(MemoryFeatureStore):
     kills: Kills
 
     def claim_snapshots(self, *args: Any) -> Any:
+        if not self.kills.reply_lost:
+            self.kills.tick()
+            return super().claim_snapshots(*args)
+        claims = super().claim_snapshots(*args)
         self.kills.tick()
-        return super().claim_snapshots(*args)
+        return claims
 
     def mark_orphans(self, *args: Any) -> None:
         self.kills.tick()
@@ -296,3 +301,15 @@ def test_a_batch_retried_after_a_redis_error_evaluates_every_label_once(
         check(w, w.run())
         evaluated = Counter(o.key for o in w.written if o.topic == w.spec.topics.evaluations)
         assert set(evaluated.values()) == {1}, at  # none lost, none twice
+
+
+def test_a_claim_whose_reply_was_lost_is_retried_without_losing_its_labels(
+    unmonitored_spec: PipelineSpec,
+) -> None:
+    # the claim ran and marked the labels with this run's token, but its answer was
+    # lost: the batch given again must learn them, not count them as duplicates
+    for at in range(1, writes_in_a_run(unmonitored_spec) + 1):
+        w = world(unmonitored_spec, Kills({at}, outage=True, reply_lost=True))
+        check(w, w.run())
+        evaluated = Counter(o.key for o in w.written if o.topic == w.spec.topics.evaluations)
+        assert set(evaluated.values()) == {1}, at

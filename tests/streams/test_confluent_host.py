@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from confluent_kafka import TIMESTAMP_CREATE_TIME, KafkaError, KafkaException, TopicPartition
 
+from riverflow.stages.common import guarded
 from riverflow.streams.confluent_host import (
     Checkpointing,
     ClientSettings,
@@ -20,6 +21,7 @@ from riverflow.streams.confluent_host import (
     HostSettings,
 )
 from riverflow.streams.contracts import Message, Output
+from riverflow.streams.topics import Topics
 
 
 class FakeMessage:
@@ -102,6 +104,15 @@ class FakeConsumer:
 
     def close(self) -> None:
         self.log.append("close")
+
+    def assignment(self) -> list[TopicPartition]:
+        return self.assigned
+
+    def pause(self, partitions: list[TopicPartition]) -> None:
+        self.log.append(f"pause {len(partitions)}")
+
+    def resume(self, partitions: list[TopicPartition]) -> None:
+        self.log.append(f"resume {len(partitions)}")
 
 
 class FakeProducer:
@@ -436,3 +447,63 @@ def test_a_fenced_static_member_rejoins_once_and_stops_when_fenced_again() -> No
     thread.start()
     thread.join(10)
     assert len(raised) == 1 and "RIVERFLOW_INSTANCE_ID" in str(raised[0])
+
+
+class Picky(Echo):
+    """Accepts input only while fewer than ``room`` messages are held back (the learner
+    with its waiting list full); a tick lets one go."""
+
+    def __init__(self, room: int) -> None:
+        super().__init__(stop_after=99)
+        self.room, self.held = room, 0
+        self.ticks = 0
+
+    def accepting(self) -> bool:
+        return self.held < self.room
+
+    def process(self, batch: Sequence[Message]) -> list[Output]:
+        if not batch:
+            self.ticks += 1
+            self.held = max(0, self.held - 1)
+            if self.ticks >= 5 and self.host is not None:
+                self.host.stop()
+            return []
+        self.held += len(batch)
+        return super().process(batch)
+
+
+def test_input_is_paused_while_the_processor_accepts_none_and_resumed_after() -> None:
+    processor = Picky(room=2)
+    pending = [FakeMessage("in", 0, o, b"x") for o in range(3)]
+    positions = {0: 0}
+    host, log = host_on_fakes(
+        processor, pending, host={"tick_s": 0.0},
+        checkpoint=Checkpointing(positions, after_write=lambda: None),
+    )  # fmt: skip
+    run(host)
+    # 3 held (> room 2): paused; ticks let them go; resumed once there is room
+    assert "pause 2" in log and "resume 2" in log
+    assert log.index("pause 2") < log.index("resume 2")
+
+
+def test_a_transient_consumer_error_is_logged_and_the_batch_goes_on() -> None:
+    class Transient(FakeMessage):
+        def error(self) -> Any:
+            return KafkaError(KafkaError._MAX_POLL_EXCEEDED, "poll interval exceeded")
+
+    processor = Echo()
+    pending = [FakeMessage("in", 0, 0, b"a"), Transient("in", 0, -1, b""),
+               FakeMessage("in", 0, 1, b"b")]  # fmt: skip
+    host, _ = host_on_fakes(processor, pending)
+    run(host)
+    assert [m.value for m in processor.batches[0]] == [b"a", b"b"]
+
+
+def test_an_exactly_once_host_commits_its_transaction_before_its_guard_waits() -> None:
+    # a batch waiting out Redis must not hold a transaction the broker aborts meanwhile
+    guard = guarded(Echo(), Topics("t"))
+    host, _ = host_on_fakes(guard, [], host={"instance_id": "scorer-a", "exactly_once": True})
+    assert guard.on_wait == [host._end_transaction]
+    plain = guarded(Echo(), Topics("t"))
+    host_on_fakes(plain, [])
+    assert plain.on_wait == []

@@ -205,9 +205,12 @@ def test_the_guard_waits_out_a_server_outage_without_blaming_a_message(exc: Exce
     guard = guarded(stage, topics, outage_limit_s=60, health=health)
     guard.sleep = lambda s: now.__setitem__(0, now[0] + s)
     guard.clock = lambda: now[0]
+    waits: list[float] = []  # the exactly-once host commits its transaction here
+    guard.on_wait.append(lambda: waits.append(now[0]))
     out = guard.process(batch([b"a", b"b"]))
     assert [o.value for o in out] == [b"a", b"b"]  # the same batch, once, nothing in the DLQ
     assert stage.calls == 5
+    assert waits == [0.0]  # once, before the first wait
     assert health.seen[0] is not None and health.seen[-1] is None
     assert 0 < now[0] < 60
 
