@@ -592,7 +592,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as exc:  # a RIVERFLOW_* variable that does not parse
         for e in exc.errors(include_url=False):
             name = "RIVERFLOW_" + "_".join(str(p) for p in e["loc"]).upper()
-            err_console.print(f"[red]error:[/red] {name}: {e['msg']}")
+            where = f"{name}: " if e["loc"] else "settings: "  # a rule across settings
+            err_console.print(f"[red]error:[/red] {where}{e['msg']}")
         return 2
     try:
         return int(args.func(args, settings))

@@ -11,7 +11,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # package data, so an installed riverflow finds it from any directory
@@ -124,18 +124,10 @@ class Settings(BaseSettings):
     )
     registry_keep_versions: int = Field(
         20, ge=1,
-        description="newest versions kept per candidate at publish; champions (past and "
-        "present) and the checkpoint's versions are always kept",
+        description="newest versions kept per candidate at publish; the champion, versions "
+        "a promotion or rollback moved the pointer to or from, and the checkpoint's are "
+        "always kept",
     )  # fmt: skip
-
-    @field_validator("kafka_jvm_options")
-    @classmethod
-    def _jvm_options_split(cls, value: str) -> str:
-        try:
-            shlex.split(value)
-        except ValueError as exc:  # an unclosed quote
-            raise ValueError(f"not a list of JVM options ({exc}): {value!r}") from exc
-        return value
 
     # -- delivery guarantees and failover (docs/architecture.md, "Delivery and failover") --
     processing_guarantee: Literal["at_least_once", "exactly_once"] = Field(
@@ -172,3 +164,23 @@ class Settings(BaseSettings):
         description="exactly once: the broker aborts a transaction left open this long "
         "(a killed scorer that does not come back holds its partitions' reads until then)",
     )  # fmt: skip
+
+    @field_validator("kafka_jvm_options")
+    @classmethod
+    def _jvm_options_split(cls, value: str) -> str:
+        try:
+            shlex.split(value)
+        except ValueError as exc:  # an unclosed quote
+            raise ValueError(f"not a list of JVM options ({exc}): {value!r}") from exc
+        return value
+
+    @model_validator(mode="after")
+    def _poll_outlasts_outage(self) -> Settings:
+        # a batch waiting out an outage must not take the stage out of its group
+        if self.max_poll_interval_s <= self.outage_limit_s + 30:
+            raise ValueError(
+                f"max_poll_interval_s ({self.max_poll_interval_s:g}) must exceed "
+                f"outage_limit_s ({self.outage_limit_s:g}) by more than 30 s: a batch "
+                "waiting out an outage would otherwise take the stage out of its group"
+            )
+        return self

@@ -42,6 +42,12 @@ def test_a_bad_setting_is_named_not_a_traceback() -> None:
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "RIVERFLOW_BATCH_SIZE: Input should be greater than or equal to 1" in done.stderr
     assert "RIVERFLOW_KAFKA_JVM_OPTIONS: Value error, not a list of JVM options" in done.stderr
+    # a rule across settings: a batch waiting out an outage must not leave the group
+    env = {**os.environ, "RIVERFLOW_OUTAGE_LIMIT_S": "400"}
+    done = riverflow("stack", "status", env=env)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    said = " ".join(done.stderr.split())
+    assert "settings: Value error, max_poll_interval_s (300) must exceed outage_limit_s" in said
 
 
 def test_run_without_servers_says_how_to_get_them(tmp_path: Path) -> None:
