@@ -112,8 +112,8 @@ class ServerProcess:
         """This server as it runs now: the process listening on its port, which a
         restart by hand may have replaced (same port, another pid)."""
         pid = pid_listening_on(self.port)
-        if pid is None or pid == self.pid:
-            return self
+        if pid is None or pid == self.pid or not _runs(pid, _SERVER_MARK[self.name]):
+            return self  # nothing there, or something that is not our kind of server
         return ServerProcess(self.name, pid, self.address, self.log, self.durability)
 
     def alive(self) -> bool:
@@ -139,6 +139,18 @@ class ServerProcess:
                 return
             time.sleep(0.1)
         os.kill(self.pid, signal.SIGKILL)
+
+
+# what a server's command line holds: `stack down` stops only such a process
+_SERVER_MARK = {"kafka": "kafka.Kafka", "redis": "redis-server"}
+
+
+def _runs(pid: int, mark: str) -> bool:
+    """Whether process ``pid``'s command line contains ``mark``."""
+    try:
+        return mark.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
 
 
 def pid_listening_on(port: int) -> int | None:
