@@ -5,9 +5,9 @@ server that is down is waited for, never blamed on a message.
 (the confluent loop, Faust, the embedded runtime). When ``process(batch)`` raises:
 
 - a server outage (Redis unreachable, timing out, loading or BUSY running a
-  script; a retriable Kafka error): the same batch is run again after a bounded
-  exponential backoff, the stage reports itself degraded (``/healthz`` answers 503
-  with the reason) while it lasts, and after ``outage_limit_s`` without success it
+  script): the same batch is run again after a bounded exponential backoff,
+  the stage reports itself degraded (``/healthz`` answers 503 with the reason)
+  while it lasts, and after ``outage_limit_s`` without success it
   gives up with ``StageOutage`` (the process exits non-zero with one line). Nothing
   goes to the DLQ and nothing is skipped because a server is down.
 - anything else (a bug, or a message no validator foresaw): the batch is bisected
@@ -16,12 +16,13 @@ server that is down is waited for, never blamed on a message.
   processed, and the stage goes on.
 
 Running messages again relies on what the stages already guarantee for replays
-(docs/architecture.md): the outputs of an attempt that raised are discarded, so
-only the attempt that succeeds emits; the scorer's store calls are idempotent by
-event id (a snapshot stored by the failed attempt is read back, the prediction is
-recorded once); the learner claims each label once by event id, so a label is
-never learned twice (one claimed by an attempt that raised before learning it is
-not learned by this run; a restart from a checkpoint before it learns it again).
+(docs/architecture.md): the scorer discards the outputs of an attempt that raised
+and its store calls are idempotent by event id (a snapshot stored by the failed
+attempt is read back, the prediction is recorded once); the learner keeps what an
+attempt that raised did (its outputs come with its next call, labels it read are
+skipped, labels it claimed but did not learn are taken over), so each label is
+learned and evaluated once. Kafka being down is the host's to wait out (it waits
+``write_timeout_s`` for acks; librdkafka reconnects by itself).
 """
 
 from __future__ import annotations
@@ -84,11 +85,6 @@ def _outage_of(e: BaseException) -> str | None:
             return f"Redis: {str(e)[:200]}"
     if isinstance(e, ConnectionError | TimeoutError):  # the builtins (OSError)
         return f"{name}: {e}"
-    if type(e).__name__ == "KafkaException" and e.args:
-        err = e.args[0]
-        retriable = getattr(err, "retriable", None)
-        if callable(retriable) and retriable():
-            return f"Kafka: {err}"
     return None
 
 
