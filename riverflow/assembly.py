@@ -25,6 +25,7 @@ from riverflow.stages.learner import LabelJoin, Learner, LearnerTiming, ScoredTh
 from riverflow.stages.lineage import Candidate, Following, Lineage
 from riverflow.stages.monitor import Monitor
 from riverflow.stages.scorer import Scorer
+from riverflow.streams.guard import outage
 from riverflow.streams.validation import Bounds
 
 log = logging.getLogger(__name__)
@@ -46,28 +47,34 @@ T = TypeVar("T")
 
 
 def through_outage(call: Callable[[], T], wait_s: float, what: str) -> T:
-    """``call()``, retried with backoff (up to 5 s apart) while Redis is unreachable,
-    for at most ``wait_s``; then its error is raised. For the learner's startup,
-    restore and checkpoint commit: each is safe to repeat."""
-    import redis
-
-    from riverflow.features.errors import FeatureStoreError
-
+    """``call()``, retried with backoff (up to 5 s apart) while a server is down, for
+    at most ``wait_s``; then its error is raised. A server down is what the guard
+    calls an outage (``streams.guard.outage``: Redis unreachable, timing out,
+    loading, BUSY...) or a Kafka cluster that cannot be reached. For what a stage
+    does outside its batches (startup, restore, checkpoint commit, creating
+    topics): each is safe to repeat."""
     give_up, pause = time.monotonic() + wait_s, 0.2
     while True:
         try:
             return call()
-        except (redis.ConnectionError, redis.TimeoutError, FeatureStoreError,
-                ConnectionFailed) as exc:  # fmt: skip
-            if isinstance(exc, FeatureStoreError) and not isinstance(
-                exc.__cause__, redis.ConnectionError | redis.TimeoutError
-            ):
+        except Exception as exc:
+            why = outage(exc) or kafka_unreachable(exc)
+            if why is None or time.monotonic() + pause > give_up:
                 raise
-            if time.monotonic() + pause > give_up:
-                raise
-            log.warning("%s: Redis unreachable (%s); retrying in %.1fs", what, exc, pause)
+            log.warning("%s: %s; retrying in %.1fs", what, why, pause)
             time.sleep(pause)
             pause = min(5.0, pause * 2)
+
+
+def kafka_unreachable(exc: BaseException) -> str | None:
+    """Why ``exc`` is the Kafka cluster being unreachable (not a refusal), or None."""
+    from confluent_kafka import KafkaError, KafkaException
+
+    err = exc.args[0] if isinstance(exc, KafkaException) and exc.args else None
+    if not isinstance(err, KafkaError):
+        return None
+    down = (KafkaError._TRANSPORT, KafkaError._TIMED_OUT, KafkaError._ALL_BROKERS_DOWN)
+    return f"Kafka: {err}" if err.code() in down or err.retriable() else None
 
 
 def redis_client(settings: Settings, url: str, wait_s: float = 0.0) -> Any:

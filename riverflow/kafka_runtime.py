@@ -113,9 +113,12 @@ def run_stage(stage: str, spec: PipelineSpec, settings: Settings, ep: Servers) -
     if uses_dev_key(settings):
         log.warning("RIVERFLOW_SIGNING_KEY is the development default: set your own key")
     topics = spec.topics
-    ensure_topics(
-        ep.kafka_bootstrap, topics.all(), settings.partitions, settings.replication_factor
-    )
+    through_outage(  # a broker that is down at startup is waited for, as later
+        lambda: ensure_topics(
+            ep.kafka_bootstrap, topics.all(), settings.partitions, settings.replication_factor
+        ),
+        settings.outage_limit_s, f"Kafka at {ep.kafka_bootstrap}",
+    )  # fmt: skip
     # a Redis that is down at startup is waited for, as it is later (streams.guard)
     client = redis_client(settings, ep.redis_url, settings.outage_limit_s)
     store, registry = redis_backends(spec, settings, client)

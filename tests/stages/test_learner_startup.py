@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 
 import pytest
+import redis
 
 from riverflow.assembly import ConnectionFailed, redis_client, through_outage
 from riverflow.cli import main
@@ -43,7 +44,12 @@ def test_an_unreachable_redis_is_retried_until_the_wait_is_over() -> None:
         through_outage(ping, 1.0, "test")
     assert len(calls) >= 3  # retried with backoff, then given up
 
-    answers = iter([ConnectionFailed("down"), ConnectionFailed("down"), None])
+    def down() -> ConnectionFailed:  # what redis_client raises for an unreachable Redis
+        failed = ConnectionFailed("Redis unreachable at 127.0.0.1:1")
+        failed.__cause__ = redis.ConnectionError("Error 111")
+        return failed
+
+    answers = iter([down(), down(), None])
 
     def flaky() -> str:
         answer = next(answers)
