@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
@@ -252,6 +252,34 @@ def tails(
         TopicTail(bootstrap, topics.predictions, Prediction.decode),
         TopicTail(bootstrap, topics.evaluations, Evaluation.decode),
         TopicTail(bootstrap, topics.dlq, DeadLetter.decode),
+    )
+
+
+def wait_drained(
+    tails: tuple[TopicTail[Prediction], TopicTail[Evaluation], TopicTail[DeadLetter]],
+    stages: Mapping[str, Stage],
+    events: Collection[str],
+    labels: Collection[str],
+    timeout_s: tuple[float, float],
+) -> None:
+    """Wait (up to ``timeout_s``: predictions, then evaluations) until every event is
+    predicted and every label evaluated or orphaned, or the stage that would write
+    them has exited."""
+    predictions, evaluations, letters = tails
+    predictions.wait(
+        lambda seen: (
+            stages["scorer"].proc.poll() is not None
+            or len({s.record.event_id for s in seen}) >= len(events)
+        ),
+        timeout_s[0],
+    )
+    evaluations.wait(
+        lambda seen: (
+            stages["learner"].proc.poll() is not None
+            or len({s.record.event_id for s in seen} | set(orphaned_labels(letters.seen)))
+            >= len(labels)
+        ),
+        timeout_s[1],
     )
 
 

@@ -27,12 +27,12 @@ from tests.integration.chaos import (
     dead,
     label_audit,
     learner_kill_report,
-    orphaned_labels,
     resumed,
     scorer_kill_report,
     sigkill_and_restart,
     stop_cleanly,
     tails,
+    wait_drained,
 )
 from tests.integration.conftest import StageFactory, StageProcess
 
@@ -87,21 +87,7 @@ def test_sigkilled_scorer_and_learner_lose_nothing(
     events, labels = stream.events, stream.labels
 
     # drain: every event predicted, every label evaluated or orphaned, then a clean stop
-    predictions.wait(
-        lambda seen: (
-            stages["scorer"].proc.poll() is not None
-            or len({s.record.event_id for s in seen}) >= len(events)
-        ),
-        90,
-    )
-    evaluations.wait(
-        lambda seen: (
-            stages["learner"].proc.poll() is not None
-            or len({s.record.event_id for s in seen} | set(orphaned_labels(letters.seen)))
-            >= len(labels)
-        ),
-        75,
-    )
+    wait_drained((predictions, evaluations, letters), stages, events, labels, (90, 75))
     failures = dead(stages)
     failures += stop_cleanly(stages["scorer"], stages["learner"])
     audit = PredictionAudit(events, by_event(predictions.close(2.0)))

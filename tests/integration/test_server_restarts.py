@@ -31,10 +31,10 @@ from tests.integration.chaos import (
     by_event,
     dead,
     label_audit,
-    orphaned_labels,
     resumed,
     stop_cleanly,
     tails,
+    wait_drained,
 )
 from tests.integration.conftest import StageFactory, StageProcess
 
@@ -136,21 +136,7 @@ class Run:
         self.stream.finish()
         predictions, evaluations, letters = self.tails
         events, labels, stages = self.stream.events, self.stream.labels, self.stages
-        predictions.wait(
-            lambda seen: (
-                stages["scorer"].proc.poll() is not None
-                or len({s.record.event_id for s in seen}) >= len(events)
-            ),
-            60,
-        )
-        evaluations.wait(
-            lambda seen: (
-                stages["learner"].proc.poll() is not None
-                or len({s.record.event_id for s in seen} | set(orphaned_labels(letters.seen)))
-                >= len(labels)
-            ),
-            45,
-        )
+        wait_drained(self.tails, stages, events, labels, (60, 45))
         failures = dead(stages)
         failures += stop_cleanly(*stages.values())
         audit = PredictionAudit(events, by_event(predictions.close(1.0)))
