@@ -452,10 +452,12 @@ class ConfluentHost:
             if err is not None:
                 if err.code() == KafkaError._PARTITION_EOF:
                     continue
-                if err.fatal() and self.settings.instance_id and self.checkpoint is None:
+                # a fatal error may come as a message whose error has the code only
+                fatal = err.fatal() or err.code() == KafkaError._FATAL
+                if fatal and self.settings.instance_id and self.checkpoint is None:
                     self._rejoin(err)
                     return []
-                if err.fatal():
+                if fatal:
                     raise KafkaException(err)
                 # transient (a broker away, a poll interval exceeded): librdkafka
                 # recovers by itself; the messages of this batch are still good
