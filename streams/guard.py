@@ -115,7 +115,6 @@ class Guard:
         # host commits its open transaction: the broker would abort it meanwhile)
         self.on_wait: list[Callable[[], None]] = []
         self.internal_errors = 0
-        self.outages = 0  # outages lived through
         self.degraded: str | None = None
 
     def __getattr__(self, name: str) -> Any:
@@ -153,7 +152,6 @@ class Guard:
                 now = self.clock()
                 if started is None:
                     started = now
-                    self.outages += 1
                     log.warning("%s degraded, retrying the batch: %s", self.stage, why)
                     for hook in self.on_wait:
                         hook()
