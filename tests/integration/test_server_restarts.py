@@ -14,6 +14,7 @@ Run with ``-s`` to see the seconds (they are in the failure message too).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,7 @@ from riverflow.spec import PipelineSpec
 from riverflow.streams.kafka_io import ensure_topics
 from tests.integration.chaos import (
     SIGNING_KEY,
+    Outage,
     PacedStream,
     PredictionAudit,
     PrivateStack,
@@ -163,6 +165,25 @@ class Run:
         ]
         return failures, lines
 
+    def through(
+        self, restart: Callable[[], Outage], just_after: Callable[[], list[str]] = list
+    ) -> tuple[Outage, float | None, list[str], list[str]]:
+        """Restart a server mid-stream, stream on, then drain and stop: the outage,
+        the seconds from its end to predictions flowing again, (failures, report lines)."""
+        failures = []
+        try:
+            since_index = len(self.tails[0].seen)
+            outage = restart()
+            failures += just_after()
+            flowing = self.flowing_again(outage.up_at, since_index)
+            time.sleep(STREAM_ON_S)
+            failures += [f"after the outage: {d}" for d in dead(self.stages)]
+        except BaseException:
+            self.stream.abort()
+            raise
+        drained, lines = self.finish()
+        return outage, flowing, failures + drained, lines
+
     def flowing_again(self, since: float, since_index: int) -> float | None:
         """Seconds from ``since`` to the first prediction of an event produced after it."""
         predictions = self.tails[0]
@@ -176,25 +197,21 @@ def test_a_redis_restart_mid_stream_loses_nothing(
     private_stack: PrivateStack, spec: PipelineSpec, start_private_stage: StageFactory
 ) -> None:
     run = Run.start(private_stack, spec, start_private_stage)
-    url, failures = private_stack.redis_url, []
+    url = private_stack.redis_url
     try:
         deadline = time.monotonic() + 60  # until the learner has published and committed
         while (before := RegistryState.read(url, spec.name)).labels_seen is None:
             assert time.monotonic() < deadline, f"nothing published; {dead(run.stages)}"
             time.sleep(0.5)
         assert before.pointer is not None
-        since_index = len(run.tails[0].seen)
-        outage = private_stack.restart_redis(down_s=3.0)
-        just_after = RegistryState.read(url, spec.name)
-        failures += survived(before, just_after, "just after the restart", every=True)
-        flowing = run.flowing_again(outage.up_at, since_index)
-        time.sleep(STREAM_ON_S)
-        failures += [f"after the outage: {d}" for d in dead(run.stages)]
     except BaseException:
         run.stream.abort()
         raise
-    drained, lines = run.finish()
-    failures += drained
+    outage, flowing, failures, lines = run.through(
+        lambda: private_stack.restart_redis(down_s=3.0),
+        lambda: survived(before, RegistryState.read(url, spec.name), "just after the restart",
+                         every=True),
+    )  # fmt: skip
     failures += survived(before, RegistryState.read(url, spec.name), "at the end", every=False)
     if flowing is None:
         failures.append("no prediction of an event produced after Redis was back")
@@ -211,19 +228,8 @@ def test_a_broker_restart_mid_stream_loses_nothing(
     private_stack: PrivateStack, spec: PipelineSpec, start_private_stage: StageFactory
 ) -> None:
     run = Run.start(private_stack, spec, start_private_stage)
-    failures = []
-    try:
-        time.sleep(2.0)
-        since_index = len(run.tails[0].seen)
-        outage = private_stack.restart_kafka()
-        flowing = run.flowing_again(outage.up_at, since_index)
-        time.sleep(STREAM_ON_S)
-        failures += [f"after the outage: {d}" for d in dead(run.stages)]
-    except BaseException:
-        run.stream.abort()
-        raise
-    drained, lines = run.finish()
-    failures += drained
+    time.sleep(2.0)
+    outage, flowing, failures, lines = run.through(private_stack.restart_kafka)
     if flowing is None:
         failures.append("no prediction of an event produced after the broker was back")
     resumed_after_stop = None if flowing is None else outage.up_at + flowing - outage.stopping_at
