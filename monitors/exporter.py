@@ -60,18 +60,27 @@ class StageMetrics:
             ["stage", "name"], registry=r,
         )  # fmt: skip
         self.last_loop = time.monotonic()
-        self.degraded: str | None = None  # why the stage waits for a server, while it does
+        self._degraded_by: dict[str, str] = {}  # who reports it -> why the stage waits
         self._degraded = Gauge(
             "riverflow_stage_degraded", "1 while the stage retries because a server is down",
             ["stage"], registry=r,
         ).labels(stage)  # fmt: skip
 
-    def set_degraded(self, reason: str | None) -> None:
+    def set_degraded(self, reason: str | None, source: str = "stage") -> None:
         """The stage waits for a server (``reason``), or no longer (None): /healthz
-        answers 503 with the reason while it lasts."""
-        self.degraded = reason
-        self._degraded.set(reason is not None)
+        answers 503 with the reason while it lasts. ``source`` tells reporters apart
+        (the stage's guard waits for Redis, the host for Kafka): each clears its own."""
+        if reason is None:
+            self._degraded_by.pop(source, None)
+        else:
+            self._degraded_by[source] = reason
+        self._degraded.set(bool(self._degraded_by))
         self.last_loop = time.monotonic()  # the loop is alive: it is retrying
+
+    @property
+    def degraded(self) -> str | None:
+        """Why the stage waits for a server (every reporter's reason), None while it does not."""
+        return "; ".join(self._degraded_by.values()) or None
 
     def observe(
         self, batch: Sequence[Any], outputs: Iterable[Any], seconds: float, dlq_topic: str

@@ -25,7 +25,7 @@ from riverflow.stages.learner import LabelJoin, Learner, LearnerTiming, ScoredTh
 from riverflow.stages.lineage import Candidate, Following, Lineage
 from riverflow.stages.monitor import Monitor
 from riverflow.stages.scorer import Scorer
-from riverflow.streams.guard import outage
+from riverflow.streams.guard import FIRST_BACKOFF_S, MAX_BACKOFF_S, outage
 from riverflow.streams.validation import Bounds
 
 log = logging.getLogger(__name__)
@@ -47,13 +47,13 @@ T = TypeVar("T")
 
 
 def through_outage(call: Callable[[], T], wait_s: float, what: str) -> T:
-    """``call()``, retried with backoff (up to 5 s apart) while a server is down, for
+    """``call()``, retried with the guard's backoff while a server is down, for
     at most ``wait_s``; then its error is raised. A server down is what the guard
     calls an outage (``streams.guard.outage``: Redis unreachable, timing out,
     loading, BUSY...) or a Kafka cluster that cannot be reached. For what a stage
     does outside its batches (startup, restore, checkpoint commit, creating
     topics): each is safe to repeat."""
-    give_up, pause = time.monotonic() + wait_s, 0.2
+    give_up, pause = time.monotonic() + wait_s, FIRST_BACKOFF_S
     while True:
         try:
             return call()
@@ -63,7 +63,7 @@ def through_outage(call: Callable[[], T], wait_s: float, what: str) -> T:
                 raise
             log.warning("%s: %s; retrying in %.1fs", what, why, pause)
             time.sleep(pause)
-            pause = min(5.0, pause * 2)
+            pause = min(MAX_BACKOFF_S, pause * 2)
 
 
 def kafka_unreachable(exc: BaseException) -> str | None:

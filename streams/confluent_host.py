@@ -110,6 +110,7 @@ class Checkpointing:
 
 # fenced again this soon after rejoining: another process has our instance id
 FENCED_AGAIN_S = 60.0
+PROBE_S = 1.0  # while Kafka is unreachable, a broker is asked this often whether it is back
 
 
 def transactional_id(settings: HostSettings) -> str:
@@ -166,6 +167,7 @@ class ConfluentHost:
             "max.poll.interval.ms": int(settings.max_poll_interval_s * 1000),
             "isolation.level": "read_committed",
             "on_commit": self._on_commit,
+            "error_cb": self._on_client_error,
         }
         if settings.instance_id:
             consumer["group.instance.id"] = settings.instance_id
@@ -174,12 +176,14 @@ class ConfluentHost:
         self._fenced_at: float | None = None  # when the consumer was last fenced
         self.consumer = clients.make_consumer(self._consumer_config)
         self._paused = False  # the processor asked for no input (backpressure)
+        self._kafka_down_since: float | None = None  # degraded: the broker is unreachable
+        self._next_probe = 0.0
         hooks = getattr(processor, "on_wait", None)  # streams.guard.Guard
         if settings.exactly_once and isinstance(hooks, list):
             # a batch waiting out a Redis outage must not hold a transaction open:
             # the broker aborts it after transaction_timeout_s, fencing the producer
             hooks.append(self._end_transaction)
-        producer: dict[str, Any] = {"linger.ms": 1}
+        producer: dict[str, Any] = {"linger.ms": 1, "error_cb": self._on_client_error}
         if settings.exactly_once:
             producer["transactional.id"] = transactional_id(settings)
             producer["transaction.timeout.ms"] = int(settings.transaction_timeout_s * 1000)
@@ -205,6 +209,8 @@ class ConfluentHost:
         next_tick = time.monotonic() + (tick_s or 0)
         try:
             while not self._stop.is_set():
+                if self._kafka_down_since is not None:
+                    self._probe_kafka()
                 self._backpressure()
                 batch = self._take()
                 started = time.perf_counter()
@@ -524,4 +530,52 @@ class ConfluentHost:
         # and will be consumed again after a restart.
         if outputs:
             records = ((o.topic, o.key, o.value) for o in outputs)
-            produce_all(self.producer, records, self.settings.write_timeout_s)
+            produce_all(self.producer, records, self.settings.write_timeout_s, self._acks_late)
+            if self._kafka_down_since is not None:  # acknowledged: the broker is back
+                self._kafka_up()
+
+    # -- Kafka outages (degraded on /healthz while they last) --
+
+    def _on_client_error(self, err: KafkaError) -> None:
+        """librdkafka's errors outside any request (served by poll and flush): every
+        broker unreachable is an outage; the others it recovers from by itself."""
+        if err.code() == KafkaError._ALL_BROKERS_DOWN:
+            self._kafka_down(f"Kafka: {err.str()}")
+        else:
+            log.info("Kafka client: %s", err)
+
+    def _acks_late(self, waiting: int) -> None:
+        """A batch's outputs have waited over a second for their acks."""
+        self._kafka_down(f"Kafka: {waiting} outputs wait for their acks")
+
+    def _kafka_down(self, reason: str) -> None:
+        now = time.monotonic()
+        if self._kafka_down_since is None:
+            log.warning("%s degraded: %s", self.processor.stage, reason)
+            self._kafka_down_since = now
+            self._next_probe = now + PROBE_S
+        if self.metrics is not None:
+            self.metrics.set_degraded(reason, "kafka")
+
+    def _kafka_up(self) -> None:
+        assert self._kafka_down_since is not None
+        log.warning(
+            "%s: Kafka reachable again after %.1fs",
+            self.processor.stage, time.monotonic() - self._kafka_down_since,
+        )  # fmt: skip
+        self._kafka_down_since = None
+        if self.metrics is not None:
+            self.metrics.set_degraded(None, "kafka")
+
+    def _probe_kafka(self) -> None:
+        """While degraded, ask a broker for the source's metadata every ``PROBE_S``: an
+        answer ends the outage (a quiet stage writes nothing that could tell it)."""
+        now = time.monotonic()
+        if now < self._next_probe:
+            return
+        self._next_probe = now + PROBE_S
+        try:
+            self.consumer.list_topics(self.sources[0], timeout=PROBE_S)
+        except KafkaException:
+            return
+        self._kafka_up()

@@ -3,6 +3,15 @@
 Offsets: Faust acks a batch's events only after the loop body returns, and the
 body returns only once every output of the batch is acknowledged by the broker,
 so a committed offset never covers an event whose prediction could be lost.
+
+The processor runs in a worker thread of its own (one, so never two batches at
+once), not on the event loop, as Faust asks of blocking work: a batch that waits
+out a Redis outage (the guard's backoff sleeps) leaves the loop to Faust's own
+services (fetching, committing, its monitors). Faust's consumer heartbeats from
+a thread of its own, so the group membership survives either way
+(tests/integration/test_server_restarts.py). Outputs that wait over a second
+for their acks make the stage degraded (``/healthz``) until they are
+acknowledged.
 """
 
 from __future__ import annotations
@@ -10,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +71,8 @@ def stage_app(
         producer_max_request_size=4 * 1024 * 1024,
         consumer_max_fetch_size=4 * 1024 * 1024,
         broker_commit_every=batch_size,
+        broker_session_timeout=settings.session_timeout_s,
+        broker_heartbeat_interval=max(0.1, settings.session_timeout_s / 5),
     )
     topics: dict[str, Any] = {}
 
@@ -71,9 +83,17 @@ def stage_app(
 
     async def write(batch: list[Message], outputs: list[Output], started: float) -> None:
         futures = [await topic(o.topic).send(key=o.key, value=o.value, force=True) for o in outputs]
-        await asyncio.gather(*futures)
+        acked = asyncio.gather(*futures)
+        late = False
+        while not (await asyncio.wait({acked}, timeout=1.0))[0]:
+            late = True
+            if metrics is not None:
+                metrics.set_degraded(f"Kafka: {len(outputs)} outputs wait for their acks", "kafka")
+        acked.result()  # a delivery error raises here
         if metrics is None:
             return
+        if late:
+            metrics.set_degraded(None, "kafka")
         metrics.set_status(processor.status())
         if not batch and not outputs:
             metrics.heartbeat()
@@ -85,6 +105,10 @@ def stage_app(
             metrics.set_lag(tp[0], tp[1], max(0, high - last - 1))
 
     lock = asyncio.Lock()  # the agent and the timer never run the processor at once
+    worker = ThreadPoolExecutor(1, thread_name_prefix=processor.stage)
+
+    async def process(batch: list[Message]) -> list[Output]:
+        return await asyncio.get_running_loop().run_in_executor(worker, processor.process, batch)
 
     @app.agent(topic(source), name=f"{processor.stage}-agent")
     async def run(stream: Any) -> None:
@@ -96,14 +120,14 @@ def stage_app(
                 for e in events
             ]  # fmt: skip
             async with lock:
-                await write(batch, processor.process(batch), started)
+                await write(batch, await process(batch), started)
 
     if tick_s is not None:
 
         @app.timer(interval=tick_s)
         async def tick() -> None:
             async with lock:
-                await write([], processor.process([]), time.perf_counter())
+                await write([], await process([]), time.perf_counter())
 
     return app
 

@@ -22,7 +22,9 @@ attempt is read back, the prediction is recorded once); the learner keeps what a
 attempt that raised did (its outputs come with its next call, labels it read are
 skipped, labels it claimed but did not learn are taken over), so each label is
 learned and evaluated once. Kafka being down is the host's to wait out (it waits
-``write_timeout_s`` for acks; librdkafka reconnects by itself).
+``write_timeout_s`` for acks; librdkafka reconnects by itself) and to report: it
+says degraded with source ``kafka``, the guard with its own, and each clears
+only its own reason.
 """
 
 from __future__ import annotations
@@ -40,6 +42,12 @@ log = logging.getLogger(__name__)
 # answers of a Redis server that is there but cannot serve now (or, like a changed
 # password or a full memory, not until someone acts: better to stop after the outage
 # limit than to send every message to the DLQ)
+# a batch is retried this long after an outage began, doubling up to the most; a
+# retry against a server that is down costs a refused connection, and a short
+# cap means the stage resumes within a second of the server's return
+FIRST_BACKOFF_S = 0.2
+MAX_BACKOFF_S = 1.0
+
 _REDIS_BUSY = (
     "BUSY", "LOADING", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "READONLY", "OOM",
     "NOAUTH", "WRONGPASS", "NOPERM", "MISCONF",
@@ -97,8 +105,8 @@ class Guard:
         dlq: Callable[[Message, str, str], Output],
         outage_limit_s: float = 120.0,
         health: Health | None = None,
-        first_backoff_s: float = 0.2,
-        max_backoff_s: float = 5.0,
+        first_backoff_s: float = FIRST_BACKOFF_S,
+        max_backoff_s: float = MAX_BACKOFF_S,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:

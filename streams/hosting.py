@@ -38,6 +38,11 @@ class StageReporter(Protocol):
         """The loop went round without a batch (the stage is alive while quiet)."""
         ...
 
+    def set_degraded(self, reason: str | None, source: str = "stage") -> None:
+        """The stage waits for a server (``reason``; None: no longer); ``source``
+        names who says so (the host: ``kafka``), each clearing only its own."""
+        ...
+
 
 @dataclass(frozen=True)
 class HostSettings:

@@ -56,11 +56,15 @@ def producer(bootstrap: str, **extra: Any) -> Producer:
 
 
 def produce_all(
-    prod: Producer, records: Iterable[tuple[str, bytes | None, bytes]], timeout_s: float = 60.0
+    prod: Producer,
+    records: Iterable[tuple[str, bytes | None, bytes]],
+    timeout_s: float = 60.0,
+    waiting: Callable[[int], None] | None = None,
 ) -> int:
     """Produce every (topic, key, value); flush once at the end, waiting up to
     ``timeout_s`` for the acks (librdkafka retries meanwhile, e.g. while the broker
-    restarts). Raises on delivery errors."""
+    restarts): ``waiting(n)`` is told every second of it how many are still
+    unacknowledged. Raises on delivery errors."""
     errors: list[str] = []
 
     def on_delivery(err: Any, _msg: Any) -> None:
@@ -78,7 +82,12 @@ def produce_all(
         n += 1
         if n % 1000 == 0:
             prod.poll(0)
-    remaining = prod.flush(timeout_s)
+    deadline = time.monotonic() + timeout_s
+    remaining = prod.flush(min(1.0, timeout_s))
+    while remaining and (left := deadline - time.monotonic()) > 0:
+        if waiting is not None:
+            waiting(remaining)
+        remaining = prod.flush(min(1.0, left))
     if remaining or errors:
         raise KafkaIOError(f"{remaining} undelivered, errors: {errors[:3]}")
     return n

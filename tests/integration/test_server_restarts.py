@@ -13,12 +13,14 @@ Run with ``-s`` to see the seconds (they are in the failure message too).
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import redis
+from confluent_kafka.admin import AdminClient
 
 from riverflow.models.registry import ChampionPointer, RedisRegistry
 from riverflow.spec import PipelineSpec
@@ -107,6 +109,46 @@ def survived(before: RegistryState, after: RegistryState, when: str, every: bool
     return out
 
 
+class HealthWatch:
+    """Polls a stage's /healthz in a thread: what it answered, and when."""
+
+    def __init__(self, stage: StageProcess, every_s: float = 0.25) -> None:
+        self.stage, self.every_s = stage, every_s
+        self.answers: list[tuple[float, int, str]] = []
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        while not self._done.wait(self.every_s):
+            try:
+                status, body = self.stage.get("/healthz")
+            except OSError as exc:  # the metrics server itself must keep answering
+                status, body = 0, str(exc)
+            self.answers.append((time.time(), status, body.strip()))
+
+    def stop(self) -> list[tuple[float, int, str]]:
+        self._done.set()
+        self._thread.join(5)
+        return self.answers
+
+
+def health_through(outage: Outage, answers: list[tuple[float, int, str]], server: str) -> list[str]:
+    """What is wrong with the scorer's /healthz answers around ``outage``: it must
+    say degraded, naming ``server``, while the server is down, and answer ok again
+    once it is back and the stream flows."""
+    during = [(s, b) for t, s, b in answers if outage.stopped_at <= t <= outage.up_at]
+    later = [(s, b) for t, s, b in answers if t > outage.up_at + STREAM_ON_S - 1]
+    out = []
+    if not any(s == 503 and b.startswith(f"degraded: {server}") for s, b in during):
+        out.append(f"/healthz never said degraded ({server}) while it was down: {during[-5:]}")
+    if any(s == 0 for s, _ in during + later):
+        out.append(f"/healthz did not answer: {[b for s, b in during + later if s == 0][:2]}")
+    if not later or later[-1] != (200, "ok"):
+        out.append(f"/healthz not ok once {server} was back: {later[-3:]}")
+    return out
+
+
 @dataclass
 class Run:
     """Stages on the private stack, the stream and the tails of what they write."""
@@ -118,11 +160,13 @@ class Run:
     tails: tuple[TopicTail[Any], TopicTail[Any], TopicTail[Any]]
 
     @classmethod
-    def start(cls, servers: PrivateStack, spec: PipelineSpec, start: StageFactory) -> Run:
+    def start(
+        cls, servers: PrivateStack, spec: PipelineSpec, start: StageFactory, host: str = "confluent"
+    ) -> Run:
         ensure_topics(servers.kafka_bootstrap, spec.topics.all(), partitions=3)
         seen = tails(servers.kafka_bootstrap, spec.topics)
         stages = {
-            "scorer": start("scorer", partitions=3, instance_id="scorer-1"),
+            "scorer": start("scorer", partitions=3, instance_id="scorer-1", host=host),
             "learner": start("learner", partitions=3),
             "monitor": start("monitor", partitions=3),
         }
@@ -166,11 +210,19 @@ class Run:
         return failures, lines
 
     def through(
-        self, restart: Callable[[], Outage], just_after: Callable[[], list[str]] = list
+        self,
+        server: str,
+        restart: Callable[[], Outage],
+        just_after: Callable[[], list[str]] = list,
+        streamed_on: Callable[[], list[str]] = list,
     ) -> tuple[Outage, float | None, list[str], list[str]]:
         """Restart a server mid-stream, stream on, then drain and stop: the outage,
-        the seconds from its end to predictions flowing again, (failures, report lines)."""
+        the seconds from its end to predictions flowing again, (failures, report lines).
+        The scorer's /healthz says degraded (naming ``server``) while it is down.
+        ``just_after`` checks right after the restart, ``streamed_on`` once the stream
+        has flowed on ``STREAM_ON_S`` (both return failures)."""
         failures = []
+        health = HealthWatch(self.stages["scorer"])
         try:
             since_index = len(self.tails[0].seen)
             outage = restart()
@@ -178,9 +230,13 @@ class Run:
             flowing = self.flowing_again(outage.up_at, since_index)
             time.sleep(STREAM_ON_S)
             failures += [f"after the outage: {d}" for d in dead(self.stages)]
+            failures += streamed_on()
         except BaseException:
             self.stream.abort()
             raise
+        finally:
+            answers = health.stop()
+        failures += health_through(outage, answers, server)
         drained, lines = self.finish()
         return outage, flowing, failures + drained, lines
 
@@ -208,7 +264,7 @@ def test_a_redis_restart_mid_stream_loses_nothing(
         run.stream.abort()
         raise
     outage, flowing, failures, lines = run.through(
-        lambda: private_stack.restart_redis(down_s=3.0),
+        "Redis", lambda: private_stack.restart_redis(down_s=3.0),
         lambda: survived(before, RegistryState.read(url, spec.name), "just after the restart",
                          every=True),
     )  # fmt: skip
@@ -229,7 +285,7 @@ def test_a_broker_restart_mid_stream_loses_nothing(
 ) -> None:
     run = Run.start(private_stack, spec, start_private_stage)
     time.sleep(2.0)
-    outage, flowing, failures, lines = run.through(private_stack.restart_kafka)
+    outage, flowing, failures, lines = run.through("Kafka", private_stack.restart_kafka)
     if flowing is None:
         failures.append("no prediction of an event produced after the broker was back")
     resumed_after_stop = None if flowing is None else outage.up_at + flowing - outage.stopping_at
@@ -237,6 +293,48 @@ def test_a_broker_restart_mid_stream_loses_nothing(
         [f"{outage}; predictions flowing {flowing and round(flowing, 1)} s after it was up, "
          f"{resumed_after_stop and round(resumed_after_stop, 1)} s after the stop began",
          *lines]
+    )  # fmt: skip
+    print(f"\n{report}")
+    assert not failures, "\n".join(failures) + "\n\n" + report
+
+
+def scorer_members(bootstrap: str) -> dict[str, set[str]]:
+    """The member ids of every consumer group whose name says scorer and that has
+    members (the earlier tests' groups on this stack are empty)."""
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    groups = [g.group_id for g in admin.list_consumer_groups().result(timeout=10).valid]
+    wanted = [g for g in groups if "scorer" in g]
+    described = admin.describe_consumer_groups(wanted) if wanted else {}
+    members = {g: {m.member_id for m in f.result(timeout=10).members} for g, f in described.items()}
+    return {g: ids for g, ids in members.items() if ids}
+
+
+def test_the_faust_host_waits_out_a_redis_outage_in_its_group(
+    private_stack: PrivateStack, spec: PipelineSpec, start_private_stage: StageFactory
+) -> None:
+    # Redis down twice the session timeout: the scorer waits it out without losing its
+    # place in the group (a member whose heartbeats stopped would rejoin as a new one)
+    run = Run.start(private_stack, spec, start_private_stage, host="faust")
+    bootstrap = private_stack.kafka_bootstrap
+    before = scorer_members(bootstrap)
+    after: dict[str, set[str]] = {}
+
+    def same_members() -> list[str]:
+        after.update(scorer_members(bootstrap))
+        if after != before:
+            return [f"the scorer left its group in the outage: members {before} -> {after}"]
+        return []
+
+    outage, flowing, failures, lines = run.through(
+        "Redis", lambda: private_stack.restart_redis(down_s=12.0), streamed_on=same_members
+    )
+    if flowing is None:
+        failures.append("no prediction of an event produced after Redis was back")
+    if len(before) != 1:
+        failures.append(f"not one scorer group with members before the outage: {before}")
+    report = "\n".join(
+        [f"{outage}; predictions flowing {flowing and round(flowing, 1)} s after it was up",
+         f"scorer group members before {before}, after the outage {after}", *lines]
     )  # fmt: skip
     print(f"\n{report}")
     assert not failures, "\n".join(failures) + "\n\n" + report

@@ -119,6 +119,7 @@ class FakeProducer:
     def __init__(self, config: dict[str, Any], log: list[str]) -> None:
         self.config, self.log = config, log
         self.fail_commits = 0
+        self.unacked: list[int] = []  # what successive flushes leave unacknowledged
 
     def produce(self, topic: str, value: bytes, key: bytes | None, on_delivery: Any = None) -> None:
         self.log.append(f"produce {topic}")
@@ -128,7 +129,7 @@ class FakeProducer:
 
     def flush(self, timeout: float) -> int:
         self.log.append("flush")
-        return 0
+        return self.unacked.pop(0) if self.unacked else 0
 
     def init_transactions(self, timeout: float) -> None:
         self.log.append("init_transactions")
@@ -184,6 +185,7 @@ class Reporter:
         self.observed: list[tuple[list[Message], list[Output], str]] = []
         self.lag: dict[tuple[str, int], int] = {}
         self.status: dict[str, float] = {}
+        self.degraded: list[tuple[str | None, str]] = []  # (reason, source), in order
 
     def observe(
         self, batch: Sequence[Message], outputs: Sequence[Output], seconds: float, dlq_topic: str
@@ -198,6 +200,9 @@ class Reporter:
 
     def heartbeat(self) -> None:
         pass
+
+    def set_degraded(self, reason: str | None, source: str = "stage") -> None:
+        self.degraded.append((reason, source))
 
 
 def host_on_fakes(
@@ -508,3 +513,43 @@ def test_an_exactly_once_host_commits_its_transaction_before_its_guard_waits() -
     plain = guarded(Echo(), Topics("t"))
     host_on_fakes(plain, [])
     assert plain.on_wait == []
+
+
+def test_outputs_waiting_for_their_acks_make_the_stage_degraded_until_acknowledged() -> None:
+    reporter = Reporter()
+    processor = Echo()
+    host, _ = host_on_fakes(processor, [FakeMessage("in", 0, 0, b"a")], metrics=reporter)
+    host.producer.unacked = [1, 1, 1]  # the broker away for three flushes
+    run(host)
+    assert reporter.degraded == [("Kafka: 1 outputs wait for their acks", "kafka")] * 3 + [
+        (None, "kafka")
+    ]
+    assert len(reporter.observed) == 1  # the batch went on once acknowledged
+
+
+def test_every_broker_down_makes_the_stage_degraded_until_a_broker_answers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("riverflow.streams.confluent_host.PROBE_S", 0.0)
+    reporter = Reporter()
+    host, _ = host_on_fakes(Echo(), [], metrics=reporter)
+    consumer = host.consumer
+    probes: list[str] = []
+
+    def list_topics(topic: str, timeout: float) -> Any:
+        probes.append(topic)
+        if len(probes) < 3:  # the first two probes find no broker
+            raise KafkaException(KafkaError(KafkaError._TRANSPORT, "connection refused"))
+        host.stop()
+        return None
+
+    def before_poll(_: Any) -> None:
+        if not reporter.degraded:  # librdkafka reports it from within a poll
+            down = KafkaError(KafkaError._ALL_BROKERS_DOWN, "1/1 brokers are down")
+            consumer.config["error_cb"](down)
+
+    consumer.before_poll = before_poll
+    consumer.list_topics = list_topics  # type: ignore[method-assign]
+    run(host)
+    assert probes == ["in"] * 3
+    assert reporter.degraded == [("Kafka: 1/1 brokers are down", "kafka"), (None, "kafka")]

@@ -242,7 +242,13 @@ def test_healthz_answers_503_with_the_reason_while_a_server_is_down() -> None:
         assert healthz() == (200, b"ok\n")
         metrics.set_degraded("Redis: Connection refused")
         assert healthz() == (503, b"degraded: Redis: Connection refused\n")
-        metrics.set_degraded(None)
+        metrics.set_degraded("Kafka: 1/1 brokers are down", "kafka")
+        assert healthz() == (
+            503, b"degraded: Redis: Connection refused; Kafka: 1/1 brokers are down\n"
+        )  # fmt: skip
+        metrics.set_degraded(None)  # Redis back: Kafka's reason stays until it is back too
+        assert healthz() == (503, b"degraded: Kafka: 1/1 brokers are down\n")
+        metrics.set_degraded(None, "kafka")
         assert healthz() == (200, b"ok\n")
     finally:
         server.shutdown()
