@@ -141,7 +141,9 @@ def redis_backends(
 
 
 def memory_backends(spec: PipelineSpec, settings: Settings) -> tuple[FeatureStore, ModelRegistry]:
-    return MemoryFeatureStore(spec.feature_plan()), MemoryRegistry(signing_key(settings))
+    # the same retention as on Redis: a long embedded run keeps a bounded registry
+    registry = MemoryRegistry(signing_key(settings), keep_versions=settings.registry_keep_versions)
+    return MemoryFeatureStore(spec.feature_plan()), registry
 
 
 def build_scorer(

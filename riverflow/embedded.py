@@ -7,6 +7,7 @@ each step. It serves the demo and fast tests; scale is the Kafka runtime's job.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Collection
 
 from riverflow.assembly import build_learner, build_monitor, build_scorer, memory_backends
 from riverflow.settings import Settings
@@ -14,19 +15,51 @@ from riverflow.spec import PipelineSpec
 from riverflow.stages.common import guarded
 from riverflow.streams.contracts import Message, Output
 
+TRIM_AT = 4096  # a topic's passed records are dropped once this many have piled up
+
 
 class EmbeddedLog:
-    """Append-only in-memory topics with one partition each."""
+    """Append-only in-memory topics with one partition each.
 
-    def __init__(self) -> None:
+    A topic named in ``retain`` (None: every topic) keeps all its records, each
+    copied to its own size (orjson 3.12+ hands out small bytes with a 4 KiB
+    allocation behind them). Any other topic drops what its reader has passed
+    (``trim``), and a topic nobody reads keeps only its count: memory is then
+    bounded by what is in flight, not by how long the stream has run.
+    """
+
+    def __init__(self, retain: Collection[str] | None = None) -> None:
+        self.retain = None if retain is None else frozenset(retain)
         self.topics: dict[str, list[tuple[bytes | None, bytes]]] = defaultdict(list)
+        self.base: dict[str, int] = defaultdict(int)  # the offset of a topic's first record
+
+    def kept(self, topic: str) -> bool:
+        return self.retain is None or topic in self.retain
 
     def append(self, topic: str, key: bytes | None, value: bytes) -> None:
+        if self.kept(topic) and value:  # (a hostile test's value may be None)
+            value = bytes(memoryview(value))
         self.topics[topic].append((key, value))
 
+    def count(self, topic: str) -> int:
+        """Records ever appended to ``topic`` (its end offset)."""
+        return self.base[topic] + len(self.topics[topic])
+
     def read(self, topic: str, offset: int, limit: int) -> list[Message]:
-        records = self.topics[topic][offset : offset + limit]
+        start = offset - self.base[topic]
+        if start < 0:
+            raise ValueError(f"{topic}: offset {offset} was trimmed (first: {self.base[topic]})")
+        records = self.topics[topic][start : start + limit]
         return [Message(topic, 0, offset + i, k, v) for i, (k, v) in enumerate(records)]
+
+    def trim(self, topic: str, upto: int) -> None:
+        """Drop the records before offset ``upto`` of a topic that is not retained."""
+        if self.kept(topic):
+            return
+        records, n = self.topics[topic], upto - self.base[topic]
+        if n > 0 and (n >= TRIM_AT or n == len(records)):  # amortised: few list moves
+            del records[:n]
+            self.base[topic] = upto
 
     def write(self, outputs: list[Output]) -> None:
         for o in outputs:
@@ -34,13 +67,20 @@ class EmbeddedLog:
 
 
 class EmbeddedRuntime:
-    """A scorer, a learner and a monitor over one in-memory log."""
+    """A scorer, a learner and a monitor over one in-memory log.
 
-    def __init__(self, spec: PipelineSpec, settings: Settings) -> None:
+    ``retain``: the topics whose every record is kept for ``messages`` (None, the
+    default: all, for tests and short runs); the others keep only what is not
+    read yet (``EmbeddedLog``). The demo and the bench retain none.
+    """
+
+    def __init__(
+        self, spec: PipelineSpec, settings: Settings, retain: Collection[str] | None = None
+    ) -> None:
         self.spec = spec
         self.settings = settings
         self.topics = spec.topics
-        self.log = EmbeddedLog()
+        self.log = EmbeddedLog(retain)
         self.store, self.registry = memory_backends(spec, settings)
         # the scorer and the learner follow the monitor's decisions at once (a read of
         # the in-memory registry per batch): runs are deterministic, not paced by the clock
@@ -79,6 +119,10 @@ class EmbeddedRuntime:
         if watched:
             self.log.write(self.guards["monitor"].process(watched))
             done += len(watched)
+        for topic, offset in self.offsets.items():
+            self.log.trim(topic, offset)
+        for topic in (self.topics.dlq, self.topics.model_events):  # nobody reads them here
+            self.log.trim(topic, self.log.count(topic))
         return done
 
     def drain(self) -> None:
@@ -90,4 +134,7 @@ class EmbeddedRuntime:
             self.learner.commit()
 
     def messages(self, topic: str) -> list[tuple[bytes | None, bytes]]:
+        """Every record of a retained topic."""
+        if not self.log.kept(topic):
+            raise ValueError(f"{topic} is not retained: pass it in EmbeddedRuntime(retain=...)")
         return list(self.log.topics[topic])

@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import math
+import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 
 import orjson
@@ -24,16 +27,32 @@ from riverflow.streams.contracts import ServedPrediction
 class MemoryFeatureStore:
     """The embedded runtime's store: same semantics as Redis, in dictionaries.
 
-    Keys do not expire here: the embedded runtime serves bounded runs (demo, tests).
+    What Redis expires is bounded here by count as well as by time, so that a
+    long run holds what is in flight, not its history: a learned label's
+    snapshot and mark (and an orphan's mark) go ``keep_s`` after their release
+    or once ``max_released`` newer ones are kept, whichever comes first; the
+    snapshots of events whose label has not come are at most ``max_snapshots``
+    (the oldest go first, as the label horizon's TTL would take them).
     """
 
-    def __init__(self, plan: FeaturePlan) -> None:
+    def __init__(
+        self,
+        plan: FeaturePlan,
+        max_snapshots: int = 1_000_000,
+        max_released: int = 100_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.plan = plan
         self.engine = Engine(plan)
         self.entities: dict[tuple[str, str], Entity] = {}
         self.batches = {"in_process": 0, "server": 0, "refused": 0}
         self.snapshots: dict[str, bytes] = {}
         self.learned: dict[str, str] = {}
+        self.max_snapshots = max_snapshots
+        self.max_released = max_released
+        self.clock = clock
+        self._order: deque[str] = deque()  # snapshot ids, oldest first (some gone since)
+        self._released: deque[tuple[float, str]] = deque()  # (when it goes, event id)
 
     def update_and_read(
         self, batch: Sequence[FeatureRequest], commit: bool = True
@@ -54,8 +73,19 @@ class MemoryFeatureStore:
                 ents[name] = ent
             vectors, late, _ = step(ents, req.ts, req.numbers, req.distinct)
             self.snapshots[req.event_id] = encode_snapshot(req.context, vectors, late)
+            self._order.append(req.event_id)
             out.append(FeatureSnapshot(req.event_id, orjson.loads(req.context), vectors, late=late))
+        self._bound_snapshots()
         return out
+
+    def _bound_snapshots(self) -> None:
+        snapshots, order = self.snapshots, self._order
+        while len(snapshots) > self.max_snapshots:
+            event_id = order.popleft()
+            if snapshots.pop(event_id, None) is not None:
+                self.learned.pop(event_id, None)
+        if len(order) > 2 * max(len(snapshots), 1024):  # mostly ids released since: drop them
+            self._order = deque(i for i in order if i in snapshots)
 
     def record_served(self, served: Sequence[tuple[str, ServedPrediction]]) -> bool:
         for event_id, prediction in served:
@@ -86,11 +116,22 @@ class MemoryFeatureStore:
     def mark_orphans(self, event_ids: Sequence[str]) -> None:
         for event_id in event_ids:
             self.learned.setdefault(event_id, ORPHAN)
+        self._release(event_ids, math.inf)  # Redis: the horizon's TTL; here by count
 
     def release_learned(self, event_ids: Sequence[str], keep_s: float) -> None:
-        if keep_s > 0:
-            return  # keys do not expire here
-        for event_id in event_ids:
+        if keep_s <= 0:
+            for event_id in event_ids:
+                self.snapshots.pop(event_id, None)
+                self.learned.pop(event_id, None)
+            return
+        self._release(event_ids, self.clock() + keep_s)
+
+    def _release(self, event_ids: Sequence[str], until: float) -> None:
+        released = self._released
+        released.extend((until, event_id) for event_id in event_ids)
+        now = self.clock()
+        while released and (len(released) > self.max_released or released[0][0] <= now):
+            _, event_id = released.popleft()
             self.snapshots.pop(event_id, None)
             self.learned.pop(event_id, None)
 

@@ -89,7 +89,7 @@ def run_demo(
     else:
         flipped = (half, half + events // 33)
         config = FraudStreamConfig(seed=seed, drift_at=(), flipped_labels=flipped)
-    rt = EmbeddedRuntime(spec, settings)
+    rt = EmbeddedRuntime(spec, settings, retain=())  # memory bounded by what is in flight
     started = time.perf_counter()
     produced = 0
     corrupted: set[str] = set()  # their labels are not sent: the event never scored
@@ -102,7 +102,9 @@ def run_demo(
                     value = corrupt(record, BAD_KINDS[(produced // bad_every) % len(BAD_KINDS)])
                     corrupted.add(record["event_id"])
                 rt.produce(rt.topics.events, record["card_id"].encode(), value)
-            elif record["event_id"] not in corrupted:
+            elif record["event_id"] in corrupted:
+                corrupted.discard(record["event_id"])
+            else:
                 rt.produce(rt.topics.labels, record["event_id"].encode(), orjson.dumps(record))
             if produced % settings.batch_size == 0 and kind == "event":
                 rt.step()
@@ -111,8 +113,8 @@ def run_demo(
         live.update(_view(rt, produced, events, started))
     return DemoResult(
         events=produced,
-        predictions=len(rt.messages(rt.topics.predictions)),
-        dead_letters=len(rt.messages(rt.topics.dlq)),
+        predictions=rt.log.count(rt.topics.predictions),
+        dead_letters=rt.log.count(rt.topics.dlq),
         labels_learned=rt.learner.learned,
         model_versions=rt.learner.version,
         metrics=rt.learner.metrics.as_dict(),

@@ -60,7 +60,8 @@ def run_pipeline(
 ) -> PipelineRun:
     """Events and their labels (one batch later) through scorer, learner and monitor."""
     rt = EmbeddedRuntime(spec, Settings(label_wait_s=0.0, snapshot_every_labels=500,
-                                        batch_size=batch, model_poll_s=1e-6))  # fmt: skip
+                                        batch_size=batch, model_poll_s=1e-6),
+                         retain=(spec.topics.predictions, spec.topics.model_events))  # fmt: skip
     samples, _ = drifting_stream(events, every, seed)
     truth: dict[str, bool] = {}
     started = time.perf_counter()

@@ -26,7 +26,9 @@ FLIP_START, FLIP_END = 3000, 3600
 
 
 def run(spec: PipelineSpec, n: int, config: FraudStreamConfig) -> EmbeddedRuntime:
-    rt = EmbeddedRuntime(spec, Settings(label_wait_s=0.0, snapshot_every_labels=500))
+    # every version kept: the tests read the metadata of each one that served
+    settings = Settings(label_wait_s=0.0, snapshot_every_labels=500, registry_keep_versions=10**6)
+    rt = EmbeddedRuntime(spec, settings)
     produced = 0
     for kind, rec in with_labels(n, config):
         if kind == "event":

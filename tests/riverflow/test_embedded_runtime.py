@@ -5,9 +5,11 @@ from __future__ import annotations
 import base64
 
 import orjson
+import pytest
 
 from riverflow.assembly import build_learner
-from riverflow.embedded import EmbeddedRuntime
+from riverflow.embedded import TRIM_AT, EmbeddedRuntime
+from riverflow.features.store import MemoryFeatureStore
 from riverflow.models.registry import ChampionPointer
 from riverflow.settings import Settings
 from riverflow.spec import PipelineSpec
@@ -246,3 +248,54 @@ def test_the_pointer_follows_a_restarted_learner_past_a_dead_runs_version(
     rt.registry.promote(ChampionPointer(lead, 1))
     restarted.publish()
     assert rt.registry.champion() == ChampionPointer(lead, 1)
+
+
+def test_a_long_run_holds_what_is_in_flight_not_its_history(
+    fraud_spec: PipelineSpec, settings: Settings
+) -> None:
+    # what the demo and the bench run: no topic retained, the store bounded by count
+    rt = EmbeddedRuntime(fraud_spec, settings, retain=())
+    store = rt.store
+    assert isinstance(store, MemoryFeatureStore)
+    store.max_released = 500
+    largest = {"log": 0, "snapshots": 0, "learned": 0}
+    produced = 0
+    for kind, rec in with_labels(6000, FraudStreamConfig()):
+        topic = rt.topics.events if kind == "event" else rt.topics.labels
+        rt.produce(topic, rec["event_id"].encode(), orjson.dumps(rec))
+        produced += kind == "event"
+        if kind == "event" and produced % 300 == 0:
+            rt.step()
+            held = sum(len(records) for records in rt.log.topics.values())
+            largest["log"] = max(largest["log"], held)
+            largest["snapshots"] = max(largest["snapshots"], len(store.snapshots))
+            largest["learned"] = max(largest["learned"], len(store.learned))
+    rt.drain()
+    assert rt.log.count(rt.topics.predictions) == 6000  # every event still predicted
+    assert rt.learner.learned == 6000  # and every label learned
+    # the log holds the unread records and at most TRIM_AT passed ones per topic
+    assert largest["log"] <= 5 * TRIM_AT + 3 * 300
+    # the store: 500 released, the learned ones a checkpoint has yet to cover (up to
+    # snapshot_every_labels and a batch) and the events awaiting their labels
+    unreleased = settings.snapshot_every_labels + 300
+    assert largest["learned"] <= 500 + unreleased, largest
+    assert largest["snapshots"] <= 500 + unreleased + 1000, largest
+    with pytest.raises(ValueError, match="not retained"):
+        rt.messages(rt.topics.predictions)
+
+
+def test_released_snapshots_go_after_their_time_or_beyond_the_count(
+    fraud_spec: PipelineSpec, settings: Settings
+) -> None:
+    now = [0.0]
+    plan = EmbeddedRuntime(fraud_spec, settings).store.plan  # type: ignore[attr-defined]
+    store = MemoryFeatureStore(plan, max_released=3, clock=lambda: now[0])
+    store.snapshots = {f"e{i}": b"x" for i in range(6)}
+    store.learned = {f"e{i}": "token" for i in range(6)}
+    store.release_learned(["e0", "e1"], keep_s=10)
+    assert set(store.snapshots) == {f"e{i}" for i in range(6)}  # kept for duplicates
+    now[0] = 11.0
+    store.release_learned(["e2"], keep_s=10)  # e0, e1 are due
+    assert set(store.snapshots) == {"e2", "e3", "e4", "e5"}
+    store.release_learned(["e3", "e4", "e5"], keep_s=10)  # 4 released: the oldest goes
+    assert set(store.snapshots) == {"e3", "e4", "e5"} == set(store.learned)
