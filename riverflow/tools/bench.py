@@ -444,13 +444,17 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 def _drain(
-    what: str, clock: PredictionClock, n: int, usage: ProcessUsage,
+    what: str, proc: subprocess.Popen[bytes], clock: PredictionClock, n: int,
     servers: Mapping[str, ProcessUsage], logfile: Path,
 ) -> dict[str, float]:  # fmt: skip
-    """The rate at which ``what`` (a process started on a backlog of ``n`` events)
+    """The rate at which ``what`` (``proc``, started on a backlog of ``n`` events)
     returned their predictions, first to last, and the CPU of it and the servers."""
-    if not clock.wait_for(1, 120):
-        raise RuntimeError(f"{what} produced nothing; see {logfile}")
+    usage = ProcessUsage(proc.pid)
+    deadline = time.monotonic() + 120
+    while not clock.wait_for(1, 1):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            tail = logfile.read_text(errors="replace").splitlines()[-15:]  # the workdir goes
+            raise RuntimeError(f"{what} produced nothing; the end of its log:\n" + "\n".join(tail))
     cpu0 = usage.cpu_s()
     server_cpu0 = {server: u.cpu_s() for server, u in servers.items()}
     if not clock.wait_for(n, 600):
@@ -501,7 +505,7 @@ def measure_host(
     out: dict[str, Any] = {}
     seeds = iter(range(cfg.seed + 1, cfg.seed + 1000))
     try:
-        out.update(_drain(f"{host} scorer", clock, cfg.events, usage, servers, logpath))
+        out.update(_drain(f"{host} scorer", proc, clock, cfg.events, servers, logpath))
         drain = out["drain_events_per_s"]
         log(f"{host} ({guarantee}): drained {cfg.events:,} at {drain:,.0f} events/s")
         if drain_only:
@@ -568,12 +572,11 @@ def measure_peer(
                        name, ep.redis_url, workdir / f"{name}-data")  # fmt: skip
     with logpath.open("wb") as logfile:
         proc = subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT)
-    usage = ProcessUsage(proc.pid)
     servers = {server: ProcessUsage(pid) for server, pid in server_pids.items()}
     try:
         out: dict[str, Any] = {"events": len(events)}
-        out.update(_drain(f"the {peer} peer", clock, len(events), usage, servers, logpath))
-        out["peak_rss_mb"] = usage.peak_rss_mb()
+        out.update(_drain(f"the {peer} peer", proc, clock, len(events), servers, logpath))
+        out["peak_rss_mb"] = ProcessUsage(proc.pid).peak_rss_mb()
         for server, u in servers.items():
             out[f"{server}_peak_rss_mb"] = u.peak_rss_mb()
     finally:
