@@ -107,7 +107,8 @@ def run_bare(
                 score = positive_probability(model, x_of(event))
                 produce(sink, prediction(event[event_id], score), msg.key())
             if batch:
-                prod.flush()  # the batch's predictions acknowledged, then its offsets
+                if prod.flush(30):  # the batch's predictions acknowledged, then its offsets
+                    raise RuntimeError("bare peer: predictions unacknowledged after 30 s")
                 consumer.commit(asynchronous=True)
     finally:
         prod.flush(10)
