@@ -161,6 +161,8 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         "hold_seconds": args.hold_seconds,
         "search_steps": args.search_steps,
         "guarantee": args.guarantee,
+        "peers": args.peers,
+        "textbook_events": args.textbook_events,
     }
     overrides = {k: v for k, v in given.items() if v is not None}
     config = BenchConfig.quick(**overrides) if args.quick else BenchConfig(**overrides)
@@ -513,6 +515,13 @@ def parser() -> argparse.ArgumentParser:
         help="the confluent scorer's drain under each (both: also exactly once, then at "
         "least once again; default at_least_once)",
     )  # fmt: skip
+    bench.add_argument(
+        "--peers", action=argparse.BooleanOptionalAction,
+        help="the bare and textbook Faust agent rows, drained on the same broker (default: on)",
+    )  # fmt: skip
+    bench.add_argument(
+        "--textbook-events", type=int, help="the textbook agent's drain (default 5,000: ~10 s)"
+    )
     bench.add_argument("--json", default="bench-results.json")
     bench.add_argument("--spec", type=Path)
     bench.set_defaults(func=cmd_bench)

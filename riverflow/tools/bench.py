@@ -9,10 +9,16 @@
    a rate, sustained when the backlog stays bounded, see ``Sustained``), then
    end-to-end latency (produce call -> prediction read by a consumer) at fixed
    offered rates, including 80% of the maximum sustained rate;
-4. peak RSS and CPU seconds per million events of every process involved.
+4. two peers on the same broker and Redis, each its own process, their backlog
+   drain measured as the scorer's (``riverflow.tools.bench_peers``): **bare**
+   (consume -> decode -> champion predict -> produce, no features, no Redis, no
+   learner: the transport-plus-model limit) and the **textbook** Faust agent (one
+   awaited Redis call per event, as tutorials write it; on fewer events);
+5. peak RSS and CPU seconds per million events of every process involved.
 
-Every absolute figure is reported beside its ratio to the limit of the same run:
-the machine is shared and noisy, ratios within one run are what compare.
+Every throughput is reported beside its ratios to the limit and to bare of the
+same run (``ratios``): the machine is shared and noisy, ratios within one run are
+what compare.
 """
 
 from __future__ import annotations
@@ -43,6 +49,8 @@ from riverflow.models.factory import build_model
 from riverflow.settings import Settings
 from riverflow.spec import PipelineSpec
 from riverflow.streams.kafka_io import ensure_topics, produce_all, producer
+from riverflow.streams.topics import Topics
+from riverflow.tools.bench_peers import forget_textbook_state, peer_command
 from riverflow.tools.generator import FraudStreamConfig, with_labels
 from riverflow.tools.stack import Endpoints, local_stack
 
@@ -139,6 +147,8 @@ class BenchConfig:
     search_first: float = 0.5  # the first rate tried, as a fraction of the drain rate
     search_high: float = 1.1  # the search's upper bound, same
     sustained: Sustained = field(default_factory=Sustained)
+    peers: bool = True  # the bare and textbook rows (``riverflow.tools.bench_peers``)
+    textbook_events: int = 5_000  # its drain: ~500/s, so about ten seconds
 
     @classmethod
     def quick(cls, **overrides: Any) -> BenchConfig:
@@ -157,6 +167,32 @@ class BenchResult:
     limit: dict[str, float] = field(default_factory=dict)
     embedded: dict[str, float] = field(default_factory=dict)
     kafka: dict[str, dict[str, Any]] = field(default_factory=dict)
+    peers: dict[str, dict[str, Any]] = field(default_factory=dict)  # "bare", "textbook"
+
+    def throughputs(self) -> dict[str, float]:
+        """Every events/s figure of the run, by row (the keys of ``ratios``)."""
+        rates = {
+            "limit": self.limit["predict_learn_events_per_s"],
+            "predict_only": self.limit["predict_only_events_per_s"],
+        }
+        if self.embedded:
+            rates["embedded"] = self.embedded["events_per_s"]
+        for host, fig in self.kafka.items():
+            rates[f"{host}: drain"] = fig["drain_events_per_s"]
+            if "max_sustained_events_per_s" in fig:
+                rates[f"{host}: max sustained"] = fig["max_sustained_events_per_s"]
+        for peer, fig in self.peers.items():
+            rates[peer] = fig["drain_events_per_s"]
+        return rates
+
+    def ratios(self) -> dict[str, dict[str, float | None]]:
+        """Each row's events/s divided by the limit's and by bare's (None without bare)."""
+        rates = self.throughputs()
+        limit, bare = rates["limit"], rates.get("bare")
+        return {
+            row: {"to_limit": rate / limit, "to_bare": rate / bare if bare else None}
+            for row, rate in rates.items()
+        }
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -165,6 +201,8 @@ class BenchResult:
             "limit": self.limit,
             "embedded": self.embedded,
             "kafka": self.kafka,
+            "peers": self.peers,
+            "ratios": self.ratios(),
         }
 
 
@@ -380,6 +418,60 @@ def offer(
     }  # fmt: skip
 
 
+def _spec_file(spec: PipelineSpec, workdir: Path, name: str) -> Path:
+    """``spec`` renamed ``name`` (its own topics and keys), written for a process to load."""
+    data = spec.model_dump(mode="json", by_alias=True)
+    data["name"] = name
+    path = workdir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _backlog(bootstrap: str, topic: str, key: str, events: list[dict[str, Any]]) -> Producer:
+    """``events`` produced to ``topic`` and acknowledged; the producer, to send more."""
+    prod = producer(bootstrap, **{"linger.ms": 1})
+    produce_all(prod, ((topic, e[key].encode(), orjson.dumps(e)) for e in events))
+    return prod
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _drain(
+    what: str, proc: subprocess.Popen[bytes], clock: PredictionClock, n: int,
+    servers: Mapping[str, ProcessUsage], logfile: Path,
+) -> dict[str, float]:  # fmt: skip
+    """The rate at which ``what`` (``proc``, started on a backlog of ``n`` events)
+    returned their predictions, first to last, and the CPU of it and the servers."""
+    usage = ProcessUsage(proc.pid)
+    deadline = time.monotonic() + 120
+    while not clock.wait_for(1, 1):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            tail = logfile.read_text(errors="replace").splitlines()[-15:]  # the workdir goes
+            raise RuntimeError(f"{what} produced nothing; the end of its log:\n" + "\n".join(tail))
+    cpu0 = usage.cpu_s()
+    server_cpu0 = {server: u.cpu_s() for server, u in servers.items()}
+    if not clock.wait_for(n, 600):
+        raise RuntimeError(f"{what} stalled at {len(clock.arrivals)} of {n} predictions")
+    first, last = min(clock.arrivals.values()), max(clock.arrivals.values())
+    if last <= first:  # the reader took every prediction in one poll
+        raise RuntimeError(f"{what}: {n} events are too few to time a drain")
+    drained = n - 1
+    out = {
+        "drain_events_per_s": drained / (last - first),
+        "cpu_s_per_million": (usage.cpu_s() - cpu0) / drained * 1e6,
+    }
+    for server, u in servers.items():
+        out[f"{server}_cpu_s_per_million"] = (u.cpu_s() - server_cpu0[server]) / drained * 1e6
+    return out
+
+
 def measure_host(
     host: str, spec: PipelineSpec, ep: Endpoints, cfg: BenchConfig, workdir: Path,
     server_pids: dict[str, int], log: Callable[[str], None],
@@ -388,16 +480,12 @@ def measure_host(
     """Drain rate, maximum sustained rate, latency at fixed rates, CPU and RSS of a
     scorer on ``host`` with ``guarantee`` (``drain_only``: the drain alone)."""
     name = f"bench-{host}-{uuid.uuid4().hex[:6]}"
-    data = spec.model_dump(mode="json", by_alias=True)
-    data["name"] = name
-    spec_file = workdir / f"{name}.yaml"
-    spec_file.write_text(yaml.safe_dump(data))
-    topics = spec.topics.__class__(name)
+    spec_file = _spec_file(spec, workdir, name)
+    topics = Topics(name)
     ensure_topics(ep.kafka_bootstrap, topics.all(), partitions=3)
     events, _ = stream(cfg.events, cfg.seed, prefix="d")
     key = spec.events.key
-    prod = producer(ep.kafka_bootstrap, **{"linger.ms": 1})
-    produce_all(prod, ((topics.events, e[key].encode(), orjson.dumps(e)) for e in events))
+    prod = _backlog(ep.kafka_bootstrap, topics.events, key, events)
     del events
     env = {
         **os.environ, "RIVERFLOW_KAFKA_BOOTSTRAP": ep.kafka_bootstrap,
@@ -406,7 +494,8 @@ def measure_host(
         "RIVERFLOW_PROCESSING_GUARANTEE": guarantee, "RIVERFLOW_INSTANCE_ID": f"{name}-0",
     }  # fmt: skip
     clock = PredictionClock(ep.kafka_bootstrap, topics.predictions)
-    logfile = (workdir / f"{name}.log").open("wb")
+    logpath = workdir / f"{name}.log"
+    logfile = logpath.open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "riverflow.cli", "run", "scorer"], env=env,
         stdout=logfile, stderr=subprocess.STDOUT,
@@ -416,19 +505,8 @@ def measure_host(
     out: dict[str, Any] = {}
     seeds = iter(range(cfg.seed + 1, cfg.seed + 1000))
     try:
-        if not clock.wait_for(1, 120):
-            raise RuntimeError(f"{host} scorer produced nothing; see {logfile.name}")
-        cpu0 = usage.cpu_s()
-        server_cpu0 = {server: u.cpu_s() for server, u in servers.items()}
-        if not clock.wait_for(cfg.events, 600):
-            raise RuntimeError(f"{host} scorer stalled at {len(clock.arrivals)} predictions")
-        first, last = min(clock.arrivals.values()), max(clock.arrivals.values())
-        drained = cfg.events - 1
-        drain = drained / (last - first)
-        out["drain_events_per_s"] = drain
-        out["cpu_s_per_million"] = (usage.cpu_s() - cpu0) / drained * 1e6
-        for server, u in servers.items():
-            out[f"{server}_cpu_s_per_million"] = (u.cpu_s() - server_cpu0[server]) / drained * 1e6
+        out.update(_drain(f"{host} scorer", proc, clock, cfg.events, servers, logpath))
+        drain = out["drain_events_per_s"]
         log(f"{host} ({guarantee}): drained {cfg.events:,} at {drain:,.0f} events/s")
         if drain_only:
             out["peak_rss_mb"] = usage.peak_rss_mb()
@@ -469,13 +547,43 @@ def measure_host(
             out[f"{server}_peak_rss_mb"] = u.peak_rss_mb()
     finally:
         gc.unfreeze()
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        _stop(proc)
         clock.close()
         logfile.close()
+    return out
+
+
+def measure_peer(
+    peer: str, spec: PipelineSpec, ep: Endpoints, events: list[dict[str, Any]],
+    workdir: Path, server_pids: dict[str, int], name: str = "",
+) -> dict[str, Any]:  # fmt: skip
+    """The backlog drain, CPU and peak RSS of ``peer`` (``riverflow.tools.bench_peers``)
+    started on ``events`` waiting in a topic, as the scorer's drain is measured.
+
+    ``name``: of its topics and consumer group (default: a new one)."""
+    name = name or f"bench-{peer}-{uuid.uuid4().hex[:6]}"
+    spec_file = _spec_file(spec, workdir, name)
+    topics = Topics(name)
+    ensure_topics(ep.kafka_bootstrap, [topics.events, topics.predictions], partitions=3)
+    _backlog(ep.kafka_bootstrap, topics.events, spec.events.key, events)
+    clock = PredictionClock(ep.kafka_bootstrap, topics.predictions)
+    logpath = workdir / f"{name}.log"
+    cmd = peer_command(peer, spec_file, ep.kafka_bootstrap, topics.events, topics.predictions,
+                       name, ep.redis_url, workdir / f"{name}-data")  # fmt: skip
+    with logpath.open("wb") as logfile:
+        proc = subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT)
+    servers = {server: ProcessUsage(pid) for server, pid in server_pids.items()}
+    try:
+        out: dict[str, Any] = {"events": len(events)}
+        out.update(_drain(f"the {peer} peer", proc, clock, len(events), servers, logpath))
+        out["peak_rss_mb"] = ProcessUsage(proc.pid).peak_rss_mb()
+        for server, u in servers.items():
+            out[f"{server}_peak_rss_mb"] = u.peak_rss_mb()
+    finally:
+        _stop(proc)
+        clock.close()
+        if peer == "textbook":
+            forget_textbook_state(ep.redis_url, name)
     return out
 
 
@@ -504,6 +612,10 @@ def run_bench(
     with tempfile.TemporaryDirectory(prefix="riverflow-bench-") as tmp:
         workdir = Path(tmp)
         with local_stack(settings, workdir / "stack") as ep:
+            if cfg.peers:  # the hosts' events (their ids unprefixed: the peers' own topics)
+                result.peers["bare"] = measure_peer("bare", spec, ep, events, workdir, ep.pids)
+                log(f"bare: drained {cfg.events:,} at "
+                    f"{result.peers['bare']['drain_events_per_s']:,.0f} events/s")  # fmt: skip
             for host in cfg.hosts:
                 if cfg.guarantee != "exactly_once":
                     result.kafka[host] = measure_host(host, spec, ep, cfg, workdir, ep.pids, log)
@@ -513,48 +625,72 @@ def run_bench(
                     result.kafka[f"confluent, {guarantee}"] = measure_host(
                         "confluent", spec, ep, cfg, workdir, ep.pids, log, guarantee, True
                     )
+            if cfg.peers and cfg.textbook_events > 0:
+                n = min(cfg.textbook_events, cfg.events)
+                result.peers["textbook"] = measure_peer(
+                    "textbook", spec, ep, events[:n], workdir, ep.pids
+                )
+                log(f"textbook Faust agent: drained {n:,} at "
+                    f"{result.peers['textbook']['drain_events_per_s']:,.0f} events/s")  # fmt: skip
     return result
 
 
-COLUMNS = ("what", "events/s", "÷ limit", "CPU s / M events", "peak RSS MB", "p50 / p95 / p99 ms")
+COLUMNS = (
+    "what", "events/s", "÷ limit", "÷ bare", "CPU s / M events", "peak RSS MB",
+    "p50 / p95 / p99 ms",
+)  # fmt: skip
+
+
+def _cpu(fig: Mapping[str, Any]) -> str:
+    """A process's CPU per million events (+ each server's during the same drain)."""
+    servers = ", ".join(
+        f"{k.split('_')[0]} {v:,.0f}"
+        for k, v in fig.items()
+        if k.endswith("_cpu_s_per_million") and k != "cpu_s_per_million"
+    )
+    return f"{fig['cpu_s_per_million']:,.0f}" + (f" (+ {servers})" if servers else "")
 
 
 def report(result: BenchResult) -> Table:
-    """The run as a table, every throughput beside its ratio to the limit."""
-    limit = result.limit["predict_learn_events_per_s"]
+    """The run as a table, every throughput beside its ratios to the limit and to bare."""
+    rates, ratios = result.throughputs(), result.ratios()
     spec = result.spec
     title = f"riverflow bench: {spec['events']:,} events, {spec['features']} features"
     table = Table(title=f"{title}, {spec['model']}")
     for col in COLUMNS:
         table.add_column(col, justify="left" if col == "what" else "right")
 
-    def rate_row(what: str, rate: float, cpu: str = "", rss: str = "") -> None:
-        table.add_row(what, f"{rate:,.0f}", f"{rate / limit:.2f}", cpu, rss, "")
+    def rate_row(row: str, what: str, cpu: str = "", rss: str = "") -> None:
+        to_bare = ratios[row]["to_bare"]
+        table.add_row(what, f"{rates[row]:,.0f}", f"{ratios[row]['to_limit']:.2f}",
+                      "" if to_bare is None else f"{to_bare:.2f}", cpu, rss, "")  # fmt: skip
 
-    rate_row("River alone: predict + learn (the limit)", limit)
-    rate_row("River alone: predict only", result.limit["predict_only_events_per_s"])
-    embedded = result.embedded
-    rate_row("embedded, scorer + learner", embedded["events_per_s"],
-             f"{embedded['cpu_s_per_million']:,.0f}")  # fmt: skip
+    rate_row("limit", "River alone: predict + learn (the limit)")
+    rate_row("predict_only", "River alone: predict only")
+    if "bare" in result.peers:
+        bare = result.peers["bare"]
+        rate_row("bare", "bare: consume → decode → champion predict → produce, drain",
+                 _cpu(bare), f"{bare['peak_rss_mb']:,.0f}")  # fmt: skip
+    if result.embedded:
+        rate_row("embedded", "embedded, scorer + learner",
+                 f"{result.embedded['cpu_s_per_million']:,.0f}")  # fmt: skip
     for host, fig in result.kafka.items():
-        servers = ", ".join(
-            f"{k.split('_')[0]} {v:,.0f}"
-            for k, v in fig.items()
-            if k.endswith("_cpu_s_per_million") and k != "cpu_s_per_million"
-        )
-        cpu = f"{fig['cpu_s_per_million']:,.0f} (+ {servers})"
-        rate_row(f"Kafka scorer on {host}: backlog drain", fig["drain_events_per_s"], cpu,
+        rate_row(f"{host}: drain", f"Kafka scorer on {host}: backlog drain", _cpu(fig),
                  f"{fig['peak_rss_mb']:,.0f}")  # fmt: skip
         if "search" not in fig:  # a drain alone (--guarantee)
             continue
         tried = ", ".join(
             f"{h['rate']:,}{'+' if h['sustained'] else '-'}" for h in fig["search"]["holds"]
         )
-        rate_row(f"  max sustained (tried {tried})", fig["max_sustained_events_per_s"])
+        rate_row(f"{host}: max sustained", f"  max sustained (tried {tried})")
         for rate, row in fig["latency"].items():
             lat = f"{row['p50_ms']:.1f} / {row['p95_ms']:.1f} / {row['p99_ms']:.1f}"
             back = f"{row['received']:,}/{row['sent']:,} back"
             bounded = "lag bounded" if row["sustained"] else "lag grows"
             what = f"  {host} at {int(rate):,}/s ({back}, {bounded})"
-            table.add_row(what, f"{row['offered_per_s']:,.0f}", "", "", "", lat)
+            table.add_row(what, f"{row['offered_per_s']:,.0f}", "", "", "", "", lat)
+    if "textbook" in result.peers:
+        book = result.peers["textbook"]
+        rate_row("textbook", f"textbook Faust agent, Redis call per event ({book['events']:,}), "
+                 "drain", _cpu(book), f"{book['peak_rss_mb']:,.0f}")  # fmt: skip
     return table

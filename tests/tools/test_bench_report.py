@@ -1,0 +1,103 @@
+"""What ``riverflow bench`` reports: every throughput beside its ratios to the limit
+(River alone) and to bare (the transport-plus-model peer), on synthetic figures."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from rich.console import Console
+
+from riverflow.tools.bench import BenchResult, report
+
+
+def drain(rate: float, **more: Any) -> dict[str, Any]:
+    return {"drain_events_per_s": rate, "cpu_s_per_million": 90.0, "kafka_cpu_s_per_million": 20.0,
+            "redis_cpu_s_per_million": 3.0, "peak_rss_mb": 120.0, **more}  # fmt: skip
+
+
+def result(peers: bool = True) -> BenchResult:
+    hold = {"rate": 6_000, "sustained": True}
+    latency = {"rate": 1_000, "offered_per_s": 1_000.0, "sent": 5_000, "received": 5_000,
+               "sustained": True, "p50_ms": 4.0, "p95_ms": 9.0, "p99_ms": 20.0}  # fmt: skip
+    return BenchResult(
+        machine={"cpus": 2},
+        spec={
+            "name": "fraudbench",
+            "features": 6,
+            "model": "HoeffdingTreeClassifier",
+            "events": 30_000,
+        },
+        limit={"predict_learn_events_per_s": 10_000.0, "predict_only_events_per_s": 40_000.0},
+        embedded={"events_per_s": 2_000.0, "cpu_s_per_million": 500.0},
+        kafka={
+            "confluent": drain(
+                7_000.0,
+                max_sustained_events_per_s=6_000,
+                search={"holds": [hold]},
+                latency={"1000": latency},
+            ),
+            "confluent, exactly_once": drain(5_000.0),
+        },
+        peers={"bare": drain(12_500.0, events=30_000), "textbook": drain(500.0, events=5_000)}
+        if peers
+        else {},
+    )
+
+
+def test_every_throughput_is_divided_by_the_limit_and_by_bare() -> None:
+    ratios = result().ratios()
+    assert ratios == {
+        "limit": {"to_limit": 1.0, "to_bare": 0.8},
+        "predict_only": {"to_limit": 4.0, "to_bare": 3.2},
+        "embedded": {"to_limit": 0.2, "to_bare": 0.16},
+        "confluent: drain": {"to_limit": 0.7, "to_bare": 0.56},
+        "confluent: max sustained": {"to_limit": 0.6, "to_bare": 0.48},
+        "confluent, exactly_once: drain": {"to_limit": 0.5, "to_bare": 0.4},
+        "bare": {"to_limit": 1.25, "to_bare": 1.0},
+        "textbook": {"to_limit": 0.05, "to_bare": 0.04},
+    }
+
+
+def test_without_the_peers_there_is_no_ratio_to_bare() -> None:
+    ratios = result(peers=False).ratios()
+    assert "bare" not in ratios and "textbook" not in ratios
+    assert {r["to_bare"] for r in ratios.values()} == {None}
+    assert ratios["confluent: drain"]["to_limit"] == pytest.approx(0.7)
+
+
+def test_the_json_carries_the_peers_and_the_ratios() -> None:
+    figures = result().as_dict()
+    assert figures["peers"]["textbook"]["drain_events_per_s"] == 500.0
+    assert figures["ratios"]["textbook"] == {"to_limit": 0.05, "to_bare": 0.04}
+
+
+def table_rows(res: BenchResult) -> list[list[str]]:
+    """The report's rows as cells."""
+    console = Console(width=300, record=True)
+    console.print(report(res))
+    lines = [line for line in console.export_text().splitlines() if "│" in line]
+    return [[c.strip() for c in line.strip("│ ").split("│")] for line in lines]
+
+
+def figures(rows: list[list[str]], what: str) -> list[str]:
+    """events/s, ÷ limit and ÷ bare of the one row that starts with ``what``."""
+    (row,) = [row for row in rows if row[0].startswith(what)]
+    return row[1:4]
+
+
+def test_the_table_shows_each_row_with_both_ratios() -> None:
+    rows = table_rows(result())
+    assert figures(rows, "bare: consume → decode →") == ["12,500", "1.25", "1.00"]
+    assert figures(rows, "textbook Faust agent") == ["500", "0.05", "0.04"]
+    assert figures(rows, "Kafka scorer on confluent:") == ["7,000", "0.70", "0.56"]
+    assert figures(rows, "max sustained") == ["6,000", "0.60", "0.48"]
+    assert figures(rows, "Kafka scorer on confluent, exactly") == ["5,000", "0.50", "0.40"]
+    assert figures(rows, "River alone: predict + learn") == ["10,000", "1.00", "0.80"]
+    assert figures(rows, "embedded") == ["2,000", "0.20", "0.16"]
+
+
+def test_the_table_leaves_the_bare_column_empty_without_the_peers() -> None:
+    rows = table_rows(result(peers=False))
+    assert figures(rows, "Kafka scorer on confluent:") == ["7,000", "0.70", ""]
+    assert not any(row[0].startswith(("bare", "textbook")) for row in rows)
