@@ -271,8 +271,9 @@ def measure_embedded(
     labels: list[dict[str, Any]],
 ) -> dict[str, float]:  # fmt: skip
     rt = EmbeddedRuntime(
-        spec, settings.model_copy(update={"snapshot_every_labels": 0, "label_wait_s": 0})
-    )
+        spec, settings.model_copy(update={"snapshot_every_labels": 0, "label_wait_s": 0}),
+        retain=(),
+    )  # fmt: skip
     for e in events:
         rt.produce(rt.topics.events, e[spec.events.key].encode(), orjson.dumps(e))
     for lab in labels:
