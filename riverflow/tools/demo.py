@@ -6,6 +6,7 @@ runs scorer and learner, shows live progress, and ends with a summary.
 
 from __future__ import annotations
 
+import resource
 import time
 from dataclasses import dataclass, field
 
@@ -35,6 +36,7 @@ class DemoResult:
     scenario: str = "drift"
     decisions: list[str] = field(default_factory=list)  # the monitor's, one line each
     champion: str = ""
+    peak_rss_mb: float = 0.0  # the process's, at the end of the run
 
 
 SCENARIOS = ("drift", "labels")
@@ -123,6 +125,7 @@ def run_demo(
         scenario=scenario,
         decisions=_decisions(rt),
         champion=str(rt.registry.champion() or ""),
+        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
     )
 
 
@@ -145,4 +148,5 @@ def summary(result: DemoResult) -> Table:
     for line in result.decisions:
         table.add_row("monitor", line[:120])
     table.add_row("wall time", f"{result.seconds:.1f} s")
+    table.add_row("peak RSS", f"{result.peak_rss_mb:,.0f} MB")
     return table
