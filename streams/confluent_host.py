@@ -159,7 +159,11 @@ class ConfluentHost:
             "auto.offset.reset": "earliest",
             "enable.partition.eof": False,
             "fetch.message.max.bytes": MAX_MESSAGE_BYTES,
-            "fetch.wait.max.ms": 10,
+            # how long the broker holds a fetch that finds nothing new: a fetch
+            # returns as soon as a record arrives, whatever this is, but every empty
+            # one costs the broker ~2 ms of CPU (10 ms here cost it a fifth of a core
+            # while idle, 500 ms a thirtieth: docs/benchmarks.md)
+            "fetch.wait.max.ms": 500,
             "partition.assignment.strategy": "cooperative-sticky",
             "session.timeout.ms": session_ms,
             # a fifth: the survivors learn of a dead member's rebalance within ~1 s of its expiry
