@@ -159,11 +159,11 @@ class ConfluentHost:
             "auto.offset.reset": "earliest",
             "enable.partition.eof": False,
             "fetch.message.max.bytes": MAX_MESSAGE_BYTES,
-            # how long the broker holds a fetch that finds nothing new: a fetch
-            # returns as soon as a record arrives, whatever this is, but every empty
-            # one costs the broker ~2 ms of CPU (10 ms here cost it a fifth of a core
-            # while idle, 500 ms a thirtieth: docs/benchmarks.md)
-            "fetch.wait.max.ms": 500,
+            # how long the broker holds a fetch that finds nothing new: it answers
+            # as soon as a record is appended, but every empty fetch costs it 1.4-2 ms
+            # of CPU (10 ms here held a fifth of a core while idle; 100 ms costs
+            # ~1%, and 500 ms did no better: docs/benchmarks.md)
+            "fetch.wait.max.ms": 100,
             "partition.assignment.strategy": "cooperative-sticky",
             "session.timeout.ms": session_ms,
             # a fifth: the survivors learn of a dead member's rebalance within ~1 s of its expiry
