@@ -58,7 +58,7 @@ class Settings(BaseSettings):
     metrics_host: str = Field(
         "127.0.0.1", description="address /metrics binds (0.0.0.0 in containers)"
     )
-    batch_size: int = Field(500, ge=1, description="max messages per processor batch")
+    batch_size: int = Field(1000, ge=1, description="max messages per processor batch")
     batch_timeout_s: float = Field(0.05, gt=0, description="max wait to fill a batch")
     max_event_bytes: int = Field(65_536, ge=64, description="larger payloads go to the DLQ")
     label_horizon_s: float = Field(

@@ -159,7 +159,11 @@ class ConfluentHost:
             "auto.offset.reset": "earliest",
             "enable.partition.eof": False,
             "fetch.message.max.bytes": MAX_MESSAGE_BYTES,
-            "fetch.wait.max.ms": 10,
+            # how long the broker holds a fetch that finds nothing new: it answers
+            # as soon as a record is appended, but every empty fetch costs it 1.4-2 ms
+            # of CPU (10 ms here held a fifth of a core while idle; 100 ms costs
+            # ~1%, and 500 ms did no better: docs/benchmarks.md)
+            "fetch.wait.max.ms": 100,
             "partition.assignment.strategy": "cooperative-sticky",
             "session.timeout.ms": session_ms,
             # a fifth: the survivors learn of a dead member's rebalance within ~1 s of its expiry
@@ -183,7 +187,12 @@ class ConfluentHost:
             # a batch waiting out a Redis outage must not hold a transaction open:
             # the broker aborts it after transaction_timeout_s, fencing the producer
             hooks.append(self._end_transaction)
-        producer: dict[str, Any] = {"linger.ms": 1, "error_cb": self._on_client_error}
+        # lz4: a batch's records (JSON) shrink ~3.4x, and the broker's CPU per record
+        # with them (warm broker: ~5 -> ~4 us; docs/benchmarks.md); every consumer
+        # riverflow runs is librdkafka, which reads it as it comes
+        producer: dict[str, Any] = {
+            "linger.ms": 1, "compression.type": "lz4", "error_cb": self._on_client_error,
+        }  # fmt: skip
         if settings.exactly_once:
             producer["transactional.id"] = transactional_id(settings)
             producer["transaction.timeout.ms"] = int(settings.transaction_timeout_s * 1000)

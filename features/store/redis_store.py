@@ -226,17 +226,15 @@ class RedisFeatureStore:
         """Commit what ``_in_process`` computed, with the ``served`` predictions
         (event id -> encoded); False (nothing written) if it was refused."""
         cache = self._cache
-        snapshots = []
+        snapshots: list[Any] = []  # flat, as commit.lua reads them
         for event_id, key, raw in pending.snapshots:
             prediction = served.get(event_id)
-            snapshots.append(
-                [key, raw if prediction is None else SERVED_HEAD + raw[1:] + prediction]
-            )
-        entities = []
+            snapshots += key, raw if prediction is None else SERVED_HEAD + raw[1:] + prediction
+        entities: list[Any] = []
         for key, name in pending.changed.items():
             ent, version = cache[key]
             state = msgpack.packb(pack_entity(self.engine, ent), use_bin_type=False)
-            entities.append([key, version, state, self._entity_ttl_ms[name]])
+            entities += key, version, state, self._entity_ttl_ms[name]
         blob = msgpack.packb([snapshots, entities], use_bin_type=False)
         try:
             committed = self._call(self._commit, [], [self.horizon_ms, blob])

@@ -300,7 +300,7 @@ class PredictionClock:
         self._stop = threading.Event()
         self._consumer = Consumer(
             {"bootstrap.servers": bootstrap, "group.id": f"bench-{uuid.uuid4().hex}",
-             "enable.auto.commit": False, "fetch.wait.max.ms": 5, **(config or {})}
+             "enable.auto.commit": False, **(config or {})}
         )  # fmt: skip
         meta = self._consumer.list_topics(topic, timeout=10).topics[topic]
         self._consumer.assign([TopicPartition(topic, p, OFFSET_END) for p in meta.partitions])
