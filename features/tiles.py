@@ -108,7 +108,7 @@ class Kernel:
         self.extreme_at = tuple((base + j, o, i, low) for j, (o, i, low) in enumerate(extremes))
         # windows kept as running totals; distinct sets are read tile by tile
         self.incremental = not self.nsets
-        # ``freeze`` keeps a one-event tile as its time and one value per field,
+        # ``compact`` keeps a one-event tile as its time and one value per field,
         # from which ``solo`` rebuilds every stat: per field the tile position
         # holding its value as it came (a min, max or last), else its sum (0.0 +
         # x), else its square; per stat position: (how, which field)
@@ -361,10 +361,10 @@ class Kernel:
             out.append(x if how == 0 else 0.0 + x if how == 1 else 0.0 + x * x)
         return out
 
-    def freeze(
+    def compact(
         self, tiles: Tiles, w: float, ints: list[Any], floats: list[float], rest: list[Any]
     ) -> None:
-        """Append ``tiles`` to the three parts of ``freeze_entity``: small integers,
+        """Append ``tiles`` to the three parts of ``compact_entity``: small integers,
         doubles, and what is neither (distinct sets, and running totals the tiles
         do not give again). ``w``: the entity's watermark, which most groups'
         newest bucket and newest tile time repeat."""
@@ -411,7 +411,7 @@ class Kernel:
             ints.append(2)
             floats += tot[1:e]
 
-    def thaw(
+    def expand(
         self,
         ints: Sequence[Any],
         p: int,
@@ -420,7 +420,7 @@ class Kernel:
         rest: Iterator[Any],
         w: float,
     ) -> tuple[Tiles, int, int]:
-        """The inverse of ``freeze``, from ``ints[p:]``, ``floats[d:]`` and the next
+        """The inverse of ``compact``, from ``ints[p:]``, ``floats[d:]`` and the next
         items of ``rest``; returns the tiles and where the first two parts stop."""
         hb = (int(w // self.width) if w == w else 0) - ints[p]
         n = ints[p + 1]
@@ -533,12 +533,12 @@ def pack_entity(engine: Engine, ent: Entity) -> list[Any]:
     return [ent.w, {gi + 1: engine.kernels[gi].pack(t) for gi, t in ent.groups.items()}]
 
 
-def freeze_entity(engine: Engine, ent: Entity, version: int) -> bytes:
+def compact_entity(engine: Engine, ent: Entity, version: int) -> bytes:
     """An entity and its version in few bytes, for a cache holding many: its
     integers as msgpack, its doubles as raw bytes, one object with no reference.
-    ``thaw_entity`` gives back the same numbers, bit for bit. A tile of one
+    ``expand_entity`` gives back the same numbers, bit for bit. A tile of one
     event keeps its time and its values only; running totals that the tiles
-    add up to exactly are not kept (``thaw_entity`` adds them up again).
+    add up to exactly are not kept (``expand_entity`` adds them up again).
 
     Tiles that Redis wrote may hold integral doubles as integers; they come
     back as floats of the same value."""
@@ -549,13 +549,13 @@ def freeze_entity(engine: Engine, ent: Entity, version: int) -> bytes:
     kernels = engine.kernels
     for gi, tiles in ent.groups.items():
         ints.append(gi)
-        kernels[gi].freeze(tiles, w, ints, floats, rest)
+        kernels[gi].compact(tiles, w, ints, floats, rest)
     return msgpack.packb([ints, array("d", floats).tobytes(), rest or None])
 
 
-def thaw_entity(engine: Engine, frozen: bytes) -> tuple[Entity, int]:
-    """The entity and version ``freeze_entity`` made ``frozen`` of."""
-    ints, raw, rest = msgpack.unpackb(frozen, strict_map_key=False)
+def expand_entity(engine: Engine, compact: bytes) -> tuple[Entity, int]:
+    """The entity and version ``compact_entity`` made ``compact`` of."""
+    ints, raw, rest = msgpack.unpackb(compact, strict_map_key=False)
     doubles = array("d")
     doubles.frombytes(raw)
     floats = doubles.tolist()
@@ -567,7 +567,7 @@ def thaw_entity(engine: Engine, frozen: bytes) -> tuple[Entity, int]:
     kernels = engine.kernels
     for _ in range(ints[1]):
         gi = ints[p]
-        ent.groups[gi], p, d = kernels[gi].thaw(ints, p + 1, floats, d, others, w)
+        ent.groups[gi], p, d = kernels[gi].expand(ints, p + 1, floats, d, others, w)
     return ent, ints[0]
 
 

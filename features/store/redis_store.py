@@ -69,9 +69,9 @@ from riverflow.features.tiles import (
     Engine,
     Entity,
     check_time,
-    freeze_entity,
+    compact_entity,
+    expand_entity,
     pack_entity,
-    thaw_entity,
     unpack_entity,
 )
 from riverflow.streams.contracts import ServedPrediction
@@ -91,7 +91,7 @@ _COMMIT = _lua("commit")
 
 _LUA_STATS = ("S", "Q", "MN", "MX", "L", "C")  # names of definitions.STATS in the scripts
 
-# A scorer holds up to ``cached_entities`` entities frozen (``tiles.freeze_entity``,
+# A scorer holds up to ``cached_entities`` entities compact (``tiles.compact_entity``,
 # ~450 bytes each with its key) and at most this many more ready to compute
 # (Python lists, 3-7 KB each): those the last batches touched.
 READY_ENTITIES = 4096
@@ -169,10 +169,10 @@ class RedisFeatureStore:
         self.in_process = cached_entities > 0 and not any(g.approx for g in plan.groups)
         self.cached_entities = cached_entities
         # entity key -> (state, the version it was read at), ready to compute;
-        # the rest of what the process holds, frozen, under a shorter key (the
+        # the rest of what the process holds, compact, under a shorter key (the
         # entity value alone when the plan keys one entity)
         self._cache: dict[str, tuple[Entity, int]] = {}
-        self._frozen: dict[str, bytes] = {}
+        self._compact: dict[str, bytes] = {}
         self._ready = min(READY_ENTITIES, max(1, cached_entities // 4))
         root = len(self.entity_key(names[0], "")) if len(names) == 1 else len(f"{self.prefix}ent:")
         self._short = slice(root, None)
@@ -273,34 +273,34 @@ class RedisFeatureStore:
             ent, version = cache[key]
             cache[key] = (ent, version + 1)
         if len(cache) > self._ready:  # a tenth more, so this runs once in many batches
-            self._freeze(len(cache) - self._ready * 9 // 10)
+            self._compact_oldest(len(cache) - self._ready * 9 // 10)
         self._backoff = 0
         self.batches["in_process"] += 1
         return True
 
-    def _freeze(self, n: int) -> None:
-        """Freeze the ``n`` longest held of the ready entities; forget the longest
-        held frozen ones beyond ``cached_entities``.
+    def _compact_oldest(self, n: int) -> None:
+        """Compact the ``n`` longest held of the ready entities; forget the longest
+        held compact ones beyond ``cached_entities``.
 
-        A thawed entity's frozen copy stays (stale, never read while the entity
-        is ready) and is overwritten when it freezes again: the dictionary then
+        An expanded entity's compact copy stays (stale, never read while the entity
+        is ready) and is overwritten when it is compacted again: the dictionary then
         gains an entry per new entity only. A dictionary that gains and loses
         entries without end grows its table to 3 x its size at the next resize
         (~84 bytes an entry at 500,000); rebuilt after each cut it stays at
         ~42."""
-        cache, frozen, short, engine = self._cache, self._frozen, self._short, self.engine
+        cache, held, short, engine = self._cache, self._compact, self._short, self.engine
         for key in list(itertools.islice(cache, n)):
             ent, version = cache.pop(key)
-            frozen[key[short]] = freeze_entity(engine, ent, version)
-        if len(frozen) > self.cached_entities:
-            over = len(frozen) - self.cached_entities * 9 // 10
-            for key in list(itertools.islice(frozen, over)):
-                del frozen[key]
-            self._frozen = dict(frozen)
+            held[key[short]] = compact_entity(engine, ent, version)
+        if len(held) > self.cached_entities:
+            over = len(held) - self.cached_entities * 9 // 10
+            for key in list(itertools.islice(held, over)):
+                del held[key]
+            self._compact = dict(held)
 
     def _drop(self, key: str) -> None:
         self._cache.pop(key, None)
-        self._frozen.pop(key[self._short], None)
+        self._compact.pop(key[self._short], None)
 
     def _forget(self, pending: _Pending) -> None:
         """Drop the entities a batch touched: their states hold its updates,
@@ -309,16 +309,16 @@ class RedisFeatureStore:
             self._drop(key)
 
     def _load(self, keys: set[str]) -> None:
-        """Make entities ready: thaw those held frozen, read the others from
+        """Make entities ready: expand those held compact, read the others from
         Redis (one round trip), with their versions."""
-        frozen, short, engine = self._frozen, self._short, self.engine
+        held, short, engine = self._compact, self._short, self.engine
         order = []
         for key in keys:
-            held = frozen.get(key[short])
-            if held is None:
+            packed = held.get(key[short])
+            if packed is None:
                 order.append(key)
             else:
-                self._cache[key] = thaw_entity(engine, held)
+                self._cache[key] = expand_entity(engine, packed)
         if not order:
             return
         pipe = self.client.pipeline(transaction=False)

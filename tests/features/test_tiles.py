@@ -10,7 +10,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from riverflow.features.tiles import Engine, Entity, freeze_entity, pack_entity, thaw_entity
+from riverflow.features.tiles import Engine, Entity, compact_entity, expand_entity, pack_entity
 from riverflow.spec import load_spec
 from tests.feature_streams import EXACT_PLAN, PLAN, START_TS, event_streams
 
@@ -21,9 +21,9 @@ def bits(vectors: list[list[Any]]) -> list[list[str]]:
     return [[float(x).hex() for x in v] for v in vectors]
 
 
-def replay(engine: Engine, events: list[dict[str, Any]], refreeze: set[int]) -> list[Any]:
-    """Every event's vectors; after the events at ``refreeze``, every entity
-    frozen and thawed again, as the cache does to those it holds cold."""
+def replay(engine: Engine, events: list[dict[str, Any]], recompact: set[int]) -> list[Any]:
+    """Every event's vectors; after the events at ``recompact``, every entity
+    compacted and expanded again, as the scorer's cache does."""
     ents: dict[tuple[str, str], Entity] = {}
     versions: dict[tuple[str, str], int] = {}
     out = []
@@ -34,10 +34,10 @@ def replay(engine: Engine, events: list[dict[str, Any]], refreeze: set[int]) -> 
         vectors, late, _ = engine.step(mine, e["ts"], {"amount": e["amount"]},
                                        {"merchant": e["merchant"]})  # fmt: skip
         out.append((bits(vectors), late))
-        if i in refreeze:
+        if i in recompact:
             for k, ent in ents.items():
                 versions[k] = versions.get(k, 0) + 1
-                ents[k], version = thaw_entity(engine, freeze_entity(engine, ent, versions[k]))
+                ents[k], version = expand_entity(engine, compact_entity(engine, ent, versions[k]))
                 assert version == versions[k]
     out.append(sorted((k, pack_entity(engine, ent)) for k, ent in ents.items()))
     return out
@@ -46,24 +46,24 @@ def replay(engine: Engine, events: list[dict[str, Any]], refreeze: set[int]) -> 
 @settings(max_examples=300, deadline=None)
 @given(
     events=event_streams(),
-    refreeze=st.sets(st.integers(0, 60)),
+    recompact=st.sets(st.integers(0, 60)),
     plan=st.sampled_from([PLAN, EXACT_PLAN]),
     incremental=st.booleans(),
 )
-def test_a_frozen_entity_thaws_to_the_same_numbers_bit_for_bit(
-    events: list[dict[str, Any]], refreeze: set[int], plan: Any, incremental: bool
+def test_a_compacted_entity_expands_to_the_same_numbers_bit_for_bit(
+    events: list[dict[str, Any]], recompact: set[int], plan: Any, incremental: bool
 ) -> None:
     engines = [Engine(plan), Engine(plan)]
     if not incremental:  # windows added up tile by tile: running totals never made
         for engine in engines:
             for kernel in engine.kernels:
                 kernel.incremental = False
-    assert replay(engines[0], events, refreeze) == replay(engines[1], events, set())
+    assert replay(engines[0], events, recompact) == replay(engines[1], events, set())
 
 
 def test_a_held_fraud_bench_entity_costs_at_most_460_bytes() -> None:
     """The scorer's cache holds 500,000 entities by default in the 300 MB scorer
-    budget: an entity frozen there, with its key and its slot in the dictionary,
+    budget: an entity held there compact, with its key and its slot in the dictionary,
     costs at most 460 bytes after a day of 20 events (the slot grows to ~40 B
     at 500,000 entities: docs/architecture.md, "Capacity")."""
     engine = Engine(load_spec(BENCH_SPEC).feature_plan())
@@ -80,10 +80,10 @@ def test_a_held_fraud_bench_entity_costs_at_most_460_bytes() -> None:
     tracemalloc.start()
     try:
         before = tracemalloc.get_traced_memory()[0]
-        held = {f"c{card:07d}": freeze_entity(engine, ent, 20) for card, ent in ents.items()}
+        held = {f"c{card:07d}": compact_entity(engine, ent, 20) for card, ent in ents.items()}
         per_entity = (tracemalloc.get_traced_memory()[0] - before) / n
     finally:
         tracemalloc.stop()
     assert per_entity <= 460, f"{per_entity:.0f} bytes per held entity"
-    ent, version = thaw_entity(engine, held["c0000042"])
+    ent, version = expand_entity(engine, held["c0000042"])
     assert version == 20 and pack_entity(engine, ent) == pack_entity(engine, ents[42])
