@@ -233,12 +233,14 @@ class RedisFeatureStore:
                 out.append(FeatureSnapshot.decode(req.event_id, raw, replayed=True))
                 continue
             ents = {name: cache[key][0] for name, key in keys}
-            vectors, late, names = step(ents, req.ts, req.numbers, req.distinct)
+            vectors, late, _ = step(ents, req.ts, req.numbers, req.distinct)
             raw = written[req.event_id] = encode_snapshot(req.context, vectors, late)
             pending.snapshots.append((req.event_id, snap + req.event_id, raw))
+            # every entity read goes to the commit, so that its version is checked:
+            # one an event was too late for is unchanged, but read for its score,
+            # and another scorer may have written it since this process read it
             for name, key in keys:
-                if name in names:
-                    pending.changed[key] = name
+                pending.changed[key] = name
             out.append(FeatureSnapshot(req.event_id, orjson.loads(req.context), vectors, late=late))
         return pending, out
 
