@@ -16,9 +16,12 @@ its methods run per event.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from array import array
+from collections.abc import Iterator, Sequence
 from operator import itemgetter
 from typing import Any
+
+import msgpack
 
 from riverflow.features.definitions import FeaturePlan, TileGroup
 
@@ -26,6 +29,7 @@ from riverflow.features.definitions import FeaturePlan, TileGroup
 # exact integer (< 2**53) and a msgpack int64. The validator refuses far less
 # (settings event_time_min_s / event_time_max_s); this is the store's own limit.
 MAX_TIME_S = 1e15
+NAN = float("nan")
 
 
 def check_time(ts: float) -> float:
@@ -104,6 +108,24 @@ class Kernel:
         self.extreme_at = tuple((base + j, o, i, low) for j, (o, i, low) in enumerate(extremes))
         # windows kept as running totals; distinct sets are read tile by tile
         self.incremental = not self.nsets
+        # ``compact`` keeps a one-event tile as its time and one value per field,
+        # from which ``solo`` rebuilds every stat: per field the tile position
+        # holding its value as it came (a min, max or last), else its sum (0.0 +
+        # x), else its square; per stat position: (how, which field)
+        stats = (*self.sum_at, *self.square_at, *self.min_at, *self.max_at, *self.last_at)
+        kinds = {o: "sum" for o, _ in self.sum_at} | {o: "square" for o, _ in self.square_at}
+        fields = sorted({i for _, i in stats})
+        source = {}
+        for i in fields:
+            at = sorted(o for o, j in stats if j == i)
+            source[i] = next((o for o in at if o not in kinds), at[0])
+        self.solo_from = tuple(source[i] for i in fields)
+        how = {"sum": 1, "square": 2}
+        self.solo_rebuild = tuple(
+            (0 if source[i] == o else how.get(kinds.get(o, ""), 0), fields.index(i))
+            for o, i in sorted(stats)
+        )
+        self.nsolo = len(fields)
 
     def add(self, tiles: Tiles, b: int, ts: float, xs: list[float], strings: list[str]) -> None:
         if b > tiles.hb:
@@ -330,6 +352,115 @@ class Kernel:
         tiles.tiles = {t[0]: t for t in sorted(records, key=itemgetter(0))}
         return tiles
 
+    def solo(self, values: Sequence[float]) -> list[float]:
+        """The stats of a one-event tile from its values (``solo_from``): what
+        ``add`` makes of a new tile's first event, bit for bit."""
+        out = []
+        for how, j in self.solo_rebuild:
+            x = values[j]
+            out.append(x if how == 0 else 0.0 + x if how == 1 else 0.0 + x * x)
+        return out
+
+    def compact(
+        self, tiles: Tiles, w: float, ints: list[Any], floats: list[float], rest: list[Any]
+    ) -> None:
+        """Append ``tiles`` to the three parts of ``compact_entity``: small integers,
+        doubles, and what is neither (distinct sets, and running totals the tiles
+        do not give again). ``w``: the entity's watermark, which most groups'
+        newest bucket and newest tile time repeat."""
+        hb, at = tiles.hb, self.sets_at
+        base = int(w // self.width) if w == w else 0  # NaN: no watermark
+        ints += (base - hb, len(tiles.tiles))
+        solo, solo_from = self.solo, self.solo_from
+        for k, t in tiles.tiles.items():
+            ts = t[2]
+            # per tile a code: 2 x (n, or 0 for a tile of one event kept as its
+            # values) + 1 if its time is ``w``; with how far behind the newest
+            # bucket it is, in one byte of msgpack when both are small
+            same = 1 if ts == w and ts else 0  # (a zero's sign would be lost)
+            code = 2 * t[1] + same
+            stats = t[3:at]
+            if t[1] == 1 and not self.nsets:
+                values = [t[o] for o in solo_from]
+                # equal, and bit for bit (only a zero may differ while equal: its sign)
+                if solo(values) == stats and 0.0 not in stats:
+                    code, stats = same, values
+            behind = hb - k
+            if code < 8 and behind < 16:
+                ints.append(8 * behind + code)
+            else:
+                ints += (-1 - behind, code)
+            if not same:
+                floats.append(ts)
+            floats += stats
+            if self.nsets:
+                rest.append([list(v) for v in t[at:]])
+        tot = tiles.tot
+        if tot is None:
+            ints.append(0)
+            return
+        # a count, minima and maxima are what the tiles give; a running sum may
+        # differ from the tiles' sum in its last bits
+        fresh, e = self.totals(tiles), 1 + len(self.total_at)
+        if fresh[0] != tot[0] or fresh[e:] != tot[e:] or 0.0 in tot[e:]:
+            ints.append(3)
+            rest.append(tot)
+        elif fresh[1:e] == tot[1:e] and 0.0 not in tot[1:e]:
+            ints.append(1)
+        else:
+            ints.append(2)
+            floats += tot[1:e]
+
+    def expand(
+        self,
+        ints: Sequence[Any],
+        p: int,
+        floats: Sequence[float],
+        d: int,
+        rest: Iterator[Any],
+        w: float,
+    ) -> tuple[Tiles, int, int]:
+        """The inverse of ``compact``, from ``ints[p:]``, ``floats[d:]`` and the next
+        items of ``rest``; returns the tiles and where the first two parts stop."""
+        hb = (int(w // self.width) if w == w else 0) - ints[p]
+        n = ints[p + 1]
+        p += 2
+        tiles = Tiles(hb)
+        stored = tiles.tiles
+        width, nsolo = self.sets_at - 3, self.nsolo
+        for _ in range(n):
+            x = ints[p]
+            if x >= 0:
+                b, code = hb - (x >> 3), x & 7
+                p += 1
+            else:
+                b, code = hb + 1 + x, ints[p + 1]
+                p += 2
+            if code & 1:
+                ts = w
+            else:
+                ts = floats[d]
+                d += 1
+            if code < 2:
+                t = [b, 1, ts, *self.solo(floats[d : d + nsolo])]
+                d += nsolo
+            else:
+                t = [b, code >> 1, ts, *floats[d : d + width]]
+                d += width
+                if self.nsets:
+                    t += [set(v) for v in next(rest)]
+            stored[b] = t
+        flag = ints[p]
+        if flag == 1 or flag == 2:
+            tiles.tot = tot = self.totals(tiles)
+            if flag == 2:
+                e = 1 + len(self.total_at)
+                tot[1:e] = floats[d : d + e - 1]
+                d += e - 1
+        elif flag == 3:
+            tiles.tot = next(rest)
+        return tiles, p + 1, d
+
 
 def since(ts: float, newest: float | None) -> float | None:
     if newest is None:
@@ -400,6 +531,44 @@ class Engine:
 def pack_entity(engine: Engine, ent: Entity) -> list[Any]:
     """An entity as the Lua scripts store it: ``[w, {group index (1-based) -> group}]``."""
     return [ent.w, {gi + 1: engine.kernels[gi].pack(t) for gi, t in ent.groups.items()}]
+
+
+def compact_entity(engine: Engine, ent: Entity, version: int) -> bytes:
+    """An entity and its version in few bytes, for a cache holding many: its
+    integers as msgpack, its doubles as raw bytes, one object with no reference.
+    ``expand_entity`` gives back the same numbers, bit for bit. A tile of one
+    event keeps its time and its values only; running totals that the tiles
+    add up to exactly are not kept (``expand_entity`` adds them up again).
+
+    Tiles that Redis wrote may hold integral doubles as integers; they come
+    back as floats of the same value."""
+    ints: list[Any] = [version, len(ent.groups)]
+    floats: list[float] = [NAN if ent.w is None else ent.w]
+    rest: list[Any] = []
+    w = floats[0]
+    kernels = engine.kernels
+    for gi, tiles in ent.groups.items():
+        ints.append(gi)
+        kernels[gi].compact(tiles, w, ints, floats, rest)
+    return msgpack.packb([ints, array("d", floats).tobytes(), rest or None])
+
+
+def expand_entity(engine: Engine, compact: bytes) -> tuple[Entity, int]:
+    """The entity and version ``compact_entity`` made ``compact`` of."""
+    ints, raw, rest = msgpack.unpackb(compact, strict_map_key=False)
+    doubles = array("d")
+    doubles.frombytes(raw)
+    floats = doubles.tolist()
+    others = iter(rest or ())
+    ent = Entity()
+    w = floats[0]
+    ent.w = None if w != w else w  # NaN: no event counted yet
+    p, d = 2, 1
+    kernels = engine.kernels
+    for _ in range(ints[1]):
+        gi = ints[p]
+        ent.groups[gi], p, d = kernels[gi].expand(ints, p + 1, floats, d, others, w)
+    return ent, ints[0]
 
 
 def unpack_entity(engine: Engine, stored: Sequence[Any] | None) -> Entity:

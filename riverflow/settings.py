@@ -40,9 +40,10 @@ class Settings(BaseSettings):
     redis_retries: int = Field(3, ge=0, description="retries of a command on a transient error")
     redis_backoff_cap_s: float = Field(1.0, gt=0, description="longest wait between retries")
     feature_cache_entities: int = Field(
-        15_000, ge=0,
+        500_000, ge=0,
         description="entities a scorer holds in process for the feature store (0 = none: "
-        "every batch is computed by Redis); each costs ~3-7 KB of memory",
+        "every batch is computed by Redis); each costs ~0.5 KB of memory, frozen "
+        "(besides up to 4,096 ready to compute, 3-7 KB each)",
     )  # fmt: skip
     partitions: int = Field(3, ge=1, description="partitions of every topic riverflow creates")
     replication_factor: int = Field(1, ge=1)

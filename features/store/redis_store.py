@@ -65,7 +65,15 @@ from riverflow.features.store.base import (
     encode_snapshot,
     packed,
 )
-from riverflow.features.tiles import Engine, Entity, check_time, pack_entity, unpack_entity
+from riverflow.features.tiles import (
+    Engine,
+    Entity,
+    check_time,
+    compact_entity,
+    expand_entity,
+    pack_entity,
+    unpack_entity,
+)
 from riverflow.streams.contracts import ServedPrediction
 
 
@@ -82,6 +90,11 @@ _CLAIM = _lua("claim")
 _COMMIT = _lua("commit")
 
 _LUA_STATS = ("S", "Q", "MN", "MX", "L", "C")  # names of definitions.STATS in the scripts
+
+# A scorer holds up to ``cached_entities`` entities compact (``tiles.compact_entity``,
+# ~450 bytes each with its key) and at most this many more ready to compute
+# (Python lists, 3-7 KB each): those the last batches touched.
+READY_ENTITIES = 4096
 
 
 @dataclass
@@ -121,7 +134,7 @@ class RedisFeatureStore:
         namespace: str,
         plan: FeaturePlan,
         horizon_s: float,
-        cached_entities: int = 15_000,
+        cached_entities: int = 500_000,
     ) -> None:
         self.client = client
         self.plan = plan
@@ -155,7 +168,14 @@ class RedisFeatureStore:
         self.engine = Engine(plan)
         self.in_process = cached_entities > 0 and not any(g.approx for g in plan.groups)
         self.cached_entities = cached_entities
+        # entity key -> (state, the version it was read at), ready to compute;
+        # the rest of what the process holds, compact, under a shorter key (the
+        # entity value alone when the plan keys one entity)
         self._cache: dict[str, tuple[Entity, int]] = {}
+        self._compact: dict[str, bytes] = {}
+        self._ready = min(READY_ENTITIES, max(1, cached_entities // 4))
+        root = len(self.entity_key(names[0], "")) if len(names) == 1 else len(f"{self.prefix}ent:")
+        self._short = slice(root, None)
         self._entity_ttl_ms = {name: int(ttl_s[name] * 1000) + 1000 for name in names}
         self._skip = self._backoff = 0
         self._pending: _Pending | None = None
@@ -190,7 +210,7 @@ class RedisFeatureStore:
         out = self._on_server(batch)
         for req in batch:  # the server changed these: what the process holds is stale
             for name, prefix in self._entity_prefixes:
-                self._cache.pop(prefix + req.entities[name], None)
+                self._drop(prefix + req.entities[name])
         return out
 
     def _in_process(
@@ -213,12 +233,14 @@ class RedisFeatureStore:
                 out.append(FeatureSnapshot.decode(req.event_id, raw, replayed=True))
                 continue
             ents = {name: cache[key][0] for name, key in keys}
-            vectors, late, names = step(ents, req.ts, req.numbers, req.distinct)
+            vectors, late, _ = step(ents, req.ts, req.numbers, req.distinct)
             raw = written[req.event_id] = encode_snapshot(req.context, vectors, late)
             pending.snapshots.append((req.event_id, snap + req.event_id, raw))
+            # every entity read goes to the commit, so that its version is checked:
+            # one an event was too late for is unchanged, but read for its score,
+            # and another scorer may have written it since this process read it
             for name, key in keys:
-                if name in names:
-                    pending.changed[key] = name
+                pending.changed[key] = name
             out.append(FeatureSnapshot(req.event_id, orjson.loads(req.context), vectors, late=late))
         return pending, out
 
@@ -250,24 +272,55 @@ class RedisFeatureStore:
         for key in pending.changed:
             ent, version = cache[key]
             cache[key] = (ent, version + 1)
-        if len(cache) > self.cached_entities:  # forget the longest held
-            for key in list(itertools.islice(cache, len(cache) - self.cached_entities * 9 // 10)):
-                del cache[key]
+        if len(cache) > self._ready:  # a tenth more, so this runs once in many batches
+            self._compact_oldest(len(cache) - self._ready * 9 // 10)
         self._backoff = 0
         self.batches["in_process"] += 1
         return True
+
+    def _compact_oldest(self, n: int) -> None:
+        """Compact the ``n`` longest held of the ready entities; forget the longest
+        held compact ones beyond ``cached_entities``.
+
+        An expanded entity's compact copy stays (stale, never read while the entity
+        is ready) and is overwritten when it is compacted again: the dictionary then
+        gains an entry per new entity only. A dictionary that gains and loses
+        entries without end grows its table to 3 x its size at the next resize
+        (~84 bytes an entry at 500,000); rebuilt after each cut it stays at
+        ~42."""
+        cache, held, short, engine = self._cache, self._compact, self._short, self.engine
+        for key in list(itertools.islice(cache, n)):
+            ent, version = cache.pop(key)
+            held[key[short]] = compact_entity(engine, ent, version)
+        if len(held) > self.cached_entities:
+            over = len(held) - self.cached_entities * 9 // 10
+            for key in list(itertools.islice(held, over)):
+                del held[key]
+            self._compact = dict(held)
+
+    def _drop(self, key: str) -> None:
+        self._cache.pop(key, None)
+        self._compact.pop(key[self._short], None)
 
     def _forget(self, pending: _Pending) -> None:
         """Drop the entities a batch touched: their states hold its updates,
         which Redis did not take. They are read again when next needed."""
         for key in pending.touched:
-            self._cache.pop(key, None)
+            self._drop(key)
 
     def _load(self, keys: set[str]) -> None:
-        """Read entities into the process (one round trip), with their versions."""
-        if not keys:
+        """Make entities ready: expand those held compact, read the others from
+        Redis (one round trip), with their versions."""
+        held, short, engine = self._compact, self._short, self.engine
+        order = []
+        for key in keys:
+            packed = held.get(key[short])
+            if packed is None:
+                order.append(key)
+            else:
+                self._cache[key] = expand_entity(engine, packed)
+        if not order:
             return
-        order = list(keys)
         pipe = self.client.pipeline(transaction=False)
         for key in order:
             pipe.hmget(key, "s", "v")
