@@ -101,3 +101,13 @@ def test_the_table_leaves_the_bare_column_empty_without_the_peers() -> None:
     rows = table_rows(result(peers=False))
     assert figures(rows, "Kafka scorer on confluent:") == ["7,000", "0.70", ""]
     assert not any(row[0].startswith(("bare", "textbook")) for row in rows)
+
+
+def test_latency_percentiles_include_p99_9_by_nearest_rank() -> None:
+    from riverflow.tools.bench import _percentiles
+
+    figures = _percentiles([i / 1000 for i in range(2000)])  # 0 .. 1.999 s
+    assert figures["p50_ms"] == 1000.0
+    assert figures["p99_ms"] == 1980.0
+    assert figures["p999_ms"] == 1998.0
+    assert figures["max_ms"] == 1999.0
