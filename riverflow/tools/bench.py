@@ -52,7 +52,7 @@ from riverflow.streams.kafka_io import ensure_topics, produce_all, producer
 from riverflow.streams.topics import Topics
 from riverflow.tools.bench_peers import forget_textbook_state, peer_command
 from riverflow.tools.generator import FraudStreamConfig, with_labels
-from riverflow.tools.stack import Endpoints, local_stack
+from riverflow.tools.stack import Endpoints, local_stack, stop_processes
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 T = TypeVar("T")
@@ -438,15 +438,6 @@ def _backlog(bootstrap: str, topic: str, key: str, events: list[dict[str, Any]])
     return prod
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 def _drain(
     what: str, proc: subprocess.Popen[bytes], clock: PredictionClock, n: int,
     servers: Mapping[str, ProcessUsage], logfile: Path,
@@ -551,7 +542,7 @@ def measure_host(
             out[f"{server}_peak_rss_mb"] = u.peak_rss_mb()
     finally:
         gc.unfreeze()
-        _stop(proc)
+        stop_processes([proc])
         clock.close()
         logfile.close()
     return out
@@ -584,7 +575,7 @@ def measure_peer(
         for server, u in servers.items():
             out[f"{server}_peak_rss_mb"] = u.peak_rss_mb()
     finally:
-        _stop(proc)
+        stop_processes([proc])
         clock.close()
         if peer == "textbook":
             forget_textbook_state(ep.redis_url, name)

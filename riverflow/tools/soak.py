@@ -31,7 +31,6 @@ from __future__ import annotations
 import base64
 import math
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -54,7 +53,7 @@ from riverflow.settings import Settings
 from riverflow.spec import PipelineSpec
 from riverflow.streams.kafka_io import MAX_MESSAGE_BYTES, ensure_topics, producer
 from riverflow.tools.generator import FraudStreamConfig, paced, with_labels
-from riverflow.tools.stack import Endpoints, free_port
+from riverflow.tools.stack import Endpoints, free_port, stop_processes
 
 STAGES = ("scorer", "learner", "monitor")
 
@@ -471,18 +470,6 @@ def start_stages(
     return procs
 
 
-def stop_stages(procs: dict[str, subprocess.Popen[bytes]]) -> None:
-    for proc in procs.values():
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    for proc in procs.values():
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 def run_soak(
     spec: PipelineSpec, config: SoakConfig, settings: Settings, ep: Endpoints, workdir: Path,
     log: Callable[[str], None] = print, stage_env: dict[str, str] | None = None,
@@ -556,7 +543,7 @@ def run_soak(
             watchers.close()
         alive = {stage: proc.poll() is None for stage, proc in procs.items()}
     finally:
-        stop_stages(procs)
+        stop_processes(procs.values())
     warm = config.warmup
     half = warm + (result.produced["seconds"] - warm) / 2
     post = {n: [(t, v) for t, v in s if t >= warm and not math.isnan(v)] for n, s in rss.items()}
