@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from riverflow.errors import RiverflowError
+from riverflow.features.scored import ScoredEvents
 from riverflow.features.store import FeatureStore, MemoryFeatureStore, RedisFeatureStore
 from riverflow.models.champion import ChampionReplica
 from riverflow.models.factory import build_candidates, build_model
@@ -127,7 +128,7 @@ def _client_from_url(redis: Any, settings: Settings, url: str, tls: dict[str, An
 def redis_store(spec: PipelineSpec, settings: Settings, client: Any) -> RedisFeatureStore:
     return RedisFeatureStore(
         client, spec.name, spec.feature_plan(), settings.label_horizon_s,
-        cached_entities=settings.feature_cache_entities,
+        cached_entities=settings.feature_cache_entities, replay_window_s=settings.replay_window_s,
     )  # fmt: skip
 
 
@@ -172,10 +173,13 @@ def build_learner(
     settings: Settings,
     store: FeatureStore,
     registry: ModelRegistry,
+    scored: ScoredEvents,
     registry_poll_s: float | None = None,
     scored_through: ScoredThrough | None = None,
 ) -> Learner:
     """A learner that continues from its last checkpoint, or from fresh candidates.
+
+    ``scored``: the scored events its labels join (``features.scored``).
 
     ``scored_through``: how far the scorer has got (see ``ScoredThrough``); by
     default every event is taken as scored (the embedded runtime).
@@ -202,7 +206,9 @@ def build_learner(
         label_horizon_s=settings.label_horizon_s, max_waiting=settings.label_max_waiting,
         keep_learned_s=settings.learned_keep_s,
     )  # fmt: skip
-    learner = Learner(spec.topics, store, lineage, join, timing, scored_through=scored_through)
+    learner = Learner(
+        spec.topics, store, scored, lineage, join, timing, scored_through=scored_through
+    )
     saved = registry.checkpoint()
     if saved is not None:
         learner.restore(saved)

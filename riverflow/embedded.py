@@ -10,6 +10,7 @@ from collections import defaultdict
 from collections.abc import Collection
 
 from riverflow.assembly import build_learner, build_monitor, build_scorer, memory_backends
+from riverflow.features.scored import MemoryScoredEvents
 from riverflow.settings import Settings
 from riverflow.spec import PipelineSpec
 from riverflow.stages.common import guarded
@@ -85,7 +86,12 @@ class EmbeddedRuntime:
         # the scorer and the learner follow the monitor's decisions at once (a read of
         # the in-memory registry per batch): runs are deterministic, not paced by the clock
         self.scorer = build_scorer(spec, settings, self.store, self.registry, model_poll_s=0)
-        self.learner = build_learner(spec, settings, self.store, self.registry, registry_poll_s=0)
+        # the learner joins labels to the predictions, as on Kafka: the runtime indexes
+        # every prediction before it hands the learner the labels that follow
+        self.scored = MemoryScoredEvents()
+        self.learner = build_learner(
+            spec, settings, self.store, self.registry, self.scored, registry_poll_s=0
+        )
         self.monitor = build_monitor(spec, self.registry)
         # each behind the last resort the Kafka hosts run it with (streams.guard)
         self.guards = {
@@ -94,6 +100,7 @@ class EmbeddedRuntime:
         }
         t = self.topics
         self.offsets = {t.events: 0, t.labels: 0, t.predictions: 0, t.evaluations: 0}
+        self.indexed = 0  # the predictions the learner's index has read
 
     def produce(self, topic: str, key: bytes | None, value: bytes) -> None:
         self.log.append(topic, key, value)
@@ -105,6 +112,8 @@ class EmbeddedRuntime:
             (self.topics.events, self.guards["scorer"]),
             (self.topics.labels, self.guards["learner"]),
         ):
+            if topic == self.topics.labels:
+                self._index_predictions()
             batch = self.log.read(topic, self.offsets[topic], self.settings.batch_size)
             if batch:
                 self.log.write(processor.process(batch))
@@ -120,16 +129,26 @@ class EmbeddedRuntime:
             self.log.write(self.guards["monitor"].process(watched))
             done += len(watched)
         for topic, offset in self.offsets.items():
+            if topic == self.topics.predictions:
+                offset = min(offset, self.indexed)
             self.log.trim(topic, offset)
         for topic in (self.topics.dlq, self.topics.model_events):  # nobody reads them here
             self.log.trim(topic, self.log.count(topic))
         return done
+
+    def _index_predictions(self) -> None:
+        topic = self.topics.predictions
+        end = self.log.count(topic)
+        if end > self.indexed:
+            self.scored.add(self.log.read(topic, self.indexed, end - self.indexed))
+            self.indexed = end
 
     def drain(self) -> None:
         """Process everything produced so far, then retry labels still waiting."""
         while self.step():
             pass
         if self.learner.pending:
+            self._index_predictions()
             self.log.write(self.guards["learner"].process([]))
             self.learner.commit()
 

@@ -25,6 +25,7 @@ from riverflow.assembly import (
     uses_dev_key,
 )
 from riverflow.errors import RiverflowError
+from riverflow.features.scored import DiskScoredIndex, FollowedIndex
 from riverflow.monitors.exporter import MonitorMetrics, StageMetrics, serve
 from riverflow.settings import Settings
 from riverflow.spec import PipelineSpec
@@ -34,7 +35,7 @@ from riverflow.streams.contracts import Output, Processor
 from riverflow.streams.faust_app import run_worker, stage_app
 from riverflow.streams.guard import Guard
 from riverflow.streams.hosting import HostSettings
-from riverflow.streams.kafka_io import GroupProgress, ensure_topics
+from riverflow.streams.kafka_io import GroupProgress, TopicFollower, ensure_topics
 
 log = logging.getLogger(__name__)
 METRICS_PORTS = {"scorer": 9401, "learner": 9402, "monitor": 9403}
@@ -105,6 +106,22 @@ def check_guarantee(settings: Settings) -> None:
         )
 
 
+def scored_index(spec: PipelineSpec, settings: Settings, ep: Servers) -> FollowedIndex:
+    """The learner's index of scored events (``features.scored``): on disk at
+    ``scored_dir``, kept up to date with the predictions topic."""
+    where = settings.scored_dir or settings.cache_dir / "scored" / spec.name
+    index = DiskScoredIndex(where, settings.label_horizon_s)
+    follower = through_outage(
+        lambda: TopicFollower(
+            ep.kafka_bootstrap, spec.topics.predictions, index, settings.label_horizon_s,
+            max_per_call=50 * settings.batch_size,
+        ),
+        settings.outage_limit_s, f"Kafka at {ep.kafka_bootstrap}",
+    )  # fmt: skip
+    log.info("learner: scored events indexed at %s, from %s", where, spec.topics.predictions)
+    return FollowedIndex(index, follower)
+
+
 def run_stage(stage: str, spec: PipelineSpec, settings: Settings, ep: Servers) -> None:
     """Run ``scorer``, ``learner`` or ``monitor`` until SIGTERM / Ctrl-C."""
     if stage not in METRICS_PORTS:
@@ -163,8 +180,9 @@ def run_stage(stage: str, spec: PipelineSpec, settings: Settings, ep: Servers) -
     progress = GroupProgress(
         ep.kafka_bootstrap, scorer_group, topics.events, settings.scorer_progress_poll_s
     )
+    scored = scored_index(spec, settings, ep)
     learner = through_outage(
-        lambda: build_learner(spec, settings, store, registry, scored_through=progress),
+        lambda: build_learner(spec, settings, store, registry, scored, scored_through=progress),
         settings.outage_limit_s, "restoring the learner",
     )  # fmt: skip
 

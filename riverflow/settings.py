@@ -63,10 +63,24 @@ class Settings(BaseSettings):
     batch_timeout_s: float = Field(0.05, gt=0, description="max wait to fill a batch")
     max_event_bytes: int = Field(65_536, ge=64, description="larger payloads go to the DLQ")
     label_horizon_s: float = Field(
-        7 * 24 * 3600.0, gt=0, description="how long a feature snapshot waits for its label"
-    )
+        7 * 24 * 3600.0, gt=0,
+        description="how long a scored event waits for its label (the learner's index of "
+        "predictions keeps it this long: keep the predictions topic's retention at least this)",
+    )  # fmt: skip
     label_wait_s: float = Field(
-        30.0, ge=0, description="how long a label waits for its event's snapshot"
+        30.0, ge=0, description="how long a label waits for its event to be scored"
+    )
+    replay_window_s: float = Field(
+        900.0, gt=0,
+        description="how long Redis keeps each event's feature snapshot and served "
+        "prediction, so that a scorer replaying it (after a crash) counts it once and "
+        "serves the same answer; a replay later than this is scored as new",
+    )  # fmt: skip
+    scored_dir: Path | None = Field(
+        None,
+        description="where the learner keeps its index of scored events, the records "
+        "labels join (RocksDB, up to rate x label horizon x ~150 B); default "
+        "{cache_dir}/scored/{pipeline}. Lost, it is rebuilt from the predictions topic",
     )
     snapshot_every_labels: int = Field(
         1000, ge=0, description="learner publishes a model version every N labels (0 = never)"
@@ -110,15 +124,14 @@ class Settings(BaseSettings):
     # -- the learner's labels and what it keeps in Redis --------------------------
     label_max_waiting: int = Field(
         50_000, ge=1,
-        description="labels waiting for their event's snapshot: at this many the learner "
+        description="labels waiting for their event to be scored: at this many the learner "
         "stops reading labels until some are scored (confluent host); a host that reads on "
         "regardless orphans the oldest past twice this",
     )  # fmt: skip
     learned_keep_s: float = Field(
         600.0, ge=0,
-        description="a learned label's snapshot and mark stay this long after the checkpoint "
-        "covering it is committed (scorer replays and duplicate labels are still recognised); "
-        "0 = deleted then",
+        description="a learned label's mark stays this long after the checkpoint covering "
+        "it is committed (a duplicate label is still recognised); 0 = deleted then",
     )  # fmt: skip
     scorer_progress_poll_s: float = Field(
         1.0, gt=0, description="how often the learner reads the scorer group's lag on events"

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from functools import cache
 from typing import Any, Literal, Protocol, Self
@@ -122,6 +122,9 @@ class Prediction(Record):
     # when the spec asks (models.explain) and the current model served it: linear
     # terms or the tree's decision path, None for a model that cannot say
     explanation: list[dict[str, Any]] | Unset | None = UNSET
+    # the event's fields the model read beside ``features`` (and the segment field):
+    # with them a prediction is the whole record the learner joins a label to
+    inputs: dict[str, Any] = field(default_factory=dict)
 
     def encode(self) -> bytes:
         record: dict[str, Any] = {
@@ -134,6 +137,7 @@ class Prediction(Record):
             "event_time": self.event_time,
             "scored_at": self.scored_at,
             "replayed": self.replayed,
+            "inputs": self.inputs,
         }
         if self.explanation is not UNSET:
             record["explanation"] = self.explanation

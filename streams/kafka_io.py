@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, Protocol
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Producer,
+    TopicPartition,
+)
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from riverflow.errors import RiverflowError
+from riverflow.streams.contracts import Message
 
 log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # the DLQ must hold an oversized payload plus its envelope
@@ -190,6 +198,128 @@ class GroupProgress:
     def _committed(self, partitions: list[int]) -> dict[int, int]:
         tps = [TopicPartition(self.topic, p) for p in partitions]
         return {tp.partition: tp.offset for tp in self.consumer.committed(tps, timeout=5)}
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+class TopicIndex(Protocol):
+    """What ``TopicFollower`` keeps up to date: an index of a topic's records that
+    stores its own read positions with them (``features.scored.DiskScoredIndex``)."""
+
+    def add(self, messages: Sequence[Message]) -> None: ...
+
+    def positions(self, source: str) -> dict[int, int]: ...
+
+
+class TopicFollower:
+    """Reads every partition of ``topic`` into ``index``, without a consumer group
+    (it commits nothing and joins no rebalance): the index's stored positions say
+    where to go on from, if they were saved for this cluster and topic. A
+    partition the index has no position for starts at the first message not
+    older than ``since_s`` (the label horizon: older records could not be joined
+    anyway).
+
+    ``follow`` indexes what has arrived, at most ``max_per_call`` messages a
+    call; ``caught_up`` reads the high watermarks now and reads on until every
+    partition reaches them (within the same bound): then every message written
+    before the call is indexed. Where a partition is comes from its messages
+    and from librdkafka's end-of-partition events, which also count the
+    transaction markers an exactly-once scorer leaves.
+    """
+
+    def __init__(
+        self,
+        bootstrap: str,
+        topic: str,
+        index: TopicIndex,
+        since_s: float,
+        max_per_call: int = 50_000,
+        config: dict[str, Any] | None = None,
+    ) -> None:
+        self.topic = topic
+        self.index = index
+        self.max_per_call = max_per_call
+        self.consumer = Consumer(
+            {
+                "bootstrap.servers": bootstrap,
+                "group.id": f"riverflow-follower-{topic}",  # never used: no commits
+                "enable.auto.commit": False,
+                "enable.partition.eof": True,
+                # a saved position the topic no longer has: index it again from the start
+                "auto.offset.reset": "earliest",
+                "fetch.message.max.bytes": MAX_MESSAGE_BYTES,
+                **(config or {}),
+            }
+        )
+        meta = self.consumer.list_topics(topic, timeout=10).topics.get(topic)
+        if meta is None or meta.error is not None:
+            self.consumer.close()
+            raise KafkaIOError(f"no topic {topic!r} on {bootstrap}")
+        self.partitions = sorted(meta.partitions)
+        cluster = self.consumer.list_topics(timeout=10).cluster_id
+        start = dict(index.positions(f"{cluster}/{topic}"))
+        new = [p for p in self.partitions if p not in start]
+        if new:
+            since_ms = int((time.time() - since_s) * 1000)
+            found = self.consumer.offsets_for_times(
+                [TopicPartition(topic, p, since_ms) for p in new], timeout=10
+            )
+            for tp in found:  # -1: nothing that recent; from the end then
+                start[tp.partition] = tp.offset if tp.offset >= 0 else self._high(tp.partition)
+        self.at = {p: start[p] for p in self.partitions}  # the next offset per partition
+        self.consumer.assign([TopicPartition(topic, p, o) for p, o in self.at.items()])
+
+    def _high(self, partition: int) -> int:
+        tp = TopicPartition(self.topic, partition)
+        return int(self.consumer.get_watermark_offsets(tp, timeout=10)[1])
+
+    def follow(self) -> int:
+        """Index what has arrived (bounded); returns how many messages were read."""
+        read = 0
+        while read < self.max_per_call:
+            batch = self.consumer.consume(1000, timeout=0)
+            if not batch:
+                break
+            read += self._add(batch)
+        return read
+
+    def caught_up(self) -> bool:
+        try:
+            highs = {p: self._high(p) for p in self.partitions}
+        except KafkaException as exc:
+            log.warning("reading the end of %s: %s", self.topic, exc)
+            return False
+        read = 0
+        while read < self.max_per_call:
+            if all(self.at[p] >= h for p, h in highs.items()):
+                return True
+            batch = self.consumer.consume(1000, timeout=0.5)
+            if not batch:
+                return False  # the broker is slow or away: not known yet
+            read += self._add(batch)
+        return False
+
+    def _add(self, batch: list[Any]) -> int:
+        messages = []
+        for msg in batch:
+            err = msg.error()
+            if err is not None:
+                if err.code() == KafkaError._PARTITION_EOF:
+                    p = msg.partition()
+                    self.at[p] = max(self.at.get(p, 0), msg.offset())
+                else:
+                    log.warning("reading %s: %s", self.topic, err)
+                continue
+            ts_type, ts = msg.timestamp()
+            messages.append(
+                Message(msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value(),
+                        ts if ts_type else None)
+            )  # fmt: skip
+            self.at[msg.partition()] = max(self.at.get(msg.partition(), 0), msg.offset() + 1)
+        if messages:
+            self.index.add(messages)
+        return len(messages)
 
     def close(self) -> None:
         self.consumer.close()

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import math
+import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-import orjson
-
 from riverflow.features.definitions import Aggregation, FeatureSpec, entity_value, parse_duration
-from riverflow.features.store import Claim, FeatureRequest, FeatureSnapshot, FeatureStore
+from riverflow.features.store import Claim, FeatureRequest, FeatureStore
 from riverflow.streams.contracts import ServedPrediction
 
 # How far each aggregation may stray from the brute force: exact where the store
@@ -136,9 +135,10 @@ def assert_aggregations_match(
         assert ok, (f.name, f.agg.value, g, e)
 
 
-def check_labels_are_claimed_once(store: FeatureStore, reqs: list[FeatureRequest]) -> None:
-    """The claim contract, for every store: each event's snapshot is handed out once
-    per label, unless the learning that claimed it was lost (a learner crash)."""
+def check_labels_are_claimed_once(store: FeatureStore) -> None:
+    """The claim contract, for every store: each event's label is claimed once, unless
+    the learning that claimed it was lost (a learner crash); an event the learner
+    does not hold is never marked."""
 
     def tokens(ids: list[str], run: str) -> list[str]:
         return [f"{run}:{i}" for i in ids]
@@ -146,22 +146,30 @@ def check_labels_are_claimed_once(store: FeatureStore, reqs: list[FeatureRequest
     def never(_token: str) -> bool:
         return False
 
-    store.update_and_read(reqs[:2])
-    ids = [r.event_id for r in reqs[:3]]
-    first = store.claim_snapshots(ids, tokens(ids, "run1"), never)
-    assert isinstance(first[0], FeatureSnapshot)
-    assert first[0].inputs == orjson.loads(reqs[0].context)
-    assert first[2] is Claim.MISSING
-    assert store.claim_snapshots(ids[:2], tokens(ids[:2], "run1"), never) == [
-        Claim.DUPLICATE,
-        Claim.DUPLICATE,
+    ids = [f"claim-{uuid.uuid4().hex[:8]}-{i}" for i in range(3)]
+    known = [True, True, False]
+    first = store.claim_labels(ids, tokens(ids, "run1"), known, never)
+    assert first == [Claim.CLAIMED, Claim.CLAIMED, Claim.MISSING]
+    assert store.claim_labels(ids, tokens(ids, "run1"), known, never) == [
+        Claim.DUPLICATE, Claim.DUPLICATE, Claim.MISSING,
+    ]  # fmt: skip
+    # a mark whose learning was lost (the learner crashed before its snapshot) is taken
+    # over where the learner holds the event; where it does not, the label waits
+    lost = store.claim_labels(
+        ids[:2], tokens(ids[:2], "run2"), [True, False], lambda t: t.startswith("run1")
+    )
+    assert lost == [Claim.CLAIMED, Claim.MISSING]
+    assert store.claim_labels(ids[:1], ["run3"], [True], lambda t: t.startswith("run1")) == [
+        Claim.DUPLICATE  # run2 holds it now
     ]
-    # a mark whose learning was lost (the learner crashed before its snapshot) is taken over
-    lost = store.claim_snapshots(ids[:2], tokens(ids[:2], "run2"), lambda t: t == f"run1:{ids[0]}")
-    assert isinstance(lost[0], FeatureSnapshot) and lost[1] is Claim.DUPLICATE
-    assert store.claim_snapshots(ids[:1], ["run3"], lambda t: t.startswith("run1")) == [
-        Claim.DUPLICATE
-    ]
+    # the unknown event was never marked: once held, it is claimed
+    assert store.claim_labels(ids[2:], ["run4"], [True], never) == [Claim.CLAIMED]
+    # an orphan mark wins over everything; an event learned already is not made one
+    store.mark_orphans([ids[0]])
+    assert store.claim_labels(ids[:1], ["run5"], [True], never) == [Claim.DUPLICATE]
+    orphan = f"claim-{uuid.uuid4().hex[:8]}-orphan"
+    store.mark_orphans([orphan])
+    assert store.claim_labels([orphan], ["run5"], [True], lambda t: True) == [Claim.ORPHANED]
 
 
 def check_the_first_served_prediction_is_kept(
@@ -180,8 +188,6 @@ def check_the_first_served_prediction_is_kept(
     assert [s.replayed for s in again] == [True, True, False]
     assert [s.served for s in again] == [first, later, None]
     assert again[0].inputs == snaps[0].inputs and again[0].aggregates == snaps[0].aggregates
-    claims = store.claim_snapshots(ids, [f"run:{i}" for i in ids], lambda _token: False)
-    assert [c.served for c in claims if isinstance(c, FeatureSnapshot)] == [first, later, None]
 
 
 def assert_served_matches(evaluations: Iterable[Any], predictions: Mapping[str, Any]) -> None:

@@ -3,10 +3,13 @@ claim outcome, the ``FeatureStore`` protocol and how a snapshot is stored.
 
 A snapshot is msgpack ``[model inputs JSON, [aggregate vector per group], late]``;
 the vector layout is in ``features.definitions`` and ``FeaturePlan.values``
-turns it into feature values, for the scorer and the learner alike. Once the
-event is scored, ``record_served`` makes it ``[..., late, [model, version,
-probability]]`` (a fourth element, written once: the first prediction served
-is the one kept), so the learner's claim returns both in the same read.
+turns it into feature values. Once the event is scored, ``record_served``
+makes it ``[..., late, [model, version, probability]]`` (a fourth element,
+written once: the first prediction served is the one kept). A store keeps a
+snapshot for the replay window only: long enough for a scorer to recognise its
+own replays (count them once, serve the same answer). What a label joins,
+days later, is read back from the predictions topic (``features.scored``); the
+store keeps the labels' learned-marks.
 """
 
 from __future__ import annotations
@@ -88,9 +91,10 @@ def with_served(raw: bytes, served: bytes) -> bytes | None:
 
 
 class Claim(Enum):
-    """Why a label's snapshot was not handed out."""
+    """What claiming a label found (``FeatureStore.claim_labels``)."""
 
-    MISSING = "missing"  # the event has not been scored (yet)
+    CLAIMED = "claimed"  # marked learned under this label's token now: learn it
+    MISSING = "missing"  # the event is not scored (yet), nor its label learned
     DUPLICATE = "duplicate"  # a label for this event was learned already
     ORPHANED = "orphaned"  # a label for this event went to the DLQ as an orphan
 
@@ -110,8 +114,9 @@ class FeatureStore(Protocol):
     ) -> list[FeatureSnapshot]:
         """Add each event to its tiles and read its windows, in order.
 
-        An event id seen before is not counted again: its stored snapshot is
-        returned with ``replayed=True`` (and its ``served`` prediction, if any).
+        An event id seen within the replay window is not counted again: its
+        stored snapshot is returned with ``replayed=True`` (and its ``served``
+        prediction, if any).
 
         ``commit=False`` lets a store hold the batch's writes back until
         ``record_served``, which then writes them with the predictions in one
@@ -132,16 +137,21 @@ class FeatureStore(Protocol):
         """
         ...
 
-    def claim_snapshots(
-        self, event_ids: Sequence[str], tokens: Sequence[str], stale: Callable[[str], bool]
-    ) -> list[FeatureSnapshot | Claim]:
-        """The snapshot of each event (with its served prediction), marking it
-        learned under its token.
+    def claim_labels(
+        self,
+        event_ids: Sequence[str],
+        tokens: Sequence[str],
+        known: Sequence[bool],
+        stale: Callable[[str], bool],
+    ) -> list[Claim]:
+        """Mark each event's label learned under its token, where the learner holds
+        the scored event (``known``): one call for the batch.
 
-        An event already marked is a ``DUPLICATE``, unless ``stale(its token)``
-        says that learning was lost (a learner crashed before its snapshot):
-        then the mark is taken over and the snapshot handed out again. An event
-        marked ``ORPHAN`` is ``ORPHANED``, whether its snapshot exists or not.
+        Per event: ``ORPHANED`` if it is marked an orphan; ``DUPLICATE`` if it is
+        marked learned, unless ``stale(its token)`` says that learning was lost (a
+        learner died before its checkpoint): then a known event's mark is taken
+        over (``CLAIMED``) and an unknown one is ``MISSING``; unmarked, a known
+        event is marked (``CLAIMED``) and an unknown one is ``MISSING``.
         """
         ...
 
@@ -151,11 +161,10 @@ class FeatureStore(Protocol):
         ...
 
     def release_learned(self, event_ids: Sequence[str], keep_s: float) -> None:
-        """Let go of the snapshots and learned-marks of labels learned into a committed
-        checkpoint: they expire ``keep_s`` from now (0: deleted now), instead of
-        at the label horizon. Until then a scorer's replay of the event is still
-        recognised and a duplicate label is still a ``DUPLICATE``; after, a
-        duplicate label finds no snapshot and ends as an orphan."""
+        """Let go of the learned-marks of labels learned into a committed checkpoint:
+        they expire ``keep_s`` from now (0: deleted now), instead of at the label
+        horizon. Until then a duplicate label is still a ``DUPLICATE``; after, it
+        finds no mark (and the learner no longer holds its event): an orphan."""
         ...
 
     def read(self, entities: Mapping[str, str], at: float | None = None) -> dict[str, float]:

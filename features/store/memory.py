@@ -28,17 +28,17 @@ class MemoryFeatureStore:
     """The embedded runtime's store: same semantics as Redis, in dictionaries.
 
     What Redis expires is bounded here by count as well as by time, so that a
-    long run holds what is in flight, not its history: a learned label's
-    snapshot and mark (and an orphan's mark) go ``keep_s`` after their release
-    or once ``max_released`` newer ones are kept, whichever comes first; the
-    snapshots of events whose label has not come are at most ``max_snapshots``
-    (the oldest go first, as the label horizon's TTL would take them).
+    long run holds what is in flight, not its history: a learned label's mark
+    (and an orphan's) goes ``keep_s`` after its release or once ``max_released``
+    newer ones are kept, whichever comes first; the snapshots, which only
+    recognise replays, are the newest ``max_snapshots`` (Redis: those of the
+    replay window).
     """
 
     def __init__(
         self,
         plan: FeaturePlan,
-        max_snapshots: int = 1_000_000,
+        max_snapshots: int = 100_000,
         max_released: int = 100_000,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -81,9 +81,7 @@ class MemoryFeatureStore:
     def _bound_snapshots(self) -> None:
         snapshots, order = self.snapshots, self._order
         while len(snapshots) > self.max_snapshots:
-            event_id = order.popleft()
-            if snapshots.pop(event_id, None) is not None:
-                self.learned.pop(event_id, None)
+            snapshots.pop(order.popleft(), None)
         if len(order) > 2 * max(len(snapshots), 1024):  # mostly ids released since: drop them
             self._order = deque(i for i in order if i in snapshots)
 
@@ -95,22 +93,26 @@ class MemoryFeatureStore:
                 self.snapshots[event_id] = stored
         return True
 
-    def claim_snapshots(
-        self, event_ids: Sequence[str], tokens: Sequence[str], stale: Callable[[str], bool]
-    ) -> list[FeatureSnapshot | Claim]:
-        out: list[FeatureSnapshot | Claim] = []
-        for event_id, token in zip(event_ids, tokens, strict=True):
-            raw = self.snapshots.get(event_id)
-            marked = self.learned.get(event_id)
+    def claim_labels(
+        self,
+        event_ids: Sequence[str],
+        tokens: Sequence[str],
+        known: Sequence[bool],
+        stale: Callable[[str], bool],
+    ) -> list[Claim]:
+        out: list[Claim] = []
+        marks = self.learned
+        for event_id, token, held in zip(event_ids, tokens, known, strict=True):
+            marked = marks.get(event_id)
             if marked == ORPHAN:
                 out.append(Claim.ORPHANED)
-            elif raw is None:
-                out.append(Claim.MISSING)
             elif marked is not None and not stale(marked):
                 out.append(Claim.DUPLICATE)
+            elif held:
+                marks[event_id] = token
+                out.append(Claim.CLAIMED)
             else:
-                self.learned[event_id] = token
-                out.append(FeatureSnapshot.decode(event_id, raw))
+                out.append(Claim.MISSING)
         return out
 
     def mark_orphans(self, event_ids: Sequence[str]) -> None:
@@ -121,7 +123,6 @@ class MemoryFeatureStore:
     def release_learned(self, event_ids: Sequence[str], keep_s: float) -> None:
         if keep_s <= 0:
             for event_id in event_ids:
-                self.snapshots.pop(event_id, None)
                 self.learned.pop(event_id, None)
             return
         self._release(event_ids, self.clock() + keep_s)
@@ -132,7 +133,6 @@ class MemoryFeatureStore:
         now = self.clock()
         while released and (len(released) > self.max_released or released[0][0] <= now):
             _, event_id = released.popleft()
-            self.snapshots.pop(event_id, None)
             self.learned.pop(event_id, None)
 
     def read(self, entities: Mapping[str, str], at: float | None = None) -> dict[str, float]:

@@ -28,13 +28,13 @@ Key layout (prefix ``rf:{ns}:``)::
                                           HyperLogLog of the j-th distinct field, same TTL
     rf:{ns}:snap:{event id}               the snapshot the event was scored with and,
                                           once scored, the prediction served for it;
-                                          TTL = label horizon; its presence marks
-                                          the event as seen (dedup)
+                                          TTL = replay window; its presence marks
+                                          the event as seen (dedup of replays)
     rf:{ns}:learned:{event id}            the token of the label learned for this event
                                           (the learner's run and the label's offset),
                                           or ``orphan`` (its label went to the DLQ),
-                                          TTL = horizon; a learned label's snapshot and
-                                          mark expire ``keep_learned_s`` after the
+                                          TTL = label horizon; a learned label's mark
+                                          expires ``keep_learned_s`` after the
                                           checkpoint covering it is committed
 
 ``{entity}`` is the entity's field, or fields joined by ``+`` for a composite
@@ -135,11 +135,13 @@ class RedisFeatureStore:
         plan: FeaturePlan,
         horizon_s: float,
         cached_entities: int = 500_000,
+        replay_window_s: float = 900.0,
     ) -> None:
         self.client = client
         self.plan = plan
         self.prefix = f"rf:{namespace}:"
-        self.horizon_ms = str(int(horizon_s * 1000))
+        self.horizon_ms = str(int(horizon_s * 1000))  # learned-marks
+        self.replay_ms = str(int(replay_window_s * 1000))  # snapshots
         self._update = client.register_script(_UPDATE_AND_READ)
         self._read = client.register_script(_READ)
         self._claim = client.register_script(_CLAIM)
@@ -160,7 +162,7 @@ class RedisFeatureStore:
                  "ttl": str(int(ttl_s[g.entity_name] * 1000) + 1000), **layout}
             )  # fmt: skip
         self._groups = msgpack.packb(params, use_bin_type=False)
-        self._header = [self.horizon_ms, repr(plan.lateness_s), self._groups]
+        self._header = [self.replay_ms, repr(plan.lateness_s), self._groups]
         # what update_and_read packs per event, worked out once (it runs per event)
         self._entity_prefixes = [(name, self.entity_key(name, "")) for name in names]
         self._shape = [(g.bucket_s, g.numbers, (*g.exact, *g.approx)) for g in plan.groups]
@@ -259,7 +261,7 @@ class RedisFeatureStore:
             entities += key, version, state, self._entity_ttl_ms[name]
         blob = msgpack.packb([snapshots, entities], use_bin_type=False)
         try:
-            committed = self._call(self._commit, [], [self.horizon_ms, blob])
+            committed = self._call(self._commit, [], [self.replay_ms, blob])
         except Exception:
             self._forget(pending)  # written or not, Redis holds the truth
             raise
@@ -371,36 +373,41 @@ class RedisFeatureStore:
         self._call(self._record_served, [], [msgpack.packb(batch, use_bin_type=False)])
         return True
 
-    def claim_snapshots(
-        self, event_ids: Sequence[str], tokens: Sequence[str], stale: Callable[[str], bool]
-    ) -> list[FeatureSnapshot | Claim]:
+    def claim_labels(
+        self,
+        event_ids: Sequence[str],
+        tokens: Sequence[str],
+        known: Sequence[bool],
+        stale: Callable[[str], bool],
+    ) -> list[Claim]:
         if not event_ids:
             return []
-        keys = []
-        for event_id in event_ids:
-            keys += [self.snapshot_key(event_id), self.learned_key(event_id)]
-        raw = self._call(self._claim, keys, [self.horizon_ms, *tokens])
-        out: list[FeatureSnapshot | Claim] = []
+        args: list[str] = [self.horizon_ms]
+        for token, held in zip(tokens, known, strict=True):
+            args += [token, "1" if held else "0"]
+        keys = [self.learned_key(event_id) for event_id in event_ids]
+        raw = self._call(self._claim, keys, args)
+        out: list[Claim] = []
         taken: dict[str, str] = {}
-        for event_id, token, item in zip(event_ids, tokens, raw, strict=True):
+        for key, token, held, item in zip(keys, tokens, known, raw, strict=True):
             if item == b"!":
                 out.append(Claim.ORPHANED)
             elif item == b"?":
                 out.append(Claim.MISSING)
-            elif item.startswith(b"="):
-                marked, _, snap = item[1:].partition(b"\n")
-                if stale(marked.decode()):
-                    taken[self.learned_key(event_id)] = token
-                    out.append(FeatureSnapshot.decode(event_id, snap))
-                else:
-                    out.append(Claim.DUPLICATE)
+            elif item == b"+":
+                out.append(Claim.CLAIMED)
+            elif not stale(item[1:].decode()):
+                out.append(Claim.DUPLICATE)
+            elif held:
+                taken[key] = token
+                out.append(Claim.CLAIMED)
             else:
-                out.append(FeatureSnapshot.decode(event_id, item))
+                out.append(Claim.MISSING)
         if taken:  # only after a learner restart: rare, a second round trip is fine
             pipe = self.client.pipeline(transaction=False)
             for key, token in taken.items():
                 pipe.set(key, token, px=int(self.horizon_ms))
-            pipe.execute()
+            self._execute(pipe)
         return out
 
     def learned_key(self, event_id: str) -> str:
@@ -420,12 +427,10 @@ class RedisFeatureStore:
         keep_ms = min(int(keep_s * 1000), int(self.horizon_ms))
         pipe = self.client.pipeline(transaction=False)
         for event_id in event_ids:
-            keys = (self.snapshot_key(event_id), self.learned_key(event_id))
             if keep_ms > 0:
-                for key in keys:
-                    pipe.pexpire(key, keep_ms)
+                pipe.pexpire(self.learned_key(event_id), keep_ms)
             else:
-                pipe.delete(*keys)
+                pipe.delete(self.learned_key(event_id))
         self._execute(pipe)
 
     def _execute(self, pipe: Any) -> list[Any]:

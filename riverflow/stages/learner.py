@@ -1,9 +1,11 @@
-"""The learner stage: labels -> join the snapshot the event was scored with and the
-prediction served for it -> test, then train every candidate.
+"""The learner stage: labels -> join the event as it was scored (its model inputs,
+features and the prediction served, read back from the predictions topic:
+``features.scored``) -> test, then train every candidate.
 
-It holds no I/O of its own beyond the store and the lineage it is given (which
-publishes versions and keeps the checkpoint, ``riverflow.stages.lineage``), so
-the Kafka runtime, the embedded runtime and the benchmark run it unchanged.
+It holds no I/O of its own beyond the scored events, the store (the labels'
+learned-marks) and the lineage it is given (which publishes versions and keeps
+the checkpoint, ``riverflow.stages.lineage``), so the Kafka runtime, the
+embedded runtime and the benchmark run it unchanged.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from riverflow.features.definitions import FeaturePlan
-from riverflow.features.store import ORPHAN, Claim, FeatureSnapshot, FeatureStore
+from riverflow.features.scored import ScoredEvent, ScoredEvents
+from riverflow.features.store import ORPHAN, Claim, FeatureStore
 from riverflow.models.checkpoint import LearnerCheckpoint
 from riverflow.monitors.prequential import PrequentialMetrics
 from riverflow.stages.common import StageCounters, dead_letter, model_inputs, monitor_only_field
@@ -51,12 +54,13 @@ class LearnerTiming:
     (every ``snapshot_every`` labels and every ``snapshot_every_s`` seconds; 0: never).
 
     A label waits at least ``label_wait_s`` *and* until the scorer has scored every
-    event produced by then; one older than ``label_horizon_s`` (its Kafka
-    timestamp) is an orphan at once. At most ``max_waiting`` labels wait: past
-    that, the oldest waiting label becomes an orphan (``orphan_label``, reason
-    "waiting list full"). ``keep_learned_s``: how long a learned label's
-    snapshot and mark stay in the store once the checkpoint covering it is
-    committed (0: deleted then).
+    event produced by then and the learner has indexed their predictions; one
+    older than ``label_horizon_s`` (its Kafka timestamp) is an orphan at once.
+    At most ``max_waiting`` labels wait: past that, the oldest waiting label
+    becomes an orphan (``orphan_label``, reason "waiting list full").
+    ``keep_learned_s``: how long a learned label's mark stays in the store once
+    the checkpoint covering it is committed (0: deleted then); its scored event
+    is forgotten then.
     """
 
     label_wait_s: float
@@ -77,13 +81,13 @@ runtime scores every event before its label, so there it is always now."""
 
 
 class Learner:
-    """labels -> join the snapshot the event was scored with and the prediction
-    served for it -> test, then train.
+    """labels -> join the event as it was scored and the prediction served for it
+    -> test, then train.
 
     Every candidate sees every label in the same order: predict (prequential),
     update its metrics, ``learn_one``. Each label is claimed once in the store,
-    so a duplicate label is never learned twice. A label whose event has not
-    been scored yet waits (see ``LearnerTiming``), then goes to the DLQ as an
+    so a duplicate label is never learned twice. A label whose event is not in
+    ``scored`` yet waits (see ``LearnerTiming``), then goes to the DLQ as an
     orphan, and is marked so in the store: a learner restarted from an older
     checkpoint refuses it again instead of learning it. Every
     ``snapshot_every`` labels or ``snapshot_every_s`` seconds the lineage
@@ -102,6 +106,7 @@ class Learner:
         self,
         topics: Topics,
         store: FeatureStore,
+        scored: ScoredEvents,
         lineage: Lineage,
         join: LabelJoin,
         timing: LearnerTiming,
@@ -110,6 +115,7 @@ class Learner:
     ) -> None:
         self.topics = topics
         self.store = store
+        self.scored = scored
         self.lineage = lineage
         self.join = join
         self.timing = timing
@@ -200,7 +206,8 @@ class Learner:
     def _process(self, batch: Sequence[Message], out: list[Output]) -> None:
         self.counters.consumed += len(batch)
         now = self.clock()
-        through = self.scored_through()  # read before the claims: see _orphaned
+        through = self.scored_through()  # read before the lookup: see _orphaned
+        self.scored.follow()
         out += self.lineage.follow(now)
         order: list[tuple[Message, str | None]] = [(p.msg, e) for e, p in self.pending.items()]
         fresh: dict[str, _Pending] = {}
@@ -221,16 +228,22 @@ class Learner:
             fresh[event_id] = _Pending(msg, record[self.join.label.field], now)
             order.append((msg, event_id))
         todo = {**self.pending, **fresh}
+        # asked only when a label may be orphaned: it may cost a round trip to the broker
+        due = through is not None and any(self._due(p, now, through) for p in todo.values())
+        if due and not self.scored.caught_up():
+            through = None  # some events scored by then may not be indexed yet
         ids = list(todo)
         tokens = [f"{self.run}:{todo[e].msg.partition}:{todo[e].msg.offset}" for e in ids]
         # ours until learned, from before the claim: if the claim's answer is lost
         # after its script ran (a timeout, retried), the mark it left is ours to take
         # over, not a duplicate
         self._unlearned.update(tokens)
-        claims = dict(zip(ids, self.store.claim_snapshots(ids, tokens, self._stale), strict=True))
-        taken = {
-            t for e, t in zip(ids, tokens, strict=True) if isinstance(claims[e], FeatureSnapshot)
-        }
+        events = self.scored.lookup(ids)
+        known = [e in events for e in ids]
+        claims = dict(
+            zip(ids, self.store.claim_labels(ids, tokens, known, self._stale), strict=True)
+        )
+        taken = {t for e, t in zip(ids, tokens, strict=True) if claims[e] is Claim.CLAIMED}
         self._unlearned.difference_update(set(tokens) - taken)
         every = self.timing.snapshot_every
         for msg, event_id in order:
@@ -248,7 +261,7 @@ class Learner:
                 elif claim is Claim.ORPHANED:
                     out.append(self._orphan(event_id, item, "refused before (orphan mark)"))
                 else:
-                    out.append(self._learn(claim, item.label))
+                    out.append(self._learn(events[event_id], item.label))
                     self.pending.pop(event_id, None)  # after: a label whose learning raised waits
                     self._unlearned.discard(f"{self.run}:{msg.partition}:{msg.offset}")
                     self._learned_ids.append(event_id)
@@ -267,18 +280,25 @@ class Learner:
         if every_s and self._since_snapshot and now - self._last_snapshot >= every_s:
             out += self.publish()
 
-    def _orphaned(self, item: _Pending, now: float, through: float | None) -> str | None:
-        """Why a label without a snapshot is an orphan now, or None: it waits on.
+    def _due(self, item: _Pending, now: float, through: float) -> bool:
+        """Whether a label has waited its time, with every event scored since."""
+        wait_s = self.timing.label_wait_s
+        return now - item.since >= wait_s and through >= item.since + wait_s
 
-        ``through`` was read before the claim that found no snapshot, so every
-        event produced before it had been scored and stored by then.
+    def _orphaned(self, item: _Pending, now: float, through: float | None) -> str | None:
+        """Why a label whose event is not indexed is an orphan now, or None: it waits on.
+
+        ``through`` was read before the lookup that did not find the event: every
+        event produced before it had been scored, and its prediction written, by
+        then; and it is None unless every prediction written by then was indexed
+        before the lookup (``ScoredEvents.caught_up``).
         """
         wait_s = self.timing.label_wait_s
         if item.msg.timestamp_ms is not None:
             age = time.time() - item.msg.timestamp_ms / 1000
             if age > self.timing.label_horizon_s:
                 return f"label older than the horizon ({self.timing.label_horizon_s:g}s)"
-        if now - item.since >= wait_s and through is not None and through >= item.since + wait_s:
+        if through is not None and self._due(item, now, through):
             return f"no scored event after {wait_s:g}s, with every event scored"
         return None
 
@@ -307,9 +327,9 @@ class Learner:
         why = f"waiting list full ({cap} labels)"
         return [self._orphan(e, self.pending[e], why) for e in list(self.pending)[:extra]]
 
-    def _learn(self, snap: FeatureSnapshot, label: bool) -> Output:
+    def _learn(self, snap: ScoredEvent, label: bool) -> Output:
         segment = None if self.join.segment is None else snap.inputs.get(self.join.segment)
-        x = {**model_inputs(snap.inputs, self.extra), **self.join.plan.values(snap.aggregates)}
+        x = {**model_inputs(snap.inputs, self.extra), **snap.features}
         predictions: dict[str, CandidatePrediction] = {}
         for c in self.candidates.values():
             proba = c.model.predict_proba_one(x)
@@ -365,12 +385,14 @@ class Learner:
         Saved only then, so a learner that dies before its evaluations and
         model-events are acknowledged restarts from the previous checkpoint
         and writes them again (at least once) instead of losing them. Then the
-        store lets go of the snapshots those labels were learned from.
+        store lets go of those labels' learned-marks and the learner forgets their
+        scored events.
         """
         if self._carried:  # outputs the checkpoint covers are not written yet
             return
         if self.lineage.commit() and self._staged_ids:
             self.store.release_learned(self._staged_ids, self.timing.keep_learned_s)
+            self.scored.forget(self._staged_ids)
             self._staged_ids = []
 
     def has_unpublished(self) -> bool:

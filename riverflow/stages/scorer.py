@@ -168,5 +168,6 @@ class Scorer:
             now,
             snap.replayed,
             explanation,
+            snap.inputs,
         )
         return Output(self.topics.predictions, entity.encode(), prediction.encode()), served

@@ -218,10 +218,14 @@ class TimedStore:
         finally:
             self.trace.add("record", t0)
 
-    def claim_snapshots(
-        self, event_ids: Sequence[str], tokens: Sequence[str], stale: Callable[[str], bool]
-    ) -> list[FeatureSnapshot | Claim]:
-        return self.inner.claim_snapshots(event_ids, tokens, stale)
+    def claim_labels(
+        self,
+        event_ids: Sequence[str],
+        tokens: Sequence[str],
+        known: Sequence[bool],
+        stale: Callable[[str], bool],
+    ) -> list[Claim]:
+        return self.inner.claim_labels(event_ids, tokens, known, stale)
 
     def mark_orphans(self, event_ids: Sequence[str]) -> None:
         self.inner.mark_orphans(event_ids)

@@ -458,7 +458,8 @@ def start_stages(
     procs = {}
     for stage in STAGES:
         env = {
-            **os.environ, **stage_env,
+            # the learner's index of scored events, with the run's other state
+            **os.environ, "RIVERFLOW_SCORED_DIR": str(workdir / "scored"), **stage_env,
             "RIVERFLOW_KAFKA_BOOTSTRAP": ep.kafka_bootstrap, "RIVERFLOW_REDIS_URL": ep.redis_url,
             "RIVERFLOW_SPEC": str(spec_file), "RIVERFLOW_METRICS_PORT": str(free_port()),
         }  # fmt: skip

@@ -108,6 +108,9 @@ def stage_processes(
             "RIVERFLOW_REDIS_URL": servers.redis_url,
             "RIVERFLOW_SPEC": str(spec_file),
             "RIVERFLOW_METRICS_PORT": str(port),
+            # the learner's index of scored events: the test's own (a restarted learner
+            # of the test finds it again)
+            "RIVERFLOW_SCORED_DIR": str(logdir / "scored"),
             **{f"RIVERFLOW_{k.upper()}": str(v) for k, v in settings.items()},
         }
         log = logdir / f"{stage}-{len(procs)}.log"

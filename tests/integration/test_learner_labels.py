@@ -16,7 +16,6 @@ from confluent_kafka import Consumer, TopicPartition
 from riverflow.assembly import signing_key
 from riverflow.features.store import (
     Claim,
-    FeatureSnapshot,
     MemoryFeatureStore,
     RedisFeatureStore,
     feature_request,
@@ -32,12 +31,12 @@ from riverflow.tools.stack import Endpoints
 from .conftest import StageFactory, collect
 
 
-def test_orphan_marks_and_released_snapshots_in_both_stores(
+def test_orphan_marks_released_marks_and_the_replay_window_in_both_stores(
     redis_client: redis.Redis, spec: PipelineSpec
 ) -> None:
     plan = spec.feature_plan()
     ns = f"t{uuid.uuid4().hex[:8]}"
-    rs = RedisFeatureStore(redis_client, ns, plan, horizon_s=3600)
+    rs = RedisFeatureStore(redis_client, ns, plan, horizon_s=3600, replay_window_s=60)
 
     events = [e for kind, e in with_labels(4, FraudStreamConfig(seed=2)) if kind == "event"]
     reqs = [
@@ -46,20 +45,23 @@ def test_orphan_marks_and_released_snapshots_in_both_stores(
     ]
     ids = [r.event_id for r in reqs]
     for store in (rs, MemoryFeatureStore(plan)):
-        store.update_and_read(reqs[:2])
+        store.update_and_read(reqs)
         store.mark_orphans([ids[2]])  # went to the DLQ before its event was scored
-        store.update_and_read(reqs[2:])
-        claims = store.claim_snapshots(ids, [f"r:0:{i}" for i in range(4)], lambda t: True)
-        assert [type(c) for c in claims[:2]] == [FeatureSnapshot] * 2
-        assert claims[2] is Claim.ORPHANED and isinstance(claims[3], FeatureSnapshot)
+        tokens = [f"r:0:{i}" for i in range(4)]
+        claims = store.claim_labels(ids, tokens, [True] * 4, lambda t: True)
+        assert claims == [Claim.CLAIMED, Claim.CLAIMED, Claim.ORPHANED, Claim.CLAIMED]
         store.release_learned(ids[:1], 0)  # deleted once the checkpoint is committed
         store.release_learned(ids[1:2], 5)  # or kept a little while
-        assert store.claim_snapshots(ids[:1], ["r2:0:0"], lambda t: False) == [Claim.MISSING]
-        assert store.claim_snapshots(ids[1:2], ["r2:0:1"], lambda t: False) == [Claim.DUPLICATE]
-    assert not redis_client.exists(rs.snapshot_key(ids[0]), rs.learned_key(ids[0]))
-    assert 0 < redis_client.pttl(rs.snapshot_key(ids[1])) <= 5000
+        # forgotten: the learner no longer holds the event either, so the label waits
+        assert store.claim_labels(ids[:1], ["r2:0:0"], [False], lambda t: False) == [Claim.MISSING]
+        assert store.claim_labels(ids[1:2], ["r2:0:1"], [False], lambda t: False) == [
+            Claim.DUPLICATE
+        ]
+    assert not redis_client.exists(rs.learned_key(ids[0]))
     assert 0 < redis_client.pttl(rs.learned_key(ids[1])) <= 5000
     assert redis_client.pttl(rs.learned_key(ids[2])) > 5000  # the orphan mark: the horizon
+    # the snapshots, which only recognise a scorer's replays, keep the replay window
+    assert all(0 < redis_client.pttl(rs.snapshot_key(i)) <= 60_000 for i in ids)
 
 
 def test_group_progress_follows_the_committed_offsets(stack: Endpoints) -> None:
@@ -122,3 +124,39 @@ def test_labels_wait_for_a_scorer_that_starts_late_then_only_the_unscorable_is_o
     key = signing_key(Settings())
     saved = RedisRegistry(redis.Redis.from_url(stack.redis_url), spec.name, key).checkpoint()
     assert saved is not None and saved.labels_seen == n and not saved.pending
+
+
+def test_a_label_long_after_its_snapshot_left_redis_joins_the_learners_index(
+    stack: Endpoints, spec: PipelineSpec, start_stage: StageFactory, redis_client: redis.Redis
+) -> None:
+    """Redis keeps an event's snapshot for the replay window only; the record a label
+    joins comes back from the predictions topic into the learner's index on disk,
+    which a learner killed -9 and restarted goes on with."""
+    topics, n = spec.topics, 200
+    ensure_topics(stack.kafka_bootstrap, topics.all(), 2)
+    start_stage("scorer", replay_window_s=1)
+    learner = start_stage("learner", label_wait_s=1, snapshot_every_labels=50)
+    stream = list(with_labels(n, FraudStreamConfig(seed=4)))
+    events = [(topics.events, None, orjson.dumps(r)) for kind, r in stream if kind == "event"]
+    labels = [(topics.labels, None, orjson.dumps(r)) for kind, r in stream if kind == "label"]
+    produce_all(producer(stack.kafka_bootstrap), events)
+    predictions = {
+        p["event_id"]: p
+        for p in (orjson.loads(m.value()) for m in collect(stack.kafka_bootstrap,
+                                                           topics.predictions, n, 90, 0))
+    }  # fmt: skip
+    assert len(predictions) == n
+    time.sleep(3)  # the replay window is long gone: Redis holds no event's snapshot
+    assert list(redis_client.scan_iter(f"rf:{spec.name}:snap:*")) == []
+    learner.proc.kill()  # kill -9: its index on disk survives
+    learner.proc.wait(30)
+    start_stage("learner", label_wait_s=1, snapshot_every_labels=50)
+    produce_all(producer(stack.kafka_bootstrap), labels)
+    evaluations = [orjson.loads(m.value())
+                   for m in collect(stack.kafka_bootstrap, topics.evaluations, n, 90)]  # fmt: skip
+    assert sorted(e["event_id"] for e in evaluations) == sorted(predictions)  # each once
+    for e in evaluations:  # joined to what was served, from the predictions topic
+        p = predictions[e["event_id"]]
+        assert e["served"] == {"model": p["model"], "version": p["version"],
+                               "probability": p["probability"]}  # fmt: skip
+    assert collect(stack.kafka_bootstrap, topics.dlq, 1, timeout_s=2, settle_s=0) == []

@@ -246,7 +246,7 @@ def test_every_key_written_has_a_ttl(redis_client: redis.Redis) -> None:
     reqs = stream_requests(events)
     store.update_and_read(reqs)
     ids = [r.event_id for r in reqs[:100]]
-    store.claim_snapshots(ids, ids, lambda token: False)
+    store.claim_labels(ids, ids, [True] * len(ids), lambda token: False)
     keys = list(redis_client.scan_iter(f"{store.prefix}*"))
     kinds = {k.decode().split(":")[2] for k in keys}
     assert kinds == {"ent", "snap", "learned"}
@@ -274,7 +274,7 @@ def test_the_read_path_agrees_with_the_embedded_store(redis_client: redis.Redis)
 
 
 def test_labels_are_claimed_once(store: RedisFeatureStore) -> None:
-    check_labels_are_claimed_once(store, requests(3))
+    check_labels_are_claimed_once(store)
 
 
 def test_the_first_served_prediction_is_kept(
@@ -282,9 +282,10 @@ def test_the_first_served_prediction_is_kept(
 ) -> None:
     reqs = requests(3)
     check_the_first_served_prediction_is_kept(store, reqs)
-    # recorded in the snapshot: it keeps its label-horizon TTL
+    # recorded in the snapshot: it keeps the replay window's TTL (not the label horizon)
     ttl_ms = redis_client.pttl(store.snapshot_key(reqs[0].event_id))
-    assert 0.9 * float(store.horizon_ms) < ttl_ms <= float(store.horizon_ms)
+    assert 0.9 * float(store.replay_ms) < ttl_ms <= float(store.replay_ms)
+    assert float(store.replay_ms) < float(store.horizon_ms)
 
 
 def test_unreachable_redis_is_a_clear_error(fraud_spec: PipelineSpec) -> None:

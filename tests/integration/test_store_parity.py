@@ -238,8 +238,8 @@ def test_the_served_and_claim_scripts_agree_with_the_embedded_store(
     served: list[list[tuple[int, str, int, float]]],
     claims: list[tuple[list[int], str, set[str]]],
 ) -> None:
-    """Every stored snapshot byte for byte and every claim the same, whichever
-    script (or commit) stored the snapshot and its first served prediction."""
+    """Every stored snapshot byte for byte, whichever script (or commit) stored the
+    snapshot and its first served prediction; and every label claim the same."""
     reqs = stream_requests(events[:10], EXACT_PLAN)
     store = redis_store(redis_client, new_namespace(), 15_000 if in_process else 0)
     memory = MemoryFeatureStore(EXACT_PLAN)
@@ -263,12 +263,13 @@ def test_the_served_and_claim_scripts_agree_with_the_embedded_store(
     for n, (picked, run, crashed) in enumerate(claims):
         ids = [f"e{i}" for i in picked]
         tokens = [f"{run}:{n}"] * len(ids)
+        known = [i < len(reqs) for i in picked]  # the learner holds the scored ones
 
         def stale(token: str, crashed: set[str] = crashed) -> bool:
             return token.split(":")[0] in crashed
 
-        assert store.claim_snapshots(ids, tokens, stale) == memory.claim_snapshots(
-            ids, tokens, stale
+        assert store.claim_labels(ids, tokens, known, stale) == memory.claim_labels(
+            ids, tokens, known, stale
         )
     for event_id, token in memory.learned.items():
         assert redis_client.get(store.learned_key(event_id)) == token.encode()

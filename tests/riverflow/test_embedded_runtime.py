@@ -205,7 +205,7 @@ def test_a_learner_restarted_from_its_checkpoint_learns_each_label_once(
     saved = rt.registry.checkpoint()
     assert saved.labels_seen == 1000 and [m.offset for m, _ in saved.pending] == [1000]
 
-    restarted = build_learner(fraud_spec, settings, rt.store, rt.registry)
+    restarted = build_learner(fraud_spec, settings, rt.store, rt.registry, rt.scored)
     assert restarted.learned == 1000 and list(restarted.pending) == ["later"]
     labels = rt.log.read(rt.topics.labels, saved.positions[0], 10_000)
     rt.log.write(restarted.process(labels))  # the 200 lost labels: their marks are stale
@@ -240,7 +240,7 @@ def test_the_pointer_follows_a_restarted_learner_past_a_dead_runs_version(
     assert rt.registry.champion() == ChampionPointer(lead, 3)
     assert rt.registry.checkpoint().versions[lead] == 2
 
-    restarted = build_learner(fraud_spec, Settings(), rt.store, rt.registry)
+    restarted = build_learner(fraud_spec, Settings(), rt.store, rt.registry, rt.scored)
     restarted.publish()
     assert rt.registry.champion() == ChampionPointer(lead, 4)
     assert rt.registry.meta(lead, 4)["parent"] == 2
@@ -258,7 +258,8 @@ def test_a_long_run_holds_what_is_in_flight_not_its_history(
     store = rt.store
     assert isinstance(store, MemoryFeatureStore)
     store.max_released = 500
-    largest = {"log": 0, "snapshots": 0, "learned": 0}
+    store.max_snapshots = 1000  # the replay window, by count
+    largest = {"log": 0, "snapshots": 0, "learned": 0, "scored": 0}
     produced = 0
     for kind, rec in with_labels(6000, FraudStreamConfig()):
         topic = rt.topics.events if kind == "event" else rt.topics.labels
@@ -270,32 +271,34 @@ def test_a_long_run_holds_what_is_in_flight_not_its_history(
             largest["log"] = max(largest["log"], held)
             largest["snapshots"] = max(largest["snapshots"], len(store.snapshots))
             largest["learned"] = max(largest["learned"], len(store.learned))
+            largest["scored"] = max(largest["scored"], len(rt.scored.records))
     rt.drain()
     assert rt.log.count(rt.topics.predictions) == 6000  # every event still predicted
     assert rt.learner.learned == 6000  # and every label learned
     # the log holds the unread records and at most TRIM_AT passed ones per topic
     assert largest["log"] <= 5 * TRIM_AT + 3 * 300
-    # the store: 500 released, the learned ones a checkpoint has yet to cover (up to
-    # snapshot_every_labels and a batch) and the events awaiting their labels
+    # the marks: 500 released, and the learned ones a checkpoint has yet to cover (up
+    # to snapshot_every_labels and a batch); the index: those, and the events
+    # awaiting their labels; the snapshots: the replay window
     unreleased = settings.snapshot_every_labels + 300
     assert largest["learned"] <= 500 + unreleased, largest
-    assert largest["snapshots"] <= 500 + unreleased + 1000, largest
+    assert largest["scored"] <= unreleased + 1000, largest
+    assert largest["snapshots"] <= 1000, largest
     with pytest.raises(ValueError, match="not retained"):
         rt.messages(rt.topics.predictions)
 
 
-def test_released_snapshots_go_after_their_time_or_beyond_the_count(
+def test_released_marks_go_after_their_time_or_beyond_the_count(
     fraud_spec: PipelineSpec, settings: Settings
 ) -> None:
     now = [0.0]
     plan = EmbeddedRuntime(fraud_spec, settings).store.plan  # type: ignore[attr-defined]
     store = MemoryFeatureStore(plan, max_released=3, clock=lambda: now[0])
-    store.snapshots = {f"e{i}": b"x" for i in range(6)}
     store.learned = {f"e{i}": "token" for i in range(6)}
     store.release_learned(["e0", "e1"], keep_s=10)
-    assert set(store.snapshots) == {f"e{i}" for i in range(6)}  # kept for duplicates
+    assert set(store.learned) == {f"e{i}" for i in range(6)}  # kept for duplicates
     now[0] = 11.0
     store.release_learned(["e2"], keep_s=10)  # e0, e1 are due
-    assert set(store.snapshots) == {"e2", "e3", "e4", "e5"}
+    assert set(store.learned) == {"e2", "e3", "e4", "e5"}
     store.release_learned(["e3", "e4", "e5"], keep_s=10)  # 4 released: the oldest goes
-    assert set(store.snapshots) == {"e3", "e4", "e5"} == set(store.learned)
+    assert set(store.learned) == {"e3", "e4", "e5"}

@@ -15,6 +15,7 @@ import orjson
 import pytest
 
 from riverflow.assembly import build_learner, build_scorer, signing_key
+from riverflow.features.scored import MemoryScoredEvents
 from riverflow.features.store import MemoryFeatureStore
 from riverflow.models.registry import MemoryRegistry
 from riverflow.settings import Settings
@@ -67,11 +68,11 @@ class Kills:
 class KillableStore(MemoryFeatureStore):
     kills: Kills
 
-    def claim_snapshots(self, *args: Any) -> Any:
+    def claim_labels(self, *args: Any) -> Any:
         if not self.kills.reply_lost:
             self.kills.tick()
-            return super().claim_snapshots(*args)
-        claims = super().claim_snapshots(*args)
+            return super().claim_labels(*args)
+        claims = super().claim_labels(*args)
         self.kills.tick()
         return claims
 
@@ -112,6 +113,9 @@ class World:
     amounts: dict[str, float]  # event id -> its amount
     store: KillableStore = field(init=False)
     registry: KillableRegistry = field(init=False)
+    # the learner's index of predictions: it outlives the learner (on disk in the
+    # Kafka runtime), and a prediction is in it once written
+    scored: MemoryScoredEvents = field(default_factory=MemoryScoredEvents)
     written: list[Output] = field(default_factory=list)
     tick: int = 0
 
@@ -122,6 +126,9 @@ class World:
         self.registry.kills = self.kills
         self.scorer = build_scorer(self.spec, SETTINGS, self.store, self.registry, model_poll_s=0)
 
+    def score(self, events: list[Message]) -> None:
+        self.scored.add(as_messages(self.scorer.process(events)))
+
     def scored_through(self) -> float:
         """Every event produced before this was scored (the Kafka runtime reads it
         from the scorer group's lag)."""
@@ -130,7 +137,7 @@ class World:
 
     def start_learner(self) -> Learner:
         learner = build_learner(
-            self.spec, SETTINGS, self.store, self.registry, registry_poll_s=0,
+            self.spec, SETTINGS, self.store, self.registry, self.scored, registry_poll_s=0,
             scored_through=self.scored_through,
         )  # fmt: skip
         learner.clock = lambda: float(self.tick)
@@ -146,7 +153,7 @@ class World:
         learner = self.start_learner()
         while True:
             self.tick += 1
-            self.scorer.process([m for _, at, m in self.events if at == self.tick])
+            self.score([m for _, at, m in self.events if at == self.tick])
             batch = self.next_labels(learner.positions)
             try:
                 outputs = learner.process(batch)
@@ -167,6 +174,11 @@ class World:
         except Killed:
             return self.run()
         return learner
+
+
+def as_messages(outputs: list[Output]) -> list[Message]:
+    """Outputs as a reader of their topics gets them (offsets per topic)."""
+    return [Message(o.topic, 0, i, o.key, o.value) for i, o in enumerate(outputs)]
 
 
 def world(spec: PipelineSpec, kills: Kills, seed: int = 3) -> World:
@@ -259,7 +271,7 @@ def test_a_label_waits_while_the_scorer_lags_and_is_an_orphan_once_it_caught_up(
     clock, through = [0.0], [0.0]
     store = MemoryFeatureStore(unmonitored_spec.feature_plan())
     registry = MemoryRegistry(signing_key(SETTINGS))
-    learner = build_learner(unmonitored_spec, SETTINGS, store, registry,
+    learner = build_learner(unmonitored_spec, SETTINGS, store, registry, MemoryScoredEvents(),
                             scored_through=lambda: through[0])  # fmt: skip
     learner.clock = lambda: clock[0]
     assert learner.process([label_msg(unmonitored_spec, 0, "e1")]) == []
@@ -287,7 +299,7 @@ def test_a_clean_stop_publishes_labels_learned_from_the_waiting_list(
     learner.commit()
     assert not learner.has_unpublished() and len(learner.pending) == 2
     w.tick = 2
-    w.scorer.process([m for made, _, m in w.events if made <= 2])
+    w.score([m for made, _, m in w.events if made <= 2])
     learner.process([])  # learned from the waiting list: no read position moved
     assert not learner.pending and learner.learned == 2
     assert learner.has_unpublished()  # so a clean stop publishes them

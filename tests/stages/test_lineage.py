@@ -63,7 +63,7 @@ def test_a_restored_learner_continues_exactly_as_the_one_that_saved(
         (orjson.dumps({"event_id": "later", "is_fraud": True}), True)
     ]
 
-    restored = build_learner(unmonitored_spec, SETTINGS, rt.store, rt.registry)
+    restored = build_learner(unmonitored_spec, SETTINGS, rt.store, rt.registry, rt.scored)
     assert list(restored.candidates) == list(rt.learner.candidates)  # the challenger too
     assert restored.lineage.dynamic == rt.learner.lineage.dynamic
     assert restored.status() == rt.learner.status() and list(restored.pending) == ["later"]
@@ -88,7 +88,7 @@ def test_a_tampered_checkpoint_or_another_key_is_refused(
     raw[-10] ^= 0x01
     rt.registry.saved = bytes(raw)
     with pytest.raises(SignatureError, match="learner checkpoint signature does not verify"):
-        build_learner(unmonitored_spec, SETTINGS, rt.store, rt.registry)
+        build_learner(unmonitored_spec, SETTINGS, rt.store, rt.registry, rt.scored)
     with pytest.raises(SignatureError, match="learner checkpoint signature does not verify"):
         LearnerCheckpoint.decode(sign_bytes(b"{}", b"other key"), KEY)
     with pytest.raises(SignatureError, match="learner checkpoint is not signed"):

@@ -95,9 +95,10 @@ def test_the_run_wrote_every_optional_field(rt: EmbeddedRuntime) -> None:
     "raw",
     [
         b'{"event_id":"e","entity":"c","probability":0.5,"model":"m","version":1,'
-        b'"features":{},"event_time":1.5,"scored_at":2.5,"replayed":false}',
+        b'"features":{},"event_time":1.5,"scored_at":2.5,"replayed":false,"inputs":{}}',
         b'{"event_id":"e","entity":"c","probability":0.5,"model":"m","version":1,'
-        b'"features":{},"event_time":1.5,"scored_at":2.5,"replayed":false,"explanation":null}',
+        b'"features":{},"event_time":1.5,"scored_at":2.5,"replayed":false,"inputs":{},'
+        b'"explanation":null}',
     ],
     ids=["not asked", "asked, the model cannot say"],
 )

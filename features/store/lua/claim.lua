@@ -1,20 +1,19 @@
--- KEYS: pairs (snapshot key, learned key); ARGV[1]: learned-marker ttl ms, then a
--- token per pair. Returns per pair: '!' (marked an orphan), '?' (no snapshot), the
--- snapshot (marked now), or '=' .. the existing token .. newline .. the snapshot
--- (marked before).
+-- KEYS: the learned-mark key of each label's event; ARGV[1]: mark ttl ms, then per
+-- key the label's token and '1' if the learner holds the scored event, else '0'.
+-- Returns per key: '!' (marked an orphan), '+' (known, unmarked: marked now),
+-- '?' (unknown, unmarked), or '=' .. the existing token (marked before).
 local out = {}
-for i = 1, #KEYS, 2 do
-  local mark = redis.call('GET', KEYS[i + 1])
-  local snap = redis.call('GET', KEYS[i])
+for i = 1, #KEYS do
+  local mark = redis.call('GET', KEYS[i])
   if mark == 'orphan' then
-    out[#out + 1] = '!'
-  elseif not snap then
-    out[#out + 1] = '?'
-  elseif not mark then
-    redis.call('SET', KEYS[i + 1], ARGV[(i + 1) / 2 + 1], 'PX', ARGV[1])
-    out[#out + 1] = snap
+    out[i] = '!'
+  elseif mark then
+    out[i] = '=' .. mark
+  elseif ARGV[2 * i + 1] == '1' then
+    redis.call('SET', KEYS[i], ARGV[2 * i], 'PX', ARGV[1])
+    out[i] = '+'
   else
-    out[#out + 1] = '=' .. mark .. '\n' .. snap
+    out[i] = '?'
   end
 end
 return out

@@ -1,0 +1,261 @@
+"""What a label joins: each scored event's model inputs, its feature values and the
+prediction served for it, read back from the predictions topic.
+
+A prediction carries all of it (``Prediction.inputs`` and ``features``), so the
+predictions topic is the changelog of the join: the learner indexes what it
+reads there by event id, and a label finds its event in the index. Redis keeps
+only what must be fast (entity state, and each event's snapshot for the short
+``replay_window_s`` a scorer needs to recognise its own replays); the per-event
+record that waits days for its label lives on the learner's disk
+(``DiskScoredIndex``, RocksDB through ``rocksdict``) or, in the embedded
+runtime, in memory (``MemoryScoredEvents``, bounded by count).
+
+The first prediction indexed for an event is the one kept (a replay carries the
+same served prediction; one re-scored after the replay window is not the
+answer the user got first). Records are msgpack ``[inputs, features, model,
+version, probability]`` keyed by the event id.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import msgpack
+import orjson
+
+from riverflow.features.errors import FeatureStoreError
+from riverflow.streams.contracts import Message, ServedPrediction
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ScoredEvent:
+    """One scored event as its prediction recorded it."""
+
+    event_id: str
+    inputs: dict[str, Any]
+    features: dict[str, float]
+    served: ServedPrediction
+
+    @classmethod
+    def unpack(cls, event_id: str, raw: bytes) -> ScoredEvent:
+        inputs, features, model, version, probability = msgpack.unpackb(raw)
+        return cls(event_id, inputs, features, ServedPrediction(model, version, probability))
+
+
+def scored_records(messages: Sequence[Message]) -> tuple[dict[str, bytes], int]:
+    """The packed record of each prediction in ``messages`` by event id (the first
+    of an event in the batch), and how many were not predictions (skipped: a
+    hostile or foreign record on the topic costs the join nothing else)."""
+    out: dict[str, bytes] = {}
+    bad = 0
+    for msg in messages:
+        try:
+            p = orjson.loads(msg.value or b"")
+            record = [p["inputs"], p["features"], p["model"], p["version"], p["probability"]]
+            event_id = p["event_id"]
+            if not isinstance(event_id, str):
+                raise TypeError("event_id is not a string")
+        except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+            bad += 1
+            log.debug(
+                "%s[%s]@%s is not a prediction: %s", msg.topic, msg.partition, msg.offset, exc
+            )
+            continue
+        if event_id not in out:
+            out[event_id] = msgpack.packb(record)
+    return out, bad
+
+
+class ScoredEvents(Protocol):
+    """What the learner needs of the join's per-event records."""
+
+    def follow(self) -> None:
+        """Index what has been scored since the last call (a bounded amount: a
+        learner far behind catches up over several calls)."""
+        ...
+
+    def caught_up(self) -> bool:
+        """Whether every prediction written before this call is indexed (reading on
+        to get there, within the same bound)."""
+        ...
+
+    def lookup(self, event_ids: Sequence[str]) -> dict[str, ScoredEvent]:
+        """The scored events among ``event_ids`` (missing ones are left out)."""
+        ...
+
+    def forget(self, event_ids: Sequence[str]) -> None:
+        """Drop the records of events whose label is learned into a committed
+        checkpoint (a duplicate label still finds its learned-mark in the store)."""
+        ...
+
+
+class MemoryScoredEvents:
+    """The join's records in a dictionary, for the embedded runtime: the runtime
+    adds every prediction before it hands the learner the next labels, so the
+    index is always caught up. At most ``max_events`` are kept: past that the
+    oldest go first, as the label horizon would take them."""
+
+    def __init__(self, max_events: int = 1_000_000) -> None:
+        self.records: dict[str, bytes] = {}
+        self.max_events = max_events
+        self.unreadable = 0
+        self._order: deque[str] = deque()
+
+    def add(self, messages: Sequence[Message]) -> None:
+        records, bad = scored_records(messages)
+        self.unreadable += bad
+        kept = self.records
+        for event_id, raw in records.items():
+            if event_id not in kept:
+                kept[event_id] = raw
+                self._order.append(event_id)
+        order = self._order
+        while len(kept) > self.max_events:
+            kept.pop(order.popleft(), None)
+        if len(order) > 2 * max(len(kept), 1024):  # mostly forgotten ids: drop them
+            self._order = deque(i for i in order if i in kept)
+
+    def follow(self) -> None:
+        pass
+
+    def caught_up(self) -> bool:
+        return True
+
+    def lookup(self, event_ids: Sequence[str]) -> dict[str, ScoredEvent]:
+        kept = self.records
+        return {e: ScoredEvent.unpack(e, kept[e]) for e in event_ids if e in kept}
+
+    def forget(self, event_ids: Sequence[str]) -> None:
+        for event_id in event_ids:
+            self.records.pop(event_id, None)
+
+
+_POSITIONS = b"\x00positions"  # not an event id: ids are non-empty text
+
+
+class DiskScoredIndex:
+    """The join's records on disk: RocksDB (``rocksdict``) at ``path``, each record
+    expiring ``ttl_s`` (the label horizon) after it was written.
+
+    The read positions on the predictions topic are written in the same atomic
+    batch as the records they cover, so a learner restarted (even killed) goes on
+    from exactly where its index is. Lost, the index is rebuilt from the topic:
+    keep the predictions topic's retention at least the label horizon.
+    """
+
+    def __init__(self, path: Path, ttl_s: float) -> None:
+        from rocksdict import AccessType, Options, Rdict
+
+        path.mkdir(parents=True, exist_ok=True)
+        options = Options(raw_mode=True)
+        options.create_if_missing(True)
+        try:
+            self.db = Rdict(str(path), options, access_type=AccessType.with_ttl(max(1, int(ttl_s))))
+        except Exception as exc:  # rocksdict raises plain Exceptions (e.g. the lock)
+            raise FeatureStoreError(
+                f"cannot open the learner's scored-events index at {path}: {exc} "
+                "(is another learner of this pipeline running on this host? "
+                "RIVERFLOW_SCORED_DIR sets where it lives)"
+            ) from exc
+        self.path = path
+        self.unreadable = 0
+        raw = self.db.get(_POSITIONS)
+        self._source, stored = msgpack.unpackb(raw, strict_map_key=False) if raw else ("", {})
+        self._positions: dict[int, int] = {int(p): int(o) for p, o in stored.items()}
+
+    def positions(self, source: str) -> dict[int, int]:
+        """The next offset to read per partition of the predictions topic, as far as
+        ``source`` (the cluster and topic they are read from) is the one they were
+        saved for: a new cluster (or topic) starts from no position."""
+        if source != self._source:
+            if self._positions:
+                log.warning("scored-events index at %s was read from %s, not %s: reading "
+                            "%s again", self.path, self._source, source, source)  # fmt: skip
+            self._source, self._positions = source, {}
+        return dict(self._positions)
+
+    def add(self, messages: Sequence[Message]) -> None:
+        from rocksdict import WriteBatch
+
+        if not messages:
+            return
+        records, bad = scored_records(messages)
+        self.unreadable += bad
+        ids = list(records)
+        present = self._get_many(ids)
+        batch = WriteBatch(raw_mode=True)
+        for event_id, stored in zip(ids, present, strict=True):
+            if stored is None:  # the first prediction of an event is the one kept
+                batch.put(event_id.encode(), records[event_id])
+        for msg in messages:
+            self._positions[msg.partition] = max(
+                self._positions.get(msg.partition, 0), msg.offset + 1
+            )
+        batch.put(_POSITIONS, msgpack.packb([self._source, self._positions]))
+        self.db.write(batch)
+
+    def lookup(self, event_ids: Sequence[str]) -> dict[str, ScoredEvent]:
+        if not event_ids:
+            return {}
+        found = self._get_many(event_ids)
+        return {
+            e: ScoredEvent.unpack(e, raw)
+            for e, raw in zip(event_ids, found, strict=True)
+            if raw is not None
+        }
+
+    def _get_many(self, event_ids: Sequence[str]) -> list[bytes | None]:
+        if not event_ids:
+            return []
+        found: list[bytes | None] = list(self.db.get([e.encode() for e in event_ids]) or [])
+        return found
+
+    def forget(self, event_ids: Sequence[str]) -> None:
+        from rocksdict import WriteBatch
+
+        if not event_ids:
+            return
+        batch = WriteBatch(raw_mode=True)
+        for event_id in event_ids:
+            batch.delete(event_id.encode())
+        self.db.write(batch)
+
+    def close(self) -> None:
+        self.db.close()
+
+
+class Follower(Protocol):
+    """Whatever keeps an index up to date with the predictions topic
+    (``streams.kafka_io.TopicFollower``)."""
+
+    def follow(self) -> int: ...
+
+    def caught_up(self) -> bool: ...
+
+
+class FollowedIndex:
+    """The learner's ``ScoredEvents`` in the Kafka runtime: a ``DiskScoredIndex`` kept
+    up to date with the predictions topic by a ``Follower``."""
+
+    def __init__(self, index: DiskScoredIndex, follower: Follower) -> None:
+        self.index = index
+        self.follower = follower
+
+    def follow(self) -> None:
+        self.follower.follow()
+
+    def caught_up(self) -> bool:
+        return self.follower.caught_up()
+
+    def lookup(self, event_ids: Sequence[str]) -> dict[str, ScoredEvent]:
+        return self.index.lookup(event_ids)
+
+    def forget(self, event_ids: Sequence[str]) -> None:
+        self.index.forget(event_ids)

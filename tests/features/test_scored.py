@@ -1,0 +1,70 @@
+"""The learner's index of scored events: what a label joins, read back from the
+predictions topic, on disk (RocksDB) or in memory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+import pytest
+
+from riverflow.features.scored import DiskScoredIndex, MemoryScoredEvents, ScoredEvent
+from riverflow.streams.contracts import Message, Prediction, ServedPrediction
+
+TOPIC = "ns.predictions"
+
+
+def prediction(event_id: str, probability: float, offset: int, partition: int = 0) -> Message:
+    p = Prediction(event_id, "c1", probability, "tree", 3, {"n_10m": 2.0}, 1.0, 2.0,
+                   inputs={"amount": 12.5, "country": "FR"})  # fmt: skip
+    return Message(TOPIC, partition, offset, b"c1", p.encode())
+
+
+def hostile(offset: int) -> list[Message]:
+    values = [b"\xff\x00", b"{}", b"[1, 2]", orjson.dumps({"event_id": 7, "inputs": {}}), None]
+    return [Message(TOPIC, 0, offset + i, None, v) for i, v in enumerate(values)]
+
+
+@pytest.mark.parametrize("kind", ["disk", "memory"])
+def test_the_first_prediction_of_an_event_is_what_its_label_joins(
+    kind: str, tmp_path: Path
+) -> None:
+    index = DiskScoredIndex(tmp_path, 3600) if kind == "disk" else MemoryScoredEvents()
+    index.add([prediction("e1", 0.25, 0), *hostile(1), prediction("e2", 0.5, 6)])
+    index.add([prediction("e1", 0.75, 7)])  # re-scored later: not the answer served first
+    found = index.lookup(["e1", "e2", "nope"])
+    assert found == {
+        "e1": ScoredEvent("e1", {"amount": 12.5, "country": "FR"}, {"n_10m": 2.0},
+                          ServedPrediction("tree", 3, 0.25)),
+        "e2": ScoredEvent("e2", {"amount": 12.5, "country": "FR"}, {"n_10m": 2.0},
+                          ServedPrediction("tree", 3, 0.5)),
+    }  # fmt: skip
+    assert index.unreadable == 5  # hostile records cost nothing else
+    index.forget(["e1"])
+    assert list(index.lookup(["e1", "e2"])) == ["e2"]
+
+
+def test_the_disk_index_goes_on_from_where_it_was_for_its_own_source(tmp_path: Path) -> None:
+    index = DiskScoredIndex(tmp_path, 3600)
+    assert index.positions("cluster-a/ns.predictions") == {}
+    index.add([prediction("e1", 0.25, 41, partition=0), prediction("e2", 0.5, 9, partition=2)])
+    index.close()
+    reopened = DiskScoredIndex(tmp_path, 3600)  # a restarted (or killed) learner
+    assert reopened.positions("cluster-a/ns.predictions") == {0: 42, 2: 10}
+    assert set(reopened.lookup(["e1", "e2"])) == {"e1", "e2"}
+    # read from another cluster (a new broker): its offsets mean nothing here
+    assert reopened.positions("cluster-b/ns.predictions") == {}
+    reopened.close()
+
+
+def test_a_second_learner_on_the_same_index_is_a_clear_error(tmp_path: Path) -> None:
+    first = DiskScoredIndex(tmp_path, 3600)
+    with pytest.raises(Exception, match="another learner of this pipeline"):
+        DiskScoredIndex(tmp_path, 3600)
+    first.close()
+
+
+def test_the_memory_index_keeps_the_newest_up_to_its_bound() -> None:
+    index = MemoryScoredEvents(max_events=3)
+    index.add([prediction(f"e{i}", 0.5, i) for i in range(5)])
+    assert sorted(index.lookup([f"e{i}" for i in range(5)])) == ["e2", "e3", "e4"]
