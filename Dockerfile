@@ -10,6 +10,9 @@ COPY models models
 COPY monitors monitors
 COPY examples examples
 RUN pip install --no-cache-dir . && rm -rf /src
+# the learner's index of scored events (RIVERFLOW_SCORED_DIR) lives on a volume
+# mounted here: a volume takes the directory's owner, so nobody can write it
+RUN mkdir -p /var/lib/riverflow && chown nobody /var/lib/riverflow
 WORKDIR /app
 USER nobody
 CMD ["riverflow", "--help"]

@@ -142,7 +142,9 @@ _POSITIONS = b"\x00positions"  # not an event id: ids are non-empty text
 
 class DiskScoredIndex:
     """The join's records on disk: RocksDB (``rocksdict``) at ``path``, each record
-    expiring ``ttl_s`` (the label horizon) after it was written.
+    expiring ``ttl_s`` (the label horizon) after it was written. Memory: a block
+    cache of ``cache_mb`` (index and filter blocks included) and the memtables
+    (RocksDB's default, up to 2 x 64 MB).
 
     The read positions on the predictions topic are written in the same atomic
     batch as the records they cover, so a learner restarted (even killed) goes on
@@ -150,12 +152,31 @@ class DiskScoredIndex:
     keep the predictions topic's retention at least the label horizon.
     """
 
-    def __init__(self, path: Path, ttl_s: float) -> None:
-        from rocksdict import AccessType, Options, Rdict
+    def __init__(self, path: Path, ttl_s: float, cache_mb: int = 256) -> None:
+        from rocksdict import (
+            AccessType,
+            BlockBasedOptions,
+            Cache,
+            DBCompressionType,
+            Options,
+            Rdict,
+        )
 
         path.mkdir(parents=True, exist_ok=True)
         options = Options(raw_mode=True)
         options.create_if_missing(True)
+        # lz4 blocks, zstd where most records settle; a bloom filter spares a label
+        # whose event is not indexed (yet) a read of every level from disk. Index
+        # and filter blocks live in the block cache, so memory stays at the cache
+        # and the memtables however many billion records the disk holds
+        options.set_compression_type(DBCompressionType.lz4())
+        options.set_bottommost_compression_type(DBCompressionType.zstd())
+        table = BlockBasedOptions()
+        table.set_bloom_filter(10, False)
+        table.set_block_cache(Cache(cache_mb * 1024 * 1024))
+        table.set_cache_index_and_filter_blocks(True)
+        table.set_pin_l0_filter_and_index_blocks_in_cache(True)
+        options.set_block_based_table_factory(table)
         try:
             self.db = Rdict(str(path), options, access_type=AccessType.with_ttl(max(1, int(ttl_s))))
         except Exception as exc:  # rocksdict raises plain Exceptions (e.g. the lock)

@@ -381,6 +381,18 @@ def cmd_features(args: argparse.Namespace, settings: Settings) -> int:
     spec = load_spec(args.spec or settings.spec)
     if args.action == "bench":
         return _features_bench(args, settings, spec)
+    if args.action == "join-bench":
+        from riverflow.tools.bench_join import run_join_bench
+
+        r = run_join_bench(spec, args.events)
+        console.print(
+            f"label join, {r.events:,} scored events ({r.prediction_bytes:.0f} B a prediction): "
+            f"{r.disk_bytes_per_event:.0f} B each on the learner's disk (RocksDB, compacted); "
+            f"CPU per event: index {r.index_us:.1f} us, lookup {r.lookup_us:.1f} us, "
+            f"forget {r.forget_us:.1f} us",
+            soft_wrap=True,
+        )
+        return 0
     if args.entity is None:
         raise RiverflowError("features get: which entity? e.g. riverflow features get c00042")
     url = _redis_url(settings)
@@ -573,14 +585,16 @@ def parser() -> argparse.ArgumentParser:
     report.set_defaults(func=cmd_report)
 
     features = sub.add_parser("features", help="online feature values in Redis")
-    features.add_argument("action", choices=["get", "bench"])
+    features.add_argument("action", choices=["get", "bench", "join-bench"])
     features.add_argument("entity", nargs="?", help="get: value of the event key (a card id)")
     features.add_argument(
         "--with", dest="with_", action="append", default=[], metavar="FIELD=VALUE",
         help="another entity's key, for features kept per merchant, card+merchant, ...",
     )  # fmt: skip
     features.add_argument("--at", type=float, help="event time windows end at (default: newest)")
-    features.add_argument("--events", type=int, default=50_000, help="bench: events per run")
+    features.add_argument(
+        "--events", type=int, default=50_000, help="bench, join-bench: events per run"
+    )
     features.add_argument(
         "--batch", type=int, action="append", help="bench: batch size (default: 100 and 1000)"
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -25,6 +26,17 @@ def test_services_and_images() -> None:
     assert services["scorer"]["command"] == ["riverflow", "run", "scorer"]
     assert services["learner"]["command"] == ["riverflow", "run", "learner"]
     assert (REPO_ROOT / "Dockerfile").exists()
+
+
+def test_the_learners_index_is_on_a_volume_the_image_lets_it_write() -> None:
+    data = compose()
+    learner = data["services"]["learner"]
+    where = Path(learner["environment"]["RIVERFLOW_SCORED_DIR"])
+    [mount] = [v for v in learner["volumes"] if v.split(":")[0] in data["volumes"]]
+    volume_dir = Path(mount.split(":")[1])
+    assert volume_dir in where.parents  # restarts find the index again
+    dockerfile = (REPO_ROOT / "Dockerfile").read_text()
+    assert f"chown nobody {volume_dir}" in dockerfile and "USER nobody" in dockerfile
 
 
 def test_stage_environment_is_valid_settings_pointing_at_the_services() -> None:

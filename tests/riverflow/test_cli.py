@@ -117,3 +117,11 @@ def test_report_from_a_running_monitor(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "Champion: hoeffding v16" in html.read_text()
     assert png.stat().st_size > 20_000
+
+
+def test_the_join_bench_says_what_a_waiting_event_costs_on_disk() -> None:
+    spec = str(Path(__file__).parents[2] / "examples" / "fraud-bench.yaml")
+    done = riverflow("features", "join-bench", "--spec", spec, "--events", "3000")
+    assert done.returncode == 0, done.stderr
+    assert "3,000 scored events" in done.stdout
+    assert "on the learner's disk" in done.stdout and "lookup" in done.stdout
