@@ -5,6 +5,7 @@ acknowledged, and each batch is reported to the stage's reporter."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import replace
 from types import SimpleNamespace
@@ -120,15 +121,33 @@ class FakeProducer:
         self.config, self.log = config, log
         self.fail_commits = 0
         self.unacked: list[int] = []  # what successive flushes leave unacknowledged
+        self.deliveries: list[Any] = []  # delivery callbacks not served yet
+        self.acks_from = 0.0  # the broker acknowledges nothing before this (monotonic)
 
     def produce(self, topic: str, value: bytes, key: bytes | None, on_delivery: Any = None) -> None:
         self.log.append(f"produce {topic}")
+        if on_delivery is not None:
+            self.deliveries.append(on_delivery)
+
+    def _serve(self) -> None:
+        """librdkafka serves delivery reports in poll and flush, once the broker acked."""
+        if time.monotonic() < self.acks_from:
+            return
+        served, self.deliveries = self.deliveries, []
+        for on_delivery in served:
+            self.log.append("ack")
+            on_delivery(None, None)
 
     def poll(self, timeout: float) -> int:
+        if time.monotonic() < self.acks_from:
+            time.sleep(min(timeout, 0.01))
+        self._serve()
         return 0
 
     def flush(self, timeout: float) -> int:
         self.log.append("flush")
+        time.sleep(max(0.0, min(timeout, self.acks_from - time.monotonic())))
+        self._serve()
         return self.unacked.pop(0) if self.unacked else 0
 
     def init_transactions(self, timeout: float) -> None:
@@ -242,13 +261,14 @@ def test_client_settings_passed_in_are_laid_over_the_hosts_own() -> None:
     assert producer["linger.ms"] == 0 and producer["enable.idempotence"] is True
 
 
-def test_a_batch_is_committed_after_its_outputs_are_flushed_and_reported() -> None:
+def test_a_batch_is_committed_after_its_outputs_are_acknowledged_and_reported() -> None:
     processor, reporter = Echo(), Reporter()
     pending = [FakeMessage("in", 0, 3, b"a"), FakeMessage("in", 1, 7, b"b")]
     host, log = host_on_fakes(processor, pending, metrics=reporter)
     run(host)
     assert [m.value for m in processor.batches[0]] == [b"a", b"b"]
-    assert log[:5] == ["subscribe in", "produce out", "produce out", "flush", "commit"]
+    # produced without a flush; committable once both acks are in
+    assert log[:6] == ["subscribe in", "produce out", "produce out", "ack", "ack", "commit"]
     assert host.consumer.commits[0] == ({("in", 0): 4, ("in", 1): 8}, True)
     batch, outputs, dlq = reporter.observed[0]
     assert [m.offset for m in batch] == [3, 7] and len(outputs) == 2 and dlq == "dlq"
@@ -516,15 +536,34 @@ def test_an_exactly_once_host_commits_its_transaction_before_its_guard_waits() -
 
 
 def test_outputs_waiting_for_their_acks_make_the_stage_degraded_until_acknowledged() -> None:
-    reporter = Reporter()
-    processor = Echo()
-    host, _ = host_on_fakes(processor, [FakeMessage("in", 0, 0, b"a")], metrics=reporter)
-    host.producer.unacked = [1, 1, 1]  # the broker away for three flushes
+    class StopWhenUp(Reporter):
+        def set_degraded(self, reason: str | None, source: str = "stage") -> None:
+            super().set_degraded(reason, source)
+            if reason is None and processor.host is not None:
+                processor.host.stop()
+
+    reporter = StopWhenUp()
+    processor = Echo(stop_after=99)
+    host, log = host_on_fakes(processor, [FakeMessage("in", 0, 0, b"a")], metrics=reporter)
+    host.producer.acks_from = time.monotonic() + 1.5  # the broker away for 1.5 s
     run(host)
-    assert reporter.degraded == [("Kafka: 1 outputs wait for their acks", "kafka")] * 3 + [
-        (None, "kafka")
-    ]
-    assert len(reporter.observed) == 1  # the batch went on once acknowledged
+    late = ("Kafka: 1 outputs wait for their acks", "kafka")
+    assert reporter.degraded[0] == late and reporter.degraded[-1] == (None, "kafka")
+    assert set(reporter.degraded[:-1]) == {late}
+    assert log.index("commit") > log.index("ack")  # committed only once acknowledged
+    assert len(reporter.observed) == 1  # the stage went on meanwhile
+
+
+def test_the_next_batch_is_processed_while_the_last_ones_acks_travel() -> None:
+    processor = Echo(stop_after=3)
+    host, log = host_on_fakes(processor, batches(3), host={"commit_interval_s": 0.0})
+    host.settings = replace(host.settings, batch_size=2)
+    host.producer.acks_from = time.monotonic() + 0.5
+    run(host)
+    assert len(processor.batches) == 3
+    # all three batches produced before the first ack came back
+    assert log.index("ack") > max(i for i, e in enumerate(log) if e == "produce out")
+    assert host.consumer.commits[-1] == ({("in", 0): 3, ("in", 1): 3}, False)
 
 
 def test_every_broker_down_makes_the_stage_degraded_until_a_broker_answers(
