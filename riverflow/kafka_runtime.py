@@ -86,6 +86,7 @@ def host_settings(
     return HostSettings(
         ep.kafka_bootstrap, f"riverflow-{spec.name}-{stage}", settings.batch_size,
         tick_s=tick_s, dlq_topic=spec.topics.dlq, freeze_gc=stage == "scorer",
+        linger_s=settings.batch_linger_s,
         instance_id=None if stage == "learner" else instance_id(stage, settings),
         session_timeout_s=settings.session_timeout_s,
         max_poll_interval_s=settings.max_poll_interval_s,

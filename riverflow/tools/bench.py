@@ -33,7 +33,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -142,7 +142,10 @@ class BenchConfig:
     guarantee: str = "at_least_once"
     seed: int = 11
     hold_seconds: float = 12.0  # each rate tried by the sustained search
-    warmup_seconds: float = 4.0  # paced, at the search's first rate, before it (not judged)
+    # paced, at the search's first rate, before it (not judged): for its first ~10 s of
+    # paced traffic the freshly started broker took 80-100% of a core against 20-45%
+    # later at the same rates (JIT warm-up; docs/benchmarks.md), and starved the scorer
+    warmup_seconds: float = 15.0
     search_steps: int = 4  # bisections after the first rate
     search_first: float = 0.5  # the first rate tried, as a fraction of the drain rate
     search_high: float = 1.1  # the search's upper bound, same
@@ -226,12 +229,16 @@ def _percentiles(values: list[float]) -> dict[str, float]:
 
 
 def stream(
-    n: int, seed: int, prefix: str = ""
+    n: int, seed: int, prefix: str = "", start_ts: float | None = None
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """``n`` generated events and their labels, event ids made unique by ``prefix``."""
+    """``n`` generated events and their labels, event ids made unique by ``prefix``;
+    event times from ``start_ts`` (default: the generator's)."""
     events: list[dict[str, Any]] = []
     labels: list[dict[str, Any]] = []
-    for kind, rec in with_labels(n, FraudStreamConfig(seed=seed, drift_at=(n // 2,))):
+    config = FraudStreamConfig(seed=seed, drift_at=(n // 2,))
+    if start_ts is not None:
+        config = replace(config, start_ts=start_ts)
+    for kind, rec in with_labels(n, config):
         rec = {**rec, "event_id": prefix + rec["event_id"]}
         (events if kind == "event" else labels).append(rec)
     return events, labels
@@ -382,12 +389,13 @@ class GcPauses:
 
 def offer(
     prod: Producer, clock: PredictionClock, topic: str, key: str, rate: int, seconds: float,
-    seed: int, prefix: str,
+    seed: int, prefix: str, start_ts: float | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Send ``rate`` events/s for ``seconds``, wait for their predictions, and measure
-    latency and lag (see ``Sustained``)."""
+    latency and lag (see ``Sustained``). Event times start at ``start_ts``; the row's
+    ``last_ts`` is the newest sent."""
     n = max(1, int(rate * seconds))
-    batch, _ = stream(n, seed, prefix=prefix)
+    batch, _ = stream(n, seed, prefix=prefix, start_ts=start_ts)
     records = [(topic, e[key].encode(), orjson.dumps(e), e["event_id"]) for e in batch]
     sent: dict[str, float] = {}
     lags: list[int] = []
@@ -418,7 +426,7 @@ def offer(
         "received": len(lat), "end_lag": last_quarter[len(last_quarter) // 2],
         "max_lag": max(lags, default=0), **_percentiles(lat),
         "until_scored_p50_ms": _percentiles(to_scorer)["p50_ms"],
-        "bench_gc_max_ms": driver_gc.max_ms(),
+        "bench_gc_max_ms": driver_gc.max_ms(), "last_ts": batch[-1]["ts"],
     }  # fmt: skip
 
 
@@ -481,6 +489,9 @@ def measure_host(
     events, _ = stream(cfg.events, cfg.seed, prefix="d")
     key = spec.events.key
     prod = _backlog(ep.kafka_bootstrap, topics.events, key, events)
+    # each paced run goes on in event time from the one before, as a live stream does
+    # (restarting at the drain's first time made every entity see hours-late events)
+    newest = [events[-1]["ts"]]
     del events
     env = {
         **os.environ, "RIVERFLOW_KAFKA_BOOTSTRAP": ep.kafka_bootstrap,
@@ -510,12 +521,21 @@ def measure_host(
         gc.freeze()
 
         def held(rate: int, seconds: float, what: str) -> dict[str, Any]:
-            row = offer(prod, clock, topics.events, key, rate, seconds, next(seeds), what)
+            # CPU per event of the scorer and the servers over the hold: on a shared box
+            # a hold can fail for want of CPU share at a cost per event the drain had
+            cpu0 = {"scorer": usage.cpu_s(), **{n: u.cpu_s() for n, u in servers.items()}}
+            row = offer(prod, clock, topics.events, key, rate, seconds, next(seeds), what,
+                        start_ts=newest[0] + 1.0)  # fmt: skip
+            newest[0] = row["last_ts"]
+            for n, u in (("scorer", usage), *servers.items()):
+                row[f"{n}_cpu_us"] = (u.cpu_s() - cpu0[n]) / row["sent"] * 1e6
             row["sustained"] = cfg.sustained.holds(row)
             verdict = "sustained" if row["sustained"] else "not sustained"
             log(f"{host}: {rate:,}/s for {seconds:.0f} s: offered {row['offered_per_s']:,.0f}/s, "
                 f"lag at end {row['end_lag']:,}, p50 {row['p50_ms']:.1f} ms, "
-                f"p99 {row['p99_ms']:.1f} ms: {verdict}")  # fmt: skip
+                f"p99 {row['p99_ms']:.1f} ms, CPU us/event scorer {row['scorer_cpu_us']:.0f}"
+                + "".join(f", {n} {row[f'{n}_cpu_us']:.0f}" for n in servers)
+                + f": {verdict}")  # fmt: skip
             return row
 
         holds: list[dict[str, Any]] = []

@@ -64,6 +64,7 @@ class FakeConsumer:
         self.answer_commits = True
         self.seeks: list[tuple[int, int]] = []
         self.before_poll: Any = None
+        self.arriving: list[FakeMessage] = []
 
     def subscribe(self, topics: list[str], **callbacks: Any) -> None:
         self.callbacks = callbacks
@@ -84,6 +85,10 @@ class FakeConsumer:
         return self.pending.pop(0) if self.pending else None
 
     def consume(self, n: int, timeout: float) -> list[FakeMessage]:
+        if timeout > 0:
+            self.log.append(f"linger {timeout:g}")
+            self.pending += self.arriving  # what comes while the batch lingers
+            self.arriving = []
         taken, self.pending = self.pending[:n], self.pending[n:]
         return taken
 
@@ -592,3 +597,16 @@ def test_every_broker_down_makes_the_stage_degraded_until_a_broker_answers(
     run(host)
     assert probes == ["in"] * 3
     assert reporter.degraded == [("Kafka: 1/1 brokers are down", "kafka"), (None, "kafka")]
+
+
+def test_a_batch_lingers_to_fill_only_while_events_come_fast() -> None:
+    processor = Echo(stop_after=2)
+    host, log = host_on_fakes(processor, batches(1), host={"linger_s": 0.005})
+    host._rate = 1_000.0  # 5 more events in 5 ms: not worth a wait, served at once
+    host.consumer.arriving = batches(1)
+    host._take()
+    assert not any(e.startswith("linger") for e in log)
+    host._rate = 20_000.0  # 100 more in 5 ms: the batch waits for them
+    host.consumer.pending = batches(1)
+    batch = host._take()
+    assert "linger 0.005" in log and len(batch) == 4  # two taken at once, two that came
