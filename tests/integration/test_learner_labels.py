@@ -8,10 +8,11 @@ from __future__ import annotations
 import signal
 import time
 import uuid
+from typing import Any
 
 import orjson
 import redis
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, Producer, TopicPartition
 
 from riverflow.assembly import signing_key
 from riverflow.features.store import (
@@ -24,7 +25,13 @@ from riverflow.models.registry import RedisRegistry
 from riverflow.settings import Settings
 from riverflow.spec import PipelineSpec
 from riverflow.streams.contracts import DeadLetter
-from riverflow.streams.kafka_io import GroupProgress, ensure_topics, produce_all, producer
+from riverflow.streams.kafka_io import (
+    GroupProgress,
+    TopicFollower,
+    ensure_topics,
+    produce_all,
+    producer,
+)
 from riverflow.tools.generator import FraudStreamConfig, with_labels
 from riverflow.tools.stack import Endpoints
 
@@ -160,3 +167,44 @@ def test_a_label_long_after_its_snapshot_left_redis_joins_the_learners_index(
         assert e["served"] == {"model": p["model"], "version": p["version"],
                                "probability": p["probability"]}  # fmt: skip
     assert collect(stack.kafka_bootstrap, topics.dlq, 1, timeout_s=2, settle_s=0) == []
+
+
+class ListIndex:
+    """The smallest ``TopicIndex``: what it was given, and where it got to."""
+
+    def __init__(self) -> None:
+        self.values: list[bytes | None] = []
+        self.at: dict[int, int] = {}
+
+    def add(self, messages: list[Any]) -> None:
+        for m in messages:
+            self.values.append(m.value)
+            self.at[m.partition] = m.offset + 1
+
+    def positions(self, source: str) -> dict[int, int]:
+        return dict(self.at)
+
+
+def test_the_follower_knows_it_has_caught_up_past_transaction_markers(stack: Endpoints) -> None:
+    """An exactly-once scorer's predictions end in commit markers, which no message
+    reaches: the follower must still know it has read everything."""
+    topic = f"follow-{uuid.uuid4().hex[:8]}"
+    ensure_topics(stack.kafka_bootstrap, [topic], 3)
+    txn = Producer({"bootstrap.servers": stack.kafka_bootstrap,
+                    "transactional.id": f"t-{uuid.uuid4().hex[:8]}"})  # fmt: skip
+    txn.init_transactions(30)
+    for round_ in range(2):
+        txn.begin_transaction()
+        for i in range(10):
+            txn.produce(topic, key=str(i).encode(), value=f"{round_}-{i}".encode(), partition=0)
+        txn.commit_transaction(30)
+    index = ListIndex()
+    follower = TopicFollower(stack.kafka_bootstrap, topic, index, since_s=3600)
+    assert follower.caught_up()  # partitions 1 and 2 are empty, 0 ends in a marker
+    assert len(index.values) == 20
+    txn.begin_transaction()
+    txn.produce(topic, value=b"late", partition=1)
+    txn.commit_transaction(30)
+    follower.follow()
+    assert follower.caught_up() and index.values[-1] == b"late"
+    follower.close()
