@@ -28,6 +28,7 @@ from typing import Any, Protocol
 import msgpack
 import orjson
 
+from riverflow.errors import Unavailable
 from riverflow.features.errors import FeatureStoreError
 from riverflow.streams.contracts import Message, ServedPrediction
 
@@ -140,6 +141,11 @@ class MemoryScoredEvents:
 _POSITIONS = b"\x00positions"  # not an event id: ids are non-empty text
 
 
+class ScoredIndexError(Unavailable):
+    """The learner's index of scored events failed to read or write (a full disk, an
+    I/O error): waited out like a server outage, never blamed on a label."""
+
+
 class DiskScoredIndex:
     """The join's records on disk: RocksDB (``rocksdict``) at ``path``, each record
     expiring ``ttl_s`` (the label horizon) after it was written. Memory: a block
@@ -220,7 +226,7 @@ class DiskScoredIndex:
                 self._positions.get(msg.partition, 0), msg.offset + 1
             )
         batch.put(_POSITIONS, msgpack.packb([self._source, self._positions]))
-        self.db.write(batch)
+        self._write(batch)
 
     def lookup(self, event_ids: Sequence[str]) -> dict[str, ScoredEvent]:
         if not event_ids:
@@ -235,7 +241,11 @@ class DiskScoredIndex:
     def _get_many(self, event_ids: Sequence[str]) -> list[bytes | None]:
         if not event_ids:
             return []
-        found: list[bytes | None] = list(self.db.get([e.encode() for e in event_ids]) or [])
+        try:
+            got = self.db.get([e.encode() for e in event_ids])
+        except Exception as exc:
+            raise ScoredIndexError(f"scored-events index at {self.path}: {exc}") from exc
+        found: list[bytes | None] = list(got or [])
         return found
 
     def forget(self, event_ids: Sequence[str]) -> None:
@@ -246,7 +256,13 @@ class DiskScoredIndex:
         batch = WriteBatch(raw_mode=True)
         for event_id in event_ids:
             batch.delete(event_id.encode())
-        self.db.write(batch)
+        self._write(batch)
+
+    def _write(self, batch: Any) -> None:
+        try:
+            self.db.write(batch)
+        except Exception as exc:  # rocksdict raises plain Exceptions
+            raise ScoredIndexError(f"scored-events index at {self.path}: {exc}") from exc
 
     def close(self) -> None:
         self.db.close()

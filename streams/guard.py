@@ -5,7 +5,8 @@ server that is down is waited for, never blamed on a message.
 (the confluent loop, Faust, the embedded runtime). When ``process(batch)`` raises:
 
 - a server outage (Redis unreachable, timing out, loading or BUSY running a
-  script): the same batch is run again after a bounded exponential backoff,
+  script; or ``riverflow.errors.Unavailable``, e.g. the learner's index on a
+  full disk): the same batch is run again after a bounded exponential backoff,
   the stage reports itself degraded (``/healthz`` answers 503 with the reason)
   while it lasts, and after ``outage_limit_s`` without success it
   gives up with ``StageOutage`` (the process exits non-zero with one line). Nothing
@@ -34,7 +35,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from riverflow.errors import RiverflowError
+from riverflow.errors import RiverflowError, Unavailable
 from riverflow.streams.contracts import Message, Output, Processor
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,8 @@ def _outage_of(e: BaseException) -> str | None:
             return f"Redis: {str(e)[:200]}"
     if isinstance(e, ConnectionError | TimeoutError):  # the builtins (OSError)
         return f"{name}: {e}"
+    if isinstance(e, Unavailable):
+        return str(e)[:300]
     return None
 
 

@@ -8,8 +8,14 @@ from pathlib import Path
 import orjson
 import pytest
 
-from riverflow.features.scored import DiskScoredIndex, MemoryScoredEvents, ScoredEvent
+from riverflow.features.scored import (
+    DiskScoredIndex,
+    MemoryScoredEvents,
+    ScoredEvent,
+    ScoredIndexError,
+)
 from riverflow.streams.contracts import Message, Prediction, ServedPrediction
+from riverflow.streams.guard import outage
 
 TOPIC = "ns.predictions"
 
@@ -68,3 +74,12 @@ def test_the_memory_index_keeps_the_newest_up_to_its_bound() -> None:
     index = MemoryScoredEvents(max_events=3)
     index.add([prediction(f"e{i}", 0.5, i) for i in range(5)])
     assert sorted(index.lookup([f"e{i}" for i in range(5)])) == ["e2", "e3", "e4"]
+
+
+def test_an_index_that_cannot_write_is_an_outage_not_a_bad_label(tmp_path: Path) -> None:
+    index = DiskScoredIndex(tmp_path, 3600)
+    index.close()  # as a full disk or an I/O error would: the writes fail
+    with pytest.raises(ScoredIndexError, match="scored-events index") as raised:
+        index.add([prediction("e1", 0.25, 0)])
+    # the guard waits it out (and stops after the outage limit): labels stay unblamed
+    assert outage(raised.value) is not None
