@@ -263,11 +263,11 @@ def measure_limit(
     models: list[Any] = [build_model(c) for c in spec.models.candidates]
     t0 = time.perf_counter()
     for x, y in xs:
-        for model in models:
-            positive_probability(model, x)
-            model.learn_one(x, y)
+        for candidate in models:
+            positive_probability(candidate, x)
+            candidate.learn_one(x, y)
     all_s = time.perf_counter() - t0
-    model = build_model(spec.models.champion_spec)
+    model: Any = build_model(spec.models.champion_spec)
     t0 = time.perf_counter()
     for x, y in xs:
         positive_probability(model, x)
