@@ -99,12 +99,12 @@ class DistributionMonitor:
     def update(self, features: dict[str, float], probability: float) -> list[tuple[str, float]]:
         """One prediction; returns ``(input, p_value)`` of every input that drifted now."""
         self.seen += 1
-        values = {**features, "score": probability}
-        for name, value in values.items():
-            item = self.inputs.get(name)
+        inputs, reference = self.inputs, self.spec.reference
+        for name, value in {**features, "score": probability}.items():
+            item = inputs.get(name)
             if item is None:
-                item = self.inputs[name] = _Input([], deque(maxlen=self.spec.window))
-            if len(item.reference) < self.spec.reference:
+                item = inputs[name] = _Input([], deque(maxlen=self.spec.window))
+            if len(item.reference) < reference:
                 item.reference.append(value)
             else:
                 item.recent.append(value)
