@@ -623,6 +623,9 @@ def run_bench(
     )
     result.embedded = measure_embedded(spec, settings, events, labels)
     log(f"embedded: {result.embedded['events_per_s']:,.0f} events/s")
+    hosts = [h for h in cfg.hosts if h not in ("", "none")]
+    if not hosts and not cfg.peers:  # (--hosts none --no-peers: no stack to start)
+        return result
     with tempfile.TemporaryDirectory(prefix="riverflow-bench-") as tmp:
         workdir = Path(tmp)
         with local_stack(settings, workdir / "stack") as ep:
@@ -630,10 +633,10 @@ def run_bench(
                 result.peers["bare"] = measure_peer("bare", spec, ep, events, workdir, ep.pids)
                 log(f"bare: drained {cfg.events:,} at "
                     f"{result.peers['bare']['drain_events_per_s']:,.0f} events/s")  # fmt: skip
-            for host in cfg.hosts:
+            for host in hosts:
                 if cfg.guarantee != "exactly_once":
                     result.kafka[host] = measure_host(host, spec, ep, cfg, workdir, ep.pids, log)
-            if cfg.guarantee != "at_least_once" and "confluent" in cfg.hosts:
+            if cfg.guarantee != "at_least_once" and "confluent" in hosts:
                 drains = ["exactly_once"] + (["at_least_once"] if cfg.guarantee == "both" else [])
                 for guarantee in drains:
                     result.kafka[f"confluent, {guarantee}"] = measure_host(
@@ -688,7 +691,7 @@ def report(result: BenchResult) -> Table:
         rate_row("bare", "bare: consume → decode → champion predict → produce, drain",
                  _cpu(bare), f"{bare['peak_rss_mb']:,.0f}")  # fmt: skip
     if result.embedded:
-        rate_row("embedded", "embedded, scorer + learner",
+        rate_row("embedded", "embedded, scorer + learner + monitor",
                  f"{result.embedded['cpu_s_per_million']:,.0f}")  # fmt: skip
     for host, fig in result.kafka.items():
         rate_row(f"{host}: drain", f"Kafka scorer on {host}: backlog drain", _cpu(fig),
