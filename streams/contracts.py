@@ -103,38 +103,8 @@ class Record(ABC):
     @classmethod
     def decode(cls, raw: bytes | str) -> Self:
         """The record in ``raw`` (JSON); ``pydantic.ValidationError`` if it is not one."""
-        return _validated(cls, raw)
-
-
-def _validated(cls: type, raw: bytes | str) -> Any:
-    return _reader(cls).validate_json(raw)
-
-
-def _plain(raw: bytes | str) -> dict[str, Any] | None:
-    """``raw`` parsed as a JSON object, or None if it is anything else."""
-    try:
-        data = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return None
-    return data if type(data) is dict else None
-
-
-def _floats(values: Any) -> bool:
-    return type(values) is dict and all(type(v) is float for v in values.values())
-
-
-# The monitor reads every prediction and evaluation: these records are first read
-# without pydantic, taking a field only if it holds exactly the type it is written
-# with (pydantic would hand out the same value). Anything else (another type
-# pydantic may convert, a missing or unknown field, not JSON at all) is read by
-# pydantic as any record is, for the same result or the same ValidationError.
-_PREDICTION_KEYS = frozenset(
-    ("event_id", "entity", "probability", "model", "version", "features", "event_time",
-     "scored_at", "replayed")
-)  # fmt: skip
-_EVALUATION_KEYS = frozenset(("event_id", "label", "labels_seen", "predictions", "served"))
-_SERVED_KEYS = frozenset(("model", "version", "probability"))
-_CANDIDATE_KEYS = frozenset(("version", "probability"))
+        record: Self = _reader(cls).validate_json(raw)
+        return record
 
 
 @dataclass(slots=True)
@@ -169,27 +139,6 @@ class Prediction(Record):
         if self.explanation is not UNSET:
             record["explanation"] = self.explanation
         return orjson.dumps(record)
-
-    @classmethod
-    def decode(cls, raw: bytes | str) -> Self:
-        d = _plain(raw)
-        if (
-            d is not None
-            and d.keys() == _PREDICTION_KEYS
-            and type(d["event_id"]) is str
-            and type(d["entity"]) is str
-            and type(d["probability"]) is float
-            and type(d["model"]) is str
-            and type(d["version"]) is int
-            and _floats(d["features"])
-            and type(d["event_time"]) is float
-            and type(d["scored_at"]) is float
-            and type(d["replayed"]) is bool
-        ):
-            return cls(d["event_id"], d["entity"], d["probability"], d["model"], d["version"],
-                       d["features"], d["event_time"], d["scored_at"], d["replayed"])  # fmt: skip
-        prediction: Self = _validated(cls, raw)
-        return prediction
 
 
 @dataclass(slots=True)
@@ -284,37 +233,6 @@ class Evaluation(Record):
             record["segment"] = self.segment
         return orjson.dumps(record)
 
-    @classmethod
-    def decode(cls, raw: bytes | str) -> Self:
-        d = _plain(raw)
-        if d is not None:
-            segment = d.pop("segment", None)
-            served = d.get("served")
-            candidates = d.get("predictions")
-            if (
-                d.keys() == _EVALUATION_KEYS
-                and (segment is None or type(segment) is str)
-                and type(d["event_id"]) is str
-                and type(d["label"]) is bool
-                and type(d["labels_seen"]) is int
-                and (served is None or _served(served))
-                and type(candidates) is dict
-                and all(_candidate(c) for c in candidates.values())
-            ):
-                return cls(
-                    d["event_id"],
-                    d["label"],
-                    d["labels_seen"],
-                    {n: CandidatePrediction(c["version"], c["probability"])
-                     for n, c in candidates.items()},
-                    None if served is None
-                    else ServedPrediction(served["model"], served["version"],
-                                          served["probability"]),
-                    segment,
-                )  # fmt: skip
-        evaluation: Self = _validated(cls, raw)
-        return evaluation
-
 
 @dataclass(slots=True)
 class ModelEvent(Record):
@@ -348,25 +266,6 @@ class ModelEvent(Record):
             if value is not left_out:
                 record[name] = value
         return orjson.dumps(record)
-
-
-def _served(d: Any) -> bool:
-    return (
-        type(d) is dict
-        and d.keys() == _SERVED_KEYS
-        and type(d["model"]) is str
-        and type(d["version"]) is int
-        and type(d["probability"]) is float
-    )
-
-
-def _candidate(d: Any) -> bool:
-    return (
-        type(d) is dict
-        and d.keys() == _CANDIDATE_KEYS
-        and type(d["version"]) is int
-        and type(d["probability"]) is float
-    )
 
 
 # ModelEvent's optional fields, in the order they are written, and the value that
