@@ -306,8 +306,8 @@ def test_released_snapshots_go_after_their_time_or_beyond_the_count(
 
 # What the run below gave before the hot path was reworked for speed (issue 14):
 # its predictions, evaluations, model-events, candidates' metrics and label-free
-# tests. A change of the hot path must not change a result; a change of River,
-# SciPy or the generator may, and then this is recorded again.
+# tests. Making it faster must not change a result; a change meant to change
+# one (or of River, SciPy, the generator) records it again, saying why.
 RECORDED_RESULTS = "bc481044b7c144ce451ab425d0571ed36f9bc84fd8659394bf8ad9aa52e7247e"
 
 
