@@ -304,8 +304,8 @@ class PipelineMonitor:
         if not policy.enabled or self._cooling():
             return []
         for name, duel in self.duels.items():
-            if len(duel) < policy.min_labels:
-                continue
+            if len(duel) < policy.min_labels or duel.gain() < policy.margin:
+                continue  # (the gain first: the test costs more, per label)
             test = duel.test()
             gain = test.b_accuracy - test.a_accuracy
             if gain < policy.margin or test.p_value >= policy.alpha:

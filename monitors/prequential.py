@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,21 +15,45 @@ class PrequentialMetrics:
     Scored like ``river.evaluate.progressive_val_score``: the metrics take the
     model's ``predict_proba_one`` as it is, and a model with no prediction yet
     (an empty dict) is not scored for that label. ``count`` counts every label.
+
+    River's ROC AUC updates one confusion matrix per threshold for each label
+    (ten, most of what a label costs here). ``update`` only counts the label
+    under how many thresholds its probability passes, and the matrices get
+    those counts when the metrics are read (``as_dict``, ``state``): every
+    total then holds the same number as label by label (whole counts, exact in
+    a float), in the same order.
     """
 
     def __init__(self) -> None:
         self.accuracy = metrics.Accuracy()
-        self.roc_auc = metrics.ROCAUC()
+        self._roc_auc = metrics.ROCAUC()
         self.log_loss = metrics.LogLoss()
         self.count = 0
+        # ROC AUC's thresholds, ascending: a probability is above the first ``k``
+        # of them, k = bisect_left(thresholds, p) (thresholds below p)
+        self._thresholds = list(self._roc_auc.thresholds)
+        self._pending: dict[tuple[bool, int], int] = {}  # (label, k) -> labels not applied
 
     def update(self, label: bool, proba: dict[Any, float]) -> None:
         self.count += 1
         if not proba:
             return
-        self.accuracy.update(label, proba.get(True, 0.0) >= 0.5)
-        self.roc_auc.update(label, proba)
+        p = proba.get(True, 0.0)
+        self.accuracy.update(label, p >= 0.5)
+        cell = (label == self._roc_auc.pos_val, bisect_left(self._thresholds, p))
+        self._pending[cell] = self._pending.get(cell, 0) + 1
         self.log_loss.update(label, proba)
+
+    @property
+    def roc_auc(self) -> metrics.ROCAUC:
+        """River's ROC AUC, with every label counted so far."""
+        if self._pending:
+            for (y, k), n in self._pending.items():  # in the order they first came
+                for i, cm in enumerate(self._roc_auc.cms):
+                    cm.update(y, i < k, float(n))
+                    cm.n_samples += n - 1  # as n updates of one label each
+            self._pending = {}
+        return self._roc_auc
 
     def as_dict(self) -> dict[str, float]:
         return {
@@ -60,10 +85,11 @@ class PrequentialMetrics:
         restored = cls()
         restored.count = int(state["count"])
         _refill(restored.accuracy.cm, state["accuracy"])
-        if len(state["roc_auc"]) != len(restored.roc_auc.cms):
+        cms = restored.roc_auc.cms
+        if len(state["roc_auc"]) != len(cms):
             raise ValueError(f"ROC AUC state has {len(state['roc_auc'])} thresholds, "
-                             f"expected {len(restored.roc_auc.cms)}")  # fmt: skip
-        for cm, cells in zip(restored.roc_auc.cms, state["roc_auc"], strict=True):
+                             f"expected {len(cms)}")  # fmt: skip
+        for cm, cells in zip(cms, state["roc_auc"], strict=True):
             _refill(cm, cells)
         loss = state["log_loss"]
         restored.log_loss._mean = stats.Mean._from_state(float(loss["n"]), float(loss["mean"]))

@@ -167,6 +167,11 @@ class PairedWindow:
     def __len__(self) -> int:
         return len(self.pairs)
 
+    def gain(self) -> float:
+        """B's accuracy minus A's, as ``test`` works them out (without the test)."""
+        n = max(len(self.pairs), 1)
+        return self.b_right / n - self.a_right / n
+
     def test(self) -> PairedTest:
         n, a_only, b_only = len(self.pairs), self.a_only, self.b_only
         discordant = a_only + b_only

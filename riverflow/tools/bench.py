@@ -1,7 +1,9 @@
 """``riverflow bench``: what the pipeline costs, measured in one run on one machine.
 
-1. the limit: River alone, in memory, predict + learn on the same events and
-   feature values the pipeline computes (and predict alone: what a scorer does);
+1. the limit: River alone, in memory, predict + learn of every candidate of
+   the spec (what the learner does per label) on the same events and feature
+   values the pipeline computes; also the champion alone, and its predict
+   alone (what a scorer does);
 2. the embedded runtime end to end (scorer + learner, memory store);
 3. the Kafka runtime per host (Faust agent, confluent-kafka loop), scorer as its
    own process on the real broker and Redis: the drain rate of a backlog (an
@@ -178,6 +180,8 @@ class BenchResult:
             "limit": self.limit["predict_learn_events_per_s"],
             "predict_only": self.limit["predict_only_events_per_s"],
         }
+        if "champion_predict_learn_events_per_s" in self.limit:  # (not in older figures)
+            rates["champion"] = self.limit["champion_predict_learn_events_per_s"]
         if self.embedded:
             rates["embedded"] = self.embedded["events_per_s"]
         for host, fig in self.kafka.items():
@@ -247,7 +251,10 @@ def stream(
 def measure_limit(
     spec: PipelineSpec, events: list[dict[str, Any]], labels: list[dict[str, Any]]
 ) -> dict[str, float]:
-    """River alone on the inputs the scorer would give it (features computed untimed)."""
+    """River alone on the inputs the scorer would give it (features computed untimed):
+    predict + learn of every candidate of the spec, as the learner does for each
+    label (the limit); of the champion alone; and the champion's predict alone,
+    what a scorer does."""
     plan = spec.feature_plan()
     store = MemoryFeatureStore(plan)
     inputs = spec.models.inputs
@@ -260,6 +267,13 @@ def measure_limit(
     )  # fmt: skip
     truth = {lab["event_id"]: lab[spec.label.field] for lab in labels}
     xs = [({**s.inputs, **plan.values(s.aggregates)}, truth[s.event_id]) for s in snaps]
+    models: list[Any] = [build_model(c) for c in spec.models.candidates]
+    t0 = time.perf_counter()
+    for x, y in xs:
+        for candidate in models:
+            positive_probability(candidate, x)
+            candidate.learn_one(x, y)
+    all_s = time.perf_counter() - t0
     model: Any = build_model(spec.models.champion_spec)
     t0 = time.perf_counter()
     for x, y in xs:
@@ -271,7 +285,9 @@ def measure_limit(
         positive_probability(model, x)
     predict_s = time.perf_counter() - t0
     return {
-        "predict_learn_events_per_s": len(xs) / learn_s,
+        "predict_learn_events_per_s": len(xs) / all_s,
+        "candidates": float(len(models)),
+        "champion_predict_learn_events_per_s": len(xs) / learn_s,
         "predict_only_events_per_s": len(xs) / predict_s,
     }
 
@@ -621,9 +637,15 @@ def run_bench(
     )
     events, labels = stream(cfg.events, cfg.seed)
     result.limit = measure_limit(spec, events, labels)
-    log(f"limit: {result.limit['predict_learn_events_per_s']:,.0f} events/s (predict + learn)")
+    log(
+        f"limit: {result.limit['predict_learn_events_per_s']:,.0f} events/s "
+        "(predict + learn, every candidate)"
+    )
     result.embedded = measure_embedded(spec, settings, events, labels)
     log(f"embedded: {result.embedded['events_per_s']:,.0f} events/s")
+    hosts = [h for h in cfg.hosts if h not in ("", "none")]
+    if not hosts and not cfg.peers:  # (--hosts none --no-peers: no stack to start)
+        return result
     with tempfile.TemporaryDirectory(prefix="riverflow-bench-") as tmp:
         workdir = Path(tmp)
         with local_stack(settings, workdir / "stack") as ep:
@@ -631,10 +653,10 @@ def run_bench(
                 result.peers["bare"] = measure_peer("bare", spec, ep, events, workdir, ep.pids)
                 log(f"bare: drained {cfg.events:,} at "
                     f"{result.peers['bare']['drain_events_per_s']:,.0f} events/s")  # fmt: skip
-            for host in cfg.hosts:
+            for host in hosts:
                 if cfg.guarantee != "exactly_once":
                     result.kafka[host] = measure_host(host, spec, ep, cfg, workdir, ep.pids, log)
-            if cfg.guarantee != "at_least_once" and "confluent" in cfg.hosts:
+            if cfg.guarantee != "at_least_once" and "confluent" in hosts:
                 drains = ["exactly_once"] + (["at_least_once"] if cfg.guarantee == "both" else [])
                 for guarantee in drains:
                     result.kafka[f"confluent, {guarantee}"] = measure_host(
@@ -680,14 +702,16 @@ def report(result: BenchResult) -> Table:
         table.add_row(what, f"{rates[row]:,.0f}", f"{ratios[row]['to_limit']:.2f}",
                       "" if to_bare is None else f"{to_bare:.2f}", cpu, rss, "")  # fmt: skip
 
-    rate_row("limit", "River alone: predict + learn (the limit)")
+    rate_row("limit", "River alone: predict + learn, every candidate (the limit)")
+    if "champion" in rates:
+        rate_row("champion", "River alone: predict + learn, the champion")
     rate_row("predict_only", "River alone: predict only")
     if "bare" in result.peers:
         bare = result.peers["bare"]
         rate_row("bare", "bare: consume → decode → champion predict → produce, drain",
                  _cpu(bare), f"{bare['peak_rss_mb']:,.0f}")  # fmt: skip
     if result.embedded:
-        rate_row("embedded", "embedded, scorer + learner",
+        rate_row("embedded", "embedded, scorer + learner + monitor",
                  f"{result.embedded['cpu_s_per_million']:,.0f}")  # fmt: skip
     for host, fig in result.kafka.items():
         rate_row(f"{host}: drain", f"Kafka scorer on {host}: backlog drain", _cpu(fig),

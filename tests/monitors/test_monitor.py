@@ -7,13 +7,14 @@ import math
 import random
 from typing import Any
 
+import numpy as np
 import orjson
 import pytest
 from scipy import stats
 
 from riverflow.embedded import EmbeddedRuntime
 from riverflow.models.registry import MemoryRegistry
-from riverflow.monitors.distribution import DistributionMonitor
+from riverflow.monitors.distribution import DistributionMonitor, KsTests
 from riverflow.monitors.policy import PipelineMonitor
 from riverflow.monitors.quality import PairedWindow, WindowedQuality
 from riverflow.monitors.spec import LabelFreeSpec, MonitorSpec
@@ -246,6 +247,23 @@ def test_label_free_drift_fires_on_a_shift_and_not_on_a_stationary_stream() -> N
         if shifting.update({"x": x}, 0.5):
             fired.append(i)
     assert fired and 3_000 < fired[0] <= 4_000
+
+
+def test_label_free_ks_tests_give_scipys_statistic_and_p_value_every_time() -> None:
+    rng = random.Random(8)
+    ks = KsTests()
+    pairs = 0
+    for i in range(600):
+        # two window sizes; samples shifted apart little by little (small to tiny
+        # p-values); values rounded so that some repeat (ties)
+        n1, n2 = (200, 100) if i % 3 else (120, 90)
+        reference = [round(rng.gauss(0, 1), 1) for _ in range(n1)]
+        recent = [round(rng.gauss(i / 600, 1), 1) for _ in range(n2)]
+        result = stats.ks_2samp(reference, recent)
+        ordered = np.sort(np.asarray(reference))
+        assert ks(ordered, recent) == (float(result.statistic), float(result.pvalue))
+        pairs += 1
+    assert len(ks.results) < pairs / 3  # most were remembered, not computed again
 
 
 def test_a_bad_record_goes_to_the_dlq_and_the_rest_is_read(fraud_spec: PipelineSpec) -> None:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import base64
+import gc
+import hashlib
+import weakref
 
 import orjson
 import pytest
@@ -302,3 +305,64 @@ def test_released_marks_go_after_their_time_or_beyond_the_count(
     assert set(store.learned) == {"e2", "e3", "e4", "e5"}
     store.release_learned(["e3", "e4", "e5"], keep_s=10)  # 4 released: the oldest goes
     assert set(store.learned) == {"e3", "e4", "e5"}
+
+
+# What the run below gave before the hot path was reworked for speed (issue 14):
+# its predictions, evaluations, model-events, candidates' metrics and label-free
+# tests. Making it faster must not change a result; a change meant to change
+# one (or of River, SciPy, the generator) records it again, saying why.
+RECORDED_RESULTS = "bc481044b7c144ce451ab425d0571ed36f9bc84fd8659394bf8ad9aa52e7247e"
+
+
+def test_a_run_gives_the_results_recorded_before_the_hot_path_was_reworked(
+    fraud_spec: PipelineSpec,
+) -> None:
+    rt = EmbeddedRuntime(fraud_spec, Settings(snapshot_every_labels=500))
+    for kind, rec in with_labels(6000, FraudStreamConfig(seed=4, drift_at=(3000,))):
+        if kind == "event":
+            rt.produce(rt.topics.events, rec["card_id"].encode(), orjson.dumps(rec))
+        else:
+            rt.produce(rt.topics.labels, rec["event_id"].encode(), orjson.dumps(rec))
+    rt.drain()
+    predictions = [
+        (p.event_id, p.probability, p.model, p.version, p.features)
+        for p in (Prediction.decode(v) for _, v in rt.messages(rt.topics.predictions))
+    ]
+    evaluations = [
+        (e.event_id, e.label, {n: (c.version, c.probability) for n, c in e.predictions.items()})
+        for e in (Evaluation.decode(v) for _, v in rt.messages(rt.topics.evaluations))
+    ]
+    events = [orjson.loads(v) for _, v in rt.messages(rt.topics.model_events)]
+    decisions = [(e["kind"], e["model"], e["version"], e.get("evidence")) for e in events]
+    metrics = {n: c.metrics.state() for n, c in rt.learner.candidates.items()}
+    view = rt.monitor.view(series=False)
+    tests = {n: (d.statistic, d.p_value, d.alarms) for n, d in view.distributions.items()}
+    assert len(predictions) == len(evaluations) == 6000 and len(decisions) > 20
+    assert any(kind == "feature_drift" for kind, *_ in decisions)
+    everything = orjson.dumps([predictions, evaluations, decisions, metrics, tests])
+    assert hashlib.sha256(everything).hexdigest() == RECORDED_RESULTS
+
+
+def test_a_step_leaves_the_processs_garbage_collection_as_it_found_it(
+    fraud_spec: PipelineSpec,
+) -> None:
+    class Cycle:
+        def __init__(self) -> None:
+            self.me = self
+
+    rt = EmbeddedRuntime(fraud_spec, Settings(), retain=())
+    for rec, _ in transactions(200, FraudStreamConfig(seed=2)):
+        rt.produce(rt.topics.events, rec["card_id"].encode(), orjson.dumps(rec))
+    gc.collect()
+    old = weakref.ref(Cycle())  # garbage made before the step: collected after it
+    rt.step()
+    assert gc.get_freeze_count() == 0 and gc.isenabled()
+    gc.collect()
+    assert old() is None
+    gc.freeze()  # a process that froze its heap itself (as the Kafka stages do) keeps it
+    try:
+        frozen = gc.get_freeze_count()
+        rt.step()
+        assert gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()
