@@ -64,7 +64,7 @@ class Settings(BaseSettings):
     batch_linger_s: float = Field(
         0.005, ge=0, le=0.1,
         description="confluent host: how long a batch may wait to fill once its first event "
-        "is in, only while events come at 10 or more per linger (at 5 ms: from 2,000/s); "
+        "is in, only while events come at 25 or more per linger (at 5 ms: from 5,000/s); "
         "0 = never",
     )  # fmt: skip
     max_event_bytes: int = Field(65_536, ge=64, description="larger payloads go to the DLQ")

@@ -119,8 +119,10 @@ class Checkpointing:
 FENCED_AGAIN_S = 60.0
 MAX_IN_FLIGHT = 4  # batches whose outputs may await their acks while the next is processed
 # a batch lingers (``HostSettings.linger_s``) only if that should bring this many more
-# events: at 5 ms, from 2,000 events/s; a slower stream is served without waiting
-LINGER_MIN_GAIN = 10
+# events: at 5 ms, from 5,000 events/s; a slower stream is served without waiting
+# (from 2,000/s, the p99 at 1,000/s went from 6.3 to 10.7 ms: docs/benchmarks.md)
+LINGER_MIN_GAIN = 25
+RATE_WINDOW_S = 0.25  # how far back the source's rate is followed
 
 
 @dataclass
@@ -586,11 +588,12 @@ class ConfluentHost:
 
     def _pace(self, taken: int) -> None:
         """Follow the source's rate: an average over batches, each weighted by the time
-        it covers (about the last second)."""
+        it covers (about the last quarter second: after a burst, a slow stream is
+        served without lingering again within a second)."""
         now = time.monotonic()
         span = max(now - self._last_take, 1e-4)
         self._last_take = now
-        weight = min(1.0, span)
+        weight = min(1.0, span / RATE_WINDOW_S)
         self._rate += weight * (taken / span - self._rate)
 
     def _backpressure(self) -> None:

@@ -602,7 +602,7 @@ def test_every_broker_down_makes_the_stage_degraded_until_a_broker_answers(
 def test_a_batch_lingers_to_fill_only_while_events_come_fast() -> None:
     processor = Echo(stop_after=2)
     host, log = host_on_fakes(processor, batches(1), host={"linger_s": 0.005})
-    host._rate = 1_000.0  # 5 more events in 5 ms: not worth a wait, served at once
+    host._rate = 2_000.0  # 10 more events in 5 ms: not worth a wait, served at once
     host.consumer.arriving = batches(1)
     host._take()
     assert not any(e.startswith("linger") for e in log)
