@@ -118,10 +118,12 @@ class Checkpointing:
 # fenced again this soon after rejoining: another process has our instance id
 FENCED_AGAIN_S = 60.0
 MAX_IN_FLIGHT = 4  # batches whose outputs may await their acks while the next is processed
-# a batch lingers (``HostSettings.linger_s``) only if that should bring this many more
-# events: at 5 ms, from 5,000 events/s; a slower stream is served without waiting
-# (from 2,000/s, the p99 at 1,000/s went from 6.3 to 10.7 ms: docs/benchmarks.md)
-LINGER_MIN_GAIN = 25
+# a batch lingers (up to ``HostSettings.linger_s``) only while events come at this rate
+# or more, and only as long as it takes to gather about ``LINGER_BATCH`` of them: a
+# slower stream is served without waiting (lingering from 2,000/s moved the p99 at
+# 1,000/s from 6.3 to 10.7 ms), a faster one waits less (docs/benchmarks.md)
+LINGER_FROM_RATE = 5_000.0
+LINGER_BATCH = 200
 RATE_WINDOW_S = 0.25  # how far back the source's rate is followed
 
 
@@ -554,11 +556,11 @@ class ConfluentHost:
             return []
         size = self.settings.batch_size
         raw = [first, *self.consumer.consume(size - 1, timeout=0)]
-        linger = self.settings.linger_s
-        if len(raw) < size and linger and self._rate * linger >= LINGER_MIN_GAIN:
+        if len(raw) < size and self.settings.linger_s and self._rate >= LINGER_FROM_RATE:
             # events come fast: a few ms more make the batch several times larger, and
             # with it everything paid per batch (a Redis call, produce requests, the
             # broker's fetches) several times smaller per event (docs/benchmarks.md)
+            linger = min(self.settings.linger_s, LINGER_BATCH / self._rate)
             raw += self.consumer.consume(size - len(raw), timeout=linger)
         self._pace(len(raw))
         batch = []

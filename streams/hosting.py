@@ -52,9 +52,9 @@ class HostSettings:
     group: str
     batch_size: int
     poll_s: float = 0.1  # the longest wait for a batch's first message
-    # the longest a batch waits to fill once its first message is in, and only while
-    # events come fast enough to gain ``LINGER_MIN_GAIN`` in that time (confluent host)
-    linger_s: float = 0.005
+    # the longest a batch waits to fill once its first message is in, only while events
+    # come fast (confluent host: ``LINGER_FROM_RATE``, ``LINGER_BATCH``)
+    linger_s: float = 0.02
     tick_s: float | None = None  # also call the processor with an empty batch this often
     dlq_topic: str = ""  # outputs to it are reported as dead letters
     freeze_gc: bool = False  # freeze the heap after every batch (module docstring)

@@ -601,12 +601,16 @@ def test_every_broker_down_makes_the_stage_degraded_until_a_broker_answers(
 
 def test_a_batch_lingers_to_fill_only_while_events_come_fast() -> None:
     processor = Echo(stop_after=2)
-    host, log = host_on_fakes(processor, batches(1), host={"linger_s": 0.005})
-    host._rate = 2_000.0  # 10 more events in 5 ms: not worth a wait, served at once
+    host, log = host_on_fakes(processor, batches(1), host={"linger_s": 0.02})
+    host._rate = 2_000.0  # a slow stream: served at once
     host.consumer.arriving = batches(1)
     host._take()
     assert not any(e.startswith("linger") for e in log)
-    host._rate = 20_000.0  # 100 more in 5 ms: the batch waits for them
+    host._rate = 40_000.0  # a fast one: the batch waits until ~200 are in (5 ms)
     host.consumer.pending = batches(1)
     batch = host._take()
     assert "linger 0.005" in log and len(batch) == 4  # two taken at once, two that came
+    host._rate = 5_000.0  # slower: it waits longer, but never past linger_s
+    host.consumer.pending = batches(1)
+    host._take()
+    assert log[-1] == "linger 0.02"
