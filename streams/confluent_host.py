@@ -115,7 +115,10 @@ class Checkpointing:
     on_stop: Callable[[], list[Output]] | None = None
 
 
-# fenced again this soon after rejoining: another process has our instance id
+# fenced this many times within this long: another process has our instance id (each
+# broker restart that outlasts the session fences us once; two such within a minute
+# happen, a process that takes our id back every few seconds fences us far more)
+FENCED_TIMES = 3
 FENCED_AGAIN_S = 60.0
 MAX_IN_FLIGHT = 4  # batches whose outputs may await their acks while the next is processed
 # a batch lingers (up to ``HostSettings.linger_s``) only while events come at this rate
@@ -212,7 +215,7 @@ class ConfluentHost:
             consumer["group.instance.id"] = settings.instance_id
         self._consumer_config = {**consumer, **clients.consumer}
         self._make_consumer = clients.make_consumer
-        self._fenced_at: float | None = None  # when the consumer was last fenced
+        self._fenced_at: deque[float] = deque()  # when the consumer was fenced lately
         self.consumer = clients.make_consumer(self._consumer_config)
         self._paused = False  # the processor asked for no input (backpressure)
         self._rate = 0.0  # events/s the source brought lately (an average over batches)
@@ -621,18 +624,21 @@ class ConfluentHost:
         does a second process started with our instance id. The first is survived:
         nothing is committed for the partitions (they may be another member's by
         now; an open transaction is aborted and what it read is read again by
-        whoever owns them). The second fences us again soon after we rejoin: then
-        the host stops with an error naming the setting.
+        whoever owns them). The second fences us again and again soon after we
+        rejoin: at ``FENCED_TIMES`` fences within ``FENCED_AGAIN_S`` the host stops
+        with an error naming the setting.
         """
         now = time.monotonic()
-        again = self._fenced_at is not None and now - self._fenced_at < FENCED_AGAIN_S
-        if again:
+        fenced = self._fenced_at
+        fenced.append(now)
+        while fenced and now - fenced[0] > FENCED_AGAIN_S:
+            fenced.popleft()
+        if len(fenced) >= FENCED_TIMES:
             raise KafkaIOError(
-                f"Kafka consumer stopped: {err}. Fenced twice within {FENCED_AGAIN_S:g} s: "
-                f"another process is in group {self.settings.group!r} as "
-                f"{self.settings.instance_id!r}; give each its own RIVERFLOW_INSTANCE_ID"
+                f"Kafka consumer stopped: {err}. Fenced {len(fenced)} times within "
+                f"{FENCED_AGAIN_S:g} s: another process is in group {self.settings.group!r} "
+                f"as {self.settings.instance_id!r}; give each its own RIVERFLOW_INSTANCE_ID"
             )
-        self._fenced_at = now
         log.warning("consumer fenced (%s): rejoining group %s", err, self.settings.group)
         if self.exactly_once and self._txn_started is not None:
             self._abort()

@@ -454,7 +454,7 @@ class FencedMessage(FakeMessage):
         return KafkaError(KafkaError._FATAL, "Static consumer fenced", fatal=self.flagged)
 
 
-def test_a_fenced_static_member_rejoins_once_and_stops_when_fenced_again() -> None:
+def test_a_fenced_static_member_rejoins_and_stops_when_fenced_again_and_again() -> None:
     # once: what a session that expired while the broker was down ends in
     processor = Echo()
     pending = [FencedMessage(flagged=False), FakeMessage("in", 0, 0, b"a")]
@@ -463,8 +463,14 @@ def test_a_fenced_static_member_rejoins_once_and_stops_when_fenced_again() -> No
     assert log[:3] == ["subscribe in", "close", "subscribe in"]
     assert [m.value for m in processor.batches[0]] == [b"a"]
     assert host.consumer.config["group.instance.id"] == "monitor-a"
-    # twice within a minute: another process runs with our instance id
-    host, log = host_on_fakes(Echo(), [FencedMessage(), FencedMessage()],
+    # twice within a minute (two broker restarts that outlast the session): rejoined
+    processor = Echo()
+    pending = [FencedMessage(), FencedMessage(), FakeMessage("in", 0, 0, b"b")]
+    host, log = host_on_fakes(processor, pending, host={"instance_id": "monitor-a"})
+    run(host)
+    assert log.count("close") >= 2 and [m.value for m in processor.batches[0]] == [b"b"]
+    # three times within a minute: another process runs with our instance id
+    host, log = host_on_fakes(Echo(), [FencedMessage(), FencedMessage(), FencedMessage()],
                               host={"instance_id": "monitor-a"})  # fmt: skip
     raised: list[BaseException] = []
 
