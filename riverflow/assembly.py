@@ -22,6 +22,7 @@ from riverflow.monitors.policy import PipelineMonitor
 from riverflow.monitors.prequential import PrequentialMetrics
 from riverflow.settings import DEV_SIGNING_KEY, Settings
 from riverflow.spec import PipelineSpec
+from riverflow.stages.common import DLQ_KEEP_BYTES
 from riverflow.stages.learner import LabelJoin, Learner, LearnerTiming, ScoredThrough
 from riverflow.stages.lineage import Candidate, Following, Lineage
 from riverflow.stages.monitor import Monitor
@@ -207,8 +208,9 @@ def build_learner(
         keep_learned_s=settings.learned_keep_s,
     )  # fmt: skip
     learner = Learner(
-        spec.topics, store, scored, lineage, join, timing, scored_through=scored_through
-    )
+        spec.topics, store, scored, lineage, join, timing, scored_through=scored_through,
+        dlq_keep_bytes=settings.dlq_keep_bytes,
+    )  # fmt: skip
     saved = registry.checkpoint()
     if saved is not None:
         learner.restore(saved)
@@ -216,7 +218,10 @@ def build_learner(
 
 
 def build_monitor(
-    spec: PipelineSpec, registry: ModelRegistry, metrics: MonitorMetrics | None = None
+    spec: PipelineSpec,
+    registry: ModelRegistry,
+    metrics: MonitorMetrics | None = None,
+    dlq_keep_bytes: int = DLQ_KEEP_BYTES,
 ) -> Monitor:
     core = PipelineMonitor(spec.name, spec.monitors, registry, spec.models.champion_spec.name)
-    return Monitor(spec.topics, core, MonitorHistory(), metrics)
+    return Monitor(spec.topics, core, MonitorHistory(), metrics, dlq_keep_bytes)

@@ -115,7 +115,7 @@ class EmbeddedRuntime:
         self.learner = build_learner(
             spec, settings, self.store, self.registry, self.scored, registry_poll_s=0
         )
-        self.monitor = build_monitor(spec, self.registry)
+        self.monitor = build_monitor(spec, self.registry, dlq_keep_bytes=settings.dlq_keep_bytes)
         # each behind the last resort the Kafka hosts run it with (streams.guard)
         self.guards = {
             p.stage: guarded(p, self.topics, settings.outage_limit_s, settings.dlq_keep_bytes)

@@ -152,7 +152,9 @@ def run_stage(stage: str, spec: PipelineSpec, settings: Settings, ep: Servers) -
         log.info("scorer: %s, group instance %s", settings.processing_guarantee,
                  instance_id(stage, settings) if host == "confluent" else "- (faust)")  # fmt: skip
     if stage == "monitor":
-        monitor = build_monitor(spec, registry, MonitorMetrics(metrics.registry))
+        monitor = build_monitor(
+            spec, registry, MonitorMetrics(metrics.registry), settings.dlq_keep_bytes
+        )
         if port:  # with the status page: /, /status.json
             serve(metrics, port, settings.metrics_host, view=monitor.view)
         freeze_startup_heap()

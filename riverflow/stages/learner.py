@@ -20,7 +20,13 @@ from riverflow.features.scored import ScoredEvent, ScoredEvents
 from riverflow.features.store import ORPHAN, Claim, FeatureStore
 from riverflow.models.checkpoint import LearnerCheckpoint
 from riverflow.monitors.prequential import PrequentialMetrics
-from riverflow.stages.common import StageCounters, dead_letter, model_inputs, monitor_only_field
+from riverflow.stages.common import (
+    DLQ_KEEP_BYTES,
+    StageCounters,
+    dead_letter,
+    model_inputs,
+    monitor_only_field,
+)
 from riverflow.stages.lineage import Candidate, Lineage
 from riverflow.streams.contracts import CandidatePrediction, Evaluation, Message, Output
 from riverflow.streams.schema import FieldType, LabelSpec
@@ -112,8 +118,10 @@ class Learner:
         timing: LearnerTiming,
         clock: Callable[[], float] = time.monotonic,
         scored_through: ScoredThrough | None = None,
+        dlq_keep_bytes: int = DLQ_KEEP_BYTES,
     ) -> None:
         self.topics = topics
+        self.dlq_keep_bytes = dlq_keep_bytes
         self.store = store
         self.scored = scored
         self.lineage = lineage
@@ -217,7 +225,10 @@ class Learner:
                 continue
             record = self.validate(msg.value)
             if isinstance(record, Invalid):
-                out.append(dead_letter(self.topics, self.stage, msg, record.kind, record.message))
+                keep = self.dlq_keep_bytes
+                out.append(
+                    dead_letter(self.topics, self.stage, msg, record.kind, record.message, keep)
+                )
                 order.append((msg, None))
                 continue
             event_id = record[self.join.label.event_id]
@@ -308,7 +319,9 @@ class Learner:
         self.orphans += 1
         self._changed = True
         why = f"no scored event {event_id!r}: {why}"
-        return dead_letter(self.topics, self.stage, item.msg, "orphan_label", why)
+        return dead_letter(
+            self.topics, self.stage, item.msg, "orphan_label", why, self.dlq_keep_bytes
+        )
 
     def accepting(self) -> bool:
         """Whether to read more labels: not while ``max_waiting`` wait for their events

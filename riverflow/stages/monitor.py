@@ -21,7 +21,7 @@ from riverflow.monitors.exporter import MonitorMetrics
 from riverflow.monitors.history import MonitorHistory
 from riverflow.monitors.policy import Decision, PipelineMonitor
 from riverflow.monitors.view import MonitorView
-from riverflow.stages.common import StageCounters, dead_letter
+from riverflow.stages.common import DLQ_KEEP_BYTES, StageCounters, dead_letter
 from riverflow.streams.contracts import Evaluation, Message, Output, Prediction
 from riverflow.streams.topics import Topics
 
@@ -41,8 +41,10 @@ class Monitor:
         core: PipelineMonitor,
         history: MonitorHistory,
         metrics: MonitorMetrics | None = None,
+        dlq_keep_bytes: int = DLQ_KEEP_BYTES,
     ) -> None:
         self.topics = topics
+        self.dlq_keep_bytes = dlq_keep_bytes
         self.core = core
         self.history = history
         self.metrics = metrics
@@ -79,7 +81,11 @@ class Monitor:
             except (ValidationError, _Refused) as exc:
                 line = error_lines(exc)[0] if isinstance(exc, ValidationError) else str(exc)
                 why = f"not a {msg.topic} record: {line}"
-                out.append(dead_letter(self.topics, self.stage, msg, "bad_record", why))
+                out.append(
+                    dead_letter(
+                        self.topics, self.stage, msg, "bad_record", why, self.dlq_keep_bytes
+                    )
+                )
         self.counters.dead_letters += len(out)
         self.history.record(decisions)
         for d in decisions:

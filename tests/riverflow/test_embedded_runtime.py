@@ -366,3 +366,18 @@ def test_a_step_leaves_the_processs_garbage_collection_as_it_found_it(
         assert gc.get_freeze_count() == frozen
     finally:
         gc.unfreeze()
+
+
+def test_every_stage_keeps_what_dlq_keep_bytes_says_of_a_refused_record(
+    fraud_spec: PipelineSpec,
+) -> None:
+    rt = EmbeddedRuntime(fraud_spec, Settings(dlq_keep_bytes=64))
+    junk = b"{" + b"x" * 10_000  # not JSON, far over the limit
+    for topic in (rt.topics.events, rt.topics.labels, rt.topics.evaluations):
+        rt.produce(topic, None, junk)
+    rt.drain()
+    letters = {d.stage: d for d in (DeadLetter.decode(v) for _, v in rt.messages(rt.topics.dlq))}
+    assert set(letters) == {"scorer", "learner", "monitor"}
+    for letter in letters.values():  # the setting, not the default 256 KiB, for each
+        assert letter.payload_truncated and letter.payload_b64 is None
+        assert letter.payload_bytes == len(junk)
