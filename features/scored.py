@@ -59,10 +59,13 @@ def scored_records(messages: Sequence[Message]) -> tuple[dict[str, bytes], int]:
     for msg in messages:
         try:
             p = orjson.loads(msg.value or b"")
-            record = [p["inputs"], p["features"], p["model"], p["version"], p["probability"]]
-            event_id = p["event_id"]
-            if not isinstance(event_id, str):
-                raise TypeError("event_id is not a string")
+            event_id, inputs, features = p["event_id"], p["inputs"], p["features"]
+            record = [inputs, features, p["model"], p["version"], p["probability"]]
+            if not (isinstance(event_id, str) and isinstance(inputs, dict)
+                    and isinstance(features, dict) and isinstance(record[2], str)
+                    and type(record[3]) is int and type(record[4]) in (int, float)
+                    and all(type(v) in (int, float) for v in features.values())):  # fmt: skip
+                raise TypeError("a field is not of a prediction's type")
         except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
             bad += 1
             log.debug(

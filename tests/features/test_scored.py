@@ -27,7 +27,10 @@ def prediction(event_id: str, probability: float, offset: int, partition: int = 
 
 
 def hostile(offset: int) -> list[Message]:
-    values = [b"\xff\x00", b"{}", b"[1, 2]", orjson.dumps({"event_id": 7, "inputs": {}}), None]
+    forged = {"event_id": "e9", "inputs": 5, "features": {"n": "x"}, "model": "m",
+              "version": 1, "probability": 0.5}  # fmt: skip
+    values = [b"\xff\x00", b"{}", b"[1, 2]", orjson.dumps({"event_id": 7, "inputs": {}}), None,
+              orjson.dumps(forged)]  # fmt: skip
     return [Message(TOPIC, 0, offset + i, None, v) for i, v in enumerate(values)]
 
 
@@ -36,16 +39,16 @@ def test_the_first_prediction_of_an_event_is_what_its_label_joins(
     kind: str, tmp_path: Path
 ) -> None:
     index = DiskScoredIndex(tmp_path, 3600) if kind == "disk" else MemoryScoredEvents()
-    index.add([prediction("e1", 0.25, 0), *hostile(1), prediction("e2", 0.5, 6)])
-    index.add([prediction("e1", 0.75, 7)])  # re-scored later: not the answer served first
-    found = index.lookup(["e1", "e2", "nope"])
+    index.add([prediction("e1", 0.25, 0), *hostile(1), prediction("e2", 0.5, 7)])
+    index.add([prediction("e1", 0.75, 8)])  # re-scored later: not the answer served first
+    found = index.lookup(["e1", "e2", "e9", "nope"])
     assert found == {
         "e1": ScoredEvent("e1", {"amount": 12.5, "country": "FR"}, {"n_10m": 2.0},
                           ServedPrediction("tree", 3, 0.25)),
         "e2": ScoredEvent("e2", {"amount": 12.5, "country": "FR"}, {"n_10m": 2.0},
                           ServedPrediction("tree", 3, 0.5)),
     }  # fmt: skip
-    assert index.unreadable == 5  # hostile records cost nothing else
+    assert index.unreadable == 6  # hostile or forged records cost nothing else
     index.forget(["e1"])
     assert list(index.lookup(["e1", "e2"])) == ["e2"]
 
