@@ -333,11 +333,12 @@ class ConfluentHost:
         self.producer.poll(0)
         queue = self._in_flight
         while queue and queue[0].waiting <= 0:
-            entry = queue.popleft()
-            if entry.errors:
+            entry = queue[0]
+            if entry.errors:  # it stays first: no batch after it is ever marked
                 if raising:
                     raise KafkaIOError(f"outputs refused: {entry.errors[:3]}")
                 return
+            queue.popleft()
             self._committable.update(entry.offsets)
             if entry.outputs and self._kafka_down_since is not None:  # the broker is back
                 self._kafka_up()

@@ -22,6 +22,7 @@ from riverflow.streams.confluent_host import (
     HostSettings,
 )
 from riverflow.streams.contracts import Message, Output
+from riverflow.streams.kafka_io import KafkaIOError
 from riverflow.streams.topics import Topics
 
 
@@ -126,22 +127,26 @@ class FakeProducer:
         self.config, self.log = config, log
         self.fail_commits = 0
         self.unacked: list[int] = []  # what successive flushes leave unacknowledged
-        self.deliveries: list[Any] = []  # delivery callbacks not served yet
+        self.deliveries: list[tuple[Any, Any]] = []  # (callback, error) not served yet
         self.acks_from = 0.0  # the broker acknowledges nothing before this (monotonic)
+        self.refused: set[int] = set()  # which produce calls (0, 1, ...) the broker refuses
+        self.produced = 0
 
     def produce(self, topic: str, value: bytes, key: bytes | None, on_delivery: Any = None) -> None:
         self.log.append(f"produce {topic}")
+        err = KafkaError(KafkaError.MSG_SIZE_TOO_LARGE) if self.produced in self.refused else None
+        self.produced += 1
         if on_delivery is not None:
-            self.deliveries.append(on_delivery)
+            self.deliveries.append((on_delivery, err))
 
     def _serve(self) -> None:
         """librdkafka serves delivery reports in poll and flush, once the broker acked."""
         if time.monotonic() < self.acks_from:
             return
         served, self.deliveries = self.deliveries, []
-        for on_delivery in served:
-            self.log.append("ack")
-            on_delivery(None, None)
+        for on_delivery, err in served:
+            self.log.append("ack" if err is None else "refused")
+            on_delivery(err, None)
 
     def poll(self, timeout: float) -> int:
         if time.monotonic() < self.acks_from:
@@ -620,3 +625,16 @@ def test_a_batch_lingers_to_fill_only_while_events_come_fast() -> None:
     host.consumer.pending = batches(1)
     host._take()
     assert log[-1] == "linger 0.02"
+
+
+def test_a_refused_output_stops_the_host_and_nothing_from_its_batch_on_is_committed() -> None:
+    processor = Echo(stop_after=99)
+    host, _ = host_on_fakes(processor, batches(3), host={"commit_interval_s": 3600.0})
+    host.settings = replace(host.settings, batch_size=2)
+    host.producer.refused = {2}  # the second batch's first output
+    host.producer.acks_from = time.monotonic() + 0.3  # all three batches sent before any ack
+    with pytest.raises(KafkaIOError, match="outputs refused"):
+        host.run()
+    assert len(processor.batches) == 3
+    # the first batch's offsets only: the second and third are consumed again
+    assert host.consumer.commits[-1] == ({("in", 0): 1, ("in", 1): 1}, False)
