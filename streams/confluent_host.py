@@ -561,9 +561,10 @@ class ConfluentHost:
         size = self.settings.batch_size
         raw = [first, *self.consumer.consume(size - 1, timeout=0)]
         if len(raw) < size and self.settings.linger_s and self._rate >= LINGER_FROM_RATE:
-            # events come fast: a few ms more make the batch several times larger, and
-            # with it everything paid per batch (a Redis call, produce requests, the
-            # broker's fetches) several times smaller per event (docs/benchmarks.md)
+            # events come fast: a few ms more (at most linger_s) make the batch several
+            # times larger, and with it everything paid per batch (a Redis call,
+            # produce requests, the broker's fetches) several times smaller per event
+            # (docs/benchmarks.md)
             linger = min(self.settings.linger_s, LINGER_BATCH / self._rate)
             raw += self.consumer.consume(size - len(raw), timeout=linger)
         self._pace(len(raw))
