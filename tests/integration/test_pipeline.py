@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import math
+import time
 from collections import Counter
 from collections.abc import Iterable
 
@@ -11,6 +12,7 @@ import orjson
 import pytest
 import redis
 
+from riverflow.assembly import signing_key
 from riverflow.embedded import EmbeddedRuntime
 from riverflow.models.factory import build_model
 from riverflow.models.registry import ChampionPointer, RedisRegistry
@@ -131,19 +133,33 @@ def test_ten_thousand_events_through_kafka_and_redis(
 
 
 def test_evaluations_join_the_prediction_each_champion_version_served(
-    stack: Endpoints, spec: PipelineSpec, start_stage: StageFactory
+    stack: Endpoints, spec: PipelineSpec, start_stage: StageFactory, redis_client: redis.Redis
 ) -> None:
     topics = spec.topics
     ensure_topics(stack.kafka_bootstrap, topics.all(), partitions=3)
     stream = list(with_labels(3000, FraudStreamConfig(cards=300, mean_gap_s=20.0)))
     events = [rec for kind, rec in stream if kind == "event"]
     labels = {rec["event_id"]: rec for kind, rec in stream if kind == "label"}
-    start_stage("scorer", partitions=3)
+    scorer = start_stage("scorer", partitions=3)
     start_stage("learner", partitions=3, snapshot_every_labels=500, label_wait_s=3)
+    registry = RedisRegistry(redis_client, spec.name, signing_key(Settings()))
+
+    def scorer_follows_the_pointer() -> None:
+        """The scorer reads the pointer every model_poll_s (0.1 s): a wave produced the
+        moment the last evaluations show could all be scored before it looks."""
+        pointer = registry.champion()
+        if pointer is None:
+            return
+        deadline = time.monotonic() + 10
+        while scorer.metric("riverflow_stage_status", name="model_version") != pointer.version:
+            assert time.monotonic() < deadline, "the scorer never followed the pointer"
+            time.sleep(0.05)
+
     prod = producer(stack.kafka_bootstrap)
     # three waves: events, their predictions, then their labels, so that each wave
     # is served by the version the learner published from the waves before it
     for wave in range(3):
+        scorer_follows_the_pointer()
         chunk = events[wave * 1000 : (wave + 1) * 1000]
         produce_all(prod, ((topics.events, e["card_id"].encode(), orjson.dumps(e)) for e in chunk))
         collect(stack.kafka_bootstrap, topics.predictions, (wave + 1) * 1000, settle_s=0)
