@@ -30,6 +30,7 @@ import orjson
 
 from riverflow.errors import Unavailable
 from riverflow.features.errors import FeatureStoreError
+from riverflow.features.store.base import evict_oldest
 from riverflow.streams.contracts import Message, ServedPrediction
 
 log = logging.getLogger(__name__)
@@ -120,11 +121,7 @@ class MemoryScoredEvents:
             if event_id not in kept:
                 kept[event_id] = raw
                 self._order.append(event_id)
-        order = self._order
-        while len(kept) > self.max_events:
-            kept.pop(order.popleft(), None)
-        if len(order) > 2 * max(len(kept), 1024):  # mostly forgotten ids: drop them
-            self._order = deque(i for i in order if i in kept)
+        self._order = evict_oldest(kept, self._order, self.max_events)
 
     def follow(self) -> None:
         pass

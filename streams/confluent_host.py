@@ -82,6 +82,7 @@ from riverflow.streams.kafka_io import (
     MAX_MESSAGE_BYTES,
     KafkaIOError,
     produce_all,
+    produce_one,
     producer_config,
 )
 
@@ -313,12 +314,7 @@ class ConfluentHost:
         entry = _InFlight(offsets, len(outputs), len(outputs), time.monotonic())
         prod = self.producer
         for o in outputs:
-            while True:
-                try:
-                    prod.produce(o.topic, value=o.value, key=o.key, on_delivery=entry.on_delivery)
-                    break
-                except BufferError:  # local queue full: let deliveries drain
-                    prod.poll(0.05)
+            produce_one(prod, o.topic, o.key, o.value, entry.on_delivery)
         self._in_flight.append(entry)
         while len(self._in_flight) > MAX_IN_FLIGHT:
             prod.poll(0.05)

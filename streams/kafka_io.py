@@ -63,6 +63,18 @@ def producer(bootstrap: str, **extra: Any) -> Producer:
     return Producer(producer_config(bootstrap, **extra))
 
 
+def produce_one(
+    prod: Producer, topic: str, key: bytes | None, value: bytes, on_delivery: Callable[..., Any]
+) -> None:
+    """Produce one record, waiting for room while the local queue is full."""
+    while True:
+        try:
+            prod.produce(topic, value=value, key=key, on_delivery=on_delivery)
+            return
+        except BufferError:  # local queue full: let deliveries drain
+            prod.poll(0.05)
+
+
 def produce_all(
     prod: Producer,
     records: Iterable[tuple[str, bytes | None, bytes]],
@@ -81,12 +93,7 @@ def produce_all(
 
     n = 0
     for topic, key, value in records:
-        while True:
-            try:
-                prod.produce(topic, value=value, key=key, on_delivery=on_delivery)
-                break
-            except BufferError:  # local queue full: let deliveries drain
-                prod.poll(0.05)
+        produce_one(prod, topic, key, value, on_delivery)
         n += 1
         if n % 1000 == 0:
             prod.poll(0)
@@ -101,25 +108,36 @@ def produce_all(
     return n
 
 
-def read_topic(
-    bootstrap: str, topic: str, idle_s: float = 2.0, follow: bool = False
-) -> Iterator[Any]:
-    """Every message of ``topic`` from the beginning, until none arrived for ``idle_s``
-    seconds (or forever with ``follow``). Reads all partitions without a consumer
-    group, so it commits nothing and joins no rebalance."""
+def groupless_reader(
+    bootstrap: str, topic: str, group: str, **config: Any
+) -> tuple[Consumer, list[int]]:
+    """A consumer to ``assign`` every partition of ``topic`` to, and those partitions:
+    ``group`` only names it (librdkafka needs one), since it never subscribes or
+    commits. ``KafkaIOError`` if the topic does not exist."""
     consumer = Consumer(
         {
             "bootstrap.servers": bootstrap,
-            "group.id": "riverflow-reader",  # required by librdkafka, never used: no commits
+            "group.id": group,
             "enable.auto.commit": False,
             "fetch.message.max.bytes": MAX_MESSAGE_BYTES,
+            **config,
         }
     )
     meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
     if meta is None or meta.error is not None:
         consumer.close()
         raise KafkaIOError(f"no topic {topic!r} on {bootstrap}")
-    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in meta.partitions])
+    return consumer, sorted(meta.partitions)
+
+
+def read_topic(
+    bootstrap: str, topic: str, idle_s: float = 2.0, follow: bool = False
+) -> Iterator[Any]:
+    """Every message of ``topic`` from the beginning, until none arrived for ``idle_s``
+    seconds (or forever with ``follow``). Reads all partitions without a consumer
+    group, so it commits nothing and joins no rebalance."""
+    consumer, partitions = groupless_reader(bootstrap, topic, "riverflow-reader")
+    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
     last = time.monotonic()
     try:
         while follow or time.monotonic() - last < idle_s:
@@ -240,23 +258,15 @@ class TopicFollower:
         self.topic = topic
         self.index = index
         self.max_per_call = max_per_call
-        self.consumer = Consumer(
-            {
-                "bootstrap.servers": bootstrap,
-                "group.id": f"riverflow-follower-{topic}",  # never used: no commits
-                "enable.auto.commit": False,
-                "enable.partition.eof": True,
-                # a saved position the topic no longer has: index it again from the start
-                "auto.offset.reset": "earliest",
-                "fetch.message.max.bytes": MAX_MESSAGE_BYTES,
-                **(config or {}),
-            }
+        settings: dict[str, Any] = {
+            "enable.partition.eof": True,
+            # a saved position the topic no longer has: index it again from the start
+            "auto.offset.reset": "earliest",
+            **(config or {}),
+        }
+        self.consumer, self.partitions = groupless_reader(
+            bootstrap, topic, f"riverflow-follower-{topic}", **settings
         )
-        meta = self.consumer.list_topics(topic, timeout=10).topics.get(topic)
-        if meta is None or meta.error is not None:
-            self.consumer.close()
-            raise KafkaIOError(f"no topic {topic!r} on {bootstrap}")
-        self.partitions = sorted(meta.partitions)
         cluster = self.consumer.list_topics(timeout=10).cluster_id
         start = dict(index.positions(f"{cluster}/{topic}"))
         new = [p for p in self.partitions if p not in start]

@@ -14,6 +14,7 @@ store keeps the labels' learned-marks.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -175,6 +176,17 @@ class FeatureStore(Protocol):
         given, and z-scores (they need an event), are left out.
         """
         ...
+
+
+def evict_oldest(records: dict[str, Any], order: deque[str], bound: int) -> deque[str]:
+    """Drop the oldest of ``records`` beyond ``bound`` (``order``: their keys as they
+    were added, some gone since); returns ``order``, rebuilt once it is mostly keys
+    that are gone (records forgotten out of order)."""
+    while len(records) > bound:
+        records.pop(order.popleft(), None)
+    if len(order) > 2 * max(len(records), 1024):
+        return deque(k for k in order if k in records)
+    return order
 
 
 def encode_snapshot(context: bytes, vectors: list[list[float]], late: bool) -> bytes:

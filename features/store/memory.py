@@ -17,6 +17,7 @@ from riverflow.features.store.base import (
     FeatureRequest,
     FeatureSnapshot,
     encode_snapshot,
+    evict_oldest,
     packed,
     with_served,
 )
@@ -75,15 +76,8 @@ class MemoryFeatureStore:
             self.snapshots[req.event_id] = encode_snapshot(req.context, vectors, late)
             self._order.append(req.event_id)
             out.append(FeatureSnapshot(req.event_id, orjson.loads(req.context), vectors, late=late))
-        self._bound_snapshots()
+        self._order = evict_oldest(self.snapshots, self._order, self.max_snapshots)
         return out
-
-    def _bound_snapshots(self) -> None:
-        snapshots, order = self.snapshots, self._order
-        while len(snapshots) > self.max_snapshots:
-            snapshots.pop(order.popleft(), None)
-        if len(order) > 2 * max(len(snapshots), 1024):  # mostly ids released since: drop them
-            self._order = deque(i for i in order if i in snapshots)
 
     def record_served(self, served: Sequence[tuple[str, ServedPrediction]]) -> bool:
         for event_id, prediction in served:
