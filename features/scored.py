@@ -276,6 +276,8 @@ class Follower(Protocol):
 
     def caught_up(self) -> bool: ...
 
+    def close(self) -> None: ...
+
 
 class FollowedIndex:
     """The learner's ``ScoredEvents`` in the Kafka runtime: a ``DiskScoredIndex`` kept
@@ -296,3 +298,7 @@ class FollowedIndex:
 
     def forget(self, event_ids: Sequence[str]) -> None:
         self.index.forget(event_ids)
+
+    def close(self) -> None:
+        self.follower.close()
+        self.index.close()

@@ -101,7 +101,8 @@ def _file_records(path: Path, topic: str) -> Iterator[tuple[str, bytes | None, b
 
 
 def cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
-    from riverflow.streams.kafka_io import ensure_topics, produce_all, producer
+    from riverflow.kafka_runtime import ensure_pipeline_topics
+    from riverflow.streams.kafka_io import produce_all, producer
     from riverflow.tools.generator import FraudStreamConfig, paced, with_labels
 
     if args.rate is not None and args.rate <= 0:
@@ -109,7 +110,7 @@ def cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
     spec = load_spec(args.spec or settings.spec)
     topics = spec.topics
     ep = endpoints(settings)
-    ensure_topics(ep.kafka_bootstrap, topics.all(), settings.partitions)
+    ensure_pipeline_topics(ep.kafka_bootstrap, spec, settings)
     records: Iterator[tuple[str, bytes | None, bytes]]
     if args.file:
         records = _file_records(Path(args.file), args.topic or topics.events)

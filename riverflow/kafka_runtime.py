@@ -35,10 +35,17 @@ from riverflow.streams.contracts import Output, Processor
 from riverflow.streams.faust_app import run_worker, stage_app
 from riverflow.streams.guard import Guard
 from riverflow.streams.hosting import HostSettings
-from riverflow.streams.kafka_io import GroupProgress, TopicFollower, ensure_topics
+from riverflow.streams.kafka_io import (
+    GroupProgress,
+    KafkaIOError,
+    TopicFollower,
+    ensure_topics,
+    topic_retention,
+)
 
 log = logging.getLogger(__name__)
 METRICS_PORTS = {"scorer": 9401, "learner": 9402, "monitor": 9403}
+WEEK_MS = 7 * 24 * 3600 * 1000  # Kafka's default retention
 
 
 class Servers(Protocol):
@@ -107,6 +114,40 @@ def check_guarantee(settings: Settings) -> None:
         )
 
 
+def ensure_pipeline_topics(
+    bootstrap: str, spec: PipelineSpec, settings: Settings, partitions: int | None = None
+) -> list[str]:
+    """Create the pipeline's topics that do not exist yet. The predictions topic keeps
+    its records at least the label horizon (and Kafka's default week): the learner
+    builds its index of scored events from it, again from the start if the index is
+    lost, so a label is joined only while its prediction is still on the topic."""
+    keep_ms = max(WEEK_MS, int(settings.label_horizon_s * 1000))
+    return ensure_topics(
+        bootstrap, spec.topics.all(), partitions or settings.partitions,
+        settings.replication_factor,
+        configs={spec.topics.predictions: {"retention.ms": str(keep_ms)}},
+    )  # fmt: skip
+
+
+def retention_problem(bootstrap: str, topic: str, horizon_s: float) -> str | None:
+    """What is wrong, if anything, with ``topic``'s retention for a label horizon of
+    ``horizon_s``: a time shorter than the horizon, or a size bound (either may delete
+    a prediction before its label comes, if the learner's index must be rebuilt)."""
+    keep_ms, keep_bytes = topic_retention(bootstrap, topic)
+    if 0 <= keep_ms < horizon_s * 1000:
+        return (
+            f"topic {topic} keeps records {keep_ms / 3_600_000:g} h (retention.ms={keep_ms}), "
+            f"less than the label horizon of {horizon_s / 3600:g} h "
+            "(RIVERFLOW_LABEL_HORIZON_S)"
+        )
+    if keep_bytes >= 0:
+        return (
+            f"topic {topic} deletes records past {keep_bytes} bytes a partition "
+            "(retention.bytes), whatever their age"
+        )
+    return None
+
+
 def scored_index(spec: PipelineSpec, settings: Settings, ep: Servers) -> FollowedIndex:
     """The learner's index of scored events (``features.scored``): on disk at
     ``scored_dir``, kept up to date with the predictions topic."""
@@ -120,6 +161,18 @@ def scored_index(spec: PipelineSpec, settings: Settings, ep: Servers) -> Followe
         settings.outage_limit_s, f"Kafka at {ep.kafka_bootstrap}",
     )  # fmt: skip
     log.info("learner: scored events indexed at %s, from %s", where, spec.topics.predictions)
+    try:
+        problem = retention_problem(
+            ep.kafka_bootstrap, spec.topics.predictions, settings.label_horizon_s
+        )
+    except KafkaIOError as exc:  # e.g. no DescribeConfigs right: say so, go on
+        log.warning("learner: could not check the predictions topic's retention: %s", exc)
+    else:
+        if problem:
+            log.warning(
+                "learner: %s: a label whose prediction Kafka deleted is orphaned if the "
+                "index at %s has to be rebuilt; raise the topic's retention", problem, where,
+            )  # fmt: skip
     return FollowedIndex(index, follower)
 
 
@@ -132,9 +185,7 @@ def run_stage(stage: str, spec: PipelineSpec, settings: Settings, ep: Servers) -
         log.warning("RIVERFLOW_SIGNING_KEY is the development default: set your own key")
     topics = spec.topics
     through_outage(  # a broker that is down at startup is waited for, as later
-        lambda: ensure_topics(
-            ep.kafka_bootstrap, topics.all(), settings.partitions, settings.replication_factor
-        ),
+        lambda: ensure_pipeline_topics(ep.kafka_bootstrap, spec, settings),
         settings.outage_limit_s, f"Kafka at {ep.kafka_bootstrap}",
     )  # fmt: skip
     # a Redis that is down at startup is waited for, as it is later (streams.guard)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 from confluent_kafka import (
@@ -15,7 +15,7 @@ from confluent_kafka import (
     Producer,
     TopicPartition,
 )
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, ResourceType
 
 from riverflow.errors import RiverflowError
 from riverflow.streams.contracts import Message
@@ -29,13 +29,24 @@ class KafkaIOError(RiverflowError):
 
 
 def ensure_topics(
-    bootstrap: str, names: Iterable[str], partitions: int, replication: int = 1
+    bootstrap: str,
+    names: Iterable[str],
+    partitions: int,
+    replication: int = 1,
+    configs: Mapping[str, Mapping[str, str]] | None = None,
 ) -> list[str]:
-    """Create the topics that do not exist yet; returns the names created."""
+    """Create the topics that do not exist yet; returns the names created.
+    ``configs``: topic settings of the named topics beyond the defaults (applied on
+    creation only: a topic that exists keeps what its operator gave it)."""
     admin = AdminClient({"bootstrap.servers": bootstrap})
     existing = set(admin.list_topics(timeout=10).topics)
-    config = {"max.message.bytes": str(MAX_MESSAGE_BYTES)}
-    new = [NewTopic(n, partitions, replication, config=config) for n in names if n not in existing]
+    base = {"max.message.bytes": str(MAX_MESSAGE_BYTES)}
+    extra = configs or {}
+    new = [
+        NewTopic(n, partitions, replication, config={**base, **extra.get(n, {})})
+        for n in names
+        if n not in existing
+    ]
     if not new:
         return []
     for name, future in admin.create_topics(new).items():
@@ -45,6 +56,17 @@ def ensure_topics(
             if "TOPIC_ALREADY_EXISTS" not in str(exc):
                 raise KafkaIOError(f"creating topic {name}: {exc}") from exc
     return [t.topic for t in new]
+
+
+def topic_retention(bootstrap: str, topic: str) -> tuple[int, int]:
+    """``topic``'s ``retention.ms`` and ``retention.bytes`` (-1: unbounded)."""
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    resource = ConfigResource(ResourceType.TOPIC, topic)
+    try:
+        found = admin.describe_configs([resource])[resource].result(timeout=10)
+    except KafkaException as exc:
+        raise KafkaIOError(f"reading the configuration of topic {topic}: {exc}") from exc
+    return int(found["retention.ms"].value), int(found["retention.bytes"].value)
 
 
 def producer_config(bootstrap: str, **extra: Any) -> dict[str, Any]:

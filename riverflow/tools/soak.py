@@ -49,9 +49,10 @@ from redis.exceptions import RedisError
 from rich.console import Group
 from rich.table import Table
 
+from riverflow.kafka_runtime import ensure_pipeline_topics
 from riverflow.settings import Settings
 from riverflow.spec import PipelineSpec
-from riverflow.streams.kafka_io import MAX_MESSAGE_BYTES, ensure_topics, producer
+from riverflow.streams.kafka_io import MAX_MESSAGE_BYTES, producer
 from riverflow.tools.generator import FraudStreamConfig, paced, with_labels
 from riverflow.tools.stack import Endpoints, free_port, stop_processes
 
@@ -486,9 +487,7 @@ def run_soak(
     spec = PipelineSpec.model_validate(data)
     spec_file = workdir / "spec.yaml"
     spec_file.write_text(yaml.safe_dump(data))
-    topics = spec.topics
-    ensure_topics(ep.kafka_bootstrap, topics.all(), settings.partitions,
-                  settings.replication_factor)  # fmt: skip
+    ensure_pipeline_topics(ep.kafka_bootstrap, spec, settings)
     redis = redis_client(settings, ep.redis_url)
     result = SoakResult(
         config={**asdict(config), "warmup_s": config.warmup}, namespace=spec.name,

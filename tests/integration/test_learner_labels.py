@@ -5,12 +5,15 @@ was learned, and remembers what went to the DLQ."""
 
 from __future__ import annotations
 
+import logging
 import signal
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 import redis
 from confluent_kafka import Consumer, Producer, TopicPartition
 
@@ -21,6 +24,7 @@ from riverflow.features.store import (
     RedisFeatureStore,
     feature_request,
 )
+from riverflow.kafka_runtime import ensure_pipeline_topics, retention_problem, scored_index
 from riverflow.models.registry import RedisRegistry
 from riverflow.settings import Settings
 from riverflow.spec import PipelineSpec
@@ -31,6 +35,7 @@ from riverflow.streams.kafka_io import (
     ensure_topics,
     produce_all,
     producer,
+    topic_retention,
 )
 from riverflow.tools.generator import FraudStreamConfig, with_labels
 from riverflow.tools.stack import Endpoints
@@ -208,3 +213,35 @@ def test_the_follower_knows_it_has_caught_up_past_transaction_markers(stack: End
     follower.follow()
     assert follower.caught_up() and index.values[-1] == b"late"
     follower.close()
+
+
+def test_the_predictions_topic_keeps_records_past_the_label_horizon_or_the_learner_says_so(
+    stack: Endpoints, spec: PipelineSpec, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    day = 24 * 3600.0
+    settings = Settings(label_horizon_s=30 * day, scored_dir=tmp_path / "scored")
+    created = ensure_pipeline_topics(stack.kafka_bootstrap, spec, settings)
+    assert spec.topics.predictions in created
+    keep_ms, keep_bytes = topic_retention(stack.kafka_bootstrap, spec.topics.predictions)
+    assert (keep_ms, keep_bytes) == (int(30 * day * 1000), -1)  # the horizon, not Kafka's week
+    assert retention_problem(stack.kafka_bootstrap, spec.topics.predictions, 30 * day) is None
+    # a topic its operator created with less: left as it is, and named at the learner's start
+    short = spec.model_copy(update={"name": f"{spec.name}-short"})  # topics of its own
+    ensure_topics(
+        stack.kafka_bootstrap, [short.topics.predictions], 1,
+        configs={short.topics.predictions: {"retention.ms": str(3_600_000)}},
+    )  # fmt: skip
+    ensure_pipeline_topics(stack.kafka_bootstrap, short, settings)
+    assert topic_retention(stack.kafka_bootstrap, short.topics.predictions)[0] == 3_600_000
+    with caplog.at_level(logging.WARNING, logger="riverflow.kafka_runtime"):
+        scored_index(short, settings, stack).close()
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert f"topic {short.topics.predictions} keeps records 1 h" in warned
+    assert "RIVERFLOW_LABEL_HORIZON_S" in warned and "raise the topic's retention" in warned
+    # a size bound deletes by bytes whatever the age: named too
+    sized = f"{spec.name}-sized"
+    ensure_topics(
+        stack.kafka_bootstrap, [sized], 1, configs={sized: {"retention.bytes": "1048576"}}
+    )
+    problem = retention_problem(stack.kafka_bootstrap, sized, day)
+    assert problem is not None and "retention.bytes" in problem
