@@ -8,11 +8,17 @@ scorers serve; every move of it is appended to the pointer history.
 At publish, versions beyond the newest ``keep_versions`` of a candidate are
 deleted, except the champion, every version a decision (a promotion, a
 rollback) moved the pointer to or away from, and those the learner's checkpoint
-continues from (``prune``); the pointer history stays whole. The versions the
+continues from (``prune``). The versions the
 pointer only *advanced* through (the learner's snapshots of the champion it
 trains, one per ``snapshot_every`` labels) are kept among the newest only:
 keeping them all grew Redis ~60 MB a minute at 1,500 labels/s (the soak,
 docs/benchmarks.md).
+
+The pointer history keeps the newest ``history_keep`` moves (``HISTORY_KEEP``,
+10,000: a week of the learner's minutely snapshots and every decision in it);
+the whole trail is the ``{ns}.model-events`` topic, which gets every move too.
+Without a bound, it grew by a move a snapshot for as long as the pipeline ran,
+and every publish (``prune``) and rollback read all of it.
 
 Redis layout (prefix ``rf:{ns}:``), no TTL (this is the audit trail)::
 
@@ -22,7 +28,7 @@ Redis layout (prefix ``rf:{ns}:``), no TTL (this is the audit trail)::
     model:{name}:v:{n}        signed blob
     model:{name}:meta:{n}     metadata (JSON)
     champion                  pointer (JSON {"model", "version"})
-    champion:history          list of pointer moves (JSON), oldest first
+    champion:history          list of the newest pointer moves (JSON), oldest first
     learner:checkpoint        the learner's state at its last snapshot (signed JSON, see checkpoint)
     challengers               hash: fresh challenger name -> JSON {"base", "started", "reason"}
 """
@@ -112,6 +118,9 @@ class PointerMove:
         )
 
 
+HISTORY_KEEP = 10_000  # pointer moves kept in the registry (all go to model-events)
+
+
 class ModelRegistry(ABC):
     """Versions, pointer and history over a small set of storage primitives.
 
@@ -120,9 +129,14 @@ class ModelRegistry(ABC):
     is written once here.
     """
 
-    def __init__(self, key: bytes, keep_versions: int | None = None) -> None:
+    def __init__(
+        self, key: bytes, keep_versions: int | None = None, history_keep: int = HISTORY_KEEP
+    ) -> None:
+        if history_keep < 1:
+            raise ValueError(f"history_keep={history_keep}: keep at least the last move")
         self.key = key
         self.keep_versions = keep_versions
+        self.history_keep = history_keep
 
     # -- versions ---------------------------------------------------------------
 
@@ -369,8 +383,10 @@ class MemoryRegistry(ModelRegistry):
     """The embedded runtime's registry. Blobs are signed here too, so both registries
     hand out copies that cannot alias the publisher's live model."""
 
-    def __init__(self, key: bytes, keep_versions: int | None = None) -> None:
-        super().__init__(key, keep_versions)
+    def __init__(
+        self, key: bytes, keep_versions: int | None = None, history_keep: int = HISTORY_KEEP
+    ) -> None:
+        super().__init__(key, keep_versions, history_keep)
         self.blobs: dict[tuple[str, int], tuple[bytes, bytes]] = {}
         self.seq: dict[str, int] = {}
         self.pointer: bytes | None = None
@@ -409,6 +425,7 @@ class MemoryRegistry(ModelRegistry):
             return False
         self.pointer = new
         self.moves.append(move)
+        del self.moves[: -self.history_keep]
         return True
 
     def _history(self) -> list[bytes]:
@@ -433,12 +450,14 @@ class MemoryRegistry(ModelRegistry):
         self.saved = raw
 
 
-# KEYS: pointer, history; ARGV: expected pointer ('' = none), new pointer, move record
+# KEYS: pointer, history; ARGV: expected pointer ('' = none), new pointer, move record,
+# how many moves the history keeps
 _COMPARE_AND_SET = """
 local cur = redis.call('GET', KEYS[1]) or ''
 if cur ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[2])
 redis.call('RPUSH', KEYS[2], ARGV[3])
+redis.call('LTRIM', KEYS[2], -tonumber(ARGV[4]), -1)
 return 1
 """
 
@@ -473,9 +492,14 @@ class RedisRegistry(ModelRegistry):
     """The registry shared by every stage of a pipeline."""
 
     def __init__(
-        self, client: Any, namespace: str, key: bytes, keep_versions: int | None = None
+        self,
+        client: Any,
+        namespace: str,
+        key: bytes,
+        keep_versions: int | None = None,
+        history_keep: int = HISTORY_KEEP,
     ) -> None:
-        super().__init__(key, keep_versions)
+        super().__init__(key, keep_versions, history_keep)
         self.client = client
         self.prefix = f"rf:{namespace}:"
         self._cas = client.register_script(_COMPARE_AND_SET)
@@ -538,7 +562,7 @@ class RedisRegistry(ModelRegistry):
 
     def _compare_and_set(self, old: bytes, new: bytes, move: bytes) -> bool:
         keys = [f"{self.prefix}champion", f"{self.prefix}champion:history"]
-        return bool(self._cas(keys=keys, args=[old, new, move]))
+        return bool(self._cas(keys=keys, args=[old, new, move, self.history_keep]))
 
     def _history(self) -> list[bytes]:
         return list(self.client.lrange(f"{self.prefix}champion:history", 0, -1))

@@ -31,6 +31,7 @@ from riverflow.streams.kafka_io import ensure_topics, produce_all, producer
 from riverflow.tools.generator import FraudStreamConfig, transactions, with_labels
 from riverflow.tools.stack import Endpoints
 from tests.integration.conftest import StageFactory, collect
+from tests.models.test_registry_retention import bounded_history
 
 KEY = Settings().signing_key.get_secret_value().encode()
 
@@ -367,3 +368,11 @@ def test_list_show_and_rollback_through_the_cli(
         ("rollback", 2, {"model": tree, "version": 3}, "degraded"),
         ("rollback", 1, {"model": tree, "version": 2}, "degraded"),
     ]
+
+
+def test_the_pointer_history_in_redis_keeps_the_newest_moves(
+    redis_client: redis.Redis, spec: PipelineSpec
+) -> None:
+    registry = RedisRegistry(redis_client, spec.name, KEY, history_keep=5)
+    bounded_history(registry)
+    assert redis_client.llen(f"rf:{spec.name}:champion:history") == 5

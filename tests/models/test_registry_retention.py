@@ -11,7 +11,12 @@ import pytest
 
 from riverflow.models.checkpoint import LearnerCheckpoint
 from riverflow.models.errors import SignatureError
-from riverflow.models.registry import OLD_EXPORT_FORMAT, ChampionPointer, MemoryRegistry
+from riverflow.models.registry import (
+    OLD_EXPORT_FORMAT,
+    ChampionPointer,
+    MemoryRegistry,
+    ModelRegistry,
+)
 
 
 def checkpoint(versions: dict[str, int]) -> LearnerCheckpoint:
@@ -97,3 +102,26 @@ def test_an_old_export_is_read_with_its_metadata_marked_unverified() -> None:
     old["blob_b64"] = base64.b64encode(bytes(blob)).decode()
     with pytest.raises(SignatureError):  # its model must still verify
         target.import_(orjson.dumps(old))
+
+
+def bounded_history(registry: ModelRegistry) -> None:
+    """Forty snapshots advanced through, a promotion, forty more: the history keeps
+    the newest five moves, and a rollback still finds the version before the last."""
+    registry.publish("m", {"v": 1}, {"parent": 0})
+    registry.move(ChampionPointer("m", 1), "advance", None)
+    for v in range(2, 82):
+        registry.publish("m", {"v": v}, {"parent": v - 1})
+        if v == 41:
+            registry.promote(ChampionPointer("m", 41), reason="a better challenger")
+        else:
+            assert registry.move(ChampionPointer("m", v), "advance", ChampionPointer("m", v - 1))
+    moves = registry.history()
+    assert [m.to.version for m in moves] == [77, 78, 79, 80, 81]
+    assert registry.recent_moves(2) == moves[-2:]
+    assert registry.rollback_target() == ChampionPointer("m", 80)
+
+
+def test_the_pointer_history_keeps_the_newest_moves() -> None:
+    bounded_history(MemoryRegistry(b"k", history_keep=5))
+    with pytest.raises(ValueError, match="history_keep=0"):
+        MemoryRegistry(b"k", history_keep=0)
