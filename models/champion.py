@@ -22,9 +22,11 @@ def positive_probability(model: Any, x: dict[str, Any]) -> float:
 class ChampionReplica:
     """Serves the champion; swaps in a new version between batches.
 
-    ``refresh`` reads the pointer at most every ``poll_s`` seconds, so a swap
-    costs one GET per poll interval, and a blob download only when it moved.
-    Until a version is pointed at, it serves ``fresh`` (version 0).
+    ``refresh`` reads the pointer at once when the registry announces a move
+    (``ModelRegistry.watch_pointer``: Redis pub/sub), else at most every
+    ``poll_s`` seconds (the safety net: a lost announcement, a channel that is
+    down), so a swap costs one GET per poll interval, and a blob download only
+    when it moved. Until a version is pointed at, it serves ``fresh`` (version 0).
     """
 
     def __init__(
@@ -37,6 +39,9 @@ class ChampionReplica:
         self.registry = registry
         self.poll_s = poll_s
         self.clock = clock
+        self.watch = registry.watch_pointer()
+        if self.watch is not None:
+            self.watch.start()  # before reading the pointer: no move falls between
         pointer = registry.champion()
         if pointer is None:
             self.current = fresh()
@@ -56,10 +61,13 @@ class ChampionReplica:
     def refresh(self, force: bool = False) -> bool:
         """Follow the champion pointer; True when the served version changed."""
         now = self.clock()
-        if not force and now < self._next_poll:
+        announced = self.watch is not None and self.watch.moved()
+        if not force and not announced and now < self._next_poll:
             return False
         self._next_poll = now + self.poll_s
         pointer = self.registry.champion()
+        if self.watch is not None and not self.watch.listening:
+            self.watch.start()  # lost, and Redis answers again: a move since is polled
         if pointer is None or pointer in (ChampionPointer(self.name, self.version), self._refused):
             return False
         try:

@@ -36,18 +36,23 @@ Redis layout (prefix ``rf:{ns}:``), no TTL (this is the audit trail)::
 from __future__ import annotations
 
 import base64
+import contextlib
+import logging
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 import river
+from redis.exceptions import RedisError
 
 from riverflow.models.checkpoint import LearnerCheckpoint
 from riverflow.models.errors import ModelError
 from riverflow.models.signing import document_mac, sign, verify_and_load, verify_mac
 from riverflow.streams.contracts import ModelEvent
+
+log = logging.getLogger(__name__)
 
 EXPORT_FORMAT = "riverflow-model/2"
 OLD_EXPORT_FORMAT = "riverflow-model/1"  # its metadata is not signed: see ``import_``
@@ -119,6 +124,68 @@ class PointerMove:
 
 
 HISTORY_KEEP = 10_000  # pointer moves kept in the registry (all go to model-events)
+
+
+class PointerWatch(Protocol):
+    """Notices of pointer moves, for a scorer to follow them at once."""
+
+    def moved(self) -> bool:
+        """Whether a move was announced since the last call (never blocks)."""
+        ...
+
+    def start(self) -> None:
+        """Listen (again) for moves; the caller reads the pointer after it."""
+        ...
+
+    @property
+    def listening(self) -> bool: ...
+
+
+class RedisPointerWatch:
+    """The registry's moves channel, on a connection of its own. A failed connection
+    is dropped, not retried here: ``moved`` never blocks the scorer, and the scorer's
+    poll of the pointer (which notices Redis is back) calls ``start`` again."""
+
+    def __init__(self, client: Any, channel: str) -> None:
+        self.client = client
+        self.channel = channel
+        self._pubsub: Any = None
+
+    @property
+    def listening(self) -> bool:
+        return self._pubsub is not None
+
+    def start(self) -> None:
+        self.close()
+        try:
+            pubsub = self.client.pubsub()
+            pubsub.subscribe(self.channel)
+        except (RedisError, OSError) as exc:  # the poll goes on
+            log.warning("champion moves channel unavailable, polling the pointer: %s", exc)
+            return
+        self._pubsub = pubsub
+
+    def moved(self) -> bool:
+        if self._pubsub is None:
+            return False
+        seen = False
+        try:
+            for _ in range(1000):  # bounded: a flood of moves is read at the next call
+                message = self._pubsub.get_message(timeout=0.0)
+                if message is None:
+                    break
+                seen = seen or message.get("type") == "message"
+        except (RedisError, OSError) as exc:  # a dropped connection: the poll goes on
+            log.warning("champion moves channel lost, polling the pointer: %s", exc)
+            self.close()
+            return True  # a move may have been missed: read the pointer
+        return seen
+
+    def close(self) -> None:
+        pubsub, self._pubsub = self._pubsub, None
+        if pubsub is not None:
+            with contextlib.suppress(RedisError, OSError):  # closing a broken connection
+                pubsub.close()
 
 
 class ModelRegistry(ABC):
@@ -238,6 +305,11 @@ class ModelRegistry(ABC):
 
     def champion(self) -> ChampionPointer | None:
         return ChampionPointer.decode(self._pointer())
+
+    def watch_pointer(self) -> PointerWatch | None:
+        """What tells a scorer at once that the pointer moved, if this registry has
+        it (Redis: pub/sub); None: the scorer finds out by reading the pointer."""
+        return None
 
     def move(
         self,
@@ -451,13 +523,14 @@ class MemoryRegistry(ModelRegistry):
 
 
 # KEYS: pointer, history; ARGV: expected pointer ('' = none), new pointer, move record,
-# how many moves the history keeps
+# how many moves the history keeps, the channel that tells scorers the pointer moved
 _COMPARE_AND_SET = """
 local cur = redis.call('GET', KEYS[1]) or ''
 if cur ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[2])
 redis.call('RPUSH', KEYS[2], ARGV[3])
 redis.call('LTRIM', KEYS[2], -tonumber(ARGV[4]), -1)
+redis.call('PUBLISH', ARGV[5], ARGV[2])
 return 1
 """
 
@@ -562,7 +635,16 @@ class RedisRegistry(ModelRegistry):
 
     def _compare_and_set(self, old: bytes, new: bytes, move: bytes) -> bool:
         keys = [f"{self.prefix}champion", f"{self.prefix}champion:history"]
-        return bool(self._cas(keys=keys, args=[old, new, move, self.history_keep]))
+        args = [old, new, move, self.history_keep, self.moves_channel]
+        return bool(self._cas(keys=keys, args=args))
+
+    @property
+    def moves_channel(self) -> str:
+        """The pub/sub channel every pointer move is published on."""
+        return f"{self.prefix}champion:moved"
+
+    def watch_pointer(self) -> PointerWatch:
+        return RedisPointerWatch(self.client, self.moves_channel)
 
     def _history(self) -> list[bytes]:
         return list(self.client.lrange(f"{self.prefix}champion:history", 0, -1))

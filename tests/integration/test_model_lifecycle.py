@@ -21,6 +21,7 @@ import redis
 import yaml
 from river import evaluate, metrics
 
+from riverflow.models.champion import ChampionReplica
 from riverflow.models.errors import SignatureError
 from riverflow.models.factory import build_model
 from riverflow.models.registry import ChampionPointer, RedisRegistry
@@ -156,7 +157,9 @@ def test_promote_through_the_cli_while_events_flow(
         ChampionPointer(tree, registry.publish(tree, offline_model(spec, tree, 2000, 1), {}))
     )
     linear_v = registry.publish(linear, offline_model(spec, linear, 2000, 2), {})
-    start_stage("scorer", partitions=3)
+    # the scorer follows the move's announcement: its poll of the pointer (30 s
+    # here, 0.1 s by default) is only the safety net
+    start_stage("scorer", partitions=3, model_poll_s=30)
     events, _ = events_and_labels(rate * seconds, seed=11)
     stop = threading.Event()
     sent = 0
@@ -200,8 +203,8 @@ def test_promote_through_the_cli_while_events_flow(
     old = [p.scored_at - move.at for p in predictions if p.model == tree]
     assert new and old and len(new) + len(old) == n
     assert {p.version for p in predictions if p.model == linear} == {linear_v}
-    # the replica reads the pointer before scoring each batch (at most every
-    # model_poll_s): no event is scored with the old version later than that
+    # the replica hears of the move before its next batch: no event is scored with
+    # the old version later than the batch it was in
     print(
         f"\nswap: last prediction of the old version {max(old) * 1000:.0f} ms after the "
         f"pointer moved, first of the new one {min(new) * 1000:.0f} ms after"
@@ -376,3 +379,37 @@ def test_the_pointer_history_in_redis_keeps_the_newest_moves(
     registry = RedisRegistry(redis_client, spec.name, KEY, history_keep=5)
     bounded_history(registry)
     assert redis_client.llen(f"rf:{spec.name}:champion:history") == 5
+
+
+def test_a_replica_hears_of_a_move_at_once_and_polls_while_the_channel_is_lost(
+    redis_client: redis.Redis, spec: PipelineSpec
+) -> None:
+    registry = RedisRegistry(redis_client, spec.name, KEY)
+    tree = spec.models.candidates[0].name
+    v1, v2, v3 = (registry.publish(tree, offline_model(spec, tree, 200, s), {}) for s in (1, 2, 3))
+    registry.promote(ChampionPointer(tree, v1))
+    now = [0.0]  # the replica's clock: its poll of the pointer never comes due by itself
+    replica = ChampionReplica(
+        RedisRegistry(redis_client, spec.name, KEY),
+        lambda: pytest.fail("a version is pointed at"), poll_s=60, clock=lambda: now[0],
+    )  # fmt: skip
+    assert replica.version == v1 and not replica.refresh()
+
+    def heard(within_s: float = 5.0) -> bool:
+        deadline = time.monotonic() + within_s
+        while time.monotonic() < deadline:
+            if replica.refresh():
+                return True
+            time.sleep(0.001)
+        return False
+
+    registry.promote(ChampionPointer(tree, v2), reason="another process moved it")
+    assert heard() and replica.version == v2
+    # the channel's connection dies: the replica notices, reads the pointer, listens again
+    assert replica.watch is not None and replica.watch.listening
+    redis_client.client_kill_filter(_type="pubsub")
+    registry.promote(ChampionPointer(tree, v3))
+    assert heard() and replica.version == v3
+    assert replica.watch.listening
+    registry.promote(ChampionPointer(tree, v1), kind="rollback")
+    assert heard() and replica.version == v1
