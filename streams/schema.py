@@ -36,5 +36,7 @@ class LabelSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    field: str = Field(description="the label field (bool) in label messages")
+    field: str = Field(
+        description='the label field (bool: true/false, 0/1 or "0"/"1") in label messages'
+    )
     event_id: str = Field("event_id", description="field carrying the event id it labels")

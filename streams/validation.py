@@ -55,10 +55,18 @@ def _reject_constant(name: str) -> float:
     return float(name)  # NaN / Infinity: parsed so that validation names the field
 
 
+# what a bool field takes besides true and false (a label of 1 is a positive label)
+_BOOL_FORMS: dict[Any, bool] = {0: False, 1: True, "0": False, "1": True,
+                                "true": True, "false": False}  # fmt: skip
+
+
 class RecordValidator:
-    """Validates JSON objects against declared fields: strict types (an integer is
-    taken for a float field), finite numbers within ``bounds``, every declared field
-    present, a size limit. Undeclared fields are dropped."""
+    """Validates JSON objects against declared fields: strict types, finite numbers
+    within ``bounds``, every declared field present, a size limit. Undeclared
+    fields are dropped. Only conversions that lose nothing are made: an integer is
+    taken for a float field, a whole number written as a float (``30.0``) for an
+    int field, and ``0``/``1``, ``"0"``/``"1"`` and ``"true"``/``"false"`` (any case)
+    for a bool field; anything else of the wrong type is refused naming the field."""
 
     def __init__(
         self, fields: dict[str, FieldType], max_bytes: int, bounds: Bounds | None = None
@@ -73,6 +81,8 @@ class RecordValidator:
         self._timestamps = [n for n, t in fields.items() if t is FieldType.TIMESTAMP]
         self._floats = [n for n, t in fields.items() if t in (FieldType.FLOAT, FieldType.TIMESTAMP)]
         self._numbers = [n for n, t in fields.items() if t in (FieldType.FLOAT, FieldType.INT)]
+        self._ints = [n for n, t in fields.items() if t is FieldType.INT]
+        self._bools = [n for n, t in fields.items() if t is FieldType.BOOL]
 
     def __call__(self, raw: bytes | None) -> dict[str, Any] | Invalid:
         if raw is None:
@@ -96,6 +106,21 @@ class RecordValidator:
                     data[name] = float(value)
                 except OverflowError:
                     return Invalid("out_of_range", f"{name}: beyond the range of a float")
+        for name in self._ints:  # 30.0 is the whole number 30; 30.5 is refused below
+            value = data.get(name)
+            if type(value) is float and value.is_integer():
+                data[name] = int(value)
+        for name in self._bools:
+            value = data.get(name)
+            if type(value) is not bool and isinstance(value, int | str):
+                flag = _BOOL_FORMS.get(value.lower() if isinstance(value, str) else value)
+                if flag is None:
+                    return Invalid(
+                        "wrong_type",
+                        f"{name}: {str(value)[:40]!r} is not a boolean "
+                        '(true/false, 0/1 or "0"/"1")',
+                    )
+                data[name] = flag
         try:
             record = self._adapter.validate_python(data)
         except ValidationError as exc:

@@ -77,3 +77,27 @@ def test_bool_is_not_a_number_and_negative_time_is_refused(validate: RecordValid
     assert isinstance(validate(orjson.dumps({**event, "amount": True})), Invalid)
     refused = validate(orjson.dumps({**event, "ts": -1}))
     assert isinstance(refused, Invalid) and "ts" in refused.message
+
+
+def test_labels_as_numbers_and_whole_floats_are_taken_what_would_lose_something_is_not() -> None:
+    import orjson
+
+    from riverflow.streams.schema import FieldType
+
+    validate = RecordValidator(
+        {"event_id": FieldType.STR, "is_fraud": FieldType.BOOL, "count": FieldType.INT},
+        max_bytes=1024,
+    )
+    for given, taken in [(1, True), (0, False), ("1", True), ("0", False), ("TRUE", True),
+                         ("false", False), (True, True)]:  # fmt: skip
+        record = validate(orjson.dumps({"event_id": "e", "is_fraud": given, "count": 30.0}))
+        assert record == {"event_id": "e", "is_fraud": taken, "count": 30}
+        assert type(record["is_fraud"]) is bool and type(record["count"]) is int
+    for bad in (2, -1, "yes", "", 1.0, None, [1]):
+        refused = validate(orjson.dumps({"event_id": "e", "is_fraud": bad, "count": 3}))
+        assert isinstance(refused, Invalid) and refused.kind == "wrong_type", bad
+        assert refused.message.startswith("is_fraud:")
+    refused = validate(orjson.dumps({"event_id": "e", "is_fraud": 1, "count": 30.5}))
+    assert isinstance(refused, Invalid) and refused.message.startswith("count:")
+    refused = validate(b'{"event_id": "e", "is_fraud": 1, "count": NaN}')
+    assert isinstance(refused, Invalid) and refused.message.startswith("count:")
