@@ -40,6 +40,7 @@ import contextlib
 import logging
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -197,13 +198,18 @@ class ModelRegistry(ABC):
     """
 
     def __init__(
-        self, key: bytes, keep_versions: int | None = None, history_keep: int = HISTORY_KEEP
+        self,
+        key: bytes,
+        keep_versions: int | None = None,
+        history_keep: int = HISTORY_KEEP,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         if history_keep < 1:
             raise ValueError(f"history_keep={history_keep}: keep at least the last move")
         self.key = key
         self.keep_versions = keep_versions
         self.history_keep = history_keep
+        self.clock = clock  # the time a move, a version or a challenger is stamped with
 
     # -- versions ---------------------------------------------------------------
 
@@ -320,7 +326,7 @@ class ModelRegistry(ABC):
     ) -> PointerMove | None:
         """Point the champion at ``to`` if it still points at ``expect``; None if not."""
         self._get(to.model, to.version)  # only existing versions can be served
-        move = PointerMove(kind, to, expect, time.time(), reason)
+        move = PointerMove(kind, to, expect, self.clock(), reason)
         old = b"" if expect is None else expect.encode()
         ok = self._compare_and_set(old, to.encode(), move.as_event().encode())
         return move if ok else None
@@ -379,7 +385,7 @@ class ModelRegistry(ABC):
 
     def start_challenger(self, name: str, base: str, reason: str = "") -> None:
         """Ask the learner to train a fresh ``name`` built like the spec candidate ``base``."""
-        record = {"base": base, "started": time.time(), "reason": reason}
+        record = {"base": base, "started": self.clock(), "reason": reason}
         self._set_challenger(name, orjson.dumps(record))
 
     def retire_challenger(self, name: str) -> None:
@@ -445,9 +451,9 @@ def _signed(record: dict[str, Any]) -> bytes:
     return orjson.dumps(fields, option=orjson.OPT_SORT_KEYS)
 
 
-def _meta(version: int, meta: dict[str, Any]) -> bytes:
+def _meta(version: int, meta: dict[str, Any], created: float) -> bytes:
     return orjson.dumps(
-        {**meta, "version": version, "created": time.time(), "river": river.__version__}
+        {**meta, "version": version, "created": created, "river": river.__version__}
     )
 
 
@@ -456,9 +462,13 @@ class MemoryRegistry(ModelRegistry):
     hand out copies that cannot alias the publisher's live model."""
 
     def __init__(
-        self, key: bytes, keep_versions: int | None = None, history_keep: int = HISTORY_KEEP
+        self,
+        key: bytes,
+        keep_versions: int | None = None,
+        history_keep: int = HISTORY_KEEP,
+        clock: Callable[[], float] = time.time,
     ) -> None:
-        super().__init__(key, keep_versions, history_keep)
+        super().__init__(key, keep_versions, history_keep, clock)
         self.blobs: dict[tuple[str, int], tuple[bytes, bytes]] = {}
         self.seq: dict[str, int] = {}
         self.pointer: bytes | None = None
@@ -475,7 +485,7 @@ class MemoryRegistry(ModelRegistry):
     def _store(self, name: str, blob: bytes, meta: dict[str, Any]) -> int:
         last = max(self.seq.get(name, 0), *self.versions(name), int(meta.get("parent") or 0))
         version = self.seq[name] = last + 1
-        self.blobs[(name, version)] = (blob, _meta(version, meta))
+        self.blobs[(name, version)] = (blob, _meta(version, meta, self.clock()))
         return version
 
     def _delete(self, name: str, versions: list[int]) -> None:
@@ -602,7 +612,8 @@ class RedisRegistry(ModelRegistry):
         self._index(name)
         floor = int(meta.get("parent") or 0)
         keys = [f"{prefix}seq", f"{prefix}versions", f"{self.prefix}models"]
-        args = [name, floor, f"{prefix}v:", f"{prefix}meta:", blob, _meta(_UNNUMBERED, meta)]
+        args = [name, floor, f"{prefix}v:", f"{prefix}meta:", blob,
+                _meta(_UNNUMBERED, meta, self.clock())]  # fmt: skip
         return int(self._store_script(keys=keys, args=args))
 
     def _index(self, name: str) -> None:

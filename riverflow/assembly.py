@@ -142,10 +142,17 @@ def redis_backends(
     return redis_store(spec, settings, client), registry
 
 
-def memory_backends(spec: PipelineSpec, settings: Settings) -> tuple[FeatureStore, ModelRegistry]:
+def memory_backends(
+    spec: PipelineSpec, settings: Settings, clock: Callable[[], float] | None = None
+) -> tuple[FeatureStore, ModelRegistry]:
+    """The embedded runtime's store and registry; ``clock``: the time both go by
+    (default: the process's clocks)."""
     # the same retention as on Redis: a long embedded run keeps a bounded registry
-    registry = MemoryRegistry(signing_key(settings), keep_versions=settings.registry_keep_versions)
-    return MemoryFeatureStore(spec.feature_plan()), registry
+    keep = settings.registry_keep_versions
+    if clock is None:
+        return MemoryFeatureStore(spec.feature_plan()), MemoryRegistry(signing_key(settings), keep)
+    registry = MemoryRegistry(signing_key(settings), keep, clock=clock)
+    return MemoryFeatureStore(spec.feature_plan(), clock=clock), registry
 
 
 def build_scorer(
@@ -154,6 +161,7 @@ def build_scorer(
     store: FeatureStore,
     registry: ModelRegistry,
     model_poll_s: float | None = None,
+    clock: Callable[[], float] = time.time,
 ) -> Scorer:
     first = spec.models.champion_spec
     poll_s = settings.model_poll_s if model_poll_s is None else model_poll_s
@@ -165,7 +173,7 @@ def build_scorer(
         settings.max_event_bytes, explain_top=spec.models.explain, segment=spec.monitors.segment,
         bounds=Bounds(settings.event_time_min_s, settings.event_time_max_s,
                       settings.max_abs_number),
-        dlq_keep_bytes=settings.dlq_keep_bytes,
+        dlq_keep_bytes=settings.dlq_keep_bytes, clock=clock,
     )  # fmt: skip
 
 
@@ -177,6 +185,7 @@ def build_learner(
     scored: ScoredEvents,
     registry_poll_s: float | None = None,
     scored_through: ScoredThrough | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> Learner:
     """A learner that continues from its last checkpoint, or from fresh candidates.
 
@@ -208,8 +217,8 @@ def build_learner(
         keep_learned_s=settings.learned_keep_s,
     )  # fmt: skip
     learner = Learner(
-        spec.topics, store, scored, lineage, join, timing, scored_through=scored_through,
-        dlq_keep_bytes=settings.dlq_keep_bytes,
+        spec.topics, store, scored, lineage, join, timing, clock=clock,
+        scored_through=scored_through, dlq_keep_bytes=settings.dlq_keep_bytes,
     )  # fmt: skip
     saved = registry.checkpoint()
     if saved is not None:
@@ -222,6 +231,9 @@ def build_monitor(
     registry: ModelRegistry,
     metrics: MonitorMetrics | None = None,
     dlq_keep_bytes: int = DLQ_KEEP_BYTES,
+    clock: Callable[[], float] = time.time,
 ) -> Monitor:
-    core = PipelineMonitor(spec.name, spec.monitors, registry, spec.models.champion_spec.name)
-    return Monitor(spec.topics, core, MonitorHistory(), metrics, dlq_keep_bytes)
+    core = PipelineMonitor(
+        spec.name, spec.monitors, registry, spec.models.champion_spec.name, clock=clock
+    )
+    return Monitor(spec.topics, core, MonitorHistory(clock), metrics, dlq_keep_bytes)

@@ -7,8 +7,9 @@ each step. It serves the demo and fast tests; scale is the Kafka runtime's job.
 from __future__ import annotations
 
 import gc
+import time
 from collections import defaultdict
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 
 from riverflow.assembly import build_learner, build_monitor, build_scorer, memory_backends
@@ -96,26 +97,45 @@ class EmbeddedRuntime:
     ``retain``: the topics whose every record is kept for ``messages`` (None, the
     default: all, for tests and short runs); the others keep only what is not
     read yet (``EmbeddedLog``). The demo and the bench retain none.
+
+    ``clock``: the one time every stage goes by (a prediction's ``scored_at``, a
+    label's wait, snapshots every ``snapshot_every_s``, decisions, the registry's
+    stamps); default the process's clocks. A replay passes event time, so that a
+    run depends on its input only (``riverflow.replay``). ``on_output``: called
+    with every batch of records a stage writes, before a topic nobody reads here
+    drops them.
     """
 
     def __init__(
-        self, spec: PipelineSpec, settings: Settings, retain: Collection[str] | None = None
+        self,
+        spec: PipelineSpec,
+        settings: Settings,
+        retain: Collection[str] | None = None,
+        clock: Callable[[], float] | None = None,
+        on_output: Callable[[list[Output]], None] | None = None,
     ) -> None:
         self.spec = spec
         self.settings = settings
         self.topics = spec.topics
         self.log = EmbeddedLog(retain)
-        self.store, self.registry = memory_backends(spec, settings)
+        self.on_output = on_output
+        self.store, self.registry = memory_backends(spec, settings, clock)
+        wall, steady = (time.time, time.monotonic) if clock is None else (clock, clock)
         # the scorer and the learner follow the monitor's decisions at once (a read of
         # the in-memory registry per batch): runs are deterministic, not paced by the clock
-        self.scorer = build_scorer(spec, settings, self.store, self.registry, model_poll_s=0)
+        self.scorer = build_scorer(
+            spec, settings, self.store, self.registry, model_poll_s=0, clock=wall
+        )
         # the learner joins labels to the predictions, as on Kafka: the runtime indexes
         # every prediction before it hands the learner the labels that follow
         self.scored = MemoryScoredEvents()
         self.learner = build_learner(
-            spec, settings, self.store, self.registry, self.scored, registry_poll_s=0
+            spec, settings, self.store, self.registry, self.scored, registry_poll_s=0,
+            clock=steady,
+        )  # fmt: skip
+        self.monitor = build_monitor(
+            spec, self.registry, dlq_keep_bytes=settings.dlq_keep_bytes, clock=wall
         )
-        self.monitor = build_monitor(spec, self.registry, dlq_keep_bytes=settings.dlq_keep_bytes)
         # each behind the last resort the Kafka hosts run it with (streams.guard)
         self.guards = {
             p.stage: guarded(p, self.topics, settings.outage_limit_s, settings.dlq_keep_bytes)
@@ -143,7 +163,7 @@ class EmbeddedRuntime:
                 self._index_predictions()
             batch = self.log.read(topic, self.offsets[topic], self.settings.batch_size)
             if batch:
-                self.log.write(processor.process(batch))
+                self._write(processor.process(batch))
                 self.offsets[topic] += len(batch)
                 self.learner.commit()
                 done += len(batch)
@@ -153,7 +173,7 @@ class EmbeddedRuntime:
             self.offsets[topic] += len(batch)
             watched += batch
         if watched:
-            self.log.write(self.guards["monitor"].process(watched))
+            self._write(self.guards["monitor"].process(watched))
             done += len(watched)
         for topic, offset in self.offsets.items():
             if topic == self.topics.predictions:
@@ -162,6 +182,16 @@ class EmbeddedRuntime:
         for topic in (self.topics.dlq, self.topics.model_events):  # nobody reads them here
             self.log.trim(topic, self.log.count(topic))
         return done
+
+    def _write(self, outputs: list[Output]) -> None:
+        if self.on_output is not None and outputs:
+            self.on_output(outputs)
+        self.log.write(outputs)
+
+    def publish(self) -> None:
+        """Publish every candidate's state now, as a Kafka learner does at a clean stop."""
+        self._write(self.learner.publish())
+        self.learner.commit()
 
     def _index_predictions(self) -> None:
         topic = self.topics.predictions
@@ -176,7 +206,7 @@ class EmbeddedRuntime:
             pass
         if self.learner.pending:
             self._index_predictions()
-            self.log.write(self.guards["learner"].process([]))
+            self._write(self.guards["learner"].process([]))
             self.learner.commit()
 
     def messages(self, topic: str) -> list[tuple[bytes | None, bytes]]:

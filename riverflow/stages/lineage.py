@@ -9,7 +9,6 @@ and says when to publish; every read and write of the registry is here.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -156,7 +155,7 @@ class Lineage:
             labels_seen=labels_seen,
             positions=dict(positions),
             pending=list(pending),
-            saved_at=time.time(),
+            saved_at=self.registry.clock(),
         )
         return out
 

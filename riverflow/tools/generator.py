@@ -128,6 +128,19 @@ def with_labels(n: int, config: FraudStreamConfig) -> Iterator[tuple[str, dict[s
         yield "label", waiting.popleft()
 
 
+def stamped_history(n: int, config: FraudStreamConfig) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``with_labels``, each label stamped (``ts``) with the time it arrives: the time
+    of the event before it. What a history file of events and labels holds, for
+    ``riverflow replay``."""
+    last = 0.0
+    for kind, rec in with_labels(n, config):
+        if kind == "event":
+            last = rec["ts"]
+            yield kind, rec
+        else:
+            yield kind, {**rec, "ts": last}
+
+
 def corrupt(event: dict[str, Any], kind: str) -> bytes:
     """A bad payload of the given kind, built from a good event."""
     if kind == "invalid_json":
