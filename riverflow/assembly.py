@@ -69,13 +69,17 @@ def through_outage(call: Callable[[], T], wait_s: float, what: str) -> T:
 
 
 def kafka_unreachable(exc: BaseException) -> str | None:
-    """Why ``exc`` is the Kafka cluster being unreachable (not a refusal), or None."""
+    """Why ``exc`` is the Kafka cluster being unreachable, or its partitions' leaders
+    not there yet (a topic just created, a broker restarting): not a refusal. None
+    if it is neither."""
     from confluent_kafka import KafkaError, KafkaException
 
     err = exc.args[0] if isinstance(exc, KafkaException) and exc.args else None
     if not isinstance(err, KafkaError):
         return None
-    down = (KafkaError._TRANSPORT, KafkaError._TIMED_OUT, KafkaError._ALL_BROKERS_DOWN)
+    down = (KafkaError._TRANSPORT, KafkaError._TIMED_OUT, KafkaError._ALL_BROKERS_DOWN,
+            # offsets_for_times says so, not retriable, right after a topic is made
+            KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE)  # fmt: skip
     return f"Kafka: {err}" if err.code() in down or err.retriable() else None
 
 
