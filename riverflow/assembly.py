@@ -28,6 +28,7 @@ from riverflow.stages.lineage import Candidate, Following, Lineage
 from riverflow.stages.monitor import Monitor
 from riverflow.stages.scorer import Scorer
 from riverflow.streams.guard import FIRST_BACKOFF_S, MAX_BACKOFF_S, outage
+from riverflow.streams.pii import Pseudonymizer
 from riverflow.streams.validation import Bounds
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,12 @@ def signing_key(settings: Settings) -> bytes:
 
 def uses_dev_key(settings: Settings) -> bool:
     return settings.signing_key.get_secret_value() == DEV_SIGNING_KEY
+
+
+def pseudonymizer(spec: PipelineSpec, settings: Settings) -> Pseudonymizer:
+    """What the scorer does with the spec's personal fields (``streams.pii``)."""
+    key = settings.pii_key.get_secret_value().encode()
+    return Pseudonymizer(spec.events.pii, key, spec.events.key)
 
 
 T = TypeVar("T")
@@ -177,7 +184,7 @@ def build_scorer(
         settings.max_event_bytes, explain_top=spec.models.explain, segment=spec.monitors.segment,
         bounds=Bounds(settings.event_time_min_s, settings.event_time_max_s,
                       settings.max_abs_number),
-        dlq_keep_bytes=settings.dlq_keep_bytes, clock=clock,
+        dlq_keep_bytes=settings.dlq_keep_bytes, clock=clock, pii=pseudonymizer(spec, settings),
     )  # fmt: skip
 
 

@@ -414,7 +414,7 @@ def _redis_url(settings: Settings) -> str | None:
 
 
 def cmd_features(args: argparse.Namespace, settings: Settings) -> int:
-    from riverflow.assembly import redis_client, redis_store
+    from riverflow.assembly import pseudonymizer, redis_client, redis_store
 
     spec = load_spec(args.spec or settings.spec)
     if args.action == "bench":
@@ -442,6 +442,7 @@ def cmd_features(args: argparse.Namespace, settings: Settings) -> int:
         if not sep or name not in spec.events.fields:
             raise RiverflowError(f"--with {pair!r}: use FIELD=VALUE with an event field")
         fields[name] = value
+    pseudonymizer(spec, settings).apply(fields)  # stored under the tokens of marked fields
     store = redis_store(spec, settings, redis_client(settings, url))
     values = store.read(spec.feature_plan().entity_keys(fields), at=args.at)
     print(json.dumps(values, indent=2))

@@ -17,6 +17,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 # package data, so an installed riverflow finds it from any directory
 DEFAULT_SPEC = Path(str(files("riverflow.examples").joinpath("fraud.yaml")))
 DEV_SIGNING_KEY = "riverflow-dev-signing-key-change-me"
+DEV_PII_KEY = "riverflow-dev-pii-key-change-me"
 
 
 class Settings(BaseSettings):
@@ -97,6 +98,11 @@ class Settings(BaseSettings):
     model_poll_s: float = Field(0.1, gt=0, description="how often a scorer checks the champion")
     signing_key: SecretStr = Field(
         SecretStr(DEV_SIGNING_KEY), description="HMAC key for model snapshots"
+    )
+    pii_key: SecretStr = Field(
+        SecretStr(DEV_PII_KEY),
+        description="HMAC key of the tokens that replace personal fields (events.pii); "
+        "changing it changes every token, so entities start afresh",
     )
     cache_dir: Path = Field(
         Path.home() / ".cache" / "riverflow", description="downloaded Kafka jars, stack state"

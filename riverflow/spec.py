@@ -22,6 +22,7 @@ from riverflow.features.definitions import (
 )
 from riverflow.models.spec import ModelsSpec
 from riverflow.monitors.spec import MonitorSpec
+from riverflow.streams.pii import PiiPolicy
 from riverflow.streams.schema import NUMERIC, EventSchema, FieldType, LabelSpec
 from riverflow.streams.topics import Topics
 
@@ -76,6 +77,14 @@ class PipelineSpec(BaseModel):
                 raise ValueError(f"models.inputs.{i}: {name!r} is also a feature name")
         if self.monitors.segment is not None and self.monitors.segment not in fields:
             raise ValueError(f"monitors.segment: {self.monitors.segment!r} is not an event field")
+        dropped = {n for n, p in ev.pii.items() if p is PiiPolicy.DROP}
+        used = [(f"models.inputs.{i}", n) for i, n in enumerate(self.models.inputs)]
+        used += [(f"features.{i}", n) for i, f in enumerate(self.features)
+                 for n in (f.field, *f.entity_fields(ev.key)) if n is not None]  # fmt: skip
+        used += [("monitors.segment", self.monitors.segment)] if self.monitors.segment else []
+        for where, name in used:
+            if name in dropped:
+                raise ValueError(f"{where}: {name!r} is dropped at intake (events.pii)")
         known = names | set(self.models.inputs)
         for i, c in enumerate(self.models.candidates):
             for j, name in enumerate(c.select):

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from riverflow.streams.pii import PiiPolicy
 
 
 class FieldType(StrEnum):
@@ -29,6 +31,27 @@ class EventSchema(BaseModel):
     key: str = Field(description="entity key field: partitions the stream, keys the features")
     event_id: str = Field(description="unique id field: joins labels, dedups replays")
     time: str = Field(description="event-time field (timestamp): places events in windows")
+    pii: dict[str, PiiPolicy] = Field(
+        default_factory=dict,
+        description="personal fields and what intake does with them: hash (a keyed "
+        "HMAC token, stable: features and joins still work) or drop (streams.pii)",
+    )
+
+    @model_validator(mode="after")
+    def _pii_fields(self) -> EventSchema:
+        for name, policy in self.pii.items():
+            if name not in self.fields:
+                raise ValueError(f"events.pii.{name}: not an event field")
+            if policy is PiiPolicy.HASH and self.fields[name] is not FieldType.STR:
+                raise ValueError(
+                    f"events.pii.{name}: hash needs a str field ({self.fields[name]} here): "
+                    "its token is a string"
+                )
+            if name in (self.event_id, self.time):
+                raise ValueError(f"events.pii.{name}: the event id and time cannot be marked")
+            if policy is PiiPolicy.DROP and name == self.key:
+                raise ValueError(f"events.pii.{name}: the key cannot be dropped (hash it)")
+        return self
 
 
 class LabelSpec(BaseModel):

@@ -36,6 +36,13 @@ def unmonitored_spec(fraud_spec: PipelineSpec) -> PipelineSpec:
     return without_policies(fraud_spec)
 
 
+@pytest.fixture(scope="session")
+def unmarked_spec(fraud_spec: PipelineSpec) -> PipelineSpec:
+    """The fraud spec with no field marked personal: the dead letters keep the bytes."""
+    data = fraud_spec.model_dump(mode="json", by_alias=True)
+    return parse_spec({**data, "events": {**data["events"], "pii": {}}})
+
+
 def without_policies(spec: PipelineSpec) -> PipelineSpec:
     off = {"promote": {"enabled": False}, "rollback": {"enabled": False},
            "challengers": {"on_drift": False}}  # fmt: skip

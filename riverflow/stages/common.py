@@ -61,7 +61,12 @@ def guarded(
     """``processor`` behind the last resort every host runs a stage with
     (``streams.guard``): its internal errors go to the DLQ, outages are waited out."""
 
+    redact = getattr(processor, "redact", None)  # a stage that sees personal data
+
     def dlq(msg: Message, kind: str, error: str) -> Output:
+        if redact is not None:
+            msg, note = redact(msg)
+            error += note
         return dead_letter(topics, processor.stage, msg, kind, error, keep_bytes)
 
     return Guard(processor, dlq, outage_limit_s, health)

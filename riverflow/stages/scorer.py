@@ -33,6 +33,7 @@ from riverflow.streams.contracts import (
     ServedPrediction,
     Unset,
 )
+from riverflow.streams.pii import Pseudonymizer
 from riverflow.streams.schema import EventSchema
 from riverflow.streams.topics import Topics
 from riverflow.streams.validation import Bounds, Invalid, RecordValidator
@@ -64,8 +65,12 @@ class Scorer:
         segment: str | None = None,
         bounds: Bounds | None = None,
         dlq_keep_bytes: int = DLQ_KEEP_BYTES,
+        pii: Pseudonymizer | None = None,
     ) -> None:
         self.topics = topics
+        # personal fields tokenised (or dropped) right after validation: nothing after
+        # it, store, model, prediction or log, sees them in clear
+        self.pii = pii if pii else None
         self.explain_top = explain_top
         self.schema = schema
         self.plan = plan
@@ -89,8 +94,13 @@ class Scorer:
             event = self.validate(msg.value)
             if isinstance(event, Invalid):
                 why, keep = event.message, self.dlq_keep_bytes
+                if self.pii is not None:
+                    msg, note = self.pii.scrub(msg)
+                    why += note
                 out.append(dead_letter(self.topics, self.stage, msg, event.kind, why, keep))
                 continue
+            if self.pii is not None:
+                self.pii.apply(event)
             events.append(event)
             requests.append(self._request(event))
         self.counters.dead_letters += len(out)
@@ -126,6 +136,10 @@ class Scorer:
             if snap.served is None:
                 served.append((snap.event_id, prediction))
         return out, served
+
+    def redact(self, msg: Message) -> tuple[Message, str]:
+        """A message as the dead letters may keep it (``streams.pii``)."""
+        return (msg, "") if self.pii is None else self.pii.scrub(msg)
 
     def status(self) -> dict[str, float]:
         return {

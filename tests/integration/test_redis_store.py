@@ -9,6 +9,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import SecretStr
 
-from riverflow.assembly import ConnectionFailed, redis_store
+from riverflow.assembly import ConnectionFailed, pseudonymizer, redis_store
 from riverflow.assembly import redis_client as connect
 from riverflow.features.definitions import Aggregation, FeaturePlan
 from riverflow.features.errors import FeatureStoreError
@@ -322,17 +323,21 @@ def test_features_get_prints_the_current_values(
 ) -> None:
     settings = Settings(redis_url=stack.redis_url)
     store = redis_store(spec, settings, redis_client)
-    reqs = requests(500)
+    # as the scorer stores them: under the card's token (the example marks card_id)
+    pii = pseudonymizer(spec, settings)
+    raw = {r.event_id: r.entities["card_id"] for r in requests(500)}
+    reqs = [replace(r, entities={"card_id": pii.token(r.entities["card_id"])})
+            for r in requests(500)]  # fmt: skip
     store.update_and_read(reqs)
-    card = reqs[-1].entities["card_id"]
+    card = raw[reqs[-1].event_id]
     env = {**os.environ, "RIVERFLOW_REDIS_URL": stack.redis_url, "RIVERFLOW_SPEC": str(spec_file)}
-    done = subprocess.run(
+    done = subprocess.run(  # the user asks with the card id they know
         [sys.executable, "-m", "riverflow.cli", "features", "get", card],
         capture_output=True, text=True, env=env, timeout=60, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     shown = json.loads(done.stdout)
-    assert shown == store.read({"card_id": card})
+    assert shown == store.read({"card_id": pii.token(card)})
     assert shown["tx_count_1h"] >= 1 and set(shown) == set(spec.feature_plan().names)
 
 

@@ -50,9 +50,9 @@ def run(spec: PipelineSpec, settings: Settings, n: int, bad_every: int = 0) -> E
 
 
 def test_one_prediction_per_valid_event_and_bad_ones_in_dlq(
-    fraud_spec: PipelineSpec, settings: Settings
+    unmarked_spec: PipelineSpec, settings: Settings
 ) -> None:
-    rt = run(fraud_spec, settings, 3000, bad_every=100)
+    rt = run(unmarked_spec, settings, 3000, bad_every=100)
     predictions = [Prediction.decode(v) for _, v in rt.messages(rt.topics.predictions)]
     ids = [p.event_id for p in predictions]
     assert len(ids) == len(set(ids)) == 3000 - 30
@@ -369,9 +369,9 @@ def test_a_step_leaves_the_processs_garbage_collection_as_it_found_it(
 
 
 def test_every_stage_keeps_what_dlq_keep_bytes_says_of_a_refused_record(
-    fraud_spec: PipelineSpec,
+    unmarked_spec: PipelineSpec,
 ) -> None:
-    rt = EmbeddedRuntime(fraud_spec, Settings(dlq_keep_bytes=64))
+    rt = EmbeddedRuntime(unmarked_spec, Settings(dlq_keep_bytes=64))
     junk = b"{" + b"x" * 10_000  # not JSON, far over the limit
     for topic in (rt.topics.events, rt.topics.labels, rt.topics.evaluations):
         rt.produce(topic, None, junk)
