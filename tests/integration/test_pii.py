@@ -5,6 +5,7 @@ merchant ids, and none is found."""
 
 from __future__ import annotations
 
+import base64
 import re
 import time
 from pathlib import Path
@@ -121,8 +122,6 @@ def test_no_raw_personal_value_reaches_a_topic_redis_a_log_or_a_page(
         blob = b"\n".join((m.key() or b"") + b" " + (m.value() or b"") for m in msgs)
         # a dead letter keeps the payload base64: decoded, it must be clean too
         if name == "dlq":
-            import base64
-
             for m in msgs:
                 d = DeadLetter.decode(m.value())
                 blob += b"\n" + base64.b64decode(d.payload_b64 or "") + (d.error or "").encode()
@@ -131,7 +130,9 @@ def test_no_raw_personal_value_reaches_a_topic_redis_a_log_or_a_page(
     found["redis"] = raw_ids(redis_dump(redis.Redis.from_url(stack.redis_url), f"rf:{spec.name}:"))
     found["logs"] = raw_ids(b"\n".join(p.read_bytes() for p in tmp_path.glob("*.log")))
     found["pages"] = raw_ids(pages)
-    assert {where: ids for where, ids in found.items() if ids} == {}
+    # (binary values, msgpack floats, hold runs like b"c33333" by chance: only the ids
+    # of this run count)
+    assert {where: ids & seen for where, ids in found.items() if ids & seen} == {}
     # and the search does find a raw id where one is: the events topic the user wrote
     raw_events = collect(stack.kafka_bootstrap, topics.events, n, 30, 0.5)
-    assert raw_ids(b"\n".join(m.value() for m in raw_events[:50]))
+    assert raw_ids(b"\n".join(m.value() for m in raw_events[:50])) & seen
