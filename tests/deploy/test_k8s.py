@@ -226,6 +226,11 @@ def test_the_scorer_is_a_stateful_set_of_at_most_one_scorer_per_partition() -> N
     headless = named("Service", scorer.workload["spec"]["serviceName"])
     assert headless["spec"]["clusterIP"] == "None"
     assert scorer.workload["spec"]["replicas"] <= scorer.settings().partitions
+    # a drain takes one scorer at a time
+    [budget] = of_kind("PodDisruptionBudget")
+    labels = scorer.workload["spec"]["template"]["metadata"]["labels"]
+    assert budget["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert budget["spec"]["maxUnavailable"] == 1
 
 
 def test_learner_and_monitor_run_alone_and_the_learners_index_is_on_a_claim() -> None:
