@@ -27,7 +27,7 @@ from riverflow.assembly import (
 from riverflow.errors import RiverflowError
 from riverflow.features.scored import DiskScoredIndex, FollowedIndex
 from riverflow.monitors.exporter import MonitorMetrics, StageMetrics, serve
-from riverflow.settings import Settings
+from riverflow.settings import DEV_PII_KEY, Settings
 from riverflow.spec import PipelineSpec
 from riverflow.stages.common import guarded
 from riverflow.streams.confluent_host import Checkpointing, ConfluentHost
@@ -183,6 +183,9 @@ def run_stage(stage: str, spec: PipelineSpec, settings: Settings, ep: Servers) -
     check_guarantee(settings)
     if uses_dev_key(settings):
         log.warning("RIVERFLOW_SIGNING_KEY is the development default: set your own key")
+    if stage == "scorer" and spec.events.pii and settings.pii_key.get_secret_value() == DEV_PII_KEY:
+        log.warning("RIVERFLOW_PII_KEY is the development default: anyone with the source can "
+                    "test a token against a guess; set your own key")  # fmt: skip
     topics = spec.topics
     through_outage(  # a broker that is down at startup is waited for, as later
         lambda: ensure_pipeline_topics(ep.kafka_bootstrap, spec, settings),
