@@ -14,7 +14,8 @@ trains, one per ``snapshot_every`` labels) are kept among the newest only:
 keeping them all grew Redis ~60 MB a minute at 1,500 labels/s (the soak,
 docs/benchmarks.md).
 
-Redis layout (prefix ``rf:{ns}:``), no TTL (this is the audit trail)::
+Redis layout (prefix ``rf:{ns}:``; ``rf:{fraud}:`` on a cluster, see ``redis_keys``),
+no TTL (this is the audit trail)::
 
     models                    set of candidate names with versions
     model:{name}:seq          last version number of the candidate (never goes back)
@@ -41,6 +42,7 @@ import river
 from riverflow.models.checkpoint import LearnerCheckpoint
 from riverflow.models.errors import ModelError
 from riverflow.models.signing import document_mac, sign, verify_and_load, verify_mac
+from riverflow.redis_keys import is_cluster, key_prefix
 from riverflow.streams.contracts import ModelEvent
 
 EXPORT_FORMAT = "riverflow-model/2"
@@ -477,7 +479,9 @@ class RedisRegistry(ModelRegistry):
     ) -> None:
         super().__init__(key, keep_versions)
         self.client = client
-        self.prefix = f"rf:{namespace}:"
+        # on a cluster the namespace is the hash tag: the pointer, its history and the
+        # version counters are in one slot, so each script is one atomic call there
+        self.prefix = key_prefix(namespace, is_cluster(client))
         self._cas = client.register_script(_COMPARE_AND_SET)
         self._store_script = client.register_script(_STORE)
 

@@ -89,10 +89,16 @@ def redis_client(settings: Settings, url: str, wait_s: float = 0.0) -> Any:
     """
     import redis
 
-    if settings.redis_tls and url.startswith("redis://"):
-        url = "rediss://" + url.removeprefix("redis://")
+    if settings.redis_cluster and url.startswith(("redis://", "rediss://")):
+        url = url.replace("://", "+cluster://", 1)
+    for plain in ("redis://", "redis+cluster://"):
+        if settings.redis_tls and url.startswith(plain):
+            url = plain.replace("redis", "rediss", 1) + url.removeprefix(plain)
     tls: dict[str, Any] = {}
-    if url.startswith("rediss://") and settings.redis_tls_ca_file is not None:
+    if (
+        url.startswith(("rediss://", "rediss+cluster://"))
+        and settings.redis_tls_ca_file is not None
+    ):
         tls["ssl_ca_certs"] = str(settings.redis_tls_ca_file)
     safe = url.split("@")[-1]  # never echo credentials embedded in the URL
     try:
@@ -107,23 +113,42 @@ def redis_client(settings: Settings, url: str, wait_s: float = 0.0) -> Any:
 
 
 def _client_from_url(redis: Any, settings: Settings, url: str, tls: dict[str, Any]) -> Any:
+    """A ``redis.Redis``, or a ``redis.cluster.RedisCluster`` for a
+    ``redis+cluster://`` (``rediss+cluster://``) URL: the URL names one node, the
+    client finds the others; the same credentials, TLS, timeouts and retries."""
     from redis.backoff import ExponentialBackoff
     from redis.retry import Retry
 
     password = settings.redis_password.get_secret_value() if settings.redis_password else None
+    common: dict[str, Any] = {
+        "username": settings.redis_username,
+        "password": password,
+        "socket_timeout": settings.redis_socket_timeout_s,
+        "socket_connect_timeout": settings.redis_connect_timeout_s,
+        **tls,
+    }
+    backoff = ExponentialBackoff(cap=settings.redis_backoff_cap_s, base=0.05)
+    scheme, sep, rest = url.partition("://")
+    if sep and scheme in CLUSTER_SCHEMES:
+        from redis.cluster import RedisCluster
+
+        # a connection error or CLUSTERDOWN refreshes the slot map and retries: a
+        # failed-over primary's slots are found on the replica that took over
+        return RedisCluster.from_url(
+            f"{CLUSTER_SCHEMES[scheme]}://{rest}",
+            retry=Retry(backoff, retries=settings.redis_retries),
+            **common,
+        )
     return redis.Redis.from_url(
         url,
-        username=settings.redis_username,
-        password=password,
-        socket_timeout=settings.redis_socket_timeout_s,
-        socket_connect_timeout=settings.redis_connect_timeout_s,
-        retry=Retry(
-            ExponentialBackoff(cap=settings.redis_backoff_cap_s, base=0.05),
-            retries=settings.redis_retries,
-        ),
+        retry=Retry(backoff, retries=settings.redis_retries),
         retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-        **tls,
+        **common,
     )
+
+
+# a URL naming a Redis Cluster, and the scheme redis-py takes for it
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 
 
 def redis_store(spec: PipelineSpec, settings: Settings, client: Any) -> RedisFeatureStore:

@@ -11,7 +11,8 @@ between the in-process path (a window's running sums) and the server's (a sum
 over its tiles), since they add in different orders; and ``distinct`` is a
 HyperLogLog here (standard error 0.81%) and an exact count in memory.
 
-Key layout (prefix ``rf:{ns}:``)::
+Key layout (prefix ``rf:{ns}:``; on a Redis Cluster the namespace is the hash tag,
+``rf:{fraud}:``, so that a pipeline's keys share one slot)::
 
     rf:{ns}:ent:{entity}:{value}          a hash: ``s`` = msgpack [w, {group -> [hb,
                                           tiles]}]: the newest event time, and per tile
@@ -74,6 +75,7 @@ from riverflow.features.tiles import (
     pack_entity,
     unpack_entity,
 )
+from riverflow.redis_keys import is_cluster, key_prefix
 from riverflow.streams.contracts import ServedPrediction
 
 
@@ -124,8 +126,11 @@ class RedisFeatureStore:
       always when the plan counts ``distinct`` (HyperLogLogs live in Redis) or
       ``cached_entities`` is 0 (``RIVERFLOW_FEATURE_CACHE_ENTITIES``).
 
-    The scripts name their keys inside the batch rather than in KEYS, so they
-    need a standalone Redis (or every key of a namespace on one cluster node).
+    The scripts name their keys inside the batch rather than in KEYS. On a Redis
+    Cluster (``client`` a redis-py ``RedisCluster``) every key of the namespace
+    carries it as a hash tag (``riverflow.redis_keys.key_prefix``), so they all
+    live in one slot, and each call names the prefix as its one KEY, which routes
+    it to that slot's node: one round trip per batch, atomic, as on one Redis.
     """
 
     def __init__(
@@ -139,7 +144,11 @@ class RedisFeatureStore:
     ) -> None:
         self.client = client
         self.plan = plan
-        self.prefix = f"rf:{namespace}:"
+        self.cluster = is_cluster(client)
+        self.prefix = key_prefix(namespace, self.cluster)
+        # KEYS of a script call that names its keys in ARGV: none on one Redis; on a
+        # cluster the prefix, which routes the call to the node of the namespace's slot
+        self._route = [self.prefix] if self.cluster else []
         self.horizon_ms = str(int(horizon_s * 1000))  # learned-marks
         self.replay_ms = str(int(replay_window_s * 1000))  # snapshots
         self._update = client.register_script(_UPDATE_AND_READ)
@@ -264,7 +273,7 @@ class RedisFeatureStore:
             entities += key, version, state, self._entity_ttl_ms[name]
         blob = pack([snapshots, entities])
         try:
-            committed = self._call(self._commit, [], [self.replay_ms, blob])
+            committed = self._call(self._commit, self._route, [self.replay_ms, blob])
         except Exception:
             self._forget(pending)  # written or not, Redis holds the truth
             raise
@@ -356,7 +365,7 @@ class RedisFeatureStore:
             )  # fmt: skip
         # bytes as msgpack "raw": Redis' cmsgpack predates the bin type
         blob = msgpack.packb(events, use_bin_type=False)
-        raw = self._call(self._update, [], [*self._header, blob])
+        raw = self._call(self._update, self._route, [*self._header, blob])
         out = []
         for req, item in zip(batch, raw, strict=True):
             if item.startswith(b"="):
@@ -373,7 +382,7 @@ class RedisFeatureStore:
             return True
         snap = self.snapshot_key("")
         batch = [[snap + event_id, packed(prediction)] for event_id, prediction in served]
-        self._call(self._record_served, [], [msgpack.packb(batch, use_bin_type=False)])
+        self._call(self._record_served, self._route, [msgpack.packb(batch, use_bin_type=False)])
         return True
 
     def claim_labels(
@@ -450,7 +459,7 @@ class RedisFeatureStore:
             if at is not None:
                 check_time(at)
             args += ["", ""] if at is None else [str(g.bucket(at)), repr(float(at))]
-        raw = self._call(self._read, [], args)
+        raw = self._call(self._read, self._route, args)
         aggregates = [msgpack.unpackb(item) if item else None for item in raw]
         return self.plan.current_values(aggregates)
 
