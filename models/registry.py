@@ -14,7 +14,8 @@ trains, one per ``snapshot_every`` labels) are kept among the newest only:
 keeping them all grew Redis ~60 MB a minute at 1,500 labels/s (the soak,
 docs/benchmarks.md).
 
-Redis layout (prefix ``rf:{ns}:``; ``rf:{fraud}:`` on a cluster, see ``redis_keys``),
+Redis layout (prefix ``rf:{ns}:``; on a Redis Cluster the namespace is the hash tag,
+``rf:{fraud}:``, so that the pointer and its history share one slot),
 no TTL (this is the audit trail)::
 
     models                    set of candidate names with versions
@@ -42,7 +43,6 @@ import river
 from riverflow.models.checkpoint import LearnerCheckpoint
 from riverflow.models.errors import ModelError
 from riverflow.models.signing import document_mac, sign, verify_and_load, verify_mac
-from riverflow.redis_keys import is_cluster, key_prefix
 from riverflow.streams.contracts import ModelEvent
 
 EXPORT_FORMAT = "riverflow-model/2"
@@ -479,9 +479,14 @@ class RedisRegistry(ModelRegistry):
     ) -> None:
         super().__init__(key, keep_versions)
         self.client = client
-        # on a cluster the namespace is the hash tag: the pointer, its history and the
-        # version counters are in one slot, so each script is one atomic call there
-        self.prefix = key_prefix(namespace, is_cluster(client))
+        # on a Redis Cluster the namespace is the hash tag: the pointer, its history
+        # and the version counters share one slot, so each script is one atomic call
+        # there (the feature store's rule: features.store.redis_store.key_prefix;
+        # models and features never import each other)
+        from redis.cluster import RedisCluster
+
+        cluster = isinstance(client, RedisCluster)
+        self.prefix = f"rf:{{{namespace}}}:" if cluster else f"rf:{namespace}:"
         self._cas = client.register_script(_COMPARE_AND_SET)
         self._store_script = client.register_script(_STORE)
 

@@ -75,7 +75,6 @@ from riverflow.features.tiles import (
     pack_entity,
     unpack_entity,
 )
-from riverflow.redis_keys import is_cluster, key_prefix
 from riverflow.streams.contracts import ServedPrediction
 
 
@@ -108,6 +107,21 @@ class _Pending:
     changed: dict[str, str] = field(default_factory=dict)  # entity key -> entity name
 
 
+def is_cluster(client: Any) -> bool:
+    """Whether ``client`` is a Redis Cluster client (redis-py ``RedisCluster``)."""
+    from redis.cluster import RedisCluster
+
+    return isinstance(client, RedisCluster)
+
+
+def key_prefix(namespace: str, cluster: bool) -> str:
+    """The prefix of a pipeline's keys: ``rf:fraud:`` on one Redis; ``rf:{fraud}:`` on
+    a cluster, where the braces make the namespace the hash tag, so that every key of
+    the pipeline hashes to one slot and one script call may touch any of them. (The
+    registry, ``models.registry.RedisRegistry``, follows the same rule.)"""
+    return f"rf:{{{namespace}}}:" if cluster else f"rf:{namespace}:"
+
+
 class RedisFeatureStore:
     """The production store: one Lua call per batch on a real Redis.
 
@@ -128,7 +142,7 @@ class RedisFeatureStore:
 
     The scripts name their keys inside the batch rather than in KEYS. On a Redis
     Cluster (``client`` a redis-py ``RedisCluster``) every key of the namespace
-    carries it as a hash tag (``riverflow.redis_keys.key_prefix``), so they all
+    carries it as a hash tag (``key_prefix``), so they all
     live in one slot, and each call names the prefix as its one KEY, which routes
     it to that slot's node: one round trip per batch, atomic, as on one Redis.
     """

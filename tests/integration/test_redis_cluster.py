@@ -20,10 +20,11 @@ from typing import Any
 import orjson
 import redis
 from redis.cluster import RedisCluster as ClusterClient
+from redis.crc import key_slot
 
 from riverflow.assembly import redis_client, signing_key
+from riverflow.features.store.redis_store import key_prefix
 from riverflow.models.registry import RedisRegistry
-from riverflow.redis_keys import key_prefix
 from riverflow.settings import Settings
 from riverflow.spec import PipelineSpec
 from riverflow.streams.contracts import Evaluation
@@ -157,6 +158,12 @@ def test_pipeline_survives_a_primary_killed_and_restarted(
     registry = RedisRegistry(client, spec.name, signing_key(settings))
     champion = registry.champion()
     assert champion is not None and champion.version >= N // 500 - 1
+    # every key of the pipeline is in the namespace's slot, on the node serving it
+    mine = [k.decode() for k in client.keys("*", target_nodes=ClusterClient.PRIMARIES)
+            if spec.name in k.decode()]  # fmt: skip
+    kinds = {k.removeprefix(key_prefix(spec.name, True)).split(":")[0] for k in mine}
+    assert {"ent", "snap", "learned", "champion", "model", "learner"} <= kinds
+    assert {key_slot(k.encode()) for k in mine} == {key_slot(spec.name.encode())}
     assert scorer.get("/healthz")[0] == learner.get("/healthz")[0] == 200
     assert monitor.get("/healthz")[0] == 200
 
