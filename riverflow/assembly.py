@@ -100,14 +100,19 @@ def redis_client(settings: Settings, url: str, wait_s: float = 0.0) -> Any:
         and settings.redis_tls_ca_file is not None
     ):
         tls["ssl_ca_certs"] = str(settings.redis_tls_ca_file)
+    from redis.exceptions import RedisClusterException
+
     safe = url.split("@")[-1]  # never echo credentials embedded in the URL
+    give_up = time.monotonic() + wait_s
     try:
-        client = _client_from_url(redis, settings, url, tls)
+        # a cluster client asks a node for the slot map as it is built: it may wait too
+        client = through_outage(
+            lambda: _client_from_url(redis, settings, url, tls), wait_s, f"Redis at {safe}"
+        )
+        through_outage(client.ping, max(0.0, give_up - time.monotonic()), f"Redis at {safe}")
     except ValueError as exc:  # a scheme redis-py does not know, a port that is no number
         raise ConnectionFailed(f"Redis URL {safe!r} is malformed: {exc}") from exc
-    try:
-        through_outage(client.ping, wait_s, f"Redis at {safe}")
-    except redis.RedisError as exc:
+    except (redis.RedisError, RedisClusterException) as exc:
         raise ConnectionFailed(f"Redis unreachable at {safe}: {exc}") from exc
     return client
 

@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
+from typing import Any
 
 from riverflow.errors import RiverflowError
 from riverflow.settings import Settings
@@ -446,6 +447,7 @@ class RedisCluster:
     nodes: list[ServerProcess]
     workdir: Path
     node_timeout_ms: int
+    password: str | None = None
 
     @property
     def url(self) -> str:
@@ -461,7 +463,7 @@ class RedisCluster:
             if not node.alive():
                 continue
             try:
-                role = redis.Redis(port=node.port, socket_timeout=2).execute_command("ROLE")
+                role = self.client(node).execute_command("ROLE")
             except redis.RedisError:
                 continue
             if role[0] in (b"master", "master"):
@@ -471,22 +473,29 @@ class RedisCluster:
     def restart(self, node: ServerProcess, timeout_s: float = 20.0) -> ServerProcess:
         """Start ``node`` again (after it stopped) on its port and directory: it
         reads its cluster config and rejoins, as a replica if it was failed over."""
-        started = _start_cluster_node(self.workdir, node.port, self.node_timeout_ms, timeout_s)
+        started = _start_cluster_node(
+            self.workdir, node.port, self.node_timeout_ms, timeout_s, self.password
+        )
         self.nodes[self.nodes.index(node)] = started
         return started
 
     def wait_ok(self, timeout_s: float = 30.0) -> None:
         """Return once every running node says ``cluster_state:ok``."""
-        import redis
 
         def ok() -> None:
             for node in self.nodes:
                 if node.alive():
-                    info = redis.Redis(port=node.port, socket_timeout=2).cluster("INFO")
+                    info = self.client(node).cluster("INFO")
                     if info.get("cluster_state") != "ok":
                         raise StackError(f"node {node.port}: cluster not ok")
 
         _wait_ready("redis cluster", ok, timeout_s, None)
+
+    def client(self, node: ServerProcess) -> Any:
+        """A plain client of one node (not cluster-aware)."""
+        import redis
+
+        return redis.Redis(port=node.port, password=self.password, socket_timeout=2)
 
     def stop(self) -> None:
         for node in self.nodes:
@@ -510,7 +519,7 @@ def _free_cluster_port() -> int:
 
 
 def _start_cluster_node(
-    workdir: Path, port: int, node_timeout_ms: int, timeout_s: float
+    workdir: Path, port: int, node_timeout_ms: int, timeout_s: float, password: str | None
 ) -> ServerProcess:
     exe = shutil.which("redis-server")
     if exe is None:
@@ -525,14 +534,18 @@ def _start_cluster_node(
         "--cluster-node-timeout", str(node_timeout_ms), "--repl-diskless-sync-delay", "0",
         "--logfile", str(log),
     ]  # fmt: skip
+    if password is not None:  # clients and the replicas of a node need it
+        cmd += ["--requirepass", password, "--masterauth", password]
     pid = _spawn(cmd, folder / "redis.stdout", folder)
+    auth = f":{password}@" if password is not None else ""
     server = ServerProcess("redis", pid, f"redis://127.0.0.1:{port}/0", log, REDIS_DURABILITY)
-    return _ready_or_stopped(server, lambda: wait_for_redis(server.address, timeout_s, server))
+    url = f"redis://{auth}127.0.0.1:{port}/0"
+    return _ready_or_stopped(server, lambda: wait_for_redis(url, timeout_s, server))
 
 
 def start_redis_cluster(
     workdir: Path, primaries: int = 3, replicas: int = 1, node_timeout_ms: int = 2000,
-    timeout_s: float = 30.0,
+    timeout_s: float = 30.0, password: str | None = None,
 ) -> RedisCluster:  # fmt: skip
     """Start a Redis Cluster on free loopback ports: ``primaries`` x (1 + ``replicas``)
     nodes (durable as ``start_redis``), joined by ``redis-cli --cluster create``;
@@ -541,15 +554,17 @@ def start_redis_cluster(
     cli = shutil.which("redis-cli")
     if cli is None:
         raise StackError("redis-cli not found: install Debian's package (redis-tools)")
-    cluster = RedisCluster([], workdir, node_timeout_ms)
+    cluster = RedisCluster([], workdir, node_timeout_ms, password)
     try:
         for _ in range(primaries * (1 + replicas)):
             port = _free_cluster_port()
-            cluster.nodes.append(_start_cluster_node(workdir, port, node_timeout_ms, 20))
+            cluster.nodes.append(_start_cluster_node(workdir, port, node_timeout_ms, 20, password))
         cmd = [
             cli, "--cluster", "create", *[f"127.0.0.1:{n.port}" for n in cluster.nodes],
             "--cluster-replicas", str(replicas), "--cluster-yes",
         ]  # fmt: skip
+        if password is not None:
+            cmd += ["--pass", password, "--no-auth-warning"]
         done = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=60)
         if done.returncode != 0:
             raise StackError(f"redis-cli --cluster create failed:\n{done.stdout}{done.stderr}")

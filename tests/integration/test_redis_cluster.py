@@ -15,14 +15,16 @@ import signal
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 import redis
 from redis.cluster import RedisCluster as ClusterClient
 from redis.crc import key_slot
 
-from riverflow.assembly import redis_client, signing_key
+from riverflow.assembly import ConnectionFailed, redis_client, signing_key
 from riverflow.features.store.redis_store import key_prefix
 from riverflow.models.registry import RedisRegistry
 from riverflow.settings import Settings
@@ -30,7 +32,7 @@ from riverflow.spec import PipelineSpec
 from riverflow.streams.contracts import Evaluation
 from riverflow.streams.kafka_io import ensure_topics, producer
 from riverflow.tools.generator import FraudStreamConfig, with_labels
-from riverflow.tools.stack import Endpoints, RedisCluster, ServerProcess
+from riverflow.tools.stack import Endpoints, RedisCluster, ServerProcess, start_redis_cluster
 from tests.helpers import assert_features_match, brute_force_features
 from tests.integration.conftest import StageFactory, collect
 from tests.integration.test_failover import PredictionWatch, wait_up
@@ -174,3 +176,30 @@ def test_pipeline_survives_a_primary_killed_and_restarted(
     print(f"replica took over {taken_over_s:.1f} s after the kill; longest gap in "
           f"predictions {max(gaps):.2f} s; {len(ids)} events, none lost, "
           f"{replayed} replayed")  # fmt: skip
+
+
+def test_a_cluster_url_or_setting_makes_a_cluster_client_with_the_same_settings(
+    tmp_path: Path,
+) -> None:
+    cluster = start_redis_cluster(tmp_path / "cluster", replicas=0, password="s3cret")
+    try:
+        node = cluster.nodes[0].port
+        with_password = Settings(redis_password="s3cret")
+        for settings, url in [
+            (with_password, f"redis+cluster://127.0.0.1:{node}/0"),
+            (with_password.model_copy(update={"redis_cluster": True}),
+             f"redis://127.0.0.1:{node}/0"),
+        ]:  # fmt: skip
+            client = redis_client(settings, url)
+            assert isinstance(client, ClusterClient)
+            assert len(client.get_primaries()) == 3  # found from the one node named
+            client.set("rf:{t}:x", "1")  # on whichever node serves the slot
+            client.close()
+        # the password goes to every node as to one Redis: without it, refused in
+        # one line naming where
+        with pytest.raises(ConnectionFailed, match=f"127.0.0.1:{node}"):
+            redis_client(Settings(), f"redis+cluster://127.0.0.1:{node}/0")
+    finally:
+        cluster.stop()
+    with pytest.raises(ConnectionFailed, match="unreachable"):
+        redis_client(Settings(), "redis+cluster://127.0.0.1:1/0")
