@@ -160,6 +160,7 @@ def redis_store(spec: PipelineSpec, settings: Settings, client: Any) -> RedisFea
     return RedisFeatureStore(
         client, spec.name, spec.feature_plan(), settings.label_horizon_s,
         cached_entities=settings.feature_cache_entities, replay_window_s=settings.replay_window_s,
+        wait_replicas=settings.redis_wait_replicas, wait_timeout_s=settings.redis_wait_timeout_s,
     )  # fmt: skip
 
 

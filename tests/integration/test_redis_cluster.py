@@ -14,6 +14,7 @@ import os
 import signal
 import threading
 import time
+import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -25,17 +26,21 @@ from redis.cluster import RedisCluster as ClusterClient
 from redis.crc import key_slot
 
 from riverflow.assembly import ConnectionFailed, redis_client, signing_key
+from riverflow.errors import Unavailable
+from riverflow.features.store import MemoryFeatureStore, RedisFeatureStore
+from riverflow.features.store.base import Claim, FeatureRequest, FeatureSnapshot
 from riverflow.features.store.redis_store import key_prefix
 from riverflow.models.registry import RedisRegistry
 from riverflow.settings import Settings
 from riverflow.spec import PipelineSpec
-from riverflow.streams.contracts import Evaluation
+from riverflow.streams.contracts import Evaluation, ServedPrediction
 from riverflow.streams.kafka_io import ensure_topics, producer
 from riverflow.tools.generator import FraudStreamConfig, with_labels
 from riverflow.tools.stack import Endpoints, RedisCluster, ServerProcess, start_redis_cluster
 from tests.helpers import assert_features_match, brute_force_features
 from tests.integration.conftest import StageFactory, collect
 from tests.integration.test_failover import PredictionWatch, wait_up
+from tests.integration.test_redis_store import requests
 
 RATE = 250  # events/s
 N = RATE * 24
@@ -89,18 +94,24 @@ def role(node: ServerProcess) -> str:
     return name.decode() if isinstance(name, bytes) else str(name)
 
 
+@pytest.mark.parametrize("wait_replicas", [0, 1])
 def test_pipeline_survives_a_primary_killed_and_restarted(
     stack: Endpoints,
     spec: PipelineSpec,
     redis_cluster: RedisCluster,
     start_cluster_stage: StageFactory,
+    wait_replicas: int,
 ) -> None:
+    """With ``redis_wait_replicas`` 0 replication is asynchronous (a write the primary
+    acknowledged and had not sent is lost on failover: none was in these runs); with
+    1 every batch's writes are on the replica before its predictions go out."""
     topics = spec.topics
     ensure_topics(stack.kafka_bootstrap, topics.all(), partitions=3)
     watch = PredictionWatch(stack.kafka_bootstrap, topics.predictions)
-    scorer = start_cluster_stage("scorer", partitions=3)
+    scorer = start_cluster_stage("scorer", partitions=3, redis_wait_replicas=wait_replicas)
     learner = start_cluster_stage("learner", partitions=3, label_wait_s=3,
-                                  snapshot_every_labels=500)  # fmt: skip
+                                  snapshot_every_labels=500,
+                                  redis_wait_replicas=wait_replicas)  # fmt: skip
     monitor = start_cluster_stage("monitor")
     for stage in (scorer, learner, monitor):
         wait_up(stage)
@@ -166,6 +177,9 @@ def test_pipeline_survives_a_primary_killed_and_restarted(
     kinds = {k.removeprefix(key_prefix(spec.name, True)).split(":")[0] for k in mine}
     assert {"ent", "snap", "learned", "champion", "model", "learner"} <= kinds
     assert {key_slot(k.encode()) for k in mine} == {key_slot(spec.name.encode())}
+    # the stages waited for the replica when told to (and only then)
+    stats = redis_cluster.client(slot_owner(redis_cluster, key_prefix(spec.name, True)))
+    assert ("cmdstat_wait" in stats.info("commandstats")) == (wait_replicas > 0)
     assert scorer.get("/healthz")[0] == learner.get("/healthz")[0] == 200
     assert monitor.get("/healthz")[0] == 200
 
@@ -173,7 +187,8 @@ def test_pipeline_survives_a_primary_killed_and_restarted(
     times = sorted(t for t, _ in arrivals)
     gaps = [b - a for a, b in itertools.pairwise(times) if b > killed_at]
     replayed = sum(c > 1 for c in counts.values())
-    print(f"replica took over {taken_over_s:.1f} s after the kill; longest gap in "
+    print(f"wait_replicas={wait_replicas}: replica took over {taken_over_s:.1f} s after "
+          f"the kill; longest gap in "
           f"predictions {max(gaps):.2f} s; {len(ids)} events, none lost, "
           f"{replayed} replayed")  # fmt: skip
 
@@ -203,3 +218,47 @@ def test_a_cluster_url_or_setting_makes_a_cluster_client_with_the_same_settings(
         cluster.stop()
     with pytest.raises(ConnectionFailed, match="unreachable"):
         redis_client(Settings(), "redis+cluster://127.0.0.1:1/0")
+
+
+def test_with_wait_replicas_a_write_returns_once_the_replica_holds_it(
+    redis_cluster: RedisCluster, fraud_spec: PipelineSpec
+) -> None:
+    """``redis_wait_replicas``: a batch's writes return only once the slot's replica
+    has them; a replica that does not answer (SIGSTOP) makes the batch fail as an
+    outage, and the retry finds its events seen. Without it, writes do not wait."""
+    client = redis_client(Settings(), redis_cluster.url)
+    ns = f"t{uuid.uuid4().hex[:8]}"
+    plan = fraud_spec.feature_plan()
+    waits = RedisFeatureStore(client, ns, plan, 3600, wait_replicas=1, wait_timeout_s=0.5)
+    reqs = requests(300)
+    served = ServedPrediction("m", 1, 0.5)
+
+    def run(store: RedisFeatureStore, batch: list[FeatureRequest]) -> list[FeatureSnapshot]:
+        """As the scorer runs a batch (``Scorer``): computed, then committed with its
+        predictions; refused (an event seen before), run again on the server."""
+        out = store.update_and_read(batch, commit=False)
+        if not store.record_served([(s.event_id, served) for s in out]):
+            out = store.update_and_read(batch)
+            store.record_served([(s.event_id, served) for s in out])
+        return out
+
+    run(waits, reqs[:100])
+    primary = slot_owner(redis_cluster, key_prefix(ns, True))
+    [[_, port, _]] = redis_cluster.client(primary).execute_command("ROLE")[2]
+    replica = next(n for n in redis_cluster.nodes if n.port == int(port))
+    os.kill(replica.pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(Unavailable, match="0 of 1 replicas"):
+            run(waits, reqs[100:200])
+        # without waiting, a write returns while the replica does not have it
+        other = RedisFeatureStore(client, f"{ns}b", plan, 3600)
+        assert len(run(other, reqs[:100])) == 100
+    finally:
+        os.kill(replica.pid, signal.SIGCONT)
+    again = run(waits, reqs[100:200])  # the retry: written before the WAIT failed
+    assert all(s.replayed for s in again)
+    memory = MemoryFeatureStore(plan)
+    want = memory.update_and_read(reqs[:100]) + memory.update_and_read(reqs[100:200])
+    assert [s.aggregates for s in again] == [s.aggregates for s in want[100:]]
+    # the learner's claims wait too
+    assert waits.claim_labels(["e1"], ["run:1"], [True], lambda _: False) == [Claim.CLAIMED]
