@@ -20,7 +20,9 @@ the whole trail is the ``{ns}.model-events`` topic, which gets every move too.
 Without a bound, it grew by a move a snapshot for as long as the pipeline ran,
 and every publish (``prune``) and rollback read all of it.
 
-Redis layout (prefix ``rf:{ns}:``), no TTL (this is the audit trail)::
+Redis layout (prefix ``rf:{ns}:``; on a Redis Cluster the namespace is the hash tag,
+``rf:{fraud}:``, so that the pointer and its history share one slot),
+no TTL (this is the audit trail)::
 
     models                    set of candidate names with versions
     model:{name}:seq          last version number of the candidate (never goes back)
@@ -584,7 +586,14 @@ class RedisRegistry(ModelRegistry):
     ) -> None:
         super().__init__(key, keep_versions, history_keep)
         self.client = client
-        self.prefix = f"rf:{namespace}:"
+        # on a Redis Cluster the namespace is the hash tag: the pointer, its history
+        # and the version counters share one slot, so each script is one atomic call
+        # there (the feature store's rule: features.store.redis_store.key_prefix;
+        # models and features never import each other)
+        from redis.cluster import RedisCluster
+
+        cluster = isinstance(client, RedisCluster)
+        self.prefix = f"rf:{{{namespace}}}:" if cluster else f"rf:{namespace}:"
         self._cas = client.register_script(_COMPARE_AND_SET)
         self._store_script = client.register_script(_STORE)
 

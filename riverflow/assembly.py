@@ -100,47 +100,78 @@ def redis_client(settings: Settings, url: str, wait_s: float = 0.0) -> Any:
     """
     import redis
 
-    if settings.redis_tls and url.startswith("redis://"):
-        url = "rediss://" + url.removeprefix("redis://")
+    if settings.redis_cluster and url.startswith(("redis://", "rediss://")):
+        url = url.replace("://", "+cluster://", 1)
+    for plain in ("redis://", "redis+cluster://"):
+        if settings.redis_tls and url.startswith(plain):
+            url = plain.replace("redis", "rediss", 1) + url.removeprefix(plain)
     tls: dict[str, Any] = {}
-    if url.startswith("rediss://") and settings.redis_tls_ca_file is not None:
+    if (
+        url.startswith(("rediss://", "rediss+cluster://"))
+        and settings.redis_tls_ca_file is not None
+    ):
         tls["ssl_ca_certs"] = str(settings.redis_tls_ca_file)
+    from redis.exceptions import RedisClusterException
+
     safe = url.split("@")[-1]  # never echo credentials embedded in the URL
+    give_up = time.monotonic() + wait_s
     try:
-        client = _client_from_url(redis, settings, url, tls)
+        # a cluster client asks a node for the slot map as it is built: it may wait too
+        client = through_outage(
+            lambda: _client_from_url(redis, settings, url, tls), wait_s, f"Redis at {safe}"
+        )
+        through_outage(client.ping, max(0.0, give_up - time.monotonic()), f"Redis at {safe}")
     except ValueError as exc:  # a scheme redis-py does not know, a port that is no number
         raise ConnectionFailed(f"Redis URL {safe!r} is malformed: {exc}") from exc
-    try:
-        through_outage(client.ping, wait_s, f"Redis at {safe}")
-    except redis.RedisError as exc:
+    except (redis.RedisError, RedisClusterException) as exc:
         raise ConnectionFailed(f"Redis unreachable at {safe}: {exc}") from exc
     return client
 
 
 def _client_from_url(redis: Any, settings: Settings, url: str, tls: dict[str, Any]) -> Any:
+    """A ``redis.Redis``, or a ``redis.cluster.RedisCluster`` for a
+    ``redis+cluster://`` (``rediss+cluster://``) URL: the URL names one node, the
+    client finds the others; the same credentials, TLS, timeouts and retries."""
     from redis.backoff import ExponentialBackoff
     from redis.retry import Retry
 
     password = settings.redis_password.get_secret_value() if settings.redis_password else None
+    common: dict[str, Any] = {
+        "username": settings.redis_username,
+        "password": password,
+        "socket_timeout": settings.redis_socket_timeout_s,
+        "socket_connect_timeout": settings.redis_connect_timeout_s,
+        **tls,
+    }
+    backoff = ExponentialBackoff(cap=settings.redis_backoff_cap_s, base=0.05)
+    scheme, sep, rest = url.partition("://")
+    if sep and scheme in CLUSTER_SCHEMES:
+        from redis.cluster import RedisCluster
+
+        # a connection error or CLUSTERDOWN refreshes the slot map and retries: a
+        # failed-over primary's slots are found on the replica that took over
+        return RedisCluster.from_url(
+            f"{CLUSTER_SCHEMES[scheme]}://{rest}",
+            retry=Retry(backoff, retries=settings.redis_retries),
+            **common,
+        )
     return redis.Redis.from_url(
         url,
-        username=settings.redis_username,
-        password=password,
-        socket_timeout=settings.redis_socket_timeout_s,
-        socket_connect_timeout=settings.redis_connect_timeout_s,
-        retry=Retry(
-            ExponentialBackoff(cap=settings.redis_backoff_cap_s, base=0.05),
-            retries=settings.redis_retries,
-        ),
+        retry=Retry(backoff, retries=settings.redis_retries),
         retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-        **tls,
+        **common,
     )
+
+
+# a URL naming a Redis Cluster, and the scheme redis-py takes for it
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 
 
 def redis_store(spec: PipelineSpec, settings: Settings, client: Any) -> RedisFeatureStore:
     return RedisFeatureStore(
         client, spec.name, spec.feature_plan(), settings.label_horizon_s,
         cached_entities=settings.feature_cache_entities, replay_window_s=settings.replay_window_s,
+        wait_replicas=settings.redis_wait_replicas, wait_timeout_s=settings.redis_wait_timeout_s,
     )  # fmt: skip
 
 

@@ -30,11 +30,24 @@ class Settings(BaseSettings):
         None, description="host:port of a running Kafka; unset = start the local stack"
     )
     redis_url: str | None = Field(
-        None, description="redis:// URL of a running Redis; unset = start the local stack"
+        None,
+        description="redis:// URL of a running Redis (redis+cluster:// names a Redis "
+        "Cluster node); unset = start the local stack",
     )
     redis_username: str | None = Field(None, description="Redis ACL user (default: 'default')")
     redis_password: SecretStr | None = None
     redis_tls: bool = Field(False, description="TLS to Redis (same as a rediss:// URL)")
+    redis_cluster: bool = Field(
+        False, description="the URL names a Redis Cluster node (same as redis+cluster://)"
+    )
+    redis_wait_replicas: int = Field(
+        0, ge=0,
+        description="replicas that must hold a batch's Redis writes before its outputs "
+        "go out (WAIT); 0 = do not wait (replication stays asynchronous)",
+    )  # fmt: skip
+    redis_wait_timeout_s: float = Field(
+        1.0, gt=0, description="how long a write waits for those replicas before a retry"
+    )
     redis_tls_ca_file: Path | None = Field(None, description="CA bundle that signed Redis' cert")
     redis_socket_timeout_s: float = Field(5.0, gt=0, description="per-command timeout")
     redis_connect_timeout_s: float = Field(5.0, gt=0)

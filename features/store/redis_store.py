@@ -11,7 +11,8 @@ between the in-process path (a window's running sums) and the server's (a sum
 over its tiles), since they add in different orders; and ``distinct`` is a
 HyperLogLog here (standard error 0.81%) and an exact count in memory.
 
-Key layout (prefix ``rf:{ns}:``)::
+Key layout (prefix ``rf:{ns}:``; on a Redis Cluster the namespace is the hash tag,
+``rf:{fraud}:``, so that a pipeline's keys share one slot)::
 
     rf:{ns}:ent:{entity}:{value}          a hash: ``s`` = msgpack [w, {group -> [hb,
                                           tiles]}]: the newest event time, and per tile
@@ -54,6 +55,7 @@ import msgpack
 import orjson
 import redis
 
+from riverflow.errors import Unavailable
 from riverflow.features.definitions import FeaturePlan
 from riverflow.features.errors import FeatureStoreError
 from riverflow.features.store.base import (
@@ -106,6 +108,21 @@ class _Pending:
     changed: dict[str, str] = field(default_factory=dict)  # entity key -> entity name
 
 
+def is_cluster(client: Any) -> bool:
+    """Whether ``client`` is a Redis Cluster client (redis-py ``RedisCluster``)."""
+    from redis.cluster import RedisCluster
+
+    return isinstance(client, RedisCluster)
+
+
+def key_prefix(namespace: str, cluster: bool) -> str:
+    """The prefix of a pipeline's keys: ``rf:fraud:`` on one Redis; ``rf:{fraud}:`` on
+    a cluster, where the braces make the namespace the hash tag, so that every key of
+    the pipeline hashes to one slot and one script call may touch any of them. (The
+    registry, ``models.registry.RedisRegistry``, follows the same rule.)"""
+    return f"rf:{{{namespace}}}:" if cluster else f"rf:{namespace}:"
+
+
 class RedisFeatureStore:
     """The production store: one Lua call per batch on a real Redis.
 
@@ -124,8 +141,18 @@ class RedisFeatureStore:
       always when the plan counts ``distinct`` (HyperLogLogs live in Redis) or
       ``cached_entities`` is 0 (``RIVERFLOW_FEATURE_CACHE_ENTITIES``).
 
-    The scripts name their keys inside the batch rather than in KEYS, so they
-    need a standalone Redis (or every key of a namespace on one cluster node).
+    The scripts name their keys inside the batch rather than in KEYS. On a Redis
+    Cluster (``client`` a redis-py ``RedisCluster``) every key of the namespace
+    carries it as a hash tag (``key_prefix``), so they all
+    live in one slot, and each call names the prefix as its one KEY, which routes
+    it to that slot's node: one round trip per batch, atomic, as on one Redis.
+
+    ``wait_replicas`` > 0: each write call (a batch's commit or update, its
+    served predictions, a label's claim) is followed, on the same connection, by
+    ``WAIT wait_replicas timeout``, so the call returns only once that many
+    replicas hold what it wrote: a failover to one of them loses none of it.
+    Fewer acknowledgements within ``wait_timeout_s`` raise ``Unavailable`` (an
+    outage: the stage retries the batch, which finds its events seen).
     """
 
     def __init__(
@@ -136,10 +163,18 @@ class RedisFeatureStore:
         horizon_s: float,
         cached_entities: int = 500_000,
         replay_window_s: float = 900.0,
+        wait_replicas: int = 0,
+        wait_timeout_s: float = 1.0,
     ) -> None:
         self.client = client
         self.plan = plan
-        self.prefix = f"rf:{namespace}:"
+        self.wait_replicas = wait_replicas
+        self._wait_ms = max(1, int(wait_timeout_s * 1000))
+        self.cluster = is_cluster(client)
+        self.prefix = key_prefix(namespace, self.cluster)
+        # KEYS of a script call that names its keys in ARGV: none on one Redis; on a
+        # cluster the prefix, which routes the call to the node of the namespace's slot
+        self._route = [self.prefix] if self.cluster else []
         self.horizon_ms = str(int(horizon_s * 1000))  # learned-marks
         self.replay_ms = str(int(replay_window_s * 1000))  # snapshots
         self._update = client.register_script(_UPDATE_AND_READ)
@@ -264,7 +299,7 @@ class RedisFeatureStore:
             entities += key, version, state, self._entity_ttl_ms[name]
         blob = pack([snapshots, entities])
         try:
-            committed = self._call(self._commit, [], [self.replay_ms, blob])
+            committed = self._write(self._commit, self._route, [self.replay_ms, blob])
         except Exception:
             self._forget(pending)  # written or not, Redis holds the truth
             raise
@@ -356,7 +391,7 @@ class RedisFeatureStore:
             )  # fmt: skip
         # bytes as msgpack "raw": Redis' cmsgpack predates the bin type
         blob = msgpack.packb(events, use_bin_type=False)
-        raw = self._call(self._update, [], [*self._header, blob])
+        raw = self._write(self._update, self._route, [*self._header, blob])
         out = []
         for req, item in zip(batch, raw, strict=True):
             if item.startswith(b"="):
@@ -373,7 +408,7 @@ class RedisFeatureStore:
             return True
         snap = self.snapshot_key("")
         batch = [[snap + event_id, packed(prediction)] for event_id, prediction in served]
-        self._call(self._record_served, [], [msgpack.packb(batch, use_bin_type=False)])
+        self._write(self._record_served, self._route, [msgpack.packb(batch, use_bin_type=False)])
         return True
 
     def claim_labels(
@@ -389,7 +424,7 @@ class RedisFeatureStore:
         for token, held in zip(tokens, known, strict=True):
             args += [token, "1" if held else "0"]
         keys = [self.learned_key(event_id) for event_id in event_ids]
-        raw = self._call(self._claim, keys, args)
+        raw = self._write(self._claim, keys, args)
         out: list[Claim] = []
         taken: dict[str, str] = {}
         for key, token, held, item in zip(keys, tokens, known, raw, strict=True):
@@ -450,7 +485,7 @@ class RedisFeatureStore:
             if at is not None:
                 check_time(at)
             args += ["", ""] if at is None else [str(g.bucket(at)), repr(float(at))]
-        raw = self._call(self._read, [], args)
+        raw = self._call(self._read, self._route, args)
         aggregates = [msgpack.unpackb(item) if item else None for item in raw]
         return self.plan.current_values(aggregates)
 
@@ -459,3 +494,37 @@ class RedisFeatureStore:
             return script(keys=keys, args=args)
         except redis.ConnectionError as exc:
             raise FeatureStoreError(f"Redis unreachable: {exc}") from exc
+
+    def _write(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        """``_call`` for a script that writes; with ``wait_replicas``, then WAIT."""
+        if not self.wait_replicas:
+            return self._call(script, keys, args)
+        # WAIT counts the replicas that have this connection's last write: it must
+        # run on the connection that wrote, so both go in one pipeline, to the
+        # node serving the namespace's slot
+        target = self.client
+        if self.cluster:
+            target = self.client.get_node_from_key(self.prefix).redis_connection
+        try:
+            for attempt in (1, 2):
+                pipe = target.pipeline(transaction=False)
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+                pipe.execute_command("WAIT", self.wait_replicas, self._wait_ms)
+                try:
+                    result, acked = pipe.execute()
+                    break
+                except redis.exceptions.NoScriptError:
+                    if attempt == 2:
+                        raise
+                    script.sha = target.script_load(script.script)
+        except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.MovedError) as exc:
+            if self.cluster:  # the slot moved (a failover): ask the cluster again
+                self.client.nodes_manager.initialize()
+            raise Unavailable(f"Redis: {type(exc).__name__}: {exc}") from exc
+        if int(acked) < self.wait_replicas:
+            # written, but not yet on enough replicas: retried, the batch finds it
+            raise Unavailable(
+                f"Redis: {acked} of {self.wait_replicas} replicas acknowledged a write "
+                f"within {self._wait_ms} ms (WAIT)"
+            )
+        return result

@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
+from typing import Any
 
 from riverflow.errors import RiverflowError
 from riverflow.settings import Settings
@@ -436,3 +437,139 @@ def stack_down(settings: Settings) -> list[str]:
             stopped.append(server.name)
     _state_file(settings).unlink(missing_ok=True)
     return stopped
+
+
+@dataclass
+class RedisCluster:
+    """A Redis Cluster on loopback that we started (``start_redis_cluster``): its
+    nodes, each a ``redis-server --cluster-enabled yes`` with its own directory."""
+
+    nodes: list[ServerProcess]
+    workdir: Path
+    node_timeout_ms: int
+    password: str | None = None
+
+    @property
+    def url(self) -> str:
+        """The URL a stage names it by (``redis+cluster://``: ``Settings.redis_url``)."""
+        return f"redis+cluster://127.0.0.1:{self.nodes[0].port}/0"
+
+    def primaries(self) -> list[ServerProcess]:
+        """The nodes that are primaries now (a failover changes which)."""
+        import redis
+
+        out = []
+        for node in self.nodes:
+            if not node.alive():
+                continue
+            try:
+                role = self.client(node).execute_command("ROLE")
+            except redis.RedisError:
+                continue
+            if role[0] in (b"master", "master"):
+                out.append(node)
+        return out
+
+    def restart(self, node: ServerProcess, timeout_s: float = 20.0) -> ServerProcess:
+        """Start ``node`` again (after it stopped) on its port and directory: it
+        reads its cluster config and rejoins, as a replica if it was failed over."""
+        started = _start_cluster_node(
+            self.workdir, node.port, self.node_timeout_ms, timeout_s, self.password
+        )
+        self.nodes[self.nodes.index(node)] = started
+        return started
+
+    def wait_ok(self, timeout_s: float = 30.0) -> None:
+        """Return once every running node says ``cluster_state:ok``."""
+
+        def ok() -> None:
+            for node in self.nodes:
+                if node.alive():
+                    info = self.client(node).cluster("INFO")
+                    if info.get("cluster_state") != "ok":
+                        raise StackError(f"node {node.port}: cluster not ok")
+
+        _wait_ready("redis cluster", ok, timeout_s, None)
+
+    def client(self, node: ServerProcess) -> Any:
+        """A plain client of one node (not cluster-aware)."""
+        import redis
+
+        return redis.Redis(port=node.port, password=self.password, socket_timeout=2)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop(5)
+
+
+def _free_cluster_port() -> int:
+    """A free loopback port P <= 55535 whose bus port P + 10000 is free too."""
+    import random
+
+    for _ in range(200):
+        port = random.randint(20000, 55535)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 10000))
+        except OSError:
+            continue
+        return port
+    raise StackError("no free port pair (P, P + 10000) for a cluster node")
+
+
+def _start_cluster_node(
+    workdir: Path, port: int, node_timeout_ms: int, timeout_s: float, password: str | None
+) -> ServerProcess:
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise StackError("redis-server not found: install Debian's package (redis-server)")
+    folder = workdir / str(port)
+    folder.mkdir(parents=True, exist_ok=True)
+    log = folder / "redis.log"
+    cmd = [
+        exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder), "--save", "",
+        "--appendonly", "yes", "--appendfsync", "everysec", "--maxmemory-policy", "noeviction",
+        "--cluster-enabled", "yes", "--cluster-config-file", str(folder / "nodes.conf"),
+        "--cluster-node-timeout", str(node_timeout_ms), "--repl-diskless-sync-delay", "0",
+        "--logfile", str(log),
+    ]  # fmt: skip
+    if password is not None:  # clients and the replicas of a node need it
+        cmd += ["--requirepass", password, "--masterauth", password]
+    pid = _spawn(cmd, folder / "redis.stdout", folder)
+    auth = f":{password}@" if password is not None else ""
+    server = ServerProcess("redis", pid, f"redis://127.0.0.1:{port}/0", log, REDIS_DURABILITY)
+    url = f"redis://{auth}127.0.0.1:{port}/0"
+    return _ready_or_stopped(server, lambda: wait_for_redis(url, timeout_s, server))
+
+
+def start_redis_cluster(
+    workdir: Path, primaries: int = 3, replicas: int = 1, node_timeout_ms: int = 2000,
+    timeout_s: float = 30.0, password: str | None = None,
+) -> RedisCluster:  # fmt: skip
+    """Start a Redis Cluster on free loopback ports: ``primaries`` x (1 + ``replicas``)
+    nodes (durable as ``start_redis``), joined by ``redis-cli --cluster create``;
+    returns once every node says ``cluster_state:ok``. A node that stops for
+    ``node_timeout_ms`` is failed over to its replica."""
+    cli = shutil.which("redis-cli")
+    if cli is None:
+        raise StackError("redis-cli not found: install Debian's package (redis-tools)")
+    cluster = RedisCluster([], workdir, node_timeout_ms, password)
+    try:
+        for _ in range(primaries * (1 + replicas)):
+            port = _free_cluster_port()
+            cluster.nodes.append(_start_cluster_node(workdir, port, node_timeout_ms, 20, password))
+        cmd = [
+            cli, "--cluster", "create", *[f"127.0.0.1:{n.port}" for n in cluster.nodes],
+            "--cluster-replicas", str(replicas), "--cluster-yes",
+        ]  # fmt: skip
+        if password is not None:
+            cmd += ["--pass", password, "--no-auth-warning"]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=60)
+        if done.returncode != 0:
+            raise StackError(f"redis-cli --cluster create failed:\n{done.stdout}{done.stderr}")
+        cluster.wait_ok(timeout_s)
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster

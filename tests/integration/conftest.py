@@ -29,7 +29,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from riverflow.settings import DEFAULT_SPEC, Settings
 from riverflow.spec import PipelineSpec, load_spec
-from riverflow.tools.stack import Endpoints, free_port, local_stack
+from riverflow.tools.stack import (
+    Endpoints,
+    RedisCluster,
+    free_port,
+    local_stack,
+    start_redis_cluster,
+)
 from tests.conftest import LOGS
 from tests.integration.chaos import PrivateStack
 
@@ -202,3 +208,28 @@ def collect(
     finally:
         consumer.close()
     return out
+
+
+@pytest.fixture
+def redis_cluster(tmp_path: Path) -> Iterator[RedisCluster]:
+    """A Redis Cluster of the test's own: 3 primaries, 3 replicas, each a
+    ``redis-server --cluster-enabled yes`` on loopback, failed over after 2 s."""
+    cluster = start_redis_cluster(tmp_path / "cluster", node_timeout_ms=2000)
+    logs = [node.log for node in cluster.nodes]
+    LOGS.extend(logs)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        for log in logs:
+            LOGS.remove(log)
+
+
+@pytest.fixture
+def start_cluster_stage(
+    stack: Endpoints, redis_cluster: RedisCluster, spec_file: Path, tmp_path: Path
+) -> Iterator[StageFactory]:
+    """``start_stage`` on the session's Kafka and ``redis_cluster``."""
+    servers = Endpoints(stack.kafka_bootstrap, redis_cluster.url)
+    with stage_processes(servers, spec_file, tmp_path) as start:
+        yield start
