@@ -40,6 +40,7 @@ from riverflow.tools.stack import Endpoints, RedisCluster, ServerProcess, start_
 from tests.helpers import assert_features_match, brute_force_features
 from tests.integration.conftest import StageFactory, collect
 from tests.integration.test_failover import PredictionWatch, wait_up
+from tests.integration.test_model_lifecycle import check_a_replica_hears_of_moves
 from tests.integration.test_redis_store import requests
 
 RATE = 250  # events/s
@@ -262,3 +263,13 @@ def test_with_wait_replicas_a_write_returns_once_the_replica_holds_it(
     assert [s.aggregates for s in again] == [s.aggregates for s in want[100:]]
     # the learner's claims wait too
     assert waits.claim_labels(["e1"], ["run:1"], [True], lambda _: False) == [Claim.CLAIMED]
+
+
+def test_a_scorers_replica_hears_of_a_champion_move_on_a_cluster(
+    redis_cluster: RedisCluster, spec: PipelineSpec
+) -> None:
+    client = redis_client(Settings(), redis_cluster.url)
+    try:
+        check_a_replica_hears_of_moves(client, spec)
+    finally:
+        client.close()
