@@ -177,7 +177,7 @@ def redis_store(spec: PipelineSpec, settings: Settings, client: Any) -> RedisFea
 
 def redis_backends(
     spec: PipelineSpec, settings: Settings, client: Any
-) -> tuple[FeatureStore, ModelRegistry]:
+) -> tuple[RedisFeatureStore, ModelRegistry]:
     registry = RedisRegistry(
         client, spec.name, signing_key(settings), keep_versions=settings.registry_keep_versions
     )

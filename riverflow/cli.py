@@ -431,9 +431,20 @@ def cmd_features(args: argparse.Namespace, settings: Settings) -> int:
             soft_wrap=True,
         )
         return 0
+    url = _redis_url(settings)
+    if args.action == "reset":
+        if not args.yes:
+            raise RiverflowError(
+                "features reset deletes every entity's windows of this pipeline "
+                f"({spec.name}); stop every scorer first, then run it with --yes"
+            )
+        if not url:
+            raise RiverflowError("no Redis: run `riverflow stack up` or set RIVERFLOW_REDIS_URL")
+        deleted = redis_store(spec, settings, redis_client(settings, url)).reset()
+        console.print(f"deleted {deleted:,} entity keys of {spec.name} and their layout")
+        return 0
     if args.entity is None:
         raise RiverflowError("features get: which entity? e.g. riverflow features get c00042")
-    url = _redis_url(settings)
     if not url:
         raise RiverflowError("no Redis: run `riverflow stack up` or set RIVERFLOW_REDIS_URL")
     fields = {spec.events.key: args.entity}
@@ -647,7 +658,7 @@ def parser() -> argparse.ArgumentParser:
     report.set_defaults(func=cmd_report)
 
     features = sub.add_parser("features", help="online feature values in Redis")
-    features.add_argument("action", choices=["get", "bench", "join-bench"])
+    features.add_argument("action", choices=["get", "reset", "bench", "join-bench"])
     features.add_argument("entity", nargs="?", help="get: value of the event key (a card id)")
     features.add_argument(
         "--with", dest="with_", action="append", default=[], metavar="FIELD=VALUE",
@@ -663,6 +674,10 @@ def parser() -> argparse.ArgumentParser:
     features.add_argument(
         "--path", action="append", choices=["in-process", "server"],
         help="bench: where the store computes (default: both, one after the other)",
+    )  # fmt: skip
+    features.add_argument(
+        "--yes", action="store_true",
+        help="reset: delete the pipeline's stored entity state (stop every scorer first)",
     )  # fmt: skip
     features.add_argument("--spec", type=Path)
     features.set_defaults(func=cmd_features)

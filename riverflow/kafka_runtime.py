@@ -194,6 +194,8 @@ def run_stage(stage: str, spec: PipelineSpec, settings: Settings, ep: Servers) -
     # a Redis that is down at startup is waited for, as it is later (streams.guard)
     client = redis_client(settings, ep.redis_url, settings.outage_limit_s)
     store, registry = redis_backends(spec, settings, client)
+    if stage == "scorer":  # a spec that would misread the stored entity state stops here
+        through_outage(store.check_layout, settings.outage_limit_s, "Redis")
     metrics = StageMetrics(stage)
 
     def guard(processor: Processor) -> Guard:  # internal errors to the DLQ, outages waited out

@@ -38,6 +38,9 @@ Key layout (prefix ``rf:{ns}:``; on a Redis Cluster the namespace is the hash ta
                                           expires ``keep_learned_s`` after the
                                           checkpoint covering it is committed
 
+    rf:{ns}:features:layout               the tile groups the entity state is laid out by
+                                          (JSON, no TTL): ``check_layout``
+
 ``{entity}`` is the entity's field, or fields joined by ``+`` for a composite
 key (``card_id+merchant``, value ``c00042|m0017``). Tiles older than the window
 plus the lateness are dropped when their entity is written.
@@ -55,7 +58,7 @@ import msgpack
 import orjson
 import redis
 
-from riverflow.errors import Unavailable
+from riverflow.errors import RiverflowError, Unavailable
 from riverflow.features.definitions import FeaturePlan
 from riverflow.features.errors import FeatureStoreError
 from riverflow.features.store.base import (
@@ -106,6 +109,19 @@ class _Pending:
     touched: set[str]  # every entity key the batch read
     snapshots: list[tuple[str, str, bytes]] = field(default_factory=list)  # id, key, snapshot
     changed: dict[str, str] = field(default_factory=dict)  # entity key -> entity name
+
+
+class FeatureLayoutError(RiverflowError):
+    """The spec's features do not match the layout of the entity state in Redis."""
+
+
+def plan_layout(plan: FeaturePlan) -> list[list[Any]]:
+    """What fixes where each value sits in an entity's stored state: per tile group,
+    in order, its entity, window and buckets, and the fields of each statistic."""
+    return [
+        [g.name, [list(fields) for fields in g.stats], list(g.exact), list(g.approx)]
+        for g in plan.groups
+    ]
 
 
 def is_cluster(client: Any) -> bool:
@@ -223,6 +239,58 @@ class RedisFeatureStore:
 
     def snapshot_key(self, event_id: str) -> str:
         return f"{self.prefix}snap:{event_id}"
+
+    @property
+    def layout_key(self) -> str:
+        return f"{self.prefix}features:layout"
+
+    def check_layout(self) -> None:
+        """Refuse a spec whose features lay the stored entity state out differently.
+
+        An entity's state holds its tile groups by position, and each tile the
+        statistics its group's features read, by position: a spec that adds a
+        statistic to a group, or a group before others, would read the stored
+        tiles wrongly. The layout the state was written with is kept in Redis;
+        the same layout, or one that only adds groups after the existing ones
+        (or, from a scorer still on the previous spec, lacks the last ones), is
+        taken; another raises ``FeatureLayoutError`` naming the first difference.
+        """
+        mine = plan_layout(self.plan)
+        raw = orjson.dumps(mine)
+        if self.client.set(self.layout_key, raw, nx=True):
+            return
+        stored = orjson.loads(self.client.get(self.layout_key) or raw)
+        if stored == mine:
+            return
+        n = min(len(stored), len(mine))
+        if stored[:n] == mine[:n]:
+            if len(mine) > len(stored):  # new groups at the end: their windows start empty
+                self.client.set(self.layout_key, raw)
+            return
+        i = next(i for i in range(n) if stored[i] != mine[i])
+        raise FeatureLayoutError(
+            f"the spec's features lay out entity state differently from what is stored in "
+            f"Redis under {self.prefix}ent:* (tile group {i + 1}: stored {stored[i]}, the "
+            f"spec's {mine[i]}): the scorer would read the stored tiles wrongly. Give the "
+            f"changed spec a new name (a new pipeline), or stop every scorer, run "
+            f"`riverflow features reset`, and start them again (the windows restart empty)"
+        )
+
+    def reset(self) -> int:
+        """Delete the stored entity state and its layout; returns the keys deleted."""
+        deleted = 0
+        batch: list[Any] = []
+        for key in self.client.scan_iter(match=f"{self.prefix}ent:*", count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                deleted += int(self.client.unlink(*batch))
+                batch = []
+        if batch:
+            deleted += int(self.client.unlink(*batch))
+        self.client.delete(self.layout_key)
+        self._cache.clear()
+        self._compact.clear()
+        return deleted
 
     def entity_key(self, entity_name: str, value: str) -> str:
         return f"{self.prefix}ent:{entity_name}:{value}"

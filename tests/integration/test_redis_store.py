@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 import pytest
 import redis
+import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import SecretStr
@@ -481,3 +482,46 @@ def test_a_restarted_scorer_replays_a_batch_from_what_it_served(
     for got, want in zip(rest, expected_rest, strict=True):
         assert got.pop("features") == pytest.approx(want.pop("features"), rel=1e-12)
         assert got == want
+
+
+def test_a_spec_that_would_misread_the_stored_entity_state_is_refused(
+    redis_client: redis.Redis, spec: PipelineSpec, spec_file: Path, stack: Any,
+    start_stage: Any, tmp_path: Path,
+) -> None:  # fmt: skip
+    from riverflow.features.store.redis_store import FeatureLayoutError
+    from riverflow.spec import parse_spec
+
+    data = spec.model_dump(mode="json", by_alias=True)
+
+    def with_features(*extra: dict[str, Any]) -> PipelineSpec:
+        return parse_spec({**data, "features": [*data["features"], *extra]})
+
+    settings = Settings(redis_url=stack.redis_url)
+    first = redis_store(spec, settings, redis_client)
+    first.check_layout()
+    first.update_and_read(requests(200))
+    # a new window after the existing ones: its tiles come after, nothing moves
+    appended = with_features({"name": "tx_count_5m", "agg": "count", "window": "5m"})
+    redis_store(appended, settings, redis_client).check_layout()
+    redis_store(spec, settings, redis_client).check_layout()  # a scorer not yet upgraded
+    # a statistic the 1h group did not keep: every later value of its tiles moves
+    reshaped = with_features({"name": "amount_max_1h", "agg": "max", "field": "amount",
+                              "window": "1h"})  # fmt: skip
+    with pytest.raises(FeatureLayoutError, match=r"tile group 1: stored \['card_id:3600s:12'"):
+        redis_store(reshaped, settings, redis_client).check_layout()
+    # the scorer stops at start, saying why and what to do, without a traceback
+    spec_file.write_text(yaml.safe_dump(reshaped.model_dump(mode="json", by_alias=True)))
+    scorer = start_stage("scorer")
+    assert scorer.proc.wait(120) != 0
+    said = " ".join(next(tmp_path.glob("scorer-*.log")).read_text().split())
+    assert "lay out entity state differently" in said and "riverflow features reset" in said
+    assert "Traceback" not in said
+    env = {**os.environ, "RIVERFLOW_REDIS_URL": stack.redis_url, "RIVERFLOW_SPEC": str(spec_file)}
+    cli = [sys.executable, "-m", "riverflow.cli", "features", "reset"]
+    refused = subprocess.run(cli, capture_output=True, text=True, env=env, timeout=60, check=False)
+    assert refused.returncode != 0 and "--yes" in refused.stderr
+    done = subprocess.run([*cli, "--yes"], capture_output=True, text=True, env=env, timeout=60,
+                          check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert not list(redis_client.scan_iter(match=f"rf:{spec.name}:ent:*"))
+    redis_store(reshaped, settings, redis_client).check_layout()  # a fresh start: taken
