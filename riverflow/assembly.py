@@ -46,6 +46,30 @@ def uses_dev_key(settings: Settings) -> bool:
     return settings.signing_key.get_secret_value() == DEV_SIGNING_KEY
 
 
+def kafka_security(settings: Settings) -> dict[str, Any]:
+    """librdkafka's security settings from ``RIVERFLOW_KAFKA_*`` (none for PLAINTEXT)."""
+    protocol = settings.kafka_security_protocol
+    if protocol == "PLAINTEXT":
+        return {}
+    out: dict[str, Any] = {"security.protocol": protocol}
+    if protocol.startswith("SASL"):
+        password = settings.kafka_sasl_password
+        out["sasl.mechanism"] = settings.kafka_sasl_mechanism
+        out["sasl.username"] = settings.kafka_sasl_username
+        out["sasl.password"] = password.get_secret_value() if password else ""
+    if protocol.endswith("SSL"):
+        if settings.kafka_ssl_ca_file is not None:
+            out["ssl.ca.location"] = str(settings.kafka_ssl_ca_file)
+        if settings.kafka_ssl_cert_file is not None and settings.kafka_ssl_key_file is not None:
+            out["ssl.certificate.location"] = str(settings.kafka_ssl_cert_file)
+            out["ssl.key.location"] = str(settings.kafka_ssl_key_file)
+            if settings.kafka_ssl_key_password is not None:
+                out["ssl.key.password"] = settings.kafka_ssl_key_password.get_secret_value()
+        check = settings.kafka_ssl_check_hostname
+        out["ssl.endpoint.identification.algorithm"] = "https" if check else "none"
+    return out
+
+
 def pseudonymizer(spec: PipelineSpec, settings: Settings) -> Pseudonymizer:
     """What the scorer does with the spec's personal fields (``streams.pii``)."""
     key = settings.pii_key.get_secret_value().encode()

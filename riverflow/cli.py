@@ -695,6 +695,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             where = f"{name}: " if e["loc"] else "settings: "  # a rule across settings
             err_console.print(f"[red]error:[/red] {where}{e['msg']}")
         return 2
+    from riverflow.assembly import kafka_security
+    from riverflow.streams.kafka_io import use_security
+
+    use_security(kafka_security(settings))  # every Kafka client this process makes
     try:
         return int(args.func(args, settings))
     except RiverflowError as exc:

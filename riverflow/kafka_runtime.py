@@ -39,6 +39,7 @@ from riverflow.streams.kafka_io import (
     GroupProgress,
     KafkaIOError,
     TopicFollower,
+    check_access,
     ensure_topics,
     topic_retention,
 )
@@ -187,6 +188,10 @@ def run_stage(stage: str, spec: PipelineSpec, settings: Settings, ep: Servers) -
         log.warning("RIVERFLOW_PII_KEY is the development default: anyone with the source can "
                     "test a token against a guess; set your own key")  # fmt: skip
     topics = spec.topics
+    # a refused login or certificate stops the stage at once, in one line; a broker
+    # that is down is waited for
+    through_outage(lambda: check_access(ep.kafka_bootstrap), settings.outage_limit_s,
+                   f"Kafka at {ep.kafka_bootstrap}")  # fmt: skip
     through_outage(  # a broker that is down at startup is waited for, as later
         lambda: ensure_pipeline_topics(ep.kafka_bootstrap, spec, settings),
         settings.outage_limit_s, f"Kafka at {ep.kafka_bootstrap}",

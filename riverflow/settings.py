@@ -29,6 +29,23 @@ class Settings(BaseSettings):
     kafka_bootstrap: str | None = Field(
         None, description="host:port of a running Kafka; unset = start the local stack"
     )
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="how every client riverflow makes talks to Kafka"
+    )
+    kafka_sasl_mechanism: Literal["SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN"] = Field(
+        "SCRAM-SHA-512", description="SASL mechanism (PLAIN for managed clusters' API keys)"
+    )
+    kafka_sasl_username: str | None = Field(None, description="SASL user (this stage's)")
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_ca_file: Path | None = Field(
+        None, description="CA bundle (PEM) that signed the brokers' certificates"
+    )
+    kafka_ssl_cert_file: Path | None = Field(None, description="client certificate (PEM, mTLS)")
+    kafka_ssl_key_file: Path | None = Field(None, description="its private key (PEM)")
+    kafka_ssl_key_password: SecretStr | None = None
+    kafka_ssl_check_hostname: bool = Field(
+        True, description="the broker's certificate must name the host connected to"
+    )
     redis_url: str | None = Field(
         None,
         description="redis:// URL of a running Redis (redis+cluster:// names a Redis "
@@ -212,6 +229,22 @@ class Settings(BaseSettings):
         except ValueError as exc:  # an unclosed quote
             raise ValueError(f"not a list of JVM options ({exc}): {value!r}") from exc
         return value
+
+    @model_validator(mode="after")
+    def _kafka_security_complete(self) -> Settings:
+        sasl = self.kafka_security_protocol.startswith("SASL")
+        if sasl and not (self.kafka_sasl_username and self.kafka_sasl_password):
+            raise ValueError(
+                f"kafka_security_protocol {self.kafka_security_protocol} needs "
+                "RIVERFLOW_KAFKA_SASL_USERNAME and RIVERFLOW_KAFKA_SASL_PASSWORD"
+            )
+        if (self.kafka_ssl_cert_file is None) != (self.kafka_ssl_key_file is None):
+            raise ValueError("kafka_ssl_cert_file and kafka_ssl_key_file go together (mTLS)")
+        for name in ("kafka_ssl_ca_file", "kafka_ssl_cert_file", "kafka_ssl_key_file"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name}: {path} is not a readable file")
+        return self
 
     @model_validator(mode="after")
     def _poll_outlasts_outage(self) -> Settings:

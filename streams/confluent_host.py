@@ -81,6 +81,7 @@ from riverflow.streams.hosting import HostSettings, StageReporter
 from riverflow.streams.kafka_io import (
     MAX_MESSAGE_BYTES,
     KafkaIOError,
+    client_config,
     produce_all,
     produce_one,
     producer_config,
@@ -192,7 +193,7 @@ class ConfluentHost:
         self._txn_next: dict[tuple[str, int], int] = {}  # its next offset per partition
         session_ms = int(settings.session_timeout_s * 1000)
         consumer: dict[str, Any] = {
-            "bootstrap.servers": settings.bootstrap,
+            **client_config(settings.bootstrap),
             "group.id": settings.group,
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest",

@@ -24,12 +24,38 @@ from pathlib import Path
 from typing import Any
 
 import faust
+from aiokafka.helpers import create_ssl_context
 from faust.types import TP
 
 from riverflow.streams.contracts import Message, Output, Processor
 from riverflow.streams.hosting import HostSettings, StageReporter
+from riverflow.streams.kafka_io import security
 
 log = logging.getLogger(__name__)
+
+
+def faust_credentials(config: dict[str, Any]) -> Any | None:
+    """Faust's (aiokafka's) credentials from librdkafka's security settings
+    (``kafka_io.use_security``): the same login and certificates for either host."""
+    protocol = config.get("security.protocol", "PLAINTEXT")
+    if protocol == "PLAINTEXT":
+        return None
+    context = None
+    if protocol.endswith("SSL"):
+        password = config.get("ssl.key.password")
+        context = create_ssl_context(
+            cafile=config.get("ssl.ca.location"),
+            certfile=config.get("ssl.certificate.location"),
+            keyfile=config.get("ssl.key.location"),
+            password=password,
+        )
+        context.check_hostname = config.get("ssl.endpoint.identification.algorithm") != "none"
+    if protocol.startswith("SASL"):
+        return faust.SASLCredentials(
+            username=config["sasl.username"], password=config["sasl.password"],
+            mechanism=config["sasl.mechanism"], ssl_context=context,
+        )  # fmt: skip
+    return faust.SSLCredentials(context)
 
 
 def stage_app(
@@ -57,6 +83,9 @@ def stage_app(
     if datadir is not None:
         Path(datadir).mkdir(parents=True, exist_ok=True)  # Faust makes only the last level
         extra["datadir"] = datadir
+    credentials = faust_credentials(security())
+    if credentials is not None:
+        extra["broker_credentials"] = credentials
     app = faust.App(
         group,
         **extra,

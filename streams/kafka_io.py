@@ -28,6 +28,28 @@ class KafkaIOError(RiverflowError):
     """Kafka refused or failed an operation riverflow needed."""
 
 
+# librdkafka's security settings (TLS, SASL) for every client this process makes: a
+# process talks to one cluster under one identity (``use_security``, set at startup)
+_SECURITY: dict[str, Any] = {}
+
+
+def use_security(config: Mapping[str, Any]) -> None:
+    """The security settings every client made after this call gets."""
+    _SECURITY.clear()
+    _SECURITY.update(config)
+
+
+def security() -> dict[str, Any]:
+    """The process's security settings (``use_security``), a copy."""
+    return dict(_SECURITY)
+
+
+def client_config(bootstrap: str, **extra: Any) -> dict[str, Any]:
+    """A librdkafka client's settings: ``bootstrap``, the process's security settings
+    (``use_security``) and ``extra``."""
+    return {"bootstrap.servers": bootstrap, **_SECURITY, **extra}
+
+
 def ensure_topics(
     bootstrap: str,
     names: Iterable[str],
@@ -38,7 +60,7 @@ def ensure_topics(
     """Create the topics that do not exist yet; returns the names created.
     ``configs``: topic settings of the named topics beyond the defaults (applied on
     creation only: a topic that exists keeps what its operator gave it)."""
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin = AdminClient(client_config(bootstrap))
     existing = set(admin.list_topics(timeout=10).topics)
     base = {"max.message.bytes": str(MAX_MESSAGE_BYTES)}
     extra = configs or {}
@@ -58,9 +80,35 @@ def ensure_topics(
     return [t.topic for t in new]
 
 
+class KafkaAccessError(RiverflowError):
+    """The cluster refuses this process: its login, or the TLS between them."""
+
+
+def check_access(bootstrap: str, timeout_s: float = 10.0) -> None:
+    """Return once the cluster lists its topics to this process; ``KafkaAccessError``
+    naming the cause if it refuses the login or the certificates (a wrong password, an
+    untrusted CA): retrying would not help. An unreachable cluster raises the client's
+    ``KafkaException`` (an outage, waited out by the caller)."""
+    refused: list[KafkaError] = []
+
+    def on_error(err: KafkaError) -> None:
+        if err.code() in (KafkaError._AUTHENTICATION, KafkaError._SSL):
+            refused.append(err)
+
+    admin = AdminClient(client_config(bootstrap, error_cb=on_error, log_level=0))
+    try:
+        admin.list_topics(timeout=timeout_s)
+    except KafkaException:
+        admin.poll(0)  # serves the error callbacks that came meanwhile
+        if refused:
+            why = refused[0].str().split(": ", 1)[-1]  # without librdkafka's broker prefix
+            raise KafkaAccessError(f"Kafka at {bootstrap} refused this client: {why}") from None
+        raise
+
+
 def topic_retention(bootstrap: str, topic: str) -> tuple[int, int]:
     """``topic``'s ``retention.ms`` and ``retention.bytes`` (-1: unbounded)."""
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin = AdminClient(client_config(bootstrap))
     resource = ConfigResource(ResourceType.TOPIC, topic)
     try:
         found = admin.describe_configs([resource])[resource].result(timeout=10)
@@ -71,13 +119,10 @@ def topic_retention(bootstrap: str, topic: str) -> tuple[int, int]:
 
 def producer_config(bootstrap: str, **extra: Any) -> dict[str, Any]:
     """Settings of a producer that batches (linger) and never blocks per message."""
-    return {
-        "bootstrap.servers": bootstrap,
-        "linger.ms": 5,
-        "enable.idempotence": True,
-        "message.max.bytes": MAX_MESSAGE_BYTES,
-        **extra,
-    }
+    return client_config(
+        bootstrap, **{"linger.ms": 5, "enable.idempotence": True,
+                      "message.max.bytes": MAX_MESSAGE_BYTES, **extra},
+    )  # fmt: skip
 
 
 def producer(bootstrap: str, **extra: Any) -> Producer:
@@ -136,15 +181,9 @@ def groupless_reader(
     """A consumer to ``assign`` every partition of ``topic`` to, and those partitions:
     ``group`` only names it (librdkafka needs one), since it never subscribes or
     commits. ``KafkaIOError`` if the topic does not exist."""
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": group,
-            "enable.auto.commit": False,
-            "fetch.message.max.bytes": MAX_MESSAGE_BYTES,
-            **config,
-        }
-    )
+    settings = {"group.id": group, "enable.auto.commit": False,
+                "fetch.message.max.bytes": MAX_MESSAGE_BYTES, **config}  # fmt: skip
+    consumer = Consumer(client_config(bootstrap, **settings))
     meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
     if meta is None or meta.error is not None:
         consumer.close()
@@ -201,7 +240,7 @@ class GroupProgress:
         # group.id only names whose committed offsets are read: it never subscribes,
         # so it never joins the group or takes partitions from its members
         self.consumer = Consumer(
-            {"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False}
+            client_config(bootstrap, **{"group.id": group, "enable.auto.commit": False})
         )
         self._probe: tuple[float, dict[int, int]] | None = None
         self._through: float | None = None

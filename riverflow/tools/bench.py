@@ -50,7 +50,7 @@ from riverflow.models.champion import positive_probability
 from riverflow.models.factory import build_model
 from riverflow.settings import Settings
 from riverflow.spec import PipelineSpec
-from riverflow.streams.kafka_io import ensure_topics, produce_all, producer
+from riverflow.streams.kafka_io import client_config, ensure_topics, produce_all, producer
 from riverflow.streams.topics import Topics
 from riverflow.tools.bench_peers import forget_textbook_state, peer_command
 from riverflow.tools.generator import FraudStreamConfig, with_labels
@@ -325,7 +325,7 @@ class PredictionClock:
         self.scored: dict[str, float] = {}  # the scorer's clock when it scored the event
         self._stop = threading.Event()
         self._consumer = Consumer(
-            {"bootstrap.servers": bootstrap, "group.id": f"bench-{uuid.uuid4().hex}",
+            {**client_config(bootstrap), "group.id": f"bench-{uuid.uuid4().hex}",
              "enable.auto.commit": False, **(config or {})}
         )  # fmt: skip
         meta = self._consumer.list_topics(topic, timeout=10).topics[topic]

@@ -35,7 +35,7 @@ from confluent_kafka import Consumer
 from riverflow.models.champion import positive_probability
 from riverflow.models.factory import build_model
 from riverflow.spec import PipelineSpec, load_spec
-from riverflow.streams.kafka_io import producer
+from riverflow.streams.kafka_io import client_config, producer
 from riverflow.streams.schema import FieldType
 from riverflow.tools.generator import FraudStreamConfig, with_labels
 
@@ -87,7 +87,7 @@ def run_bare(
     model = trained_champion(spec, x_of)
     event_id = spec.events.event_id
     consumer = Consumer(
-        {"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False,
+        {**client_config(bootstrap), "group.id": group, "enable.auto.commit": False,
          "auto.offset.reset": "earliest", "fetch.wait.max.ms": 10}
     )  # fmt: skip
     consumer.subscribe([source])

@@ -62,7 +62,7 @@ from riverflow.spec import PipelineSpec, load_spec
 from riverflow.stages.scorer import Scorer
 from riverflow.streams.confluent_host import ClientSettings, ConfluentHost
 from riverflow.streams.contracts import Message, Output, ServedPrediction
-from riverflow.streams.kafka_io import ensure_topics
+from riverflow.streams.kafka_io import client_config, ensure_topics
 from riverflow.streams.schema import EventSchema
 from riverflow.streams.validation import Invalid, RecordValidator
 from riverflow.tools.bench import PredictionClock, ProcessUsage, paced, stream
@@ -388,7 +388,7 @@ def measure(
     scorer = subprocess.Popen([*PROBE, "_scorer", str(trace), json.dumps(variant)], env=env)
     prober = subprocess.Popen([*PROBE, "_oversleep", str(sleeps)])
     clock = PredictionClock(ep.kafka_bootstrap, spec.topics.predictions, variant.get("bench_fetch"))
-    prod = Producer({"bootstrap.servers": ep.kafka_bootstrap, "linger.ms": 1,
+    prod = Producer({**client_config(ep.kafka_bootstrap), "linger.ms": 1,
                      "enable.idempotence": True, **variant.get("bench", {})})  # fmt: skip
     key = spec.events.key
     acked: dict[str, tuple[float, int, int]] = {}

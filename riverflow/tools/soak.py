@@ -52,7 +52,7 @@ from rich.table import Table
 from riverflow.kafka_runtime import ensure_pipeline_topics
 from riverflow.settings import Settings
 from riverflow.spec import PipelineSpec
-from riverflow.streams.kafka_io import MAX_MESSAGE_BYTES, producer
+from riverflow.streams.kafka_io import MAX_MESSAGE_BYTES, client_config, producer
 from riverflow.tools.generator import FraudStreamConfig, paced, with_labels
 from riverflow.tools.stack import Endpoints, free_port, stop_processes
 
@@ -361,7 +361,7 @@ def rss_mb(pid: int) -> float:
 def _reader(bootstrap: str, topics: Sequence[str]) -> Consumer:
     """A consumer of every partition of ``topics`` from the start, in no group's way."""
     consumer = Consumer(
-        {"bootstrap.servers": bootstrap, "group.id": f"soak-{uuid.uuid4().hex}",
+        {**client_config(bootstrap), "group.id": f"soak-{uuid.uuid4().hex}",
          "enable.auto.commit": False, "fetch.wait.max.ms": 5,
          "fetch.message.max.bytes": MAX_MESSAGE_BYTES}
     )  # fmt: skip

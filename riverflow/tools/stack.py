@@ -19,7 +19,7 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib.resources import files
@@ -206,15 +206,66 @@ def _spawn(cmd: list[str], log: Path, cwd: Path) -> int:
     return proc.pid
 
 
+@dataclass(frozen=True)
+class SecureKafka:
+    """A broker's SASL_SSL listener: TLS with a certificate ``ca_file`` signed (for
+    127.0.0.1 and localhost), SCRAM-SHA-512 logins for ``users`` (name -> password),
+    and the KRaft ``StandardAuthorizer``: a user may do only what an ACL allows,
+    except the super user ``admin`` (the first of ``users``)."""
+
+    ca_file: Path
+    keystore: Path  # the broker's key and certificate (PEM)
+    users: dict[str, str]
+
+    @property
+    def admin(self) -> str:
+        return next(iter(self.users))
+
+    def client(self, user: str | None = None) -> dict[str, Any]:
+        """librdkafka settings of a client logging in as ``user`` (default: admin)."""
+        name = user or self.admin
+        return {"security.protocol": "SASL_SSL", "sasl.mechanism": "SCRAM-SHA-512",
+                "sasl.username": name, "sasl.password": self.users[name],
+                "ssl.ca.location": str(self.ca_file)}  # fmt: skip
+
+
+def make_secure_kafka(workdir: Path, users: dict[str, str]) -> SecureKafka:
+    """A throwaway CA, the broker's certificate it signs, and the SCRAM users to create
+    (``users``: the first is the super user). Needs ``openssl``."""
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    def openssl(*args: str) -> None:
+        done = subprocess.run(["openssl", *args], cwd=workdir, capture_output=True, text=True,
+                              check=False)  # fmt: skip
+        if done.returncode != 0:
+            raise StackError(f"openssl {args[0]} failed: {done.stderr.strip()[-500:]}")
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+            "/CN=riverflow test CA", "-keyout", "ca.key", "-out", "ca.pem")  # fmt: skip
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost", "-keyout",
+            "broker.key", "-out", "broker.csr")  # fmt: skip
+    (workdir / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    openssl("x509", "-req", "-in", "broker.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-days", "2", "-extfile", "san.ext",
+            "-out", "broker.pem")  # fmt: skip
+    openssl("pkcs8", "-topk8", "-nocrypt", "-in", "broker.key", "-out", "broker.pk8")
+    keystore = workdir / "broker-keystore.pem"
+    keystore.write_text((workdir / "broker.pk8").read_text() + (workdir / "broker.pem").read_text())
+    return SecureKafka(workdir / "ca.pem", keystore, dict(users))
+
+
 def start_kafka(
     settings: Settings,
     workdir: Path,
     timeout_s: float = 90.0,
     ports: tuple[int, int] | None = None,
+    secure: SecureKafka | None = None,
 ) -> ServerProcess:
     """Format and start a single-node KRaft broker (combined mode) on ``ports`` (broker,
     controller; default: free ones). Started again on the same ports and ``workdir``,
-    it is the same broker again: its cluster id and data stay."""
+    it is the same broker again: its cluster id and data stay. ``secure``: clients
+    connect over SASL_SSL, with ACLs (the broker itself uses a loopback PLAINTEXT
+    listener of its own)."""
     if shutil.which("java") is None:
         raise StackError(NO_JAVA)
     libs = kafka_libs(settings)
@@ -222,17 +273,40 @@ def start_kafka(
     port, cport = ports or (free_port(), free_port())
     log = workdir / "kafka.log"
     props = workdir / "server.properties"
+    if secure is None:
+        listeners = [
+            f"listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{cport}",
+            f"advertised.listeners=PLAINTEXT://127.0.0.1:{port}",
+            "inter.broker.listener.name=PLAINTEXT",
+            "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+        ]
+    else:
+        internal = free_port()
+        listeners = [
+            f"listeners=SASL_SSL://127.0.0.1:{port},INTERNAL://127.0.0.1:{internal},"
+            f"CONTROLLER://127.0.0.1:{cport}",
+            f"advertised.listeners=SASL_SSL://127.0.0.1:{port},INTERNAL://127.0.0.1:{internal}",
+            "inter.broker.listener.name=INTERNAL",
+            "listener.security.protocol.map=CONTROLLER:PLAINTEXT,INTERNAL:PLAINTEXT,"
+            "SASL_SSL:SASL_SSL",
+            "sasl.enabled.mechanisms=SCRAM-SHA-512",
+            "listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config="
+            "org.apache.kafka.common.security.scram.ScramLoginModule required;",
+            "ssl.keystore.type=PEM",
+            f"ssl.keystore.location={secure.keystore}",
+            "authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+            # the broker's own listeners (loopback) and the admin; nobody else without an ACL
+            f"super.users=User:ANONYMOUS;User:{secure.admin}",
+            "allow.everyone.if.no.acl.found=false",
+        ]
     props.write_text(
         "\n".join(
             [
                 "process.roles=broker,controller",
                 "node.id=1",
                 f"controller.quorum.bootstrap.servers=127.0.0.1:{cport}",
-                f"listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{cport}",
-                f"advertised.listeners=PLAINTEXT://127.0.0.1:{port}",
+                *listeners,
                 "controller.listener.names=CONTROLLER",
-                "inter.broker.listener.name=PLAINTEXT",
-                "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
                 f"log.dirs={workdir / 'data'}",
                 "num.partitions=1",
                 "num.network.threads=2",
@@ -255,18 +329,25 @@ def start_kafka(
     java = ["java", *shlex.split(settings.kafka_jvm_options), f"-Dlog4j2.configurationFile={log4j}",
             "-cp", f"{libs}/*"]  # fmt: skip
     if not (workdir / "data" / "meta.properties").exists():  # else: formatted, a restart
-        _format_kafka(java, props)
+        scram = [] if secure is None else [
+            arg for name, password in secure.users.items()
+            for arg in ("--add-scram", f"SCRAM-SHA-512=[name={name},password={password}]")
+        ]  # fmt: skip
+        _format_kafka(java, props, scram)
     pid = _spawn([*java, "kafka.Kafka", str(props)], log, workdir)
     server = ServerProcess("kafka", pid, f"127.0.0.1:{port}", workdir / "server.log")
-    return _ready_or_stopped(server, lambda: wait_for_kafka(server.address, timeout_s, server))
+    client = None if secure is None else secure.client()
+    return _ready_or_stopped(
+        server, lambda: wait_for_kafka(server.address, timeout_s, server, client)
+    )
 
 
-def _format_kafka(java: list[str], props: Path) -> None:
+def _format_kafka(java: list[str], props: Path, extra: Sequence[str] = ()) -> None:
     cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
     fmt = subprocess.run(
         # "--cluster-id=" because a base64 id may start with "-" and read as an option
         [*java, "kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id}", "-c", str(props),
-         "--standalone", "--ignore-formatted"],
+         "--standalone", "--ignore-formatted", *extra],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     if fmt.returncode != 0:
@@ -301,11 +382,20 @@ def _ready_or_stopped(server: ServerProcess, wait: Callable[[], None]) -> Server
     return server
 
 
-def wait_for_kafka(bootstrap: str, timeout_s: float, server: ServerProcess | None = None) -> None:
-    """Return once an admin client lists topics on ``bootstrap``."""
+def wait_for_kafka(
+    bootstrap: str,
+    timeout_s: float,
+    server: ServerProcess | None = None,
+    config: dict[str, Any] | None = None,
+) -> None:
+    """Return once an admin client lists topics on ``bootstrap`` (``config``: its own
+    settings, else the process's security settings)."""
     from confluent_kafka.admin import AdminClient
 
-    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0})
+    from riverflow.streams.kafka_io import client_config
+
+    settings = {"bootstrap.servers": bootstrap, **config} if config else client_config(bootstrap)
+    admin = AdminClient({**settings, "log_level": 0})
     _wait_ready(f"kafka at {bootstrap}", lambda: admin.list_topics(timeout=2), timeout_s, server)
 
 

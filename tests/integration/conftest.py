@@ -179,13 +179,19 @@ def start_private_stage(
 
 
 def collect(
-    bootstrap: str, topic: str, expected: int, timeout_s: float = 120.0, settle_s: float = 2.0
+    bootstrap: str,
+    topic: str,
+    expected: int,
+    timeout_s: float = 120.0,
+    settle_s: float = 2.0,
+    config: dict[str, Any] | None = None,
 ) -> list[Any]:
     """Read ``topic`` from the start until ``expected`` messages arrived (or the timeout),
-    then ``settle_s`` longer so that extra (duplicate) messages would be seen too."""
+    then ``settle_s`` longer so that extra (duplicate) messages would be seen too.
+    ``config``: more client settings (a secured broker's login)."""
     consumer = Consumer(
         {"bootstrap.servers": bootstrap, "group.id": "tests", "enable.auto.commit": False,
-         "fetch.message.max.bytes": 4 * 1024 * 1024}
+         "fetch.message.max.bytes": 4 * 1024 * 1024, **(config or {})}
     )  # fmt: skip
     deadline = time.monotonic() + timeout_s
     while True:
