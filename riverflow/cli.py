@@ -137,6 +137,31 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_acls(args: argparse.Namespace, settings: Settings) -> int:
+    from riverflow.security import acl_commands, stage_acls
+
+    spec = load_spec(args.spec or settings.spec)
+    stages = [args.stage] if args.stage != "all" else ["scorer", "learner", "monitor"]
+    acls = [a for stage in stages for a in stage_acls(spec, stage, args.principal or
+            f"User:{stage}")]  # fmt: skip
+    if not args.apply:
+        print("\n".join(acl_commands(acls, settings.kafka_bootstrap or "BROKER:9092")))
+        return 0
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
+
+    from riverflow.streams.kafka_io import client_config
+
+    admin = AdminClient(client_config(endpoints(settings).kafka_bootstrap))
+    for binding, future in admin.create_acls(acls).items():
+        try:
+            future.result()
+        except KafkaException as exc:
+            raise RiverflowError(f"creating {binding}: {exc}") from None
+    console.print(f"created {len(acls)} ACLs for {', '.join(stages)}")
+    return 0
+
+
 def cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
     from riverflow.kafka_runtime import ensure_pipeline_topics
     from riverflow.streams.kafka_io import produce_all, producer
@@ -535,6 +560,18 @@ def parser() -> argparse.ArgumentParser:
         "promotion); labels: a burst of flipped labels (rollback)",
     )  # fmt: skip
     demo.set_defaults(func=cmd_demo)
+
+    acls = sub.add_parser(
+        "acls", help="the Kafka ACLs a stage's principal needs (kafka-acls.sh commands)"
+    )
+    acls.add_argument("stage", choices=["scorer", "learner", "monitor", "all"])
+    acls.add_argument("--principal", help="default: User:<stage>")
+    acls.add_argument(
+        "--apply", action="store_true",
+        help="create them on the cluster (log in as an admin: RIVERFLOW_KAFKA_*)",
+    )  # fmt: skip
+    acls.add_argument("--spec", type=Path)
+    acls.set_defaults(func=cmd_acls)
 
     replay = sub.add_parser(
         "replay", help="backtest: the pipeline over a file of history, deterministically"

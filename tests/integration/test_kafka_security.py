@@ -5,7 +5,9 @@ start with one line naming the cause."""
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,25 +15,21 @@ from pathlib import Path
 import orjson
 import pytest
 from confluent_kafka import Producer
-from confluent_kafka.admin import (
-    AclBinding,
-    AclOperation,
-    AclPermissionType,
-    AdminClient,
-    ResourcePatternType,
-    ResourceType,
-)
 
+from riverflow.kafka_runtime import ensure_pipeline_topics
+from riverflow.security import STAGES, stage_acls
 from riverflow.settings import Settings
 from riverflow.spec import load_spec
 from riverflow.streams.contracts import Prediction
+from riverflow.streams.kafka_io import use_security
 from riverflow.tools.generator import FraudStreamConfig, with_labels
 from riverflow.tools.stack import Endpoints, SecureKafka, make_secure_kafka, start_kafka
 from tests.conftest import LOGS
 
 from .conftest import collect, stage_processes
 
-STAGE_USER, STAGE_PASSWORD = "riverflow", "stage-secret"
+USERS = {"admin": "admin-secret", "scorer": "scorer-secret", "learner": "learner-secret",
+         "monitor": "monitor-secret"}  # fmt: skip
 
 
 @dataclass
@@ -43,44 +41,56 @@ class SecuredBroker:
 @pytest.fixture(scope="module")
 def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecuredBroker]:
     where = tmp_path_factory.mktemp("secured-kafka")
-    secure = make_secure_kafka(where / "tls", {"admin": "admin-secret",
-                                               STAGE_USER: STAGE_PASSWORD})  # fmt: skip
+    secure = make_secure_kafka(where / "tls", USERS)
     server = start_kafka(Settings(), where / "kafka", secure=secure)
     LOGS.append(server.log)
     try:
-        # the stages' user may use the pipelines' topics, groups and transactions
-        # (names starting "it-" and "riverflow-"), and nothing else
-        admin = AdminClient({"bootstrap.servers": server.address, **secure.client()})
-        allowed = [(ResourceType.TOPIC, "it-"), (ResourceType.GROUP, "riverflow-"),
-                   (ResourceType.TRANSACTIONAL_ID, "riverflow-")]  # fmt: skip
-        who, pattern = f"User:{STAGE_USER}", ResourcePatternType.PREFIXED
-        acls = [
-            AclBinding(kind, prefix, pattern, who, "*", AclOperation.ALL, AclPermissionType.ALLOW)
-            for kind, prefix in allowed
-        ]
-        for future in admin.create_acls(acls).values():
-            future.result()
         yield SecuredBroker(server.address, secure)
     finally:
         server.stop(10)
         LOGS.remove(server.log)
 
 
-def stage_env(secure: SecureKafka, password: str = STAGE_PASSWORD, **more: str) -> dict[str, str]:
-    return {"kafka_security_protocol": "SASL_SSL", "kafka_sasl_username": STAGE_USER,
-            "kafka_sasl_password": password, "kafka_ssl_ca_file": str(secure.ca_file),
-            **more}  # fmt: skip
+def stage_env(secure: SecureKafka, user: str, password: str | None = None,
+              **more: str) -> dict[str, str]:  # fmt: skip
+    return {"kafka_security_protocol": "SASL_SSL", "kafka_sasl_username": user,
+            "kafka_sasl_password": password or USERS[user],
+            "kafka_ssl_ca_file": str(secure.ca_file), **more}  # fmt: skip
 
 
-def test_the_pipeline_runs_on_a_broker_with_tls_logins_and_acls(
+def test_each_stage_runs_under_its_own_principal_with_only_what_it_needs(
     secured: SecuredBroker, stack: Endpoints, spec_file: Path, tmp_path: Path
 ) -> None:
     spec = load_spec(spec_file)
     topics, n = spec.topics, 2000
+    use_security(secured.secure.client())  # the operator makes the topics, as admin
+    try:
+        ensure_pipeline_topics(secured.address, spec, Settings())
+    finally:
+        use_security({})
+    # each stage's principal gets what `riverflow acls` lists for it, applied as admin
+    env = {
+        **os.environ,
+        "RIVERFLOW_SPEC": str(spec_file),
+        "RIVERFLOW_REDIS_URL": stack.redis_url,
+        "RIVERFLOW_KAFKA_BOOTSTRAP": secured.address,
+        **{f"RIVERFLOW_{k.upper()}": v for k, v in stage_env(secured.secure, "admin").items()},
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "riverflow.cli", "acls", "all", "--apply"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    expected = sum(len(stage_acls(spec, stage, f"User:{stage}")) for stage in STAGES)
+    assert f"created {expected} ACLs for scorer, learner, monitor" in done.stdout
     servers = Endpoints(secured.address, stack.redis_url)
     with stage_processes(servers, spec_file, tmp_path) as start:
-        for stage in ("scorer", "learner", "monitor"):
-            start(stage, partitions=3, **stage_env(secured.secure))
+        for stage in STAGES:
+            start(stage, partitions=3, **stage_env(secured.secure, stage))
         prod = Producer({"bootstrap.servers": secured.address, **secured.secure.client()})
         for kind, rec in with_labels(n, FraudStreamConfig(seed=8)):
             topic, key = (
@@ -90,11 +100,26 @@ def test_the_pipeline_runs_on_a_broker_with_tls_logins_and_acls(
             prod.produce(topic, orjson.dumps(rec), key.encode())
             prod.poll(0)
         assert prod.flush(30) == 0
-        admin = secured.secure.client()
-        predictions = collect(secured.address, topics.predictions, n, 180, 1.0, config=admin)
-        evaluations = collect(secured.address, topics.evaluations, n, 180, 1.0, config=admin)
+        config = secured.secure.client()
+        predictions = collect(secured.address, topics.predictions, n, 180, 1.0, config=config)
+        evaluations = collect(secured.address, topics.evaluations, n, 180, 1.0, config=config)
+        model_events = collect(secured.address, topics.model_events, 1, 60, 1.0, config=config)
     assert len({Prediction.decode(m.value()).event_id for m in predictions}) == n
-    assert len(evaluations) == n
+    assert len(evaluations) == n and model_events  # the learner published, the monitor read
+
+    # and nothing more: the scorer's principal cannot write a model change or a label,
+    # nor read what the learner reads
+    as_scorer = Producer({"bootstrap.servers": secured.address,
+                          **secured.secure.client("scorer")})  # fmt: skip
+    refused: dict[str, str] = {}
+    for topic in (topics.model_events, topics.evaluations, topics.labels):
+        as_scorer.produce(topic, b"{}", on_delivery=lambda err, m: refused.update(
+            {m.topic(): str(err)}))  # fmt: skip
+    as_scorer.flush(30)
+    assert set(refused) == {topics.model_events, topics.evaluations, topics.labels}
+    assert all("TOPIC_AUTHORIZATION_FAILED" in why for why in refused.values()), refused
+    with pytest.raises(AssertionError):  # the monitor's principal reads no labels
+        collect(secured.address, topics.labels, 1, 5, 0.5, config=secured.secure.client("monitor"))
 
 
 @pytest.mark.parametrize("broken", ["password", "ca"])
@@ -102,11 +127,11 @@ def test_a_refused_login_or_an_untrusted_certificate_stops_a_stage_in_one_line(
     secured: SecuredBroker, stack: Endpoints, spec_file: Path, tmp_path: Path, broken: str
 ) -> None:
     if broken == "password":
-        env = stage_env(secured.secure, password="not-the-password")
+        env = stage_env(secured.secure, "scorer", password="not-the-password")
         cause = "SASL authentication error: Authentication failed"
     else:
         other = make_secure_kafka(tmp_path / "other-ca", {"x": "y"})
-        env = stage_env(secured.secure, kafka_ssl_ca_file=str(other.ca_file))
+        env = stage_env(secured.secure, "scorer", kafka_ssl_ca_file=str(other.ca_file))
         cause = "certificate verify failed"
     servers = Endpoints(secured.address, stack.redis_url)
     with stage_processes(servers, spec_file, tmp_path) as start:
