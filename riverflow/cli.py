@@ -142,6 +142,15 @@ def cmd_acls(args: argparse.Namespace, settings: Settings) -> int:
 
     spec = load_spec(args.spec or settings.spec)
     stages = [args.stage] if args.stage != "all" else ["scorer", "learner", "monitor"]
+    if args.redis:
+        from riverflow.security import redis_acl_rules
+
+        cluster = settings.redis_cluster or (settings.redis_url or "").startswith(
+            ("redis+cluster://", "rediss+cluster://"))  # fmt: skip
+        for stage in stages:
+            rules = " ".join(f"'{r}'" for r in redis_acl_rules(spec, stage, cluster))
+            print(f"ACL SETUSER {stage} on '>PASSWORD' {rules}")
+        return 0
     acls = [a for stage in stages for a in stage_acls(spec, stage, args.principal or
             f"User:{stage}")]  # fmt: skip
     if not args.apply:
@@ -562,13 +571,17 @@ def parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     acls = sub.add_parser(
-        "acls", help="the Kafka ACLs a stage's principal needs (kafka-acls.sh commands)"
+        "acls", help="what a stage's Kafka principal (kafka-acls.sh) or Redis user needs"
     )
     acls.add_argument("stage", choices=["scorer", "learner", "monitor", "all"])
     acls.add_argument("--principal", help="default: User:<stage>")
     acls.add_argument(
         "--apply", action="store_true",
         help="create them on the cluster (log in as an admin: RIVERFLOW_KAFKA_*)",
+    )  # fmt: skip
+    acls.add_argument(
+        "--redis", action="store_true",
+        help="the stage's Redis user instead (ACL SETUSER, for redis-cli)",
     )  # fmt: skip
     acls.add_argument("--spec", type=Path)
     acls.set_defaults(func=cmd_acls)

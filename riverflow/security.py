@@ -1,4 +1,4 @@
-"""Least privilege on Kafka: what each stage's principal may do, as ACLs.
+"""Least privilege: what each stage's Kafka principal and Redis user may do.
 
 Each stage logs in as a principal of its own; ``stage_acls`` lists exactly what
 that principal needs on a pipeline's topics, consumer groups and transactional
@@ -29,6 +29,7 @@ from confluent_kafka.admin import (
     ResourceType,
 )
 
+from riverflow.features.store.redis_store import key_prefix
 from riverflow.spec import PipelineSpec
 
 STAGES = ("scorer", "learner", "monitor")
@@ -89,3 +90,27 @@ def acl_commands(acls: list[AclBinding], bootstrap: str = "BROKER:9092") -> list
             + (" --resource-pattern-type prefixed" if prefixed else "")
         )
     return out
+
+
+def redis_acl_rules(spec: PipelineSpec, stage: str, cluster: bool = False) -> list[str]:
+    """The ``ACL SETUSER`` rules (after ``on >password``) of ``stage``'s Redis user:
+    any command but the dangerous ones (admin, ``KEYS``, ``FLUSHALL``...), on the
+    pipeline's keys the stage uses, read-only where it only reads, and the channel
+    of champion moves. The scorer writes entity state and snapshots and only
+    reads the registry: it cannot store a version or move the champion pointer.
+    The learner (advances the pointer as it publishes) and the monitor (promotes,
+    rolls back) write the registry; the operator's own user does the rest
+    (``riverflow models``, ``features reset``)."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r} (scorer, learner or monitor)")
+    p = key_prefix(spec.name, cluster)
+    registry_read = [f"%R~{p}champion", f"%R~{p}models", f"%R~{p}model:*"]
+    writes = {
+        "scorer": [f"~{p}ent:*", f"~{p}snap:*", f"~{p}features:layout", *registry_read],
+        "learner": [f"~{p}learned:*", f"~{p}models", f"~{p}model:*", f"~{p}champion",
+                    f"~{p}champion:history", f"~{p}learner:checkpoint", f"%R~{p}challengers"],
+        "monitor": [f"~{p}champion", f"~{p}champion:history", f"~{p}challengers",
+                    f"%R~{p}models", f"%R~{p}model:*", f"%R~{p}learner:checkpoint"],
+    }[stage]  # fmt: skip
+    return ["resetkeys", "resetchannels", *writes, f"&{p}champion:moved",
+            "-@all", "+@all", "-@dangerous"]  # fmt: skip

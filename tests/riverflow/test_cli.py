@@ -125,3 +125,17 @@ def test_the_join_bench_says_what_a_waiting_event_costs_on_disk() -> None:
     assert done.returncode == 0, done.stderr
     assert "3,000 scored events" in done.stdout
     assert "on the learner's disk" in done.stdout and "lookup" in done.stdout
+
+
+def test_acls_print_what_each_stage_may_do() -> None:
+    kafka = riverflow("acls", "scorer")
+    assert kafka.returncode == 0, kafka.stderr
+    lines = kafka.stdout.splitlines()
+    assert any("User:scorer --operation Read --topic 'fraud.events'" in x for x in lines)
+    assert any("--operation Write --topic 'fraud.predictions'" in x for x in lines)
+    assert not any("Write --topic 'fraud.model-events'" in x for x in lines)  # not the scorer's
+    redis_user = riverflow("acls", "scorer", "--redis")
+    assert redis_user.returncode == 0, redis_user.stderr
+    rules = redis_user.stdout.split()
+    assert "'%R~rf:fraud:champion'" in rules and "'~rf:fraud:champion'" not in rules
+    assert "'-@dangerous'" in rules

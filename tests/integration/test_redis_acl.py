@@ -1,0 +1,82 @@
+"""Least privilege on Redis: each stage logs in as a Redis user of its own
+(``riverflow.security.redis_acl_rules``). The pipeline runs on them, and the
+scorer's user cannot store a model version or move the champion pointer."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import orjson
+import pytest
+import redis
+
+from riverflow.models.registry import ChampionPointer, RedisRegistry
+from riverflow.security import STAGES, redis_acl_rules
+from riverflow.settings import Settings
+from riverflow.spec import load_spec
+from riverflow.streams.kafka_io import ensure_topics, produce_all, producer
+from riverflow.tools.generator import FraudStreamConfig, with_labels
+from riverflow.tools.stack import Endpoints
+
+from .conftest import StageFactory, collect
+
+KEY = Settings().signing_key.get_secret_value().encode()
+
+
+def test_each_stage_runs_as_its_own_redis_user_and_the_scorer_cannot_touch_the_registry(
+    stack: Endpoints, spec_file: Path, start_stage: StageFactory, redis_client: redis.Redis
+) -> None:
+    spec = load_spec(spec_file)
+    topics, n = spec.topics, 2000
+    tag = uuid.uuid4().hex[:6]
+    users = {stage: (f"{stage}-{tag}", f"pw-{stage}-{tag}") for stage in STAGES}
+    for stage, (user, password) in users.items():
+        redis_client.execute_command(
+            "ACL", "SETUSER", user, "on", f">{password}", *redis_acl_rules(spec, stage)
+        )
+    try:
+        ensure_topics(stack.kafka_bootstrap, topics.all(), partitions=3)
+        stages = {
+            stage: start_stage(
+                stage,
+                partitions=3,
+                redis_username=user,
+                redis_password=password,
+                snapshot_every_labels=500,
+            )
+            for stage, (user, password) in users.items()
+        }
+        records = []
+        for kind, rec in with_labels(n, FraudStreamConfig(seed=9, drift_at=(n // 2,))):
+            topic, key = (topics.events, rec["card_id"]) if kind == "event" else (
+                topics.labels, rec["event_id"])  # fmt: skip
+            records.append((topic, key.encode(), orjson.dumps(rec)))
+        produce_all(producer(stack.kafka_bootstrap), records)
+        assert len(collect(stack.kafka_bootstrap, topics.predictions, n, 180, 1.0)) == n
+        assert len(collect(stack.kafka_bootstrap, topics.evaluations, n, 180, 1.0)) == n
+        for stage in stages.values():
+            assert stage.proc.poll() is None  # none died on a refused command
+        # the learner published and moved the pointer as it went: under its own user
+        pointer = RedisRegistry(redis_client, spec.name, KEY).champion()
+        assert pointer is not None and pointer.version > 0
+
+        user, password = users["scorer"]
+        as_scorer = redis.Redis.from_url(stack.redis_url, username=user, password=password)
+        scorer_registry = RedisRegistry(as_scorer, spec.name, KEY)
+        assert scorer_registry.champion() == pointer  # it reads the pointer and versions
+        assert scorer_registry.load(pointer.model, pointer.version).version == pointer.version
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            scorer_registry.promote(ChampionPointer(pointer.model, pointer.version))
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            as_scorer.set(f"rf:{spec.name}:champion", b'{"model": "mine", "version": 1}')
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            scorer_registry.publish(pointer.model, {"forged": True}, {})
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            as_scorer.get("rf:other-pipeline:ent:card_id:c1")  # another pipeline's keys
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            as_scorer.flushall()
+        assert RedisRegistry(redis_client, spec.name, KEY).champion() == pointer
+    finally:
+        for user, _ in users.values():
+            redis_client.acl_deluser(user)
