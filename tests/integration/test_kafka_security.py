@@ -15,6 +15,7 @@ from pathlib import Path
 import orjson
 import pytest
 from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient
 
 from riverflow.kafka_runtime import ensure_pipeline_topics
 from riverflow.security import STAGES, stage_acls
@@ -91,21 +92,21 @@ def test_each_stage_runs_under_its_own_principal_with_only_what_it_needs(
     with stage_processes(servers, spec_file, tmp_path) as start:
         for stage in STAGES:
             start(stage, partitions=3, **stage_env(secured.secure, stage))
-        prod = Producer({"bootstrap.servers": secured.address, **secured.secure.client()})
-        for kind, rec in with_labels(n, FraudStreamConfig(seed=8)):
-            topic, key = (
-                (topics.events, rec["card_id"]) if kind == "event"
-                else (topics.labels, rec["event_id"])
-            )  # fmt: skip
-            prod.produce(topic, orjson.dumps(rec), key.encode())
-            prod.poll(0)
-        assert prod.flush(30) == 0
+        # the operator feeds it with `riverflow produce`, logged in as admin
+        fed = subprocess.run([sys.executable, "-m", "riverflow.cli", "produce", "--events",
+                              str(n), "--seed", "8"], env=env, capture_output=True, text=True,
+                             timeout=120, check=False)  # fmt: skip
+        assert fed.returncode == 0, fed.stderr
         config = secured.secure.client()
         predictions = collect(secured.address, topics.predictions, n, 180, 1.0, config=config)
         evaluations = collect(secured.address, topics.evaluations, n, 180, 1.0, config=config)
         model_events = collect(secured.address, topics.model_events, 1, 60, 1.0, config=config)
     assert len({Prediction.decode(m.value()).event_id for m in predictions}) == n
     assert len(evaluations) == n and model_events  # the learner published, the monitor read
+    shown = subprocess.run([sys.executable, "-m", "riverflow.cli", "tail", topics.predictions,
+                            "-n", "3"], env=env, capture_output=True, text=True, timeout=60,
+                           check=False)  # fmt: skip
+    assert shown.returncode == 0 and len(shown.stdout.splitlines()) == 3, shown.stderr
 
     # and nothing more: the scorer's principal cannot write a model change or a label,
     # nor read what the learner reads
@@ -145,3 +146,28 @@ def test_a_refused_login_or_an_untrusted_certificate_stops_a_stage_in_one_line(
     assert f"error: Kafka at {secured.address} refused this client:" in said
     assert cause in said and "Traceback" not in said
     assert "not-the-password" not in said  # never the secret
+
+
+def test_the_faust_host_logs_in_with_the_same_settings(
+    secured: SecuredBroker, stack: Endpoints, spec_file: Path, tmp_path: Path
+) -> None:
+    spec = load_spec(spec_file)
+    use_security(secured.secure.client())
+    try:
+        ensure_pipeline_topics(secured.address, spec, Settings())
+        admin = AdminClient({"bootstrap.servers": secured.address, **secured.secure.client()})
+        for future in admin.create_acls(stage_acls(spec, "scorer", "User:scorer")).values():
+            future.result()
+    finally:
+        use_security({})
+    servers = Endpoints(secured.address, stack.redis_url)
+    events = [rec for kind, rec in with_labels(300, FraudStreamConfig(seed=3)) if kind == "event"]
+    with stage_processes(servers, spec_file, tmp_path) as start:
+        start("scorer", host="faust", **stage_env(secured.secure, "scorer"))
+        prod = Producer({"bootstrap.servers": secured.address, **secured.secure.client()})
+        for rec in events:
+            prod.produce(spec.topics.events, orjson.dumps(rec), rec["card_id"].encode())
+        assert prod.flush(30) == 0
+        got = collect(secured.address, spec.topics.predictions, len(events), 120, 1.0,
+                      config=secured.secure.client())  # fmt: skip
+    assert len({Prediction.decode(m.value()).event_id for m in got}) == len(events)
