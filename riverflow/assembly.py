@@ -73,7 +73,7 @@ def kafka_security(settings: Settings) -> dict[str, Any]:
 def pseudonymizer(spec: PipelineSpec, settings: Settings) -> Pseudonymizer:
     """What the scorer does with the spec's personal fields (``streams.pii``)."""
     key = settings.pii_key.get_secret_value().encode()
-    return Pseudonymizer(spec.events.pii, key, spec.events.key)
+    return Pseudonymizer(spec.events.pii, key, spec.events.key, settings.pii_key_id)
 
 
 T = TypeVar("T")

@@ -171,6 +171,37 @@ def cmd_acls(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_forget(args: argparse.Namespace, settings: Settings) -> int:
+    from riverflow.assembly import pseudonymizer, redis_client, redis_store
+    from riverflow.streams.contracts import Prediction
+    from riverflow.streams.kafka_io import read_topic
+
+    spec = load_spec(args.spec or settings.spec)
+    field = args.field or spec.events.key
+    if field not in {f for entity in spec.feature_plan().entities for f in entity}:
+        raise RiverflowError(f"{field!r} keys no feature of {spec.name}: nothing is kept per it")
+    pii = pseudonymizer(spec, settings)
+    stored = pii.token(args.value) if field in pii.hashed else args.value
+    ep = endpoints(settings)
+    event_ids: list[str] = []
+    if field == spec.events.key:  # its events still in the replay window: predictions keyed by it
+        for msg in read_topic(ep.kafka_bootstrap, spec.topics.predictions, idle_s=1.0,
+                              since_s=settings.replay_window_s):  # fmt: skip
+            if msg.key() == stored.encode():
+                event_ids.append(Prediction.decode(msg.value()).event_id)
+    store = redis_store(spec, settings, redis_client(settings, ep.redis_url))
+    entities, snapshots = store.forget(field, stored, event_ids)
+    console.print(
+        f"forgot {field} {args.value!r} in Redis: {entities} entity keys (its windows) and "
+        f"{snapshots} snapshots of its last {len(event_ids)} events deleted. Kept until their "
+        f"retention: its predictions on {spec.topics.predictions} and in the learner's index "
+        f"(the label horizon, {settings.label_horizon_s / 86400:g} days), by token"
+        + (" (the field is tokenised)" if field in pii.hashed else ""),
+        soft_wrap=True,
+    )
+    return 0
+
+
 def cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
     from riverflow.kafka_runtime import ensure_pipeline_topics
     from riverflow.streams.kafka_io import produce_all, producer
@@ -569,6 +600,14 @@ def parser() -> argparse.ArgumentParser:
         "promotion); labels: a burst of flipped labels (rollback)",
     )  # fmt: skip
     demo.set_defaults(func=cmd_demo)
+
+    forget = sub.add_parser(
+        "forget", help="erase an entity's features and snapshots from Redis (right to erasure)"
+    )
+    forget.add_argument("value", help="the entity's raw value (a card id)")
+    forget.add_argument("--field", help="the entity field (default: the events' key)")
+    forget.add_argument("--spec", type=Path)
+    forget.set_defaults(func=cmd_forget)
 
     acls = sub.add_parser(
         "acls", help="what a stage's Kafka principal (kafka-acls.sh) or Redis user needs"

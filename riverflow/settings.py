@@ -129,6 +129,11 @@ class Settings(BaseSettings):
     signing_key: SecretStr = Field(
         SecretStr(DEV_SIGNING_KEY), description="HMAC key for model snapshots"
     )
+    pii_key_id: str = Field(
+        "1", min_length=1, max_length=32,
+        description="the name of RIVERFLOW_PII_KEY, written in every prediction: change "
+        "both together when you rotate the key",
+    )  # fmt: skip
     pii_key: SecretStr = Field(
         SecretStr(DEV_PII_KEY),
         description="HMAC key of the tokens that replace personal fields (events.pii); "

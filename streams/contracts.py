@@ -126,6 +126,9 @@ class Prediction(Record):
     # the event's fields the model read beside ``features`` (and the segment field):
     # with them a prediction is the whole record the learner joins a label to
     inputs: dict[str, Any] = field(default_factory=dict)
+    # the id of the key that tokenised its personal fields (``streams.pii``), if any:
+    # tokens of two key ids are not comparable (a rotation starts entities afresh)
+    pii_key: str | None = None
 
     def encode(self) -> bytes:
         record: dict[str, Any] = {
@@ -142,6 +145,8 @@ class Prediction(Record):
         }
         if self.explanation is not UNSET:
             record["explanation"] = self.explanation
+        if self.pii_key is not None:
+            record["pii_key"] = self.pii_key
         return orjson.dumps(record)
 
 

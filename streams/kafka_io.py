@@ -192,13 +192,25 @@ def groupless_reader(
 
 
 def read_topic(
-    bootstrap: str, topic: str, idle_s: float = 2.0, follow: bool = False
+    bootstrap: str,
+    topic: str,
+    idle_s: float = 2.0,
+    follow: bool = False,
+    since_s: float | None = None,
 ) -> Iterator[Any]:
-    """Every message of ``topic`` from the beginning, until none arrived for ``idle_s``
-    seconds (or forever with ``follow``). Reads all partitions without a consumer
-    group, so it commits nothing and joins no rebalance."""
+    """Every message of ``topic`` from the beginning (``since_s``: from the first no
+    older than that many seconds), until none arrived for ``idle_s`` seconds (or
+    forever with ``follow``). Reads all partitions without a consumer group, so it
+    commits nothing and joins no rebalance."""
     consumer, partitions = groupless_reader(bootstrap, topic, "riverflow-reader")
-    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+    starts = [TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions]
+    if since_s is not None:
+        at_ms = int((time.time() - since_s) * 1000)
+        found = consumer.offsets_for_times(
+            [TopicPartition(topic, p, at_ms) for p in partitions], timeout=10
+        )
+        starts = [tp for tp in found if tp.offset >= 0]  # -1: nothing that recent
+    consumer.assign(starts)
     last = time.monotonic()
     try:
         while follow or time.monotonic() - last < idle_s:

@@ -42,11 +42,16 @@ class Pseudonymizer:
     is marked)."""
 
     def __init__(
-        self, policies: Mapping[str, PiiPolicy], key: bytes, key_field: str | None = None
+        self,
+        policies: Mapping[str, PiiPolicy],
+        key: bytes,
+        key_field: str | None = None,
+        key_id: str = "1",
     ) -> None:
         self.hashed = [name for name, p in policies.items() if p is PiiPolicy.HASH]
         self.dropped = [name for name, p in policies.items() if p is PiiPolicy.DROP]
         self.key = key
+        self.key_id = key_id  # named in every prediction, so a rotation is visible
         self.key_marked = key_field is not None and key_field in policies
         self._tokens: dict[str, str] = {}
 

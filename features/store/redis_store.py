@@ -276,6 +276,31 @@ class RedisFeatureStore:
             f"`riverflow features reset`, and start them again (the windows restart empty)"
         )
 
+    def forget(self, field: str, value: str, event_ids: Sequence[str] = ()) -> tuple[int, int]:
+        """Delete what Redis holds of the entity whose ``field`` is ``value`` (as
+        stored: its token if the field is marked personal): its windows, alone and in
+        every composite entity it is part of, and the snapshots of ``event_ids``
+        (its events still in the replay window). Returns (entity keys, snapshots)
+        deleted. A scorer holding the entity in process finds its write refused
+        (the version is gone) and starts it afresh from the next event."""
+        glob = "".join("\\" + c if c in "*?[]\\" else c for c in value)
+        patterns = []
+        for entity in self._entities:
+            if field in entity:
+                parts = ["*"] * len(entity)
+                parts[entity.index(field)] = glob
+                key = self.entity_key("+".join(entity), "|".join(parts))
+                patterns += [key, f"{key}:hll:*"]
+        keys: set[Any] = set()
+        for pattern in patterns:
+            keys.update(self.client.scan_iter(match=pattern, count=1000))
+        entities = int(self.client.unlink(*keys)) if keys else 0
+        snaps = [self.snapshot_key(e) for e in event_ids]
+        snapshots = int(self.client.unlink(*snaps)) if snaps else 0
+        self._cache.clear()
+        self._compact.clear()
+        return entities, snapshots
+
     def reset(self) -> int:
         """Delete the stored entity state and its layout; returns the keys deleted."""
         deleted = 0

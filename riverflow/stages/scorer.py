@@ -71,6 +71,7 @@ class Scorer:
         # personal fields tokenised (or dropped) right after validation: nothing after
         # it, store, model, prediction or log, sees them in clear
         self.pii = pii if pii else None
+        self.pii_key = None if self.pii is None else self.pii.key_id
         self.explain_top = explain_top
         self.schema = schema
         self.plan = plan
@@ -183,5 +184,6 @@ class Scorer:
             snap.replayed,
             explanation,
             snap.inputs,
+            self.pii_key,
         )
         return Output(self.topics.predictions, entity.encode(), prediction.encode()), served

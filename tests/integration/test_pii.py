@@ -108,6 +108,7 @@ def test_no_raw_personal_value_reaches_a_topic_redis_a_log_or_a_page(
         p = Prediction.decode(msg.value())
         assert p.entity == pii.token(by_event[p.event_id]["card_id"])
         assert msg.key() == p.entity.encode()
+        assert p.pii_key == "1"  # the key's id: a rotation shows in the predictions
     kinds = {(d.stage, d.error_kind) for d in (DeadLetter.decode(m.value()) for m in letters)}
     assert {
         ("scorer", "wrong_type"),
@@ -136,3 +137,41 @@ def test_no_raw_personal_value_reaches_a_topic_redis_a_log_or_a_page(
     # and the search does find a raw id where one is: the events topic the user wrote
     raw_events = collect(stack.kafka_bootstrap, topics.events, n, 30, 0.5)
     assert raw_ids(b"\n".join(m.value() for m in raw_events[:50])) & seen
+
+
+def test_forget_erases_an_entitys_windows_and_recent_snapshots_given_its_raw_id(
+    stack: Endpoints, spec_file: Path, start_stage: StageFactory, tmp_path: Path
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    spec = load_spec(spec_file)
+    n = 600
+    events = [rec for kind, rec in with_labels(n, FraudStreamConfig(seed=6, cards=20))
+              if kind == "event"]  # fmt: skip
+    start_stage("scorer", partitions=3)
+    produce_all(producer(stack.kafka_bootstrap), [
+        (spec.topics.events, e["card_id"].encode(), orjson.dumps(e)) for e in events
+    ])  # fmt: skip
+    assert len(collect(stack.kafka_bootstrap, spec.topics.predictions, n, 120, 1.0)) == n
+    client = redis.Redis.from_url(stack.redis_url)
+    pii = pseudonymizer(spec, Settings())
+    card = events[0]["card_id"]
+    mine = [e["event_id"] for e in events if e["card_id"] == card]
+    others = [e["event_id"] for e in events if e["card_id"] != card]
+    prefix = f"rf:{spec.name}:"
+    assert client.exists(f"{prefix}ent:card_id:{pii.token(card)}")
+    assert all(client.exists(f"{prefix}snap:{i}") for i in mine)
+    env = {**os.environ, "RIVERFLOW_KAFKA_BOOTSTRAP": stack.kafka_bootstrap,
+           "RIVERFLOW_REDIS_URL": stack.redis_url, "RIVERFLOW_SPEC": str(spec_file)}  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "riverflow.cli", "forget", card], env=env,
+                          capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    said = " ".join(done.stdout.split())
+    assert f"{len(mine)} snapshots of its last {len(mine)} events deleted" in said
+    assert not list(client.scan_iter(match=f"{prefix}ent:*{pii.token(card)}*"))
+    assert not any(client.exists(f"{prefix}snap:{i}") for i in mine)
+    # nobody else's
+    assert all(client.exists(f"{prefix}snap:{i}") for i in others)
+    assert client.exists(f"{prefix}ent:card_id:{pii.token(events[-1]['card_id'])}")
