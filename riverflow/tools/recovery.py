@@ -98,11 +98,9 @@ def run_pipeline(
 def event_index(decision: ModelEvent) -> int:
     """Which event of the stream a monitor decision came after (events are labelled
     in order, one label each, so the monitor's label count says it)."""
-    evidence = decision.evidence or {}
-    label = evidence.get("label")
-    if isinstance(label, dict) and isinstance(label.get("event_id"), str):
-        return int(label["event_id"][1:])  # the drift event names the label that tripped it
-    return int(evidence.get("labels", 0)) - 1
+    if decision.event_id is not None:
+        return int(decision.event_id[1:])  # a drift event names the label that tripped it
+    return int((decision.evidence or {}).get("labels", 0)) - 1
 
 
 def decision_figures(
@@ -131,7 +129,7 @@ def decision_figures(
         out[f"{kind}_stationary"] = sum(map(stationary, at))
         out[f"{kind}_at"] = at
     drift_events = [d for d in decisions if d.kind == "drift"]
-    champion = [d for d in drift_events if (d.evidence or {}).get("champion") is True]
+    champion = [d for d in drift_events if d.champion]
     groups = {"all": drift_events, "champion": champion}
     for name, group in groups.items():
         alarms = sorted(event_index(d) for d in group)
