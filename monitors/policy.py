@@ -18,14 +18,15 @@ the spec's policies to the registry while traffic flows:
   not better is promoted with probability at most ``alpha``;
 - **rollback**: the champion's accuracy over the last ``rollback.window``
   labelled events falling ``rollback.drop`` below its level when it was last
-  good (or below ``rollback.floor``) makes the version served when it was last
-  good, a full rollback window before the fall, a rollback target; it is
-  shadow-scored on those same recent labelled events and the pointer moves
-  only if it is right on more of them than the champion was, by a one-sided
-  sign test at ``rollback.alpha`` on the labels where they differ (else it is tried
-  again a window later, and a fall that lasts a full quality window becomes
-  the new level: a concept drift, not a bad version). The learner then
-  continues that version, forgetting what it learned since;
+  good (or below ``rollback.floor``) makes the last three versions served
+  while it was good, a full rollback window before the fall, rollback targets;
+  each is shadow-scored on those same recent labelled events and the pointer
+  moves to the best only if it is right on more of them than the champion was,
+  by a one-sided sign test at ``rollback.alpha / 3`` on the labels where they
+  differ (else they are tried again a window later, and a fall that lasts a
+  full quality window becomes the new level: a concept drift, not a bad
+  version). The learner then continues that version, forgetting what it
+  learned since;
 - every champion change (promote, rollback) resets the champion's drift
   detector: the errors of a model that was just swapped in are no drift;
 - every decision is returned with its evidence (the stage writes it to
@@ -57,6 +58,7 @@ from riverflow.streams.contracts import LabelPosition, ModelEvent
 
 MAX_SEGMENTS = 1_000  # segment values tracked one by one
 OTHER_SEGMENT = "(other)"
+ROLLBACK_TARGETS = 3  # earlier good versions shadow-scored before a rollback
 
 
 @dataclass(frozen=True)
@@ -335,35 +337,44 @@ class PipelineMonitor:
         if self.shadow_at is not None and self.labels - self.shadow_at < policy.window:
             return []  # refused a window ago: try again on labels it has not seen
         before = self.labels - policy.window
-        # a version pruned since (the registry keeps the champion's newest snapshots)
-        # is passed over for an earlier good one
-        target = next(
-            (p for n, p in reversed(self.good) if n <= before and self.registry.has(p)), None
-        )
-        if target is None:
+        # the last few versions served while it was good, a full window before the fall
+        # (one pruned since is passed over): the newest may already have learned what
+        # made it fall (a burst of bad labels that it first fitted)
+        targets: list[tuple[int, ChampionPointer]] = []
+        for n, p in reversed(self.good):
+            if n <= before and p not in (t for _, t in targets) and self.registry.has(p):
+                targets.append((n, p))
+                if len(targets) == ROLLBACK_TARGETS:
+                    break
+        if not targets or len(self.recent) < policy.window:
             return []
-        # refuses an unverifiable target (raises) before anything is decided
-        model = self.registry.load(target.model, target.version).model
-        shadow = self._shadow(model)
-        served = sum(ok for _, _, ok in self.recent) / max(len(self.recent), 1)
+        served = sum(ok for _, _, ok in self.recent) / len(self.recent)
+        alpha = policy.alpha / len(targets)  # Bonferroni: the best of several is tested
+        best: tuple[float, int, ChampionPointer, int, int] | None = None
+        for n, target in targets:
+            # refuses an unverifiable target (raises) before anything is decided
+            shadow = self._shadow(self.registry.load(target.model, target.version).model)
+            if shadow is None:
+                break  # labels without inputs (an older learner): nothing can be shown
+            p_value = sign_test(*shadow)
+            if best is None or p_value < best[0]:
+                best = (p_value, n, target, *shadow)
+        self.shadow_at = self.labels
+        if best is None:
+            return []
+        p_value, n, target, target_only, champion_only = best
+        accuracy = served + (target_only - champion_only) / len(self.recent)
         evidence = {"recent_accuracy": round(recent, 6), "window": policy.window,
                     "good_level": None if self.level is None else round(self.level, 6),
                     "drop": policy.drop, "floor": policy.floor,
                     "from": str(self.champion), "to": str(target),
+                    "shadow_labels": len(self.recent), "targets_scored": len(targets),
                     "champion_window_accuracy": round(served, 6),
-                    "shadow_labels": len(self.recent)}  # fmt: skip
-        if shadow is None:
-            self.shadow_at = self.labels
-            return []
-        target_only, champion_only = shadow
-        accuracy = served + (target_only - champion_only) / len(self.recent)
-        p_value = sign_test(target_only, champion_only)
-        evidence.update({"target_window_accuracy": round(accuracy, 6), "target_only_right":
-                         target_only, "champion_only_right": champion_only,
-                         "sign_test_p": p_value, "alpha": policy.alpha})  # fmt: skip
-        if p_value >= policy.alpha:
-            self.shadow_at = self.labels  # not shown to mend it: no move
-            return []
+                    "target_window_accuracy": round(accuracy, 6),
+                    "target_only_right": target_only, "champion_only_right": champion_only,
+                    "sign_test_p": p_value, "alpha": alpha}  # fmt: skip
+        if p_value >= alpha:
+            return []  # not shown to mend it: no move (tried again a window later)
         why = (f"accuracy over the last {policy.window} labels {recent:.3f} "
                + (f"< floor {policy.floor}" if below_floor
                   else f"fell more than {policy.drop} below {self.level:.3f}")
@@ -373,7 +384,7 @@ class PipelineMonitor:
         if moved is None:
             return []  # the pointer moved meanwhile: look again with the next label
         self.champion = target
-        while self.good and self.good[-1][0] > before:
+        while self.good and self.good[-1][0] > n:
             self.good.pop()
         self._champion_changed()
         self.last_decision = self.labels

@@ -128,6 +128,11 @@ def decision_figures(
         at = [event_index(d) for d in decisions if d.kind == kind]
         out[f"{kind}_stationary"] = sum(map(stationary, at))
         out[f"{kind}_at"] = at
+    out["promotions"] = [
+        {"at": event_index(d), "model": d.model, "version": d.version,
+         **{k: (d.evidence or {}).get(k) for k in ("e_value", "recent_gain", "n")}}
+        for d in decisions if d.kind == "promote"
+    ]  # fmt: skip
     drift_events = [d for d in decisions if d.kind == "drift"]
     champion = [d for d in drift_events if d.champion]
     groups = {"all": drift_events, "champion": champion}
