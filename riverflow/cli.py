@@ -253,7 +253,7 @@ def cmd_recovery_eval(args: argparse.Namespace, settings: Settings) -> int:
         args.events, args.every, args.seed, log=log, stream=args.stream, runs=runs
     )
     Path(args.json).write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
-    if args.monitored_only:
+    if "ratio" not in result:  # one run, or no drift to recover from
         return 0
     without, with_ = result["without_monitor"], result["with_monitor"]
     console.print(

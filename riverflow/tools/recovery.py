@@ -171,16 +171,16 @@ def run_recovery_eval(
         figures = decision_figures(run.decisions, drifts, events)
         out[name] = {
             "recovery_events": times,
-            "mean_recovery": sum(times) / len(times),
+            "mean_recovery": sum(times) / len(times) if times else None,
             "accuracy": sum(run.correct) / len(run.correct),
             **figures,
             "seconds": round(run.seconds, 1),
         }
-        log(f"  recovery per drift {times}, mean {out[name]['mean_recovery']:,.0f}; "
+        log(f"  recovery per drift {times}, mean {out[name]['mean_recovery'] or 0:,.0f}; "
             f"served accuracy {out[name]['accuracy']:.4f}; decisions {figures['decisions']}; "
             f"promotions / rollbacks on stationary stretches {figures['promote_stationary']} / "
             f"{figures['rollback_stationary']}; alarms {figures['all_alarms']}")  # fmt: skip
-    if len(runs) == 2:
+    if len(runs) == 2 and drifts:
         ratio = out["without_monitor"]["mean_recovery"] / max(
             out["with_monitor"]["mean_recovery"], 1
         )
