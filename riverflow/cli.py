@@ -250,7 +250,7 @@ def cmd_recovery_eval(args: argparse.Namespace, settings: Settings) -> int:
 
     runs = ("with_monitor",) if args.monitored_only else ("without_monitor", "with_monitor")
     result = run_recovery_eval(
-        args.events, args.every, args.seed, log=log, stream=args.stream, runs=runs
+        args.events, args.every, args.seed, log=log, stream=args.stream, runs=runs, twin=args.twin
     )
     Path(args.json).write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
     if "ratio" not in result:  # one run, or no drift to recover from
@@ -578,6 +578,9 @@ def parser() -> argparse.ArgumentParser:
     recovery.add_argument("--stream", choices=("agrawal", "sea"), default="agrawal")
     recovery.add_argument(
         "--monitored-only", action="store_true", help="skip the run without the monitor"
+    )
+    recovery.add_argument(
+        "--twin", action="store_true", help="a second, about as good tree as a challenger"
     )
     recovery.add_argument("--json", default="recovery-eval.json")
     recovery.set_defaults(func=cmd_recovery_eval)

@@ -31,8 +31,15 @@ SEA_FIELDS = ("x0", "x1", "x2")
 STREAM_FIELDS = {"agrawal": AGRAWAL_FIELDS, "sea": SEA_FIELDS}
 
 
-def agrawal_spec(monitored: bool, stream: str = "agrawal") -> PipelineSpec:
-    """A pipeline over the stream's fields: no windowed features, one Hoeffding tree."""
+def agrawal_spec(monitored: bool, stream: str = "agrawal", twin: bool = False) -> PipelineSpec:
+    """A pipeline over the stream's fields: no windowed features, one Hoeffding tree
+    (``twin``: and a second one, ``grace_period`` 200, a challenger from the start
+    that is about as good: what the monitor must not keep swapping in and out)."""
+    tree = {"class": "river.tree.HoeffdingTreeClassifier", "params": {"grace_period": 100}}
+    candidates = [{"name": "tree", "estimator": tree}]
+    if twin:
+        other = {**tree, "params": {"grace_period": 200}}
+        candidates.append({"name": "tree-twin", "estimator": other})
     inputs = STREAM_FIELDS[stream]
     fields: dict[str, str] = {"event_id": "str", "source": "str", "ts": "timestamp"}
     fields.update({name: "float" for name in inputs})
@@ -44,8 +51,7 @@ def agrawal_spec(monitored: bool, stream: str = "agrawal") -> PipelineSpec:
         "label": {"field": "label", "event_id": "event_id"},
         "models": {
             "inputs": list(inputs),
-            "candidates": [{"name": "tree", "estimator": {
-                "class": "river.tree.HoeffdingTreeClassifier", "params": {"grace_period": 100}}}],
+            "candidates": candidates,
         },
         "monitors": {} if monitored else off,
     })  # fmt: skip
@@ -158,15 +164,17 @@ def run_recovery_eval(
     log: Callable[[str], None] = print,
     stream: str = "agrawal",
     runs: tuple[str, ...] = ("without_monitor", "with_monitor"),
+    twin: bool = False,
 ) -> dict[str, Any]:
     """Both runs on the same stream; the figures ``riverflow recovery-eval`` prints."""
     _, drifts = drifting_stream(events, every, seed, stream)
     out: dict[str, Any] = {"stream": stream, "events": events, "seed": seed, "drifts": drifts,
-                           "window": window}  # fmt: skip
+                           "window": window, "twin": twin}  # fmt: skip
     for name in runs:
         monitored = name == "with_monitor"
         log(f"{name}: {events:,} {stream} events through scorer, learner and monitor ...")
-        run = run_pipeline(agrawal_spec(monitored, stream), events, every, seed, stream=stream)
+        spec = agrawal_spec(monitored, stream, twin)
+        run = run_pipeline(spec, events, every, seed, stream=stream)
         times = recovery_times(run.correct, drifts, window)
         figures = decision_figures(run.decisions, drifts, events)
         out[name] = {
