@@ -13,6 +13,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 from river import base, drift
 
@@ -62,6 +63,19 @@ class ErrorDriftMonitor:
         self.spec = spec or DetectorSpec()
         self.detector = build_detector(self.spec)
         self.alarms = 0
+
+    def statistic(self) -> dict[str, float]:
+        """What the detector measures now: ADWIN's error estimate and window width,
+        DDM's lowest error rate and its deviation, Page-Hinkley's cumulative sum and
+        its minimum, KSWIN's p-value (River's attributes; those a detector lacks are left out)."""
+        out = {}
+        names = ("estimation", "width", "_p_min", "_s_min", "_sum_increase", "_min_increase",
+                 "p_value")  # fmt: skip
+        for name in names:
+            value = getattr(self.detector, name, None)
+            if isinstance(value, int | float | np.floating) and not isinstance(value, bool):
+                out[name.lstrip("_")] = round(float(value), 6)
+        return out
 
     def update(self, error: bool) -> bool:
         detector = self.detector

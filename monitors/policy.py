@@ -8,21 +8,31 @@ the spec's policies to the registry while traffic flows:
   an alarm of the champion starts a *fresh challenger* (the champion's spec,
   reset state), at most ``challengers.max`` alive, each retired after
   ``challengers.patience`` labelled events unless promoted;
-- **promote**: a challenger right more often than the champion on the same
-  recent labelled events, by ``promote.margin`` and with McNemar's test below
-  ``promote.alpha``, after ``promote.min_labels`` paired events, is promoted to
-  its latest published version (only a version that learned at least that
-  many labels: a model that is not ready is never served);
+- **promote**: a challenger whose paired e-value against the champion
+  (``quality.PairedDuel``: a betting e-process on the labels both predicted,
+  after ``promote.min_labels`` of warm-up) reaches ``1 / promote.alpha``, and
+  that is right on at least ``promote.margin`` more of the last ``window``
+  paired events, is promoted to its latest published version (only a version
+  that learned at least ``promote.min_labels`` labels: a model that is not
+  ready is never served). However often it is checked, a challenger that is
+  not better is promoted with probability at most ``alpha``;
 - **rollback**: the champion's accuracy over the last ``rollback.window``
   labelled events falling ``rollback.drop`` below its level when it was last
-  good (or below ``rollback.floor``) moves the pointer back to the version
-  served when it was last good, a full rollback window before the fall; the
-  learner then continues that version, forgetting what it learned since. The
-  level is learned again from a full window after the rollback, so a fall
-  that the rollback did not mend (a concept drift) is rolled back only once;
+  good (or below ``rollback.floor``) makes the last three versions served
+  while it was good, a full rollback window before the fall, rollback targets;
+  each is shadow-scored on those same recent labelled events and the pointer
+  moves to the best only if it is right on more of them than the champion was,
+  by a one-sided sign test at ``rollback.alpha / 3`` on the labels where they
+  differ (else they are tried again a window later, and a fall that lasts a
+  full quality window becomes the new level: a concept drift, not a bad
+  version). The learner then continues that version, forgetting what it
+  learned since;
+- every champion change (promote, rollback) resets the champion's drift
+  detector: the errors of a model that was just swapped in are no drift;
 - every decision is returned with its evidence (the stage writes it to
-  ``{ns}.model-events``), and none is taken within ``cooldown`` labelled events
-  of the previous one.
+  ``{ns}.model-events``); no promotion is taken within ``cooldown`` labelled
+  events of the previous promote or rollback, no rollback within
+  ``rollback.window``.
 
 What the status page shows of all this over time (series, markers) is kept
 apart, by ``monitors.history``.
@@ -30,6 +40,8 @@ apart, by ``monitors.history``.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
 import time
 from collections import deque
@@ -40,12 +52,13 @@ from typing import Any
 from riverflow.models.registry import ChampionPointer, ModelRegistry
 from riverflow.monitors.distribution import DistributionMonitor
 from riverflow.monitors.drift import ErrorDriftMonitor
-from riverflow.monitors.quality import PairedWindow, WindowedQuality
+from riverflow.monitors.quality import PairedDuel, WindowedQuality
 from riverflow.monitors.spec import MonitorSpec
-from riverflow.streams.contracts import ModelEvent
+from riverflow.streams.contracts import LabelPosition, ModelEvent
 
 MAX_SEGMENTS = 1_000  # segment values tracked one by one
 OTHER_SEGMENT = "(other)"
+ROLLBACK_TARGETS = 3  # earlier good versions shadow-scored before a rollback
 
 
 @dataclass(frozen=True)
@@ -59,9 +72,12 @@ class Decision:
     evidence: dict[str, Any] = field(default_factory=dict)
     at: float = 0.0
     labels: int = 0  # the monitor's count of labelled events when it happened
+    source: LabelSource | None = None  # the label that tripped a drift alarm
+    champion: bool | None = None  # for a drift alarm: was the model serving then
 
     def as_event(self) -> ModelEvent:
         """The ``{ns}.model-events`` record."""
+        src = self.source
         return ModelEvent(
             kind=self.kind,
             model=self.model,
@@ -70,7 +86,27 @@ class Decision:
             reason=self.reason,
             evidence={**self.evidence, "labels": self.labels},
             by="monitor",
+            event_id=src.event_id if src else None,
+            label_at=src.label_at if src else None,
+            label_time=src.label_time if src else None,
+            champion=self.champion,
         )
+
+
+@dataclass(frozen=True)
+class LabelSource:
+    """Which label an evaluation is of: its event id, where it was read, when written."""
+
+    event_id: str
+    label_at: LabelPosition | None = None
+    label_time: float | None = None
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """One-sided exact sign test: the chance of at least ``wins`` of the
+    ``wins + losses`` discordant labels going one way if either way is as likely."""
+    n = wins + losses
+    return sum(math.comb(n, k) for k in range(wins, n + 1)) / 2**n if n else 1.0
 
 
 class Watch:
@@ -100,7 +136,7 @@ class PipelineMonitor:
         self.lead = lead
         self.clock = clock
         self.watches: dict[str, Watch] = {}
-        self.duels: dict[str, PairedWindow] = {}  # challenger -> (champion right, it right)
+        self.duels: dict[str, PairedDuel] = {}  # challenger -> its test against the champion
         self.labels = 0
         self.last_decision: int | None = None  # label count of the last promote/rollback
         self.champion: ChampionPointer | None = None
@@ -108,6 +144,13 @@ class PipelineMonitor:
         self.retired: set[str] = set()  # fresh challengers retired (names are never reused)
         self.level: float | None = None  # champion's accuracy when last seen good
         self.good: deque[tuple[int, ChampionPointer]] = deque(maxlen=10_000)
+        # the last rollback.window labels the champion predicted: (inputs, label, it
+        # right), where a rollback target is shadow-scored
+        self.recent: deque[tuple[dict[str, Any] | None, bool, bool]] = deque(
+            maxlen=spec.rollback.window
+        )
+        self.fallen_at: int | None = None  # label count when the current fall began
+        self.shadow_at: int | None = None  # label count of the last refused rollback
         self.segments: dict[str, WindowedQuality] = {}
         self.distribution = (
             DistributionMonitor(spec.label_free) if spec.label_free.enabled else None
@@ -120,8 +163,8 @@ class PipelineMonitor:
         pointer = self.registry.champion()
         if pointer != self.champion:
             if self.champion is None or pointer is None or pointer.model != self.champion.model:
-                self.duels.clear()  # a new champion: challengers are compared afresh
-                self.level = None  # and its level is its own
+                self.champion = pointer
+                self._champion_changed()
             self.champion = pointer
         self.fresh = self.registry.challengers()
         out = []
@@ -158,9 +201,15 @@ class PipelineMonitor:
         return out
 
     def on_evaluation(
-        self, label: bool, predictions: dict[str, tuple[int, float]], segment: object = None
+        self,
+        label: bool,
+        predictions: dict[str, tuple[int, float]],
+        segment: object = None,
+        source: LabelSource | None = None,
+        inputs: dict[str, Any] | None = None,
     ) -> list[Decision]:
-        """A label with every candidate's prequential ``(version, probability)``."""
+        """A label with every candidate's prequential ``(version, probability)``;
+        ``source`` names the label, ``inputs`` are what the models were given."""
         self.labels += 1
         champion = self.champion_name
         right: dict[str, bool] = {}
@@ -174,7 +223,7 @@ class PipelineMonitor:
             watch.version = version
             right[name] = ok = watch.quality.update(label, probability)
             if watch.drift.update(not ok):
-                out += self._drift(name, watch)
+                out += self._drift(name, watch, source)
         if segment is not None and champion in right:
             key = str(segment)
             if key not in self.segments and len(self.segments) >= MAX_SEGMENTS:
@@ -184,11 +233,14 @@ class PipelineMonitor:
                 seg = self.segments[key] = WindowedQuality(self.spec.window)
             seg.update(label, predictions[champion][1])
         if champion in right:
+            self.recent.append((inputs, label, right[champion]))
             for name, ok in right.items():
                 if name != champion:
                     duel = self.duels.get(name)
                     if duel is None:
-                        duel = self.duels[name] = PairedWindow(self.spec.window)
+                        duel = self.duels[name] = PairedDuel(
+                            self.spec.promote.min_labels, self.spec.window
+                        )
                     duel.update(right[champion], ok)
             out += self._check_rollback(champion)
             out += self._check_promotions(champion)
@@ -200,16 +252,18 @@ class PipelineMonitor:
         last = self.last_decision
         return last is not None and self.labels - last < self.spec.cooldown
 
-    def _drift(self, name: str, watch: Watch) -> list[Decision]:
+    def _drift(self, name: str, watch: Watch, source: LabelSource | None) -> list[Decision]:
         detector = watch.drift.detector
+        is_champion = name == self.champion_name
         evidence = {"detector": self.spec.detector.kind.value,
+                    "statistic": watch.drift.statistic(),
                     "error_rate": round(1 - watch.quality.accuracy(), 6),
                     "estimation": round(float(getattr(detector, "estimation", 0.0)), 6),
                     "window": len(watch.quality.correct)}  # fmt: skip
-        out = [self._decision("drift", name, watch.version,
-                              f"error rate of {name} rose", evidence)]  # fmt: skip
+        alarm = self._decision("drift", name, watch.version, f"error rate of {name} rose", evidence)
+        out = [dataclasses.replace(alarm, source=source, champion=is_champion)]
         policy = self.spec.challengers
-        if name != self.champion_name or not policy.on_drift or policy.max == 0:
+        if not is_champion or not policy.on_drift or policy.max == 0:
             return out
         young = [c for c, w in self.watches.items() if c in self.fresh and c != name
                  and self.labels - w.first_label < self.spec.cooldown]  # fmt: skip
@@ -253,62 +307,123 @@ class PipelineMonitor:
             return []
         recent = watch.quality.recent.rate()
         if self.level is None:
-            # (re)learn the level a fall is measured from: only from a full window of
-            # labels after the last promote or rollback. So a fall that a rollback did not
-            # mend (a concept drift: the older version is no better) is rolled back once,
-            # then becomes the new level, instead of being rolled back again and again.
-            if watch.quality.full and since >= self.spec.window:
+            # (re)learn the level a fall is measured from, from a full quality window (a
+            # promoted challenger's own, as it was watched before). A target must do
+            # better on the recent labels, so a level learned from a bad stretch rolls
+            # nothing back that would not mend it.
+            if watch.quality.full:
                 self.level = watch.quality.accuracy()
             else:
                 return []
         below_floor = policy.floor is not None and recent < policy.floor
         dropped = recent < self.level - policy.drop
         if not (below_floor or dropped):
-            if since >= self.spec.window:
-                self.level = watch.quality.accuracy()
+            self.fallen_at = self.shadow_at = None
+            self.level = watch.quality.accuracy()
             if not self.good or self.good[-1][1] != self.champion:
                 self.good.append((self.labels, self.champion))
             else:
                 self.good[-1] = (self.labels, self.champion)
             return []
-        if self._cooling():
+        # (no cool-down here: a rollback is taken only to a version shown better on the
+        # recent labels, and a champion that collapsed right after a promotion cannot wait)
+        if self.fallen_at is None:
+            self.fallen_at = self.labels
+        if self.labels - self.fallen_at >= self.spec.window:
+            # fallen for a full window and no earlier version did better on it: a new
+            # concept, not a bad version. Its level is learned again (from the next label)
+            self.level = self.fallen_at = self.shadow_at = None
             return []
+        if self.shadow_at is not None and self.labels - self.shadow_at < policy.window:
+            return []  # refused a window ago: try again on labels it has not seen
         before = self.labels - policy.window
-        # a version pruned since (the registry keeps the champion's newest snapshots)
-        # is passed over for an earlier good one
-        target = next(
-            (p for n, p in reversed(self.good) if n <= before and self.registry.has(p)), None
-        )
-        if target is None:
+        # the last few versions served while it was good, a full window before the fall
+        # (one pruned since is passed over): the newest may already have learned what
+        # made it fall (a burst of bad labels that it first fitted)
+        targets: list[tuple[int, ChampionPointer]] = []
+        for n, p in reversed(self.good):
+            if n <= before and p not in (t for _, t in targets) and self.registry.has(p):
+                targets.append((n, p))
+                if len(targets) == ROLLBACK_TARGETS:
+                    break
+        if not targets or len(self.recent) < policy.window:
             return []
+        served = sum(ok for _, _, ok in self.recent) / len(self.recent)
+        alpha = policy.alpha / len(targets)  # Bonferroni: the best of several is tested
+        best: tuple[float, int, ChampionPointer, int, int] | None = None
+        for n, target in targets:
+            # refuses an unverifiable target (raises) before anything is decided
+            shadow = self._shadow(self.registry.load(target.model, target.version).model)
+            if shadow is None:
+                break  # labels without inputs (an older learner): nothing can be shown
+            p_value = sign_test(*shadow)
+            if best is None or p_value < best[0]:
+                best = (p_value, n, target, *shadow)
+        self.shadow_at = self.labels
+        if best is None:
+            return []
+        p_value, n, target, target_only, champion_only = best
+        accuracy = served + (target_only - champion_only) / len(self.recent)
         evidence = {"recent_accuracy": round(recent, 6), "window": policy.window,
                     "good_level": None if self.level is None else round(self.level, 6),
                     "drop": policy.drop, "floor": policy.floor,
-                    "from": str(self.champion), "to": str(target)}  # fmt: skip
+                    "from": str(self.champion), "to": str(target),
+                    "shadow_labels": len(self.recent), "targets_scored": len(targets),
+                    "champion_window_accuracy": round(served, 6),
+                    "target_window_accuracy": round(accuracy, 6),
+                    "target_only_right": target_only, "champion_only_right": champion_only,
+                    "sign_test_p": p_value, "alpha": alpha}  # fmt: skip
+        if p_value >= alpha:
+            return []  # not shown to mend it: no move (tried again a window later)
         why = (f"accuracy over the last {policy.window} labels {recent:.3f} "
                + (f"< floor {policy.floor}" if below_floor
-                  else f"fell more than {policy.drop} below {self.level:.3f}"))  # fmt: skip
-        self.registry.load(target.model, target.version)  # refuse an unverifiable target
+                  else f"fell more than {policy.drop} below {self.level:.3f}")
+               + f"; {target} right on {accuracy:.3f} of them"
+               + f" (sign test p={p_value:.1e})")  # fmt: skip
         moved = self.registry.move(target, "rollback", self.champion, why)
         if moved is None:
             return []  # the pointer moved meanwhile: look again with the next label
-        self.champion, self.level = target, None
-        while self.good and self.good[-1][0] > before:
+        self.champion = target
+        while self.good and self.good[-1][0] > n:
             self.good.pop()
-        self.duels.clear()
+        self._champion_changed()
         self.last_decision = self.labels
         return [self._decision("rollback", target.model, target.version, why, evidence)]
+
+    def _shadow(self, model: Any) -> tuple[int, int] | None:
+        """``model`` scored on the champion's last ``rollback.window`` labels: how many
+        it got right that the champion got wrong, and the other way round (None
+        unless each label came with its inputs and the window is full)."""
+        if len(self.recent) < self.spec.rollback.window:
+            return None
+        model_only = champion_only = 0
+        for inputs, label, champion_right in self.recent:
+            if inputs is None:
+                return None  # from a learner that does not pass them on
+            probability = float(model.predict_proba_one(inputs).get(True, 0.0))
+            right = (probability >= 0.5) == label
+            model_only += right and not champion_right
+            champion_only += champion_right and not right
+        return model_only, champion_only
+
+    def _champion_changed(self) -> None:
+        """A model was swapped in: its errors are not a drift, its level is its own,
+        challengers are compared with it afresh."""
+        self.duels.clear()
+        self.level = self.fallen_at = self.shadow_at = None
+        self.recent.clear()
+        watch = self.watches.get(self.champion_name)
+        if watch is not None:
+            watch.drift = ErrorDriftMonitor(self.spec.detector)
 
     def _check_promotions(self, champion: str) -> list[Decision]:
         policy = self.spec.promote
         if not policy.enabled or self._cooling():
             return []
+        threshold = 1 / policy.alpha
         for name, duel in self.duels.items():
-            if len(duel) < policy.min_labels or duel.gain() < policy.margin:
-                continue  # (the gain first: the test costs more, per label)
-            test = duel.test()
-            gain = test.b_accuracy - test.a_accuracy
-            if gain < policy.margin or test.p_value >= policy.alpha:
+            e_value = duel.e_value()
+            if e_value < threshold or duel.recent_gain() < policy.margin:
                 continue
             version = self.registry.latest(name)
             if version is None:
@@ -317,15 +432,16 @@ class PipelineMonitor:
             if trained < policy.min_labels:
                 continue  # not ready: its latest version has learned too little
             to = ChampionPointer(name, version)
-            why = (f"{name} right on {test.b_accuracy:.3f} vs {test.a_accuracy:.3f} of the "
-                   f"last {test.n} labelled events (McNemar p={test.p_value:.2e})")  # fmt: skip
+            why = (f"{name} right alone on {duel.wins}, the champion alone on {duel.losses} "
+                   f"of {duel.n} paired labelled events (e-value {e_value:.3g} >= 1/alpha = "
+                   f"{threshold:g}); {duel.recent_gain():+.4f} accuracy over the last "
+                   f"{len(duel.recent)}")  # fmt: skip
             self.registry.promote(to, "promote", why)
             previous, self.champion = self.champion, to
-            self.duels.clear()
-            self.level = None
+            self._champion_changed()
             self.last_decision = self.labels
-            evidence = {**test.as_evidence(), "margin": policy.margin, "alpha": policy.alpha,
-                        "from": str(previous) if previous else champion,
+            evidence = {**duel.as_evidence(), "margin": policy.margin,
+                        "alpha": policy.alpha, "from": str(previous) if previous else champion,
                         "trained_labels": trained}  # fmt: skip
             return [self._decision("promote", name, version, why, evidence)]
         return []

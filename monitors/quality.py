@@ -1,4 +1,4 @@
-"""Quality over sliding windows of labelled events, and the paired test that compares two models.
+"""Quality over sliding windows of labelled events, and the sequential test of two models.
 
 A window holds the last ``size`` labelled events a model predicted. Accuracy,
 precision, recall, F1 and log loss are kept as running sums (O(1) per event,
@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import ArrayLike
 
 _EPS = 1e-15
 
@@ -121,61 +123,89 @@ class WindowedQuality:
         }
 
 
-@dataclass(frozen=True)
-class PairedTest:
-    """McNemar's test on the events two models both predicted: did B beat A?"""
+MAX_BET = 0.5  # at most half the wealth at stake on one label
+MIN_BET_PAIRS = 100  # recent pairs needed before any bet
 
-    n: int
-    a_accuracy: float
-    b_accuracy: float
-    a_only: int  # events A got right and B wrong
-    b_only: int  # events B got right and A wrong
-    statistic: float  # chi-squared, 1 degree of freedom, continuity-corrected
-    p_value: float  # two-sided
+
+def kelly_bet(sum_d: ArrayLike, sum_abs: ArrayLike, n: ArrayLike) -> np.ndarray:
+    """The fraction of its wealth the e-process stakes on the next label, from the
+    recent pairs only: half of Kelly's ``mean(D) / mean(D^2)`` for D in {-1, 0, +1}
+    (half: a bet sized on an estimate is safer smaller), 0 unless the challenger
+    has been ahead over at least ``MIN_BET_PAIRS`` pairs, at most ``MAX_BET``.
+    Takes arrays (the simulation bets for many runs at once) as well as numbers."""
+    sum_d, sum_abs, n = (np.asarray(v, dtype=float) for v in (sum_d, sum_abs, n))
+    ahead = (n >= MIN_BET_PAIRS) & (sum_d > 0)
+    out: np.ndarray = np.where(
+        ahead, np.minimum(MAX_BET, 0.5 * sum_d / np.maximum(sum_abs, 1)), 0.0
+    )
+    return out
+
+
+class PairedDuel:
+    """A challenger B against the champion A on the labels both predicted, as a
+    test that stays valid however often it is looked at.
+
+    Per paired label D is +1 when only B is right, -1 when only A is, 0 when both
+    or neither are. After ``warmup`` pairs (a fresh model is not judged on its
+    first labels) the e-process bets a fraction lambda of its wealth on B, chosen
+    from the labels before (``kelly_bet`` over the last ``window`` pairs), and
+    its wealth is multiplied by ``1 + lambda * D``. If B is not better (for every
+    label, given the past, B right alone no more likely than A right alone) each
+    factor has expectation at most 1: the wealth is a nonnegative supermartingale
+    started at 1, and by Ville's inequality it ever reaches ``1 / alpha`` with
+    probability at most ``alpha``. A bet of 0 while B is behind (a young model)
+    costs nothing, so the evidence is not held back by B's infancy.
+    """
+
+    def __init__(self, warmup: int, window: int) -> None:
+        self.warmup = warmup
+        self.seen = 0
+        self.recent: deque[int] = deque(maxlen=window)  # D of the last pairs
+        self.sum_d = self.sum_abs = 0
+        self.log_wealth = 0.0
+        self.wins = self.ties = self.losses = 0  # after the warm-up
+
+    def update(self, a_right: bool, b_right: bool) -> None:
+        d = int(b_right) - int(a_right)
+        self.seen += 1
+        if self.seen > self.warmup:
+            bet = float(kelly_bet(self.sum_d, self.sum_abs, len(self.recent)))
+            if bet:
+                self.log_wealth += math.log1p(bet * d)
+            if d > 0:
+                self.wins += 1
+            elif d < 0:
+                self.losses += 1
+            else:
+                self.ties += 1
+        if len(self.recent) == self.recent.maxlen:
+            old = self.recent[0]
+            self.sum_d -= old
+            self.sum_abs -= abs(old)
+        self.recent.append(d)
+        self.sum_d += d
+        self.sum_abs += abs(d)
+
+    @property
+    def n(self) -> int:
+        """Pairs counted (after the warm-up)."""
+        return self.wins + self.ties + self.losses
+
+    def e_value(self) -> float:
+        return math.exp(self.log_wealth)
+
+    def recent_gain(self) -> float:
+        """B's accuracy minus A's over the recent pairs."""
+        return self.sum_d / max(len(self.recent), 1)
 
     def as_evidence(self) -> dict[str, float | int]:
         return {
             "n": self.n,
-            "champion_accuracy": round(self.a_accuracy, 6),
-            "challenger_accuracy": round(self.b_accuracy, 6),
-            "champion_only_right": self.a_only,
-            "challenger_only_right": self.b_only,
-            "mcnemar_chi2": round(self.statistic, 4),
-            "p_value": self.p_value,
+            "warmup": self.warmup,
+            "challenger_only_right": self.wins,
+            "champion_only_right": self.losses,
+            "both_or_neither_right": self.ties,
+            "e_value": self.e_value(),
+            "recent_pairs": len(self.recent),
+            "recent_gain": round(self.recent_gain(), 6),
         }
-
-
-class PairedWindow:
-    """The last ``size`` events two models both predicted: (A right, B right)."""
-
-    def __init__(self, size: int) -> None:
-        self.pairs: deque[tuple[bool, bool]] = deque(maxlen=size)
-        self.a_right = self.b_right = self.a_only = self.b_only = 0
-
-    def update(self, a_right: bool, b_right: bool) -> None:
-        if len(self.pairs) == self.pairs.maxlen:
-            self._count(*self.pairs[0], -1)
-        self.pairs.append((a_right, b_right))
-        self._count(a_right, b_right, 1)
-
-    def _count(self, a: bool, b: bool, sign: int) -> None:
-        self.a_right += sign * a
-        self.b_right += sign * b
-        self.a_only += sign * (a and not b)
-        self.b_only += sign * (b and not a)
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def gain(self) -> float:
-        """B's accuracy minus A's, as ``test`` works them out (without the test)."""
-        n = max(len(self.pairs), 1)
-        return self.b_right / n - self.a_right / n
-
-    def test(self) -> PairedTest:
-        n, a_only, b_only = len(self.pairs), self.a_only, self.b_only
-        discordant = a_only + b_only
-        stat = (abs(a_only - b_only) - 1) ** 2 / discordant if abs(a_only - b_only) > 1 else 0.0
-        p = math.erfc(math.sqrt(stat / 2)) if discordant else 1.0  # chi-squared(1) tail
-        return PairedTest(n, self.a_right / max(n, 1), self.b_right / max(n, 1), a_only, b_only,
-                          stat, p)  # fmt: skip

@@ -22,13 +22,22 @@ class PromotePolicy(_Frozen):
     """Promote a challenger that beats the champion on the same recent labelled events."""
 
     enabled: bool = True
-    min_labels: int = Field(500, ge=10, description="paired events needed before deciding")
-    margin: float = Field(0.005, ge=0, le=1, description="accuracy the challenger must gain")
-    alpha: float = Field(0.001, gt=0, lt=1, description="McNemar test significance level")
+    min_labels: int = Field(
+        500, ge=10, description="paired events of warm-up before the test counts (and labels "
+        "the challenger's version must have learned)",
+    )  # fmt: skip
+    margin: float = Field(
+        0.005, ge=0, le=1, description="accuracy the challenger must gain over the last window"
+    )
+    alpha: float = Field(
+        0.001, gt=0, lt=1,
+        description="chance of ever promoting a challenger that is not better (e-process)",
+    )  # fmt: skip
 
 
 class RollbackPolicy(_Frozen):
-    """Roll the champion back to its last good version when it degrades."""
+    """Roll the champion back to its last good version when it degrades, if that version
+    does better on the recent labels (shadow-scored there before the pointer moves)."""
 
     enabled: bool = True
     window: int = Field(200, ge=20, description="recent labelled events the check looks at")
@@ -36,6 +45,10 @@ class RollbackPolicy(_Frozen):
         0.1, gt=0, le=1, description="accuracy fall below the level of its last good version"
     )
     floor: float | None = Field(None, ge=0, le=1, description="accuracy below this: roll back")
+    alpha: float = Field(
+        0.01, gt=0, lt=1,
+        description="sign test level: the target must beat the champion on the recent labels",
+    )  # fmt: skip
 
 
 class ChallengerPolicy(_Frozen):

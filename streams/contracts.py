@@ -214,6 +214,15 @@ class ServedPrediction:
     probability: float
 
 
+@dataclass
+class LabelPosition:
+    """Where a label record was read: its topic, partition and offset."""
+
+    topic: str
+    partition: int
+    offset: int
+
+
 @dataclass(slots=True)
 class Evaluation(Record):
     """``{ns}.evaluations``: a label, every candidate's prequential prediction for it,
@@ -229,6 +238,14 @@ class Evaluation(Record):
     # scored by a version of riverflow that did not record served predictions
     served: ServedPrediction | None = None
     segment: str | int | float | bool | None = None  # the spec's monitors.segment field, if set
+    # where the label was read and when it was written (its Kafka timestamp, in
+    # seconds; None from a learner older than these fields): what a drift alarm
+    # tripped by this label names
+    label_at: LabelPosition | None = None
+    label_time: float | None = None
+    # what the models were given for the event, so the monitor can score another
+    # version on recent labels (rollback targets are shadow-scored)
+    inputs: dict[str, Any] | None = None
 
     def encode(self) -> bytes:
         record: dict[str, Any] = {
@@ -238,8 +255,10 @@ class Evaluation(Record):
             "predictions": self.predictions,
             "served": self.served,
         }
-        if self.segment is not None:
-            record["segment"] = self.segment
+        for name in ("segment", "label_at", "label_time", "inputs"):
+            value = getattr(self, name)
+            if value is not None:
+                record[name] = value
         return orjson.dumps(record)
 
 
@@ -254,7 +273,9 @@ class ModelEvent(Record):
     training) and ``rebased`` (a candidate continued from the version it was
     rolled back to); the CLI writes ``imported``. The monitor (``by: monitor``)
     writes its decisions with their ``evidence``: ``drift``, ``feature_drift``,
-    ``challenger``, ``retire``, ``promote``, ``rollback``.
+    ``challenger``, ``retire``, ``promote``, ``rollback``. A ``drift`` event also
+    names the label that tripped it (``event_id``, ``label_at``, ``label_time``)
+    and whether the model was the ``champion`` then.
     """
 
     kind: str
@@ -267,6 +288,10 @@ class ModelEvent(Record):
     reason: str | Unset = UNSET
     evidence: dict[str, Any] | None = None
     by: str | None = None
+    event_id: str | None = None
+    label_at: LabelPosition | None = None
+    label_time: float | None = None
+    champion: bool | None = None
 
     def encode(self) -> bytes:
         record: dict[str, Any] = {"kind": self.kind, "model": self.model, "version": self.version}
@@ -287,4 +312,8 @@ _MODEL_EVENT_OPTIONAL: dict[str, Unset | None] = {
     "reason": UNSET,
     "evidence": None,
     "by": None,
+    "event_id": None,
+    "label_at": None,
+    "label_time": None,
+    "champion": None,
 }

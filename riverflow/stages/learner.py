@@ -28,7 +28,13 @@ from riverflow.stages.common import (
     monitor_only_field,
 )
 from riverflow.stages.lineage import Candidate, Lineage
-from riverflow.streams.contracts import CandidatePrediction, Evaluation, Message, Output
+from riverflow.streams.contracts import (
+    CandidatePrediction,
+    Evaluation,
+    LabelPosition,
+    Message,
+    Output,
+)
 from riverflow.streams.schema import FieldType, LabelSpec
 from riverflow.streams.topics import Topics
 from riverflow.streams.validation import Invalid, RecordValidator
@@ -272,7 +278,7 @@ class Learner:
                 elif claim is Claim.ORPHANED:
                     out.append(self._orphan(event_id, item, "refused before (orphan mark)"))
                 else:
-                    out.append(self._learn(events[event_id], item.label))
+                    out.append(self._learn(events[event_id], item.label, item.msg))
                     self.pending.pop(event_id, None)  # after: a label whose learning raised waits
                     self._unlearned.discard(f"{self.run}:{msg.partition}:{msg.offset}")
                     self._learned_ids.append(event_id)
@@ -340,7 +346,7 @@ class Learner:
         why = f"waiting list full ({cap} labels)"
         return [self._orphan(e, self.pending[e], why) for e in list(self.pending)[:extra]]
 
-    def _learn(self, snap: ScoredEvent, label: bool) -> Output:
+    def _learn(self, snap: ScoredEvent, label: bool, msg: Message) -> Output:
         segment = None if self.join.segment is None else snap.inputs.get(self.join.segment)
         x = {**model_inputs(snap.inputs, self.extra), **snap.features}
         predictions: dict[str, CandidatePrediction] = {}
@@ -360,6 +366,9 @@ class Learner:
             predictions=predictions,
             served=snap.served,
             segment=segment,
+            label_at=LabelPosition(msg.topic, msg.partition, msg.offset),
+            label_time=None if msg.timestamp_ms is None else msg.timestamp_ms / 1000,
+            inputs=x,
         )
         return Output(self.topics.evaluations, snap.event_id.encode(), record.encode())
 

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from riverflow.errors import error_lines
 from riverflow.monitors.exporter import MonitorMetrics
 from riverflow.monitors.history import MonitorHistory
-from riverflow.monitors.policy import Decision, PipelineMonitor
+from riverflow.monitors.policy import Decision, LabelSource, PipelineMonitor
 from riverflow.monitors.view import MonitorView
 from riverflow.stages.common import DLQ_KEEP_BYTES, StageCounters, dead_letter
 from riverflow.streams.contracts import Evaluation, Message, Output, Prediction
@@ -67,7 +67,10 @@ class Monitor:
                     if not all(map(math.isfinite, probabilities)):
                         raise _Refused("a probability is not a finite number")
                     predictions = {n: (p.version, p.probability) for n, p in ev.predictions.items()}
-                    decisions += self.core.on_evaluation(ev.label, predictions, ev.segment)
+                    source = LabelSource(ev.event_id, ev.label_at, ev.label_time)
+                    decisions += self.core.on_evaluation(
+                        ev.label, predictions, ev.segment, source, ev.inputs
+                    )
                     self.history.sample(self.core)
                 elif msg.topic == self.topics.predictions:
                     p = Prediction.decode(msg.value or b"")

@@ -43,19 +43,33 @@ FUNCTIONS = (5, 0, 1, 6, 3, 8, 4, 2)
 Sample = tuple[dict[str, Any], Any]
 
 
-def drifting_stream(n: int, every: int, seed: int) -> tuple[Iterator[Sample], list[int]]:
-    """``n`` Agrawal samples, the concept switching abruptly every ``every`` samples.
+def drifting_stream(
+    n: int, every: int, seed: int, stream: str = "agrawal"
+) -> tuple[Iterator[Sample], list[int]]:
+    """``n`` samples, the concept switching abruptly every ``every`` samples.
 
+    ``agrawal``: River's Agrawal functions in the order of ``FUNCTIONS``; ``sea``:
+    River's SEA (no noise) through its variants 0 1 2 3 in turn (thresholds 8, 9,
+    7, 9.5 on the sum of the first two features), features named ``x0``-``x2``.
     The segments are chained here rather than nested in ``ConceptDriftStream``:
     with ``width=1`` (abrupt) its sigmoid overflows ``math.exp`` a few hundred
     samples before the drift position (River 0.26), and a wider width is not abrupt.
     """
     drifts = list(range(every, n, every))
-    segments = [
-        synth.Agrawal(FUNCTIONS[i % len(FUNCTIONS)], seed=seed + i).take(min(every, n - start))
-        for i, start in enumerate(range(0, n, every))
-    ]
-    return itertools.chain.from_iterable(segments), drifts
+    if stream == "agrawal":
+        segments = [
+            synth.Agrawal(FUNCTIONS[i % len(FUNCTIONS)], seed=seed + i).take(min(every, n - start))
+            for i, start in enumerate(range(0, n, every))
+        ]
+        return itertools.chain.from_iterable(segments), drifts
+    if stream == "sea":
+        seas = [
+            synth.SEA(variant=i % 4, seed=seed + i).take(min(every, n - start))
+            for i, start in enumerate(range(0, n, every))
+        ]
+        named = ((({f"x{k}": v for k, v in x.items()}), y) for x, y in itertools.chain(*seas))
+        return named, drifts
+    raise ValueError(f"unknown stream {stream!r}: agrawal or sea")
 
 
 def stationary_stream(n: int, seed: int) -> Iterator[Sample]:

@@ -16,7 +16,7 @@ from riverflow.embedded import EmbeddedRuntime
 from riverflow.models.registry import MemoryRegistry
 from riverflow.monitors.distribution import DistributionMonitor, KsTests
 from riverflow.monitors.policy import PipelineMonitor
-from riverflow.monitors.quality import PairedWindow, WindowedQuality
+from riverflow.monitors.quality import WindowedQuality
 from riverflow.monitors.spec import LabelFreeSpec, MonitorSpec
 from riverflow.settings import Settings
 from riverflow.spec import PipelineSpec, SpecError, parse_spec
@@ -59,25 +59,27 @@ def drifting(fraud_spec: PipelineSpec) -> EmbeddedRuntime:
     return run(fraud_spec, 12000, FraudStreamConfig(drift_at=(6000,)))
 
 
-def test_a_corrupted_label_burst_rolls_the_champion_back(flipped: EmbeddedRuntime) -> None:
+def test_a_corrupted_label_burst_is_never_answered_by_a_worse_model(
+    flipped: EmbeddedRuntime,
+) -> None:
+    """The labels are all the monitor knows: during the burst no earlier version does
+    better on them, so none is rolled back to; a rollback, if any, names a target
+    that beat the champion on the recent labels. Served quality is back over the
+    last 1,000 events (1,400 after the burst's end)."""
     rt = flipped
-    rollbacks = [e for e in events(rt) if e.kind == "rollback"]
-    assert rollbacks, "no rollback after 600 flipped labels"
-    first = rollbacks[0]
-    assert first.by == "monitor" and first.evidence is not None
-    ev = first.evidence
-    assert ev["recent_accuracy"] < ev["good_level"] - ev["drop"]
-    # within 1,000 labelled events of the burst (labels arrive in event order here)
-    marker = next(m for m in rt.monitor.history.markers if m.kind == "rollback")
-    assert FLIP_START < marker.labels <= FLIP_START + 1000
-    # the registry moved, and the learner continued the version rolled back to
-    move = next(m for m in rt.registry.history() if m.kind == "rollback")
-    assert (move.to.model, move.to.version) == (first.model, first.version)
-    rebased = [e for e in events(rt) if e.kind == "rebased"]
-    assert [(e.model, e.version) for e in rebased][:1] == [(first.model, first.version)]
-    children = [v for v in rt.registry.versions(first.model)
-                if rt.registry.meta(first.model, v)["parent"] == first.version]  # fmt: skip
-    assert len(children) >= 2  # the version it had continued before, and the rebased one
+    for e in events(rt):
+        if e.kind == "rollback" and e.by == "monitor":
+            ev = e.evidence or {}
+            assert ev["target_only_right"] > ev["champion_only_right"]
+            assert ev["sign_test_p"] < ev["alpha"]
+            assert ev["target_window_accuracy"] > ev["champion_window_accuracy"]
+    raw = (v for _, v in rt.messages(rt.topics.predictions))
+    served = [p for p in map(Prediction.decode, raw)]
+    truth = {e.event_id: e.label for e in map(Evaluation.decode, (v for _, v in
+             rt.messages(rt.topics.evaluations)))}  # fmt: skip
+    after = [(p.probability >= 0.5) == truth[p.event_id] for p in served[-1000:]
+             if p.event_id in truth]  # fmt: skip
+    assert len(after) > 900 and sum(after) / len(after) > 0.95
 
 
 def test_no_prediction_is_served_by_a_model_that_is_not_ready(
@@ -127,11 +129,14 @@ def test_promotions_carry_significant_evidence_and_respect_the_cooldown(
         promotions = [e for e in events(rt) if e.kind == "promote" and e.by == "monitor"]
         for p in promotions:
             ev = p.evidence or {}
-            assert ev["n"] >= policy.promote.min_labels and ev["p_value"] < policy.promote.alpha
-            assert ev["challenger_accuracy"] - ev["champion_accuracy"] >= policy.promote.margin
+            assert ev["warmup"] == policy.promote.min_labels
+            assert ev["e_value"] >= 1 / policy.promote.alpha
+            assert ev["challenger_only_right"] > ev["champion_only_right"]
         markers = rt.monitor.history.markers
-        decided = [m.labels for m in markers if m.kind in ("promote", "rollback")]
-        assert all(b - a >= policy.cooldown for a, b in itertools.pairwise(decided))
+        decided = [m for m in markers if m.kind in ("promote", "rollback")]
+        for a, b in itertools.pairwise(decided):  # a rollback may come sooner
+            assert b.labels - a.labels >= (policy.cooldown if b.kind == "promote"
+                                           else policy.rollback.window)  # fmt: skip
     assert any(e.kind == "promote" for e in events(drifting))
 
 
@@ -207,20 +212,6 @@ def test_windowed_metrics_equal_rivers_rolling_metrics_and_exact_roc_auc() -> No
     neg = [p for y, p in window if not y]
     pairs = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a in pos for b in neg)
     assert math.isclose(ours["roc_auc"], pairs / (len(pos) * len(neg)), rel_tol=1e-12)
-
-
-def test_mcnemar_p_value_matches_the_chi_squared_distribution() -> None:
-    rng = random.Random(3)
-    window = PairedWindow(400)
-    for _ in range(1000):  # only the last 400 count
-        window.update(rng.random() < 0.8, rng.random() < 0.85)
-    pairs = list(window.pairs)
-    a_only = sum(a and not b for a, b in pairs)
-    b_only = sum(b and not a for a, b in pairs)
-    test = window.test()
-    assert (test.n, test.a_only, test.b_only) == (400, a_only, b_only)
-    expected = stats.chi2.sf((abs(a_only - b_only) - 1) ** 2 / (a_only + b_only), df=1)
-    assert math.isclose(test.p_value, expected, rel_tol=1e-9)
 
 
 def test_stale_challengers_are_retired_and_the_cap_holds(fraud_spec: PipelineSpec) -> None:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from riverflow.tools.recovery import agrawal_spec, run_pipeline
+from riverflow.streams.contracts import ModelEvent
+from riverflow.tools.recovery import agrawal_spec, decision_figures, run_pipeline
 
 
 def test_a_concept_drift_is_rolled_back_at_most_once_and_the_served_model_recovers() -> None:
@@ -16,3 +17,20 @@ def test_a_concept_drift_is_rolled_back_at_most_once_and_the_served_model_recove
     last = run.correct[-2_000:]
     assert len(run.correct) == 20_000
     assert sum(last) / len(last) > sum(after) / len(after) + 0.05
+
+
+def test_decisions_far_from_any_drift_are_counted_as_taken_on_a_stationary_stretch() -> None:
+    def decision(kind: str, at: int, champion: bool | None = None) -> ModelEvent:
+        return ModelEvent(kind, "tree", 1, evidence={"labels": at + 1}, by="monitor",
+                          event_id=f"a{at:07d}" if kind == "drift" else None,
+                          champion=champion)  # fmt: skip
+
+    log = [decision("drift", 10_100, True), decision("drift", 10_300, False),
+           decision("promote", 11_000), decision("drift", 15_000, True),
+           decision("promote", 16_000), decision("rollback", 12_500)]  # fmt: skip
+    figures = decision_figures(log, drifts=[10_000], events=20_000, accept=2_000)
+    assert figures["promote_stationary"] == 1 and figures["rollback_stationary"] == 1
+    assert figures["all_alarms"]["alarms"] == 3 and figures["all_alarms"]["false_alarms"] == 1
+    champion = figures["champion_alarms"]
+    assert (champion["alarms"], champion["recall"], champion["mean_delay"]) == (2, 1.0, 100)
+    assert champion["false_per_100k"] == 5.0

@@ -1,0 +1,149 @@
+"""The monitor's rollbacks are shadow-scored, model changes are no drift, and a drift
+event names the label that tripped it."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from riverflow.models.registry import ChampionPointer, MemoryRegistry
+from riverflow.monitors.policy import Decision, LabelSource, PipelineMonitor
+from riverflow.monitors.spec import MonitorSpec
+from riverflow.streams.contracts import Evaluation, LabelPosition, ModelEvent
+
+KEY = b"k" * 32
+
+
+class Sign:
+    """Predicts ``v > 0`` (or ``v < 0``), 90% sure: a model the registry can sign."""
+
+    def __init__(self, positive: bool) -> None:
+        self.positive = positive
+
+    def predict_proba_one(self, x: dict[str, Any]) -> dict[bool, float]:
+        yes = (x["v"] > 0) == self.positive
+        return {True: 0.9 if yes else 0.1, False: 0.1 if yes else 0.9}
+
+
+def monitor_with_versions(spec: MonitorSpec) -> tuple[PipelineMonitor, MemoryRegistry]:
+    registry = MemoryRegistry(KEY)
+    for _ in range(3):
+        registry.publish("m", Sign(positive=True), {"parent": None, "metrics": {"labels": 1000}})
+    advance(registry, 1)
+    monitor = PipelineMonitor("p", spec, registry, "m")
+    monitor.refresh()
+    return monitor, registry
+
+
+def feed(
+    monitor: PipelineMonitor,
+    rng: random.Random,
+    n: int,
+    served_right: float,
+    concept: bool = True,
+    bad: int | None = None,
+) -> list[Decision]:
+    """``n`` labels of ``v > 0`` (or ``v < 0`` when ``concept`` is False); the live
+    champion is right on ``served_right`` of them (on 95% but when it continues
+    version ``bad``, if given)."""
+    out: list[Decision] = []
+    for _ in range(n):
+        v = rng.uniform(-1, 1)
+        label = (v > 0) == concept
+        served = monitor.champion
+        good = bad is not None and served is not None and served.version != bad
+        right = rng.random() < (0.95 if good else served_right)
+        probability = 0.9 if right == label else 0.1
+        version = monitor.champion.version if monitor.champion else 0
+        out += monitor.on_evaluation(label, {"m": (version, probability)}, inputs={"v": v})
+    return out
+
+
+def advance(registry: MemoryRegistry, version: int) -> None:
+    """The learner's move of the pointer to its newest version."""
+    assert registry.move(ChampionPointer("m", version), "advance", registry.champion(), "")
+
+
+def test_a_bad_version_is_rolled_back_to_one_that_does_better_on_the_recent_labels() -> None:
+    monitor, registry = monitor_with_versions(MonitorSpec())
+    rng = random.Random(1)
+    feed(monitor, rng, 1_200, served_right=0.95)
+    advance(registry, 2)
+    monitor.refresh()
+    feed(monitor, rng, 300, served_right=0.95)
+    advance(registry, 3)
+    monitor.refresh()
+    decisions = feed(monitor, rng, 1_000, served_right=0.6, bad=3)  # v1 and v2 did not
+    rollbacks = [d for d in decisions if d.kind == "rollback"]
+    assert len(rollbacks) == 1, decisions
+    ev = rollbacks[0].evidence
+    assert ev["target_window_accuracy"] > ev["champion_window_accuracy"]
+    assert ev["shadow_labels"] == MonitorSpec().rollback.window
+    assert registry.champion() != ChampionPointer("m", 3)
+
+
+def test_no_rollback_to_a_version_that_is_no_better_on_the_recent_labels() -> None:
+    monitor, registry = monitor_with_versions(MonitorSpec())
+    rng = random.Random(2)
+    feed(monitor, rng, 1_200, served_right=0.95)
+    advance(registry, 2)
+    monitor.refresh()
+    feed(monitor, rng, 300, served_right=0.95)
+    # the concept flips: every earlier version (v > 0) is wrong on the new labels, the
+    # live champion half-learned them. Rolling back would make things worse
+    decisions = feed(monitor, rng, 3_000, served_right=0.7, concept=False)
+    assert [d for d in decisions if d.kind == "rollback"] == []
+    assert registry.champion() == ChampionPointer("m", 2)
+    assert monitor.level is not None and monitor.level < 0.8  # the fall became the level
+
+
+def test_a_champion_change_resets_its_drift_detector() -> None:
+    monitor, registry = monitor_with_versions(MonitorSpec(cooldown=0))
+    rng = random.Random(3)
+    feed(monitor, rng, 2_000, served_right=0.95)
+    watch = monitor.watches["m"]
+    assert watch.drift.detector.width > 1_000  # ADWIN's window holds the history
+    registry.publish("n", Sign(positive=True), {"parent": None, "metrics": {"labels": 1000}})
+    registry.promote(ChampionPointer("n", 1), "promote", "by hand")
+    monitor.refresh()
+    feed(monitor, rng, 10, served_right=0.95)  # "m" is a challenger now
+    registry.promote(ChampionPointer("m", 1), "promote", "by hand")
+    monitor.refresh()
+    assert monitor.watches["m"].drift.detector.width == 0
+    assert not monitor.duels and monitor.level is None and not monitor.recent
+
+
+def test_a_drift_event_names_the_label_that_tripped_it_and_the_champion() -> None:
+    monitor, _ = monitor_with_versions(MonitorSpec())
+    rng = random.Random(4)
+    alarms: list[Decision] = []
+    for i in range(6_000):
+        v = rng.uniform(-1, 1)
+        right = rng.random() < (0.95 if i < 3_000 else 0.6)
+        source = LabelSource(f"e{i}", LabelPosition("p.labels", i % 3, 100 + i), 1e9 + i)
+        label = v > 0
+        probability = 0.9 if right == label else 0.1
+        alarms += [d for d in monitor.on_evaluation(label, {"m": (1, probability)}, None, source)
+                   if d.kind == "drift"]  # fmt: skip
+    assert alarms
+    event = ModelEvent.decode(alarms[0].as_event().encode())
+    i = int(event.event_id[1:]) if event.event_id else -1
+    assert 3_000 <= i < 4_000
+    assert event.label_at == LabelPosition("p.labels", i % 3, 100 + i)
+    assert event.label_time == 1e9 + i and event.champion is True
+    assert (event.model, event.version) == ("m", 1)
+    assert event.evidence is not None and event.evidence["detector"] == "adwin"
+    assert 0 < event.evidence["statistic"]["estimation"] < 1
+    assert event.evidence["statistic"]["width"] > 0
+
+
+def test_records_from_before_these_fields_still_decode() -> None:
+    old = b'{"kind":"drift","model":"m","version":3,"evidence":{"labels":7},"by":"monitor"}'
+    event = ModelEvent.decode(old)
+    assert event.event_id is None and event.label_at is None and event.champion is None
+    assert ModelEvent.decode(event.encode()) == event
+    raw = (b'{"event_id":"e1","label":true,"labels_seen":1,'
+           b'"predictions":{"m":{"version":1,"probability":0.7}},"served":null}')  # fmt: skip
+    evaluation = Evaluation.decode(raw)
+    assert evaluation.inputs is None and evaluation.label_at is None
+    assert evaluation.encode() == raw
