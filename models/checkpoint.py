@@ -27,7 +27,7 @@ from typing import Any
 import orjson
 
 from riverflow.models.errors import CheckpointError
-from riverflow.models.signing import MAGIC, sign_bytes, verify_bytes
+from riverflow.models.signing import KEYED_MAGIC, MAGIC, Keys, sign_bytes, verify_bytes
 from riverflow.streams.contracts import Message
 
 FORMAT = "riverflow-learner-checkpoint/1"
@@ -45,7 +45,7 @@ class LearnerCheckpoint:
     pending: list[tuple[Message, bool]]  # labels waiting for their event, with their value
     saved_at: float = 0.0  # unix seconds: a rollback after this is applied on restore
 
-    def encode(self, key: bytes) -> bytes:
+    def encode(self, key: Keys) -> bytes:
         """The signed document."""
         document = {
             "format": FORMAT,
@@ -61,9 +61,9 @@ class LearnerCheckpoint:
         return sign_bytes(orjson.dumps(document), key)
 
     @classmethod
-    def decode(cls, raw: bytes, key: bytes) -> LearnerCheckpoint:
+    def decode(cls, raw: bytes, key: Keys) -> LearnerCheckpoint:
         """The checkpoint in ``raw``, if its signature verifies and its format is ours."""
-        if raw.startswith(MAGIC):
+        if raw.startswith((MAGIC, KEYED_MAGIC)):
             raise CheckpointError(
                 f"{_WHAT} is a signed pickle written by an earlier riverflow, not a "
                 f"{FORMAT} document: refused. Delete the key rf:<pipeline>:learner:checkpoint "

@@ -52,7 +52,14 @@ from redis.exceptions import RedisError
 
 from riverflow.models.checkpoint import LearnerCheckpoint
 from riverflow.models.errors import ModelError
-from riverflow.models.signing import document_mac, sign, verify_and_load, verify_mac
+from riverflow.models.signing import (
+    Keys,
+    document_mac,
+    keyring,
+    sign,
+    verify_and_load,
+    verify_mac,
+)
 from riverflow.streams.contracts import ModelEvent
 
 log = logging.getLogger(__name__)
@@ -201,14 +208,14 @@ class ModelRegistry(ABC):
 
     def __init__(
         self,
-        key: bytes,
+        key: Keys,
         keep_versions: int | None = None,
         history_keep: int = HISTORY_KEEP,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if history_keep < 1:
             raise ValueError(f"history_keep={history_keep}: keep at least the last move")
-        self.key = key
+        self.key = keyring(key)  # signs with its current key, verifies with any
         self.keep_versions = keep_versions
         self.history_keep = history_keep
         self.clock = clock  # the time a move, a version or a challenger is stamped with
@@ -223,6 +230,7 @@ class ModelRegistry(ABC):
         without persistence) never hands a number out twice to a descendant of
         a version it still knows. Then older versions are pruned (see ``prune``).
         """
+        meta = {**meta, "key_id": self.key.key_id}  # which key signed it (rotation)
         version = self._store(name, sign(model, self.key), meta)
         if self.keep_versions is not None:
             self.prune(name, self.keep_versions)
@@ -272,8 +280,9 @@ class ModelRegistry(ABC):
         blob, meta = self._get(name, version)
         blob_b64 = base64.b64encode(blob).decode()
         record: dict[str, Any] = {"format": EXPORT_FORMAT, "name": name, "version": version,
-                                  "meta": meta, "blob_b64": blob_b64}  # fmt: skip
-        mac = document_mac(_signed(record), self.key)
+                                  "meta": meta, "blob_b64": blob_b64,
+                                  "key_id": self.key.key_id}  # fmt: skip
+        mac = document_mac(_signed(record), self.key.key)
         record["signature_b64"] = base64.b64encode(mac).decode()
         return orjson.dumps(record, option=orjson.OPT_INDENT_2)
 
@@ -296,7 +305,11 @@ class ModelRegistry(ABC):
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ModelError(f"not a riverflow model export: {exc}") from exc
         if signed:  # SignatureError before anything is stored
-            verify_mac(_signed(record), mac, self.key, "model export (blob and metadata)")
+            key_id = record.get("key_id")  # None: exported before key ids
+            what = "model export (blob and metadata)"
+            verify_mac(
+                _signed(record), mac, self.key, what, None if key_id is None else str(key_id)
+            )
         model = verify_and_load(blob, self.key)
         origin = {"version": record.get("version"), "meta": record["meta"],
                   "meta_verified": signed}  # fmt: skip
@@ -465,7 +478,7 @@ class MemoryRegistry(ModelRegistry):
 
     def __init__(
         self,
-        key: bytes,
+        key: Keys,
         keep_versions: int | None = None,
         history_keep: int = HISTORY_KEEP,
         clock: Callable[[], float] = time.time,
@@ -580,7 +593,7 @@ class RedisRegistry(ModelRegistry):
         self,
         client: Any,
         namespace: str,
-        key: bytes,
+        key: Keys,
         keep_versions: int | None = None,
         history_keep: int = HISTORY_KEEP,
     ) -> None:

@@ -16,6 +16,7 @@ from riverflow.features.store import FeatureStore, MemoryFeatureStore, RedisFeat
 from riverflow.models.champion import ChampionReplica
 from riverflow.models.factory import build_candidates, build_model
 from riverflow.models.registry import MemoryRegistry, ModelRegistry, ModelVersion, RedisRegistry
+from riverflow.models.signing import Keyring
 from riverflow.monitors.exporter import MonitorMetrics
 from riverflow.monitors.history import MonitorHistory
 from riverflow.monitors.policy import PipelineMonitor
@@ -38,8 +39,11 @@ class ConnectionFailed(RiverflowError):
     """A server named in the settings cannot be reached."""
 
 
-def signing_key(settings: Settings) -> bytes:
-    return settings.signing_key.get_secret_value().encode()
+def signing_key(settings: Settings) -> Keyring:
+    """The keyring models and checkpoints are signed and verified with: the signing key
+    under its id, and the older keys that still verify (``verification_keys``)."""
+    older = {k: v.get_secret_value().encode() for k, v in settings.verification_keys.items()}
+    return Keyring(settings.signing_key_id, settings.signing_key.get_secret_value().encode(), older)
 
 
 def uses_dev_key(settings: Settings) -> bool:

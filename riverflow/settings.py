@@ -129,6 +129,15 @@ class Settings(BaseSettings):
     signing_key: SecretStr = Field(
         SecretStr(DEV_SIGNING_KEY), description="HMAC key for model snapshots"
     )
+    signing_key_id: str = Field(
+        "1", min_length=1, max_length=64,
+        description="the id of RIVERFLOW_SIGNING_KEY, kept with every version it signs",
+    )  # fmt: skip
+    verification_keys: dict[str, SecretStr] = Field(
+        default_factory=dict,
+        description="older signing keys by id (JSON: {\"1\": \"...\"}): what they signed "
+        "still verifies; drop one to refuse what it signed",
+    )  # fmt: skip
     pii_key_id: str = Field(
         "1", min_length=1, max_length=32,
         description="the name of RIVERFLOW_PII_KEY, written in every prediction: change "

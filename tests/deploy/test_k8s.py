@@ -172,8 +172,9 @@ def test_env_names_are_settings_and_secrets_come_from_the_secret() -> None:
             assert ref["key"] == name
             # optional only where the setting may be unset (Redis without a password);
             # the signing key's default is the development key: required here
-            unset = Settings.model_fields[name.removeprefix("RIVERFLOW_").lower()].default
-            assert ref.get("optional", False) == (unset is None), name
+            setting = Settings.model_fields[name.removeprefix("RIVERFLOW_").lower()]
+            unset = setting.default is None or setting.default_factory is not None
+            assert ref.get("optional", False) == unset, name
         settings = stage.settings()  # the plain values are valid settings
         assert settings.kafka_bootstrap and settings.redis_url
         assert settings.metrics_host == "0.0.0.0"  # the kubelet and Prometheus reach it

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hmac
 import pickle
 
 import orjson
@@ -95,3 +96,50 @@ def test_export_import_round_trip_and_tampered_export_refused() -> None:
     assert target.versions("m") == [1]  # nothing stored from the refused file
     with pytest.raises(ModelError, match="not a riverflow model export"):
         target.import_(b"{}")
+
+
+def test_the_signing_key_rotates_what_the_old_key_signed_verifies_while_it_is_kept() -> None:
+    from riverflow.models.checkpoint import LearnerCheckpoint
+    from riverflow.models.signing import MAGIC, Keyring, signed_with
+
+    old = Keyring("2025", b"old key")
+    new = Keyring("2026", b"new key", older={"2025": b"old key"})
+    registry = MemoryRegistry(old)
+    v1 = registry.publish("m", {"w": 1}, {})
+    exported = registry.export("m", v1)
+    saved = LearnerCheckpoint({"m": v1}, {"m": {}}, 10, {0: 10}, [])
+    registry.save_checkpoint(saved)
+    assert registry.meta("m", v1)["key_id"] == "2025"
+    # the process restarts signing with the new key, the old one kept for verifying
+    registry.key = new
+    assert registry.load("m", v1).model == {"w": 1} and registry.checkpoint() == saved
+    v2 = registry.publish("m", {"w": 2}, {"parent": v1})
+    assert registry.meta("m", v2)["key_id"] == "2026"
+    assert signed_with(registry.blobs[("m", v2)][0]) == "2026"
+    assert MemoryRegistry(new).import_(exported).model == {"w": 1}  # an old export too
+    # once the old key is dropped, what it signed is refused, naming the key id
+    registry.key = Keyring("2026", b"new key")
+    with pytest.raises(SignatureError, match="key id '2025', which this keyring does not hold"):
+        registry.load("m", v1)
+    with pytest.raises(SignatureError, match="key id '2025'"):
+        MemoryRegistry(Keyring("2026", b"new key")).import_(exported)
+    assert registry.load("m", v2).model == {"w": 2}
+    # the key id is covered by the signature: relabelled, it no longer verifies
+    blob = registry.blobs[("m", v2)][0].replace(b"2026", b"2025", 1)
+    with pytest.raises(SignatureError, match="does not verify"):
+        verify_and_load(blob, new)
+    # a blob signed before key ids verifies with any key of the ring
+    legacy = MAGIC + hmac.new(b"old key", pickle.dumps({"w": 0}), "sha256").digest()
+    assert verify_and_load(legacy + pickle.dumps({"w": 0}), new) == {"w": 0}
+
+
+def test_the_keyring_comes_from_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    from riverflow.assembly import signing_key
+    from riverflow.settings import Settings
+
+    monkeypatch.setenv("RIVERFLOW_SIGNING_KEY", "new key")
+    monkeypatch.setenv("RIVERFLOW_SIGNING_KEY_ID", "2026")
+    monkeypatch.setenv("RIVERFLOW_VERIFICATION_KEYS", '{"2025": "old key"}')
+    ring = signing_key(Settings())
+    assert (ring.key_id, ring.key, dict(ring.older)) == ("2026", b"new key", {"2025": b"old key"})
+    assert "old key" not in repr(Settings())  # secrets stay out of reprs and logs
