@@ -31,7 +31,9 @@ import yaml
 
 from riverflow.spec import load_spec
 from riverflow.streams.contracts import Prediction
-from riverflow.streams.kafka_io import ensure_topics, producer
+from riverflow.streams.kafka_io import ensure_topics, producer, read_topic
+from riverflow.streams.topics import Topics
+from riverflow.tools.bench_scaling import scorer_drain
 from riverflow.tools.generator import FraudStreamConfig, transactions
 from riverflow.tools.stack import Endpoints
 from tests.helpers import assert_features_match, brute_force_features
@@ -241,3 +243,21 @@ def test_three_scorers_join_leave_and_die_and_every_event_is_predicted(
     merchant = next(f for f in spec.features if f.name == "merchant_n_1h")
     bad = merchant_failures(events, first, 3600 / merchant.buckets)
     assert not bad, "\n".join(bad[:5])
+
+
+def test_the_scaling_bench_times_a_drain_that_every_scorer_shares(
+    stack: Endpoints, tmp_path: Path
+) -> None:
+    # ``bench_scaling scorers``' figure means N scorers only if each held partitions
+    # and worked through the timed drain (no join inside it)
+    spec = load_spec(Path(__file__).parents[2] / "examples" / "fraud-bench.yaml")
+    figures = scorer_drain(spec, stack, 2, 6_000, PARTITIONS, tmp_path, seed=5)
+    assert figures["drain_events_per_s"] > 0
+    # both scorers worked through it: an idle one spends a few ms polling in a drain
+    # where each working one spends ~150 ms (25 us an event)
+    cpu = figures["scorer_cpu_s_per_million"]
+    assert len(cpu) == 2 and min(cpu) >= 0.25 * max(cpu), cpu
+    name = next(f.stem for f in tmp_path.glob("scale2-*.yaml"))
+    scored = [Prediction.decode(m.value()).event_id
+              for m in read_topic(stack.kafka_bootstrap, Topics(name).predictions)]  # fmt: skip
+    assert len(scored) == len(set(scored)) == 6_000
