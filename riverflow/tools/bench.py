@@ -41,7 +41,7 @@ from typing import Any, TypeVar
 
 import orjson
 import yaml
-from confluent_kafka import OFFSET_END, Consumer, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, Producer, TopicPartition
 from rich.table import Table
 
 from riverflow.embedded import EmbeddedRuntime
@@ -314,24 +314,33 @@ def measure_embedded(
     }
 
 
-class PredictionClock:
-    """Reads a predictions topic in a thread, noting when each event id arrives.
+class TopicWatch:
+    """Reads a topic in a thread (from its end, or its start with ``from_start``),
+    handing each record, decoded, to ``seen`` with the wall time it arrived.
 
     ``config``: librdkafka settings laid over the reading consumer's own.
     """
 
-    def __init__(self, bootstrap: str, topic: str, config: Mapping[str, Any] | None = None) -> None:
-        self.arrivals: dict[str, float] = {}
-        self.scored: dict[str, float] = {}  # the scorer's clock when it scored the event
+    def __init__(
+        self,
+        bootstrap: str,
+        topic: str,
+        config: Mapping[str, Any] | None = None,
+        from_start: bool = False,
+    ) -> None:
         self._stop = threading.Event()
         self._consumer = Consumer(
             {**client_config(bootstrap), "group.id": f"bench-{uuid.uuid4().hex}",
              "enable.auto.commit": False, **(config or {})}
         )  # fmt: skip
         meta = self._consumer.list_topics(topic, timeout=10).topics[topic]
-        self._consumer.assign([TopicPartition(topic, p, OFFSET_END) for p in meta.partitions])
+        at = OFFSET_BEGINNING if from_start else OFFSET_END
+        self._consumer.assign([TopicPartition(topic, p, at) for p in meta.partitions])
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
+
+    def seen(self, record: dict[str, Any], now: float) -> None:
+        raise NotImplementedError
 
     def _run(self) -> None:
         loads = orjson.loads
@@ -344,9 +353,25 @@ class PredictionClock:
             for msg in [first, *self._consumer.consume(1000, timeout=0)]:
                 value = msg.value()
                 if msg.error() is None and value is not None:
-                    prediction = loads(value)
-                    self.arrivals[prediction["event_id"]] = now
-                    self.scored[prediction["event_id"]] = prediction["scored_at"]
+                    self.seen(loads(value), now)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._consumer.close()
+
+
+class PredictionClock(TopicWatch):
+    """Notes when each event id's prediction arrives, and when it was scored."""
+
+    def __init__(self, bootstrap: str, topic: str, config: Mapping[str, Any] | None = None) -> None:
+        self.arrivals: dict[str, float] = {}
+        self.scored: dict[str, float] = {}  # the scorer's clock when it scored the event
+        super().__init__(bootstrap, topic, config)
+
+    def seen(self, record: dict[str, Any], now: float) -> None:
+        self.arrivals[record["event_id"]] = now
+        self.scored[record["event_id"]] = record["scored_at"]
 
     def wait_for_ids(self, ids: dict[str, float], timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -360,11 +385,6 @@ class PredictionClock:
                 return False
             time.sleep(0.01)
         return True
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._consumer.close()
 
 
 def paced(records: list[T], rate: float) -> Iterator[T]:

@@ -27,7 +27,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -35,49 +34,27 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from confluent_kafka import (
-    OFFSET_BEGINNING,
-    Consumer,
-    ConsumerGroupState,
-    KafkaException,
-    TopicPartition,
-)
+from confluent_kafka import ConsumerGroupState, KafkaException
 from confluent_kafka.admin import AdminClient
 
 from riverflow.settings import Settings
 from riverflow.spec import PipelineSpec, load_spec
 from riverflow.streams.kafka_io import ensure_topics
 from riverflow.streams.topics import Topics
-from riverflow.tools.bench import ProcessUsage, _backlog, _spec_file, stream
+from riverflow.tools.bench import ProcessUsage, TopicWatch, _backlog, _spec_file, stream
 from riverflow.tools.stack import Endpoints, local_stack, stop_processes
 
 
-class Arrivals:
+class Arrivals(TopicWatch):
     """Reads a topic from its start in a thread, noting when each event id first
     arrived (wall clock)."""
 
     def __init__(self, bootstrap: str, topic: str) -> None:
         self.at: dict[str, float] = {}
-        self._stop = threading.Event()
-        self._consumer = Consumer(
-            {"bootstrap.servers": bootstrap, "group.id": f"bench-{uuid.uuid4().hex}",
-             "enable.auto.commit": False}
-        )  # fmt: skip
-        meta = self._consumer.list_topics(topic, timeout=10).topics[topic]
-        self._consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in meta.partitions])
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        super().__init__(bootstrap, topic, from_start=True)
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            first = self._consumer.poll(0.05)
-            if first is None:
-                continue
-            now = time.time()
-            for msg in [first, *self._consumer.consume(1000, timeout=0)]:
-                value = msg.value()
-                if msg.error() is None and value is not None:
-                    self.at.setdefault(orjson.loads(value)["event_id"], now)
+    def seen(self, record: dict[str, Any], now: float) -> None:
+        self.at.setdefault(record["event_id"], now)
 
     def wait_for(self, count: int, timeout_s: float, procs: list[subprocess.Popen[bytes]]) -> None:
         deadline = time.monotonic() + timeout_s
@@ -92,11 +69,6 @@ class Arrivals:
         """Outputs per second of ``ids``, first to last."""
         times = [self.at[i] for i in ids]
         return (len(times) - 1) / (max(times) - min(times))
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._consumer.close()
 
 
 def start_stage(
