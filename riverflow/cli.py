@@ -21,7 +21,7 @@ from rich.console import Console
 
 from riverflow.errors import RiverflowError
 from riverflow.settings import Settings
-from riverflow.spec import PipelineSpec, load_spec
+from riverflow.spec import PipelineSpec, load_spec, shipped_example
 from riverflow.tools.stack import Endpoints, stack_down, stack_status, stack_up
 
 if TYPE_CHECKING:
@@ -61,8 +61,24 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_stack(args: argparse.Namespace, settings: Settings) -> int:
     if args.action == "up":
+        spec_file = None
+        if args.secure:
+            given = Path(args.spec or settings.spec)
+            found = given if given.exists() else shipped_example(str(given)) or given
+            spec_file = found.resolve()
+            load_spec(spec_file)  # a broken spec is named before anything starts
         with console.status("starting Kafka (KRaft) and redis-server..."):
-            ep = stack_up(settings)
+            ep = stack_up(settings, secure_for=spec_file)
+        if spec_file is not None:
+            envdir = settings.cache_dir / "stack" / "env"
+            console.print(
+                f"secured for {load_spec(spec_file).name}: Kafka {ep.kafka_bootstrap} over "
+                "SASL_SSL (a throwaway CA), ACLs and a Redis user per stage. Each identity's "
+                f"settings: {envdir}/admin.env (you: `. {envdir}/admin.env`), "
+                f"{envdir}/scorer.env, learner.env, monitor.env",
+                soft_wrap=True,
+            )
+            return 0
         console.print(f"export RIVERFLOW_KAFKA_BOOTSTRAP={ep.kafka_bootstrap}")
         console.print(f"export RIVERFLOW_REDIS_URL={ep.redis_url}")
     elif args.action == "down":
@@ -655,6 +671,11 @@ def parser() -> argparse.ArgumentParser:
 
     stack = sub.add_parser("stack", help="local Kafka + Redis without Docker")
     stack.add_argument("action", choices=["up", "down", "status"])
+    stack.add_argument(
+        "--secure", action="store_true",
+        help="up: TLS + SASL logins, ACLs and a Redis user per stage for --spec's pipeline",
+    )  # fmt: skip
+    stack.add_argument("--spec", type=Path)
     stack.set_defaults(func=cmd_stack)
 
     run = sub.add_parser("run", help="run a stage on Kafka (until Ctrl-C / SIGTERM)")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import secrets
 import shlex
 import shutil
 import signal
@@ -479,27 +480,95 @@ def _state_file(settings: Settings) -> Path:
     return settings.cache_dir / "stack" / "state.json"
 
 
-def stack_up(settings: Settings) -> Endpoints:
-    """Start Kafka and Redis in the background and remember them for ``stack down``."""
+def stack_up(settings: Settings, secure_for: Path | None = None) -> Endpoints:
+    """Start Kafka and Redis in the background and remember them for ``stack down``.
+
+    ``secure_for``: a secured stack for the pipeline of that spec file
+    (``secure_stack``), its identities' settings written to
+    ``{cache_dir}/stack/env/*.env``."""
     state = _state_file(settings)
     if state.exists():
         running = stack_status(settings)
-        if running and all(s.alive() for s in running):
-            data = json.loads(state.read_text())
+        data = json.loads(state.read_text())
+        same = bool(data.get("secure")) == (secure_for is not None)
+        if same and running and all(s.alive() for s in running):
             return Endpoints(data["kafka"]["address"], data["redis"]["address"])
         stack_down(settings)
     root = state.parent
     shutil.rmtree(root, ignore_errors=True)
-    kafka = start_kafka(settings, root / "kafka")
+    secure = None
+    if secure_for is not None:
+        users = {name: secrets.token_urlsafe(18) for name in ("admin", *STAGE_NAMES)}
+        secure = make_secure_kafka(root / "tls", users)
+    kafka = start_kafka(settings, root / "kafka", secure=secure)
     try:
         redis_server = start_redis(root / "redis")
     except StackError:
         kafka.stop()
         raise
-    state.write_text(
-        json.dumps({s.name: {**s.__dict__, "log": str(s.log)} for s in (kafka, redis_server)})
-    )
-    return Endpoints(kafka.address, redis_server.address)
+    servers = {s.name: {**s.__dict__, "log": str(s.log)} for s in (kafka, redis_server)}
+    state.write_text(json.dumps({**servers, "secure": secure is not None}))
+    ep = Endpoints(kafka.address, redis_server.address)
+    if secure is not None and secure_for is not None:
+        try:
+            secure_stack(ep, secure, secure_for, root / "env")
+        except Exception:
+            stack_down(settings)
+            raise
+    return ep
+
+
+STAGE_NAMES = ("scorer", "learner", "monitor")
+
+
+def secure_stack(ep: Endpoints, secure: SecureKafka, spec_file: Path, envdir: Path) -> None:
+    """What makes a started stack least-privilege for ``spec``: its topics (made as
+    admin), each stage's Kafka ACLs (``riverflow.security.stage_acls``) and Redis user
+    (``redis_acl_rules``), the Redis default user given the admin's password, and an
+    env file per identity (``admin.env`` for the operator's CLI, ``<stage>.env``),
+    readable by their owner only."""
+    import redis
+    from confluent_kafka.admin import AdminClient
+
+    from riverflow.kafka_runtime import ensure_pipeline_topics
+    from riverflow.security import redis_acl_rules, stage_acls
+    from riverflow.spec import load_spec
+    from riverflow.streams.kafka_io import use_security
+
+    spec = load_spec(spec_file)
+    admin_kafka = secure.client()
+    use_security(admin_kafka)
+    try:
+        ensure_pipeline_topics(ep.kafka_bootstrap, spec, Settings())
+    finally:
+        use_security({})
+    admin = AdminClient({"bootstrap.servers": ep.kafka_bootstrap, **admin_kafka})
+    bindings = [a for stage in STAGE_NAMES for a in stage_acls(spec, stage, f"User:{stage}")]
+    for future in admin.create_acls(bindings).values():
+        future.result()
+    client = redis.Redis.from_url(ep.redis_url)
+    for stage in STAGE_NAMES:
+        rules = redis_acl_rules(spec, stage)
+        client.execute_command("ACL", "SETUSER", stage, "on", f">{secure.users[stage]}", *rules)
+    client.execute_command("ACL", "SETUSER", "default", "on", "resetpass",
+                           f">{secure.users['admin']}")  # fmt: skip
+    envdir.mkdir(parents=True, exist_ok=True)
+    for name, password in secure.users.items():
+        redis_user = "default" if name == "admin" else name
+        lines = {
+            "RIVERFLOW_KAFKA_BOOTSTRAP": ep.kafka_bootstrap,
+            "RIVERFLOW_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+            "RIVERFLOW_KAFKA_SASL_USERNAME": name,
+            "RIVERFLOW_KAFKA_SASL_PASSWORD": password,
+            "RIVERFLOW_KAFKA_SSL_CA_FILE": str(secure.ca_file),
+            "RIVERFLOW_REDIS_URL": ep.redis_url,
+            "RIVERFLOW_REDIS_USERNAME": redis_user,
+            "RIVERFLOW_REDIS_PASSWORD": password,
+            "RIVERFLOW_SPEC": str(spec_file),
+        }
+        path = envdir / f"{name}.env"
+        path.touch(mode=0o600)
+        path.write_text("".join(f"export {k}={shlex.quote(v)}\n" for k, v in lines.items()))
 
 
 def stack_status(settings: Settings) -> list[ServerProcess]:
@@ -514,6 +583,7 @@ def stack_status(settings: Settings) -> list[ServerProcess]:
             v["name"], v["pid"], v["address"], Path(v["log"]), v.get("durability", "")
         ).found()
         for v in data.values()
+        if isinstance(v, dict)  # the servers (beside "secure")
     ]
 
 

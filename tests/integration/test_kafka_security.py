@@ -171,3 +171,67 @@ def test_the_faust_host_logs_in_with_the_same_settings(
         got = collect(secured.address, spec.topics.predictions, len(events), 120, 1.0,
                       config=secured.secure.client())  # fmt: skip
     assert len({Prediction.decode(m.value()).event_id for m in got}) == len(events)
+
+
+def read_env(path: Path) -> dict[str, str]:
+    import shlex
+
+    return {k: v for k, _, v in (shlex.split(line)[1].partition("=")
+                                 for line in path.read_text().splitlines() if line)}  # fmt: skip
+
+
+def test_stack_up_secure_makes_an_identity_per_stage_with_only_what_it_needs(
+    tmp_path: Path,
+) -> None:
+    import redis
+
+    settings = Settings()
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    jars = f"kafka-{settings.kafka_version}"  # the broker's jars, fetched once
+    (cache / jars).symlink_to(settings.cache_dir / jars)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RIVERFLOW_")}
+    env["RIVERFLOW_CACHE_DIR"] = str(cache)
+
+    def cli(*args: str, **more: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "riverflow.cli", *args],
+                              env={**env, **more}, capture_output=True, text=True, timeout=180,
+                              check=False)  # fmt: skip
+
+    up = cli("stack", "up", "--secure")
+    try:
+        assert up.returncode == 0, up.stderr
+        envdir = cache / "stack" / "env"
+        assert "ACLs and a Redis user per stage" in " ".join(up.stdout.split())
+        files = {p.stem: p for p in envdir.glob("*.env")}
+        assert set(files) == {"admin", "scorer", "learner", "monitor"}
+        assert all(p.stat().st_mode & 0o077 == 0 for p in files.values())  # owner only
+        admin, scorer = read_env(files["admin"]), read_env(files["scorer"])
+        assert admin["RIVERFLOW_KAFKA_SASL_PASSWORD"] not in up.stdout + up.stderr
+        fed = cli("produce", "--events", "200", **admin)  # the operator, as admin
+        assert fed.returncode == 0, fed.stderr
+        kafka = {"bootstrap.servers": scorer["RIVERFLOW_KAFKA_BOOTSTRAP"],
+                 "security.protocol": "SASL_SSL", "sasl.mechanism": "SCRAM-SHA-512",
+                 "sasl.username": "scorer",
+                 "sasl.password": scorer["RIVERFLOW_KAFKA_SASL_PASSWORD"],
+                 "ssl.ca.location": scorer["RIVERFLOW_KAFKA_SSL_CA_FILE"]}  # fmt: skip
+        outcome: dict[str, str] = {}
+        as_scorer = Producer(kafka)
+        for topic in ("fraud.predictions", "fraud.model-events"):
+            as_scorer.produce(topic, b"{}", on_delivery=lambda err, m: outcome.update(
+                {m.topic(): str(err)}))  # fmt: skip
+        as_scorer.flush(30)
+        assert outcome["fraud.predictions"] == "None"  # its own output
+        assert "TOPIC_AUTHORIZATION_FAILED" in outcome["fraud.model-events"]
+        url = scorer["RIVERFLOW_REDIS_URL"]
+        with pytest.raises(redis.exceptions.AuthenticationError):
+            redis.Redis.from_url(url).ping()  # nobody without a password
+        as_scorer_redis = redis.Redis.from_url(
+            url, username="scorer", password=scorer["RIVERFLOW_REDIS_PASSWORD"]
+        )
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            as_scorer_redis.set("rf:fraud:champion", b"{}")
+        as_scorer_redis.set("rf:fraud:snap:x", b"1")  # its own keys
+    finally:
+        down = cli("stack", "down")
+        assert down.returncode == 0, down.stderr
