@@ -92,7 +92,10 @@ def check_access(bootstrap: str, timeout_s: float = 10.0) -> None:
     refused: list[KafkaError] = []
 
     def on_error(err: KafkaError) -> None:
-        if err.code() in (KafkaError._AUTHENTICATION, KafkaError._SSL):
+        # a broker that wants a client certificate answers with a TLS alert, which
+        # librdkafka reports as a transport error
+        alert = err.code() == KafkaError._TRANSPORT and "SSL routines" in err.str()
+        if err.code() in (KafkaError._AUTHENTICATION, KafkaError._SSL) or alert:
             refused.append(err)
 
     admin = AdminClient(client_config(bootstrap, error_cb=on_error, log_level=0))

@@ -217,6 +217,10 @@ class SecureKafka:
     ca_file: Path
     keystore: Path  # the broker's key and certificate (PEM)
     users: dict[str, str]
+    # an SSL listener that requires a client certificate (mTLS): its port, and a
+    # certificate and key per user (subject CN=<user>: the principal User:CN=<user>)
+    ssl_port: int = 0
+    client_certs: dict[str, tuple[Path, Path]] = field(default_factory=dict)
 
     @property
     def admin(self) -> str:
@@ -252,7 +256,14 @@ def make_secure_kafka(workdir: Path, users: dict[str, str]) -> SecureKafka:
     openssl("pkcs8", "-topk8", "-nocrypt", "-in", "broker.key", "-out", "broker.pk8")
     keystore = workdir / "broker-keystore.pem"
     keystore.write_text((workdir / "broker.pk8").read_text() + (workdir / "broker.pem").read_text())
-    return SecureKafka(workdir / "ca.pem", keystore, dict(users))
+    certs = {}
+    for name in users:
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout",
+                f"{name}.key", "-out", f"{name}.csr")  # fmt: skip
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+                "-CAcreateserial", "-days", "2", "-out", f"{name}.pem")  # fmt: skip
+        certs[name] = (workdir / f"{name}.pem", workdir / f"{name}.key")
+    return SecureKafka(workdir / "ca.pem", keystore, dict(users), free_port(), certs)
 
 
 def start_kafka(
@@ -283,18 +294,27 @@ def start_kafka(
         ]
     else:
         internal = free_port()
+        ssl = secure.ssl_port
+        plain_users = " ".join(f'user_{name}="{pw}"' for name, pw in secure.users.items())
         listeners = [
-            f"listeners=SASL_SSL://127.0.0.1:{port},INTERNAL://127.0.0.1:{internal},"
-            f"CONTROLLER://127.0.0.1:{cport}",
-            f"advertised.listeners=SASL_SSL://127.0.0.1:{port},INTERNAL://127.0.0.1:{internal}",
+            f"listeners=SASL_SSL://127.0.0.1:{port},SSL://127.0.0.1:{ssl},"
+            f"INTERNAL://127.0.0.1:{internal},CONTROLLER://127.0.0.1:{cport}",
+            f"advertised.listeners=SASL_SSL://127.0.0.1:{port},SSL://127.0.0.1:{ssl},"
+            f"INTERNAL://127.0.0.1:{internal}",
             "inter.broker.listener.name=INTERNAL",
             "listener.security.protocol.map=CONTROLLER:PLAINTEXT,INTERNAL:PLAINTEXT,"
-            "SASL_SSL:SASL_SSL",
-            "sasl.enabled.mechanisms=SCRAM-SHA-512",
+            "SASL_SSL:SASL_SSL,SSL:SSL",
+            # SCRAM as the stages log in; PLAIN as managed clusters' API keys do
+            "sasl.enabled.mechanisms=SCRAM-SHA-512,PLAIN",
             "listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config="
             "org.apache.kafka.common.security.scram.ScramLoginModule required;",
+            "listener.name.sasl_ssl.plain.sasl.jaas.config="
+            f"org.apache.kafka.common.security.plain.PlainLoginModule required {plain_users};",
             "ssl.keystore.type=PEM",
             f"ssl.keystore.location={secure.keystore}",
+            "ssl.truststore.type=PEM",
+            f"ssl.truststore.location={secure.ca_file}",
+            "listener.name.ssl.ssl.client.auth=required",
             "authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer",
             # the broker's own listeners (loopback) and the admin; nobody else without an ACL
             f"super.users=User:ANONYMOUS;User:{secure.admin}",

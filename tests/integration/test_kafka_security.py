@@ -16,6 +16,7 @@ import orjson
 import pytest
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
+from pydantic import SecretStr
 
 from riverflow.kafka_runtime import ensure_pipeline_topics
 from riverflow.security import STAGES, stage_acls
@@ -235,3 +236,36 @@ def test_stack_up_secure_makes_an_identity_per_stage_with_only_what_it_needs(
     finally:
         down = cli("stack", "down")
         assert down.returncode == 0, down.stderr
+
+
+@pytest.mark.parametrize("how", ["plain", "mtls"])
+def test_a_plain_login_and_a_client_certificate_work_from_the_settings(
+    secured: SecuredBroker, how: str
+) -> None:
+    from riverflow.assembly import kafka_security
+    from riverflow.streams.kafka_io import KafkaAccessError, check_access
+
+    secure = secured.secure
+    cert, key = secure.client_certs["scorer"]
+    host = secured.address.rsplit(":", 1)[0]
+    if how == "plain":  # as managed clusters' API keys log in
+        bootstrap = secured.address
+        good = Settings(kafka_security_protocol="SASL_SSL", kafka_sasl_mechanism="PLAIN",
+                        kafka_sasl_username="scorer", kafka_sasl_password=USERS["scorer"],
+                        kafka_ssl_ca_file=secure.ca_file)  # fmt: skip
+        bad = good.model_copy(update={"kafka_sasl_password": SecretStr("wrong")})
+        refused = "Authentication failed"
+    else:  # a listener that requires a client certificate signed by its CA
+        bootstrap = f"{host}:{secure.ssl_port}"
+        good = Settings(kafka_security_protocol="SSL", kafka_ssl_ca_file=secure.ca_file,
+                        kafka_ssl_cert_file=cert, kafka_ssl_key_file=key)  # fmt: skip
+        bad = Settings(kafka_security_protocol="SSL", kafka_ssl_ca_file=secure.ca_file)
+        refused = "bad certificate"  # the broker's TLS alert: no client certificate
+    try:
+        use_security(kafka_security(good))
+        check_access(bootstrap)  # the cluster answers
+        use_security(kafka_security(bad))
+        with pytest.raises(KafkaAccessError, match=refused):
+            check_access(bootstrap, timeout_s=5)
+    finally:
+        use_security({})
