@@ -12,8 +12,9 @@ import gc
 import logging
 import math
 import socket
+from collections.abc import Mapping
 from dataclasses import replace
-from typing import Protocol
+from typing import Any, Protocol
 
 from riverflow.assembly import (
     build_learner,
@@ -116,17 +117,17 @@ def check_guarantee(settings: Settings) -> None:
 
 
 def ensure_pipeline_topics(
-    bootstrap: str, spec: PipelineSpec, settings: Settings, partitions: int | None = None
+    bootstrap: str, spec: PipelineSpec, settings: Settings, client: Mapping[str, Any] | None = None
 ) -> list[str]:
-    """Create the pipeline's topics that do not exist yet. The predictions topic keeps
-    its records at least the label horizon (and Kafka's default week): the learner
+    """Create the pipeline's topics that do not exist yet (``client``: as another
+    identity than the process's, e.g. an admin). The predictions topic keeps its
+    records at least the label horizon (and Kafka's default week): the learner
     builds its index of scored events from it, again from the start if the index is
     lost, so a label is joined only while its prediction is still on the topic."""
     keep_ms = max(WEEK_MS, int(settings.label_horizon_s * 1000))
     return ensure_topics(
-        bootstrap, spec.topics.all(), partitions or settings.partitions,
-        settings.replication_factor,
-        configs={spec.topics.predictions: {"retention.ms": str(keep_ms)}},
+        bootstrap, spec.topics.all(), settings.partitions, settings.replication_factor,
+        configs={spec.topics.predictions: {"retention.ms": str(keep_ms)}}, client=client,
     )  # fmt: skip
 
 

@@ -56,11 +56,13 @@ def ensure_topics(
     partitions: int,
     replication: int = 1,
     configs: Mapping[str, Mapping[str, str]] | None = None,
+    client: Mapping[str, Any] | None = None,
 ) -> list[str]:
     """Create the topics that do not exist yet; returns the names created.
     ``configs``: topic settings of the named topics beyond the defaults (applied on
-    creation only: a topic that exists keeps what its operator gave it)."""
-    admin = AdminClient(client_config(bootstrap))
+    creation only: a topic that exists keeps what its operator gave it). ``client``:
+    the admin client's own settings (another identity than the process's)."""
+    admin = AdminClient(client_config(bootstrap, **(client or {})))
     existing = set(admin.list_topics(timeout=10).topics)
     base = {"max.message.bytes": str(MAX_MESSAGE_BYTES)}
     extra = configs or {}
@@ -194,6 +196,22 @@ def groupless_reader(
     return consumer, sorted(meta.partitions)
 
 
+def offsets_since(
+    consumer: Consumer, topic: str, partitions: Iterable[int], since_s: float
+) -> dict[int, int]:
+    """Per partition of ``topic``, the offset of its first message no older than
+    ``since_s`` seconds, or its end if none is that recent."""
+    at_ms = int((time.time() - since_s) * 1000)
+    found = consumer.offsets_for_times(
+        [TopicPartition(topic, p, at_ms) for p in partitions], timeout=10
+    )
+    return {
+        tp.partition: tp.offset if tp.offset >= 0  # -1: nothing that recent
+        else int(consumer.get_watermark_offsets(tp, timeout=10)[1])
+        for tp in found
+    }  # fmt: skip
+
+
 def read_topic(
     bootstrap: str,
     topic: str,
@@ -206,14 +224,10 @@ def read_topic(
     forever with ``follow``). Reads all partitions without a consumer group, so it
     commits nothing and joins no rebalance."""
     consumer, partitions = groupless_reader(bootstrap, topic, "riverflow-reader")
-    starts = [TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions]
+    starts = dict.fromkeys(partitions, OFFSET_BEGINNING)
     if since_s is not None:
-        at_ms = int((time.time() - since_s) * 1000)
-        found = consumer.offsets_for_times(
-            [TopicPartition(topic, p, at_ms) for p in partitions], timeout=10
-        )
-        starts = [tp for tp in found if tp.offset >= 0]  # -1: nothing that recent
-    consumer.assign(starts)
+        starts = offsets_since(consumer, topic, partitions, since_s)
+    consumer.assign([TopicPartition(topic, p, o) for p, o in starts.items()])
     last = time.monotonic()
     try:
         while follow or time.monotonic() - last < idle_s:
@@ -347,12 +361,7 @@ class TopicFollower:
         start = dict(index.positions(f"{cluster}/{topic}"))
         new = [p for p in self.partitions if p not in start]
         if new:
-            since_ms = int((time.time() - since_s) * 1000)
-            found = self.consumer.offsets_for_times(
-                [TopicPartition(topic, p, since_ms) for p in new], timeout=10
-            )
-            for tp in found:  # -1: nothing that recent; from the end then
-                start[tp.partition] = tp.offset if tp.offset >= 0 else self._high(tp.partition)
+            start.update(offsets_since(self.consumer, topic, new, since_s))
         self.at = {p: start[p] for p in self.partitions}  # the next offset per partition
         self.consumer.assign([TopicPartition(topic, p, o) for p, o in self.at.items()])
 

@@ -291,10 +291,7 @@ class RedisFeatureStore:
                 parts[entity.index(field)] = glob
                 key = self.entity_key("+".join(entity), "|".join(parts))
                 patterns += [key, f"{key}:hll:*"]
-        keys: set[Any] = set()
-        for pattern in patterns:
-            keys.update(self.client.scan_iter(match=pattern, count=1000))
-        entities = int(self.client.unlink(*keys)) if keys else 0
+        entities = self._unlink_matching(patterns)
         snaps = [self.snapshot_key(e) for e in event_ids]
         snapshots = int(self.client.unlink(*snaps)) if snaps else 0
         self._cache.clear()
@@ -303,18 +300,25 @@ class RedisFeatureStore:
 
     def reset(self) -> int:
         """Delete the stored entity state and its layout; returns the keys deleted."""
-        deleted = 0
-        batch: list[Any] = []
-        for key in self.client.scan_iter(match=f"{self.prefix}ent:*", count=1000):
-            batch.append(key)
-            if len(batch) >= 1000:
-                deleted += int(self.client.unlink(*batch))
-                batch = []
-        if batch:
-            deleted += int(self.client.unlink(*batch))
+        deleted = self._unlink_matching([f"{self.prefix}ent:*"])
         self.client.delete(self.layout_key)
         self._cache.clear()
         self._compact.clear()
+        return deleted
+
+    def _unlink_matching(self, patterns: Sequence[str]) -> int:
+        """Delete the keys matching any of ``patterns`` (SCAN, UNLINK a thousand at a
+        time); returns how many were deleted."""
+        deleted = 0
+        for pattern in patterns:
+            batch: list[Any] = []
+            for key in self.client.scan_iter(match=pattern, count=1000):
+                batch.append(key)
+                if len(batch) >= 1000:
+                    deleted += int(self.client.unlink(*batch))
+                    batch = []
+            if batch:
+                deleted += int(self.client.unlink(*batch))
         return deleted
 
     def entity_key(self, entity_name: str, value: str) -> str:

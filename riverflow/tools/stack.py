@@ -553,15 +553,10 @@ def secure_stack(ep: Endpoints, secure: SecureKafka, spec_file: Path, envdir: Pa
     from riverflow.kafka_runtime import ensure_pipeline_topics
     from riverflow.security import redis_acl_rules, stage_acls
     from riverflow.spec import load_spec
-    from riverflow.streams.kafka_io import use_security
 
     spec = load_spec(spec_file)
     admin_kafka = secure.client()
-    use_security(admin_kafka)
-    try:
-        ensure_pipeline_topics(ep.kafka_bootstrap, spec, Settings())
-    finally:
-        use_security({})
+    ensure_pipeline_topics(ep.kafka_bootstrap, spec, Settings(), client=admin_kafka)
     admin = AdminClient({"bootstrap.servers": ep.kafka_bootstrap, **admin_kafka})
     bindings = [a for stage in STAGE_NAMES for a in stage_acls(spec, stage, f"User:{stage}")]
     for future in admin.create_acls(bindings).values():

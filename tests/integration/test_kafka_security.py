@@ -65,11 +65,8 @@ def test_each_stage_runs_under_its_own_principal_with_only_what_it_needs(
 ) -> None:
     spec = load_spec(spec_file)
     topics, n = spec.topics, 2000
-    use_security(secured.secure.client())  # the operator makes the topics, as admin
-    try:
-        ensure_pipeline_topics(secured.address, spec, Settings())
-    finally:
-        use_security({})
+    # the operator makes the topics, as admin
+    ensure_pipeline_topics(secured.address, spec, Settings(), client=secured.secure.client())
     # each stage's principal gets what `riverflow acls` lists for it, applied as admin
     env = {
         **os.environ,
@@ -153,14 +150,10 @@ def test_the_faust_host_logs_in_with_the_same_settings(
     secured: SecuredBroker, stack: Endpoints, spec_file: Path, tmp_path: Path
 ) -> None:
     spec = load_spec(spec_file)
-    use_security(secured.secure.client())
-    try:
-        ensure_pipeline_topics(secured.address, spec, Settings())
-        admin = AdminClient({"bootstrap.servers": secured.address, **secured.secure.client()})
-        for future in admin.create_acls(stage_acls(spec, "scorer", "User:scorer")).values():
-            future.result()
-    finally:
-        use_security({})
+    ensure_pipeline_topics(secured.address, spec, Settings(), client=secured.secure.client())
+    admin = AdminClient({"bootstrap.servers": secured.address, **secured.secure.client()})
+    for future in admin.create_acls(stage_acls(spec, "scorer", "User:scorer")).values():
+        future.result()
     servers = Endpoints(secured.address, stack.redis_url)
     events = [rec for kind, rec in with_labels(300, FraudStreamConfig(seed=3)) if kind == "event"]
     with stage_processes(servers, spec_file, tmp_path) as start:
