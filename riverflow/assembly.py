@@ -248,7 +248,7 @@ def build_scorer(
         clean=spec.clean,
         quality=DataQuality(spec.events.fields, spec.monitors.quality.window,
                             spec.monitors.quality.schema_missing_rate,
-                            [name for name, rule in spec.clean.items() if rule.optional]),
+                            spec.optional_fields),
     )  # fmt: skip
 
 

@@ -124,6 +124,11 @@ class PipelineSpec(BaseModel):
         return self
 
     @property
+    def optional_fields(self) -> frozenset[str]:
+        """Event fields that may be missing or null (``clean:``)."""
+        return frozenset(name for name, rule in self.clean.items() if rule.optional)
+
+    @property
     def topics(self) -> Topics:
         return Topics(self.name)
 

@@ -88,8 +88,8 @@ class Scorer:
         self.champion = champion
         self.clock = clock
         # the spec's cleaning: optional fields pass validation as None; the serving
-        # model's ``Clean`` step cleans the values features are computed from, and
-        # (in its pipeline) the model inputs, which are stored raw for the learner
+        # model's ``Clean`` step imputes the values features need, and (in its
+        # pipeline) cleans the model inputs, which are stored raw for the learner
         self.clean = dict(clean or {})
         optional = {name for name, rule in self.clean.items() if rule.optional}
         self.categorical = [n for n, r in self.clean.items() if r.max_categories is not None]
@@ -125,9 +125,16 @@ class Scorer:
             done: dict[str, str] = {}
             if cleaner is not None:
                 new = [n for n in self.categorical if cleaner.is_new(n, event[n])]
-                event, report = cleaner.clean(raw)
+                clean, report = cleaner.clean(raw)
                 done = dict(report)
                 quality.observe(raw, report, new)
+                # features aggregate the values events carried: only a missing one is
+                # filled in (with what the serving model imputes). Clipping and buckets
+                # are the models' (their Clean step): features stay a function of the
+                # stream, not of which version served when
+                if "impute" in done.values():
+                    event = dict(raw)
+                    event.update((f, clean[f]) for f, rule in report if rule == "impute")
             else:
                 quality.observe(raw, ())
             events.append(event)
@@ -197,10 +204,12 @@ class Scorer:
             **{f"feature_batches_{k}": float(v) for k, v in self.store.batches.items()},
         }
 
-    def _request(self, event: dict[str, Any], raw: dict[str, Any]) -> FeatureRequest:
-        """Features from the cleaned ``event``; the inputs stored raw (the model's
-        pipeline cleans them, in the scorer and the learner alike)."""
+    def _request(self, event: dict[str, Any], raw: dict[str, Any] | None = None) -> FeatureRequest:
+        """Features from ``event`` (its missing values imputed); the inputs stored
+        as ``raw`` held them (the model's pipeline cleans them, in the scorer and the
+        learner alike)."""
         s = self.schema
+        raw = event if raw is None else raw
         context = orjson.dumps({name: raw[name] for name in self.stored})
         return feature_request(self.plan, event, event[s.event_id], event[s.time], context)
 
