@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from collections.abc import Mapping
 from typing import Any
 
 from river import base, compose
 
+from riverflow.models.cleaning import Clean, FieldCleaning
 from riverflow.models.errors import ModelSpecError
 from riverflow.models.spec import EstimatorSpec, ModelSpec, ModelsSpec
 
@@ -69,8 +71,11 @@ class Select(compose.Select):
         return {k: x[k] for k in self.ordered}
 
 
-def build_model(spec: ModelSpec) -> base.Estimator:
-    """A candidate: its selected inputs, preprocessing steps piped into the estimator.
+def build_model(
+    spec: ModelSpec, clean: Mapping[str, FieldCleaning] | None = None
+) -> base.Estimator:
+    """A candidate: the spec's cleaning (``models.cleaning``), its selected inputs,
+    preprocessing steps piped into the estimator.
 
     Only binary classifiers are served for now: a prediction is P(label is true).
     """
@@ -84,11 +89,15 @@ def build_model(spec: ModelSpec) -> base.Estimator:
     if spec.select:
         # e.g. a linear model given only the numeric values: River scalers refuse strings
         steps.insert(0, Select(*spec.select))
+    if clean:
+        steps.insert(0, Clean(clean))
     if not steps:
         return estimator
     return compose.Pipeline(*steps, estimator)
 
 
-def build_candidates(spec: ModelsSpec) -> dict[str, base.Estimator]:
+def build_candidates(
+    spec: ModelsSpec, clean: Mapping[str, FieldCleaning] | None = None
+) -> dict[str, base.Estimator]:
     """Every candidate of the spec, fresh; the first bad one raises ``ModelSpecError``."""
-    return {c.name: build_model(c) for c in spec.candidates}
+    return {c.name: build_model(c, clean) for c in spec.candidates}

@@ -25,6 +25,9 @@ from riverflow.monitors.view import MonitorView
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
+QUALITY_MEASURES = ("missing_rate", "out_of_range_rate", "new_category_rate")
+
+
 class StageMetrics:
     """Throughput, outcomes, latency and lag of one stage process."""
 
@@ -59,6 +62,33 @@ class StageMetrics:
             "riverflow_stage_status", "what the processor reports (model version, metrics)",
             ["stage", "name"], registry=r,
         )  # fmt: skip
+        # stage statuses named ``measure:label...`` (the scorer's data quality) go to
+        # gauges labelled by field, rule or partition instead of the status gauge
+        quality = Gauge(
+            "riverflow_field_quality", "per field, over the last window of events: "
+            "missing_rate, out_of_range_rate, new_category_rate", ["stage", "field", "measure"],
+            registry=r,
+        )  # fmt: skip
+        type_errors = Gauge(
+            "riverflow_field_type_errors", "events refused for this field's type or range",
+            ["stage", "field"], registry=r,
+        )  # fmt: skip
+        cleaned = Gauge(
+            "riverflow_cleaned_values", "values the spec's cleaning changed, by field and rule",
+            ["stage", "field", "rule"], registry=r,
+        )  # fmt: skip
+        freshness = Gauge(
+            "riverflow_event_freshness_seconds",
+            "processing time minus event time, newest event of the last batch per partition",
+            ["stage", "partition"], registry=r,
+        )  # fmt: skip
+        # measure -> its gauge and the label values after the name's own (stage first)
+        self._labelled: dict[str, tuple[Gauge, tuple[str, ...]]] = {
+            **{m: (quality, (m,)) for m in QUALITY_MEASURES},
+            "type_errors": (type_errors, ()),
+            "cleaned": (cleaned, ()),
+            "freshness_s": (freshness, ()),
+        }
         self.last_loop = time.monotonic()
         self._degraded_by: dict[str, str] = {}  # who reports it -> why the stage waits
         self._degraded = Gauge(
@@ -111,7 +141,14 @@ class StageMetrics:
 
     def set_status(self, status: dict[str, float]) -> None:
         for name, value in status.items():
-            self._status.labels(self.stage, name).set(value)
+            measure, _, rest = name.partition(":")
+            labelled = self._labelled.get(measure) if rest else None
+            if labelled is not None:
+                gauge, after = labelled
+                parts = rest.rsplit(":", 1) if measure == "cleaned" else [rest]
+                gauge.labels(self.stage, *parts, *after).set(value)
+            else:
+                self._status.labels(self.stage, name).set(value)
 
     def alive(self, stale_after_s: float = 60.0) -> bool:
         """The host loop went round recently (it does at least every poll interval)."""

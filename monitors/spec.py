@@ -75,6 +75,15 @@ class LabelFreeSpec(_Frozen):
     )
 
 
+class QualitySpec(_Frozen):
+    """Data quality as the scorer counts it (``riverflow.stages.quality``)."""
+
+    window: int = Field(1_000, ge=10, description="events per window of the field rates")
+    schema_missing_rate: float = Field(
+        0.2, gt=0, lt=1, description="a field missing in more of a window is a schema change"
+    )
+
+
 class MonitorSpec(_Frozen):
     window: int = Field(1_000, ge=20, description="labelled events per sliding quality window")
     detector: DetectorSpec = Field(default_factory=DetectorSpec)
@@ -87,6 +96,7 @@ class MonitorSpec(_Frozen):
     segment: str | None = Field(None, description="event field whose values are compared")
     segment_min_labels: int = Field(100, ge=1, description="labels a segment needs to count")
     label_free: LabelFreeSpec = Field(default_factory=LabelFreeSpec)
+    quality: QualitySpec = Field(default_factory=QualitySpec)
 
     @model_validator(mode="after")
     def _check(self) -> MonitorSpec:

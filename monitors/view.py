@@ -7,7 +7,7 @@ document into a self-contained HTML file and a PNG plot.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
@@ -75,6 +75,9 @@ class MonitorView(BaseModel):
     segments: SegmentView | None = None
     distributions: dict[str, DistributionView] = Field(default_factory=dict)
     anomaly: dict[str, float] = Field(default_factory=dict)  # HalfSpaceTrees: mean, p99 score
+    # over the last predictions: per input field the share missing and the share each
+    # cleaning rule changed; freshness (monitors.dataquality)
+    data_quality: dict[str, Any] = Field(default_factory=dict)
 
 
 def parse_view(raw: bytes | str, source: str = "view") -> MonitorView:

@@ -27,6 +27,7 @@ from riverflow.stages.common import DLQ_KEEP_BYTES
 from riverflow.stages.learner import LabelJoin, Learner, LearnerTiming, ScoredThrough
 from riverflow.stages.lineage import Candidate, Following, Lineage
 from riverflow.stages.monitor import Monitor
+from riverflow.stages.quality import DataQuality
 from riverflow.stages.scorer import Scorer
 from riverflow.streams.guard import FIRST_BACKOFF_S, MAX_BACKOFF_S, outage
 from riverflow.streams.pii import Pseudonymizer
@@ -236,7 +237,7 @@ def build_scorer(
     first = spec.models.champion_spec
     poll_s = settings.model_poll_s if model_poll_s is None else model_poll_s
     champion = ChampionReplica(
-        registry, lambda: ModelVersion(first.name, 0, build_model(first)), poll_s
+        registry, lambda: ModelVersion(first.name, 0, build_model(first, spec.clean)), poll_s
     )
     return Scorer(
         spec.topics, spec.events, spec.feature_plan(), spec.models.inputs, store, champion,
@@ -244,6 +245,10 @@ def build_scorer(
         bounds=Bounds(settings.event_time_min_s, settings.event_time_max_s,
                       settings.max_abs_number),
         dlq_keep_bytes=settings.dlq_keep_bytes, clock=clock, pii=pseudonymizer(spec, settings),
+        clean=spec.clean,
+        quality=DataQuality(spec.events.fields, spec.monitors.quality.window,
+                            spec.monitors.quality.schema_missing_rate,
+                            spec.optional_fields),
     )  # fmt: skip
 
 
@@ -267,11 +272,11 @@ def build_learner(
     A candidate added to the spec since the checkpoint starts fresh; one removed
     from the spec is no longer trained (its versions stay in the registry).
     """
-    fresh = build_candidates(spec.models)  # also checks every candidate builds
+    fresh = build_candidates(spec.models, spec.clean)  # also checks every candidate builds
 
     def fresh_model(base: str) -> Any | None:
         candidate = spec.models.candidate(base)
-        return None if candidate is None else build_model(candidate)
+        return None if candidate is None else build_model(candidate, spec.clean)
 
     poll_s = settings.model_poll_s if registry_poll_s is None else registry_poll_s
     lineage = Lineage(

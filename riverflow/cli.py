@@ -116,11 +116,29 @@ def _file_records(path: Path, topic: str) -> Iterator[tuple[str, bytes | None, b
                 yield topic, None, line
 
 
+def _dropped_field(text: str) -> tuple[str, int, int]:
+    """``FIELD:START:END`` of --drop-field."""
+    name, _, span = text.partition(":")
+    start, _, end = span.partition(":")
+    try:
+        first, last = int(start), int(end)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected FIELD:START:END") from None
+    if not name or not 0 <= first < last:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected FIELD:START:END, 0 <= START < END")
+    return name, first, last
+
+
+DROP_HELP = "events at positions [START, END) come without FIELD (a data-quality scenario)"
+
+
 def cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
     from riverflow.tools.generator import FraudStreamConfig, stamped_history
 
     args.out.mkdir(parents=True, exist_ok=True)
-    config = FraudStreamConfig(seed=args.seed, drift_at=(args.events // 2,))
+    config = FraudStreamConfig(
+        seed=args.seed, drift_at=(args.events // 2,), dropped_field=args.drop_field
+    )
     paths = {"event": args.out / "events.jsonl", "label": args.out / "labels.jsonl"}
     with paths["event"].open("wb") as events, paths["label"].open("wb") as labels:
         files = {"event": events, "label": labels}
@@ -233,7 +251,9 @@ def cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
     if args.file:
         records = _file_records(Path(args.file), args.topic or topics.events)
     else:
-        config = FraudStreamConfig(seed=args.seed, drift_at=(args.events // 2,))
+        config = FraudStreamConfig(
+            seed=args.seed, drift_at=(args.events // 2,), dropped_field=args.drop_field
+        )
 
         def generated() -> Iterator[tuple[str, bytes | None, bytes]]:
             for kind, rec in with_labels(args.events, config):
@@ -616,9 +636,10 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=7)
     demo.add_argument("--spec", type=Path)
     demo.add_argument(
-        "--scenario", choices=["drift", "labels"], default="drift",
+        "--scenario", choices=["drift", "labels", "quality"], default="drift",
         help="drift: the fraud pattern switches halfway (drift alarm, fresh challenger, "
-        "promotion); labels: a burst of flipped labels (rollback)",
+        "promotion); labels: a burst of flipped labels (rollback); quality: the amount "
+        "goes missing for a fifth of the stream (schema change, imputation)",
     )  # fmt: skip
     demo.set_defaults(func=cmd_demo)
 
@@ -667,6 +688,8 @@ def parser() -> argparse.ArgumentParser:
     generate.add_argument("--events", type=int, default=20_000)
     generate.add_argument("--seed", type=int, default=7)
     generate.add_argument("--out", type=Path, required=True, help="directory for the files")
+    generate.add_argument("--drop-field", type=_dropped_field, metavar="FIELD:START:END",
+                          help=DROP_HELP)  # fmt: skip
     generate.set_defaults(func=cmd_generate)
 
     stack = sub.add_parser("stack", help="local Kafka + Redis without Docker")
@@ -689,6 +712,8 @@ def parser() -> argparse.ArgumentParser:
     produce.add_argument("--events", type=int, default=10_000)
     produce.add_argument("--seed", type=int, default=7)
     produce.add_argument("--no-labels", action="store_true")
+    produce.add_argument("--drop-field", type=_dropped_field, metavar="FIELD:START:END",
+                         help=DROP_HELP)  # fmt: skip
     produce.add_argument("--file", help="JSON-lines file, one message per line")
     produce.add_argument("--topic", help="topic for --file (default: the events topic)")
     produce.add_argument(

@@ -20,6 +20,7 @@ from riverflow.features.definitions import (
     FeatureSpec,
     parse_duration,
 )
+from riverflow.models.cleaning import FieldCleaning
 from riverflow.models.spec import ModelsSpec
 from riverflow.monitors.spec import MonitorSpec
 from riverflow.streams.pii import PiiPolicy
@@ -42,6 +43,11 @@ class PipelineSpec(BaseModel):
     features: list[FeatureSpec] = Field(default_factory=list)
     allowed_lateness: Duration | None = Field(
         "10m", description="how far behind an entity's newest event an event still counts"
+    )
+    clean: dict[str, FieldCleaning] = Field(
+        default_factory=dict,
+        description="per event field: optional, imputation, clipping, category cap "
+        "(models.cleaning); applied by every candidate, learned with it",
     )
     models: ModelsSpec
     monitors: MonitorSpec = Field(default_factory=MonitorSpec)
@@ -75,6 +81,28 @@ class PipelineSpec(BaseModel):
                 raise ValueError(f"models.inputs.{i}: {name!r} is not an event field")
             if name in names:
                 raise ValueError(f"models.inputs.{i}: {name!r} is also a feature name")
+        roles = {ev.key: "key", ev.event_id: "event_id", ev.time: "time"}
+        for name, rule in self.clean.items():
+            if name not in fields:
+                raise ValueError(f"clean.{name}: not an event field")
+            if name in roles and rule.optional:
+                raise ValueError(f"clean.{name}: the event's {roles[name]} cannot be optional")
+            if name in ev.pii and rule.optional:
+                raise ValueError(f"clean.{name}: a personal field (events.pii) cannot be optional")
+            if rule.numeric and fields[name] not in NUMERIC:
+                raise ValueError(f"clean.{name}: mean, median and clip need a numeric field")
+            if rule.max_categories is not None and fields[name] is not FieldType.STR:
+                raise ValueError(f"clean.{name}: max_categories needs a str field")
+            if rule.value is not None and not _fits(rule.value, fields[name]):
+                raise ValueError(f"clean.{name}.value: {rule.value!r} is not a {fields[name]}")
+        for i, f in enumerate(self.features):
+            for field in (f.field, *f.entity_fields(ev.key)):
+                how = self.clean.get(field or "")
+                if how is not None and how.optional and how.impute is None:
+                    raise ValueError(
+                        f"features.{i}: {field!r} may be missing (clean.{field}) and has no "
+                        "impute: a feature needs a value"
+                    )
         if self.monitors.segment is not None and self.monitors.segment not in fields:
             raise ValueError(f"monitors.segment: {self.monitors.segment!r} is not an event field")
         dropped = {n for n, p in ev.pii.items() if p is PiiPolicy.DROP}
@@ -96,12 +124,27 @@ class PipelineSpec(BaseModel):
         return self
 
     @property
+    def optional_fields(self) -> frozenset[str]:
+        """Event fields that may be missing or null (``clean:``)."""
+        return frozenset(name for name, rule in self.clean.items() if rule.optional)
+
+    @property
     def topics(self) -> Topics:
         return Topics(self.name)
 
     def feature_plan(self) -> FeaturePlan:
         lateness = parse_duration(self.allowed_lateness) if self.allowed_lateness else 0.0
         return FeaturePlan.build(self.features, self.events.key, lateness)
+
+
+def _fits(value: object, kind: FieldType) -> bool:
+    if kind is FieldType.STR:
+        return isinstance(value, str)
+    if kind is FieldType.BOOL:
+        return isinstance(value, bool)
+    if kind is FieldType.INT:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def shipped_example(name: str) -> Path | None:

@@ -129,6 +129,9 @@ class Prediction(Record):
     # the id of the key that tokenised its personal fields (``streams.pii``), if any:
     # tokens of two key ids are not comparable (a rotation starts entities afresh)
     pii_key: str | None = None
+    # the fields the spec's cleaning changed for it, with the rule: impute, clip or
+    # bucket (``models.cleaning``); absent when none was
+    cleaned: dict[str, str] = field(default_factory=dict)
 
     def encode(self) -> bytes:
         record: dict[str, Any] = {
@@ -147,6 +150,8 @@ class Prediction(Record):
             record["explanation"] = self.explanation
         if self.pii_key is not None:
             record["pii_key"] = self.pii_key
+        if self.cleaned:
+            record["cleaned"] = self.cleaned
         return orjson.dumps(record)
 
 

@@ -10,8 +10,9 @@ them. A record it returns holds only valid text and finite numbers within bounds
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NotRequired
 
 import orjson
 from pydantic import ConfigDict, TypeAdapter, ValidationError
@@ -27,6 +28,7 @@ _PY_TYPES: dict[FieldType, Any] = {
     FieldType.TIMESTAMP: float,
 }
 
+MAX_UNDECLARED = 1000
 MAX_DEPTH = 1024  # orjson's own limit on nesting; the stdlib fallback is held to it too
 YEAR_9999 = 253_402_300_799.0  # 9999-12-31T23:59:59Z, epoch seconds
 
@@ -49,6 +51,7 @@ class Invalid:
 
     kind: str
     message: str
+    field: str | None = None  # the declared field it is about, when one is
 
 
 def _reject_constant(name: str) -> float:
@@ -66,14 +69,30 @@ class RecordValidator:
     fields are dropped. Only conversions that lose nothing are made: an integer is
     taken for a float field, a whole number written as a float (``30.0``) for an
     int field, and ``0``/``1``, ``"0"``/``"1"`` and ``"true"``/``"false"`` (any case)
-    for a bool field; anything else of the wrong type is refused naming the field."""
+    for a bool field; anything else of the wrong type is refused naming the field.
+
+    ``optional`` fields may be missing or null: the record holds None for them.
+    """
 
     def __init__(
-        self, fields: dict[str, FieldType], max_bytes: int, bounds: Bounds | None = None
+        self,
+        fields: dict[str, FieldType],
+        max_bytes: int,
+        bounds: Bounds | None = None,
+        optional: Collection[str] = (),
     ) -> None:
         self.max_bytes = max_bytes
         self.bounds = bounds or Bounds()
-        record = TypedDict("record", {n: _PY_TYPES[t] for n, t in fields.items()})  # type: ignore[misc]
+        self.optional = [n for n in fields if n in optional]
+        self._declared = frozenset(fields)
+        # names of undeclared fields seen (dropped from records): the caller reads
+        # and clears it (data quality reports a new field); at most MAX_UNDECLARED
+        self.undeclared: set[str] = set()
+        types = {
+            n: NotRequired[_PY_TYPES[t] | None] if n in optional else _PY_TYPES[t]
+            for n, t in fields.items()
+        }
+        record = TypedDict("record", types)  # type: ignore[misc]
         record.__pydantic_config__ = ConfigDict(  # type: ignore[attr-defined]
             strict=True, allow_inf_nan=False, extra="ignore"
         )
@@ -99,13 +118,17 @@ class RecordValidator:
                 return data
         if not isinstance(data, dict):
             return Invalid("not_an_object", f"expected a JSON object, got {type(data).__name__}")
+        if len(data) > len(self._declared) or self.optional:
+            extra = data.keys() - self._declared
+            if extra and len(self.undeclared) < MAX_UNDECLARED:
+                self.undeclared.update(str(k)[:100] for k in extra)
         for name in self._floats:  # a JSON integer is a number: 100000000000 is an amount
             value = data.get(name)
             if type(value) is int:
                 try:
                     data[name] = float(value)
                 except OverflowError:
-                    return Invalid("out_of_range", f"{name}: beyond the range of a float")
+                    return Invalid("out_of_range", f"{name}: beyond the range of a float", name)
         for name in self._ints:  # 30.0 is the whole number 30; 30.5 is refused below
             value = data.get(name)
             if type(value) is float and value.is_integer():
@@ -119,25 +142,34 @@ class RecordValidator:
                         "wrong_type",
                         f"{name}: {str(value)[:40]!r} is not a boolean "
                         '(true/false, 0/1 or "0"/"1")',
+                        name,
                     )
                 data[name] = flag
         try:
             record = self._adapter.validate_python(data)
         except ValidationError as exc:
             return _explain(exc)
+        for name in self.optional:
+            record.setdefault(name, None)
         return self._in_bounds(record)
 
     def _in_bounds(self, record: dict[str, Any]) -> dict[str, Any] | Invalid:
         b = self.bounds
         for name in self._timestamps:
             ts = record[name]
+            if ts is None:
+                continue
             if ts < b.ts_min:
-                return Invalid("wrong_value", f"{name}: timestamp {ts!r} is before {b.ts_min}")
+                why = f"{name}: timestamp {ts!r} is before {b.ts_min}"
+                return Invalid("wrong_value", why, name)
             if ts > b.ts_max:
-                return Invalid("out_of_range", f"{name}: timestamp {ts!r} is after {b.ts_max}")
+                return Invalid(
+                    "out_of_range", f"{name}: timestamp {ts!r} is after {b.ts_max}", name
+                )
         for name in self._numbers:
-            if abs(record[name]) > b.max_abs:
-                return Invalid("out_of_range", f"{name}: |{record[name]!r}| > {b.max_abs:g}")
+            value = record[name]
+            if value is not None and abs(value) > b.max_abs:
+                return Invalid("out_of_range", f"{name}: |{value!r}| > {b.max_abs:g}", name)
         return record
 
     @staticmethod
@@ -221,4 +253,5 @@ def _explain(exc: ValidationError) -> Invalid:
         first["type"], "wrong_type"
     )
     more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
-    return Invalid(kind, f"{where}: {first['msg'][:200]}{more}")
+    field = str(first["loc"][0]) if first["loc"] else None
+    return Invalid(kind, f"{where}: {first['msg'][:200]}{more}", field)

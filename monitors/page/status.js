@@ -206,6 +206,21 @@
     t.id = "distributions"; out.appendChild(t);
   }
 
+  function qualitySection(dq, out) {
+    out.appendChild(el("h3", {}, "Data quality (last " + dq.window + " predictions)"));
+    var rows = Object.keys(dq.fields).sort().map(function (name) {
+      var f = dq.fields[name];
+      var missing = f.missing > 0.05 ? el("span", {class: "alarm"}, num(f.missing)) :
+        num(f.missing);
+      return row([name, missing, num(f.impute), num(f.clip), num(f.bucket)],
+                 {"data-field": name});
+    });
+    var t = table(["input", "missing", "imputed", "clipped", "bucketed"], rows);
+    t.id = "data-quality"; out.appendChild(t);
+    out.appendChild(el("p", {id: "freshness"}, "freshness (scored minus event time): mean " +
+      num(dq.freshness_s.mean) + " s, max " + num(dq.freshness_s.max) + " s"));
+  }
+
   function render(view) {
     document.getElementById("pipeline").textContent = view.pipeline;
     document.getElementById("champion").textContent = "Champion: " + championText(view);
@@ -240,6 +255,7 @@
     }
     if (view.segments) segmentsSection(view.segments, out);
     if (Object.keys(view.distributions).length) distributionsSection(view.distributions, out);
+    if (view.data_quality && view.data_quality.fields) qualitySection(view.data_quality, out);
     if (Object.keys(view.anomaly).length) {
       out.appendChild(el("h3", {}, "Anomaly scores (HalfSpaceTrees)"));
       var t = table(["statistic", "value"], Object.keys(view.anomaly).sort().map(function (k) {

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pydantic import ValidationError
 
 from riverflow.errors import error_lines
+from riverflow.monitors.dataquality import FieldQualityWatch
 from riverflow.monitors.exporter import MonitorMetrics
 from riverflow.monitors.history import MonitorHistory
 from riverflow.monitors.policy import Decision, LabelSource, PipelineMonitor
@@ -49,6 +50,7 @@ class Monitor:
         self.history = history
         self.metrics = metrics
         self.counters = StageCounters()
+        self.quality = FieldQualityWatch(core.spec.quality.window)
         self._lock = threading.Lock()  # the status page reads the view from another thread
 
     def process(self, batch: Sequence[Message]) -> list[Output]:
@@ -81,6 +83,7 @@ class Monitor:
                     decisions += self.core.on_prediction(
                         p.features, p.probability, p.model, p.version
                     )
+                    self.quality.observe(p.inputs, p.cleaned, p.scored_at - p.event_time)
             except (ValidationError, _Refused) as exc:
                 line = error_lines(exc)[0] if isinstance(exc, ValidationError) else str(exc)
                 why = f"not a {msg.topic} record: {line}"
@@ -105,4 +108,6 @@ class Monitor:
 
     def view(self, series: bool = True) -> MonitorView:
         with self._lock:
-            return self.history.view(self.core, series)
+            view = self.history.view(self.core, series)
+            view.data_quality = self.quality.view()
+            return view

@@ -8,7 +8,7 @@ Kafka runtime, the embedded runtime and the benchmark run it unchanged.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -16,6 +16,7 @@ import orjson
 from riverflow.features.definitions import FeaturePlan
 from riverflow.features.store import FeatureRequest, FeatureSnapshot, FeatureStore, feature_request
 from riverflow.models.champion import ChampionReplica, positive_probability
+from riverflow.models.cleaning import FieldCleaning, cleaning_of
 from riverflow.models.explain import explain
 from riverflow.models.registry import ModelVersion
 from riverflow.stages.common import (
@@ -25,9 +26,11 @@ from riverflow.stages.common import (
     model_inputs,
     monitor_only_field,
 )
+from riverflow.stages.quality import DataQuality
 from riverflow.streams.contracts import (
     UNSET,
     Message,
+    ModelEvent,
     Output,
     Prediction,
     ServedPrediction,
@@ -66,6 +69,8 @@ class Scorer:
         bounds: Bounds | None = None,
         dlq_keep_bytes: int = DLQ_KEEP_BYTES,
         pii: Pseudonymizer | None = None,
+        clean: Mapping[str, FieldCleaning] | None = None,
+        quality: DataQuality | None = None,
     ) -> None:
         self.topics = topics
         # personal fields tokenised (or dropped) right after validation: nothing after
@@ -82,7 +87,14 @@ class Scorer:
         self.store = store
         self.champion = champion
         self.clock = clock
-        self.validate = RecordValidator(schema.fields, max_event_bytes, bounds)
+        # the spec's cleaning: optional fields pass validation as None; the serving
+        # model's ``Clean`` step imputes the values features need, and (in its
+        # pipeline) cleans the model inputs, which are stored raw for the learner
+        self.clean = dict(clean or {})
+        optional = {name for name, rule in self.clean.items() if rule.optional}
+        self.categorical = [n for n, r in self.clean.items() if r.max_categories is not None]
+        self.validate = RecordValidator(schema.fields, max_event_bytes, bounds, optional)
+        self.quality = quality or DataQuality(schema.fields)
         self.dlq_keep_bytes = dlq_keep_bytes
         self.counters = StageCounters()
 
@@ -90,10 +102,16 @@ class Scorer:
         self.counters.consumed += len(batch)
         out: list[Output] = []
         events: list[dict[str, Any]] = []
+        cleaned: list[dict[str, str]] = []
         requests: list[FeatureRequest] = []
+        now = self.clock()
+        self.champion.refresh()
+        cleaner = cleaning_of(self.champion.current.model) if self.clean else None
+        quality, time_field = self.quality, self.schema.time
         for msg in batch:
             event = self.validate(msg.value)
             if isinstance(event, Invalid):
+                quality.refused(event)
                 why, keep = event.message, self.dlq_keep_bytes
                 if self.pii is not None:
                     msg, note = self.pii.scrub(msg)
@@ -102,27 +120,61 @@ class Scorer:
                 continue
             if self.pii is not None:
                 self.pii.apply(event)
+            quality.fresh(msg.partition, now - event[time_field])
+            raw = event
+            done: dict[str, str] = {}
+            if cleaner is not None:
+                new = [n for n in self.categorical if cleaner.is_new(n, event[n])]
+                clean, report = cleaner.clean(raw)
+                done = dict(report)
+                quality.observe(raw, report, new)
+                # features aggregate the values events carried: only a missing one is
+                # filled in (with what the serving model imputes). Clipping and buckets
+                # are the models' (their Clean step): features stay a function of the
+                # stream, not of which version served when
+                if "impute" in done.values():
+                    event = dict(raw)
+                    event.update((f, clean[f]) for f, rule in report if rule == "impute")
+            else:
+                quality.observe(raw, ())
             events.append(event)
-            requests.append(self._request(event))
+            cleaned.append(done)
+            requests.append(self._request(event, raw))
+        if self.validate.undeclared:
+            quality.undeclared(self.validate.undeclared)
+            self.validate.undeclared.clear()
         self.counters.dead_letters += len(out)
+        out += self._schema_changes(now)
         # the store may hold the feature writes back and make them with the
         # predictions, in one round trip (record_served)
         snapshots = self.store.update_and_read(requests, commit=False)
-        scored, served = self._score(events, snapshots)
+        scored, served = self._score(events, snapshots, cleaned)
         # before the outputs leave: a prediction is never emitted without its record
         if not self.store.record_served(served):
             # refused: replays, or entities another scorer changed. Nothing was
             # written; the store runs the batch again on what it holds
             snapshots = self.store.update_and_read(requests)
-            scored, served = self._score(events, snapshots)
+            scored, served = self._score(events, snapshots, cleaned)
             self.store.record_served(served)
         self.counters.late_events += sum(s.late and not s.replayed for s in snapshots)
         out += scored
         self.counters.produced += len(out)
         return out
 
+    def _schema_changes(self, now: float) -> list[Output]:
+        """A ``schema_change`` model-event for each change the data quality saw."""
+        out = []
+        for change in self.quality.changes():
+            event = ModelEvent("schema_change", self.champion.name, self.champion.version,
+                               at=now, evidence=change, by=self.stage)  # fmt: skip
+            out.append(Output(self.topics.model_events, b"", event.encode()))
+        return out
+
     def _score(
-        self, events: list[dict[str, Any]], snapshots: list[FeatureSnapshot]
+        self,
+        events: list[dict[str, Any]],
+        snapshots: list[FeatureSnapshot],
+        cleaned: list[dict[str, str]],
     ) -> tuple[list[Output], list[tuple[str, ServedPrediction]]]:
         """The prediction of each event, and those to record (a replayed event
         re-emits the one served before)."""
@@ -131,8 +183,8 @@ class Scorer:
         now = self.clock()
         out: list[Output] = []
         served: list[tuple[str, ServedPrediction]] = []
-        for event, snap in zip(events, snapshots, strict=True):
-            output, prediction = self._predict(event, snap, model, now)
+        for event, snap, done in zip(events, snapshots, cleaned, strict=True):
+            output, prediction = self._predict(event, snap, model, now, done)
             out.append(output)
             if snap.served is None:
                 served.append((snap.event_id, prediction))
@@ -146,18 +198,28 @@ class Scorer:
         return {
             "model_version": float(self.champion.version),
             "late_events": float(self.counters.late_events),
+            **self.quality.status(),
             # where the feature store computed: a scorer whose commits keep being
             # refused (other scorers share its entities) runs on Redis
             **{f"feature_batches_{k}": float(v) for k, v in self.store.batches.items()},
         }
 
-    def _request(self, event: dict[str, Any]) -> FeatureRequest:
+    def _request(self, event: dict[str, Any], raw: dict[str, Any] | None = None) -> FeatureRequest:
+        """Features from ``event`` (its missing values imputed); the inputs stored
+        as ``raw`` held them (the model's pipeline cleans them, in the scorer and the
+        learner alike)."""
         s = self.schema
-        context = orjson.dumps({name: event[name] for name in self.stored})
+        raw = event if raw is None else raw
+        context = orjson.dumps({name: raw[name] for name in self.stored})
         return feature_request(self.plan, event, event[s.event_id], event[s.time], context)
 
     def _predict(
-        self, event: dict[str, Any], snap: FeatureSnapshot, model: ModelVersion, now: float
+        self,
+        event: dict[str, Any],
+        snap: FeatureSnapshot,
+        model: ModelVersion,
+        now: float,
+        cleaned: dict[str, str],
     ) -> tuple[Output, ServedPrediction]:
         features = self.plan.values(snap.aggregates)
         x = {**model_inputs(snap.inputs, self.extra), **features}
@@ -185,5 +247,6 @@ class Scorer:
             explanation,
             snap.inputs,
             self.pii_key,
+            cleaned,
         )
         return Output(self.topics.predictions, entity.encode(), prediction.encode()), served

@@ -9,6 +9,7 @@ from __future__ import annotations
 import resource
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import orjson
 from rich.console import Console
@@ -37,9 +38,13 @@ class DemoResult:
     decisions: list[str] = field(default_factory=list)  # the monitor's, one line each
     champion: str = ""
     peak_rss_mb: float = 0.0  # the process's, at the end of the run
+    # what the spec's cleaning did ("amount impute": 1234) and the schema changes seen
+    cleaned: dict[str, int] = field(default_factory=dict)
+    schema_changes: list[str] = field(default_factory=list)
 
 
-SCENARIOS = ("drift", "labels")
+SCENARIOS = ("drift", "labels", "quality")
+QUALITY_DROPPED = "amount"  # the field the quality scenario's events lose for a while
 SHOWN = ("drift", "challenger", "promote", "rollback", "retire")
 
 
@@ -80,7 +85,10 @@ def run_demo(
 
     ``scenario``: ``drift`` (the fraud pattern switches halfway: the monitor's
     drift alarm, a fresh challenger, promotions) or ``labels`` (the labels of
-    3% of the events, from halfway, are flipped: a rollback).
+    3% of the events, from halfway, are flipped: a rollback) or ``quality``
+    (events from 40% to 60% of the stream come without an amount: the scorer
+    reports the schema change and the models impute it; with a spec whose
+    ``clean`` makes it optional, nothing goes to the DLQ for it).
     """
     if scenario not in SCENARIOS:
         raise ValueError(f"unknown scenario {scenario!r}; known: {', '.join(SCENARIOS)}")
@@ -88,6 +96,9 @@ def run_demo(
     half = events // 2
     if scenario == "drift":
         config = FraudStreamConfig(seed=seed, drift_at=(half,))
+    elif scenario == "quality":
+        dropped = (QUALITY_DROPPED, events * 2 // 5, events * 3 // 5)
+        config = FraudStreamConfig(seed=seed, drift_at=(), dropped_field=dropped)
     else:
         flipped = (half, half + events // 33)
         config = FraudStreamConfig(seed=seed, drift_at=(), flipped_labels=flipped)
@@ -100,7 +111,8 @@ def run_demo(
             if kind == "event":
                 produced += 1
                 value = orjson.dumps(record)
-                if bad_every and produced % bad_every == 0:
+                # (the bad kinds edit the amount: events without one stay as they are)
+                if bad_every and produced % bad_every == 0 and "amount" in record:
                     value = corrupt(record, BAD_KINDS[(produced // bad_every) % len(BAD_KINDS)])
                     corrupted.add(record["event_id"])
                 rt.produce(rt.topics.events, record["card_id"].encode(), value)
@@ -126,7 +138,14 @@ def run_demo(
         decisions=_decisions(rt),
         champion=str(rt.registry.champion() or ""),
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
+        cleaned={f"{f} {rule}": n for (f, rule), n in rt.scorer.quality.cleaned.items()},
+        schema_changes=[_change_text(c) for c in rt.scorer.quality.reported],
     )
+
+
+def _change_text(change: dict[str, Any]) -> str:
+    rate = f" ({change['rate']:.0%} of {change['window']} events)" if "rate" in change else ""
+    return f"{change['field']}: {change['change']}{rate}"
 
 
 def summary(result: DemoResult) -> Table:
@@ -144,6 +163,10 @@ def summary(result: DemoResult) -> Table:
     for name, auc in result.candidates.items():
         table.add_row(f"candidate {name} roc_auc", f"{auc:.4f}")
     table.add_row("scenario", result.scenario)
+    for what, n in sorted(result.cleaned.items()):
+        table.add_row(f"cleaned {what}", f"{n:,}")
+    for line in result.schema_changes:
+        table.add_row("schema change", line)
     table.add_row("champion at the end", result.champion)
     for line in result.decisions:
         table.add_row("monitor", line[:120])

@@ -44,6 +44,9 @@ class FraudStreamConfig:
     label_delay: int = 100  # a label follows its event by this many events
     # labels of the events at these positions [start, end) are flipped (a bad labelling job)
     flipped_labels: tuple[int, int] | None = None
+    # (field, start, end): the events at positions [start, end) come without that field
+    # (an upstream system that stopped sending it; data quality and cleaning see it)
+    dropped_field: tuple[str, int, int] | None = None
     mean_gap_s: float = 1.0
     start_ts: float = 1_767_225_600.0  # 2026-01-01T00:00:00Z
 
@@ -78,6 +81,10 @@ def transactions(n: int, config: FraudStreamConfig) -> Iterator[tuple[dict[str, 
             fraud = False
         event["event_id"] = f"e{config.seed}-{i:08d}"
         event["ts"] = round(ts, 3)
+        if config.dropped_field is not None:
+            name, start, end = config.dropped_field
+            if start <= i < end:
+                event.pop(name, None)
         yield event, fraud
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,8 +77,17 @@ def _suffixed(value: str, escaped: str) -> str:
 class HostileEvents:
     """Valid events of ``schema`` and hostile variants of them, from ``seed``."""
 
-    def __init__(self, schema: EventSchema, seed: int = 0, start_ts: float = 1.7e9) -> None:
+    def __init__(
+        self,
+        schema: EventSchema,
+        seed: int = 0,
+        start_ts: float = 1.7e9,
+        optional: Collection[str] = (),
+    ) -> None:
+        """``optional``: fields the spec lets be missing or null (``clean:``); an
+        event without one, or with null, is valid."""
         self.schema = schema
+        self.optional = frozenset(optional)
         self.rng = random.Random(seed)
         self.seed = seed
         self.ts = start_ts
@@ -148,11 +157,14 @@ class HostileEvents:
             c[f"low_surrogate_{f}"] = on("invalid_text", _field_as(f, '"\\udc00"'))
             c[f"not_utf8_{f}"] = on("invalid_json", _field_as(f, b'"\xff"'))
             c[f"{f}_number"] = on("wrong_type", _field_as(f, "5"))
-            c[f"{f}_null"] = on("wrong_type", _field_as(f, "null"))
+            c[f"{f}_null"] = on(self._unless_optional(f, "wrong_type"), _field_as(f, "null"))
             c[f"pair_{f}"] = on(None, _suffix_of(f, "\\ud83d\\ude00"))
             c[f"nul_{f}"] = on(None, _suffix_of(f, "\\u0000b"))
         for f in s.fields:
-            c[f"missing_{f}"] = on("missing_field", _without(f))
+            c[f"missing_{f}"] = on(self._unless_optional(f, "missing_field"), _without(f))
+        for f in self.numbers:
+            if f in self.optional:
+                c[f"{f}_null"] = on(None, _field_as(f, "null"))
         c["surrogate_in_key"] = on(
             "invalid_text", lambda e: orjson.dumps(e)[:-1] + b',"\\ud800x":1}'
         )
@@ -181,6 +193,9 @@ class HostileEvents:
         )
         c["empty_value"] = on("invalid_json", lambda e: b"")
         c["no_value"] = on("empty", lambda e: None)
+
+    def _unless_optional(self, field: str, kind: str) -> str | None:
+        return None if field in self.optional else kind
 
     def oversized(self) -> Hostile:
         """A ~3.5 MiB event (its JSON valid; refused for its size)."""

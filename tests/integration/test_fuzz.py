@@ -49,7 +49,11 @@ def test_ten_thousand_hostile_messages_never_stop_the_scorer(
     spec = load_spec(spec_file)
     topics = spec.topics
     ensure_topics(stack.kafka_bootstrap, topics.all(), partitions=3)
-    sent = list(HostileEvents(spec.events, seed=13).stream(HOSTILE, VALID, oversized=3))
+    sent = list(
+        HostileEvents(spec.events, seed=13, optional=spec.optional_fields).stream(
+            HOSTILE, VALID, oversized=3
+        )
+    )
     scorer = start_stage("scorer")
     # value -> the kind it must get (a class maps to one kind, whatever the bytes)
     kind_of = {
@@ -141,7 +145,7 @@ def test_absurd_event_times_get_a_prompt_answer_never_a_hung_script(
     store, registry = redis_backends(spec, settings, client)
     scorer = build_scorer(spec, settings, store, registry)
     stage = guarded(scorer, spec.topics)
-    gen = HostileEvents(spec.events, seed=5)
+    gen = HostileEvents(spec.events, seed=5, optional=spec.optional_fields)
     t = spec.events.time
     sent = [gen.valid()]
     for cls in ("ts_1e20", "ts_1e300", "ts_max_float", "ts_negative", "ts_bigint"):
@@ -178,7 +182,7 @@ def test_a_redis_outage_is_waited_out_not_blamed_on_messages(
     url, port, workdir = private_redis
     topics = spec.topics
     ensure_topics(stack.kafka_bootstrap, topics.all(), partitions=3)
-    gen = HostileEvents(spec.events, seed=21)
+    gen = HostileEvents(spec.events, seed=21, optional=spec.optional_fields)
     first, second = [gen.valid() for _ in range(50)], [gen.valid() for _ in range(50)]
     scorer = start_stage("scorer", redis_url=url, outage_limit_s=90)
     prod = producer(stack.kafka_bootstrap)

@@ -34,7 +34,7 @@ def test_every_hostile_class_gets_its_kind_and_every_valid_event_one_prediction(
     fraud_spec: PipelineSpec, settings: Settings
 ) -> None:
     rt = EmbeddedRuntime(fraud_spec, settings)
-    gen = HostileEvents(fraud_spec.events, seed=1)
+    gen = HostileEvents(fraud_spec.events, seed=1, optional=fraud_spec.optional_fields)
     sent = []
     for name in sorted(gen.classes):
         sent += [gen.valid(), gen.one(name)]
@@ -61,7 +61,7 @@ def test_every_hostile_class_gets_its_kind_and_every_valid_event_one_prediction(
 def test_dead_letters_always_fit_and_still_identify_the_message(
     fraud_spec: PipelineSpec, settings: Settings
 ) -> None:
-    gen = HostileEvents(fraud_spec.events, seed=2)
+    gen = HostileEvents(fraud_spec.events, seed=2, optional=fraud_spec.optional_fields)
     big = gen.oversized()
     assert big.value is not None and len(big.value) > 3_000_000
     msg = Message(fraud_spec.topics.events, 0, 7, b"k" * (1 << 20), big.value)
@@ -94,7 +94,7 @@ def test_the_learner_refuses_hostile_labels_and_goes_on(
     fraud_spec: PipelineSpec, settings: Settings
 ) -> None:
     rt = EmbeddedRuntime(fraud_spec, settings)
-    gen = HostileEvents(fraud_spec.events, seed=3)
+    gen = HostileEvents(fraud_spec.events, seed=3, optional=fraud_spec.optional_fields)
     good = [gen.valid() for _ in range(5)]
     for h in good:
         rt.produce(rt.topics.events, h.key, h.value)  # type: ignore[arg-type]
