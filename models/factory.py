@@ -99,7 +99,8 @@ def build_candidates(spec: ModelsSpec) -> dict[str, base.Estimator]:
             try:
                 build_model(config)
             except ModelSpecError as exc:
-                raise ModelSpecError(f"model {c.name!r}, search configuration {config.name}: {exc}")
+                why = f"model {c.name!r}, search configuration {config.name}: {exc}"
+                raise ModelSpecError(why) from None
     return out
 
 
@@ -128,7 +129,9 @@ def search_plan(spec: ModelSpec) -> SearchPlan | None:
     assignments = search.configurations()
     names = tuple(config_name(spec.name, a) for a in assignments)
     keys = short_keys(list(search.space))
-    values = {n: {keys[p]: v for p, v in a.items()} for n, a in zip(names, assignments, strict=True)}
+    values = {
+        n: {keys[p]: v for p, v in a.items()} for n, a in zip(names, assignments, strict=True)
+    }
     return SearchPlan(spec.name, names, values, search.budget, search.eta, search.survivors,
                       search.metric, search.on_drift)  # fmt: skip
 

@@ -14,9 +14,11 @@ from riverflow.errors import RiverflowError
 from riverflow.features.scored import ScoredEvents
 from riverflow.features.store import FeatureStore, MemoryFeatureStore, RedisFeatureStore
 from riverflow.models.champion import ChampionReplica
-from riverflow.models.factory import build_candidates, build_model
+from riverflow.models.factory import build_candidates, build_model, candidate_spec, search_plan
 from riverflow.models.registry import MemoryRegistry, ModelRegistry, ModelVersion, RedisRegistry
+from riverflow.models.search import SuccessiveHalving
 from riverflow.models.signing import Keyring
+from riverflow.monitors.drift import ErrorDriftMonitor
 from riverflow.monitors.exporter import MonitorMetrics
 from riverflow.monitors.history import MonitorHistory
 from riverflow.monitors.policy import PipelineMonitor
@@ -24,7 +26,7 @@ from riverflow.monitors.prequential import PrequentialMetrics
 from riverflow.settings import DEV_SIGNING_KEY, Settings
 from riverflow.spec import PipelineSpec
 from riverflow.stages.common import DLQ_KEEP_BYTES
-from riverflow.stages.learner import LabelJoin, Learner, LearnerTiming, ScoredThrough
+from riverflow.stages.learner import LabelJoin, Learner, LearnerTiming, ScoredThrough, Searches
 from riverflow.stages.lineage import Candidate, Following, Lineage
 from riverflow.stages.monitor import Monitor
 from riverflow.stages.scorer import Scorer
@@ -270,8 +272,20 @@ def build_learner(
     fresh = build_candidates(spec.models)  # also checks every candidate builds
 
     def fresh_model(base: str) -> Any | None:
-        candidate = spec.models.candidate(base)
+        # a spec candidate, or a configuration of a search (a survivor may be champion)
+        candidate = candidate_spec(spec.models, base)
         return None if candidate is None else build_model(candidate)
+
+    def configuration(name: str) -> Any:
+        model = fresh_model(name)
+        assert model is not None  # a search's configurations are built from the spec
+        return model
+
+    plans = [p for p in map(search_plan, spec.models.candidates) if p is not None]
+    searches = Searches(
+        [SuccessiveHalving(p, configuration, PrequentialMetrics) for p in plans],
+        lambda: ErrorDriftMonitor(spec.monitors.detector),
+    )
 
     poll_s = settings.model_poll_s if registry_poll_s is None else registry_poll_s
     lineage = Lineage(
@@ -288,7 +302,7 @@ def build_learner(
     )  # fmt: skip
     learner = Learner(
         spec.topics, store, scored, lineage, join, timing, clock=clock,
-        scored_through=scored_through, dlq_keep_bytes=settings.dlq_keep_bytes,
+        scored_through=scored_through, dlq_keep_bytes=settings.dlq_keep_bytes, searches=searches,
     )  # fmt: skip
     saved = registry.checkpoint()
     if saved is not None:

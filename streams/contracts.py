@@ -246,6 +246,9 @@ class Evaluation(Record):
     # what the models were given for the event, so the monitor can score another
     # version on recent labels (rollback targets are shadow-scored)
     inputs: dict[str, Any] | None = None
+    # the learner's model search decisions taken on this label (``models.search``:
+    # its ``search`` / ``prune`` model-events), so the monitor can show them
+    search: list[dict[str, Any]] | None = None
 
     def encode(self) -> bytes:
         record: dict[str, Any] = {
@@ -255,7 +258,7 @@ class Evaluation(Record):
             "predictions": self.predictions,
             "served": self.served,
         }
-        for name in ("segment", "label_at", "label_time", "inputs"):
+        for name in ("segment", "label_at", "label_time", "inputs", "search"):
             value = getattr(self, name)
             if value is not None:
                 record[name] = value
