@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from typing import cast
+from typing import Any, cast
 
 from riverflow.monitors.policy import Decision, PipelineMonitor
 from riverflow.monitors.view import (
@@ -19,6 +19,8 @@ from riverflow.monitors.view import (
     Marker,
     MarkerKind,
     MonitorView,
+    RungView,
+    SearchView,
     SegmentView,
     SeriesPoint,
 )
@@ -35,6 +37,29 @@ class MonitorHistory:
         self.series: dict[str, list[SeriesPoint]] = {}
         self.markers: list[Marker] = []
         self.decisions: dict[str, int] = {}
+        self.searches: dict[str, SearchView] = {}
+
+    def record_search(self, events: Iterable[dict[str, Any]], labels: int) -> None:
+        """The learner's search decisions (``search`` / ``prune`` model-events, as an
+        evaluation carries them): a marker each, and the rungs of each search's round."""
+        for e in events:
+            kind, base, evidence = e.get("kind"), str(e.get("model")), e.get("evidence") or {}
+            if kind not in ("search", "prune"):
+                continue
+            self.markers.append(Marker(labels=labels, at=self.clock(), kind=kind, model=base,
+                                       text=str(e.get("reason", ""))))  # fmt: skip
+            if kind == "search":
+                self.searches[base] = SearchView(
+                    base=base, round=int(evidence.get("round", 0)),
+                    metric=str(evidence.get("metric", "")),
+                    configurations=list(evidence.get("configurations", [])),
+                )  # fmt: skip
+            elif base in self.searches:
+                search = self.searches[base]
+                search.rungs.append(RungView(**{k: evidence[k] for k in RungView.model_fields}))
+                search.done = bool(evidence.get("done"))
+        if len(self.markers) > MAX_MARKERS:
+            del self.markers[: len(self.markers) - MAX_MARKERS]
 
     def record(self, decisions: Iterable[Decision]) -> None:
         """A marker per decision; a retired challenger's line leaves the chart."""
@@ -93,4 +118,5 @@ class MonitorHistory:
             segments=segments,
             distributions=dist.views() if dist else {},
             anomaly=dist.anomaly_summary() if dist else {},
+            searches={b: s.model_copy(deep=True) for b, s in self.searches.items()},
         )

@@ -72,6 +72,8 @@ class Monitor:
                         ev.label, predictions, ev.segment, source, ev.inputs
                     )
                     self.history.sample(self.core)
+                    if ev.search:
+                        self.history.record_search(ev.search, self.core.labels)
                 elif msg.topic == self.topics.predictions:
                     p = Prediction.decode(msg.value or b"")
                     if not math.isfinite(p.probability) or not all(
