@@ -57,6 +57,8 @@ class Metric(Protocol):
 
     def as_dict(self) -> dict[str, float]: ...
 
+    def state(self) -> dict[str, Any]: ...
+
 
 def path_error(candidate: Mapping[str, Any], path: str) -> str | None:
     """Why ``path`` names no parameter of ``candidate`` (its spec as a mapping), or None.
@@ -155,6 +157,7 @@ class Configuration:
     values: dict[str, Any]  # its short keys -> values
     model: Any
     metrics: Metric
+    version: int = 0  # its last version in the registry (0: none yet)
 
 
 @dataclass(frozen=True)
@@ -175,12 +178,13 @@ class SearchPlan:
 class SuccessiveHalving:
     """One candidate's search; see the module docstring.
 
-    ``build``: a fresh model of a configuration; ``new_metrics``: a fresh metric.
+    ``build``: a fresh model of a configuration; ``new_metrics``: a metric, fresh
+    (None) or continuing from its ``state()``.
     """
 
     plan: SearchPlan
     build: Callable[[str], Any]
-    new_metrics: Callable[[], Metric]
+    new_metrics: Callable[[dict[str, Any] | None], Metric]
     alive: dict[str, Configuration] = field(default_factory=dict)
     round: int = 0
     rung: int = 0
@@ -197,7 +201,7 @@ class SuccessiveHalving:
                 name,
                 self.plan.values[name],
                 copy.deepcopy(warm[name]) if name in warm else self.build(name),
-                self.new_metrics(),
+                self.new_metrics(None),
             )
             for name in self.plan.names
         }
@@ -267,6 +271,28 @@ class SuccessiveHalving:
         assert self.done
         out, self.alive = list(self.alive.values()), {}
         return out
+
+    def state(self) -> dict[str, Any]:
+        """Where the round is, as plain data (the learner checkpoint's): each
+        configuration alive is named with its version, published beforehand."""
+        return {
+            "round": self.round, "rung": self.rung, "seen": self.seen,
+            "rung_end": self.rung_end, "done": self.done,
+            "alive": {n: {"version": c.version, "metrics": c.metrics.state()}
+                      for n, c in self.alive.items()},
+        }  # fmt: skip
+
+    def restore(self, state: dict[str, Any], load: Callable[[str, int], Any]) -> None:
+        """Continue the round ``state`` describes; ``load(name, version)``: a
+        configuration's published model."""
+        self.round, self.rung, self.seen = state["round"], state["rung"], state["seen"]
+        self.rung_end, self.done = state["rung_end"], state["done"]
+        self.alive = {
+            name: Configuration(name, self.plan.values[name], load(name, int(c["version"])),
+                                self.new_metrics(c["metrics"]), int(c["version"]))
+            for name, c in state["alive"].items()
+            if name in self.plan.values
+        }  # fmt: skip
 
     def _event(self, kind: str, reason: str, evidence: dict[str, Any]) -> ModelEvent:
         return ModelEvent(kind=kind, model=self.plan.base, version=0, reason=reason,

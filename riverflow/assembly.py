@@ -18,7 +18,6 @@ from riverflow.models.factory import build_candidates, build_model, candidate_sp
 from riverflow.models.registry import MemoryRegistry, ModelRegistry, ModelVersion, RedisRegistry
 from riverflow.models.search import SuccessiveHalving
 from riverflow.models.signing import Keyring
-from riverflow.monitors.drift import ErrorDriftMonitor
 from riverflow.monitors.exporter import MonitorMetrics
 from riverflow.monitors.history import MonitorHistory
 from riverflow.monitors.policy import PipelineMonitor
@@ -26,10 +25,11 @@ from riverflow.monitors.prequential import PrequentialMetrics
 from riverflow.settings import DEV_SIGNING_KEY, Settings
 from riverflow.spec import PipelineSpec
 from riverflow.stages.common import DLQ_KEEP_BYTES
-from riverflow.stages.learner import LabelJoin, Learner, LearnerTiming, ScoredThrough, Searches
+from riverflow.stages.learner import LabelJoin, Learner, LearnerTiming, ScoredThrough
 from riverflow.stages.lineage import Candidate, Following, Lineage
 from riverflow.stages.monitor import Monitor
 from riverflow.stages.scorer import Scorer
+from riverflow.stages.search import Searches
 from riverflow.streams.guard import FIRST_BACKOFF_S, MAX_BACKOFF_S, outage
 from riverflow.streams.pii import Pseudonymizer
 from riverflow.streams.validation import Bounds
@@ -282,10 +282,11 @@ def build_learner(
         return model
 
     plans = [p for p in map(search_plan, spec.models.candidates) if p is not None]
-    searches = Searches(
-        [SuccessiveHalving(p, configuration, PrequentialMetrics) for p in plans],
-        lambda: ErrorDriftMonitor(spec.monitors.detector),
-    )
+
+    def metrics(state: dict[str, Any] | None) -> PrequentialMetrics:
+        return PrequentialMetrics() if state is None else PrequentialMetrics.from_state(state)
+
+    searches = Searches([SuccessiveHalving(p, configuration, metrics) for p in plans])
 
     poll_s = settings.model_poll_s if registry_poll_s is None else registry_poll_s
     lineage = Lineage(

@@ -14,7 +14,6 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import orjson
 
@@ -22,8 +21,6 @@ from riverflow.features.definitions import FeaturePlan
 from riverflow.features.scored import ScoredEvent, ScoredEvents
 from riverflow.features.store import ORPHAN, Claim, FeatureStore
 from riverflow.models.checkpoint import LearnerCheckpoint
-from riverflow.models.search import SuccessiveHalving
-from riverflow.monitors.drift import ErrorDriftMonitor
 from riverflow.monitors.prequential import PrequentialMetrics
 from riverflow.stages.common import (
     DLQ_KEEP_BYTES,
@@ -33,14 +30,13 @@ from riverflow.stages.common import (
     monitor_only_field,
 )
 from riverflow.stages.lineage import Candidate, Lineage
+from riverflow.stages.search import Searches
 from riverflow.streams.contracts import (
     CandidatePrediction,
     Evaluation,
     LabelPosition,
     Message,
-    ModelEvent,
     Output,
-    ServedPrediction,
 )
 from riverflow.streams.schema import FieldType, LabelSpec
 from riverflow.streams.topics import Topics
@@ -90,44 +86,6 @@ class LearnerTiming:
     keep_learned_s: float = 600.0
 
 
-class Searches:
-    """The spec's searches (``models.search``) as the learner runs them: every
-    configuration alive learns each label after the candidates; a finished round's
-    survivors join the candidates as challengers (those of the round before that
-    do not survive again leave, unless serving); a drift alarm on the errors of the
-    served model (the champion's, as the scorer served them) starts a new round of
-    each search whose ``on_drift`` is not ``off``, ``warm`` giving each survivor's
-    configuration a copy of the survivor's model. An alarm in a round's first rung
-    is not acted on: a search restarted on every alarm of a shaky detector would
-    never finish.
-
-    A round's configurations are not in the checkpoint (K models each time): a
-    learner restarted mid-round starts the round again; one restarted after it
-    continues its survivors, which are candidates like any other.
-    """
-
-    def __init__(self, runs: Sequence[SuccessiveHalving], drift: Callable[[], ErrorDriftMonitor]):
-        self.runs = {r.plan.base: r for r in runs}
-        self.new_drift = drift
-        self.drift: ErrorDriftMonitor | None = None
-        self.served: str | None = None  # the model the drift detector watches
-        self.survivors: dict[str, str] = {}  # survivor candidate -> its search's base
-        self.events: list[ModelEvent] = [r.start("the spec's search") for r in runs]
-
-    def owner(self, name: str) -> SuccessiveHalving | None:
-        """The search ``name`` is a configuration of, if any."""
-        return next((r for r in self.runs.values() if name in r.plan.values), None)
-
-    def watch(self, served: ServedPrediction | None, label: bool) -> bool:
-        """Feed the served prediction's error to the champion's drift detector;
-        whether it alarmed."""
-        if served is None or not self.runs:
-            return False
-        if served.model != self.served or self.drift is None:
-            self.served, self.drift = served.model, self.new_drift()
-        return self.drift.update((served.probability >= 0.5) != label)
-
-
 _RELEASE_AT_MOST = 100_000  # learned event ids held to release at the next commit
 
 ScoredThrough = Callable[[], float | None]
@@ -173,7 +131,7 @@ class Learner:
         searches: Searches | None = None,
     ) -> None:
         self.topics = topics
-        self.searches = searches or Searches([], ErrorDriftMonitor)
+        self.searches = searches or Searches([])
         self.dlq_keep_bytes = dlq_keep_bytes
         self.store = store
         self.scored = scored
@@ -270,6 +228,7 @@ class Learner:
         through = self.scored_through()  # read before the lookup: see _orphaned
         self.scored.follow()
         out += self.lineage.follow(now)
+        self.searches.follow(self.lineage.dynamic, self.candidates)
         order: list[tuple[Message, str | None]] = [(p.msg, e) for e, p in self.pending.items()]
         fresh: dict[str, _Pending] = {}
         for msg in batch:
@@ -406,7 +365,7 @@ class Learner:
         self.learned += 1
         self._since_snapshot += 1
         self._changed = True
-        search = self._search(x, label, snap.served)
+        search = self.searches.learn(x, label, self.candidates, self._serving)
         record = Evaluation(
             event_id=snap.event_id,
             label=label,
@@ -422,57 +381,10 @@ class Learner:
         events = [Output(self.topics.model_events, e.model.encode(), e.encode()) for e in search]
         return [Output(self.topics.evaluations, snap.event_id.encode(), record.encode()), *events]
 
-    def _search(
-        self, x: dict[str, Any], label: bool, served: ServedPrediction | None
-    ) -> list[ModelEvent]:
-        """One label for the searches (see ``Searches``); the model-events it led to."""
-        s = self.searches
-        events, s.events = s.events, []
-        if s.watch(served, label):
-            for run in s.runs.values():
-                if run.plan.on_drift == "off" or (not run.done and run.rung == 0):
-                    continue
-                warm = {}
-                if run.plan.on_drift == "warm":
-                    warm = {n: self.candidates[n].model for n, b in s.survivors.items()
-                            if b == run.plan.base and n in self.candidates}  # fmt: skip
-                events.append(run.start(f"drift alarm of the champion {s.served}", warm))
-        for run in s.runs.values():
-            if run.done:
-                continue
-            events += run.learn(x, label)
-            if run.done:
-                events += self._join(run)
-        return events
-
-    def _join(self, run: SuccessiveHalving) -> list[ModelEvent]:
-        """A finished round's survivors become candidates; the survivors of the round
-        before that did not survive again leave (unless serving)."""
-        events = []
-        survivors = run.take_survivors()
+    def _serving(self) -> str:
+        """The candidate the champion pointer names (the lead before any version)."""
         pointer = self.lineage.registry.champion()
-        serving = pointer.model if pointer else self.lineage.lead
-        names = {c.name for c in survivors}
-        for name in [n for n, b in self.searches.survivors.items() if b == run.plan.base]:
-            if name in names or name == serving or name not in self.candidates:
-                continue
-            del self.candidates[name], self.searches.survivors[name]
-            events.append(ModelEvent(kind="dropped", model=name, version=0, by="learner",
-                                     reason=f"not a survivor of round {run.round} "
-                                            f"of the search of {run.plan.base}"))  # fmt: skip
-        for c in survivors:
-            held = self.candidates.get(c.name)
-            # a survivor already a candidate keeps its line when it serves (its model
-            # changes only by learning) or when the round was warm (a copy of it)
-            if held is not None and (c.name == serving or run.plan.on_drift != "fresh"):
-                continue
-            assert isinstance(c.metrics, PrequentialMetrics)
-            self.candidates[c.name] = Candidate(c.name, c.model, 0, c.metrics)
-            self.searches.survivors[c.name] = run.plan.base
-            why = f"survived round {run.round} of the search of {run.plan.base}"
-            events.append(ModelEvent(kind="started", model=c.name, version=0, by="learner",
-                                     reason=why, evidence={"values": c.values}))  # fmt: skip
-        return events
+        return pointer.model if pointer else self.lineage.lead
 
     def status(self) -> dict[str, float]:
         out = {
@@ -494,7 +406,8 @@ class Learner:
         pending = [(p.msg, p.label) for p in self.pending.values()]
         # what a call that raised made goes out with it (a clean stop publishes it too)
         out, self._carried = self._carried, []
-        out += self.lineage.publish(self.clock(), self.learned, self.positions, pending)
+        searches = self.searches.publish(self.lineage.registry, self.learned)
+        out += self.lineage.publish(self.clock(), self.learned, self.positions, pending, searches)
         # bounded: ids beyond it are not released early, they expire at the horizon
         self._staged_ids = [*self._staged_ids, *self._learned_ids][-_RELEASE_AT_MOST:]
         self._learned_ids = []
@@ -527,18 +440,9 @@ class Learner:
     def restore(self, saved: LearnerCheckpoint) -> None:
         """Continue from a checkpoint: its candidates' versions and metrics (in the
         lineage), its label count, read positions and waiting labels."""
-        for name in saved.versions:
-            run = self.searches.owner(name)
-            if run is not None and name not in self.candidates:
-                # a survivor: continued from its version like any candidate; its
-                # search's round was over
-                metrics = PrequentialMetrics()
-                self.candidates[name] = Candidate(name, run.build(name), 0, metrics)
-                self.searches.survivors[name] = run.plan.base
-                run.alive, run.done = {}, True
-                self.searches.events = [e for e in self.searches.events
-                                        if e.model != run.plan.base]  # fmt: skip
+        self.searches.restore(saved, self.lineage.registry, self.candidates)
         self.lineage.restore(saved)
+        self.searches.challengers = set(self.lineage.dynamic)  # none of them new
         self.learned = saved.labels_seen
         self.positions.clear()  # the host may hold this dict already
         self.positions.update(saved.positions)

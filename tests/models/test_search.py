@@ -215,7 +215,9 @@ def test_a_new_round_starts_fresh_or_warm_from_the_survivor(warm: bool) -> None:
     plan = search_plan(spec.models.candidates[0])
     assert plan is not None
     configs = {c.name: c for c in search_configs(spec.models.candidates[0])}
-    run_ = SuccessiveHalving(plan, lambda n: build_model(configs[n]), PrequentialMetrics)
+    run_ = SuccessiveHalving(
+        plan, lambda n: build_model(configs[n]), lambda _: PrequentialMetrics()
+    )
     run_.start("test")
     data = stream(3)
     for event, y in data[:700]:
