@@ -91,8 +91,11 @@ def hindsight(data: list[tuple[dict[str, Any], bool]]) -> dict[tuple[float, floa
     return out
 
 
-def run(spec: PipelineSpec, data: list[tuple[dict[str, Any], bool]]) -> EmbeddedRuntime:
-    rt = EmbeddedRuntime(spec, Settings(label_wait_s=0.0, snapshot_every_labels=500))
+def run(
+    spec: PipelineSpec, data: list[tuple[dict[str, Any], bool]], rt: EmbeddedRuntime | None = None
+) -> EmbeddedRuntime:
+    """``data`` through a runtime (a new one, or ``rt`` going on): events, then their labels."""
+    rt = rt or EmbeddedRuntime(spec, Settings(label_wait_s=0.0, snapshot_every_labels=500))
     for start in range(0, len(data), 250):
         chunk = data[start : start + 250]
         for event, _ in chunk:
@@ -238,3 +241,29 @@ def test_the_fraud_example_searches_its_logistic_regression(fraud_spec: Pipeline
     assert logreg is not None and logreg.search is not None
     names = [c.name for c in search_configs(logreg)]
     assert len(names) == 6 and "fraud-logreg@lr=0.05,l2=0.001" in names
+
+
+@pytest.mark.parametrize("on_drift", ["warm", "fresh"])
+def test_a_drift_alarm_of_the_champion_starts_a_new_round(on_drift: str) -> None:
+    """The monitor answers a drift alarm of the champion with a fresh challenger; the
+    learner then searches again: warm, the survivor's configuration continues a copy
+    of the survivor's model; fresh, every configuration starts anew. The new round's
+    survivor is a challenger again."""
+    grid = {**GRID, "on_drift": on_drift, "budget": 50}
+    spec = parse_spec(spec_data(grid))
+    data = stream(4)
+    rt = run(spec, data[:1000])  # round 1 is over after 350 labels
+    survivor = next(n for n in rt.learner.candidates if "@" in n)
+    rt.registry.start_challenger("logreg.r1", "logreg", "drift alarm of champion logreg")
+    before = len(rt.messages(rt.topics.model_events))
+    run(spec, data[1000:1400], rt)
+    events = [ModelEvent.decode(v) for _, v in rt.messages(rt.topics.model_events)[before:]]
+    (again,) = [e for e in events if e.kind == "search"]
+    ev = again.evidence or {}
+    assert ev["round"] == 2 and "drift alarm of the champion" in str(again.reason)
+    assert ev["warm"] == ([survivor] if on_drift == "warm" else [])
+    assert [len(e.evidence["kept"]) for e in events if e.kind == "prune"] == [4, 2, 1]  # type: ignore[index]
+    started = [e.model for e in events if e.kind == "started" and "@" in e.model]
+    if on_drift == "fresh":  # the survivor's line starts again from the round's model
+        assert len(started) == 1
+    assert any("@" in n for n in rt.learner.candidates)
