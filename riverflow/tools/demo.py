@@ -40,7 +40,7 @@ class DemoResult:
 
 
 SCENARIOS = ("drift", "labels")
-SHOWN = ("drift", "challenger", "promote", "rollback", "retire")
+SHOWN = ("drift", "challenger", "promote", "rollback", "retire", "prune")
 
 
 def _decisions(rt: EmbeddedRuntime) -> list[str]:
