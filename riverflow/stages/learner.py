@@ -229,6 +229,10 @@ class Learner:
         self.scored.follow()
         out += self.lineage.follow(now)
         self.searches.follow(self.lineage.dynamic, self.candidates)
+        if self.searches.dropped:  # (rare: read the pointer only then)
+            pointer = self.lineage.registry.champion()
+            adopted = self.searches.adopt(pointer, self.lineage.registry, self.candidates)
+            out += [Output(self.topics.model_events, e.model.encode(), e.encode()) for e in adopted]
         order: list[tuple[Message, str | None]] = [(p.msg, e) for e, p in self.pending.items()]
         fresh: dict[str, _Pending] = {}
         for msg in batch:

@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from riverflow.models.checkpoint import LearnerCheckpoint
-from riverflow.models.registry import ModelRegistry
+from riverflow.models.registry import ChampionPointer, ModelRegistry
 from riverflow.models.search import SuccessiveHalving
 from riverflow.monitors.prequential import PrequentialMetrics
 from riverflow.stages.lineage import Candidate
@@ -51,6 +51,9 @@ class Searches:
         self.survivors: dict[str, str] = {}  # survivor candidate -> its search's base
         self.events: list[ModelEvent] = [r.start("the spec's search") for r in runs]
         self.challengers: set[str] = set()  # the fresh challengers known so far
+        # survivors a later round dropped -> their base: the monitor may still promote
+        # one (its duel passed, a cool-down held it back), see ``adopt``
+        self.dropped: dict[str, str] = {}
 
     def owner(self, name: str) -> SuccessiveHalving | None:
         """The search ``name`` is a configuration of, if any."""
@@ -102,7 +105,8 @@ class Searches:
         for name in [n for n, b in self.survivors.items() if b == run.plan.base]:
             if name in names or name == serving or name not in candidates:
                 continue
-            del candidates[name], self.survivors[name]
+            del candidates[name]
+            self.dropped[name] = self.survivors.pop(name)
             events.append(ModelEvent(kind="dropped", model=name, version=0, by="learner",
                                      reason=f"not a survivor of {why}"))  # fmt: skip
         for c in survivors:
@@ -113,10 +117,28 @@ class Searches:
             assert isinstance(c.metrics, PrequentialMetrics)
             candidates[c.name] = Candidate(c.name, c.model, 0, c.metrics)
             self.survivors[c.name] = run.plan.base
+            self.dropped.pop(c.name, None)
             events.append(ModelEvent(kind="started", model=c.name, version=0, by="learner",
                                      reason=f"survived {why}",
                                      evidence={"values": c.values}))  # fmt: skip
         return events
+
+    def adopt(
+        self,
+        pointer: ChampionPointer | None,
+        registry: ModelRegistry,
+        candidates: dict[str, Candidate],
+    ) -> list[ModelEvent]:
+        """A dropped survivor the champion pointer names (the monitor promoted it after
+        the learner dropped it) is trained again, from the version served."""
+        if pointer is None or pointer.model not in self.dropped:
+            return []
+        name, version = pointer.model, pointer.version
+        self.survivors[name] = self.dropped.pop(name)
+        model = registry.load(name, version).model
+        candidates[name] = Candidate(name, model, version, PrequentialMetrics())
+        return [ModelEvent(kind="started", model=name, version=version, by="learner",
+                           reason=f"serving: continued from v{version}")]  # fmt: skip
 
     def publish(self, registry: ModelRegistry, labels_seen: int) -> dict[str, dict[str, Any]]:
         """Publish each configuration alive; where each round is, for the checkpoint."""

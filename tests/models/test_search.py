@@ -267,3 +267,23 @@ def test_a_drift_alarm_of_the_champion_starts_a_new_round(on_drift: str) -> None
     if on_drift == "fresh":  # the survivor's line starts again from the round's model
         assert len(started) == 1
     assert any("@" in n for n in rt.learner.candidates)
+
+
+def test_a_dropped_survivor_the_monitor_promotes_is_trained_again() -> None:
+    """A survivor a later round dropped may still be promoted (its duel had passed, a
+    cool-down held it back): the learner then trains it again from the version served."""
+    from riverflow.assembly import memory_backends
+    from riverflow.models.registry import ChampionPointer
+    from riverflow.stages.search import Searches
+
+    spec = parse_spec(spec_data(GRID))
+    _, registry = memory_backends(spec, Settings())
+    name = "logreg@lr=0.05,l2=0"
+    version = registry.publish(name, linear_model.LogisticRegression(), {"model": name})
+    searches = Searches([])
+    searches.dropped[name] = "logreg"
+    candidates: dict[str, Any] = {}
+    assert searches.adopt(ChampionPointer("logreg", 1), registry, candidates) == []
+    (event,) = searches.adopt(ChampionPointer(name, version), registry, candidates)
+    assert event.kind == "started" and candidates[name].version == version
+    assert searches.survivors == {name: "logreg"} and not searches.dropped
