@@ -41,23 +41,31 @@ class MonitorHistory:
 
     def record_search(self, events: Iterable[dict[str, Any]], labels: int) -> None:
         """The learner's search decisions (``search`` / ``prune`` model-events, as an
-        evaluation carries them): a marker each, and the rungs of each search's round."""
+        evaluation carries them): a marker each, and the rungs of each search's round.
+
+        Every one is read before any is recorded: a malformed one raises
+        ``pydantic.ValidationError`` and leaves the history as it was.
+        """
+        read: list[tuple[Marker, SearchView | RungView, bool]] = []
         for e in events:
-            kind, base, evidence = e.get("kind"), str(e.get("model")), e.get("evidence") or {}
-            if kind not in ("search", "prune"):
+            if e.get("kind") not in ("search", "prune"):
                 continue
-            self.markers.append(Marker(labels=labels, at=self.clock(), kind=kind, model=base,
-                                       text=str(e.get("reason", ""))))  # fmt: skip
-            if kind == "search":
-                self.searches[base] = SearchView(
-                    base=base, round=int(evidence.get("round", 0)),
-                    metric=str(evidence.get("metric", "")),
-                    configurations=list(evidence.get("configurations", [])),
-                )  # fmt: skip
-            elif base in self.searches:
-                search = self.searches[base]
-                search.rungs.append(RungView(**{k: evidence[k] for k in RungView.model_fields}))
-                search.done = bool(evidence.get("done"))
+            base, evidence = str(e.get("model")), e.get("evidence") or {}
+            marker = Marker.model_validate({"labels": labels, "at": self.clock(),
+                                            "kind": e["kind"], "model": base,
+                                            "text": str(e.get("reason", ""))})  # fmt: skip
+            if e["kind"] == "search":
+                fields = {k: evidence.get(k) for k in ("round", "metric", "configurations")}
+                read.append((marker, SearchView.model_validate({"base": base, **fields}), False))
+            else:
+                read.append((marker, RungView.model_validate(evidence), bool(evidence.get("done"))))
+        for marker, part, done in read:
+            self.markers.append(marker)
+            if isinstance(part, SearchView):
+                self.searches[part.base] = part
+            elif marker.model in self.searches:
+                self.searches[marker.model].rungs.append(part)
+                self.searches[marker.model].done = done
         if len(self.markers) > MAX_MARKERS:
             del self.markers[: len(self.markers) - MAX_MARKERS]
 
