@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from riverflow.models.search import configurations, path_error
+from riverflow.models.search import config_name, configurations, path_error
 
 MAX_CONFIGS = 64  # the most a search's ``max_configs`` may allow
 
@@ -125,6 +125,13 @@ class ModelSpec(BaseModel):
             raise ValueError(
                 f"search: {product} = {total} configurations, more than max_configs "
                 f"{search.max_configs} (the most trained at once)"
+            )
+        names = [config_name(self.name, a) for a in search.configurations()]
+        twins = sorted({n for n in names if names.count(n) > 1})
+        if twins:
+            raise ValueError(
+                f"search: configurations named alike ({', '.join(twins)}): values that "
+                "differ only past 4 significant digits cannot be told apart"
             )
         if total <= search.survivors:
             raise ValueError(

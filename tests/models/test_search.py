@@ -194,6 +194,7 @@ def test_configurations_are_the_grid_with_ranges_expanded() -> None:
         ({"space": {"estimator.params.l2": {"log_uniform": [0.0, 0.1], "n": 3}}},
          "bounds must be above 0"),
         ({"space": {"estimator.params.l2": [0.1]}}, "nothing to search"),
+        ({"space": {"estimator.params.l2": [0.1, 0.100001]}}, "configurations named alike"),
     ],
 )  # fmt: skip
 def test_a_bad_search_is_a_spec_error_naming_it(search: dict[str, Any], says: str) -> None:
