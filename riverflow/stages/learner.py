@@ -101,8 +101,9 @@ class Learner:
 
     Every candidate sees every label in the same order: predict (prequential),
     update its metrics, ``learn_one``; then the configurations of the spec's model
-    searches do (``riverflow.stages.search``), whose survivors become candidates. Each label is claimed once in the store,
-    so a duplicate label is never learned twice. A label whose event is not in
+    searches do (``riverflow.stages.search``), whose survivors become candidates.
+    Each label is claimed once in the store, so a duplicate label is never
+    learned twice. A label whose event is not in
     ``scored`` yet waits (see ``LearnerTiming``), then goes to the DLQ as an
     orphan, and is marked so in the store: a learner restarted from an older
     checkpoint refuses it again instead of learning it. Every
