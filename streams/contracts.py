@@ -274,12 +274,13 @@ class ModelEvent(Record):
     (``previous`` set to where it pointed before, None if nowhere). The learner
     also writes ``started`` / ``dropped`` (a fresh challenger it began / stopped
     training) and ``rebased`` (a candidate continued from the version it was
-    rolled back to), and for a model search ``search`` (a round began) and
-    ``prune`` (a rung's decision, with its evidence); the CLI writes
-    ``imported``. The monitor (``by: monitor``) writes its decisions with their ``evidence``: ``drift``, ``feature_drift``,
+    rolled back to); the CLI writes ``imported``. The monitor (``by: monitor``)
+    writes its decisions with their ``evidence``: ``drift``, ``feature_drift``,
     ``challenger``, ``retire``, ``promote``, ``rollback``. A ``drift`` event also
     names the label that tripped it (``event_id``, ``label_at``, ``label_time``)
-    and whether the model was the ``champion`` then.
+    and whether the model was the ``champion`` then. A model search
+    (``models.search``, ``by: learner``) writes ``search`` (a round began) and
+    ``prune`` (a rung's decision, with its evidence).
     """
 
     kind: str
