@@ -99,16 +99,16 @@ class Learner:
     """labels -> join the event as it was scored and the prediction served for it
     -> test, then train.
 
-    Every candidate sees every label in the same order: predict (prequential), update
-    its metrics, ``learn_one``; then the configurations of the spec's model searches do
-    (``riverflow.stages.search``), whose survivors become candidates. Each label is
-    claimed once in the store, so a duplicate label is never learned twice. A label
-    whose event is not in ``scored`` yet waits (see ``LearnerTiming``), then goes to the
-    DLQ as an orphan, and is marked so in the store: a learner restarted from an older
-    checkpoint refuses it again instead of learning it. Every ``snapshot_every`` labels
-    or ``snapshot_every_s`` seconds the lineage publishes each candidate as a new
-    version and stages the checkpoint. The host calls ``commit`` once a batch's outputs
-    are written.
+    Every candidate sees every label in the same order: predict (prequential),
+    update its metrics, ``learn_one``; then the spec's model searches do
+    (``riverflow.stages.search``). Each label is claimed once in the store,
+    so a duplicate label is never learned twice. A label whose event is not in
+    ``scored`` yet waits (see ``LearnerTiming``), then goes to the DLQ as an
+    orphan, and is marked so in the store: a learner restarted from an older
+    checkpoint refuses it again instead of learning it. Every
+    ``snapshot_every`` labels or ``snapshot_every_s`` seconds the lineage
+    publishes each candidate as a new version and stages the checkpoint. The
+    host calls ``commit`` once a batch's outputs are written.
 
     Exactly once: a checkpoint's read positions never pass a label that is
     neither learned into its models nor in its waiting list, so a learner
