@@ -12,7 +12,8 @@ Document (``riverflow-learner-checkpoint/1``)::
      "positions": {label partition: next offset to read},
      "candidates": {name: {"version": int, "metrics": plain metric state}},
      "pending": [{"topic", "partition", "offset", "key_b64", "value_b64",
-                  "timestamp_ms", "label"}]}
+                  "timestamp_ms", "label"}],
+     "searches": {searched candidate: its round (``models.search``), if any}}
 
 A reader refuses (``CheckpointError``, ``SignatureError``) a document it cannot
 vouch for: a bad signature, another format, a missing field.
@@ -21,7 +22,7 @@ vouch for: a bad signature, another format, a missing field.
 from __future__ import annotations
 
 import base64
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -44,6 +45,8 @@ class LearnerCheckpoint:
     positions: dict[int, int]  # label partition -> next offset to read
     pending: list[tuple[Message, bool]]  # labels waiting for their event, with their value
     saved_at: float = 0.0  # unix seconds: a rollback after this is applied on restore
+    # searched candidate -> where its round is (``SuccessiveHalving.state``)
+    searches: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def encode(self, key: Keys) -> bytes:
         """The signed document."""
@@ -58,6 +61,8 @@ class LearnerCheckpoint:
             },
             "pending": [_pending(msg, label) for msg, label in self.pending],
         }
+        if self.searches:
+            document["searches"] = self.searches
         return sign_bytes(orjson.dumps(document), key)
 
     @classmethod
@@ -86,6 +91,7 @@ class LearnerCheckpoint:
                 positions={int(p): int(o) for p, o in document["positions"].items()},
                 pending=[_message(item) for item in document["pending"]],
                 saved_at=float(document["saved_at"]),
+                searches=dict(document.get("searches", {})),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CheckpointError(f"{_WHAT} ({FORMAT}) is malformed: {exc!r}") from exc

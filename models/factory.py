@@ -11,6 +11,7 @@ from river import base, compose
 
 from riverflow.models.cleaning import Clean, FieldCleaning
 from riverflow.models.errors import ModelSpecError
+from riverflow.models.search import SearchPlan, config_name, short_keys, with_value
 from riverflow.models.spec import EstimatorSpec, ModelSpec, ModelsSpec
 
 # Only River's own estimators can be named in a spec: a spec is data, and an
@@ -99,5 +100,55 @@ def build_model(
 def build_candidates(
     spec: ModelsSpec, clean: Mapping[str, FieldCleaning] | None = None
 ) -> dict[str, base.Estimator]:
-    """Every candidate of the spec, fresh; the first bad one raises ``ModelSpecError``."""
-    return {c.name: build_model(c, clean) for c in spec.candidates}
+    """Every candidate of the spec, fresh; the first bad one raises ``ModelSpecError``
+    (a configuration of a search too, though only the candidates are returned)."""
+    out = {c.name: build_model(c, clean) for c in spec.candidates}
+    for c in spec.candidates:
+        for config in search_configs(c):
+            try:
+                build_model(config, clean)
+            except ModelSpecError as exc:
+                why = f"model {c.name!r}, search configuration {config.name}: {exc}"
+                raise ModelSpecError(why) from None
+    return out
+
+
+def search_configs(spec: ModelSpec) -> list[ModelSpec]:
+    """The configurations of a candidate's ``search``, each a candidate of its own
+    named ``candidate@key=value,...`` (none without a search)."""
+    if spec.search is None:
+        return []
+    mine = spec.model_dump(by_alias=True, exclude={"search"})
+    out = []
+    for assignment in spec.search.configurations():
+        data = mine
+        for path, value in assignment.items():
+            data = with_value(data, path, value)
+        # validated with the candidate's name (a configuration's has "@" and "=" in it)
+        config = ModelSpec.model_validate(data)
+        out.append(config.model_copy(update={"name": config_name(spec.name, assignment)}))
+    return out
+
+
+def search_plan(spec: ModelSpec) -> SearchPlan | None:
+    """How the learner searches ``spec``'s configurations (None: it has no search)."""
+    search = spec.search
+    if search is None:
+        return None
+    assignments = search.configurations()
+    names = tuple(config_name(spec.name, a) for a in assignments)
+    keys = short_keys(list(search.space))
+    values = {
+        n: {keys[p]: v for p, v in a.items()} for n, a in zip(names, assignments, strict=True)
+    }
+    return SearchPlan(spec.name, names, values, search.budget, search.eta, search.survivors,
+                      search.metric, search.on_drift)  # fmt: skip
+
+
+def candidate_spec(spec: ModelsSpec, name: str) -> ModelSpec | None:
+    """The candidate ``name`` of the spec, or the configuration of a search so named."""
+    found = spec.candidate(name)
+    if found is not None or "@" not in name:
+        return found
+    base = spec.candidate(name.partition("@")[0])
+    return next((c for c in search_configs(base) if c.name == name), None) if base else None

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from typing import cast
+from typing import Any, cast
 
 from riverflow.monitors.policy import Decision, PipelineMonitor
 from riverflow.monitors.view import (
@@ -19,6 +19,8 @@ from riverflow.monitors.view import (
     Marker,
     MarkerKind,
     MonitorView,
+    RungView,
+    SearchView,
     SegmentView,
     SeriesPoint,
 )
@@ -35,6 +37,37 @@ class MonitorHistory:
         self.series: dict[str, list[SeriesPoint]] = {}
         self.markers: list[Marker] = []
         self.decisions: dict[str, int] = {}
+        self.searches: dict[str, SearchView] = {}
+
+    def record_search(self, events: Iterable[dict[str, Any]], labels: int) -> None:
+        """The learner's search decisions (``search`` / ``prune`` model-events, as an
+        evaluation carries them): a marker each, and the rungs of each search's round.
+
+        Every one is read before any is recorded: a malformed one raises
+        ``pydantic.ValidationError`` and leaves the history as it was.
+        """
+        read: list[tuple[Marker, SearchView | RungView, bool]] = []
+        for e in events:
+            if e.get("kind") not in ("search", "prune"):
+                continue
+            base, evidence = str(e.get("model")), e.get("evidence") or {}
+            marker = Marker.model_validate({"labels": labels, "at": self.clock(),
+                                            "kind": e["kind"], "model": base,
+                                            "text": str(e.get("reason", ""))})  # fmt: skip
+            if e["kind"] == "search":
+                fields = {k: evidence.get(k) for k in ("round", "metric", "configurations")}
+                read.append((marker, SearchView.model_validate({"base": base, **fields}), False))
+            else:
+                read.append((marker, RungView.model_validate(evidence), bool(evidence.get("done"))))
+        for marker, part, done in read:
+            self.markers.append(marker)
+            if isinstance(part, SearchView):
+                self.searches[part.base] = part
+            elif marker.model in self.searches:
+                self.searches[marker.model].rungs.append(part)
+                self.searches[marker.model].done = done
+        if len(self.markers) > MAX_MARKERS:
+            del self.markers[: len(self.markers) - MAX_MARKERS]
 
     def record(self, decisions: Iterable[Decision]) -> None:
         """A marker per decision; a retired challenger's line leaves the chart."""
@@ -93,4 +126,5 @@ class MonitorHistory:
             segments=segments,
             distributions=dist.views() if dist else {},
             anomaly=dist.anomaly_summary() if dist else {},
+            searches={b: s.model_copy(deep=True) for b, s in self.searches.items()},
         )

@@ -29,6 +29,8 @@ MARKER_COLOURS: dict[MarkerKind, str] = {
     "promote": "#2ca02c",
     "rollback": "#ff7f0e",
     "retire": "#7f7f7f",
+    "search": "#17becf",
+    "prune": "#bcbd22",
 }
 # Candidates are drawn solid in these, markers dashed in the ones above.
 CANDIDATE_COLOURS = ("#0b5563", "#c2185b", "#8d6e00", "#4e342e", "#00897b", "#3949ab")

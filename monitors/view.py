@@ -14,7 +14,9 @@ from pydantic import BaseModel, Field, ValidationError
 from riverflow.errors import error_lines
 from riverflow.monitors.errors import ViewError
 
-MarkerKind = Literal["drift", "challenger", "promote", "rollback", "retire", "feature_drift"]
+MarkerKind = Literal[
+    "drift", "challenger", "promote", "rollback", "retire", "feature_drift", "search", "prune"
+]
 
 
 class CandidateView(BaseModel):
@@ -63,6 +65,27 @@ class DistributionView(BaseModel):
     alarms: int
 
 
+class RungView(BaseModel):
+    """One pruning decision of a search: every configuration's metric at the rung."""
+
+    rung: int
+    budget: int  # labels each configuration alive learned in this rung
+    labels: int  # labels of the round when it was judged
+    scores: dict[str, float | None]  # configuration -> its prequential metric (None: none yet)
+    kept: list[str]
+
+
+class SearchView(BaseModel):
+    """A candidate's online model search (``models.search``): its current round."""
+
+    base: str
+    round: int
+    metric: str
+    configurations: list[str]
+    rungs: list[RungView] = Field(default_factory=list)
+    done: bool = False
+
+
 class MonitorView(BaseModel):
     pipeline: str
     updated: float
@@ -78,6 +101,7 @@ class MonitorView(BaseModel):
     # over the last predictions: per input field the share missing and the share each
     # cleaning rule changed; freshness (monitors.dataquality)
     data_quality: dict[str, Any] = Field(default_factory=dict)
+    searches: dict[str, SearchView] = Field(default_factory=dict)  # by searched candidate
 
 
 def parse_view(raw: bytes | str, source: str = "view") -> MonitorView:

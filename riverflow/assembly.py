@@ -14,8 +14,9 @@ from riverflow.errors import RiverflowError
 from riverflow.features.scored import ScoredEvents
 from riverflow.features.store import FeatureStore, MemoryFeatureStore, RedisFeatureStore
 from riverflow.models.champion import ChampionReplica
-from riverflow.models.factory import build_candidates, build_model
+from riverflow.models.factory import build_candidates, build_model, candidate_spec, search_plan
 from riverflow.models.registry import MemoryRegistry, ModelRegistry, ModelVersion, RedisRegistry
+from riverflow.models.search import SuccessiveHalving
 from riverflow.models.signing import Keyring
 from riverflow.monitors.exporter import MonitorMetrics
 from riverflow.monitors.history import MonitorHistory
@@ -29,6 +30,7 @@ from riverflow.stages.lineage import Candidate, Following, Lineage
 from riverflow.stages.monitor import Monitor
 from riverflow.stages.quality import DataQuality
 from riverflow.stages.scorer import Scorer
+from riverflow.stages.search import Searches
 from riverflow.streams.guard import FIRST_BACKOFF_S, MAX_BACKOFF_S, outage
 from riverflow.streams.pii import Pseudonymizer
 from riverflow.streams.validation import Bounds
@@ -275,8 +277,21 @@ def build_learner(
     fresh = build_candidates(spec.models, spec.clean)  # also checks every candidate builds
 
     def fresh_model(base: str) -> Any | None:
-        candidate = spec.models.candidate(base)
+        # a spec candidate, or a configuration of a search (a survivor may be champion)
+        candidate = candidate_spec(spec.models, base)
         return None if candidate is None else build_model(candidate, spec.clean)
+
+    def configuration(name: str) -> Any:
+        model = fresh_model(name)
+        assert model is not None  # a search's configurations are built from the spec
+        return model
+
+    plans = [p for p in map(search_plan, spec.models.candidates) if p is not None]
+
+    def metrics(state: dict[str, Any] | None) -> PrequentialMetrics:
+        return PrequentialMetrics() if state is None else PrequentialMetrics.from_state(state)
+
+    searches = Searches([SuccessiveHalving(p, configuration, metrics) for p in plans])
 
     poll_s = settings.model_poll_s if registry_poll_s is None else registry_poll_s
     lineage = Lineage(
@@ -293,7 +308,7 @@ def build_learner(
     )  # fmt: skip
     learner = Learner(
         spec.topics, store, scored, lineage, join, timing, clock=clock,
-        scored_through=scored_through, dlq_keep_bytes=settings.dlq_keep_bytes,
+        scored_through=scored_through, dlq_keep_bytes=settings.dlq_keep_bytes, searches=searches,
     )  # fmt: skip
     saved = registry.checkpoint()
     if saved is not None:

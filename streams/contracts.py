@@ -251,6 +251,9 @@ class Evaluation(Record):
     # what the models were given for the event, so the monitor can score another
     # version on recent labels (rollback targets are shadow-scored)
     inputs: dict[str, Any] | None = None
+    # the learner's model search decisions taken on this label (``models.search``:
+    # its ``search`` / ``prune`` model-events), so the monitor can show them
+    search: list[dict[str, Any]] | None = None
 
     def encode(self) -> bytes:
         record: dict[str, Any] = {
@@ -260,7 +263,7 @@ class Evaluation(Record):
             "predictions": self.predictions,
             "served": self.served,
         }
-        for name in ("segment", "label_at", "label_time", "inputs"):
+        for name in ("segment", "label_at", "label_time", "inputs", "search"):
             value = getattr(self, name)
             if value is not None:
                 record[name] = value
@@ -280,7 +283,9 @@ class ModelEvent(Record):
     writes its decisions with their ``evidence``: ``drift``, ``feature_drift``,
     ``challenger``, ``retire``, ``promote``, ``rollback``. A ``drift`` event also
     names the label that tripped it (``event_id``, ``label_at``, ``label_time``)
-    and whether the model was the ``champion`` then.
+    and whether the model was the ``champion`` then. A model search
+    (``models.search``, ``by: learner``) writes ``search`` (a round began) and
+    ``prune`` (a rung's decision, with its evidence).
     """
 
     kind: str

@@ -12,6 +12,8 @@ from riverflow.monitors.view import (
     Marker,
     MarkerKind,
     MonitorView,
+    RungView,
+    SearchView,
     SegmentView,
     SeriesPoint,
 )
@@ -22,7 +24,8 @@ START = 1_790_000_000.0  # unix seconds of the first point
 def realistic_view(points: int = 300, every: int = 50, seed: int = 3) -> MonitorView:
     """Three candidates over ``points`` windows (one every ``every`` labels) with an abrupt
     drift at 40%, a fresh challenger started by its alarm and promoted later, a rollback,
-    a retirement and a feature drift: one marker of every kind, in the order they happen."""
+    a retirement and a feature drift, a model search of logreg pruned at a rung: one
+    marker of every kind, in the order they happen."""
     rng = random.Random(seed)
     drift_at = int(points * 0.4) * every
     challenger_at = drift_at + 5 * every
@@ -68,7 +71,26 @@ def realistic_view(points: int = 300, every: int = 50, seed: int = 3) -> Monitor
     def at(labels: int) -> float:
         return START + labels / every * 10.0
 
+    configs = ["logreg@lr=0.01", "logreg@lr=0.1", "logreg@lr=1"]
+    scores = {"logreg@lr=0.01": 0.31, "logreg@lr=0.1": 0.29, "logreg@lr=1": 0.52}
+    rung = RungView(rung=0, budget=200, labels=200, kept=configs[:2], scores=scores)
+    search = SearchView(base="logreg", round=1, metric="log_loss", configurations=configs,
+                        rungs=[rung])  # fmt: skip
     markers = [
+        Marker(
+            labels=every,
+            at=at(every),
+            kind="search",
+            model="logreg",
+            text="round 1 of 3: the spec's search",
+        ),
+        Marker(
+            labels=200,
+            at=at(200),
+            kind="prune",
+            model="logreg",
+            text="rung 0 after 200 labels: kept 2, pruned 1 by log_loss",
+        ),
         Marker(
             labels=drift_at + 3 * every,
             at=at(drift_at + 3 * every),
@@ -184,6 +206,7 @@ def realistic_view(points: int = 300, every: int = 50, seed: int = 3) -> Monitor
             "score": DistributionView(statistic=0.12, p_value=0.002, alarms=0),
         },
         anomaly={"mean": 0.42, "p99": 0.93},
+        searches={"logreg": search},
     )
 
 

@@ -221,6 +221,31 @@
       num(dq.freshness_s.mean) + " s, max " + num(dq.freshness_s.max) + " s"));
   }
 
+  function searchesSection(searches, out) {
+    Object.keys(searches).sort().forEach(function (base) {
+      var s = searches[base];
+      out.appendChild(el("h3", {}, "Model search of " + base + ": round " + s.round + ", " +
+        s.configurations.length + " configurations, " + s.metric +
+        (s.done ? " (done)" : " (running)")));
+      var alive = {};
+      s.configurations.forEach(function (c) { alive[c] = true; });
+      var head = ["configuration"].concat(s.rungs.map(function (r) {
+        return "rung " + r.rung + " (" + num(r.budget) + " labels)"; }));
+      var rows = s.configurations.map(function (c) {
+        var cells = [c];
+        s.rungs.forEach(function (r) {
+          if (!(c in r.scores)) { cells.push(""); return; }
+          var kept = r.kept.indexOf(c) >= 0;
+          cells.push(el("span", {class: kept ? "kept" : "pruned"},
+                        num(r.scores[c]) + (kept ? "" : " pruned")));
+        });
+        return row(cells, {"data-config": c});
+      });
+      var t = table(head, rows); t.className = "search"; t.setAttribute("data-base", base);
+      out.appendChild(t);
+    });
+  }
+
   function render(view) {
     document.getElementById("pipeline").textContent = view.pipeline;
     document.getElementById("champion").textContent = "Champion: " + championText(view);
@@ -256,6 +281,7 @@
     if (view.segments) segmentsSection(view.segments, out);
     if (Object.keys(view.distributions).length) distributionsSection(view.distributions, out);
     if (view.data_quality && view.data_quality.fields) qualitySection(view.data_quality, out);
+    if (view.searches && Object.keys(view.searches).length) searchesSection(view.searches, out);
     if (Object.keys(view.anomaly).length) {
       out.appendChild(el("h3", {}, "Anomaly scores (HalfSpaceTrees)"));
       var t = table(["statistic", "value"], Object.keys(view.anomaly).sort().map(function (k) {

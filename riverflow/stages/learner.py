@@ -15,6 +15,8 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import orjson
+
 from riverflow.features.definitions import FeaturePlan
 from riverflow.features.scored import ScoredEvent, ScoredEvents
 from riverflow.features.store import ORPHAN, Claim, FeatureStore
@@ -28,6 +30,7 @@ from riverflow.stages.common import (
     monitor_only_field,
 )
 from riverflow.stages.lineage import Candidate, Lineage
+from riverflow.stages.search import Searches
 from riverflow.streams.contracts import (
     CandidatePrediction,
     Evaluation,
@@ -97,7 +100,8 @@ class Learner:
     -> test, then train.
 
     Every candidate sees every label in the same order: predict (prequential),
-    update its metrics, ``learn_one``. Each label is claimed once in the store,
+    update its metrics, ``learn_one``; then the spec's model searches do
+    (``riverflow.stages.search``). Each label is claimed once in the store,
     so a duplicate label is never learned twice. A label whose event is not in
     ``scored`` yet waits (see ``LearnerTiming``), then goes to the DLQ as an
     orphan, and is marked so in the store: a learner restarted from an older
@@ -125,8 +129,10 @@ class Learner:
         clock: Callable[[], float] = time.monotonic,
         scored_through: ScoredThrough | None = None,
         dlq_keep_bytes: int = DLQ_KEEP_BYTES,
+        searches: Searches | None = None,
     ) -> None:
         self.topics = topics
+        self.searches = searches or Searches([])
         self.dlq_keep_bytes = dlq_keep_bytes
         self.store = store
         self.scored = scored
@@ -223,6 +229,11 @@ class Learner:
         through = self.scored_through()  # read before the lookup: see _orphaned
         self.scored.follow()
         out += self.lineage.follow(now)
+        self.searches.follow(self.lineage.dynamic, self.candidates)
+        if self.searches.dropped:  # (rare: read the pointer only then)
+            pointer = self.lineage.registry.champion()
+            adopted = self.searches.adopt(pointer, self.lineage.registry, self.candidates)
+            out += [Output(self.topics.model_events, e.model.encode(), e.encode()) for e in adopted]
         order: list[tuple[Message, str | None]] = [(p.msg, e) for e, p in self.pending.items()]
         fresh: dict[str, _Pending] = {}
         for msg in batch:
@@ -278,7 +289,7 @@ class Learner:
                 elif claim is Claim.ORPHANED:
                     out.append(self._orphan(event_id, item, "refused before (orphan mark)"))
                 else:
-                    out.append(self._learn(events[event_id], item.label, item.msg))
+                    out += self._learn(events[event_id], item.label, item.msg)
                     self.pending.pop(event_id, None)  # after: a label whose learning raised waits
                     self._unlearned.discard(f"{self.run}:{msg.partition}:{msg.offset}")
                     self._learned_ids.append(event_id)
@@ -346,7 +357,7 @@ class Learner:
         why = f"waiting list full ({cap} labels)"
         return [self._orphan(e, self.pending[e], why) for e in list(self.pending)[:extra]]
 
-    def _learn(self, snap: ScoredEvent, label: bool, msg: Message) -> Output:
+    def _learn(self, snap: ScoredEvent, label: bool, msg: Message) -> list[Output]:
         segment = None if self.join.segment is None else snap.inputs.get(self.join.segment)
         x = {**model_inputs(snap.inputs, self.extra), **snap.features}
         predictions: dict[str, CandidatePrediction] = {}
@@ -359,6 +370,7 @@ class Learner:
         self.learned += 1
         self._since_snapshot += 1
         self._changed = True
+        search = self.searches.learn(x, label, self.candidates, self._serving)
         record = Evaluation(
             event_id=snap.event_id,
             label=label,
@@ -369,8 +381,15 @@ class Learner:
             label_at=LabelPosition(msg.topic, msg.partition, msg.offset),
             label_time=None if msg.timestamp_ms is None else msg.timestamp_ms / 1000,
             inputs=x,
+            search=[orjson.loads(e.encode()) for e in search] or None,
         )
-        return Output(self.topics.evaluations, snap.event_id.encode(), record.encode())
+        events = [Output(self.topics.model_events, e.model.encode(), e.encode()) for e in search]
+        return [Output(self.topics.evaluations, snap.event_id.encode(), record.encode()), *events]
+
+    def _serving(self) -> str:
+        """The candidate the champion pointer names (the lead before any version)."""
+        pointer = self.lineage.registry.champion()
+        return pointer.model if pointer else self.lineage.lead
 
     def status(self) -> dict[str, float]:
         out = {
@@ -392,7 +411,8 @@ class Learner:
         pending = [(p.msg, p.label) for p in self.pending.values()]
         # what a call that raised made goes out with it (a clean stop publishes it too)
         out, self._carried = self._carried, []
-        out += self.lineage.publish(self.clock(), self.learned, self.positions, pending)
+        searches = self.searches.publish(self.lineage.registry, self.learned)
+        out += self.lineage.publish(self.clock(), self.learned, self.positions, pending, searches)
         # bounded: ids beyond it are not released early, they expire at the horizon
         self._staged_ids = [*self._staged_ids, *self._learned_ids][-_RELEASE_AT_MOST:]
         self._learned_ids = []
@@ -425,7 +445,9 @@ class Learner:
     def restore(self, saved: LearnerCheckpoint) -> None:
         """Continue from a checkpoint: its candidates' versions and metrics (in the
         lineage), its label count, read positions and waiting labels."""
+        self.searches.restore(saved, self.lineage.registry, self.candidates)
         self.lineage.restore(saved)
+        self.searches.challengers = set(self.lineage.dynamic)  # none of them new
         self.learned = saved.labels_seen
         self.positions.clear()  # the host may hold this dict already
         self.positions.update(saved.positions)

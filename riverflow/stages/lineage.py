@@ -127,10 +127,11 @@ class Lineage:
         labels_seen: int,
         positions: Mapping[int, int],
         pending: Sequence[tuple[Message, bool]],
+        searches: Mapping[str, dict[str, Any]] | None = None,
     ) -> list[Output]:
         """Publish every candidate as a new version and stage the checkpoint of what the
         learner has done (``labels_seen``, its read ``positions``, the labels still
-        ``pending``); returns the model-events to write."""
+        ``pending``, where its ``searches`` are); returns the model-events to write."""
         out: list[Output] = self.follow(now, force=True)
         offsets = {self.topics.labels: {str(p): o for p, o in sorted(positions.items())}}
         for c in self.candidates.values():
@@ -156,6 +157,7 @@ class Lineage:
             positions=dict(positions),
             pending=list(pending),
             saved_at=self.registry.clock(),
+            searches=dict(searches or {}),
         )
         return out
 

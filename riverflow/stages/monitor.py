@@ -68,6 +68,8 @@ class Monitor:
                     probabilities = [p.probability for p in ev.predictions.values()]
                     if not all(map(math.isfinite, probabilities)):
                         raise _Refused("a probability is not a finite number")
+                    if ev.search:  # the learner's model search: read first (may refuse)
+                        self.history.record_search(ev.search, self.core.labels + 1)
                     predictions = {n: (p.version, p.probability) for n, p in ev.predictions.items()}
                     source = LabelSource(ev.event_id, ev.label_at, ev.label_time)
                     decisions += self.core.on_evaluation(

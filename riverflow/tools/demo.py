@@ -45,7 +45,7 @@ class DemoResult:
 
 SCENARIOS = ("drift", "labels", "quality")
 QUALITY_DROPPED = "amount"  # the field the quality scenario's events lose for a while
-SHOWN = ("drift", "challenger", "promote", "rollback", "retire")
+SHOWN = ("drift", "challenger", "promote", "rollback", "retire", "prune")
 
 
 def _decisions(rt: EmbeddedRuntime) -> list[str]:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
+from pydantic import ValidationError
+
 from riverflow.models.registry import MemoryRegistry
 from riverflow.monitors.history import MAX_MARKERS, MonitorHistory
 from riverflow.monitors.policy import Decision, PipelineMonitor
@@ -36,3 +39,25 @@ def test_markers_keep_the_latest_and_counts_keep_all() -> None:
     history.record(Decision("drift", LEAD, 1, f"alarm {i}", labels=i) for i in range(n))
     assert [m.labels for m in history.markers] == list(range(20, n))
     assert history.decisions == {"drift": n}
+
+
+def test_search_decisions_fill_the_search_panel_and_a_malformed_one_changes_nothing() -> None:
+    history = MonitorHistory(clock=lambda: 1.0)
+    configs = ["lr@a=1", "lr@a=2"]
+    started = {
+        "kind": "search",
+        "model": "lr",
+        "reason": "round 1 of 2",
+        "evidence": {"round": 1, "metric": "log_loss", "configurations": configs},
+    }
+    rung = {"kind": "prune", "model": "lr", "reason": "rung 0",
+            "evidence": {"rung": 0, "budget": 50, "labels": 50, "kept": configs[:1],
+                         "scores": {"lr@a=1": 0.3, "lr@a=2": 0.5}, "done": True}}  # fmt: skip
+    history.record_search([started, rung], labels=50)
+    search = history.searches["lr"]
+    assert search.done and search.rungs[0].scores == {"lr@a=1": 0.3, "lr@a=2": 0.5}
+    assert [m.kind for m in history.markers] == ["search", "prune"]
+    bad = {**rung, "evidence": {"rung": "first"}}
+    with pytest.raises(ValidationError):
+        history.record_search([started, bad], labels=60)
+    assert len(history.markers) == 2 and history.searches["lr"].rungs == search.rungs
