@@ -10,6 +10,7 @@ from river import base, compose
 
 from riverflow.models.errors import ModelSpecError
 from riverflow.models.spec import EstimatorSpec, ModelSpec, ModelsSpec
+from riverflow.models.target import Target
 
 # Only River's own estimators can be named in a spec: a spec is data, and an
 # import path outside this namespace could run arbitrary code on import.
@@ -46,6 +47,19 @@ def _build(spec: EstimatorSpec, kind: type[base.Base]) -> base.Base:
         raise ModelSpecError(f"{path}: bad parameter value ({exc})") from exc
 
 
+def river_class(path: str) -> type | None:
+    """The River class a spec names, if it can be imported (None: the factory says why
+    when it builds it)."""
+    if not path.startswith(ALLOWED_PREFIX):
+        return None
+    module_name, _, class_name = path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name, None)
+    except ImportError:
+        return None
+    return cls if inspect.isclass(cls) else None
+
+
 def _build_param(value: Any) -> Any:
     if isinstance(value, dict) and "class" in value:
         # optimizers, losses, initializers...: any River object, not only estimators
@@ -69,17 +83,14 @@ class Select(compose.Select):
         return {k: x[k] for k in self.ordered}
 
 
-def build_model(spec: ModelSpec) -> base.Estimator:
+def build_model(spec: ModelSpec, target: Target | None = None) -> base.Estimator:
     """A candidate: its selected inputs, preprocessing steps piped into the estimator.
 
-    Only binary classifiers are served for now: a prediction is P(label is true).
+    The estimator must fit the ``target`` (default: a bool label, a binary
+    classifier): a regressor for a number, a multiclass classifier for a category.
     """
     estimator = build_estimator(spec.estimator)
-    if not isinstance(estimator, base.Classifier):
-        raise ModelSpecError(
-            f"model {spec.name!r}: {spec.estimator.class_path} is not a classifier; "
-            "the scorer serves binary classifiers (probability of the positive label)"
-        )
+    (target or Target()).check(spec.name, spec.estimator.class_path, estimator)
     steps: list[base.Estimator] = [build_estimator(s) for s in spec.preprocessing]
     if spec.select:
         # e.g. a linear model given only the numeric values: River scalers refuse strings
@@ -89,6 +100,6 @@ def build_model(spec: ModelSpec) -> base.Estimator:
     return compose.Pipeline(*steps, estimator)
 
 
-def build_candidates(spec: ModelsSpec) -> dict[str, base.Estimator]:
+def build_candidates(spec: ModelsSpec, target: Target | None = None) -> dict[str, base.Estimator]:
     """Every candidate of the spec, fresh; the first bad one raises ``ModelSpecError``."""
-    return {c.name: build_model(c) for c in spec.candidates}
+    return {c.name: build_model(c, target) for c in spec.candidates}

@@ -17,10 +17,10 @@ from riverflow.models.champion import ChampionReplica
 from riverflow.models.factory import build_candidates, build_model
 from riverflow.models.registry import MemoryRegistry, ModelRegistry, ModelVersion, RedisRegistry
 from riverflow.models.signing import Keyring
+from riverflow.models.target import Target
 from riverflow.monitors.exporter import MonitorMetrics
 from riverflow.monitors.history import MonitorHistory
 from riverflow.monitors.policy import PipelineMonitor
-from riverflow.monitors.prequential import PrequentialMetrics
 from riverflow.settings import DEV_SIGNING_KEY, Settings
 from riverflow.spec import PipelineSpec
 from riverflow.stages.common import DLQ_KEEP_BYTES
@@ -235,8 +235,9 @@ def build_scorer(
 ) -> Scorer:
     first = spec.models.champion_spec
     poll_s = settings.model_poll_s if model_poll_s is None else model_poll_s
+    target = Target(spec.label)
     champion = ChampionReplica(
-        registry, lambda: ModelVersion(first.name, 0, build_model(first)), poll_s
+        registry, lambda: ModelVersion(first.name, 0, build_model(first, target)), poll_s
     )
     return Scorer(
         spec.topics, spec.events, spec.feature_plan(), spec.models.inputs, store, champion,
@@ -244,6 +245,7 @@ def build_scorer(
         bounds=Bounds(settings.event_time_min_s, settings.event_time_max_s,
                       settings.max_abs_number),
         dlq_keep_bytes=settings.dlq_keep_bytes, clock=clock, pii=pseudonymizer(spec, settings),
+        target=target,
     )  # fmt: skip
 
 
@@ -267,17 +269,18 @@ def build_learner(
     A candidate added to the spec since the checkpoint starts fresh; one removed
     from the spec is no longer trained (its versions stay in the registry).
     """
-    fresh = build_candidates(spec.models)  # also checks every candidate builds
+    target = Target(spec.label)
+    fresh = build_candidates(spec.models, target)  # also checks every candidate builds
 
     def fresh_model(base: str) -> Any | None:
         candidate = spec.models.candidate(base)
-        return None if candidate is None else build_model(candidate)
+        return None if candidate is None else build_model(candidate, target)
 
     poll_s = settings.model_poll_s if registry_poll_s is None else registry_poll_s
     lineage = Lineage(
         registry, spec.topics,
-        [Candidate(name, model, 0, PrequentialMetrics()) for name, model in fresh.items()],
-        spec.models.champion_spec.name, Following(fresh_model, poll_s),
+        [Candidate(name, model, 0, target.metrics()) for name, model in fresh.items()],
+        spec.models.champion_spec.name, Following(fresh_model, poll_s, target.metrics),
     )  # fmt: skip
     join = LabelJoin(spec.label, settings.max_event_bytes, spec.feature_plan(),
                      tuple(spec.models.inputs), spec.monitors.segment)  # fmt: skip
@@ -304,6 +307,7 @@ def build_monitor(
     clock: Callable[[], float] = time.time,
 ) -> Monitor:
     core = PipelineMonitor(
-        spec.name, spec.monitors, registry, spec.models.champion_spec.name, clock=clock
-    )
+        spec.name, spec.monitors, registry, spec.models.champion_spec.name, clock=clock,
+        target=Target(spec.label),
+    )  # fmt: skip
     return Monitor(spec.topics, core, MonitorHistory(clock), metrics, dlq_keep_bytes)

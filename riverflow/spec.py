@@ -20,7 +20,10 @@ from riverflow.features.definitions import (
     FeatureSpec,
     parse_duration,
 )
+from riverflow.models.factory import river_class
 from riverflow.models.spec import ModelsSpec
+from riverflow.models.target import Target
+from riverflow.monitors.drift import DetectorKind
 from riverflow.monitors.spec import MonitorSpec
 from riverflow.streams.pii import PiiPolicy
 from riverflow.streams.schema import NUMERIC, EventSchema, FieldType, LabelSpec
@@ -93,6 +96,17 @@ class PipelineSpec(BaseModel):
                         f"models.candidates.{i}.select.{j}: {name!r} is not a model input "
                         "or a feature"
                     )
+        target = Target(self.label)
+        for i, c in enumerate(self.models.candidates):
+            cls = river_class(c.estimator.class_path)
+            why = None if cls is None else target.misfit(c.estimator.class_path, cls)
+            if why is not None:
+                raise ValueError(f"models.candidates.{i}.estimator: {why}")
+        if self.label.type.regression and self.monitors.detector.kind is DetectorKind.DDM:
+            raise ValueError(
+                "monitors.detector.kind: ddm watches 0/1 errors; a number label's drift is "
+                "on absolute errors (adwin, page_hinkley or kswin)"
+            )
         return self
 
     @property

@@ -7,8 +7,8 @@ neither frozen nor pydantic models, for the hot path: the scorer builds one
 ``Prediction`` per event, and a frozen dataclass's ``__init__`` costs about 1 us
 more per record, a validated model several. A record builds the dict it writes
 (slotted: its fields read faster); a part of one (``CandidatePrediction``,
-``ServedPrediction``) is a plain dataclass, which orjson writes from its
-``__dict__`` four times faster than a slotted one.
+``ServedPrediction``) is a plain dataclass, written with its fields that are
+set (``_set_fields``, from its ``__dict__``).
 
 A field that a record may leave out is written only when set: ``None`` for the
 fields that are never null, ``UNSET`` for those whose absence means something
@@ -18,6 +18,7 @@ else than their null or empty value (``Prediction.explanation``,
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -109,11 +110,18 @@ class Record(ABC):
 
 @dataclass(slots=True)
 class Prediction(Record):
-    """``{ns}.predictions``: one per valid event."""
+    """``{ns}.predictions``: one per valid event.
+
+    What it predicts fits the spec's label: for a bool label ``probability`` (of
+    true), as ever; for a number, ``value`` (and ``probability`` null); for a
+    category, ``value`` (the predicted class), ``probabilities`` (by class) and
+    ``probability`` null. A bool label's prediction has neither ``value`` nor
+    ``probabilities``: it reads exactly as before they existed.
+    """
 
     event_id: str
     entity: str
-    probability: float
+    probability: float | None
     model: str
     version: int
     features: dict[str, float]
@@ -129,12 +137,30 @@ class Prediction(Record):
     # the id of the key that tokenised its personal fields (``streams.pii``), if any:
     # tokens of two key ids are not comparable (a rotation starts entities afresh)
     pii_key: str | None = None
+    value: float | int | str | None = None
+    probabilities: dict[str, float] | None = None
+
+    @property
+    def score(self) -> float:
+        """One number per prediction, for label-free drift: the probability of true,
+        the predicted value, or the predicted class's probability."""
+        if self.probability is not None:
+            return self.probability
+        if self.probabilities:
+            return max(self.probabilities.values())
+        return float(self.value) if isinstance(self.value, int | float) else 0.0
 
     def encode(self) -> bytes:
         record: dict[str, Any] = {
             "event_id": self.event_id,
             "entity": self.entity,
             "probability": self.probability,
+        }
+        if self.value is not None:
+            record["value"] = self.value
+        if self.probabilities is not None:
+            record["probabilities"] = self.probabilities
+        record |= {
             "model": self.model,
             "version": self.version,
             "features": self.features,
@@ -198,20 +224,37 @@ class DeadLetter(Record):
 
 @dataclass
 class CandidatePrediction:
-    """One candidate's prequential prediction: made before it learned the label."""
+    """One candidate's prequential prediction: made before it learned the label.
+
+    As in ``Prediction``: ``probability`` (of true) for a bool label, ``value`` for a
+    number, ``value`` (the class) and ``probabilities`` for a category; what is not
+    set is not written."""
 
     version: int  # the candidate's last published version its live model descends from
-    probability: float
+    probability: float | None = None
+    value: float | int | str | None = None
+    probabilities: dict[str, float] | None = None
 
 
 @dataclass
 class ServedPrediction:
     """The prediction the scorer served for an event: the first one emitted for it,
-    what the user got (the feature store keeps it with the event's snapshot)."""
+    what the user got (the feature store keeps it with the event's snapshot). Its
+    fields as ``CandidatePrediction``'s."""
 
     model: str
     version: int
-    probability: float
+    probability: float | None = None
+    value: float | int | str | None = None
+    probabilities: dict[str, float] | None = None
+
+
+def _set_fields(part: Any) -> Any:
+    """A prediction part (``CandidatePrediction``, ``ServedPrediction``) as written:
+    its fields that are set (orjson's ``default`` for dataclasses passed through)."""
+    if dataclasses.is_dataclass(part):
+        return {k: v for k, v in part.__dict__.items() if v is not None}
+    raise TypeError(f"{type(part).__name__} is not a record part")
 
 
 @dataclass
@@ -229,7 +272,7 @@ class Evaluation(Record):
     and the prediction that was served."""
 
     event_id: str
-    label: bool
+    label: bool | int | float | str  # as the spec's label.type declares it
     labels_seen: int
     predictions: dict[str, CandidatePrediction]
     # None only if the label was claimed after the scorer stored the event's snapshot
@@ -259,7 +302,7 @@ class Evaluation(Record):
             value = getattr(self, name)
             if value is not None:
                 record[name] = value
-        return orjson.dumps(record)
+        return orjson.dumps(record, default=_set_fields, option=orjson.OPT_PASSTHROUGH_DATACLASS)
 
 
 @dataclass(slots=True)

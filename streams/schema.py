@@ -54,12 +54,46 @@ class EventSchema(BaseModel):
         return self
 
 
+class LabelType(StrEnum):
+    """What a label is: a flag (binary classification), a number (regression) or one
+    of declared classes (multiclass)."""
+
+    BOOL = "bool"
+    INT = "int"
+    FLOAT = "float"
+    CATEGORY = "category"
+
+    @property
+    def regression(self) -> bool:
+        return self in (LabelType.INT, LabelType.FLOAT)
+
+
+Label = bool | int | float | str
+"""A label's value once validated: its type is the spec's ``label.type``."""
+
+
 class LabelSpec(BaseModel):
-    """Where ground truth comes from and how it joins its event."""
+    """Where ground truth comes from, what it is, and how it joins its event."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    field: str = Field(
-        description='the label field (bool: true/false, 0/1 or "0"/"1") in label messages'
-    )
+    field: str = Field(description="the label field in label messages")
     event_id: str = Field("event_id", description="field carrying the event id it labels")
+    type: LabelType = Field(
+        LabelType.BOOL,
+        description='bool (true/false, 0/1 or "0"/"1"), int, float, or category (one of classes)',
+    )
+    classes: list[str | int] | None = Field(
+        None, description="the values a category label takes (category only)"
+    )
+
+    @model_validator(mode="after")
+    def _classes(self) -> LabelSpec:
+        if self.type is LabelType.CATEGORY:
+            if not self.classes or len(self.classes) < 2:
+                raise ValueError("classes: a category label declares at least two classes")
+            if len({str(c) for c in self.classes}) != len(self.classes):
+                raise ValueError("classes: each class is declared once (compared as text)")
+        elif self.classes is not None:
+            raise ValueError(f"classes: only a category label has classes (type is {self.type})")
+        return self

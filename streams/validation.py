@@ -10,6 +10,7 @@ them. A record it returns holds only valid text and finite numbers within bounds
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +18,7 @@ import orjson
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 from typing_extensions import TypedDict
 
-from riverflow.streams.schema import FieldType
+from riverflow.streams.schema import FieldType, LabelSpec, LabelType
 
 _PY_TYPES: dict[FieldType, Any] = {
     FieldType.STR: str,
@@ -69,11 +70,23 @@ class RecordValidator:
     for a bool field; anything else of the wrong type is refused naming the field."""
 
     def __init__(
-        self, fields: dict[str, FieldType], max_bytes: int, bounds: Bounds | None = None
+        self,
+        fields: dict[str, FieldType],
+        max_bytes: int,
+        bounds: Bounds | None = None,
+        choices: Mapping[str, Sequence[str | int]] | None = None,
     ) -> None:
         self.max_bytes = max_bytes
         self.bounds = bounds or Bounds()
-        record = TypedDict("record", {n: _PY_TYPES[t] for n, t in fields.items()})  # type: ignore[misc]
+        # fields that hold one of declared values (a category label): each value is
+        # taken as itself or as its text (``2`` for a declared ``"2"``, and the other way)
+        self._choices = {
+            name: {**{str(v): v for v in values}, **{v: v for v in values if type(v) is int}}
+            for name, values in (choices or {}).items()
+        }
+        types = {n: _PY_TYPES[t] for n, t in fields.items()}
+        types.update({n: Any for n in self._choices})
+        record = TypedDict("record", types)  # type: ignore[misc]
         record.__pydantic_config__ = ConfigDict(  # type: ignore[attr-defined]
             strict=True, allow_inf_nan=False, extra="ignore"
         )
@@ -121,6 +134,20 @@ class RecordValidator:
                         '(true/false, 0/1 or "0"/"1")',
                     )
                 data[name] = flag
+        for name, known in self._choices.items():
+            if name not in data:
+                continue  # refused as missing below
+            value = data[name]
+            if type(value) is float and value.is_integer():
+                value = int(value)
+            choice = known.get(value) if type(value) in (str, int) else None
+            if choice is None:
+                shown = ", ".join(map(str, list(known.values())[:20]))
+                return Invalid(
+                    "wrong_value",
+                    f"{name}: {str(value)[:40]!r} is not one of the declared classes ({shown})",
+                )
+            data[name] = choice
         try:
             record = self._adapter.validate_python(data)
         except ValidationError as exc:
@@ -158,6 +185,26 @@ class RecordValidator:
         if bad is not None:
             return Invalid("invalid_text", f"{bad}: not valid Unicode text (a lone surrogate)")
         return data
+
+
+_LABEL_FIELD_TYPES = {
+    LabelType.BOOL: FieldType.BOOL,
+    LabelType.INT: FieldType.INT,
+    LabelType.FLOAT: FieldType.FLOAT,
+}
+
+
+def label_validator(
+    label: LabelSpec, max_bytes: int, bounds: Bounds | None = None
+) -> RecordValidator:
+    """The validator of label messages: the event id they label, and the label as the
+    spec's ``label.type`` declares it (a flag, a finite number within bounds, or one of
+    the declared classes); a label that is not one is refused naming the field."""
+    fields = {label.event_id: FieldType.STR}
+    if label.type is LabelType.CATEGORY:
+        return RecordValidator(fields, max_bytes, bounds, {label.field: label.classes or []})
+    fields[label.field] = _LABEL_FIELD_TYPES[label.type]
+    return RecordValidator(fields, max_bytes, bounds)
 
 
 def _depth_exceeds(raw: bytes, limit: int) -> bool:

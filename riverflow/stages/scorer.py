@@ -1,5 +1,5 @@
 """The scorer stage: events -> validate -> features (one store call) -> champion ->
-predictions.
+predictions (what fits the label: ``models.target``).
 
 It holds no I/O of its own beyond the store and registry it is given, so the
 Kafka runtime, the embedded runtime and the benchmark run it unchanged.
@@ -18,6 +18,7 @@ from riverflow.features.store import FeatureRequest, FeatureSnapshot, FeatureSto
 from riverflow.models.champion import ChampionReplica, positive_probability
 from riverflow.models.explain import explain
 from riverflow.models.registry import ModelVersion
+from riverflow.models.target import Target
 from riverflow.stages.common import (
     DLQ_KEEP_BYTES,
     StageCounters,
@@ -34,7 +35,7 @@ from riverflow.streams.contracts import (
     Unset,
 )
 from riverflow.streams.pii import Pseudonymizer
-from riverflow.streams.schema import EventSchema
+from riverflow.streams.schema import EventSchema, LabelType
 from riverflow.streams.topics import Topics
 from riverflow.streams.validation import Bounds, Invalid, RecordValidator
 
@@ -66,8 +67,11 @@ class Scorer:
         bounds: Bounds | None = None,
         dlq_keep_bytes: int = DLQ_KEEP_BYTES,
         pii: Pseudonymizer | None = None,
+        target: Target | None = None,
     ) -> None:
         self.topics = topics
+        self.target = target or Target()
+        self._binary = self.target.type is LabelType.BOOL
         # personal fields tokenised (or dropped) right after validation: nothing after
         # it, store, model, prediction or log, sees them in clear
         self.pii = pii if pii else None
@@ -163,9 +167,13 @@ class Scorer:
         x = {**model_inputs(snap.inputs, self.extra), **features}
         served = snap.served
         if served is None:
-            served = ServedPrediction(
-                model.name, model.version, positive_probability(model.model, x)
-            )
+            if self._binary:
+                served = ServedPrediction(
+                    model.name, model.version, positive_probability(model.model, x)
+                )
+            else:
+                _, p = self.target.predict(model.model, x, model.version)
+                served = ServedPrediction(model.name, model.version, None, p.value, p.probabilities)
         entity = str(event[self.schema.key])
         # the model that served it explains it; a replay served by an older version is not
         explanation: list[dict[str, Any]] | Unset | None = UNSET
@@ -185,5 +193,7 @@ class Scorer:
             explanation,
             snap.inputs,
             self.pii_key,
+            served.value,
+            served.probabilities,
         )
         return Output(self.topics.predictions, entity.encode(), prediction.encode()), served
