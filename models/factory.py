@@ -47,19 +47,6 @@ def _build(spec: EstimatorSpec, kind: type[base.Base]) -> base.Base:
         raise ModelSpecError(f"{path}: bad parameter value ({exc})") from exc
 
 
-def river_class(path: str) -> type | None:
-    """The River class a spec names, if it can be imported (None: the factory says why
-    when it builds it)."""
-    if not path.startswith(ALLOWED_PREFIX):
-        return None
-    module_name, _, class_name = path.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module_name), class_name, None)
-    except ImportError:
-        return None
-    return cls if inspect.isclass(cls) else None
-
-
 def _build_param(value: Any) -> Any:
     if isinstance(value, dict) and "class" in value:
         # optimizers, losses, initializers...: any River object, not only estimators

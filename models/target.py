@@ -39,20 +39,18 @@ class Target:
         return "regression" if self.type.regression else "multiclass"
 
     def misfit(self, class_path: str, estimator: Any) -> str | None:
-        """Why an estimator (or its class) does not fit the label, or None (River's
-        ``Regressor`` and ``Classifier`` bases tell, as ``utils.inspect`` does)."""
-        is_a = issubclass if isinstance(estimator, type) else isinstance
+        """Why an estimator does not fit the label, or None (River's ``Regressor`` and
+        ``Classifier`` bases tell, as ``utils.inspect`` does)."""
         if self.type.regression:
-            if not is_a(estimator, base.Regressor):
+            if not isinstance(estimator, base.Regressor):
                 return (f"{class_path} is not a regressor; the label is {self.type.value}: "
                         "its candidates predict a number")  # fmt: skip
             return None
-        if not is_a(estimator, base.Classifier):
+        if not isinstance(estimator, base.Classifier):
             what = "binary" if self.type is LabelType.BOOL else "multiclass"
             return (f"{class_path} is not a classifier; the label is {self.type.value}: "
                     f"its candidates are {what} classifiers")  # fmt: skip
-        binary = not isinstance(estimator, type) and not estimator._multiclass
-        if self.type is LabelType.CATEGORY and binary:
+        if self.type is LabelType.CATEGORY and not estimator._multiclass:
             return (f"{class_path} is a binary classifier; the category label has "
                     f"{len(self.classes)} classes (river.multiclass.OneVsRestClassifier "
                     "makes it multiclass)")  # fmt: skip

@@ -20,7 +20,8 @@ from riverflow.features.definitions import (
     FeatureSpec,
     parse_duration,
 )
-from riverflow.models.factory import river_class
+from riverflow.models.errors import ModelSpecError
+from riverflow.models.factory import build_estimator
 from riverflow.models.spec import ModelsSpec
 from riverflow.models.target import Target
 from riverflow.monitors.drift import DetectorKind
@@ -98,8 +99,11 @@ class PipelineSpec(BaseModel):
                     )
         target = Target(self.label)
         for i, c in enumerate(self.models.candidates):
-            cls = river_class(c.estimator.class_path)
-            why = None if cls is None else target.misfit(c.estimator.class_path, cls)
+            try:
+                estimator = build_estimator(c.estimator)
+            except ModelSpecError:
+                continue  # the factory names what is wrong with it when the stage builds it
+            why = target.misfit(c.estimator.class_path, estimator)
             if why is not None:
                 raise ValueError(f"models.candidates.{i}.estimator: {why}")
         if self.label.type.regression and self.monitors.detector.kind is DetectorKind.DDM:

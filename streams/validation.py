@@ -140,7 +140,9 @@ class RecordValidator:
             value = data[name]
             if type(value) is float and value.is_integer():
                 value = int(value)
-            choice = known.get(value) if type(value) in (str, int) else None
+            choice = None
+            if type(value) in (str, int):
+                choice = known.get(value, known.get(str(value)))
             if choice is None:
                 shown = ", ".join(map(str, list(known.values())[:20]))
                 return Invalid(
