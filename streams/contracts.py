@@ -226,14 +226,15 @@ class DeadLetter(Record):
 class CandidatePrediction:
     """One candidate's prequential prediction: made before it learned the label.
 
-    As in ``Prediction``: ``probability`` (of true) for a bool label, ``value`` for a
-    number, ``value`` (the class) and ``probabilities`` for a category; what is not
-    set is not written."""
+    As in ``Prediction``: ``probability`` (of true) for a bool label, ``value`` (and
+    its absolute ``error``) for a number, ``value`` (the class) and ``probabilities``
+    for a category; what is not set is not written."""
 
     version: int  # the candidate's last published version its live model descends from
     probability: float | None = None
     value: float | int | str | None = None
     probabilities: dict[str, float] | None = None
+    error: float | None = None  # a number label's: |label - value|
 
 
 @dataclass

@@ -350,7 +350,7 @@ class Learner:
         x = {**model_inputs(snap.inputs, self.extra), **snap.features}
         predictions: dict[str, CandidatePrediction] = {}
         for c in self.candidates.values():
-            scored, prediction = self.target.predict(c.model, x, c.version)
+            scored, prediction = self.target.predict(c.model, x, c.version, label)
             c.metrics.update(label, scored)
             c.model.learn_one(x, label)
             predictions[c.name] = prediction

@@ -57,6 +57,8 @@ def test_a_regression_pipeline_predicts_numbers_and_keeps_regression_metrics(
     last = evaluations[-1]
     assert type(last.label) is float
     assert {type(p.value) for p in last.predictions.values()} == {float}
+    for p in last.predictions.values():
+        assert p.error == pytest.approx(abs(last.label - (p.value or 0.0)))
     assert last.served is not None and last.served.value == predictions[-1].value
 
     status = rt.learner.status()
