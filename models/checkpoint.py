@@ -28,8 +28,7 @@ import orjson
 
 from riverflow.models.errors import CheckpointError
 from riverflow.models.signing import KEYED_MAGIC, MAGIC, Keys, sign_bytes, verify_bytes
-from riverflow.streams.contracts import Message
-from riverflow.streams.schema import Label
+from riverflow.streams.contracts import Label, Message
 
 FORMAT = "riverflow-learner-checkpoint/1"
 _WHAT = "learner checkpoint"

@@ -4,32 +4,30 @@ One ``Target`` per pipeline, from ``label.type``: a bool label is served as the
 probability of true (binary classifiers), an int or float label as the
 predicted value (regressors), a category as the predicted class and each
 declared class's probability (multiclass classifiers). The scorer serves with
-it, the learner tests-then-trains with it, and it picks the prequential metrics.
+it, the learner tests-then-trains with it, the monitor scores with it
+(``kind`` picks the metrics: ``monitors.prequential.metrics_for``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from river import base
 
 from riverflow.models.errors import ModelSpecError
-from riverflow.monitors.prequential import (
-    Metrics,
-    MulticlassMetrics,
-    PrequentialMetrics,
-    RegressionMetrics,
-)
-from riverflow.streams.contracts import CandidatePrediction
-from riverflow.streams.schema import Label, LabelSpec, LabelType
+from riverflow.streams.contracts import CandidatePrediction, Label, LabelType
 
 
 class Target:
     """The label's kind: which estimators fit it, what a prediction of it holds."""
 
-    def __init__(self, label: LabelSpec | None = None) -> None:
-        self.type = LabelType.BOOL if label is None else label.type
-        self.classes: tuple[str | int, ...] = tuple(label.classes or ()) if label else ()
+    def __init__(
+        self, type: LabelType = LabelType.BOOL, classes: Sequence[str | int] | None = None
+    ) -> None:
+        """The spec's ``label.type`` and, for a category, its ``label.classes``."""
+        self.type = type
+        self.classes: tuple[str | int, ...] = tuple(classes or ())
 
     @property
     def kind(self) -> str:
@@ -97,11 +95,3 @@ class Target:
         if self.type is LabelType.BOOL:
             return ((p.probability or 0.0) >= 0.5) == label
         return p.value == label
-
-    def metrics(self) -> Metrics:
-        """Fresh prequential metrics of this kind of model."""
-        if self.type.regression:
-            return RegressionMetrics()
-        if self.type is LabelType.CATEGORY:
-            return MulticlassMetrics()
-        return PrequentialMetrics()

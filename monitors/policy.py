@@ -60,8 +60,7 @@ from riverflow.monitors.quality import (
     WindowedRegression,
 )
 from riverflow.monitors.spec import MonitorSpec
-from riverflow.streams.contracts import LabelPosition, ModelEvent
-from riverflow.streams.schema import Label
+from riverflow.streams.contracts import Label, LabelPosition, ModelEvent
 
 MAX_SEGMENTS = 1_000  # segment values tracked one by one
 OTHER_SEGMENT = "(other)"

@@ -242,6 +242,16 @@ class Metrics(Protocol):
     def state(self) -> dict[str, Any]: ...
 
 
+def metrics_for(kind: str) -> Metrics:
+    """Fresh prequential metrics of a ``binary``, ``multiclass`` or ``regression`` model
+    (``models.target.Target.kind``)."""
+    if kind == "regression":
+        return RegressionMetrics()
+    if kind == "multiclass":
+        return MulticlassMetrics()
+    return PrequentialMetrics()
+
+
 def metrics_from_state(state: Mapping[str, Any]) -> Metrics:
     """The prequential metrics whose ``state()`` this was, of whichever target kind
     (a state without ``kind`` is a binary classifier's, as before there were others)."""

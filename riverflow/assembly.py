@@ -5,6 +5,7 @@ Both runtimes assemble their stages here, from different stores and registries.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from riverflow.models.target import Target
 from riverflow.monitors.exporter import MonitorMetrics
 from riverflow.monitors.history import MonitorHistory
 from riverflow.monitors.policy import PipelineMonitor
+from riverflow.monitors.prequential import metrics_for
 from riverflow.settings import DEV_SIGNING_KEY, Settings
 from riverflow.spec import PipelineSpec
 from riverflow.stages.common import DLQ_KEEP_BYTES
@@ -235,7 +237,7 @@ def build_scorer(
 ) -> Scorer:
     first = spec.models.champion_spec
     poll_s = settings.model_poll_s if model_poll_s is None else model_poll_s
-    target = Target(spec.label)
+    target = Target(spec.label.type, spec.label.classes)
     champion = ChampionReplica(
         registry, lambda: ModelVersion(first.name, 0, build_model(first, target)), poll_s
     )
@@ -269,7 +271,7 @@ def build_learner(
     A candidate added to the spec since the checkpoint starts fresh; one removed
     from the spec is no longer trained (its versions stay in the registry).
     """
-    target = Target(spec.label)
+    target = Target(spec.label.type, spec.label.classes)
     fresh = build_candidates(spec.models, target)  # also checks every candidate builds
 
     def fresh_model(base: str) -> Any | None:
@@ -279,8 +281,9 @@ def build_learner(
     poll_s = settings.model_poll_s if registry_poll_s is None else registry_poll_s
     lineage = Lineage(
         registry, spec.topics,
-        [Candidate(name, model, 0, target.metrics()) for name, model in fresh.items()],
-        spec.models.champion_spec.name, Following(fresh_model, poll_s, target.metrics),
+        [Candidate(name, model, 0, metrics_for(target.kind)) for name, model in fresh.items()],
+        spec.models.champion_spec.name,
+        Following(fresh_model, poll_s, functools.partial(metrics_for, target.kind)),
     )  # fmt: skip
     join = LabelJoin(spec.label, settings.max_event_bytes, spec.feature_plan(),
                      tuple(spec.models.inputs), spec.monitors.segment)  # fmt: skip
@@ -308,6 +311,6 @@ def build_monitor(
 ) -> Monitor:
     core = PipelineMonitor(
         spec.name, spec.monitors, registry, spec.models.champion_spec.name, clock=clock,
-        target=Target(spec.label),
+        target=Target(spec.label.type, spec.label.classes),
     )  # fmt: skip
     return Monitor(spec.topics, core, MonitorHistory(clock), metrics, dlq_keep_bytes)

@@ -97,7 +97,7 @@ class PipelineSpec(BaseModel):
                         f"models.candidates.{i}.select.{j}: {name!r} is not a model input "
                         "or a feature"
                     )
-        target = Target(self.label)
+        target = Target(self.label.type, self.label.classes)
         for i, c in enumerate(self.models.candidates):
             try:
                 estimator = build_estimator(c.estimator)

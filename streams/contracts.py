@@ -22,13 +22,31 @@ import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import Enum, StrEnum
 from functools import cache
 from typing import Any, Literal, NamedTuple, Protocol, Self
 
 import orjson
 from pydantic import TypeAdapter
 from pydantic_core import core_schema
+
+
+class LabelType(StrEnum):
+    """What a label is: a flag (binary classification), a number (regression) or one
+    of declared classes (multiclass)."""
+
+    BOOL = "bool"
+    INT = "int"
+    FLOAT = "float"
+    CATEGORY = "category"
+
+    @property
+    def regression(self) -> bool:
+        return self in (LabelType.INT, LabelType.FLOAT)
+
+
+Label = bool | int | float | str
+"""A label's value once validated: its type is the spec's ``label.type``."""
 
 
 class Message(NamedTuple):

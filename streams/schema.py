@@ -6,6 +6,7 @@ from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from riverflow.streams.contracts import LabelType
 from riverflow.streams.pii import PiiPolicy
 
 
@@ -52,24 +53,6 @@ class EventSchema(BaseModel):
             if policy is PiiPolicy.DROP and name == self.key:
                 raise ValueError(f"events.pii.{name}: the key cannot be dropped (hash it)")
         return self
-
-
-class LabelType(StrEnum):
-    """What a label is: a flag (binary classification), a number (regression) or one
-    of declared classes (multiclass)."""
-
-    BOOL = "bool"
-    INT = "int"
-    FLOAT = "float"
-    CATEGORY = "category"
-
-    @property
-    def regression(self) -> bool:
-        return self in (LabelType.INT, LabelType.FLOAT)
-
-
-Label = bool | int | float | str
-"""A label's value once validated: its type is the spec's ``label.type``."""
 
 
 class LabelSpec(BaseModel):

@@ -18,7 +18,8 @@ import orjson
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 from typing_extensions import TypedDict
 
-from riverflow.streams.schema import FieldType, LabelSpec, LabelType
+from riverflow.streams.contracts import LabelType
+from riverflow.streams.schema import FieldType, LabelSpec
 
 _PY_TYPES: dict[FieldType, Any] = {
     FieldType.STR: str,

@@ -32,11 +32,12 @@ from riverflow.stages.lineage import Candidate, Lineage
 from riverflow.streams.contracts import (
     CandidatePrediction,
     Evaluation,
+    Label,
     LabelPosition,
     Message,
     Output,
 )
-from riverflow.streams.schema import Label, LabelSpec
+from riverflow.streams.schema import LabelSpec
 from riverflow.streams.topics import Topics
 from riverflow.streams.validation import Invalid, label_validator
 
@@ -138,7 +139,7 @@ class Learner:
         # by default every event counts as scored: "now" on the learner's clock
         self.scored_through: ScoredThrough = scored_through or (lambda: self.clock())
         self.extra = monitor_only_field(join.segment, join.inputs)
-        self.target = Target(join.label)
+        self.target = Target(join.label.type, join.label.classes)
         self.validate = label_validator(join.label, join.max_bytes)
         self.pending: dict[str, _Pending] = {}
         self.learned = 0

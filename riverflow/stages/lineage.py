@@ -17,8 +17,7 @@ from riverflow.models.checkpoint import LearnerCheckpoint
 from riverflow.models.errors import ModelError, ModelSpecError
 from riverflow.models.registry import ChampionPointer, ModelRegistry, PointerMove
 from riverflow.monitors.prequential import Metrics, PrequentialMetrics, metrics_from_state
-from riverflow.streams.contracts import Message, ModelEvent, Output
-from riverflow.streams.schema import Label
+from riverflow.streams.contracts import Label, Message, ModelEvent, Output
 from riverflow.streams.topics import Topics
 
 

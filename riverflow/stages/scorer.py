@@ -28,6 +28,7 @@ from riverflow.stages.common import (
 )
 from riverflow.streams.contracts import (
     UNSET,
+    LabelType,
     Message,
     Output,
     Prediction,
@@ -35,7 +36,7 @@ from riverflow.streams.contracts import (
     Unset,
 )
 from riverflow.streams.pii import Pseudonymizer
-from riverflow.streams.schema import EventSchema, LabelType
+from riverflow.streams.schema import EventSchema
 from riverflow.streams.topics import Topics
 from riverflow.streams.validation import Bounds, Invalid, RecordValidator
 

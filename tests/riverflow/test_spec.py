@@ -118,4 +118,7 @@ def test_every_example_spec_loads_and_builds_its_champion() -> None:
     assert len(examples) >= 2
     for path in examples:
         spec = load_spec(path)
-        assert build_model(spec.models.champion_spec, Target(spec.label)) is not None, path
+        assert (
+            build_model(spec.models.champion_spec, Target(spec.label.type, spec.label.classes))
+            is not None
+        ), path
