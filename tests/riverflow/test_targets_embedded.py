@@ -148,3 +148,18 @@ def test_a_regressor_with_smaller_errors_is_promoted_on_paired_errors(settings: 
     assert evidence["challenger_lower_error"] > evidence["champion_lower_error"]
     # the scorers serve it from then on
     assert decoded(rt, rt.topics.predictions, Prediction)[-1].model == "delivery-linear"
+
+
+def test_a_replayed_order_gets_the_value_served_first(settings: Settings) -> None:
+    spec = load_spec("examples/delivery.yaml")
+    records = list(history("delivery", 600, seed=3))
+    rt = run(spec, settings, records)
+    first = {p.event_id: p for p in decoded(rt, rt.topics.predictions, Prediction)}
+    # the same orders again, after the models learned from 600 labels
+    for kind, rec in records[:200]:
+        if kind == "event":
+            rt.produce(rt.topics.events, rec["restaurant_id"].encode(), orjson.dumps(rec))
+    rt.drain()
+    again = decoded(rt, rt.topics.predictions, Prediction)[len(first) :]
+    assert again and all(p.replayed for p in again)
+    assert all(p.value == first[p.event_id].value for p in again)
