@@ -26,6 +26,7 @@ from riverflow.stages.common import DLQ_KEEP_BYTES, StageCounters, dead_letter
 from riverflow.streams.contracts import (
     CandidatePrediction,
     Evaluation,
+    Label,
     Message,
     Output,
     Prediction,
@@ -70,6 +71,7 @@ class Monitor:
             try:
                 if msg.topic == self.topics.evaluations:
                     ev = Evaluation.decode(msg.value or b"")
+                    self._check_label(ev.label)
                     predictions = {n: (p.version, self._answer(p))
                                    for n, p in ev.predictions.items()}  # fmt: skip
                     source = LabelSource(ev.event_id, ev.label_at, ev.label_time)
@@ -113,10 +115,24 @@ class Monitor:
             numbers = [answer]
         else:
             answer = (p.value, p.probabilities)
-            numbers = list((p.probabilities or {}).values()) if p.value is not None else [None]
+            probabilities = p.probabilities if p.value is not None else None
+            numbers = list(probabilities.values()) if probabilities else [None]
         if not all(type(v) in (int, float) and math.isfinite(v) for v in numbers):
             raise _Refused(f"a {kind} prediction is not finite numbers: {p}")
         return answer
+
+    def _check_label(self, label: Label) -> None:
+        """``_Refused`` unless the label is of the spec's type (what the learner let in)."""
+        target = self.core.target
+        if target.kind == "binary":
+            fits = type(label) is bool
+        elif target.kind == "regression":
+            fits = isinstance(label, int | float) and not isinstance(label, bool)
+            fits = fits and math.isfinite(float(label))
+        else:
+            fits = type(label) in (str, int) and label in target.classes
+        if not fits:
+            raise _Refused(f"label {str(label)[:40]!r} is not a {target.type.value} label")
 
     def status(self) -> dict[str, float]:
         out = {"labels": float(self.core.labels)}

@@ -163,3 +163,24 @@ def test_a_replayed_order_gets_the_value_served_first(settings: Settings) -> Non
     again = decoded(rt, rt.topics.predictions, Prediction)[len(first) :]
     assert again and all(p.replayed for p in again)
     assert all(p.value == first[p.event_id].value for p in again)
+
+
+@pytest.mark.parametrize(
+    "evaluation",
+    [
+        {"label": "late", "predictions": {"delivery-linear": {"version": 1, "value": 30.0}}},
+        {"label": True, "predictions": {"delivery-linear": {"version": 1, "value": 30.0}}},
+        {"label": 31.5, "predictions": {"delivery-linear": {"version": 1, "probability": 0.4}}},
+    ],
+)
+def test_the_monitor_refuses_an_evaluation_that_is_not_of_the_target(
+    settings: Settings, evaluation: dict[str, Any]
+) -> None:
+    spec = load_spec("examples/delivery.yaml")
+    rt = EmbeddedRuntime(spec, settings)
+    record = {"event_id": "x", "labels_seen": 1, "served": None, **evaluation}
+    rt.produce(rt.topics.evaluations, b"x", orjson.dumps(record))
+    rt.drain()
+    letters = decoded(rt, rt.topics.dlq, DeadLetter)
+    assert [(d.stage, d.error_kind) for d in letters] == [("monitor", "bad_record")]
+    assert rt.monitor.core.labels == 0
