@@ -4,7 +4,12 @@
 candidate's prequential prediction) and the scorer's predictions, and applies
 the spec's policies to the registry while traffic flows:
 
-- **drift**: each candidate's 0/1 errors go to a detector (ADWIN by default);
+What a model is scored on follows the spec's label (``models.target``): a
+classifier's 0/1 errors, a regressor's absolute errors (windowed metrics in
+``quality``; regressors are promoted on paired error differences and not
+rolled back, see below).
+
+- **drift**: each candidate's errors (0/1, or absolute) go to a detector (ADWIN by default);
   an alarm of the champion starts a *fresh challenger* (the champion's spec,
   reset state), at most ``challengers.max`` alive, each retired after
   ``challengers.patience`` labelled events unless promoted;
@@ -16,7 +21,7 @@ the spec's policies to the registry while traffic flows:
   that learned at least ``promote.min_labels`` labels: a model that is not
   ready is never served). However often it is checked, a challenger that is
   not better is promoted with probability at most ``alpha``;
-- **rollback**: the champion's accuracy over the last ``rollback.window``
+- **rollback** (classifiers): the champion's accuracy over the last ``rollback.window``
   labelled events falling ``rollback.drop`` below its level when it was last
   good (or below ``rollback.floor``) makes the last three versions served
   while it was good, a full rollback window before the fall, rollback targets;
@@ -470,9 +475,13 @@ class PipelineMonitor:
             if trained < policy.min_labels:
                 continue  # not ready: its latest version has learned too little
             to = ChampionPointer(name, version)
-            why = (f"{name} right alone on {duel.wins}, the champion alone on {duel.losses} "
+            if self.target.kind == "regression":
+                alone, champ, gain = "with the smaller error", "", "scaled error reduction"
+            else:
+                alone, champ, gain = "right alone", " alone", "accuracy"
+            why = (f"{name} {alone} on {duel.wins}, the champion{champ} on {duel.losses} "
                    f"of {duel.n} paired labelled events (e-value {e_value:.3g} >= 1/alpha = "
-                   f"{threshold:g}); {duel.recent_gain():+.4f} accuracy over the last "
+                   f"{threshold:g}); {duel.recent_gain():+.4f} {gain} over the last "
                    f"{len(duel.recent)}")  # fmt: skip
             self.registry.promote(to, "promote", why)
             previous, self.champion = self.champion, to
