@@ -13,7 +13,8 @@ runtime, in memory (``MemoryScoredEvents``, bounded by count).
 The first prediction indexed for an event is the one kept (a replay carries the
 same served prediction; one re-scored after the replay window is not the
 answer the user got first). Records are msgpack ``[inputs, features, model,
-version, probability]`` keyed by the event id.
+version, probability]`` keyed by the event id (``[..., None, value,
+probabilities]`` for a label that is no flag).
 """
 
 from __future__ import annotations
@@ -47,8 +48,8 @@ class ScoredEvent:
 
     @classmethod
     def unpack(cls, event_id: str, raw: bytes) -> ScoredEvent:
-        inputs, features, model, version, probability = msgpack.unpackb(raw)
-        return cls(event_id, inputs, features, ServedPrediction(model, version, probability))
+        inputs, features, model, version, *answer = msgpack.unpackb(raw)
+        return cls(event_id, inputs, features, ServedPrediction(model, version, *answer))
 
 
 def scored_records(messages: Sequence[Message]) -> tuple[dict[str, bytes], int]:
@@ -62,9 +63,12 @@ def scored_records(messages: Sequence[Message]) -> tuple[dict[str, bytes], int]:
             p = orjson.loads(msg.value or b"")
             event_id, inputs, features = p["event_id"], p["inputs"], p["features"]
             record = [inputs, features, p["model"], p["version"], p["probability"]]
+            if "value" in p:  # a label that is no flag: the value (and class probabilities)
+                record += [p["value"], p.get("probabilities")]
             if not (isinstance(event_id, str) and isinstance(inputs, dict)
                     and isinstance(features, dict) and isinstance(record[2], str)
-                    and type(record[3]) is int and type(record[4]) in (int, float)
+                    and type(record[3]) is int
+                    and (type(record[4]) in (int, float) or (record[4] is None and len(record) > 5))
                     and all(type(v) in (int, float) for v in features.values())):  # fmt: skip
                 raise TypeError("a field is not of a prediction's type")
         except (orjson.JSONDecodeError, KeyError, TypeError) as exc:

@@ -29,7 +29,7 @@ import orjson
 
 from riverflow.models.errors import CheckpointError
 from riverflow.models.signing import KEYED_MAGIC, MAGIC, Keys, sign_bytes, verify_bytes
-from riverflow.streams.contracts import Message
+from riverflow.streams.contracts import Label, Message
 
 FORMAT = "riverflow-learner-checkpoint/1"
 _WHAT = "learner checkpoint"
@@ -43,7 +43,7 @@ class LearnerCheckpoint:
     metrics: dict[str, dict[str, Any]]  # candidate -> its prequential metrics' plain state
     labels_seen: int
     positions: dict[int, int]  # label partition -> next offset to read
-    pending: list[tuple[Message, bool]]  # labels waiting for their event, with their value
+    pending: list[tuple[Message, Label]]  # labels waiting for their event, with their value
     saved_at: float = 0.0  # unix seconds: a rollback after this is applied on restore
     # searched candidate -> where its round is (``SuccessiveHalving.state``)
     searches: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -105,7 +105,7 @@ def _unb64(text: str | None) -> bytes | None:
     return None if text is None else base64.b64decode(text, validate=True)
 
 
-def _pending(msg: Message, label: bool) -> dict[str, Any]:
+def _pending(msg: Message, label: Label) -> dict[str, Any]:
     return {
         "topic": msg.topic,
         "partition": msg.partition,
@@ -117,10 +117,13 @@ def _pending(msg: Message, label: bool) -> dict[str, Any]:
     }
 
 
-def _message(item: dict[str, Any]) -> tuple[Message, bool]:
+def _message(item: dict[str, Any]) -> tuple[Message, Label]:
     ts = item["timestamp_ms"]
     msg = Message(
         str(item["topic"]), int(item["partition"]), int(item["offset"]),
         _unb64(item["key_b64"]), _unb64(item["value_b64"]), None if ts is None else int(ts),
     )  # fmt: skip
-    return msg, bool(item["label"])
+    label = item["label"]
+    if type(label) not in (bool, int, float, str):
+        raise TypeError(f"a waiting label's value {label!r} is not a label")
+    return msg, label

@@ -13,6 +13,7 @@ from riverflow.models.cleaning import Clean, FieldCleaning
 from riverflow.models.errors import ModelSpecError
 from riverflow.models.search import SearchPlan, config_name, short_keys, with_value
 from riverflow.models.spec import EstimatorSpec, ModelSpec, ModelsSpec
+from riverflow.models.target import Target
 
 # Only River's own estimators can be named in a spec: a spec is data, and an
 # import path outside this namespace could run arbitrary code on import.
@@ -73,19 +74,18 @@ class Select(compose.Select):
 
 
 def build_model(
-    spec: ModelSpec, clean: Mapping[str, FieldCleaning] | None = None
+    spec: ModelSpec,
+    target: Target | None = None,
+    clean: Mapping[str, FieldCleaning] | None = None,
 ) -> base.Estimator:
     """A candidate: the spec's cleaning (``models.cleaning``), its selected inputs,
     preprocessing steps piped into the estimator.
 
-    Only binary classifiers are served for now: a prediction is P(label is true).
+    The estimator must fit the ``target`` (default: a bool label, a binary
+    classifier): a regressor for a number, a multiclass classifier for a category.
     """
     estimator = build_estimator(spec.estimator)
-    if not isinstance(estimator, base.Classifier):
-        raise ModelSpecError(
-            f"model {spec.name!r}: {spec.estimator.class_path} is not a classifier; "
-            "the scorer serves binary classifiers (probability of the positive label)"
-        )
+    (target or Target()).check(spec.name, spec.estimator.class_path, estimator)
     steps: list[base.Estimator] = [build_estimator(s) for s in spec.preprocessing]
     if spec.select:
         # e.g. a linear model given only the numeric values: River scalers refuse strings
@@ -98,15 +98,17 @@ def build_model(
 
 
 def build_candidates(
-    spec: ModelsSpec, clean: Mapping[str, FieldCleaning] | None = None
+    spec: ModelsSpec,
+    target: Target | None = None,
+    clean: Mapping[str, FieldCleaning] | None = None,
 ) -> dict[str, base.Estimator]:
     """Every candidate of the spec, fresh; the first bad one raises ``ModelSpecError``
     (a configuration of a search too, though only the candidates are returned)."""
-    out = {c.name: build_model(c, clean) for c in spec.candidates}
+    out = {c.name: build_model(c, target, clean) for c in spec.candidates}
     for c in spec.candidates:
         for config in search_configs(c):
             try:
-                build_model(config, clean)
+                build_model(config, target, clean)
             except ModelSpecError as exc:
                 why = f"model {c.name!r}, search configuration {config.name}: {exc}"
                 raise ModelSpecError(why) from None

@@ -57,7 +57,8 @@ def build_detector(spec: DetectorSpec) -> base.DriftDetector | base.BinaryDriftD
 
 
 class ErrorDriftMonitor:
-    """Feeds 0/1 errors to a detector; ``update`` is True on a rise of the error rate."""
+    """Feeds a model's errors (0/1, or a regressor's absolute errors) to a detector;
+    ``update`` is True on a rise of the error rate (the mean error)."""
 
     def __init__(self, spec: DetectorSpec | None = None) -> None:
         self.spec = spec or DetectorSpec()
@@ -77,10 +78,14 @@ class ErrorDriftMonitor:
                 out[name.lstrip("_")] = round(float(value), 6)
         return out
 
-    def update(self, error: bool) -> bool:
+    def update(self, error: float) -> bool:
+        """One model's loss on a label (0/1, or an absolute error): True on a rise."""
         detector = self.detector
         before = detector.estimation if isinstance(detector, drift.ADWIN) else 0.0
-        detector.update(error)
+        if isinstance(detector, base.BinaryDriftDetector):
+            detector.update(bool(error))
+        else:
+            detector.update(error)
         if not detector.drift_detected:
             return False
         if isinstance(detector, drift.ADWIN) and detector.estimation <= before:

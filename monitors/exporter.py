@@ -220,7 +220,7 @@ class MonitorMetrics:
             self.anomaly.labels(stat).set(value)
         if view.segments is not None:
             for value, numbers in view.segments.by.items():
-                for metric in ("accuracy", "n"):
+                for metric in (view.segments.metric, "n"):
                     self.segment.labels(value, metric).set(numbers.get(metric, 0.0))
             self.gap.labels(view.segments.metric).set(view.segments.gap)
 

@@ -1,7 +1,7 @@
 """What the status page and the report show of the monitor, over time.
 
 ``PipelineMonitor`` (``monitors.policy``) decides; ``MonitorHistory`` records
-how it went: a point of every candidate's windowed accuracy every twentieth of
+how it went: a point of every candidate's windowed accuracy (a regressor's MAE) every twentieth of
 a window of labelled events, and a marker per decision. It draws the
 ``MonitorView`` from that record and the monitor's current state, so the page
 can change without touching a decision.
@@ -88,7 +88,7 @@ class MonitorHistory:
         for name, watch in monitor.watches.items():
             points = self.series.setdefault(name, [])
             points.append(SeriesPoint(labels=monitor.labels, at=now, version=watch.version,
-                                      value=watch.quality.accuracy()))  # fmt: skip
+                                      value=watch.quality.headline()))  # fmt: skip
             if len(points) > MAX_POINTS:
                 del points[::2]
 
@@ -96,6 +96,7 @@ class MonitorHistory:
         """The status page's document; ``series=False`` leaves out the charts' points."""
         spec = monitor.spec
         champion = monitor.champion_name
+        metric = "mae" if monitor.target.kind == "regression" else "accuracy"  # the headline
         candidates = [
             CandidateView(name=name, role="champion" if name == champion else "challenger",
                           version=w.version, labels=w.quality.count,
@@ -107,15 +108,16 @@ class MonitorHistory:
         if spec.segment and monitor.segments:
             by = {value: {"n": float(q.count), **q.as_dict()}
                   for value, q in monitor.segments.items()}  # fmt: skip
-            enough = [q.accuracy() for q in monitor.segments.values()
+            enough = [q.headline() for q in monitor.segments.values()
                       if q.count >= spec.segment_min_labels]  # fmt: skip
             gap = max(enough) - min(enough) if len(enough) >= 2 else 0.0
-            segments = SegmentView(field=spec.segment, metric="accuracy", by=by, gap=gap)
+            segments = SegmentView(field=spec.segment, metric=metric, by=by, gap=gap)
         dist = monitor.distribution
         shown = {n: list(p) for n, p in self.series.items()} if series else {}
         return MonitorView(
             pipeline=monitor.pipeline,
             updated=self.clock(),
+            metric=metric,
             window=spec.window,
             champion=None
             if monitor.champion is None

@@ -4,7 +4,12 @@
 candidate's prequential prediction) and the scorer's predictions, and applies
 the spec's policies to the registry while traffic flows:
 
-- **drift**: each candidate's 0/1 errors go to a detector (ADWIN by default);
+What a model is scored on follows the spec's label (``models.target``): a
+classifier's 0/1 errors, a regressor's absolute errors (windowed metrics in
+``quality``; regressors are promoted on paired error differences and not
+rolled back, see below).
+
+- **drift**: each candidate's errors (0/1, or absolute) go to a detector (ADWIN by default);
   an alarm of the champion starts a *fresh challenger* (the champion's spec,
   reset state), at most ``challengers.max`` alive, each retired after
   ``challengers.patience`` labelled events unless promoted;
@@ -16,7 +21,7 @@ the spec's policies to the registry while traffic flows:
   that learned at least ``promote.min_labels`` labels: a model that is not
   ready is never served). However often it is checked, a challenger that is
   not better is promoted with probability at most ``alpha``;
-- **rollback**: the champion's accuracy over the last ``rollback.window``
+- **rollback** (classifiers): the champion's accuracy over the last ``rollback.window``
   labelled events falling ``rollback.drop`` below its level when it was last
   good (or below ``rollback.floor``) makes the last three versions served
   while it was good, a full rollback window before the fall, rollback targets;
@@ -50,11 +55,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from riverflow.models.registry import ChampionPointer, ModelRegistry
+from riverflow.models.target import Target
 from riverflow.monitors.distribution import DistributionMonitor
 from riverflow.monitors.drift import ErrorDriftMonitor
-from riverflow.monitors.quality import PairedDuel, WindowedQuality
+from riverflow.monitors.quality import (
+    PairedDuel,
+    WindowedMulticlass,
+    WindowedQuality,
+    WindowedRegression,
+)
 from riverflow.monitors.spec import MonitorSpec
-from riverflow.streams.contracts import LabelPosition, ModelEvent
+from riverflow.streams.contracts import Label, LabelPosition, ModelEvent
 
 MAX_SEGMENTS = 1_000  # segment values tracked one by one
 OTHER_SEGMENT = "(other)"
@@ -109,11 +120,23 @@ def sign_test(wins: int, losses: int) -> float:
     return sum(math.comb(n, k) for k in range(wins, n + 1)) / 2**n if n else 1.0
 
 
+Windowed = WindowedQuality | WindowedMulticlass | WindowedRegression
+
+
+def windowed(target: Target, size: int, recent: int | None = None) -> Windowed:
+    """The windowed quality of a model of the target's kind."""
+    if target.kind == "regression":
+        return WindowedRegression(size, recent)
+    if target.kind == "multiclass":
+        return WindowedMulticlass(size, recent)
+    return WindowedQuality(size, recent)
+
+
 class Watch:
     """One candidate as the monitor follows it."""
 
-    def __init__(self, spec: MonitorSpec, first_label: int) -> None:
-        self.quality = WindowedQuality(spec.window, spec.rollback.window)
+    def __init__(self, spec: MonitorSpec, first_label: int, target: Target | None = None) -> None:
+        self.quality = windowed(target or Target(), spec.window, spec.rollback.window)
         self.drift = ErrorDriftMonitor(spec.detector)
         self.version = 0
         self.first_label = first_label
@@ -129,8 +152,10 @@ class PipelineMonitor:
         registry: ModelRegistry,
         lead: str,
         clock: Callable[[], float] = time.time,
+        target: Target | None = None,
     ) -> None:
         self.pipeline = pipeline
+        self.target = target or Target()
         self.spec = spec
         self.registry = registry
         self.lead = lead
@@ -146,12 +171,12 @@ class PipelineMonitor:
         self.good: deque[tuple[int, ChampionPointer]] = deque(maxlen=10_000)
         # the last rollback.window labels the champion predicted: (inputs, label, it
         # right), where a rollback target is shadow-scored
-        self.recent: deque[tuple[dict[str, Any] | None, bool, bool]] = deque(
+        self.recent: deque[tuple[dict[str, Any] | None, Label, bool]] = deque(
             maxlen=spec.rollback.window
         )
         self.fallen_at: int | None = None  # label count when the current fall began
         self.shadow_at: int | None = None  # label count of the last refused rollback
-        self.segments: dict[str, WindowedQuality] = {}
+        self.segments: dict[str, Windowed] = {}
         self.distribution = (
             DistributionMonitor(spec.label_free) if spec.label_free.enabled else None
         )
@@ -202,47 +227,54 @@ class PipelineMonitor:
 
     def on_evaluation(
         self,
-        label: bool,
-        predictions: dict[str, tuple[int, float]],
+        label: Label,
+        predictions: dict[str, tuple[int, Any]],
         segment: object = None,
         source: LabelSource | None = None,
         inputs: dict[str, Any] | None = None,
     ) -> list[Decision]:
-        """A label with every candidate's prequential ``(version, probability)``;
-        ``source`` names the label, ``inputs`` are what the models were given."""
+        """A label with every candidate's prequential ``(version, answer)``: the
+        probability of true (a bool label), the value (a number), or the class and
+        the class probabilities (a category); ``source`` names the label, ``inputs``
+        are what the models were given."""
         self.labels += 1
         champion = self.champion_name
-        right: dict[str, bool] = {}
+        loss: dict[str, float] = {}  # 0/1 (wrong) for a classifier, |error| for a regressor
         out: list[Decision] = []
-        for name, (version, probability) in predictions.items():
+        for name, (version, answer) in predictions.items():
             if name in self.retired:
                 continue  # the learner has not dropped it yet
             watch = self.watches.get(name)
             if watch is None:
-                watch = self.watches[name] = Watch(self.spec, self.labels)
+                watch = self.watches[name] = Watch(self.spec, self.labels, self.target)
             watch.version = version
-            right[name] = ok = watch.quality.update(label, probability)
-            if watch.drift.update(not ok):
+            loss[name] = watch.quality.add(label, answer)
+            if watch.drift.update(loss[name]):
                 out += self._drift(name, watch, source)
-        if segment is not None and champion in right:
+        if segment is not None and champion in loss:
             key = str(segment)
             if key not in self.segments and len(self.segments) >= MAX_SEGMENTS:
                 key = OTHER_SEGMENT  # a field of too many values: the rest are pooled
             seg = self.segments.get(key)
             if seg is None:
-                seg = self.segments[key] = WindowedQuality(self.spec.window)
-            seg.update(label, predictions[champion][1])
-        if champion in right:
-            self.recent.append((inputs, label, right[champion]))
-            for name, ok in right.items():
+                seg = self.segments[key] = windowed(self.target, self.spec.window)
+            seg.add(label, predictions[champion][1])
+        if champion in loss:
+            regression = self.target.kind == "regression"
+            self.recent.append((inputs, label, not loss[champion]))
+            for name, error in loss.items():
                 if name != champion:
                     duel = self.duels.get(name)
                     if duel is None:
                         duel = self.duels[name] = PairedDuel(
                             self.spec.promote.min_labels, self.spec.window
                         )
-                    duel.update(right[champion], ok)
-            out += self._check_rollback(champion)
+                    if regression:
+                        duel.update_errors(loss[champion], error)
+                    else:
+                        duel.update(not loss[champion], not error)
+            if not regression:  # a regressor's fall is left to drift and promotion
+                out += self._check_rollback(champion)
             out += self._check_promotions(champion)
         return out
 
@@ -257,10 +289,11 @@ class PipelineMonitor:
         is_champion = name == self.champion_name
         evidence = {"detector": self.spec.detector.kind.value,
                     "statistic": watch.drift.statistic(),
-                    "error_rate": round(1 - watch.quality.accuracy(), 6),
+                    self.error_name: round(self._error(watch), 6),
                     "estimation": round(float(getattr(detector, "estimation", 0.0)), 6),
-                    "window": len(watch.quality.correct)}  # fmt: skip
-        alarm = self._decision("drift", name, watch.version, f"error rate of {name} rose", evidence)
+                    "window": min(watch.quality.count, self.spec.window)}  # fmt: skip
+        what = "absolute error" if self.target.kind == "regression" else "error rate"
+        alarm = self._decision("drift", name, watch.version, f"{what} of {name} rose", evidence)
         out = [dataclasses.replace(alarm, source=source, champion=is_champion)]
         policy = self.spec.challengers
         if not is_champion or not policy.on_drift or policy.max == 0:
@@ -282,6 +315,16 @@ class PipelineMonitor:
                                   {"base": base, **evidence}))  # fmt: skip
         return out
 
+    @property
+    def error_name(self) -> str:
+        """What a model's drift detector watches, as its evidence names it."""
+        return "mean_abs_error" if self.target.kind == "regression" else "error_rate"
+
+    @staticmethod
+    def _error(watch: Watch) -> float:
+        q = watch.quality
+        return q.headline() if isinstance(q, WindowedRegression) else 1 - q.accuracy()
+
     def _fresh_name(self, base: str) -> str:
         pattern = re.compile(re.escape(base) + r"\.r(\d+)$")
         names = [*self.registry.names(), *self.fresh, *self.watches, *self.retired]
@@ -299,27 +342,28 @@ class PipelineMonitor:
 
     def _check_rollback(self, champion: str) -> list[Decision]:
         policy = self.spec.rollback
-        watch = self.watches[champion]
+        quality = self.watches[champion].quality
+        assert not isinstance(quality, WindowedRegression)  # a classifier's accuracy falls
         since = self.labels - (self.last_decision or 0)
         if not policy.enabled or self.champion is None or since < policy.window:
             return []
-        if len(watch.quality.recent) < policy.window:
+        if len(quality.recent) < policy.window:
             return []
-        recent = watch.quality.recent.rate()
+        recent = quality.recent.rate()
         if self.level is None:
             # (re)learn the level a fall is measured from, from a full quality window (a
             # promoted challenger's own, as it was watched before). A target must do
             # better on the recent labels, so a level learned from a bad stretch rolls
             # nothing back that would not mend it.
-            if watch.quality.full:
-                self.level = watch.quality.accuracy()
+            if quality.full:
+                self.level = quality.accuracy()
             else:
                 return []
         below_floor = policy.floor is not None and recent < policy.floor
         dropped = recent < self.level - policy.drop
         if not (below_floor or dropped):
             self.fallen_at = self.shadow_at = None
-            self.level = watch.quality.accuracy()
+            self.level = quality.accuracy()
             if not self.good or self.good[-1][1] != self.champion:
                 self.good.append((self.labels, self.champion))
             else:
@@ -400,8 +444,7 @@ class PipelineMonitor:
         for inputs, label, champion_right in self.recent:
             if inputs is None:
                 return None  # from a learner that does not pass them on
-            probability = float(model.predict_proba_one(inputs).get(True, 0.0))
-            right = (probability >= 0.5) == label
+            right = self.target.right(model, inputs, label)
             model_only += right and not champion_right
             champion_only += champion_right and not right
         return model_only, champion_only
@@ -432,9 +475,13 @@ class PipelineMonitor:
             if trained < policy.min_labels:
                 continue  # not ready: its latest version has learned too little
             to = ChampionPointer(name, version)
-            why = (f"{name} right alone on {duel.wins}, the champion alone on {duel.losses} "
+            if self.target.kind == "regression":
+                alone, champ, gain = "with the smaller error", "", "scaled error reduction"
+            else:
+                alone, champ, gain = "right alone", " alone", "accuracy"
+            why = (f"{name} {alone} on {duel.wins}, the champion{champ} on {duel.losses} "
                    f"of {duel.n} paired labelled events (e-value {e_value:.3g} >= 1/alpha = "
-                   f"{threshold:g}); {duel.recent_gain():+.4f} accuracy over the last "
+                   f"{threshold:g}); {duel.recent_gain():+.4f} {gain} over the last "
                    f"{len(duel.recent)}")  # fmt: skip
             self.registry.promote(to, "promote", why)
             previous, self.champion = self.champion, to

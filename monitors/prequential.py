@@ -1,10 +1,12 @@
-"""Prequential (test-then-train) metrics of a binary classifier."""
+"""Prequential (test-then-train) metrics of a model: a binary classifier's, a
+regressor's or a multiclass classifier's (the spec's ``label.type``)."""
 
 from __future__ import annotations
 
+import math
 from bisect import bisect_left
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol
 
 from river import metrics, stats
 
@@ -106,3 +108,156 @@ def _refill(cm: metrics.ConfusionMatrix, cells: list[list[Any]]) -> None:
     # ``n_samples``, which no metric here reads, counts cells instead)
     for y, p, w in cells:
         cm.update(bool(y), bool(p), float(w))
+
+
+class RegressionMetrics:
+    """MAE, RMSE and R² of a regressor over every label seen, updated before learning.
+
+    River's definitions (``metrics.MAE``, ``RMSE``, ``R2``: 1 - SS_res / SS_tot, 0
+    until two labels or while every label was the same), kept as running sums of
+    plain numbers so that ``state`` is the checkpoint's JSON: the labels' mean and
+    sum of squared deviations by Welford's update (no cancellation over millions of
+    labels), and the sums of absolute and squared errors.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.abs_error = 0.0
+        self.sq_error = 0.0
+        self.mean_y = 0.0
+        self.m2_y = 0.0
+
+    def update(self, label: float, value: float) -> None:
+        self.count += 1
+        error = float(label) - value
+        self.abs_error += abs(error)
+        self.sq_error += error * error
+        delta = label - self.mean_y
+        self.mean_y += delta / self.count
+        self.m2_y += delta * (label - self.mean_y)
+
+    def as_dict(self) -> dict[str, float]:
+        n = self.count
+        r2 = 1.0 - self.sq_error / self.m2_y if n > 1 and self.m2_y > 0 else 0.0
+        return {
+            "labels": float(n),
+            "mae": self.abs_error / n if n else 0.0,
+            "rmse": math.sqrt(self.sq_error / n) if n else 0.0,
+            "r2": r2,
+        }
+
+    def state(self) -> dict[str, Any]:
+        return {"kind": "regression", "count": self.count, "abs_error": self.abs_error,
+                "sq_error": self.sq_error, "mean_y": self.mean_y, "m2_y": self.m2_y}  # fmt: skip
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> RegressionMetrics:
+        restored = cls()
+        restored.count = int(state["count"])
+        for name in ("abs_error", "sq_error", "mean_y", "m2_y"):
+            setattr(restored, name, float(state[name]))
+        return restored
+
+
+class MulticlassMetrics:
+    """Accuracy, macro-F1 and log loss of a multiclass classifier over every label
+    seen, updated before learning, as River defines them (``metrics.Accuracy``,
+    ``MacroF1``: the mean of each class's F1 over the classes seen as labels or
+    predictions, ``CrossEntropy``: probabilities clamped to [1e-15, 1]).
+
+    A model with no prediction yet (an empty ``predict_proba_one``) is not scored
+    for that label; ``count`` counts every label. The state is the confusion
+    counts and the log loss's sum: plain numbers.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.scored = 0
+        self.confusion: dict[tuple[str, str], int] = {}  # (label, predicted) as text -> n
+        self.loss = 0.0
+
+    def update(self, label: Any, proba: Mapping[Any, float]) -> None:
+        self.count += 1
+        if not proba:
+            return
+        predicted = max(proba, key=proba.__getitem__)
+        cell = (str(label), str(predicted))
+        self.confusion[cell] = self.confusion.get(cell, 0) + 1
+        self.scored += 1
+        self.loss -= math.log(min(max(float(proba.get(label, 0.0)), 1e-15), 1.0))
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "labels": float(self.count),
+            "accuracy": confusion_accuracy(self.confusion),
+            "macro_f1": macro_f1(self.confusion),
+            "log_loss": self.loss / self.scored if self.scored else 0.0,
+        }
+
+    def state(self) -> dict[str, Any]:
+        return {"kind": "multiclass", "count": self.count, "scored": self.scored,
+                "confusion": [[y, p, n] for (y, p), n in self.confusion.items()],
+                "loss": self.loss}  # fmt: skip
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> MulticlassMetrics:
+        restored = cls()
+        restored.count, restored.scored = int(state["count"]), int(state["scored"])
+        restored.confusion = {(str(y), str(p)): int(n) for y, p, n in state["confusion"]}
+        restored.loss = float(state["loss"])
+        return restored
+
+
+def confusion_accuracy(confusion: Mapping[tuple[str, str], int]) -> float:
+    total = sum(confusion.values())
+    return sum(n for (y, p), n in confusion.items() if y == p) / total if total else 0.0
+
+
+def macro_f1(confusion: Mapping[tuple[str, str], int]) -> float:
+    """River's macro-F1 of confusion counts: the mean F1 over every class seen (0 for
+    a class never predicted right)."""
+    classes = {c for cell in confusion for c in cell}
+    if not classes:
+        return 0.0
+    total = 0.0
+    for c in classes:
+        tp = confusion.get((c, c), 0)
+        fp = sum(n for (y, p), n in confusion.items() if p == c and y != c)
+        fn = sum(n for (y, p), n in confusion.items() if y == c and p != c)
+        total += 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+    return total / len(classes)
+
+
+class Metrics(Protocol):
+    """What the learner keeps of each candidate, whatever its kind."""
+
+    count: int
+
+    def update(self, label: Any, scored: Any) -> None:
+        """Score one prediction (River's probabilities, or a regressor's value) on its label."""
+        ...
+
+    def as_dict(self) -> dict[str, float]: ...
+
+    def state(self) -> dict[str, Any]: ...
+
+
+def metrics_for(kind: str) -> Metrics:
+    """Fresh prequential metrics of a ``binary``, ``multiclass`` or ``regression`` model
+    (``models.target.Target.kind``)."""
+    if kind == "regression":
+        return RegressionMetrics()
+    if kind == "multiclass":
+        return MulticlassMetrics()
+    return PrequentialMetrics()
+
+
+def metrics_from_state(state: Mapping[str, Any]) -> Metrics:
+    """The prequential metrics whose ``state()`` this was, of whichever target kind
+    (a state without ``kind`` is a binary classifier's, as before there were others)."""
+    kind = state.get("kind", "binary")
+    if kind == "regression":
+        return RegressionMetrics.from_state(state)
+    if kind == "multiclass":
+        return MulticlassMetrics.from_state(state)
+    return PrequentialMetrics.from_state(state)

@@ -35,7 +35,8 @@ MARKER_COLOURS: dict[MarkerKind, str] = {
 # Candidates are drawn solid in these, markers dashed in the ones above.
 CANDIDATE_COLOURS = ("#0b5563", "#c2185b", "#8d6e00", "#4e342e", "#00897b", "#3949ab")
 # Metrics in this order first in the candidates table, any others after them.
-METRIC_ORDER = ("accuracy", "precision", "recall", "f1", "roc_auc", "log_loss")
+METRIC_ORDER = ("accuracy", "precision", "recall", "f1", "macro_f1", "roc_auc", "log_loss",
+                "mae", "rmse", "r2")  # fmt: skip
 REFRESH_MS = 2000
 
 assert set(MARKER_COLOURS) == set(get_args(MarkerKind)), "a marker kind without a colour"

@@ -26,7 +26,9 @@ class CandidateView(BaseModel):
     role: Literal["champion", "challenger"]
     version: int  # the last published version its live model descends from (0: none yet)
     labels: int  # labelled events the monitor has seen for it
-    metrics: dict[str, float]  # windowed: accuracy, precision, recall, f1, roc_auc, log_loss
+    # windowed, by the label's kind: accuracy, precision, recall, f1, roc_auc, log_loss
+    # (bool); accuracy, macro_f1, log_loss (category); mae, rmse, r2 (int, float)
+    metrics: dict[str, float]
     drift_alarms: int = 0
     base: str | None = None  # for a fresh challenger: the spec candidate it was started from
 
@@ -89,7 +91,7 @@ class SearchView(BaseModel):
 class MonitorView(BaseModel):
     pipeline: str
     updated: float
-    metric: str = "accuracy"  # what ``series`` holds
+    metric: str = "accuracy"  # what ``series`` holds (a regressor's: mae)
     window: int  # labelled events per sliding window
     champion: dict[str, str | int] | None  # {"model", "version"} as the registry says
     candidates: list[CandidateView] = Field(default_factory=list)

@@ -5,6 +5,7 @@ Both runtimes assemble their stages here, from different stores and registries.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -18,10 +19,11 @@ from riverflow.models.factory import build_candidates, build_model, candidate_sp
 from riverflow.models.registry import MemoryRegistry, ModelRegistry, ModelVersion, RedisRegistry
 from riverflow.models.search import SuccessiveHalving
 from riverflow.models.signing import Keyring
+from riverflow.models.target import Target
 from riverflow.monitors.exporter import MonitorMetrics
 from riverflow.monitors.history import MonitorHistory
 from riverflow.monitors.policy import PipelineMonitor
-from riverflow.monitors.prequential import PrequentialMetrics
+from riverflow.monitors.prequential import PrequentialMetrics, metrics_for
 from riverflow.settings import DEV_SIGNING_KEY, Settings
 from riverflow.spec import PipelineSpec
 from riverflow.stages.common import DLQ_KEEP_BYTES
@@ -238,8 +240,11 @@ def build_scorer(
 ) -> Scorer:
     first = spec.models.champion_spec
     poll_s = settings.model_poll_s if model_poll_s is None else model_poll_s
+    target = Target(spec.label.type, spec.label.classes)
     champion = ChampionReplica(
-        registry, lambda: ModelVersion(first.name, 0, build_model(first, spec.clean)), poll_s
+        registry,
+        lambda: ModelVersion(first.name, 0, build_model(first, target, spec.clean)),
+        poll_s,
     )
     return Scorer(
         spec.topics, spec.events, spec.feature_plan(), spec.models.inputs, store, champion,
@@ -247,6 +252,7 @@ def build_scorer(
         bounds=Bounds(settings.event_time_min_s, settings.event_time_max_s,
                       settings.max_abs_number),
         dlq_keep_bytes=settings.dlq_keep_bytes, clock=clock, pii=pseudonymizer(spec, settings),
+        target=target,
         clean=spec.clean,
         quality=DataQuality(spec.events.fields, spec.monitors.quality.window,
                             spec.monitors.quality.schema_missing_rate,
@@ -274,12 +280,13 @@ def build_learner(
     A candidate added to the spec since the checkpoint starts fresh; one removed
     from the spec is no longer trained (its versions stay in the registry).
     """
-    fresh = build_candidates(spec.models, spec.clean)  # also checks every candidate builds
+    target = Target(spec.label.type, spec.label.classes)
+    fresh = build_candidates(spec.models, target, spec.clean)  # also checks every candidate builds
 
     def fresh_model(base: str) -> Any | None:
         # a spec candidate, or a configuration of a search (a survivor may be champion)
         candidate = candidate_spec(spec.models, base)
-        return None if candidate is None else build_model(candidate, spec.clean)
+        return None if candidate is None else build_model(candidate, target, spec.clean)
 
     def configuration(name: str) -> Any:
         model = fresh_model(name)
@@ -296,8 +303,9 @@ def build_learner(
     poll_s = settings.model_poll_s if registry_poll_s is None else registry_poll_s
     lineage = Lineage(
         registry, spec.topics,
-        [Candidate(name, model, 0, PrequentialMetrics()) for name, model in fresh.items()],
-        spec.models.champion_spec.name, Following(fresh_model, poll_s),
+        [Candidate(name, model, 0, metrics_for(target.kind)) for name, model in fresh.items()],
+        spec.models.champion_spec.name,
+        Following(fresh_model, poll_s, functools.partial(metrics_for, target.kind)),
     )  # fmt: skip
     join = LabelJoin(spec.label, settings.max_event_bytes, spec.feature_plan(),
                      tuple(spec.models.inputs), spec.monitors.segment)  # fmt: skip
@@ -324,6 +332,7 @@ def build_monitor(
     clock: Callable[[], float] = time.time,
 ) -> Monitor:
     core = PipelineMonitor(
-        spec.name, spec.monitors, registry, spec.models.champion_spec.name, clock=clock
-    )
+        spec.name, spec.monitors, registry, spec.models.champion_spec.name, clock=clock,
+        target=Target(spec.label.type, spec.label.classes),
+    )  # fmt: skip
     return Monitor(spec.topics, core, MonitorHistory(clock), metrics, dlq_keep_bytes)

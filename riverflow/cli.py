@@ -22,6 +22,7 @@ from rich.console import Console
 from riverflow.errors import RiverflowError
 from riverflow.settings import Settings
 from riverflow.spec import PipelineSpec, load_spec, shipped_example
+from riverflow.tools.generator import STREAMS
 from riverflow.tools.stack import Endpoints, stack_down, stack_status, stack_up
 
 if TYPE_CHECKING:
@@ -53,7 +54,8 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from riverflow.tools.demo import run_demo, summary
 
     spec = load_spec(args.spec or settings.spec)
-    result = run_demo(spec, settings, events=args.events, seed=args.seed, scenario=args.scenario)
+    result = run_demo(spec, settings, events=args.events, seed=args.seed, scenario=args.scenario,
+                      stream=args.stream)  # fmt: skip
     console.print()
     console.print(summary(result))
     return 0
@@ -133,19 +135,19 @@ DROP_HELP = "events at positions [START, END) come without FIELD (a data-quality
 
 
 def cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
-    from riverflow.tools.generator import FraudStreamConfig, stamped_history
+    from riverflow.tools.generator import history, stamped_history, stream_for
 
     args.out.mkdir(parents=True, exist_ok=True)
-    config = FraudStreamConfig(
-        seed=args.seed, drift_at=(args.events // 2,), dropped_field=args.drop_field
-    )
+    name = stream_for("", args.stream)
     paths = {"event": args.out / "events.jsonl", "label": args.out / "labels.jsonl"}
     with paths["event"].open("wb") as events, paths["label"].open("wb") as labels:
         files = {"event": events, "label": labels}
-        for kind, rec in stamped_history(args.events, config):
+        for kind, rec in stamped_history(
+            args.events, history(name, args.events, args.seed, dropped=args.drop_field)
+        ):
             files[kind].write(orjson.dumps(rec) + b"\n")
-    console.print(f"wrote {paths['event']} and {paths['label']} ({args.events} events, "
-                  "the fraud pattern switching halfway)")  # fmt: skip
+    console.print(f"wrote {paths['event']} and {paths['label']} ({args.events} {name} events, "
+                  "the pattern switching halfway)")  # fmt: skip
     return 0
 
 
@@ -239,7 +241,7 @@ def cmd_forget(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
     from riverflow.kafka_runtime import ensure_pipeline_topics
     from riverflow.streams.kafka_io import produce_all, producer
-    from riverflow.tools.generator import FraudStreamConfig, paced, with_labels
+    from riverflow.tools.generator import history, paced, stream_for
 
     if args.rate is not None and args.rate <= 0:
         raise RiverflowError(f"--rate {args.rate:g}: events per second must be positive")
@@ -251,14 +253,12 @@ def cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
     if args.file:
         records = _file_records(Path(args.file), args.topic or topics.events)
     else:
-        config = FraudStreamConfig(
-            seed=args.seed, drift_at=(args.events // 2,), dropped_field=args.drop_field
-        )
+        name = stream_for(spec.label.field, args.stream)
 
         def generated() -> Iterator[tuple[str, bytes | None, bytes]]:
-            for kind, rec in with_labels(args.events, config):
+            for kind, rec in history(name, args.events, args.seed, dropped=args.drop_field):
                 if kind == "event":
-                    yield topics.events, rec[spec.events.key].encode(), orjson.dumps(rec)
+                    yield topics.events, str(rec[spec.events.key]).encode(), orjson.dumps(rec)
                 elif not args.no_labels:
                     yield topics.labels, rec["event_id"].encode(), orjson.dumps(rec)
 
@@ -631,7 +631,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO")
     sub = p.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="the fraud pipeline on the embedded runtime")
+    demo = sub.add_parser("demo", help="a pipeline (fraud by default) on the embedded runtime")
     demo.add_argument("--events", type=int, default=20_000)
     demo.add_argument("--seed", type=int, default=7)
     demo.add_argument("--spec", type=Path)
@@ -641,6 +641,7 @@ def parser() -> argparse.ArgumentParser:
         "promotion); labels: a burst of flipped labels (rollback); quality: the amount "
         "goes missing for a fifth of the stream (schema change, imputation)",
     )  # fmt: skip
+    demo.add_argument("--stream", choices=STREAMS, help="generated stream (default: fits --spec)")
     demo.set_defaults(func=cmd_demo)
 
     forget = sub.add_parser(
@@ -682,11 +683,13 @@ def parser() -> argparse.ArgumentParser:
     replay.add_argument("--spec", type=Path)
     replay.set_defaults(func=cmd_replay)
 
-    generate = sub.add_parser(
-        "generate", help="write a history of fraud events and labels (for replay)"
-    )
+    generate = sub.add_parser("generate", help="write a history of events and labels (for replay)")
     generate.add_argument("--events", type=int, default=20_000)
     generate.add_argument("--seed", type=int, default=7)
+    generate.add_argument(
+        "--stream", choices=STREAMS, default="fraud",
+        help="fraud (examples/fraud.yaml) or delivery (examples/delivery.yaml)",
+    )  # fmt: skip
     generate.add_argument("--out", type=Path, required=True, help="directory for the files")
     generate.add_argument("--drop-field", type=_dropped_field, metavar="FIELD:START:END",
                           help=DROP_HELP)  # fmt: skip
@@ -720,6 +723,9 @@ def parser() -> argparse.ArgumentParser:
         "--rate", type=float, help="events per second, paced (default: as fast as possible)"
     )
     produce.add_argument("--spec", type=Path)
+    produce.add_argument(
+        "--stream", choices=STREAMS, help="generated stream (default: fits --spec)"
+    )
     produce.set_defaults(func=cmd_produce)
 
     tail = sub.add_parser("tail", help="print a topic's messages from the beginning")

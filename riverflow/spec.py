@@ -21,8 +21,13 @@ from riverflow.features.definitions import (
     parse_duration,
 )
 from riverflow.models.cleaning import FieldCleaning
+from riverflow.models.errors import ModelSpecError
+from riverflow.models.factory import build_estimator
 from riverflow.models.spec import ModelsSpec
+from riverflow.models.target import Target
+from riverflow.monitors.drift import DetectorKind
 from riverflow.monitors.spec import MonitorSpec
+from riverflow.streams.contracts import LabelType
 from riverflow.streams.pii import PiiPolicy
 from riverflow.streams.schema import NUMERIC, EventSchema, FieldType, LabelSpec
 from riverflow.streams.topics import Topics
@@ -113,6 +118,12 @@ class PipelineSpec(BaseModel):
         for where, name in used:
             if name in dropped:
                 raise ValueError(f"{where}: {name!r} is dropped at intake (events.pii)")
+        for i, c in enumerate(self.models.candidates):
+            if c.search is not None and self.label.type is not LabelType.BOOL:
+                raise ValueError(
+                    f"models.candidates.{i}.search: the model search ranks binary "
+                    f"classifiers for now, and label.type is {self.label.type}"
+                )
         known = names | set(self.models.inputs)
         for i, c in enumerate(self.models.candidates):
             for j, name in enumerate(c.select):
@@ -121,6 +132,20 @@ class PipelineSpec(BaseModel):
                         f"models.candidates.{i}.select.{j}: {name!r} is not a model input "
                         "or a feature"
                     )
+        target = Target(self.label.type, self.label.classes)
+        for i, c in enumerate(self.models.candidates):
+            try:
+                estimator = build_estimator(c.estimator)
+            except ModelSpecError:
+                continue  # the factory names what is wrong with it when the stage builds it
+            why = target.misfit(c.estimator.class_path, estimator)
+            if why is not None:
+                raise ValueError(f"models.candidates.{i}.estimator: {why}")
+        if self.label.type.regression and self.monitors.detector.kind is DetectorKind.DDM:
+            raise ValueError(
+                "monitors.detector.kind: ddm watches 0/1 errors; a number label's drift is "
+                "on absolute errors (adwin, page_hinkley or kswin)"
+            )
         return self
 
     @property

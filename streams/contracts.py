@@ -8,7 +8,8 @@ neither frozen nor pydantic models, for the hot path: the scorer builds one
 more per record, a validated model several. A record builds the dict it writes
 (slotted: its fields read faster); a part of one (``CandidatePrediction``,
 ``ServedPrediction``) is a plain dataclass, which orjson writes from its
-``__dict__`` four times faster than a slotted one.
+``__dict__`` four times faster than a slotted one (its optional fields that
+are None are not in it, so they are not written).
 
 A field that a record may leave out is written only when set: ``None`` for the
 fields that are never null, ``UNSET`` for those whose absence means something
@@ -21,13 +22,31 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import Enum, StrEnum
 from functools import cache
 from typing import Any, Literal, NamedTuple, Protocol, Self
 
 import orjson
 from pydantic import TypeAdapter
 from pydantic_core import core_schema
+
+
+class LabelType(StrEnum):
+    """What a label is: a flag (binary classification), a number (regression) or one
+    of declared classes (multiclass)."""
+
+    BOOL = "bool"
+    INT = "int"
+    FLOAT = "float"
+    CATEGORY = "category"
+
+    @property
+    def regression(self) -> bool:
+        return self in (LabelType.INT, LabelType.FLOAT)
+
+
+Label = bool | int | float | str
+"""A label's value once validated: its type is the spec's ``label.type``."""
 
 
 class Message(NamedTuple):
@@ -109,11 +128,18 @@ class Record(ABC):
 
 @dataclass(slots=True)
 class Prediction(Record):
-    """``{ns}.predictions``: one per valid event."""
+    """``{ns}.predictions``: one per valid event.
+
+    What it predicts fits the spec's label: for a bool label ``probability`` (of
+    true), as ever; for a number, ``value`` (and ``probability`` null); for a
+    category, ``value`` (the predicted class), ``probabilities`` (by class) and
+    ``probability`` null. A bool label's prediction has neither ``value`` nor
+    ``probabilities``: it reads exactly as before they existed.
+    """
 
     event_id: str
     entity: str
-    probability: float
+    probability: float | None
     model: str
     version: int
     features: dict[str, float]
@@ -129,15 +155,33 @@ class Prediction(Record):
     # the id of the key that tokenised its personal fields (``streams.pii``), if any:
     # tokens of two key ids are not comparable (a rotation starts entities afresh)
     pii_key: str | None = None
+    value: float | int | str | None = None
+    probabilities: dict[str, float] | None = None
     # the fields the spec's cleaning changed for it, with the rule: impute, clip or
     # bucket (``models.cleaning``); absent when none was
     cleaned: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def score(self) -> float:
+        """One number per prediction, for label-free drift: the probability of true,
+        the predicted value, or the predicted class's probability."""
+        if self.probability is not None:
+            return self.probability
+        if self.probabilities:
+            return max(self.probabilities.values())
+        return float(self.value) if isinstance(self.value, int | float) else 0.0
 
     def encode(self) -> bytes:
         record: dict[str, Any] = {
             "event_id": self.event_id,
             "entity": self.entity,
             "probability": self.probability,
+        }
+        if self.value is not None:
+            record["value"] = self.value
+        if self.probabilities is not None:
+            record["probabilities"] = self.probabilities
+        record |= {
             "model": self.model,
             "version": self.version,
             "features": self.features,
@@ -203,20 +247,84 @@ class DeadLetter(Record):
 
 @dataclass
 class CandidatePrediction:
-    """One candidate's prequential prediction: made before it learned the label."""
+    """One candidate's prequential prediction: made before it learned the label.
+
+    As in ``Prediction``: ``probability`` (of true) for a bool label, ``value`` (and
+    its absolute ``error``) for a number, ``value`` (the class) and ``probabilities``
+    for a category; what is not set is not written (one read back from a topic
+    holds every field, its unset ones None)."""
 
     version: int  # the candidate's last published version its live model descends from
-    probability: float
+    probability: float | None = None
+    value: float | int | str | None = None
+    probabilities: dict[str, float] | None = None
+    error: float | None = None  # a number label's: |label - value|
+
+    def __init__(
+        self,
+        version: int,
+        probability: float | None = None,
+        value: float | int | str | None = None,
+        probabilities: dict[str, float] | None = None,
+        error: float | None = None,
+    ) -> None:
+        # an optional field that is None stays out of __dict__ (the class attribute
+        # answers for it): orjson writes the __dict__, so it is left out of the record
+        self.version = version
+        if probability is not None:
+            self.probability = probability
+        if value is not None:
+            self.value = value
+        if probabilities is not None:
+            self.probabilities = probabilities
+        if error is not None:
+            self.error = error
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: Any) -> core_schema.CoreSchema:
+        return core_schema.no_info_after_validator_function(_unset_none, handler(source))
 
 
 @dataclass
 class ServedPrediction:
     """The prediction the scorer served for an event: the first one emitted for it,
-    what the user got (the feature store keeps it with the event's snapshot)."""
+    what the user got (the feature store keeps it with the event's snapshot). Its
+    fields as ``CandidatePrediction``'s."""
 
     model: str
     version: int
-    probability: float
+    probability: float | None = None
+    value: float | int | str | None = None
+    probabilities: dict[str, float] | None = None
+
+    def __init__(
+        self,
+        model: str,
+        version: int,
+        probability: float | None = None,
+        value: float | int | str | None = None,
+        probabilities: dict[str, float] | None = None,
+    ) -> None:
+        self.model = model  # (optional fields as in CandidatePrediction.__init__)
+        self.version = version
+        if probability is not None:
+            self.probability = probability
+        if value is not None:
+            self.value = value
+        if probabilities is not None:
+            self.probabilities = probabilities
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: Any) -> core_schema.CoreSchema:
+        return core_schema.no_info_after_validator_function(_unset_none, handler(source))
+
+
+def _unset_none(part: Any) -> Any:
+    """A prediction part read from a topic, its None fields unset as its ``__init__``
+    leaves them (pydantic fills in every field): it encodes as it was written."""
+    for name in [k for k, v in part.__dict__.items() if v is None]:
+        del part.__dict__[name]
+    return part
 
 
 @dataclass
@@ -234,7 +342,7 @@ class Evaluation(Record):
     and the prediction that was served."""
 
     event_id: str
-    label: bool
+    label: bool | int | float | str  # as the spec's label.type declares it
     labels_seen: int
     predictions: dict[str, CandidatePrediction]
     # None only if the label was claimed after the scorer stored the event's snapshot

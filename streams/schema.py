@@ -6,6 +6,7 @@ from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from riverflow.streams.contracts import LabelType
 from riverflow.streams.pii import PiiPolicy
 
 
@@ -55,11 +56,27 @@ class EventSchema(BaseModel):
 
 
 class LabelSpec(BaseModel):
-    """Where ground truth comes from and how it joins its event."""
+    """Where ground truth comes from, what it is, and how it joins its event."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    field: str = Field(
-        description='the label field (bool: true/false, 0/1 or "0"/"1") in label messages'
-    )
+    field: str = Field(description="the label field in label messages")
     event_id: str = Field("event_id", description="field carrying the event id it labels")
+    type: LabelType = Field(
+        LabelType.BOOL,
+        description='bool (true/false, 0/1 or "0"/"1"), int, float, or category (one of classes)',
+    )
+    classes: list[str | int] | None = Field(
+        None, description="the values a category label takes (category only)"
+    )
+
+    @model_validator(mode="after")
+    def _classes(self) -> LabelSpec:
+        if self.type is LabelType.CATEGORY:
+            if not self.classes or len(self.classes) < 2:
+                raise ValueError("classes: a category label declares at least two classes")
+            if len({str(c) for c in self.classes}) != len(self.classes):
+                raise ValueError("classes: each class is declared once (compared as text)")
+        elif self.classes is not None:
+            raise ValueError(f"classes: only a category label has classes (type is {self.type})")
+        return self

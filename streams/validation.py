@@ -10,7 +10,7 @@ them. A record it returns holds only valid text and finite numbers within bounds
 from __future__ import annotations
 
 import json
-from collections.abc import Collection
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NotRequired
 
@@ -18,7 +18,8 @@ import orjson
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 from typing_extensions import TypedDict
 
-from riverflow.streams.schema import FieldType
+from riverflow.streams.contracts import LabelType
+from riverflow.streams.schema import FieldType, LabelSpec
 
 _PY_TYPES: dict[FieldType, Any] = {
     FieldType.STR: str,
@@ -80,6 +81,7 @@ class RecordValidator:
         max_bytes: int,
         bounds: Bounds | None = None,
         optional: Collection[str] = (),
+        choices: Mapping[str, Sequence[str | int]] | None = None,
     ) -> None:
         self.max_bytes = max_bytes
         self.bounds = bounds or Bounds()
@@ -88,10 +90,17 @@ class RecordValidator:
         # names of undeclared fields seen (dropped from records): the caller reads
         # and clears it (data quality reports a new field); at most MAX_UNDECLARED
         self.undeclared: set[str] = set()
+        # fields that hold one of declared values (a category label): each value is
+        # taken as itself or as its text (``2`` for a declared ``"2"``, and the other way)
+        self._choices = {
+            name: {**{str(v): v for v in values}, **{v: v for v in values if type(v) is int}}
+            for name, values in (choices or {}).items()
+        }
         types = {
             n: NotRequired[_PY_TYPES[t] | None] if n in optional else _PY_TYPES[t]
             for n, t in fields.items()
         }
+        types.update({n: Any for n in self._choices})
         record = TypedDict("record", types)  # type: ignore[misc]
         record.__pydantic_config__ = ConfigDict(  # type: ignore[attr-defined]
             strict=True, allow_inf_nan=False, extra="ignore"
@@ -145,6 +154,22 @@ class RecordValidator:
                         name,
                     )
                 data[name] = flag
+        for name, known in self._choices.items():
+            if name not in data:
+                continue  # refused as missing below
+            value = data[name]
+            if type(value) is float and value.is_integer():
+                value = int(value)
+            choice = None
+            if type(value) in (str, int):
+                choice = known.get(value, known.get(str(value)))
+            if choice is None:
+                shown = ", ".join(map(str, list(known.values())[:20]))
+                return Invalid(
+                    "wrong_value",
+                    f"{name}: {str(value)[:40]!r} is not one of the declared classes ({shown})",
+                )
+            data[name] = choice
         try:
             record = self._adapter.validate_python(data)
         except ValidationError as exc:
@@ -190,6 +215,26 @@ class RecordValidator:
         if bad is not None:
             return Invalid("invalid_text", f"{bad}: not valid Unicode text (a lone surrogate)")
         return data
+
+
+_LABEL_FIELD_TYPES = {
+    LabelType.BOOL: FieldType.BOOL,
+    LabelType.INT: FieldType.INT,
+    LabelType.FLOAT: FieldType.FLOAT,
+}
+
+
+def label_validator(
+    label: LabelSpec, max_bytes: int, bounds: Bounds | None = None
+) -> RecordValidator:
+    """The validator of label messages: the event id they label, and the label as the
+    spec's ``label.type`` declares it (a flag, a finite number within bounds, or one of
+    the declared classes); a label that is not one is refused naming the field."""
+    fields = {label.event_id: FieldType.STR}
+    if label.type is LabelType.CATEGORY:
+        return RecordValidator(fields, max_bytes, bounds, {label.field: label.classes or []})
+    fields[label.field] = _LABEL_FIELD_TYPES[label.type]
+    return RecordValidator(fields, max_bytes, bounds)
 
 
 def _depth_exceeds(raw: bytes, limit: int) -> bool:

@@ -54,8 +54,12 @@ def feature_request(
 
 
 def packed(served: ServedPrediction) -> bytes:
-    """A served prediction as the snapshot's fourth element stores it."""
-    return msgpack.packb([served.model, served.version, float(served.probability)])
+    """A served prediction as the snapshot's fourth element stores it: ``[model,
+    version, probability]``, and for a label that is no flag ``[model, version, None,
+    value, probabilities]``."""
+    if served.probability is not None:
+        return msgpack.packb([served.model, served.version, float(served.probability)])
+    return msgpack.packb([served.model, served.version, None, served.value, served.probabilities])
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,8 @@ from riverflow.features.definitions import FeaturePlan
 from riverflow.features.scored import ScoredEvent, ScoredEvents
 from riverflow.features.store import ORPHAN, Claim, FeatureStore
 from riverflow.models.checkpoint import LearnerCheckpoint
-from riverflow.monitors.prequential import PrequentialMetrics
+from riverflow.models.target import Target
+from riverflow.monitors.prequential import Metrics
 from riverflow.stages.common import (
     DLQ_KEEP_BYTES,
     StageCounters,
@@ -34,19 +35,20 @@ from riverflow.stages.search import Searches
 from riverflow.streams.contracts import (
     CandidatePrediction,
     Evaluation,
+    Label,
     LabelPosition,
     Message,
     Output,
 )
-from riverflow.streams.schema import FieldType, LabelSpec
+from riverflow.streams.schema import LabelSpec
 from riverflow.streams.topics import Topics
-from riverflow.streams.validation import Invalid, RecordValidator
+from riverflow.streams.validation import Invalid, label_validator
 
 
 @dataclass
 class _Pending:
     msg: Message
-    label: bool
+    label: Label
     since: float  # when this run started waiting for its event (the learner's clock)
 
 
@@ -143,10 +145,8 @@ class Learner:
         # by default every event counts as scored: "now" on the learner's clock
         self.scored_through: ScoredThrough = scored_through or (lambda: self.clock())
         self.extra = monitor_only_field(join.segment, join.inputs)
-        self.validate = RecordValidator(
-            {join.label.event_id: FieldType.STR, join.label.field: FieldType.BOOL},
-            join.max_bytes,
-        )
+        self.target = Target(join.label.type, join.label.classes)
+        self.validate = label_validator(join.label, join.max_bytes)
         self.pending: dict[str, _Pending] = {}
         self.learned = 0
         self.positions: dict[int, int] = {}
@@ -191,7 +191,7 @@ class Learner:
         return self.lineage.candidates
 
     @property
-    def metrics(self) -> PrequentialMetrics:
+    def metrics(self) -> Metrics:
         """The lead candidate's metrics (the spec's champion)."""
         return self.candidates[self.lineage.lead].metrics
 
@@ -357,20 +357,20 @@ class Learner:
         why = f"waiting list full ({cap} labels)"
         return [self._orphan(e, self.pending[e], why) for e in list(self.pending)[:extra]]
 
-    def _learn(self, snap: ScoredEvent, label: bool, msg: Message) -> list[Output]:
+    def _learn(self, snap: ScoredEvent, label: Label, msg: Message) -> list[Output]:
         segment = None if self.join.segment is None else snap.inputs.get(self.join.segment)
         x = {**model_inputs(snap.inputs, self.extra), **snap.features}
         predictions: dict[str, CandidatePrediction] = {}
         for c in self.candidates.values():
-            proba = c.model.predict_proba_one(x)
-            probability = float(proba.get(True, 0.0))
-            c.metrics.update(label, proba)
+            scored, prediction = self.target.predict(c.model, x, c.version, label)
+            c.metrics.update(label, scored)
             c.model.learn_one(x, label)
-            predictions[c.name] = CandidatePrediction(c.version, probability)
+            predictions[c.name] = prediction
         self.learned += 1
         self._since_snapshot += 1
         self._changed = True
-        search = self.searches.learn(x, label, self.candidates, self._serving)
+        # a search ranks binary classifiers only (the spec refuses one on another label)
+        search = self.searches.learn(x, label is True, self.candidates, self._serving)
         record = Evaluation(
             event_id=snap.event_id,
             label=label,

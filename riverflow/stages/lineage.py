@@ -16,8 +16,8 @@ from typing import Any
 from riverflow.models.checkpoint import LearnerCheckpoint
 from riverflow.models.errors import ModelError, ModelSpecError
 from riverflow.models.registry import ChampionPointer, ModelRegistry, PointerMove
-from riverflow.monitors.prequential import PrequentialMetrics
-from riverflow.streams.contracts import Message, ModelEvent, Output
+from riverflow.monitors.prequential import Metrics, PrequentialMetrics, metrics_from_state
+from riverflow.streams.contracts import Label, Message, ModelEvent, Output
 from riverflow.streams.topics import Topics
 
 
@@ -28,7 +28,7 @@ class Candidate:
     name: str
     model: Any
     version: int  # the last published version this model descends from (0: fresh)
-    metrics: PrequentialMetrics
+    metrics: Metrics
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,8 @@ class Following:
 
     fresh_model: Callable[[str], Any | None]  # spec candidate -> a fresh model (None: no such)
     poll_s: float  # the registry is read at most this often (and before every publish)
+    # a fresh challenger's metrics (of the label's kind)
+    new_metrics: Callable[[], Metrics] = PrequentialMetrics
 
 
 class Lineage:
@@ -90,7 +92,7 @@ class Lineage:
             model = self.following.fresh_model(base)
             if model is None:
                 raise ModelSpecError(f"fresh challenger of {base!r}: not a candidate of the spec")
-            self.candidates[name] = Candidate(name, model, 0, PrequentialMetrics())
+            self.candidates[name] = Candidate(name, model, 0, self.following.new_metrics())
             self.dynamic[name] = base
             out.append(self._model_event(ModelEvent(kind="started", model=name, version=0,
                                                     reason=f"fresh {base}")))  # fmt: skip
@@ -126,7 +128,7 @@ class Lineage:
         now: float,
         labels_seen: int,
         positions: Mapping[int, int],
-        pending: Sequence[tuple[Message, bool]],
+        pending: Sequence[tuple[Message, Label]],
         searches: Mapping[str, dict[str, Any]] | None = None,
     ) -> list[Output]:
         """Publish every candidate as a new version and stage the checkpoint of what the
@@ -203,7 +205,7 @@ class Lineage:
             version = saved.versions.get(c.name, 0)
             if version:
                 c.model, c.version = self.registry.load(c.name, version).model, version
-                c.metrics = PrequentialMetrics.from_state(saved.metrics[c.name])
+                c.metrics = metrics_from_state(saved.metrics[c.name])
         for name, info in self.registry.challengers().items():
             if name not in saved.versions or name in self.candidates:
                 continue
@@ -212,7 +214,7 @@ class Lineage:
                 continue
             v = saved.versions[name]
             model = self.registry.load(name, v).model if v else fresh
-            metrics = PrequentialMetrics.from_state(saved.metrics[name])
+            metrics = metrics_from_state(saved.metrics[name])
             self.candidates[name] = Candidate(name, model, v, metrics)
             self.dynamic[name] = info["base"]
         self._rollbacks_after = saved.saved_at

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -23,7 +24,14 @@ from riverflow.monitors.history import MonitorHistory
 from riverflow.monitors.policy import Decision, LabelSource, PipelineMonitor
 from riverflow.monitors.view import MonitorView
 from riverflow.stages.common import DLQ_KEEP_BYTES, StageCounters, dead_letter
-from riverflow.streams.contracts import Evaluation, Message, Output, Prediction
+from riverflow.streams.contracts import (
+    CandidatePrediction,
+    Evaluation,
+    Label,
+    Message,
+    Output,
+    Prediction,
+)
 from riverflow.streams.topics import Topics
 
 
@@ -65,12 +73,11 @@ class Monitor:
             try:
                 if msg.topic == self.topics.evaluations:
                     ev = Evaluation.decode(msg.value or b"")
-                    probabilities = [p.probability for p in ev.predictions.values()]
-                    if not all(map(math.isfinite, probabilities)):
-                        raise _Refused("a probability is not a finite number")
+                    self._check_label(ev.label)
                     if ev.search:  # the learner's model search: read first (may refuse)
                         self.history.record_search(ev.search, self.core.labels + 1)
-                    predictions = {n: (p.version, p.probability) for n, p in ev.predictions.items()}
+                    predictions = {n: (p.version, self._answer(p))
+                                   for n, p in ev.predictions.items()}  # fmt: skip
                     source = LabelSource(ev.event_id, ev.label_at, ev.label_time)
                     decisions += self.core.on_evaluation(
                         ev.label, predictions, ev.segment, source, ev.inputs
@@ -78,13 +85,11 @@ class Monitor:
                     self.history.sample(self.core)
                 elif msg.topic == self.topics.predictions:
                     p = Prediction.decode(msg.value or b"")
-                    if not math.isfinite(p.probability) or not all(
+                    if not math.isfinite(p.score) or not all(
                         map(math.isfinite, p.features.values())
                     ):
-                        raise _Refused("the probability or a feature is not a finite number")
-                    decisions += self.core.on_prediction(
-                        p.features, p.probability, p.model, p.version
-                    )
+                        raise _Refused("the prediction or a feature is not a finite number")
+                    decisions += self.core.on_prediction(p.features, p.score, p.model, p.version)
                     self.quality.observe(p.inputs, p.cleaned, p.scored_at - p.event_time)
             except (ValidationError, _Refused) as exc:
                 line = error_lines(exc)[0] if isinstance(exc, ValidationError) else str(exc)
@@ -102,6 +107,37 @@ class Monitor:
             self.metrics.update(self.history.view(self.core, series=False), decisions)
         self.counters.produced += len(out)
         return out
+
+    def _answer(self, p: CandidatePrediction) -> Any:
+        """What the core scores of a candidate's prediction, as the label's kind wants
+        it; ``_Refused`` if the prediction is not one of that kind, or not finite."""
+        kind = self.core.target.kind
+        if kind == "binary":
+            answer: Any = p.probability
+            numbers = [answer]
+        elif kind == "regression":
+            answer = p.value
+            numbers = [answer]
+        else:
+            answer = (p.value, p.probabilities)
+            probabilities = p.probabilities if p.value is not None else None
+            numbers = list(probabilities.values()) if probabilities else [None]
+        if not all(type(v) in (int, float) and math.isfinite(v) for v in numbers):
+            raise _Refused(f"a {kind} prediction is not finite numbers: {p}")
+        return answer
+
+    def _check_label(self, label: Label) -> None:
+        """``_Refused`` unless the label is of the spec's type (what the learner let in)."""
+        target = self.core.target
+        if target.kind == "binary":
+            fits = type(label) is bool
+        elif target.kind == "regression":
+            fits = isinstance(label, int | float) and not isinstance(label, bool)
+            fits = fits and math.isfinite(float(label))
+        else:
+            fits = type(label) in (str, int) and label in target.classes
+        if not fits:
+            raise _Refused(f"label {str(label)[:40]!r} is not a {target.type.value} label")
 
     def status(self) -> dict[str, float]:
         out = {"labels": float(self.core.labels)}

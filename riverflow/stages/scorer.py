@@ -1,5 +1,5 @@
 """The scorer stage: events -> validate -> features (one store call) -> champion ->
-predictions.
+predictions (what fits the label: ``models.target``).
 
 It holds no I/O of its own beyond the store and registry it is given, so the
 Kafka runtime, the embedded runtime and the benchmark run it unchanged.
@@ -19,6 +19,7 @@ from riverflow.models.champion import ChampionReplica, positive_probability
 from riverflow.models.cleaning import FieldCleaning, cleaning_of
 from riverflow.models.explain import explain
 from riverflow.models.registry import ModelVersion
+from riverflow.models.target import Target
 from riverflow.stages.common import (
     DLQ_KEEP_BYTES,
     StageCounters,
@@ -29,6 +30,7 @@ from riverflow.stages.common import (
 from riverflow.stages.quality import DataQuality
 from riverflow.streams.contracts import (
     UNSET,
+    LabelType,
     Message,
     ModelEvent,
     Output,
@@ -71,8 +73,11 @@ class Scorer:
         pii: Pseudonymizer | None = None,
         clean: Mapping[str, FieldCleaning] | None = None,
         quality: DataQuality | None = None,
+        target: Target | None = None,
     ) -> None:
         self.topics = topics
+        self.target = target or Target()
+        self._binary = self.target.type is LabelType.BOOL
         # personal fields tokenised (or dropped) right after validation: nothing after
         # it, store, model, prediction or log, sees them in clear
         self.pii = pii if pii else None
@@ -225,9 +230,13 @@ class Scorer:
         x = {**model_inputs(snap.inputs, self.extra), **features}
         served = snap.served
         if served is None:
-            served = ServedPrediction(
-                model.name, model.version, positive_probability(model.model, x)
-            )
+            if self._binary:
+                served = ServedPrediction(
+                    model.name, model.version, positive_probability(model.model, x)
+                )
+            else:
+                _, p = self.target.predict(model.model, x, model.version)
+                served = ServedPrediction(model.name, model.version, None, p.value, p.probabilities)
         entity = str(event[self.schema.key])
         # the model that served it explains it; a replay served by an older version is not
         explanation: list[dict[str, Any]] | Unset | None = UNSET
@@ -247,6 +256,8 @@ class Scorer:
             explanation,
             snap.inputs,
             self.pii_key,
+            served.value,
+            served.probabilities,
             cleaned,
         )
         return Output(self.topics.predictions, entity.encode(), prediction.encode()), served

@@ -95,7 +95,7 @@ def run_pipeline(
     correct = []
     for _, raw in rt.messages(rt.topics.predictions):
         p = Prediction.decode(raw)
-        correct.append((p.probability >= 0.5) == truth[p.event_id])
+        correct.append(((p.probability or 0.0) >= 0.5) == truth[p.event_id])
     logged = [ModelEvent.decode(v) for _, v in rt.messages(rt.topics.model_events)]
     decisions = [e for e in logged if e.by == "monitor"]
     return PipelineRun(correct, decisions, seconds)

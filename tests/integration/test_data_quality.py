@@ -14,7 +14,7 @@ import yaml
 
 from riverflow.streams.contracts import ModelEvent, Prediction
 from riverflow.streams.kafka_io import ensure_topics, produce_all, producer
-from riverflow.tools.generator import FraudStreamConfig, with_labels
+from riverflow.tools.generator import FraudStreamConfig, dropping, with_labels
 from riverflow.tools.stack import Endpoints
 from tests.integration.conftest import StageFactory, collect
 
@@ -46,11 +46,11 @@ def test_a_dropped_field_raises_the_missing_rate_and_imputation_keeps_prediction
     scorer = start_stage("scorer", partitions=1, model_poll_s=0.05)
     start_stage("learner", partitions=1, snapshot_every_labels=200)
 
-    config = FraudStreamConfig(drift_at=(), dropped_field=("amount", *DROP), label_delay=20)
+    config = FraudStreamConfig(drift_at=(), label_delay=20)
     records = [
         (f"{name}.events" if kind == "event" else f"{name}.labels",
          rec.get("card_id", rec["event_id"]).encode(), orjson.dumps(rec))
-        for kind, rec in with_labels(N, config)
+        for kind, rec in dropping(with_labels(N, config), ("amount", *DROP))
     ]  # fmt: skip
     events_before = [r for r in records if r[0].endswith(".events")][: DROP[0] + 3 * WINDOW]
     cut = records.index(events_before[-1]) + 1

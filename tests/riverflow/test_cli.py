@@ -25,6 +25,16 @@ def test_demo_prints_the_summary() -> None:
     assert "3,992" in out and " 8 " in out
 
 
+def test_the_delivery_demo_prints_regression_metrics() -> None:
+    done = riverflow("demo", "--spec", "examples/delivery.yaml", "--events", "3000")
+    assert done.returncode == 0, done.stderr
+    rows = {line.split("│")[1].strip(): line.split("│")[2].strip()
+            for line in done.stdout.splitlines() if line.count("│") == 3}  # fmt: skip
+    mae, rmse, r2 = (float(rows[f"prequential {m}"]) for m in ("mae", "rmse", "r2"))
+    assert 0 < mae < rmse < 15 and 0 < r2 < 1
+    assert "candidate delivery-tree mae" in rows
+
+
 def test_a_broken_spec_is_a_clear_error_not_a_traceback(tmp_path: Path) -> None:
     spec = tmp_path / "bad.yaml"
     spec.write_text("name: x\nevents: {}\n")

@@ -11,6 +11,7 @@ import yaml
 from riverflow.models.errors import ModelSpecError
 from riverflow.models.factory import build_candidates, build_model
 from riverflow.models.spec import ModelSpec
+from riverflow.models.target import Target
 from riverflow.settings import DEFAULT_SPEC
 from riverflow.spec import SpecError, load_spec, parse_spec
 
@@ -117,4 +118,7 @@ def test_every_example_spec_loads_and_builds_its_champion() -> None:
     assert len(examples) >= 2
     for path in examples:
         spec = load_spec(path)
-        assert build_model(spec.models.champion_spec) is not None, path
+        assert (
+            build_model(spec.models.champion_spec, Target(spec.label.type, spec.label.classes))
+            is not None
+        ), path

@@ -17,7 +17,7 @@ from riverflow.models.cleaning import cleaning_of
 from riverflow.settings import DEFAULT_SPEC, Settings
 from riverflow.spec import PipelineSpec, parse_spec
 from riverflow.streams.contracts import DeadLetter, Evaluation, ModelEvent, Prediction
-from riverflow.tools.generator import FraudStreamConfig, with_labels
+from riverflow.tools.generator import FraudStreamConfig, dropping, with_labels
 
 N, DROP = 3000, (1000, 1600)  # amount missing from the events at positions [1000, 1600)
 
@@ -33,8 +33,8 @@ def fraud_spec(clean: bool = True, **changes: Any) -> PipelineSpec:
 
 def run(spec: PipelineSpec, settings: Settings, extra: list[bytes] = ()) -> EmbeddedRuntime:  # type: ignore[assignment]
     rt = EmbeddedRuntime(spec, settings)
-    config = FraudStreamConfig(drift_at=(), dropped_field=("amount", *DROP))
-    for kind, rec in with_labels(N, config):
+    records = dropping(with_labels(N, FraudStreamConfig(drift_at=())), ("amount", *DROP))
+    for kind, rec in records:
         topic = rt.topics.events if kind == "event" else rt.topics.labels
         rt.produce(topic, rec.get("card_id", "").encode() or None, orjson.dumps(rec))
     for value in extra:

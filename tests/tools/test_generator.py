@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
-from riverflow.tools.generator import FraudStreamConfig, concept_at, transactions, with_labels
+from typing import Any
+
+from riverflow.tools.generator import (
+    DeliveryStreamConfig,
+    FraudStreamConfig,
+    concept_at,
+    deliveries,
+    history,
+    stream_for,
+    transactions,
+    with_labels,
+)
 
 
 def test_same_seed_same_stream_other_seed_other_stream() -> None:
@@ -31,3 +42,26 @@ def test_each_label_follows_its_event_after_the_delay() -> None:
     for event_id in events:
         assert position[("label", event_id)] > position[("event", event_id)]
     assert position[("label", events[0])] == 51  # right after the 51st event
+
+
+def test_the_delivery_stream_is_seeded_and_its_rides_slow_down_at_the_drift_point() -> None:
+    config = DeliveryStreamConfig(seed=4, drift_at=(3000,))
+    orders = list(deliveries(6000, config))
+    assert orders == list(deliveries(6000, DeliveryStreamConfig(seed=4, drift_at=(3000,))))
+    assert orders != list(deliveries(6000, DeliveryStreamConfig(seed=5, drift_at=(3000,))))
+
+    def minutes_per_km(part: list[tuple[dict[str, Any], float]]) -> float:
+        far = [m for e, m in part if e["distance_km"] > 3]
+        near = [m for e, m in part if e["distance_km"] < 1]
+        return (sum(far) / len(far) - sum(near) / len(near)) / 3
+
+    before, after = minutes_per_km(orders[:3000]), minutes_per_km(orders[3000:])
+    assert after > 1.5 * before > 0
+
+
+def test_the_stream_that_fits_a_spec_is_chosen_by_its_label_field() -> None:
+    assert stream_for("delivery_minutes") == "delivery"
+    assert stream_for("is_fraud") == stream_for("anything") == "fraud"
+    assert stream_for("is_fraud", "delivery") == "delivery"
+    kinds = [kind for kind, _ in history("delivery", 300, seed=1)]
+    assert kinds.count("event") == kinds.count("label") == 300
