@@ -117,11 +117,13 @@ def test_prequential_metrics_equal_rivers_progressive_val_score(
         meta = registry.meta(candidate.name, 1)  # published after exactly n labels
         assert meta["labels_seen"] == n and meta["offsets"] == {topics.labels: {"0": n}}
         for metric in (metrics.ROCAUC(), metrics.LogLoss()):
-            expected = evaluate.progressive_val_score(stream, build_model(candidate), metric)
+            expected = evaluate.progressive_val_score(
+                stream, build_model(candidate, clean=spec.clean), metric
+            )
             got = meta["metrics"]["roc_auc" if isinstance(metric, metrics.ROCAUC) else "log_loss"]
             assert got == expected.get(), (candidate.name, type(metric).__name__)
         # ... and label by label, the candidate's prediction is River's
-        model = build_model(candidate)
+        model = build_model(candidate, clean=spec.clean)
         for (x, y), evaluation in zip(stream, evaluations, strict=True):
             assert evaluation.predictions[candidate.name].probability == model.predict_proba_one(
                 x
@@ -137,7 +139,7 @@ def offline_model(spec: PipelineSpec, name: str, n: int, seed: int) -> Any:
     """A candidate trained on another stream, as if it had been published earlier."""
     candidate = spec.models.candidate(name)
     assert candidate is not None
-    model = build_model(candidate)
+    model = build_model(candidate, clean=spec.clean)
     for event, fraud in transactions(n, FraudStreamConfig(seed=seed)):
         x = {k: event[k] for k in spec.models.inputs}
         model.learn_one({**x, "tx_count_1h": 1.0, "amount_sum_1h": event["amount"],
@@ -332,7 +334,7 @@ def test_a_killed_learner_resumes_from_its_snapshot(
     xs = model_inputs(spec, events, predictions)
     held_out = [xs[e["event_id"]] for e in events[::7]]
     for candidate in spec.models.candidates:
-        once = build_model(candidate)
+        once = build_model(candidate, clean=spec.clean)
         for lab in labels:
             once.learn_one(xs[lab["event_id"]], lab["is_fraud"])
         resumed = registry.load(candidate.name, saved.versions[candidate.name]).model

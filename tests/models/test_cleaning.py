@@ -113,7 +113,7 @@ def test_a_broken_cleaning_spec_is_refused_naming_the_field(
 
 def test_every_candidate_starts_with_the_clean_step_and_it_is_copied_with_the_model() -> None:
     spec = parse_spec(spec_with_clean({"amount": {"impute": "median"}}))
-    for name, model in build_candidates(spec.models, spec.clean).items():
+    for name, model in build_candidates(spec.models, clean=spec.clean).items():
         assert isinstance(model, compose.Pipeline), name
         step = cleaning_of(model)
         assert step is not None and step.rules == spec.clean
