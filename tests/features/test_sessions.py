@@ -1,0 +1,113 @@
+"""Session windows: every feature value at every event equals a recomputation over
+every event seen so far, late and out-of-order events included (the rules are in
+``features.sessions``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from riverflow.features.definitions import FeaturePlan, FeatureSpec
+from riverflow.features.store import MemoryFeatureStore
+from riverflow.features.tiles import Engine, Entity, compact_entity, expand_entity, pack_entity
+from riverflow.features.tiles import unpack_entity
+from tests.session_streams import PLAN, brute_force, requests, session_streams
+
+
+@settings(max_examples=400, deadline=None)
+@given(events=session_streams(), batch=st.sampled_from([1, 7, 64]))
+def test_session_features_equal_brute_force_with_late_events(
+    events: list[dict[str, Any]], batch: int
+) -> None:
+    store = MemoryFeatureStore(PLAN)
+    reqs = requests(events)
+    snapshots = []
+    for i in range(0, len(reqs), batch):
+        snapshots += store.update_and_read(reqs[i : i + batch])
+    expected = brute_force(events)
+    for event, snap, (values, late) in zip(events, snapshots, expected, strict=True):
+        got = {k: v for k, v in PLAN.values(snap.aggregates).items() if k in values}
+        assert (got, snap.late) == (values, late), event["event_id"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(events=session_streams(min_size=10))
+def test_an_entity_keeps_a_bounded_few_sessions(events: list[dict[str, Any]]) -> None:
+    engine = Engine(PLAN)
+    ents: dict[tuple[str, str], Entity] = {}
+    for e in events:
+        keys = PLAN.entity_keys(e)
+        mine = {n: ents.setdefault((n, v), Entity()) for n, v in keys.items()}
+        engine.step(mine, e["ts"], {"amount": e["amount"]}, {})
+        for si, g in enumerate(PLAN.sessions):
+            assert len(mine[g.entity_name].sessions.get(si, [])) <= g.max_sessions
+
+
+@settings(max_examples=200, deadline=None)
+@given(events=session_streams(), at=st.sets(st.integers(0, 60)))
+def test_sessions_survive_the_scorers_cache_and_redis_layout(
+    events: list[dict[str, Any]], at: set[int]
+) -> None:
+    """Compacted (the scorer's cache) or packed as Redis stores it and read back, an
+    entity's sessions go on giving the same numbers."""
+    engines = [Engine(PLAN), Engine(PLAN)]
+    states: list[dict[tuple[str, str], Entity]] = [{}, {}]
+    for i, e in enumerate(events):
+        outs = []
+        for engine, ents in zip(engines, states, strict=True):
+            mine = {n: ents.setdefault((n, v), Entity()) for n, v in PLAN.entity_keys(e).items()}
+            outs.append(engine.step(mine, e["ts"], {"amount": e["amount"]}, {}))
+        assert outs[0] == outs[1]
+        if i in at:
+            engine, ents = engines[1], states[1]
+            for k, ent in ents.items():
+                if i % 2:
+                    ents[k], _ = expand_entity(engine, compact_entity(engine, ent, 1))
+                else:
+                    ents[k] = unpack_entity(engine, pack_entity(engine, ent))
+
+
+def test_a_late_event_bridging_two_sessions_merges_them() -> None:
+    plan = FeaturePlan.build(
+        [FeatureSpec.model_validate(
+            {"name": n, "agg": a, "window": {"session": "30m", "grace": "45m"}, **f})
+         for n, a, f in [("n", "count", {}), ("d", "duration", {}),
+                         ("total", "sum", {"field": "amount"})]],
+        "card_id",
+    )  # fmt: skip
+    store = MemoryFeatureStore(plan)
+    events = [(0, 1.0), (2400, 2.0), (1200, 4.0), (9000, 8.0), (100, 16.0)]
+    seen = []
+    for i, (ts, amount) in enumerate(events):
+        e = {"event_id": f"e{i}", "card_id": "c", "amount": amount, "ts": ts}
+        [snap] = store.update_and_read(requests([e], plan))
+        seen.append((plan.values(snap.aggregates), snap.late))
+    assert seen == [
+        ({"n": 1, "d": 0, "total": 1}, False),
+        ({"n": 1, "d": 0, "total": 2}, False),  # 40 min later: a new session
+        ({"n": 3, "d": 2400, "total": 7}, False),  # 20 min late: bridges both
+        ({"n": 1, "d": 0, "total": 8}, False),
+        ({"n": 1, "d": 0, "total": 8}, True),  # beyond the grace: late, not counted
+    ]
+    assert store.read({"card_id": "c"}) == {"n": 1, "d": 0, "total": 8}
+
+
+@pytest.mark.parametrize(
+    ("feature", "problem"),
+    [
+        ({"agg": "std", "field": "amount", "window": {"session": "30m"}}, "not std"),
+        ({"agg": "count", "window": {"session": "30m"}, "buckets": 4}, "no buckets"),
+        ({"agg": "duration", "window": "1h"}, "needs a session window"),
+        ({"agg": "count", "window": {"session": "1m", "grace": "1h"}}, "exceeds 10 x"),
+        ({"agg": "count", "window": {"session": "30m", "gap": "5m"}}, "gap"),
+    ],
+)
+def test_a_wrong_session_feature_is_refused_naming_the_problem(
+    feature: dict[str, Any], problem: str
+) -> None:
+    with pytest.raises(ValidationError, match=problem):
+        FeatureSpec.model_validate({"name": "x", **feature})
