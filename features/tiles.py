@@ -524,7 +524,7 @@ class Engine:
             newest, prev = k.previous(tiles, end)
             vectors.append(k.vector(tiles, end, since(ts, newest), prev, xs))
         late = any(too_late.values())
-        applied = {name for name, was in too_late.items() if not was}
+        applied = {name for name, was in too_late.items() if name in tiled and not was}
         for si, sk, name, fields in self.session_shape:
             ent = ents[name]
             sessions = ent.sessions.get(si)
