@@ -10,14 +10,16 @@ card, no grace on the merchant, and the card + merchant pair.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
 import orjson
 from hypothesis import strategies as st
 
-from riverflow.features.definitions import FeaturePlan, FeatureSpec
+from riverflow.features.definitions import FeaturePlan, FeatureSpec, entity_value
 from riverflow.features.store import FeatureRequest, feature_request
+from tests.helpers import session_value
 
 START_TS = 1_767_225_600.0
 # tile lateness far beyond any event's: a snapshot is late only for a session
@@ -88,68 +90,26 @@ def brute_force(
     events: Sequence[dict[str, Any]], plan: FeaturePlan = PLAN
 ) -> list[tuple[dict[str, float], bool]]:
     """Per event: its session features recomputed from every earlier event of the
-    same entity that was not late, and whether it was late for some session.
-
-    Late: older than the grace before the newest event of its entity so far.
-    A session: events sorted by time, cut where two follow each other by the gap
-    or more. An event is scored with the session holding it; a late one with the
-    session holding the newest event."""
+    same entity that was not late (``tests.helpers.session_value``), and whether it
+    was late for some session."""
+    accepted: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    newest: dict[tuple[str, ...], float] = {}
     out = []
-    for i, event in enumerate(events):
+    for event in events:
         values: dict[str, float] = {}
         late = False
         for f in plan.features:
-            window = f.session
-            if window is None:
+            if f.session is None:
                 continue
             fields = f.entity_fields("card_id")
-            mine = [e for e in events[: i + 1] if all(e[x] == event[x] for x in fields)]
-            accepted = _accepted(mine, window.grace_s)
-            if accepted[-1] is mine[-1]:
-                at = event["ts"]
-            else:
-                late = True
-                at = max(e["ts"] for e in mine)
-            session = _session_of(accepted, at, window.gap_s)
-            values[f.name] = _aggregate(f.agg.value, session)
+            entity = entity_value(fields, event)
+            values[f.name], was_late = session_value(
+                f, event, accepted[f.name, entity], newest.get((*fields, entity)), "ts"
+            )
+            late = late or was_late
+        for f in plan.features:
+            fields = f.entity_fields("card_id")
+            at = (*fields, entity_value(fields, event))
+            newest[at] = max(newest.get(at, event["ts"]), event["ts"])
         out.append((values, late))
     return out
-
-
-def _accepted(events: Sequence[dict[str, Any]], grace: float) -> list[dict[str, Any]]:
-    kept = []
-    newest: float | None = None
-    for e in events:
-        if newest is None or e["ts"] >= newest - grace:
-            kept.append(e)
-        newest = e["ts"] if newest is None else max(newest, e["ts"])
-    return kept
-
-
-def _session_of(
-    events: Sequence[dict[str, Any]], at: float, gap: float
-) -> list[dict[str, Any]]:
-    ordered = sorted(events, key=lambda e: e["ts"])
-    sessions: list[list[dict[str, Any]]] = []
-    for e in ordered:
-        if sessions and e["ts"] - sessions[-1][-1]["ts"] < gap:
-            sessions[-1].append(e)
-        else:
-            sessions.append([e])
-    return next(s for s in sessions if s[0]["ts"] <= at <= s[-1]["ts"])
-
-
-def _aggregate(agg: str, session: Sequence[dict[str, Any]]) -> float:
-    amounts = [e["amount"] for e in session]
-    match agg:
-        case "count":
-            return float(len(session))
-        case "duration":
-            return session[-1]["ts"] - session[0]["ts"]
-        case "sum":
-            return sum(amounts)
-        case "mean":
-            return sum(amounts) / len(amounts)
-        case "min":
-            return min(amounts)
-    return max(amounts)
