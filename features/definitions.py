@@ -78,6 +78,7 @@ SESSION_AGGS = {
     Aggregation.COUNT, Aggregation.DURATION, Aggregation.SUM, Aggregation.MEAN,
     Aggregation.MIN, Aggregation.MAX,
 }  # fmt: skip
+BUCKETS = 12  # tiles per window unless a feature says
 # a session's state grows with grace / session (see ``SessionGroup.max_sessions``)
 MAX_GRACE_PER_GAP = 10
 
@@ -119,7 +120,7 @@ class FeatureSpec(BaseModel):
     agg: Aggregation
     field: str | None = Field(None, description="event field aggregated (not for count)")
     window: Duration | SessionWindow
-    buckets: int = Field(12, ge=1, le=1000, description="tiles per window (not for sessions)")
+    buckets: int = Field(BUCKETS, ge=1, le=1000, description="tiles per window (not sessions)")
     entity: str | tuple[str, ...] | None = Field(
         None, description="entity key field(s); default: the event key"
     )
@@ -138,7 +139,8 @@ class FeatureSpec(BaseModel):
                     f"feature {self.name!r}: a session window computes {allowed}, "
                     f"not {self.agg.value}"
                 )
-            if "buckets" in self.model_fields_set:
+            # (a dumped spec carries the default: taken back as it is)
+            if self.buckets != BUCKETS:
                 raise ValueError(f"feature {self.name!r}: a session window has no buckets")
         elif self.agg is Aggregation.DURATION:
             raise ValueError(f"feature {self.name!r}: duration needs a session window")
