@@ -108,6 +108,8 @@ class SessionWindow(BaseModel):
                 f"session gap {self.session} (each entity would keep up to "
                 f"grace / session + 2 sessions)"
             )
+
+
 ANY_FIELD = {Aggregation.DISTINCT, Aggregation.DISTINCT_EXACT}  # strings count too
 
 
@@ -382,11 +384,13 @@ class FeaturePlan:
     @cached_property
     def entities(self) -> list[tuple[str, ...]]:
         """Every entity (one or more fields) a feature is kept for."""
-        return list(dict.fromkeys(g.entity for g in (*self.groups, *self.sessions)))
+        return list(dict.fromkeys([*(g.entity for g in self.groups),
+                                   *(g.entity for g in self.sessions)]))  # fmt: skip
 
     @cached_property
     def number_fields(self) -> list[str]:
-        return sorted({f for g in (*self.groups, *self.sessions) for f in g.numbers})
+        return sorted({f for g in self.groups for f in g.numbers}
+                      | {f for g in self.sessions for f in g.numbers})  # fmt: skip
 
     @cached_property
     def distinct_fields(self) -> list[str]:

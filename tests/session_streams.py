@@ -52,9 +52,7 @@ GAPS = [0, 1, 60, 599, 600, 601, 1199, 1200, 1799, 1800, 1801, 3000, 7200]
 
 
 @st.composite
-def session_streams(
-    draw: st.DrawFn, min_size: int = 1, max_size: int = 60
-) -> list[dict[str, Any]]:
+def session_streams(draw: st.DrawFn, min_size: int = 1, max_size: int = 60) -> list[dict[str, Any]]:
     steps = draw(
         st.lists(
             st.tuples(

@@ -211,8 +211,9 @@ class RedisFeatureStore:
         self._entities = plan.entities
         names = ["+".join(e) for e in self._entities]
         ttl_s = {name: 0.0 for name in names}
-        for g in (*plan.groups, *plan.sessions):
-            ttl_s[g.entity_name] = max(ttl_s[g.entity_name], g.ttl_s)
+        for name, ttl in [*((g.entity_name, g.ttl_s) for g in plan.groups),
+                          *((g.entity_name, g.ttl_s) for g in plan.sessions)]:  # fmt: skip
+            ttl_s[name] = max(ttl_s[name], ttl)
         params = []
         for g in plan.groups:
             layout = {k: [i + 1 for i in ix] for k, ix in zip(_LUA_STATS, g.layout, strict=True)}

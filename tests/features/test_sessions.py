@@ -4,17 +4,34 @@ every event seen so far, late and out-of-order events included (the rules are in
 
 from __future__ import annotations
 
+import random
+from collections import defaultdict
 from typing import Any
 
+import orjson
 import pytest
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from riverflow.embedded import EmbeddedRuntime
 from riverflow.features.definitions import FeaturePlan, FeatureSpec
+from riverflow.features.scored import ScoredEvent, scored_records
 from riverflow.features.store import MemoryFeatureStore
-from riverflow.features.tiles import Engine, Entity, compact_entity, expand_entity, pack_entity
-from riverflow.features.tiles import unpack_entity
+from riverflow.features.tiles import (
+    Engine,
+    Entity,
+    compact_entity,
+    expand_entity,
+    pack_entity,
+    unpack_entity,
+)
+from riverflow.settings import DEFAULT_SPEC, Settings
+from riverflow.spec import parse_spec
+from riverflow.streams.contracts import Message
+from riverflow.tools.generator import FraudStreamConfig, transactions
+from tests.helpers import session_value
 from tests.session_streams import PLAN, brute_force, requests, session_streams
 
 
@@ -111,3 +128,49 @@ def test_a_wrong_session_feature_is_refused_naming_the_problem(
 ) -> None:
     with pytest.raises(ValidationError, match=problem):
         FeatureSpec.model_validate({"name": "x", **feature})
+
+
+def test_the_scorer_serves_session_features_the_learner_joins_and_counts_late_ones(
+    settings: Settings,
+) -> None:
+    """Through the embedded pipeline: each prediction carries its event's session
+    features as brute force recomputes them; the learner's join (the scored index)
+    reads back those values, not the entity's later ones; events beyond the grace
+    are counted in ``late_events``."""
+    data = yaml.safe_load(DEFAULT_SPEC.read_text())
+    data["features"] = [
+        {"name": "tx_in_session", "agg": "count", "window": {"session": "30m", "grace": "5m"}},
+        {"name": "amount_in_session", "agg": "sum", "field": "amount",
+         "window": {"session": "30m", "grace": "5m"}},
+        {"name": "session_s", "agg": "duration", "window": {"session": "30m", "grace": "5m"}},
+    ]  # fmt: skip
+    data["models"]["candidates"] = data["models"]["candidates"][:1]  # selects other features
+    spec = parse_spec(data)
+    events = [e for e, _ in transactions(1500, FraudStreamConfig(cards=20, mean_gap_s=30.0))]
+    rng = random.Random(7)
+    for e in events[::10]:  # out of order: within the grace, or beyond it
+        e["ts"] -= rng.choice([60.0, 240.0, 900.0, 4000.0])
+    rt = EmbeddedRuntime(spec, settings)
+    for e in events:
+        rt.produce(rt.topics.events, e["card_id"].encode(), orjson.dumps(e))
+    rt.drain()
+    messages = [Message(rt.topics.predictions, 0, i, k, v)
+                for i, (k, v) in enumerate(rt.messages(rt.topics.predictions))]  # fmt: skip
+    records, bad = scored_records(messages)
+    assert bad == 0 and len(records) == len(events)
+    late = 0
+    newest: dict[tuple[str, ...], float] = {}
+    accepted: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for e in events:
+        joined = ScoredEvent.unpack(e["event_id"], records[e["event_id"]]).features
+        was_late = False
+        for f in spec.features:
+            want, was_late = session_value(
+                f, e, accepted[f.name, e["card_id"]], newest.get((e["card_id"],)), "ts"
+            )
+            assert joined[f.name] == pytest.approx(want, rel=1e-9, abs=1e-9), (f.name, e)
+        newest[(e["card_id"],)] = max(newest.get((e["card_id"],), e["ts"]), e["ts"])
+        late += was_late
+    assert late > 20
+    assert rt.scorer.counters.late_events == late
+    assert rt.scorer.status()["late_events"] == late  # exported as riverflow_stage_status

@@ -345,6 +345,7 @@ def test_an_added_session_feature_keeps_the_stored_layout(redis_client: redis.Re
     session_store(redis_client, ns, 0, plan()).check_layout()  # a scorer not yet upgraded
     session_store(redis_client, ns, 0, plan(count, late_tiles)).check_layout()
     session_store(redis_client, ns, 0, plan(late_tiles, count)).check_layout()
-    reshaped = plan(count, late_tiles, {"name": "s_max", "agg": "max", "field": "amount", **session})
+    maximum = {"name": "s_max", "agg": "max", "field": "amount", **session}
+    reshaped = plan(count, late_tiles, maximum)
     with pytest.raises(FeatureLayoutError, match=r"session group 1: stored \['session'"):
         session_store(redis_client, ns, 0, reshaped).check_layout()
