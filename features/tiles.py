@@ -503,11 +503,17 @@ class Engine:
         it changed."""
         check_time(ts)
         lateness = self.lateness
-        tiled = self.tiled
-        too_late = {
-            name: name in tiled and ent.w is not None and ts < ent.w - lateness
-            for name, ent in ents.items()
-        }
+        if self.session_shape:
+            # an entity with no tiles (only sessions) is never too late for them
+            tiled = self.tiled
+            too_late = {
+                name: name in tiled and ent.w is not None and ts < ent.w - lateness
+                for name, ent in ents.items()
+            }
+        else:
+            too_late = {
+                name: ent.w is not None and ts < ent.w - lateness for name, ent in ents.items()
+            }
         vectors = []
         for gi, k, name, fields, strings in self.shape:
             ent = ents[name]
@@ -523,7 +529,28 @@ class Engine:
             end = int(ts // k.width) if tiles is None else tiles.hb
             newest, prev = k.previous(tiles, end)
             vectors.append(k.vector(tiles, end, since(ts, newest), prev, xs))
+        if self.session_shape:
+            return self._sessions(ents, ts, numbers, vectors, too_late)
+        changed = []
+        for name, ent in ents.items():
+            if not too_late[name]:
+                changed.append(name)
+                if ent.w is None or ts > ent.w:
+                    ent.w = ts
+        return vectors, any(too_late.values()), changed
+
+    def _sessions(
+        self,
+        ents: dict[str, Entity],
+        ts: float,
+        numbers: dict[str, float],
+        vectors: list[list[Any]],
+        too_late: dict[str, bool],
+    ) -> tuple[list[list[Any]], bool, list[str]]:
+        """``step``'s session groups, after its tile groups (``vectors``, and
+        ``too_late`` per entity for them)."""
         late = any(too_late.values())
+        tiled = self.tiled
         applied = {name for name, was in too_late.items() if name in tiled and not was}
         for si, sk, name, fields in self.session_shape:
             ent = ents[name]
