@@ -23,8 +23,13 @@ Key layout (prefix ``rf:{ns}:``; on a Redis Cluster the namespace is the hash ta
                                           when Lua wrote it, a list per tile when a
                                           scorer did: each is cheapest for its writer;
                                           a scorer adds the window's running totals);
+                                          a third element if it keeps sessions: {session
+                                          group -> its sessions, flat, each [first ts,
+                                          last ts, n, sums, minima, maxima]}
+                                          (``features.sessions``);
                                           ``v`` = its version, +1 on every write
-                                          TTL = longest window + its bucket + lateness
+                                          TTL = longest window + its bucket + lateness,
+                                          or a session gap + grace if longer
     rf:{ns}:ent:{entity}:{value}:hll:{group}:{j}:{bucket}
                                           HyperLogLog of the j-th distinct field, same TTL
     rf:{ns}:snap:{event id}               the snapshot the event was scored with and,
@@ -38,7 +43,8 @@ Key layout (prefix ``rf:{ns}:``; on a Redis Cluster the namespace is the hash ta
                                           expires ``keep_learned_s`` after the
                                           checkpoint covering it is committed
 
-    rf:{ns}:features:layout               the tile groups the entity state is laid out by
+    rf:{ns}:features:layout               the tile and session groups the entity state is
+                                          laid out by
                                           (JSON, no TTL): ``check_layout``
 
 ``{entity}`` is the entity's field, or fields joined by ``+`` for a composite
