@@ -8,6 +8,7 @@ import random
 from collections import defaultdict
 from typing import Any
 
+import msgpack
 import orjson
 import pytest
 import yaml
@@ -28,7 +29,7 @@ from riverflow.features.tiles import (
     unpack_entity,
 )
 from riverflow.settings import DEFAULT_SPEC, Settings
-from riverflow.spec import parse_spec
+from riverflow.spec import load_spec, parse_spec
 from riverflow.streams.contracts import Message
 from riverflow.tools.generator import FraudStreamConfig, transactions
 from tests.helpers import session_value
@@ -174,3 +175,34 @@ def test_the_scorer_serves_session_features_the_learner_joins_and_counts_late_on
     assert late > 20
     assert rt.scorer.counters.late_events == late
     assert rt.scorer.status()["late_events"] == late  # exported as riverflow_stage_status
+
+
+def test_the_fraud_examples_sessions_cost_an_entity_a_few_dozen_bytes() -> None:
+    """docs/architecture.md, "Session windows": the fraud example's session group
+    (count and amount sum) adds ~28 B per kept session to an entity's state, in
+    Redis and in the scorer's compact cache; over a day of 20 events per card,
+    at most 40 B on average, at most two sessions each."""
+    spec = load_spec(DEFAULT_SPEC)
+    data = spec.model_dump(mode="json", by_alias=True)
+    data["features"] = [f for f in data["features"] if not isinstance(f["window"], dict)]
+    tiles_only = parse_spec(data)
+    rng = random.Random(1)
+    events = sorted(
+        (1_767_225_600.0 + rng.uniform(0, 86_400), card, round(rng.lognormvariate(3.3, 0.9), 2))
+        for card in range(500)
+        for _ in range(20)
+    )
+    sizes = []
+    for plan in (tiles_only.feature_plan(), spec.feature_plan()):
+        engine = Engine(plan)
+        ents: dict[int, Entity] = {}
+        for ts, card, amount in events:
+            engine.step({"card_id": ents.setdefault(card, Entity())}, ts, {"amount": amount}, {})
+        stored = [len(msgpack.packb(pack_entity(engine, e))) for e in ents.values()]
+        held = [len(compact_entity(engine, e, 1)) for e in ents.values()]
+        sizes.append((sum(stored) / len(ents), sum(held) / len(ents)))
+    [group] = spec.feature_plan().sessions
+    assert group.max_sessions == 2
+    assert all(len(e.sessions[0]) <= 2 for e in ents.values())
+    for without, with_sessions in zip(sizes[0], sizes[1], strict=True):
+        assert 28 <= with_sessions - without <= 40
