@@ -16,6 +16,11 @@ watermark ``w``). An event with ``ts >= w - lateness`` lands in its own bucket,
 however out of order. An older one is *too late*: it changes no aggregate and
 is scored with the entity's current window (the one ending at the newest
 bucket); the snapshot says so (``late``) and the scorer counts it.
+
+Session windows (``window: {session: 30m, grace: 5m}``) are not tiled: per
+entity the store keeps the sessions an event may still join (``features.sessions``
+says which and why that is a bounded few). Features sharing an entity, a gap and
+a grace share one ``SessionGroup``.
 """
 
 from __future__ import annotations
@@ -64,9 +69,47 @@ class Aggregation(StrEnum):
     LAST = "last"  # the field's value in the entity's previous event in the window
     SINCE_PREVIOUS = "since_previous"  # seconds since that previous event
     ZSCORE = "zscore"  # (value - window mean) / window std, 0 when std is 0
+    DURATION = "duration"  # session windows: seconds from the session's first event to its last
 
 
-NO_FIELD = {Aggregation.COUNT, Aggregation.SINCE_PREVIOUS}
+NO_FIELD = {Aggregation.COUNT, Aggregation.SINCE_PREVIOUS, Aggregation.DURATION}
+# what a session window computes (``duration`` only there)
+SESSION_AGGS = {
+    Aggregation.COUNT, Aggregation.DURATION, Aggregation.SUM, Aggregation.MEAN,
+    Aggregation.MIN, Aggregation.MAX,
+}  # fmt: skip
+BUCKETS = 12  # tiles per window unless a feature says
+# a session's state grows with grace / session (see ``SessionGroup.max_sessions``)
+MAX_GRACE_PER_GAP = 10
+
+
+class SessionWindow(BaseModel):
+    """``{session: 30m, grace: 5m}``: a session closes after ``session`` without an
+    event (event time); an event up to ``grace`` older than its entity's newest
+    one still joins (or bridges) its sessions, an older one is late."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    session: Duration
+    grace: Duration | None = Field(None, description="default: no out-of-order event joins")
+
+    @property
+    def gap_s(self) -> float:
+        return parse_duration(self.session)
+
+    @property
+    def grace_s(self) -> float:
+        return parse_duration(self.grace) if self.grace else 0.0
+
+    def model_post_init(self, _context: object) -> None:
+        if self.grace_s > MAX_GRACE_PER_GAP * self.gap_s:
+            raise ValueError(
+                f"session window: grace {self.grace} exceeds {MAX_GRACE_PER_GAP} x the "
+                f"session gap {self.session} (each entity would keep up to "
+                f"grace / session + 2 sessions)"
+            )
+
+
 ANY_FIELD = {Aggregation.DISTINCT, Aggregation.DISTINCT_EXACT}  # strings count too
 
 
@@ -78,8 +121,8 @@ class FeatureSpec(BaseModel):
     name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     agg: Aggregation
     field: str | None = Field(None, description="event field aggregated (not for count)")
-    window: Duration
-    buckets: int = Field(12, ge=1, le=1000, description="tiles per window")
+    window: Duration | SessionWindow
+    buckets: int = Field(BUCKETS, ge=1, le=1000, description="tiles per window (not sessions)")
     entity: str | tuple[str, ...] | None = Field(
         None, description="entity key field(s); default: the event key"
     )
@@ -91,6 +134,22 @@ class FeatureSpec(BaseModel):
             raise ValueError(f"feature {self.name!r}: {self.agg.value} needs a field")
         if isinstance(self.entity, tuple) and not self.entity:
             raise ValueError(f"feature {self.name!r}: entity needs at least one field")
+        if isinstance(self.window, SessionWindow):
+            if self.agg not in SESSION_AGGS:
+                allowed = ", ".join(sorted(a.value for a in SESSION_AGGS))
+                raise ValueError(
+                    f"feature {self.name!r}: a session window computes {allowed}, "
+                    f"not {self.agg.value}"
+                )
+            # (a dumped spec carries the default: taken back as it is)
+            if self.buckets != BUCKETS:
+                raise ValueError(f"feature {self.name!r}: a session window has no buckets")
+        elif self.agg is Aggregation.DURATION:
+            raise ValueError(f"feature {self.name!r}: duration needs a session window")
+
+    @property
+    def session(self) -> SessionWindow | None:
+        return self.window if isinstance(self.window, SessionWindow) else None
 
     def entity_fields(self, default: str) -> tuple[str, ...]:
         if self.entity is None:
@@ -186,6 +245,64 @@ class TileGroup:
         return int(ts // self.bucket_s)
 
 
+# Layout of one session group's aggregate vector: [n, duration, the session's sums,
+# minima, maxima (per field that needs them)]; a kept session is the same after
+# its first and last event times: [first, last, n, sums, minima, maxima]
+SESSION_STATS = ("sum", "min", "max")
+SESSION_NEEDS = {
+    Aggregation.SUM: "sum", Aggregation.MEAN: "sum", Aggregation.MIN: "min",
+    Aggregation.MAX: "max",
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class SessionGroup:
+    """Session features sharing one entity, gap and grace: one list of sessions per
+    entity value. ``stats[k]``: the fields whose ``SESSION_STATS[k]`` it keeps."""
+
+    entity: tuple[str, ...]
+    gap_s: float
+    grace_s: float
+    stats: tuple[tuple[str, ...], ...] = ((),) * len(SESSION_STATS)
+
+    @cached_property
+    def numbers(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(f for fields in self.stats for f in fields))
+
+    @cached_property
+    def layout(self) -> tuple[list[int], ...]:
+        """Per stat of ``SESSION_STATS``: positions in ``numbers`` of its fields."""
+        return tuple([self.numbers.index(f) for f in fields] for fields in self.stats)
+
+    def offset(self, stat: str, name: str) -> int:
+        """Where ``stat`` of field ``name`` sits in the group aggregate vector."""
+        k = SESSION_STATS.index(stat)
+        return 2 + sum(len(s) for s in self.stats[:k]) + self.stats[k].index(name)
+
+    @property
+    def entity_name(self) -> str:
+        return "+".join(self.entity)
+
+    @property
+    def name(self) -> str:
+        return f"{self.entity_name}:session:{self.gap_s:g}s:grace:{self.grace_s:g}s"
+
+    @property
+    def record(self) -> int:
+        """Numbers per kept session."""
+        return 3 + sum(len(s) for s in self.stats)
+
+    @property
+    def max_sessions(self) -> int:
+        """Sessions kept per entity at most: those an event within the grace may still
+        join end less than gap + grace before the newest event, and a gap apart."""
+        return math.floor(self.grace_s / self.gap_s) + 2
+
+    @property
+    def ttl_s(self) -> float:
+        return self.gap_s + self.grace_s
+
+
 def entity_value(fields: tuple[str, ...], event: Mapping[str, object]) -> str:
     """The key of one entity in an event; composite keys join their parts with ``|``."""
     return "|".join(str(event[f]) for f in fields)
@@ -193,20 +310,31 @@ def entity_value(fields: tuple[str, ...], event: Mapping[str, object]) -> str:
 
 @dataclass(frozen=True)
 class FeaturePlan:
-    """How the declared features map onto tile groups, in a fixed order."""
+    """How the declared features map onto tile groups and session groups, in a
+    fixed order. A snapshot's aggregates are one vector per tile group, then one
+    per session group."""
 
     features: tuple[FeatureSpec, ...]
     groups: tuple[TileGroup, ...]
-    # per feature: (group index, up to three offsets in the group aggregate, -1 unused)
+    # per feature: (aggregate index, up to three offsets in its vector, -1 unused)
     _slots: tuple[tuple[int, int, int, int], ...]
     lateness_s: float = 0.0
+    sessions: tuple[SessionGroup, ...] = ()
 
     @classmethod
     def build(
         cls, features: list[FeatureSpec], default_entity: str, lateness_s: float = 0.0
     ) -> FeaturePlan:
         kinds: dict[tuple[tuple[str, ...], float, int], dict[str, list[str]]] = {}
+        spans: dict[tuple[tuple[str, ...], float, float], dict[str, list[str]]] = {}
         for f in features:
+            if (sw := f.session) is not None:
+                key = (f.entity_fields(default_entity), sw.gap_s, sw.grace_s)
+                kept = spans.setdefault(key, {k: [] for k in SESSION_STATS})
+                stat = SESSION_NEEDS.get(f.agg)
+                if stat is not None and f.field is not None and f.field not in kept[stat]:
+                    kept[stat].append(f.field)
+                continue
             need = kinds.setdefault(
                 _group_key(f, default_entity), {k: [] for k in (*STATS, "exact", "approx")}
             )
@@ -224,18 +352,30 @@ class FeaturePlan:
             )
             for (e, w, b), n in kinds.items()
         )  # fmt: skip
+        span_keys = list(spans)
+        sessions = tuple(
+            SessionGroup(e, gap, grace, tuple(tuple(n[k]) for k in SESSION_STATS))
+            for (e, gap, grace), n in spans.items()
+        )
         slots = []
         for f in features:
+            offsets = [-1, -1, -1]
+            if (sw := f.session) is not None:
+                si = span_keys.index((f.entity_fields(default_entity), sw.gap_s, sw.grace_s))
+                stat = SESSION_NEEDS.get(f.agg)
+                if stat is not None:
+                    offsets[0] = sessions[si].offset(stat, f.field or "")
+                slots.append((len(groups) + si, offsets[0], offsets[1], offsets[2]))
+                continue
             gi = keys.index(_group_key(f, default_entity))
             g = groups[gi]
-            offsets = [-1, -1, -1]
             if f.agg in (Aggregation.DISTINCT, Aggregation.DISTINCT_EXACT):
                 offsets[0] = g.distinct_offset(f.field or "")
             elif f.field is not None:
                 for i, stat in enumerate(NEEDS[f.agg]):
                     offsets[i] = g.offset(stat, f.field)
             slots.append((gi, offsets[0], offsets[1], offsets[2]))
-        return cls(tuple(features), groups, tuple(slots), lateness_s)
+        return cls(tuple(features), groups, tuple(slots), lateness_s, sessions)
 
     @property
     def names(self) -> list[str]:
@@ -244,11 +384,13 @@ class FeaturePlan:
     @cached_property
     def entities(self) -> list[tuple[str, ...]]:
         """Every entity (one or more fields) a feature is kept for."""
-        return list(dict.fromkeys(g.entity for g in self.groups))
+        return list(dict.fromkeys([*(g.entity for g in self.groups),
+                                   *(g.entity for g in self.sessions)]))  # fmt: skip
 
     @cached_property
     def number_fields(self) -> list[str]:
-        return sorted({f for g in self.groups for f in g.numbers})
+        return sorted({f for g in self.groups for f in g.numbers}
+                      | {f for g in self.sessions for f in g.numbers})  # fmt: skip
 
     @cached_property
     def distinct_fields(self) -> list[str]:
@@ -267,12 +409,28 @@ class FeaturePlan:
         """Per feature: name, group index, how to read it from the group aggregate,
         whether it needs an event (z-score). Built once: ``values`` runs per event."""
         return [
-            (f.name, slot[0], _reader(f, slot, self.groups[slot[0]]), f.agg is Aggregation.ZSCORE)
+            (f.name, slot[0], self._reader(f, slot), f.agg is Aggregation.ZSCORE)
             for f, slot in zip(self.features, self._slots, strict=True)
         ]
 
+    def _reader(
+        self, f: FeatureSpec, slot: tuple[int, int, int, int]
+    ) -> Callable[[list[float]], float]:
+        if f.session is None:
+            return _reader(f, slot, self.groups[slot[0]])
+        a = slot[1]
+        match f.agg:
+            case Aggregation.COUNT:
+                return lambda v: float(v[0])
+            case Aggregation.DURATION:
+                return lambda v: float(v[1])
+            case Aggregation.MEAN:
+                return lambda v: v[a] / v[0] if v[0] else 0.0
+        return lambda v: float(v[a]) if v[0] else 0.0  # sum, min, max
+
     def values(self, aggregates: list[list[float]]) -> dict[str, float]:
-        """Feature values from the group aggregates one event saw."""
+        """Feature values from the group aggregates one event saw (tile groups',
+        then session groups')."""
         return {name: read(aggregates[gi]) for name, gi, read, _ in self._readers}
 
     def current_values(self, aggregates: list[list[float] | None]) -> dict[str, float]:
@@ -286,6 +444,7 @@ class FeaturePlan:
 
 
 def _group_key(f: FeatureSpec, default_entity: str) -> tuple[tuple[str, ...], float, int]:
+    assert isinstance(f.window, str)  # session windows are grouped apart
     return (f.entity_fields(default_entity), parse_duration(f.window), f.buckets)
 
 

@@ -24,6 +24,7 @@ from typing import Any
 import msgpack
 
 from riverflow.features.definitions import FeaturePlan, TileGroup
+from riverflow.features.sessions import SessionKernel
 
 # |event time| the tiles take, in seconds (~31 million years): a bucket index stays an
 # exact integer (< 2**53) and a msgpack int64. The validator refuses far less
@@ -54,13 +55,15 @@ class Tiles:
 
 
 class Entity:
-    """One entity value: its watermark (newest event time) and its tiles per group."""
+    """One entity value: its watermark (newest event time), its tiles per group and
+    its sessions per session group (``features.sessions``)."""
 
-    __slots__ = ("groups", "w")
+    __slots__ = ("groups", "sessions", "w")
 
     def __init__(self) -> None:
         self.w: float | None = None
         self.groups: dict[int, Tiles] = {}
+        self.sessions: dict[int, list[list[Any]]] = {}
 
 
 class Kernel:
@@ -480,6 +483,12 @@ class Engine:
             (gi, k, g.entity_name, g.numbers, (*g.exact, *g.approx))
             for gi, (k, g) in enumerate(zip(self.kernels, plan.groups, strict=True))
         ]
+        self.tiled = {g.entity_name for g in plan.groups}  # entities with tiles
+        self.session_kernels = [SessionKernel(g) for g in plan.sessions]
+        self.session_shape = [
+            (si, k, g.entity_name, g.numbers)
+            for si, (k, g) in enumerate(zip(self.session_kernels, plan.sessions, strict=True))
+        ]
 
     def step(
         self,
@@ -489,11 +498,22 @@ class Engine:
         distinct: dict[str, str],
     ) -> tuple[list[list[Any]], bool, list[str]]:
         """Add one event to its entities (``ents``: entity name -> its state) and
-        read its windows: the group aggregates, whether it was too late for some
-        entity, and the entity names it changed."""
+        read its windows: the group aggregates (tile groups', then session
+        groups'), whether it was too late for some window, and the entity names
+        it changed."""
         check_time(ts)
         lateness = self.lateness
-        too_late = {name: ent.w is not None and ts < ent.w - lateness for name, ent in ents.items()}
+        if self.session_shape:
+            # an entity with no tiles (only sessions) is never too late for them
+            tiled = self.tiled
+            too_late = {
+                name: name in tiled and ent.w is not None and ts < ent.w - lateness
+                for name, ent in ents.items()
+            }
+        else:
+            too_late = {
+                name: ent.w is not None and ts < ent.w - lateness for name, ent in ents.items()
+            }
         vectors = []
         for gi, k, name, fields, strings in self.shape:
             ent = ents[name]
@@ -509,6 +529,8 @@ class Engine:
             end = int(ts // k.width) if tiles is None else tiles.hb
             newest, prev = k.previous(tiles, end)
             vectors.append(k.vector(tiles, end, since(ts, newest), prev, xs))
+        if self.session_shape:
+            return self._sessions(ents, ts, numbers, vectors, too_late)
         changed = []
         for name, ent in ents.items():
             if not too_late[name]:
@@ -516,6 +538,40 @@ class Engine:
                 if ent.w is None or ts > ent.w:
                     ent.w = ts
         return vectors, any(too_late.values()), changed
+
+    def _sessions(
+        self,
+        ents: dict[str, Entity],
+        ts: float,
+        numbers: dict[str, float],
+        vectors: list[list[Any]],
+        too_late: dict[str, bool],
+    ) -> tuple[list[list[Any]], bool, list[str]]:
+        """``step``'s session groups, after its tile groups (``vectors``, and
+        ``too_late`` per entity for them)."""
+        late = any(too_late.values())
+        tiled = self.tiled
+        applied = {name for name, was in too_late.items() if name in tiled and not was}
+        for si, sk, name, fields in self.session_shape:
+            ent = ents[name]
+            sessions = ent.sessions.get(si)
+            if sessions is None:
+                sessions = ent.sessions[si] = []
+            vector, session_late = sk.event(
+                sessions, ts, [float(numbers[f]) for f in fields], ent.w
+            )
+            vectors.append(vector)
+            if session_late:
+                late = True
+            else:
+                applied.add(name)
+        changed = []
+        for name, ent in ents.items():
+            if name in applied:
+                changed.append(name)
+                if ent.w is None or ts > ent.w:
+                    ent.w = ts
+        return vectors, late, changed
 
     def read(self, gi: int, ent: Entity, at: float | None) -> list[Any] | None:
         """Group ``gi``'s aggregate of ``ent`` at event time ``at`` (default: its newest)."""
@@ -527,10 +583,37 @@ class Engine:
         newest, prev = k.previous(tiles, end)
         return k.vector(tiles, end, since(ts, newest), prev, [])
 
+    def read_session(self, si: int, ent: Entity, at: float | None) -> list[Any] | None:
+        """Session group ``si``'s aggregate of ``ent``: the session open at event time
+        ``at`` (default: the newest), ``SessionKernel.read``."""
+        if at is not None:
+            check_time(at)
+        return self.session_kernels[si].read(ent.sessions.get(si) or [], at)
+
 
 def pack_entity(engine: Engine, ent: Entity) -> list[Any]:
-    """An entity as the Lua scripts store it: ``[w, {group index (1-based) -> group}]``."""
-    return [ent.w, {gi + 1: engine.kernels[gi].pack(t) for gi, t in ent.groups.items()}]
+    """An entity as the Lua scripts store it: ``[w, {group index (1-based) -> group}]``,
+    and ``{session group index (1-based) -> sessions, flat}`` if it keeps any."""
+    out = [ent.w, {gi + 1: engine.kernels[gi].pack(t) for gi, t in ent.groups.items()}]
+    sessions = _packed_sessions(engine, ent)
+    if sessions:
+        out.append(sessions)
+    return out
+
+
+def _packed_sessions(engine: Engine, ent: Entity) -> dict[int, list[Any]]:
+    kernels = engine.session_kernels
+    return {si + 1: kernels[si].pack(s) for si, s in ent.sessions.items() if s}
+
+
+def _unpack_sessions(engine: Engine, ent: Entity, stored: Any) -> None:
+    """Sessions as ``_packed_sessions`` (or Lua: a list when the keys are 1..n) made
+    them; those of session groups this plan lacks are left out."""
+    pairs = enumerate(stored, 1) if isinstance(stored, list) else stored.items()
+    kernels = engine.session_kernels
+    for si, flat in pairs:
+        if 0 < si <= len(kernels) and flat:
+            ent.sessions[si - 1] = kernels[si - 1].unpack(flat)
 
 
 def compact_entity(engine: Engine, ent: Entity, version: int) -> bytes:
@@ -550,12 +633,13 @@ def compact_entity(engine: Engine, ent: Entity, version: int) -> bytes:
     for gi, tiles in ent.groups.items():
         ints.append(gi)
         kernels[gi].compact(tiles, w, ints, floats, rest)
-    return msgpack.packb([ints, array("d", floats).tobytes(), rest or None])
+    sessions = _packed_sessions(engine, ent) or None
+    return msgpack.packb([ints, array("d", floats).tobytes(), rest or None, sessions])
 
 
 def expand_entity(engine: Engine, compact: bytes) -> tuple[Entity, int]:
     """The entity and version ``compact_entity`` made ``compact`` of."""
-    ints, raw, rest = msgpack.unpackb(compact, strict_map_key=False)
+    ints, raw, rest, sessions = msgpack.unpackb(compact, strict_map_key=False)
     doubles = array("d")
     doubles.frombytes(raw)
     floats = doubles.tolist()
@@ -568,6 +652,8 @@ def expand_entity(engine: Engine, compact: bytes) -> tuple[Entity, int]:
     for _ in range(ints[1]):
         gi = ints[p]
         ent.groups[gi], p, d = kernels[gi].expand(ints, p + 1, floats, d, others, w)
+    if sessions:
+        _unpack_sessions(engine, ent, sessions)
     return ent, ints[0]
 
 
@@ -581,4 +667,6 @@ def unpack_entity(engine: Engine, stored: Sequence[Any] | None) -> Entity:
         pairs = enumerate(groups, 1) if isinstance(groups, list) else groups.items()
         for gi, group in pairs:
             ent.groups[gi - 1] = engine.kernels[gi - 1].unpack(group)
+        if len(stored) > 2 and stored[2]:
+            _unpack_sessions(engine, ent, stored[2])
     return ent

@@ -39,9 +39,11 @@ def brute_force_features(
     entity's newest event minus ``lateness_s`` is too late: it counts nowhere
     and sees the window ending at the entity's newest bucket. ``last`` and
     ``since_previous`` are about the newest (by event time; then by arrival)
-    earlier event in the window.
+    earlier event in the window. Session windows: ``session_value``.
     """
     accepted: dict[tuple[tuple[str, ...], str], list[dict[str, Any]]] = defaultdict(list)
+    in_sessions: dict[tuple[str, tuple[str, ...], str], list[dict[str, Any]]] = defaultdict(list)
+    newest: dict[tuple[tuple[str, ...], str], float] = {}
     out: dict[str, dict[str, float]] = {}
     for event in events:
         values: dict[str, float] = {}
@@ -50,6 +52,10 @@ def brute_force_features(
         for f in features:
             fields = f.entity_fields(key)
             entity = (fields, entity_value(fields, event))
+            if f.session is not None:
+                kept = in_sessions[(f.name, *entity)]
+                values[f.name], _ = session_value(f, event, kept, newest.get(entity), time)
+                continue
             entities.add(entity)
             past = accepted[entity]
             late = bool(past) and ts < max(e[time] for e in past) - lateness_s
@@ -66,8 +72,57 @@ def brute_force_features(
             past = accepted[entity]
             if not past or ts >= max(e[time] for e in past) - lateness_s:
                 past.append(event)
+        for f in features:
+            fields = f.entity_fields(key)
+            entity = (fields, entity_value(fields, event))
+            newest[entity] = max(newest.get(entity, ts), ts)
         out[event["event_id"]] = values
     return out
+
+
+def session_value(
+    f: FeatureSpec,
+    event: dict[str, Any],
+    accepted: list[dict[str, Any]],
+    newest: float | None,
+    time: str,
+) -> tuple[float, bool]:
+    """A session feature's value for ``event`` and whether it was late, given the
+    events of its entity accepted so far (``event`` is added if it is not late) and
+    the newest event time of the entity before it.
+
+    Late: older than the grace before ``newest``. Sessions: the accepted events
+    sorted by time, cut where one follows the one before by the gap or more. An
+    event is scored with the session holding it; a late one with the session
+    holding the newest event."""
+    window = f.session
+    assert window is not None
+    ts = event[time]
+    late = newest is not None and ts < newest - window.grace_s
+    if not late:
+        accepted.append(event)
+    at = newest if late else ts
+    sessions: list[list[dict[str, Any]]] = []
+    for e in sorted(accepted, key=lambda e: e[time]):
+        if sessions and e[time] - sessions[-1][-1][time] < window.gap_s:
+            sessions[-1].append(e)
+        else:
+            sessions.append([e])
+    session = next(s for s in sessions if s[0][time] <= at <= s[-1][time])
+    if f.agg is Aggregation.COUNT:
+        return float(len(session)), late
+    if f.agg is Aggregation.DURATION:
+        return session[-1][time] - session[0][time], late
+    assert f.field is not None
+    xs = [float(e[f.field]) for e in session]
+    match f.agg:
+        case Aggregation.SUM:
+            return math.fsum(xs), late
+        case Aggregation.MEAN:
+            return math.fsum(xs) / len(xs), late
+        case Aggregation.MIN:
+            return min(xs), late
+    return max(xs), late
 
 
 def _aggregate(

@@ -176,8 +176,10 @@ class FeatureStore(Protocol):
         """Current feature values of the given entities (name -> value), changing nothing.
 
         Windows end at event time ``at``, by default at each entity's newest
-        event; ``last`` is then the newest value. Features of entities not
-        given, and z-scores (they need an event), are left out.
+        event; ``last`` is then the newest value. A session feature is that of
+        the session open at ``at`` (0s if none is), by default the newest
+        session. Features of entities not given, and z-scores (they need an
+        event), are left out.
         """
         ...
 

@@ -135,4 +135,8 @@ class MemoryFeatureStore:
             value = entities.get(g.entity_name)
             ent = None if value is None else self.entities.get((g.entity_name, value))
             aggregates.append(None if ent is None else self.engine.read(gi, ent, at))
+        for si, sg in enumerate(self.plan.sessions):
+            value = entities.get(sg.entity_name)
+            ent = None if value is None else self.entities.get((sg.entity_name, value))
+            aggregates.append(None if ent is None else self.engine.read_session(si, ent, at))
         return self.plan.current_values(aggregates)

@@ -23,8 +23,13 @@ Key layout (prefix ``rf:{ns}:``; on a Redis Cluster the namespace is the hash ta
                                           when Lua wrote it, a list per tile when a
                                           scorer did: each is cheapest for its writer;
                                           a scorer adds the window's running totals);
+                                          a third element if it keeps sessions: {session
+                                          group -> its sessions, flat, each [first ts,
+                                          last ts, n, sums, minima, maxima]}
+                                          (``features.sessions``);
                                           ``v`` = its version, +1 on every write
-                                          TTL = longest window + its bucket + lateness
+                                          TTL = longest window + its bucket + lateness,
+                                          or a session gap + grace if longer
     rf:{ns}:ent:{entity}:{value}:hll:{group}:{j}:{bucket}
                                           HyperLogLog of the j-th distinct field, same TTL
     rf:{ns}:snap:{event id}               the snapshot the event was scored with and,
@@ -38,7 +43,8 @@ Key layout (prefix ``rf:{ns}:``; on a Redis Cluster the namespace is the hash ta
                                           expires ``keep_learned_s`` after the
                                           checkpoint covering it is committed
 
-    rf:{ns}:features:layout               the tile groups the entity state is laid out by
+    rf:{ns}:features:layout               the tile and session groups the entity state is
+                                          laid out by
                                           (JSON, no TTL): ``check_layout``
 
 ``{entity}`` is the entity's field, or fields joined by ``+`` for a composite
@@ -117,11 +123,21 @@ class FeatureLayoutError(RiverflowError):
 
 def plan_layout(plan: FeaturePlan) -> list[list[Any]]:
     """What fixes where each value sits in an entity's stored state: per tile group,
-    in order, its entity, window and buckets, and the fields of each statistic."""
-    return [
+    in order, its entity, window and buckets, and the fields of each statistic;
+    then per session group ``["session", its entity, gap and grace, the fields of
+    each statistic]``."""
+    tiles: list[list[Any]] = [
         [g.name, [list(fields) for fields in g.stats], list(g.exact), list(g.approx)]
         for g in plan.groups
     ]
+    return tiles + [["session", g.name, [list(f) for f in g.stats]] for g in plan.sessions]
+
+
+def _split_layout(layout: list[list[Any]]) -> tuple[list[list[Any]], list[list[Any]]]:
+    """A layout's tile groups and session groups (each kept by position in its own
+    part of the state: adding to one moves nothing in the other)."""
+    sessions = [g for g in layout if g and g[0] == "session"]
+    return [g for g in layout if not (g and g[0] == "session")], sessions
 
 
 def is_cluster(client: Any) -> bool:
@@ -201,8 +217,9 @@ class RedisFeatureStore:
         self._entities = plan.entities
         names = ["+".join(e) for e in self._entities]
         ttl_s = {name: 0.0 for name in names}
-        for g in plan.groups:
-            ttl_s[g.entity_name] = max(ttl_s[g.entity_name], g.ttl_s)
+        for name, ttl in [*((g.entity_name, g.ttl_s) for g in plan.groups),
+                          *((g.entity_name, g.ttl_s) for g in plan.sessions)]:  # fmt: skip
+            ttl_s[name] = max(ttl_s[name], ttl)
         params = []
         for g in plan.groups:
             layout = {k: [i + 1 for i in ix] for k, ix in zip(_LUA_STATS, g.layout, strict=True)}
@@ -213,10 +230,19 @@ class RedisFeatureStore:
                  "ttl": str(int(ttl_s[g.entity_name] * 1000) + 1000), **layout}
             )  # fmt: skip
         self._groups = msgpack.packb(params, use_bin_type=False)
+        session_params = [
+            {"gap": g.gap_s, "grace": g.grace_s, "R": g.record,
+             "ent": names.index(g.entity_name) + 1,
+             "ttl": str(int(ttl_s[g.entity_name] * 1000) + 1000),
+             **{k: [i + 1 for i in ix] for k, ix in zip(("S", "MN", "MX"), g.layout, strict=True)}}
+            for g in plan.sessions
+        ]  # fmt: skip
+        self._sessions = msgpack.packb(session_params, use_bin_type=False)
         # one packer for the store's writes (a store serves one thread at a time):
         # ``msgpack.packb`` builds a packer per call, ~0.5-0.9 us each, per entity
         self._pack = msgpack.Packer(use_bin_type=False).pack
         self._header = [self.replay_ms, repr(plan.lateness_s), self._groups]
+        self._session_numbers = [g.numbers for g in plan.sessions]
         # what update_and_read packs per event, worked out once (it runs per event)
         self._entity_prefixes = [(name, self.entity_key(name, "")) for name in names]
         self._shape = [(g.bucket_s, g.numbers, (*g.exact, *g.approx)) for g in plan.groups]
@@ -254,6 +280,9 @@ class RedisFeatureStore:
         the same layout, or one that only adds groups after the existing ones
         (or, from a scorer still on the previous spec, lacks the last ones), is
         taken; another raises ``FeatureLayoutError`` naming the first difference.
+        Session groups are a part of their own (``features.sessions``): a session
+        feature that adds a session group is taken, as is a tile group added while
+        session groups exist; one that changes a session group's statistics is not.
         """
         mine = plan_layout(self.plan)
         raw = orjson.dumps(mine)
@@ -262,19 +291,26 @@ class RedisFeatureStore:
         stored = orjson.loads(self.client.get(self.layout_key) or raw)
         if stored == mine:
             return
-        n = min(len(stored), len(mine))
-        if stored[:n] == mine[:n]:
-            if len(mine) > len(stored):  # new groups at the end: their windows start empty
-                self.client.set(self.layout_key, raw)
-            return
-        i = next(i for i in range(n) if stored[i] != mine[i])
-        raise FeatureLayoutError(
-            f"the spec's features lay out entity state differently from what is stored in "
-            f"Redis under {self.prefix}ent:* (tile group {i + 1}: stored {stored[i]}, the "
-            f"spec's {mine[i]}): the scorer would read the stored tiles wrongly. Give the "
-            f"changed spec a new name (a new pipeline), or stop every scorer, run "
-            f"`riverflow features reset`, and start them again (the windows restart empty)"
-        )
+        merged = []
+        # tile groups and session groups sit in two parts of the state, each by position
+        for what, old, new in zip(
+            ("tile group", "session group"), _split_layout(stored), _split_layout(mine), strict=True
+        ):
+            n = min(len(old), len(new))
+            if old[:n] != new[:n]:
+                i = next(i for i in range(n) if old[i] != new[i])
+                raise FeatureLayoutError(
+                    f"the spec's features lay out entity state differently from what is "
+                    f"stored in Redis under {self.prefix}ent:* ({what} {i + 1}: stored "
+                    f"{old[i]}, the spec's {new[i]}): the scorer would read the stored "
+                    f"state wrongly. Give the changed spec a new name (a new pipeline), or "
+                    f"stop every scorer, run `riverflow features reset`, and start them "
+                    f"again (the windows restart empty)"
+                )
+            # new groups at the end: their windows start empty
+            merged.append(new if len(new) > len(old) else old)
+        if merged[0] + merged[1] != stored:
+            self.client.set(self.layout_key, orjson.dumps(merged[0] + merged[1]))
 
     def forget(self, field: str, value: str, event_ids: Sequence[str] = ()) -> tuple[int, int]:
         """Delete what Redis holds of the entity whose ``field`` is ``value`` (as
@@ -484,11 +520,12 @@ class RedisFeatureStore:
                          [strs[f] for f in strings]]
                         for width, numbers, strings in shape
                     ],
+                    [[float(nums[f]) for f in numbers] for numbers in self._session_numbers],
                 ]
             )  # fmt: skip
         # bytes as msgpack "raw": Redis' cmsgpack predates the bin type
         blob = msgpack.packb(events, use_bin_type=False)
-        raw = self._write(self._update, self._route, [*self._header, blob])
+        raw = self._write(self._update, self._route, [*self._header, blob, self._sessions])
         out = []
         for req, item in zip(batch, raw, strict=True):
             if item.startswith(b"="):
@@ -582,6 +619,11 @@ class RedisFeatureStore:
             if at is not None:
                 check_time(at)
             args += ["", ""] if at is None else [str(g.bucket(at)), repr(float(at))]
+        args.append(self._sessions)
+        for sg in self.plan.sessions:
+            value = entities.get(sg.entity_name)
+            args += ["" if value is None else self.entity_key(sg.entity_name, value)]
+            args += ["" if at is None else repr(float(at))]
         raw = self._call(self._read, self._route, args)
         aggregates = [msgpack.unpackb(item) if item else None for item in raw]
         return self.plan.current_values(aggregates)

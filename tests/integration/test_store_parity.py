@@ -36,6 +36,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
+import pytest
 import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -49,6 +50,10 @@ from riverflow.features.tiles import Engine
 from riverflow.streams.contracts import ServedPrediction
 from tests.feature_streams import EXACT_PLAN, LATENESS_S, event_streams, run_batches
 from tests.feature_streams import requests as stream_requests
+from tests.session_streams import PLAN as SESSION_PLAN
+from tests.session_streams import brute_force as session_brute_force
+from tests.session_streams import requests as session_requests
+from tests.session_streams import session_streams
 
 SETTINGS = settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
@@ -273,3 +278,74 @@ def test_the_served_and_claim_scripts_agree_with_the_embedded_store(
         )
     for event_id, token in memory.learned.items():
         assert redis_client.get(store.learned_key(event_id)) == token.encode()
+
+
+def session_store(client: redis.Redis, ns: str, cached: int, plan: Any = None) -> RedisFeatureStore:
+    return RedisFeatureStore(client, ns, plan or SESSION_PLAN, horizon_s=3600,
+                             cached_entities=cached)  # fmt: skip
+
+
+@settings(max_examples=100, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
+@given(
+    events=session_streams(min_size=10),
+    batch=st.integers(1, 8),
+    turns=st.lists(st.integers(0, 2), min_size=1),
+    at=st.integers(-3600, 3600),
+)
+def test_session_features_agree_on_every_path_with_brute_force(
+    redis_client: redis.Redis,
+    events: list[dict[str, Any]],
+    batch: int,
+    turns: list[int],
+    at: int,
+) -> None:
+    """Sessions through ``update_and_read.lua``, a scorer computing in process
+    (holding every entity, or one: reloads from Redis) and ``commit.lua``, taking
+    turns on one namespace (each reads the sessions the others wrote): every
+    number as the embedded store gives it, and every session feature as the brute
+    force recomputes it; ``read.lua`` as ``MemoryFeatureStore.read``."""
+    ns = new_namespace()
+    scorers = [session_store(redis_client, ns, 0), session_store(redis_client, ns, 15_000),
+               session_store(redis_client, ns, 1)]  # fmt: skip
+    reqs = session_requests(events)
+    got = []
+    for n, i in enumerate(range(0, len(reqs), batch)):
+        got += scorers[turns[n % len(turns)]].update_and_read(reqs[i : i + batch])
+    memory = MemoryFeatureStore(SESSION_PLAN)
+    assert snapshot_bits(got) == snapshot_bits(run_batches(memory, reqs, batch))
+    for snap, (values, late) in zip(got, session_brute_force(events), strict=True):
+        assert snap.late == late
+        assert {k: SESSION_PLAN.values(snap.aggregates)[k] for k in values} == values
+    newest = max(e["ts"] for e in events)
+    for entities in {str(r.entities): r.entities for r in reqs}.values():
+        for when in (None, newest + at):
+            want = memory.read(entities, when)
+            assert scorers[0].read(entities, when) == want
+
+
+def test_an_added_session_feature_keeps_the_stored_layout(redis_client: redis.Redis) -> None:
+    """A session feature added to a spec starts its sessions empty, and a tile
+    window added after it is taken too; a session feature needing a statistic its
+    group did not keep is refused, naming the group."""
+    from riverflow.features.definitions import FeaturePlan, FeatureSpec
+    from riverflow.features.store.redis_store import FeatureLayoutError
+
+    def plan(*extra: dict[str, Any]) -> Any:
+        base = [{"name": "n_1h", "agg": "count", "window": "1h"}]
+        specs = [FeatureSpec.model_validate(f) for f in (*base, *extra)]
+        return FeaturePlan.build(specs, "card_id", 0.0)
+
+    ns = new_namespace()
+    session = {"window": {"session": "30m", "grace": "5m"}}
+    count = {"name": "s_n", "agg": "count", **session}
+    late_tiles = {"name": "n_5m", "agg": "count", "window": "5m"}
+    session_store(redis_client, ns, 0, plan()).check_layout()
+    session_store(redis_client, ns, 0, plan(count)).check_layout()
+    session_store(redis_client, ns, 0, plan()).check_layout()  # a scorer not yet upgraded
+    session_store(redis_client, ns, 0, plan(count, late_tiles)).check_layout()
+    session_store(redis_client, ns, 0, plan(late_tiles, count)).check_layout()
+    maximum = {"name": "s_max", "agg": "max", "field": "amount", **session}
+    reshaped = plan(count, late_tiles, maximum)
+    with pytest.raises(FeatureLayoutError, match=r"session group 1: stored \['session'"):
+        session_store(redis_client, ns, 0, reshaped).check_layout()

@@ -314,9 +314,9 @@ def test_released_marks_go_after_their_time_or_beyond_the_count(
 # Recorded again for issue 19: promotion by the e-process and shadow-scored
 # rollbacks change the monitor's decisions and their evidence. Again for issue 18:
 # the fraud example's `clean:` rules (a Clean step heads each candidate and clips
-# the amount it sees) and its searched logistic regression (learning rate x L2;
-# its survivor is a candidate more).
-RECORDED_RESULTS = "d1510ec73b866d5c76764f50d98de6a702140fad53007ee5f91a4788fa4d22fd"
+# the amount it sees), its searched logistic regression (learning rate x L2; its
+# survivor is a candidate more) and its session features.
+RECORDED_RESULTS = "e6588e443eebc4d85c333f15bc37756771717192b923f29359ab0b2e23c5b941"
 
 
 def test_a_run_gives_the_results_recorded_before_the_hot_path_was_reworked(

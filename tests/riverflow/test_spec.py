@@ -24,7 +24,13 @@ def fraud_data() -> dict[str, Any]:
 def test_fraud_example_loads_and_builds_its_model() -> None:
     spec = load_spec(DEFAULT_SPEC)
     assert spec.topics.events == "fraud.events"
-    assert spec.feature_plan().names == ["tx_count_1h", "amount_sum_1h", "amount_mean_24h"]
+    assert spec.feature_plan().names == [
+        "tx_count_1h",
+        "amount_sum_1h",
+        "amount_mean_24h",
+        "tx_in_session",
+        "amount_in_session",
+    ]
     models = build_candidates(spec.models)
     assert spec.models.champion_spec.name == "fraud-hoeffding"
     assert type(models["fraud-hoeffding"]).__name__ == "HoeffdingTreeClassifier"

@@ -8,7 +8,7 @@
 -- [newest bucket, tiles]}], a group's tiles flat, one record of R values per bucket:
 -- [bucket, n, newest ts, stats..., sets...]; flat because cmsgpack (un)packs one big
 -- array ~2.5x faster than a table per tile. idx maps a bucket to its record's
--- offset.
+-- offset. A third element, if any: {session group index -> its sessions, flat}.
 local cache, order = {}, {}
 local function load(key)
   local st = cache[key]
@@ -29,6 +29,7 @@ local function load(key)
       end
       st.g[gi] = {hb = gd[1], F = F}
     end
+    st.sf = d[3]  -- sessions per session group, flat: see sessions()
   end
   cache[key] = st
   order[#order + 1] = key
@@ -115,4 +116,43 @@ local function since_of(ts, newest)
   local gap = ts - newest
   if gap > 0 then return gap end
   return 0
+end
+
+-- Session windows: mirrors riverflow.features.sessions step for step (the same
+-- additions in the same order). SG[s]: gap and grace (s), S MN MX (1-based
+-- positions in the event's numbers of the fields keeping sum, min, max), R
+-- (numbers per session: first ts, last ts, n, sums, minima, maxima), ent, ttl.
+local function sessions(st, si, sg)
+  st.s = st.s or {}
+  local S = st.s[si]
+  if S then return S end
+  S = {}
+  local flat = st.sf and st.sf[si]
+  if flat then
+    for p = 0, #flat - sg.R, sg.R do
+      local rec = {}
+      for x = 1, sg.R do rec[x] = flat[p + x] end
+      S[#S + 1] = rec
+    end
+  end
+  st.s[si] = S
+  return S
+end
+local function session_vector(s, sg)
+  local out = {0, 0}
+  if s then out = {s[3], s[2] - s[1]} end
+  for x = 4, sg.R do out[x - 1] = s and s[x] or 0 end
+  return out
+end
+local function session_read(S, sg, at)
+  if #S == 0 then return nil end
+  if at == nil then return session_vector(S[#S], sg) end
+  for i = #S, 1, -1 do
+    local s = S[i]
+    if s[1] <= at then
+      if at < s[2] + sg.gap then return session_vector(s, sg) end
+      return session_vector(nil, sg)
+    end
+  end
+  return session_vector(nil, sg)
 end

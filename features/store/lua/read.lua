@@ -1,6 +1,7 @@
 -- ARGV: the group parameters, then per group: its entity key ('' to skip it), the
--- end bucket and the read time ('' and '' for "at the newest event").
--- Runs after prelude.lua.
+-- end bucket and the read time ('' and '' for "at the newest event"); then the
+-- session group parameters and per session group: its entity key ('' to skip it)
+-- and the read time ('' for the newest session). Runs after prelude.lua.
 local G = cmsgpack.unpack(ARGV[1])
 local out = {}
 local a = 2
@@ -18,5 +19,16 @@ for gi = 1, #G do
     end
   end
   a = a + 3
+end
+local SG = cmsgpack.unpack(ARGV[a])
+for si = 1, #SG do
+  local key = ARGV[a + 1]
+  out[#G + si] = ''
+  if key ~= '' then
+    local st = load(key)
+    local v = session_read(sessions(st, si, SG[si]), SG[si], tonumber(ARGV[a + 2]))
+    if v then out[#G + si] = cmsgpack.pack(v) end
+  end
+  a = a + 2
 end
 return out

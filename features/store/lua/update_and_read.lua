@@ -1,7 +1,7 @@
--- ARGV: snapshot ttl ms, lateness s, the group parameters, then the batch
--- (msgpack): per event [snapshot key, context JSON, ts, [entity keys],
--- [per group: [bucket, [numbers], [exact then approximate distinct strings]]]].
--- Runs after prelude.lua.
+-- ARGV: snapshot ttl ms, lateness s, the group parameters, the batch (msgpack):
+-- per event [snapshot key, context JSON, ts, [entity keys], [per group: [bucket,
+-- [numbers], [exact then approximate distinct strings]]], [per session group:
+-- [numbers]]], then the session group parameters. Runs after prelude.lua.
 local function add(st, gi, g, key, b, ts, xs, strs)
   local gs = st.g[gi]
   if not gs then gs = {hb = b, F = {}, idx = {}}; st.g[gi] = gs end
@@ -54,10 +54,48 @@ local function add(st, gi, g, key, b, ts, xs, strs)
   return gs
 end
 
+-- one event at ts in session group sg's sessions S (features.sessions): its
+-- session's vector, and whether it was late (then nothing changes)
+local function session_add(st, S, sg, ts, xs)
+  local w = st.w
+  if w ~= nil and ts < w - sg.grace then return session_vector(S[#S], sg), true end
+  local new = {ts, ts, 1}
+  for j = 1, #sg.S do new[#new + 1] = xs[sg.S[j]] end
+  for j = 1, #sg.MN do new[#new + 1] = xs[sg.MN[j]] end
+  for j = 1, #sg.MX do new[#new + 1] = xs[sg.MX[j]] end
+  local a, b = 3 + #sg.S, 3 + #sg.S + #sg.MN
+  local gap, kept, placed = sg.gap, {}, false
+  for _, s in ipairs(S) do
+    if s[1] - gap < ts and ts < s[2] + gap then
+      if s[1] < new[1] then new[1] = s[1] end
+      if s[2] > new[2] then new[2] = s[2] end
+      for x = 3, a do new[x] = new[x] + s[x] end
+      for x = a + 1, b do if s[x] < new[x] then new[x] = s[x] end end
+      for x = b + 1, sg.R do if s[x] > new[x] then new[x] = s[x] end end
+    else
+      if not placed and s[1] > ts then kept[#kept + 1] = new; placed = true end
+      kept[#kept + 1] = s
+    end
+  end
+  if not placed then kept[#kept + 1] = new end
+  local newest = ts
+  if w ~= nil and w > ts then newest = w end
+  local horizon = newest - sg.grace
+  for i = #S, 1, -1 do S[i] = nil end
+  for _, s in ipairs(kept) do
+    if s[2] + gap > horizon then S[#S + 1] = s end
+  end
+  st.dirty = sg.ttl
+  return session_vector(new, sg), false
+end
+
 local snap_ttl = ARGV[1]
 local lateness = tonumber(ARGV[2])
 local G = cmsgpack.unpack(ARGV[3])
 local batch = cmsgpack.unpack(ARGV[4])
+local SG = cmsgpack.unpack(ARGV[5])
+local tiled = {}  -- entities (by index) with tile groups: only they are too late for tiles
+for gi = 1, #G do tiled[G[gi].ent] = true end
 local out = {}
 for n = 1, #batch do
   local ev = batch[n]
@@ -69,7 +107,7 @@ for n = 1, #batch do
     local ents, too_late, late = {}, {}, 0
     for e = 1, #keys do
       ents[e] = load(keys[e])
-      too_late[e] = ents[e].w ~= nil and ts < ents[e].w - lateness
+      too_late[e] = tiled[e] and ents[e].w ~= nil and ts < ents[e].w - lateness
       if too_late[e] then late = 1 end
     end
     local vecs = {}
@@ -84,8 +122,17 @@ for n = 1, #batch do
       if not too_late[g.ent] then gs = add(st, gi, g, keys[g.ent], b, ts, gd[2], gd[3]) end
       vecs[gi] = vector(gs, g, keys[g.ent], gi, e, since_of(ts, newest), pv, gd[2])
     end
+    local applied = {}
+    for e = 1, #keys do applied[e] = tiled[e] and not too_late[e] end
+    for si = 1, #SG do
+      local sg = SG[si]
+      local st = ents[sg.ent]
+      local v, was_late = session_add(st, sessions(st, si, sg), sg, ts, ev[6][si])
+      vecs[#G + si] = v
+      if was_late then late = 1 else applied[sg.ent] = true end
+    end
     for e = 1, #keys do
-      if not too_late[e] and (ents[e].w == nil or ts > ents[e].w) then ents[e].w = ts end
+      if applied[e] and (ents[e].w == nil or ts > ents[e].w) then ents[e].w = ts end
     end
     local snap = cmsgpack.pack({ev[2], vecs, late})
     redis.call('SET', ev[1], snap, 'PX', snap_ttl)
@@ -113,7 +160,19 @@ for _, key in ipairs(order) do
       end
       groups[gi] = {gs.hb, kept}
     end
-    redis.call('HSET', key, 's', cmsgpack.pack({st.w, groups}))
+    local kept = st.sf
+    if st.s then
+      kept = {}
+      if st.sf then for si, flat in pairs(st.sf) do kept[si] = flat end end
+      for si, S in pairs(st.s) do
+        local flat = {}
+        for _, s in ipairs(S) do
+          for x = 1, #s do flat[#flat + 1] = s[x] end
+        end
+        kept[si] = flat
+      end
+    end
+    redis.call('HSET', key, 's', cmsgpack.pack({st.w, groups, kept}))
     redis.call('HINCRBY', key, 'v', 1)
     redis.call('PEXPIRE', key, st.dirty)
   end
