@@ -316,7 +316,7 @@ def test_released_marks_go_after_their_time_or_beyond_the_count(
 # the fraud example's `clean:` rules (a Clean step heads each candidate and clips
 # the amount it sees), its searched logistic regression (learning rate x L2; its
 # survivor is a candidate more) and its session features.
-RECORDED_RESULTS = "e6588e443eebc4d85c333f15bc37756771717192b923f29359ab0b2e23c5b941"
+RECORDED_RESULTS = "1056f276f859ca1c688d9c2bb9a4b7fe725377efa9867b58c6d5a449247d3c22"
 
 
 def test_a_run_gives_the_results_recorded_before_the_hot_path_was_reworked(
