@@ -118,12 +118,6 @@ class PipelineSpec(BaseModel):
         for where, name in used:
             if name in dropped:
                 raise ValueError(f"{where}: {name!r} is dropped at intake (events.pii)")
-        for i, c in enumerate(self.models.candidates):
-            if c.search is not None and self.label.type is not LabelType.BOOL:
-                raise ValueError(
-                    f"models.candidates.{i}.search: the model search ranks binary "
-                    f"classifiers for now, and label.type is {self.label.type}"
-                )
         known = names | set(self.models.inputs)
         for i, c in enumerate(self.models.candidates):
             for j, name in enumerate(c.select):
@@ -146,6 +140,12 @@ class PipelineSpec(BaseModel):
                 "monitors.detector.kind: ddm watches 0/1 errors; a number label's drift is "
                 "on absolute errors (adwin, page_hinkley or kswin)"
             )
+        for i, c in enumerate(self.models.candidates):
+            if c.search is not None and self.label.type is not LabelType.BOOL:
+                raise ValueError(
+                    f"models.candidates.{i}.search: the model search ranks binary "
+                    f"classifiers for now, and label.type is {self.label.type}"
+                )
         return self
 
     @property

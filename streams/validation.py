@@ -232,7 +232,9 @@ def label_validator(
     the declared classes); a label that is not one is refused naming the field."""
     fields = {label.event_id: FieldType.STR}
     if label.type is LabelType.CATEGORY:
-        return RecordValidator(fields, max_bytes, bounds, {label.field: label.classes or []})
+        return RecordValidator(
+            fields, max_bytes, bounds, choices={label.field: label.classes or []}
+        )
     fields[label.field] = _LABEL_FIELD_TYPES[label.type]
     return RecordValidator(fields, max_bytes, bounds)
 

@@ -98,7 +98,7 @@ class Scorer:
         self.clean = dict(clean or {})
         optional = {name for name, rule in self.clean.items() if rule.optional}
         self.categorical = [n for n, r in self.clean.items() if r.max_categories is not None]
-        self.validate = RecordValidator(schema.fields, max_event_bytes, bounds, optional)
+        self.validate = RecordValidator(schema.fields, max_event_bytes, bounds, optional=optional)
         self.quality = quality or DataQuality(schema.fields)
         self.dlq_keep_bytes = dlq_keep_bytes
         self.counters = StageCounters()

@@ -118,3 +118,11 @@ def test_a_regressor_for_a_bool_label_is_a_spec_error() -> None:
     data["monitors"] = {"detector": {"kind": "ddm"}}
     with pytest.raises(SpecError, match="ddm watches 0/1 errors"):
         parse_spec(data)
+
+
+def test_a_model_search_on_a_label_that_is_not_bool_is_a_spec_error() -> None:
+    data = load_spec("examples/delivery.yaml").model_dump(mode="json", by_alias=True)
+    linear = data["models"]["candidates"][0]
+    linear["search"] = {"space": {"estimator.params.l2": [0.0, 0.01]}}
+    with pytest.raises(SpecError, match="candidates.0.search: the model search ranks binary"):
+        parse_spec(data)
