@@ -124,5 +124,5 @@ def test_a_model_search_on_a_label_that_is_not_bool_is_a_spec_error() -> None:
     data = load_spec("examples/delivery.yaml").model_dump(mode="json", by_alias=True)
     linear = data["models"]["candidates"][0]
     linear["search"] = {"space": {"estimator.params.l2": [0.0, 0.01]}}
-    with pytest.raises(SpecError, match="candidates.0.search: the model search ranks binary"):
+    with pytest.raises(SpecError, match=r"candidates\.0\.search: the model search ranks binary"):
         parse_spec(data)
