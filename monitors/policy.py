@@ -27,8 +27,11 @@ the spec's policies to the registry while traffic flows:
   full quality window becomes the new level: a concept drift, not a bad
   version). The learner then continues that version, forgetting what it
   learned since;
-- every champion change (promote, rollback) resets the champion's drift
-  detector: the errors of a model that was just swapped in are no drift;
+- drift detectors settle: a candidate's detector is fed only after its first
+  ``window`` labels (a young model's error is not stationary: it falls, and
+  jumps when a tree splits), and every champion change (promote, rollback)
+  gives the new champion a fresh detector fed after ``window`` more labels: the
+  errors of a model that was just swapped in are no drift;
 - every decision is returned with its evidence (the stage writes it to
   ``{ns}.model-events``); no promotion is taken within ``cooldown`` labelled
   events of the previous promote or rollback, no rollback within
@@ -117,6 +120,14 @@ class Watch:
         self.drift = ErrorDriftMonitor(spec.detector)
         self.version = 0
         self.first_label = first_label
+        # the detector is fed from this label count on: a model's first quality
+        # window (and the champion's first after it was swapped in) is its settling
+        self.settled_at = first_label + spec.window
+
+    def settle(self, spec: MonitorSpec, labels: int) -> None:
+        """A fresh detector, fed once ``spec.window`` more labels have passed."""
+        self.drift = ErrorDriftMonitor(spec.detector)
+        self.settled_at = labels + spec.window
 
 
 class PipelineMonitor:
@@ -222,7 +233,7 @@ class PipelineMonitor:
                 watch = self.watches[name] = Watch(self.spec, self.labels)
             watch.version = version
             right[name] = ok = watch.quality.update(label, probability)
-            if watch.drift.update(not ok):
+            if name == champion and self.labels >= watch.settled_at and watch.drift.update(not ok):
                 out += self._drift(name, watch, source)
         if segment is not None and champion in right:
             key = str(segment)
@@ -414,7 +425,7 @@ class PipelineMonitor:
         self.recent.clear()
         watch = self.watches.get(self.champion_name)
         if watch is not None:
-            watch.drift = ErrorDriftMonitor(self.spec.detector)
+            watch.settle(self.spec, self.labels)
 
     def _check_promotions(self, champion: str) -> list[Decision]:
         policy = self.spec.promote
