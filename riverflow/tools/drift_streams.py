@@ -178,8 +178,9 @@ class DriftWindows:
     Drift ``k`` starts at ``starts[k]`` and takes ``width`` events; an alarm from
     its start to ``accept`` events after its transition detects it. An event is on
     a *stationary stretch* once the concept has been fixed for at least half the
-    time between two changes (``(every - width) // 2`` events after the last
-    transition ended, or after the start of the stream).
+    time between two changes (``(every - width + 1) // 2`` events after the last
+    transition ended, or after the start of the stream: SEA 70,000-80,000 with a
+    drift every 20,000).
     """
 
     starts: list[int]
@@ -195,7 +196,7 @@ class DriftWindows:
 
     def stationary(self, i: int) -> bool:
         ended = max((s + self.width - 1 for s in self.starts if s <= i), default=0)
-        return i - ended >= (self.every - self.width) // 2
+        return i - ended >= (self.every - self.width + 1) // 2
 
 
 def alarm_figures(
