@@ -4,8 +4,9 @@
 candidate's prequential prediction) and the scorer's predictions, and applies
 the spec's policies to the registry while traffic flows:
 
-- **drift**: each candidate's 0/1 errors go to a detector (ADWIN by default);
-  an alarm of the champion starts a *fresh challenger* (the champion's spec,
+- **drift**: the champion's 0/1 errors go to a detector (ADWIN by default; a
+  challenger's would act on nothing: it is judged by its duel); an alarm
+  starts a *fresh challenger* (the champion's spec,
   reset state), at most ``challengers.max`` alive, each retired after
   ``challengers.patience`` labelled events unless promoted;
 - **promote**: a challenger whose paired e-value against the champion
@@ -27,11 +28,11 @@ the spec's policies to the registry while traffic flows:
   full quality window becomes the new level: a concept drift, not a bad
   version). The learner then continues that version, forgetting what it
   learned since;
-- drift detectors settle: a candidate's detector is fed only after its first
-  ``window`` labels (a young model's error is not stationary: it falls, and
-  jumps when a tree splits), and every champion change (promote, rollback)
-  gives the new champion a fresh detector fed after ``window`` more labels: the
-  errors of a model that was just swapped in are no drift;
+- drift detectors settle: the first champion's detector is fed only after its
+  first ``window`` labels, and every champion change (promote, rollback) gives
+  the new champion a fresh detector fed after ``window`` more labels: the
+  errors of a model that was just swapped in, or of a young one (falling as it
+  learns, jumping when a tree splits), are no drift;
 - every decision is returned with its evidence (the stage writes it to
   ``{ns}.model-events``); no promotion is taken within ``cooldown`` labelled
   events of the previous promote or rollback, no rollback within
