@@ -6,10 +6,10 @@
 ``riverflow.tools.drift_streams``, once with the monitor's policies and once
 without (the champion only keeps learning), and reports per stream:
 
-- recall over the detectable drifts, mean delay and false alarms per 100k, of
-  the serving champion's detector and of every candidate's
-  (``drift_streams.alarm_figures``); a drift the error stream cannot show is
-  counted as undetectable, never dropped;
+- recall over the detectable drifts, mean delay and false alarms per 100k
+  (``drift_streams.alarm_figures``) of the champion's alarms and of every
+  drift event (the same now that only the champion's detector alarms); a
+  drift the error stream cannot show is counted as undetectable, never dropped;
 - promotions and rollbacks outside every drift window and on stationary
   stretches (``drift_streams.DriftWindows``);
 - served accuracy with and without the monitor, and the recovery after each

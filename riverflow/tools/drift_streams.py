@@ -2,23 +2,10 @@
 and decisions are scored against them (the pure half of ``riverflow drift-eval``,
 ``riverflow.tools.drift_eval``).
 
-``riverflow drift-eval`` runs the whole pipeline (scorer, learner and the real
-``monitors.policy.PipelineMonitor`` on the embedded runtime, through
-``riverflow.tools.recovery.run_pipeline``) on streams with drifts at known
-positions, once with the monitor's policies and once without, and scores
-
-- detection: a drift is *detected* by an alarm within ``accept`` events of the
-  start of its transition (``accept + width`` for a gradual one); recall over
-  the drifts the error stream can show (``detectable``), the mean delay, and
-  false alarms (outside every drift window) per 100,000 events, for the
-  serving champion's detector and for every candidate's;
-- decisions: promotions and rollbacks outside every drift window, and on
-  *stationary stretches* (the concept fixed for at least half the spacing
-  between drifts: SEA's 70,000-80,000 with a drift every 20,000);
-- served accuracy with and without the monitor, and the recovery after each
-  drift (``recovery_times``);
-- "River alone": the spec's detector (ADWIN) on the error stream of the model
-  served without the monitor, scored the same way.
+Scoring: a drift is *detected* by an alarm from the start of its change to
+``accept`` events after its transition (``alarm_figures``); an alarm outside
+every drift window is false; promotions and rollbacks are counted outside the
+drift windows and on *stationary stretches* (``DriftWindows``).
 
 A drift that the served model's error stream cannot show (its error over the
 ``AFTER`` events from the middle of the change no higher, by ``Z`` standard
