@@ -28,10 +28,9 @@ the spec's policies to the registry while traffic flows:
   full quality window becomes the new level: a concept drift, not a bad
   version). The learner then continues that version, forgetting what it
   learned since;
-- drift detectors settle: the first champion's detector is fed only after its
-  first ``window`` labels, and every champion change (promote, rollback) gives
-  the new champion a fresh detector fed after ``window`` more labels: the
-  errors of a model that was just swapped in, or of a young one (falling as it
+- drift detectors settle: every champion change (promote, rollback) gives the
+  new champion a fresh detector fed after ``window`` more labels: the errors
+  of a model that was just swapped in, often a young one (falling as it
   learns, jumping when a tree splits), are no drift;
 - every decision is returned with its evidence (the stage writes it to
   ``{ns}.model-events``); no promotion is taken within ``cooldown`` labelled
@@ -121,9 +120,9 @@ class Watch:
         self.drift = ErrorDriftMonitor(spec.detector)
         self.version = 0
         self.first_label = first_label
-        # the detector is fed from this label count on: a model's first quality
-        # window (and the champion's first after it was swapped in) is its settling
-        self.settled_at = first_label + spec.window
+        # the detector is fed from this label count on (``settle``: a quality window
+        # after the model was swapped in)
+        self.settled_at = first_label
 
     def settle(self, spec: MonitorSpec, labels: int) -> None:
         """A fresh detector, fed once ``spec.window`` more labels have passed."""
