@@ -9,8 +9,9 @@ classifier's 0/1 errors, a regressor's absolute errors (windowed metrics in
 ``quality``; regressors are promoted on paired error differences and not
 rolled back, see below).
 
-- **drift**: each candidate's errors (0/1, or absolute) go to a detector (ADWIN by default);
-  an alarm of the champion starts a *fresh challenger* (the champion's spec,
+- **drift**: the champion's errors (0/1, or absolute) go to a detector (ADWIN by
+  default; a challenger's would act on nothing: it is judged by its duel); an
+  alarm starts a *fresh challenger* (the champion's spec,
   reset state), at most ``challengers.max`` alive, each retired after
   ``challengers.patience`` labelled events unless promoted;
 - **promote**: a challenger whose paired e-value against the champion
@@ -32,8 +33,10 @@ rolled back, see below).
   full quality window becomes the new level: a concept drift, not a bad
   version). The learner then continues that version, forgetting what it
   learned since;
-- every champion change (promote, rollback) resets the champion's drift
-  detector: the errors of a model that was just swapped in are no drift;
+- drift detectors settle: every champion change (promote, rollback) gives the
+  new champion a fresh detector fed after ``window`` more labels: the errors
+  of a model that was just swapped in, often a young one (falling as it
+  learns, jumping when a tree splits), are no drift;
 - every decision is returned with its evidence (the stage writes it to
   ``{ns}.model-events``); no promotion is taken within ``cooldown`` labelled
   events of the previous promote or rollback, no rollback within
@@ -140,6 +143,14 @@ class Watch:
         self.drift = ErrorDriftMonitor(spec.detector)
         self.version = 0
         self.first_label = first_label
+        # the detector is fed from this label count on (``settle``: a quality window
+        # after the model was swapped in)
+        self.settled_at = first_label
+
+    def settle(self, spec: MonitorSpec, labels: int) -> None:
+        """A fresh detector, fed once ``spec.window`` more labels have passed."""
+        self.drift = ErrorDriftMonitor(spec.detector)
+        self.settled_at = labels + spec.window
 
 
 class PipelineMonitor:
@@ -249,7 +260,11 @@ class PipelineMonitor:
                 watch = self.watches[name] = Watch(self.spec, self.labels, self.target)
             watch.version = version
             loss[name] = watch.quality.add(label, answer)
-            if watch.drift.update(loss[name]):
+            if (
+                name == champion
+                and self.labels >= watch.settled_at
+                and watch.drift.update(loss[name])
+            ):
                 out += self._drift(name, watch, source)
         if segment is not None and champion in loss:
             key = str(segment)
@@ -457,7 +472,7 @@ class PipelineMonitor:
         self.recent.clear()
         watch = self.watches.get(self.champion_name)
         if watch is not None:
-            watch.drift = ErrorDriftMonitor(self.spec.detector)
+            watch.settle(self.spec, self.labels)
 
     def _check_promotions(self, champion: str) -> list[Decision]:
         policy = self.spec.promote

@@ -1,19 +1,19 @@
 """How much faster the served model recovers from abrupt drift with the monitor than without.
 
 Runs the whole pipeline (scorer, learner, monitor on the embedded runtime) twice
-on the same Agrawal stream with abrupt concept switches at known positions
-(``riverflow.tools.drift_eval.drifting_stream``): once with the spec's monitor
+on the same stream with concept changes at known positions
+(``riverflow.tools.drift_streams.drifting_stream``): once with the spec's monitor
 policies, once with them off (the champion only keeps learning). Recovery after
 a drift is the number of events until the *served* predictions' windowed
 accuracy is back within 2 points of its level just before the drift
-(``riverflow.tools.drift_eval.recovery_times``). ``riverflow recovery-eval`` prints both
-and their ratio.
+(``riverflow.tools.drift_streams.recovery_times``). ``riverflow recovery-eval`` prints both
+and their ratio; ``riverflow drift-eval`` (``riverflow.tools.drift_eval``) scores the
+monitor's decisions from the same runs.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,13 +22,20 @@ import orjson
 from riverflow.embedded import EmbeddedRuntime
 from riverflow.settings import Settings
 from riverflow.spec import PipelineSpec, parse_spec
-from riverflow.streams.contracts import ModelEvent, Prediction
-from riverflow.tools.drift_eval import drifting_stream, recovery_times, score
+from riverflow.streams.contracts import ModelEvent, Output, Prediction
+from riverflow.tools.drift_streams import (
+    DriftWindows,
+    alarm_figures,
+    drifting_stream,
+)
 
 AGRAWAL_FIELDS = ("salary", "commission", "age", "elevel", "car", "zipcode", "hvalue", "hyears",
                   "loan")  # fmt: skip
 SEA_FIELDS = ("x0", "x1", "x2")
-STREAM_FIELDS = {"agrawal": AGRAWAL_FIELDS, "sea": SEA_FIELDS}
+
+
+def stream_fields(stream: str) -> tuple[str, ...]:
+    return SEA_FIELDS if stream.startswith("sea") else AGRAWAL_FIELDS
 
 
 def agrawal_spec(monitored: bool, stream: str = "agrawal", twin: bool = False) -> PipelineSpec:
@@ -40,7 +47,7 @@ def agrawal_spec(monitored: bool, stream: str = "agrawal", twin: bool = False) -
     if twin:
         other = {**tree, "params": {"grace_period": 200}}
         candidates.append({"name": "tree-twin", "estimator": other})
-    inputs = STREAM_FIELDS[stream]
+    inputs = stream_fields(stream)
     fields: dict[str, str] = {"event_id": "str", "source": "str", "ts": "timestamp"}
     fields.update({name: "float" for name in inputs})
     off = {"promote": {"enabled": False}, "rollback": {"enabled": False},
@@ -72,17 +79,37 @@ def run_pipeline(
     batch: int = 500,
     stream: str = "agrawal",
 ) -> PipelineRun:
-    """Events and their labels (one batch later) through scorer, learner and monitor."""
-    inputs = STREAM_FIELDS[stream]
-    rt = EmbeddedRuntime(spec, Settings(label_wait_s=0.0, snapshot_every_labels=500,
-                                        batch_size=batch, model_poll_s=1e-6),
-                         retain=(spec.topics.predictions, spec.topics.model_events))  # fmt: skip
-    samples, _ = drifting_stream(events, every, seed, stream)
+    """Events and their labels (one batch later) through scorer, learner and monitor.
+
+    Time is the event's position (snapshots every 500 labels, none by the clock), so
+    a run depends on its arguments only; predictions and decisions are read as they
+    are written and nothing is retained, so memory does not grow with ``events``."""
+    inputs = stream_fields(stream)
+    now = [0.0]
     truth: dict[str, bool] = {}
+    correct: list[bool] = []
+    decisions: list[ModelEvent] = []
+    topics = spec.topics
+
+    def seen(outputs: list[Output]) -> None:
+        for o in outputs:
+            if o.topic == topics.predictions:
+                p = Prediction.decode(o.value)
+                correct.append(((p.probability or 0.0) >= 0.5) == truth.pop(p.event_id))
+            elif o.topic == topics.model_events:
+                e = ModelEvent.decode(o.value)
+                if e.by == "monitor":
+                    decisions.append(e)
+
+    settings = Settings(label_wait_s=0.0, snapshot_every_labels=500, snapshot_every_s=0.0,
+                        batch_size=batch, model_poll_s=1e-6)  # fmt: skip
+    rt = EmbeddedRuntime(spec, settings, retain=(), clock=lambda: now[0], on_output=seen)
+    samples, _ = drifting_stream(events, every, seed, stream)
     started = time.perf_counter()
     for i, (x, y) in enumerate(samples):
         event_id = f"a{i:07d}"
         truth[event_id] = bool(y)
+        now[0] = float(i)
         event = {"event_id": event_id, "source": "agrawal", "ts": float(i),
                  **{k: float(x[k]) for k in inputs}}  # fmt: skip
         rt.produce(rt.topics.events, b"agrawal", orjson.dumps(event))
@@ -91,14 +118,7 @@ def run_pipeline(
         if (i + 1) % batch == 0:
             rt.step()
     rt.drain()
-    seconds = time.perf_counter() - started
-    correct = []
-    for _, raw in rt.messages(rt.topics.predictions):
-        p = Prediction.decode(raw)
-        correct.append(((p.probability or 0.0) >= 0.5) == truth[p.event_id])
-    logged = [ModelEvent.decode(v) for _, v in rt.messages(rt.topics.model_events)]
-    decisions = [e for e in logged if e.by == "monitor"]
-    return PipelineRun(correct, decisions, seconds)
+    return PipelineRun(correct, decisions, time.perf_counter() - started)
 
 
 def event_index(decision: ModelEvent) -> int:
@@ -110,29 +130,23 @@ def event_index(decision: ModelEvent) -> int:
 
 
 def decision_figures(
-    decisions: list[ModelEvent], drifts: list[int], events: int, accept: int = 2_000
+    decisions: list[ModelEvent], windows: DriftWindows, detectable: list[bool]
 ) -> dict[str, Any]:
-    """The monitor's decisions against the known drifts.
+    """The monitor's decisions against the known drifts (``DriftWindows``).
 
-    A promotion or rollback more than ``accept`` events after the last drift is
-    taken on a stationary stretch: the concept did not change, so it is churn.
-    Drift alarms are scored as ``drift_eval.score`` does (the first alarm within
-    ``accept`` events of a drift detects it) except that later alarms inside that
-    window are not false: they are the other candidates, or the champion again,
-    reacting to the same change. ``champion_*`` counts only the alarms of the
-    candidate then serving (drift events that say so; older ones do not).
+    Promotions and rollbacks are counted outside every drift window and on
+    stationary stretches. Drift alarms are scored by ``alarm_figures``, for all
+    candidates and for the ``champion`` alone: the alarms of the candidate then
+    serving (drift events that say so; older ones do not).
     """
-
-    def stationary(i: int) -> bool:
-        return not any(d <= i < d + accept for d in drifts)
-
     kinds: dict[str, int] = {}
     for d in decisions:
         kinds[d.kind] = kinds.get(d.kind, 0) + 1
     out: dict[str, Any] = {"decisions": kinds}
     for kind in ("promote", "rollback"):
         at = [event_index(d) for d in decisions if d.kind == kind]
-        out[f"{kind}_stationary"] = sum(map(stationary, at))
+        out[f"{kind}_outside"] = sum(not windows.in_drift(i) for i in at)
+        out[f"{kind}_stationary"] = sum(map(windows.stationary, at))
         out[f"{kind}_at"] = at
     out["promotions"] = [
         {"at": event_index(d), "model": d.model, "version": d.version,
@@ -140,58 +154,7 @@ def decision_figures(
         for d in decisions if d.kind == "promote"
     ]  # fmt: skip
     drift_events = [d for d in decisions if d.kind == "drift"]
-    champion = [d for d in drift_events if d.champion]
-    groups = {"all": drift_events, "champion": champion}
+    groups = {"all": drift_events, "champion": [d for d in drift_events if d.champion]}
     for name, group in groups.items():
-        alarms = sorted(event_index(d) for d in group)
-        detection = score(name, alarms, drifts, events, accept)
-        false = sum(map(stationary, alarms))
-        out[f"{name}_alarms"] = {
-            "alarms": len(alarms),
-            "recall": detection.recall,
-            "mean_delay": detection.mean_delay,
-            "false_alarms": false,
-            "false_per_100k": false / events * 100_000,
-        }
-    return out
-
-
-def run_recovery_eval(
-    events: int = 200_000,
-    every: int = 25_000,
-    seed: int = 42,
-    window: int = 1_000,
-    log: Callable[[str], None] = print,
-    stream: str = "agrawal",
-    runs: tuple[str, ...] = ("without_monitor", "with_monitor"),
-    twin: bool = False,
-) -> dict[str, Any]:
-    """Both runs on the same stream; the figures ``riverflow recovery-eval`` prints."""
-    _, drifts = drifting_stream(events, every, seed, stream)
-    out: dict[str, Any] = {"stream": stream, "events": events, "seed": seed, "drifts": drifts,
-                           "window": window, "twin": twin}  # fmt: skip
-    for name in runs:
-        monitored = name == "with_monitor"
-        log(f"{name}: {events:,} {stream} events through scorer, learner and monitor ...")
-        spec = agrawal_spec(monitored, stream, twin)
-        run = run_pipeline(spec, events, every, seed, stream=stream)
-        times = recovery_times(run.correct, drifts, window)
-        figures = decision_figures(run.decisions, drifts, events)
-        out[name] = {
-            "recovery_events": times,
-            "mean_recovery": sum(times) / len(times) if times else None,
-            "accuracy": sum(run.correct) / len(run.correct),
-            **figures,
-            "seconds": round(run.seconds, 1),
-        }
-        log(f"  recovery per drift {times}, mean {out[name]['mean_recovery'] or 0:,.0f}; "
-            f"served accuracy {out[name]['accuracy']:.4f}; decisions {figures['decisions']}; "
-            f"promotions / rollbacks on stationary stretches {figures['promote_stationary']} / "
-            f"{figures['rollback_stationary']}; alarms {figures['all_alarms']}")  # fmt: skip
-    if len(runs) == 2 and drifts:
-        ratio = out["without_monitor"]["mean_recovery"] / max(
-            out["with_monitor"]["mean_recovery"], 1
-        )
-        out["ratio"] = ratio
-        log(f"mean recovery without / with the monitor: {ratio:.2f}x")
+        out[f"{name}_alarms"] = alarm_figures(map(event_index, group), windows, detectable)
     return out

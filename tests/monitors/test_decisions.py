@@ -97,7 +97,7 @@ def test_no_rollback_to_a_version_that_is_no_better_on_the_recent_labels() -> No
     assert monitor.level is not None and monitor.level < 0.8  # the fall became the level
 
 
-def test_a_champion_change_resets_its_drift_detector() -> None:
+def test_a_champion_change_resets_its_drift_detector_and_holds_it_for_a_window() -> None:
     monitor, registry = monitor_with_versions(MonitorSpec(cooldown=0))
     rng = random.Random(3)
     feed(monitor, rng, 2_000, served_right=0.95)
@@ -111,6 +111,10 @@ def test_a_champion_change_resets_its_drift_detector() -> None:
     monitor.refresh()
     assert monitor.watches["m"].drift.detector.width == 0
     assert not monitor.duels and monitor.level is None and not monitor.recent
+    feed(monitor, rng, MonitorSpec().window - 1, served_right=0.95)
+    assert monitor.watches["m"].drift.detector.width == 0  # settling
+    feed(monitor, rng, 100, served_right=0.95)
+    assert monitor.watches["m"].drift.detector.width > 0
 
 
 def test_a_drift_event_names_the_label_that_tripped_it_and_the_champion() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from riverflow.streams.contracts import ModelEvent
+from riverflow.tools.drift_streams import DriftWindows
 from riverflow.tools.recovery import agrawal_spec, decision_figures, run_pipeline
 
 
@@ -28,9 +29,12 @@ def test_decisions_far_from_any_drift_are_counted_as_taken_on_a_stationary_stret
     log = [decision("drift", 10_100, True), decision("drift", 10_300, False),
            decision("promote", 11_000), decision("drift", 15_000, True),
            decision("promote", 16_000), decision("rollback", 12_500)]  # fmt: skip
-    figures = decision_figures(log, drifts=[10_000], events=20_000, accept=2_000)
-    assert figures["promote_stationary"] == 1 and figures["rollback_stationary"] == 1
+    windows = DriftWindows([10_000], events=20_000, every=10_000, accept=2_000)
+    figures = decision_figures(log, windows, detectable=[True])
+    # outside the drift's window: 12,500 and 16,000; settled (5,000 after it): 16,000
+    assert (figures["promote_outside"], figures["rollback_outside"]) == (1, 1)
+    assert (figures["promote_stationary"], figures["rollback_stationary"]) == (1, 0)
     assert figures["all_alarms"]["alarms"] == 3 and figures["all_alarms"]["false_alarms"] == 1
     champion = figures["champion_alarms"]
     assert (champion["alarms"], champion["recall"], champion["mean_delay"]) == (2, 1.0, 100)
-    assert champion["false_per_100k"] == 5.0
+    assert champion["false_per_100k"] == 5.0 and champion["false_at"] == [15_000]
