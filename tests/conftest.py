@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,10 @@ LOGS: list[Path] = []
 # The checkout the tests run in (for files that are not package data: deploy/, compose).
 REPO_ROOT = Path(__file__).resolve().parent.parent
 INTEGRATION = REPO_ROOT / "tests" / "integration"
+# The CLI's messages wrap at the terminal's width (80 columns without one): a message
+# naming a long temporary path (an xdist worker's is one folder deeper) would be split
+# across lines where a test looks for it. Stage and CLI processes inherit this.
+os.environ.setdefault("COLUMNS", "200")
 # The files whose tests assert a wall-clock bound (a recovery, a pause, a rollback within
 # N s): with pytest-xdist (scripts/test) one worker runs them one after another, so no
 # two of them share the cores at the same time.
