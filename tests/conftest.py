@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,6 +16,17 @@ LOGS: list[Path] = []
 # The checkout the tests run in (for files that are not package data: deploy/, compose).
 REPO_ROOT = Path(__file__).resolve().parent.parent
 INTEGRATION = REPO_ROOT / "tests" / "integration"
+# The CLI's messages wrap at the terminal's width (80 columns without one): a message
+# naming a long temporary path (an xdist worker's is one folder deeper) would be split
+# across lines where a test looks for it. Stage and CLI processes inherit this.
+os.environ.setdefault("COLUMNS", "200")
+# The files whose tests assert a wall-clock bound (a recovery, a pause, a rollback within
+# N s): with pytest-xdist (scripts/test) one worker runs them one after another, so no
+# two of them share the cores at the same time.
+WALL_CLOCK = frozenset(
+    f"tests/integration/{name}.py"
+    for name in ("test_chaos", "test_failover", "test_scaling", "test_soak", "test_monitor_stage")
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -23,6 +36,22 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if INTEGRATION in item.path.parents:
             item.add_marker(pytest.mark.integration)
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``--dist loadfile`` with the ``WALL_CLOCK`` files as one unit: each worker has a
+    Kafka broker and a redis-server of its own (the ``stack`` fixture), so a file's tests
+    stay together (its module fixtures start once); units go out in the order collected."""
+    if config.getoption("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class WallClockApart(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return "wall-clock" if path in WALL_CLOCK else path
+
+    return WallClockApart(config, log)
 
 
 @pytest.fixture(scope="session")

@@ -216,17 +216,50 @@ def collect(
     return out
 
 
+@pytest.fixture(scope="session")
+def shared_redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    """One Redis Cluster for the session (``redis_cluster`` hands it to each test)."""
+    cluster = start_redis_cluster(tmp_path_factory.mktemp("cluster"), node_timeout_ms=2000)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def whole(cluster: RedisCluster, primaries: int = 3) -> bool:
+    """Each of ``primaries`` primaries has its replicas attached (``ROLE``), as started."""
+    heads = cluster.primaries()
+    per = len(cluster.nodes) // primaries - 1
+    return len(heads) == primaries and all(
+        len(cluster.client(node).execute_command("ROLE")[2]) == per for node in heads
+    )
+
+
 @pytest.fixture
-def redis_cluster(tmp_path: Path) -> Iterator[RedisCluster]:
-    """A Redis Cluster of the test's own: 3 primaries, 3 replicas, each a
-    ``redis-server --cluster-enabled yes`` on loopback, failed over after 2 s."""
-    cluster = start_redis_cluster(tmp_path / "cluster", node_timeout_ms=2000)
+def redis_cluster(shared_redis_cluster: RedisCluster) -> Iterator[RedisCluster]:
+    """A Redis Cluster: 3 primaries, 3 replicas, each a ``redis-server
+    --cluster-enabled yes`` on loopback, failed over after 2 s. Shared by the session
+    (a start is 6 servers and a slot assignment): each test gets it whole again (a
+    node a test left stopped or SIGSTOPped is resumed or started again), every node's
+    command statistics reset, and uses keys of its own (its spec's name)."""
+    cluster = shared_redis_cluster
+    for node in list(cluster.nodes):
+        if node.alive():
+            os.kill(node.pid, signal.SIGCONT)  # a no-op unless a test left it stopped
+        else:
+            cluster.restart(node)
+    cluster.wait_ok(30)
+    deadline = time.monotonic() + 30
+    while not whole(cluster):
+        assert time.monotonic() < deadline, "the shared Redis Cluster did not recover"
+        time.sleep(0.1)
+    for node in cluster.nodes:
+        cluster.client(node).config_resetstat()
     logs = [node.log for node in cluster.nodes]
     LOGS.extend(logs)
     try:
         yield cluster
     finally:
-        cluster.stop()
         for log in logs:
             LOGS.remove(log)
 

@@ -19,7 +19,8 @@ from riverflow.streams.kafka_io import ensure_topics, produce_all, producer
 from riverflow.tools.generator import FraudStreamConfig, with_labels
 from riverflow.tools.stack import Endpoints
 
-from .conftest import StageFactory, collect
+from .chaos import stop_cleanly
+from .conftest import StageFactory, StageProcess, collect
 
 KEY = Settings().signing_key.get_secret_value().encode()
 
@@ -35,6 +36,7 @@ def test_each_stage_runs_as_its_own_redis_user_and_the_scorer_cannot_touch_the_r
         redis_client.execute_command(
             "ACL", "SETUSER", user, "on", f">{password}", *redis_acl_rules(spec, stage)
         )
+    stages: dict[str, StageProcess] = {}
     try:
         ensure_topics(stack.kafka_bootstrap, topics.all(), partitions=3)
         stages = {
@@ -78,5 +80,8 @@ def test_each_stage_runs_as_its_own_redis_user_and_the_scorer_cannot_touch_the_r
             as_scorer.flushall()
         assert RedisRegistry(redis_client, spec.name, KEY).champion() == pointer
     finally:
+        # stopped while their users exist: a stage whose user is deleted under it waits
+        # the refusal out as an outage, until the fixture's SIGKILL 30 s later
+        stop_cleanly(*stages.values(), timeout_s=30)
         for user, _ in users.values():
             redis_client.acl_deluser(user)
