@@ -271,14 +271,8 @@ class CandidatePrediction:
         # an optional field that is None stays out of __dict__ (the class attribute
         # answers for it): orjson writes the __dict__, so it is left out of the record
         self.version = version
-        if probability is not None:
-            self.probability = probability
-        if value is not None:
-            self.value = value
-        if probabilities is not None:
-            self.probabilities = probabilities
-        if error is not None:
-            self.error = error
+        _set_given(self, probability=probability, value=value, probabilities=probabilities,
+                   error=error)  # fmt: skip
 
     @classmethod
     def __get_pydantic_core_schema__(cls, source: Any, handler: Any) -> core_schema.CoreSchema:
@@ -307,16 +301,18 @@ class ServedPrediction:
     ) -> None:
         self.model = model  # (optional fields as in CandidatePrediction.__init__)
         self.version = version
-        if probability is not None:
-            self.probability = probability
-        if value is not None:
-            self.value = value
-        if probabilities is not None:
-            self.probabilities = probabilities
+        _set_given(self, probability=probability, value=value, probabilities=probabilities)
 
     @classmethod
     def __get_pydantic_core_schema__(cls, source: Any, handler: Any) -> core_schema.CoreSchema:
         return core_schema.no_info_after_validator_function(_unset_none, handler(source))
+
+
+def _set_given(part: Any, **optional: Any) -> None:
+    """Set the optional fields given; one left None stays out of ``__dict__``."""
+    for name, value in optional.items():
+        if value is not None:
+            setattr(part, name, value)
 
 
 def _unset_none(part: Any) -> Any:

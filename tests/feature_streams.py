@@ -68,6 +68,12 @@ def event_streams(draw: st.DrawFn, min_size: int = 1, max_size: int = 60) -> lis
             max_size=max_size,
         )
     )
+    return events_of(steps)
+
+
+def events_of(steps: Sequence[tuple[int, int, int, float, float]]) -> list[dict[str, Any]]:
+    """Events from drawn steps: (card, merchant, amount in quarters, gap after the
+    previous event, how far behind the clock its time is)."""
     clock = START_TS
     events = []
     for i, (card, merchant, quarters, gap, back) in enumerate(steps):

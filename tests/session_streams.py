@@ -14,14 +14,14 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
-import orjson
 from hypothesis import strategies as st
 
 from riverflow.features.definitions import FeaturePlan, FeatureSpec, entity_value
-from riverflow.features.store import FeatureRequest, feature_request
+from riverflow.features.store import FeatureRequest
+from tests.feature_streams import events_of
+from tests.feature_streams import requests as stream_requests
 from tests.helpers import session_value
 
-START_TS = 1_767_225_600.0
 # tile lateness far beyond any event's: a snapshot is late only for a session
 TILE_LATENESS_S = 10 * 86_400.0
 WINDOWS: dict[str, dict[str, Any]] = {
@@ -66,22 +66,11 @@ def session_streams(draw: st.DrawFn, min_size: int = 1, max_size: int = 60) -> l
             max_size=max_size,
         )
     )
-    clock = START_TS
-    events = []
-    for i, (card, merchant, quarters, gap, back) in enumerate(steps):
-        clock += gap
-        events.append(
-            {"event_id": f"e{i}", "card_id": f"c{card}", "merchant": f"m{merchant}",
-             "amount": quarters / 4, "ts": clock - back}
-        )  # fmt: skip
-    return events
+    return events_of(steps)
 
 
 def requests(events: Sequence[dict[str, Any]], plan: FeaturePlan = PLAN) -> list[FeatureRequest]:
-    return [
-        feature_request(plan, e, e["event_id"], e["ts"], orjson.dumps({"amount": e["amount"]}))
-        for e in events
-    ]
+    return stream_requests(events, plan)
 
 
 def brute_force(
