@@ -207,6 +207,14 @@ def realistic_view(points: int = 300, every: int = 50, seed: int = 3) -> Monitor
         },
         anomaly={"mean": 0.42, "p99": 0.93},
         searches={"logreg": search},
+        data_quality={
+            "window": 1000,
+            "fields": {
+                "amount": {"missing": 0.25, "impute": 0.25, "clip": 0.01, "bucket": 0.0},
+                "channel": {"missing": 0.0, "impute": 0.0, "clip": 0.0, "bucket": 0.03},
+            },
+            "freshness_s": {"mean": 0.8, "max": 2.5},
+        },
     )
 
 

@@ -136,6 +136,12 @@ def assert_draws(dom: Dom, view: MonitorView) -> None:
     assert "0.0700" in dom.one("p", id="gap").text
     assert "amount_mean_1h" in dom.one("table", id="distributions").text
     assert "p99" in dom.one("table", id="anomaly").text
+    quality = dom.one("table", id="data-quality")
+    amount = dom.one("tr", data_field="amount")
+    assert "channel" in quality.text and "0.2500" in amount.text  # missing and imputed
+    assert "max 2.5000 s" in dom.one("p", id="freshness").text
+    (search,) = dom.find("table", **{"class": "search"})
+    assert search.attrs["data-base"] == "logreg" and "pruned" in search.text
 
 
 def test_served_page_draws_chart_markers_and_champion(monitor: Callable[..., str]) -> None:
