@@ -21,11 +21,19 @@ INTEGRATION = REPO_ROOT / "tests" / "integration"
 # across lines where a test looks for it. Stage and CLI processes inherit this.
 os.environ.setdefault("COLUMNS", "200")
 # The files whose tests assert a wall-clock bound (a recovery, a pause, a rollback within
-# N s): with pytest-xdist (scripts/test) one worker runs them one after another, so no
-# two of them share the cores at the same time.
+# N s, a stream delivered across a server restart): with pytest-xdist (scripts/test) one
+# worker runs them one after another, so no two of them share the cores at the same time.
 WALL_CLOCK = frozenset(
     f"tests/integration/{name}.py"
-    for name in ("test_chaos", "test_failover", "test_scaling", "test_soak", "test_monitor_stage")
+    for name in (
+        "test_chaos",
+        "test_failover",
+        "test_scaling",
+        "test_soak",
+        "test_monitor_stage",
+        "test_server_restarts",
+        "test_redis_restart",
+    )
 )
 
 
