@@ -59,7 +59,9 @@ def test_the_delivery_example_runs_end_to_end(
                    collect(stack.kafka_bootstrap, t.evaluations, N, settle_s=0.5)]  # fmt: skip
     assert len({e.event_id for e in evaluations}) == N
     for e in evaluations:
-        assert set(e.predictions) == {"delivery-linear", "delivery-tree"}
+        # the spec's candidates, and any fresh challenger the drift halfway started
+        assert {"delivery-linear", "delivery-tree"} <= set(e.predictions)
+        assert all(n.startswith(("delivery-linear", "delivery-tree")) for n in e.predictions)
         for p in e.predictions.values():
             assert isinstance(e.label, float) and p.value is not None
             assert p.error == pytest.approx(abs(e.label - p.value))
