@@ -91,11 +91,6 @@ class FieldCleaning(BaseModel):
         return self.impute in ("mean", "median") or self.clip is not None
 
 
-def optional_fields(rules: Mapping[str, FieldCleaning]) -> frozenset[str]:
-    """The fields these rules let be missing or null."""
-    return frozenset(name for name, rule in rules.items() if rule.optional)
-
-
 class _Mode:
     """The most frequent value seen, over at most ``keep`` distinct values."""
 

@@ -82,14 +82,12 @@ class StageMetrics:
             "processing time minus event time, newest event of the last batch per partition",
             ["stage", "partition"], registry=r,
         )  # fmt: skip
-        # measure -> its gauge, how many labels the name carries after the measure
-        # (the last ones split off at ":", the first may hold one), and label values
-        # after those (the stage is always first)
-        self._labelled: dict[str, tuple[Gauge, int, tuple[str, ...]]] = {
-            **{m: (quality, 1, (m,)) for m in QUALITY_MEASURES},
-            "type_errors": (type_errors, 1, ()),
-            "cleaned": (cleaned, 2, ()),
-            "freshness_s": (freshness, 1, ()),
+        # measure -> its gauge and the label values after the name's own (stage first)
+        self._labelled: dict[str, tuple[Gauge, tuple[str, ...]]] = {
+            **{m: (quality, (m,)) for m in QUALITY_MEASURES},
+            "type_errors": (type_errors, ()),
+            "cleaned": (cleaned, ()),
+            "freshness_s": (freshness, ()),
         }
         self.last_loop = time.monotonic()
         self._degraded_by: dict[str, str] = {}  # who reports it -> why the stage waits
@@ -146,8 +144,9 @@ class StageMetrics:
             measure, _, rest = name.partition(":")
             labelled = self._labelled.get(measure) if rest else None
             if labelled is not None:
-                gauge, n, after = labelled
-                gauge.labels(self.stage, *rest.rsplit(":", n - 1), *after).set(value)
+                gauge, after = labelled
+                parts = rest.rsplit(":", 1) if measure == "cleaned" else [rest]
+                gauge.labels(self.stage, *parts, *after).set(value)
             else:
                 self._status.labels(self.stage, name).set(value)
 

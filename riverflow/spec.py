@@ -20,7 +20,7 @@ from riverflow.features.definitions import (
     FeatureSpec,
     parse_duration,
 )
-from riverflow.models.cleaning import FieldCleaning, optional_fields
+from riverflow.models.cleaning import FieldCleaning
 from riverflow.models.errors import ModelSpecError
 from riverflow.models.factory import build_estimator
 from riverflow.models.spec import ModelsSpec
@@ -151,7 +151,7 @@ class PipelineSpec(BaseModel):
     @property
     def optional_fields(self) -> frozenset[str]:
         """Event fields that may be missing or null (``clean:``)."""
-        return optional_fields(self.clean)
+        return frozenset(name for name, rule in self.clean.items() if rule.optional)
 
     @property
     def topics(self) -> Topics:

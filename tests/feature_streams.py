@@ -55,20 +55,20 @@ GAPS = [0.0, 0.5, 7.0, 49.0, 301.0, 1799.0, 3600.0, 43_201.0, 200_000.0]
 @st.composite
 def event_streams(draw: st.DrawFn, min_size: int = 1, max_size: int = 60) -> list[dict[str, Any]]:
     """Events of 3 cards at 4 merchants; some out of order within the lateness, some beyond."""
-    back = st.one_of(st.just(0.0), st.floats(0.0, 2 * LATENESS_S))
-    return events_of(draw(steps(GAPS, back, min_size, max_size)))
-
-
-def steps(
-    gaps: Sequence[float], back: st.SearchStrategy[Any], min_size: int, max_size: int
-) -> st.SearchStrategy[list[tuple[int, int, int, float, float]]]:
-    """Drawn steps for ``events_of``: 3 cards, 4 merchants, amounts in quarters, a gap
-    from ``gaps`` and how far behind the clock (``back``) each event's time is."""
-    return st.lists(
-        st.tuples(st.integers(0, 2), st.integers(0, 3), st.integers(-400, 4000),
-                  st.sampled_from(gaps), back),
-        min_size=min_size, max_size=max_size,
-    )  # fmt: skip
+    steps = draw(
+        st.lists(
+            st.tuples(
+                st.integers(0, 2),
+                st.integers(0, 3),
+                st.integers(-400, 4000),
+                st.sampled_from(GAPS),
+                st.one_of(st.just(0.0), st.floats(0.0, 2 * LATENESS_S)),
+            ),
+            min_size=min_size,
+            max_size=max_size,
+        )
+    )
+    return events_of(steps)
 
 
 def events_of(steps: Sequence[tuple[int, int, int, float, float]]) -> list[dict[str, Any]]:

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from riverflow.features.definitions import FeaturePlan, FeatureSpec, entity_value
 from riverflow.features.store import FeatureRequest
-from tests.feature_streams import events_of, steps
+from tests.feature_streams import events_of
 from tests.feature_streams import requests as stream_requests
 from tests.helpers import session_value
 
@@ -53,8 +53,20 @@ GAPS = [0, 1, 60, 599, 600, 601, 1199, 1200, 1799, 1800, 1801, 3000, 7200]
 
 @st.composite
 def session_streams(draw: st.DrawFn, min_size: int = 1, max_size: int = 60) -> list[dict[str, Any]]:
-    back = st.one_of(st.just(0), st.integers(0, 2400))
-    return events_of(draw(steps(GAPS, back, min_size, max_size)))
+    steps = draw(
+        st.lists(
+            st.tuples(
+                st.integers(0, 2),
+                st.integers(0, 3),
+                st.integers(-400, 4000),
+                st.sampled_from(GAPS),
+                st.one_of(st.just(0), st.integers(0, 2400)),
+            ),
+            min_size=min_size,
+            max_size=max_size,
+        )
+    )
+    return events_of(steps)
 
 
 def requests(events: Sequence[dict[str, Any]], plan: FeaturePlan = PLAN) -> list[FeatureRequest]:

@@ -371,7 +371,6 @@ class Learner:
         self._changed = True
         # a search ranks binary classifiers only (the spec refuses one on another label)
         search = self.searches.learn(x, label is True, self.candidates, self._serving)
-        encoded = [(e.model.encode(), e.encode()) for e in search]
         record = Evaluation(
             event_id=snap.event_id,
             label=label,
@@ -382,9 +381,9 @@ class Learner:
             label_at=LabelPosition(msg.topic, msg.partition, msg.offset),
             label_time=None if msg.timestamp_ms is None else msg.timestamp_ms / 1000,
             inputs=x,
-            search=[orjson.loads(value) for _, value in encoded] or None,
+            search=[orjson.loads(e.encode()) for e in search] or None,
         )
-        events = [Output(self.topics.model_events, key, value) for key, value in encoded]
+        events = [Output(self.topics.model_events, e.model.encode(), e.encode()) for e in search]
         return [Output(self.topics.evaluations, snap.event_id.encode(), record.encode()), *events]
 
     def _serving(self) -> str:

@@ -16,7 +16,7 @@ import orjson
 from riverflow.features.definitions import FeaturePlan
 from riverflow.features.store import FeatureRequest, FeatureSnapshot, FeatureStore, feature_request
 from riverflow.models.champion import ChampionReplica, positive_probability
-from riverflow.models.cleaning import FieldCleaning, cleaning_of, optional_fields
+from riverflow.models.cleaning import FieldCleaning, cleaning_of
 from riverflow.models.explain import explain
 from riverflow.models.registry import ModelVersion
 from riverflow.models.target import Target
@@ -96,10 +96,9 @@ class Scorer:
         # model's ``Clean`` step imputes the values features need, and (in its
         # pipeline) cleans the model inputs, which are stored raw for the learner
         self.clean = dict(clean or {})
+        optional = {name for name, rule in self.clean.items() if rule.optional}
         self.categorical = [n for n, r in self.clean.items() if r.max_categories is not None]
-        self.validate = RecordValidator(
-            schema.fields, max_event_bytes, bounds, optional=optional_fields(self.clean)
-        )
+        self.validate = RecordValidator(schema.fields, max_event_bytes, bounds, optional=optional)
         self.quality = quality or DataQuality(schema.fields)
         self.dlq_keep_bytes = dlq_keep_bytes
         self.counters = StageCounters()
@@ -111,7 +110,7 @@ class Scorer:
         cleaned: list[dict[str, str]] = []
         requests: list[FeatureRequest] = []
         now = self.clock()
-        self.champion.refresh()  # one version for the whole batch: its cleaning and scores
+        self.champion.refresh()
         cleaner = cleaning_of(self.champion.current.model) if self.clean else None
         quality, time_field = self.quality, self.schema.time
         for msg in batch:
@@ -184,6 +183,7 @@ class Scorer:
     ) -> tuple[list[Output], list[tuple[str, ServedPrediction]]]:
         """The prediction of each event, and those to record (a replayed event
         re-emits the one served before)."""
+        self.champion.refresh()
         model = self.champion.current
         now = self.clock()
         out: list[Output] = []
