@@ -79,7 +79,31 @@ def ensure_topics(
         except KafkaException as exc:
             if "TOPIC_ALREADY_EXISTS" not in str(exc):
                 raise KafkaIOError(f"creating topic {name}: {exc}") from exc
-    return [t.topic for t in new]
+    created = [t.topic for t in new]
+    _await_leaders(admin, created)
+    return created
+
+
+def _await_leaders(admin: AdminClient, topics: Sequence[str], timeout_s: float = 30.0) -> None:
+    """Return once every partition of ``topics`` has a leader in the metadata the
+    brokers serve: the controller confirms a creation before the brokers learn of it,
+    and a client that asks meanwhile (for the topic's configuration, its offsets) is
+    told the topic does not exist."""
+    deadline = time.monotonic() + timeout_s
+    waiting = list(topics)
+    while waiting:
+        listed = admin.list_topics(timeout=10).topics
+        waiting = [
+            t for t in waiting
+            if t not in listed or listed[t].error is not None or not listed[t].partitions
+            or any(p.leader < 0 for p in listed[t].partitions.values())
+        ]  # fmt: skip
+        if not waiting:
+            return
+        if time.monotonic() > deadline:
+            raise KafkaIOError(f"topics {', '.join(waiting)} created, but without leaders "
+                               f"after {timeout_s:g} s")  # fmt: skip
+        time.sleep(0.1)
 
 
 class KafkaAccessError(RiverflowError):
@@ -115,10 +139,18 @@ def topic_retention(bootstrap: str, topic: str) -> tuple[int, int]:
     """``topic``'s ``retention.ms`` and ``retention.bytes`` (-1: unbounded)."""
     admin = AdminClient(client_config(bootstrap))
     resource = ConfigResource(ResourceType.TOPIC, topic)
-    try:
-        found = admin.describe_configs([resource])[resource].result(timeout=10)
-    except KafkaException as exc:
-        raise KafkaIOError(f"reading the configuration of topic {topic}: {exc}") from exc
+    deadline = time.monotonic() + 10.0
+    while True:
+        try:
+            found = admin.describe_configs([resource])[resource].result(timeout=10)
+            break
+        except KafkaException as exc:
+            # a topic another process has just created: the broker asked may not know it yet
+            err = exc.args[0] if exc.args else None
+            unknown = isinstance(err, KafkaError) and err.code() == KafkaError.UNKNOWN_TOPIC_OR_PART
+            if not unknown or time.monotonic() > deadline:
+                raise KafkaIOError(f"reading the configuration of topic {topic}: {exc}") from exc
+            time.sleep(0.2)
     return int(found["retention.ms"].value), int(found["retention.bytes"].value)
 
 
