@@ -33,6 +33,7 @@ from riverflow.errors import Unavailable
 from riverflow.features.errors import FeatureStoreError
 from riverflow.features.store.base import evict_oldest
 from riverflow.streams.contracts import Message, ServedPrediction
+from riverflow.streams.schema import pair_id
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +46,35 @@ class ScoredEvent:
     inputs: dict[str, Any]
     features: dict[str, float]
     served: ServedPrediction
+    # a slate's shown item: {"request", "position", "shown", "propensity"}
+    slot: dict[str, Any] | None = None
 
     @classmethod
     def unpack(cls, event_id: str, raw: bytes) -> ScoredEvent:
         inputs, features, model, version, *answer = msgpack.unpackb(raw)
-        return cls(event_id, inputs, features, ServedPrediction(model, version, *answer))
+        slot = answer.pop() if len(answer) > 3 else None
+        return cls(event_id, inputs, features, ServedPrediction(model, version, *answer), slot)
+
+
+def _slate_records(p: dict[str, Any]) -> dict[str, bytes]:
+    """The record of each shown item of slate prediction ``p``, by pair id (only
+    they are labelled: what the user never saw has no click to wait for)."""
+    out: dict[str, bytes] = {}
+    request, inputs, shown = p["event_id"], p["inputs"], p["shown"]
+    if not (isinstance(request, str) and isinstance(inputs, dict) and type(shown) is int):
+        raise TypeError("a field is not of a slate prediction's type")
+    for item in p["slate"][:shown]:
+        score, features = item["score"], item["features"]
+        if not (isinstance(item["item"], str) and isinstance(item["inputs"], dict)
+                and type(score) in (int, float) and isinstance(features, dict)
+                and all(type(v) in (int, float) for v in features.values())):  # fmt: skip
+            raise TypeError("a candidate is not of a slate prediction's type")
+        slot = {"request": request, "position": item["position"], "shown": shown,
+                "propensity": item.get("propensity")}  # fmt: skip
+        record = [{**inputs, **item["inputs"]}, features, p["model"], p["version"], score,
+                  None, None, slot]  # fmt: skip
+        out[pair_id(request, item["item"])] = msgpack.packb(record)
+    return out
 
 
 def scored_records(messages: Sequence[Message]) -> tuple[dict[str, bytes], int]:
@@ -61,6 +86,10 @@ def scored_records(messages: Sequence[Message]) -> tuple[dict[str, bytes], int]:
     for msg in messages:
         try:
             p = orjson.loads(msg.value or b"")
+            if p.get("slate") is not None:
+                for pair, packed in _slate_records(p).items():
+                    out.setdefault(pair, packed)
+                continue
             event_id, inputs, features = p["event_id"], p["inputs"], p["features"]
             record = [inputs, features, p["model"], p["version"], p["probability"]]
             if "value" in p:  # a label that is no flag: the value (and class probabilities)
@@ -71,7 +100,7 @@ def scored_records(messages: Sequence[Message]) -> tuple[dict[str, bytes], int]:
                     and (type(record[4]) in (int, float) or (record[4] is None and len(record) > 5))
                     and all(type(v) in (int, float) for v in features.values())):  # fmt: skip
                 raise TypeError("a field is not of a prediction's type")
-        except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
             bad += 1
             log.debug(
                 "%s[%s]@%s is not a prediction: %s", msg.topic, msg.partition, msg.offset, exc

@@ -17,7 +17,7 @@ its methods run per event.
 from __future__ import annotations
 
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from operator import itemgetter
 from typing import Any
 
@@ -496,12 +496,19 @@ class Engine:
         ts: float,
         numbers: dict[str, float],
         distinct: dict[str, str],
-    ) -> tuple[list[list[Any]], bool, list[str]]:
+        read_only: Collection[str] = (),
+    ) -> tuple[list[list[Any] | None], bool, list[str]]:
         """Add one event to its entities (``ents``: entity name -> its state) and
         read its windows: the group aggregates (tile groups', then session
         groups'), whether it was too late for some window, and the entity names
-        it changed."""
+        it changed. The entities in ``read_only`` are left alone and their groups'
+        aggregates are None (a slate's pair whose request counted there already:
+        ``FeatureRequest.read_only``; a plan without session windows)."""
         check_time(ts)
+        if read_only:
+            if self.session_shape:
+                raise ValueError("read-only entities need a plan without session windows")
+            ents = {name: ent for name, ent in ents.items() if name not in read_only}
         lateness = self.lateness
         if self.session_shape:
             # an entity with no tiles (only sessions) is never too late for them
@@ -514,9 +521,12 @@ class Engine:
             too_late = {
                 name: ent.w is not None and ts < ent.w - lateness for name, ent in ents.items()
             }
-        vectors = []
+        vectors: list[list[Any] | None] = []
         for gi, k, name, fields, strings in self.shape:
-            ent = ents[name]
+            ent = ents.get(name)
+            if ent is None:  # read only
+                vectors.append(None)
+                continue
             tiles = ent.groups.get(gi)
             xs = [float(numbers[f]) for f in fields]
             strs = [distinct[f] for f in strings] if strings else []
@@ -544,9 +554,9 @@ class Engine:
         ents: dict[str, Entity],
         ts: float,
         numbers: dict[str, float],
-        vectors: list[list[Any]],
+        vectors: list[list[Any] | None],
         too_late: dict[str, bool],
-    ) -> tuple[list[list[Any]], bool, list[str]]:
+    ) -> tuple[list[list[Any] | None], bool, list[str]]:
         """``step``'s session groups, after its tile groups (``vectors``, and
         ``too_late`` per entity for them)."""
         late = any(too_late.values())

@@ -73,6 +73,24 @@ class Select(compose.Select):
         return {k: x[k] for k in self.ordered}
 
 
+class Crosses(base.Transformer):
+    """Crossed inputs: for each cross, one categorical input named by its inputs
+    joined with ``*`` whose value joins theirs (``user_id*category: "u7|c3"``); the
+    inputs stay as they are. A missing input leaves its crosses out."""
+
+    def __init__(self, crosses: list[list[str]]) -> None:
+        self.crosses = [list(c) for c in crosses]
+        self._names = ["*".join(c) for c in self.crosses]
+
+    def transform_one(self, x: dict[base.typing.FeatureName, Any]) -> dict[Any, Any]:
+        out = dict(x)
+        for name, cross in zip(self._names, self.crosses, strict=True):
+            values = [x.get(n) for n in cross]
+            if None not in values:
+                out[name] = "|".join(map(str, values))
+        return out
+
+
 def build_model(
     spec: ModelSpec,
     target: Target | None = None,
@@ -87,6 +105,8 @@ def build_model(
     estimator = build_estimator(spec.estimator)
     (target or Target()).check(spec.name, spec.estimator.class_path, estimator)
     steps: list[base.Estimator] = [build_estimator(s) for s in spec.preprocessing]
+    if spec.crosses:
+        steps.insert(0, Crosses(spec.crosses))
     if spec.select:
         # e.g. a linear model given only the numeric values: River scalers refuse strings
         steps.insert(0, Select(*spec.select))

@@ -104,7 +104,23 @@ class ModelSpec(BaseModel):
         default_factory=list,
         description="the inputs and features this candidate sees (default: all of them)",
     )
+    crosses: list[list[str]] = Field(
+        default_factory=list,
+        description="pairs (or more) of inputs crossed into one categorical input "
+        "(``user_id*category``: its value joins theirs), after `select`; a hasher in "
+        "`preprocessing` keeps their weights bounded",
+    )
     search: SearchSpec | None = None
+
+    @model_validator(mode="after")
+    def _check_crosses(self) -> ModelSpec:
+        for i, cross in enumerate(self.crosses):
+            if len(cross) < 2 or len(set(cross)) != len(cross):
+                raise ValueError(f"crosses.{i}: cross two or more different inputs")
+            missing = [n for n in cross if self.select and n not in self.select]
+            if missing:
+                raise ValueError(f"crosses.{i}: {missing[0]!r} is not selected (select)")
+        return self
 
     @model_validator(mode="after")
     def _check_search(self) -> ModelSpec:

@@ -29,7 +29,7 @@ from riverflow.monitors.drift import DetectorKind
 from riverflow.monitors.spec import MonitorSpec
 from riverflow.streams.contracts import LabelType
 from riverflow.streams.pii import PiiPolicy
-from riverflow.streams.schema import NUMERIC, EventSchema, FieldType, LabelSpec
+from riverflow.streams.schema import NUMERIC, EventSchema, FieldType, LabelSpec, SlateSpec
 from riverflow.streams.topics import Topics
 
 
@@ -68,6 +68,9 @@ class PipelineSpec(BaseModel):
             raise ValueError(f"events.time: {ev.time!r} must have type timestamp")
         if fields[ev.event_id] is not FieldType.STR:
             raise ValueError(f"events.event_id: {ev.event_id!r} must have type str")
+        if ev.slate is not None:
+            self._check_slate(ev.slate)
+        fields = ev.pair_fields  # features and models read a pair's (a candidate's too)
         names = set()
         for i, f in enumerate(self.features):
             if f.name in names:
@@ -108,6 +111,8 @@ class PipelineSpec(BaseModel):
                         f"features.{i}: {field!r} may be missing (clean.{field}) and has no "
                         "impute: a feature needs a value"
                     )
+        if self.label.item is not None and ev.slate is None:
+            raise ValueError("label.item: only a slate pipeline (events.slate) labels items")
         if self.monitors.segment is not None and self.monitors.segment not in fields:
             raise ValueError(f"monitors.segment: {self.monitors.segment!r} is not an event field")
         dropped = {n for n, p in ev.pii.items() if p is PiiPolicy.DROP}
@@ -120,10 +125,12 @@ class PipelineSpec(BaseModel):
                 raise ValueError(f"{where}: {name!r} is dropped at intake (events.pii)")
         known = names | set(self.models.inputs)
         for i, c in enumerate(self.models.candidates):
-            for j, name in enumerate(c.select):
+            chosen = [(f"select.{j}", n) for j, n in enumerate(c.select)]
+            chosen += [(f"crosses.{j}", n) for j, cross in enumerate(c.crosses) for n in cross]
+            for where, name in chosen:
                 if name not in known:
                     raise ValueError(
-                        f"models.candidates.{i}.select.{j}: {name!r} is not a model input "
+                        f"models.candidates.{i}.{where}: {name!r} is not a model input "
                         "or a feature"
                     )
         target = Target(self.label.type, self.label.classes)
@@ -147,6 +154,22 @@ class PipelineSpec(BaseModel):
                     f"classifiers for now, and label.type is {self.label.type}"
                 )
         return self
+
+    def _check_slate(self, slate: SlateSpec) -> None:
+        if self.label.type is not LabelType.BOOL:
+            raise ValueError(
+                f"label.type: a slate is labelled by clicks (bool), not {self.label.type}"
+            )
+        if self.label.item is None:
+            raise ValueError("label.item: a slate's label names its item (the field of label "
+                             "messages holding the item id)")  # fmt: skip
+        for i, f in enumerate(self.features):
+            if f.session is not None:
+                raise ValueError(f"features.{i}.window: session windows are not supported "
+                                 "on slate pipelines yet")  # fmt: skip
+        for name in self.clean:
+            if name in slate.fields:
+                raise ValueError(f"clean.{name}: a candidate's fields are not cleaned (yet)")
 
     @property
     def optional_fields(self) -> frozenset[str]:

@@ -160,6 +160,11 @@ class Prediction(Record):
     # the fields the spec's cleaning changed for it, with the rule: impute, clip or
     # bucket (``models.cleaning``); absent when none was
     cleaned: dict[str, str] = field(default_factory=dict)
+    # a slate pipeline's (``events.slate``): the candidates ranked, each with its
+    # score, position, whether the user sees it (``shown`` first ones), the
+    # probability the policy put it there, its inputs and features; None otherwise
+    slate: list[dict[str, Any]] | None = None
+    shown: int | None = None
 
     @property
     def score(self) -> float:
@@ -196,6 +201,9 @@ class Prediction(Record):
             record["pii_key"] = self.pii_key
         if self.cleaned:
             record["cleaned"] = self.cleaned
+        if self.slate is not None:
+            record["slate"] = self.slate
+            record["shown"] = self.shown
         return orjson.dumps(record)
 
 
@@ -358,6 +366,12 @@ class Evaluation(Record):
     # the learner's model search decisions taken on this label (``models.search``:
     # its ``search`` / ``prune`` model-events), so the monitor can show them
     search: list[dict[str, Any]] | None = None
+    # a slate's shown item (``event_id`` is its pair id): the request, the position
+    # it was served at, how many were shown, and the probability the policy put it there
+    request: str | None = None
+    position: int | None = None
+    shown: int | None = None
+    propensity: float | None = None
 
     def encode(self) -> bytes:
         record: dict[str, Any] = {
@@ -367,7 +381,8 @@ class Evaluation(Record):
             "predictions": self.predictions,
             "served": self.served,
         }
-        for name in ("segment", "label_at", "label_time", "inputs", "search"):
+        for name in ("segment", "label_at", "label_time", "inputs", "search", "request",
+                     "position", "shown", "propensity"):  # fmt: skip
             value = getattr(self, name)
             if value is not None:
                 record[name] = value

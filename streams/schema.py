@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import StrEnum
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -23,6 +25,37 @@ class FieldType(StrEnum):
 NUMERIC = {FieldType.INT, FieldType.FLOAT, FieldType.TIMESTAMP}
 
 
+class SlateSpec(BaseModel):
+    """A request event's candidates (recommendation): a list of item objects in one
+    field. The scorer scores every (request, item) pair and ranks them; the ``shown``
+    top ones are what the user sees, and only they are labelled."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    field: str = Field(description="the request field holding the candidates (a JSON list)")
+    item_id: str = Field(description="the field naming an item inside a candidate")
+    fields: dict[str, FieldType] = Field(min_length=1, description="a candidate's fields")
+    max_items: int = Field(100, ge=1, le=1000, description="most candidates in one request")
+    shown: int = Field(10, ge=1, description="the top k of the ranking the user sees")
+
+    @model_validator(mode="after")
+    def _check(self) -> SlateSpec:
+        if self.item_id not in self.fields:
+            raise ValueError(f"item_id: {self.item_id!r} is not one of the slate's fields")
+        if self.fields[self.item_id] is not FieldType.STR:
+            raise ValueError(f"item_id: {self.item_id!r} must have type str")
+        if self.shown > self.max_items:
+            raise ValueError(f"shown: {self.shown} is more than max_items ({self.max_items})")
+        if FieldType.TIMESTAMP in self.fields.values():
+            raise ValueError("fields: a candidate has no time of its own (the request's is used)")
+        return self
+
+
+def pair_id(request_id: str, item_id: str) -> str:
+    """The id of a (request, item) pair: its snapshot, its index record, its label."""
+    return f"{request_id}/{item_id}"
+
+
 class EventSchema(BaseModel):
     """Fields of an event and the roles some of them play."""
 
@@ -37,6 +70,28 @@ class EventSchema(BaseModel):
         description="personal fields and what intake does with them: hash (a keyed "
         "HMAC token, stable: features and joins still work) or drop (streams.pii)",
     )
+    slate: SlateSpec | None = Field(
+        None, description="a request's candidates: the events are ranking requests"
+    )
+
+    @property
+    def pair_fields(self) -> dict[str, FieldType]:
+        """The fields of a (request, item) pair: the request's and a candidate's (the
+        event's alone without a slate)."""
+        if self.slate is None:
+            return self.fields
+        return {**self.fields, **self.slate.fields}
+
+    @model_validator(mode="after")
+    def _slate_fields(self) -> EventSchema:
+        if self.slate is None:
+            return self
+        if self.slate.field in self.fields:
+            raise ValueError(f"slate.field: {self.slate.field!r} is also a request field")
+        for name in self.slate.fields:
+            if name in self.fields:
+                raise ValueError(f"slate.fields.{name}: also a request field")
+        return self
 
     @model_validator(mode="after")
     def _pii_fields(self) -> EventSchema:
@@ -69,6 +124,15 @@ class LabelSpec(BaseModel):
     classes: list[str | int] | None = Field(
         None, description="the values a category label takes (category only)"
     )
+    item: str | None = Field(
+        None, description="slate pipelines: the field naming the item a label is for"
+    )
+
+    def join_id(self, record: Mapping[str, Any]) -> str:
+        """The id a validated label message joins: its event's, or (slates) its pair's."""
+        if self.item is None:
+            return str(record[self.event_id])
+        return pair_id(record[self.event_id], record[self.item])
 
     @model_validator(mode="after")
     def _classes(self) -> LabelSpec:

@@ -19,7 +19,7 @@ from pydantic import ConfigDict, TypeAdapter, ValidationError
 from typing_extensions import TypedDict
 
 from riverflow.streams.contracts import LabelType
-from riverflow.streams.schema import FieldType, LabelSpec
+from riverflow.streams.schema import FieldType, LabelSpec, SlateSpec
 
 _PY_TYPES: dict[FieldType, Any] = {
     FieldType.STR: str,
@@ -113,6 +113,11 @@ class RecordValidator:
         self._bools = [n for n, t in fields.items() if t is FieldType.BOOL]
 
     def __call__(self, raw: bytes | None) -> dict[str, Any] | Invalid:
+        data = self.parse(raw)
+        return data if isinstance(data, Invalid) else self.check(data)
+
+    def parse(self, raw: bytes | None) -> Any:
+        """The JSON value of a message, or ``Invalid`` naming why it is none."""
         if raw is None:
             return Invalid("empty", "message has no value")
         if len(raw) > self.max_bytes:
@@ -122,9 +127,11 @@ class RecordValidator:
         except orjson.JSONDecodeError as exc:
             if "depth" in str(exc):
                 return Invalid("too_deep", f"nested deeper than {MAX_DEPTH} levels")
-            data = self._lenient(raw)
-            if isinstance(data, Invalid):
-                return data
+            return self._lenient(raw)
+        return data
+
+    def check(self, data: Any) -> dict[str, Any] | Invalid:
+        """Validate an already-parsed record (``data`` may be changed in place)."""
         if not isinstance(data, dict):
             return Invalid("not_an_object", f"expected a JSON object, got {type(data).__name__}")
         if len(data) > len(self._declared) or self.optional:
@@ -224,6 +231,57 @@ _LABEL_FIELD_TYPES = {
 }
 
 
+class SlateValidator:
+    """Validates a ranking request: the request's fields as ``RecordValidator`` does,
+    and its candidates (``events.slate``): a list of 1 to ``max_items`` objects of the
+    slate's fields, each item once. The record holds the candidates under the slate
+    field; an error names the candidate (``items[3].category: ...``)."""
+
+    def __init__(self, requests: RecordValidator, slate: SlateSpec) -> None:
+        self.requests = requests
+        self.slate = slate
+        self.items = RecordValidator(slate.fields, requests.max_bytes, requests.bounds)
+
+    @property
+    def undeclared(self) -> set[str]:
+        return self.requests.undeclared
+
+    def __call__(self, raw: bytes | None) -> dict[str, Any] | Invalid:
+        data = self.requests.parse(raw)
+        if isinstance(data, Invalid):
+            return data
+        name = self.slate.field
+        if not isinstance(data, dict):
+            return self.requests.check(data)  # refused, named as any record is
+        candidates = data.pop(name, None)
+        record = self.requests.check(data)
+        if isinstance(record, Invalid):
+            return record
+        if not isinstance(candidates, list):
+            if candidates is None:
+                return Invalid("missing_field", f"{name}: the request has no candidates", name)
+            kind = type(candidates).__name__
+            return Invalid("wrong_type", f"{name}: expected a list of candidates, got {kind}", name)
+        if not candidates or len(candidates) > self.slate.max_items:
+            return Invalid(
+                "wrong_value",
+                f"{name}: {len(candidates)} candidates, expected 1 to {self.slate.max_items}",
+                name,
+            )
+        items, seen, item_id = [], set(), self.slate.item_id
+        for i, candidate in enumerate(candidates):
+            item = self.items.check(candidate)
+            if isinstance(item, Invalid):
+                return Invalid(item.kind, f"{name}[{i}].{item.message}", name)
+            if item[item_id] in seen:
+                why = f"{name}[{i}].{item_id}: {str(item[item_id])[:40]!r} is a candidate twice"
+                return Invalid("wrong_value", why, name)
+            seen.add(item[item_id])
+            items.append(item)
+        record[name] = items
+        return record
+
+
 def label_validator(
     label: LabelSpec, max_bytes: int, bounds: Bounds | None = None
 ) -> RecordValidator:
@@ -231,6 +289,8 @@ def label_validator(
     spec's ``label.type`` declares it (a flag, a finite number within bounds, or one of
     the declared classes); a label that is not one is refused naming the field."""
     fields = {label.event_id: FieldType.STR}
+    if label.item is not None:  # a slate's label: the request and the item
+        fields[label.item] = FieldType.STR
     if label.type is LabelType.CATEGORY:
         return RecordValidator(
             fields, max_bytes, bounds, choices={label.field: label.classes or []}

@@ -37,6 +37,10 @@ class FeatureRequest:
     numbers: dict[str, float]
     context: bytes  # JSON of the model inputs taken from the event
     distinct: dict[str, str] = field(default_factory=dict)  # fields counted distinct, as str
+    # entities this event reads nothing from and adds nothing to: a slate's request
+    # counts once in each entity it touches, with its first candidate there (the
+    # scorer gives the other pairs that one's aggregates)
+    read_only: tuple[str, ...] = ()
 
 
 def feature_request(
@@ -69,7 +73,8 @@ class FeatureSnapshot:
 
     event_id: str
     inputs: dict[str, Any]
-    aggregates: list[list[float]]
+    # a slate pair's are None (False from Redis) where it read only (FeatureRequest)
+    aggregates: list[Any]
     replayed: bool = False
     late: bool = False  # too late for some window: scored, but not counted there
     served: ServedPrediction | None = None
@@ -195,6 +200,6 @@ def evict_oldest(records: dict[str, Any], order: deque[str], bound: int) -> dequ
     return order
 
 
-def encode_snapshot(context: bytes, vectors: list[list[float]], late: bool) -> bytes:
+def encode_snapshot(context: bytes, vectors: Sequence[list[Any] | None], late: bool) -> bytes:
     """A snapshot as stored, without a served prediction (see the module docstring)."""
     return msgpack.packb([context.decode(), vectors, int(late)])

@@ -72,7 +72,7 @@ class MemoryFeatureStore:
                 if ent is None:
                     ent = entities[name, value] = Entity()
                 ents[name] = ent
-            vectors, late, _ = step(ents, req.ts, req.numbers, req.distinct)
+            vectors, late, _ = step(ents, req.ts, req.numbers, req.distinct, req.read_only)
             self.snapshots[req.event_id] = encode_snapshot(req.context, vectors, late)
             self._order.append(req.event_id)
             out.append(FeatureSnapshot(req.event_id, orjson.loads(req.context), vectors, late=late))

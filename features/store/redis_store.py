@@ -245,6 +245,7 @@ class RedisFeatureStore:
         self._session_numbers = [g.numbers for g in plan.sessions]
         # what update_and_read packs per event, worked out once (it runs per event)
         self._entity_prefixes = [(name, self.entity_key(name, "")) for name in names]
+        self._entity_index = {name: i + 1 for i, name in enumerate(names)}  # Lua's, from 1
         self._shape = [(g.bucket_s, g.numbers, (*g.exact, *g.approx)) for g in plan.groups]
         # the in-process path: entity key -> (state, the version it was read at)
         self.engine = Engine(plan)
@@ -406,7 +407,7 @@ class RedisFeatureStore:
                 out.append(FeatureSnapshot.decode(req.event_id, raw, replayed=True))
                 continue
             ents = {name: cache[key][0] for name, key in keys}
-            vectors, late, _ = step(ents, req.ts, req.numbers, req.distinct)
+            vectors, late, _ = step(ents, req.ts, req.numbers, req.distinct, req.read_only)
             raw = written[req.event_id] = encode_snapshot(req.context, vectors, late)
             pending.snapshots.append((req.event_id, snap + req.event_id, raw))
             # every entity read goes to the commit, so that its version is checked:
@@ -521,6 +522,7 @@ class RedisFeatureStore:
                         for width, numbers, strings in shape
                     ],
                     [[float(nums[f]) for f in numbers] for numbers in self._session_numbers],
+                    [self._entity_index[name] for name in req.read_only],
                 ]
             )  # fmt: skip
         # bytes as msgpack "raw": Redis' cmsgpack predates the bin type

@@ -248,13 +248,13 @@ class Learner:
                 )
                 order.append((msg, None))
                 continue
-            event_id = record[self.join.label.event_id]
-            if event_id in self.pending or event_id in fresh:  # twice in flight: learn once
+            joins = self.join.label.join_id(record)
+            if joins in self.pending or joins in fresh:  # twice in flight: learn once
                 self.duplicates += 1
                 order.append((msg, None))
                 continue
-            fresh[event_id] = _Pending(msg, record[self.join.label.field], now)
-            order.append((msg, event_id))
+            fresh[joins] = _Pending(msg, record[self.join.label.field], now)
+            order.append((msg, joins))
         todo = {**self.pending, **fresh}
         # asked only when a label may be orphaned: it may cost a round trip to the broker
         due = through is not None and any(self._due(p, now, through) for p in todo.values())
@@ -383,6 +383,10 @@ class Learner:
             inputs=x,
             search=[orjson.loads(e.encode()) for e in search] or None,
         )
+        if snap.slot is not None:  # a slate's shown item: where it was served
+            slot = snap.slot
+            record.request, record.position = slot["request"], slot["position"]
+            record.shown, record.propensity = slot["shown"], slot["propensity"]
         events = [Output(self.topics.model_events, e.model.encode(), e.encode()) for e in search]
         return [Output(self.topics.evaluations, snap.event_id.encode(), record.encode()), *events]
 
@@ -457,4 +461,4 @@ class Learner:
         for msg, label in saved.pending:
             record = self.validate(msg.value)
             assert not isinstance(record, Invalid)  # it was valid when it was saved
-            self.pending[record[self.join.label.event_id]] = _Pending(msg, label, now)
+            self.pending[self.join.label.join_id(record)] = _Pending(msg, label, now)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -39,9 +40,9 @@ from riverflow.streams.contracts import (
     Unset,
 )
 from riverflow.streams.pii import Pseudonymizer
-from riverflow.streams.schema import EventSchema
+from riverflow.streams.schema import EventSchema, pair_id
 from riverflow.streams.topics import Topics
-from riverflow.streams.validation import Bounds, Invalid, RecordValidator
+from riverflow.streams.validation import Bounds, Invalid, RecordValidator, SlateValidator
 
 
 class Scorer:
@@ -98,13 +99,22 @@ class Scorer:
         self.clean = dict(clean or {})
         optional = {name for name, rule in self.clean.items() if rule.optional}
         self.categorical = [n for n, r in self.clean.items() if r.max_categories is not None]
-        self.validate = RecordValidator(schema.fields, max_event_bytes, bounds, optional=optional)
+        self.validate: RecordValidator | SlateValidator = RecordValidator(
+            schema.fields, max_event_bytes, bounds, optional=optional
+        )
+        self.slate = schema.slate
+        if self.slate is not None:  # ranking requests (``events.slate``)
+            self.validate = SlateValidator(self.validate, self.slate)
+            self.item_inputs = [n for n in self.stored if n in self.slate.fields]
+            self.request_inputs = [n for n in self.stored if n not in self.slate.fields]
         self.quality = quality or DataQuality(schema.fields)
         self.dlq_keep_bytes = dlq_keep_bytes
         self.counters = StageCounters()
 
     def process(self, batch: Sequence[Message]) -> list[Output]:
         self.counters.consumed += len(batch)
+        if self.slate is not None:
+            return self._process_slates(batch)
         out: list[Output] = []
         events: list[dict[str, Any]] = []
         cleaned: list[dict[str, str]] = []
@@ -116,12 +126,7 @@ class Scorer:
         for msg in batch:
             event = self.validate(msg.value)
             if isinstance(event, Invalid):
-                quality.refused(event)
-                why, keep = event.message, self.dlq_keep_bytes
-                if self.pii is not None:
-                    msg, note = self.pii.scrub(msg)
-                    why += note
-                out.append(dead_letter(self.topics, self.stage, msg, event.kind, why, keep))
+                out.append(self._refuse(msg, event))
                 continue
             if self.pii is not None:
                 self.pii.apply(event)
@@ -165,6 +170,122 @@ class Scorer:
         out += scored
         self.counters.produced += len(out)
         return out
+
+    def _refuse(self, msg: Message, invalid: Invalid) -> Output:
+        """The dead letter of a message that is no valid event (its personal fields
+        scrubbed)."""
+        self.quality.refused(invalid)
+        why = invalid.message
+        if self.pii is not None:
+            msg, note = self.pii.scrub(msg)
+            why += note
+        return dead_letter(self.topics, self.stage, msg, invalid.kind, why, self.dlq_keep_bytes)
+
+    def _process_slates(self, batch: Sequence[Message]) -> list[Output]:
+        """Ranking requests: every (request, candidate) pair's features in one store
+        call for the batch, its score from the champion, and one prediction per
+        request with its candidates ranked (``Prediction.slate``)."""
+        assert self.slate is not None
+        out: list[Output] = []
+        requests: list[tuple[dict[str, Any], list[dict[str, Any]]]] = []
+        pairs: list[FeatureRequest] = []
+        now = self.clock()
+        self.champion.refresh()
+        quality, s, item_id = self.quality, self.schema, self.slate.item_id
+        for msg in batch:
+            event = self.validate(msg.value)
+            if isinstance(event, Invalid):
+                out.append(self._refuse(msg, event))
+                continue
+            if self.pii is not None:
+                self.pii.apply(event)
+            quality.fresh(msg.partition, now - event[s.time])
+            items = event.pop(self.slate.field)
+            quality.observe(event, ())
+            requests.append((event, items))
+            request_id, ts = event[s.event_id], event[s.time]
+            counted: dict[str, set[str]] = {}  # entity -> values this request counted in
+            for item in items:
+                pair = {**event, **item}
+                context = orjson.dumps({name: pair[name] for name in self.stored})
+                req = feature_request(
+                    self.plan, pair, pair_id(request_id, item[item_id]), ts, context
+                )
+                # a request counts once in each entity it touches: with its first pair
+                seen = [n for n, v in req.entities.items() if v in counted.setdefault(n, set())]
+                for name, value in req.entities.items():
+                    counted[name].add(value)
+                pairs.append(replace(req, read_only=tuple(seen)) if seen else req)
+        if self.validate.undeclared:
+            quality.undeclared(self.validate.undeclared)
+            self.validate.undeclared.clear()
+        self.counters.dead_letters += len(out)
+        out += self._schema_changes(now)
+        snapshots = self.store.update_and_read(pairs, commit=False)
+        scored, served = self._rank(requests, pairs, snapshots)
+        if not self.store.record_served(served):  # refused: as in ``process``
+            snapshots = self.store.update_and_read(pairs)
+            scored, served = self._rank(requests, pairs, snapshots)
+            self.store.record_served(served)
+        self.counters.late_events += sum(s.late and not s.replayed for s in snapshots)
+        out += scored
+        self.counters.produced += len(out)
+        return out
+
+    def _rank(
+        self,
+        requests: list[tuple[dict[str, Any], list[dict[str, Any]]]],
+        pairs: list[FeatureRequest],
+        snapshots: list[FeatureSnapshot],
+    ) -> tuple[list[Output], list[tuple[str, ServedPrediction]]]:
+        """Each request's prediction: its candidates by score (the first of equals
+        first), and the pairs' served predictions to record."""
+        assert self.slate is not None
+        model = self.champion.current
+        now, plan, schema, shown = self.clock(), self.plan, self.schema, self.slate.shown
+        groups = [g.entity_name for g in plan.groups]
+        out: list[Output] = []
+        served: list[tuple[str, ServedPrediction]] = []
+        at = 0
+        for event, items in requests:
+            # a pair that did not count in an entity has the aggregates of the one that did
+            first: dict[tuple[int, str], list[Any]] = {}
+            ranked = []
+            for item, req, snap in zip(items, pairs[at : at + len(items)],
+                                       snapshots[at : at + len(items)], strict=True):  # fmt: skip
+                aggregates = list(snap.aggregates)
+                for gi, name in enumerate(groups):
+                    key = (gi, req.entities[name])
+                    if isinstance(aggregates[gi], list):
+                        first.setdefault(key, aggregates[gi])
+                    else:
+                        aggregates[gi] = first[key]
+                features = plan.values(aggregates)
+                answer = snap.served
+                if answer is None:
+                    x = {**model_inputs(snap.inputs, self.extra), **features}
+                    p = positive_probability(model.model, x)
+                    answer = ServedPrediction(model.name, model.version, p)
+                    served.append((snap.event_id, answer))
+                ranked.append((item, answer, features, snap))
+            at += len(items)
+            ranked.sort(key=lambda r: -(r[1].probability or 0.0))  # stable: ties keep order
+            slate = [
+                {"item": item[self.slate.item_id], "position": position,
+                 "score": answer.probability, "shown": position < shown, "propensity": 1.0,
+                 "inputs": {n: item[n] for n in self.item_inputs}, "features": features}
+                for position, (item, answer, features, _) in enumerate(ranked)
+            ]  # fmt: skip
+            head = ranked[0][1]
+            entity = str(event[schema.key])
+            prediction = Prediction(
+                event[schema.event_id], entity, None, head.model, head.version, {},
+                event[schema.time], now, all(r[3].replayed for r in ranked),
+                inputs={n: event[n] for n in self.request_inputs}, pii_key=self.pii_key,
+                slate=slate, shown=min(shown, len(slate)),
+            )  # fmt: skip
+            out.append(Output(self.topics.predictions, entity.encode(), prediction.encode()))
+        return out, served
 
     def _schema_changes(self, now: float) -> list[Output]:
         """A ``schema_change`` model-event for each change the data quality saw."""

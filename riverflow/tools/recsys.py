@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 DEVICES = ("mobile", "desktop", "tablet")
 PAGES = ("home", "search", "item")
@@ -120,6 +121,26 @@ class RecsysWorld:
         season_map = self.seasons[self.season(request.position) if season is None else season]
         affinity = self.taste[request.user][season_map[self.category[item]]] * c.categories
         return 1.0 / (1.0 + math.exp(4.0 - 1.5 * affinity - 2.0 * self.quality[item]))
+
+    def event(self, request: Request) -> dict[str, Any]:
+        """``request`` as the recsys example's request event (examples/recsys.yaml)."""
+        items = [{"item_id": i, "category": f"c{self.category[i]}",
+                  "quality": round(self.quality[i], 4)} for i in request.slate]  # fmt: skip
+        return {"request_id": request.request_id, "user_id": request.user, "ts": request.ts,
+                "device": request.device, "page": request.page, "items": items}  # fmt: skip
+
+    def click_labels(self, prediction: Mapping[str, Any], rng: random.Random) -> list[dict[str, Any]]:
+        """The clicks a ranked prediction (``Prediction.slate``) of one of this world's
+        requests gets, as label messages (only clicks: a shown item with none is labelled
+        negative by the timeout, ``label.after``)."""
+        request_id = str(prediction["event_id"])
+        position = int(request_id.rsplit("-", 1)[1])
+        user = str(prediction["entity"])
+        ranking = [str(c["item"]) for c in prediction["slate"]]
+        request = Request(position, request_id, user, 0.0, "", "", tuple(ranking))
+        clicked = self.clicks(request, ranking, rng)
+        return [{"request_id": request_id, "item_id": item, "clicked": True}
+                for item, click in zip(ranking, clicked, strict=False) if click]  # fmt: skip
 
     def examined(self, k: int) -> float:
         return self.config.position_bias**k

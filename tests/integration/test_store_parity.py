@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 import uuid
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -202,6 +203,50 @@ def test_scorers_taking_turns_and_the_read_script_agree_with_the_engine(
             assert {k: float(v).hex() for k, v in scorers[1].read(entities, when).items()} == {
                 k: float(v).hex() for k, v in want.items()
             }
+
+
+@SETTINGS
+@given(
+    events=streams(),
+    batch=st.integers(1, 25),
+    cached=st.sampled_from([0, 15_000]),
+    data=st.data(),
+)
+def test_a_read_only_entity_is_left_alone_on_every_path(
+    redis_client: redis.Redis,
+    events: list[dict[str, Any]],
+    batch: int,
+    cached: int,
+    data: st.DataObject,
+) -> None:
+    """Pairs of a slate read nothing from and add nothing to the entities their
+    request counted in already (``FeatureRequest.read_only``): the script and the
+    in-process path (against the engine) agree on every snapshot, their read-only
+    groups empty, and on what the entities hold after."""
+    reqs = stream_requests(events, EXACT_PLAN)
+    names = sorted(reqs[0].entities)
+    marks = data.draw(st.lists(st.sets(st.sampled_from(names)), min_size=len(reqs),
+                               max_size=len(reqs)))  # fmt: skip
+    reqs = [replace(r, read_only=tuple(sorted(m))) for r, m in zip(reqs, marks, strict=True)]
+    store = redis_store(redis_client, new_namespace(), cached)
+    memory = reference()
+    if cached:
+        tile_by_tile(store.engine)
+    got, want = run_batches(store, reqs, batch), run_batches(memory, reqs, batch)
+
+    def bits(snapshots: Sequence[FeatureSnapshot]) -> list[Any]:  # Lua's false is None here
+        return [(s.event_id, s.late, [doubles(v) if isinstance(v, list) else None
+                                      for v in s.aggregates]) for s in snapshots]  # fmt: skip
+
+    assert bits(got) == bits(want)
+    groups = [g.entity_name for g in EXACT_PLAN.groups]
+    for snap, req in zip(want, reqs, strict=True):
+        assert [v is None for v in snap.aggregates] == [n in req.read_only for n in groups]
+    newest = max(e["ts"] for e in events)
+    for entities in {str(r.entities): r.entities for r in reqs}.values():
+        assert {k: float(v).hex() for k, v in store.read(entities, newest).items()} == {
+            k: float(v).hex() for k, v in memory.read(entities, newest).items()
+        }
 
 
 served_batches = st.lists(

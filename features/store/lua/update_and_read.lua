@@ -1,7 +1,9 @@
 -- ARGV: snapshot ttl ms, lateness s, the group parameters, the batch (msgpack):
 -- per event [snapshot key, context JSON, ts, [entity keys], [per group: [bucket,
 -- [numbers], [exact then approximate distinct strings]]], [per session group:
--- [numbers]]], then the session group parameters. Runs after prelude.lua.
+-- [numbers]], [entity indices it reads nothing from and adds nothing to (a slate's
+-- pair; their groups' vectors are false)]], then the session group parameters. Runs
+-- after prelude.lua.
 local function add(st, gi, g, key, b, ts, xs, strs)
   local gs = st.g[gi]
   if not gs then gs = {hb = b, F = {}, idx = {}}; st.g[gi] = gs end
@@ -105,25 +107,31 @@ for n = 1, #batch do
   else
     local ts, keys = ev[3], ev[4]
     local ents, too_late, late = {}, {}, 0
+    local read_only = {}  -- a slate's pair: entities its request counted in already
+    for _, e in ipairs(ev[7]) do read_only[e] = true end
     for e = 1, #keys do
       ents[e] = load(keys[e])
       too_late[e] = tiled[e] and ents[e].w ~= nil and ts < ents[e].w - lateness
-      if too_late[e] then late = 1 end
+      if too_late[e] and not read_only[e] then late = 1 end
     end
     local vecs = {}
     for gi = 1, #G do
       local g, gd = G[gi], ev[5][gi]
-      local st = ents[g.ent]
-      local gs = grp(st, gi, g)
-      local b = gd[1]
-      local e = b
-      if too_late[g.ent] and gs then e = gs.hb end
-      local newest, pv = previous(gs, g, e)
-      if not too_late[g.ent] then gs = add(st, gi, g, keys[g.ent], b, ts, gd[2], gd[3]) end
-      vecs[gi] = vector(gs, g, keys[g.ent], gi, e, since_of(ts, newest), pv, gd[2])
+      if read_only[g.ent] then
+        vecs[gi] = false  -- None: the scorer gives it the pair's that counted
+      else
+        local st = ents[g.ent]
+        local gs = grp(st, gi, g)
+        local b = gd[1]
+        local e = b
+        if too_late[g.ent] and gs then e = gs.hb end
+        local newest, pv = previous(gs, g, e)
+        if not too_late[g.ent] then gs = add(st, gi, g, keys[g.ent], b, ts, gd[2], gd[3]) end
+        vecs[gi] = vector(gs, g, keys[g.ent], gi, e, since_of(ts, newest), pv, gd[2])
+      end
     end
     local applied = {}
-    for e = 1, #keys do applied[e] = tiled[e] and not too_late[e] end
+    for e = 1, #keys do applied[e] = tiled[e] and not too_late[e] and not read_only[e] end
     for si = 1, #SG do
       local sg = SG[si]
       local st = ents[sg.ent]
