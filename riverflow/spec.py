@@ -70,6 +70,8 @@ class PipelineSpec(BaseModel):
             raise ValueError(f"events.event_id: {ev.event_id!r} must have type str")
         if ev.slate is not None:
             self._check_slate(ev.slate)
+        elif self.label.item is not None:
+            raise ValueError("label.item: only a slate pipeline (events.slate) labels items")
         fields = ev.pair_fields  # features and models read a pair's (a candidate's too)
         names = set()
         for i, f in enumerate(self.features):
@@ -111,8 +113,6 @@ class PipelineSpec(BaseModel):
                         f"features.{i}: {field!r} may be missing (clean.{field}) and has no "
                         "impute: a feature needs a value"
                     )
-        if self.label.item is not None and ev.slate is None:
-            raise ValueError("label.item: only a slate pipeline (events.slate) labels items")
         if self.monitors.segment is not None and self.monitors.segment not in fields:
             raise ValueError(f"monitors.segment: {self.monitors.segment!r} is not an event field")
         dropped = {n for n, p in ev.pii.items() if p is PiiPolicy.DROP}
@@ -130,8 +130,7 @@ class PipelineSpec(BaseModel):
             for where, name in chosen:
                 if name not in known:
                     raise ValueError(
-                        f"models.candidates.{i}.{where}: {name!r} is not a model input "
-                        "or a feature"
+                        f"models.candidates.{i}.{where}: {name!r} is not a model input or a feature"
                     )
         target = Target(self.label.type, self.label.classes)
         for i, c in enumerate(self.models.candidates):

@@ -129,7 +129,9 @@ class RecsysWorld:
         return {"request_id": request.request_id, "user_id": request.user, "ts": request.ts,
                 "device": request.device, "page": request.page, "items": items}  # fmt: skip
 
-    def click_labels(self, prediction: Mapping[str, Any], rng: random.Random) -> list[dict[str, Any]]:
+    def click_labels(
+        self, prediction: Mapping[str, Any], rng: random.Random
+    ) -> list[dict[str, Any]]:
         """The clicks a ranked prediction (``Prediction.slate``) of one of this world's
         requests gets, as label messages (only clicks: a shown item with none is labelled
         negative by the timeout, ``label.after``)."""

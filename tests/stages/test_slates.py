@@ -1,0 +1,223 @@
+"""Ranking requests (``events.slate``): one ranked prediction per request, features
+per (user, item) pair that count a request once in each entity, hostile requests
+refused naming the candidate, and the shown items indexed for the label join."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import orjson
+import pytest
+import yaml
+
+from riverflow.assembly import build_scorer, memory_backends
+from riverflow.features.definitions import entity_value
+from riverflow.features.scored import ScoredEvent, scored_records
+from riverflow.settings import Settings
+from riverflow.spec import PipelineSpec, SpecError, load_spec, parse_spec
+from riverflow.stages.scorer import Scorer
+from riverflow.streams.contracts import Message, Output
+from riverflow.streams.schema import pair_id
+from riverflow.tools.recsys import RecsysConfig, RecsysWorld
+from tests.helpers import brute_force_features
+
+
+@pytest.fixture(scope="module")
+def spec() -> PipelineSpec:
+    return load_spec("examples/recsys.yaml")
+
+
+def scorer_of(spec: PipelineSpec) -> Scorer:
+    store, registry = memory_backends(spec, Settings())
+    return build_scorer(spec, Settings(), store, registry)
+
+
+def requests(n: int, seed: int = 3) -> tuple[RecsysWorld, list[dict[str, Any]]]:
+    world = RecsysWorld(RecsysConfig(seed=seed, users=30, items=120, slate=20, mean_gap_s=40))
+    return world, [world.event(r) for r in world.requests(n)]
+
+
+def messages(events: list[dict[str, Any]]) -> list[Message]:
+    return [Message("recsys.events", 0, i, b"", orjson.dumps(e)) for i, e in enumerate(events)]
+
+
+def predictions(out: list[Output]) -> list[dict[str, Any]]:
+    return [orjson.loads(o.value) for o in out if o.topic.endswith(".predictions")]
+
+
+def test_each_request_gets_one_prediction_with_its_candidates_ranked(spec: PipelineSpec) -> None:
+    _, events = requests(60)
+    scorer = scorer_of(spec)
+    out = predictions(scorer.process(messages(events[:25])) + scorer.process(messages(events[25:])))
+    assert [p["event_id"] for p in out] == [e["request_id"] for e in events]
+    for p, e in zip(out, events, strict=True):
+        slate = p["slate"]
+        assert sorted(c["item"] for c in slate) == sorted(i["item_id"] for i in e["items"])
+        assert [c["position"] for c in slate] == list(range(len(slate)))
+        scores = [c["score"] for c in slate]
+        assert scores == sorted(scores, reverse=True) and all(0 < s < 1 for s in scores)
+        assert p["shown"] == 5 and [c["shown"] for c in slate] == [i < 5 for i in range(20)]
+        assert p["model"] == "recsys-fm" and p["probability"] is None
+        by_id = {i["item_id"]: i for i in e["items"]}
+        for c in slate:  # the item's own inputs, as the request carried them
+            assert c["inputs"] == {
+                k: by_id[c["item"]][k] for k in ("item_id", "category", "quality")
+            }
+        assert p["inputs"] == {k: e[k] for k in ("user_id", "device", "page")}
+
+
+def test_a_pair_sees_what_a_recount_of_the_requests_touching_its_entities_gives(
+    spec: PipelineSpec,
+) -> None:
+    """A request counts once in each entity it touches: the user once, each item
+    once, a (user, category) once however many of its candidates share the category."""
+    _, events = requests(150)
+    out = predictions(scorer_of(spec).process(messages(events)))
+    served = {pair_id(p["event_id"], c["item"]): c["features"] for p in out for c in p["slate"]}
+    key, time = spec.events.key, spec.events.time
+    for f in spec.features:
+        fields = f.entity_fields(key)
+        counted, firsts, stream = set(), {}, []
+        for e in events:
+            for item in e["items"]:
+                pair = {**e, **item, "event_id": pair_id(e["request_id"], item["item_id"])}
+                value = entity_value(fields, pair)
+                if (e["request_id"], value) not in counted:
+                    counted.add((e["request_id"], value))
+                    stream.append(pair)
+                firsts[pair["event_id"]] = (e["request_id"], value)
+        expected = brute_force_features(stream, [f], key, time)
+        first_of = {firsts[p["event_id"]]: p["event_id"] for p in stream}
+        assert len(served) == 150 * 20
+        for pid, features in served.items():
+            assert features[f.name] == expected[first_of[firsts[pid]]][f.name], (f.name, pid)
+    # the counts do count: a user's requests, and an item over many requests
+    assert max(v["user_requests_1h"] for v in served.values()) > 1
+    assert max(v["item_candidacy_24h"] for v in served.values()) > 5
+
+
+def test_a_replayed_request_gets_the_ranking_it_was_served(spec: PipelineSpec) -> None:
+    _, events = requests(30)
+    scorer = scorer_of(spec)
+    first = predictions(scorer.process(messages(events)))
+    again = predictions(scorer.process(messages(events[10:20])))
+    for p, q in zip(first[10:20], again, strict=True):
+        assert q["replayed"] and not p["replayed"]
+        assert q["slate"] == p["slate"]
+
+
+def tampered(event: dict[str, Any], how: str) -> Any:
+    e = orjson.loads(orjson.dumps(event))
+    items = e["items"]
+    if how == "duplicate":
+        items.append(dict(items[3]))
+    elif how == "missing":
+        del items[2]["category"]
+    elif how == "wrong_type":
+        items[4]["quality"] = "high"
+    elif how == "nan":
+        return orjson.dumps(e).replace(b'"quality":' + orjson.dumps(items[1]["quality"]),
+                                       b'"quality":NaN', 1)  # fmt: skip
+    elif how == "too_many":
+        e["items"] = [{**items[0], "item_id": f"x{n}"} for n in range(101)]
+    elif how == "empty":
+        e["items"] = []
+    elif how == "not_a_list":
+        e["items"] = {"item_id": "i1"}
+    elif how == "absent":
+        del e["items"]
+    elif how == "not_an_object":
+        items[0] = "i00001"
+    return orjson.dumps(e)
+
+
+@pytest.mark.parametrize(
+    ("how", "named"),
+    [
+        ("duplicate", "items[20].item_id"),
+        ("missing", "items[2].category"),
+        ("wrong_type", "items[4].quality"),
+        ("nan", "items[1].quality"),
+        ("too_many", "101 candidates"),
+        ("empty", "0 candidates"),
+        ("not_a_list", "expected a list of candidates"),
+        ("absent", "items: the request has no candidates"),
+        ("not_an_object", "items[0]"),
+    ],
+)
+def test_a_tampered_request_goes_to_the_dead_letters_naming_its_candidate(
+    spec: PipelineSpec, how: str, named: str
+) -> None:
+    _, events = requests(3)
+    bad = tampered(events[1], how)
+    scorer = scorer_of(spec)
+    hostile = Message("recsys.events", 0, 9, b"", bad)
+    out = scorer.process([*messages(events[:1]), hostile, *messages(events[2:])])
+    dead = [orjson.loads(o.value) for o in out if o.topic.endswith(".dlq")]
+    assert len(dead) == 1 and named in dead[0]["error"], dead
+    kept = predictions(out)
+    assert [p["event_id"] for p in kept] == [events[0]["request_id"], events[2]["request_id"]]
+
+
+def test_the_shown_items_are_indexed_for_the_label_join(spec: PipelineSpec) -> None:
+    world, events = requests(20)
+    out = scorer_of(spec).process(messages(events))
+    records, bad = scored_records(
+        [Message("recsys.predictions", 0, i, b"", o.value) for i, o in enumerate(out)]
+    )
+    assert bad == 0 and len(records) == 20 * 5  # shown only: the user saw nothing else
+    p = predictions(out)[7]
+    for c in p["slate"][:5]:
+        pid = pair_id(p["event_id"], c["item"])
+        scored = ScoredEvent.unpack(pid, records[pid])
+        assert scored.inputs == {**p["inputs"], **c["inputs"]}
+        assert scored.features == c["features"]
+        assert scored.served.probability == c["score"] and scored.served.model == p["model"]
+        assert scored.slot == {"request": p["event_id"], "position": c["position"], "shown": 5,
+                               "propensity": 1.0}  # fmt: skip
+    assert pair_id(p["event_id"], p["slate"][5]["item"]) not in records
+    # the world's clicks on it are label messages the join reads
+    clicks = world.click_labels(p, random.Random(4))
+    for click in clicks:
+        assert pair_id(click["request_id"], click["item_id"]) in records
+
+
+def broken(spec: PipelineSpec, change: Any) -> str:
+    data = spec.model_dump(mode="json", exclude_none=True)
+    change(data)
+    with pytest.raises(SpecError) as err:
+        parse_spec(yaml.safe_load(yaml.safe_dump(data)))
+    return str(err.value)
+
+
+def test_a_broken_slate_spec_is_refused_naming_the_field(spec: PipelineSpec) -> None:
+    def drop_item(d: dict[str, Any]) -> None:
+        del d["label"]["item"]
+
+    assert "label.item: a slate's label names its item" in broken(spec, drop_item)
+
+    def session(d: dict[str, Any]) -> None:
+        d["features"].append({"name": "s", "agg": "count", "window": {"session": "30m"}})
+
+    assert "session windows are not supported on slate" in broken(spec, session)
+
+    def clash(d: dict[str, Any]) -> None:
+        d["events"]["slate"]["fields"]["device"] = "str"
+
+    assert "slate.fields.device: also a request field" in broken(spec, clash)
+
+    def no_id(d: dict[str, Any]) -> None:
+        d["events"]["slate"]["item_id"] = "sku"
+
+    assert "item_id: 'sku' is not one of the slate's fields" in broken(spec, no_id)
+
+    def unknown_input(d: dict[str, Any]) -> None:
+        d["models"]["candidates"][1]["crosses"] = [["user_id", "colour"]]
+
+    assert "crosses.0: 'colour' is not selected" in broken(spec, unknown_input)
+
+    def fraud_with_item(d: dict[str, Any]) -> None:
+        del d["events"]["slate"]
+
+    assert "label.item: only a slate pipeline" in broken(spec, fraud_with_item)
