@@ -10,7 +10,9 @@ from typing import Any
 
 from riverflow.features.definitions import Aggregation, FeatureSpec, entity_value, parse_duration
 from riverflow.features.store import Claim, FeatureRequest, FeatureStore
+from riverflow.spec import PipelineSpec
 from riverflow.streams.contracts import ServedPrediction
+from riverflow.streams.schema import pair_id
 
 # How far each aggregation may stray from the brute force: exact where the store
 # adds exactly representable numbers in any order; mean / std / z-score divide
@@ -253,3 +255,32 @@ def assert_served_matches(evaluations: Iterable[Any], predictions: Mapping[str, 
         assert (e.served.model, e.served.version, e.served.probability) == (
             p.model, p.version, p.probability
         ), e.event_id  # fmt: skip
+
+
+def slate_recount(
+    spec: PipelineSpec, requests: Iterable[dict[str, Any]]
+) -> dict[str, dict[str, float]]:
+    """Each (request, candidate) pair's features (by pair id), recounted from the
+    requests in order: a request counts once in each entity it touches, with its
+    first candidate there, and its other pairs see what that one saw."""
+    slate = spec.events.slate
+    assert slate is not None
+    requests = list(requests)
+    out: dict[str, dict[str, float]] = defaultdict(dict)
+    for f in spec.features:
+        fields = f.entity_fields(spec.events.key)
+        first: dict[tuple[str, str], str] = {}  # (request, entity value) -> the pair counted
+        stream, pairs = [], []
+        for request in requests:
+            rid = request[spec.events.event_id]
+            for item in request[slate.field]:
+                pair = {**request, **item, "event_id": pair_id(rid, item[slate.item_id])}
+                touch = (rid, entity_value(fields, pair))
+                if touch not in first:
+                    first[touch] = pair["event_id"]
+                    stream.append(pair)
+                pairs.append((pair["event_id"], first[touch]))
+        counted = brute_force_features(stream, [f], spec.events.key, spec.events.time)
+        for pid, counted_as in pairs:
+            out[pid][f.name] = counted[counted_as][f.name]
+    return dict(out)
