@@ -301,6 +301,7 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         "search_steps": args.search_steps,
         "guarantee": args.guarantee,
         "peers": args.peers,
+        "slates": args.slates,
         "textbook_events": args.textbook_events,
     }
     overrides = {k: v for k, v in given.items() if v is not None}
@@ -765,6 +766,11 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--textbook-events", type=int, help="the textbook agent's drain (default 5,000: ~10 s)"
     )
+    bench.add_argument(
+        "--slates", action=argparse.BooleanOptionalAction,
+        help="the recommendation row: the scorer on examples/recsys.yaml, slates of 20 "
+        "(requests/s, items/s, latency per request at 1,000 requests/s; default: on)",
+    )  # fmt: skip
     bench.add_argument("--json", default="bench-results.json")
     bench.add_argument("--spec", type=Path)
     bench.set_defaults(func=cmd_bench)

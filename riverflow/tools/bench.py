@@ -154,6 +154,7 @@ class BenchConfig:
     sustained: Sustained = field(default_factory=Sustained)
     peers: bool = True  # the bare and textbook rows (``riverflow.tools.bench_peers``)
     textbook_events: int = 5_000  # its drain: ~500/s, so about ten seconds
+    slates: bool = True  # the recommendation row (``riverflow.tools.bench_slates``)
 
     @classmethod
     def quick(cls, **overrides: Any) -> BenchConfig:
@@ -173,6 +174,7 @@ class BenchResult:
     embedded: dict[str, float] = field(default_factory=dict)
     kafka: dict[str, dict[str, Any]] = field(default_factory=dict)
     peers: dict[str, dict[str, Any]] = field(default_factory=dict)  # "bare", "textbook"
+    slates: dict[str, Any] = field(default_factory=dict)  # the recommendation row
 
     def throughputs(self) -> dict[str, float]:
         """Every events/s figure of the run, by row (the keys of ``ratios``)."""
@@ -209,6 +211,7 @@ class BenchResult:
             "embedded": self.embedded,
             "kafka": self.kafka,
             "peers": self.peers,
+            "slates": self.slates,
             "ratios": self.ratios(),
         }
 
@@ -423,16 +426,25 @@ class GcPauses:
         return max((s for _, s in self.pauses), default=0.0) * 1000
 
 
+def fraud_events(n: int, seed: int, prefix: str, start_ts: float | None) -> list[dict[str, Any]]:
+    """``n`` events of the fraud stream (``stream``), without their labels."""
+    return stream(n, seed, prefix=prefix, start_ts=start_ts)[0]
+
+
 def offer(
     prod: Producer, clock: PredictionClock, topic: str, key: str, rate: int, seconds: float,
     seed: int, prefix: str, start_ts: float | None = None,
+    make: Callable[[int, int, str, float | None], list[dict[str, Any]]] = fraud_events,
+    ids: tuple[str, str] = ("event_id", "ts"),
 ) -> dict[str, Any]:  # fmt: skip
     """Send ``rate`` events/s for ``seconds``, wait for their predictions, and measure
     latency and lag (see ``Sustained``). Event times start at ``start_ts``; the row's
-    ``last_ts`` is the newest sent."""
+    ``last_ts`` is the newest sent. ``make``: the events (default: the fraud stream's);
+    ``ids``: their id and time fields."""
     n = max(1, int(rate * seconds))
-    batch, _ = stream(n, seed, prefix=prefix, start_ts=start_ts)
-    records = [(topic, e[key].encode(), orjson.dumps(e), e["event_id"]) for e in batch]
+    batch = make(n, seed, prefix, start_ts)
+    id_field, time_field = ids
+    records = [(topic, e[key].encode(), orjson.dumps(e), e[id_field]) for e in batch]
     sent: dict[str, float] = {}
     lags: list[int] = []
     every = max(1, rate // 4)
@@ -462,7 +474,7 @@ def offer(
         "received": len(lat), "end_lag": last_quarter[len(last_quarter) // 2],
         "max_lag": max(lags, default=0), **_percentiles(lat),
         "until_scored_p50_ms": _percentiles(to_scorer)["p50_ms"],
-        "bench_gc_max_ms": driver_gc.max_ms(), "last_ts": batch[-1]["ts"],
+        "bench_gc_max_ms": driver_gc.max_ms(), "last_ts": batch[-1][time_field],
     }  # fmt: skip
 
 
@@ -664,7 +676,7 @@ def run_bench(
     result.embedded = measure_embedded(spec, settings, events, labels)
     log(f"embedded: {result.embedded['events_per_s']:,.0f} events/s")
     hosts = [h for h in cfg.hosts if h not in ("", "none")]
-    if not hosts and not cfg.peers:  # (--hosts none --no-peers: no stack to start)
+    if not hosts and not cfg.peers and not cfg.slates:  # (nothing needs a stack)
         return result
     with tempfile.TemporaryDirectory(prefix="riverflow-bench-") as tmp:
         workdir = Path(tmp)
@@ -689,6 +701,11 @@ def run_bench(
                 )
                 log(f"textbook Faust agent: drained {n:,} at "
                     f"{result.peers['textbook']['drain_events_per_s']:,.0f} events/s")  # fmt: skip
+            if cfg.slates:
+                from riverflow.tools.bench_slates import SlateBench, measure_slates
+
+                slates = SlateBench(seed=cfg.seed, seconds=cfg.rate_seconds)
+                result.slates = measure_slates(ep, workdir, slates, ep.pids, log)
     return result
 
 
@@ -753,4 +770,19 @@ def report(result: BenchResult) -> Table:
         book = result.peers["textbook"]
         rate_row("textbook", f"textbook Faust agent, Redis call per event ({book['events']:,}), "
                  "drain", _cpu(book), f"{book['peak_rss_mb']:,.0f}")  # fmt: skip
+    if result.slates:
+        sl = result.slates
+        table.add_row(
+            f"recsys scorer, slates of {sl['slate']}: drain (requests/s; "
+            f"{sl['drain_items_per_s']:,.0f} items/s)",
+            f"{sl['drain_requests_per_s']:,.0f}", "", "",
+            f"{sl['cpu_s_per_million_requests']:,.0f} / M requests",
+            f"{sl['peak_rss_mb']:,.0f}", "",
+        )  # fmt: skip
+        for rate, row in sl["latency"].items():
+            lat = f"{row['p50_ms']:.1f} / {row['p99_ms']:.1f} / {row['p999_ms']:.1f}"
+            what = (
+                f"  recsys at {int(rate):,} requests/s ({row['received']:,}/{row['sent']:,} back)"
+            )
+            table.add_row(what, f"{row['offered_per_s']:,.0f}", "", "", "", "", lat)
     return table

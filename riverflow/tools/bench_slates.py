@@ -1,0 +1,124 @@
+"""The recommendation row of ``riverflow bench``: the confluent scorer on
+``examples/recsys.yaml``, ranking slates of 20 candidates.
+
+- **drain**: requests waiting in the topic, scored first to last: requests/s, and
+  scored items/s (each request is 20 (user, item) pairs to read features for and score);
+- **latency**: requests offered at a fixed rate (1,000/s by default), each one's
+  time from produce to its ranked prediction on the topic (p50, p99).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from riverflow.spec import PipelineSpec, load_spec
+from riverflow.streams.kafka_io import ensure_topics
+from riverflow.streams.topics import Topics
+from riverflow.tools.bench import (
+    PredictionClock,
+    ProcessUsage,
+    _backlog,
+    _drain,
+    _spec_file,
+    offer,
+)
+from riverflow.tools.recsys import RecsysConfig, RecsysWorld
+from riverflow.tools.stack import Endpoints, stop_processes
+
+
+@dataclass(frozen=True)
+class SlateBench:
+    """What the recommendation row runs."""
+
+    requests: int = 5_000  # the drain's backlog
+    slate: int = 20
+    rate: int = 1_000  # requests/s of the latency point
+    seconds: float = 8.0
+    seed: int = 11
+
+
+def slate_requests(
+    world: RecsysWorld,
+) -> Callable[[int, int, str, float | None], list[dict[str, Any]]]:
+    """``bench.offer``'s event maker for ``world``: ``n`` requests from stream position
+    ``seed * n`` (each call new ones), ids prefixed, times from ``start_ts``."""
+
+    def make(n: int, seed: int, prefix: str, start_ts: float | None) -> list[dict[str, Any]]:
+        w = world
+        if start_ts is not None:
+            w = RecsysWorld(replace(world.config, start_ts=start_ts))
+        out = []
+        for r in w.requests(n, start=seed * n):
+            event = w.event(r)
+            event["request_id"] = prefix + event["request_id"]
+            out.append(event)
+        return out
+
+    return make
+
+
+def measure_slates(
+    ep: Endpoints, workdir: Path, cfg: SlateBench, server_pids: dict[str, int],
+    log: Callable[[str], None], spec: PipelineSpec | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """The drain and the latency of the confluent scorer on the recsys example."""
+    spec = spec or load_spec("recsys")
+    name = f"bench-slates-{uuid.uuid4().hex[:6]}"
+    spec_file = _spec_file(spec, workdir, name)
+    topics = Topics(name)
+    ensure_topics(ep.kafka_bootstrap, topics.all(), partitions=3)
+    world = RecsysWorld(RecsysConfig(seed=cfg.seed, slate=cfg.slate, users=20_000, items=5_000))
+    make = slate_requests(world)
+    backlog = make(cfg.requests, 0, "d", None)
+    prod = _backlog(ep.kafka_bootstrap, topics.events, spec.events.key, backlog)
+    newest = backlog[-1]["ts"]
+    del backlog
+    env = {
+        **os.environ, "RIVERFLOW_KAFKA_BOOTSTRAP": ep.kafka_bootstrap,
+        "RIVERFLOW_REDIS_URL": ep.redis_url, "RIVERFLOW_SPEC": str(spec_file),
+        "RIVERFLOW_HOST": "confluent", "RIVERFLOW_BATCH_TIMEOUT_S": "0.002",
+        "RIVERFLOW_METRICS_PORT": "0", "RIVERFLOW_INSTANCE_ID": f"{name}-0",
+    }  # fmt: skip
+    clock = PredictionClock(ep.kafka_bootstrap, topics.predictions)
+    logpath = workdir / f"{name}.log"
+    with logpath.open("wb") as logfile:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "riverflow.cli", "run", "scorer"], env=env,
+            stdout=logfile, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    servers = {server: ProcessUsage(pid) for server, pid in server_pids.items()}
+    try:
+        drain = _drain("the slate scorer", proc, clock, cfg.requests, servers, logpath)
+        out: dict[str, Any] = {
+            "requests": cfg.requests, "slate": cfg.slate,
+            "drain_requests_per_s": drain["drain_events_per_s"],
+            "drain_items_per_s": drain["drain_events_per_s"] * cfg.slate,
+            "cpu_s_per_million_requests": drain["cpu_s_per_million"],
+        }  # fmt: skip
+        log(f"slates: drained {cfg.requests:,} requests of {cfg.slate} at "
+            f"{out['drain_requests_per_s']:,.0f} requests/s "
+            f"({out['drain_items_per_s']:,.0f} items/s)")  # fmt: skip
+        gc.collect()
+        gc.freeze()
+        try:
+            row = offer(prod, clock, topics.events, spec.events.key, cfg.rate, cfg.seconds,
+                        cfg.seed + 1, "r", newest + 1.0, make, ("request_id", "ts"))  # fmt: skip
+        finally:
+            gc.unfreeze()
+        row.pop("last_ts", None)
+        out["latency"] = {str(cfg.rate): row}
+        log(f"slates: {cfg.rate:,} requests/s for {cfg.seconds:g} s: p50 {row['p50_ms']:.1f} ms, "
+            f"p99 {row['p99_ms']:.1f} ms, end lag {row['end_lag']:,}")  # fmt: skip
+        out["peak_rss_mb"] = ProcessUsage(proc.pid).peak_rss_mb()
+    finally:
+        stop_processes([proc])
+        clock.close()
+    return out
