@@ -250,6 +250,8 @@ def cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
     ep = endpoints(settings)
     ensure_pipeline_topics(ep.kafka_bootstrap, spec, settings)
     records: Iterator[tuple[str, bytes | None, bytes]]
+    if spec.events.slate is not None and not args.file:
+        return _produce_requests(args, spec, ep)
     if args.file:
         records = _file_records(Path(args.file), args.topic or topics.events)
     else:
@@ -269,6 +271,43 @@ def cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
         records = paced(records, args.rate, counts=events_only)
     n = produce_all(producer(ep.kafka_bootstrap), records)
     console.print(f"produced {n:,} messages to {ep.kafka_bootstrap}")
+    return 0
+
+
+def _produce_requests(args: argparse.Namespace, spec: PipelineSpec, ep: Endpoints) -> int:
+    """A slate spec's ``produce``: ranking requests of the simulated world, and (unless
+    ``--no-labels``) its users clicking what the pipeline shows them."""
+    from riverflow.streams.kafka_io import produce_all, producer
+    from riverflow.tools.generator import paced
+    from riverflow.tools.recsys import RecsysConfig, RecsysWorld, SimulatedUsers, fits
+
+    why = fits(spec)
+    if why is not None:
+        raise RiverflowError(f"riverflow produce generates requests of examples/recsys.yaml's "
+                             f"shape, and {why}: give your own with --file")  # fmt: skip
+    world = RecsysWorld(RecsysConfig(seed=args.seed, shown=spec.events.slate.shown))  # type: ignore[union-attr]
+    events = [world.event(r) for r in world.requests(args.events)]
+    users = None if args.no_labels else SimulatedUsers(ep.kafka_bootstrap, spec, world, args.seed)
+    if users is not None:
+        for e in events:
+            users.expect(e["request_id"])
+    key = spec.events.key
+    records: Iterator[tuple[str, bytes | None, bytes]] = (
+        (spec.topics.events, str(e[key]).encode(), orjson.dumps(e)) for e in events
+    )
+    if args.rate is not None:
+        records = paced(records, args.rate)
+    n = produce_all(producer(ep.kafka_bootstrap), records)
+    console.print(f"produced {n:,} requests to {ep.kafka_bootstrap}")
+    if users is not None:
+        done = users.wait(args.clicks_wait)
+        console.print(f"the simulated users saw {users.answered:,} rankings and clicked "
+                      f"{users.clicks:,} items" + ("" if done else
+                      f" ({len(users.waiting):,} requests unanswered after "
+                      f"{args.clicks_wait:g} s: is the scorer running?)"))  # fmt: skip
+        users.close()
+        if not done:
+            return 1
     return 0
 
 
@@ -736,6 +775,10 @@ def parser() -> argparse.ArgumentParser:
         "--rate", type=float, help="events per second, paced (default: as fast as possible)"
     )
     produce.add_argument("--spec", type=Path)
+    produce.add_argument(
+        "--clicks-wait", type=float, default=120.0,
+        help="slate specs: how long the simulated users wait for the last ranking (s)",
+    )  # fmt: skip
     produce.add_argument(
         "--stream", choices=STREAMS, help="generated stream (default: fits --spec)"
     )

@@ -25,9 +25,16 @@ from __future__ import annotations
 
 import math
 import random
+import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import orjson
+
+from riverflow.spec import PipelineSpec
+from riverflow.streams.kafka_io import produce_one, producer, read_topic
 
 DEVICES = ("mobile", "desktop", "tablet")
 PAGES = ("home", "search", "item")
@@ -197,3 +204,76 @@ def _dirichlet(rng: random.Random, k: int, alpha: float) -> list[float]:
     draws = [rng.gammavariate(alpha, 1.0) for _ in range(k)]
     total = sum(draws) or 1.0
     return [d / total for d in draws]
+
+
+class SimulatedUsers:
+    """The users of ``world`` clicking what a live pipeline shows them: follows the
+    predictions topic (in a thread) and writes each request's clicks to the labels
+    topic (``RecsysWorld.click_labels``), for the requests it is told of (``expect``)."""
+
+    def __init__(self, bootstrap: str, spec: PipelineSpec, world: RecsysWorld, seed: int) -> None:
+        self.bootstrap, self.topics, self.world = bootstrap, spec.topics, world
+        self.rng = random.Random(seed)
+        self.waiting: set[str] = set()
+        self.answered = 0
+        self.clicks = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="simulated-users", daemon=True)
+        self._thread.start()
+
+    def expect(self, request_id: str) -> None:
+        with self._lock:
+            self.waiting.add(request_id)
+
+    def _run(self) -> None:
+        prod = producer(self.bootstrap)
+        try:
+            for msg in read_topic(self.bootstrap, self.topics.predictions, follow=True):
+                if self._stop.is_set():
+                    break
+                p = orjson.loads(msg.value() or b"{}")
+                with self._lock:
+                    if p.get("event_id") not in self.waiting:
+                        continue
+                    self.waiting.discard(p["event_id"])
+                    self.answered += 1
+                for click in self.world.click_labels(p, self.rng):
+                    produce_one(prod, self.topics.labels, click["request_id"].encode(),
+                                orjson.dumps(click), _ignore)  # fmt: skip
+                    self.clicks += 1
+                prod.poll(0)
+        finally:
+            prod.flush(30)
+
+    def wait(self, timeout_s: float) -> bool:
+        """Whether every request expected was answered within ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self.waiting:
+                    return True
+            time.sleep(0.1)
+        return False
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+def _ignore(*_: Any) -> None:
+    """A delivery report not looked at (the producer's flush waits for every one)."""
+
+
+def fits(spec: PipelineSpec) -> str | None:
+    """Why ``spec``'s requests are not what ``RecsysWorld.event`` makes, or None."""
+    slate = spec.events.slate
+    if slate is None:
+        return "the spec has no slate"
+    world = RecsysWorld(RecsysConfig(users=1, items=1, slate=1))
+    event = world.event(next(world.requests(1)))
+    request = {k for k in event if k != "items"}
+    if slate.field != "items" or set(spec.events.fields) != request:
+        return f"its requests have the fields {sorted(spec.events.fields)}, not {sorted(request)}"
+    if set(slate.fields) != set(event["items"][0]):
+        return f"its candidates have the fields {sorted(slate.fields)}"
+    return None

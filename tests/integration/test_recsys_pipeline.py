@@ -11,7 +11,10 @@ learner as processes, the simulated users clicking what they were shown.
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -22,7 +25,7 @@ import yaml
 
 from riverflow.spec import PipelineSpec, shipped_example
 from riverflow.streams.contracts import DeadLetter, Evaluation
-from riverflow.streams.kafka_io import ensure_topics, produce_all, producer
+from riverflow.streams.kafka_io import ensure_topics, produce_all, producer, read_topic
 from riverflow.streams.schema import pair_id
 from riverflow.tools.recsys import RecsysConfig, RecsysWorld
 from riverflow.tools.stack import Endpoints
@@ -47,28 +50,35 @@ def spec_file(tmp_path: Path) -> Path:
 
 
 def test_the_recsys_example_ranks_every_request_and_labels_every_shown_item_once(
-    stack: Endpoints, spec: PipelineSpec, start_stage: StageFactory
+    stack: Endpoints, spec: PipelineSpec, spec_file: Path, start_stage: StageFactory
 ) -> None:
     t = spec.topics
     ensure_topics(stack.kafka_bootstrap, t.all(), partitions=2, replication=1)
     start_stage("scorer")
     start_stage("learner", snapshot_every_labels=2_000, label_wait_s=2)
-    world = RecsysWorld(RecsysConfig(seed=11, users=300, items=800, slate=20, shown=SHOWN))
+    # the users' side as a user runs it: requests of the simulated world, and its
+    # users clicking what the pipeline shows them
+    env = {**os.environ, "RIVERFLOW_KAFKA_BOOTSTRAP": stack.kafka_bootstrap,
+           "RIVERFLOW_REDIS_URL": stack.redis_url}  # fmt: skip
+    world = RecsysWorld(RecsysConfig(seed=11, shown=SHOWN))
     events = [world.event(r) for r in world.requests(N)]
     tampered = dict(events[17], request_id="tampered")
     tampered["items"] = [*events[17]["items"], events[17]["items"][2]]  # an item twice
-    prod = producer(stack.kafka_bootstrap)
-    records = [(t.events, e["user_id"].encode(), orjson.dumps(e)) for e in events]
-    records.insert(100, (t.events, b"x", orjson.dumps(tampered)))
-    produce_all(prod, records)
+    produce_all(producer(stack.kafka_bootstrap), [(t.events, b"x", orjson.dumps(tampered))])
+    produced = subprocess.run(
+        [sys.executable, "-m", "riverflow.cli", "produce", "--spec", str(spec_file),
+         "--events", str(N), "--seed", "11"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert produced.returncode == 0, produced.stdout + produced.stderr
+    assert f"produced {N:,} requests" in produced.stdout
+    assert f"saw {N:,} rankings" in produced.stdout
 
-    found = collect(stack.kafka_bootstrap, t.predictions, N, timeout_s=180, settle_s=1.0)
+    found = collect(stack.kafka_bootstrap, t.predictions, N, timeout_s=60, settle_s=1.0)
     predictions = [orjson.loads(m.value()) for m in found]
     assert Counter(p["event_id"] for p in predictions) == {e["request_id"]: 1 for e in events}
-    rng = random.Random(5)
-    clicks = [c for p in predictions for c in world.click_labels(p, rng)]
+    clicks = [orjson.loads(m.value()) for m in read_topic(stack.kafka_bootstrap, t.labels)]
     assert len(clicks) > 200  # users click: positives to learn from
-    produce_all(prod, [(t.labels, c["request_id"].encode(), orjson.dumps(c)) for c in clicks])
 
     # every shown item, once: its click, or the timeout's negative
     found = collect(stack.kafka_bootstrap, t.evaluations, N * SHOWN, timeout_s=240)
