@@ -53,8 +53,16 @@ def endpoints(settings: Settings) -> Endpoints:
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from riverflow.tools.demo import run_demo, summary
 
-    spec = load_spec(args.spec or settings.spec)
-    result = run_demo(spec, settings, events=args.events, seed=args.seed, scenario=args.scenario,
+    spec = load_spec(args.spec or args.example or settings.spec)
+    if spec.events.slate is not None:  # ranking requests: the simulated users' demo
+        from riverflow.tools.demo_recsys import recsys_summary, run_recsys_demo
+
+        slates = run_recsys_demo(spec, settings, requests=args.events or 10_000, seed=args.seed)
+        console.print()
+        console.print(recsys_summary(slates))
+        return 0
+    result = run_demo(spec, settings, events=args.events or 20_000, seed=args.seed,
+                      scenario=args.scenario,
                       stream=args.stream)  # fmt: skip
     console.print()
     console.print(summary(result))
@@ -684,9 +692,15 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="a pipeline (fraud by default) on the embedded runtime")
-    demo.add_argument("--events", type=int, default=20_000)
+    demo.add_argument(
+        "--events", type=int, help="events (default 20,000), or requests of a slate spec (10,000)"
+    )
     demo.add_argument("--seed", type=int, default=7)
     demo.add_argument("--spec", type=Path)
+    demo.add_argument(
+        "--example", choices=["fraud", "delivery", "recsys"],
+        help="a shipped example's spec (recsys: ranking requests, simulated users' clicks)",
+    )  # fmt: skip
     demo.add_argument(
         "--scenario", choices=["drift", "labels", "quality"], default="drift",
         help="drift: the fraud pattern switches halfway (drift alarm, fresh challenger, "
