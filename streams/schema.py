@@ -37,6 +37,12 @@ class SlateSpec(BaseModel):
     fields: dict[str, FieldType] = Field(min_length=1, description="a candidate's fields")
     max_items: int = Field(100, ge=1, le=1000, description="most candidates in one request")
     shown: int = Field(10, ge=1, description="the top k of the ranking the user sees")
+    epsilon: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="exploration: the chance a request is served its candidates in a "
+        "random order instead of by score (epsilon-greedy); each item's propensity, the "
+        "chance of its position under this policy, is logged with the prediction",
+    )  # fmt: skip
 
     @model_validator(mode="after")
     def _check(self) -> SlateSpec:

@@ -7,6 +7,7 @@ Kafka runtime, the embedded runtime and the benchmark run it unchanged.
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
@@ -270,11 +271,14 @@ class Scorer:
                 ranked.append((item, answer, features, snap))
             at += len(items)
             ranked.sort(key=lambda r: -(r[1].probability or 0.0))  # stable: ties keep order
+            served_order, propensities = self._explore(event[schema.event_id], ranked)
             slate = [
                 {"item": item[self.slate.item_id], "position": position,
-                 "score": answer.probability, "shown": position < shown, "propensity": 1.0,
+                 "score": answer.probability, "shown": position < shown,
+                 "propensity": propensity,
                  "inputs": {n: item[n] for n in self.item_inputs}, "features": features}
-                for position, (item, answer, features, _) in enumerate(ranked)
+                for position, ((item, answer, features, _), propensity)
+                in enumerate(zip(served_order, propensities, strict=True))
             ]  # fmt: skip
             head = ranked[0][1]
             entity = str(event[schema.key])
@@ -286,6 +290,26 @@ class Scorer:
             )  # fmt: skip
             out.append(Output(self.topics.predictions, entity.encode(), prediction.encode()))
         return out, served
+
+    def _explore(self, request_id: str, ranked: list[Any]) -> tuple[list[Any], list[float]]:
+        """The order a request is served in (epsilon-greedy: with chance ``epsilon`` a
+        uniformly random one, else ``ranked``) and each position's propensity, the
+        chance the policy put that item there: ``(1 - epsilon) * [ranked has it there]
+        + epsilon / n``. The draw is seeded by the request id, so a replayed request
+        is served the same order."""
+        assert self.slate is not None
+        epsilon, n = self.slate.epsilon, len(ranked)
+        if epsilon == 0.0:
+            return ranked, [1.0] * n
+        rng = random.Random(f"explore:{request_id}")
+        order = ranked
+        if rng.random() < epsilon:
+            order = list(ranked)
+            rng.shuffle(order)
+        uniform = epsilon / n
+        return order, [
+            (1.0 - epsilon) * (o is r) + uniform for o, r in zip(order, ranked, strict=True)
+        ]
 
     def _schema_changes(self, now: float) -> list[Output]:
         """A ``schema_change`` model-event for each change the data quality saw."""

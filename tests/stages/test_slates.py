@@ -206,3 +206,31 @@ def test_a_broken_slate_spec_is_refused_naming_the_field(spec: PipelineSpec) -> 
         del d["events"]["slate"]
 
     assert "label.item: only a slate pipeline" in broken(spec, fraud_with_item)
+
+
+def test_exploration_serves_some_requests_in_a_random_order_and_logs_propensities(
+    spec: PipelineSpec,
+) -> None:
+    slate = spec.events.slate
+    assert slate is not None
+    exploring = spec.model_copy(
+        update={"events": spec.events.model_copy(
+            update={"slate": slate.model_copy(update={"epsilon": 0.3})})}
+    )  # fmt: skip
+    _, events = requests(400)
+    scorer = scorer_of(exploring)
+    out = predictions(scorer.process(messages(events)))
+    n = 20
+    explored = 0
+    for p in out:
+        scores = [c["score"] for c in p["slate"]]
+        by_score = sorted(scores, reverse=True)
+        if scores != by_score:
+            explored += 1
+        for c in p["slate"]:  # the chance of its position under the policy
+            greedy = c["score"] == by_score[c["position"]]
+            assert c["propensity"] == pytest.approx(0.7 * greedy + 0.3 / n)
+    # 400 requests at 0.3 (a shuffle is in score order with chance 1/20!): 120 +- 3 sd
+    assert 90 <= explored <= 150, explored
+    again = predictions(scorer.process(messages(events[:50])))
+    assert [q["slate"] for q in again] == [p["slate"] for p in out[:50]]  # replays: same order
