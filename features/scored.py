@@ -98,11 +98,8 @@ def defaulted_ids(prediction: Any) -> list[str]:
         return [event_id]
     if not isinstance(slate, list):
         return []
-    return [
-        f"{event_id}/{item['item']}"
-        for item in slate
-        if isinstance(item, dict) and item.get("shown") is True and isinstance(item.get("item"), str)
-    ]
+    shown = [item for item in slate if isinstance(item, dict) and item.get("shown") is True]
+    return [f"{event_id}/{item['item']}" for item in shown if isinstance(item.get("item"), str)]
 
 
 class ScoredEvents(Protocol):

@@ -119,7 +119,7 @@ class LabelSpec(BaseModel):
             if type(value) is int or (type(value) is float and value.is_integer()):
                 return int(value)
         elif kind is LabelType.FLOAT:
-            if type(value) in (int, float) and math.isfinite(value):
+            if isinstance(value, int | float) and type(value) is not bool and math.isfinite(value):
                 return float(value)
         else:
             for c in self.classes or []:

@@ -104,7 +104,7 @@ def served_at(msg: Message, prediction: Any) -> float | None:
     if msg.timestamp_ms is not None:
         return msg.timestamp_ms / 1000
     scored = prediction.get("scored_at") if isinstance(prediction, dict) else None
-    if type(scored) in (int, float) and math.isfinite(scored):
+    if isinstance(scored, int | float) and type(scored) is not bool and math.isfinite(scored):
         return float(scored)
     return None
 
