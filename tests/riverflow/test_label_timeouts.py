@@ -40,7 +40,7 @@ def timeout_spec(**label: Any) -> PipelineSpec:
         ({"default": False, "after": "0s"}, "label: after: not a duration: '0s'"),
         ({"default": 0, "after": "30m"}, "label: default: 0 does not fit label.type bool"),
         ({"default": "no", "after": "30m"}, "label: default: 'no' does not fit label.type bool"),
-        ({"type": "int", "default": 1.5, "after": "1h"}, "default: 1.5 does not fit label.type int"),
+        ({"type": "int", "default": 1.5, "after": "1h"}, "default: 1.5 does not fit label.type"),
         ({"type": "float", "default": True, "after": "1h"}, "default: True does not fit label"),
         (
             {"type": "category", "classes": ["card", "cash"], "default": "boat", "after": "1h"},
@@ -59,7 +59,9 @@ def test_a_default_is_taken_as_a_label_of_the_declared_type() -> None:
     assert timeout_spec(default=False, after="30m").label.default_label is False
     assert LabelSpec(field="y", type=LabelType.INT, default=3.0, after="1h").default_label == 3
     assert LabelSpec(field="y", type=LabelType.FLOAT, default=0, after="1h").default_label == 0.0
-    category = LabelSpec(field="y", type=LabelType.CATEGORY, classes=["1", "2"], default=2, after="7d")
+    category = LabelSpec(
+        field="y", type=LabelType.CATEGORY, classes=["1", "2"], default=2, after="7d"
+    )
     assert category.default_label == "2" and category.after_s == 7 * 86400
     assert timeout_spec().label.after_s is None  # fraud as shipped: no timeout
 
