@@ -196,12 +196,6 @@ class Learner:
         p, o = int(parts[1]), int(parts[2])
         return not (o < self._base.get(p, 0) and (p, o) not in self._base_pending)
 
-    def _stale_for_default(self, token: str) -> bool:
-        """``_stale`` for a default's claim, except that a label message's mark is never
-        taken over by a default: if the models lack that label, this run reads it again
-        (from the checkpoint's position, or its waiting list) and takes its mark over."""
-        return is_default_token(token) and self._stale(token)
-
     @property
     def candidates(self) -> dict[str, Candidate]:
         """The candidates trained on every label, by name."""
@@ -410,10 +404,25 @@ class Learner:
         ids = [e for e in token_of if e in events]
         tokens = [token_of[e] for e in ids]
         self._unlearned.update(tokens)
-        claimed = self.store.claim_labels(ids, tokens, [True] * len(ids), self._stale_for_default)
+        held = 0  # label messages' marks the models may lack
+
+        def stale(token: str) -> bool:
+            # a default never takes a label message's mark over: if the models lack that
+            # label, this run reads it again (from the checkpoint's position, or its
+            # waiting list) and takes its mark over itself
+            nonlocal held
+            if is_default_token(token):
+                return self._stale(token)
+            held += self._stale(token)
+            return False
+
+        claimed = self.store.claim_labels(ids, tokens, [True] * len(ids), stale)
         todo = {e for e, c in zip(ids, claimed, strict=True) if c is Claim.CLAIMED}
         # a token stays ours until every id of its prediction claimed under it is learned
         self._unlearned.difference_update(set(tokens) - {token_of[e] for e in todo})
+        found = {e for e, c in zip(ids, claimed, strict=True) if c is Claim.DUPLICATE}
+        if found and not held:
+            self._forget_labelled(found)
         every = self.timing.snapshot_every
         for d in due:
             out += self._learn_defaults(d, events, todo, timeouts.timeout.default)
@@ -421,6 +430,19 @@ class Learner:
             self._changed = True
             if every and self._since_snapshot >= every:
                 out += self.publish()
+
+    def _forget_labelled(self, found: set[str]) -> None:
+        """Forget events a default found labelled in a committed checkpoint, yet in the
+        index: a prediction given again (a scorer's replay) after that checkpoint
+        forgot the event. Then the replay's own default, and a label message coming
+        once the mark is gone, find nothing to learn. An event whose label this run
+        learned since its last commit is left: that commit forgets it (forgotten now,
+        a learner killed before it could not learn that label again)."""
+        uncommitted = self._learned_ids, self._staged_ids, self._defaulted_ids
+        for ids in (*uncommitted, self._staged_defaulted):
+            found.difference_update(ids)
+        if found:
+            self.scored.forget(list(found))
 
     def _learn_defaults(
         self, due: DueDefault, events: dict[str, ScoredEvent], todo: set[str], label: Label

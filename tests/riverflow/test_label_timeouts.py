@@ -219,3 +219,39 @@ def test_a_learner_killed_after_its_checkpoint_learns_each_default_once(
     rt.drain()
     assert rt.learner.learned == len(events)
     assert rt.learner.status()["labels_after_default"] == 1
+
+
+def test_a_prediction_given_again_after_its_label_is_not_defaulted(
+    fraud_spec: PipelineSpec,
+) -> None:
+    """A scorer's replay writes an event's prediction again after its label was learned
+    and checkpointed (the index forgot the event, then took it in again): neither
+    prediction's timeout labels it a second time, even once its mark is gone."""
+    clock = Clock()
+    spec = timeout_spec(default=False, after="2s")
+    settings = Settings(label_wait_s=0.0, snapshot_every_labels=1, learned_keep_s=0)
+    rt = EmbeddedRuntime(spec, settings, clock=clock)
+    (x, _), (y, _) = transactions(2, FraudStreamConfig(seed=5))
+    rt.produce(rt.topics.events, x["card_id"].encode(), orjson.dumps(x))
+    rt.step()
+    rt.produce(rt.topics.labels, x["event_id"].encode(), label(x["event_id"]))
+    rt.step()  # learned, checkpointed: the index forgets x, its mark is released
+    assert x["event_id"] not in rt.scored.records
+    clock.now += 1
+    [(key, first)] = rt.messages(rt.topics.predictions)
+    again = {**orjson.loads(first), "replayed": True, "scored_at": clock.now}
+    rt.produce(rt.topics.predictions, key, orjson.dumps(again))
+    rt.step()
+    assert x["event_id"] in rt.scored.records  # taken in again
+    clock.now += 1.5  # the first prediction's timeout falls due, not the replay's
+    rt.drain()
+    rt.produce(rt.topics.events, y["card_id"].encode(), orjson.dumps(y))
+    rt.step()
+    rt.produce(rt.topics.labels, y["event_id"].encode(), label(y["event_id"]))
+    clock.now += 0.4  # the replay's timeout is not due yet (at 1003)
+    rt.step()  # another label's commit: x's released mark is gone now
+    assert x["event_id"] not in rt.store.learned
+    clock.now += 5
+    rt.drain()  # the replay's timeout, then y's
+    assert [e.event_id for e in evaluations(rt)] == [x["event_id"], y["event_id"]]
+    assert rt.learner.learned == 2 and rt.learner.defaulted == 0
