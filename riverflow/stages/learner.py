@@ -438,9 +438,9 @@ class Learner:
         once the mark is gone, find nothing to learn. An event whose label this run
         learned since its last commit is left: that commit forgets it (forgotten now,
         a learner killed before it could not learn that label again)."""
-        uncommitted = self._learned_ids, self._staged_ids, self._defaulted_ids
-        for ids in (*uncommitted, self._staged_defaulted):
-            found.difference_update(ids)
+        for uncommitted in (self._learned_ids, self._staged_ids, self._defaulted_ids,
+                            self._staged_defaulted):  # fmt: skip
+            found.difference_update(uncommitted)
         if found:
             self.scored.forget(list(found))
 
@@ -559,7 +559,7 @@ class Learner:
         if self._staged_ids:
             # a label message's mark outlives its event's timeout: a replayed prediction
             # the index took in again after it forgot the event must find the mark
-            # when its default falls due (see Timeouts)
+            # when its default falls due (see _forget_labelled)
             after = 0.0 if self.timeouts is None else self.timeouts.timeout.after_s
             self.store.release_learned(self._staged_ids, max(keep, after))
             self.scored.forget(self._staged_ids)
