@@ -4,20 +4,24 @@ embedded runtime; the spec refuses a timeout that cannot work."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import msgpack
 import orjson
 import pytest
 
-from riverflow.assembly import build_learner
+from riverflow.assembly import build_learner, memory_backends, signing_key
 from riverflow.embedded import EmbeddedRuntime, LogTimers
 from riverflow.errors import RiverflowError
-from riverflow.features.scored import defaulted_ids
+from riverflow.features.scored import MemoryScoredEvents, defaulted_ids
+from riverflow.features.store import Claim
+from riverflow.models.checkpoint import LearnerCheckpoint
 from riverflow.settings import Settings
 from riverflow.spec import PipelineSpec, SpecError, parse_spec
 from riverflow.stages.common import guarded
 from riverflow.stages.timeouts import Timeouts, label_timeout
-from riverflow.streams.contracts import Evaluation, LabelType
+from riverflow.streams.contracts import Evaluation, LabelType, Message
 from riverflow.streams.schema import LabelSpec
 from riverflow.tools.generator import FraudStreamConfig, transactions
 from tests.riverflow.test_spec import fraud_data
@@ -255,3 +259,66 @@ def test_a_prediction_given_again_after_its_label_is_not_defaulted(
     rt.drain()  # the replay's timeout, then y's
     assert [e.event_id for e in evaluations(rt)] == [x["event_id"], y["event_id"]]
     assert rt.learner.learned == 2 and rt.learner.defaulted == 0
+
+
+class OneTopic:
+    """A timer queue over a list of records of one partition (``TimerQueue``)."""
+
+    def __init__(self, records: list[Message]) -> None:
+        self.records = records
+
+    def start(self, positions: Mapping[int, int]) -> dict[int, int]:
+        return {0: positions.get(0, 0)}
+
+    def fetch(self, positions: Mapping[int, int]) -> Mapping[int, Sequence[Message]]:
+        return {0: self.records[positions[0] :]}
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_slate_defaults_each_shown_item_not_clicked_once() -> None:
+    """The slate contract, with records built by hand: a slate prediction defaults the
+    pair id of each item shown, except a pair labelled first; never an item not shown."""
+    spec = timeout_spec(default=False, after="30m")
+    settings = Settings(label_wait_s=0.0)
+    clock = Clock()
+    store, registry = memory_backends(spec, settings, clock)
+    scored = MemoryScoredEvents()
+    inputs = {"amount": 12.0, "category": "food", "country": "FR", "channel": "web"}
+    features = {"tx_count_1h": 1.0, "amount_sum_1h": 12.0, "amount_mean_24h": 12.0,
+                "tx_in_session": 1.0, "amount_in_session": 12.0}  # fmt: skip
+    items = ["i3", "i1", "i9", "i4"]
+    for item in items:  # the lead's index keeps a record per (request, item) pair
+        scored.records[f"r7/{item}"] = msgpack.packb([inputs, features, "fraud-hoeffding", 1, 0.2])
+    slate = {"event_id": "r7", "entity": "u1", "probability": None, "model": "m", "version": 1,
+             "features": {}, "event_time": 0.0, "scored_at": clock.now, "replayed": False,
+             "inputs": {}, "shown": 3,
+             "slate": [{"item": item, "position": i, "score": 0.5, "shown": i < 3,
+                        "propensity": 1.0, "inputs": inputs, "features": features}
+                       for i, item in enumerate(items)]}  # fmt: skip
+    record = Message(spec.topics.predictions, 0, 0, b"r7", orjson.dumps(slate))
+    timeout = label_timeout(spec.label, settings.label_horizon_s)
+    assert timeout is not None
+    timeouts = Timeouts(timeout, OneTopic([record]), lambda: {0: 1}, clock=clock)
+    learner = build_learner(spec, settings, store, registry, scored, registry_poll_s=0,
+                            clock=clock, timeouts=timeouts)  # fmt: skip
+    # i1 was clicked and its label claimed first
+    assert store.claim_labels(["r7/i1"], ["other:0:5"], [True], lambda t: False) == [Claim.CLAIMED]
+    assert learner.process([]) == []  # not due before 30 minutes
+    clock.now += 1800
+    out = [Evaluation.decode(o.value) for o in learner.process([]) if o.topic.endswith("ations")]
+    assert [(e.event_id, e.label, e.defaulted) for e in out] == [
+        ("r7/i3", False, True),
+        ("r7/i9", False, True),
+    ]
+    assert timeouts.positions == {0: 1} and learner.process([]) == []
+
+
+def test_the_checkpoint_keeps_where_the_timeouts_are_and_reads_one_without() -> None:
+    key = signing_key(Settings())
+    saved = LearnerCheckpoint({"m": 3}, {"m": {}}, 10, {0: 7}, [], timeouts={0: 40, 2: 5})
+    assert LearnerCheckpoint.decode(saved.encode(key), key).timeouts == {0: 40, 2: 5}
+    older = LearnerCheckpoint({"m": 3}, {"m": {}}, 10, {0: 7}, [])
+    assert b"timeouts" not in older.encode(key)
+    assert LearnerCheckpoint.decode(older.encode(key), key).timeouts == {}
