@@ -287,10 +287,12 @@ def run_stage(stage: str, spec: PipelineSpec, settings: Settings, ep: Servers) -
         through_outage(learner.commit, settings.outage_limit_s, "saving the checkpoint")
 
     freeze_startup_heap()
-    # ticks retry waiting labels, take the timed snapshots and label by timeout
-    after_s = math.inf if timeouts is None else timeouts.timeout.after_s
+    # ticks retry waiting labels, take the timed snapshots and label by timeout: at least
+    # every second then, so 10 x batch_size defaults a tick keep up with the events
+    # when few label messages come (fraud)
+    by_timeout = math.inf if timeouts is None else min(1.0, timeouts.timeout.after_s / 4)
     tick_s = max(
-        0.2, min(settings.label_wait_s / 4, settings.snapshot_every_s or math.inf, after_s / 4)
+        0.2, min(settings.label_wait_s / 4, settings.snapshot_every_s or math.inf, by_timeout)
     )
     loop = host_settings(stage, spec, settings, ep, tick_s)
     ConfluentHost(
