@@ -176,6 +176,9 @@ class Learner:
         self._orphan_ids: list[str] = []
         self._carried: list[Output] = []  # made by a call that raised: see process
         self._unlearned: set[str] = set()  # tokens claimed by a call that raised: see _stale
+        # the ids of a slate's prediction learned by a call that raised before the rest:
+        # its token is taken over again, these are not learned again
+        self._partial: set[str] = set()
 
     def _stale(self, token: str) -> bool:
         """Whether a learned-marker names a label that the models do not contain.
@@ -425,8 +428,9 @@ class Learner:
             self._forget_labelled(found)
         every = self.timing.snapshot_every
         for d in due:
-            out += self._learn_defaults(d, events, todo, timeouts.timeout.default)
+            self._learn_defaults(d, events, todo, timeouts.timeout.default, out)
             timeouts.advance(d.msg)
+            self._partial.clear()
             self._changed = True
             if every and self._since_snapshot >= every:
                 out += self.publish()
@@ -445,22 +449,26 @@ class Learner:
             self.scored.forget(list(found))
 
     def _learn_defaults(
-        self, due: DueDefault, events: dict[str, ScoredEvent], todo: set[str], label: Label
-    ) -> list[Output]:
+        self,
+        due: DueDefault,
+        events: dict[str, ScoredEvent],
+        todo: set[str],
+        label: Label,
+        out: list[Output],
+    ) -> None:
         msg = due.msg
         at = LabelPosition(msg.topic, msg.partition, msg.offset)
-        out: list[Output] = []
         for event_id in due.ids:
-            if event_id not in todo:
+            if event_id not in todo or event_id in self._partial:
                 continue
             todo.discard(event_id)
             out += self._learn(events[event_id], label, at, due.due_at, defaulted=True)
+            self._partial.add(event_id)
             self.defaulted += 1
             self._defaulted_ids.append(event_id)
             if len(self._defaulted_ids) > 2 * _RELEASE_AT_MOST:  # no snapshot for long
                 del self._defaulted_ids[:-_RELEASE_AT_MOST]
         self._unlearned.discard(f"{self.run}:{DEFAULT_MARK}{msg.partition}:{msg.offset}")
-        return out
 
     def _learn(
         self,

@@ -14,14 +14,16 @@ import pytest
 from riverflow.assembly import build_learner, memory_backends, signing_key
 from riverflow.embedded import EmbeddedRuntime, LogTimers
 from riverflow.errors import RiverflowError
+from riverflow.features.errors import FeatureStoreError
 from riverflow.features.scored import MemoryScoredEvents, defaulted_ids
-from riverflow.features.store import Claim
+from riverflow.features.store import Claim, FeatureStore
 from riverflow.models.checkpoint import LearnerCheckpoint
 from riverflow.settings import Settings
 from riverflow.spec import PipelineSpec, SpecError, parse_spec
 from riverflow.stages.common import guarded
+from riverflow.stages.learner import Learner
 from riverflow.stages.timeouts import Timeouts, label_timeout
-from riverflow.streams.contracts import Evaluation, LabelType, Message
+from riverflow.streams.contracts import Evaluation, LabelType, Message, Output
 from riverflow.streams.schema import LabelSpec
 from riverflow.tools.generator import FraudStreamConfig, transactions
 from tests.riverflow.test_spec import fraud_data
@@ -277,12 +279,11 @@ class OneTopic:
         pass
 
 
-def test_a_slate_defaults_each_shown_item_not_clicked_once() -> None:
-    """The slate contract, with records built by hand: a slate prediction defaults the
-    pair id of each item shown, except a pair labelled first; never an item not shown."""
+def slate_learner(clock: Clock) -> tuple[Learner, Timeouts, FeatureStore]:
+    """A learner whose index holds a request r7 of four items, i3 i1 i9 i4 in that
+    order, the first three shown; its one prediction, served at ``clock.now``."""
     spec = timeout_spec(default=False, after="30m")
     settings = Settings(label_wait_s=0.0)
-    clock = Clock()
     store, registry = memory_backends(spec, settings, clock)
     scored = MemoryScoredEvents()
     inputs = {"amount": 12.0, "category": "food", "country": "FR", "channel": "web"}
@@ -303,6 +304,14 @@ def test_a_slate_defaults_each_shown_item_not_clicked_once() -> None:
     timeouts = Timeouts(timeout, OneTopic([record]), lambda: {0: 1}, clock=clock)
     learner = build_learner(spec, settings, store, registry, scored, registry_poll_s=0,
                             clock=clock, timeouts=timeouts)  # fmt: skip
+    return learner, timeouts, store
+
+
+def test_a_slate_defaults_each_shown_item_not_clicked_once() -> None:
+    """The slate contract, with records built by hand: a slate prediction defaults the
+    pair id of each item shown, except a pair labelled first; never an item not shown."""
+    clock = Clock()
+    learner, timeouts, store = slate_learner(clock)
     # i1 was clicked and its label claimed first
     assert store.claim_labels(["r7/i1"], ["other:0:5"], [True], lambda t: False) == [Claim.CLAIMED]
     assert learner.process([]) == []  # not due before 30 minutes
@@ -322,3 +331,25 @@ def test_the_checkpoint_keeps_where_the_timeouts_are_and_reads_one_without() -> 
     older = LearnerCheckpoint({"m": 3}, {"m": {}}, 10, {0: 7}, [])
     assert b"timeouts" not in older.encode(key)
     assert LearnerCheckpoint.decode(older.encode(key), key).timeouts == {}
+
+
+def test_a_slate_half_learned_when_the_call_raised_is_finished_once() -> None:
+    """A call that raises (Redis away) after learning some items of a slate: the next
+    call learns the others, and none again."""
+    clock = Clock()
+    learner, _, _ = slate_learner(clock)
+    learn, calls = learner._learn, []
+
+    def failing_once(*args: Any, **kwargs: Any) -> list[Output]:
+        calls.append(args[0].event_id)
+        if len(calls) == 2:
+            raise FeatureStoreError("Redis unreachable")
+        return learn(*args, **kwargs)
+
+    learner._learn = failing_once  # type: ignore[method-assign]
+    clock.now += 1800
+    with pytest.raises(FeatureStoreError):
+        learner.process([])
+    out = [Evaluation.decode(o.value) for o in learner.process([]) if o.topic.endswith("ations")]
+    assert [e.event_id for e in out] == ["r7/i3", "r7/i1", "r7/i9"]
+    assert learner.defaulted == learner.learned == 3
