@@ -111,6 +111,26 @@ def scored_records(messages: Sequence[Message]) -> tuple[dict[str, bytes], int]:
     return out, bad
 
 
+def defaulted_ids(prediction: Any) -> list[str]:
+    """The ids a label by timeout labels for one prediction (a decoded
+    ``{ns}.predictions`` record): ``[event_id]`` for an ordinary prediction; for a
+    slate (``slate``: the ranked items, each with ``item`` and ``shown``) the pair id
+    (``"{request}/{item}"``) of every item shown. ``[]`` for a record that is not a
+    prediction (a forged record on the topic labels nothing)."""
+    if not isinstance(prediction, dict):
+        return []
+    event_id = prediction.get("event_id")
+    if not isinstance(event_id, str):
+        return []
+    slate = prediction.get("slate")
+    if slate is None:
+        return [event_id]
+    if not isinstance(slate, list):
+        return []
+    shown = [item for item in slate if isinstance(item, dict) and item.get("shown") is True]
+    return [pair_id(event_id, item["item"]) for item in shown if isinstance(item.get("item"), str)]
+
+
 class ScoredEvents(Protocol):
     """What the learner needs of the join's per-event records."""
 

@@ -13,7 +13,13 @@ Document (``riverflow-learner-checkpoint/1``)::
      "candidates": {name: {"version": int, "metrics": plain metric state}},
      "pending": [{"topic", "partition", "offset", "key_b64", "value_b64",
                   "timestamp_ms", "label"}],
-     "searches": {searched candidate: its round (``models.search``), if any}}
+     "searches": {searched candidate: its round (``models.search``), if any},
+     "timeouts": {predictions partition: next offset}, if the spec labels by timeout}
+
+``timeouts`` is where the learner's labels by timeout (``label.default`` after
+``label.after``) are on the predictions topic: every prediction before it was
+defaulted into these models (or found labelled). Absent in a checkpoint of a
+learner without them, which then starts them afresh.
 
 A reader refuses (``CheckpointError``, ``SignatureError``) a document it cannot
 vouch for: a bad signature, another format, a missing field.
@@ -47,6 +53,8 @@ class LearnerCheckpoint:
     saved_at: float = 0.0  # unix seconds: a rollback after this is applied on restore
     # searched candidate -> where its round is (``SuccessiveHalving.state``)
     searches: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # predictions partition -> next offset its labels by timeout examine
+    timeouts: dict[int, int] = field(default_factory=dict)
 
     def encode(self, key: Keys) -> bytes:
         """The signed document."""
@@ -63,6 +71,8 @@ class LearnerCheckpoint:
         }
         if self.searches:
             document["searches"] = self.searches
+        if self.timeouts:
+            document["timeouts"] = {str(p): o for p, o in sorted(self.timeouts.items())}
         return sign_bytes(orjson.dumps(document), key)
 
     @classmethod
@@ -92,6 +102,7 @@ class LearnerCheckpoint:
                 pending=[_message(item) for item in document["pending"]],
                 saved_at=float(document["saved_at"]),
                 searches=dict(document.get("searches", {})),
+                timeouts={int(p): int(o) for p, o in document.get("timeouts", {}).items()},
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CheckpointError(f"{_WHAT} ({FORMAT}) is malformed: {exc!r}") from exc

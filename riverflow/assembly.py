@@ -33,6 +33,7 @@ from riverflow.stages.monitor import Monitor
 from riverflow.stages.quality import DataQuality
 from riverflow.stages.scorer import Scorer
 from riverflow.stages.search import Searches
+from riverflow.stages.timeouts import Timeouts
 from riverflow.streams.guard import FIRST_BACKOFF_S, MAX_BACKOFF_S, outage
 from riverflow.streams.pii import Pseudonymizer
 from riverflow.streams.validation import Bounds
@@ -269,6 +270,7 @@ def build_learner(
     registry_poll_s: float | None = None,
     scored_through: ScoredThrough | None = None,
     clock: Callable[[], float] = time.monotonic,
+    timeouts: Timeouts | None = None,
 ) -> Learner:
     """A learner that continues from its last checkpoint, or from fresh candidates.
 
@@ -276,6 +278,9 @@ def build_learner(
 
     ``scored_through``: how far the scorer has got (see ``ScoredThrough``); by
     default every event is taken as scored (the embedded runtime).
+
+    ``timeouts``: where its labels by timeout read the predictions topic, if the
+    spec's label has ``default`` and ``after`` (``riverflow.stages.timeouts``).
 
     A candidate added to the spec since the checkpoint starts fresh; one removed
     from the spec is no longer trained (its versions stay in the registry).
@@ -317,6 +322,7 @@ def build_learner(
     learner = Learner(
         spec.topics, store, scored, lineage, join, timing, clock=clock,
         scored_through=scored_through, dlq_keep_bytes=settings.dlq_keep_bytes, searches=searches,
+        timeouts=timeouts,
     )  # fmt: skip
     saved = registry.checkpoint()
     if saved is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import gc
 import time
 from collections import defaultdict
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 from riverflow.assembly import build_learner, build_monitor, build_scorer, memory_backends
@@ -17,6 +17,7 @@ from riverflow.features.scored import MemoryScoredEvents
 from riverflow.settings import Settings
 from riverflow.spec import PipelineSpec
 from riverflow.stages.common import guarded
+from riverflow.stages.timeouts import Timeouts, label_timeout
 from riverflow.streams.contracts import Message, Output
 
 TRIM_AT = 4096  # a topic's passed records are dropped once this many have piled up
@@ -68,6 +69,25 @@ class EmbeddedLog:
     def write(self, outputs: list[Output]) -> None:
         for o in outputs:
             self.append(o.topic, o.key, o.value)
+
+
+class LogTimers:
+    """The labels by timeout's queue (``stages.timeouts.TimerQueue``) over a topic of
+    the embedded log: its one partition, ``limit`` records a fetch."""
+
+    def __init__(self, log: EmbeddedLog, topic: str, limit: int) -> None:
+        self.log = log
+        self.topic = topic
+        self.limit = limit
+
+    def start(self, positions: Mapping[int, int]) -> dict[int, int]:
+        return {0: positions.get(0, self.log.base[self.topic])}
+
+    def fetch(self, positions: Mapping[int, int]) -> Mapping[int, Sequence[Message]]:
+        return {0: self.log.read(self.topic, positions.get(0, 0), self.limit)}
+
+    def close(self) -> None:
+        pass
 
 
 @contextmanager
@@ -129,9 +149,16 @@ class EmbeddedRuntime:
         # the learner joins labels to the predictions, as on Kafka: the runtime indexes
         # every prediction before it hands the learner the labels that follow
         self.scored = MemoryScoredEvents()
+        self.indexed = 0  # the predictions the learner's index has read
+        # labels by timeout trail the predictions, never past what the index has read
+        timeout = label_timeout(spec.label, settings.label_horizon_s)
+        self.timeouts = None if timeout is None else Timeouts(
+            timeout, LogTimers(self.log, spec.topics.predictions, 10 * settings.batch_size),
+            lambda: {0: self.indexed}, clock=wall, limit=10 * settings.batch_size,
+        )  # fmt: skip
         self.learner = build_learner(
             spec, settings, self.store, self.registry, self.scored, registry_poll_s=0,
-            clock=steady,
+            clock=steady, timeouts=self.timeouts,
         )  # fmt: skip
         self.monitor = build_monitor(
             spec, self.registry, dlq_keep_bytes=settings.dlq_keep_bytes, clock=wall
@@ -143,7 +170,6 @@ class EmbeddedRuntime:
         }
         t = self.topics
         self.offsets = {t.events: 0, t.labels: 0, t.predictions: 0, t.evaluations: 0}
-        self.indexed = 0  # the predictions the learner's index has read
 
     def produce(self, topic: str, key: bytes | None, value: bytes) -> None:
         self.log.append(topic, key, value)
@@ -167,6 +193,7 @@ class EmbeddedRuntime:
                 self.offsets[topic] += len(batch)
                 self.learner.commit()
                 done += len(batch)
+        done += self._timeouts()
         watched = []
         for topic in (self.topics.predictions, self.topics.evaluations):
             batch = self.log.read(topic, self.offsets[topic], self.settings.batch_size)
@@ -178,10 +205,23 @@ class EmbeddedRuntime:
         for topic, offset in self.offsets.items():
             if topic == self.topics.predictions:
                 offset = min(offset, self.indexed)
+                if self.timeouts is not None:
+                    offset = min(offset, self.timeouts.positions.get(0, offset))
             self.log.trim(topic, offset)
         for topic in (self.topics.dlq, self.topics.model_events):  # nobody reads them here
             self.log.trim(topic, self.log.count(topic))
         return done
+
+    def _timeouts(self) -> int:
+        """Label the scored events whose timeout fell due (the learner does it with
+        every batch of labels; this ticks it when none came); returns how many
+        predictions the timeouts passed."""
+        if self.timeouts is None or not self.timeouts.due():
+            return 0
+        before = self.timeouts.positions.get(0, 0)
+        self._write(self.guards["learner"].process([]))
+        self.learner.commit()
+        return self.timeouts.positions.get(0, 0) - before
 
     def _write(self, outputs: list[Output]) -> None:
         if self.on_output is not None and outputs:

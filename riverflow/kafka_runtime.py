@@ -12,6 +12,7 @@ import gc
 import logging
 import math
 import socket
+import time
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any, Protocol
@@ -31,6 +32,7 @@ from riverflow.monitors.exporter import MonitorMetrics, StageMetrics, serve
 from riverflow.settings import DEV_PII_KEY, Settings
 from riverflow.spec import PipelineSpec
 from riverflow.stages.common import guarded
+from riverflow.stages.timeouts import Timeouts, label_timeout
 from riverflow.streams.confluent_host import Checkpointing, ConfluentHost
 from riverflow.streams.contracts import Output, Processor
 from riverflow.streams.faust_app import run_worker, stage_app
@@ -44,6 +46,7 @@ from riverflow.streams.kafka_io import (
     ensure_topics,
     topic_retention,
 )
+from riverflow.streams.trailing import TrailingReader
 
 log = logging.getLogger(__name__)
 METRICS_PORTS = {"scorer": 9401, "learner": 9402, "monitor": 9403}
@@ -150,6 +153,29 @@ def retention_problem(bootstrap: str, topic: str, horizon_s: float) -> str | Non
     return None
 
 
+def label_timeouts(
+    spec: PipelineSpec, settings: Settings, ep: Servers, scored: FollowedIndex
+) -> Timeouts | None:
+    """The learner's labels by timeout (``riverflow.stages.timeouts``), if the spec's
+    label has them: a reader trailing the predictions topic, never past what the
+    index of scored events has read."""
+    timeout = label_timeout(spec.label, settings.label_horizon_s)
+    if timeout is None:
+        return None
+    follower = scored.follower
+    assert isinstance(follower, TopicFollower)
+    reader = through_outage(
+        lambda: TrailingReader(ep.kafka_bootstrap, spec.topics.predictions,
+                               settings.label_horizon_s),
+        settings.outage_limit_s, f"Kafka at {ep.kafka_bootstrap}",
+    )  # fmt: skip
+    log.info("learner: a scored event without a label within %g s is labelled %r",
+             timeout.after_s, timeout.default)  # fmt: skip
+    return Timeouts(
+        timeout, reader, lambda: follower.at, clock=time.time, limit=10 * settings.batch_size
+    )
+
+
 def scored_index(spec: PipelineSpec, settings: Settings, ep: Servers) -> FollowedIndex:
     """The learner's index of scored events (``features.scored``): on disk at
     ``scored_dir``, kept up to date with the predictions topic."""
@@ -246,8 +272,10 @@ def run_stage(stage: str, spec: PipelineSpec, settings: Settings, ep: Servers) -
         ep.kafka_bootstrap, scorer_group, topics.events, settings.scorer_progress_poll_s
     )
     scored = scored_index(spec, settings, ep)
+    timeouts = label_timeouts(spec, settings, ep, scored)
     learner = through_outage(
-        lambda: build_learner(spec, settings, store, registry, scored, scored_through=progress),
+        lambda: build_learner(spec, settings, store, registry, scored, scored_through=progress,
+                              timeouts=timeouts),
         settings.outage_limit_s, "restoring the learner",
     )  # fmt: skip
 
@@ -259,8 +287,13 @@ def run_stage(stage: str, spec: PipelineSpec, settings: Settings, ep: Servers) -
         through_outage(learner.commit, settings.outage_limit_s, "saving the checkpoint")
 
     freeze_startup_heap()
-    # ticks retry waiting labels and take the timed snapshots
-    tick_s = max(0.2, min(settings.label_wait_s / 4, settings.snapshot_every_s or math.inf))
+    # ticks retry waiting labels, take the timed snapshots and label by timeout: at least
+    # every second then, so 10 x batch_size defaults a tick keep up with the events
+    # when few label messages come (fraud)
+    by_timeout = math.inf if timeouts is None else min(1.0, timeouts.timeout.after_s / 4)
+    tick_s = max(
+        0.2, min(settings.label_wait_s / 4, settings.snapshot_every_s or math.inf, by_timeout)
+    )
     loop = host_settings(stage, spec, settings, ep, tick_s)
     ConfluentHost(
         guard(learner), topics.labels, loop, metrics=metrics,

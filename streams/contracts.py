@@ -366,6 +366,10 @@ class Evaluation(Record):
     # the learner's model search decisions taken on this label (``models.search``:
     # its ``search`` / ``prune`` model-events), so the monitor can show them
     search: list[dict[str, Any]] | None = None
+    # the label came from the spec's timeout (``label.default`` after ``label.after``),
+    # not from a label message: ``label_at`` is then where its prediction was read,
+    # ``label_time`` when the timeout fell due. Absent when false
+    defaulted: bool = False
     # a slate's shown item (``event_id`` is its pair id): the request, the position
     # it was served at, how many were shown, and the probability the policy put it there
     request: str | None = None
@@ -386,6 +390,8 @@ class Evaluation(Record):
             value = getattr(self, name)
             if value is not None:
                 record[name] = value
+        if self.defaulted:
+            record["defaulted"] = True
         return orjson.dumps(record)
 
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Mapping
 from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from riverflow.streams.contracts import LabelType
+from riverflow.streams.contracts import Label, LabelType
 from riverflow.streams.pii import PiiPolicy
 
 
@@ -133,6 +135,16 @@ class LabelSpec(BaseModel):
     item: str | None = Field(
         None, description="slate pipelines: the field naming the item a label is for"
     )
+    default: bool | int | float | str | None = Field(
+        None,
+        description="the label of a scored event with no label message within `after` "
+        "(with `after`; of the label's type)",
+    )
+    after: str | None = Field(
+        None,
+        description="how long after its prediction a scored event without a label "
+        "message is labelled `default` (500ms, 30s, 30m, 1h, 7d; with `default`)",
+    )
 
     def join_id(self, record: Mapping[str, Any]) -> str:
         """The id a validated label message joins: its event's, or (slates) its pair's."""
@@ -149,4 +161,52 @@ class LabelSpec(BaseModel):
                 raise ValueError("classes: each class is declared once (compared as text)")
         elif self.classes is not None:
             raise ValueError(f"classes: only a category label has classes (type is {self.type})")
+        if (self.default is None) != (self.after is None):
+            given, missing = ("default", "after") if self.after is None else ("after", "default")
+            raise ValueError(f"{given}: a label by timeout needs both default and after "
+                             f"({missing} is missing)")  # fmt: skip
+        if self.after is not None:
+            after_s(self.after)
+            self.default_label  # noqa: B018 (refuses a default that is not of the type)
         return self
+
+    @property
+    def after_s(self) -> float | None:
+        """``after`` in seconds; None without a label by timeout."""
+        return None if self.after is None else after_s(self.after)
+
+    @property
+    def default_label(self) -> Label | None:
+        """``default`` as a label of ``type`` (a category's as its declared class);
+        ``ValueError`` naming the field if it is not one."""
+        value, kind = self.default, self.type
+        if value is None:
+            return None
+        if kind is LabelType.BOOL:
+            if type(value) is bool:
+                return value
+        elif kind is LabelType.INT:
+            if type(value) is int or (type(value) is float and value.is_integer()):
+                return int(value)
+        elif kind is LabelType.FLOAT:
+            if isinstance(value, int | float) and type(value) is not bool and math.isfinite(value):
+                return float(value)
+        else:
+            for c in self.classes or []:
+                if value == c or (type(value) is not bool and str(value) == str(c)):
+                    return c
+            raise ValueError(f"default: {value!r} is not one of the declared classes")
+        raise ValueError(f"default: {value!r} does not fit label.type {kind}")
+
+
+_DURATION = re.compile(r"^(\d+)(ms|s|m|h|d)$")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def after_s(text: str) -> float:
+    """A label timeout in seconds (``'30m'`` -> 1800.0), as feature windows are written
+    (``features.definitions.parse_duration``: transport does not import features)."""
+    match = _DURATION.match(text.strip())
+    if not match or int(match.group(1)) == 0:
+        raise ValueError(f"after: not a duration: {text!r} (use e.g. 500ms, 30s, 30m, 1h, 7d)")
+    return int(match.group(1)) * _UNIT_S[match.group(2)]

@@ -162,6 +162,9 @@ class FeatureStore(Protocol):
         learner died before its checkpoint): then a known event's mark is taken
         over (``CLAIMED``) and an unknown one is ``MISSING``; unmarked, a known
         event is marked (``CLAIMED``) and an unknown one is ``MISSING``.
+
+        ``stale`` is asked once per marked event (not an orphan's mark), so the
+        learner counts the duplicates whose mark is a label by timeout's.
         """
         ...
 

@@ -32,6 +32,7 @@ from riverflow.stages.common import (
 )
 from riverflow.stages.lineage import Candidate, Lineage
 from riverflow.stages.search import Searches
+from riverflow.stages.timeouts import DEFAULT_MARK, DueDefault, Timeouts, is_default_token
 from riverflow.streams.contracts import (
     CandidatePrediction,
     Evaluation,
@@ -132,8 +133,10 @@ class Learner:
         scored_through: ScoredThrough | None = None,
         dlq_keep_bytes: int = DLQ_KEEP_BYTES,
         searches: Searches | None = None,
+        timeouts: Timeouts | None = None,
     ) -> None:
         self.topics = topics
+        self.timeouts = timeouts
         self.searches = searches or Searches([])
         self.dlq_keep_bytes = dlq_keep_bytes
         self.store = store
@@ -152,6 +155,8 @@ class Learner:
         self.positions: dict[int, int] = {}
         self.duplicates = 0
         self.orphans = 0
+        self.defaulted = 0  # labels by timeout learned
+        self.after_default = 0  # label messages for events a default was learned for
         self.counters = StageCounters()
         self._since_snapshot = 0
         self._changed = False  # anything to publish since the last snapshot
@@ -160,13 +165,20 @@ class Learner:
         self.run = uuid.uuid4().hex[:12]
         self._base: dict[int, int] = {}
         self._base_pending: set[tuple[int, int]] = set()
+        self._timeouts_base: dict[int, int] = {}  # the checkpoint's timeout positions
         # event ids learned since the last snapshot, and those of the staged one:
         # released in the store once the checkpoint covering them is committed
+        # (labels by message, then labels by timeout: see commit)
         self._learned_ids: list[str] = []
         self._staged_ids: list[str] = []
+        self._defaulted_ids: list[str] = []
+        self._staged_defaulted: list[str] = []
         self._orphan_ids: list[str] = []
         self._carried: list[Output] = []  # made by a call that raised: see process
         self._unlearned: set[str] = set()  # tokens claimed by a call that raised: see _stale
+        # the ids of a slate's prediction learned by a call that raised before the rest:
+        # its token is taken over again, these are not learned again
+        self._partial: set[str] = set()
 
     def _stale(self, token: str) -> bool:
         """Whether a learned-marker names a label that the models do not contain.
@@ -182,6 +194,8 @@ class Learner:
         parts = token.split(":")
         if parts[0] == ORPHAN or len(parts) != 3 or parts[0] == self.run:
             return False  # ours, an orphan, or a mark from before run tokens: trust it
+        if parts[1].startswith(DEFAULT_MARK):  # a label by timeout: see Timeouts
+            return int(parts[2]) >= self._timeouts_base.get(int(parts[1][1:]), 0)
         p, o = int(parts[1]), int(parts[2])
         return not (o < self._base.get(p, 0) and (p, o) not in self._base_pending)
 
@@ -268,9 +282,18 @@ class Learner:
         self._unlearned.update(tokens)
         events = self.scored.lookup(ids)
         known = [e in events for e in ids]
-        claims = dict(
-            zip(ids, self.store.claim_labels(ids, tokens, known, self._stale), strict=True)
-        )
+        # the store asks ``stale`` once per marked event and answers DUPLICATE exactly
+        # where it says no: so many of the duplicates found a default's mark
+        after_default = 0
+
+        def stale(token: str) -> bool:
+            nonlocal after_default
+            if self._stale(token):
+                return True
+            after_default += is_default_token(token)
+            return False
+
+        claims = dict(zip(ids, self.store.claim_labels(ids, tokens, known, stale), strict=True))
         taken = {t for e, t in zip(ids, tokens, strict=True) if claims[e] is Claim.CLAIMED}
         self._unlearned.difference_update(set(tokens) - taken)
         every = self.timing.snapshot_every
@@ -283,13 +306,19 @@ class Learner:
                         self.pending[event_id] = item  # a fresh label starts waiting here
                     else:
                         out.append(self._orphan(event_id, item, why))
-                elif claim is Claim.DUPLICATE:
-                    self.duplicates += 1
+                elif claim is Claim.DUPLICATE:  # counted once a label of its event is learned
+                    if after_default:
+                        after_default -= 1
+                        self.after_default += 1
+                    else:
+                        self.duplicates += 1
                     self.pending.pop(event_id, None)
                 elif claim is Claim.ORPHANED:
                     out.append(self._orphan(event_id, item, "refused before (orphan mark)"))
                 else:
-                    out += self._learn(events[event_id], item.label, item.msg)
+                    at = LabelPosition(msg.topic, msg.partition, msg.offset)
+                    ts = None if msg.timestamp_ms is None else msg.timestamp_ms / 1000
+                    out += self._learn(events[event_id], item.label, at, ts)
                     self.pending.pop(event_id, None)  # after: a label whose learning raised waits
                     self._unlearned.discard(f"{self.run}:{msg.partition}:{msg.offset}")
                     self._learned_ids.append(event_id)
@@ -300,6 +329,8 @@ class Learner:
                 self._changed = True
             if every and self._since_snapshot >= every:
                 out += self.publish()
+        if self.timeouts is not None:
+            self._defaults(self.timeouts, out)
         out += self._overflow()
         if self._orphan_ids:  # marked before their DLQ records or a checkpoint are written
             self.store.mark_orphans(self._orphan_ids)
@@ -357,7 +388,96 @@ class Learner:
         why = f"waiting list full ({cap} labels)"
         return [self._orphan(e, self.pending[e], why) for e in list(self.pending)[:extra]]
 
-    def _learn(self, snap: ScoredEvent, label: Label, msg: Message) -> list[Output]:
+    def _defaults(self, timeouts: Timeouts, out: list[Output]) -> None:
+        """Learn the default of every scored event whose timeout fell due, unless a label
+        was claimed for it first (then this finds its mark: DUPLICATE). The timeouts'
+        position moves prediction by prediction, as the labels' does label by label,
+        so a snapshot taken midway saves exactly the defaults its models hold."""
+        due = timeouts.due()
+        if not due:
+            return
+        # an id due twice in one call (two predictions of an event) is claimed once
+        token_of: dict[str, str] = {}
+        for d in due:
+            for e in d.ids:
+                token_of.setdefault(e, f"{self.run}:{DEFAULT_MARK}{d.msg.partition}:{d.msg.offset}")
+        events = self.scored.lookup(list(token_of))
+        # an event the index no longer holds was labelled (and forgotten) or is past the
+        # horizon: nothing to claim
+        ids = [e for e in token_of if e in events]
+        tokens = [token_of[e] for e in ids]
+        self._unlearned.update(tokens)
+        held = 0  # label messages' marks the models may lack
+
+        def stale(token: str) -> bool:
+            # a default never takes a label message's mark over: if the models lack that
+            # label, this run reads it again (from the checkpoint's position, or its
+            # waiting list) and takes its mark over itself
+            nonlocal held
+            if is_default_token(token):
+                return self._stale(token)
+            held += self._stale(token)
+            return False
+
+        claimed = self.store.claim_labels(ids, tokens, [True] * len(ids), stale)
+        todo = {e for e, c in zip(ids, claimed, strict=True) if c is Claim.CLAIMED}
+        # a token stays ours until every id of its prediction claimed under it is learned
+        self._unlearned.difference_update(set(tokens) - {token_of[e] for e in todo})
+        found = {e for e, c in zip(ids, claimed, strict=True) if c is Claim.DUPLICATE}
+        if found and not held:
+            self._forget_labelled(found)
+        every = self.timing.snapshot_every
+        for d in due:
+            self._learn_defaults(d, events, todo, timeouts.timeout.default, out)
+            timeouts.advance(d.msg)
+            self._partial.clear()
+            self._changed = True
+            if every and self._since_snapshot >= every:
+                out += self.publish()
+
+    def _forget_labelled(self, found: set[str]) -> None:
+        """Forget events a default found labelled in a committed checkpoint, yet in the
+        index: a prediction given again (a scorer's replay) after that checkpoint
+        forgot the event. Then the replay's own default, and a label message coming
+        once the mark is gone, find nothing to learn. An event whose label this run
+        learned since its last commit is left: that commit forgets it (forgotten now,
+        a learner killed before it could not learn that label again)."""
+        for uncommitted in (self._learned_ids, self._staged_ids, self._defaulted_ids,
+                            self._staged_defaulted):  # fmt: skip
+            found.difference_update(uncommitted)
+        if found:
+            self.scored.forget(list(found))
+
+    def _learn_defaults(
+        self,
+        due: DueDefault,
+        events: dict[str, ScoredEvent],
+        todo: set[str],
+        label: Label,
+        out: list[Output],
+    ) -> None:
+        msg = due.msg
+        at = LabelPosition(msg.topic, msg.partition, msg.offset)
+        for event_id in due.ids:
+            if event_id not in todo or event_id in self._partial:
+                continue
+            todo.discard(event_id)
+            out += self._learn(events[event_id], label, at, due.due_at, defaulted=True)
+            self._partial.add(event_id)
+            self.defaulted += 1
+            self._defaulted_ids.append(event_id)
+            if len(self._defaulted_ids) > 2 * _RELEASE_AT_MOST:  # no snapshot for long
+                del self._defaulted_ids[:-_RELEASE_AT_MOST]
+        self._unlearned.discard(f"{self.run}:{DEFAULT_MARK}{msg.partition}:{msg.offset}")
+
+    def _learn(
+        self,
+        snap: ScoredEvent,
+        label: Label,
+        at: LabelPosition,
+        label_time: float | None,
+        defaulted: bool = False,
+    ) -> list[Output]:
         segment = None if self.join.segment is None else snap.inputs.get(self.join.segment)
         x = {**model_inputs(snap.inputs, self.extra), **snap.features}
         predictions: dict[str, CandidatePrediction] = {}
@@ -378,10 +498,11 @@ class Learner:
             predictions=predictions,
             served=snap.served,
             segment=segment,
-            label_at=LabelPosition(msg.topic, msg.partition, msg.offset),
-            label_time=None if msg.timestamp_ms is None else msg.timestamp_ms / 1000,
+            label_at=at,
+            label_time=label_time,
             inputs=x,
             search=[orjson.loads(e.encode()) for e in search] or None,
+            defaulted=defaulted,
         )
         if snap.slot is not None:  # a slate's shown item: where it was served
             slot = snap.slot
@@ -400,6 +521,8 @@ class Learner:
             "labels_learned": float(self.learned),
             "labels_duplicate": float(self.duplicates),
             "labels_orphaned": float(self.orphans),
+            "labels_defaulted": float(self.defaulted),
+            "labels_after_default": float(self.after_default),
             "labels_waiting": float(len(self.pending)),
             "model_version": float(self.version),  # the lead candidate's
             **{f"prequential_{k}": v for k, v in self.metrics.as_dict().items()},
@@ -416,10 +539,16 @@ class Learner:
         # what a call that raised made goes out with it (a clean stop publishes it too)
         out, self._carried = self._carried, []
         searches = self.searches.publish(self.lineage.registry, self.learned)
-        out += self.lineage.publish(self.clock(), self.learned, self.positions, pending, searches)
+        timeouts = None if self.timeouts is None else self.timeouts.positions
+        out += self.lineage.publish(
+            self.clock(), self.learned, self.positions, pending, searches, timeouts
+        )
         # bounded: ids beyond it are not released early, they expire at the horizon
         self._staged_ids = [*self._staged_ids, *self._learned_ids][-_RELEASE_AT_MOST:]
         self._learned_ids = []
+        staged = [*self._staged_defaulted, *self._defaulted_ids]
+        self._staged_defaulted = staged[-_RELEASE_AT_MOST:]
+        self._defaulted_ids = []
         self._since_snapshot = 0
         self._changed = False
         self._last_snapshot = self.clock()
@@ -436,10 +565,21 @@ class Learner:
         """
         if self._carried:  # outputs the checkpoint covers are not written yet
             return
-        if self.lineage.commit() and self._staged_ids:
-            self.store.release_learned(self._staged_ids, self.timing.keep_learned_s)
+        if not self.lineage.commit():
+            return
+        keep = self.timing.keep_learned_s
+        if self._staged_ids:
+            # a label message's mark outlives its event's timeout: a replayed prediction
+            # the index took in again after it forgot the event must find the mark
+            # when its default falls due (see _forget_labelled)
+            after = 0.0 if self.timeouts is None else self.timeouts.timeout.after_s
+            self.store.release_learned(self._staged_ids, max(keep, after))
             self.scored.forget(self._staged_ids)
             self._staged_ids = []
+        if self._staged_defaulted:
+            self.store.release_learned(self._staged_defaulted, keep)
+            self.scored.forget(self._staged_defaulted)
+            self._staged_defaulted = []
 
     def has_unpublished(self) -> bool:
         """Labels were read, learned or refused since the last snapshot (or a call
@@ -457,6 +597,9 @@ class Learner:
         self.positions.update(saved.positions)
         self._base = dict(saved.positions)
         self._base_pending = {(msg.partition, msg.offset) for msg, _ in saved.pending}
+        self._timeouts_base = dict(saved.timeouts)
+        if self.timeouts is not None:
+            self.timeouts.restore(saved.timeouts)
         now = self.clock()
         for msg, label in saved.pending:
             record = self.validate(msg.value)

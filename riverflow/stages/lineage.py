@@ -130,10 +130,12 @@ class Lineage:
         positions: Mapping[int, int],
         pending: Sequence[tuple[Message, Label]],
         searches: Mapping[str, dict[str, Any]] | None = None,
+        timeouts: Mapping[int, int] | None = None,
     ) -> list[Output]:
         """Publish every candidate as a new version and stage the checkpoint of what the
         learner has done (``labels_seen``, its read ``positions``, the labels still
-        ``pending``, where its ``searches`` are); returns the model-events to write."""
+        ``pending``, where its ``searches`` and its labels by ``timeouts`` are);
+        returns the model-events to write."""
         out: list[Output] = self.follow(now, force=True)
         offsets = {self.topics.labels: {str(p): o for p, o in sorted(positions.items())}}
         for c in self.candidates.values():
@@ -160,6 +162,7 @@ class Lineage:
             pending=list(pending),
             saved_at=self.registry.clock(),
             searches=dict(searches or {}),
+            timeouts=dict(timeouts or {}),
         )
         return out
 

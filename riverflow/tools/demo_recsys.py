@@ -169,7 +169,7 @@ def run_recsys_demo(
         rt.drain()
         users.answer()
         # the last shown items' timeouts: their negatives come once `after` has passed
-        now[0] += _after(spec) + 1.0
+        now[0] += (spec.label.after_s or 0.0) + 1.0
         rt.drain()
         live.update(_view(rt, users, done, requests, started))
     if users.windows:
@@ -189,14 +189,6 @@ def run_recsys_demo(
         champion=str(rt.registry.champion() or ""),
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     )
-
-
-def _after(spec: PipelineSpec) -> float:
-    """The spec's label timeout in seconds (0 without one)."""
-    from riverflow.features.definitions import parse_duration
-
-    after = getattr(spec.label, "after", None)
-    return parse_duration(after) if after else 0.0
 
 
 def _view(rt: EmbeddedRuntime, users: _Users, done: int, total: int, started: float) -> Table:
