@@ -53,7 +53,8 @@ def test_the_recsys_example_ranks_every_request_and_labels_every_shown_item_once
     stack: Endpoints, spec: PipelineSpec, spec_file: Path, start_stage: StageFactory
 ) -> None:
     t = spec.topics
-    ensure_topics(stack.kafka_bootstrap, t.all(), partitions=2, replication=1)
+    # one partition: the scorer sees the requests in the order the recount does
+    ensure_topics(stack.kafka_bootstrap, t.all(), partitions=1, replication=1)
     start_stage("scorer")
     start_stage("learner", snapshot_every_labels=2_000, label_wait_s=2)
     # the users' side as a user runs it: requests of the simulated world, and its
