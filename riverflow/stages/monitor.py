@@ -6,6 +6,10 @@ applies the decisions to the registry through ``monitors.policy`` and writes
 each one, with its evidence, to ``{ns}.model-events``; ``monitors.history``
 records them and the candidates' quality for the status page. A record it
 cannot read goes to the DLQ with the reason; nothing else is lost.
+
+A slate pipeline's records (evaluations naming a ``request``, predictions with
+a ``slate``: the slate contract) also feed ``monitors.ranking.RankingMonitor``,
+made at the first of them: a fraud pipeline never has one.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+import orjson
 from pydantic import ValidationError
 
 from riverflow.errors import error_lines
@@ -22,6 +27,7 @@ from riverflow.monitors.dataquality import FieldQualityWatch
 from riverflow.monitors.exporter import MonitorMetrics
 from riverflow.monitors.history import MonitorHistory
 from riverflow.monitors.policy import Decision, LabelSource, PipelineMonitor
+from riverflow.monitors.ranking import RankingMonitor, ShownItem
 from riverflow.monitors.view import MonitorView
 from riverflow.stages.common import DLQ_KEEP_BYTES, StageCounters, dead_letter
 from riverflow.streams.contracts import (
@@ -33,6 +39,8 @@ from riverflow.streams.contracts import (
     Prediction,
 )
 from riverflow.streams.topics import Topics
+
+MAX_SHOWN = 1_000  # a slate evaluation's ``shown`` beyond this is not a slate's
 
 
 class _Refused(Exception):
@@ -59,6 +67,7 @@ class Monitor:
         self.metrics = metrics
         self.counters = StageCounters()
         self.quality = FieldQualityWatch(core.spec.quality.window)
+        self.ranking: RankingMonitor | None = None  # made at the first slate record
         self._lock = threading.Lock()  # the status page reads the view from another thread
 
     def process(self, batch: Sequence[Message]) -> list[Output]:
@@ -74,23 +83,30 @@ class Monitor:
                 if msg.topic == self.topics.evaluations:
                     ev = Evaluation.decode(msg.value or b"")
                     self._check_label(ev.label)
-                    if ev.search:  # the learner's model search: read first (may refuse)
-                        self.history.record_search(ev.search, self.core.labels + 1)
                     predictions = {n: (p.version, self._answer(p))
                                    for n, p in ev.predictions.items()}  # fmt: skip
+                    # the slate fields are read (and may refuse) before anything is taken in
+                    shown = self._shown_item(msg.value, ev, predictions)
+                    if ev.search:  # the learner's model search: read first (may refuse)
+                        self.history.record_search(ev.search, self.core.labels + 1)
                     source = LabelSource(ev.event_id, ev.label_at, ev.label_time)
                     decisions += self.core.on_evaluation(
                         ev.label, predictions, ev.segment, source, ev.inputs
                     )
                     self.history.sample(self.core)
+                    if shown is not None:
+                        self._ranking().on_item(*shown)
                 elif msg.topic == self.topics.predictions:
                     p = Prediction.decode(msg.value or b"")
                     if not math.isfinite(p.score) or not all(
                         map(math.isfinite, p.features.values())
                     ):
                         raise _Refused("the prediction or a feature is not a finite number")
+                    slate = self._slate(msg.value)
                     decisions += self.core.on_prediction(p.features, p.score, p.model, p.version)
                     self.quality.observe(p.inputs, p.cleaned, p.scored_at - p.event_time)
+                    if slate is not None:
+                        self._ranking().on_slate(p.model, p.version, *slate)
             except (ValidationError, _Refused) as exc:
                 line = error_lines(exc)[0] if isinstance(exc, ValidationError) else str(exc)
                 why = f"not a {msg.topic} record: {line}"
@@ -101,12 +117,77 @@ class Monitor:
                 )
         self.counters.dead_letters += len(out)
         self.history.record(decisions)
+        if self.ranking is not None:
+            for d in decisions:
+                if d.kind == "retire":
+                    self.ranking.forget(d.model)
         for d in decisions:
             out.append(Output(self.topics.model_events, d.model.encode(), d.as_event().encode()))
         if self.metrics is not None:
-            self.metrics.update(self.history.view(self.core, series=False), decisions)
+            self.metrics.update(self._view(series=False), decisions)
         self.counters.produced += len(out)
         return out
+
+    def _ranking(self) -> RankingMonitor:
+        if self.ranking is None:
+            spec = self.core.spec.ranking
+            self.ranking = RankingMonitor(spec.window, spec.open_requests, spec.head)
+        return self.ranking
+
+    def _shown_item(
+        self, raw: bytes | None, ev: Evaluation, predictions: dict[str, tuple[int, Any]]
+    ) -> tuple[str, int, ShownItem, tuple[str, int] | None] | None:
+        """A slate evaluation's shown item (None for any other evaluation); ``_Refused``
+        if its slate fields do not fit the contract."""
+        if not raw or b'"request"' not in raw:  # cheap: most evaluations are not a slate's
+            return None
+        record = orjson.loads(raw)
+        request = record.get("request")
+        if request is None:
+            return None
+        position, shown = record.get("position"), record.get("shown")
+        propensity = record.get("propensity")
+        if type(request) is not str or not ev.event_id.startswith(request + "/"):
+            raise _Refused(f"request {request!r:.80} does not name the pair "
+                           f"{ev.event_id[:120]!r}")  # fmt: skip
+        if type(shown) is not int or not 1 <= shown <= MAX_SHOWN:
+            raise _Refused(f"shown {shown!r:.20} is not a count of shown items")
+        if type(position) is not int or not 0 <= position < shown:
+            raise _Refused(f"position {position!r:.20} is not one of {shown} shown")
+        if propensity is not None and not (
+            type(propensity) in (int, float) and 0 < propensity <= 1
+        ):
+            raise _Refused(f"propensity {propensity!r:.20} is not in (0, 1]")
+        if self.core.target.kind != "binary":
+            raise _Refused(f"a slate evaluation needs a bool label, not {self.core.target.kind}")
+        scores = {name: (version, float(p)) for name, (version, p) in predictions.items()}
+        item = ShownItem(ev.event_id[len(request) + 1 :], position, bool(ev.label),
+                         None if propensity is None else float(propensity), scores)  # fmt: skip
+        served = (ev.served.model, ev.served.version) if ev.served is not None else None
+        return request, shown, item, served
+
+    @staticmethod
+    def _slate(raw: bytes | None) -> tuple[list[str], list[str]] | None:
+        """A slate prediction's shown items in served order and all its candidates
+        (None for any other prediction); ``_Refused`` if its slate is malformed."""
+        if not raw or b'"slate"' not in raw:
+            return None
+        slate = orjson.loads(raw).get("slate")
+        if slate is None:
+            return None
+        if not isinstance(slate, list) or not all(
+            isinstance(e, dict) and type(e.get("item")) is str and type(e.get("position")) is int
+            for e in slate
+        ):
+            raise _Refused("slate: not a list of {item, position, ...} objects")
+        ordered = sorted(slate, key=lambda e: e["position"])
+        return [e["item"] for e in ordered if e.get("shown") is True], [e["item"] for e in ordered]
+
+    def _view(self, series: bool) -> MonitorView:
+        view = self.history.view(self.core, series)
+        if self.ranking is not None:
+            view.ranking = self.ranking.view(self.core.champion_name)
+        return view
 
     def _answer(self, p: CandidatePrediction) -> Any:
         """What the core scores of a candidate's prediction, as the label's kind wants
@@ -146,6 +227,6 @@ class Monitor:
 
     def view(self, series: bool = True) -> MonitorView:
         with self._lock:
-            view = self.history.view(self.core, series)
+            view = self._view(series)
             view.data_quality = self.quality.view()
             return view
