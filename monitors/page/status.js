@@ -246,6 +246,38 @@
     });
   }
 
+  // a slate pipeline's ranking metrics per model, with each candidate's ROC AUC and log
+  // loss over the shown items (its ordinary windowed quality)
+  function rankingSection(ranking, view, out) {
+    var k = ranking.k;
+    out.appendChild(el("h3", {}, "Ranking (top " + k + " shown, windows of " +
+      num(ranking.window) + " requests)"));
+    var quality = {};
+    view.candidates.forEach(function (c) { quality[c.name] = c.metrics; });
+    var columns = [["ctr_at_k", "CTR@" + k], ["ndcg_at_k", "NDCG@" + k + " served"],
+                   ["rerank_ndcg_at_k", "NDCG@" + k + " own order"],
+                   ["coverage", "coverage"], ["popularity_share", "popularity share"]];
+    var rows = ranking.models.map(function (m) {
+      var cells = [m.name, el("span", {class: "badge " + m.role}, m.role), "v" + m.version,
+                   num(m.served), num(m.reranked)];
+      columns.forEach(function (c) { cells.push(num(m.metrics[c[0]])); });
+      var q = quality[m.name] || {};
+      cells.push(num(q.roc_auc), num(q.log_loss));
+      return row(cells, {"data-ranking-role": m.role, "data-ranking-model": m.name});
+    });
+    var t = table(["model", "role", "version", "served", "re-ranked"].concat(
+      columns.map(function (c) { return c[1]; }), ["ROC AUC", "log loss"]), rows);
+    t.id = "ranking"; out.appendChild(t);
+    var r = ranking.requests;
+    var line = el("p", {id: "ranking-requests"}, "requests awaiting labels: " + num(r.open) +
+      " of " + num(r.capacity) + " \u00b7 completed " + num(r.completed) + " \u00b7 ");
+    line.appendChild(r.evicted ? el("span", {class: "alarm"}, "evicted " + num(r.evicted)) :
+      document.createTextNode("evicted 0"));
+    line.appendChild(document.createTextNode(" \u00b7 late " + num(r.late) +
+      " \u00b7 duplicates " + num(r.duplicates)));
+    out.appendChild(line);
+  }
+
   function render(view) {
     document.getElementById("pipeline").textContent = view.pipeline;
     document.getElementById("champion").textContent = "Champion: " + championText(view);
@@ -274,6 +306,7 @@
       out.appendChild(el("h3", {}, "Candidates"));
       out.appendChild(candidatesTable(view, colours));
     }
+    if (view.ranking) rankingSection(view.ranking, view, out);
     if (view.markers.length) {
       out.appendChild(el("h3", {}, "Decisions and alarms"));
       out.appendChild(markersTable(view));
