@@ -160,7 +160,8 @@ class Monitor:
             raise _Refused(f"propensity {propensity!r:.20} is not in (0, 1]")
         if self.core.target.kind != "binary":
             raise _Refused(f"a slate evaluation needs a bool label, not {self.core.target.kind}")
-        scores = {name: (version, float(p)) for name, (version, p) in predictions.items()}
+        scores = {name: (version, float(p)) for name, (version, p) in predictions.items()
+                  if name not in self.core.retired}  # fmt: skip
         item = ShownItem(ev.event_id[len(request) + 1 :], position, bool(ev.label),
                          None if propensity is None else float(propensity), scores)  # fmt: skip
         served = (ev.served.model, ev.served.version) if ev.served is not None else None
