@@ -36,12 +36,14 @@ ordinary per-item evaluations, so the monitor's windowed quality per candidate
 from __future__ import annotations
 
 import math
+import time
 from collections import Counter, OrderedDict, deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from riverflow.monitors.view import RankingModelView, RankingView
+from riverflow.monitors.history import MAX_POINTS
+from riverflow.monitors.view import RankingModelView, RankingPoint, RankingView
 
 HEAD_SHARE = 0.1  # the "head" of popularity_share: this share of the most popular items
 
@@ -236,7 +238,8 @@ class OpenRequests:
     dropped and counted in ``evicted``, and its id remembered (the last
     ``capacity`` of them) so that its later items are dropped too (``late``)
     instead of opening a request that could never complete. An item at a
-    position already held is counted in ``duplicates`` and ignored.
+    position already held (or beyond the ``shown`` its request's first item
+    said) is counted in ``duplicates`` and ignored.
     """
 
     def __init__(self, capacity: int) -> None:
@@ -263,7 +266,7 @@ class OpenRequests:
                 self._dropped[old] = None
                 if len(self._dropped) > self.capacity:
                     self._dropped.popitem(last=False)
-        if item.position in entry.items:
+        if item.position in entry.items or item.position >= entry.shown:
             self.duplicates += 1
             return None
         entry.items[item.position] = item
@@ -299,13 +302,23 @@ class RankingMonitor:
     evaluation), ``on_slate`` with every served slate (its prediction). A model
     that served nothing for a whole ``window`` of requests leaves the served
     figures; a candidate that scored none in a window leaves the re-ranked ones.
+    Every twentieth of a window of completed requests, each model's figures
+    are kept as a point of its series (the page's chart).
     """
 
-    def __init__(self, window: int, open_requests: int, head: float = HEAD_SHARE) -> None:
+    def __init__(
+        self,
+        window: int,
+        open_requests: int,
+        head: float = HEAD_SHARE,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         if window < 1:
             raise ValueError(f"window: {window}, need at least 1")
         self.window = window
         self.head = head
+        self.clock = clock
+        self.series: dict[str, list[RankingPoint]] = {}
         self.open = OpenRequests(open_requests)
         self.k = 0
         self.slates = 0
@@ -346,6 +359,17 @@ class RankingMonitor:
             w.reranked.add(ndcg([float(c) for c in clicks], k))
         _forget_idle(self._served, n, self.window)
         _forget_idle(self._reranked, n, self.window)
+        if n % max(1, self.window // 20) == 0:
+            self._sample(n)
+
+    def _sample(self, n: int) -> None:
+        now = self.clock()
+        for m in self._models():
+            points = self.series.setdefault(m.name, [])
+            points.append(RankingPoint(requests=n, at=now, version=m.version,
+                                       metrics=m.metrics))  # fmt: skip
+            if len(points) > MAX_POINTS:
+                del points[::2]
 
     def on_slate(self, model: str, version: int, shown: Sequence[str],
                  candidates: Sequence[str]) -> None:  # fmt: skip
@@ -362,13 +386,24 @@ class RankingMonitor:
         _forget_idle(self._exposed, self.slates, self.window)
 
     def forget(self, name: str) -> None:
-        """A retired candidate: its re-ranked figures go."""
+        """A retired candidate: its re-ranked figures and its series go."""
         self._reranked.pop(name, None)
+        self.series.pop(name, None)
 
-    def view(self, champion: str) -> RankingView:
-        """The ranking panel; ``champion``: the name of the serving candidate. A model's
-        version is the candidate's (as the monitor's quality names it), else the one
-        it served."""
+    def view(self, champion: str, series: bool = True) -> RankingView:
+        """The ranking panel; ``champion``: the name of the serving candidate;
+        ``series=False`` leaves out the chart's points."""
+        models = self._models(champion)
+        o = self.open
+        requests = {"open": len(o), "capacity": o.capacity, "completed": o.completed,
+                    "evicted": o.evicted, "late": o.late, "duplicates": o.duplicates}  # fmt: skip
+        shown = {n: list(p) for n, p in self.series.items()} if series else {}
+        return RankingView(k=self.k, window=self.window, models=models, requests=requests,
+                           series=shown)  # fmt: skip
+
+    def _models(self, champion: str | None = None) -> list[RankingModelView]:
+        """Every model's figures. A model's version is the candidate's (as the monitor's
+        quality names it), else the one it served."""
         models = []
         for name in dict.fromkeys([*self._reranked, *self._served, *self._exposed]):
             metrics: dict[str, float] = {}
@@ -391,10 +426,7 @@ class RankingMonitor:
             models.append(RankingModelView(name=name, role=role, version=versions[0],
                                            served=served, reranked=reranked,
                                            metrics=metrics))  # fmt: skip
-        o = self.open
-        requests = {"open": len(o), "capacity": o.capacity, "completed": o.completed,
-                    "evicted": o.evicted, "late": o.late, "duplicates": o.duplicates}  # fmt: skip
-        return RankingView(k=self.k, window=self.window, models=models, requests=requests)
+        return models
 
 
 def _forget_idle(windows: dict[str, _Window], now: int, window: int) -> None:

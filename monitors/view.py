@@ -102,6 +102,15 @@ class RankingModelView(BaseModel):
     metrics: dict[str, float]
 
 
+class RankingPoint(BaseModel):
+    """A model's ranking metrics when the monitor had completed ``requests`` requests."""
+
+    requests: int
+    at: float  # unix seconds
+    version: int
+    metrics: dict[str, float]
+
+
 class RankingView(BaseModel):
     """A slate pipeline's ranking panel: the metrics per model and the request buffer."""
 
@@ -112,6 +121,7 @@ class RankingView(BaseModel):
     # completed, evicted (the buffer was full), late (items of an evicted request),
     # duplicates (a position labelled twice)
     requests: dict[str, int] = Field(default_factory=dict)
+    series: dict[str, list[RankingPoint]] = Field(default_factory=dict)  # by model
 
 
 class MonitorView(BaseModel):

@@ -232,7 +232,7 @@ def ranking_view(requests: int = 300) -> MonitorView:
     world = RecsysWorld(RecsysConfig(seed=5, shift_at=()))
     rng = random.Random(5)
     k = world.config.shown
-    monitor = RankingMonitor(window=1000, open_requests=200)
+    monitor = RankingMonitor(window=200, open_requests=200, clock=lambda: START)
     for req in world.requests(requests):
         served = world.by_popularity(req)
         monitor.on_slate("hoeffding", 16, served[:k], list(req.slate))

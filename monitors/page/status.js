@@ -64,7 +64,11 @@
     return out;
   }
 
-  function chart(view, colours) {
+  // ``xlabel``: what the x axis counts (labelled events unless said); ``kind``: a class
+  // name the chart and its lines carry ("series" unless said)
+  function chart(view, colours, xlabel, kind) {
+    xlabel = xlabel || "labelled events";
+    kind = kind || "series";
     var W = 960, H = 340, L = 56, R = 16, T = 14, B = 36;
     var xs = [], ys = [];
     Object.keys(view.series).forEach(function (name) {
@@ -82,8 +86,9 @@
     function X(v) { return L + (v - x0) / (x1 - x0) * (W - L - R); }
     function Y(v) { return T + (y1 - v) / (y1 - y0) * (H - T - B); }
 
-    var svg = svgEl("svg", {class: "chart", viewBox: "0 0 " + W + " " + H, role: "img",
-                            "aria-label": view.metric + " by labelled events"});
+    var svg = svgEl("svg", {class: kind === "series" ? "chart" : "chart " + kind,
+                            viewBox: "0 0 " + W + " " + H, role: "img",
+                            "aria-label": view.metric + " by " + xlabel});
     ticks(y0, y1, 5).forEach(function (v) {
       svg.appendChild(svgEl("line", {class: "grid", x1: L, x2: W - R, y1: Y(v), y2: Y(v)}));
       var t = svgEl("text", {x: L - 6, y: Y(v) + 4, "text-anchor": "end"});
@@ -96,7 +101,7 @@
     svg.appendChild(svgEl("line", {class: "axis", x1: L, x2: W - R, y1: H - B, y2: H - B}));
     svg.appendChild(svgEl("line", {class: "axis", x1: L, x2: L, y1: T, y2: H - B}));
     var xl = svgEl("text", {x: (L + W - R) / 2, y: H - 4, "text-anchor": "middle"});
-    xl.textContent = "labelled events"; svg.appendChild(xl);
+    xl.textContent = xlabel; svg.appendChild(xl);
     var yl = svgEl("text", {x: 12, y: (T + H - B) / 2, "text-anchor": "middle",
                             transform: "rotate(-90 12 " + (T + H - B) / 2 + ")"});
     yl.textContent = view.metric + " (window " + view.window + ")"; svg.appendChild(yl);
@@ -104,7 +109,7 @@
     Object.keys(view.series).forEach(function (name) {
       var pts = view.series[name].filter(function (p) { return p.value !== null; })
         .map(function (p) { return X(p.labels).toFixed(1) + "," + Y(p.value).toFixed(1); });
-      var line = svgEl("polyline", {class: "series", "data-model": name,
+      var line = svgEl("polyline", {class: kind, "data-model": name,
         "data-points": pts.length, points: pts.join(" "), fill: "none",
         stroke: colours[name], "stroke-width": 2, "stroke-linejoin": "round"});
       var title = svgEl("title"); title.textContent = name; line.appendChild(title);
@@ -248,7 +253,7 @@
 
   // a slate pipeline's ranking metrics per model, with each candidate's ROC AUC and log
   // loss over the shown items (its ordinary windowed quality)
-  function rankingSection(ranking, view, out) {
+  function rankingSection(ranking, view, colours, out) {
     var k = ranking.k;
     out.appendChild(el("h3", {}, "Ranking (top " + k + " shown, windows of " +
       num(ranking.window) + " requests)"));
@@ -268,6 +273,19 @@
     var t = table(["model", "role", "version", "served", "re-ranked"].concat(
       columns.map(function (c) { return c[1]; }), ["ROC AUC", "log loss"]), rows);
     t.id = "ranking"; out.appendChild(t);
+    // every model's NDCG@k in its own order: the figure that compares them, over time
+    var series = {};
+    Object.keys(ranking.series || {}).forEach(function (name) {
+      var pts = ranking.series[name].filter(function (p) {
+        return p.metrics.rerank_ndcg_at_k !== undefined; });
+      if (pts.length) series[name] = pts.map(function (p) {
+        return {labels: p.requests, value: p.metrics.rerank_ndcg_at_k}; });
+    });
+    if (Object.keys(series).length) {
+      var svg = chart({series: series, markers: [], metric: "NDCG@" + k + " own order",
+                       window: ranking.window}, colours, "completed requests", "ranking");
+      svg.id = "ranking-chart"; out.appendChild(svg);
+    }
     var r = ranking.requests;
     var line = el("p", {id: "ranking-requests"}, "requests awaiting labels: " + num(r.open) +
       " of " + num(r.capacity) + " \u00b7 completed " + num(r.completed) + " \u00b7 ");
@@ -306,7 +324,7 @@
       out.appendChild(el("h3", {}, "Candidates"));
       out.appendChild(candidatesTable(view, colours));
     }
-    if (view.ranking) rankingSection(view.ranking, view, out);
+    if (view.ranking) rankingSection(view.ranking, view, candidateColours(view), out);
     if (view.markers.length) {
       out.appendChild(el("h3", {}, "Decisions and alarms"));
       out.appendChild(markersTable(view));

@@ -131,7 +131,9 @@ class Monitor:
     def _ranking(self) -> RankingMonitor:
         if self.ranking is None:
             spec = self.core.spec.ranking
-            self.ranking = RankingMonitor(spec.window, spec.open_requests, spec.head)
+            self.ranking = RankingMonitor(
+                spec.window, spec.open_requests, spec.head, self.history.clock
+            )
         return self.ranking
 
     def _shown_item(
@@ -187,7 +189,7 @@ class Monitor:
     def _view(self, series: bool) -> MonitorView:
         view = self.history.view(self.core, series)
         if self.ranking is not None:
-            view.ranking = self.ranking.view(self.core.champion_name)
+            view.ranking = self.ranking.view(self.core.champion_name, series)
         return view
 
     def _answer(self, p: CandidatePrediction) -> Any:

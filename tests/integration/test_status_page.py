@@ -212,6 +212,12 @@ def test_a_slate_pipeline_shows_its_ranking_panel(tmp_path: Path) -> None:
     assert f"{champion.metrics['ctr_at_k']:.4f}" in shown.text and "0.8800" in shown.text
     requests = dom.one("p", id="ranking-requests").text
     assert f"awaiting labels: {view.ranking.requests['open']} of 200" in requests
+    # a chart of each model's NDCG in its own order, a point per sample
+    assert dom.one("svg", id="ranking-chart").attrs["class"] == "chart ranking"
+    lines = {e.attrs["data-model"]: e for e in dom.find("polyline", **{"class": "ranking"})}
+    assert set(lines) == set(view.ranking.series) == {"hoeffding", "logreg"}
+    for name, line in lines.items():
+        assert len(line.attrs["points"].split()) == len(view.ranking.series[name]) > 5
 
 
 def test_screenshot_shows_the_page(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from riverflow.embedded import EmbeddedRuntime
 from riverflow.monitors.exporter import MonitorMetrics
 from riverflow.monitors.ranking import OpenRequests, RankingMonitor, ShownItem
 from riverflow.settings import Settings
-from riverflow.spec import PipelineSpec
+from riverflow.spec import PipelineSpec, SpecError, parse_spec
 from riverflow.streams.contracts import DeadLetter, Message
 from riverflow.tools.recsys import RecsysConfig, RecsysWorld
 
@@ -125,6 +125,13 @@ def test_each_serving_model_has_its_own_figures_and_an_idle_one_leaves() -> None
     rows = {m.name: m for m in monitor.view("b").models}
     assert rows["a"].served == 0 and "ctr_at_k" not in rows["a"].metrics
     assert rows["b"].version == 2  # the candidate's version names the row, as quality does
+    # a point per model every window // 20 (here: every) completed request
+    series = monitor.view("b").series
+    assert [p.requests for p in series["b"]] == list(range(1, 8))
+    assert series["b"][2].metrics["ctr_at_k"] == 0.0 and series["b"][3].version == 2
+    assert not monitor.view("b", series=False).series
+    monitor.forget("a")  # retired: its re-ranked figures and its line go
+    assert "a" not in monitor.view("b").series
 
 
 def test_coverage_and_popularity_share_of_the_served_slates() -> None:
@@ -271,3 +278,15 @@ def _view_with(monitor: RankingMonitor) -> Any:
         return v
 
     return view
+
+
+def test_the_request_buffer_is_a_setting_of_the_spec(fraud_spec: PipelineSpec) -> None:
+    data = fraud_spec.model_dump(mode="json", by_alias=True)
+    spec = parse_spec({**data, "monitors": {"ranking": {"open_requests": 50, "window": 20}}})
+    monitor = EmbeddedRuntime(spec, Settings()).monitor
+    record = slate_evaluation("r1", "a", 0, True)
+    monitor.process([Message(monitor.topics.evaluations, 0, 0, b"k", orjson.dumps(record))])
+    assert monitor.ranking is not None and monitor.ranking.open.capacity == 50
+    assert monitor.ranking.window == 20
+    with pytest.raises(SpecError, match="open_requests"):
+        parse_spec({**data, "monitors": {"ranking": {"open_requests": 0}}})
