@@ -108,7 +108,13 @@ class ClickQuality:
 class Exposure:
     """Coverage and popularity share of a ranking policy over its last ``window``
     served requests (see the module docstring); ``catalogue`` if the number of
-    items is known, else the distinct candidates of the window."""
+    items is known, else the distinct candidates of the window.
+
+    Finding the head sorts the window's distinct candidates (up to the catalogue),
+    too much to do for every batch the monitor exports: the figures are
+    recomputed once per twentieth of a window of requests, and read as they were
+    in between.
+    """
 
     def __init__(self, window: int, head: float = HEAD_SHARE, catalogue: int | None = None) -> None:
         if not 0 < head < 1:
@@ -118,6 +124,9 @@ class Exposure:
         self._rows: deque[tuple[tuple[str, ...], tuple[str, ...]]] = deque(maxlen=window)
         self._shown: Counter[str] = Counter()
         self._candidates: Counter[str] = Counter()
+        self._every = max(1, window // 20)
+        self._figures: dict[str, float] | None = None
+        self._since = 0  # requests added since the figures were computed
 
     def add(self, shown: Sequence[str], candidates: Sequence[str]) -> None:
         """One served request: the items shown and every candidate (the shown ones
@@ -130,6 +139,7 @@ class Exposure:
         self._rows.append(row)
         self._shown.update(row[0])
         self._candidates.update(row[1])
+        self._since += 1
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -137,6 +147,11 @@ class Exposure:
     def as_dict(self) -> dict[str, float]:
         if not self._rows:
             return {}
+        if self._figures is None or self._since >= self._every:
+            self._figures, self._since = self._compute(), 0
+        return dict(self._figures)
+
+    def _compute(self) -> dict[str, float]:
         catalogue = self.catalogue or max(len(self._candidates), 1)
         head_size = max(1, math.ceil(self.head * len(self._candidates)))
         head = {item for item, _ in self._candidates.most_common(head_size)}
