@@ -228,11 +228,16 @@ def test_the_monitor_stage_reports_a_slate_pipelines_ranking_and_refuses_bad_sla
                         "propensity": 1.0} for p, i in enumerate("abcd")]}  # fmt: skip
     batch = [Message(t.evaluations, 0, n + 1, b"k", orjson.dumps(r)) for n, r in enumerate(records)]
     batch.append(Message(t.predictions, 0, 0, b"u1", orjson.dumps(slate)))
+    broken = {**slate, "event_id": "r5", "slate": [{"item": 3, "position": 0}]}
+    batch.append(Message(t.predictions, 0, 1, b"u1", orjson.dumps(broken)))
     out = monitor.process(batch)
     letters = [DeadLetter.decode(o.value) for o in out if o.topic == t.dlq]
-    assert [d.offset for d in letters] == [3, 4, 5]
+    assert [(d.topic, d.offset) for d in letters] == [(t.evaluations, n) for n in (3, 4, 5)] + [
+        (t.predictions, 1)
+    ]
     assert "position 3 is not one of 2 shown" in letters[0].error
     assert "does not name the pair" in letters[1].error and "propensity" in letters[2].error
+    assert "slate: not a list of {item, position" in letters[3].error
     assert monitor.core.labels == 3  # the refused ones are not taken in anywhere
 
     view = monitor.view()
