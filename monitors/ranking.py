@@ -40,9 +40,10 @@ import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, cast
 
 from riverflow.monitors.history import MAX_POINTS
+from riverflow.monitors.offpolicy import OffPolicyEstimator
 from riverflow.monitors.view import RankingModelView, RankingPoint, RankingView
 
 HEAD_SHARE = 0.1  # the "head" of popularity_share: this share of the most popular items
@@ -308,6 +309,7 @@ class _Window:
     clicks: ClickQuality | None = None
     exposure: Exposure | None = None
     reranked: WindowMean | None = None
+    offpolicy: OffPolicyEstimator | None = None
 
 
 class RankingMonitor:
@@ -340,6 +342,10 @@ class RankingMonitor:
         self._served: dict[str, _Window] = {}  # serving model -> CTR@k, NDCG@k
         self._exposed: dict[str, _Window] = {}  # serving model -> coverage, popularity
         self._reranked: dict[str, _Window] = {}  # candidate -> NDCG@k of its re-ranking
+        # served requests a challenger ranked in the shadow: request -> {name: (version,
+        # its top k)}, until the request completes (as many as requests may wait)
+        self._targets: OrderedDict[str, dict[str, tuple[int, tuple[str, ...]]]] = OrderedDict()
+        self._offpolicy: dict[str, _Window] = {}  # challenger -> its off-policy estimator
 
     def on_item(
         self, request: str, shown: int, item: ShownItem, served: tuple[str, int] | None
@@ -372,10 +378,39 @@ class RankingMonitor:
             w.version, w.last = version, n
             assert w.reranked is not None
             w.reranked.add(ndcg([float(c) for c in clicks], k))
+        self._estimate(req, k, n)
         _forget_idle(self._served, n, self.window)
         _forget_idle(self._reranked, n, self.window)
+        _forget_idle(self._offpolicy, n, self.window)
         if n % max(1, self.window // 20) == 0:
             self._sample(n)
+
+    def on_targets(self, request: str, targets: Mapping[str, tuple[int, Sequence[str]]]) -> None:
+        """Challengers' own rankings of a served request's whole slate: name -> (the
+        version that ranked it, its top items); estimated off-policy once the
+        request's clicks are in. At most as many wait as requests may; oldest dropped."""
+        self._targets[request] = {n: (v, tuple(top)) for n, (v, top) in targets.items()}
+        while len(self._targets) > self.open.capacity:
+            self._targets.popitem(last=False)
+
+    def _estimate(self, req: ServedRequest, k: int, n: int) -> None:
+        """Item-position SNIPS of each challenger that ranked ``req``
+        (``monitors.offpolicy``), from the logged propensities."""
+        targets = self._targets.pop(req.request, None)
+        propensities = [i.propensity for i in req.items]
+        if targets is None or any(p is None for p in propensities):
+            return
+        shown = [i.item for i in req.items]
+        for name, (version, top) in targets.items():
+            w = self._offpolicy.get(name)
+            if w is None:
+                estimator = OffPolicyEstimator(positions=k, window=self.window)
+                w = self._offpolicy[name] = _Window(version, n, offpolicy=estimator)
+            assert w.offpolicy is not None
+            if k < w.offpolicy.positions:
+                continue  # a shorter slate than the estimator's: no value at every position
+            w.version, w.last = version, n
+            w.offpolicy.add(shown, cast(list[float], propensities), req.clicks, top)
 
     def _sample(self, n: int) -> None:
         now = self.clock()
@@ -403,6 +438,7 @@ class RankingMonitor:
     def forget(self, name: str) -> None:
         """A retired candidate: its re-ranked figures and its series go."""
         self._reranked.pop(name, None)
+        self._offpolicy.pop(name, None)
         self.series.pop(name, None)
 
     def view(self, champion: str, series: bool = True) -> RankingView:
@@ -420,7 +456,8 @@ class RankingMonitor:
         """Every model's figures. A model's version is the candidate's (as the monitor's
         quality names it), else the one it served."""
         models = []
-        for name in dict.fromkeys([*self._reranked, *self._served, *self._exposed]):
+        names = [*self._reranked, *self._served, *self._exposed, *self._offpolicy]
+        for name in dict.fromkeys(names):
             metrics: dict[str, float] = {}
             versions, served, reranked = [], 0, 0
             if (w := self._reranked.get(name)) is not None and w.reranked is not None:
@@ -435,6 +472,9 @@ class RankingMonitor:
             if (w := self._exposed.get(name)) is not None and w.exposure is not None:
                 versions.append(w.version)
                 metrics.update(w.exposure.as_dict())
+            if (w := self._offpolicy.get(name)) is not None and w.offpolicy is not None:
+                versions.append(w.version)
+                metrics.update(_offpolicy_figures(w.offpolicy))
             role: Literal["champion", "challenger"] = (
                 "champion" if name == champion else "challenger"
             )
@@ -442,6 +482,19 @@ class RankingMonitor:
                                            served=served, reranked=reranked,
                                            metrics=metrics))  # fmt: skip
         return models
+
+
+def _offpolicy_figures(estimator: OffPolicyEstimator) -> dict[str, float]:
+    """SNIPS of a challenger's clicks per request as CTR@k (per shown slot, as the served
+    ``ctr_at_k``) with its interval, and how many requests and matches it rests on
+    (no value until every position was matched at least once)."""
+    est = estimator.snips()
+    k = estimator.positions
+    out = {"offpolicy_requests": float(est.requests), "offpolicy_matched": float(est.matched)}
+    if math.isfinite(est.value):
+        out |= {"offpolicy_ctr_at_k": est.value / k, "offpolicy_ctr_low": est.low / k,
+                "offpolicy_ctr_high": est.high / k}  # fmt: skip
+    return out
 
 
 def _forget_idle(windows: dict[str, _Window], now: int, window: int) -> None:

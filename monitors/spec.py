@@ -100,6 +100,10 @@ class RankingSpec(_Frozen):
         0.1, gt=0, lt=1, description="popularity_share counts the slots of this share of the "
         "most popular items (the most frequent candidates of the window)",
     )  # fmt: skip
+    offpolicy_every: int = Field(
+        10, ge=1, description="every n-th served slate, each challenger's latest version ranks "
+        "its whole slate for the off-policy estimate (a prediction per candidate item)",
+    )  # fmt: skip
 
 
 class MonitorSpec(_Frozen):

@@ -14,15 +14,18 @@ made at the first of them: a fraud pipeline never has one.
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from pydantic import ValidationError
 
 from riverflow.errors import error_lines
+from riverflow.models.champion import positive_probability
+from riverflow.models.errors import ModelError
 from riverflow.monitors.dataquality import FieldQualityWatch
 from riverflow.monitors.exporter import MonitorMetrics
 from riverflow.monitors.history import MonitorHistory
@@ -39,6 +42,8 @@ from riverflow.streams.contracts import (
     Prediction,
 )
 from riverflow.streams.topics import Topics
+
+log = logging.getLogger(__name__)
 
 MAX_SHOWN = 1_000  # a slate evaluation's ``shown`` beyond this is not a slate's
 
@@ -68,6 +73,11 @@ class Monitor:
         self.counters = StageCounters()
         self.quality = FieldQualityWatch(core.spec.quality.window)
         self.ranking: RankingMonitor | None = None  # made at the first slate record
+        self._slates = 0  # slate predictions read
+        # challenger -> its latest published (version, model), which ranks slates in the
+        # shadow; looked up once per batch, loaded when it changed
+        self._shadows: dict[str, tuple[int, Any]] = {}
+        self._shadows_read = False
         self._lock = threading.Lock()  # the status page reads the view from another thread
 
     def process(self, batch: Sequence[Message]) -> list[Output]:
@@ -78,6 +88,7 @@ class Monitor:
         self.counters.consumed += len(batch)
         out: list[Output] = []
         decisions: list[Decision] = self.core.refresh()
+        self._shadows_read = False
         for msg in batch:
             try:
                 if msg.topic == self.topics.evaluations:
@@ -106,7 +117,7 @@ class Monitor:
                     decisions += self.core.on_prediction(p.features, p.score, p.model, p.version)
                     self.quality.observe(p.inputs, p.cleaned, p.scored_at - p.event_time)
                     if slate is not None:
-                        self._ranking().on_slate(p.model, p.version, *slate)
+                        self._on_slate(p, slate)
             except (ValidationError, _Refused) as exc:
                 line = error_lines(exc)[0] if isinstance(exc, ValidationError) else str(exc)
                 why = f"not a {msg.topic} record: {line}"
@@ -170,9 +181,9 @@ class Monitor:
         return request, shown, item, served
 
     @staticmethod
-    def _slate(raw: bytes | None) -> tuple[list[str], list[str]] | None:
-        """A slate prediction's shown items in served order and all its candidates
-        (None for any other prediction); ``_Refused`` if its slate is malformed."""
+    def _slate(raw: bytes | None) -> list[dict[str, Any]] | None:
+        """A slate prediction's candidates in served order (None for any other
+        prediction); ``_Refused`` if its slate is malformed."""
         if not raw or b'"slate"' not in raw:
             return None
         slate = orjson.loads(raw).get("slate")
@@ -183,8 +194,63 @@ class Monitor:
             for e in slate
         ):
             raise _Refused("slate: not a list of {item, position, ...} objects")
-        ordered = sorted(slate, key=lambda e: e["position"])
-        return [e["item"] for e in ordered if e.get("shown") is True], [e["item"] for e in ordered]
+        return sorted(slate, key=lambda e: e["position"])
+
+    def _on_slate(self, p: Prediction, slate: list[dict[str, Any]]) -> None:
+        """A served slate: its exposure, and every ``offpolicy_every``-th one ranked by
+        each challenger in the shadow (its top as many as were shown)."""
+        ranking = self._ranking()
+        shown = [e["item"] for e in slate if e.get("shown") is True]
+        ranking.on_slate(p.model, p.version, shown, [e["item"] for e in slate])
+        self._slates += 1
+        if self._slates % self.core.spec.ranking.offpolicy_every or not shown:
+            return
+        targets = {}
+        for name, (version, model) in self._challenger_models().items():
+            scores = [positive_probability(model, x) if (x := self._pair_inputs(p, e)) else None
+                      for e in slate]  # fmt: skip
+            if any(v is None for v in scores):
+                return  # a slate without each item's inputs and features cannot be ranked
+            order = sorted(range(len(slate)), key=lambda i: (-cast(float, scores[i]), i))
+            targets[name] = (version, [slate[i]["item"] for i in order[: len(shown)]])
+        if targets:
+            ranking.on_targets(p.event_id, targets)
+
+    def _pair_inputs(self, p: Prediction, entry: dict[str, Any]) -> dict[str, Any] | None:
+        """What the models are given for one candidate of a slate, as the learner builds
+        it: the request's and the item's inputs (less the segment field) and its features."""
+        inputs, features = entry.get("inputs"), entry.get("features")
+        if not isinstance(inputs, dict) or not isinstance(features, dict):
+            return None
+        x = {**p.inputs, **inputs}
+        x.pop(self.core.spec.segment or "", None)
+        return {**x, **features}
+
+    def _challenger_models(self) -> dict[str, tuple[int, Any]]:
+        """Each live challenger's latest published version, loaded (verified) when it
+        changed; the registry is asked once per batch."""
+        if self._shadows_read:
+            return self._shadows
+        self._shadows_read = True
+        core = self.core
+        alive = [n for n in core.watches if n != core.champion_name and n not in core.retired]
+        shadows = {}
+        for name in alive:
+            version = core.registry.latest(name)
+            if version is None:
+                continue
+            held = self._shadows.get(name)
+            if held is None or held[0] != version:
+                try:
+                    held = (version, core.registry.load(name, version).model)
+                except ModelError as exc:  # pruned meanwhile, or its signature fails
+                    log.warning("%s v%d does not rank slates in the shadow: %s",
+                                name, version, exc)  # fmt: skip
+                    if held is None:
+                        continue
+            shadows[name] = held
+        self._shadows = shadows
+        return shadows
 
     def _view(self, series: bool) -> MonitorView:
         view = self.history.view(self.core, series)
