@@ -491,9 +491,9 @@ def _offpolicy_figures(estimator: OffPolicyEstimator) -> dict[str, float]:
     est = estimator.snips()
     k = estimator.positions
     out = {"offpolicy_requests": float(est.requests), "offpolicy_matched": float(est.matched)}
-    if math.isfinite(est.value):
-        out |= {"offpolicy_ctr_at_k": est.value / k, "offpolicy_ctr_low": est.low / k,
-                "offpolicy_ctr_high": est.high / k}  # fmt: skip
+    if math.isfinite(est.value):  # the interval within what a CTR can be
+        out |= {"offpolicy_ctr_at_k": est.value / k, "offpolicy_ctr_low": max(0.0, est.low / k),
+                "offpolicy_ctr_high": min(1.0, est.high / k)}  # fmt: skip
     return out
 
 

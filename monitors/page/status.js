@@ -268,10 +268,17 @@
       columns.forEach(function (c) { cells.push(num(m.metrics[c[0]])); });
       var q = quality[m.name] || {};
       cells.push(num(q.roc_auc), num(q.log_loss));
+      // a challenger's estimated CTR@k had it served (SNIPS, with its interval)
+      var o = m.metrics;
+      cells.push(o.offpolicy_ctr_at_k === undefined ?
+        (o.offpolicy_requests ? "matched " + num(o.offpolicy_matched) : "\u2013") :
+        num(o.offpolicy_ctr_at_k) + " [" + num(o.offpolicy_ctr_low) + ", " +
+        num(o.offpolicy_ctr_high) + "]");
       return row(cells, {"data-ranking-role": m.role, "data-ranking-model": m.name});
     });
     var t = table(["model", "role", "version", "served", "re-ranked"].concat(
-      columns.map(function (c) { return c[1]; }), ["ROC AUC", "log loss"]), rows);
+      columns.map(function (c) { return c[1]; }),
+      ["ROC AUC", "log loss", "off-policy CTR@" + k + " [95%]"]), rows);
     t.id = "ranking"; out.appendChild(t);
     // every model's NDCG@k in its own order: the figure that compares them, over time
     var series = {};

@@ -210,6 +210,11 @@ def test_a_slate_pipeline_shows_its_ranking_panel(tmp_path: Path) -> None:
     shown = dom.one("tr", data_ranking_role="champion")
     # its CTR@k, and its ROC AUC over the shown items from the candidates' quality
     assert f"{champion.metrics['ctr_at_k']:.4f}" in shown.text and "0.8800" in shown.text
+    challenger = dom.one("tr", data_ranking_model="logreg")
+    offpolicy = view.ranking.models[1].metrics
+    assert offpolicy["offpolicy_ctr_low"] < offpolicy["offpolicy_ctr_at_k"]
+    high = f"{offpolicy['offpolicy_ctr_high']:.4f}]"
+    assert f"{offpolicy['offpolicy_ctr_at_k']:.4f} [" in challenger.text and high in challenger.text
     requests = dom.one("p", id="ranking-requests").text
     assert f"awaiting labels: {view.ranking.requests['open']} of 200" in requests
     # a chart of each model's NDCG in its own order, a point per sample
