@@ -194,7 +194,8 @@ class MonitorMetrics:
         )  # fmt: skip
         self.ranking_requests = Gauge(
             "riverflow_ranking_requests", "a slate pipeline's requests: open (awaiting labels), "
-            "capacity; since the monitor started: completed, evicted, late, duplicates",
+            "capacity, shadow_waiting (ranked by the challengers, awaiting labels); since the "
+            "monitor started: completed, evicted, late, duplicates, shadow_dropped",
             ["state"], registry=r,
         )  # fmt: skip
         self.decisions = Counter(

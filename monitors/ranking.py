@@ -346,6 +346,7 @@ class RankingMonitor:
         # its top k)}, until the request completes (as many as requests may wait)
         self._targets: OrderedDict[str, dict[str, tuple[int, tuple[str, ...]]]] = OrderedDict()
         self._offpolicy: dict[str, _Window] = {}  # challenger -> its off-policy estimator
+        self.targets_dropped = 0  # shadow rankings dropped before their request completed
 
     def on_item(
         self, request: str, shown: int, item: ShownItem, served: tuple[str, int] | None
@@ -392,6 +393,7 @@ class RankingMonitor:
         self._targets[request] = {n: (v, tuple(top)) for n, (v, top) in targets.items()}
         while len(self._targets) > self.open.capacity:
             self._targets.popitem(last=False)
+            self.targets_dropped += 1
 
     def _estimate(self, req: ServedRequest, k: int, n: int) -> None:
         """Item-position SNIPS of each challenger that ranked ``req``
@@ -447,7 +449,9 @@ class RankingMonitor:
         models = self._models(champion)
         o = self.open
         requests = {"open": len(o), "capacity": o.capacity, "completed": o.completed,
-                    "evicted": o.evicted, "late": o.late, "duplicates": o.duplicates}  # fmt: skip
+                    "evicted": o.evicted, "late": o.late, "duplicates": o.duplicates,
+                    "shadow_waiting": len(self._targets),
+                    "shadow_dropped": self.targets_dropped}  # fmt: skip
         shown = {n: list(p) for n, p in self.series.items()} if series else {}
         return RankingView(k=self.k, window=self.window, models=models, requests=requests,
                            series=shown)  # fmt: skip

@@ -117,9 +117,10 @@ class RankingView(BaseModel):
     k: int  # shown items per request (the largest seen)
     window: int  # completed requests (served slates) per window
     models: list[RankingModelView] = Field(default_factory=list)
-    # requests: open (awaiting labels), capacity, and since the monitor started:
-    # completed, evicted (the buffer was full), late (items of an evicted request),
-    # duplicates (a position labelled twice)
+    # requests: open (awaiting labels), capacity, shadow_waiting (ranked by the
+    # challengers, awaiting labels), and since the monitor started: completed, evicted
+    # (the buffer was full), late (items of an evicted request), duplicates (a position
+    # labelled twice), shadow_dropped (challengers' rankings dropped, the buffer full)
     requests: dict[str, int] = Field(default_factory=dict)
     series: dict[str, list[RankingPoint]] = Field(default_factory=dict)  # by model
 

@@ -327,6 +327,20 @@ def test_a_challengers_offpolicy_ctr_covers_its_true_ctr_on_a_simulated_stream()
     assert m["offpolicy_ctr_high"] - m["offpolicy_ctr_low"] < 0.1
 
 
+def test_shadow_rankings_wait_in_a_bounded_buffer_and_a_dropped_one_is_counted() -> None:
+    monitor = RankingMonitor(window=10, open_requests=2)
+    for r in range(3):
+        monitor.on_targets(f"r{r}", {"c": (1, ["a", "b"])})
+    requests = monitor.view("m").requests
+    assert (requests["shadow_waiting"], requests["shadow_dropped"]) == (2, 1)
+    for r in range(3):  # r0's ranking was dropped: only r1 and r2 are estimated
+        for p, item in enumerate("ab"):
+            monitor.on_item(f"r{r}", 2, ShownItem(item, p, p == 0, 1.0, {}), ("m", 1))
+    (row,) = [m for m in monitor.view("m").models if m.name == "c"]
+    assert row.metrics["offpolicy_requests"] == 2 and row.metrics["offpolicy_ctr_at_k"] == 0.5
+    assert monitor.view("m").requests["shadow_waiting"] == 0
+
+
 class ByQuality:
     """Ranks items by their ``quality`` input: a challenger the registry can sign."""
 
