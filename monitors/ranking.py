@@ -28,6 +28,12 @@ model over its last ``window`` requests (``Exposure``):
   ranker, so the share says how much a ranker favours the head (a ranker blind
   to popularity gets about the head's share of candidate slots).
 
+A challenger's rankings of whole slates (``on_targets``: the monitor stage has
+its latest published version rank one served slate in ``offpolicy_every``) give,
+once their requests' clicks are in, its off-policy CTR@k: item-position SNIPS
+from the logged propensities (``monitors.offpolicy``), over its last ``window``
+ranked requests, with its interval.
+
 ROC AUC and log loss over shown items are not here: a slate's evaluations are
 ordinary per-item evaluations, so the monitor's windowed quality per candidate
 (``monitors.quality.WindowedQuality``) already is exactly that.

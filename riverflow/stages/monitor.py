@@ -73,7 +73,6 @@ class Monitor:
         self.counters = StageCounters()
         self.quality = FieldQualityWatch(core.spec.quality.window)
         self.ranking: RankingMonitor | None = None  # made at the first slate record
-        self._slates = 0  # slate predictions read
         # challenger -> its latest published (version, model), which ranks slates in the
         # shadow; looked up once per batch, loaded when it changed
         self._shadows: dict[str, tuple[int, Any]] = {}
@@ -202,8 +201,7 @@ class Monitor:
         ranking = self._ranking()
         shown = [e["item"] for e in slate if e.get("shown") is True]
         ranking.on_slate(p.model, p.version, shown, [e["item"] for e in slate])
-        self._slates += 1
-        if self._slates % self.core.spec.ranking.offpolicy_every or not shown:
+        if ranking.slates % self.core.spec.ranking.offpolicy_every or not shown:
             return
         targets = {}
         for name, (version, model) in self._challenger_models().items():
