@@ -158,15 +158,45 @@ class StageMetrics:
         self.last_loop = time.monotonic()
 
 
+class _Current:
+    """A labelled gauge holding exactly the label sets of the latest ``set``: one no
+    longer there (an older version, a retired challenger) is removed, not left stale."""
+
+    def __init__(self, gauge: Gauge) -> None:
+        self.gauge = gauge
+        self._labels: set[tuple[str, ...]] = set()
+
+    def set(self, values: dict[tuple[str, ...], float]) -> None:
+        for labels in self._labels - values.keys():
+            self.gauge.remove(*labels)
+        self._labels = set(values)
+        for labels, value in values.items():
+            self.gauge.labels(*labels).set(value)
+
+
 class MonitorMetrics:
     """What the monitor stage exports besides the stage metrics: quality per model
-    version, drift alarms and decisions, the champion, label-free drift, segments."""
+    version, drift alarms and decisions, the champion, label-free drift, segments,
+    and a slate pipeline's ranking metrics per model version (none for any other:
+    their gauges have no labels set, so no samples)."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         r = registry
         self.quality = Gauge(
             "riverflow_model_quality", "windowed quality of a candidate over recent labels",
             ["model", "version", "metric"], registry=r,
+        )  # fmt: skip
+        self.ranking = Gauge(
+            "riverflow_ranking_quality", "a slate pipeline's ranking metrics over recent "
+            "requests: ctr_at_k, ndcg_at_k (served ranking), coverage, popularity_share (a "
+            "model that served); rerank_ndcg_at_k (every candidate's order of the shown items)",
+            ["model", "version", "metric"], registry=r,
+        )  # fmt: skip
+        self.ranking_requests = Gauge(
+            "riverflow_ranking_requests", "a slate pipeline's requests: open (awaiting labels), "
+            "capacity, shadow_waiting (ranked by the challengers, awaiting labels); since the "
+            "monitor started: completed, evicted, late, duplicates, shadow_dropped",
+            ["state"], registry=r,
         )  # fmt: skip
         self.decisions = Counter(
             "riverflow_monitor_decisions",
@@ -194,20 +224,23 @@ class MonitorMetrics:
             "riverflow_segment_gap", "largest quality gap between two segments", ["metric"],
             registry=r,
         )  # fmt: skip
-        self._quality: set[tuple[str, str, str]] = set()  # (model, version, metric) set now
+        self._quality = _Current(self.quality)
+        self._ranking = _Current(self.ranking)
         self._champion: tuple[str, str] | None = None
 
     def update(self, view: Any, decisions: Iterable[Any]) -> None:
         """Set every gauge from a ``MonitorView``; count the new decisions."""
         for d in decisions:
             self.decisions.labels(d.kind, d.model).inc()
-        quality = {(c.name, str(c.version), metric): value
-                   for c in view.candidates for metric, value in c.metrics.items()}  # fmt: skip
-        for labels in self._quality - quality.keys():
-            self.quality.remove(*labels)  # an older version, or a retired challenger
-        self._quality = set(quality)
-        for labels, value in quality.items():
-            self.quality.labels(*labels).set(value)
+        self._quality.set({(c.name, str(c.version), metric): value
+                           for c in view.candidates
+                           for metric, value in c.metrics.items()})  # fmt: skip
+        if view.ranking is not None:
+            self._ranking.set({(m.name, str(m.version), metric): value
+                               for m in view.ranking.models
+                               for metric, value in m.metrics.items()})  # fmt: skip
+            for state, n in view.ranking.requests.items():
+                self.ranking_requests.labels(state).set(n)
         if view.champion is not None:
             now = (str(view.champion["model"]), str(view.champion["version"]))
             if self._champion is not None and self._champion != now:

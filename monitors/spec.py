@@ -84,6 +84,28 @@ class QualitySpec(_Frozen):
     )
 
 
+class RankingSpec(_Frozen):
+    """Ranking metrics of a slate pipeline (``monitors.ranking``): read from the
+    evaluations that name a ``request`` and the slates served; unused otherwise."""
+
+    window: int = Field(
+        2_000, ge=10, description="completed requests per window of CTR@k and NDCG@k, and "
+        "served slates per window of coverage and popularity share",
+    )  # fmt: skip
+    open_requests: int = Field(
+        100_000, ge=10, description="requests held until all their shown items are labelled "
+        "(clicks come early, timeout negatives late); beyond it the oldest is dropped, counted",
+    )  # fmt: skip
+    head: float = Field(
+        0.1, gt=0, lt=1, description="popularity_share counts the slots of this share of the "
+        "most popular items (the most frequent candidates of the window)",
+    )  # fmt: skip
+    offpolicy_every: int = Field(
+        10, ge=1, description="every n-th served slate, each challenger's latest version ranks "
+        "its whole slate for the off-policy estimate (a prediction per candidate item)",
+    )  # fmt: skip
+
+
 class MonitorSpec(_Frozen):
     window: int = Field(1_000, ge=20, description="labelled events per sliding quality window")
     detector: DetectorSpec = Field(default_factory=DetectorSpec)
@@ -97,6 +119,7 @@ class MonitorSpec(_Frozen):
     segment_min_labels: int = Field(100, ge=1, description="labels a segment needs to count")
     label_free: LabelFreeSpec = Field(default_factory=LabelFreeSpec)
     quality: QualitySpec = Field(default_factory=QualitySpec)
+    ranking: RankingSpec = Field(default_factory=RankingSpec)
 
     @model_validator(mode="after")
     def _check(self) -> MonitorSpec:

@@ -88,6 +88,43 @@ class SearchView(BaseModel):
     done: bool = False
 
 
+class RankingModelView(BaseModel):
+    """One model's ranking metrics (``monitors.ranking``), over its recent requests."""
+
+    name: str
+    role: Literal["champion", "challenger"]
+    # the candidate's current version (as ``CandidateView``), else the version it served
+    version: int
+    served: int  # completed requests it served in the window (0: it ranks in the shadow)
+    reranked: int  # completed requests whose shown items it scored, in the window
+    # ctr_at_k, ndcg_at_k (served ranking), coverage, popularity_share (a model that
+    # served); rerank_ndcg_at_k (every candidate: the shown items in its own order)
+    metrics: dict[str, float]
+
+
+class RankingPoint(BaseModel):
+    """A model's ranking metrics when the monitor had completed ``requests`` requests."""
+
+    requests: int
+    at: float  # unix seconds
+    version: int
+    metrics: dict[str, float]
+
+
+class RankingView(BaseModel):
+    """A slate pipeline's ranking panel: the metrics per model and the request buffer."""
+
+    k: int  # shown items per request (the largest seen)
+    window: int  # completed requests (served slates) per window
+    models: list[RankingModelView] = Field(default_factory=list)
+    # requests: open (awaiting labels), capacity, shadow_waiting (ranked by the
+    # challengers, awaiting labels), and since the monitor started: completed, evicted
+    # (the buffer was full), late (items of an evicted request), duplicates (a position
+    # labelled twice), shadow_dropped (challengers' rankings dropped, the buffer full)
+    requests: dict[str, int] = Field(default_factory=dict)
+    series: dict[str, list[RankingPoint]] = Field(default_factory=dict)  # by model
+
+
 class MonitorView(BaseModel):
     pipeline: str
     updated: float
@@ -104,6 +141,7 @@ class MonitorView(BaseModel):
     # cleaning rule changed; freshness (monitors.dataquality)
     data_quality: dict[str, Any] = Field(default_factory=dict)
     searches: dict[str, SearchView] = Field(default_factory=dict)  # by searched candidate
+    ranking: RankingView | None = None  # a slate pipeline's only
 
 
 def parse_view(raw: bytes | str, source: str = "view") -> MonitorView:

@@ -6,6 +6,7 @@ import math
 import random
 from typing import get_args
 
+from riverflow.monitors.ranking import RankingMonitor, ShownItem
 from riverflow.monitors.view import (
     CandidateView,
     DistributionView,
@@ -17,6 +18,7 @@ from riverflow.monitors.view import (
     SegmentView,
     SeriesPoint,
 )
+from riverflow.tools.recsys import EpsilonGreedy, RecsysConfig, RecsysWorld
 
 START = 1_790_000_000.0  # unix seconds of the first point
 
@@ -221,3 +223,30 @@ def realistic_view(points: int = 300, every: int = 50, seed: int = 3) -> Monitor
 def empty_view() -> MonitorView:
     """What the monitor serves before any label arrived."""
     return MonitorView(pipeline="fraud", updated=START, window=1000, champion=None)
+
+
+def ranking_view(requests: int = 300) -> MonitorView:
+    """A slate pipeline's view: ``realistic_view``'s candidates, and the ranking panel of
+    a ``RankingMonitor`` fed a stream of the seeded recommendation world, served by
+    epsilon-greedy popularity (``hoeffding``), ranked in the shadow by relevance
+    (``logreg``: re-ranked NDCG, and its off-policy CTR from the logged propensities)."""
+    world = RecsysWorld(RecsysConfig(seed=5, shift_at=()))
+    rng = random.Random(5)
+    k = world.config.shown
+    serve = EpsilonGreedy(world.by_popularity, 0.2, rng)
+    monitor = RankingMonitor(window=200, open_requests=200, clock=lambda: START)
+    for req in world.requests(requests):
+        served, propensities = serve(req)
+        monitor.on_slate("hoeffding", 16, served[:k], list(req.slate))
+        monitor.on_targets(req.request_id, {"logreg": (16, world.by_relevance(req)[:k])})
+        clicks = world.clicks(req, served, rng)
+        for p, (item, clicked) in enumerate(zip(served[:k], clicks, strict=True)):
+            scores = {"hoeffding": (16, world.popularity[item]),
+                      "logreg": (16, world.relevance(req, item))}  # fmt: skip
+            if p or req.position % 50:  # a few requests still await a label
+                shown = ShownItem(item, p, clicked, propensities[p], scores)
+                monitor.on_item(req.request_id, k, shown, ("hoeffding", 16))
+    view = realistic_view()
+    view.pipeline = "recsys"
+    view.ranking = monitor.view("hoeffding")
+    return view

@@ -64,7 +64,11 @@
     return out;
   }
 
-  function chart(view, colours) {
+  // ``xlabel``: what the x axis counts (labelled events unless said); ``kind``: a class
+  // name the chart and its lines carry ("series" unless said)
+  function chart(view, colours, xlabel, kind) {
+    xlabel = xlabel || "labelled events";
+    kind = kind || "series";
     var W = 960, H = 340, L = 56, R = 16, T = 14, B = 36;
     var xs = [], ys = [];
     Object.keys(view.series).forEach(function (name) {
@@ -82,8 +86,9 @@
     function X(v) { return L + (v - x0) / (x1 - x0) * (W - L - R); }
     function Y(v) { return T + (y1 - v) / (y1 - y0) * (H - T - B); }
 
-    var svg = svgEl("svg", {class: "chart", viewBox: "0 0 " + W + " " + H, role: "img",
-                            "aria-label": view.metric + " by labelled events"});
+    var svg = svgEl("svg", {class: kind === "series" ? "chart" : "chart " + kind,
+                            viewBox: "0 0 " + W + " " + H, role: "img",
+                            "aria-label": view.metric + " by " + xlabel});
     ticks(y0, y1, 5).forEach(function (v) {
       svg.appendChild(svgEl("line", {class: "grid", x1: L, x2: W - R, y1: Y(v), y2: Y(v)}));
       var t = svgEl("text", {x: L - 6, y: Y(v) + 4, "text-anchor": "end"});
@@ -96,7 +101,7 @@
     svg.appendChild(svgEl("line", {class: "axis", x1: L, x2: W - R, y1: H - B, y2: H - B}));
     svg.appendChild(svgEl("line", {class: "axis", x1: L, x2: L, y1: T, y2: H - B}));
     var xl = svgEl("text", {x: (L + W - R) / 2, y: H - 4, "text-anchor": "middle"});
-    xl.textContent = "labelled events"; svg.appendChild(xl);
+    xl.textContent = xlabel; svg.appendChild(xl);
     var yl = svgEl("text", {x: 12, y: (T + H - B) / 2, "text-anchor": "middle",
                             transform: "rotate(-90 12 " + (T + H - B) / 2 + ")"});
     yl.textContent = view.metric + " (window " + view.window + ")"; svg.appendChild(yl);
@@ -104,7 +109,7 @@
     Object.keys(view.series).forEach(function (name) {
       var pts = view.series[name].filter(function (p) { return p.value !== null; })
         .map(function (p) { return X(p.labels).toFixed(1) + "," + Y(p.value).toFixed(1); });
-      var line = svgEl("polyline", {class: "series", "data-model": name,
+      var line = svgEl("polyline", {class: kind, "data-model": name,
         "data-points": pts.length, points: pts.join(" "), fill: "none",
         stroke: colours[name], "stroke-width": 2, "stroke-linejoin": "round"});
       var title = svgEl("title"); title.textContent = name; line.appendChild(title);
@@ -246,6 +251,58 @@
     });
   }
 
+  // a slate pipeline's ranking metrics per model, with each candidate's ROC AUC and log
+  // loss over the shown items (its ordinary windowed quality)
+  function rankingSection(ranking, view, colours, out) {
+    var k = ranking.k;
+    out.appendChild(el("h3", {}, "Ranking (top " + k + " shown, windows of " +
+      num(ranking.window) + " requests)"));
+    var quality = {};
+    view.candidates.forEach(function (c) { quality[c.name] = c.metrics; });
+    var columns = [["ctr_at_k", "CTR@" + k], ["ndcg_at_k", "NDCG@" + k + " served"],
+                   ["rerank_ndcg_at_k", "NDCG@" + k + " own order"],
+                   ["coverage", "coverage"], ["popularity_share", "popularity share"]];
+    var rows = ranking.models.map(function (m) {
+      var cells = [m.name, el("span", {class: "badge " + m.role}, m.role), "v" + m.version,
+                   num(m.served), num(m.reranked)];
+      columns.forEach(function (c) { cells.push(num(m.metrics[c[0]])); });
+      var q = quality[m.name] || {};
+      cells.push(num(q.roc_auc), num(q.log_loss));
+      // a challenger's estimated CTR@k had it served (SNIPS, with its interval)
+      var o = m.metrics;
+      cells.push(o.offpolicy_ctr_at_k === undefined ?
+        (o.offpolicy_requests ? "matched " + num(o.offpolicy_matched) : "\u2013") :
+        num(o.offpolicy_ctr_at_k) + " [" + num(o.offpolicy_ctr_low) + ", " +
+        num(o.offpolicy_ctr_high) + "]");
+      return row(cells, {"data-ranking-role": m.role, "data-ranking-model": m.name});
+    });
+    var t = table(["model", "role", "version", "served", "re-ranked"].concat(
+      columns.map(function (c) { return c[1]; }),
+      ["ROC AUC", "log loss", "off-policy CTR@" + k + " [95%]"]), rows);
+    t.id = "ranking"; out.appendChild(t);
+    // every model's NDCG@k in its own order: the figure that compares them, over time
+    var series = {};
+    Object.keys(ranking.series || {}).forEach(function (name) {
+      var pts = ranking.series[name].filter(function (p) {
+        return p.metrics.rerank_ndcg_at_k !== undefined; });
+      if (pts.length) series[name] = pts.map(function (p) {
+        return {labels: p.requests, value: p.metrics.rerank_ndcg_at_k}; });
+    });
+    if (Object.keys(series).length) {
+      var svg = chart({series: series, markers: [], metric: "NDCG@" + k + " own order",
+                       window: ranking.window}, colours, "completed requests", "ranking");
+      svg.id = "ranking-chart"; out.appendChild(svg);
+    }
+    var r = ranking.requests;
+    var line = el("p", {id: "ranking-requests"}, "requests awaiting labels: " + num(r.open) +
+      " of " + num(r.capacity) + " \u00b7 completed " + num(r.completed) + " \u00b7 ");
+    line.appendChild(r.evicted ? el("span", {class: "alarm"}, "evicted " + num(r.evicted)) :
+      document.createTextNode("evicted 0"));
+    line.appendChild(document.createTextNode(" \u00b7 late " + num(r.late) +
+      " \u00b7 duplicates " + num(r.duplicates)));
+    out.appendChild(line);
+  }
+
   function render(view) {
     document.getElementById("pipeline").textContent = view.pipeline;
     document.getElementById("champion").textContent = "Champion: " + championText(view);
@@ -274,6 +331,7 @@
       out.appendChild(el("h3", {}, "Candidates"));
       out.appendChild(candidatesTable(view, colours));
     }
+    if (view.ranking) rankingSection(view.ranking, view, candidateColours(view), out);
     if (view.markers.length) {
       out.appendChild(el("h3", {}, "Decisions and alarms"));
       out.appendChild(markersTable(view));

@@ -6,22 +6,31 @@ applies the decisions to the registry through ``monitors.policy`` and writes
 each one, with its evidence, to ``{ns}.model-events``; ``monitors.history``
 records them and the candidates' quality for the status page. A record it
 cannot read goes to the DLQ with the reason; nothing else is lost.
+
+A slate pipeline's records (evaluations naming a ``request``, predictions with
+a ``slate``: the slate contract) also feed ``monitors.ranking.RankingMonitor``,
+made at the first of them: a fraud pipeline never has one.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
+import orjson
 from pydantic import ValidationError
 
 from riverflow.errors import error_lines
+from riverflow.models.champion import positive_probability
+from riverflow.models.errors import ModelError
 from riverflow.monitors.dataquality import FieldQualityWatch
 from riverflow.monitors.exporter import MonitorMetrics
 from riverflow.monitors.history import MonitorHistory
 from riverflow.monitors.policy import Decision, LabelSource, PipelineMonitor
+from riverflow.monitors.ranking import RankingMonitor, ShownItem
 from riverflow.monitors.view import MonitorView
 from riverflow.stages.common import DLQ_KEEP_BYTES, StageCounters, dead_letter
 from riverflow.streams.contracts import (
@@ -33,6 +42,10 @@ from riverflow.streams.contracts import (
     Prediction,
 )
 from riverflow.streams.topics import Topics
+
+log = logging.getLogger(__name__)
+
+MAX_SHOWN = 1_000  # a slate evaluation's ``shown`` beyond this is not a slate's
 
 
 class _Refused(Exception):
@@ -59,6 +72,11 @@ class Monitor:
         self.metrics = metrics
         self.counters = StageCounters()
         self.quality = FieldQualityWatch(core.spec.quality.window)
+        self.ranking: RankingMonitor | None = None  # made at the first slate record
+        # challenger -> its latest published (version, model), which ranks slates in the
+        # shadow; looked up once per batch, loaded when it changed
+        self._shadows: dict[str, tuple[int, Any]] = {}
+        self._shadows_read = False
         self._lock = threading.Lock()  # the status page reads the view from another thread
 
     def process(self, batch: Sequence[Message]) -> list[Output]:
@@ -69,28 +87,36 @@ class Monitor:
         self.counters.consumed += len(batch)
         out: list[Output] = []
         decisions: list[Decision] = self.core.refresh()
+        self._shadows_read = False
         for msg in batch:
             try:
                 if msg.topic == self.topics.evaluations:
                     ev = Evaluation.decode(msg.value or b"")
                     self._check_label(ev.label)
-                    if ev.search:  # the learner's model search: read first (may refuse)
-                        self.history.record_search(ev.search, self.core.labels + 1)
                     predictions = {n: (p.version, self._answer(p))
                                    for n, p in ev.predictions.items()}  # fmt: skip
+                    # the slate fields are read (and may refuse) before anything is taken in
+                    shown = self._shown_item(msg.value, ev, predictions)
+                    if ev.search:  # the learner's model search: read first (may refuse)
+                        self.history.record_search(ev.search, self.core.labels + 1)
                     source = LabelSource(ev.event_id, ev.label_at, ev.label_time)
                     decisions += self.core.on_evaluation(
                         ev.label, predictions, ev.segment, source, ev.inputs
                     )
                     self.history.sample(self.core)
+                    if shown is not None:
+                        self._ranking().on_item(*shown)
                 elif msg.topic == self.topics.predictions:
                     p = Prediction.decode(msg.value or b"")
                     if not math.isfinite(p.score) or not all(
                         map(math.isfinite, p.features.values())
                     ):
                         raise _Refused("the prediction or a feature is not a finite number")
+                    slate = self._slate(msg.value)
                     decisions += self.core.on_prediction(p.features, p.score, p.model, p.version)
                     self.quality.observe(p.inputs, p.cleaned, p.scored_at - p.event_time)
+                    if slate is not None:
+                        self._on_slate(p, slate)
             except (ValidationError, _Refused) as exc:
                 line = error_lines(exc)[0] if isinstance(exc, ValidationError) else str(exc)
                 why = f"not a {msg.topic} record: {line}"
@@ -101,12 +127,134 @@ class Monitor:
                 )
         self.counters.dead_letters += len(out)
         self.history.record(decisions)
+        if self.ranking is not None:
+            for d in decisions:
+                if d.kind == "retire":
+                    self.ranking.forget(d.model)
         for d in decisions:
             out.append(Output(self.topics.model_events, d.model.encode(), d.as_event().encode()))
         if self.metrics is not None:
-            self.metrics.update(self.history.view(self.core, series=False), decisions)
+            self.metrics.update(self._view(series=False), decisions)
         self.counters.produced += len(out)
         return out
+
+    def _ranking(self) -> RankingMonitor:
+        if self.ranking is None:
+            spec = self.core.spec.ranking
+            self.ranking = RankingMonitor(
+                spec.window, spec.open_requests, spec.head, self.history.clock
+            )
+        return self.ranking
+
+    def _shown_item(
+        self, raw: bytes | None, ev: Evaluation, predictions: dict[str, tuple[int, Any]]
+    ) -> tuple[str, int, ShownItem, tuple[str, int] | None] | None:
+        """A slate evaluation's shown item (None for any other evaluation); ``_Refused``
+        if its slate fields do not fit the contract."""
+        if not raw or b'"request"' not in raw:  # cheap: most evaluations are not a slate's
+            return None
+        record = orjson.loads(raw)
+        request = record.get("request")
+        if request is None:
+            return None
+        position, shown = record.get("position"), record.get("shown")
+        propensity = record.get("propensity")
+        if type(request) is not str or not ev.event_id.startswith(request + "/"):
+            raise _Refused(f"request {request!r:.80} does not name the pair "
+                           f"{ev.event_id[:120]!r}")  # fmt: skip
+        if type(shown) is not int or not 1 <= shown <= MAX_SHOWN:
+            raise _Refused(f"shown {shown!r:.20} is not a count of shown items")
+        if type(position) is not int or not 0 <= position < shown:
+            raise _Refused(f"position {position!r:.20} is not one of {shown} shown")
+        if propensity is not None and not (
+            type(propensity) in (int, float) and 0 < propensity <= 1
+        ):
+            raise _Refused(f"propensity {propensity!r:.20} is not in (0, 1]")
+        if self.core.target.kind != "binary":
+            raise _Refused(f"a slate evaluation needs a bool label, not {self.core.target.kind}")
+        scores = {name: (version, float(p)) for name, (version, p) in predictions.items()
+                  if name not in self.core.retired}  # fmt: skip
+        item = ShownItem(ev.event_id[len(request) + 1 :], position, bool(ev.label),
+                         None if propensity is None else float(propensity), scores)  # fmt: skip
+        served = (ev.served.model, ev.served.version) if ev.served is not None else None
+        return request, shown, item, served
+
+    @staticmethod
+    def _slate(raw: bytes | None) -> list[dict[str, Any]] | None:
+        """A slate prediction's candidates in served order (None for any other
+        prediction); ``_Refused`` if its slate is malformed."""
+        if not raw or b'"slate"' not in raw:
+            return None
+        slate = orjson.loads(raw).get("slate")
+        if slate is None:
+            return None
+        if not isinstance(slate, list) or not all(
+            isinstance(e, dict) and type(e.get("item")) is str and type(e.get("position")) is int
+            for e in slate
+        ):
+            raise _Refused("slate: not a list of {item, position, ...} objects")
+        return sorted(slate, key=lambda e: e["position"])
+
+    def _on_slate(self, p: Prediction, slate: list[dict[str, Any]]) -> None:
+        """A served slate: its exposure, and every ``offpolicy_every``-th one ranked by
+        each challenger in the shadow (its top as many as were shown)."""
+        ranking = self._ranking()
+        shown = [e["item"] for e in slate if e.get("shown") is True]
+        ranking.on_slate(p.model, p.version, shown, [e["item"] for e in slate])
+        if ranking.slates % self.core.spec.ranking.offpolicy_every or not shown:
+            return
+        targets = {}
+        for name, (version, model) in self._challenger_models().items():
+            scores = [positive_probability(model, x) if (x := self._pair_inputs(p, e)) else None
+                      for e in slate]  # fmt: skip
+            if any(v is None for v in scores):
+                return  # a slate without each item's inputs and features cannot be ranked
+            order = sorted(range(len(slate)), key=lambda i: (-cast(float, scores[i]), i))
+            targets[name] = (version, [slate[i]["item"] for i in order[: len(shown)]])
+        if targets:
+            ranking.on_targets(p.event_id, targets)
+
+    def _pair_inputs(self, p: Prediction, entry: dict[str, Any]) -> dict[str, Any] | None:
+        """What the models are given for one candidate of a slate, as the learner builds
+        it: the request's and the item's inputs (less the segment field) and its features."""
+        inputs, features = entry.get("inputs"), entry.get("features")
+        if not isinstance(inputs, dict) or not isinstance(features, dict):
+            return None
+        x = {**p.inputs, **inputs}
+        x.pop(self.core.spec.segment or "", None)
+        return {**x, **features}
+
+    def _challenger_models(self) -> dict[str, tuple[int, Any]]:
+        """Each live challenger's latest published version, loaded (verified) when it
+        changed; the registry is asked once per batch."""
+        if self._shadows_read:
+            return self._shadows
+        self._shadows_read = True
+        core = self.core
+        alive = [n for n in core.watches if n != core.champion_name and n not in core.retired]
+        shadows = {}
+        for name in alive:
+            version = core.registry.latest(name)
+            if version is None:
+                continue
+            held = self._shadows.get(name)
+            if held is None or held[0] != version:
+                try:
+                    held = (version, core.registry.load(name, version).model)
+                except ModelError as exc:  # pruned meanwhile, or its signature fails
+                    log.warning("%s v%d does not rank slates in the shadow: %s",
+                                name, version, exc)  # fmt: skip
+                    if held is None:
+                        continue
+            shadows[name] = held
+        self._shadows = shadows
+        return shadows
+
+    def _view(self, series: bool) -> MonitorView:
+        view = self.history.view(self.core, series)
+        if self.ranking is not None:
+            view.ranking = self.ranking.view(self.core.champion_name, series)
+        return view
 
     def _answer(self, p: CandidatePrediction) -> Any:
         """What the core scores of a candidate's prediction, as the label's kind wants
@@ -146,6 +294,6 @@ class Monitor:
 
     def view(self, series: bool = True) -> MonitorView:
         with self._lock:
-            view = self.history.view(self.core, series)
+            view = self._view(series)
             view.data_quality = self.quality.view()
             return view

@@ -24,7 +24,7 @@ from riverflow.monitors.exporter import StageMetrics, serve
 from riverflow.monitors.status import render_html
 from riverflow.monitors.view import MonitorView
 from riverflow.tools.stack import free_port
-from tests.monitor_views import empty_view, realistic_view
+from tests.monitor_views import empty_view, ranking_view, realistic_view
 
 CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -142,6 +142,8 @@ def assert_draws(dom: Dom, view: MonitorView) -> None:
     assert "max 2.5000 s" in dom.one("p", id="freshness").text
     (search,) = dom.find("table", **{"class": "search"})
     assert search.attrs["data-base"] == "logreg" and "pruned" in search.text
+    if view.ranking is None:  # a fraud pipeline has no ranking panel
+        assert not dom.find("table", id="ranking") and "Ranking" not in dom.one("main").text
 
 
 def test_served_page_draws_chart_markers_and_champion(monitor: Callable[..., str]) -> None:
@@ -190,6 +192,37 @@ def test_report_file_renders_the_same_offline(tmp_path: Path) -> None:
     dom = rendered(report.as_uri())
     assert_draws(dom, view)
     assert "report" in dom.one("p", id="updated").text
+
+
+def test_a_slate_pipeline_shows_its_ranking_panel(tmp_path: Path) -> None:
+    view = ranking_view()
+    assert view.ranking is not None
+    report = tmp_path / "report.html"
+    report.write_text(render_html(view, live=False))
+    dom = rendered(report.as_uri())
+    assert_draws(dom, view)  # and everything else as ever
+    table = dom.one("table", id="ranking")
+    for heading in ("CTR@5", "NDCG@5 served", "NDCG@5 own order", "coverage", "ROC AUC"):
+        assert heading in table.text
+    rows = [r for r in dom.find("tr") if "data-ranking-model" in r.attrs]
+    assert [r.attrs["data-ranking-model"] for r in rows] == [m.name for m in view.ranking.models]
+    champion = next(m for m in view.ranking.models if m.role == "champion")
+    shown = dom.one("tr", data_ranking_role="champion")
+    # its CTR@k, and its ROC AUC over the shown items from the candidates' quality
+    assert f"{champion.metrics['ctr_at_k']:.4f}" in shown.text and "0.8800" in shown.text
+    challenger = dom.one("tr", data_ranking_model="logreg")
+    offpolicy = view.ranking.models[1].metrics
+    assert offpolicy["offpolicy_ctr_low"] < offpolicy["offpolicy_ctr_at_k"]
+    high = f"{offpolicy['offpolicy_ctr_high']:.4f}]"
+    assert f"{offpolicy['offpolicy_ctr_at_k']:.4f} [" in challenger.text and high in challenger.text
+    requests = dom.one("p", id="ranking-requests").text
+    assert f"awaiting labels: {view.ranking.requests['open']} of 200" in requests
+    # a chart of each model's NDCG in its own order, a point per sample
+    assert dom.one("svg", id="ranking-chart").attrs["class"] == "chart ranking"
+    lines = {e.attrs["data-model"]: e for e in dom.find("polyline", **{"class": "ranking"})}
+    assert set(lines) == set(view.ranking.series) == {"hoeffding", "logreg"}
+    for name, line in lines.items():
+        assert len(line.attrs["points"].split()) == len(view.ranking.series[name]) > 5
 
 
 def test_screenshot_shows_the_page(tmp_path: Path) -> None:

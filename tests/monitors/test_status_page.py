@@ -22,7 +22,7 @@ from riverflow.monitors.plot import render_png
 from riverflow.monitors.status import CANDIDATE_COLOURS, MARKER_COLOURS, render_html
 from riverflow.monitors.view import MonitorView, parse_view
 from riverflow.tools.stack import free_port
-from tests.monitor_views import empty_view, realistic_view
+from tests.monitor_views import empty_view, ranking_view, realistic_view
 
 HOSTILE = "<script>alert(1)</script>"
 
@@ -68,6 +68,15 @@ def test_only_the_live_page_refreshes() -> None:
     config_of = lambda live: embedded(render_html(realistic_view(), live=live), "config")  # noqa: E731
     assert config_of(True)["live"] is True  # type: ignore[index]
     assert config_of(False)["live"] is False  # type: ignore[index]
+
+
+def test_only_a_slate_pipelines_page_carries_a_ranking_panel() -> None:
+    fraud = embedded(render_html(realistic_view(), live=True), "view")
+    assert fraud["ranking"] is None  # type: ignore[index]
+    view = ranking_view()
+    page = render_html(view, live=False)
+    assert embedded(page, "view") == view.model_dump(mode="json")
+    assert parse_view(view.model_dump_json()) == view  # a saved slate view reports too
 
 
 def test_an_empty_view_renders() -> None:
