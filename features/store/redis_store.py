@@ -197,13 +197,16 @@ class RedisFeatureStore:
         replay_window_s: float = 900.0,
         wait_replicas: int = 0,
         wait_timeout_s: float = 1.0,
+        key_part: str = "",
     ) -> None:
         self.client = client
         self.plan = plan
         self.wait_replicas = wait_replicas
         self._wait_ms = max(1, int(wait_timeout_s * 1000))
         self.cluster = is_cluster(client)
-        self.prefix = key_prefix(namespace, self.cluster)
+        # ``key_part``: a part of the namespace's keys of its own (label-fed features'
+        # ``lab:``), in the same hash slot on a cluster
+        self.prefix = key_prefix(namespace, self.cluster) + key_part
         # KEYS of a script call that names its keys in ARGV: none on one Redis; on a
         # cluster the prefix, which routes the call to the node of the namespace's slot
         self._route = [self.prefix] if self.cluster else []
