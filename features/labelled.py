@@ -126,7 +126,9 @@ class LabelPlan:
                 if name.startswith("@"):
                     raise ValueError(f"feature {f.name!r}: entity {name!r}: '@' is reserved")
             inner += _inner(f, default_entity)
-        return cls(tuple(features), label_field, FeaturePlan.build(inner, default_entity, lateness_s))
+        return cls(
+            tuple(features), label_field, FeaturePlan.build(inner, default_entity, lateness_s)
+        )
 
     @property
     def names(self) -> list[str]:
@@ -187,21 +189,28 @@ def _rate(f: FeatureSpec, n: float, s: float, inner: Mapping[str, float]) -> flo
 
 def _inner(f: FeatureSpec, default_entity: str) -> list[FeatureSpec]:
     """The events-style features a label-fed one reads (see ``LabelPlan``)."""
-    entity = f.entity_fields(default_entity)
-    common = {"window": f.window, "buckets": f.buckets, "entity": entity}
-    out = [FeatureSpec(name=f"{f.name}__n", agg=Aggregation.COUNT, **common)]
+
+    def part(
+        suffix: str, agg: Aggregation, field: str | None = None, entity: Any = None
+    ) -> FeatureSpec:
+        return FeatureSpec(
+            name=f"{f.name}__{suffix}", agg=agg, field=field, window=f.window,
+            buckets=f.buckets, entity=entity or f.entity_fields(default_entity),
+        )  # fmt: skip
+
+    out = [part("n", Aggregation.COUNT)]
     match f.agg:
         case Aggregation.COUNT if f.when:
-            out.append(FeatureSpec(name=f"{f.name}__s", agg=Aggregation.SUM, field=WHEN, **common))
+            out.append(part("s", Aggregation.SUM, WHEN))
         case Aggregation.SUM | Aggregation.RATE:
-            out.append(FeatureSpec(name=f"{f.name}__s", agg=Aggregation.SUM, field=f.field, **common))
+            out.append(part("s", Aggregation.SUM, f.field))
         case Aggregation.SINCE:
-            newest = WHEN_TS if f.when else TS
-            out.append(FeatureSpec(name=f"{f.name}__max", agg=Aggregation.MAX, field=newest, **common))
+            out.append(part("max", Aggregation.MAX, WHEN_TS if f.when else TS))
     if f.prior:
-        common["entity"] = (ALL,)
-        out.append(FeatureSpec(name=f"{f.name}__gn", agg=Aggregation.COUNT, **common))
-        out.append(FeatureSpec(name=f"{f.name}__gs", agg=Aggregation.SUM, field=f.field, **common))
+        out += [
+            part("gn", Aggregation.COUNT, None, (ALL,)),
+            part("gs", Aggregation.SUM, f.field, (ALL,)),
+        ]
     return out
 
 
