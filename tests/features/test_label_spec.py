@@ -88,4 +88,3 @@ def test_the_events_plan_refuses_label_fed_features() -> None:
 def test_a_label_plan_checks_features_against_the_label(feature: FeatureSpec, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         LabelPlan.build([feature], "clicked", "user_id", 0.0)
-
