@@ -232,6 +232,8 @@ class _States(Protocol):
 
     def load(self, keys: set[tuple[str, str]]) -> dict[tuple[str, str], Entity]: ...
 
+    def forget(self, field: str, value: str) -> int: ...
+
 
 class _MemoryStates:
     def __init__(self, store: MemoryFeatureStore) -> None:
@@ -244,6 +246,16 @@ class _MemoryStates:
     def load(self, keys: set[tuple[str, str]]) -> dict[tuple[str, str], Entity]:
         entities = self.store.entities
         return {k: ent for k in keys if (ent := entities.get(k)) is not None}
+
+    def forget(self, field: str, value: str) -> int:
+        entities = self.store.entities
+        gone = [
+            (name, v) for name, v in entities
+            if field in (parts := name.split("+")) and v.split("|")[parts.index(field)] == value
+        ]  # fmt: skip
+        for key in gone:
+            del entities[key]
+        return len(gone)
 
 
 class _RedisStates:
@@ -268,6 +280,9 @@ class _RedisStates:
             for key, raw in zip(order, replies, strict=True)
             if raw
         }
+
+    def forget(self, field: str, value: str) -> int:
+        return self.store.forget(field, value)[0]
 
 
 class LabelFeatures:
@@ -320,6 +335,12 @@ class LabelFeatures:
         store = getattr(self._states, "store", None)
         if isinstance(store, RedisFeatureStore):
             store.check_layout()
+
+    def forget(self, field: str, value: str) -> int:
+        """Erase the windows of the entity whose ``field`` is ``value`` (as stored),
+        alone and in every composite entity it is part of (right to erasure);
+        returns the entity values deleted. The global rate keeps its counts."""
+        return self._states.forget(field, value)
 
     def write(self, labels: Sequence[LearnedLabel]) -> LabelWrite:
         """Add learned labels to their windows, each at its event time: one call."""

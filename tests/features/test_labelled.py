@@ -127,3 +127,20 @@ def test_bad_pairs_and_labels_are_refused_naming_the_problem() -> None:
         features.read([ALICE, ALICE], [T0])
     with pytest.raises(ValueError, match="out of the feature store's range"):
         features.read([ALICE], float("nan"))
+
+
+def test_forgetting_a_user_erases_their_windows_alone_and_crossed() -> None:
+    features = LabelFeatures.in_memory(
+        plan(
+            {"name": "user", "agg": "count"},
+            {"name": "cross", "agg": "count", "entity": ["user_id", "category"]},
+            {"name": "item", "agg": "count", "entity": "item_id"},
+        )
+    )
+    bob = {**ALICE, "user_id": "bob"}
+    features.write([label(1, ALICE, True, T0), label(2, bob, False, T0)])
+    assert features.forget("user_id", "alice") == 2
+    assert features.read([ALICE, bob], T0) == [
+        {"user": 0.0, "cross": 0.0, "item": 2.0},
+        {"user": 1.0, "cross": 1.0, "item": 2.0},
+    ]

@@ -12,7 +12,7 @@ import redis
 from riverflow.features.labelled import LabelFeatures, LabelPlan, LearnedLabel
 from riverflow.features.store.redis_store import FeatureLayoutError
 from riverflow.tools.stack import Endpoints
-from tests.label_streams import FEATURES, LATENESS_S, PLAN, check_stream
+from tests.label_streams import FEATURES, LATENESS_S, PLAN, check_stream, world
 
 pytestmark = pytest.mark.integration
 
@@ -29,6 +29,15 @@ def test_reads_equal_a_recount_of_the_labels_written(redis_client: redis.Redis) 
     keys = list(redis_client.scan_iter(match=f"rf:{ns}:*", count=1000))
     assert keys and all(k.startswith(f"rf:{ns}:lab:".encode()) for k in keys)
     assert all(redis_client.pttl(k) > 0 for k in keys if not k.endswith(b"features:layout"))
+    # right to erasure: a user's windows go, alone and crossed with categories
+    last = world(300, seed=11)[0][-1]
+    pair, user = last.pairs[0], last.pairs[0]["user_id"]
+    assert features.read([pair], last.ts)[0]["user_shown_1h"] > 0
+    assert features.forget("user_id", user) >= 2
+    assert not list(redis_client.scan_iter(match=f"rf:{ns}:lab:ent:user_id*:{user}*"))
+    values = features.read([pair], last.ts)[0]
+    assert values["user_shown_1h"] == 0 and values["user_cat_since_click"] == 7200.0
+    assert values["item_shown_30m"] > 0  # the item's windows stay
 
 
 def test_learners_writing_at_once_count_every_label_once(stack: Endpoints) -> None:
