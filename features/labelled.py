@@ -37,6 +37,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Protocol
 
 import msgpack
@@ -162,29 +163,40 @@ class LabelPlan:
     def values(self, aggregates: list[list[Any] | None], at: float) -> dict[str, float]:
         """The features from a pair's group aggregates (None: no state) read at ``at``."""
         inner = self.tiles.current_values(aggregates)
-        out = {}
-        for f in self.features:
-            n, s = inner.get(f"{f.name}__n", 0.0), inner.get(f"{f.name}__s", 0.0)
-            match f.agg:
-                case Aggregation.COUNT:
-                    out[f.name] = s if f.when else n
-                case Aggregation.SUM:
-                    out[f.name] = s
-                case Aggregation.RATE:
-                    out[f.name] = _rate(f, n, s, inner)
-                case Aggregation.SINCE:
-                    window_s = parse_duration(str(f.window))
-                    newest = inner.get(f"{f.name}__max", NEVER) if n else NEVER
-                    out[f.name] = min(window_s, max(0.0, at - newest))
-        return out
+        return {name: read(inner, at) for name, read in self._readers}
+
+    @cached_property
+    def _readers(self) -> list[tuple[str, Callable[[Mapping[str, float], float], float]]]:
+        """Per feature: its name and how to read it from the tile plan's values
+        (built once: ``values`` runs per pair)."""
+        return [(f.name, _reader(f)) for f in self.features]
 
 
-def _rate(f: FeatureSpec, n: float, s: float, inner: Mapping[str, float]) -> float:
-    if not f.prior:
-        return s / n if n else 0.0
-    gn, gs = inner.get(f"{f.name}__gn", 0.0), inner.get(f"{f.name}__gs", 0.0)
-    overall = gs / gn if gn else 0.0
-    return (s + f.prior * overall) / (n + f.prior)
+def _reader(f: FeatureSpec) -> Callable[[Mapping[str, float], float], float]:
+    n, s, newest = f"{f.name}__n", f"{f.name}__s", f"{f.name}__max"
+    match f.agg:
+        case Aggregation.COUNT if f.when:
+            return lambda v, _: v.get(s, 0.0)
+        case Aggregation.COUNT:
+            return lambda v, _: v.get(n, 0.0)
+        case Aggregation.SUM:
+            return lambda v, _: v.get(s, 0.0)
+        case Aggregation.SINCE:
+            window_s = parse_duration(str(f.window))
+            # no label (or no positive one) in the window: at least a window ago
+            return lambda v, at: (
+                min(window_s, max(0.0, at - v.get(newest, NEVER))) if v.get(n) else window_s
+            )
+    m = f.prior
+    if not m:
+        return lambda v, _: v[s] / v[n] if v.get(n) else 0.0
+    gn, gs = f"{f.name}__gn", f"{f.name}__gs"
+
+    def smoothed(v: Mapping[str, float], _: float) -> float:
+        overall = v[gs] / v[gn] if v.get(gn) else 0.0
+        return (v.get(s, 0.0) + m * overall) / (v.get(n, 0.0) + m)
+
+    return smoothed
 
 
 def _inner(f: FeatureSpec, default_entity: str) -> list[FeatureSpec]:
@@ -234,6 +246,8 @@ class _States(Protocol):
 
     def forget(self, field: str, value: str) -> int: ...
 
+    def check_layout(self) -> None: ...
+
 
 class _MemoryStates:
     def __init__(self, store: MemoryFeatureStore) -> None:
@@ -246,6 +260,9 @@ class _MemoryStates:
     def load(self, keys: set[tuple[str, str]]) -> dict[tuple[str, str], Entity]:
         entities = self.store.entities
         return {k: ent for k in keys if (ent := entities.get(k)) is not None}
+
+    def check_layout(self) -> None:
+        """Nothing is stored across runs in memory."""
 
     def forget(self, field: str, value: str) -> int:
         entities = self.store.entities
@@ -283,6 +300,9 @@ class _RedisStates:
 
     def forget(self, field: str, value: str) -> int:
         return self.store.forget(field, value)[0]
+
+    def check_layout(self) -> None:
+        self.store.check_layout()
 
 
 class LabelFeatures:
@@ -331,10 +351,8 @@ class LabelFeatures:
 
     def check_layout(self) -> None:
         """On Redis: refuse a plan laid out differently from the stored state
-        (``RedisFeatureStore.check_layout``); in memory nothing to check."""
-        store = getattr(self._states, "store", None)
-        if isinstance(store, RedisFeatureStore):
-            store.check_layout()
+        (``RedisFeatureStore.check_layout``, ``FeatureLayoutError``); call it at start."""
+        self._states.check_layout()
 
     def forget(self, field: str, value: str) -> int:
         """Erase the windows of the entity whose ``field`` is ``value`` (as stored),
