@@ -35,6 +35,7 @@ learns it again) is recognised by its pair id and not counted twice.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -228,10 +229,11 @@ def _inner(f: FeatureSpec, default_entity: str) -> list[FeatureSpec]:
 
 def _number(label: LearnedLabel) -> float:
     value = label.value
-    if isinstance(value, bool | int | float):
+    if isinstance(value, bool | int | float) and math.isfinite(value):
         return float(value)
     raise ValueError(
-        f"label-fed features: the label of {label.pair_id!r} is {value!r}, not a bool or number"
+        f"label-fed features: the label of {label.pair_id!r} is {value!r}, "
+        "not a bool or finite number"
     )
 
 
@@ -248,6 +250,8 @@ class _States(Protocol):
 
     def check_layout(self) -> None: ...
 
+    def reset(self) -> int: ...
+
 
 class _MemoryStates:
     def __init__(self, store: MemoryFeatureStore) -> None:
@@ -263,6 +267,11 @@ class _MemoryStates:
 
     def check_layout(self) -> None:
         """Nothing is stored across runs in memory."""
+
+    def reset(self) -> int:
+        n = len(self.store.entities)
+        self.store.entities.clear()
+        return n
 
     def forget(self, field: str, value: str) -> int:
         entities = self.store.entities
@@ -303,6 +312,9 @@ class _RedisStates:
 
     def check_layout(self) -> None:
         self.store.check_layout()
+
+    def reset(self) -> int:
+        return self.store.reset()
 
 
 class LabelFeatures:
@@ -359,6 +371,11 @@ class LabelFeatures:
         alone and in every composite entity it is part of (right to erasure);
         returns the entity values deleted. The global rate keeps its counts."""
         return self._states.forget(field, value)
+
+    def reset(self) -> int:
+        """Delete every label-fed window and the stored layout (``features reset``);
+        returns the entity values deleted."""
+        return self._states.reset()
 
     def write(self, labels: Sequence[LearnedLabel]) -> LabelWrite:
         """Add learned labels to their windows, each at its event time: one call."""

@@ -38,6 +38,9 @@ def test_reads_equal_a_recount_of_the_labels_written(redis_client: redis.Redis) 
     values = features.read([pair], last.ts)[0]
     assert values["user_shown_1h"] == 0 and values["user_cat_since_click"] == 7200.0
     assert values["item_shown_30m"] > 0  # the item's windows stay
+    assert features.reset() > 0  # features reset: every window goes, and the layout
+    assert list(redis_client.scan_iter(match=f"rf:{ns}:lab:ent:*")) == []
+    assert redis_client.get(f"rf:{ns}:lab:features:layout") is None
 
 
 def test_learners_writing_at_once_count_every_label_once(stack: Endpoints) -> None:
