@@ -46,6 +46,10 @@ Key layout (prefix ``rf:{ns}:``; on a Redis Cluster the namespace is the hash ta
     rf:{ns}:features:layout               the tile and session groups the entity state is
                                           laid out by
                                           (JSON, no TTL): ``check_layout``
+    rf:{ns}:lab:...                       label-fed features (``features.labelled``): a store
+                                          of their own (``key_part="lab:"``), the same layout
+                                          under ``rf:{ns}:lab:`` (``snap:{pair id}``: a label
+                                          written, for the dedup window)
 
 ``{entity}`` is the entity's field, or fields joined by ``+`` for a composite
 key (``card_id+merchant``, value ``c00042|m0017``). Tiles older than the window
