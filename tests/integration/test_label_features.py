@@ -9,9 +9,12 @@ import uuid
 import pytest
 import redis
 
+from riverflow.assembly import redis_client as connect
 from riverflow.features.labelled import LabelFeatures, LabelPlan, LearnedLabel
-from riverflow.features.store.redis_store import FeatureLayoutError
-from riverflow.tools.stack import Endpoints
+from riverflow.features.store.redis_store import FeatureLayoutError, key_prefix
+from riverflow.settings import Settings
+from riverflow.tools.stack import Endpoints, RedisCluster
+from tests.integration.test_redis_cluster import slot_owner
 from tests.label_streams import FEATURES, LATENESS_S, PLAN, check_stream, world
 
 pytestmark = pytest.mark.integration
@@ -78,3 +81,24 @@ def test_a_changed_plan_is_refused_against_the_stored_layout(redis_client: redis
     other = LabelPlan.build([*changed[1:], changed[0]], "clicked", "user_id", LATENESS_S)
     with pytest.raises(FeatureLayoutError, match="lab:ent"):
         LabelFeatures.on_redis(redis_client, ns, other).check_layout()
+
+
+def test_on_a_redis_cluster_a_batch_is_one_call_to_the_namespaces_node(
+    redis_cluster: RedisCluster,
+) -> None:
+    """Label-fed keys share the namespace's hash slot: a write is one script call
+    and a read one pipeline, both to the node that owns the slot, and what is read
+    equals the recount."""
+    ns = f"it-{uuid.uuid4().hex[:10]}"
+    client = connect(Settings(redis_cluster=True), redis_cluster.url)
+    features = LabelFeatures.on_redis(client, ns, PLAN)
+    features.check_layout()
+    totals = check_stream(features, requests=60, seed=5)
+    assert totals["counted"] > 100
+    owner = slot_owner(redis_cluster, key_prefix(ns, True))
+    keys = redis_cluster.client(owner).keys(f"rf:{{{ns}}}:lab:*")
+    assert any(b":lab:ent:@all:" in k for k in keys) and any(b":lab:snap:" in k for k in keys)
+    for node in redis_cluster.primaries():  # every script call and read went to the owner
+        stats = redis_cluster.client(node).info("commandstats")
+        sent = {c for c in ("cmdstat_evalsha", "cmdstat_hget") if c in stats}
+        assert sent == ({"cmdstat_evalsha", "cmdstat_hget"} if node.port == owner.port else set())
