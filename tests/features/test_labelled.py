@@ -122,7 +122,7 @@ def test_bad_pairs_and_labels_are_refused_naming_the_problem() -> None:
     with pytest.raises(ValueError, match="no field 'category'"):
         features.read([{"user_id": "alice"}], T0)
     with pytest.raises(ValueError, match="not a bool or finite number"):
-        features.write([LearnedLabel("r1/i1", ALICE, "yes", T0)])  # type: ignore[arg-type]
+        features.write([LearnedLabel("r1/i1", ALICE, "yes", T0)])
     with pytest.raises(ValueError, match="'r1/i1' is nan"):
         features.write([LearnedLabel("r1/i1", ALICE, float("nan"), T0)])
     with pytest.raises(ValueError, match="2 pairs but 1 read times"):
