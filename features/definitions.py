@@ -21,6 +21,14 @@ Session windows (``window: {session: 30m, grace: 5m}``) are not tiled: per
 entity the store keeps the sessions an event may still join (``features.sessions``
 says which and why that is a bounded few). Features sharing an entity, a gap and
 a grace share one ``SessionGroup``.
+
+A feature says where its values come from: ``source: events`` (the default:
+everything above, computed by the scorer as events come) or ``source: labels``,
+fed by the labels the learner learns (``features.labelled``): ``count`` (labels,
+or with ``when: clicked`` positive ones), ``sum`` and ``rate`` of the label field
+(``rate`` smoothed toward the global rate with ``prior: m``), and ``since`` (seconds
+since the newest label, or positive one, in the window). ``FeaturePlan`` plans the
+events-sourced ones only.
 """
 
 from __future__ import annotations
@@ -70,9 +78,26 @@ class Aggregation(StrEnum):
     SINCE_PREVIOUS = "since_previous"  # seconds since that previous event
     ZSCORE = "zscore"  # (value - window mean) / window std, 0 when std is 0
     DURATION = "duration"  # session windows: seconds from the session's first event to its last
+    # fed by labels only (``source: labels``, ``features.labelled``)
+    RATE = "rate"  # the label field's mean (clicks / shown), smoothed with ``prior``
+    SINCE = "since"  # seconds from the read time back to the window's newest label
 
 
-NO_FIELD = {Aggregation.COUNT, Aggregation.SINCE_PREVIOUS, Aggregation.DURATION}
+class FeatureSource(StrEnum):
+    """What feeds a feature's windows."""
+
+    EVENTS = "events"  # the events stream, as the scorer reads it
+    LABELS = "labels"  # the labels the learner learns, at their event's time
+
+
+NO_FIELD = {
+    Aggregation.COUNT, Aggregation.SINCE_PREVIOUS, Aggregation.DURATION, Aggregation.SINCE,
+}  # fmt: skip
+# what a label-fed feature computes, and what only a label-fed one does
+LABEL_AGGS = {Aggregation.COUNT, Aggregation.SUM, Aggregation.RATE, Aggregation.SINCE}
+LABEL_ONLY = {Aggregation.RATE, Aggregation.SINCE}
+# label-fed aggregations that may count positive labels only (``when``)
+WHEN_AGGS = {Aggregation.COUNT, Aggregation.SINCE}
 # what a session window computes (``duration`` only there)
 SESSION_AGGS = {
     Aggregation.COUNT, Aggregation.DURATION, Aggregation.SUM, Aggregation.MEAN,
@@ -126,8 +151,27 @@ class FeatureSpec(BaseModel):
     entity: str | tuple[str, ...] | None = Field(
         None, description="entity key field(s); default: the event key"
     )
+    source: FeatureSource = Field(
+        FeatureSource.EVENTS, description="events (the scorer's stream) or labels (learned)"
+    )
+    prior: float | None = Field(
+        None, ge=0, description="labels, rate: weight m of the global rate, "
+        "(positives + m x global rate) / (labels + m)"
+    )  # fmt: skip
+    when: str | None = Field(
+        None, description="labels, count and since: only labels whose this field (the "
+        "label field) is true"
+    )  # fmt: skip
 
     def model_post_init(self, _context: object) -> None:
+        if self.source is FeatureSource.LABELS:
+            self._check_labelled()
+        else:
+            if self.agg in LABEL_ONLY:
+                raise ValueError(f"feature {self.name!r}: {self.agg.value} needs source: labels")
+            for option in ("prior", "when"):
+                if getattr(self, option) is not None:
+                    raise ValueError(f"feature {self.name!r}: {option} needs source: labels")
         if self.agg in NO_FIELD and self.field is not None:
             raise ValueError(f"feature {self.name!r}: {self.agg.value} takes no field")
         if self.agg not in NO_FIELD and self.field is None:
@@ -146,6 +190,21 @@ class FeatureSpec(BaseModel):
                 raise ValueError(f"feature {self.name!r}: a session window has no buckets")
         elif self.agg is Aggregation.DURATION:
             raise ValueError(f"feature {self.name!r}: duration needs a session window")
+
+    def _check_labelled(self) -> None:
+        """What a label-fed feature may say (its ``field`` and ``when`` are checked
+        against the label field by ``features.labelled.LabelPlan``)."""
+        if self.agg not in LABEL_AGGS:
+            allowed = ", ".join(sorted(a.value for a in LABEL_AGGS))
+            raise ValueError(
+                f"feature {self.name!r}: source: labels computes {allowed}, not {self.agg.value}"
+            )
+        if isinstance(self.window, SessionWindow):
+            raise ValueError(f"feature {self.name!r}: source: labels takes no session window")
+        if self.prior is not None and self.agg is not Aggregation.RATE:
+            raise ValueError(f"feature {self.name!r}: prior needs agg: rate")
+        if self.when is not None and self.agg not in WHEN_AGGS:
+            raise ValueError(f"feature {self.name!r}: when needs agg: count or since")
 
     @property
     def session(self) -> SessionWindow | None:
@@ -325,6 +384,12 @@ class FeaturePlan:
     def build(
         cls, features: list[FeatureSpec], default_entity: str, lateness_s: float = 0.0
     ) -> FeaturePlan:
+        for f in features:
+            if f.source is not FeatureSource.EVENTS:
+                raise ValueError(
+                    f"feature {f.name!r} is fed by labels: it belongs in a "
+                    "features.labelled.LabelPlan, not in the events' plan"
+                )
         kinds: dict[tuple[tuple[str, ...], float, int], dict[str, list[str]]] = {}
         spans: dict[tuple[tuple[str, ...], float, float], dict[str, list[str]]] = {}
         for f in features:

@@ -46,6 +46,10 @@ Key layout (prefix ``rf:{ns}:``; on a Redis Cluster the namespace is the hash ta
     rf:{ns}:features:layout               the tile and session groups the entity state is
                                           laid out by
                                           (JSON, no TTL): ``check_layout``
+    rf:{ns}:lab:...                       label-fed features (``features.labelled``): a store
+                                          of their own (``key_part="lab:"``), the same layout
+                                          under ``rf:{ns}:lab:`` (``snap:{pair id}``: a label
+                                          written, for the dedup window)
 
 ``{entity}`` is the entity's field, or fields joined by ``+`` for a composite
 key (``card_id+merchant``, value ``c00042|m0017``). Tiles older than the window
@@ -197,13 +201,16 @@ class RedisFeatureStore:
         replay_window_s: float = 900.0,
         wait_replicas: int = 0,
         wait_timeout_s: float = 1.0,
+        key_part: str = "",
     ) -> None:
         self.client = client
         self.plan = plan
         self.wait_replicas = wait_replicas
         self._wait_ms = max(1, int(wait_timeout_s * 1000))
         self.cluster = is_cluster(client)
-        self.prefix = key_prefix(namespace, self.cluster)
+        # ``key_part``: a part of the namespace's keys of its own (label-fed features'
+        # ``lab:``), in the same hash slot on a cluster
+        self.prefix = key_prefix(namespace, self.cluster) + key_part
         # KEYS of a script call that names its keys in ARGV: none on one Redis; on a
         # cluster the prefix, which routes the call to the node of the namespace's slot
         self._route = [self.prefix] if self.cluster else []
