@@ -32,8 +32,7 @@ import orjson
 from riverflow.errors import Unavailable
 from riverflow.features.errors import FeatureStoreError
 from riverflow.features.store.base import evict_oldest
-from riverflow.streams.contracts import Message, ServedPrediction
-from riverflow.streams.schema import pair_id
+from riverflow.streams.contracts import Message, ServedPrediction, pair_id
 
 log = logging.getLogger(__name__)
 

@@ -49,6 +49,12 @@ Label = bool | int | float | str
 """A label's value once validated: its type is the spec's ``label.type``."""
 
 
+def pair_id(request_id: str, item_id: str) -> str:
+    """The id of a slate's (request, item) pair: its snapshot, its index record, its
+    label (``events.slate``)."""
+    return f"{request_id}/{item_id}"
+
+
 class Message(NamedTuple):
     """A consumed message, wherever it came from (Kafka or the embedded log).
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from riverflow.streams.contracts import Label, LabelType
+from riverflow.streams.contracts import Label, LabelType, pair_id
 from riverflow.streams.pii import PiiPolicy
 
 
@@ -57,11 +57,6 @@ class SlateSpec(BaseModel):
         if FieldType.TIMESTAMP in self.fields.values():
             raise ValueError("fields: a candidate has no time of its own (the request's is used)")
         return self
-
-
-def pair_id(request_id: str, item_id: str) -> str:
-    """The id of a (request, item) pair: its snapshot, its index record, its label."""
-    return f"{request_id}/{item_id}"
 
 
 class EventSchema(BaseModel):

@@ -11,8 +11,7 @@ from typing import Any
 from riverflow.features.definitions import Aggregation, FeatureSpec, entity_value, parse_duration
 from riverflow.features.store import Claim, FeatureRequest, FeatureStore
 from riverflow.spec import PipelineSpec
-from riverflow.streams.contracts import ServedPrediction
-from riverflow.streams.schema import pair_id
+from riverflow.streams.contracts import ServedPrediction, pair_id
 
 # How far each aggregation may stray from the brute force: exact where the store
 # adds exactly representable numbers in any order; mean / std / z-score divide

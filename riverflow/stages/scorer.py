@@ -39,9 +39,10 @@ from riverflow.streams.contracts import (
     Prediction,
     ServedPrediction,
     Unset,
+    pair_id,
 )
 from riverflow.streams.pii import Pseudonymizer
-from riverflow.streams.schema import EventSchema, pair_id
+from riverflow.streams.schema import EventSchema
 from riverflow.streams.topics import Topics
 from riverflow.streams.validation import Bounds, Invalid, RecordValidator, SlateValidator
 

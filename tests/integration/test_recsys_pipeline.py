@@ -24,9 +24,8 @@ import pytest
 import yaml
 
 from riverflow.spec import PipelineSpec, shipped_example
-from riverflow.streams.contracts import DeadLetter, Evaluation
+from riverflow.streams.contracts import DeadLetter, Evaluation, pair_id
 from riverflow.streams.kafka_io import ensure_topics, produce_all, producer, read_topic
-from riverflow.streams.schema import pair_id
 from riverflow.tools.recsys import RecsysConfig, RecsysWorld
 from riverflow.tools.stack import Endpoints
 from tests.helpers import slate_recount

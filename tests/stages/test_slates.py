@@ -16,8 +16,7 @@ from riverflow.features.scored import ScoredEvent, scored_records
 from riverflow.settings import Settings
 from riverflow.spec import PipelineSpec, SpecError, load_spec, parse_spec
 from riverflow.stages.scorer import Scorer
-from riverflow.streams.contracts import Message, Output
-from riverflow.streams.schema import pair_id
+from riverflow.streams.contracts import Message, Output, pair_id
 from riverflow.tools.recsys import RecsysConfig, RecsysWorld
 from tests.helpers import slate_recount
 
