@@ -175,9 +175,12 @@ class Prediction(Record):
     @property
     def score(self) -> float:
         """One number per prediction, for label-free drift: the probability of true,
-        the predicted value, or the predicted class's probability."""
+        the predicted value, or the predicted class's probability; a slate's, its top
+        item's score."""
         if self.probability is not None:
             return self.probability
+        if self.slate:
+            return float(self.slate[0]["score"])
         if self.probabilities:
             return max(self.probabilities.values())
         return float(self.value) if isinstance(self.value, int | float) else 0.0

@@ -16,7 +16,7 @@ from riverflow.features.scored import ScoredEvent, scored_records
 from riverflow.settings import Settings
 from riverflow.spec import PipelineSpec, SpecError, load_spec, parse_spec
 from riverflow.stages.scorer import Scorer
-from riverflow.streams.contracts import Message, Output, pair_id
+from riverflow.streams.contracts import Message, Output, Prediction, pair_id
 from riverflow.tools.recsys import RecsysConfig, RecsysWorld
 from tests.helpers import slate_recount
 
@@ -63,6 +63,8 @@ def test_each_request_gets_one_prediction_with_its_candidates_ranked(spec: Pipel
                 k: by_id[c["item"]][k] for k in ("item_id", "category", "quality")
             }
         assert p["inputs"] == {k: e[k] for k in ("user_id", "device", "page")}
+        # label-free drift watches one number per prediction: the top item's score
+        assert Prediction.decode(orjson.dumps(p)).score == slate[0]["score"]
 
 
 def test_a_pair_sees_what_a_recount_of_the_requests_touching_its_entities_gives(
