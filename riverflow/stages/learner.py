@@ -427,24 +427,29 @@ class Learner:
         ids = [e for e in token_of if e in events and e not in self.held]
         tokens = [token_of[e] for e in ids]
         self._unlearned.update(tokens)
-        held = 0  # label messages' marks the models may lack
+        unread = 0  # label messages' marks the models may lack: this run reads them again
 
         def stale(token: str) -> bool:
             # a default never takes a label message's mark over: if the models lack that
             # label, this run reads it again (from the checkpoint's position, or its
             # waiting list) and takes its mark over itself
-            nonlocal held
+            nonlocal unread
             if is_default_token(token):
                 return self._stale(token)
-            held += self._stale(token)
+            unread += self._stale(token)
             return False
 
         claimed = self.store.claim_labels(ids, tokens, [True] * len(ids), stale)
         todo = {e for e, c in zip(ids, claimed, strict=True) if c is Claim.CLAIMED}
         # a token stays ours until every id of its prediction claimed under it is learned
         self._unlearned.difference_update(set(tokens) - {token_of[e] for e in todo})
+        if unread and timeouts.timeout.hold:
+            # (after a restart) a label message read past the checkpoint is read again
+            # and held: its prediction must wait for it, so none goes on until it is;
+            # the defaults claimed here are ours to take over then
+            return
         found = {e for e, c in zip(ids, claimed, strict=True) if c is Claim.DUPLICATE}
-        if found and not held:
+        if found and not unread:
             self._forget_labelled(found)
         every = self.timing.snapshot_every
         for d in due:
@@ -479,8 +484,13 @@ class Learner:
         msg = due.msg
         at = LabelPosition(msg.topic, msg.partition, msg.offset)
         for event_id in due.ids:
-            if event_id in self.held and event_id in events:
-                out += self._learn_message(events[event_id], event_id, self.held[event_id])
+            if event_id in self.held:
+                item = self.held[event_id]
+                if event_id in events:
+                    out += self._learn_message(events[event_id], event_id, item)
+                else:  # (its record left the index before its timeout: not learnable)
+                    self.held.pop(event_id)
+                    out.append(self._orphan(event_id, item, "its event left the index"))
                 continue
             if event_id not in todo or event_id in self._partial:
                 continue
