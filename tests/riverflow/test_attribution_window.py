@@ -64,6 +64,19 @@ def test_a_click_is_held_and_learned_with_its_slate_in_position_order() -> None:
     assert learner.learned == 3 and learner.duplicates == 2
 
 
+def test_a_held_click_whose_event_left_the_index_is_an_orphan() -> None:
+    clock = Clock()
+    learner, _, _ = slate_learner(clock, learn="at_timeout")
+    learner.process([click(0)])
+    learner.scored.forget(["r7/i1"])
+    clock.now += 1800
+    out = learner.process([])
+    assert learned(out) == [SERVED[0], SERVED[2]]
+    [dead] = [orjson.loads(o.value) for o in out if o.topic.endswith("dlq")]
+    assert "no scored event 'r7/i1': its event left the index" in str(dead)
+    assert learner.status()["labels_held"] == 0 and learner.orphans == 1
+
+
 def restart(clock: Clock, killed: Learner) -> Learner:
     """A learner started from ``killed``'s last committed checkpoint, over its store,
     registry and index (``killed`` is simply dropped: kill -9)."""
