@@ -16,6 +16,10 @@ Document (``riverflow-learner-checkpoint/1``)::
      "searches": {searched candidate: its round (``models.search``), if any},
      "timeouts": {predictions partition: next offset}, if the spec labels by timeout}
 
+``pending`` also holds the label messages a ``label.learn: at_timeout`` learner
+holds until their prediction's timeout (claimed, not learned yet): restored, they
+are claimed again and held again.
+
 ``timeouts`` is where the learner's labels by timeout (``label.default`` after
 ``label.after``) are on the predictions topic: every prediction before it was
 defaulted into these models (or found labelled). Absent in a checkpoint of a
@@ -49,7 +53,7 @@ class LearnerCheckpoint:
     metrics: dict[str, dict[str, Any]]  # candidate -> its prequential metrics' plain state
     labels_seen: int
     positions: dict[int, int]  # label partition -> next offset to read
-    pending: list[tuple[Message, Label]]  # labels waiting for their event, with their value
+    pending: list[tuple[Message, Label]]  # labels waiting (event or timeout), with their value
     saved_at: float = 0.0  # unix seconds: a rollback after this is applied on restore
     # searched candidate -> where its round is (``SuccessiveHalving.state``)
     searches: dict[str, dict[str, Any]] = field(default_factory=dict)

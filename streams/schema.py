@@ -113,6 +113,13 @@ class EventSchema(BaseModel):
         return self
 
 
+class LabelLearning(StrEnum):
+    """When a pipeline with a label timeout learns a label message (``label.learn``)."""
+
+    AT_ONCE = "at_once"  # when it arrives (its event's default comes later, alone)
+    AT_TIMEOUT = "at_timeout"  # with its prediction's other ids, when the timeout falls due
+
+
 class LabelSpec(BaseModel):
     """Where ground truth comes from, what it is, and how it joins its event."""
 
@@ -140,6 +147,13 @@ class LabelSpec(BaseModel):
         description="how long after its prediction a scored event without a label "
         "message is labelled `default` (500ms, 30s, 30m, 1h, 7d; with `default`)",
     )
+    learn: LabelLearning = Field(
+        LabelLearning.AT_ONCE,
+        description="with `after`: when a label message is learned. at_once: when it "
+        "arrives; at_timeout: held until its prediction's timeout falls due, then every "
+        "id the prediction labels (a slate's shown items, in position order) is learned "
+        "together, each with its label message's value if one came, else `default`",
+    )
 
     def join_id(self, record: Mapping[str, Any]) -> str:
         """The id a validated label message joins: its event's, or (slates) its pair's."""
@@ -160,6 +174,9 @@ class LabelSpec(BaseModel):
             given, missing = ("default", "after") if self.after is None else ("after", "default")
             raise ValueError(f"{given}: a label by timeout needs both default and after "
                              f"({missing} is missing)")  # fmt: skip
+        if self.learn is LabelLearning.AT_TIMEOUT and self.after is None:
+            raise ValueError("learn: at_timeout holds a label message until its prediction's "
+                             "timeout: it needs default and after")  # fmt: skip
         if self.after is not None:
             after_s(self.after)
             self.default_label  # noqa: B018 (refuses a default that is not of the type)

@@ -151,6 +151,9 @@ class Learner:
         self.target = Target(join.label.type, join.label.classes)
         self.validate = label_validator(join.label, join.max_bytes)
         self.pending: dict[str, _Pending] = {}
+        # label.learn: at_timeout: label messages claimed, held until their prediction's
+        # timeout falls due (saved with the waiting labels: see publish)
+        self.held: dict[str, _Pending] = {}
         self.learned = 0
         self.positions: dict[int, int] = {}
         self.duplicates = 0
@@ -263,7 +266,7 @@ class Learner:
                 order.append((msg, None))
                 continue
             joins = self.join.label.join_id(record)
-            if joins in self.pending or joins in fresh:  # twice in flight: learn once
+            if joins in self.pending or joins in fresh or joins in self.held:  # learn once
                 self.duplicates += 1
                 order.append((msg, None))
                 continue
@@ -315,15 +318,14 @@ class Learner:
                     self.pending.pop(event_id, None)
                 elif claim is Claim.ORPHANED:
                     out.append(self._orphan(event_id, item, "refused before (orphan mark)"))
+                elif self.timeouts is not None and self.timeouts.timeout.hold:
+                    # claimed, learned with its prediction's other ids when it falls due
+                    # (see _defaults); its token stays ours to take over until then
+                    self.held[event_id] = item
+                    self.pending.pop(event_id, None)
+                    self._changed = True
                 else:
-                    at = LabelPosition(msg.topic, msg.partition, msg.offset)
-                    ts = None if msg.timestamp_ms is None else msg.timestamp_ms / 1000
-                    out += self._learn(events[event_id], item.label, at, ts)
-                    self.pending.pop(event_id, None)  # after: a label whose learning raised waits
-                    self._unlearned.discard(f"{self.run}:{msg.partition}:{msg.offset}")
-                    self._learned_ids.append(event_id)
-                    if len(self._learned_ids) > 2 * _RELEASE_AT_MOST:  # no snapshot for long
-                        del self._learned_ids[:-_RELEASE_AT_MOST]
+                    out += self._learn_message(events[event_id], event_id, item)
             if msg.offset >= self.positions.get(msg.partition, 0):
                 self.positions[msg.partition] = msg.offset + 1
                 self._changed = True
@@ -338,6 +340,21 @@ class Learner:
         every_s = self.timing.snapshot_every_s
         if every_s and self._since_snapshot and now - self._last_snapshot >= every_s:
             out += self.publish()
+
+    def _learn_message(self, snap: ScoredEvent, event_id: str, item: _Pending) -> list[Output]:
+        """Learn a claimed label message (at once, or held until its timeout)."""
+        msg = item.msg
+        at = LabelPosition(msg.topic, msg.partition, msg.offset)
+        ts = None if msg.timestamp_ms is None else msg.timestamp_ms / 1000
+        out = self._learn(snap, item.label, at, ts)
+        # after: a label whose learning raised waits (or stays held)
+        self.pending.pop(event_id, None)
+        self.held.pop(event_id, None)
+        self._unlearned.discard(f"{self.run}:{msg.partition}:{msg.offset}")
+        self._learned_ids.append(event_id)
+        if len(self._learned_ids) > 2 * _RELEASE_AT_MOST:  # no snapshot for long
+            del self._learned_ids[:-_RELEASE_AT_MOST]
+        return out
 
     def _due(self, item: _Pending, now: float, through: float) -> bool:
         """Whether a label has waited its time, with every event scored since."""
@@ -392,7 +409,10 @@ class Learner:
         """Learn the default of every scored event whose timeout fell due, unless a label
         was claimed for it first (then this finds its mark: DUPLICATE). The timeouts'
         position moves prediction by prediction, as the labels' does label by label,
-        so a snapshot taken midway saves exactly the defaults its models hold."""
+        so a snapshot taken midway saves exactly the defaults its models hold.
+
+        A held label message (``label.learn: at_timeout``) is claimed already: it is
+        learned here, in its prediction's order, instead of the default."""
         due = timeouts.due()
         if not due:
             return
@@ -404,27 +424,32 @@ class Learner:
         events = self.scored.lookup(list(token_of))
         # an event the index no longer holds was labelled (and forgotten) or is past the
         # horizon: nothing to claim
-        ids = [e for e in token_of if e in events]
+        ids = [e for e in token_of if e in events and e not in self.held]
         tokens = [token_of[e] for e in ids]
         self._unlearned.update(tokens)
-        held = 0  # label messages' marks the models may lack
+        unread = 0  # label messages' marks the models may lack: this run reads them again
 
         def stale(token: str) -> bool:
             # a default never takes a label message's mark over: if the models lack that
             # label, this run reads it again (from the checkpoint's position, or its
             # waiting list) and takes its mark over itself
-            nonlocal held
+            nonlocal unread
             if is_default_token(token):
                 return self._stale(token)
-            held += self._stale(token)
+            unread += self._stale(token)
             return False
 
         claimed = self.store.claim_labels(ids, tokens, [True] * len(ids), stale)
         todo = {e for e, c in zip(ids, claimed, strict=True) if c is Claim.CLAIMED}
         # a token stays ours until every id of its prediction claimed under it is learned
         self._unlearned.difference_update(set(tokens) - {token_of[e] for e in todo})
+        if unread and timeouts.timeout.hold:
+            # (after a restart) a label message read past the checkpoint is read again
+            # and held: its prediction must wait for it, so none goes on until it is;
+            # the defaults claimed here are ours to take over then
+            return
         found = {e for e, c in zip(ids, claimed, strict=True) if c is Claim.DUPLICATE}
-        if found and not held:
+        if found and not unread:
             self._forget_labelled(found)
         every = self.timing.snapshot_every
         for d in due:
@@ -459,6 +484,14 @@ class Learner:
         msg = due.msg
         at = LabelPosition(msg.topic, msg.partition, msg.offset)
         for event_id in due.ids:
+            if event_id in self.held:
+                item = self.held[event_id]
+                if event_id in events:
+                    out += self._learn_message(events[event_id], event_id, item)
+                else:  # (its record left the index before its timeout: not learnable)
+                    self.held.pop(event_id)
+                    out.append(self._orphan(event_id, item, "its event left the index"))
+                continue
             if event_id not in todo or event_id in self._partial:
                 continue
             todo.discard(event_id)
@@ -524,6 +557,7 @@ class Learner:
             "labels_defaulted": float(self.defaulted),
             "labels_after_default": float(self.after_default),
             "labels_waiting": float(len(self.pending)),
+            "labels_held": float(len(self.held)),
             "model_version": float(self.version),  # the lead candidate's
             **{f"prequential_{k}": v for k, v in self.metrics.as_dict().items()},
         }
@@ -535,7 +569,9 @@ class Learner:
     def publish(self) -> list[Output]:
         """Publish every candidate as a new version (see ``Lineage.publish``); returns
         the model-events to write."""
-        pending = [(p.msg, p.label) for p in self.pending.values()]
+        # held labels are saved as waiting ones: a restarted learner claims them again
+        # (its checkpoint says their marks are stale) and holds them again
+        pending = [(p.msg, p.label) for p in (*self.pending.values(), *self.held.values())]
         # what a call that raised made goes out with it (a clean stop publishes it too)
         out, self._carried = self._carried, []
         searches = self.searches.publish(self.lineage.registry, self.learned)

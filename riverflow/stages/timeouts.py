@@ -13,6 +13,13 @@ defaults a prediction twice into its models nor skips one.
 A default is claimed in the store like a label message (``FeatureStore.claim_labels``,
 under the token ``run:d{partition}:{offset}`` of its prediction): whichever of the
 real label and the default is claimed first is learned; the other finds the mark.
+
+With ``label.learn: at_timeout`` a label message is claimed when it arrives but held
+(``Learner.held``, in the checkpoint's waiting labels) until its prediction falls
+due here: then the prediction's ids are learned together in its order (a slate's
+shown items by position), each with its held label or the default. So clicks and
+their negatives reach the models interleaved as they were served, not in bursts
+``after`` apart.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import orjson
 from riverflow.errors import RiverflowError
 from riverflow.features.scored import defaulted_ids
 from riverflow.streams.contracts import Label, Message
-from riverflow.streams.schema import LabelSpec
+from riverflow.streams.schema import LabelLearning, LabelSpec
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +53,13 @@ def is_default_token(token: str) -> bool:
 
 @dataclass(frozen=True)
 class LabelTimeout:
-    """What an unlabelled scored event becomes (``default``) and after how long."""
+    """What an unlabelled scored event becomes (``default``) and after how long;
+    ``hold``: label messages wait for the timeout too (``label.learn: at_timeout``),
+    so every id of a prediction is learned at once, in its order."""
 
     default: Label
     after_s: float
+    hold: bool = False
 
 
 def label_timeout(label: LabelSpec, label_horizon_s: float) -> LabelTimeout | None:
@@ -69,7 +79,7 @@ def label_timeout(label: LabelSpec, label_horizon_s: float) -> LabelTimeout | No
             "the learner's index at the horizon, before its default. Raise the horizon "
             "or shorten label.after"
         )
-    return LabelTimeout(default, after)
+    return LabelTimeout(default, after, hold=label.learn is LabelLearning.AT_TIMEOUT)
 
 
 class TimerQueue(Protocol):

@@ -150,3 +150,60 @@ def test_a_trailing_reader_gives_each_record_once_in_order_with_small_buffers(
     while sum(len(r) for r in again.fetch({0: 0, 1: 0}).values()) < 400:
         assert time.monotonic() < deadline
     again.close()
+
+
+def test_clicks_held_until_their_timeout_are_learned_once_across_a_kill(
+    stack: Endpoints, spec_file: Path, start_stage: StageFactory
+) -> None:
+    """``learn: at_timeout``: label messages held until their event's timeout, the
+    learner SIGKILLed while some are held: each event is learned once, a labelled
+    one as its label message says, never by its default."""
+    data = yaml.safe_load(spec_file.read_text())
+    data["label"].update(default=False, after="3s", learn="at_timeout")
+    spec_file.write_text(yaml.safe_dump(data))
+    spec = load_spec(spec_file)
+    topics, kafka = spec.topics, stack.kafka_bootstrap
+    ensure_topics(kafka, topics.all(), 2)
+    run = {"partitions": 2, "label_wait_s": 30, "snapshot_every_labels": 100,
+           "snapshot_every_s": 3600, "scorer_progress_poll_s": 0.5}  # fmt: skip
+    learner = start_stage("learner", **run)
+    start_stage("scorer", **run)
+    n = 1000
+    events = [e for e, _ in transactions(n, FraudStreamConfig(seed=16))]
+    ids = [e["event_id"] for e in events]
+    labelled = {e for i, e in enumerate(ids) if i % LABELLED_EVERY < 3}
+    out = producer(kafka)
+
+    def send(chunk: list[dict[str, object]]) -> None:
+        produce_all(out, [(topics.events, e["card_id"].encode(), orjson.dumps(e))  # type: ignore[union-attr]
+                          for e in chunk])  # fmt: skip
+        produce_all(out, [(topics.labels, str(e["event_id"]).encode(),
+                           orjson.dumps({"event_id": e["event_id"], "is_fraud": True}))
+                          for e in chunk if e["event_id"] in labelled])  # fmt: skip
+
+    send(events[: n // 2])
+    wait_for(learner, "labels_learned", n // 2)  # the first half, at its timeouts
+    second = {e for e in ids[n // 2 :] if e in labelled}
+    send(events[n // 2 :])
+    wait_for(learner, "labels_held", len(second))  # clicks in, their timeouts not yet
+    learner.proc.send_signal(signal.SIGKILL)
+    assert learner.proc.wait(10) == -signal.SIGKILL
+
+    learner = start_stage("learner", **run)
+    wait_for(learner, "labels_learned", n, timeout_s=60)
+    evaluations = [Evaluation.decode(m.value())
+                   for m in collect(kafka, topics.evaluations, n, settle_s=2)]  # fmt: skip
+    by_event: defaultdict[str, set[tuple[bool, object]]] = defaultdict(set)
+    for e in evaluations:
+        by_event[e.event_id].add((e.defaulted, e.label))
+    assert set(by_event) == set(ids)
+    for event_id, seen in by_event.items():
+        assert seen == ({(False, True)} if event_id in labelled else {(True, False)})
+    assert status(learner, "labels_held") == 0
+    assert status(learner, "labels_after_default") == 0
+    learner.proc.send_signal(signal.SIGTERM)
+    assert learner.proc.wait(30) == 0
+    registry = RedisRegistry(redis.Redis.from_url(stack.redis_url), spec.name,
+                             signing_key(Settings()))  # fmt: skip
+    saved = registry.checkpoint()
+    assert saved is not None and saved.labels_seen == n  # the models hold each event once

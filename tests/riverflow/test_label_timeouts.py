@@ -279,21 +279,29 @@ class OneTopic:
         pass
 
 
-def slate_learner(clock: Clock) -> tuple[Learner, Timeouts, FeatureStore]:
+def slate_learner(
+    clock: Clock, backends: tuple[Any, Any, MemoryScoredEvents] | None = None, **label: Any
+) -> tuple[Learner, Timeouts, FeatureStore]:
     """A learner whose index holds a request r7 of four items, i3 i1 i9 i4 in that
-    order, the first three shown; its one prediction, served at ``clock.now``."""
-    spec = timeout_spec(default=False, after="30m")
+    order, the first three shown; its one prediction, served at ``clock.now``.
+    ``backends``: the store, registry and index of a learner this one restarts from
+    (the prediction then served at 1,000); ``label``: more of the spec's label."""
+    spec = timeout_spec(default=False, after="30m", **label)
     settings = Settings(label_wait_s=0.0)
-    store, registry = memory_backends(spec, settings, clock)
-    scored = MemoryScoredEvents()
+    if backends is None:
+        store, registry = memory_backends(spec, settings, clock)
+        scored = MemoryScoredEvents()
+    else:
+        store, registry, scored = backends
     inputs = {"amount": 12.0, "category": "food", "country": "FR", "channel": "web"}
     features = {"tx_count_1h": 1.0, "amount_sum_1h": 12.0, "amount_mean_24h": 12.0,
                 "tx_in_session": 1.0, "amount_in_session": 12.0}  # fmt: skip
     items = ["i3", "i1", "i9", "i4"]
-    for item in items:  # the lead's index keeps a record per (request, item) pair
+    for item in items if backends is None else ():  # a record per (request, item) pair
         scored.records[f"r7/{item}"] = msgpack.packb([inputs, features, "fraud-hoeffding", 1, 0.2])
     slate = {"event_id": "r7", "entity": "u1", "probability": None, "model": "m", "version": 1,
-             "features": {}, "event_time": 0.0, "scored_at": clock.now, "replayed": False,
+             "features": {}, "event_time": 0.0, "replayed": False,
+             "scored_at": clock.now if backends is None else 1_000.0,
              "inputs": {}, "shown": 3,
              "slate": [{"item": item, "position": i, "score": 0.5, "shown": i < 3,
                         "propensity": 1.0, "inputs": inputs, "features": features}
