@@ -91,26 +91,32 @@ _KEYS: dict[tuple[str, tuple[str, ...]], str] = {}  # a label's entity values, w
 
 
 def brute_force(
-    labels: list[LearnedLabel], pairs: list[dict[str, Any]], at: float
+    labels: list[LearnedLabel],
+    pairs: list[dict[str, Any]],
+    at: float,
+    features: list[FeatureSpec] = FEATURES,
+    key: str = "user_id",
+    cache: dict[tuple[str, tuple[str, ...]], str] = _KEYS,
 ) -> list[dict[str, float]]:
-    """Every label-fed feature of each of ``pairs`` at ``at``, counted from
-    ``labels`` (those written so far, none too late): a label counts if its bucket
-    lies in the window ending at ``at``'s bucket."""
+    """Every label-fed feature (of ``features``, ``key`` the default entity) of each
+    of ``pairs`` at ``at``, counted from ``labels`` (those written so far, none too
+    late): a label counts if its bucket lies in the window ending at ``at``'s bucket.
+    ``cache``: each label's entity values by pair id (one per stream of labels)."""
     out: list[dict[str, float]] = [{} for _ in pairs]
-    for f in FEATURES:
+    for f in features:
         window_s = parse_duration(str(f.window))
         width = window_s / f.buckets
         end = math.floor(at / width)
-        entity = f.entity_fields("user_id")
+        entity = f.entity_fields(key)
         first = end - f.buckets + 1
         inside = [x for x in labels if first <= math.floor(x.ts / width) <= end]
         overall = sum(x.value for x in inside) / len(inside) if inside else 0.0
         by_entity: dict[str, list[LearnedLabel]] = {}
         for x in inside:
-            key = _KEYS.get((x.pair_id, entity))
-            if key is None:
-                key = _KEYS[x.pair_id, entity] = entity_value(entity, x.fields)
-            by_entity.setdefault(key, []).append(x)
+            value = cache.get((x.pair_id, entity))
+            if value is None:
+                value = cache[x.pair_id, entity] = entity_value(entity, x.fields)
+            by_entity.setdefault(value, []).append(x)
         for pair, values in zip(pairs, out, strict=True):
             mine = by_entity.get(entity_value(entity, pair), [])
             n, s = float(len(mine)), float(sum(x.value for x in mine))

@@ -76,9 +76,7 @@ def test_a_pair_sees_what_a_recount_of_the_requests_touching_its_entities_gives(
     served = {pair_id(p["event_id"], c["item"]): c["features"] for p in out for c in p["slate"]}
     assert len(served) == 150 * 20
     sourced = {f.name for f in spec.events_features}
-    assert {k: {n: v[n] for n in sourced} for k, v in served.items()} == slate_recount(
-        spec, events
-    )
+    assert {k: {n: v[n] for n in sourced} for k, v in served.items()} == slate_recount(spec, events)
     # and the label-fed ones, with no label learned: no click yet, no click in the week
     labelled = {f.name: 0.0 for f in spec.label_features}
     labelled["user_category_since_click_7d"] = 7 * 86400.0
