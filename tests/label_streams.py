@@ -180,3 +180,76 @@ def check_stream(features: LabelFeatures, requests: int, seed: int) -> dict[str,
             totals["smoothed"] += 1
         totals["recent"] += sum(v["user_cat_since_click"] < 7200 for v in got)
     return totals
+
+
+def matching_prefix(
+    labels: list[LearnedLabel],
+    pairs: list[dict[str, Any]],
+    at: float,
+    served: list[dict[str, float]],
+    features: list[FeatureSpec],
+    key: str,
+    between: tuple[int, int],
+) -> int | None:
+    """The length ``k`` (within ``between``, inclusive) of a prefix of ``labels`` (in
+    the order they were learned) whose recount (``brute_force``) gives every one of
+    ``pairs`` at ``at`` exactly the ``served`` values; None if no prefix does.
+
+    Where a scorer and a learner run apart, which labels a read saw is not known,
+    but they were a prefix of the learner's: counted incrementally here, prefix by
+    prefix, rather than recounted for each."""
+    lo, hi = between
+    state = []  # per feature: its window's bounds, the global (n, s), per entity [n, s, newest]
+    for f in features:
+        width = parse_duration(str(f.window)) / f.buckets
+        end = math.floor(at / width)
+        entity = f.entity_fields(key)
+        mine = {entity_value(entity, p): [0.0, 0.0, -math.inf] for p in pairs}
+        state.append((f, width, end - f.buckets + 1, end, entity, [0.0, 0.0], mine))
+
+    def values() -> list[dict[str, float]]:
+        out: list[dict[str, float]] = []
+        for pair in pairs:
+            got: dict[str, float] = {}
+            for f, _, _, _, entity, (gn, gs), mine in state:
+                n, s, newest = mine[entity_value(entity, pair)]
+                window_s = parse_duration(str(f.window))
+                if f.agg == "count":
+                    got[f.name] = s if f.when else n
+                elif f.agg == "sum":
+                    got[f.name] = s
+                elif f.agg == "rate":
+                    rate = s / n if n else 0.0
+                    if f.prior:
+                        rate = (s + f.prior * (gs / gn if gn else 0.0)) / (n + f.prior)
+                    got[f.name] = rate
+                else:
+                    got[f.name] = min(window_s, max(0.0, at - newest)) if newest > -math.inf \
+                        else window_s  # fmt: skip
+            out.append(got)
+        return out
+
+    def equal(a: list[dict[str, float]]) -> bool:
+        return all(
+            math.isclose(v, s[name], rel_tol=1e-9, abs_tol=1e-9)
+            for got, s in zip(a, served, strict=True) for name, v in got.items()
+        )  # fmt: skip
+
+    for k in range(hi + 1):
+        if k >= lo and equal(values()):
+            return k
+        if k == len(labels):
+            break
+        x = labels[k]
+        for f, width, first, end, entity, totals, mine in state:
+            if not first <= math.floor(x.ts / width) <= end:
+                continue
+            totals[0] += 1
+            totals[1] += float(x.value)
+            kept = mine.get(entity_value(entity, x.fields))
+            if kept is not None:
+                kept[0] += 1
+                kept[1] += float(x.value)
+                if x.value or not f.when:
+                    kept[2] = max(kept[2], x.ts)
+    return None

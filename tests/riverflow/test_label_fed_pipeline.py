@@ -17,7 +17,7 @@ from riverflow.settings import Settings
 from riverflow.spec import PipelineSpec, SpecError, load_spec, parse_spec
 from riverflow.streams.contracts import Evaluation, Output
 from riverflow.tools.recsys import RecsysConfig, RecsysWorld
-from tests.label_streams import brute_force
+from tests.label_streams import brute_force, matching_prefix
 
 T0 = 1_767_225_600.0
 
@@ -116,6 +116,13 @@ def test_every_pair_serves_a_recount_of_the_labels_learned_before_it_was_scored(
                             p["event_id"], c["item"], f.name, value, w[f.name])  # fmt: skip
                     served_features[f"{p['event_id']}/{c['item']}"] = c["features"]
                     checked[0] += 1
+                if len(times) % 10 == 0:  # the pipeline test's incremental recount agrees
+                    values = [{f.name: c["features"][f.name] for f in labelled}
+                              for c in p["slate"]]  # fmt: skip
+                    n = len(learned)
+                    at = p["event_time"]
+                    assert matching_prefix(learned, pairs, at, values, labelled, "user_id",
+                                           (n, n)) == n  # fmt: skip
             elif o.topic.endswith(".evaluations"):
                 e = Evaluation.decode(o.value)
                 assert e.inputs is not None and e.request is not None
