@@ -190,6 +190,7 @@ def matching_prefix(
     features: list[FeatureSpec],
     key: str,
     between: tuple[int, int],
+    lateness_s: float = math.inf,
 ) -> int | None:
     """The length ``k`` (within ``between``, inclusive) of a prefix of ``labels`` (in
     the order they were learned) whose recount (``brute_force``) gives every one of
@@ -197,7 +198,9 @@ def matching_prefix(
 
     Where a scorer and a learner run apart, which labels a read saw is not known,
     but they were a prefix of the learner's: counted incrementally here, prefix by
-    prefix, rather than recounted for each."""
+    prefix, rather than recounted for each. A label older than ``lateness_s`` behind
+    its entity's newest one (or, for the global rate, the newest of all) counts
+    nowhere there, as in the store."""
     lo, hi = between
     state = []  # per feature: its window's bounds, the global (n, s), per entity [n, s, newest]
     for f in features:
@@ -235,19 +238,32 @@ def matching_prefix(
             for got, s in zip(a, served, strict=True) for name, v in got.items()
         )  # fmt: skip
 
+    newest: dict[tuple[tuple[str, ...], str], float] = {}  # an entity's newest label
+
+    def fresh(entity: tuple[str, ...], value: str, ts: float) -> bool:
+        w = newest.get((entity, value), -math.inf)
+        return ts >= w - lateness_s
+
     for k in range(hi + 1):
         if k >= lo and equal(values()):
             return k
         if k == len(labels):
             break
         x = labels[k]
+        entities = {f.entity_fields(key) for f in features} | {("@all",)}
+        counts = {e: fresh(e, "1" if e == ("@all",) else entity_value(e, x.fields), x.ts)
+                  for e in entities}  # fmt: skip
+        for e in entities:
+            v = "1" if e == ("@all",) else entity_value(e, x.fields)
+            newest[e, v] = max(newest.get((e, v), -math.inf), x.ts)
         for f, width, first, end, entity, totals, mine in state:
             if not first <= math.floor(x.ts / width) <= end:
                 continue
-            totals[0] += 1
-            totals[1] += float(x.value)
+            if counts[("@all",)]:
+                totals[0] += 1
+                totals[1] += float(x.value)
             kept = mine.get(entity_value(entity, x.fields))
-            if kept is not None:
+            if kept is not None and counts[entity]:
                 kept[0] += 1
                 kept[1] += float(x.value)
                 if x.value or not f.when:

@@ -122,13 +122,16 @@ def test_the_recsys_example_ranks_every_request_and_labels_every_shown_item_once
               for _, e in learned]  # fmt: skip
     written = [ts for ts, _ in learned]
     labelled, margin_s = spec.label_features, 5.0
+    plan = spec.label_plan(2.0)  # the learner's label_wait_s
+    assert plan is not None
     matched = 0
     for p in random.Random(3).sample(predictions, 40):
         pairs = [{**p["inputs"], **c["inputs"]} for c in p["slate"]]
         values = [{f.name: c["features"][f.name] for f in labelled} for c in p["slate"]]
         lo = bisect.bisect_left(written, p["scored_at"] - margin_s)
         hi = bisect.bisect_right(written, p["scored_at"] + margin_s)
-        k = matching_prefix(labels, pairs, p["event_time"], values, labelled, "user_id", (lo, hi))
+        k = matching_prefix(labels, pairs, p["event_time"], values, labelled, "user_id",
+                            (lo, hi), plan.tiles.lateness_s)  # fmt: skip
         assert k is not None, (p["event_id"], lo, hi)
         matched += k > 0
     assert matched > 20  # most requests were scored with labels learned
