@@ -16,6 +16,7 @@ from riverflow.features.labelled import LearnedLabel
 from riverflow.settings import Settings
 from riverflow.spec import PipelineSpec, SpecError, load_spec, parse_spec
 from riverflow.streams.contracts import Evaluation, Output
+from riverflow.tools.generator import FraudStreamConfig, with_labels
 from riverflow.tools.recsys import RecsysConfig, RecsysWorld
 from tests.label_streams import brute_force, matching_prefix
 
@@ -202,3 +203,40 @@ def test_a_label_fed_feature_is_refused_where_it_cannot_be_fed(spec: PipelineSpe
         d["features"][3]["name"] = "user_requests_1h"
 
     assert "features.3.name: duplicate feature 'user_requests_1h'" in broken(spec, clash)
+
+
+def test_the_fraud_shape_serves_label_fed_features_and_a_replay_the_same(
+    fraud_spec: PipelineSpec,
+) -> None:
+    """A fraud rate per category, fed by the labels learned: it moves as labels come,
+    and a replayed event is served the values its first scoring read."""
+    data = fraud_spec.model_dump(mode="json", exclude_none=True)
+    data["features"].append({"name": "category_fraud_rate_1d", "agg": "rate",
+                             "field": "is_fraud", "window": "1d", "entity": "category",
+                             "source": "labels", "prior": 10})  # fmt: skip
+    spec = parse_spec(data)
+    rt = EmbeddedRuntime(spec, Settings(batch_size=50))
+    t = rt.topics
+    events = []
+    stream = with_labels(600, FraudStreamConfig(seed=4, burst_rate=0.05, label_delay=20))
+    for n, (kind, rec) in enumerate(stream):
+        if kind == "event":
+            events.append(rec)
+            rt.produce(t.events, rec["card_id"].encode(), orjson.dumps(rec))
+        else:
+            rt.produce(t.labels, rec["event_id"].encode(), orjson.dumps(rec))
+        if n % 10 == 0:
+            rt.step()
+    rt.drain()
+    first = {p["event_id"]: p for p in map(orjson.loads, (v for _, v in
+             rt.messages(t.predictions)))}  # fmt: skip
+    rates = [p["features"]["category_fraud_rate_1d"] for p in first.values()]
+    assert rates[0] == 0.0 and len(set(rates)) > 50  # it moves as labels are learned
+    assert rt.learner.status()["label_features_written"] == 600
+    for e in events[:100]:  # replays, after every label was learned
+        rt.produce(t.events, e["card_id"].encode(), orjson.dumps(e))
+    rt.drain()
+    again = [orjson.loads(v) for _, v in rt.messages(t.predictions)][600:]
+    assert len(again) == 100 and all(p["replayed"] for p in again)
+    assert [p["features"] for p in again] == [first[p["event_id"]]["features"] for p in again]
+    assert all("@labelled" not in p["inputs"] for p in again)
