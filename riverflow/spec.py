@@ -235,6 +235,7 @@ class PipelineSpec(BaseModel):
 
     @property
     def lateness_s(self) -> float:
+        """``allowed_lateness`` in seconds (0 without)."""
         return parse_duration(self.allowed_lateness) if self.allowed_lateness else 0.0
 
     def feature_plan(self) -> FeaturePlan:
