@@ -13,8 +13,11 @@ runtime, in memory (``MemoryScoredEvents``, bounded by count).
 The first prediction indexed for an event is the one kept (a replay carries the
 same served prediction; one re-scored after the replay window is not the
 answer the user got first). Records are msgpack ``[inputs, features, model,
-version, probability]`` keyed by the event id (``[..., None, value,
-probabilities]`` for a label that is no flag).
+version, probability, value, probabilities, slot, event time]`` keyed by the
+event id (``value`` and ``probabilities`` for a label that is no flag, ``slot``
+for a slate's shown item, else None). Records written before the event time was
+kept have 5, 7 (no flag) or 8 (a slate's) elements and read as before, without
+an event time.
 """
 
 from __future__ import annotations
@@ -47,19 +50,31 @@ class ScoredEvent:
     served: ServedPrediction
     # a slate's shown item: {"request", "position", "shown", "propensity"}
     slot: dict[str, Any] | None = None
+    # the event's time (a slate pair's: its request's); None in a record from before
+    # it was kept
+    event_time: float | None = None
 
     @classmethod
     def unpack(cls, event_id: str, raw: bytes) -> ScoredEvent:
         inputs, features, model, version, *answer = msgpack.unpackb(raw)
+        event_time = answer.pop() if len(answer) > 4 else None
         slot = answer.pop() if len(answer) > 3 else None
-        return cls(event_id, inputs, features, ServedPrediction(model, version, *answer), slot)
+        served = ServedPrediction(model, version, *answer)
+        return cls(event_id, inputs, features, served, slot, event_time)
+
+
+def _event_time(p: dict[str, Any]) -> float:
+    ts = p["event_time"]
+    if type(ts) not in (int, float):
+        raise TypeError("event_time is not a number")
+    return float(ts)
 
 
 def _slate_records(p: dict[str, Any]) -> dict[str, bytes]:
     """The record of each shown item of slate prediction ``p``, by pair id (only
     they are labelled: what the user never saw has no click to wait for)."""
     out: dict[str, bytes] = {}
-    request, inputs, shown = p["event_id"], p["inputs"], p["shown"]
+    request, inputs, shown, ts = p["event_id"], p["inputs"], p["shown"], _event_time(p)
     if not (isinstance(request, str) and isinstance(inputs, dict) and type(shown) is int):
         raise TypeError("a field is not of a slate prediction's type")
     for item in p["slate"][:shown]:
@@ -71,7 +86,7 @@ def _slate_records(p: dict[str, Any]) -> dict[str, bytes]:
         slot = {"request": request, "position": item["position"], "shown": shown,
                 "propensity": item.get("propensity")}  # fmt: skip
         record = [{**inputs, **item["inputs"]}, features, p["model"], p["version"], score,
-                  None, None, slot]  # fmt: skip
+                  None, None, slot, ts]  # fmt: skip
         out[pair_id(request, item["item"])] = msgpack.packb(record)
     return out
 
@@ -90,13 +105,13 @@ def scored_records(messages: Sequence[Message]) -> tuple[dict[str, bytes], int]:
                     out.setdefault(pair, packed)
                 continue
             event_id, inputs, features = p["event_id"], p["inputs"], p["features"]
-            record = [inputs, features, p["model"], p["version"], p["probability"]]
-            if "value" in p:  # a label that is no flag: the value (and class probabilities)
-                record += [p["value"], p.get("probabilities")]
+            # a label that is no flag: its value (and class probabilities)
+            record = [inputs, features, p["model"], p["version"], p["probability"],
+                      p.get("value"), p.get("probabilities"), None, _event_time(p)]  # fmt: skip
             if not (isinstance(event_id, str) and isinstance(inputs, dict)
                     and isinstance(features, dict) and isinstance(record[2], str)
                     and type(record[3]) is int
-                    and (type(record[4]) in (int, float) or (record[4] is None and len(record) > 5))
+                    and (type(record[4]) in (int, float) or (record[4] is None and "value" in p))
                     and all(type(v) in (int, float) for v in features.values())):  # fmt: skip
                 raise TypeError("a field is not of a prediction's type")
         except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:

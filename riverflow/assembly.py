@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from riverflow.errors import RiverflowError
+from riverflow.features.labelled import LabelFeatures
 from riverflow.features.scored import ScoredEvents
 from riverflow.features.store import FeatureStore, MemoryFeatureStore, RedisFeatureStore
 from riverflow.models.champion import ChampionReplica
@@ -231,6 +232,23 @@ def memory_backends(
     return MemoryFeatureStore(spec.feature_plan(), clock=clock), registry
 
 
+def label_feature_store(
+    spec: PipelineSpec, settings: Settings, client: Any = None
+) -> LabelFeatures | None:
+    """The spec's label-fed features (``features.labelled``), or None if it has none:
+    on Redis under ``rf:{ns}:lab:`` with ``client``, else in memory. The learner
+    writes them and the scorer reads them: one for both in the embedded runtime."""
+    plan = spec.label_plan(settings.label_wait_s)
+    if plan is None:
+        return None
+    if client is None:
+        return LabelFeatures.in_memory(plan)
+    return LabelFeatures.on_redis(
+        client, spec.name, plan, dedup_s=settings.replay_window_s,
+        wait_replicas=settings.redis_wait_replicas, wait_timeout_s=settings.redis_wait_timeout_s,
+    )  # fmt: skip
+
+
 def build_scorer(
     spec: PipelineSpec,
     settings: Settings,
@@ -238,7 +256,13 @@ def build_scorer(
     registry: ModelRegistry,
     model_poll_s: float | None = None,
     clock: Callable[[], float] = time.time,
+    label_features: LabelFeatures | None = None,
 ) -> Scorer:
+    """``label_features``: where it reads the label-fed features the learner writes
+    (``label_feature_store``); by default, if the spec has some, its own in memory,
+    where no label ever comes (a scorer on its own: tests, benchmarks)."""
+    if label_features is None:
+        label_features = label_feature_store(spec, settings)
     first = spec.models.champion_spec
     poll_s = settings.model_poll_s if model_poll_s is None else model_poll_s
     target = Target(spec.label.type, spec.label.classes)
@@ -255,6 +279,7 @@ def build_scorer(
         dlq_keep_bytes=settings.dlq_keep_bytes, clock=clock, pii=pseudonymizer(spec, settings),
         target=target,
         clean=spec.clean,
+        label_features=label_features,
         quality=DataQuality(spec.events.fields, spec.monitors.quality.window,
                             spec.monitors.quality.schema_missing_rate,
                             spec.optional_fields),
@@ -271,6 +296,7 @@ def build_learner(
     scored_through: ScoredThrough | None = None,
     clock: Callable[[], float] = time.monotonic,
     timeouts: Timeouts | None = None,
+    label_features: LabelFeatures | None = None,
 ) -> Learner:
     """A learner that continues from its last checkpoint, or from fresh candidates.
 
@@ -282,9 +308,15 @@ def build_learner(
     ``timeouts``: where its labels by timeout read the predictions topic, if the
     spec's label has ``default`` and ``after`` (``riverflow.stages.timeouts``).
 
+    ``label_features``: where it writes the labels it learns for the label-fed
+    features (``label_feature_store``; the scorer's); by default, if the spec has
+    some, its own in memory, which no scorer reads.
+
     A candidate added to the spec since the checkpoint starts fresh; one removed
     from the spec is no longer trained (its versions stay in the registry).
     """
+    if label_features is None:
+        label_features = label_feature_store(spec, settings)
     target = Target(spec.label.type, spec.label.classes)
     fresh = build_candidates(spec.models, target, spec.clean)  # also checks every candidate builds
 
@@ -323,6 +355,7 @@ def build_learner(
         spec.topics, store, scored, lineage, join, timing, clock=clock,
         scored_through=scored_through, dlq_keep_bytes=settings.dlq_keep_bytes, searches=searches,
         timeouts=timeouts,
+        label_features=label_features,
     )  # fmt: skip
     saved = registry.checkpoint()
     if saved is not None:

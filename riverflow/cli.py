@@ -216,13 +216,15 @@ def cmd_acls(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_forget(args: argparse.Namespace, settings: Settings) -> int:
-    from riverflow.assembly import pseudonymizer, redis_client, redis_store
+    from riverflow.assembly import label_feature_store, pseudonymizer, redis_client, redis_store
     from riverflow.streams.contracts import Prediction
     from riverflow.streams.kafka_io import read_topic
 
     spec = load_spec(args.spec or settings.spec)
     field = args.field or spec.events.key
-    if field not in {f for entity in spec.feature_plan().entities for f in entity}:
+    plan, labelled = spec.feature_plan(), spec.label_plan()
+    entities_of = [*plan.entities, *(labelled.tiles.entities if labelled else [])]
+    if field not in {f for entity in entities_of for f in entity}:
         raise RiverflowError(f"{field!r} keys no feature of {spec.name}: nothing is kept per it")
     pii = pseudonymizer(spec, settings)
     stored = pii.token(args.value) if field in pii.hashed else args.value
@@ -233,8 +235,12 @@ def cmd_forget(args: argparse.Namespace, settings: Settings) -> int:
                               since_s=settings.replay_window_s):  # fmt: skip
             if msg.key() == stored.encode():
                 event_ids.append(Prediction.decode(msg.value()).event_id)
-    store = redis_store(spec, settings, redis_client(settings, ep.redis_url))
-    entities, snapshots = store.forget(field, stored, event_ids)
+    client = redis_client(settings, ep.redis_url)
+    entities, snapshots = redis_store(spec, settings, client).forget(field, stored, event_ids)
+    # the label-fed windows too (rf:{ns}:lab:), alone and crossed; the global rate keeps
+    # its counts
+    labels = label_feature_store(spec, settings, client)
+    entities += 0 if labels is None else labels.forget(field, stored)
     console.print(
         f"forgot {field} {args.value!r} in Redis: {entities} entity keys (its windows) and "
         f"{snapshots} snapshots of its last {len(event_ids)} events deleted. Kept until their "
@@ -580,7 +586,7 @@ def _redis_url(settings: Settings) -> str | None:
 
 
 def cmd_features(args: argparse.Namespace, settings: Settings) -> int:
-    from riverflow.assembly import pseudonymizer, redis_client, redis_store
+    from riverflow.assembly import label_feature_store, pseudonymizer, redis_client, redis_store
 
     spec = load_spec(args.spec or settings.spec)
     if args.action == "bench":
@@ -606,7 +612,10 @@ def cmd_features(args: argparse.Namespace, settings: Settings) -> int:
             )
         if not url:
             raise RiverflowError("no Redis: run `riverflow stack up` or set RIVERFLOW_REDIS_URL")
-        deleted = redis_store(spec, settings, redis_client(settings, url)).reset()
+        client = redis_client(settings, url)
+        deleted = redis_store(spec, settings, client).reset()
+        labels = label_feature_store(spec, settings, client)
+        deleted += 0 if labels is None else labels.reset()  # rf:{ns}:lab:
         console.print(f"deleted {deleted:,} entity keys of {spec.name} and their layout")
         return 0
     if args.entity is None:

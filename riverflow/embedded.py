@@ -12,7 +12,13 @@ from collections import defaultdict
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
-from riverflow.assembly import build_learner, build_monitor, build_scorer, memory_backends
+from riverflow.assembly import (
+    build_learner,
+    build_monitor,
+    build_scorer,
+    label_feature_store,
+    memory_backends,
+)
 from riverflow.features.scored import MemoryScoredEvents
 from riverflow.settings import Settings
 from riverflow.spec import PipelineSpec
@@ -140,12 +146,15 @@ class EmbeddedRuntime:
         self.log = EmbeddedLog(retain)
         self.on_output = on_output
         self.store, self.registry = memory_backends(spec, settings, clock)
+        # label-fed features: the learner writes what the scorer reads
+        self.label_features = label_feature_store(spec, settings)
         wall, steady = (time.time, time.monotonic) if clock is None else (clock, clock)
         # the scorer and the learner follow the monitor's decisions at once (a read of
         # the in-memory registry per batch): runs are deterministic, not paced by the clock
         self.scorer = build_scorer(
-            spec, settings, self.store, self.registry, model_poll_s=0, clock=wall
-        )
+            spec, settings, self.store, self.registry, model_poll_s=0, clock=wall,
+            label_features=self.label_features,
+        )  # fmt: skip
         # the learner joins labels to the predictions, as on Kafka: the runtime indexes
         # every prediction before it hands the learner the labels that follow
         self.scored = MemoryScoredEvents()
@@ -158,7 +167,7 @@ class EmbeddedRuntime:
         )  # fmt: skip
         self.learner = build_learner(
             spec, settings, self.store, self.registry, self.scored, registry_poll_s=0,
-            clock=steady, timeouts=self.timeouts,
+            clock=steady, timeouts=self.timeouts, label_features=self.label_features,
         )  # fmt: skip
         self.monitor = build_monitor(
             spec, self.registry, dlq_keep_bytes=settings.dlq_keep_bytes, clock=wall

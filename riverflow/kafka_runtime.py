@@ -21,6 +21,7 @@ from riverflow.assembly import (
     build_learner,
     build_monitor,
     build_scorer,
+    label_feature_store,
     redis_backends,
     redis_client,
     through_outage,
@@ -228,6 +229,10 @@ def run_stage(stage: str, spec: PipelineSpec, settings: Settings, ep: Servers) -
     store, registry = redis_backends(spec, settings, client)
     if stage == "scorer":  # a spec that would misread the stored entity state stops here
         through_outage(store.check_layout, settings.outage_limit_s, "Redis")
+    # label-fed features: the learner writes them, the scorer reads them
+    labelled = label_feature_store(spec, settings, client) if stage != "monitor" else None
+    if labelled is not None:
+        through_outage(labelled.check_layout, settings.outage_limit_s, "Redis")
     metrics = StageMetrics(stage)
 
     def guard(processor: Processor) -> Guard:  # internal errors to the DLQ, outages waited out
@@ -255,7 +260,7 @@ def run_stage(stage: str, spec: PipelineSpec, settings: Settings, ep: Servers) -
     if port:
         serve(metrics, port, settings.metrics_host)
     if stage == "scorer":
-        scorer = build_scorer(spec, settings, store, registry)
+        scorer = build_scorer(spec, settings, store, registry, label_features=labelled)
         # ticks follow the champion (and keep /healthz fresh) while the stream is quiet
         loop = host_settings(stage, spec, settings, ep, settings.model_poll_s)
         freeze_startup_heap()
@@ -275,7 +280,7 @@ def run_stage(stage: str, spec: PipelineSpec, settings: Settings, ep: Servers) -
     timeouts = label_timeouts(spec, settings, ep, scored)
     learner = through_outage(
         lambda: build_learner(spec, settings, store, registry, scored, scored_through=progress,
-                              timeouts=timeouts),
+                              timeouts=timeouts, label_features=labelled),
         settings.outage_limit_s, "restoring the learner",
     )  # fmt: skip
 

@@ -100,7 +100,9 @@ def redis_acl_rules(spec: PipelineSpec, stage: str, cluster: bool = False) -> li
     reads the registry: it cannot store a version or move the champion pointer.
     The learner (advances the pointer as it publishes) and the monitor (promotes,
     rolls back) write the registry; the operator's own user does the rest
-    (``riverflow models``, ``features reset``)."""
+    (``riverflow models``, ``features reset``, ``forget``). With label-fed features
+    (``rf:{ns}:lab:``) the learner writes their windows and dedup marks, the scorer
+    reads the windows; both may store the layout (whichever starts first)."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r} (scorer, learner or monitor)")
     p = key_prefix(spec.name, cluster)
@@ -112,5 +114,12 @@ def redis_acl_rules(spec: PipelineSpec, stage: str, cluster: bool = False) -> li
         "monitor": [f"~{p}champion", f"~{p}champion:history", f"~{p}challengers",
                     f"%R~{p}models", f"%R~{p}model:*", f"%R~{p}learner:checkpoint"],
     }[stage]  # fmt: skip
+    if spec.label_features:
+        lab = f"{p}lab:"
+        writes += {
+            "scorer": [f"%R~{lab}ent:*", f"~{lab}features:layout"],
+            "learner": [f"~{lab}ent:*", f"~{lab}snap:*", f"~{lab}features:layout"],
+            "monitor": [],
+        }[stage]  # fmt: skip
     return ["resetkeys", "resetchannels", *writes, f"&{p}champion:moved",
             "-@all", "+@all", "-@dangerous"]  # fmt: skip

@@ -17,9 +17,11 @@ from riverflow.features.definitions import (
     ANY_FIELD,
     Duration,
     FeaturePlan,
+    FeatureSource,
     FeatureSpec,
     parse_duration,
 )
+from riverflow.features.labelled import LabelPlan
 from riverflow.models.cleaning import FieldCleaning
 from riverflow.models.errors import ModelSpecError
 from riverflow.models.factory import build_estimator
@@ -78,6 +80,9 @@ class PipelineSpec(BaseModel):
             if f.name in names:
                 raise ValueError(f"features.{i}.name: duplicate feature {f.name!r}")
             names.add(f.name)
+            if f.source is FeatureSource.LABELS:
+                self._check_labelled(i, f)
+                continue
             if f.field is not None and f.agg in ANY_FIELD and f.field not in fields:
                 raise ValueError(f"features.{i}.field: {f.field!r} is not an event field")
             numeric = fields.get(f.field or "") in NUMERIC
@@ -89,6 +94,9 @@ class PipelineSpec(BaseModel):
         for i, name in enumerate(self.models.inputs):
             if name not in fields:
                 raise ValueError(f"models.inputs.{i}: {name!r} is not an event field")
+            if name.startswith("@") and self.label_features:  # the scorer's snapshot context
+                raise ValueError(f"models.inputs.{i}: {name!r}: '@' is reserved with "
+                                 "label-fed features")  # fmt: skip
             if name in names:
                 raise ValueError(f"models.inputs.{i}: {name!r} is also a feature name")
         roles = {ev.key: "key", ev.event_id: "event_id", ev.time: "time"}
@@ -105,7 +113,7 @@ class PipelineSpec(BaseModel):
                 raise ValueError(f"clean.{name}: max_categories needs a str field")
             if rule.value is not None and not _fits(rule.value, fields[name]):
                 raise ValueError(f"clean.{name}.value: {rule.value!r} is not a {fields[name]}")
-        for i, f in enumerate(self.features):
+        for i, f in enumerate(self.events_features):
             for field in (f.field, *f.entity_fields(ev.key)):
                 how = self.clean.get(field or "")
                 if how is not None and how.optional and how.impute is None:
@@ -118,7 +126,8 @@ class PipelineSpec(BaseModel):
         dropped = {n for n, p in ev.pii.items() if p is PiiPolicy.DROP}
         used = [(f"models.inputs.{i}", n) for i, n in enumerate(self.models.inputs)]
         used += [(f"features.{i}", n) for i, f in enumerate(self.features)
-                 for n in (f.field, *f.entity_fields(ev.key)) if n is not None]  # fmt: skip
+                 for n in (f.field if f.source is FeatureSource.EVENTS else None,
+                           *f.entity_fields(ev.key)) if n is not None]  # fmt: skip
         used += [("monitors.segment", self.monitors.segment)] if self.monitors.segment else []
         for where, name in used:
             if name in dropped:
@@ -154,6 +163,41 @@ class PipelineSpec(BaseModel):
                 )
         return self
 
+    def _check_labelled(self, i: int, f: FeatureSpec) -> None:
+        """A label-fed feature (``features.labelled``): it aggregates the label, keyed
+        by fields the learner finds in the scored event's stored inputs."""
+        label = self.label
+        if label.type not in (LabelType.BOOL, LabelType.INT, LabelType.FLOAT):
+            raise ValueError(
+                f"features.{i}.source: a label-fed feature aggregates the label, a bool "
+                f"or a number, and label.type is {label.type}"
+            )
+        for role, name in (("field", f.field), ("when", f.when)):
+            if name is not None and name != label.field:
+                raise ValueError(
+                    f"features.{i}.{role}: {name!r} is not the label field {label.field!r} "
+                    "(a label-fed feature aggregates the label)"
+                )
+        fields, ev = self.events.pair_fields, self.events
+        # the learner keys each label by its scored event's stored inputs (the model
+        # inputs, and the monitors' segment field): what the prediction carries
+        stored = {*self.models.inputs, *([self.monitors.segment] if self.monitors.segment else [])}
+        for name in f.entity_fields(ev.key):
+            if name not in fields:
+                raise ValueError(f"features.{i}.entity: {name!r} is not an event field")
+            if name not in stored:
+                raise ValueError(
+                    f"features.{i}.entity: {name!r} is not a model input (models.inputs): "
+                    "the learner keys a label by the inputs its prediction carries"
+                )
+            rule = self.clean.get(name)
+            if rule is not None and rule.optional:
+                raise ValueError(
+                    f"features.{i}.entity: {name!r} may be missing (clean.{name}): the "
+                    "learner keys a label by the value the event carried, so a label-fed "
+                    "feature's entity must always be present"
+                )
+
     def _check_slate(self, slate: SlateSpec) -> None:
         if self.label.type is not LabelType.BOOL:
             raise ValueError(
@@ -179,9 +223,39 @@ class PipelineSpec(BaseModel):
     def topics(self) -> Topics:
         return Topics(self.name)
 
+    @property
+    def events_features(self) -> list[FeatureSpec]:
+        """The features the scorer computes from events (``source: events``)."""
+        return [f for f in self.features if f.source is FeatureSource.EVENTS]
+
+    @property
+    def label_features(self) -> list[FeatureSpec]:
+        """The features fed by the labels the learner learns (``source: labels``)."""
+        return [f for f in self.features if f.source is FeatureSource.LABELS]
+
+    @property
+    def lateness_s(self) -> float:
+        """``allowed_lateness`` in seconds (0 without)."""
+        return parse_duration(self.allowed_lateness) if self.allowed_lateness else 0.0
+
     def feature_plan(self) -> FeaturePlan:
-        lateness = parse_duration(self.allowed_lateness) if self.allowed_lateness else 0.0
-        return FeaturePlan.build(self.features, self.events.key, lateness)
+        """The events-sourced features' plan (the scorer's feature store)."""
+        return FeaturePlan.build(self.events_features, self.events.key, self.lateness_s)
+
+    def label_plan(self, wait_s: float = 0.0) -> LabelPlan | None:
+        """The label-fed features' plan, or None if the spec has none.
+
+        A label counts at its event's time, and labels come out of that order: by as
+        much as events come late (``allowed_lateness``), plus how long after its event
+        a label comes: ``label.after`` when the spec labels by timeout (a later label
+        message finds the default learned), and ``wait_s`` (the learner's
+        ``label_wait_s``) for the learner's own lag. Older than that behind its
+        entity's newest label, a label counts nowhere (``LabelWrite.late``)."""
+        labelled = self.label_features
+        if not labelled:
+            return None
+        lateness = self.lateness_s + (self.label.after_s or 0.0) + wait_s
+        return LabelPlan.build(labelled, self.label.field, self.events.key, lateness)
 
 
 def _fits(value: object, kind: FieldType) -> bool:

@@ -259,14 +259,15 @@ def assert_served_matches(evaluations: Iterable[Any], predictions: Mapping[str, 
 def slate_recount(
     spec: PipelineSpec, requests: Iterable[dict[str, Any]]
 ) -> dict[str, dict[str, float]]:
-    """Each (request, candidate) pair's features (by pair id), recounted from the
-    requests in order: a request counts once in each entity it touches, with its
-    first candidate there, and its other pairs see what that one saw."""
+    """Each (request, candidate) pair's events-sourced features (by pair id),
+    recounted from the requests in order: a request counts once in each entity it
+    touches, with its first candidate there, and its other pairs see what that one
+    saw. (Label-fed features: ``tests.label_streams.brute_force``.)"""
     slate = spec.events.slate
     assert slate is not None
     requests = list(requests)
     out: dict[str, dict[str, float]] = defaultdict(dict)
-    for f in spec.features:
+    for f in spec.events_features:
         fields = f.entity_fields(spec.events.key)
         first: dict[tuple[str, str], str] = {}  # (request, entity value) -> the pair counted
         stream, pairs = [], []

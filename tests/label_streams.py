@@ -91,26 +91,32 @@ _KEYS: dict[tuple[str, tuple[str, ...]], str] = {}  # a label's entity values, w
 
 
 def brute_force(
-    labels: list[LearnedLabel], pairs: list[dict[str, Any]], at: float
+    labels: list[LearnedLabel],
+    pairs: list[dict[str, Any]],
+    at: float,
+    features: list[FeatureSpec] = FEATURES,
+    key: str = "user_id",
+    cache: dict[tuple[str, tuple[str, ...]], str] = _KEYS,
 ) -> list[dict[str, float]]:
-    """Every label-fed feature of each of ``pairs`` at ``at``, counted from
-    ``labels`` (those written so far, none too late): a label counts if its bucket
-    lies in the window ending at ``at``'s bucket."""
+    """Every label-fed feature (of ``features``, ``key`` the default entity) of each
+    of ``pairs`` at ``at``, counted from ``labels`` (those written so far, none too
+    late): a label counts if its bucket lies in the window ending at ``at``'s bucket.
+    ``cache``: each label's entity values by pair id (one per stream of labels)."""
     out: list[dict[str, float]] = [{} for _ in pairs]
-    for f in FEATURES:
+    for f in features:
         window_s = parse_duration(str(f.window))
         width = window_s / f.buckets
         end = math.floor(at / width)
-        entity = f.entity_fields("user_id")
+        entity = f.entity_fields(key)
         first = end - f.buckets + 1
         inside = [x for x in labels if first <= math.floor(x.ts / width) <= end]
         overall = sum(x.value for x in inside) / len(inside) if inside else 0.0
         by_entity: dict[str, list[LearnedLabel]] = {}
         for x in inside:
-            key = _KEYS.get((x.pair_id, entity))
-            if key is None:
-                key = _KEYS[x.pair_id, entity] = entity_value(entity, x.fields)
-            by_entity.setdefault(key, []).append(x)
+            value = cache.get((x.pair_id, entity))
+            if value is None:
+                value = cache[x.pair_id, entity] = entity_value(entity, x.fields)
+            by_entity.setdefault(value, []).append(x)
         for pair, values in zip(pairs, out, strict=True):
             mine = by_entity.get(entity_value(entity, pair), [])
             n, s = float(len(mine)), float(sum(x.value for x in mine))
@@ -174,3 +180,92 @@ def check_stream(features: LabelFeatures, requests: int, seed: int) -> dict[str,
             totals["smoothed"] += 1
         totals["recent"] += sum(v["user_cat_since_click"] < 7200 for v in got)
     return totals
+
+
+def matching_prefix(
+    labels: list[LearnedLabel],
+    pairs: list[dict[str, Any]],
+    at: float,
+    served: list[dict[str, float]],
+    features: list[FeatureSpec],
+    key: str,
+    between: tuple[int, int],
+    lateness_s: float = math.inf,
+) -> int | None:
+    """The length ``k`` (within ``between``, inclusive) of a prefix of ``labels`` (in
+    the order they were learned) whose recount (``brute_force``) gives every one of
+    ``pairs`` at ``at`` exactly the ``served`` values; None if no prefix does.
+
+    Where a scorer and a learner run apart, which labels a read saw is not known,
+    but they were a prefix of the learner's: counted incrementally here, prefix by
+    prefix, rather than recounted for each. A label older than ``lateness_s`` behind
+    its entity's newest one (or, for the global rate, the newest of all) counts
+    nowhere there, as in the store."""
+    lo, hi = between
+    state = []  # per feature: its window's bounds, the global (n, s), per entity [n, s, newest]
+    for f in features:
+        width = parse_duration(str(f.window)) / f.buckets
+        end = math.floor(at / width)
+        entity = f.entity_fields(key)
+        mine = {entity_value(entity, p): [0.0, 0.0, -math.inf] for p in pairs}
+        state.append((f, width, end - f.buckets + 1, end, entity, [0.0, 0.0], mine))
+
+    def values() -> list[dict[str, float]]:
+        out: list[dict[str, float]] = []
+        for pair in pairs:
+            got: dict[str, float] = {}
+            for f, _, _, _, entity, (gn, gs), mine in state:
+                n, s, newest = mine[entity_value(entity, pair)]
+                window_s = parse_duration(str(f.window))
+                if f.agg == "count":
+                    got[f.name] = s if f.when else n
+                elif f.agg == "sum":
+                    got[f.name] = s
+                elif f.agg == "rate":
+                    rate = s / n if n else 0.0
+                    if f.prior:
+                        rate = (s + f.prior * (gs / gn if gn else 0.0)) / (n + f.prior)
+                    got[f.name] = rate
+                else:
+                    got[f.name] = min(window_s, max(0.0, at - newest)) if newest > -math.inf \
+                        else window_s  # fmt: skip
+            out.append(got)
+        return out
+
+    def equal(a: list[dict[str, float]]) -> bool:
+        return all(
+            math.isclose(v, s[name], rel_tol=1e-9, abs_tol=1e-9)
+            for got, s in zip(a, served, strict=True) for name, v in got.items()
+        )  # fmt: skip
+
+    newest: dict[tuple[tuple[str, ...], str], float] = {}  # an entity's newest label
+
+    def fresh(entity: tuple[str, ...], value: str, ts: float) -> bool:
+        w = newest.get((entity, value), -math.inf)
+        return ts >= w - lateness_s
+
+    for k in range(hi + 1):
+        if k >= lo and equal(values()):
+            return k
+        if k == len(labels):
+            break
+        x = labels[k]
+        entities = {f.entity_fields(key) for f in features} | {("@all",)}
+        counts = {e: fresh(e, "1" if e == ("@all",) else entity_value(e, x.fields), x.ts)
+                  for e in entities}  # fmt: skip
+        for e in entities:
+            v = "1" if e == ("@all",) else entity_value(e, x.fields)
+            newest[e, v] = max(newest.get((e, v), -math.inf), x.ts)
+        for f, width, first, end, entity, totals, mine in state:
+            if not first <= math.floor(x.ts / width) <= end:
+                continue
+            if counts[("@all",)]:
+                totals[0] += 1
+                totals[1] += float(x.value)
+            kept = mine.get(entity_value(entity, x.fields))
+            if kept is not None and counts[entity]:
+                kept[0] += 1
+                kept[1] += float(x.value)
+                if x.value or not f.when:
+                    kept[2] = max(kept[2], x.ts)
+    return None

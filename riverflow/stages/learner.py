@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import orjson
 
 from riverflow.features.definitions import FeaturePlan
+from riverflow.features.labelled import LabelFeatures, LearnedLabel
 from riverflow.features.scored import ScoredEvent, ScoredEvents
 from riverflow.features.store import ORPHAN, Claim, FeatureStore
 from riverflow.models.checkpoint import LearnerCheckpoint
@@ -134,9 +135,14 @@ class Learner:
         dlq_keep_bytes: int = DLQ_KEEP_BYTES,
         searches: Searches | None = None,
         timeouts: Timeouts | None = None,
+        label_features: LabelFeatures | None = None,
     ) -> None:
         self.topics = topics
         self.timeouts = timeouts
+        # label-fed features: every label learned by a call is written at its end
+        self.label_features = label_features
+        self._to_write: list[LearnedLabel] = []
+        self.label_writes = {"written": 0, "duplicates": 0, "late": 0, "untimed": 0}
         self.searches = searches or Searches([])
         self.dlq_keep_bytes = dlq_keep_bytes
         self.store = store
@@ -233,6 +239,7 @@ class Learner:
         out, self._carried = self._carried, []
         try:
             self._process(batch, out)
+            self._write_label_features()
         except BaseException:
             self._carried = out
             raise
@@ -355,6 +362,18 @@ class Learner:
         if len(self._learned_ids) > 2 * _RELEASE_AT_MOST:  # no snapshot for long
             del self._learned_ids[:-_RELEASE_AT_MOST]
         return out
+
+    def _write_label_features(self) -> None:
+        """Add the labels learned since the last write to the label-fed features: one
+        call. A write that raises is made again by the next call (a label written
+        twice within the dedup window counts once)."""
+        if self.label_features is None or not self._to_write:
+            return
+        done = self.label_features.write(self._to_write)
+        self._to_write = []
+        self.label_writes["written"] += done.counted
+        self.label_writes["duplicates"] += done.duplicates
+        self.label_writes["late"] += done.late
 
     def _due(self, item: _Pending, now: float, through: float) -> bool:
         """Whether a label has waited its time, with every event scored since."""
@@ -541,6 +560,15 @@ class Learner:
             slot = snap.slot
             record.request, record.position = slot["request"], slot["position"]
             record.shown, record.propensity = slot["shown"], slot["propensity"]
+        # label-fed features (the spec has none with a category label): at its event's
+        # time, a slate pair's its request's
+        if self.label_features is not None and not isinstance(label, str):
+            if snap.event_time is None:  # indexed before event times were kept
+                self.label_writes["untimed"] += 1
+            else:
+                self._to_write.append(
+                    LearnedLabel(snap.event_id, snap.inputs, label, snap.event_time)
+                )
         events = [Output(self.topics.model_events, e.model.encode(), e.encode()) for e in search]
         return [Output(self.topics.evaluations, snap.event_id.encode(), record.encode()), *events]
 
@@ -561,6 +589,8 @@ class Learner:
             "model_version": float(self.version),  # the lead candidate's
             **{f"prequential_{k}": v for k, v in self.metrics.as_dict().items()},
         }
+        if self.label_features is not None:  # labels written, seen before, too late
+            out.update({f"label_features_{k}": float(v) for k, v in self.label_writes.items()})
         for c in self.candidates.values():
             out[f"{c.name}:version"] = float(c.version)
             out.update({f"{c.name}:prequential_{k}": v for k, v in c.metrics.as_dict().items()})

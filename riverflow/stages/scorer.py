@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
+from itertools import repeat
 from typing import Any
 
 import orjson
 
 from riverflow.features.definitions import FeaturePlan
+from riverflow.features.labelled import LabelFeatures
 from riverflow.features.store import FeatureRequest, FeatureSnapshot, FeatureStore, feature_request
 from riverflow.models.champion import ChampionReplica, positive_probability
 from riverflow.models.cleaning import FieldCleaning, cleaning_of
@@ -46,6 +48,10 @@ from riverflow.streams.schema import EventSchema
 from riverflow.streams.topics import Topics
 from riverflow.streams.validation import Bounds, Invalid, RecordValidator, SlateValidator
 
+# where a snapshot's context keeps the label-fed values read for it, beside the stored
+# inputs (a spec with label-fed features names no model input with an "@")
+LABELLED = "@labelled"
+
 
 class Scorer:
     """events -> validate -> features (one store call) -> champion -> predictions,
@@ -55,6 +61,12 @@ class Scorer:
     A replayed event whose served prediction is stored gets that prediction
     again, not a new one from the current champion: the first answer is the one
     the user got, and the one the learner evaluates.
+
+    Label-fed features (``label_features``, ``features.labelled``) are read for the
+    whole batch in one more round trip, at each event's time, before the store
+    call; their values are stored in the event's snapshot (under ``@labelled``,
+    beside its model inputs), so a replay is served the values its first scoring
+    read, not what the learner has learned since.
     """
 
     stage = "scorer"
@@ -77,8 +89,10 @@ class Scorer:
         clean: Mapping[str, FieldCleaning] | None = None,
         quality: DataQuality | None = None,
         target: Target | None = None,
+        label_features: LabelFeatures | None = None,
     ) -> None:
         self.topics = topics
+        self.labelled = label_features
         self.target = target or Target()
         self._binary = self.target.type is LabelType.BOOL
         # personal fields tokenised (or dropped) right after validation: nothing after
@@ -119,8 +133,8 @@ class Scorer:
             return self._process_slates(batch)
         out: list[Output] = []
         events: list[dict[str, Any]] = []
+        raws: list[dict[str, Any]] = []
         cleaned: list[dict[str, str]] = []
-        requests: list[FeatureRequest] = []
         now = self.clock()
         self.champion.refresh()
         cleaner = cleaning_of(self.champion.current.model) if self.clean else None
@@ -150,8 +164,10 @@ class Scorer:
             else:
                 quality.observe(raw, ())
             events.append(event)
+            raws.append(raw)
             cleaned.append(done)
-            requests.append(self._request(event, raw))
+        labelled = self._read_labelled(events, [e[time_field] for e in events])
+        requests = [self._request(e, r, v) for e, r, v in zip(events, raws, labelled, strict=True)]
         if self.validate.undeclared:
             quality.undeclared(self.validate.undeclared)
             self.validate.undeclared.clear()
@@ -205,11 +221,18 @@ class Scorer:
             items = event.pop(self.slate.field)
             quality.observe(event, ())
             requests.append((event, items))
+        labelled: Iterator[dict[str, float] | None] = repeat(None)
+        if self.labelled is not None:  # every pair's, in one read
+            labelled = iter(self._read_labelled(
+                [{**event, **item} for event, items in requests for item in items],
+                [event[s.time] for event, items in requests for _ in items],
+            ))  # fmt: skip
+        for event, items in requests:
             request_id, ts = event[s.event_id], event[s.time]
             counted: dict[str, set[str]] = {}  # entity -> values this request counted in
             for item in items:
                 pair = {**event, **item}
-                context = orjson.dumps({name: pair[name] for name in self.stored})
+                context = self._context(pair, next(labelled))
                 req = feature_request(
                     self.plan, pair, pair_id(request_id, item[item_id]), ts, context
                 )
@@ -262,10 +285,10 @@ class Scorer:
                         first.setdefault(key, aggregates[gi])
                     else:
                         aggregates[gi] = first[key]
-                features = plan.values(aggregates)
+                stored, features = self._served_with(snap, plan.values(aggregates))
                 answer = snap.served
                 if answer is None:
-                    x = {**model_inputs(snap.inputs, self.extra), **features}
+                    x = {**model_inputs(stored, self.extra), **features}
                     p = positive_probability(model.model, x)
                     answer = ServedPrediction(model.name, model.version, p)
                     served.append((snap.event_id, answer))
@@ -291,6 +314,33 @@ class Scorer:
             )  # fmt: skip
             out.append(Output(self.topics.predictions, entity.encode(), prediction.encode()))
         return out, served
+
+    def _read_labelled(
+        self, events: Sequence[Mapping[str, Any]], times: Sequence[float]
+    ) -> list[dict[str, float] | None]:
+        """The label-fed features of each event (a slate's pair) at its time: one read
+        for the batch; Nones (no read) without label-fed features."""
+        if self.labelled is None or not events:
+            return [None] * len(events)
+        return list(self.labelled.read(events, times))
+
+    def _context(self, event: Mapping[str, Any], labelled: dict[str, float] | None) -> bytes:
+        """The snapshot's context: the stored inputs, and the label-fed values read."""
+        stored = {name: event[name] for name in self.stored}
+        if labelled is not None:
+            stored[LABELLED] = labelled
+        return orjson.dumps(stored)
+
+    def _served_with(
+        self, snap: FeatureSnapshot, features: dict[str, float]
+    ) -> tuple[dict[str, Any], dict[str, float]]:
+        """A snapshot's stored inputs, and its features with the label-fed ones its
+        context holds (those read when it was first scored: a replay gets them too)."""
+        if self.labelled is None:
+            return snap.inputs, features
+        stored = {k: v for k, v in snap.inputs.items() if k != LABELLED}
+        # (a snapshot stored by a scorer without them has none: they are left out)
+        return stored, {**features, **snap.inputs.get(LABELLED, {})}
 
     def _explore(self, request_id: str, ranked: list[Any]) -> tuple[list[Any], list[float]]:
         """The order a request is served in (epsilon-greedy: with chance ``epsilon`` a
@@ -355,13 +405,17 @@ class Scorer:
             **{f"feature_batches_{k}": float(v) for k, v in self.store.batches.items()},
         }
 
-    def _request(self, event: dict[str, Any], raw: dict[str, Any] | None = None) -> FeatureRequest:
+    def _request(
+        self,
+        event: dict[str, Any],
+        raw: dict[str, Any] | None = None,
+        labelled: dict[str, float] | None = None,
+    ) -> FeatureRequest:
         """Features from ``event`` (its missing values imputed); the inputs stored
         as ``raw`` held them (the model's pipeline cleans them, in the scorer and the
-        learner alike)."""
+        learner alike), with the label-fed values read for it."""
         s = self.schema
-        raw = event if raw is None else raw
-        context = orjson.dumps({name: raw[name] for name in self.stored})
+        context = self._context(event if raw is None else raw, labelled)
         return feature_request(self.plan, event, event[s.event_id], event[s.time], context)
 
     def _predict(
@@ -372,8 +426,8 @@ class Scorer:
         now: float,
         cleaned: dict[str, str],
     ) -> tuple[Output, ServedPrediction]:
-        features = self.plan.values(snap.aggregates)
-        x = {**model_inputs(snap.inputs, self.extra), **features}
+        stored, features = self._served_with(snap, self.plan.values(snap.aggregates))
+        x = {**model_inputs(stored, self.extra), **features}
         served = snap.served
         if served is None:
             if self._binary:
@@ -400,7 +454,7 @@ class Scorer:
             now,
             snap.replayed,
             explanation,
-            snap.inputs,
+            stored,
             self.pii_key,
             served.value,
             served.probabilities,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import msgpack
 import orjson
 import pytest
 
@@ -44,9 +45,9 @@ def test_the_first_prediction_of_an_event_is_what_its_label_joins(
     found = index.lookup(["e1", "e2", "e9", "nope"])
     assert found == {
         "e1": ScoredEvent("e1", {"amount": 12.5, "country": "FR"}, {"n_10m": 2.0},
-                          ServedPrediction("tree", 3, 0.25)),
+                          ServedPrediction("tree", 3, 0.25), event_time=1.0),
         "e2": ScoredEvent("e2", {"amount": 12.5, "country": "FR"}, {"n_10m": 2.0},
-                          ServedPrediction("tree", 3, 0.5)),
+                          ServedPrediction("tree", 3, 0.5), event_time=1.0),
     }  # fmt: skip
     assert index.unreadable == 6  # hostile or forged records cost nothing else
     index.forget(["e1"])
@@ -86,3 +87,20 @@ def test_an_index_that_cannot_write_is_an_outage_not_a_bad_label(tmp_path: Path)
         index.add([prediction("e1", 0.25, 0)])
     # the guard waits it out (and stops after the outage limit): labels stay unblamed
     assert outage(raised.value) is not None
+
+
+def test_a_record_indexed_before_event_times_were_kept_still_reads() -> None:
+    """An index on disk outlives an upgrade: its records lack the event time."""
+    old = {
+        "fraud": [{"amount": 1.0}, {"n": 2.0}, "tree", 3, 0.25],
+        "number": [{"amount": 1.0}, {}, "reg", 1, None, 4.5, None],
+        "slate": [{"u": "u1"}, {}, "fm", 2, 0.1, None, None, {"request": "r1", "position": 0}],
+    }
+    for name, record in old.items():
+        scored = ScoredEvent.unpack(name, msgpack.packb(record))
+        assert scored.event_time is None and scored.inputs == record[0]
+    assert ScoredEvent.unpack("r", msgpack.packb(old["slate"])).slot == {
+        "request": "r1",
+        "position": 0,
+    }
+    assert ScoredEvent.unpack("n", msgpack.packb(old["number"])).served.value == 4.5

@@ -3,11 +3,16 @@ recount of the labels the learner wrote, smoothed rates and recency included."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import uuid
+from pathlib import Path
 
 import pytest
 import redis
+import yaml
 
 from riverflow.assembly import redis_client as connect
 from riverflow.features.labelled import LabelFeatures, LabelPlan, LearnedLabel
@@ -102,3 +107,39 @@ def test_on_a_redis_cluster_a_batch_is_one_call_to_the_namespaces_node(
         stats = redis_cluster.client(node).info("commandstats")
         sent = {c for c in ("cmdstat_evalsha", "cmdstat_hget") if c in stats}
         assert sent == ({"cmdstat_evalsha", "cmdstat_hget"} if node.port == owner.port else set())
+
+
+def test_forget_and_features_reset_reach_the_label_fed_windows(
+    redis_client: redis.Redis, stack: Endpoints, tmp_path: Path
+) -> None:
+    """``riverflow forget`` erases an item's label-fed windows (alone), ``features
+    reset`` every label-fed window and the layout."""
+    from riverflow.spec import load_spec
+
+    data = load_spec("examples/recsys.yaml").model_dump(mode="json", exclude_none=True)
+    data["name"] = f"it-{uuid.uuid4().hex[:10]}"
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(data))
+    plan = load_spec(spec_file).label_plan()
+    assert plan is not None
+    features = LabelFeatures.on_redis(redis_client, data["name"], plan)
+    features.check_layout()
+    pairs = [{"user_id": "u1", "item_id": i, "category": "c1"} for i in ("i1", "i2")]
+    features.write([LearnedLabel(f"r1/{p['item_id']}", p, True, 1_767_225_600.0) for p in pairs])
+    lab = f"rf:{data['name']}:lab:"
+    env = {**os.environ, "RIVERFLOW_REDIS_URL": stack.redis_url,
+           "RIVERFLOW_KAFKA_BOOTSTRAP": stack.kafka_bootstrap}  # fmt: skip
+
+    def cli(*args: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "riverflow.cli", *args, "--spec",
+                               str(spec_file)], env=env, capture_output=True, text=True,
+                              timeout=60, check=False)  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        return " ".join(done.stdout.split())
+
+    assert "1 entity keys" in cli("forget", "i1", "--field", "item_id")
+    assert not redis_client.exists(f"{lab}ent:item_id:i1")
+    assert redis_client.exists(f"{lab}ent:item_id:i2", f"{lab}ent:user_id:u1") == 2
+    assert "deleted" in cli("features", "reset", "--yes")
+    assert not list(redis_client.scan_iter(match=f"{lab}ent:*"))
+    assert not redis_client.exists(f"{lab}features:layout")

@@ -5,12 +5,15 @@ learner as processes, the simulated users clicking what they were shown.
 - exactly one ranked prediction per request;
 - every shown item labelled exactly once: by its click, or by the timeout as a
   negative (``label.after``), never both;
-- the features of a sample of pairs equal a recount of the requests before them;
+- the features of a sample of pairs equal a recount of the requests before them,
+  and the label-fed ones (click-through rates, recency) a recount of the labels the
+  learner had learned when the request was scored;
 - a tampered request goes to the DLQ naming its candidate, and costs nothing else.
 """
 
 from __future__ import annotations
 
+import bisect
 import os
 import random
 import subprocess
@@ -23,6 +26,7 @@ import orjson
 import pytest
 import yaml
 
+from riverflow.features.labelled import LearnedLabel
 from riverflow.spec import PipelineSpec, shipped_example
 from riverflow.streams.contracts import DeadLetter, Evaluation, pair_id
 from riverflow.streams.kafka_io import ensure_topics, produce_all, producer, read_topic
@@ -30,6 +34,7 @@ from riverflow.tools.recsys import RecsysConfig, RecsysWorld
 from riverflow.tools.stack import Endpoints
 from tests.helpers import slate_recount
 from tests.integration.conftest import StageFactory, collect
+from tests.label_streams import matching_prefix
 
 N = 5_000
 SHOWN = 5
@@ -81,8 +86,8 @@ def test_the_recsys_example_ranks_every_request_and_labels_every_shown_item_once
     assert len(clicks) > 200  # users click: positives to learn from
 
     # every shown item, once: its click, or the timeout's negative
-    found = collect(stack.kafka_bootstrap, t.evaluations, N * SHOWN, timeout_s=240)
-    evaluations = [Evaluation.decode(m.value()) for m in found]
+    evaluated = collect(stack.kafka_bootstrap, t.evaluations, N * SHOWN, timeout_s=240)
+    evaluations = [Evaluation.decode(m.value()) for m in evaluated]
     shown = {pair_id(p["event_id"], c["item"]): (p, c) for p in predictions
              for c in p["slate"] if c["shown"]}  # fmt: skip
     assert len(shown) == N * SHOWN
@@ -104,4 +109,28 @@ def test_the_recsys_example_ranks_every_request_and_labels_every_shown_item_once
               for c in p["slate"]}  # fmt: skip
     recount = slate_recount(spec, events)
     for pid in random.Random(2).sample(sorted(served), 400):
-        assert served[pid] == recount[pid], pid
+        assert {n: served[pid][n] for n in recount[pid]} == recount[pid], pid
+
+    # label-fed: a sample of requests against the labels learned before each was scored.
+    # The learner writes the labels of each batch in one call, in the order of its
+    # evaluations (one partition): a read saw a prefix of them, one that holds every
+    # label evaluated well before the request was scored and none evaluated well after
+    at = {p["event_id"]: p["event_time"] for p in predictions}
+    learned = [(m.timestamp()[1] / 1000, e) for m, e in zip(evaluated, evaluations, strict=True)]
+    labels = [LearnedLabel(e.event_id, e.inputs or {}, bool(e.label), at[e.request or ""])
+              for _, e in learned]  # fmt: skip
+    written = [ts for ts, _ in learned]
+    labelled, margin_s = spec.label_features, 5.0
+    plan = spec.label_plan(2.0)  # the learner's label_wait_s
+    assert plan is not None
+    matched = 0
+    for p in random.Random(3).sample(predictions, 40):
+        pairs = [{**p["inputs"], **c["inputs"]} for c in p["slate"]]
+        values = [{f.name: c["features"][f.name] for f in labelled} for c in p["slate"]]
+        lo = bisect.bisect_left(written, p["scored_at"] - margin_s)
+        hi = bisect.bisect_right(written, p["scored_at"] + margin_s)
+        k = matching_prefix(labels, pairs, p["event_time"], values, labelled, "user_id",
+                            (lo, hi), plan.tiles.lateness_s)  # fmt: skip
+        assert k is not None, (p["event_id"], lo, hi)
+        matched += k > 0
+    assert matched > 20  # most requests were scored with labels learned

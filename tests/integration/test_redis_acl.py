@@ -85,3 +85,41 @@ def test_each_stage_runs_as_its_own_redis_user_and_the_scorer_cannot_touch_the_r
         stop_cleanly(*stages.values(), timeout_s=30)
         for user, _ in users.values():
             redis_client.acl_deluser(user)
+
+
+def test_label_fed_features_run_under_the_stages_redis_users(
+    redis_client: redis.Redis, stack: Endpoints
+) -> None:
+    """The learner's user writes the label-fed windows, the scorer's reads them and
+    cannot write them."""
+    from riverflow.features.labelled import LabelFeatures, LearnedLabel
+    from riverflow.spec import parse_spec
+
+    data = load_spec("examples/recsys.yaml").model_dump(mode="json", exclude_none=True)
+    spec = parse_spec({**data, "name": f"acl-{uuid.uuid4().hex[:8]}"})
+    plan = spec.label_plan()
+    assert plan is not None
+    tag = uuid.uuid4().hex[:6]
+    clients = {}
+    try:
+        for stage in ("scorer", "learner"):
+            user, password = f"{stage}-{tag}", f"pw-{stage}-{tag}"
+            redis_client.execute_command(
+                "ACL", "SETUSER", user, "on", f">{password}", *redis_acl_rules(spec, stage)
+            )
+            clients[stage] = redis.Redis.from_url(stack.redis_url, username=user,
+                                                  password=password)  # fmt: skip
+        learner = LabelFeatures.on_redis(clients["learner"], spec.name, plan)
+        scorer = LabelFeatures.on_redis(clients["scorer"], spec.name, plan)
+        scorer.check_layout()  # the first to start stores the layout
+        learner.check_layout()
+        pair = {"user_id": "u1", "item_id": "i1", "category": "c1"}
+        assert learner.write([LearnedLabel("r1/i1", pair, True, 1_767_225_600.0)]).counted == 1
+        assert scorer.read([pair], 1_767_225_660.0)[0]["user_ctr_24h"] == 1.0
+        with pytest.raises(redis.exceptions.ResponseError, match="access at least one of the keys"):
+            scorer.write([LearnedLabel("r2/i1", pair, True, 1_767_225_600.0)])
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            clients["scorer"].set(f"rf:{spec.name}:lab:ent:user_id:u1", b"forged")
+    finally:
+        for stage in clients:
+            redis_client.acl_deluser(f"{stage}-{tag}")
