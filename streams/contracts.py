@@ -179,8 +179,10 @@ class Prediction(Record):
         item's score."""
         if self.probability is not None:
             return self.probability
-        if self.slate:
-            return float(self.slate[0]["score"])
+        if self.slate:  # (a forged one may lack it: then 0.0)
+            top = self.slate[0]
+            score = top.get("score") if isinstance(top, dict) else None
+            return float(score) if isinstance(score, int | float) else 0.0
         if self.probabilities:
             return max(self.probabilities.values())
         return float(self.value) if isinstance(self.value, int | float) else 0.0

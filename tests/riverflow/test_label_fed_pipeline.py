@@ -16,6 +16,7 @@ from riverflow.features.labelled import LearnedLabel
 from riverflow.settings import Settings
 from riverflow.spec import PipelineSpec, SpecError, load_spec, parse_spec
 from riverflow.streams.contracts import Evaluation, Output
+from riverflow.streams.schema import LabelLearning
 from riverflow.tools.generator import FraudStreamConfig, with_labels
 from riverflow.tools.recsys import RecsysConfig, RecsysWorld
 from tests.label_streams import brute_force, matching_prefix
@@ -44,6 +45,10 @@ def served(rt: EmbeddedRuntime, rid: str) -> dict[str, Any]:
 
 
 def test_a_click_changes_the_next_requests_user_ctr(spec: PipelineSpec) -> None:
+    # clicks learned as they come (the example holds them to their timeout: then the
+    # same holds once r1's timeout has passed)
+    at_once = spec.label.model_copy(update={"learn": LabelLearning.AT_ONCE})
+    spec = spec.model_copy(update={"label": at_once})
     now = [T0]
     rt = EmbeddedRuntime(spec, Settings(), clock=lambda: now[0])
     t = rt.topics
