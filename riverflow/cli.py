@@ -57,7 +57,10 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     if spec.events.slate is not None:  # ranking requests: the simulated users' demo
         from riverflow.tools.demo_recsys import recsys_summary, run_recsys_demo
 
-        slates = run_recsys_demo(spec, settings, requests=args.events or 10_000, seed=args.seed)
+        # 200 users: each one's tastes are learned within the run, so the season
+        # change halfway costs the ranking what it had learned, and it learns again
+        slates = run_recsys_demo(spec, settings, requests=args.events or 30_000, seed=args.seed,
+                                 window=1_000, world_users=200, world_items=500)  # fmt: skip
         console.print()
         console.print(recsys_summary(slates))
         return 0
@@ -702,7 +705,7 @@ def parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="a pipeline (fraud by default) on the embedded runtime")
     demo.add_argument(
-        "--events", type=int, help="events (default 20,000), or requests of a slate spec (10,000)"
+        "--events", type=int, help="events (default 20,000), or requests of a slate spec (30,000)"
     )
     demo.add_argument("--seed", type=int, default=7)
     demo.add_argument("--spec", type=Path)

@@ -139,14 +139,7 @@ class Scorer:
         self.champion.refresh()
         cleaner = cleaning_of(self.champion.current.model) if self.clean else None
         quality, time_field = self.quality, self.schema.time
-        for msg in batch:
-            event = self.validate(msg.value)
-            if isinstance(event, Invalid):
-                out.append(self._refuse(msg, event))
-                continue
-            if self.pii is not None:
-                self.pii.apply(event)
-            quality.fresh(msg.partition, now - event[time_field])
+        for event in self._intake(batch, now, out):
             raw = event
             done: dict[str, str] = {}
             if cleaner is not None:
@@ -168,21 +161,48 @@ class Scorer:
             cleaned.append(done)
         labelled = self._read_labelled(events, [e[time_field] for e in events])
         requests = [self._request(e, r, v) for e, r, v in zip(events, raws, labelled, strict=True)]
+        return self._finish(out, now, requests, lambda snaps: self._score(events, snaps, cleaned))
+
+    def _intake(self, batch: Sequence[Message], now: float, out: list[Output]) -> Iterator[Any]:
+        """The valid events of ``batch`` (their personal fields tokenised, their
+        freshness noted); each message that is none goes to ``out`` as a dead letter."""
+        quality, time_field = self.quality, self.schema.time
+        for msg in batch:
+            event = self.validate(msg.value)
+            if isinstance(event, Invalid):
+                out.append(self._refuse(msg, event))
+                continue
+            if self.pii is not None:
+                self.pii.apply(event)
+            quality.fresh(msg.partition, now - event[time_field])
+            yield event
+
+    def _finish(
+        self,
+        out: list[Output],
+        now: float,
+        requests: list[FeatureRequest],
+        score: Callable[
+            [list[FeatureSnapshot]], tuple[list[Output], list[tuple[str, ServedPrediction]]]
+        ],
+    ) -> list[Output]:
+        """The batch's feature store call and its predictions (``score``), after the dead
+        letters in ``out`` and the schema changes; the outputs to write."""
         if self.validate.undeclared:
-            quality.undeclared(self.validate.undeclared)
+            self.quality.undeclared(self.validate.undeclared)
             self.validate.undeclared.clear()
         self.counters.dead_letters += len(out)
         out += self._schema_changes(now)
         # the store may hold the feature writes back and make them with the
         # predictions, in one round trip (record_served)
         snapshots = self.store.update_and_read(requests, commit=False)
-        scored, served = self._score(events, snapshots, cleaned)
+        scored, served = score(snapshots)
         # before the outputs leave: a prediction is never emitted without its record
         if not self.store.record_served(served):
             # refused: replays, or entities another scorer changed. Nothing was
             # written; the store runs the batch again on what it holds
             snapshots = self.store.update_and_read(requests)
-            scored, served = self._score(events, snapshots, cleaned)
+            scored, served = score(snapshots)
             self.store.record_served(served)
         self.counters.late_events += sum(s.late and not s.replayed for s in snapshots)
         out += scored
@@ -209,17 +229,10 @@ class Scorer:
         pairs: list[FeatureRequest] = []
         now = self.clock()
         self.champion.refresh()
-        quality, s, item_id = self.quality, self.schema, self.slate.item_id
-        for msg in batch:
-            event = self.validate(msg.value)
-            if isinstance(event, Invalid):
-                out.append(self._refuse(msg, event))
-                continue
-            if self.pii is not None:
-                self.pii.apply(event)
-            quality.fresh(msg.partition, now - event[s.time])
+        s, item_id = self.schema, self.slate.item_id
+        for event in self._intake(batch, now, out):
             items = event.pop(self.slate.field)
-            quality.observe(event, ())
+            self.quality.observe(event, ())
             requests.append((event, items))
         labelled: Iterator[dict[str, float] | None] = repeat(None)
         if self.labelled is not None:  # every pair's, in one read
@@ -241,21 +254,7 @@ class Scorer:
                 for name, value in req.entities.items():
                     counted[name].add(value)
                 pairs.append(replace(req, read_only=tuple(seen)) if seen else req)
-        if self.validate.undeclared:
-            quality.undeclared(self.validate.undeclared)
-            self.validate.undeclared.clear()
-        self.counters.dead_letters += len(out)
-        out += self._schema_changes(now)
-        snapshots = self.store.update_and_read(pairs, commit=False)
-        scored, served = self._rank(requests, pairs, snapshots)
-        if not self.store.record_served(served):  # refused: as in ``process``
-            snapshots = self.store.update_and_read(pairs)
-            scored, served = self._rank(requests, pairs, snapshots)
-            self.store.record_served(served)
-        self.counters.late_events += sum(s.late and not s.replayed for s in snapshots)
-        out += scored
-        self.counters.produced += len(out)
-        return out
+        return self._finish(out, now, pairs, lambda snaps: self._rank(requests, pairs, snaps))
 
     def _rank(
         self,

@@ -131,9 +131,13 @@ def run_recsys_demo(
     seed: int = 7,
     console: Console | None = None,
     window: int = 500,
+    world_users: int = 2_000,
+    world_items: int = 1_000,
 ) -> RecsysDemoResult:
     """Run the recommendation demo (``spec``: a slate spec of ``examples/recsys.yaml``'s
-    shape; the season changes at half the ``requests``)."""
+    shape; the season changes at half the ``requests``; ``world_users`` and
+    ``world_items``: the simulated world's (fewer users, more clicks of each to learn
+    their tastes from)."""
     why = fits(spec)
     if why is not None:
         raise ValueError(f"the recommendation demo simulates examples/recsys.yaml's requests, "
@@ -141,7 +145,8 @@ def run_recsys_demo(
     assert spec.events.slate is not None
     console = console or Console()
     shift = requests // 2
-    config = RecsysConfig(seed=seed, shown=spec.events.slate.shown, shift_at=(shift,))
+    config = RecsysConfig(seed=seed, shown=spec.events.slate.shown, shift_at=(shift,),
+                          users=world_users, items=world_items)  # fmt: skip
     world = RecsysWorld(config)
     now = [config.start_ts]
     holder: list[_Users] = []
@@ -219,7 +224,7 @@ def recsys_summary(result: RecsysDemoResult) -> Table:
         table.add_row(f"candidate {name} ROC AUC (shown items)", f"{value:.4f}")
     shift = result.shift_at
     spans = (("before the shift", shift // 2, shift), ("just after it", shift, shift + shift // 4),
-             ("recovered (last quarter)", shift + shift // 2, 2 * shift))  # fmt: skip
+             ("in the last quarter", shift + shift // 2, 2 * shift))  # fmt: skip
     for label, start, end in spans:
         table.add_row(
             f"NDCG@{K} {label}",
