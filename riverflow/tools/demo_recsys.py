@@ -167,7 +167,9 @@ def run_recsys_demo(
                 event = world.event(r)
                 rt.produce(rt.topics.events, r.user.encode(), orjson.dumps(event))
             now[0] = chunk[-1].ts
-            rt.step()
+            # everything in flight, the clicks too: a step reads one batch of labels,
+            # and clicks that fell behind would come after their request's timeout
+            rt.drain()
             users.answer()
             done += len(chunk)
             live.update(_view(rt, users, done, requests, started))
