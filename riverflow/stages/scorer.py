@@ -234,17 +234,16 @@ class Scorer:
             items = event.pop(self.slate.field)
             self.quality.observe(event, ())
             requests.append((event, items))
+        merged = [{**event, **item} for event, items in requests for item in items]
         labelled: Iterator[dict[str, float] | None] = repeat(None)
         if self.labelled is not None:  # every pair's, in one read
-            labelled = iter(self._read_labelled(
-                [{**event, **item} for event, items in requests for item in items],
-                [event[s.time] for event, items in requests for _ in items],
-            ))  # fmt: skip
+            labelled = iter(self._read_labelled(merged, [pair[s.time] for pair in merged]))
+        fields = iter(merged)
         for event, items in requests:
             request_id, ts = event[s.event_id], event[s.time]
             counted: dict[str, set[str]] = {}  # entity -> values this request counted in
             for item in items:
-                pair = {**event, **item}
+                pair = next(fields)
                 context = self._context(pair, next(labelled))
                 req = feature_request(
                     self.plan, pair, pair_id(request_id, item[item_id]), ts, context
