@@ -19,6 +19,7 @@ import orjson
 from riverflow.features.definitions import FeaturePlan
 from riverflow.features.labelled import LabelFeatures
 from riverflow.features.store import FeatureRequest, FeatureSnapshot, FeatureStore, feature_request
+from riverflow.models.batched import positive_probabilities
 from riverflow.models.champion import ChampionReplica, positive_probability
 from riverflow.models.cleaning import FieldCleaning, cleaning_of
 from riverflow.models.explain import explain
@@ -269,11 +270,13 @@ class Scorer:
         groups = [g.entity_name for g in plan.groups]
         out: list[Output] = []
         served: list[tuple[str, ServedPrediction]] = []
+        scored: list[tuple[Any, Any, dict[str, float], FeatureSnapshot]] = []  # (item, answer, ...)
+        unserved: list[int] = []  # the pairs first scored now
+        xs: list[dict[str, Any]] = []
         at = 0
-        for event, items in requests:
+        for _, items in requests:
             # a pair that did not count in an entity has the aggregates of the one that did
             first: dict[tuple[int, str], list[Any]] = {}
-            ranked = []
             for item, req, snap in zip(items, pairs[at : at + len(items)],
                                        snapshots[at : at + len(items)], strict=True):  # fmt: skip
                 aggregates = list(snap.aggregates)
@@ -284,13 +287,20 @@ class Scorer:
                     else:
                         aggregates[gi] = first[key]
                 stored, features = self._served_with(snap, plan.values(aggregates))
-                answer = snap.served
-                if answer is None:
-                    x = {**model_inputs(stored, self.extra), **features}
-                    p = positive_probability(model.model, x)
-                    answer = ServedPrediction(model.name, model.version, p)
-                    served.append((snap.event_id, answer))
-                ranked.append((item, answer, features, snap))
+                if snap.served is None:
+                    unserved.append(len(scored))
+                    xs.append({**model_inputs(stored, self.extra), **features})
+                scored.append((item, snap.served, features, snap))
+            at += len(items)
+        # the batch's pairs in one call: a factorization machine scores them at once
+        for i, p in zip(unserved, positive_probabilities(model.model, xs), strict=True):
+            item, _, features, snap = scored[i]
+            answer = ServedPrediction(model.name, model.version, p)
+            served.append((snap.event_id, answer))
+            scored[i] = (item, answer, features, snap)
+        at = 0
+        for event, items in requests:
+            ranked = scored[at : at + len(items)]
             at += len(items)
             ranked.sort(key=lambda r: -(r[1].probability or 0.0))  # stable: ties keep order
             served_order, propensities = self._explore(event[schema.event_id], ranked)

@@ -1,0 +1,66 @@
+"""Many predictions of one model at once: a slate's pairs, scored together.
+
+``positive_probabilities(model, xs)`` gives what ``positive_probability`` gives
+for each ``x`` in turn. For a factorization machine (``river.facto.FMClassifier``,
+alone or at the end of a pipeline of transformers) it computes them in one numpy
+pass instead: River sums the pairwise interactions ``<v_i, v_j> x_i x_j`` pair
+by pair (28 numpy dot products for 8 inputs, ~48 us per prediction), while
+
+    sum_{i<j} <v_i, v_j> x_i x_j = 1/2 * (|sum_i v_i x_i|^2 - sum_i |v_i|^2 x_i^2)
+
+is linear in the inputs (Rendle, 2010), and one stacked array serves the whole
+batch (~5 us per prediction). The result equals River's up to rounding
+(~1e-16), and the model is left as River's predictions leave it: a latent
+vector is created for an input seen for the first time, in the same order
+(``tests/models/test_batched.py``). Any other model is scored one by one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from river import compose, facto
+from river.utils.math import dot, sigmoid
+
+from riverflow.models.champion import positive_probability
+
+
+def positive_probabilities(model: Any, xs: Sequence[dict[str, Any]]) -> list[float]:
+    """P(label is true) of each of ``xs``, as ``positive_probability`` would say."""
+    final, steps = model, []
+    if isinstance(model, compose.Pipeline):
+        *steps, final = model.steps.values()
+    if type(final) is not facto.FMClassifier or final.sample_normalization or not xs:
+        return [positive_probability(model, x) for x in xs]
+    for step in steps:  # the transformers, as the pipeline's predict applies them
+        xs = [step.transform_one(x) for x in xs]
+    return _fm(final, xs)
+
+
+def _fm(fm: facto.FMClassifier, xs: Sequence[dict[str, Any]]) -> list[float]:
+    weights, latents = fm.weights, fm.latents
+    raw: list[float] = []
+    rows: list[np.ndarray] = []  # every pairwise-interacting input's latent vector
+    values: list[float] = []
+    starts: list[int] = []  # where each such prediction's rows start
+    which: list[int] = []  # ...and which prediction it is
+    for i, x in enumerate(xs):
+        # River's one-hot encoding of strings (FMClassifier._ohe_cat_features)
+        ohe = dict((f"{j}_{v}", 1) if isinstance(v, str) else (j, v) for j, v in x.items())
+        raw.append(fm.intercept + dot(ohe, weights))
+        if len(ohe) > 1:  # (River touches no latent vector for fewer than two inputs)
+            starts.append(len(rows))
+            which.append(i)
+            rows.extend([latents[j] for j in ohe])  # created as River creates them
+            values.extend(ohe.values())
+    if rows:
+        weighted = np.asarray(rows, dtype=float) * np.asarray(values, dtype=float)[:, None]
+        at = np.asarray(starts)
+        sums = np.add.reduceat(weighted, at, axis=0)
+        squares = np.add.reduceat(np.einsum("ij,ij->i", weighted, weighted), at)
+        pairwise = 0.5 * (np.einsum("ij,ij->i", sums, sums) - squares)
+        for i, value in zip(which, pairwise.tolist(), strict=True):
+            raw[i] += value
+    return [sigmoid(r) for r in raw]

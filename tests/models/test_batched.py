@@ -1,0 +1,82 @@
+"""A slate's pairs scored at once give what River gives one by one, and leave the
+model as River leaves it."""
+
+from __future__ import annotations
+
+import copy
+import random
+from typing import Any
+
+import numpy as np
+import pytest
+from river import facto, linear_model, optim
+
+from riverflow.models.batched import positive_probabilities
+from riverflow.models.champion import positive_probability
+from riverflow.models.factory import build_candidates
+from riverflow.spec import load_spec
+
+
+def pair(rng: random.Random, users: int = 300) -> dict[str, Any]:
+    return {
+        "user_id": f"u{rng.randrange(users)}", "category": f"c{rng.randrange(12)}",
+        "quality": rng.random(), "device": rng.choice(["ios", "android", "web"]),
+        "page": rng.choice(["home", "search"]), "user_ctr_24h": rng.random() * 0.2,
+        "item_ctr_24h": rng.random() * 0.2, "user_category_ctr_7d": rng.random() * 0.2,
+    }  # fmt: skip
+
+
+def trained(model: Any, n: int = 3_000, seed: int = 3) -> Any:
+    rng = random.Random(seed)
+    for _ in range(n):
+        x = pair(rng, users=100)
+        model.learn_one(x, rng.random() < 0.1 + 0.5 * (x["category"] == "c3"))
+    return model
+
+
+def assert_same(model: Any, xs: list[dict[str, Any]]) -> None:
+    """Batched against one by one, each on its own copy of ``model``."""
+    one, many = copy.deepcopy(model), copy.deepcopy(model)
+    expected = [positive_probability(one, x) for x in xs]
+    got = positive_probabilities(many, xs)
+    assert got == pytest.approx(expected, abs=1e-12, rel=1e-12)
+    final_one = one if not hasattr(one, "steps") else list(one.steps.values())[-1]
+    final_many = many if not hasattr(many, "steps") else list(many.steps.values())[-1]
+    if isinstance(final_one, facto.FMClassifier):
+        # unseen users got latent vectors, drawn in the same order: the same model after
+        assert list(final_many.latents) == list(final_one.latents)
+        for key, vector in final_one.latents.items():
+            np.testing.assert_array_equal(final_many.latents[key], vector)
+        assert final_many.weights == final_one.weights
+
+
+def test_a_factorization_machine_scores_a_batch_as_river_does() -> None:
+    fm = trained(facto.FMClassifier(n_factors=8, seed=1, intercept=-2.0))
+    rng = random.Random(9)
+    xs = [pair(rng) for _ in range(500)]  # users 100-299 were never seen
+    assert_same(fm, xs)
+    # single inputs (no pairwise term: no latent vector touched) and mixed sizes
+    assert_same(fm, [{"quality": 0.3}, {"user_id": "new"}, {}, *xs[:3], {"page": "x"}])
+
+
+def test_the_recsys_candidates_score_a_batch_as_river_does() -> None:
+    """The example's pipelines (Select, crosses, hashing, FM and logistic regression)."""
+    spec = load_spec("recsys")
+    rng = random.Random(5)
+    xs = [{**pair(rng), "item_id": f"i{rng.randrange(50)}"} for _ in range(300)]
+    for name, model in build_candidates(spec.models).items():
+        for x in xs[:200]:
+            model.learn_one(x, x["category"] in ("c1", "c2"))
+        assert_same(model, xs[200:])
+        assert name  # every candidate checked
+
+
+def test_other_models_and_an_empty_batch() -> None:
+    logreg = linear_model.LogisticRegression(optimizer=optim.SGD(0.05))
+    numeric = [{"quality": q / 10, "user_ctr_24h": 0.1} for q in range(10)]
+    for x in numeric:
+        logreg.learn_one(x, x["quality"] > 0.5)
+    assert positive_probabilities(logreg, numeric) == [
+        positive_probability(logreg, x) for x in numeric
+    ]
+    assert positive_probabilities(facto.FMClassifier(), []) == []
