@@ -206,6 +206,8 @@ class Kernel:
 
     def _extremes(self, tiles: Tiles, tot: list[Any]) -> None:
         """The window's minima and maxima in ``tot``, from its tiles."""
+        if not self.extreme_at:
+            return
         first = tiles.hb - self.buckets + 1
         for j, o, _, lowest in self.extreme_at:
             values = [t[o] for k, t in tiles.tiles.items() if k >= first]

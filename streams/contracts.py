@@ -320,7 +320,13 @@ class ServedPrediction:
     ) -> None:
         self.model = model  # (optional fields as in CandidatePrediction.__init__)
         self.version = version
-        _set_given(self, probability=probability, value=value, probabilities=probabilities)
+        # (not _set_given: a slate's scorer makes one per pair, 20 a request)
+        if probability is not None:
+            self.probability = probability
+        if value is not None:
+            self.value = value
+        if probabilities is not None:
+            self.probabilities = probabilities
 
     @classmethod
     def __get_pydantic_core_schema__(cls, source: Any, handler: Any) -> core_schema.CoreSchema:

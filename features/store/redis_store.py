@@ -103,6 +103,7 @@ _READ = _lua("prelude", "read")
 _RECORD_SERVED = _lua("record_served")
 _CLAIM = _lua("claim")
 _COMMIT = _lua("commit")
+_LOAD = _lua("load")
 
 _LUA_STATS = ("S", "Q", "MN", "MX", "L", "C")  # names of definitions.STATS in the scripts
 
@@ -221,6 +222,7 @@ class RedisFeatureStore:
         self._claim = client.register_script(_CLAIM)
         self._record_served = client.register_script(_RECORD_SERVED)
         self._commit = client.register_script(_COMMIT)
+        self._load_states = client.register_script(_LOAD)
         self._entities = plan.entities
         names = ["+".join(e) for e in self._entities]
         ttl_s = {name: 0.0 for name in names}
@@ -502,13 +504,7 @@ class RedisFeatureStore:
                 self._cache[key] = expand_entity(engine, packed)
         if not order:
             return
-        pipe = self.client.pipeline(transaction=False)
-        for key in order:
-            pipe.hmget(key, "s", "v")
-        try:
-            replies = pipe.execute()
-        except redis.ConnectionError as exc:
-            raise FeatureStoreError(f"Redis unreachable: {exc}") from exc
+        replies = self._call(self._load_states, self._route, order)
         for key, (state, version) in zip(order, replies, strict=True):
             stored = msgpack.unpackb(state, strict_map_key=False) if state else None
             self._cache[key] = (unpack_entity(self.engine, stored), int(version or 0))
