@@ -13,7 +13,8 @@ server that is down is waited for, never blamed on a message.
   goes to the DLQ and nothing is skipped because a server is down.
 - anything else (a bug, or a message no validator foresaw): the batch is bisected
   until each message that still raises on its own is alone; that one goes to the
-  DLQ as ``internal_error`` with the exception's type and message, the others are
+  DLQ as ``internal_error`` with the exception's type and message (its type alone for
+  a stage that sees personal data: the message may quote a value), the others are
   processed, and the stage goes on.
 
 Running messages again relies on what the stages already guarantee for replays
@@ -112,8 +113,12 @@ class Guard:
         max_backoff_s: float = MAX_BACKOFF_S,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
+        withhold_errors: bool = False,
     ) -> None:
         self.inner = inner
+        # a stage that sees personal data: an exception's message may quote it (a
+        # KeyError names the value), so the DLQ and the log get its type alone
+        self.withhold_errors = withhold_errors
         self.stage = inner.stage
         self.dlq = dlq  # the DLQ record of a message, a kind and an error
         self.outage_limit_s = outage_limit_s
@@ -182,20 +187,25 @@ class Guard:
             return out
 
     def _bisect(self, batch: Sequence[Message], exc: Exception) -> list[Output]:
+        why = self._describe(exc)
         if not batch:  # a tick: nothing to set aside; the next one tries again
-            log.error("%s: a tick raised %s: %s", self.stage, type(exc).__name__, exc)
+            log.error("%s: a tick raised %s", self.stage, why)
             self.internal_errors += 1
             return []
         if len(batch) == 1:
             msg = batch[0]
             self.internal_errors += 1
-            why = f"{type(exc).__name__}: {exc}"
             log.error(
                 "%s: %s[%s]@%s raised %s", self.stage, msg.topic, msg.partition, msg.offset, why
             )
             return [self.dlq(msg, "internal_error", why)]
         mid = len(batch) // 2
         return self.process(batch[:mid]) + self.process(batch[mid:])
+
+    def _describe(self, exc: Exception) -> str:
+        if self.withhold_errors:
+            return f"{type(exc).__name__} (its message withheld: the stage sees personal data)"
+        return f"{type(exc).__name__}: {exc}"
 
     def _set_degraded(self, reason: str | None) -> None:
         self.degraded = reason

@@ -69,7 +69,10 @@ def guarded(
             error += note
         return dead_letter(topics, processor.stage, msg, kind, error, keep_bytes)
 
-    return Guard(processor, dlq, outage_limit_s, health)
+    # a stage with personal data marked (``pii``) keeps exception messages out of
+    # the DLQ and the log: they may quote a value
+    personal = bool(getattr(processor, "pii", None))
+    return Guard(processor, dlq, outage_limit_s, health, withhold_errors=personal)
 
 
 def monitor_only_field(segment: str | None, inputs: Sequence[str]) -> str | None:

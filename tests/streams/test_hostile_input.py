@@ -188,6 +188,31 @@ def test_the_guard_sends_what_still_raises_alone_to_the_dlq_and_processes_the_re
     assert guard.status()["internal_errors"] == 2
 
 
+class PersonalFlaky(Flaky):
+    """``Flaky`` in a stage with personal data marked: its exceptions quote values."""
+
+    pii = True
+
+    def redact(self, msg: Message) -> tuple[Message, str]:
+        return msg._replace(value=None), " (withheld)"
+
+
+def test_a_stage_with_personal_data_keeps_exception_messages_out_of_the_dlq_and_log(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    topics = Topics("t")
+    email = b"alice@example.com"
+    for stage, quoted in ((PersonalFlaky({email}), False), (Flaky({email}), True)):
+        caplog.clear()
+        out = guarded(stage, topics).process(batch([b"1", email, b"2"]))
+        (dead,) = [DeadLetter.decode(o.value) for o in out if o.topic == topics.dlq]
+        assert dead.error_kind == "internal_error"
+        assert dead.error.startswith("KeyError")
+        assert ("alice" in dead.error) is quoted
+        assert ("alice" in caplog.text) is quoted
+        assert [o.value for o in out if o.topic == "out"] == [b"1", b"2"]
+
+
 @pytest.mark.parametrize(
     "exc",
     [
