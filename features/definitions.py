@@ -453,6 +453,18 @@ class FeaturePlan:
                                    *(g.entity for g in self.sessions)]))  # fmt: skip
 
     @cached_property
+    def named_entities(self) -> list[tuple[str, tuple[str, ...]]]:
+        """``entities`` with their names (fields joined by ``+``), built once."""
+        return [("+".join(e), e) for e in self.entities]
+
+    def entity_values(self, event: Mapping[str, object]) -> dict[str, str]:
+        """Every entity's key in ``event`` (name -> value; as ``entity_value``)."""
+        return {
+            name: str(event[e[0]]) if len(e) == 1 else "|".join(str(event[f]) for f in e)
+            for name, e in self.named_entities
+        }
+
+    @cached_property
     def number_fields(self) -> list[str]:
         return sorted({f for g in self.groups for f in g.numbers}
                       | {f for g in self.sessions for f in g.numbers})  # fmt: skip

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import msgpack
 import orjson
 
-from riverflow.features.definitions import FeaturePlan, entity_value
+from riverflow.features.definitions import FeaturePlan
 from riverflow.streams.contracts import ServedPrediction
 
 
@@ -44,16 +44,24 @@ class FeatureRequest:
 
 
 def feature_request(
-    plan: FeaturePlan, event: Mapping[str, Any], event_id: str, ts: float, context: bytes
+    plan: FeaturePlan,
+    event: Mapping[str, Any],
+    event_id: str,
+    ts: float,
+    context: bytes,
+    entities: dict[str, str] | None = None,
+    read_only: tuple[str, ...] = (),
 ) -> FeatureRequest:
-    """What the plan needs from one event: its entity keys, numbers and distinct values."""
+    """What the plan needs from one event: its entity keys (``entities`` if the caller
+    has them: ``plan.entity_values(event)``), numbers and distinct values."""
     return FeatureRequest(
-        event_id=event_id,
-        ts=ts,
-        entities={"+".join(e): entity_value(e, event) for e in plan.entities},
-        numbers={f: event[f] for f in plan.number_fields},
-        context=context,
-        distinct={f: str(event[f]) for f in plan.distinct_fields},
+        event_id,
+        ts,
+        plan.entity_values(event) if entities is None else entities,
+        {f: event[f] for f in plan.number_fields},
+        context,
+        {f: str(event[f]) for f in plan.distinct_fields},
+        read_only,
     )
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import replace
 from itertools import repeat
 from typing import Any
 
@@ -230,7 +229,7 @@ class Scorer:
         pairs: list[FeatureRequest] = []
         now = self.clock()
         self.champion.refresh()
-        s, item_id = self.schema, self.slate.item_id
+        s, item_id, plan = self.schema, self.slate.item_id, self.plan
         for event in self._intake(batch, now, out):
             items = event.pop(self.slate.field)
             self.quality.observe(event, ())
@@ -246,14 +245,13 @@ class Scorer:
             for item in items:
                 pair = next(fields)
                 context = self._context(pair, next(labelled))
-                req = feature_request(
-                    self.plan, pair, pair_id(request_id, item[item_id]), ts, context
-                )
+                entities = plan.entity_values(pair)
                 # a request counts once in each entity it touches: with its first pair
-                seen = [n for n, v in req.entities.items() if v in counted.setdefault(n, set())]
-                for name, value in req.entities.items():
+                seen = tuple(n for n, v in entities.items() if v in counted.setdefault(n, set()))
+                for name, value in entities.items():
                     counted[name].add(value)
-                pairs.append(replace(req, read_only=tuple(seen)) if seen else req)
+                pairs.append(feature_request(plan, pair, pair_id(request_id, item[item_id]),
+                                             ts, context, entities, seen))  # fmt: skip
         return self._finish(out, now, pairs, lambda snaps: self._rank(requests, pairs, snaps))
 
     def _rank(
