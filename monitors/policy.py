@@ -568,8 +568,9 @@ class PipelineMonitor:
                    f"{threshold:g}); {duel.recent_gain():+.4f} {gain} over the last "
                    f"{len(duel.recent)}")  # fmt: skip
             evidence = {**duel.as_evidence(), "margin": policy.margin,
-                        "alpha": policy.alpha, "trained_labels": trained}  # fmt: skip
-            return [self._promote(name, version, why, evidence, champion)]
+                        "alpha": policy.alpha, "from": self._serving(champion),
+                        "trained_labels": trained}  # fmt: skip
+            return [self._promote(name, version, why, evidence)]
         return []
 
     def _check_slate_promotions(self, champion: str) -> list[Decision]:
@@ -592,8 +593,9 @@ class PipelineMonitor:
                    f"{threshold:g}; gain at least {duel.lower_bound(policy.alpha):+.4f} with "
                    f"confidence 1 - alpha, however often looked at)")  # fmt: skip
             evidence = {**duel.as_evidence(policy.alpha), "margin": policy.margin,
-                        "alpha": policy.alpha, "trained_labels": trained}  # fmt: skip
-            return [self._promote(name, version, why, evidence, champion)]
+                        "alpha": policy.alpha, "from": self._serving(champion),
+                        "trained_labels": trained}  # fmt: skip
+            return [self._promote(name, version, why, evidence)]
         return []
 
     def _ready(self, name: str) -> tuple[int, int] | None:
@@ -607,15 +609,16 @@ class PipelineMonitor:
             return None  # not ready: its latest version has learned too little
         return version, trained
 
-    def _promote(
-        self, name: str, version: int, why: str, evidence: dict[str, Any], champion: str
-    ) -> Decision:
+    def _serving(self, champion: str) -> str:
+        """The champion a promotion moves away from, as its evidence names it."""
+        return str(self.champion) if self.champion else champion
+
+    def _promote(self, name: str, version: int, why: str, evidence: dict[str, Any]) -> Decision:
         to = ChampionPointer(name, version)
         self.registry.promote(to, "promote", why)
-        previous, self.champion = self.champion, to
+        self.champion = to
         self._champion_changed()
         self.last_decision = self.labels
-        evidence = {**evidence, "from": str(previous) if previous else champion}
         return self._decision("promote", name, version, why, evidence)
 
     def _decision(
