@@ -22,6 +22,15 @@ rolled back, see below).
   that learned at least ``promote.min_labels`` labels: a model that is not
   ready is never served). However often it is checked, a challenger that is
   not better is promoted with probability at most ``alpha``;
+- **promote, slate pipelines** (``slates``): a challenger is judged by its
+  rankings, not by its per-item accuracy. Each served slate its latest version
+  ranked in the shadow is, once the request's clicks are in, a paired request
+  of ``offpolicy.OffPolicyDuel``: the champion's clicks per shown slot as served
+  against the item-position IPS estimate of the challenger's, served with the
+  same exploration. Its e-value reaching ``1 / promote.alpha`` (after
+  ``promote.min_labels`` shown items of warm-up), a mean gain over the last
+  ``ranking.window`` paired requests of at least ``promote.margin`` and a
+  ready latest version promote it, with the same guarantee;
 - **rollback** (classifiers): the champion's accuracy over the last ``rollback.window``
   labelled events falling ``rollback.drop`` below its level when it was last
   good (or below ``rollback.floor``) makes the last three versions served
@@ -52,8 +61,8 @@ import dataclasses
 import math
 import re
 import time
-from collections import deque
-from collections.abc import Callable
+from collections import OrderedDict, deque
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,6 +70,7 @@ from riverflow.models.registry import ChampionPointer, ModelRegistry
 from riverflow.models.target import Target
 from riverflow.monitors.distribution import DistributionMonitor
 from riverflow.monitors.drift import ErrorDriftMonitor
+from riverflow.monitors.offpolicy import OffPolicyDuel, explored_weights
 from riverflow.monitors.quality import (
     PairedDuel,
     WindowedMulticlass,
@@ -164,6 +174,7 @@ class PipelineMonitor:
         lead: str,
         clock: Callable[[], float] = time.time,
         target: Target | None = None,
+        slates: bool = False,
     ) -> None:
         self.pipeline = pipeline
         self.target = target or Target()
@@ -191,6 +202,15 @@ class PipelineMonitor:
         self.distribution = (
             DistributionMonitor(spec.label_free) if spec.label_free.enabled else None
         )
+        # a slate pipeline (``events.slate``): challengers are promoted on their rankings
+        self.slates = slates
+        self.slate_duels: dict[str, OffPolicyDuel] = {}  # challenger -> its off-policy test
+        # request -> (the model that served it, each challenger's weights on its shown
+        # positions) until its clicks are in; as many as ``ranking.open_requests``
+        self.slate_waiting: OrderedDict[str, tuple[str, dict[str, tuple[float, ...]]]] = (
+            OrderedDict()
+        )
+        self.slates_unweighted = 0  # ranked slates whose propensities were not epsilon-greedy's
 
     # -- inputs -----------------------------------------------------------------
 
@@ -278,7 +298,7 @@ class PipelineMonitor:
             regression = self.target.kind == "regression"
             self.recent.append((inputs, label, not loss[champion]))
             for name, error in loss.items():
-                if name != champion:
+                if name != champion and not self.slates:  # (a slate's: by its rankings)
                     duel = self.duels.get(name)
                     if duel is None:
                         duel = self.duels[name] = PairedDuel(
@@ -290,8 +310,57 @@ class PipelineMonitor:
                         duel.update(not loss[champion], not error)
             if not regression:  # a regressor's fall is left to drift and promotion
                 out += self._check_rollback(champion)
-            out += self._check_promotions(champion)
+            if not self.slates:
+                out += self._check_promotions(champion)
         return out
+
+    def on_ranked_slate(
+        self,
+        request: str,
+        served_by: str,
+        served: Sequence[str],
+        propensities: Sequence[object],
+        rankings: Mapping[str, Sequence[str]],
+    ) -> None:
+        """A served slate that challengers ranked in the shadow: the model that served
+        it, its items in served order with their propensities (every candidate), and
+        each challenger's top as many items as were shown. Kept until its clicks are in
+        (``on_ranked_request``); the oldest dropped beyond ``ranking.open_requests``."""
+        logged = [float(p) for p in propensities
+                  if isinstance(p, int | float) and not isinstance(p, bool)]  # fmt: skip
+        weights: dict[str, tuple[float, ...]] = {}
+        try:
+            if len(logged) < len(propensities):
+                raise ValueError("a propensity is missing, or not a number")
+            for name, top in rankings.items():
+                weights[name] = explored_weights(served, logged, top, len(top))
+        except ValueError:  # not epsilon-greedy's propensities: nothing to weigh them by
+            self.slates_unweighted += 1
+            return
+        self.slate_waiting[request] = (served_by, weights)
+        while len(self.slate_waiting) > self.spec.ranking.open_requests:
+            self.slate_waiting.popitem(last=False)
+
+    def on_ranked_request(self, request: str, clicks: Sequence[bool]) -> list[Decision]:
+        """A completed request's clicks on its shown positions: if the champion served it
+        and challengers ranked it, each one's off-policy duel takes it; then the slate
+        promotion is checked."""
+        waiting = self.slate_waiting.pop(request, None)
+        if waiting is None:
+            return []
+        served_by, weights = waiting
+        champion = self.champion_name
+        if served_by != champion:
+            return []  # served before the champion changed: no evidence about this one
+        for name, w in weights.items():
+            if name == champion or name in self.retired or len(w) != len(clicks):
+                continue
+            duel = self.slate_duels.get(name)
+            if duel is None:
+                warmup = math.ceil(self.spec.promote.min_labels / len(w))
+                duel = self.slate_duels[name] = OffPolicyDuel(warmup, self.spec.ranking.window)
+            duel.update(clicks, w)
+        return self._check_slate_promotions(champion)
 
     # -- policies -----------------------------------------------------------------
 
@@ -350,6 +419,7 @@ class PipelineMonitor:
         self.registry.retire_challenger(name)
         self.fresh.pop(name, None)
         self.duels.pop(name, None)
+        self.slate_duels.pop(name, None)
         self.retired.add(name)
         watch = self.watches.pop(name, None)
         version = watch.version if watch else 0
@@ -468,6 +538,8 @@ class PipelineMonitor:
         """A model was swapped in: its errors are not a drift, its level is its own,
         challengers are compared with it afresh."""
         self.duels.clear()
+        self.slate_duels.clear()
+        self.slate_waiting.clear()
         self.level = self.fallen_at = self.shadow_at = None
         self.recent.clear()
         watch = self.watches.get(self.champion_name)
@@ -483,13 +555,10 @@ class PipelineMonitor:
             e_value = duel.e_value()
             if e_value < threshold or duel.recent_gain() < policy.margin:
                 continue
-            version = self.registry.latest(name)
-            if version is None:
+            ready = self._ready(name)
+            if ready is None:
                 continue
-            trained = self.registry.meta(name, version).get("metrics", {}).get("labels", 0)
-            if trained < policy.min_labels:
-                continue  # not ready: its latest version has learned too little
-            to = ChampionPointer(name, version)
+            version, trained = ready
             if self.target.kind == "regression":
                 alone, champ, gain = "with the smaller error", "", "scaled error reduction"
             else:
@@ -498,15 +567,59 @@ class PipelineMonitor:
                    f"of {duel.n} paired labelled events (e-value {e_value:.3g} >= 1/alpha = "
                    f"{threshold:g}); {duel.recent_gain():+.4f} {gain} over the last "
                    f"{len(duel.recent)}")  # fmt: skip
-            self.registry.promote(to, "promote", why)
-            previous, self.champion = self.champion, to
-            self._champion_changed()
-            self.last_decision = self.labels
             evidence = {**duel.as_evidence(), "margin": policy.margin,
-                        "alpha": policy.alpha, "from": str(previous) if previous else champion,
+                        "alpha": policy.alpha, "from": self._serving(champion),
                         "trained_labels": trained}  # fmt: skip
-            return [self._decision("promote", name, version, why, evidence)]
+            return [self._promote(name, version, why, evidence)]
         return []
+
+    def _check_slate_promotions(self, champion: str) -> list[Decision]:
+        """A slate pipeline's promotion: on the challengers' off-policy duels."""
+        policy = self.spec.promote
+        if not policy.enabled or self._cooling():
+            return []
+        threshold = 1 / policy.alpha
+        for name, duel in self.slate_duels.items():
+            e_value = duel.e_value()
+            if e_value < threshold or duel.recent_gain() < policy.margin:
+                continue
+            ready = self._ready(name)
+            if ready is None:
+                continue
+            version, trained = ready
+            why = (f"{name} would have had {duel.challenger_ctr():.4f} clicks per shown slot "
+                   f"(off-policy IPS), the champion had {duel.champion_ctr():.4f} as served, "
+                   f"on the same {duel.n} requests (e-value {e_value:.3g} >= 1/alpha = "
+                   f"{threshold:g}; gain at least {duel.lower_bound(policy.alpha):+.4f} with "
+                   f"confidence 1 - alpha, however often looked at)")  # fmt: skip
+            evidence = {**duel.as_evidence(policy.alpha), "margin": policy.margin,
+                        "alpha": policy.alpha, "from": self._serving(champion),
+                        "trained_labels": trained}  # fmt: skip
+            return [self._promote(name, version, why, evidence)]
+        return []
+
+    def _ready(self, name: str) -> tuple[int, int] | None:
+        """A challenger's latest published version and the labels it learned, if it
+        learned ``promote.min_labels``: a model that is not ready is never served."""
+        version = self.registry.latest(name)
+        if version is None:
+            return None
+        trained = self.registry.meta(name, version).get("metrics", {}).get("labels", 0)
+        if trained < self.spec.promote.min_labels:
+            return None  # not ready: its latest version has learned too little
+        return version, trained
+
+    def _serving(self, champion: str) -> str:
+        """The champion a promotion moves away from, as its evidence names it."""
+        return str(self.champion) if self.champion else champion
+
+    def _promote(self, name: str, version: int, why: str, evidence: dict[str, Any]) -> Decision:
+        to = ChampionPointer(name, version)
+        self.registry.promote(to, "promote", why)
+        self.champion = to
+        self._champion_changed()
+        self.last_decision = self.labels
+        return self._decision("promote", name, version, why, evidence)
 
     def _decision(
         self, kind: str, model: str, version: int, reason: str, evidence: dict[str, Any]

@@ -372,6 +372,6 @@ def build_monitor(
 ) -> Monitor:
     core = PipelineMonitor(
         spec.name, spec.monitors, registry, spec.models.champion_spec.name, clock=clock,
-        target=Target(spec.label.type, spec.label.classes),
+        target=Target(spec.label.type, spec.label.classes), slates=spec.events.slate is not None,
     )  # fmt: skip
     return Monitor(spec.topics, core, MonitorHistory(clock), metrics, dlq_keep_bytes)

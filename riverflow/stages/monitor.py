@@ -105,7 +105,9 @@ class Monitor:
                     )
                     self.history.sample(self.core)
                     if shown is not None:
-                        self._ranking().on_item(*shown)
+                        done = self._ranking().on_item(*shown)
+                        if done is not None and self.core.slates:  # its off-policy duels
+                            decisions += self.core.on_ranked_request(done.request, done.clicks)
                 elif msg.topic == self.topics.predictions:
                     p = Prediction.decode(msg.value or b"")
                     if not math.isfinite(p.score) or not all(
@@ -213,6 +215,12 @@ class Monitor:
             targets[name] = (version, [slate[i]["item"] for i in order[: len(shown)]])
         if targets:
             ranking.on_targets(p.event_id, targets)
+            if self.core.slates:
+                self.core.on_ranked_slate(
+                    p.event_id, p.model, [e["item"] for e in slate],
+                    [e.get("propensity") for e in slate],
+                    {name: top for name, (_, top) in targets.items()},
+                )  # fmt: skip
 
     def _pair_inputs(self, p: Prediction, entry: dict[str, Any]) -> dict[str, Any] | None:
         """What the models are given for one candidate of a slate, as the learner builds
