@@ -22,15 +22,16 @@ rolled back, see below).
   that learned at least ``promote.min_labels`` labels: a model that is not
   ready is never served). However often it is checked, a challenger that is
   not better is promoted with probability at most ``alpha``;
-- **promote, slate pipelines** (``slates``): a challenger is judged by its
-  rankings, not by its per-item accuracy. Each served slate its latest version
-  ranked in the shadow is, once the request's clicks are in, a paired request
-  of ``offpolicy.OffPolicyDuel``: the champion's clicks per shown slot as served
-  against the item-position IPS estimate of the challenger's, served with the
-  same exploration. Its e-value reaching ``1 / promote.alpha`` (after
-  ``promote.min_labels`` shown items of warm-up), a mean gain over the last
-  ``ranking.window`` paired requests of at least ``promote.margin`` and a
-  ready latest version promote it, with the same guarantee;
+- **promote, slate pipelines that explore** (``explores``: ``events.slate.epsilon``
+  > 0; one that does not is judged as above, on its shown items' labels): a
+  challenger is judged by its rankings, not by its per-item accuracy. Each served
+  slate its latest version ranked in the shadow is, once the request's clicks are
+  in, a paired request of ``offpolicy.OffPolicyDuel``: the champion's clicks per
+  shown slot as served against the item-position IPS estimate of the challenger's,
+  served with the same exploration. Its e-value reaching ``1 / promote.alpha``
+  (after ``promote.min_labels`` shown items of warm-up), a mean gain over the last
+  ``ranking.window`` paired requests of at least ``promote.margin`` and a ready
+  latest version promote it, with the same guarantee;
 - **rollback** (classifiers): the champion's accuracy over the last ``rollback.window``
   labelled events falling ``rollback.drop`` below its level when it was last
   good (or below ``rollback.floor``) makes the last three versions served
@@ -174,7 +175,7 @@ class PipelineMonitor:
         lead: str,
         clock: Callable[[], float] = time.time,
         target: Target | None = None,
-        slates: bool = False,
+        explores: bool = False,
     ) -> None:
         self.pipeline = pipeline
         self.target = target or Target()
@@ -202,8 +203,10 @@ class PipelineMonitor:
         self.distribution = (
             DistributionMonitor(spec.label_free) if spec.label_free.enabled else None
         )
-        # a slate pipeline (``events.slate``): challengers are promoted on their rankings
-        self.slates = slates
+        # a slate pipeline that explores (``events.slate.epsilon`` > 0): challengers are
+        # promoted on their rankings; one that does not has nothing to weigh a
+        # challenger's rankings by, and promotes on the per-item duel, as fraud does
+        self.explores = explores
         self.slate_duels: dict[str, OffPolicyDuel] = {}  # challenger -> its off-policy test
         # request -> (the model that served it, each challenger's weights on its shown
         # positions) until its clicks are in; as many as ``ranking.open_requests``
@@ -298,7 +301,7 @@ class PipelineMonitor:
             regression = self.target.kind == "regression"
             self.recent.append((inputs, label, not loss[champion]))
             for name, error in loss.items():
-                if name != champion and not self.slates:  # (a slate's: by its rankings)
+                if name != champion and not self.explores:  # (a slate's: by its rankings)
                     duel = self.duels.get(name)
                     if duel is None:
                         duel = self.duels[name] = PairedDuel(
@@ -310,7 +313,7 @@ class PipelineMonitor:
                         duel.update(not loss[champion], not error)
             if not regression:  # a regressor's fall is left to drift and promotion
                 out += self._check_rollback(champion)
-            if not self.slates:
+            if not self.explores:
                 out += self._check_promotions(champion)
         return out
 

@@ -370,8 +370,10 @@ def build_monitor(
     dlq_keep_bytes: int = DLQ_KEEP_BYTES,
     clock: Callable[[], float] = time.time,
 ) -> Monitor:
+    slate = spec.events.slate
     core = PipelineMonitor(
         spec.name, spec.monitors, registry, spec.models.champion_spec.name, clock=clock,
-        target=Target(spec.label.type, spec.label.classes), slates=spec.events.slate is not None,
+        target=Target(spec.label.type, spec.label.classes),
+        explores=slate is not None and slate.epsilon > 0,  # promotes off-policy
     )  # fmt: skip
     return Monitor(spec.topics, core, MonitorHistory(clock), metrics, dlq_keep_bytes)

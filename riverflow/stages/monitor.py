@@ -106,7 +106,7 @@ class Monitor:
                     self.history.sample(self.core)
                     if shown is not None:
                         done = self._ranking().on_item(*shown)
-                        if done is not None and self.core.slates:  # its off-policy duels
+                        if done is not None and self.core.explores:  # its off-policy duels
                             decisions += self.core.on_ranked_request(done.request, done.clicks)
                 elif msg.topic == self.topics.predictions:
                     p = Prediction.decode(msg.value or b"")
@@ -215,7 +215,7 @@ class Monitor:
             targets[name] = (version, [slate[i]["item"] for i in order[: len(shown)]])
         if targets:
             ranking.on_targets(p.event_id, targets)
-            if self.core.slates:
+            if self.core.explores:
                 self.core.on_ranked_slate(
                     p.event_id, p.model, [e["item"] for e in slate],
                     [e.get("propensity") for e in slate],

@@ -172,7 +172,7 @@ def slate_monitor(spec: MonitorSpec) -> tuple[PipelineMonitor, MemoryRegistry]:
     for name in ("popularity", "relevance"):
         registry.publish(name, Fixed(), {"parent": None, "metrics": {"labels": 5_000}})
     registry.move(ChampionPointer("popularity", 1), "advance", None, "")
-    monitor = PipelineMonitor("recsys", spec, registry, "popularity", slates=True)
+    monitor = PipelineMonitor("recsys", spec, registry, "popularity", explores=True)
     monitor.refresh()
     return monitor, registry
 
@@ -258,19 +258,32 @@ def test_an_equal_ranking_is_not_promoted_and_promotion_respects_the_policy() ->
 
 
 def test_a_fraud_pipeline_is_not_promoted_on_slates() -> None:
-    """Without ``slates`` the monitor keeps no off-policy duel: the fraud promotion is
+    """Without ``explores`` the monitor keeps no off-policy duel: the fraud promotion is
     the paired e-process on labels, as before."""
     monitor, _ = slate_monitor(MonitorSpec())
-    monitor.slates = False
+    monitor.explores = False
     monitor.on_evaluation(True, {"popularity": (1, 0.9), "relevance": (1, 0.9)})
     assert "relevance" in monitor.duels
-    monitor.slates = True
+    monitor.explores = True
     monitor.duels.clear()
     monitor.on_evaluation(True, {"popularity": (1, 0.9), "relevance": (1, 0.9)})
     assert not monitor.duels  # a slate pipeline's challengers are judged by their rankings
 
 
 # -- on the monitor stage -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("epsilon", "explores"), [(0.0, False), (0.1, True)])
+def test_only_a_slate_pipeline_that_explores_promotes_off_policy(
+    epsilon: float, explores: bool
+) -> None:
+    """Served without exploration, a challenger's rankings cannot be weighed (it counts
+    only where it agrees with the champion): such a pipeline promotes on its shown
+    items' labels, as fraud does."""
+    data = load_spec("examples/recsys.yaml").model_dump(mode="json", by_alias=True)
+    data["events"]["slate"]["epsilon"] = epsilon
+    rt = EmbeddedRuntime(parse_spec(data), Settings())
+    assert rt.monitor.core.explores is explores
 
 
 class ByQuality:
@@ -286,10 +299,11 @@ def test_the_monitor_stage_promotes_a_challenger_whose_rankings_get_more_clicks(
     challenger's version ranks every slate in the shadow, and is promoted on the
     clicks, with a ``promote`` model-event naming the off-policy evidence."""
     data = load_spec("examples/recsys.yaml").model_dump(mode="json", by_alias=True)
+    data["events"]["slate"]["epsilon"] = 0.5
     monitors = {"ranking": {"offpolicy_every": 1}, "promote": {"min_labels": 10}}
     rt = EmbeddedRuntime(parse_spec({**data, "monitors": monitors}), Settings())
     monitor, t = rt.monitor, rt.topics
-    assert monitor.core.slates
+    assert monitor.core.explores
     rt.registry.publish("by-quality", ByQuality(), {"parent": None, "metrics": {"labels": 50}})
     quality = {"a": 0.05, "b": 0.2, "c": 0.5, "d": 0.9}  # also each item's click chance
     champion = monitor.core.champion_name
