@@ -9,7 +9,9 @@ cannot read goes to the DLQ with the reason; nothing else is lost.
 
 A slate pipeline's records (evaluations naming a ``request``, predictions with
 a ``slate``: the slate contract) also feed ``monitors.ranking.RankingMonitor``,
-made at the first of them: a fraud pipeline never has one.
+made at the first of them: a fraud pipeline never has one. Its drift detector on
+the served ranking's quality per request (``monitors.drift.RankingDriftMonitor``)
+then replaces the per-label error detector's alarms: a fraud pipeline keeps those.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from riverflow.errors import error_lines
 from riverflow.models.champion import positive_probability
 from riverflow.models.errors import ModelError
 from riverflow.monitors.dataquality import FieldQualityWatch
+from riverflow.monitors.drift import RankingDriftSpec
 from riverflow.monitors.exporter import MonitorMetrics
 from riverflow.monitors.history import MonitorHistory
 from riverflow.monitors.policy import Decision, LabelSource, PipelineMonitor
@@ -105,7 +108,12 @@ class Monitor:
                     )
                     self.history.sample(self.core)
                     if shown is not None:
-                        self._ranking().on_item(*shown)
+                        ranking = self._ranking()
+                        ranking.on_item(*shown)
+                        for a in ranking.take_alarms():  # its drift detector, for slates
+                            decisions += self.core.on_ranking_drift(
+                                a.model, a.reason, a.evidence, source
+                            )
                 elif msg.topic == self.topics.predictions:
                     p = Prediction.decode(msg.value or b"")
                     if not math.isfinite(p.score) or not all(
@@ -142,8 +150,12 @@ class Monitor:
         if self.ranking is None:
             spec = self.core.spec.ranking
             self.ranking = RankingMonitor(
-                spec.window, spec.open_requests, spec.head, self.history.clock
-            )
+                spec.window, spec.open_requests, spec.head, self.history.clock,
+                drift=RankingDriftSpec(),
+            )  # fmt: skip
+            # a slate's drift is a drop of the served ranking's quality per request,
+            # not of the per-item error rate (mostly negatives: it barely moves)
+            self.core.error_drift = False
         return self.ranking
 
     def _shown_item(
