@@ -13,7 +13,6 @@ requests: the learned ranker beats it, loses ground at the shift, and recovers.
 
 from __future__ import annotations
 
-import bisect
 import random
 import resource
 import time
@@ -63,7 +62,6 @@ class DriftAlarm:
 
     labels: int  # the monitor's count of labelled events then
     request: int  # the position of the request whose label tripped it (-1: unknown)
-    due: int  # the position of the first request after that one's label timeout (-1: unknown)
     sent: int  # requests sent to the scorer when it was raised (a batch at a time)
     reason: str
 
@@ -105,7 +103,6 @@ class _Users:
         self.clicks = 0
         self.predictions: list[dict[str, Any]] = []
         self.sent = 0  # requests sent to the scorer
-        self.times: list[float] = []  # their event times, in order
         self.alarms: list[DriftAlarm] = []
 
     def seen(self, outputs: list[Output]) -> None:
@@ -122,11 +119,8 @@ class _Users:
         evidence = event.evidence or {}
         request = str(evidence.get("request") or (event.event_id or "").split("/")[0])
         tail = request.rsplit("-", 1)[-1]
-        position = int(tail) if tail.isdigit() and int(tail) < len(self.times) else -1
-        after = self.rt.spec.label.after_s or 0.0
-        due = bisect.bisect_left(self.times, self.times[position] + after) if position >= 0 else -1
-        return DriftAlarm(int(evidence.get("labels", 0)), position, due, self.sent,
-                          event.reason or "")  # fmt: skip
+        return DriftAlarm(int(evidence.get("labels", 0)), int(tail) if tail.isdigit() else -1,
+                          self.sent, event.reason or "")  # fmt: skip
 
     def answer(self) -> None:
         predictions, self.predictions = self.predictions, []
@@ -196,7 +190,6 @@ def run_recsys_demo(
             chunk = [r for _, r in zip(range(batch), stream, strict=False)]
             for r in chunk:
                 users.requests[r.request_id] = r
-                users.times.append(r.ts)
                 event = world.event(r)
                 rt.produce(rt.topics.events, r.user.encode(), orjson.dumps(event))
             now[0] = chunk[-1].ts
@@ -273,7 +266,7 @@ def recsys_summary(result: RecsysDemoResult) -> Table:
         where = "before" if a.request < shift else "after"
         table.add_row(f"drift alarm, {where} the shift",
                       f"@{a.labels:,} labels: request {a.request:,}'s ({a.request - shift:+,}), "
-                      f"due at request {a.due:,} ({a.due - shift:+,})")  # fmt: skip
+                      f"raised with {a.sent:,} sent ({a.sent - shift:+,})")  # fmt: skip
     table.add_row("champion at the end", result.champion)
     for line in result.decisions:
         table.add_row("monitor", line[:120])

@@ -5,14 +5,15 @@ per-label error detector of other pipelines unchanged."""
 
 from __future__ import annotations
 
-import io
 import random
 from collections.abc import Callable
+from typing import Any
 
+import orjson
 import pytest
 from pydantic import ValidationError
-from rich.console import Console
 
+from riverflow.embedded import EmbeddedRuntime
 from riverflow.models.registry import MemoryRegistry
 from riverflow.monitors.drift import RankingDriftMonitor, RankingDriftSpec
 from riverflow.monitors.policy import LabelSource, PipelineMonitor
@@ -20,7 +21,8 @@ from riverflow.monitors.ranking import RankingMonitor, ShownItem
 from riverflow.monitors.spec import MonitorSpec
 from riverflow.settings import Settings
 from riverflow.spec import load_spec
-from riverflow.tools.demo_recsys import run_recsys_demo
+from riverflow.streams.contracts import Message, ModelEvent
+from riverflow.tools.recsys import RecsysConfig, RecsysWorld, Request
 
 SHOWN = 5
 
@@ -159,23 +161,83 @@ def test_a_ranking_alarm_of_the_champion_starts_a_fresh_challenger() -> None:
     assert "m.r1" in monitor.registry.challengers()
 
 
-# -- end to end: the recommendation demo's world, smaller -------------------------------
+# -- on the monitor stage: the seeded world's season change -------------------------------
+
+SHIFT = 6_000
 
 
-def test_the_season_change_raises_the_drift_alarm_and_nothing_before_it() -> None:
-    """The recommendation example on a small seeded world (embedded runtime): the
-    ranker learns its 60 users from cold, the season changes at request 3,500, and
-    the monitor's one drift alarm is the ranking detector's, tripped by a request
-    served after the change. A detector that alarmed while the model learned, or
-    not at all, fails it."""
-    spec = load_spec("examples/recsys.yaml")
-    result = run_recsys_demo(spec, Settings(), requests=7_000, seed=11, window=500,
-                             console=Console(file=io.StringIO()), world_users=60,
-                             world_items=200)  # fmt: skip
-    shift = result.shift_at
-    before = result.mean("ndcg", shift // 2, shift)
-    assert before > result.mean("ndcg", shift, shift + 500) + 0.1  # the shift costs
-    [alarm] = result.drift_alarms
-    assert "served rankings fell" in alarm.reason
-    assert shift <= alarm.request < shift + 300
-    assert any(f"fresh {spec.models.champion} started" in d for d in result.decisions)
+def ranker(world: RecsysWorld, rng: random.Random) -> Callable[[Request], list[str]]:
+    """A ranker learning from cold: by popularity at first, by the users' tastes on more
+    and more requests (all from request 3,000) but for a swing back to popularity over
+    requests 1,600-1,900, still by the first season's tastes for 2,000 requests after
+    the season changes, then by the new ones."""
+
+    def rank(req: Request) -> list[str]:
+        swing = 1_600 <= req.position < 1_900
+        learned = not swing and rng.random() < req.position / 3_000
+        season = 0 if req.position < SHIFT + 2_000 else None
+        if not learned:
+            return world.by_popularity(req)
+        return sorted(req.slate, key=lambda i: (-world.relevance(req, i, season), i))
+
+    return rank
+
+
+def stage_decisions(shift: bool, seed: int = 5) -> list[tuple[int, ModelEvent]]:
+    """9,000 requests of a seeded world (a season change at ``SHIFT`` if ``shift``)
+    served by ``ranker``, their clicks as slate evaluations to an embedded runtime's
+    monitor stage (the example's spec), a batch of 100 requests at a time, the items
+    interleaved across requests: the model-events it writes, with the batch's end."""
+    world = RecsysWorld(RecsysConfig(seed=seed, users=200, items=500,
+                                     shift_at=(SHIFT,) if shift else ()))  # fmt: skip
+    rng = random.Random(seed)
+    rank = ranker(world, rng)
+    rt = EmbeddedRuntime(load_spec("examples/recsys.yaml"), Settings())
+    k = world.config.shown
+    out: list[tuple[int, ModelEvent]] = []
+    batch: list[dict[str, Any]] = []
+    for req in world.requests(9_000):
+        ranking = rank(req)
+        for position, (item, clicked) in enumerate(
+            zip(ranking, world.clicks(req, ranking, rng), strict=False)
+        ):
+            p = 0.2 if position == 0 else 0.1  # what the model said: the detector ignores it
+            batch.append({"event_id": f"{req.request_id}/{item}", "label": clicked,
+                          "labels_seen": 1, "predictions": {"recsys-fm": {"version": 1,
+                                                                          "probability": p}},
+                          "served": {"model": "recsys-fm", "version": 1, "probability": p},
+                          "request": req.request_id, "position": position, "shown": k,
+                          "propensity": 1.0, "defaulted": not clicked})  # fmt: skip
+        if (req.position + 1) % 100 == 0:
+            rng.shuffle(batch)
+            t = rt.topics.evaluations
+            messages = [Message(t, 0, n, b"k", orjson.dumps(r)) for n, r in enumerate(batch)]
+            events = [ModelEvent.decode(o.value) for o in rt.monitor.process(messages)
+                      if o.topic == rt.topics.model_events]  # fmt: skip
+            out += [(req.position + 1, e) for e in events]
+            batch = []
+    assert rt.monitor.core.labels == 9_000 * k and rt.monitor.core.error_drift is False
+    return out
+
+
+def test_the_season_change_raises_one_drift_alarm_and_a_fresh_challenger() -> None:
+    """The ranker's clicks halve at the season change: one drift alarm, tripped by a
+    request served after it and raised within 300 requests, none while the ranker
+    learned from cold nor while it relearns; the policy starts a fresh challenger."""
+    events = stage_decisions(shift=True)
+    drifts = [(at, e) for at, e in events if e.kind == "drift"]
+    assert len(drifts) == 1, [e.reason for _, e in drifts]
+    at, alarm = drifts[0]
+    assert alarm.evidence is not None and alarm.event_id is not None
+    tripped = int(str(alarm.evidence["request"]).rsplit("-", 1)[1])
+    assert SHIFT <= tripped < SHIFT + 300 and at <= SHIFT + 400
+    assert alarm.event_id.startswith(str(alarm.evidence["request"]) + "/")
+    assert alarm.evidence["detector"] == "ranking_cusum" and alarm.champion is True
+    assert alarm.evidence["level_after"] < 0.75 * alarm.evidence["level_before"]
+    assert "ctr_at_k of recsys-fm's served rankings fell" in (alarm.reason or "")
+    [challenger] = [e for _, e in events if e.kind == "challenger"]
+    assert challenger.model == "recsys-fm.r1"
+
+
+def test_without_a_season_change_the_learning_ranker_raises_no_alarm() -> None:
+    assert [e.reason for _, e in stage_decisions(shift=False) if e.kind == "drift"] == []
