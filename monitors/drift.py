@@ -7,6 +7,11 @@ error rate went up. ADWIN flags any change of its window mean, so its alarms
 are kept when the mean rose; Page-Hinkley is built in ``mode="up"``; DDM only
 detects rises; KSWIN compares distributions and has no direction (each of its
 alarms counts).
+
+A slate pipeline's drift is a drop of the served ranking's quality per request
+instead (``RankingDriftMonitor``, a one-sided CUSUM armed after a warm-up; the
+spec's ``monitors.ranking.drift``): its per-item labels are mostly negatives, and
+their error rate barely moves when what users like changes.
 """
 
 from __future__ import annotations
@@ -127,8 +132,9 @@ class RankingDriftSpec(BaseModel):
         "standard deviations",
     )  # fmt: skip
     min_requests: int = Field(
-        2_000, ge=1, description="requests the serving model completes before an alarm can "
-        "fire (while it still learns from cold its quality keeps rising)",
+        2_000, ge=1, description="requests the serving model completes with no drop before "
+        "an alarm can fire (a cold model's quality rises and swings as it learns: a drop "
+        "before that starts the warm-up again)",
     )  # fmt: skip
 
 
@@ -148,7 +154,7 @@ class RankingDriftMonitor:
     sudden drop is summed within tens of requests, long before the reference moves.
     With k = 0.25 and h = 20 a stationary normal signal raises one false alarm in
     about 300,000 requests (Siegmund's approximation), and a drop of one standard
-    deviation is found in about 27 requests. ADWIN, the per-label detector, has no
+    deviation is found in about 30 requests. ADWIN, the per-label detector, has no
     direction (its cuts drop the oldest buckets, and its mean after a cut is not the
     recent level), and Page-Hinkley measures from the mean since its start, which a
     model learning from cold keeps below its level; both need thresholds in the
@@ -181,11 +187,6 @@ class RankingDriftMonitor:
     def armed(self) -> bool:
         return self.requests >= self.spec.min_requests
 
-    def statistic(self) -> dict[str, float]:
-        """The reference level and spread, the sum, and the requests since the reset."""
-        return {"reference": round(self.mean, 6), "spread": round(self._spread(), 6),
-                "cusum": round(self.cusum, 6), "requests": float(self.requests)}  # fmt: skip
-
     def _spread(self) -> float:
         return max(math.sqrt(self.var), MIN_SPREAD)
 
@@ -208,7 +209,8 @@ class RankingDriftMonitor:
                 self.last = {"level_before": round(self.mean, 6),
                              "level_after": round(total / n, 6), "after_requests": float(n),
                              "spread": round(self._spread(), 6), "cusum": round(self.cusum, 6),
-                             "requests": float(self.requests + 1)}  # fmt: skip
+                             "requests": float(self.requests + 1),
+                             "warmup_restarts": float(self.restarts)}  # fmt: skip
                 self.reset()
                 return True
         # the reference: the running mean and variance at first, then exponential

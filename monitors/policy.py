@@ -311,6 +311,7 @@ class PipelineMonitor:
         watch = self.watches.get(name)
         if watch is None or name != self.champion_name or name in self.retired:
             return []
+        watch.drift.alarms += 1  # the candidate's count of alarms, as the page shows it
         return self._drift(name, watch, source, (reason, evidence))
 
     def _drift(

@@ -29,7 +29,6 @@ from riverflow.errors import error_lines
 from riverflow.models.champion import positive_probability
 from riverflow.models.errors import ModelError
 from riverflow.monitors.dataquality import FieldQualityWatch
-from riverflow.monitors.drift import RankingDriftSpec
 from riverflow.monitors.exporter import MonitorMetrics
 from riverflow.monitors.history import MonitorHistory
 from riverflow.monitors.policy import Decision, LabelSource, PipelineMonitor
@@ -150,9 +149,8 @@ class Monitor:
         if self.ranking is None:
             spec = self.core.spec.ranking
             self.ranking = RankingMonitor(
-                spec.window, spec.open_requests, spec.head, self.history.clock,
-                drift=RankingDriftSpec(),
-            )  # fmt: skip
+                spec.window, spec.open_requests, spec.head, self.history.clock, spec.drift
+            )
             # a slate's drift is a drop of the served ranking's quality per request,
             # not of the per-item error rate (mostly negatives: it barely moves)
             self.core.error_drift = False

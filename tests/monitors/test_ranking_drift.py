@@ -20,7 +20,7 @@ from riverflow.monitors.policy import LabelSource, PipelineMonitor
 from riverflow.monitors.ranking import RankingMonitor, ShownItem
 from riverflow.monitors.spec import MonitorSpec
 from riverflow.settings import Settings
-from riverflow.spec import load_spec
+from riverflow.spec import SpecError, load_spec, parse_spec
 from riverflow.streams.contracts import Message, ModelEvent
 from riverflow.tools.recsys import RecsysConfig, RecsysWorld, Request
 
@@ -158,6 +158,7 @@ def test_a_ranking_alarm_of_the_champion_starts_a_fresh_challenger() -> None:
     assert event.event_id == "r9/i3" and event.evidence is not None
     assert event.evidence["detector"] == "ranking_cusum"
     assert (challenger.kind, challenger.model) == ("challenger", "m.r1")
+    assert monitor.watches["m"].drift.alarms == 1  # the page's count of its alarms
     assert "m.r1" in monitor.registry.challengers()
 
 
@@ -183,16 +184,23 @@ def ranker(world: RecsysWorld, rng: random.Random) -> Callable[[Request], list[s
     return rank
 
 
-def stage_decisions(shift: bool, seed: int = 5) -> list[tuple[int, ModelEvent]]:
+def stage_decisions(
+    shift: bool, seed: int = 5, drift: dict[str, Any] | None = None
+) -> list[tuple[int, ModelEvent]]:
     """9,000 requests of a seeded world (a season change at ``SHIFT`` if ``shift``)
     served by ``ranker``, their clicks as slate evaluations to an embedded runtime's
-    monitor stage (the example's spec), a batch of 100 requests at a time, the items
-    interleaved across requests: the model-events it writes, with the batch's end."""
+    monitor stage (the example's spec, its ``monitors.ranking.drift`` set to ``drift``
+    if given), a batch of 100 requests at a time, the items interleaved across
+    requests: the model-events it writes, with the batch's end."""
     world = RecsysWorld(RecsysConfig(seed=seed, users=200, items=500,
                                      shift_at=(SHIFT,) if shift else ()))  # fmt: skip
     rng = random.Random(seed)
     rank = ranker(world, rng)
-    rt = EmbeddedRuntime(load_spec("examples/recsys.yaml"), Settings())
+    spec = load_spec("examples/recsys.yaml")
+    if drift is not None:
+        data = spec.model_dump(mode="json", by_alias=True)
+        spec = parse_spec({**data, "monitors": {"ranking": {"drift": drift}}})
+    rt = EmbeddedRuntime(spec, Settings())
     k = world.config.shown
     out: list[tuple[int, ModelEvent]] = []
     batch: list[dict[str, Any]] = []
@@ -241,3 +249,13 @@ def test_the_season_change_raises_one_drift_alarm_and_a_fresh_challenger() -> No
 
 def test_without_a_season_change_the_learning_ranker_raises_no_alarm() -> None:
     assert [e.reason for _, e in stage_decisions(shift=False) if e.kind == "drift"] == []
+
+
+def test_the_detector_is_a_setting_of_the_spec() -> None:
+    """``monitors.ranking.drift``: a threshold the season change's drop never sums
+    to raises no alarm."""
+    events = stage_decisions(shift=True, drift={"threshold": 10_000})
+    assert [e for _, e in events if e.kind == "drift"] == []
+    data = load_spec("examples/recsys.yaml").model_dump(mode="json", by_alias=True)
+    with pytest.raises(SpecError, match=r"monitors\.ranking\.drift\.signal"):
+        parse_spec({**data, "monitors": {"ranking": {"drift": {"signal": "clicks"}}}})
