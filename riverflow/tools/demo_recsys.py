@@ -9,6 +9,8 @@ changes: what every user likes rotates at once. The demo reports, per window of
 requests, the clicks per shown slot (CTR@k) and NDCG@10 of the served rankings
 against the users' true relevance, beside a popularity ranking of the same
 requests: the learned ranker beats it, loses ground at the shift, and recovers.
+The summary places each of the monitor's drift alarms in the stream: the request
+whose labels tripped it and how many requests had been sent when it was raised.
 """
 
 from __future__ import annotations
