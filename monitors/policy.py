@@ -214,6 +214,9 @@ class PipelineMonitor:
             OrderedDict()
         )
         self.slates_unweighted = 0  # ranked slates whose propensities were not epsilon-greedy's
+        # the champion's per-label errors feed its detector; a slate pipeline's stage
+        # turns it off and calls ``on_ranking_drift`` instead (``monitors.ranking``)
+        self.error_drift = True
 
     # -- inputs -----------------------------------------------------------------
 
@@ -285,6 +288,7 @@ class PipelineMonitor:
             loss[name] = watch.quality.add(label, answer)
             if (
                 name == champion
+                and self.error_drift
                 and self.labels >= watch.settled_at
                 and watch.drift.update(loss[name])
             ):
@@ -371,7 +375,26 @@ class PipelineMonitor:
         last = self.last_decision
         return last is not None and self.labels - last < self.spec.cooldown
 
-    def _drift(self, name: str, watch: Watch, source: LabelSource | None) -> list[Decision]:
+    def on_ranking_drift(
+        self, name: str, reason: str, evidence: dict[str, Any], source: LabelSource | None
+    ) -> list[Decision]:
+        """A drop of the served ranking's quality (a slate pipeline's detector,
+        ``monitors.ranking``): for the champion, the drift alarm and what follows it."""
+        watch = self.watches.get(name)
+        if watch is None or name != self.champion_name or name in self.retired:
+            return []
+        watch.drift.alarms += 1  # the candidate's count of alarms, as the page shows it
+        return self._drift(name, watch, source, (reason, evidence))
+
+    def _drift(
+        self,
+        name: str,
+        watch: Watch,
+        source: LabelSource | None,
+        ranking: tuple[str, dict[str, Any]] | None = None,
+    ) -> list[Decision]:
+        """The drift alarm of ``name`` (its error detector's, or ``ranking``'s: the
+        reason and evidence of a slate pipeline's), and a fresh challenger."""
         detector = watch.drift.detector
         is_champion = name == self.champion_name
         evidence = {"detector": self.spec.detector.kind.value,
@@ -380,7 +403,10 @@ class PipelineMonitor:
                     "estimation": round(float(getattr(detector, "estimation", 0.0)), 6),
                     "window": min(watch.quality.count, self.spec.window)}  # fmt: skip
         what = "absolute error" if self.target.kind == "regression" else "error rate"
-        alarm = self._decision("drift", name, watch.version, f"{what} of {name} rose", evidence)
+        why = f"{what} of {name} rose"
+        if ranking is not None:
+            why, evidence = ranking[0], {**ranking[1], self.error_name: evidence[self.error_name]}
+        alarm = self._decision("drift", name, watch.version, why, evidence)
         out = [dataclasses.replace(alarm, source=source, champion=is_champion)]
         policy = self.spec.challengers
         if not is_champion or not policy.on_drift or policy.max == 0:

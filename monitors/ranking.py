@@ -28,6 +28,11 @@ model over its last ``window`` requests (``Exposure``):
   ranker, so the share says how much a ranker favours the head (a ranker blind
   to popularity gets about the head's share of candidate slots).
 
+The serving model's per-request CTR@k (or NDCG@k) also feeds a one-sided drift
+detector (``monitors.drift.RankingDriftMonitor``, a CUSUM armed after a warm-up):
+its drops are the slate pipeline's drift alarms (``RankingAlarm``), which the
+monitor stage hands to the policy as the per-label error detector's would be.
+
 A challenger's rankings of whole slates (``on_targets``: the monitor stage has
 its latest published version rank one served slate in ``offpolicy_every``) give,
 once their requests' clicks are in, its off-policy CTR@k: item-position SNIPS
@@ -48,6 +53,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, cast
 
+from riverflow.monitors.drift import RankingDriftMonitor, RankingDriftSpec
 from riverflow.monitors.history import MAX_POINTS
 from riverflow.monitors.offpolicy import OffPolicyEstimator
 from riverflow.monitors.view import RankingModelView, RankingPoint, RankingView
@@ -99,14 +105,19 @@ class ClickQuality:
         self.ctr = WindowMean(window)
         self.ndcg = WindowMean(window)
 
-    def add(self, clicks: Sequence[bool], k: int, gains: Sequence[float] | None = None) -> None:
+    def add(
+        self, clicks: Sequence[bool], k: int, gains: Sequence[float] | None = None
+    ) -> tuple[float, float]:
         """One served request: the clicks on its top ``k`` in served order (and
-        optionally graded gains of those items: default the clicks)."""
+        optionally graded gains of those items: default the clicks); its CTR@k and NDCG@k."""
         if len(clicks) < k:
             raise ValueError(f"clicks for {len(clicks)} of {k} shown positions")
         clicked = [float(bool(c)) for c in clicks[:k]]
-        self.ctr.add(sum(clicked) / k)
-        self.ndcg.add(ndcg(list(gains[:k]) if gains is not None else clicked, k))
+        ctr = sum(clicked) / k
+        gain = ndcg(list(gains[:k]) if gains is not None else clicked, k)
+        self.ctr.add(ctr)
+        self.ndcg.add(gain)
+        return ctr, gain
 
     def __len__(self) -> int:
         return len(self.ctr)
@@ -316,6 +327,19 @@ class _Window:
     exposure: Exposure | None = None
     reranked: WindowMean | None = None
     offpolicy: OffPolicyEstimator | None = None
+    drift: RankingDriftMonitor | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RankingAlarm:
+    """A drop of a serving model's ranking quality (``RankingDriftMonitor``), for the
+    monitor's policy: ``evidence`` names the signal and its levels."""
+
+    model: str
+    version: int
+    request: str  # the completed request that tripped it
+    reason: str
+    evidence: dict[str, object]
 
 
 class RankingMonitor:
@@ -327,6 +351,13 @@ class RankingMonitor:
     figures; a candidate that scored none in a window leaves the re-ranked ones.
     Every twentieth of a window of completed requests, each model's figures
     are kept as a point of its series (the page's chart).
+
+    Each serving model's completed requests also feed its drift detector
+    (``drift``: ``monitors.drift.RankingDriftMonitor``, on the request's CTR@k or
+    NDCG@k), made with its served window: a model that starts serving, or serves
+    again after a window idle, warms it up from scratch, and so does a rollback
+    (the version it serves going back). A drop is queued in ``alarms``, read by
+    the stage with ``take_alarms``; ``drift=None`` leaves the detectors out.
     """
 
     def __init__(
@@ -335,10 +366,13 @@ class RankingMonitor:
         open_requests: int,
         head: float = HEAD_SHARE,
         clock: Callable[[], float] = time.time,
+        drift: RankingDriftSpec | None = None,
     ) -> None:
         if window < 1:
             raise ValueError(f"window: {window}, need at least 1")
         self.window = window
+        self.drift = drift
+        self.alarms: list[RankingAlarm] = []
         self.head = head
         self.clock = clock
         self.series: dict[str, list[RankingPoint]] = {}
@@ -372,9 +406,16 @@ class RankingMonitor:
             w = self._served.get(model)
             if w is None:
                 w = self._served[model] = _Window(version, n, clicks=ClickQuality(self.window))
+                if self.drift is not None:
+                    w.drift = RankingDriftMonitor(self.drift)
+            if w.drift is not None and version < w.version:
+                w.drift.reset()  # rolled back: the level of an earlier version is its own
             w.version, w.last = version, n
             assert w.clicks is not None
-            w.clicks.add(req.clicks, k)
+            ctr, gain = w.clicks.add(req.clicks, k)
+            if w.drift is not None:
+                value = ctr if w.drift.spec.signal == "ctr" else gain
+                self._detect(w.drift, model, version, req.request, value)
         for name, (version, _) in req.items[0].scores.items():
             clicks = req.reranked_clicks(name)
             if clicks is None:
@@ -391,6 +432,24 @@ class RankingMonitor:
         _forget_idle(self._offpolicy, n, self.window)
         if n % max(1, self.window // 20) == 0:
             self._sample(n)
+
+    def _detect(self, detector: RankingDriftMonitor, model: str, version: int, request: str,
+                value: float) -> None:  # fmt: skip
+        if not detector.update(value):
+            return
+        signal = f"{detector.spec.signal}_at_k"
+        last = detector.last
+        reason = (f"{signal} of {model}'s served rankings fell from "
+                  f"{last['level_before']:.3f} to {last['level_after']:.3f} over its last "
+                  f"{last['after_requests']:.0f} requests")  # fmt: skip
+        evidence: dict[str, object] = {"detector": "ranking_cusum", "signal": signal,
+                                       "request": request, **last}  # fmt: skip
+        self.alarms.append(RankingAlarm(model, version, request, reason, evidence))
+
+    def take_alarms(self) -> list[RankingAlarm]:
+        """The drops detected since the last call (oldest first)."""
+        alarms, self.alarms = self.alarms, []
+        return alarms
 
     def on_targets(self, request: str, targets: Mapping[str, tuple[int, Sequence[str]]]) -> None:
         """Challengers' own rankings of a served request's whole slate: name -> (the

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from riverflow.models.errors import ModelSpecError
-from riverflow.monitors.drift import DetectorSpec, build_detector
+from riverflow.monitors.drift import DetectorSpec, RankingDriftSpec, build_detector
 
 
 class _Frozen(BaseModel):
@@ -104,6 +104,7 @@ class RankingSpec(_Frozen):
         10, ge=1, description="every n-th served slate, each challenger's latest version ranks "
         "its whole slate for the off-policy estimate (a prediction per candidate item)",
     )  # fmt: skip
+    drift: RankingDriftSpec = Field(default_factory=RankingDriftSpec)
 
 
 class MonitorSpec(_Frozen):

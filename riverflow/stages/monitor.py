@@ -9,7 +9,9 @@ cannot read goes to the DLQ with the reason; nothing else is lost.
 
 A slate pipeline's records (evaluations naming a ``request``, predictions with
 a ``slate``: the slate contract) also feed ``monitors.ranking.RankingMonitor``,
-made at the first of them: a fraud pipeline never has one.
+made at the first of them: a fraud pipeline never has one. Its drift detector on
+the served ranking's quality per request (``monitors.drift.RankingDriftMonitor``)
+then replaces the per-label error detector's alarms: a fraud pipeline keeps those.
 """
 
 from __future__ import annotations
@@ -105,9 +107,14 @@ class Monitor:
                     )
                     self.history.sample(self.core)
                     if shown is not None:
-                        done = self._ranking().on_item(*shown)
+                        ranking = self._ranking()
+                        done = ranking.on_item(*shown)
                         if done is not None and self.core.explores:  # its off-policy duels
                             decisions += self.core.on_ranked_request(done.request, done.clicks)
+                        for a in ranking.take_alarms():  # its drift detector, for slates
+                            decisions += self.core.on_ranking_drift(
+                                a.model, a.reason, a.evidence, source
+                            )
                 elif msg.topic == self.topics.predictions:
                     p = Prediction.decode(msg.value or b"")
                     if not math.isfinite(p.score) or not all(
@@ -144,8 +151,11 @@ class Monitor:
         if self.ranking is None:
             spec = self.core.spec.ranking
             self.ranking = RankingMonitor(
-                spec.window, spec.open_requests, spec.head, self.history.clock
+                spec.window, spec.open_requests, spec.head, self.history.clock, spec.drift
             )
+            # a slate's drift is a drop of the served ranking's quality per request,
+            # not of the per-item error rate (mostly negatives: it barely moves)
+            self.core.error_drift = False
         return self.ranking
 
     def _shown_item(

@@ -9,6 +9,8 @@ changes: what every user likes rotates at once. The demo reports, per window of
 requests, the clicks per shown slot (CTR@k) and NDCG@10 of the served rankings
 against the users' true relevance, beside a popularity ranking of the same
 requests: the learned ranker beats it, loses ground at the shift, and recovers.
+The summary places each of the monitor's drift alarms in the stream: the request
+whose labels tripped it and how many requests had been sent when it was raised.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from riverflow.embedded import EmbeddedRuntime
 from riverflow.monitors.ranking import ndcg
 from riverflow.settings import Settings
 from riverflow.spec import PipelineSpec
-from riverflow.streams.contracts import Output
+from riverflow.streams.contracts import ModelEvent, Output
 from riverflow.tools.demo import _decisions
 from riverflow.tools.recsys import RecsysConfig, RecsysWorld, Request, fits
 
@@ -56,6 +58,16 @@ class Window:
         return self.clicks / max(self.shown, 1)
 
 
+@dataclass(frozen=True)
+class DriftAlarm:
+    """A drift alarm of the monitor, placed in the stream of requests."""
+
+    labels: int  # the monitor's count of labelled events then
+    request: int  # the position of the request whose label tripped it (-1: unknown)
+    sent: int  # requests sent to the scorer when it was raised (a batch at a time)
+    reason: str
+
+
 @dataclass
 class RecsysDemoResult:
     """What the recommendation demo's summary reports."""
@@ -71,6 +83,7 @@ class RecsysDemoResult:
     seconds: float
     candidates: dict[str, float]  # each candidate's prequential ROC AUC on shown items
     decisions: list[str] = field(default_factory=list)
+    drift_alarms: list[DriftAlarm] = field(default_factory=list)
     champion: str = ""
     peak_rss_mb: float = 0.0
 
@@ -91,10 +104,25 @@ class _Users:
         self.windows: list[Window] = []
         self.clicks = 0
         self.predictions: list[dict[str, Any]] = []
+        self.sent = 0  # requests sent to the scorer
+        self.alarms: list[DriftAlarm] = []
 
     def seen(self, outputs: list[Output]) -> None:
-        topic = self.rt.topics.predictions
-        self.predictions += [orjson.loads(o.value) for o in outputs if o.topic == topic]
+        topics = self.rt.topics
+        self.predictions += [orjson.loads(o.value) for o in outputs
+                             if o.topic == topics.predictions]  # fmt: skip
+        for o in outputs:
+            if o.topic == topics.model_events and b'"drift"' in o.value:
+                event = ModelEvent.decode(o.value)
+                if event.kind == "drift" and event.by == "monitor":
+                    self.alarms.append(self._alarm(event))
+
+    def _alarm(self, event: ModelEvent) -> DriftAlarm:
+        evidence = event.evidence or {}
+        request = str(evidence.get("request") or (event.event_id or "").split("/")[0])
+        tail = request.rsplit("-", 1)[-1]
+        return DriftAlarm(int(evidence.get("labels", 0)), int(tail) if tail.isdigit() else -1,
+                          self.sent, event.reason or "")  # fmt: skip
 
     def answer(self) -> None:
         predictions, self.predictions = self.predictions, []
@@ -167,6 +195,7 @@ def run_recsys_demo(
                 event = world.event(r)
                 rt.produce(rt.topics.events, r.user.encode(), orjson.dumps(event))
             now[0] = chunk[-1].ts
+            users.sent += len(chunk)
             # everything in flight, the clicks too: a step reads one batch of labels,
             # and clicks that fell behind would come after their request's timeout
             rt.drain()
@@ -193,6 +222,7 @@ def run_recsys_demo(
         seconds=time.perf_counter() - started,
         candidates={c.name: c.metrics.as_dict()["roc_auc"] for c in rt.learner.candidates.values()},
         decisions=_decisions(rt),
+        drift_alarms=users.alarms,
         champion=str(rt.registry.champion() or ""),
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     )
@@ -234,6 +264,11 @@ def recsys_summary(result: RecsysDemoResult) -> Table:
             f"{result.mean('popularity_ndcg', start, end):.3f}), CTR@k "
             f"{result.mean('ctr', start, end):.3f}",
         )
+    for a in result.drift_alarms:
+        where = "before" if a.request < shift else "after"
+        table.add_row(f"drift alarm, {where} the shift",
+                      f"@{a.labels:,} labels: request {a.request:,}'s ({a.request - shift:+,}), "
+                      f"raised with {a.sent:,} sent ({a.sent - shift:+,})")  # fmt: skip
     table.add_row("champion at the end", result.champion)
     for line in result.decisions:
         table.add_row("monitor", line[:120])
