@@ -40,7 +40,7 @@ from statistics import NormalDist
 
 import numpy as np
 
-from riverflow.monitors.quality import kelly_bet
+from riverflow.monitors.quality import kelly_bet_one
 
 
 @dataclass(frozen=True)
@@ -258,7 +258,7 @@ class OffPolicyDuel:
         d = x - y
         self.seen += 1
         if self.seen > self.warmup:
-            bet = float(kelly_bet(self.sum_d, self.sum_sq, len(self.recent)))
+            bet = kelly_bet_one(self.sum_d, self.sum_sq, len(self.recent))
             if bet:
                 self.log_wealth += np.log1p(bet * (d - GAIN_GRID))
             self.n += 1

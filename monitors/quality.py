@@ -259,6 +259,14 @@ def kelly_bet(sum_d: ArrayLike, sum_abs: ArrayLike, n: ArrayLike) -> np.ndarray:
     return out
 
 
+def kelly_bet_one(sum_d: float, sum_abs: float, n: int) -> float:
+    """``kelly_bet`` of one duel, in plain floats (the same value: it runs per label,
+    and numpy's scalar overhead was ~8 us of it)."""
+    if n >= MIN_BET_PAIRS and sum_d > 0:
+        return min(MAX_BET, 0.5 * sum_d / max(sum_abs, 1.0))
+    return 0.0
+
+
 ERROR_SCALE = 3.0  # a regressor's error difference is clipped at this many mean errors
 
 
@@ -320,7 +328,7 @@ class PairedDuel:
     def _add(self, d: float) -> None:
         self.seen += 1
         if self.seen > self.warmup:
-            bet = float(kelly_bet(self.sum_d, self.sum_sq, len(self.recent)))
+            bet = kelly_bet_one(self.sum_d, self.sum_sq, len(self.recent))
             if bet:
                 self.log_wealth += math.log1p(bet * d)
             if d > 0:

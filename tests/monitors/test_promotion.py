@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from scipy import special, stats
 
-from riverflow.monitors.quality import PairedDuel, kelly_bet
+from riverflow.monitors.quality import PairedDuel, kelly_bet, kelly_bet_one
 from riverflow.monitors.spec import PromotePolicy
 
 RUNS, LABELS = 500, 3_000
@@ -122,3 +122,14 @@ def test_the_duel_is_the_simulated_e_process() -> None:
         assert crossed == first[run]
         assert duel.n == 2_000 - WARMUP
         assert duel.wins == b[run, WARMUP:].sum() and duel.losses == a[run, WARMUP:].sum()
+
+
+def test_one_duels_bet_is_the_simulations_bet() -> None:
+    """The per-label bet in plain floats is the array one (``kelly_bet``), to the bit:
+    the simulation that sizes the promotion and the duel must bet alike."""
+    for n in (0, 99, 100, 101, 5_000):
+        for sum_d in (-3.0, 0.0, 0.5, 1.0, 7.0, 60.0, 2_500.0):
+            for sum_abs in (0.0, 0.3, 1.0, 9.0, 80.0, 5_000.0):
+                one = kelly_bet_one(sum_d, sum_abs, n)
+                assert one == float(kelly_bet(sum_d, sum_abs, n)), (sum_d, sum_abs, n)
+                assert isinstance(one, float)
