@@ -26,7 +26,7 @@ import orjson
 from pydantic import ValidationError
 
 from riverflow.errors import error_lines
-from riverflow.models.champion import positive_probability
+from riverflow.models.batched import positive_probabilities
 from riverflow.models.errors import ModelError
 from riverflow.monitors.dataquality import FieldQualityWatch
 from riverflow.monitors.exporter import MonitorMetrics
@@ -215,13 +215,17 @@ class Monitor:
         ranking.on_slate(p.model, p.version, shown, [e["item"] for e in slate])
         if ranking.slates % self.core.spec.ranking.offpolicy_every or not shown:
             return
+        challengers = self._challenger_models()
+        if not challengers:
+            return
+        xs = [self._pair_inputs(p, e) for e in slate]
+        if any(x is None for x in xs):
+            return  # a slate without each item's inputs and features cannot be ranked
+        pairs = cast(list[dict[str, Any]], xs)
         targets = {}
-        for name, (version, model) in self._challenger_models().items():
-            scores = [positive_probability(model, x) if (x := self._pair_inputs(p, e)) else None
-                      for e in slate]  # fmt: skip
-            if any(v is None for v in scores):
-                return  # a slate without each item's inputs and features cannot be ranked
-            order = sorted(range(len(slate)), key=lambda i: (-cast(float, scores[i]), i))
+        for name, (version, model) in challengers.items():
+            scores = positive_probabilities(model, pairs)  # (an FM's in one numpy pass)
+            order = sorted(range(len(slate)), key=lambda i: (-scores[i], i))
             targets[name] = (version, [slate[i]["item"] for i in order[: len(shown)]])
         if targets:
             ranking.on_targets(p.event_id, targets)
