@@ -30,7 +30,7 @@ from riverflow.features.labelled import LearnedLabel
 from riverflow.spec import PipelineSpec, shipped_example
 from riverflow.streams.contracts import DeadLetter, Evaluation, pair_id
 from riverflow.streams.kafka_io import ensure_topics, produce_all, producer, read_topic
-from riverflow.tools.recsys import RecsysConfig, RecsysWorld
+from riverflow.tools.recsys import RecsysConfig, RecsysWorld, SimulatedUsers
 from riverflow.tools.stack import Endpoints
 from tests.helpers import slate_recount
 from tests.integration.conftest import StageFactory, collect
@@ -134,3 +134,25 @@ def test_the_recsys_example_ranks_every_request_and_labels_every_shown_item_once
         assert k is not None, (p["event_id"], lo, hi)
         matched += k > 0
     assert matched > 20  # most requests were scored with labels learned
+
+
+def test_the_simulated_users_stop_when_closed_while_no_prediction_comes(
+    stack: Endpoints, spec: PipelineSpec
+) -> None:
+    """``riverflow produce``'s users end when told, though they wait for a ranking that
+    never comes (a scorer that is down), and their clicks so far are on the topic."""
+    t = spec.topics
+    ensure_topics(stack.kafka_bootstrap, [t.predictions, t.labels], partitions=1, replication=1)
+    world = RecsysWorld(RecsysConfig(seed=3, shown=SHOWN))
+    first, never = (world.event(r) for r in world.requests(2))
+    users = SimulatedUsers(stack.kafka_bootstrap, spec, world, seed=3)
+    users.expect(first["request_id"])
+    ranked = {"event_id": first["request_id"], "entity": first["user_id"],
+              "slate": [{"item": c["item_id"]} for c in first["items"]]}  # fmt: skip
+    produce_all(producer(stack.kafka_bootstrap), [(t.predictions, b"u", orjson.dumps(ranked))])
+    assert users.wait(30) and users.answered == 1  # it is following the topic
+    users.expect(never["request_id"])  # ... now waiting for a prediction that never comes
+    assert users.close(timeout_s=5)
+    clicks = [orjson.loads(m.value()) for m in read_topic(stack.kafka_bootstrap, t.labels, 1.0)]
+    assert len(clicks) == users.clicks
+    assert all(c["request_id"] == first["request_id"] for c in clicks)
