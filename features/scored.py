@@ -35,7 +35,7 @@ import orjson
 from riverflow.errors import Unavailable
 from riverflow.features.errors import FeatureStoreError
 from riverflow.features.store.base import evict_oldest
-from riverflow.streams.contracts import Message, ServedPrediction, pair_id
+from riverflow.streams.contracts import Message, ServedPrediction, shown_items
 
 log = logging.getLogger(__name__)
 
@@ -75,19 +75,19 @@ def _slate_records(p: dict[str, Any]) -> dict[str, bytes]:
     they are labelled: what the user never saw has no click to wait for)."""
     out: dict[str, bytes] = {}
     request, inputs, shown, ts = p["event_id"], p["inputs"], p["shown"], _event_time(p)
-    if not (isinstance(request, str) and isinstance(inputs, dict) and type(shown) is int):
+    if not isinstance(inputs, dict):
         raise TypeError("a field is not of a slate prediction's type")
-    for item in p["slate"][:shown]:
+    for pair, position, item in shown_items(p):
         score, features = item["score"], item["features"]
-        if not (isinstance(item["item"], str) and isinstance(item["inputs"], dict)
+        if not (isinstance(item["inputs"], dict)
                 and type(score) in (int, float) and isinstance(features, dict)
                 and all(type(v) in (int, float) for v in features.values())):  # fmt: skip
             raise TypeError("a candidate is not of a slate prediction's type")
-        slot = {"request": request, "position": item["position"], "shown": shown,
+        slot = {"request": request, "position": position, "shown": shown,
                 "propensity": item.get("propensity")}  # fmt: skip
         record = [{**inputs, **item["inputs"]}, features, p["model"], p["version"], score,
                   None, None, slot, ts]  # fmt: skip
-        out[pair_id(request, item["item"])] = msgpack.packb(record)
+        out[pair] = msgpack.packb(record)
     return out
 
 
@@ -128,21 +128,21 @@ def scored_records(messages: Sequence[Message]) -> tuple[dict[str, bytes], int]:
 def defaulted_ids(prediction: Any) -> list[str]:
     """The ids a label by timeout labels for one prediction (a decoded
     ``{ns}.predictions`` record): ``[event_id]`` for an ordinary prediction; for a
-    slate (``slate``: the ranked items, each with ``item`` and ``shown``) the pair id
-    (``"{request}/{item}"``) of every item shown. ``[]`` for a record that is not a
-    prediction (a forged record on the topic labels nothing)."""
+    slate, the pair id (``"{request}/{item}"``) of every item shown
+    (``streams.contracts.shown_items``: the very pairs the index holds records
+    for). ``[]`` for a record that is not a prediction (a forged record on the
+    topic labels nothing)."""
     if not isinstance(prediction, dict):
         return []
     event_id = prediction.get("event_id")
     if not isinstance(event_id, str):
         return []
-    slate = prediction.get("slate")
-    if slate is None:
+    if prediction.get("slate") is None:
         return [event_id]
-    if not isinstance(slate, list):
+    try:
+        return [shown.pair for shown in shown_items(prediction)]
+    except (KeyError, TypeError):
         return []
-    shown = [item for item in slate if isinstance(item, dict) and item.get("shown") is True]
-    return [pair_id(event_id, item["item"]) for item in shown if isinstance(item.get("item"), str)]
 
 
 class ScoredEvents(Protocol):

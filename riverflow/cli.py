@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,7 @@ from riverflow.tools.generator import STREAMS
 from riverflow.tools.stack import Endpoints, stack_down, stack_status, stack_up
 
 if TYPE_CHECKING:
+    from riverflow.features.labelled import LabelFeatures
     from riverflow.models.registry import RedisRegistry
     from riverflow.streams.contracts import ModelEvent
 
@@ -625,17 +627,47 @@ def cmd_features(args: argparse.Namespace, settings: Settings) -> int:
         raise RiverflowError("features get: which entity? e.g. riverflow features get c00042")
     if not url:
         raise RiverflowError("no Redis: run `riverflow stack up` or set RIVERFLOW_REDIS_URL")
+    slate = spec.events.slate
+    known = {*spec.events.fields, *(slate.fields if slate is not None else ())}
     fields = {spec.events.key: args.entity}
     for pair in args.with_:
         name, sep, value = pair.partition("=")
-        if not sep or name not in spec.events.fields:
-            raise RiverflowError(f"--with {pair!r}: use FIELD=VALUE with an event field")
+        if not sep or name not in known:
+            raise RiverflowError(
+                f"--with {pair!r}: use FIELD=VALUE with an event field"
+                + (" or a candidate's (events.slate.fields)" if slate is not None else "")
+            )
         fields[name] = value
     pseudonymizer(spec, settings).apply(fields)  # stored under the tokens of marked fields
-    store = redis_store(spec, settings, redis_client(settings, url))
+    client = redis_client(settings, url)
+    store = redis_store(spec, settings, client)
     values = store.read(spec.feature_plan().entity_keys(fields), at=args.at)
+    labels = label_feature_store(spec, settings, client)
+    if labels is not None:
+        values |= _label_fed(labels, spec.events.key, fields, args.at)
     print(json.dumps(values, indent=2))
     return 0
+
+
+def _label_fed(
+    labels: LabelFeatures, key: str, fields: dict[str, Any], at: float | None
+) -> dict[str, float]:
+    """The label-fed features (``source: labels``) whose entities ``fields`` name, as
+    the scorer reads them (``LabelFeatures.read``) at event time ``at``, by default
+    now (what a request now is served). The others are left out, with a note of the
+    ``--with`` they need: the field not given would read as a new entity (the prior)."""
+    needs = {f.name: f.entity_fields(key) for f in labels.plan.features}
+    absent = {n for entity in needs.values() for n in entity if n not in fields}
+    # a read names every entity of the plan: the absent ones are read and not shown
+    read = labels.read([{**fields, **dict.fromkeys(absent, "")}], time.time() if at is None else at)
+    out = {name: read[0][name] for name, entity in needs.items() if absent.isdisjoint(entity)}
+    for name, entity in needs.items():
+        if name not in out:
+            given = " ".join(f"--with {n}=..." for n in entity if n in absent)
+            err_console.print(
+                f"{name} (label-fed, per {'+'.join(entity)}): give {given}", soft_wrap=True
+            )
+    return out
 
 
 def _features_bench(args: argparse.Namespace, settings: Settings, spec: PipelineSpec) -> int:
@@ -910,12 +942,18 @@ def parser() -> argparse.ArgumentParser:
 
     features = sub.add_parser("features", help="online feature values in Redis")
     features.add_argument("action", choices=["get", "reset", "bench", "join-bench"])
-    features.add_argument("entity", nargs="?", help="get: value of the event key (a card id)")
+    features.add_argument(
+        "entity", nargs="?", help="get: value of the event key (a card id, a user id)"
+    )
     features.add_argument(
         "--with", dest="with_", action="append", default=[], metavar="FIELD=VALUE",
         help="another entity's key, for features kept per merchant, card+merchant, ...",
     )  # fmt: skip
-    features.add_argument("--at", type=float, help="event time windows end at (default: newest)")
+    features.add_argument(
+        "--at", type=float,
+        help="event time windows end at (default: the entity's newest event; label-fed "
+        "features: now)",
+    )  # fmt: skip
     features.add_argument(
         "--events", type=int, default=50_000, help="bench, join-bench: events per run"
     )

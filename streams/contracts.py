@@ -20,7 +20,7 @@ else than their null or empty value (``Prediction.explanation``,
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum, StrEnum
 from functools import cache
@@ -53,6 +53,46 @@ def pair_id(request_id: str, item_id: str) -> str:
     """The id of a slate's (request, item) pair: its snapshot, its index record, its
     label (``events.slate``)."""
     return f"{request_id}/{item_id}"
+
+
+class ShownItem(NamedTuple):
+    """One item of a slate prediction the user was shown: its pair id, the position
+    it was served at, and its entry in the prediction's ``slate``."""
+
+    pair: str
+    position: int
+    entry: dict[str, Any]
+
+
+def shown_items(prediction: Mapping[str, Any]) -> list[ShownItem]:
+    """The items of a decoded slate prediction (a ``Prediction`` record with
+    ``slate``) the user was shown, in served order: the first ``shown`` entries of
+    its ``slate``. The one reading of what a slate showed: the learner indexes these
+    pairs for the label join and the labels by timeout default exactly these.
+
+    ``TypeError`` for a slate the scorer cannot have written (its ``shown`` count,
+    entries' ``shown`` flags and positions disagreeing, an item twice): such a
+    record shows nothing, to the index and the timeouts alike.
+    """
+    request, slate, shown = prediction["event_id"], prediction["slate"], prediction["shown"]
+    if not (isinstance(request, str) and isinstance(slate, list)
+            and type(shown) is int and 0 <= shown <= len(slate)):  # fmt: skip
+        raise TypeError("not a slate prediction: event_id, slate or shown is not of its type")
+    out: list[ShownItem] = []
+    pairs: set[str] = set()
+    for position, entry in enumerate(slate):
+        if not (isinstance(entry, dict) and type(entry.get("item")) is str
+                and type(entry.get("position")) is int and entry["position"] == position
+                and entry.get("shown") is (position < shown)):  # fmt: skip
+            raise TypeError(f"slate entry {position} is not the scorer's item at position "
+                            f"{position} (shown: the first {shown})")  # fmt: skip
+        if position < shown:
+            pair = pair_id(request, entry["item"])
+            if pair in pairs:
+                raise TypeError(f"slate shows item {entry['item']!r} twice")
+            pairs.add(pair)
+            out.append(ShownItem(pair, position, entry))
+    return out
 
 
 class Message(NamedTuple):

@@ -5,10 +5,11 @@ The predictions topic is the timer queue. The learner keeps a second, trailing
 position on it (``Timeouts.positions``, per partition) that only moves over
 predictions served more than ``after`` ago: each of them defaults the ids
 ``features.scored.defaulted_ids`` names (the event, or the shown items of a
-slate). So the learner holds no timer per event: what waits is the topic
-itself, and memory stays that of the learner's index of scored events. The
-positions go into the learner's checkpoint, so a restarted learner neither
-defaults a prediction twice into its models nor skips one.
+slate, ``streams.contracts.shown_items``: the very pairs the learner indexes). So
+the learner holds no timer per event: what waits is the topic itself, and memory
+stays that of the learner's index of scored events. The positions go into the
+learner's checkpoint, so a restarted learner neither defaults a prediction twice
+into its models nor skips one.
 
 A default is claimed in the store like a label message (``FeatureStore.claim_labels``,
 under the token ``run:d{partition}:{offset}`` of its prediction): whichever of the

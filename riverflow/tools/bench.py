@@ -478,8 +478,10 @@ def offer(
     }  # fmt: skip
 
 
-def _spec_file(spec: PipelineSpec, workdir: Path, name: str) -> Path:
-    """``spec`` renamed ``name`` (its own topics and keys), written for a process to load."""
+def renamed_spec_file(spec: PipelineSpec, workdir: Path, name: str) -> Path:
+    """``spec`` renamed ``name`` (so its own topics and keys), written to
+    ``workdir/{name}.yaml`` for a stage process to load; the file's path. Callers make
+    ``name`` unique, so a run never reads another run's topics."""
     data = spec.model_dump(mode="json", by_alias=True)
     data["name"] = name
     path = workdir / f"{name}.yaml"
@@ -487,19 +489,24 @@ def _spec_file(spec: PipelineSpec, workdir: Path, name: str) -> Path:
     return path
 
 
-def _backlog(bootstrap: str, topic: str, key: str, events: list[dict[str, Any]]) -> Producer:
-    """``events`` produced to ``topic`` and acknowledged; the producer, to send more."""
+def produce_backlog(bootstrap: str, topic: str, key: str, events: list[dict[str, Any]]) -> Producer:
+    """``events`` produced to ``topic`` (keyed by their field ``key``) and
+    acknowledged, so a drain starts on the whole backlog; the producer, to send more
+    (flushed by the caller)."""
     prod = producer(bootstrap, **{"linger.ms": 1})
     produce_all(prod, ((topic, e[key].encode(), orjson.dumps(e)) for e in events))
     return prod
 
 
-def _drain(
+def drain_rate(
     what: str, proc: subprocess.Popen[bytes], clock: PredictionClock, n: int,
     servers: Mapping[str, ProcessUsage], logfile: Path,
 ) -> dict[str, float]:  # fmt: skip
     """The rate at which ``what`` (``proc``, started on a backlog of ``n`` events)
-    returned their predictions, first to last, and the CPU of it and the servers."""
+    returned their predictions, first to last (``drain_events_per_s``), and the CPU
+    it and each of ``servers`` spent per million events (``cpu_s_per_million``,
+    ``{server}_cpu_s_per_million``). ``RuntimeError`` naming ``what`` (with the end
+    of ``logfile``) if it produces nothing within 2 minutes or stalls."""
     usage = ProcessUsage(proc.pid)
     deadline = time.monotonic() + 120
     while not clock.wait_for(1, 1):
@@ -531,12 +538,12 @@ def measure_host(
     """Drain rate, maximum sustained rate, latency at fixed rates, CPU and RSS of a
     scorer on ``host`` with ``guarantee`` (``drain_only``: the drain alone)."""
     name = f"bench-{host}-{uuid.uuid4().hex[:6]}"
-    spec_file = _spec_file(spec, workdir, name)
+    spec_file = renamed_spec_file(spec, workdir, name)
     topics = Topics(name)
     ensure_topics(ep.kafka_bootstrap, topics.all(), partitions=3)
     events, _ = stream(cfg.events, cfg.seed, prefix="d")
     key = spec.events.key
-    prod = _backlog(ep.kafka_bootstrap, topics.events, key, events)
+    prod = produce_backlog(ep.kafka_bootstrap, topics.events, key, events)
     # each paced run goes on in event time from the one before, as a live stream does
     # (restarting at the drain's first time made every entity see hours-late events)
     newest = [events[-1]["ts"]]
@@ -559,7 +566,7 @@ def measure_host(
     out: dict[str, Any] = {}
     seeds = iter(range(cfg.seed + 1, cfg.seed + 1000))
     try:
-        out.update(_drain(f"{host} scorer", proc, clock, cfg.events, servers, logpath))
+        out.update(drain_rate(f"{host} scorer", proc, clock, cfg.events, servers, logpath))
         drain = out["drain_events_per_s"]
         log(f"{host} ({guarantee}): drained {cfg.events:,} at {drain:,.0f} events/s")
         if drain_only:
@@ -625,10 +632,10 @@ def measure_peer(
 
     ``name``: of its topics and consumer group (default: a new one)."""
     name = name or f"bench-{peer}-{uuid.uuid4().hex[:6]}"
-    spec_file = _spec_file(spec, workdir, name)
+    spec_file = renamed_spec_file(spec, workdir, name)
     topics = Topics(name)
     ensure_topics(ep.kafka_bootstrap, [topics.events, topics.predictions], partitions=3)
-    _backlog(ep.kafka_bootstrap, topics.events, spec.events.key, events)
+    produce_backlog(ep.kafka_bootstrap, topics.events, spec.events.key, events)
     clock = PredictionClock(ep.kafka_bootstrap, topics.predictions)
     logpath = workdir / f"{name}.log"
     cmd = peer_command(peer, spec_file, ep.kafka_bootstrap, topics.events, topics.predictions,
@@ -638,7 +645,7 @@ def measure_peer(
     servers = {server: ProcessUsage(pid) for server, pid in server_pids.items()}
     try:
         out: dict[str, Any] = {"events": len(events)}
-        out.update(_drain(f"the {peer} peer", proc, clock, len(events), servers, logpath))
+        out.update(drain_rate(f"the {peer} peer", proc, clock, len(events), servers, logpath))
         out["peak_rss_mb"] = ProcessUsage(proc.pid).peak_rss_mb()
         for server, u in servers.items():
             out[f"{server}_peak_rss_mb"] = u.peak_rss_mb()

@@ -41,7 +41,13 @@ from riverflow.settings import Settings
 from riverflow.spec import PipelineSpec, load_spec
 from riverflow.streams.kafka_io import ensure_topics
 from riverflow.streams.topics import Topics
-from riverflow.tools.bench import ProcessUsage, TopicWatch, _backlog, _spec_file, stream
+from riverflow.tools.bench import (
+    ProcessUsage,
+    TopicWatch,
+    produce_backlog,
+    renamed_spec_file,
+    stream,
+)
 from riverflow.tools.stack import Endpoints, local_stack, stop_processes
 
 
@@ -114,7 +120,7 @@ def scorer_drain(
 ) -> dict[str, Any]:  # fmt: skip
     """The backlog drain of ``scorers`` scorer processes over ``partitions``."""
     name = f"scale{scorers}-{uuid.uuid4().hex[:6]}"
-    spec_file = _spec_file(spec, workdir, name)
+    spec_file = renamed_spec_file(spec, workdir, name)
     topics = Topics(name)
     ensure_topics(ep.kafka_bootstrap, topics.all(), partitions=partitions)
     backlog, _ = stream(events, seed, prefix=f"{name}-")
@@ -131,7 +137,7 @@ def scorer_drain(
         wait_assigned(ep.kafka_bootstrap, f"riverflow-{name}-scorer", scorers, partitions)
         for p in procs:
             p.send_signal(signal.SIGSTOP)
-        _backlog(ep.kafka_bootstrap, topics.events, spec.events.key, backlog).flush(60)
+        produce_backlog(ep.kafka_bootstrap, topics.events, spec.events.key, backlog).flush(60)
         usage = [ProcessUsage(p.pid) for p in procs]
         servers = {n: ProcessUsage(pid) for n, pid in ep.pids.items()}
         cpu0 = [u.cpu_s() for u in usage]
@@ -165,12 +171,12 @@ def learner_rate(
 ) -> dict[str, Any]:
     """Labels per second one learner learns (every candidate of ``spec``)."""
     name = f"learn-{uuid.uuid4().hex[:6]}"
-    spec_file = _spec_file(spec, workdir, name)
+    spec_file = renamed_spec_file(spec, workdir, name)
     topics = Topics(name)
     ensure_topics(ep.kafka_bootstrap, topics.all(), partitions=3)
     events, truth = stream(warmup + labels, seed, prefix=f"{name}-")
     predictions = Arrivals(ep.kafka_bootstrap, topics.predictions)
-    _backlog(ep.kafka_bootstrap, topics.events, spec.events.key, events).flush(60)
+    produce_backlog(ep.kafka_bootstrap, topics.events, spec.events.key, events).flush(60)
     scorer = start_stage("scorer", spec_file, ep, workdir / f"{name}-scorer.log",
                          partitions=3, instance_id=f"{name}-scorer")  # fmt: skip
     try:
@@ -182,12 +188,12 @@ def learner_rate(
     learner = start_stage("learner", spec_file, ep, workdir / f"{name}-learner.log",
                           partitions=3, scored_dir=workdir / f"{name}-scored")  # fmt: skip
     try:
-        prod = _backlog(ep.kafka_bootstrap, topics.labels, "event_id", truth[:warmup])
+        prod = produce_backlog(ep.kafka_bootstrap, topics.labels, "event_id", truth[:warmup])
         evaluations.wait_for(warmup, 300, [learner])
         time.sleep(2.0)  # its snapshot and checkpoint after the warm-up
         usage, servers = ProcessUsage(learner.pid), {n: ProcessUsage(p) for n, p in ep.pids.items()}
         cpu0, server0 = usage.cpu_s(), {n: u.cpu_s() for n, u in servers.items()}
-        _backlog(ep.kafka_bootstrap, topics.labels, "event_id", truth[warmup:]).flush(60)
+        produce_backlog(ep.kafka_bootstrap, topics.labels, "event_id", truth[warmup:]).flush(60)
         prod.flush(10)
         evaluations.wait_for(warmup + labels, 900, [learner])
         per_m = 1e6 / labels

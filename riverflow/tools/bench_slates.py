@@ -25,10 +25,10 @@ from riverflow.streams.topics import Topics
 from riverflow.tools.bench import (
     PredictionClock,
     ProcessUsage,
-    _backlog,
-    _drain,
-    _spec_file,
+    drain_rate,
     offer,
+    produce_backlog,
+    renamed_spec_file,
 )
 from riverflow.tools.recsys import RecsysConfig, RecsysWorld
 from riverflow.tools.stack import Endpoints, stop_processes
@@ -72,13 +72,13 @@ def measure_slates(
     """The drain and the latency of the confluent scorer on the recsys example."""
     spec = spec or load_spec("recsys")
     name = f"bench-slates-{uuid.uuid4().hex[:6]}"
-    spec_file = _spec_file(spec, workdir, name)
+    spec_file = renamed_spec_file(spec, workdir, name)
     topics = Topics(name)
     ensure_topics(ep.kafka_bootstrap, topics.all(), partitions=3)
     world = RecsysWorld(RecsysConfig(seed=cfg.seed, slate=cfg.slate, users=20_000, items=5_000))
     make = slate_requests(world)
     backlog = make(cfg.requests, 0, "d", None)
-    prod = _backlog(ep.kafka_bootstrap, topics.events, spec.events.key, backlog)
+    prod = produce_backlog(ep.kafka_bootstrap, topics.events, spec.events.key, backlog)
     newest = backlog[-1]["ts"]
     del backlog
     env = {
@@ -96,7 +96,7 @@ def measure_slates(
         )  # fmt: skip
     servers = {server: ProcessUsage(pid) for server, pid in server_pids.items()}
     try:
-        drain = _drain("the slate scorer", proc, clock, cfg.requests, servers, logpath)
+        drain = drain_rate("the slate scorer", proc, clock, cfg.requests, servers, logpath)
         out: dict[str, Any] = {
             "requests": cfg.requests, "slate": cfg.slate,
             "drain_requests_per_s": drain["drain_events_per_s"],

@@ -228,10 +228,12 @@ class SimulatedUsers:
 
     def _run(self) -> None:
         prod = producer(self.bootstrap)
+        predictions = read_topic(self.bootstrap, self.topics.predictions, follow=True,
+                                 stop=self._stop)  # fmt: skip
         try:
-            for msg in read_topic(self.bootstrap, self.topics.predictions, follow=True):
-                if self._stop.is_set():
-                    break
+            for msg in predictions:
+                if self._stop.is_set():  # the rest of a batch read before it was set
+                    continue
                 p = orjson.loads(msg.value() or b"{}")
                 with self._lock:
                     if p.get("event_id") not in self.waiting:
@@ -256,8 +258,12 @@ class SimulatedUsers:
             time.sleep(0.1)
         return False
 
-    def close(self) -> None:
+    def close(self, timeout_s: float = 10.0) -> bool:
+        """Stop following the predictions (within a poll, even with none coming) and
+        send the clicks made so far; whether the thread was done within ``timeout_s``."""
         self._stop.set()
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()
 
 
 def _ignore(*_: Any) -> None:

@@ -14,6 +14,7 @@ learner as processes, the simulated users clicking what they were shown.
 from __future__ import annotations
 
 import bisect
+import json
 import os
 import random
 import subprocess
@@ -26,11 +27,15 @@ import orjson
 import pytest
 import yaml
 
+from riverflow.assembly import label_feature_store
+from riverflow.assembly import redis_client as connect
+from riverflow.cli import main
 from riverflow.features.labelled import LearnedLabel
+from riverflow.settings import Settings
 from riverflow.spec import PipelineSpec, shipped_example
 from riverflow.streams.contracts import DeadLetter, Evaluation, pair_id
 from riverflow.streams.kafka_io import ensure_topics, produce_all, producer, read_topic
-from riverflow.tools.recsys import RecsysConfig, RecsysWorld
+from riverflow.tools.recsys import RecsysConfig, RecsysWorld, SimulatedUsers
 from riverflow.tools.stack import Endpoints
 from tests.helpers import slate_recount
 from tests.integration.conftest import StageFactory, collect
@@ -134,3 +139,75 @@ def test_the_recsys_example_ranks_every_request_and_labels_every_shown_item_once
         assert k is not None, (p["event_id"], lo, hi)
         matched += k > 0
     assert matched > 20  # most requests were scored with labels learned
+
+
+def test_the_simulated_users_stop_when_closed_while_no_prediction_comes(
+    stack: Endpoints, spec: PipelineSpec
+) -> None:
+    """``riverflow produce``'s users end when told, though they wait for a ranking that
+    never comes (a scorer that is down), and their clicks so far are on the topic."""
+    t = spec.topics
+    ensure_topics(stack.kafka_bootstrap, [t.predictions, t.labels], partitions=1, replication=1)
+    world = RecsysWorld(RecsysConfig(seed=3, shown=SHOWN))
+    first, never = (world.event(r) for r in world.requests(2))
+    users = SimulatedUsers(stack.kafka_bootstrap, spec, world, seed=3)
+    users.expect(first["request_id"])
+    ranked = {"event_id": first["request_id"], "entity": first["user_id"],
+              "slate": [{"item": c["item_id"]} for c in first["items"]]}  # fmt: skip
+    produce_all(producer(stack.kafka_bootstrap), [(t.predictions, b"u", orjson.dumps(ranked))])
+    assert users.wait(30) and users.answered == 1  # it is following the topic
+    users.expect(never["request_id"])  # ... now waiting for a prediction that never comes
+    assert users.close(timeout_s=5)
+    clicks = [orjson.loads(m.value()) for m in read_topic(stack.kafka_bootstrap, t.labels, 1.0)]
+    assert len(clicks) == users.clicks
+    assert all(c["request_id"] == first["request_id"] for c in clicks)
+
+
+def test_features_get_shows_the_label_fed_features_of_the_entities_asked_about(
+    stack: Endpoints,
+    spec: PipelineSpec,
+    spec_file: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``riverflow features get u1`` shows the user's click-through rate as the scorer
+    reads it; a feature per (user, category) or per item only with that entity named
+    (``--with``), never a new entity's prior in its place."""
+    settings = Settings(redis_url=stack.redis_url)
+    labels = label_feature_store(spec, settings, connect(settings, stack.redis_url))
+    assert labels is not None
+    t0 = 1_767_225_600.0
+    rng = random.Random(5)
+    learned = [
+        LearnedLabel(f"r{n}/i{n % 7}",
+                     {"user_id": f"u{n % 3}", "item_id": f"i{n % 7}", "category": f"c{n % 2}"},
+                     rng.random() < (0.6 if n % 3 == 1 else 0.1), t0 + n)
+        for n in range(300)
+    ]  # fmt: skip
+    labels.write(learned)
+    at = t0 + 400
+    monkeypatch.setenv("RIVERFLOW_REDIS_URL", stack.redis_url)
+
+    def get(*args: str) -> dict[str, float]:
+        asked = ["features", "get", "u1", "--at", str(at), "--spec", str(spec_file), *args]
+        assert main(asked) == 0
+        out, err = capsys.readouterr()
+        shown: dict[str, float] = json.loads(out)
+        # each left out names the --with it needs
+        assert all(f"{n} (label-fed" in err for n in label_fed if n not in shown), err
+        return shown
+
+    pair = {"user_id": "u1", "item_id": "i3", "category": "c0"}
+    truth = labels.read([pair], at)[0]
+    new_user = labels.read([{**pair, "user_id": "u-new"}], at)[0]
+    assert truth["user_ctr_24h"] > new_user["user_ctr_24h"]  # u1 clicks more than most
+    label_fed = [f.name for f in spec.label_features]
+    shown = get()
+    assert {n: shown[n] for n in label_fed if n in shown} == {"user_ctr_24h": truth["user_ctr_24h"]}
+    shown = get("--with", "category=c0")
+    per_user_and_category = ("user_category_ctr_7d", "user_category_since_click_7d")
+    assert {n: shown[n] for n in label_fed if n in shown} == {
+        n: truth[n] for n in ("user_ctr_24h", *per_user_and_category)
+    }
+    shown = get("--with", "category=c0", "--with", "item_id=i3")
+    assert {n: shown[n] for n in label_fed} == {n: truth[n] for n in label_fed}

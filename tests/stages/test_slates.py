@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from riverflow.assembly import build_scorer, memory_backends
-from riverflow.features.scored import ScoredEvent, scored_records
+from riverflow.features.scored import ScoredEvent, defaulted_ids, scored_records
 from riverflow.settings import Settings
 from riverflow.spec import PipelineSpec, SpecError, load_spec, parse_spec
 from riverflow.stages.scorer import Scorer
@@ -240,3 +240,62 @@ def test_exploration_serves_some_requests_in_a_random_order_and_logs_propensitie
     assert 90 <= explored <= 150, explored
     again = predictions(scorer.process(messages(events[:50])))
     assert [q["slate"] for q in again] == [p["slate"] for p in out[:50]]  # replays: same order
+
+
+def exploring_spec(spec: PipelineSpec, epsilon: float) -> PipelineSpec:
+    slate = spec.events.slate
+    assert slate is not None
+    return spec.model_copy(
+        update={"events": spec.events.model_copy(
+            update={"slate": slate.model_copy(update={"epsilon": epsilon})})}
+    )  # fmt: skip
+
+
+def test_the_timeouts_default_exactly_the_pairs_the_join_indexes(spec: PipelineSpec) -> None:
+    """Whatever the slate (served in a random order, fewer candidates than are shown,
+    a replay), the shown items a timeout labels negative are the pairs the learner
+    holds records for, served order and positions included."""
+    _, events = requests(120)
+    for e in events[::4]:  # fewer candidates than the 5 shown
+        e["items"] = e["items"][: 1 + len(e["request_id"]) % 4]
+    scorer = scorer_of(exploring_spec(spec, 0.5))
+    out = predictions(scorer.process(messages(events)))
+    out += predictions(scorer.process(messages(events[30:60])))  # replays
+    explored = short = replayed = 0
+    for p in out:
+        raw = orjson.dumps(p)
+        records, bad = scored_records([Message("recsys.predictions", 0, 0, b"", raw)])
+        ids = defaulted_ids(orjson.loads(raw))
+        assert bad == 0 and ids == list(records)
+        served = p["slate"][: min(5, len(p["slate"]))]
+        assert ids == [pair_id(p["event_id"], c["item"]) for c in served]
+        assert [ScoredEvent.unpack(i, records[i]).slot["position"] for i in ids] == list(
+            range(len(ids))
+        )
+        scores = [c["score"] for c in p["slate"]]
+        explored += scores != sorted(scores, reverse=True)
+        short += len(p["slate"]) < 5
+        replayed += p["replayed"]
+    assert explored > 10 and short == 30 + 7 and replayed == 30  # 7 short ones replayed
+
+
+@pytest.mark.parametrize(
+    "forge",
+    [
+        lambda p: p["slate"][6].update(shown=True),  # a flag the count disagrees with
+        lambda p: p["slate"][1].update(shown=False),
+        lambda p: p.update(shown=7),
+        lambda p: p["slate"][2].update(position=0),
+        lambda p: p["slate"][3].update(item=p["slate"][0]["item"]),  # an item shown twice
+        lambda p: p["slate"].__setitem__(4, "i00004"),
+    ],
+)
+def test_a_forged_slate_shows_nothing_to_the_join_and_the_timeouts_alike(
+    spec: PipelineSpec, forge: Any
+) -> None:
+    _, events = requests(1)
+    p = predictions(scorer_of(spec).process(messages(events)))[0]
+    forge(p)
+    records, bad = scored_records([Message("recsys.predictions", 0, 0, b"", orjson.dumps(p))])
+    assert (records, bad) == ({}, 1)
+    assert defaulted_ids(p) == []
