@@ -74,7 +74,8 @@ def shown_items(prediction: Mapping[str, Any]) -> list[ShownItem]:
     entries' ``shown`` flags and positions disagreeing, an item twice): such a
     record shows nothing, to the index and the timeouts alike.
     """
-    request, slate, shown = prediction["event_id"], prediction["slate"], prediction["shown"]
+    request, slate = prediction.get("event_id"), prediction.get("slate")
+    shown = prediction.get("shown")
     if not (isinstance(request, str) and isinstance(slate, list)
             and type(shown) is int and 0 <= shown <= len(slate)):  # fmt: skip
         raise TypeError("not a slate prediction: event_id, slate or shown is not of its type")

@@ -42,6 +42,7 @@ from riverflow.streams.contracts import (
     Message,
     Output,
     Prediction,
+    shown_items,
 )
 from riverflow.streams.topics import Topics
 
@@ -197,15 +198,15 @@ class Monitor:
         prediction); ``_Refused`` if its slate is malformed."""
         if not raw or b'"slate"' not in raw:
             return None
-        slate = orjson.loads(raw).get("slate")
-        if slate is None:
+        record = orjson.loads(raw)
+        if record.get("slate") is None:
             return None
-        if not isinstance(slate, list) or not all(
-            isinstance(e, dict) and type(e.get("item")) is str and type(e.get("position")) is int
-            for e in slate
-        ):
-            raise _Refused("slate: not a list of {item, position, ...} objects")
-        return sorted(slate, key=lambda e: e["position"])
+        try:  # what it showed, read as the learner and the timeouts read it
+            shown_items(record)
+        except TypeError as exc:
+            raise _Refused(f"slate: {exc}") from None
+        slate: list[dict[str, Any]] = record["slate"]  # (in position order: checked)
+        return slate
 
     def _on_slate(self, p: Prediction, slate: list[dict[str, Any]]) -> None:
         """A served slate: its exposure, and every ``offpolicy_every``-th one ranked by

@@ -237,7 +237,7 @@ def test_the_monitor_stage_reports_a_slate_pipelines_ranking_and_refuses_bad_sla
     ]
     assert "position 3 is not one of 2 shown" in letters[0].error
     assert "does not name the pair" in letters[1].error and "propensity" in letters[2].error
-    assert "slate: not a list of {item, position" in letters[3].error
+    assert "slate: not a slate prediction" in letters[3].error
     assert monitor.core.labels == 3  # the refused ones are not taken in anywhere
 
     view = monitor.view()
