@@ -128,17 +128,19 @@ def test_the_recsys_example_ranks_every_request_and_labels_every_shown_item_once
     labelled, margin_s = spec.label_features, 5.0
     plan = spec.label_plan(2.0)  # the learner's label_wait_s
     assert plan is not None
-    matched = 0
-    for p in random.Random(3).sample(predictions, 40):
+    # requests scored once labels had been learned (over ``margin_s`` before): the
+    # prefix each must match holds some, so its check is not vacuous (how many there are depends
+    # on how far the scorer runs ahead of the clicks' timeouts, not on correctness)
+    informed = [p for p in predictions if p["scored_at"] - margin_s > written[0]]
+    assert len(informed) >= 40, f"{len(informed)} requests scored after labels were learned"
+    for p in random.Random(3).sample(informed, 40):
         pairs = [{**p["inputs"], **c["inputs"]} for c in p["slate"]]
         values = [{f.name: c["features"][f.name] for f in labelled} for c in p["slate"]]
         lo = bisect.bisect_left(written, p["scored_at"] - margin_s)
         hi = bisect.bisect_right(written, p["scored_at"] + margin_s)
         k = matching_prefix(labels, pairs, p["event_time"], values, labelled, "user_id",
                             (lo, hi), plan.tiles.lateness_s)  # fmt: skip
-        assert k is not None, (p["event_id"], lo, hi)
-        matched += k > 0
-    assert matched > 20  # most requests were scored with labels learned
+        assert k is not None, (p["event_id"], lo, hi)  # (k >= lo >= 1)
 
 
 def test_the_simulated_users_stop_when_closed_while_no_prediction_comes(
