@@ -424,7 +424,8 @@ class RedisFeatureStore:
             # and another scorer may have written it since this process read it
             for name, key in keys:
                 pending.changed[key] = name
-            out.append(FeatureSnapshot(req.event_id, orjson.loads(req.context), vectors, late=late))
+            inputs = req.inputs if req.inputs is not None else orjson.loads(req.context)
+            out.append(FeatureSnapshot(req.event_id, inputs, vectors, late=late))
         return pending, out
 
     def _apply(self, pending: _Pending, served: dict[str, bytes]) -> bool:
