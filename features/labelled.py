@@ -42,7 +42,6 @@ from functools import cached_property
 from typing import Any, Protocol
 
 import msgpack
-import redis
 
 from riverflow.features.definitions import (
     Aggregation,
@@ -52,7 +51,6 @@ from riverflow.features.definitions import (
     entity_value,
     parse_duration,
 )
-from riverflow.features.errors import FeatureStoreError
 from riverflow.features.store.base import FeatureRequest, FeatureSnapshot
 from riverflow.features.store.memory import MemoryFeatureStore
 from riverflow.features.store.redis_store import RedisFeatureStore
@@ -299,16 +297,13 @@ class _RedisStates:
 
     def load(self, keys: set[tuple[str, str]]) -> dict[tuple[str, str], Entity]:
         order = list(keys)
-        pipe = self.store.client.pipeline(transaction=False)
-        for name, value in order:
-            pipe.hget(self.store.entity_key(name, value), "s")
-        try:
-            replies = pipe.execute()
-        except redis.ConnectionError as exc:
-            raise FeatureStoreError(f"Redis unreachable: {exc}") from exc
+        if not order:
+            return {}
+        key = self.store.entity_key
+        replies = self.store.stored_states([key(name, value) for name, value in order])
         return {
-            key: unpack_entity(self.engine, msgpack.unpackb(raw, strict_map_key=False))
-            for key, raw in zip(order, replies, strict=True)
+            k: unpack_entity(self.engine, msgpack.unpackb(raw, strict_map_key=False))
+            for k, raw in zip(order, replies, strict=True)
             if raw
         }
 

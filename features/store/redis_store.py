@@ -525,6 +525,11 @@ class RedisFeatureStore:
             stored = msgpack.unpackb(state, strict_map_key=False) if state else None
             self._cache[key] = (unpack_entity(self.engine, stored), int(version or 0))
 
+    def stored_states(self, keys: Sequence[str]) -> list[bytes | None]:
+        """The stored state (``s``) of each entity key, None where absent: one call
+        (``load.lua``; a pipeline of HGETs costs the client ~25 us per key)."""
+        return [state for state, _ in self._call(self._load_states, self._route, list(keys))]
+
     def _on_server(self, batch: Sequence[FeatureRequest]) -> list[FeatureSnapshot]:
         snap, entities, shape = self.snapshot_key(""), self._entity_prefixes, self._shape
         events = []
