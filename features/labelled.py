@@ -42,7 +42,6 @@ from functools import cached_property
 from typing import Any, Protocol
 
 import msgpack
-import redis
 
 from riverflow.features.definitions import (
     Aggregation,
@@ -52,7 +51,6 @@ from riverflow.features.definitions import (
     entity_value,
     parse_duration,
 )
-from riverflow.features.errors import FeatureStoreError
 from riverflow.features.store.base import FeatureRequest, FeatureSnapshot
 from riverflow.features.store.memory import MemoryFeatureStore
 from riverflow.features.store.redis_store import RedisFeatureStore
@@ -150,16 +148,21 @@ class LabelPlan:
 
     def entity_keys(self, fields: Mapping[str, Any]) -> dict[str, str]:
         """Every entity of the plan (name -> value) in a pair's fields."""
-        out = {}
-        for e in self.tiles.entities:
-            if e == (ALL,):
-                out[ALL] = "1"
-                continue
-            missing = [f for f in e if f not in fields]
-            if missing:
-                raise ValueError(f"label-fed features: the pair has no field {missing[0]!r}")
-            out["+".join(e)] = entity_value(e, fields)
-        return out
+        try:
+            return {
+                name: "1" if e == (ALL,) else str(fields[e[0]]) if one else entity_value(e, fields)
+                for name, e, one in self._entities
+            }
+        except KeyError:
+            missing = next(f for _, e, _ in self._entities if e != (ALL,) for f in e
+                           if f not in fields)  # fmt: skip
+            raise ValueError(f"label-fed features: the pair has no field {missing!r}") from None
+
+    @cached_property
+    def _entities(self) -> list[tuple[str, tuple[str, ...], bool]]:
+        """Per entity of the plan: its name, fields, whether it is one field (built
+        once: ``entity_keys`` runs per pair)."""
+        return [("+".join(e), e, len(e) == 1) for e in self.tiles.entities]
 
     def values(self, aggregates: list[list[Any] | None], at: float) -> dict[str, float]:
         """The features from a pair's group aggregates (None: no state) read at ``at``."""
@@ -294,16 +297,13 @@ class _RedisStates:
 
     def load(self, keys: set[tuple[str, str]]) -> dict[tuple[str, str], Entity]:
         order = list(keys)
-        pipe = self.store.client.pipeline(transaction=False)
-        for name, value in order:
-            pipe.hget(self.store.entity_key(name, value), "s")
-        try:
-            replies = pipe.execute()
-        except redis.ConnectionError as exc:
-            raise FeatureStoreError(f"Redis unreachable: {exc}") from exc
+        if not order:
+            return {}
+        key = self.store.entity_key
+        replies = self.store.stored_states([key(name, value) for name, value in order])
         return {
-            key: unpack_entity(self.engine, msgpack.unpackb(raw, strict_map_key=False))
-            for key, raw in zip(order, replies, strict=True)
+            k: unpack_entity(self.engine, msgpack.unpackb(raw, strict_map_key=False))
+            for k, raw in zip(order, replies, strict=True)
             if raw
         }
 
@@ -398,17 +398,26 @@ class LabelFeatures:
         keys = [self.plan.entity_keys(fields) for fields in pairs]
         states = self._states.load({(n, v) for k in keys for n, v in k.items()})
         read: Callable[[int, Entity, float], list[Any] | None] = self._states.engine.read
+        groups = list(enumerate(self._groups))
+        # what one group of one entity value reads at one time, and the values of one
+        # set of aggregates at one time: a slate's pairs share their request's user,
+        # time and the global counts, and an entity without labels reads nothing
         memo: dict[tuple[int, str, float], list[Any] | None] = {}
+        done: dict[tuple[Any, ...], dict[str, float]] = {}
         out = []
         for k, t in zip(keys, times, strict=True):
             check_time(t)
             aggregates: list[list[Any] | None] = []
-            for gi, name in enumerate(self._groups):
+            for gi, name in groups:
                 value = k[name]
                 seen = (gi, value, t)
                 if seen not in memo:
                     ent = states.get((name, value))
                     memo[seen] = None if ent is None else read(gi, ent, t)
                 aggregates.append(memo[seen])
-            out.append(self.plan.values(aggregates, t))
+            same = (t, *map(id, aggregates))  # (memo keeps each aggregate alive)
+            values = done.get(same)
+            if values is None:
+                values = done[same] = self.plan.values(aggregates, t)
+            out.append(dict(values))
         return out

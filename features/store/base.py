@@ -41,6 +41,9 @@ class FeatureRequest:
     # counts once in each entity it touches, with its first candidate there (the
     # scorer gives the other pairs that one's aggregates)
     read_only: tuple[str, ...] = ()
+    # ``context`` decoded, when the caller has it (the scorer built the JSON from it):
+    # the store's in-process snapshot takes it rather than parsing ``context`` again
+    inputs: dict[str, Any] | None = None
 
 
 def feature_request(
@@ -51,9 +54,11 @@ def feature_request(
     context: bytes,
     entities: dict[str, str] | None = None,
     read_only: tuple[str, ...] = (),
+    inputs: dict[str, Any] | None = None,
 ) -> FeatureRequest:
     """What the plan needs from one event: its entity keys (``entities`` if the caller
-    has them: ``plan.entity_values(event)``), numbers and distinct values."""
+    has them: ``plan.entity_values(event)``), numbers and distinct values; ``inputs``:
+    ``context`` decoded, if the caller has it (it must equal ``orjson.loads(context)``)."""
     return FeatureRequest(
         event_id,
         ts,
@@ -62,6 +67,7 @@ def feature_request(
         context,
         {f: str(event[f]) for f in plan.distinct_fields},
         read_only,
+        inputs,
     )
 
 

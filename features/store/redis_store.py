@@ -401,30 +401,46 @@ class RedisFeatureStore:
     ) -> tuple[_Pending, list[FeatureSnapshot]]:
         """Compute the batch here, from the entities as this process holds them."""
         cache, prefixes = self._cache, self._entity_prefixes
-        keyed = [
-            [(name, prefix + req.entities[name]) for name, prefix in prefixes] for req in batch
-        ]
-        self._load({key for keys in keyed for _, key in keys if key not in cache})
+        keyed = [[prefix + req.entities[name] for name, prefix in prefixes] for req in batch]
+        touched = {key for keys in keyed for key in keys}
+        self._load({key for key in touched if key not in cache})
         snap = self.snapshot_key("")
-        pending = _Pending({key for keys in keyed for _, key in keys})
+        pending = _Pending(touched)
+        changed = pending.changed
         out: list[FeatureSnapshot] = []
         written: dict[str, bytes] = {}
         step = self.engine.step
+        names = [name for name, _ in prefixes]
+        # a read-only entity is left out of what the step sees (as the step would
+        # leave it out); with session groups the step refuses it
+        leave_out = not self.engine.session_shape
         for req, keys in zip(batch, keyed, strict=True):
             raw = written.get(req.event_id)
             if raw is not None:  # twice in one batch: the second is a replay
                 out.append(FeatureSnapshot.decode(req.event_id, raw, replayed=True))
                 continue
-            ents = {name: cache[key][0] for name, key in keys}
-            vectors, late, _ = step(ents, req.ts, req.numbers, req.distinct, req.read_only)
-            raw = written[req.event_id] = encode_snapshot(req.context, vectors, late)
-            pending.snapshots.append((req.event_id, snap + req.event_id, raw))
             # every entity read goes to the commit, so that its version is checked:
             # one an event was too late for is unchanged, but read for its score,
             # and another scorer may have written it since this process read it
-            for name, key in keys:
-                pending.changed[key] = name
-            out.append(FeatureSnapshot(req.event_id, orjson.loads(req.context), vectors, late=late))
+            # (and a read-only one: the request's pair that counted there read it)
+            read_only = req.read_only
+            if read_only and leave_out:
+                ents = {}
+                for name, key in zip(names, keys, strict=True):
+                    changed[key] = name
+                    if name not in read_only:
+                        ents[name] = cache[key][0]
+                read_only = ()
+            else:
+                ents = {}
+                for name, key in zip(names, keys, strict=True):
+                    changed[key] = name
+                    ents[name] = cache[key][0]
+            vectors, late, _ = step(ents, req.ts, req.numbers, req.distinct, read_only)
+            raw = written[req.event_id] = encode_snapshot(req.context, vectors, late)
+            pending.snapshots.append((req.event_id, snap + req.event_id, raw))
+            inputs = req.inputs if req.inputs is not None else orjson.loads(req.context)
+            out.append(FeatureSnapshot(req.event_id, inputs, vectors, late=late))
         return pending, out
 
     def _apply(self, pending: _Pending, served: dict[str, bytes]) -> bool:
@@ -508,6 +524,11 @@ class RedisFeatureStore:
         for key, (state, version) in zip(order, replies, strict=True):
             stored = msgpack.unpackb(state, strict_map_key=False) if state else None
             self._cache[key] = (unpack_entity(self.engine, stored), int(version or 0))
+
+    def stored_states(self, keys: Sequence[str]) -> list[bytes | None]:
+        """The stored state (``s``) of each entity key, None where absent: one call
+        (``load.lua``; a pipeline of HGETs costs the client ~25 us per key)."""
+        return [state for state, _ in self._call(self._load_states, self._route, list(keys))]
 
     def _on_server(self, batch: Sequence[FeatureRequest]) -> list[FeatureSnapshot]:
         snap, entities, shape = self.snapshot_key(""), self._entity_prefixes, self._shape

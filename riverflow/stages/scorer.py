@@ -7,6 +7,7 @@ Kafka runtime, the embedded runtime and the benchmark run it unchanged.
 
 from __future__ import annotations
 
+import gc
 import random
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -128,6 +129,21 @@ class Scorer:
         self.counters = StageCounters()
 
     def process(self, batch: Sequence[Message]) -> list[Output]:
+        # the cyclic collector waits for the batch: what a batch makes (requests,
+        # snapshots, vectors, per slate pair) lives until its outputs are built, so
+        # each collection during it walked and promoted all of it, and the promoted
+        # objects set off full collections (a third of a slate batch's CPU). After
+        # the batch, one young collection walks what outlives it; a cycle the batch
+        # made is collected then. A caller that turned the collector off keeps it off
+        if not gc.isenabled():
+            return self._process(batch)
+        gc.disable()
+        try:
+            return self._process(batch)
+        finally:
+            gc.enable()
+
+    def _process(self, batch: Sequence[Message]) -> list[Output]:
         self.counters.consumed += len(batch)
         if self.slate is not None:
             return self._process_slates(batch)
@@ -244,14 +260,14 @@ class Scorer:
             counted: dict[str, set[str]] = {}  # entity -> values this request counted in
             for item in items:
                 pair = next(fields)
-                context = self._context(pair, next(labelled))
+                context, inputs = self._context(pair, next(labelled))
                 entities = plan.entity_values(pair)
                 # a request counts once in each entity it touches: with its first pair
                 seen = tuple(n for n, v in entities.items() if v in counted.setdefault(n, set()))
                 for name, value in entities.items():
                     counted[name].add(value)
                 pairs.append(feature_request(plan, pair, pair_id(request_id, item[item_id]),
-                                             ts, context, entities, seen))  # fmt: skip
+                                             ts, context, entities, seen, inputs))  # fmt: skip
         return self._finish(out, now, pairs, lambda snaps: self._rank(requests, pairs, snaps))
 
     def _rank(
@@ -330,12 +346,16 @@ class Scorer:
             return [None] * len(events)
         return list(self.labelled.read(events, times))
 
-    def _context(self, event: Mapping[str, Any], labelled: dict[str, float] | None) -> bytes:
-        """The snapshot's context: the stored inputs, and the label-fed values read."""
+    def _context(
+        self, event: Mapping[str, Any], labelled: dict[str, float] | None
+    ) -> tuple[bytes, dict[str, Any]]:
+        """The snapshot's context: the stored inputs, and the label-fed values read;
+        as JSON and as the dictionary it encodes (the values of a valid event, JSON's
+        own: the store's snapshot takes it as it is)."""
         stored = {name: event[name] for name in self.stored}
         if labelled is not None:
             stored[LABELLED] = labelled
-        return orjson.dumps(stored)
+        return orjson.dumps(stored), stored
 
     def _served_with(
         self, snap: FeatureSnapshot, features: dict[str, float]
@@ -421,8 +441,10 @@ class Scorer:
         as ``raw`` held them (the model's pipeline cleans them, in the scorer and the
         learner alike), with the label-fed values read for it."""
         s = self.schema
-        context = self._context(event if raw is None else raw, labelled)
-        return feature_request(self.plan, event, event[s.event_id], event[s.time], context)
+        context, inputs = self._context(event if raw is None else raw, labelled)
+        return feature_request(
+            self.plan, event, event[s.event_id], event[s.time], context, inputs=inputs
+        )
 
     def _predict(
         self,

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 import orjson
+import pytest
 import yaml
 
+from riverflow.assembly import build_scorer, memory_backends
 from riverflow.embedded import EmbeddedRuntime
 from riverflow.settings import DEFAULT_SPEC, Settings
-from riverflow.spec import PipelineSpec, parse_spec
-from riverflow.streams.contracts import Prediction
+from riverflow.spec import PipelineSpec, load_spec, parse_spec
+from riverflow.streams.contracts import Message, Prediction
 from riverflow.tools.generator import FraudStreamConfig, transactions
 from tests.helpers import assert_aggregations_match, brute_force_features
 
@@ -65,3 +68,38 @@ def test_a_too_late_event_is_scored_on_the_current_window_and_counted(
     assert [got[f"e{i}"].features["n_1h"] for i in range(4)] == [1.0, 1.0, 2.0, 3.0]
     assert rt.scorer.counters.late_events == 1
     assert rt.scorer.status()["late_events"] == 1  # exported as riverflow_stage_status
+
+
+def test_a_batch_leaves_the_cyclic_collector_as_it_found_it(settings: Settings) -> None:
+    """The scorer holds the collector off for a batch only: on again after it (also
+    when the batch fails), and off still for a caller that turned it off."""
+    spec = load_spec(DEFAULT_SPEC)
+    scorer = build_scorer(spec, settings, *memory_backends(spec, settings))
+    events = [e for e, _ in transactions(50, FraudStreamConfig(cards=5))]
+    batch = [Message(spec.topics.events, 0, i, None, orjson.dumps(e)) for i, e in enumerate(events)]
+    seen: list[bool] = []
+    update = scorer.store.update_and_read
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.append(gc.isenabled())
+        return update(*args, **kwargs)
+
+    scorer.store.update_and_read = spy  # type: ignore[method-assign]
+    assert gc.isenabled()
+    assert len(scorer.process(batch)) == len(batch)
+    assert seen == [False] and gc.isenabled()
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("store down")
+
+    scorer.store.update_and_read = broken  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError):
+        scorer.process(batch)
+    assert gc.isenabled()
+    scorer.store.update_and_read = spy  # type: ignore[method-assign]
+    gc.disable()
+    try:
+        scorer.process(batch)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
