@@ -40,7 +40,7 @@ from statistics import NormalDist
 
 import numpy as np
 
-from riverflow.monitors.quality import kelly_bet_one
+from riverflow.monitors.quality import RecentGains
 
 
 @dataclass(frozen=True)
@@ -237,9 +237,7 @@ class OffPolicyDuel:
             raise ValueError(f"warmup {warmup}, window {window}: need warmup >= 0, window >= 1")
         self.warmup = warmup
         self.seen = 0
-        self.recent: deque[float] = deque(maxlen=window)  # D of the last requests
-        self.sum_d = 0.0
-        self.sum_sq = 0.0  # of D^2 over the recent requests
+        self.recent = RecentGains(window)  # D of the last requests
         self.log_wealth = np.zeros(len(GAIN_GRID))  # of the test of E[D] <= m, per m
         # after the warm-up: requests, and the sums of X, X^2, Y
         self.n = 0
@@ -258,22 +256,14 @@ class OffPolicyDuel:
         d = x - y
         self.seen += 1
         if self.seen > self.warmup:
-            bet = kelly_bet_one(self.sum_d, self.sum_sq, len(self.recent))
+            bet = self.recent.bet()
             if bet:
                 self.log_wealth += np.log1p(bet * (d - GAIN_GRID))
             self.n += 1
             self._x += x
             self._xx += x * x
             self._y += y
-        if len(self.recent) == self.recent.maxlen:
-            old = self.recent[0]
-            self.sum_d -= old
-            self.sum_sq -= old * old
-        self.recent.append(d)
-        self.sum_d += d
-        self.sum_sq += d * d
-        if self.seen % (self.recent.maxlen or 1) == 0:  # keep the running sums from drifting
-            self.sum_d, self.sum_sq = sum(self.recent), sum(v * v for v in self.recent)
+        self.recent.add(d)
 
     def e_value(self) -> float:
         """The wealth of the test of ``E[D] <= 0``."""
@@ -288,7 +278,7 @@ class OffPolicyDuel:
 
     def recent_gain(self) -> float:
         """The mean gain over the last ``window`` requests (the warm-up's included)."""
-        return self.sum_d / max(len(self.recent), 1)
+        return self.recent.mean()
 
     def challenger_ctr(self) -> float:
         return self._x / self.n if self.n else math.nan

@@ -576,39 +576,50 @@ class PipelineMonitor:
             watch.settle(self.spec, self.labels)
 
     def _check_promotions(self, champion: str) -> list[Decision]:
-        policy = self.spec.promote
-        if not policy.enabled or self._cooling():
-            return []
-        threshold = 1 / policy.alpha
-        for name, duel in self.duels.items():
-            e_value = duel.e_value()
-            if e_value < threshold or duel.recent_gain() < policy.margin:
-                continue
-            ready = self._ready(name)
-            if ready is None:
-                continue
-            version, trained = ready
+        """The per-label promotion: on the challengers' paired duels."""
+
+        def why(name: str, duel: PairedDuel, e_value: float, threshold: float) -> str:
             if self.target.kind == "regression":
                 alone, champ, gain = "with the smaller error", "", "scaled error reduction"
             else:
                 alone, champ, gain = "right alone", " alone", "accuracy"
-            why = (f"{name} {alone} on {duel.wins}, the champion{champ} on {duel.losses} "
-                   f"of {duel.n} paired labelled events (e-value {e_value:.3g} >= 1/alpha = "
-                   f"{threshold:g}); {duel.recent_gain():+.4f} {gain} over the last "
-                   f"{len(duel.recent)}")  # fmt: skip
-            evidence = {**duel.as_evidence(), "margin": policy.margin,
-                        "alpha": policy.alpha, "from": self._serving(champion),
-                        "trained_labels": trained}  # fmt: skip
-            return [self._promote(name, version, why, evidence)]
-        return []
+            return (f"{name} {alone} on {duel.wins}, the champion{champ} on {duel.losses} "
+                    f"of {duel.n} paired labelled events (e-value {e_value:.3g} >= 1/alpha = "
+                    f"{threshold:g}); {duel.recent_gain():+.4f} {gain} over the last "
+                    f"{len(duel.recent)}")  # fmt: skip
+
+        return self._promote_first(champion, self.duels, why, lambda duel: duel.as_evidence())
 
     def _check_slate_promotions(self, champion: str) -> list[Decision]:
         """A slate pipeline's promotion: on the challengers' off-policy duels."""
+        alpha = self.spec.promote.alpha
+
+        def why(name: str, duel: OffPolicyDuel, e_value: float, threshold: float) -> str:
+            return (f"{name} would have had {duel.challenger_ctr():.4f} clicks per shown slot "
+                    f"(off-policy IPS), the champion had {duel.champion_ctr():.4f} as served, "
+                    f"on the same {duel.n} requests (e-value {e_value:.3g} >= 1/alpha = "
+                    f"{threshold:g}; gain at least {duel.lower_bound(alpha):+.4f} with "
+                    f"confidence 1 - alpha, however often looked at)")  # fmt: skip
+
+        return self._promote_first(
+            champion, self.slate_duels, why, lambda duel: duel.as_evidence(alpha)
+        )
+
+    def _promote_first(
+        self,
+        champion: str,
+        duels: Mapping[str, Any],
+        why: Callable[[str, Any, float, float], str],
+        evidence: Callable[[Any], dict[str, Any]],
+    ) -> list[Decision]:
+        """Promote the first of ``duels`` whose e-value reached ``1 / alpha`` with a
+        recent gain of at least ``margin`` and a ready latest version (none while
+        promotion is off or cooling down): ``why`` says it, ``evidence`` is its duel's."""
         policy = self.spec.promote
         if not policy.enabled or self._cooling():
             return []
         threshold = 1 / policy.alpha
-        for name, duel in self.slate_duels.items():
+        for name, duel in duels.items():
             e_value = duel.e_value()
             if e_value < threshold or duel.recent_gain() < policy.margin:
                 continue
@@ -616,15 +627,9 @@ class PipelineMonitor:
             if ready is None:
                 continue
             version, trained = ready
-            why = (f"{name} would have had {duel.challenger_ctr():.4f} clicks per shown slot "
-                   f"(off-policy IPS), the champion had {duel.champion_ctr():.4f} as served, "
-                   f"on the same {duel.n} requests (e-value {e_value:.3g} >= 1/alpha = "
-                   f"{threshold:g}; gain at least {duel.lower_bound(policy.alpha):+.4f} with "
-                   f"confidence 1 - alpha, however often looked at)")  # fmt: skip
-            evidence = {**duel.as_evidence(policy.alpha), "margin": policy.margin,
-                        "alpha": policy.alpha, "from": self._serving(champion),
-                        "trained_labels": trained}  # fmt: skip
-            return [self._promote(name, version, why, evidence)]
+            proof = {**evidence(duel), "margin": policy.margin, "alpha": policy.alpha,
+                     "from": self._serving(champion), "trained_labels": trained}  # fmt: skip
+            return [self._promote(name, version, why(name, duel, e_value, threshold), proof)]
         return []
 
     def _ready(self, name: str) -> tuple[int, int] | None:

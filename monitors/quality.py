@@ -259,6 +259,41 @@ def kelly_bet(sum_d: ArrayLike, sum_abs: ArrayLike, n: ArrayLike) -> np.ndarray:
     return out
 
 
+class RecentGains:
+    """The last ``window`` paired differences D of a duel, with their running sum and
+    sum of squares: what its next bet is sized on (``kelly_bet``) and its recent gain.
+    Every ``window`` additions the sums are taken afresh, so rounding cannot drift."""
+
+    def __init__(self, window: int) -> None:
+        self.values: deque[float] = deque(maxlen=window)
+        self.sum = 0.0
+        self.sum_sq = 0.0
+        self._added = 0
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def add(self, d: float) -> None:
+        values = self.values
+        if len(values) == values.maxlen:
+            old = values[0]
+            self.sum -= old
+            self.sum_sq -= old * old
+        values.append(d)
+        self.sum += d
+        self.sum_sq += d * d
+        self._added += 1
+        if self._added % (values.maxlen or 1) == 0:
+            self.sum, self.sum_sq = sum(values), sum(v * v for v in values)
+
+    def bet(self) -> float:
+        """The fraction of its wealth the duel stakes on its next pair."""
+        return kelly_bet_one(self.sum, self.sum_sq, len(self.values))
+
+    def mean(self) -> float:
+        return self.sum / max(len(self.values), 1)
+
+
 def kelly_bet_one(sum_d: float, sum_abs: float, n: int) -> float:
     """``kelly_bet`` of one duel, in plain floats (the same value: it runs per label,
     and numpy's scalar overhead was ~8 us of it)."""
@@ -302,9 +337,7 @@ class PairedDuel:
     def __init__(self, warmup: int, window: int) -> None:
         self.warmup = warmup
         self.seen = 0
-        self.recent: deque[float] = deque(maxlen=window)  # D of the last pairs
-        self.sum_d = 0.0
-        self.sum_sq = 0.0  # of D^2 over the recent pairs (|D| when D is -1, 0 or +1)
+        self.recent = RecentGains(window)  # D of the last pairs
         self.log_wealth = 0.0
         self.wins = self.ties = self.losses = 0  # after the warm-up
         self._errors = 0.0  # a regressor duel: the sum of both models' mean |error| per pair
@@ -328,7 +361,7 @@ class PairedDuel:
     def _add(self, d: float) -> None:
         self.seen += 1
         if self.seen > self.warmup:
-            bet = kelly_bet_one(self.sum_d, self.sum_sq, len(self.recent))
+            bet = self.recent.bet()
             if bet:
                 self.log_wealth += math.log1p(bet * d)
             if d > 0:
@@ -337,15 +370,7 @@ class PairedDuel:
                 self.losses += 1
             else:
                 self.ties += 1
-        if len(self.recent) == self.recent.maxlen:
-            old = self.recent[0]
-            self.sum_d -= old
-            self.sum_sq -= old * old
-        self.recent.append(d)
-        self.sum_d += d
-        self.sum_sq += d * d
-        if self.seen % (self.recent.maxlen or 1) == 0:  # keep the running sums from drifting
-            self.sum_d, self.sum_sq = sum(self.recent), sum(v * v for v in self.recent)
+        self.recent.add(d)
 
     @property
     def n(self) -> int:
@@ -358,7 +383,7 @@ class PairedDuel:
     def recent_gain(self) -> float:
         """B's accuracy minus A's over the recent pairs (a regressor's: the mean of D,
         its scaled error reduction)."""
-        return self.sum_d / max(len(self.recent), 1)
+        return self.recent.mean()
 
     def as_evidence(self) -> dict[str, float | int]:
         if self._regression:
