@@ -233,16 +233,23 @@ def offsets_since(
     consumer: Consumer, topic: str, partitions: Iterable[int], since_s: float
 ) -> dict[int, int]:
     """Per partition of ``topic``, the offset of its first message no older than
-    ``since_s`` seconds, or its end if none is that recent."""
+    ``since_s`` seconds, or its end if none is that recent.
+
+    The ends are read first: "none that recent" is true of the partition as it was
+    when asked, and a message written after that (before the end is read) must not
+    be skipped. Reading the end afterwards lost the predictions a scorer wrote in
+    between (a learner started with its scorer orphaned their labels)."""
+    wanted = list(partitions)
+    ends = {
+        p: int(consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1])
+        for p in wanted
+    }
     at_ms = int((time.time() - since_s) * 1000)
     found = consumer.offsets_for_times(
-        [TopicPartition(topic, p, at_ms) for p in partitions], timeout=10
+        [TopicPartition(topic, p, at_ms) for p in wanted], timeout=10
     )
-    return {
-        tp.partition: tp.offset if tp.offset >= 0  # -1: nothing that recent
-        else int(consumer.get_watermark_offsets(tp, timeout=10)[1])
-        for tp in found
-    }  # fmt: skip
+    # -1: nothing that recent (then every message before the end read first is older)
+    return {tp.partition: tp.offset if tp.offset >= 0 else ends[tp.partition] for tp in found}
 
 
 def read_topic(

@@ -33,6 +33,7 @@ from riverflow.streams.kafka_io import (
     GroupProgress,
     TopicFollower,
     ensure_topics,
+    offsets_since,
     produce_all,
     producer,
     topic_retention,
@@ -213,6 +214,52 @@ def test_the_follower_knows_it_has_caught_up_past_transaction_markers(stack: End
     follower.follow()
     assert follower.caught_up() and index.values[-1] == b"late"
     follower.close()
+
+
+class WritesAfterAsking:
+    """A real consumer on which ``offsets_for_times`` is followed by ``writes`` landing
+    on the broker before the caller's next request (the scorer's first predictions
+    arriving while a learner starts)."""
+
+    def __init__(self, consumer: Consumer, writes: Any) -> None:
+        self.consumer, self.writes = consumer, writes
+
+    def offsets_for_times(self, *args: Any, **kwargs: Any) -> Any:
+        answer = self.consumer.offsets_for_times(*args, **kwargs)
+        self.writes()
+        return answer
+
+    def get_watermark_offsets(self, *args: Any, **kwargs: Any) -> Any:
+        return self.consumer.get_watermark_offsets(*args, **kwargs)
+
+
+def test_a_reader_started_as_messages_arrive_on_an_empty_partition_skips_none(
+    stack: Endpoints,
+) -> None:
+    topic = f"since-{uuid.uuid4().hex[:8]}"
+    ensure_topics(stack.kafka_bootstrap, [topic], 2)
+    writer = producer(stack.kafka_bootstrap)
+    produce_all(writer, [(topic, b"k", b"old")])  # a partition that has a message
+    consumer = Consumer({"bootstrap.servers": stack.kafka_bootstrap, "group.id": "since"})
+    meta = consumer.list_topics(topic, timeout=10).topics[topic]
+    full = next(
+        p
+        for p in meta.partitions
+        if consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=5)[1]
+    )
+    empty = next(p for p in meta.partitions if p != full)
+
+    def arrive() -> None:
+        for p in (full, empty):
+            writer.produce(topic, value=b"new", partition=p)
+        writer.flush(10)
+
+    # asked for what is younger than now: nothing, until the two messages land
+    reader: Any = WritesAfterAsking(consumer, arrive)
+    starts = offsets_since(reader, topic, [full, empty], 0)
+    # both are read from: the new messages are not skipped
+    assert starts == {full: 1, empty: 0}
+    consumer.close()
 
 
 def test_the_predictions_topic_keeps_records_past_the_label_horizon_or_the_learner_says_so(
