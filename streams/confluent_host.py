@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import signal
 import threading
 import time
@@ -66,6 +67,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from confluent_kafka import (
     OFFSET_BEGINNING,
     TIMESTAMP_NOT_AVAILABLE,
@@ -150,6 +152,49 @@ class _InFlight:
 
 
 PROBE_S = 1.0  # while Kafka is unreachable, a broker is asked this often whether it is back
+STATS_S = 1.0  # how often librdkafka reports the consumer's connections (``ConsumerState``)
+# the consumer group's coordinator unreachable while a broker answers: degraded after
+# this many session timeouts, a new consumer after GROUP_STUCK_TIMES (at least
+# GROUP_STUCK_MIN_S); stuck again within GROUP_STUCK_AGAIN_S of that, the host stops
+GROUP_DEGRADED_TIMES = 2
+GROUP_STUCK_TIMES = 4
+GROUP_STUCK_MIN_S = 20.0
+GROUP_STUCK_AGAIN_S = 600.0
+CLOSE_WAIT_S = 10.0  # a consumer being replaced gets this long to close, then is left
+STOP_DEADLINE_S = 60.0  # after SIGTERM the process ends by then, whatever a client waits on
+
+
+@dataclass(frozen=True)
+class ConsumerState:
+    """What a consumer's librdkafka statistics (``stats_cb``) say of its connections.
+
+    ``brokers_up``: whether a broker it knows of is connected (None: it has learned
+    none yet). librdkafka's own ``_ALL_BROKERS_DOWN`` is not enough: it counts only
+    brokers that have tried to connect since, so a restarted broker could come and go
+    unreported. ``coordinator``: "" while the group's coordinator is found and
+    connected, else what it waits on; None without a group.
+    """
+
+    brokers_up: bool | None
+    coordinator: str | None
+
+    @classmethod
+    def parse(cls, raw: str | bytes) -> ConsumerState:
+        stats = orjson.loads(raw)
+        brokers = stats.get("brokers") or {}
+        known = [b for b in brokers.values() if b.get("source") in ("learned", "logical")]
+        learned = any(b.get("source") == "learned" for b in known)
+        up = any(b.get("state") == "UP" for b in known) if learned else None
+        group = stats.get("cgrp")
+        if not group:
+            return cls(up, None)
+        waits = []
+        if group.get("state") != "up":
+            waits.append(f"group state {group.get('state')}")
+        coordinator = brokers.get("GroupCoordinator")
+        if coordinator is not None and coordinator.get("state") != "UP":
+            waits.append(f"coordinator connection {coordinator.get('state')}")
+        return cls(up, ", ".join(waits))
 
 
 def transactional_id(settings: HostSettings) -> str:
@@ -212,6 +257,8 @@ class ConfluentHost:
             "isolation.level": "read_committed",
             "on_commit": self._on_commit,
             "error_cb": self._on_client_error,
+            "statistics.interval.ms": int(STATS_S * 1000),
+            "stats_cb": self._on_stats,
         }
         if settings.instance_id:
             consumer["group.instance.id"] = settings.instance_id
@@ -224,6 +271,11 @@ class ConfluentHost:
         self._last_take = time.monotonic()
         self._kafka_down_since: float | None = None  # degraded: the broker is unreachable
         self._next_probe = 0.0
+        # the group's coordinator unreachable while a broker answers (see _on_stats)
+        self._group_lost_since: float | None = None
+        self._group_stuck: str | None = None  # why the consumer is to be replaced
+        self._group_degraded = False
+        self._group_replaced_at: float | None = None
         hooks = getattr(processor, "on_wait", None)  # streams.guard.Guard
         if settings.exactly_once and isinstance(hooks, list):
             # a batch waiting out a Redis outage must not hold a transaction open:
@@ -245,10 +297,29 @@ class ConfluentHost:
     def stop(self) -> None:
         self._stop.set()
 
+    def _stop_by(self, deadline_s: float) -> None:
+        """Stop; if the process has not ended ``deadline_s`` later, end it (status 1)."""
+        if self._stop.is_set():
+            return
+        self.stop()
+
+        def overdue() -> None:
+            log.error("%s: not stopped %.0f s after the signal (a Kafka client waits on a "
+                      "broker): exiting now", self.processor.stage, deadline_s)  # fmt: skip
+            logging.shutdown()
+            os._exit(1)
+
+        timer = threading.Timer(deadline_s, overdue)
+        timer.daemon = True
+        timer.start()
+
     def run(self) -> None:
         if threading.current_thread() is threading.main_thread():
+            # the host is the process: a stop is obeyed within STOP_DEADLINE_S, even if
+            # a client waits on a broker that never answers (what was not committed is
+            # replayed, and the store's event-id dedup absorbs it)
             for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, lambda *_: self.stop())
+                signal.signal(sig, lambda *_: self._stop_by(STOP_DEADLINE_S))
         tick_s, checkpoint = self.settings.tick_s, self.checkpoint
         if self.exactly_once:
             # fences an earlier producer with our transactional.id and aborts what it left open
@@ -262,6 +333,8 @@ class ConfluentHost:
             while not self._stop.is_set():
                 if self._kafka_down_since is not None:
                     self._probe_kafka()
+                if self._group_stuck is not None:
+                    self._replace_stuck_consumer(self._group_stuck)
                 self._backpressure()
                 batch = self._take()
                 started = time.perf_counter()
@@ -620,10 +693,8 @@ class ConfluentHost:
 
         A session that expired while the broker was unreachable ends this way (the
         old member's next request is refused once its id is taken over), and so
-        does a second process started with our instance id. The first is survived:
-        nothing is committed for the partitions (they may be another member's by
-        now; an open transaction is aborted and what it read is read again by
-        whoever owns them). The second fences us again and again soon after we
+        does a second process started with our instance id. The first is survived
+        (``_new_consumer``). The second fences us again and again soon after we
         rejoin: at ``FENCED_TIMES`` fences within ``FENCED_AGAIN_S`` the host stops
         with an error naming the setting.
         """
@@ -639,19 +710,90 @@ class ConfluentHost:
                 f"as {self.settings.instance_id!r}; give each its own RIVERFLOW_INSTANCE_ID"
             )
         log.warning("consumer fenced (%s): rejoining group %s", err, self.settings.group)
+        self._new_consumer()
+
+    def _new_consumer(self) -> None:
+        """Replace the consumer with a new one in the group (the same instance id).
+
+        Nothing is committed for the partitions (they may be another member's by
+        now; an open transaction is aborted and what it read is read again by
+        whoever owns them). The old consumer gets ``CLOSE_WAIT_S`` to close; one
+        whose close hangs on a broker is left to it."""
         if self.exactly_once and self._txn_started is not None:
             self._abort()
         self._txn_first.clear()
         self._commit_in_flight = False
         self._forget(set(self._committable) | set(self._committed))
-        for entry in self._in_flight:  # read by the fenced member: nothing to commit
+        for entry in self._in_flight:  # read by the old member: nothing to commit
             entry.offsets.clear()
-        try:
-            self.consumer.close()
-        except KafkaException as exc:  # a fatal consumer may refuse even that
-            log.info("closing the fenced consumer: %s", exc)
+        old = self.consumer
+
+        def close() -> None:
+            try:
+                old.close()
+            except (KafkaException, RuntimeError) as exc:  # a fatal consumer may refuse
+                log.info("closing the replaced consumer: %s", exc)
+
+        closing = threading.Thread(target=close, name="closing-consumer", daemon=True)
+        closing.start()
+        closing.join(CLOSE_WAIT_S)
+        if closing.is_alive():
+            log.warning("the replaced consumer did not close within %.0f s: left to close "
+                        "on its own", CLOSE_WAIT_S)  # fmt: skip
+        self._group_lost_since = self._group_stuck = None
         self.consumer = self._make_consumer(self._consumer_config)
         self.consumer.subscribe(self.sources, on_revoke=self._on_revoke, on_lost=self._on_lost)
+
+    # -- the group's coordinator (librdkafka statistics) --
+
+    def _on_stats(self, raw: str) -> None:
+        """librdkafka's statistics of the consumer (every ``STATS_S``, served by poll):
+        no broker connected is an outage (degraded until a broker answers the probe);
+        a group coordinator out of reach while a broker answers is degraded after
+        ``GROUP_DEGRADED_TIMES`` session timeouts, and the consumer is replaced after
+        ``GROUP_STUCK_TIMES`` (librdkafka has been seen waiting on it for good after
+        a broker restart). Acted on by the loop, never inside the consumer's poll."""
+        try:
+            state = ConsumerState.parse(raw)
+        except (orjson.JSONDecodeError, AttributeError, TypeError) as exc:
+            log.info("unreadable consumer statistics: %s", exc)
+            return
+        if state.brokers_up is False:
+            self._kafka_down("Kafka: no broker connected")
+        if self.checkpoint is not None or state.coordinator is None:
+            return  # no group
+        if not state.coordinator or not state.brokers_up:
+            # in the group, or Kafka away altogether (the outage says so)
+            self._group_lost_since = None
+            if self._group_degraded and self.metrics is not None:
+                self.metrics.set_degraded(None, "group")
+            self._group_degraded = False
+            return
+        now = time.monotonic()
+        if self._group_lost_since is None:
+            self._group_lost_since = now
+        lost = now - self._group_lost_since
+        session = self.settings.session_timeout_s
+        group = self.settings.group
+        why = f"Kafka: group {group} out of reach for {lost:.0f} s ({state.coordinator})"
+        if lost >= GROUP_DEGRADED_TIMES * session and self.metrics is not None:
+            self.metrics.set_degraded(why, "group")
+            self._group_degraded = True
+        if lost >= max(GROUP_STUCK_MIN_S, GROUP_STUCK_TIMES * session):
+            self._group_stuck = why
+
+    def _replace_stuck_consumer(self, why: str) -> None:
+        """The group's coordinator stayed out of reach while a broker answered: a new
+        consumer joins; stuck again soon after, the host stops (a supervisor starts a
+        new process)."""
+        now = time.monotonic()
+        last = self._group_replaced_at
+        if last is not None and now - last < GROUP_STUCK_AGAIN_S:
+            raise KafkaIOError(f"{why}, again within {GROUP_STUCK_AGAIN_S:g} s of a new "
+                               "consumer: stopping")  # fmt: skip
+        log.warning("%s: a new consumer joins", why)
+        self._group_replaced_at = now
+        self._new_consumer()
 
     def _write(self, outputs: list[Output]) -> None:
         # Raises when an output is not acknowledged: the batch is then not committed

@@ -12,6 +12,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
+import uuid
 from collections import Counter
 from typing import Any
 
@@ -20,6 +21,7 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from riverflow.spec import PipelineSpec
+from riverflow.streams.confluent_host import ConsumerState
 from riverflow.streams.contracts import Prediction
 from riverflow.streams.kafka_io import ensure_topics, producer
 from riverflow.tools.generator import FraudStreamConfig, transactions
@@ -228,3 +230,30 @@ def test_a_killed_scorer_not_restarted_its_partitions_move_within_ten_seconds(
         watch.close()
     print(f"{guarantee}: served again {served:.1f} s after the kill; "
           f"{sum(c > 1 for c in counts.values())} events replayed")  # fmt: skip
+
+
+def test_the_host_reads_a_real_consumers_statistics(stack: Endpoints) -> None:
+    # the host tells a broker outage and a group coordinator out of reach from them
+    # (ConsumerState): the fields it reads are those this librdkafka writes
+    topic = f"stats-{uuid.uuid4().hex[:8]}"
+    ensure_topics(stack.kafka_bootstrap, [topic], 2)
+    seen: list[str] = []
+    member = Consumer({"bootstrap.servers": stack.kafka_bootstrap, "group.id": f"g-{topic}",
+                       "group.instance.id": "stats-1", "statistics.interval.ms": 200,
+                       "stats_cb": seen.append})  # fmt: skip
+    member.subscribe([topic])
+    deadline = time.monotonic() + 30
+    while not (seen and ConsumerState.parse(seen[-1]) == ConsumerState(True, "")):
+        assert time.monotonic() < deadline, seen[-1:] or "no statistics"
+        member.poll(0.2)
+    assert member.assignment()  # in the group indeed
+    member.close()
+    plain = Consumer({"bootstrap.servers": stack.kafka_bootstrap, "group.id": f"h-{topic}",
+                      "statistics.interval.ms": 200, "stats_cb": seen.append})  # fmt: skip
+    plain.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
+    seen.clear()
+    while not (seen and ConsumerState.parse(seen[-1]).brokers_up):
+        assert time.monotonic() < deadline + 30, seen[-1:] or "no statistics"
+        plain.poll(0.2)
+    assert ConsumerState.parse(seen[-1]).coordinator in (None, "")  # assigned: no group wait
+    plain.close()

@@ -11,14 +11,17 @@ from dataclasses import replace
 from types import SimpleNamespace
 from typing import Any
 
+import orjson
 import pytest
 from confluent_kafka import TIMESTAMP_CREATE_TIME, KafkaError, KafkaException, TopicPartition
 
 from riverflow.stages.common import guarded
+from riverflow.streams import confluent_host
 from riverflow.streams.confluent_host import (
     Checkpointing,
     ClientSettings,
     ConfluentHost,
+    ConsumerState,
     HostSettings,
 )
 from riverflow.streams.contracts import Message, Output
@@ -66,6 +69,7 @@ class FakeConsumer:
         self.seeks: list[tuple[int, int]] = []
         self.before_poll: Any = None
         self.arriving: list[FakeMessage] = []
+        self.stats: list[str] = []  # librdkafka's statistics, one served by each poll
 
     def subscribe(self, topics: list[str], **callbacks: Any) -> None:
         self.callbacks = callbacks
@@ -83,6 +87,8 @@ class FakeConsumer:
             self.before_poll(self)
         while self.answer_commits and self.unanswered:  # librdkafka serves callbacks in poll
             self.config["on_commit"](None, self.unanswered.pop(0))
+        if self.stats:
+            self.config["stats_cb"](self.stats.pop(0))
         return self.pending.pop(0) if self.pending else None
 
     def consume(self, n: int, timeout: float) -> list[FakeMessage]:
@@ -568,6 +574,101 @@ def test_outputs_waiting_for_their_acks_make_the_stage_degraded_until_acknowledg
     assert set(reporter.degraded[:-1]) == {late}
     assert log.index("commit") > log.index("ack")  # committed only once acknowledged
     assert len(reporter.observed) == 1  # the stage went on meanwhile
+
+
+def stats(broker: str = "UP", group: str | None = "up", coordinator: str = "UP") -> str:
+    """librdkafka's statistics of a consumer, cut to what the host reads (the field
+    names are checked against a real consumer's in tests/integration)."""
+    brokers: dict[str, Any] = {
+        "127.0.0.1:9092/1": {"nodeid": 1, "source": "learned", "state": broker},
+    }
+    out: dict[str, Any] = {"name": "rdkafka#consumer-1", "brokers": brokers}
+    if group is not None:
+        brokers["GroupCoordinator"] = {"nodeid": -1, "source": "logical", "state": coordinator}
+        out["cgrp"] = {"state": group, "join_state": "steady", "assignment_size": 2}
+    return orjson.dumps(out).decode()
+
+
+def test_consumer_statistics_say_whether_a_broker_and_the_group_coordinator_are_reached() -> None:
+    assert ConsumerState.parse(stats()) == ConsumerState(True, "")
+    assert ConsumerState.parse(stats(group=None)) == ConsumerState(True, None)
+    assert ConsumerState.parse(stats("CONNECT", "wait-coord", "DOWN")) == ConsumerState(
+        False, "group state wait-coord, coordinator connection DOWN"
+    )
+    # the coordinator's connection alone counts: a member with no partitions fetches
+    # nothing, so its broker connection may be idle
+    assert ConsumerState.parse(stats("INIT")) == ConsumerState(True, "")
+    assert ConsumerState.parse(stats(coordinator="TRY_CONNECT")).coordinator == (
+        "coordinator connection TRY_CONNECT"
+    )
+    assert ConsumerState.parse('{"brokers": {}}') == ConsumerState(None, None)  # none learned
+
+
+def test_no_broker_connected_makes_the_stage_degraded_until_a_broker_answers() -> None:
+    # librdkafka's _ALL_BROKERS_DOWN may never come (it counts only brokers that tried
+    # to connect since): the statistics tell it every second
+    class StopWhenUp(Reporter):
+        def set_degraded(self, reason: str | None, source: str = "stage") -> None:
+            super().set_degraded(reason, source)
+            if reason is None and processor.host is not None:
+                processor.host.stop()
+
+    reporter = StopWhenUp()
+    processor = Echo(stop_after=99)
+    host, _ = host_on_fakes(processor, [], metrics=reporter)
+    host.consumer.stats = [stats("CONNECT", "wait-coord", "CONNECT")]
+    run(host)  # the probe (a metadata request) answers after PROBE_S
+    assert reporter.degraded == [("Kafka: no broker connected", "kafka"), (None, "kafka")]
+
+
+def test_a_consumer_whose_group_coordinator_stays_out_of_reach_is_replaced_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # seen after a broker restart: librdkafka's JoinGroup waited in the coordinator's
+    # out-queue for good while the broker answered everything else
+    monkeypatch.setattr(confluent_host, "GROUP_STUCK_MIN_S", 0.0)
+    log: list[str] = []
+    consumers: list[FakeConsumer] = []
+    stuck = stats(group="wait-broker-transport", coordinator="CONNECT")
+    feeds = [
+        [stuck] * 1000,  # 0.08 s (4 session timeouts) at a poll every 0.01 s: replaced
+        [stats()] * 3 + [stuck] * 1000,  # the new one joins, then is out of reach again
+    ]
+
+    def make_consumer(config: dict[str, Any]) -> FakeConsumer:
+        consumer = FakeConsumer(config, log, [])
+        consumer.stats = feeds[len(consumers)]
+        consumer.before_poll = lambda _: time.sleep(0.01)  # nothing comes: poll waits
+        consumers.append(consumer)
+        return consumer
+
+    clients = ClientSettings(
+        make_consumer=make_consumer, make_producer=lambda config: FakeProducer(config, log)
+    )
+    settings = HostSettings(
+        "broker:9092", "group-a", batch_size=10, poll_s=0.01, dlq_topic="dlq",
+        instance_id="scorer-a", session_timeout_s=0.02,
+    )  # fmt: skip
+    reporter = Reporter()
+    host = ConfluentHost(Echo(), "in", settings, clients, metrics=reporter)
+
+    raised: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            host.run()
+        except BaseException as exc:
+            raised.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(10)
+    assert len(consumers) == 2 and consumers[0].config["group.instance.id"] == "scorer-a"
+    assert log[:3] == ["subscribe in", "close", "subscribe in"]
+    reasons = [r for r, source in reporter.degraded if source == "group"]
+    assert reasons[0] is not None and reasons[0].startswith("Kafka: group group-a out of reach")
+    assert None in reasons  # the new consumer was in the group a while
+    assert len(raised) == 1 and "again within 600 s of a new consumer" in str(raised[0])
 
 
 def test_the_next_batch_is_processed_while_the_last_ones_acks_travel() -> None:
