@@ -182,7 +182,8 @@ class Settings(BaseSettings):
         50_000, ge=1,
         description="labels waiting for their event to be scored: at this many the learner "
         "stops reading labels until some are scored (confluent host); a host that reads on "
-        "regardless orphans the oldest past twice this",
+        "regardless orphans the oldest past twice this. Labels held for their prediction's "
+        "timeout (label.learn: at_timeout): past twice this, the oldest is learned at once",
     )  # fmt: skip
     learned_keep_s: float = Field(
         600.0, ge=0,

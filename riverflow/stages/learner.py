@@ -75,8 +75,10 @@ class LearnerTiming:
     A label waits at least ``label_wait_s`` *and* until the scorer has scored every
     event produced by then and the learner has indexed their predictions; one
     older than ``label_horizon_s`` (its Kafka timestamp) is an orphan at once.
-    At most ``max_waiting`` labels wait: past that, the oldest waiting label
-    becomes an orphan (``orphan_label``, reason "waiting list full").
+    At most ``max_waiting`` labels wait (``Learner.accepting``); past twice that, the
+    oldest waiting label becomes an orphan (``orphan_label``, reason "waiting list
+    full") and the oldest label held for its prediction's timeout (``label.learn:
+    at_timeout``) is learned at once (``Learner._overflow``).
     ``keep_learned_s``: how long a learned label's mark stays in the store once
     the checkpoint covering it is committed (0: deleted then); its scored event
     is forgotten then.
@@ -410,19 +412,32 @@ class Learner:
     def accepting(self) -> bool:
         """Whether to read more labels: not while ``max_waiting`` wait for their events
         (the confluent host pauses the labels partitions meanwhile and ticks on, so
-        a scorer down for minutes costs no label)."""
+        a scorer down for minutes costs no label). Held labels do not count: paused,
+        a click could be read only after its prediction's timeout defaulted it."""
         return len(self.pending) < self.timing.max_waiting
 
     def _overflow(self) -> list[Output]:
-        """Orphan the oldest waiting labels past twice ``max_waiting``: memory stays
-        bounded on a host that reads on regardless (the confluent host pauses at
-        ``max_waiting``, see ``accepting``)."""
+        """Past twice ``max_waiting``, orphan the oldest waiting labels (on a host that
+        reads on regardless: the confluent host pauses at ``max_waiting``, see
+        ``accepting``), and learn the oldest held ones before their timeout (out of
+        their prediction's order, but each once): memory and the checkpoint stay
+        bounded whatever the click rate."""
         cap = 2 * self.timing.max_waiting
+        out = []
         extra = len(self.pending) - cap
-        if extra <= 0:
-            return []
-        why = f"waiting list full ({cap} labels)"
-        return [self._orphan(e, self.pending[e], why) for e in list(self.pending)[:extra]]
+        if extra > 0:
+            why = f"waiting list full ({cap} labels)"
+            out += [self._orphan(e, self.pending[e], why) for e in list(self.pending)[:extra]]
+        early = list(self.held)[: max(0, len(self.held) - cap)]
+        events = self.scored.lookup(early) if early else {}
+        for event_id in early:
+            item = self.held[event_id]
+            if event_id in events:
+                out += self._learn_message(events[event_id], event_id, item)
+            else:  # (its record left the index: not learnable)
+                self.held.pop(event_id)
+                out.append(self._orphan(event_id, item, "its event left the index"))
+        return out
 
     def _defaults(self, timeouts: Timeouts, out: list[Output]) -> None:
         """Learn the default of every scored event whose timeout fell due, unless a label

@@ -6,6 +6,7 @@ message's value or the default; a learner killed while labels are held loses non
 from __future__ import annotations
 
 import io
+from dataclasses import replace
 
 import orjson
 import pytest
@@ -75,6 +76,22 @@ def test_a_held_click_whose_event_left_the_index_is_an_orphan() -> None:
     [dead] = [orjson.loads(o.value) for o in out if o.topic.endswith("dlq")]
     assert "no scored event 'r7/i1': its event left the index" in str(dead)
     assert learner.status()["labels_held"] == 0 and learner.orphans == 1
+
+
+def test_held_clicks_are_bounded_the_oldest_learned_before_its_timeout() -> None:
+    clock = Clock()
+    learner, _, _ = slate_learner(clock, learn="at_timeout")
+    learner.timing = replace(learner.timing, max_waiting=1)
+    assert learned(learner.process([click(0, "r7/i1")])) == []
+    # held clicks never pause reading: a click read after its timeout would be lost
+    assert learner.accepting()
+    # past twice max_waiting, the oldest held is learned at once
+    early = learner.process([click(1, "r7/i3"), click(2, "r7/i9")])
+    assert learned(early) == [("r7/i1", True, False)]
+    assert learner.status()["labels_held"] == 2
+    clock.now += 1800  # the timeout: the other two, in position order, nothing twice
+    assert learned(learner.process([])) == [("r7/i3", True, False), ("r7/i9", True, False)]
+    assert (learner.learned, learner.defaulted, learner.duplicates) == (3, 0, 0)
 
 
 def restart(clock: Clock, killed: Learner) -> Learner:
