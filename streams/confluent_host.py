@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import os
 import signal
 import threading
@@ -168,10 +169,10 @@ STOP_DEADLINE_S = 60.0  # after SIGTERM the process ends by then, whatever a cli
 class ConsumerState:
     """What a consumer's librdkafka statistics (``stats_cb``) say of its connections.
 
-    ``brokers_up``: whether a broker it knows of is connected (None: it has learned
-    none yet). librdkafka's own ``_ALL_BROKERS_DOWN`` is not enough: it counts only
-    brokers that have tried to connect since, so a restarted broker could come and go
-    unreported. ``coordinator``: "" while the group's coordinator is found and
+    ``brokers_up``: whether a broker it knows of is connected (None: it knows none).
+    librdkafka's own ``_ALL_BROKERS_DOWN`` is not enough: it counts only brokers that
+    have tried to connect since, so a restarted broker could come and go unreported.
+    ``coordinator``: "" while the group's coordinator is found and
     connected, else what it waits on; None without a group.
     """
 
@@ -182,9 +183,11 @@ class ConsumerState:
     def parse(cls, raw: str | bytes) -> ConsumerState:
         stats = orjson.loads(raw)
         brokers = stats.get("brokers") or {}
-        known = [b for b in brokers.values() if b.get("source") in ("learned", "logical")]
-        learned = any(b.get("source") == "learned" for b in known)
-        up = any(b.get("state") == "UP" for b in known) if learned else None
+        # every broker object counts: those learned from metadata, the bootstrap ones
+        # (all that is left while librdkafka re-bootstraps: it drops the learned ones
+        # once all are down) and the group coordinator's
+        known = [b for b in brokers.values() if b.get("source") != "internal"]
+        up = any(b.get("state") == "UP" for b in known) if known else None
         group = stats.get("cgrp")
         if not group:
             return cls(up, None)
@@ -270,6 +273,7 @@ class ConfluentHost:
         self._rate = 0.0  # events/s the source brought lately (an average over batches)
         self._last_take = time.monotonic()
         self._kafka_down_since: float | None = None  # degraded: the broker is unreachable
+        self._kafka_up_at = -math.inf  # when the last outage ended
         self._next_probe = 0.0
         # the group's coordinator unreachable while a broker answers (see _on_stats)
         self._group_lost_since: float | None = None
@@ -410,7 +414,10 @@ class ConfluentHost:
                 return
             queue.popleft()
             self._committable.update(entry.offsets)
-            if entry.outputs and self._kafka_down_since is not None:  # the broker is back
+            down = self._kafka_down_since
+            if entry.outputs and down is not None and entry.since >= down:
+                # the broker is back (an ack of a batch sent before the outage was
+                # seen says nothing: it may have come in just before the broker went)
                 self._kafka_up()
         if queue and raising:
             waited = time.monotonic() - queue[0].since
@@ -758,7 +765,9 @@ class ConfluentHost:
         except (orjson.JSONDecodeError, AttributeError, TypeError) as exc:
             log.info("unreadable consumer statistics: %s", exc)
             return
-        if state.brokers_up is False:
+        # (statistics written before a broker answered the probe are not news: served
+        # just after it, they would say it down again for a second)
+        if state.brokers_up is False and time.monotonic() - self._kafka_up_at > 1.5 * STATS_S:
             self._kafka_down("Kafka: no broker connected")
         if self.checkpoint is not None or state.coordinator is None:
             return  # no group
@@ -834,6 +843,7 @@ class ConfluentHost:
             self.processor.stage, time.monotonic() - self._kafka_down_since,
         )  # fmt: skip
         self._kafka_down_since = None
+        self._kafka_up_at = time.monotonic()
         if self.metrics is not None:
             self.metrics.set_degraded(None, "kafka")
 
