@@ -233,7 +233,8 @@ class Settings(BaseSettings):
     transaction_timeout_s: float = Field(
         10.0, ge=1,
         description="exactly once: the broker aborts a transaction left open this long "
-        "(a killed scorer that does not come back holds its partitions' reads until then)",
+        "(a killed scorer that does not come back holds its partitions' reads until then, "
+        "plus the broker's transaction.abort.timed.out.transaction.cleanup.interval.ms)",
     )  # fmt: skip
 
     @field_validator("kafka_jvm_options")

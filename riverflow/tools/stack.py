@@ -336,6 +336,10 @@ def start_kafka(
                 "offsets.topic.num.partitions=1",
                 "transaction.state.log.replication.factor=1",
                 "transaction.state.log.min.isr=1",
+                # a dead exactly-once scorer's open transaction is aborted within a
+                # second of its timeout (default 10 s later): its partitions' next
+                # owner waits for that when offsets were pending in it
+                "transaction.abort.timed.out.transaction.cleanup.interval.ms=1000",
                 "share.coordinator.state.topic.replication.factor=1",
                 "share.coordinator.state.topic.min.isr=1",
                 "group.initial.rebalance.delay.ms=0",

@@ -200,14 +200,15 @@ def test_a_killed_scorer_not_restarted_its_partitions_move_within_ten_seconds(
     stack: Endpoints, spec: PipelineSpec, start_stage: StageFactory, guarantee: str
 ) -> None:
     # exactly once: what a read_committed reader sees, after the broker aborted the
-    # dead scorer's open transaction
+    # dead scorer's open transaction. A kill between its offsets and its commit holds
+    # the partitions' offsets until that abort: transaction_timeout_s (5 s here) plus
+    # the broker's cleanup interval (1 s on our stack); 19 s at the defaults, 10 + 10
     topics = spec.topics
     ensure_topics(stack.kafka_bootstrap, topics.all(), partitions=3)
     watch = PredictionWatch(stack.kafka_bootstrap, topics.predictions)
-    first = start_stage("scorer", partitions=3, instance_id="scorer-a",
-                        processing_guarantee=guarantee)  # fmt: skip
-    second = start_stage("scorer", partitions=3, instance_id="scorer-b",
-                         processing_guarantee=guarantee)  # fmt: skip
+    settings = {"processing_guarantee": guarantee, "transaction_timeout_s": 5}
+    first = start_stage("scorer", partitions=3, instance_id="scorer-a", **settings)
+    second = start_stage("scorer", partitions=3, instance_id="scorer-b", **settings)
     events = PacedEvents(stack.kafka_bootstrap, topics.events, RATE * 25)
     try:
         # both serve: each has consumed events lately (the group has balanced)
