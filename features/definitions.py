@@ -162,6 +162,11 @@ class FeatureSpec(BaseModel):
         None, description="labels, count and since: only labels whose this field (the "
         "label field) is true"
     )  # fmt: skip
+    decay: Duration | None = Field(
+        None, description="labels, since: read exp(-seconds / decay) instead of the "
+        "seconds: 1 just after a label, toward 0 as it ages, 0 with none in the window "
+        "(a value in [0, 1] that a linear or factorization model learns from)",
+    )  # fmt: skip
 
     def model_post_init(self, _context: object) -> None:
         if self.source is FeatureSource.LABELS:
@@ -169,7 +174,7 @@ class FeatureSpec(BaseModel):
         else:
             if self.agg in LABEL_ONLY:
                 raise ValueError(f"feature {self.name!r}: {self.agg.value} needs source: labels")
-            for option in ("prior", "when"):
+            for option in ("prior", "when", "decay"):
                 if getattr(self, option) is not None:
                     raise ValueError(f"feature {self.name!r}: {option} needs source: labels")
         if self.agg in NO_FIELD and self.field is not None:
@@ -205,6 +210,8 @@ class FeatureSpec(BaseModel):
             raise ValueError(f"feature {self.name!r}: prior needs agg: rate")
         if self.when is not None and self.agg not in WHEN_AGGS:
             raise ValueError(f"feature {self.name!r}: when needs agg: count or since")
+        if self.decay is not None and self.agg is not Aggregation.SINCE:
+            raise ValueError(f"feature {self.name!r}: decay needs agg: since")
 
     @property
     def session(self) -> SessionWindow | None:

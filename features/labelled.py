@@ -13,7 +13,9 @@ slate item's field (``item_id``) or several (``[user_id, category]``).
   same window's rate over every label: a new user or item starts at the global
   rate and moves to its own as its labels come.
 - ``since``: seconds from the read time back to the newest label in the window
-  (``when: clicked``: the newest positive one); the window's length if none.
+  (``when: clicked``: the newest positive one); the window's length if none. With
+  ``decay: d``, ``exp(-seconds / d)`` instead, 0 if none: raw seconds (up to a week)
+  saturate an SGD-trained model, this stays in [0, 1].
 
 The windows are the events' tiles (``features.tiles``), kept by the same stores
 under their own keys (``rf:{ns}:lab:``): a ``LabelPlan`` turns these features
@@ -185,6 +187,13 @@ def _reader(f: FeatureSpec) -> Callable[[Mapping[str, float], float], float]:
             return lambda v, _: v.get(n, 0.0)
         case Aggregation.SUM:
             return lambda v, _: v.get(s, 0.0)
+        case Aggregation.SINCE if f.decay:
+            window_s, tau = parse_duration(str(f.window)), parse_duration(f.decay)
+            # no label (or no positive one) in the window: 0, as if infinitely long ago
+            return lambda v, at: (
+                math.exp(-min(window_s, max(0.0, at - v[newest])) / tau)
+                if v.get(n) and v.get(newest, NEVER) > NEVER else 0.0
+            )  # fmt: skip
         case Aggregation.SINCE:
             window_s = parse_duration(str(f.window))
             # no label (or no positive one) in the window: at least a window ago

@@ -47,6 +47,8 @@ FEATURES = [
          "entity": ["user_id", "category"], "source": "labels", "when": "clicked"},
         {"name": "item_since_shown", "agg": "since", "window": "30m", "buckets": 6,
          "entity": "item_id", "source": "labels"},
+        {"name": "user_click_recency", "agg": "since", "window": "2h", "source": "labels",
+         "when": "clicked", "decay": "20m"},
     ]
 ]  # fmt: skip
 PLAN = LabelPlan.build(FEATURES, "clicked", "user_id", LATENESS_S)
@@ -131,7 +133,10 @@ def brute_force(
                 values[f.name] = rate
             else:  # since
                 times = [x.ts for x in mine if x.value or not f.when]
-                values[f.name] = min(window_s, max(0.0, at - max(times))) if times else window_s
+                ago = min(window_s, max(0.0, at - max(times))) if times else window_s
+                if f.decay:
+                    ago = math.exp(-ago / parse_duration(f.decay)) if times else 0.0
+                values[f.name] = ago
     return out
 
 
@@ -227,8 +232,12 @@ def matching_prefix(
                         rate = (s + f.prior * (gs / gn if gn else 0.0)) / (n + f.prior)
                     got[f.name] = rate
                 else:
-                    got[f.name] = min(window_s, max(0.0, at - newest)) if newest > -math.inf \
+                    ago = min(window_s, max(0.0, at - newest)) if newest > -math.inf \
                         else window_s  # fmt: skip
+                    if f.decay:
+                        ago = math.exp(-ago / parse_duration(f.decay)) \
+                            if newest > -math.inf else 0.0  # fmt: skip
+                    got[f.name] = ago
             out.append(got)
         return out
 

@@ -62,6 +62,9 @@ def test_events_features_are_unchanged_and_read_back_from_a_dump() -> None:
         ({"agg": "count", "source": "labels", "window": {"session": "30m"}},
          "takes no session window"),
         ({"agg": "count", "source": "clicks"}, "'events' or 'labels'"),
+        ({"agg": "count", "source": "labels", "decay": "1h"}, "decay needs agg: since"),
+        ({"agg": "max", "field": "amount", "decay": "1h"}, "decay needs source: labels"),
+        ({"agg": "since", "source": "labels", "decay": "soon"}, "soon"),
     ],
 )  # fmt: skip
 def test_bad_options_are_refused_naming_them(options: dict[str, Any], message: str) -> None:

@@ -207,7 +207,7 @@ def test_features_get_shows_the_label_fed_features_of_the_entities_asked_about(
     shown = get()
     assert {n: shown[n] for n in label_fed if n in shown} == {"user_ctr_24h": truth["user_ctr_24h"]}
     shown = get("--with", "category=c0")
-    per_user_and_category = ("user_category_ctr_7d", "user_category_since_click_7d")
+    per_user_and_category = ("user_category_ctr_7d", "user_category_click_recency_7d")
     assert {n: shown[n] for n in label_fed if n in shown} == {
         n: truth[n] for n in ("user_ctr_24h", *per_user_and_category)
     }

@@ -79,11 +79,12 @@ def test_a_click_changes_the_next_requests_user_ctr(spec: PipelineSpec) -> None:
     # (clicks + 20 x 0.1) / (shown + 20): alice clicked, bob did not, carol is new
     assert ctr["r4"] == pytest.approx(3 / 25) and ctr["r5"] == pytest.approx(2 / 25)
     assert ctr["r6"] == pytest.approx(0.1)
-    # the clicked category: alice clicked it a minute before r3... seconds since then
+    # the clicked category: alice clicked it a minute before r3, 12 minutes before r4: a
+    # recency of exp(-720 s / 2 h); none in the week for the other categories
     clicked = next(c for c in first if c["item"] == top)["inputs"]["category"]
     r4 = {c["inputs"]["category"]: c["features"] for c in served(rt, "r4")["slate"]}
-    assert r4[clicked]["user_category_since_click_7d"] == 12 * 60
-    assert all(f["user_category_since_click_7d"] == 7 * 86400 for cat, f in r4.items()
+    assert r4[clicked]["user_category_click_recency_7d"] == pytest.approx(math.exp(-0.1))
+    assert all(f["user_category_click_recency_7d"] == 0.0 for cat, f in r4.items()
                if cat != clicked)  # fmt: skip
     status = rt.learner.status()
     assert status["label_features_written"] == 10 and status["label_features_late"] == 0
