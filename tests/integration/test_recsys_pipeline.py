@@ -19,6 +19,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -38,11 +39,22 @@ from riverflow.streams.kafka_io import ensure_topics, produce_all, producer, rea
 from riverflow.tools.recsys import RecsysConfig, RecsysWorld, SimulatedUsers
 from riverflow.tools.stack import Endpoints
 from tests.helpers import slate_recount
-from tests.integration.conftest import StageFactory, collect
+from tests.integration.conftest import StageFactory, StageProcess, collect
 from tests.label_streams import matching_prefix
 
 N = 5_000
 SHOWN = 5
+# requests/s: the stream lasts 12.5 s, so that many requests are scored once the
+# learner has learned labels (their label-fed features are checked); all at once,
+# a loaded machine's learner could write its first evaluation after the last
+RATE = 400
+
+
+def answers(stage: StageProcess) -> bool:
+    try:
+        return stage.get("/healthz")[0] in (200, 503)
+    except OSError:
+        return False
 
 
 @pytest.fixture
@@ -64,8 +76,12 @@ def test_the_recsys_example_ranks_every_request_and_labels_every_shown_item_once
     t = spec.topics
     # one partition: the scorer sees the requests in the order the recount does
     ensure_topics(stack.kafka_bootstrap, t.all(), partitions=1, replication=1)
-    start_stage("scorer")
-    start_stage("learner", snapshot_every_labels=2_000, label_wait_s=2)
+    stages = [start_stage("scorer"), start_stage("learner", snapshot_every_labels=2_000,
+                                                 label_wait_s=2)]  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not all(answers(s) for s in stages):  # up (a loaded machine takes seconds)
+        assert time.monotonic() < deadline, "the stages never answered /healthz"
+        time.sleep(0.2)
     # the users' side as a user runs it: requests of the simulated world, and its
     # users clicking what the pipeline shows them
     env = {**os.environ, "RIVERFLOW_KAFKA_BOOTSTRAP": stack.kafka_bootstrap,
@@ -77,7 +93,7 @@ def test_the_recsys_example_ranks_every_request_and_labels_every_shown_item_once
     produce_all(producer(stack.kafka_bootstrap), [(t.events, b"x", orjson.dumps(tampered))])
     produced = subprocess.run(
         [sys.executable, "-m", "riverflow.cli", "produce", "--spec", str(spec_file),
-         "--events", str(N), "--seed", "11"],
+         "--events", str(N), "--seed", "11", "--rate", str(RATE)],
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert produced.returncode == 0, produced.stdout + produced.stderr
