@@ -503,13 +503,11 @@ class Engine:
         """Add one event to its entities (``ents``: entity name -> its state) and
         read its windows: the group aggregates (tile groups', then session
         groups'), whether it was too late for some window, and the entity names
-        it changed. The entities in ``read_only`` are left alone and their groups'
-        aggregates are None (a slate's pair whose request counted there already:
-        ``FeatureRequest.read_only``; a plan without session windows)."""
+        it changed. The entities in ``read_only`` (or left out of ``ents``) are left
+        alone and their groups' aggregates, sessions' too, are None (a slate's pair
+        whose request counted there already: ``FeatureRequest.read_only``)."""
         check_time(ts)
         if read_only:
-            if self.session_shape:
-                raise ValueError("read-only entities need a plan without session windows")
             ents = {name: ent for name, ent in ents.items() if name not in read_only}
         lateness = self.lateness
         if self.session_shape:
@@ -565,7 +563,10 @@ class Engine:
         tiled = self.tiled
         applied = {name for name, was in too_late.items() if name in tiled and not was}
         for si, sk, name, fields in self.session_shape:
-            ent = ents[name]
+            ent = ents.get(name)
+            if ent is None:  # read only
+                vectors.append(None)
+                continue
             sessions = ent.sessions.get(si)
             if sessions is None:
                 sessions = ent.sessions[si] = []

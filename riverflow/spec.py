@@ -206,10 +206,6 @@ class PipelineSpec(BaseModel):
         if self.label.item is None:
             raise ValueError("label.item: a slate's label names its item (the field of label "
                              "messages holding the item id)")  # fmt: skip
-        for i, f in enumerate(self.features):
-            if f.session is not None:
-                raise ValueError(f"features.{i}.window: session windows are not supported "
-                                 "on slate pipelines yet")  # fmt: skip
         for name in self.clean:
             if name in slate.fields:
                 raise ValueError(f"clean.{name}: a candidate's fields are not cleaned (yet)")

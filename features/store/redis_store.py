@@ -412,8 +412,7 @@ class RedisFeatureStore:
         step = self.engine.step
         names = [name for name, _ in prefixes]
         # a read-only entity is left out of what the step sees (as the step would
-        # leave it out); with session groups the step refuses it
-        leave_out = not self.engine.session_shape
+        # leave it out)
         for req, keys in zip(batch, keyed, strict=True):
             raw = written.get(req.event_id)
             if raw is not None:  # twice in one batch: the second is a replay
@@ -424,19 +423,12 @@ class RedisFeatureStore:
             # and another scorer may have written it since this process read it
             # (and a read-only one: the request's pair that counted there read it)
             read_only = req.read_only
-            if read_only and leave_out:
-                ents = {}
-                for name, key in zip(names, keys, strict=True):
-                    changed[key] = name
-                    if name not in read_only:
-                        ents[name] = cache[key][0]
-                read_only = ()
-            else:
-                ents = {}
-                for name, key in zip(names, keys, strict=True):
-                    changed[key] = name
+            ents = {}
+            for name, key in zip(names, keys, strict=True):
+                changed[key] = name
+                if name not in read_only:
                     ents[name] = cache[key][0]
-            vectors, late, _ = step(ents, req.ts, req.numbers, req.distinct, read_only)
+            vectors, late, _ = step(ents, req.ts, req.numbers, req.distinct)
             raw = written[req.event_id] = encode_snapshot(req.context, vectors, late)
             pending.snapshots.append((req.event_id, snap + req.event_id, raw))
             inputs = req.inputs if req.inputs is not None else orjson.loads(req.context)

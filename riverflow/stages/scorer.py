@@ -281,7 +281,8 @@ class Scorer:
         assert self.slate is not None
         model = self.champion.current
         now, plan, schema, shown = self.clock(), self.plan, self.schema, self.slate.shown
-        groups = [g.entity_name for g in plan.groups]
+        # the entity of each aggregate: tile groups', then session groups'
+        groups = [g.entity_name for g in plan.groups] + [g.entity_name for g in plan.sessions]
         out: list[Output] = []
         served: list[tuple[str, ServedPrediction]] = []
         scored: list[tuple[Any, Any, dict[str, float], FeatureSnapshot]] = []  # (item, answer, ...)

@@ -369,6 +369,50 @@ def test_session_features_agree_on_every_path_with_brute_force(
             assert scorers[0].read(entities, when) == want
 
 
+@settings(max_examples=100, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
+@given(
+    events=session_streams(min_size=10),
+    batch=st.integers(1, 8),
+    cached=st.sampled_from([0, 15_000]),
+    data=st.data(),
+)
+def test_a_read_only_entity_keeps_its_sessions_on_every_path(
+    redis_client: redis.Redis,
+    events: list[dict[str, Any]],
+    batch: int,
+    cached: int,
+    data: st.DataObject,
+) -> None:
+    """A slate's pairs with session windows: an entity their request counted in
+    already gets no event in its sessions and gives no aggregate (tile groups' nor
+    session groups'), on the server and in process alike, and what the entities
+    hold after is the same."""
+    reqs = session_requests(events)
+    names = sorted(reqs[0].entities)
+    marks = data.draw(st.lists(st.sets(st.sampled_from(names)), min_size=len(reqs),
+                               max_size=len(reqs)))  # fmt: skip
+    reqs = [replace(r, read_only=tuple(sorted(m))) for r, m in zip(reqs, marks, strict=True)]
+    store, memory = (
+        session_store(redis_client, new_namespace(), cached),
+        MemoryFeatureStore(SESSION_PLAN),
+    )
+    got, want = run_batches(store, reqs, batch), run_batches(memory, reqs, batch)
+
+    def bits(snapshots: Sequence[FeatureSnapshot]) -> list[Any]:  # Lua's false is None here
+        return [(s.event_id, s.late, [doubles(v) if isinstance(v, list) else None
+                                      for v in s.aggregates]) for s in snapshots]  # fmt: skip
+
+    assert bits(got) == bits(want)
+    groups = [g.entity_name for g in (*SESSION_PLAN.groups, *SESSION_PLAN.sessions)]
+    assert SESSION_PLAN.sessions
+    for snap, req in zip(want, reqs, strict=True):
+        assert [v is None for v in snap.aggregates] == [n in req.read_only for n in groups]
+    newest = max(e["ts"] for e in events)
+    for entities in {str(r.entities): r.entities for r in reqs}.values():
+        assert store.read(entities, newest) == memory.read(entities, newest)
+
+
 def test_an_added_session_feature_keeps_the_stored_layout(redis_client: redis.Redis) -> None:
     """A session feature added to a spec starts its sessions empty, and a tile
     window added after it is taken too; a session feature needing a statistic its

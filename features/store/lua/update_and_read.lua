@@ -134,10 +134,14 @@ for n = 1, #batch do
     for e = 1, #keys do applied[e] = tiled[e] and not too_late[e] and not read_only[e] end
     for si = 1, #SG do
       local sg = SG[si]
-      local st = ents[sg.ent]
-      local v, was_late = session_add(st, sessions(st, si, sg), sg, ts, ev[6][si])
-      vecs[#G + si] = v
-      if was_late then late = 1 else applied[sg.ent] = true end
+      if read_only[sg.ent] then
+        vecs[#G + si] = false  -- None, as for its tile groups
+      else
+        local st = ents[sg.ent]
+        local v, was_late = session_add(st, sessions(st, si, sg), sg, ts, ev[6][si])
+        vecs[#G + si] = v
+        if was_late then late = 1 else applied[sg.ent] = true end
+      end
     end
     for e = 1, #keys do
       if applied[e] and (ents[e].w == nil or ts > ents[e].w) then ents[e].w = ts end
