@@ -43,6 +43,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from riverflow.features.store import (
+    FeatureRequest,
     FeatureSnapshot,
     MemoryFeatureStore,
     RedisFeatureStore,
@@ -223,15 +224,27 @@ def test_a_read_only_entity_is_left_alone_on_every_path(
     request counted in already (``FeatureRequest.read_only``): the script and the
     in-process path (against the engine) agree on every snapshot, their read-only
     groups empty, and on what the entities hold after."""
-    reqs = stream_requests(events, EXACT_PLAN)
+    store = redis_store(redis_client, new_namespace(), cached)
+    if cached:
+        tile_by_tile(store.engine)
+    check_read_only(store, reference(), stream_requests(events, EXACT_PLAN), batch, data)
+
+
+def check_read_only(
+    store: RedisFeatureStore,
+    memory: MemoryFeatureStore,
+    reqs: list[FeatureRequest],
+    batch: int,
+    data: st.DataObject,
+) -> None:
+    """Marks some of each request's entities read-only (drawn from ``data``), runs
+    the requests through ``store`` and ``memory`` in batches of ``batch``: the same
+    snapshots, None exactly for the read-only entities' groups (tiles' and
+    sessions'), and the same entities after, read at the newest time."""
     names = sorted(reqs[0].entities)
     marks = data.draw(st.lists(st.sets(st.sampled_from(names)), min_size=len(reqs),
                                max_size=len(reqs)))  # fmt: skip
     reqs = [replace(r, read_only=tuple(sorted(m))) for r, m in zip(reqs, marks, strict=True)]
-    store = redis_store(redis_client, new_namespace(), cached)
-    memory = reference()
-    if cached:
-        tile_by_tile(store.engine)
     got, want = run_batches(store, reqs, batch), run_batches(memory, reqs, batch)
 
     def bits(snapshots: Sequence[FeatureSnapshot]) -> list[Any]:  # Lua's false is None here
@@ -239,10 +252,11 @@ def test_a_read_only_entity_is_left_alone_on_every_path(
                                       for v in s.aggregates]) for s in snapshots]  # fmt: skip
 
     assert bits(got) == bits(want)
-    groups = [g.entity_name for g in EXACT_PLAN.groups]
+    plan = memory.engine.plan
+    groups = [g.entity_name for g in plan.groups] + [g.entity_name for g in plan.sessions]
     for snap, req in zip(want, reqs, strict=True):
         assert [v is None for v in snap.aggregates] == [n in req.read_only for n in groups]
-    newest = max(e["ts"] for e in events)
+    newest = max(r.ts for r in reqs)
     for entities in {str(r.entities): r.entities for r in reqs}.values():
         assert {k: float(v).hex() for k, v in store.read(entities, newest).items()} == {
             k: float(v).hex() for k, v in memory.read(entities, newest).items()
@@ -388,29 +402,9 @@ def test_a_read_only_entity_keeps_its_sessions_on_every_path(
     already gets no event in its sessions and gives no aggregate (tile groups' nor
     session groups'), on the server and in process alike, and what the entities
     hold after is the same."""
-    reqs = session_requests(events)
-    names = sorted(reqs[0].entities)
-    marks = data.draw(st.lists(st.sets(st.sampled_from(names)), min_size=len(reqs),
-                               max_size=len(reqs)))  # fmt: skip
-    reqs = [replace(r, read_only=tuple(sorted(m))) for r, m in zip(reqs, marks, strict=True)]
-    store, memory = (
-        session_store(redis_client, new_namespace(), cached),
-        MemoryFeatureStore(SESSION_PLAN),
-    )
-    got, want = run_batches(store, reqs, batch), run_batches(memory, reqs, batch)
-
-    def bits(snapshots: Sequence[FeatureSnapshot]) -> list[Any]:  # Lua's false is None here
-        return [(s.event_id, s.late, [doubles(v) if isinstance(v, list) else None
-                                      for v in s.aggregates]) for s in snapshots]  # fmt: skip
-
-    assert bits(got) == bits(want)
-    groups = [g.entity_name for g in (*SESSION_PLAN.groups, *SESSION_PLAN.sessions)]
     assert SESSION_PLAN.sessions
-    for snap, req in zip(want, reqs, strict=True):
-        assert [v is None for v in snap.aggregates] == [n in req.read_only for n in groups]
-    newest = max(e["ts"] for e in events)
-    for entities in {str(r.entities): r.entities for r in reqs}.values():
-        assert store.read(entities, newest) == memory.read(entities, newest)
+    store = session_store(redis_client, new_namespace(), cached)
+    check_read_only(store, MemoryFeatureStore(SESSION_PLAN), session_requests(events), batch, data)
 
 
 def test_an_added_session_feature_keeps_the_stored_layout(redis_client: redis.Redis) -> None:

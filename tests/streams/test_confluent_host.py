@@ -266,6 +266,22 @@ def run(host: ConfluentHost) -> None:
     assert not thread.is_alive()
 
 
+def run_raising(host: ConfluentHost) -> list[BaseException]:
+    """``run``, for a host expected to stop by raising: what it raised."""
+    raised: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            host.run()
+        except BaseException as exc:
+            raised.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(10)
+    return raised
+
+
 def test_client_settings_passed_in_are_laid_over_the_hosts_own() -> None:
     host, _ = host_on_fakes(
         Echo(), [], clients={"consumer": {"fetch.wait.max.ms": 1}, "producer": {"linger.ms": 0}}
@@ -483,17 +499,7 @@ def test_a_fenced_static_member_rejoins_and_stops_when_fenced_again_and_again() 
     # three times within a minute: another process runs with our instance id
     host, log = host_on_fakes(Echo(), [FencedMessage(), FencedMessage(), FencedMessage()],
                               host={"instance_id": "monitor-a"})  # fmt: skip
-    raised: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            host.run()
-        except BaseException as exc:
-            raised.append(exc)
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(10)
+    raised = run_raising(host)
     assert len(raised) == 1 and "RIVERFLOW_INSTANCE_ID" in str(raised[0])
 
 
@@ -557,15 +563,22 @@ def test_an_exactly_once_host_commits_its_transaction_before_its_guard_waits() -
     assert plain.on_wait == []
 
 
-def test_outputs_waiting_for_their_acks_make_the_stage_degraded_until_acknowledged() -> None:
-    class StopWhenUp(Reporter):
-        def set_degraded(self, reason: str | None, source: str = "stage") -> None:
-            super().set_degraded(reason, source)
-            if reason is None and processor.host is not None:
-                processor.host.stop()
+class StopsWhenUp(Reporter):
+    """Stops the processor's host once the stage is no longer degraded."""
 
-    reporter = StopWhenUp()
+    def __init__(self, processor: Echo) -> None:
+        super().__init__()
+        self.processor = processor
+
+    def set_degraded(self, reason: str | None, source: str = "stage") -> None:
+        super().set_degraded(reason, source)
+        if reason is None and self.processor.host is not None:
+            self.processor.host.stop()
+
+
+def test_outputs_waiting_for_their_acks_make_the_stage_degraded_until_acknowledged() -> None:
     processor = Echo(stop_after=99)
+    reporter = StopsWhenUp(processor)
     host, log = host_on_fakes(processor, [FakeMessage("in", 0, 0, b"a")], metrics=reporter)
     host.producer.acks_from = time.monotonic() + 1.5  # the broker away for 1.5 s
     run(host)
@@ -612,14 +625,8 @@ def test_consumer_statistics_say_whether_a_broker_and_the_group_coordinator_are_
 def test_no_broker_connected_makes_the_stage_degraded_until_a_broker_answers() -> None:
     # librdkafka's _ALL_BROKERS_DOWN may never come (it counts only brokers that tried
     # to connect since): the statistics tell it every second
-    class StopWhenUp(Reporter):
-        def set_degraded(self, reason: str | None, source: str = "stage") -> None:
-            super().set_degraded(reason, source)
-            if reason is None and processor.host is not None:
-                processor.host.stop()
-
-    reporter = StopWhenUp()
     processor = Echo(stop_after=99)
+    reporter = StopsWhenUp(processor)
     host, _ = host_on_fakes(processor, [], metrics=reporter)
     host.consumer.stats = [stats("CONNECT", "wait-coord", "CONNECT")]
     run(host)  # the probe (a metadata request) answers after PROBE_S
@@ -657,17 +664,7 @@ def test_a_consumer_whose_group_coordinator_stays_out_of_reach_is_replaced_once(
     reporter = Reporter()
     host = ConfluentHost(Echo(), "in", settings, clients, metrics=reporter)
 
-    raised: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            host.run()
-        except BaseException as exc:
-            raised.append(exc)
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(10)
+    raised = run_raising(host)
     assert len(consumers) == 2 and consumers[0].config["group.instance.id"] == "scorer-a"
     assert log[:3] == ["subscribe in", "close", "subscribe in"]
     reasons = [r for r, source in reporter.degraded if source == "group"]
