@@ -258,17 +258,15 @@ class ConfluentHost:
             "heartbeat.interval.ms": max(100, session_ms // 5),
             "max.poll.interval.ms": int(settings.max_poll_interval_s * 1000),
             "isolation.level": "read_committed",
-            "on_commit": self._on_commit,
-            "error_cb": self._on_client_error,
             "statistics.interval.ms": int(STATS_S * 1000),
-            "stats_cb": self._on_stats,
         }
         if settings.instance_id:
             consumer["group.instance.id"] = settings.instance_id
         self._consumer_config = {**consumer, **clients.consumer}
         self._make_consumer = clients.make_consumer
         self._fenced_at: deque[float] = deque()  # when the consumer was fenced lately
-        self.consumer = clients.make_consumer(self._consumer_config)
+        self._generation = 0  # of the consumer: one replaced is closed apart (_new_consumer)
+        self.consumer = self._create_consumer()
         self._paused = False  # the processor asked for no input (backpressure)
         self._rate = 0.0  # events/s the source brought lately (an average over batches)
         self._last_take = time.monotonic()
@@ -748,8 +746,27 @@ class ConfluentHost:
             log.warning("the replaced consumer did not close within %.0f s: left to close "
                         "on its own", CLOSE_WAIT_S)  # fmt: skip
         self._group_lost_since = self._group_stuck = None
-        self.consumer = self._make_consumer(self._consumer_config)
+        self.consumer = self._create_consumer()
         self.consumer.subscribe(self.sources, on_revoke=self._on_revoke, on_lost=self._on_lost)
+
+    def _create_consumer(self) -> Consumer:
+        """A consumer whose callbacks (commits, errors, statistics) reach the host while
+        it is the host's: a replaced one may go on serving them as it closes, in a
+        thread of its own."""
+        self._generation += 1
+        generation = self._generation
+
+        def current(callback: Callable[..., None]) -> Callable[..., None]:
+            def served(*args: Any) -> None:
+                if generation == self._generation:
+                    callback(*args)
+
+            return served
+
+        callbacks = {"on_commit": current(self._on_commit),
+                     "error_cb": current(self._on_client_error),
+                     "stats_cb": current(self._on_stats)}  # fmt: skip
+        return self._make_consumer({**callbacks, **self._consumer_config})
 
     # -- the group's coordinator (librdkafka statistics) --
 

@@ -673,6 +673,25 @@ def test_a_consumer_whose_group_coordinator_stays_out_of_reach_is_replaced_once(
     assert len(raised) == 1 and "again within 600 s of a new consumer" in str(raised[0])
 
 
+def test_a_replaced_consumer_closing_apart_is_not_heard_from(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # a wedged consumer's close may serve its statistics for long, in its own thread:
+    # they must not count against the consumer that replaced it
+    monkeypatch.setattr(confluent_host, "GROUP_STUCK_MIN_S", 0.0)
+    host, _ = host_on_fakes(Echo(), [], host={"instance_id": "scorer-a",
+                                              "session_timeout_s": 0.0})  # fmt: skip
+    old = host.consumer
+    host._new_consumer()
+    stuck = stats(group="wait-broker-transport", coordinator="CONNECT")
+    for _ in range(3):
+        old.config["stats_cb"](stuck)
+    assert host._group_stuck is None
+    for _ in range(3):
+        host.consumer.config["stats_cb"](stuck)
+    assert host._group_stuck is not None
+
+
 def test_the_next_batch_is_processed_while_the_last_ones_acks_travel() -> None:
     processor = Echo(stop_after=3)
     host, log = host_on_fakes(processor, batches(3), host={"commit_interval_s": 0.0})
