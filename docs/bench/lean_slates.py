@@ -85,6 +85,7 @@ def lean(client: redis.Redis) -> Callable[[list[bytes]], list[bytes]]:
     model = build_model(load_spec("recsys").models.champion_spec)
     users, items, crosses = Window(60, 60), Window(3600, 24), Window(3600, 24)
     ctr: dict[str, float] = {}
+    recency: dict[str, float] = {}  # exp(-seconds since the last click / 2h), looked up
 
     def process(batch: list[bytes]) -> list[bytes]:
         pipe = client.pipeline(transaction=False)
@@ -105,6 +106,7 @@ def lean(client: redis.Redis) -> Callable[[list[bytes]], list[bytes]]:
                     "user_ctr_24h": ctr.get(q.user_id, PRIOR),
                     "item_ctr_24h": ctr.get(it.item_id, PRIOR),
                     "user_category_ctr_7d": ctr.get(cross, PRIOR),
+                    "user_category_click_recency_7d": recency.get(cross, 0.0),
                 }
                 touched["i", it.item_id] = items
                 touched["c", cross] = crosses

@@ -23,6 +23,7 @@ def pair(rng: random.Random, users: int = 300) -> dict[str, Any]:
         "quality": rng.random(), "device": rng.choice(["ios", "android", "web"]),
         "page": rng.choice(["home", "search"]), "user_ctr_24h": rng.random() * 0.2,
         "item_ctr_24h": rng.random() * 0.2, "user_category_ctr_7d": rng.random() * 0.2,
+        "user_category_click_recency_7d": rng.random() * (rng.random() < 0.3),
     }  # fmt: skip
 
 
