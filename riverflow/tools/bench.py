@@ -711,7 +711,8 @@ def run_bench(
             if cfg.slates:
                 from riverflow.tools.bench_slates import SlateBench, measure_slates
 
-                slates = SlateBench(seed=cfg.seed, seconds=cfg.rate_seconds)
+                slates = SlateBench(seed=cfg.seed, seconds=cfg.rate_seconds,
+                                    warmup_seconds=cfg.warmup_seconds)  # fmt: skip
                 result.slates = measure_slates(ep, workdir, slates, ep.pids, log)
     return result
 

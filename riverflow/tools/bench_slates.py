@@ -4,7 +4,8 @@
 - **drain**: requests waiting in the topic, scored first to last: requests/s, and
   scored items/s (each request is 20 (user, item) pairs to read features for and score);
 - **latency**: requests offered at a fixed rate (1,000/s by default), each one's
-  time from produce to its ranked prediction on the topic (p50, p99).
+  time from produce to its ranked prediction on the topic (p50, p99), after the
+  same rate held ``warmup_seconds`` unjudged.
 """
 
 from __future__ import annotations
@@ -43,6 +44,10 @@ class SlateBench:
     rate: int = 1_000  # requests/s of the latency point
     seconds: float = 8.0
     seed: int = 11
+    # paced at the rate before the point (not judged): a broker fresh from the drain
+    # spends its first paced seconds compiling the small requests' paths (84% of a
+    # core, against ~50% later at 700 requests/s; docs/benchmarks.md)
+    warmup_seconds: float = 15.0
 
 
 def slate_requests(
@@ -109,6 +114,15 @@ def measure_slates(
         gc.collect()
         gc.freeze()
         try:
+            if cfg.warmup_seconds:
+                warm = offer(prod, clock, topics.events, spec.events.key, cfg.rate,
+                             cfg.warmup_seconds, cfg.seed + 2, "w", newest + 1.0, make,
+                             ("request_id", "ts"))  # fmt: skip
+                newest = warm.pop("last_ts")
+                out["warmup"] = warm
+                log(f"slates: warm-up, {cfg.rate:,} requests/s for {cfg.warmup_seconds:g} s "
+                    f"(not judged): p99 {warm['p99_ms']:.1f} ms, "
+                    f"end lag {warm['end_lag']:,}")  # fmt: skip
             row = offer(prod, clock, topics.events, spec.events.key, cfg.rate, cfg.seconds,
                         cfg.seed + 1, "r", newest + 1.0, make, ("request_id", "ts"))  # fmt: skip
         finally:
