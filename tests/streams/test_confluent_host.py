@@ -4,6 +4,9 @@ acknowledged, and each batch is reported to the stage's reporter."""
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -27,6 +30,7 @@ from riverflow.streams.confluent_host import (
 from riverflow.streams.contracts import Message, Output
 from riverflow.streams.kafka_io import KafkaIOError
 from riverflow.streams.topics import Topics
+from tests.conftest import REPO_ROOT
 
 
 class FakeMessage:
@@ -690,6 +694,33 @@ def test_a_replaced_consumer_closing_apart_is_not_heard_from(
     for _ in range(3):
         host.consumer.config["stats_cb"](stuck)
     assert host._group_stuck is not None
+
+
+STUCK_ON_CLOSE = """
+import time
+from riverflow.streams import confluent_host
+from tests.streams.test_confluent_host import Echo, host_on_fakes
+confluent_host.STOP_DEADLINE_S = 1.0
+host, _ = host_on_fakes(Echo(stop_after=99), [])
+host.consumer.close = lambda: time.sleep(3600)  # a client that never returns
+print("running", flush=True)
+host.run()  # the main thread: the host takes SIGTERM
+"""
+
+
+def test_a_stop_is_obeyed_even_if_a_client_never_returns() -> None:
+    # seen: a scorer wedged on its group coordinator ignored SIGTERM for over 60 s
+    proc = subprocess.Popen([sys.executable, "-c", STUCK_ON_CLOSE], cwd=REPO_ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == b"running\n"
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 1  # STOP_DEADLINE_S (1 s here) after the signal
+    finally:
+        proc.kill()
+    assert proc.stderr is not None
+    assert b"not stopped 1 s after the signal" in proc.stderr.read()
 
 
 def test_the_next_batch_is_processed_while_the_last_ones_acks_travel() -> None:
