@@ -162,7 +162,10 @@ GROUP_STUCK_TIMES = 4
 GROUP_STUCK_MIN_S = 20.0
 GROUP_STUCK_AGAIN_S = 600.0
 CLOSE_WAIT_S = 10.0  # a consumer being replaced gets this long to close, then is left
-STOP_DEADLINE_S = 60.0  # after SIGTERM the process ends by then, whatever a client waits on
+# the final flush, commit and close of a host that is its process end by then (else the
+# process exits, status 1): a client waiting on a broker that never answers held a
+# SIGTERMed scorer for over a minute
+STOP_DEADLINE_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -299,14 +302,11 @@ class ConfluentHost:
     def stop(self) -> None:
         self._stop.set()
 
-    def _stop_by(self, deadline_s: float) -> None:
-        """Stop; if the process has not ended ``deadline_s`` later, end it (status 1)."""
-        if self._stop.is_set():
-            return
-        self.stop()
+    def _exit_after(self, deadline_s: float) -> threading.Timer:
+        """A timer that ends the process (status 1) unless cancelled within ``deadline_s``."""
 
         def overdue() -> None:
-            log.error("%s: not stopped %.0f s after the signal (a Kafka client waits on a "
+            log.error("%s: the Kafka clients did not close within %.0f s (waiting on a "
                       "broker): exiting now", self.processor.stage, deadline_s)  # fmt: skip
             logging.shutdown()
             os._exit(1)
@@ -314,14 +314,16 @@ class ConfluentHost:
         timer = threading.Timer(deadline_s, overdue)
         timer.daemon = True
         timer.start()
+        return timer
 
     def run(self) -> None:
-        if threading.current_thread() is threading.main_thread():
-            # the host is the process: a stop is obeyed within STOP_DEADLINE_S, even if
-            # a client waits on a broker that never answers (what was not committed is
-            # replayed, and the store's event-id dedup absorbs it)
+        # the host is the process (the main thread): it takes the signals, and bounds its
+        # clients' closing (what was not committed is replayed, the event-id dedup
+        # absorbs it); a clean stop's own outputs and checkpoint are not cut short
+        process = threading.current_thread() is threading.main_thread()
+        if process:
             for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, lambda *_: self._stop_by(STOP_DEADLINE_S))
+                signal.signal(sig, lambda *_: self.stop())
         tick_s, checkpoint = self.settings.tick_s, self.checkpoint
         if self.exactly_once:
             # fences an earlier producer with our transactional.id and aborts what it left open
@@ -368,13 +370,18 @@ class ConfluentHost:
             if self.exactly_once:
                 self._end_transaction()
         finally:
-            self.producer.flush(30)
-            if checkpoint is None and not self.exactly_once:
-                self._settle(raising=False)  # what was acknowledged is committed
-                self._commit_now(None)
-            # a static member stays in the group: its partitions wait for it to come
-            # back until the session times out; a dynamic one leaves
-            self.consumer.close()
+            deadline = self._exit_after(STOP_DEADLINE_S) if process else None
+            try:
+                self.producer.flush(30)
+                if checkpoint is None and not self.exactly_once:
+                    self._settle(raising=False)  # what was acknowledged is committed
+                    self._commit_now(None)
+                # a static member stays in the group: its partitions wait for it to come
+                # back until the session times out; a dynamic one leaves
+                self.consumer.close()
+            finally:
+                if deadline is not None:
+                    deadline.cancel()
 
     # -- offsets (at least once) --
 
