@@ -133,11 +133,19 @@ def brute_force(
                 values[f.name] = rate
             else:  # since
                 times = [x.ts for x in mine if x.value or not f.when]
-                ago = min(window_s, max(0.0, at - max(times))) if times else window_s
-                if f.decay:
-                    ago = math.exp(-ago / parse_duration(f.decay)) if times else 0.0
-                values[f.name] = ago
+                values[f.name] = since_value(f, at, max(times) if times else None)
     return out
+
+
+def since_value(f: FeatureSpec, at: float, newest: float | None) -> float:
+    """A ``since`` feature read at ``at`` with its window's newest counted label at
+    ``newest`` (None: none): the seconds back to it, at most the window (the window if
+    none); with ``decay``, ``exp(-seconds / decay)``, 0 if none."""
+    window_s = parse_duration(str(f.window))
+    if newest is None:
+        return 0.0 if f.decay else window_s
+    ago = min(window_s, max(0.0, at - newest))
+    return math.exp(-ago / parse_duration(f.decay)) if f.decay else ago
 
 
 def batches(
@@ -221,7 +229,6 @@ def matching_prefix(
             got: dict[str, float] = {}
             for f, _, _, _, entity, (gn, gs), mine in state:
                 n, s, newest = mine[entity_value(entity, pair)]
-                window_s = parse_duration(str(f.window))
                 if f.agg == "count":
                     got[f.name] = s if f.when else n
                 elif f.agg == "sum":
@@ -232,12 +239,7 @@ def matching_prefix(
                         rate = (s + f.prior * (gs / gn if gn else 0.0)) / (n + f.prior)
                     got[f.name] = rate
                 else:
-                    ago = min(window_s, max(0.0, at - newest)) if newest > -math.inf \
-                        else window_s  # fmt: skip
-                    if f.decay:
-                        ago = math.exp(-ago / parse_duration(f.decay)) \
-                            if newest > -math.inf else 0.0  # fmt: skip
-                    got[f.name] = ago
+                    got[f.name] = since_value(f, at, newest if newest > -math.inf else None)
             out.append(got)
         return out
 
