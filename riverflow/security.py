@@ -108,7 +108,7 @@ def redis_acl_rules(spec: PipelineSpec, stage: str, cluster: bool = False) -> li
     p = key_prefix(spec.name, cluster)
     registry_read = [f"%R~{p}champion", f"%R~{p}models", f"%R~{p}model:*"]
     writes = {
-        "scorer": [f"~{p}ent:*", f"~{p}snap:*", f"~{p}features:layout", *registry_read],
+        "scorer": [f"~{p}ent:*", f"~{p}snaps:*", f"~{p}features:layout", *registry_read],
         "learner": [f"~{p}learned:*", f"~{p}models", f"~{p}model:*", f"~{p}champion",
                     f"~{p}champion:history", f"~{p}learner:checkpoint", f"%R~{p}challengers"],
         "monitor": [f"~{p}champion", f"~{p}champion:history", f"~{p}challengers",
@@ -118,7 +118,7 @@ def redis_acl_rules(spec: PipelineSpec, stage: str, cluster: bool = False) -> li
         lab = f"{p}lab:"
         writes += {
             "scorer": [f"%R~{lab}ent:*", f"~{lab}features:layout"],
-            "learner": [f"~{lab}ent:*", f"~{lab}snap:*", f"~{lab}features:layout"],
+            "learner": [f"~{lab}ent:*", f"~{lab}snaps:*", f"~{lab}features:layout"],
             "monitor": [],
         }[stage]  # fmt: skip
     return ["resetkeys", "resetchannels", *writes, f"&{p}champion:moved",

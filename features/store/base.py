@@ -152,7 +152,9 @@ class FeatureStore(Protocol):
         """Store the prediction served for each event with its snapshot.
 
         The first one recorded for an event stays: a replayed event does not
-        overwrite it. Events without a stored snapshot are skipped.
+        overwrite it. Events without a stored snapshot are skipped, and so are
+        events of other batches than the last ``update_and_read``'s (the store
+        finds a snapshot by its event's time, which it knows for that batch).
 
         False when the batch held back by ``update_and_read(commit=False)`` was
         refused: nothing of it was written, and the caller runs it again with

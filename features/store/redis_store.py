@@ -32,10 +32,14 @@ Key layout (prefix ``rf:{ns}:``; on a Redis Cluster the namespace is the hash ta
                                           or a session gap + grace if longer
     rf:{ns}:ent:{entity}:{value}:hll:{group}:{j}:{bucket}
                                           HyperLogLog of the j-th distinct field, same TTL
-    rf:{ns}:snap:{event id}               the snapshot the event was scored with and,
-                                          once scored, the prediction served for it;
-                                          TTL = replay window; its presence marks
-                                          the event as seen (dedup of replays)
+    rf:{ns}:snaps:{minute}                a hash: event id -> the snapshot the event was
+                                          scored with and, once scored, the prediction
+                                          served for it; one hash per minute of event
+                                          time (``ts // 60``), so that a batch writes a
+                                          hash or two, not a key per event; TTL =
+                                          replay window from its last write;
+                                          an id's presence marks the event as seen
+                                          (dedup of replays)
     rf:{ns}:learned:{event id}            the token of the label learned for this event
                                           (the learner's run and the label's offset),
                                           or ``orphan`` (its label went to the DLQ),
@@ -48,7 +52,7 @@ Key layout (prefix ``rf:{ns}:``; on a Redis Cluster the namespace is the hash ta
                                           (JSON, no TTL): ``check_layout``
     rf:{ns}:lab:...                       label-fed features (``features.labelled``): a store
                                           of their own (``key_part="lab:"``), the same layout
-                                          under ``rf:{ns}:lab:`` (``snap:{pair id}``: a label
+                                          under ``rf:{ns}:lab:`` (``snaps:{minute}``: the labels
                                           written, for the dedup window)
 
 ``{entity}`` is the entity's field, or fields joined by ``+`` for a composite
@@ -112,13 +116,18 @@ _LUA_STATS = ("S", "Q", "MN", "MX", "L", "C")  # names of definitions.STATS in t
 # (Python lists, 3-7 KB each): those the last batches touched.
 READY_ENTITIES = 4096
 
+# Snapshots are kept in one hash per this many seconds of event time
+# (``rf:{ns}:snaps:{n}``): a batch's few hashes, not a key per event, which cost
+# Redis ~3 us an event in key and expiry bookkeeping.
+SNAPSHOT_BUCKET_S = 60
+
 
 @dataclass
 class _Pending:
     """A batch computed in process and not written yet."""
 
     touched: set[str]  # every entity key the batch read
-    snapshots: list[tuple[str, str, bytes]] = field(default_factory=list)  # id, key, snapshot
+    snapshots: list[tuple[str, str, bytes]] = field(default_factory=list)  # id, hash, snapshot
     changed: dict[str, str] = field(default_factory=dict)  # entity key -> entity name
 
 
@@ -216,7 +225,9 @@ class RedisFeatureStore:
         # cluster the prefix, which routes the call to the node of the namespace's slot
         self._route = [self.prefix] if self.cluster else []
         self.horizon_ms = str(int(horizon_s * 1000))  # learned-marks
-        self.replay_ms = str(int(replay_window_s * 1000))  # snapshots
+        # snapshots: a minute's hash lives the replay window after its last write, so
+        # each of its snapshots at least that long after its own
+        self.replay_ms = str(int(replay_window_s * 1000))
         self._update = client.register_script(_UPDATE_AND_READ)
         self._read = client.register_script(_READ)
         self._claim = client.register_script(_CLAIM)
@@ -271,10 +282,18 @@ class RedisFeatureStore:
         self._entity_ttl_ms = {name: int(ttl_s[name] * 1000) + 1000 for name in names}
         self._skip = self._backoff = 0
         self._pending: _Pending | None = None
+        self._served_at: dict[str, str] = {}  # event id -> its snapshot's hash (server path)
         self.batches = {"in_process": 0, "server": 0, "refused": 0}
 
-    def snapshot_key(self, event_id: str) -> str:
-        return f"{self.prefix}snap:{event_id}"
+    def snapshot_hash(self, ts: float) -> str:
+        """The hash holding the snapshots of events at ``ts`` (one per minute of event
+        time: an event and its replays share it)."""
+        return f"{self.prefix}snaps:{int(ts // SNAPSHOT_BUCKET_S)}"
+
+    def stored_snapshot(self, event_id: str, ts: float) -> bytes | None:
+        """The snapshot (and served prediction) stored for an event, if any."""
+        raw: bytes | None = self.client.hget(self.snapshot_hash(ts), event_id)
+        return raw
 
     @property
     def layout_key(self) -> str:
@@ -338,8 +357,10 @@ class RedisFeatureStore:
                 key = self.entity_key("+".join(entity), "|".join(parts))
                 patterns += [key, f"{key}:hll:*"]
         entities = self._unlink_matching(patterns)
-        snaps = [self.snapshot_key(e) for e in event_ids]
-        snapshots = int(self.client.unlink(*snaps)) if snaps else 0
+        snapshots = 0
+        if event_ids:  # the minutes' hashes alive: about the replay window's worth
+            for key in self.client.scan_iter(match=f"{self.prefix}snaps:*", count=1000):
+                snapshots += int(self.client.hdel(key, *event_ids))
         self._cache.clear()
         self._compact.clear()
         return entities, snapshots
@@ -404,7 +425,8 @@ class RedisFeatureStore:
         keyed = [[prefix + req.entities[name] for name, prefix in prefixes] for req in batch]
         touched = {key for keys in keyed for key in keys}
         self._load({key for key in touched if key not in cache})
-        snap = self.snapshot_key("")
+        where = self.snapshot_hash
+        served_at = self._served_at = {}
         pending = _Pending(touched)
         changed = pending.changed
         out: list[FeatureSnapshot] = []
@@ -430,7 +452,8 @@ class RedisFeatureStore:
                     ents[name] = cache[key][0]
             vectors, late, _ = step(ents, req.ts, req.numbers, req.distinct)
             raw = written[req.event_id] = encode_snapshot(req.context, vectors, late)
-            pending.snapshots.append((req.event_id, snap + req.event_id, raw))
+            key = served_at[req.event_id] = where(req.ts)
+            pending.snapshots.append((req.event_id, key, raw))
             inputs = req.inputs if req.inputs is not None else orjson.loads(req.context)
             out.append(FeatureSnapshot(req.event_id, inputs, vectors, late=late))
         return pending, out
@@ -439,10 +462,14 @@ class RedisFeatureStore:
         """Commit what ``_in_process`` computed, with the ``served`` predictions
         (event id -> encoded); False (nothing written) if it was refused."""
         cache, pack, engine = self._cache, self._pack, self.engine
-        snapshots: list[Any] = []  # flat, as commit.lua reads them
+        hashes: dict[str, list[Any]] = {}  # hash -> [id, snapshot, ...], as commit.lua reads them
         for event_id, key, raw in pending.snapshots:
             prediction = served.get(event_id)
-            snapshots += key, raw if prediction is None else SERVED_HEAD + raw[1:] + prediction
+            fields = hashes.get(key)
+            if fields is None:
+                fields = hashes[key] = []
+            fields += event_id, raw if prediction is None else SERVED_HEAD + raw[1:] + prediction
+        snapshots: list[Any] = [x for pair in hashes.items() for x in pair]
         entities: list[Any] = []
         for key, name in pending.changed.items():
             ent, version = cache[key]
@@ -523,14 +550,16 @@ class RedisFeatureStore:
         return [state for state, _ in self._call(self._load_states, self._route, list(keys))]
 
     def _on_server(self, batch: Sequence[FeatureRequest]) -> list[FeatureSnapshot]:
-        snap, entities, shape = self.snapshot_key(""), self._entity_prefixes, self._shape
+        where, entities, shape = self.snapshot_hash, self._entity_prefixes, self._shape
         events = []
+        served_at = self._served_at = {}
         for req in batch:
             ts, nums, strs = check_time(float(req.ts)), req.numbers, req.distinct
             ents = req.entities
+            key = served_at[req.event_id] = where(ts)
             events.append(
                 [
-                    snap + req.event_id, req.context, ts,
+                    [key, req.event_id], req.context, ts,
                     [prefix + ents[name] for name, prefix in entities],
                     [
                         [int(ts // width), [float(nums[f]) for f in numbers],
@@ -558,8 +587,15 @@ class RedisFeatureStore:
             return self._apply(pending, {e: packed(p) for e, p in served})
         if not served:
             return True
-        snap = self.snapshot_key("")
-        batch = [[snap + event_id, packed(prediction)] for event_id, prediction in served]
+        # the hashes the last batch's snapshots went to
+        at = self._served_at
+        batch = [
+            [at[event_id], event_id, packed(prediction)]
+            for event_id, prediction in served
+            if event_id in at
+        ]
+        if not batch:
+            return True
         self._write(self._record_served, self._route, [msgpack.packb(batch, use_bin_type=False)])
         return True
 

@@ -29,7 +29,7 @@ def test_on_a_cluster_every_key_of_a_pipeline_hashes_to_one_slot() -> None:
     assert prefix == "rf:{fraud}:"
     keys = [
         f"{prefix}ent:card_id:c00042", f"{prefix}ent:card_id+merchant:c1|m{{2}}",
-        f"{prefix}ent:merchant:m0017:hll:1:1:4242", f"{prefix}snap:e-1",
+        f"{prefix}ent:merchant:m0017:hll:1:1:4242", f"{prefix}snaps:29672410",
         f"{prefix}learned:e-1", f"{prefix}champion", f"{prefix}champion:history",
         f"{prefix}model:hoeffding:seq", f"{prefix}model:hoeffding:v:3", f"{prefix}models",
         f"{prefix}learner:checkpoint", f"{prefix}challengers",

@@ -225,7 +225,7 @@ def test_stack_up_secure_makes_an_identity_per_stage_with_only_what_it_needs(
         )
         with pytest.raises(redis.exceptions.NoPermissionError):
             as_scorer_redis.set("rf:fraud:champion", b"{}")
-        as_scorer_redis.set("rf:fraud:snap:x", b"1")  # its own keys
+        as_scorer_redis.hset("rf:fraud:snaps:1", "x", b"1")  # its own keys
     finally:
         down = cli("stack", "down")
         assert down.returncode == 0, down.stderr

@@ -102,7 +102,7 @@ def test_on_a_redis_cluster_a_batch_is_one_call_to_the_namespaces_node(
     assert totals["counted"] > 100
     owner = slot_owner(redis_cluster, key_prefix(ns, True))
     keys = redis_cluster.client(owner).keys(f"rf:{{{ns}}}:lab:*")
-    assert any(b":lab:ent:@all:" in k for k in keys) and any(b":lab:snap:" in k for k in keys)
+    assert any(b":lab:ent:@all:" in k for k in keys) and any(b":lab:snaps:" in k for k in keys)
     for node in redis_cluster.primaries():  # every script call and read went to the owner
         stats = redis_cluster.client(node).info("commandstats")
         sent = {c for c in ("cmdstat_evalsha", "cmdstat_hget") if c in stats}

@@ -74,7 +74,9 @@ def test_orphan_marks_released_marks_and_the_replay_window_in_both_stores(
     assert 0 < redis_client.pttl(rs.learned_key(ids[1])) <= 5000
     assert redis_client.pttl(rs.learned_key(ids[2])) > 5000  # the orphan mark: the horizon
     # the snapshots, which only recognise a scorer's replays, keep the replay window
-    assert all(0 < redis_client.pttl(rs.snapshot_key(i)) <= 60_000 for i in ids)
+    # (from their minute's hash's last write)
+    assert all(rs.stored_snapshot(r.event_id, r.ts) for r in reqs)
+    assert all(0 < redis_client.pttl(rs.snapshot_hash(r.ts)) <= 60_000 for r in reqs)
 
 
 def test_group_progress_follows_the_committed_offsets(stack: Endpoints) -> None:
@@ -160,7 +162,7 @@ def test_a_label_long_after_its_snapshot_left_redis_joins_the_learners_index(
     }  # fmt: skip
     assert len(predictions) == n
     time.sleep(3)  # the replay window is long gone: Redis holds no event's snapshot
-    assert list(redis_client.scan_iter(f"rf:{spec.name}:snap:*")) == []
+    assert list(redis_client.scan_iter(f"rf:{spec.name}:snaps:*")) == []
     learner.proc.kill()  # kill -9: its index on disk survives
     learner.proc.wait(30)
     start_stage("learner", label_wait_s=1, snapshot_every_labels=50)

@@ -176,7 +176,7 @@ def test_pipeline_survives_a_primary_killed_and_restarted(
     mine = [k.decode() for k in client.keys("*", target_nodes=ClusterClient.PRIMARIES)
             if spec.name in k.decode()]  # fmt: skip
     kinds = {k.removeprefix(key_prefix(spec.name, True)).split(":")[0] for k in mine}
-    assert {"ent", "snap", "learned", "champion", "model", "learner"} <= kinds
+    assert {"ent", "snaps", "learned", "champion", "model", "learner"} <= kinds
     assert {key_slot(k.encode()) for k in mine} == {key_slot(spec.name.encode())}
     # the stages waited for the replica when told to (and only then)
     stats = redis_cluster.client(slot_owner(redis_cluster, key_prefix(spec.name, True)))

@@ -251,7 +251,7 @@ def test_every_key_written_has_a_ttl(redis_client: redis.Redis) -> None:
     store.claim_labels(ids, ids, [True] * len(ids), lambda token: False)
     keys = list(redis_client.scan_iter(f"{store.prefix}*"))
     kinds = {k.decode().split(":")[2] for k in keys}
-    assert kinds == {"ent", "snap", "learned"}
+    assert kinds == {"ent", "snaps", "learned"}
     assert any(b":hll:" in k for k in keys)
     no_ttl = [k for k in keys if redis_client.pttl(k) < 0]
     assert no_ttl == []
@@ -285,7 +285,7 @@ def test_the_first_served_prediction_is_kept(
     reqs = requests(3)
     check_the_first_served_prediction_is_kept(store, reqs)
     # recorded in the snapshot: it keeps the replay window's TTL (not the label horizon)
-    ttl_ms = redis_client.pttl(store.snapshot_key(reqs[0].event_id))
+    ttl_ms = redis_client.pttl(store.snapshot_hash(reqs[0].ts))
     assert 0.9 * float(store.replay_ms) < ttl_ms <= float(store.replay_ms)
     assert float(store.replay_ms) < float(store.horizon_ms)
 

@@ -319,11 +319,11 @@ def test_the_served_and_claim_scripts_agree_with_the_embedded_store(
     else:  # the snapshots as the server stored them, in both
         store.update_and_read(reqs)
         for r in reqs:
-            memory.snapshots[r.event_id] = redis_client.get(store.snapshot_key(r.event_id))
+            memory.snapshots[r.event_id] = store.stored_snapshot(r.event_id, r.ts)
     for batch in predictions[1:] if in_process else predictions:
         assert store.record_served(batch) and memory.record_served(batch)
     for r in reqs:
-        assert redis_client.get(store.snapshot_key(r.event_id)) == memory.snapshots[r.event_id]
+        assert store.stored_snapshot(r.event_id, r.ts) == memory.snapshots[r.event_id]
     for n, (picked, run, crashed) in enumerate(claims):
         ids = [f"e{i}" for i in picked]
         tokens = [f"{run}:{n}"] * len(ids)

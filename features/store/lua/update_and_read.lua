@@ -1,5 +1,5 @@
 -- ARGV: snapshot ttl ms, lateness s, the group parameters, the batch (msgpack):
--- per event [snapshot key, context JSON, ts, [entity keys], [per group: [bucket,
+-- per event [[snapshot hash, event id], context JSON, ts, [entity keys], [per group: [bucket,
 -- [numbers], [exact then approximate distinct strings]]], [per session group:
 -- [numbers]], [entity indices it reads nothing from and adds nothing to (a slate's
 -- pair; their groups' vectors are false)]], then the session group parameters. Runs
@@ -99,9 +99,11 @@ local SG = cmsgpack.unpack(ARGV[5])
 local tiled = {}  -- entities (by index) with tile groups: only they are too late for tiles
 for gi = 1, #G do tiled[G[gi].ent] = true end
 local out = {}
+local hashes = {}  -- the snapshot hashes written: each expires once, at the end
 for n = 1, #batch do
   local ev = batch[n]
-  local stored = redis.call('GET', ev[1])
+  local where = ev[1]
+  local stored = redis.call('HGET', where[1], where[2])
   if stored then
     out[n] = '=' .. stored
   else
@@ -147,10 +149,12 @@ for n = 1, #batch do
       if applied[e] and (ents[e].w == nil or ts > ents[e].w) then ents[e].w = ts end
     end
     local snap = cmsgpack.pack({ev[2], vecs, late})
-    redis.call('SET', ev[1], snap, 'PX', snap_ttl)
+    redis.call('HSET', where[1], where[2], snap)
+    hashes[where[1]] = true
     out[n] = snap
   end
 end
+for key in pairs(hashes) do redis.call('PEXPIRE', key, snap_ttl) end
 for _, key in ipairs(order) do
   local st = cache[key]
   if st.dirty then
