@@ -21,6 +21,7 @@ from confluent_kafka import TIMESTAMP_CREATE_TIME, KafkaError, KafkaException, T
 from riverflow.stages.common import guarded
 from riverflow.streams import confluent_host
 from riverflow.streams.confluent_host import (
+    LINGER_BATCH,
     Checkpointing,
     ClientSettings,
     ConfluentHost,
@@ -766,18 +767,24 @@ def test_every_broker_down_makes_the_stage_degraded_until_a_broker_answers(
 def test_a_batch_lingers_to_fill_only_while_events_come_fast() -> None:
     processor = Echo(stop_after=2)
     host, log = host_on_fakes(processor, batches(1), host={"linger_s": 0.02})
+    host.settings = replace(host.settings, batch_size=1000)
     host._rate = 2_000.0  # a slow stream: served at once
     host.consumer.arriving = batches(1)
     host._take()
     assert not any(e.startswith("linger") for e in log)
-    host._rate = 40_000.0  # a fast one: the batch waits until ~200 are in (5 ms)
+    host._rate = 40_000.0  # a fast one: the batch waits until ~200 are in (~5 ms)
     host.consumer.pending = batches(1)
     batch = host._take()
-    assert "linger 0.005" in log and len(batch) == 4  # two taken at once, two that came
+    assert log[-1] == f"linger {(LINGER_BATCH - 2) / 40_000:g}" and len(batch) == 4
     host._rate = 5_000.0  # slower: it waits longer, but never past linger_s
     host.consumer.pending = batches(1)
     host._take()
     assert log[-1] == "linger 0.02"
+    # what gathered while the last batch was processed is enough: it goes at once (a
+    # batch lingering on top of it held each event ~50 ms at 11,000/s)
+    lingered = len(log)
+    host.consumer.pending = batches(1, per=LINGER_BATCH)
+    assert len(host._take()) == LINGER_BATCH and len(log) == lingered
 
 
 def test_a_refused_output_stops_the_host_and_nothing_from_its_batch_on_is_committed() -> None:
