@@ -229,6 +229,7 @@ def run_stage(stage: str, spec: PipelineSpec, settings: Settings, ep: Servers) -
     store, registry = redis_backends(spec, settings, client)
     if stage == "scorer":  # a spec that would misread the stored entity state stops here
         through_outage(store.check_layout, settings.outage_limit_s, "Redis")
+        store.check_server()
     # label-fed features: the learner writes them, the scorer reads them
     labelled = label_feature_store(spec, settings, client) if stage != "monitor" else None
     if labelled is not None:

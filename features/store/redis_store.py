@@ -63,6 +63,7 @@ plus the lateness are dropped when their entity is written.
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -101,6 +102,8 @@ def _lua(*names: str) -> str:
     folder = resources.files("riverflow.features.store").joinpath("lua")
     return "".join(folder.joinpath(f"{name}.lua").read_text(encoding="utf-8") for name in names)
 
+
+log = logging.getLogger(__name__)
 
 _UPDATE_AND_READ = _lua("prelude", "update_and_read")
 _READ = _lua("prelude", "read")
@@ -294,6 +297,27 @@ class RedisFeatureStore:
         """The snapshot (and served prediction) stored for an event, if any."""
         raw: bytes | None = self.client.hget(self.snapshot_hash(ts), event_id)
         return raw
+
+    def check_server(self) -> bool:
+        """Warn (once, at start) if Redis frees expired keys on its main thread
+        (``lazyfree-lazy-expire no``, Redis' default). A minute's snapshot hash holds
+        the minute's events: at 10,000 events/s, 600,000 of them, which took Redis 196
+        ms to free in one go (docs/benchmarks.md), every command waiting behind it.
+        False if it warned; True if the setting is on or cannot be read (``CONFIG``
+        refused to this user)."""
+        try:
+            got = self.client.config_get("lazyfree-lazy-expire")
+        except redis.exceptions.RedisError:
+            return True
+        value = got.get("lazyfree-lazy-expire") or got.get(b"lazyfree-lazy-expire")
+        if value in (b"no", "no"):
+            log.warning(
+                "Redis has lazyfree-lazy-expire no: an expired snapshot hash (a minute of "
+                "events) is freed on Redis' main thread, ~200 ms at 10,000 events/s; set "
+                "lazyfree-lazy-expire yes (riverflow stack and docker-compose do)"
+            )
+            return False
+        return True
 
     @property
     def layout_key(self) -> str:

@@ -447,6 +447,7 @@ def start_redis(workdir: Path, timeout_s: float = 20.0, port: int | None = None)
     cmd = [
         exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir), "--save", "",
         "--appendonly", "yes", "--appendfsync", "everysec", "--maxmemory-policy", "noeviction",
+        "--lazyfree-lazy-expire", "yes",
         "--protected-mode", "yes", "--logfile", str(log),
     ]  # fmt: skip
     pid = _spawn(cmd, workdir / "redis.stdout", workdir)
@@ -709,6 +710,7 @@ def _start_cluster_node(
     cmd = [
         exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder), "--save", "",
         "--appendonly", "yes", "--appendfsync", "everysec", "--maxmemory-policy", "noeviction",
+        "--lazyfree-lazy-expire", "yes",
         "--cluster-enabled", "yes", "--cluster-config-file", str(folder / "nodes.conf"),
         "--cluster-node-timeout", str(node_timeout_ms), "--repl-diskless-sync-delay", "0",
         "--logfile", str(log),

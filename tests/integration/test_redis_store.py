@@ -525,3 +525,17 @@ def test_a_spec_that_would_misread_the_stored_entity_state_is_refused(
     assert done.returncode == 0, done.stderr
     assert not list(redis_client.scan_iter(match=f"rf:{spec.name}:ent:*"))
     redis_store(reshaped, settings, redis_client).check_layout()  # a fresh start: taken
+
+
+def test_the_scorer_warns_when_redis_frees_expired_snapshot_hashes_on_its_main_thread(
+    store: RedisFeatureStore, redis_client: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    # the stack runs Redis as the docs ask: expired keys freed in the background
+    assert redis_client.config_get("lazyfree-lazy-expire") == {"lazyfree-lazy-expire": "yes"}
+    assert store.check_server() and "lazyfree" not in caplog.text
+    redis_client.config_set("lazyfree-lazy-expire", "no")  # Redis' own default
+    try:
+        assert not store.check_server()
+        assert "lazyfree-lazy-expire yes" in caplog.text
+    finally:
+        redis_client.config_set("lazyfree-lazy-expire", "yes")
