@@ -285,7 +285,7 @@ class RedisFeatureStore:
         self._entity_ttl_ms = {name: int(ttl_s[name] * 1000) + 1000 for name in names}
         self._skip = self._backoff = 0
         self._pending: _Pending | None = None
-        self._served_at: dict[str, str] = {}  # event id -> its snapshot's hash (server path)
+        self._served_at: dict[str, str] = {}  # event id -> its snapshot's hash, last batch
         self.batches = {"in_process": 0, "server": 0, "refused": 0}
 
     def snapshot_hash(self, ts: float) -> str:
