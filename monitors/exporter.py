@@ -89,6 +89,11 @@ class StageMetrics:
             "cleaned": (cleaned, ()),
             "freshness_s": (freshness, ()),
         }
+        # status name -> its gauge child: ``labels()`` costs ~2.5 us a call, and a
+        # batch sets ~35 of them (~190 us: a fifth of a scorer's CPU at 1,000 events/s,
+        # in batches of a few); bounded by the names a processor reports (fields,
+        # rules, partitions)
+        self._children: dict[str, Any] = {}
         self.last_loop = time.monotonic()
         self._degraded_by: dict[str, str] = {}  # who reports it -> why the stage waits
         self._degraded = Gauge(
@@ -140,15 +145,22 @@ class StageMetrics:
         self._lag.labels(self.stage, topic, str(partition)).set(lag)
 
     def set_status(self, status: dict[str, float]) -> None:
+        children = self._children
         for name, value in status.items():
-            measure, _, rest = name.partition(":")
-            labelled = self._labelled.get(measure) if rest else None
-            if labelled is not None:
-                gauge, after = labelled
-                parts = rest.rsplit(":", 1) if measure == "cleaned" else [rest]
-                gauge.labels(self.stage, *parts, *after).set(value)
-            else:
-                self._status.labels(self.stage, name).set(value)
+            child = children.get(name)
+            if child is None:
+                child = children[name] = self._child(name)
+            child.set(value)
+
+    def _child(self, name: str) -> Any:
+        """The gauge child a status name is set on."""
+        measure, _, rest = name.partition(":")
+        labelled = self._labelled.get(measure) if rest else None
+        if labelled is not None:
+            gauge, after = labelled
+            parts = rest.rsplit(":", 1) if measure == "cleaned" else [rest]
+            return gauge.labels(self.stage, *parts, *after)
+        return self._status.labels(self.stage, name)
 
     def alive(self, stale_after_s: float = 60.0) -> bool:
         """The host loop went round recently (it does at least every poll interval)."""

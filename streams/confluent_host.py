@@ -133,7 +133,6 @@ MAX_IN_FLIGHT = 4  # batches whose outputs may await their acks while the next i
 LINGER_FROM_RATE = 5_000.0
 LINGER_BATCH = 200
 RATE_WINDOW_S = 0.25  # how far back the source's rate is followed
-STATUS_EVERY_S = 1.0  # the stage's status gauges are set at most this often while busy
 
 
 @dataclass
@@ -274,7 +273,6 @@ class ConfluentHost:
         self._paused = False  # the processor asked for no input (backpressure)
         self._rate = 0.0  # events/s the source brought lately (an average over batches)
         self._last_take = time.monotonic()
-        self._status_due, self._status_stale = 0.0, False  # see _observe
         self._kafka_down_since: float | None = None  # degraded: the broker is unreachable
         self._kafka_up_at = -math.inf  # when the last outage ended
         self._next_probe = 0.0
@@ -621,17 +619,8 @@ class ConfluentHost:
 
     def _observe(self, batch: list[Message], outputs: list[Output], seconds: float) -> None:
         assert self.metrics is not None
-        idle = not batch and not outputs
-        now = time.monotonic()
-        if now >= self._status_due or (idle and self._status_stale):
-            # the stage's status gauges (~35 labelled values for the fraud scorer, ~190 us
-            # a batch: a fifth of the scorer's CPU at 1,000 events/s, in batches of a
-            # few) at most every STATUS_EVERY_S, and once the stream pauses
-            self.metrics.set_status(self.processor.status())
-            self._status_due, self._status_stale = now + STATUS_EVERY_S, False
-        elif not idle:
-            self._status_stale = True
-        if idle:
+        self.metrics.set_status(self.processor.status())
+        if not batch and not outputs:
             self.metrics.heartbeat()
             return
         self.metrics.observe(batch, outputs, seconds, self.settings.dlq_topic)

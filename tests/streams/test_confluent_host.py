@@ -313,25 +313,6 @@ def test_a_batch_is_committed_after_its_outputs_are_acknowledged_and_reported() 
     assert reporter.status == {"batches": 1.0}
 
 
-def test_the_status_is_set_at_most_once_a_second_while_busy_and_once_the_stream_pauses() -> None:
-    # setting the status gauges per batch cost a fifth of a scorer's CPU at 1,000/s
-    processor, reporter = Echo(), Reporter()
-    host, _ = host_on_fakes(processor, [], metrics=reporter)
-    sets: list[dict[str, float]] = []
-    reporter.set_status = sets.append  # type: ignore[method-assign]
-    for n in range(1, 4):  # three batches in a row: the first one's status only
-        processor.batches.append([])
-        host._observe([Message("in", 0, n, None, b"x")], [], 0.0)
-    assert sets == [{"batches": 1.0}]
-    host._observe([], [], 0.0)  # the stream pauses: the latest status, once
-    host._observe([], [], 0.0)
-    assert sets == [{"batches": 1.0}, {"batches": 3.0}]
-    host._status_due = 0.0  # a second later, busy again: set at once
-    processor.batches.append([])
-    host._observe([Message("in", 0, 4, None, b"x")], [], 0.0)
-    assert sets[-1] == {"batches": 4.0} and len(sets) == 3
-
-
 def test_checkpointed_positions_are_assigned_and_saved_after_writes_never_committed() -> None:
     processor, saved = Echo(), []
     positions = {1: 5}
