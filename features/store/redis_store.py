@@ -382,9 +382,11 @@ class RedisFeatureStore:
                 patterns += [key, f"{key}:hll:*"]
         entities = self._unlink_matching(patterns)
         snapshots = 0
-        if event_ids:  # the minutes' hashes alive: about the replay window's worth
+        if event_ids:  # the minutes' hashes alive (about the replay window's): one round trip
+            pipe = self.client.pipeline(transaction=False)
             for key in self.client.scan_iter(match=f"{self.prefix}snaps:*", count=1000):
-                snapshots += int(self.client.hdel(key, *event_ids))
+                pipe.hdel(key, *event_ids)
+            snapshots = sum(int(n) for n in pipe.execute())
         self._cache.clear()
         self._compact.clear()
         return entities, snapshots
