@@ -432,3 +432,24 @@ def test_an_added_session_feature_keeps_the_stored_layout(redis_client: redis.Re
     reshaped = plan(count, late_tiles, maximum)
     with pytest.raises(FeatureLayoutError, match=r"session group 1: stored \['session'"):
         session_store(redis_client, ns, 0, reshaped).check_layout()
+
+
+@settings(SETTINGS, max_examples=30)
+@given(events=streams(), batch=st.integers(1, 25), turns=st.lists(st.integers(0, 1), min_size=1))
+def test_long_set_values_written_in_process_are_read_by_the_scripts(
+    redis_client: redis.Redis, events: list[dict[str, Any]], batch: int, turns: list[int]
+) -> None:
+    """A scorer in process encodes its entities with msgspec, which writes a string of
+    32-255 bytes as str8 (msgpack's Packer wrote raw16): the scripts must read such
+    states, here exact sets of merchant names of 40 and 300 characters, while a
+    scorer on the server takes turns with it."""
+    names = {"m0": "m0" + "x" * 38, "m1": "m1" + "y" * 298}
+    events = [{**e, "merchant": names.get(e["merchant"], e["merchant"])} for e in events]
+    ns = new_namespace()
+    scorers = [redis_store(redis_client, ns), redis_store(redis_client, ns, cached=0)]
+    tile_by_tile(scorers[0].engine)
+    reqs = stream_requests(events, EXACT_PLAN)
+    got = []
+    for n, i in enumerate(range(0, len(reqs), batch)):
+        got += scorers[turns[n % len(turns)]].update_and_read(reqs[i : i + batch])
+    assert snapshot_bits(got) == snapshot_bits(run_batches(reference(), reqs, batch))
