@@ -29,3 +29,22 @@ def test_each_status_name_sets_its_gauge_and_later_batches_update_it() -> None:
     assert values() == [6.0, 0.5, 8.0, 1.0, 2.0]
     metrics.set_status({"model_version": 7.0})  # a name left out keeps its last value
     assert values() == [7.0, 0.5, 8.0, 1.0, 2.0]
+
+
+def test_the_lag_of_each_partition_is_its_own_series_and_follows_each_batch() -> None:
+    metrics = StageMetrics("scorer")
+
+    def lags() -> list[float | None]:
+        return [
+            metrics.registry.get_sample_value(
+                "riverflow_consumer_lag", {"stage": "scorer", "topic": t, "partition": p}
+            )
+            for t, p in (("events", "0"), ("events", "1"), ("labels", "0"))
+        ]
+
+    metrics.set_lag("events", 0, 120)
+    metrics.set_lag("events", 1, 7)
+    assert lags() == [120.0, 7.0, None]
+    metrics.set_lag("events", 0, 3)  # the next batch: the same series, its new value
+    metrics.set_lag("labels", 0, 40)
+    assert lags() == [3.0, 7.0, 40.0]
