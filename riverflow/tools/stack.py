@@ -433,7 +433,10 @@ def start_redis(workdir: Path, timeout_s: float = 20.0, port: int | None = None)
     Durable: an append-only file fsynced every second (``appendonly yes``,
     ``appendfsync everysec``) in ``workdir``, so a restart keeps the registry, the
     checkpoint and the snapshots (a crash loses at most the last second); started
-    again on the same directory, it reads them back.
+    again on the same directory, it reads them back. The file is rewritten once it
+    has grown by 1 GB (and doubled), not Redis' 64 MB: a scorer's ~10 MB a second
+    at 13,000 events/s had a forked child rewrite it every few seconds, on a core
+    the scorer needed (docs/benchmarks.md).
     """
     exe = shutil.which("redis-server")
     if exe is None:
@@ -447,7 +450,7 @@ def start_redis(workdir: Path, timeout_s: float = 20.0, port: int | None = None)
     cmd = [
         exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir), "--save", "",
         "--appendonly", "yes", "--appendfsync", "everysec", "--maxmemory-policy", "noeviction",
-        "--lazyfree-lazy-expire", "yes",
+        "--lazyfree-lazy-expire", "yes", "--auto-aof-rewrite-min-size", "1gb",
         "--protected-mode", "yes", "--logfile", str(log),
     ]  # fmt: skip
     pid = _spawn(cmd, workdir / "redis.stdout", workdir)
@@ -710,7 +713,7 @@ def _start_cluster_node(
     cmd = [
         exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder), "--save", "",
         "--appendonly", "yes", "--appendfsync", "everysec", "--maxmemory-policy", "noeviction",
-        "--lazyfree-lazy-expire", "yes",
+        "--lazyfree-lazy-expire", "yes", "--auto-aof-rewrite-min-size", "1gb",
         "--cluster-enabled", "yes", "--cluster-config-file", str(folder / "nodes.conf"),
         "--cluster-node-timeout", str(node_timeout_ms), "--repl-diskless-sync-delay", "0",
         "--logfile", str(log),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -37,3 +38,24 @@ def test_missing_redis_server_is_a_clear_error(
     with pytest.raises(StackError, match="apt-get install redis-server"):
         start_redis(tmp_path / "redis")
     assert os.environ["PATH"] == str(tmp_path)
+
+
+def test_redis_does_not_rewrite_its_append_only_file_every_64_mb(tmp_path: Path) -> None:
+    """A scorer at ~13,000 events/s appends ~10 MB a second: with Redis' default
+    threshold the stack's Redis rewrote its AOF every 3-13 s, a forked child
+    serializing the whole dataset on a core the scorer needed (p99 at 13,000/s over
+    30 s: 386-1,022 ms; 186-195 ms without: docs/benchmarks.md)."""
+    server = start_redis(tmp_path / "redis")
+    try:
+        client = redis.Redis.from_url(server.address)
+        value = os.urandom(512 * 1024)
+        pipe = client.pipeline(transaction=False)
+        for i in range(200):  # 100 MB: past the default 64 MB
+            pipe.set(f"k{i}", value)
+        pipe.execute()
+        time.sleep(1.0)  # the server checks for a due rewrite ten times a second
+        info = client.info("persistence")
+        assert info["aof_current_size"] > 64 * 1024 * 1024
+        assert info["aof_rewrites"] == 0 and info["aof_rewrite_in_progress"] == 0
+    finally:
+        server.stop(5)
