@@ -606,11 +606,11 @@ class Engine:
 
 
 # msgspec's msgpack encoder: an entity state in ~2.6 us against ~6.3 with msgpack's
-# Packer (a fraud-bench entity, ~1.9 KB; docs/benchmarks.md). What it writes, Redis's
-# cmsgpack reads (a string of 32-255 bytes goes as str8, not raw16; the Lua scripts
-# read both); an entity's state holds no bytes, which it would write as bin, which
-# cmsgpack refuses. Not for what a scorer holds (``compact_entity``): its bytes keep
-# the encoder's spare capacity, ~40% more memory per held entity
+# Packer (a fraud-bench entity with full windows, ~820 B; docs/benchmarks.md). What it
+# writes, Redis's cmsgpack reads (a string of 32-255 bytes goes as str8, not raw16; the
+# Lua scripts read both); an entity's state holds no bytes, which it would write as
+# bin, which cmsgpack refuses. Not for what a scorer holds (``compact_entity``): its
+# bytes keep the encoder's spare capacity, ~40% more memory per held entity
 _encode = msgspec.msgpack.Encoder().encode
 
 
