@@ -8,8 +8,10 @@ and Redis addresses come from there or, when unset, from ``riverflow stack up``.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
+import signal
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -118,6 +120,9 @@ def cmd_stack(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     from riverflow.kafka_runtime import run_stage
 
+    # `kill -USR1 <pid>`: every thread's stack to stderr (the stage's log), for a stage
+    # that seems stuck; it goes on running (docs/operations.md)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     spec = load_spec(args.spec or settings.spec)
     run_stage(args.stage, spec, settings, endpoints(settings))
     return 0

@@ -69,10 +69,24 @@ def spec(spec_file: Path) -> PipelineSpec:
 
 @dataclass
 class StageProcess:
-    """A stage we started, and where its /metrics and /healthz are."""
+    """A stage we started, and where its /metrics and /healthz are, and its log."""
 
     proc: subprocess.Popen[bytes]
     metrics_port: int
+    log: Path
+
+    def stacks(self, wait_s: float = 1.0) -> str:
+        """Every thread's stack, as the stage writes it to its log on SIGUSR1 (for a
+        failure's report: where a stage that stopped making progress waits)."""
+        if self.proc.poll() is not None:
+            return f"(the stage exited: {self.proc.returncode})"
+        start = self.log.stat().st_size
+        self.proc.send_signal(signal.SIGUSR1)
+        time.sleep(wait_s)
+        with self.log.open("rb") as f:
+            f.seek(start)
+            lines = f.read().decode(errors="replace").splitlines()
+        return "\n".join(line for line in lines if not line.startswith("%"))  # not librdkafka
 
     def get(self, path: str) -> tuple[int, str]:
         """HTTP GET on the stage's metrics server: (status, body)."""
@@ -128,7 +142,7 @@ def stage_processes(
                 env=env, stdout=out, stderr=subprocess.STDOUT,
             )  # fmt: skip
         procs.append(proc)
-        return StageProcess(proc, port)
+        return StageProcess(proc, port, log)
 
     try:
         yield start

@@ -228,6 +228,8 @@ class Run:
             outage = restart()
             failures += just_after()
             flowing = self.flowing_again(outage.up_at, since_index)
+            if flowing is None:  # where the scorer waits, for the report
+                failures.append(f"the scorer's threads:\n{self.stages['scorer'].stacks()}")
             time.sleep(STREAM_ON_S)
             failures += [f"after the outage: {d}" for d in dead(self.stages)]
             failures += streamed_on()
