@@ -24,19 +24,16 @@ import gc
 import sys
 import time
 import uuid
-from dataclasses import replace
 
 import msgpack
-import orjson
 import redis
 
 from riverflow.features.definitions import FeaturePlan
-from riverflow.features.store import FeatureRequest, RedisFeatureStore, feature_request
+from riverflow.features.store import FeatureRequest, RedisFeatureStore
 from riverflow.features.tiles import pack_entity
 from riverflow.spec import load_spec
 from riverflow.streams.contracts import ServedPrediction
-from riverflow.tools.bench_features import local_redis
-from riverflow.tools.generator import FraudStreamConfig, transactions
+from riverflow.tools.bench_features import bench_requests, local_redis
 
 packb = msgpack.Packer(use_bin_type=False).pack
 SPEC = load_spec("examples/fraud-bench.yaml")
@@ -44,15 +41,7 @@ PLAN = FeaturePlan.build(list(SPEC.features), SPEC.events.key, 600.0)
 
 
 def requests(n: int, seed: int, start_ts: float | None = None) -> list[FeatureRequest]:
-    config = FraudStreamConfig(seed=seed, cards=1000, mean_gap_s=1.0)
-    if start_ts is not None:
-        config = replace(config, start_ts=start_ts)
-    out = []
-    for event, _ in transactions(n, config):
-        context = orjson.dumps({k: event[k] for k in SPEC.models.inputs})
-        event_id = f"{seed}-{event['event_id']}"
-        out.append(feature_request(PLAN, event, event_id, event["ts"], context))
-    return out
+    return bench_requests(PLAN, SPEC, n, seed, start_ts, prefix=f"{seed}-")
 
 
 def phase(store: RedisFeatureStore, reqs: list[FeatureRequest], batch: int, name: str) -> float:

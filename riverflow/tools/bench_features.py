@@ -19,7 +19,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -64,13 +64,19 @@ class BenchResult:
 
 
 def bench_requests(
-    plan: FeaturePlan, spec: PipelineSpec, n: int, seed: int
-) -> list[FeatureRequest]:
+    plan: FeaturePlan, spec: PipelineSpec, n: int, seed: int,
+    start_ts: float | None = None, prefix: str = "",
+) -> list[FeatureRequest]:  # fmt: skip
+    """``n`` fraud events of 1,000 cards as the scorer asks for their features; event
+    times from ``start_ts`` (default: the generator's), ids made unique by ``prefix``."""
     config = FraudStreamConfig(seed=seed, cards=1000, mean_gap_s=1.0)
+    if start_ts is not None:
+        config = replace(config, start_ts=start_ts)
     out = []
     for event, _ in transactions(n, config):
         context = orjson.dumps({name: event[name] for name in spec.models.inputs})
-        out.append(feature_request(plan, event, event["event_id"], event["ts"], context))
+        event_id = prefix + event["event_id"]
+        out.append(feature_request(plan, event, event_id, event["ts"], context))
     return out
 
 
