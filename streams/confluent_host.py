@@ -162,6 +162,11 @@ GROUP_STUCK_TIMES = 4
 GROUP_STUCK_MIN_S = 20.0
 GROUP_STUCK_AGAIN_S = 600.0
 CLOSE_WAIT_S = 10.0  # a consumer being replaced gets this long to close, then is left
+# during an outage a new client asks a broker for metadata every DEAF_PROBE_S; once one
+# has answered, a consumer that still reaches no broker DEAF_AFTER_S later is replaced
+# (librdkafka reconnects within its reconnect.backoff.max.ms, 10 s, by itself)
+DEAF_PROBE_S = 5.0
+DEAF_AFTER_S = 15.0
 # the final flush, commit and close of a host that is its process end by then (else the
 # process exits, status 1): a client waiting on a broker that never answers held a
 # SIGTERMed scorer for over a minute
@@ -276,6 +281,8 @@ class ConfluentHost:
         self._kafka_down_since: float | None = None  # degraded: the broker is unreachable
         self._kafka_up_at = -math.inf  # when the last outage ended
         self._next_probe = 0.0
+        self._next_fresh_probe = 0.0  # when a new client may ask a broker next (outage)
+        self._reached_at: float | None = None  # when a new client first reached one
         # the group's coordinator unreachable while a broker answers (see _on_stats)
         self._group_lost_since: float | None = None
         self._group_stuck: str | None = None  # why the consumer is to be replaced
@@ -755,7 +762,7 @@ class ConfluentHost:
         if closing.is_alive():
             log.warning("the replaced consumer did not close within %.0f s: left to close "
                         "on its own", CLOSE_WAIT_S)  # fmt: skip
-        self._group_lost_since = self._group_stuck = None
+        self._group_lost_since = self._group_stuck = self._reached_at = None
         self.consumer = self._create_consumer()
         self.consumer.subscribe(self.sources, on_revoke=self._on_revoke, on_lost=self._on_lost)
 
@@ -869,7 +876,7 @@ class ConfluentHost:
             "%s: Kafka reachable again after %.1fs",
             self.processor.stage, time.monotonic() - self._kafka_down_since,
         )  # fmt: skip
-        self._kafka_down_since = None
+        self._kafka_down_since = self._reached_at = None
         self._kafka_up_at = time.monotonic()
         if self.metrics is not None:
             self.metrics.set_degraded(None, "kafka")
@@ -884,5 +891,41 @@ class ConfluentHost:
         try:
             self.consumer.list_topics(self.sources[0], timeout=PROBE_S)
         except KafkaException:
+            self._check_deaf(now)
             return
         self._kafka_up()
+
+    def _check_deaf(self, now: float) -> None:
+        """Our consumer reaches no broker: does a new client? One that has for
+        ``DEAF_AFTER_S`` while ours still has not means ours is stuck (seen after a
+        broker restart under load: the consumer's statistics said no broker connected
+        for over a minute, and no fetch came, while the other stages' clients were
+        back within a second); a new consumer joins (``_replace_stuck_consumer``)."""
+        if self.checkpoint is not None or now < self._next_fresh_probe:
+            return  # (assigned positions: what to replace it with is the processor's)
+        self._next_fresh_probe = now + DEAF_PROBE_S
+        if self._reached_at is None:
+            if self._fresh_client_reaches_kafka():
+                self._reached_at = now
+            return
+        if now - self._reached_at >= DEAF_AFTER_S:
+            down, up = now - (self._kafka_down_since or now), now - self._reached_at
+            self._group_stuck = (f"Kafka: the consumer reached no broker for {down:.0f} s, "
+                                 f"while a new client has for {up:.0f} s")  # fmt: skip
+
+    def _fresh_client_reaches_kafka(self) -> bool:
+        """Whether a new consumer (in no group) gets the source's metadata."""
+        config = {k: v for k, v in self._consumer_config.items()
+                  if k not in ("group.instance.id", "statistics.interval.ms")}  # fmt: skip
+        try:
+            client = self._make_consumer(config)
+        except KafkaException as exc:
+            log.info("a client to probe Kafka: %s", exc)
+            return False
+        try:
+            client.list_topics(self.sources[0], timeout=PROBE_S)
+            return True
+        except KafkaException:
+            return False
+        finally:
+            client.close()  # in no group: nothing to leave

@@ -10,6 +10,7 @@ default 6 s session; they are not a benchmark."""
 from __future__ import annotations
 
 import signal
+import socket
 import threading
 import time
 import uuid
@@ -21,8 +22,9 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from riverflow.spec import PipelineSpec
-from riverflow.streams.confluent_host import ConsumerState
+from riverflow.streams.confluent_host import ConfluentHost, ConsumerState
 from riverflow.streams.contracts import Prediction
+from riverflow.streams.hosting import HostSettings
 from riverflow.streams.kafka_io import ensure_topics, producer
 from riverflow.tools.generator import FraudStreamConfig, transactions
 from riverflow.tools.stack import Endpoints
@@ -258,3 +260,30 @@ def test_the_host_reads_a_real_consumers_statistics(stack: Endpoints) -> None:
         plain.poll(0.2)
     assert ConsumerState.parse(seen[-1]).coordinator in (None, "")  # assigned: no group wait
     plain.close()
+
+
+class _Idle:
+    stage = "idle"
+
+    def process(self, batch: Any) -> list[Any]:
+        return []
+
+
+def test_the_host_asks_a_new_client_whether_kafka_is_back(stack: Endpoints) -> None:
+    # a consumer that reaches no broker is replaced only once a new client reaches one
+    # (ConfluentHost._check_deaf): that client is made from the host's own settings
+    topic = f"deaf-{uuid.uuid4().hex[:8]}"
+    ensure_topics(stack.kafka_bootstrap, [topic], 1)
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        nowhere = f"127.0.0.1:{closed.getsockname()[1]}"
+    for bootstrap, reached in ((stack.kafka_bootstrap, True), (nowhere, False)):
+        host = ConfluentHost(_Idle(), topic, HostSettings(bootstrap, f"g-{topic}", 10,
+                                                          instance_id="deaf-1"))  # fmt: skip
+        try:
+            started = time.monotonic()
+            assert host._fresh_client_reaches_kafka() is reached, bootstrap
+            assert time.monotonic() - started < 10  # a probe is bounded (PROBE_S, close)
+        finally:
+            host.consumer.close()
+            host.producer.flush(1)

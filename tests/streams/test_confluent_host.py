@@ -678,6 +678,81 @@ def test_a_consumer_whose_group_coordinator_stays_out_of_reach_is_replaced_once(
     assert len(raised) == 1 and "again within 600 s of a new consumer" in str(raised[0])
 
 
+def test_a_consumer_that_reaches_no_broker_while_a_new_client_does_is_replaced(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # seen in CI after a broker restart: the scorer's consumer said "no broker
+    # connected" for over a minute and fetched nothing; every other client was back
+    monkeypatch.setattr(confluent_host, "DEAF_PROBE_S", 0.0)
+    monkeypatch.setattr(confluent_host, "DEAF_AFTER_S", 0.05)
+    monkeypatch.setattr(confluent_host, "PROBE_S", 0.01)
+    log: list[str] = []
+    made: list[FakeConsumer] = []
+    reporter = StopsWhenUp(Echo(stop_after=99))
+
+    def deaf(topic: str, timeout: float) -> Any:
+        raise KafkaException(KafkaError(KafkaError._TRANSPORT))
+
+    def make_consumer(config: dict[str, Any]) -> FakeConsumer:
+        consumer = FakeConsumer(config, log, [])
+        consumer.before_poll = lambda _: time.sleep(0.005)  # nothing comes: poll waits
+        if not made:  # the stage's first consumer: deaf for good
+            consumer.stats = [stats("CONNECT", "wait-coord", "CONNECT")] * 10_000
+            consumer.list_topics = deaf  # type: ignore[method-assign]
+        made.append(consumer)
+        return consumer
+
+    clients = ClientSettings(
+        make_consumer=make_consumer, make_producer=lambda config: FakeProducer(config, log)
+    )
+    settings = HostSettings("broker:9092", "group-a", batch_size=10, poll_s=0.01,
+                            dlq_topic="dlq", instance_id="scorer-a")  # fmt: skip
+    host = ConfluentHost(reporter.processor, "in", settings, clients, metrics=reporter)
+    reporter.processor.host = host
+    run(host)
+    probes = [c for c in made[1:] if "group.instance.id" not in c.config]
+    joined = [c for c in made[1:] if "group.instance.id" in c.config]
+    # new clients in no group asked for metadata; then one consumer replaced the deaf one,
+    # with our instance id, and its answer ended the outage
+    assert probes and all(c.callbacks == {} for c in probes)
+    assert len(joined) == 1 and joined[0].config["group.instance.id"] == "scorer-a"
+    assert log.count("subscribe in") == 2
+    assert reporter.degraded[0] == ("Kafka: no broker connected", "kafka")
+    assert reporter.degraded[-1] == (None, "kafka")
+
+
+def test_a_consumer_is_not_replaced_while_no_new_client_reaches_a_broker_either(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(confluent_host, "DEAF_PROBE_S", 0.0)
+    monkeypatch.setattr(confluent_host, "DEAF_AFTER_S", 0.0)
+    monkeypatch.setattr(confluent_host, "PROBE_S", 0.01)
+    made: list[FakeConsumer] = []
+
+    def down(topic: str, timeout: float) -> Any:
+        raise KafkaException(KafkaError(KafkaError._TRANSPORT))
+
+    def make_consumer(config: dict[str, Any]) -> FakeConsumer:
+        consumer = FakeConsumer(config, [], [])
+        consumer.list_topics = down  # type: ignore[method-assign]  # Kafka away for all
+        made.append(consumer)
+        return consumer
+
+    processor = Echo(stop_after=99)
+    clients = ClientSettings(make_consumer=make_consumer,
+                             make_producer=lambda config: FakeProducer(config, []))  # fmt: skip
+    settings = HostSettings("broker:9092", "group-a", batch_size=10, poll_s=0.01,
+                            dlq_topic="dlq", instance_id="scorer-a")  # fmt: skip
+    host = ConfluentHost(processor, "in", settings, clients, metrics=Reporter())
+    processor.host = host
+    made[0].stats = [stats("CONNECT", "wait-coord", "CONNECT")] * 10_000
+    made[0].before_poll = lambda _: time.sleep(0.005)
+    threading.Timer(0.5, host.stop).start()
+    run(host)
+    assert len(made) > 3  # it asked, with new clients, many times
+    assert [c for c in made if "group.instance.id" in c.config] == made[:1]  # never replaced
+
+
 def test_a_replaced_consumer_closing_apart_is_not_heard_from(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
