@@ -366,6 +366,7 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         "peers": args.peers,
         "slates": args.slates,
         "textbook_events": args.textbook_events,
+        "drain_warmup": args.drain_warmup,
     }
     overrides = {k: v for k, v in given.items() if v is not None}
     config = BenchConfig.quick(**overrides) if args.quick else BenchConfig(**overrides)
@@ -859,6 +860,11 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--hold-seconds", type=float, help="each rate the search tries (12)")
     bench.add_argument("--search-steps", type=int, help="bisections of the search (4)")
     bench.add_argument("--quick", action="store_true", help="shorter: fewer events and holds")
+    bench.add_argument(
+        "--drain-warmup", type=int,
+        help="events a scorer drains before its timed drain (default: the spec's longest "
+        "window of event time, at most 200,000; 0: none)",
+    )  # fmt: skip
     bench.add_argument("--hosts", default="faust,confluent")
     bench.add_argument(
         "--guarantee", choices=["at_least_once", "exactly_once", "both"],

@@ -7,7 +7,8 @@
 2. the embedded runtime end to end (scorer + learner, memory store);
 3. the Kafka runtime per host (Faust agent, confluent-kafka loop), scorer as its
    own process on the real broker and Redis: the drain rate of a backlog (an
-   upper bound), the maximum sustained rate (searched: paced arrivals held at
+   upper bound; timed after ``drain_warmup`` events, so that the windows are as
+   full as in the paced holds), the maximum sustained rate (searched: paced arrivals held at
    a rate, sustained when the backlog stays bounded, see ``Sustained``), then
    end-to-end latency (produce call -> prediction read by a consumer) at fixed
    offered rates, including 80% of the maximum sustained rate;
@@ -26,6 +27,7 @@ what compare.
 from __future__ import annotations
 
 import gc
+import math
 import os
 import subprocess
 import sys
@@ -155,6 +157,12 @@ class BenchConfig:
     peers: bool = True  # the bare and textbook rows (``riverflow.tools.bench_peers``)
     textbook_events: int = 5_000  # its drain: ~500/s, so about ten seconds
     slates: bool = True  # the recommendation row (``riverflow.tools.bench_slates``)
+    # events a host's scorer drains before the timed drain (None: the spec's longest
+    # window of event time, at most ``MAX_DRAIN_WARMUP``): the timed drain then runs on
+    # entity states as full as those of the paced holds after it, which the search's
+    # ratio compares it to (a card's fraud-bench state is ~520 B while its 24 h windows
+    # fill, ~820 B once full; docs/benchmarks.md)
+    drain_warmup: int | None = None
 
     @classmethod
     def quick(cls, **overrides: Any) -> BenchConfig:
@@ -500,34 +508,57 @@ def produce_backlog(bootstrap: str, topic: str, key: str, events: list[dict[str,
 
 def drain_rate(
     what: str, proc: subprocess.Popen[bytes], clock: PredictionClock, n: int,
-    servers: Mapping[str, ProcessUsage], logfile: Path,
+    servers: Mapping[str, ProcessUsage], logfile: Path, warmup: int = 0,
 ) -> dict[str, float]:  # fmt: skip
     """The rate at which ``what`` (``proc``, started on a backlog of ``n`` events)
-    returned their predictions, first to last (``drain_events_per_s``), and the CPU
-    it and each of ``servers`` spent per million events (``cpu_s_per_million``,
-    ``{server}_cpu_s_per_million``). ``RuntimeError`` naming ``what`` (with the end
-    of ``logfile``) if it produces nothing within 2 minutes or stalls."""
+    returned their predictions (``drain_events_per_s``), and the CPU it and each of
+    ``servers`` spent per million events (``cpu_s_per_million``,
+    ``{server}_cpu_s_per_million``), from when the first ``warmup`` predictions (at
+    least one) had come to the last; the warm-up's own rate is
+    ``warmup_events_per_s``. ``RuntimeError`` naming ``what`` (with the end of
+    ``logfile``) if it produces nothing within 2 minutes or stalls."""
     usage = ProcessUsage(proc.pid)
     deadline = time.monotonic() + 120
     while not clock.wait_for(1, 1):
         if proc.poll() is not None or time.monotonic() > deadline:
             tail = logfile.read_text(errors="replace").splitlines()[-15:]  # the workdir goes
             raise RuntimeError(f"{what} produced nothing; the end of its log:\n" + "\n".join(tail))
+    began = min(clock.arrivals.values())
+    if warmup > 1 and not clock.wait_for(warmup, 600):
+        raise RuntimeError(f"{what} stalled at {len(clock.arrivals)} of {n} predictions")
     cpu0 = usage.cpu_s()
     server_cpu0 = {server: u.cpu_s() for server, u in servers.items()}
+    # the predictions taken so far, and when the last of them came (the timed drain's
+    # start: the reader takes them in polls, so they come in bunches)
+    warmed, first = len(clock.arrivals), max(clock.arrivals.values())
     if not clock.wait_for(n, 600):
         raise RuntimeError(f"{what} stalled at {len(clock.arrivals)} of {n} predictions")
-    first, last = min(clock.arrivals.values()), max(clock.arrivals.values())
-    if last <= first:  # the reader took every prediction in one poll
-        raise RuntimeError(f"{what}: {n} events are too few to time a drain")
-    drained = n - 1
+    last = max(clock.arrivals.values())
+    drained = n - warmed
+    if last <= first:  # the reader took every timed prediction in one poll
+        raise RuntimeError(f"{what}: {n - warmup} events are too few to time a drain")
     out = {
         "drain_events_per_s": drained / (last - first),
         "cpu_s_per_million": (usage.cpu_s() - cpu0) / drained * 1e6,
     }
+    if warmup > 1 and first > began:
+        out["warmup_events_per_s"] = (warmed - 1) / (first - began)
     for server, u in servers.items():
         out[f"{server}_cpu_s_per_million"] = (u.cpu_s() - server_cpu0[server]) / drained * 1e6
     return out
+
+
+MAX_DRAIN_WARMUP = 200_000  # events
+
+
+def drain_warmup(spec: PipelineSpec, cfg: BenchConfig) -> int:
+    """Events drained before a host's timed drain (``BenchConfig.drain_warmup``): by
+    default the spec's longest tile window of the bench stream's event time (one
+    event a second on average), at most ``MAX_DRAIN_WARMUP``."""
+    if cfg.drain_warmup is not None:
+        return cfg.drain_warmup
+    longest = max((g.window_s for g in spec.feature_plan().groups), default=0.0)
+    return min(MAX_DRAIN_WARMUP, math.ceil(longest / FraudStreamConfig().mean_gap_s))
 
 
 def measure_host(
@@ -541,7 +572,8 @@ def measure_host(
     spec_file = renamed_spec_file(spec, workdir, name)
     topics = Topics(name)
     ensure_topics(ep.kafka_bootstrap, topics.all(), partitions=3)
-    events, _ = stream(cfg.events, cfg.seed, prefix="d")
+    warm = drain_warmup(spec, cfg)
+    events, _ = stream(warm + cfg.events, cfg.seed, prefix="d")
     key = spec.events.key
     prod = produce_backlog(ep.kafka_bootstrap, topics.events, key, events)
     # each paced run goes on in event time from the one before, as a live stream does
@@ -566,9 +598,13 @@ def measure_host(
     out: dict[str, Any] = {}
     seeds = iter(range(cfg.seed + 1, cfg.seed + 1000))
     try:
-        out.update(drain_rate(f"{host} scorer", proc, clock, cfg.events, servers, logpath))
+        out.update(drain_rate(f"{host} scorer", proc, clock, warm + cfg.events, servers,
+                              logpath, warm))  # fmt: skip
+        out["drain_warmup_events"] = warm
         drain = out["drain_events_per_s"]
-        log(f"{host} ({guarantee}): drained {cfg.events:,} at {drain:,.0f} events/s")
+        young = out.get("warmup_events_per_s")
+        log(f"{host} ({guarantee}): drained {cfg.events:,} at {drain:,.0f} events/s"
+            + (f", after {warm:,} at {young:,.0f}/s" if young else ""))  # fmt: skip
         if drain_only:
             out["peak_rss_mb"] = usage.peak_rss_mb()
             return out
@@ -759,8 +795,13 @@ def report(result: BenchResult) -> Table:
         rate_row("embedded", "embedded, scorer + learner + monitor",
                  f"{result.embedded['cpu_s_per_million']:,.0f}")  # fmt: skip
     for host, fig in result.kafka.items():
-        rate_row(f"{host}: drain", f"Kafka scorer on {host}: backlog drain", _cpu(fig),
+        warm = fig.get("drain_warmup_events")
+        after = f" after {warm:,} not timed (full windows)" if warm else ""
+        rate_row(f"{host}: drain", f"Kafka scorer on {host}: backlog drain{after}", _cpu(fig),
                  f"{fig['peak_rss_mb']:,.0f}")  # fmt: skip
+        if "warmup_events_per_s" in fig:
+            table.add_row(f"  the first {warm:,} (windows filling)",
+                          f"{fig['warmup_events_per_s']:,.0f}", "", "", "", "", "")  # fmt: skip
         if "search" not in fig:  # a drain alone (--guarantee)
             continue
         tried = ", ".join(

@@ -9,6 +9,7 @@ import pytest
 from rich.console import Console
 
 from riverflow.tools.bench import BenchResult, report
+from tests.conftest import REPO_ROOT
 
 
 def drain(rate: float, **more: Any) -> dict[str, Any]:
@@ -111,3 +112,21 @@ def test_latency_percentiles_include_p99_9_by_nearest_rank() -> None:
     assert figures["p99_ms"] == 1980.0
     assert figures["p999_ms"] == 1998.0
     assert figures["max_ms"] == 1999.0
+
+
+def test_the_timed_drain_follows_a_warm_up_as_long_as_the_longest_window() -> None:
+    # the paced holds run on full windows: the drain they are compared to must too
+    from riverflow.spec import load_spec
+    from riverflow.tools.bench import MAX_DRAIN_WARMUP, BenchConfig, drain_warmup
+
+    bench = load_spec(str(REPO_ROOT / "examples" / "fraud-bench.yaml"))
+    assert drain_warmup(bench, BenchConfig.quick()) == 86_400  # 24 h at one event a second
+    assert drain_warmup(bench, BenchConfig(drain_warmup=0)) == 0
+    week = bench.model_copy(update={"features": [
+        f.model_copy(update={"window": "7d"}) for f in bench.features]})  # fmt: skip
+    assert drain_warmup(week, BenchConfig()) == MAX_DRAIN_WARMUP
+    res = result()
+    res.kafka["confluent"].update(drain_warmup_events=86_400, warmup_events_per_s=9_000.0)
+    rows = table_rows(res)
+    assert figures(rows, "Kafka scorer on confluent: backlog drain after 86,400")[0] == "7,000"
+    assert figures(rows, "the first 86,400 (windows filling)")[0] == "9,000"
