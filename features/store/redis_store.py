@@ -119,6 +119,9 @@ _LUA_STATS = ("S", "Q", "MN", "MX", "L", "C")  # names of definitions.STATS in t
 # (Python lists, 3-7 KB each): those the last batches touched.
 READY_ENTITIES = 4096
 
+# ``check_server`` warns of an append-only file rewritten each time it grows by less
+AOF_REWRITE_MIN_BYTES = 1 << 30
+
 # Snapshots are kept in one hash per this many seconds of event time
 # (``rf:{ns}:snaps:{n}``): a batch's few hashes, not a key per event, which cost
 # Redis ~3 us an event in key and expiry bookkeeping.
@@ -300,25 +303,54 @@ class RedisFeatureStore:
         return raw
 
     def check_server(self) -> bool:
-        """Warn (once, at start) if Redis frees expired keys on its main thread
-        (``lazyfree-lazy-expire no``, Redis' default). A minute's snapshot hash holds
-        the minute's events: at 10,000 events/s, 600,000 of them, which took Redis 196
-        ms to free in one go (docs/benchmarks.md), every command waiting behind it.
-        False if it warned; True if the setting is on or cannot be read (``CONFIG``
-        refused to this user)."""
+        """Warn (once, at start) of Redis settings that stall the pipeline under load:
+
+        - ``lazyfree-lazy-expire no`` (Redis' default): expired keys are freed on its
+          main thread. A minute's snapshot hash holds the minute's events: at 10,000
+          events/s, 600,000 of them, which took Redis 196 ms to free in one go
+          (docs/benchmarks.md), every command waiting behind it;
+        - the append-only file on, rewritten once it has grown by
+          ``auto-aof-rewrite-min-size`` under ``AOF_REWRITE_MIN_BYTES`` (Redis' default
+          is 64 MB): a scorer appends ~10 MB a second at 13,000 events/s, so Redis
+          forked a rewrite of its whole dataset every 3-13 s (the p99 tripled).
+
+        False if it warned; True otherwise. A user refused ``CONFIG`` (an ACL user)
+        is told once which settings to check."""
         try:
-            got = self.client.config_get("lazyfree-lazy-expire")
-        except redis.exceptions.RedisError:
+            expire = self._config("lazyfree-lazy-expire")
+            aof = self._config("appendonly")
+            growth = self._config("auto-aof-rewrite-percentage")
+            min_size = self._config("auto-aof-rewrite-min-size")
+        except redis.exceptions.RedisError as exc:
+            log.info("Redis' settings cannot be read (%s): check that it has "
+                     "lazyfree-lazy-expire yes and, with appendonly yes, "
+                     "auto-aof-rewrite-min-size 1gb (docs/operations.md)", exc)  # fmt: skip
             return True
-        value = got.get("lazyfree-lazy-expire") or got.get(b"lazyfree-lazy-expire")
-        if value in (b"no", "no"):
+        ok = True
+        if expire == "no":
             log.warning(
                 "Redis has lazyfree-lazy-expire no: an expired snapshot hash (a minute of "
                 "events) is freed on Redis' main thread, ~200 ms at 10,000 events/s; set "
                 "lazyfree-lazy-expire yes (riverflow stack and docker-compose do)"
             )
-            return False
-        return True
+            ok = False
+        small = min_size.isdigit() and int(min_size) < AOF_REWRITE_MIN_BYTES
+        if aof == "yes" and growth not in ("", "0") and small:
+            log.warning(
+                "Redis rewrites its append-only file each time it grows by "
+                "auto-aof-rewrite-min-size %d MB: under load that is every few seconds, "
+                "a fork copying the whole dataset each time; set "
+                "auto-aof-rewrite-min-size 1gb (riverflow stack and docker-compose do)",
+                int(min_size) >> 20,
+            )
+            ok = False
+        return ok
+
+    def _config(self, name: str) -> str:
+        """One setting of the server, as text ("" if it has none by that name)."""
+        got = self.client.config_get(name)
+        value = got.get(name, got.get(name.encode(), ""))
+        return value.decode() if isinstance(value, bytes) else str(value)
 
     @property
     def layout_key(self) -> str:

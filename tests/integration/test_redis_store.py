@@ -541,3 +541,39 @@ def test_the_scorer_warns_when_redis_frees_expired_snapshot_hashes_on_its_main_t
         assert "lazyfree-lazy-expire yes" in caplog.text
     finally:
         redis_client.config_set("lazyfree-lazy-expire", "yes")
+
+
+def test_the_scorer_warns_when_redis_rewrites_its_append_only_file_every_64_mb(
+    store: RedisFeatureStore, redis_client: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert redis_client.config_get("appendonly") == {"appendonly": "yes"}
+    assert store.check_server() and "auto-aof-rewrite" not in caplog.text
+    before = redis_client.config_get("auto-aof-rewrite-min-size")["auto-aof-rewrite-min-size"]
+    redis_client.config_set("auto-aof-rewrite-min-size", "64mb")  # Redis' own default
+    try:
+        assert not store.check_server()
+        assert "auto-aof-rewrite-min-size 64 MB" in caplog.text
+        assert "auto-aof-rewrite-min-size 1gb" in caplog.text
+    finally:
+        redis_client.config_set("auto-aof-rewrite-min-size", before)
+
+
+def test_a_redis_user_refused_config_is_told_which_settings_to_check(
+    redis_client: redis.Redis, stack: Any, fraud_spec: PipelineSpec,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    user, password = f"noconfig-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    redis_client.execute_command("ACL", "SETUSER", user, "on", f">{password}", "~*", "+@all",
+                                 "-config")  # fmt: skip
+    try:
+        limited = redis.Redis.from_url(stack.redis_url, username=user, password=password)
+        store = RedisFeatureStore(
+            limited, f"t{uuid.uuid4().hex[:8]}", fraud_spec.feature_plan(), horizon_s=3600
+        )
+        with caplog.at_level("INFO"):
+            assert store.check_server()
+        assert "Redis' settings cannot be read" in caplog.text
+        assert "lazyfree-lazy-expire yes" in caplog.text and "1gb" in caplog.text
+        assert password not in caplog.text
+    finally:
+        redis_client.acl_deluser(user)
