@@ -13,9 +13,10 @@ throwaway ``redis-server``:
   of 200, as the scorer takes them at ~10,000-15,000 events/s;
 - paced-1000: one more, batches of 1,000.
 
-Per phase: process CPU per event, and the entity states written per event and their
-mean size. Needs ``redis-server`` on the PATH. Runs on the code before the states were
-encoded with msgspec too (commit e4ee02f), for the comparison in docs/benchmarks.md.
+Per phase: process CPU per event, Redis' CPU per event (``INFO cpu``), and the entity
+states written per event and their mean size. Needs ``redis-server`` on the PATH. Runs
+on the code before the states were encoded with msgspec too (commit e4ee02f), for the
+comparison in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -44,8 +45,15 @@ def requests(n: int, seed: int, start_ts: float | None = None) -> list[FeatureRe
     return bench_requests(PLAN, SPEC, n, seed, start_ts, prefix=f"{seed}-")
 
 
+def redis_cpu_s(client: redis.Redis) -> float:
+    """The CPU seconds Redis has spent (its main thread and its background ones)."""
+    info = client.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
 def phase(store: RedisFeatureStore, reqs: list[FeatureRequest], batch: int, name: str) -> float:
     changed = size = 0
+    server = redis_cpu_s(store.client)
     cpu = time.process_time()
     for i in range(0, len(reqs), batch):
         snaps = store.update_and_read(reqs[i : i + batch], commit=False)
@@ -55,12 +63,13 @@ def phase(store: RedisFeatureStore, reqs: list[FeatureRequest], batch: int, name
         store.record_served([(s.event_id, ServedPrediction("b", 1, 0.5)) for s in snaps])
         gc.freeze()
     cpu = time.process_time() - cpu
+    server = redis_cpu_s(store.client) - server
     # the size of a state now, over a sample of the cards (not timed)
     sample = [ent for ent, _ in list(store._cache.values())[:200]]
     size = sum(len(packb(pack_entity(store.engine, e))) for e in sample) // max(1, len(sample))
     print(f"{name}: {len(reqs):,} events in batches of {batch}: {cpu / len(reqs) * 1e6:.1f} us "
-          f"CPU per event; {changed / len(reqs):.2f} entity states written per event, "
-          f"~{size:,} B each", flush=True)  # fmt: skip
+          f"CPU per event (Redis {server / len(reqs) * 1e6:.1f}); {changed / len(reqs):.2f} "
+          f"entity states written per event, ~{size:,} B each", flush=True)  # fmt: skip
     return reqs[-1].ts
 
 
