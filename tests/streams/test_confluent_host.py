@@ -678,27 +678,30 @@ def test_a_consumer_whose_group_coordinator_stays_out_of_reach_is_replaced_once(
     assert len(raised) == 1 and "again within 600 s of a new consumer" in str(raised[0])
 
 
-def test_a_consumer_that_reaches_no_broker_while_a_new_client_does_is_replaced(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # seen in CI after a broker restart: the scorer's consumer said "no broker
-    # connected" for over a minute and fetched nothing; every other client was back
+def unreachable(topic: str, timeout: float) -> Any:
+    """A metadata request no broker answers."""
+    raise KafkaException(KafkaError(KafkaError._TRANSPORT))
+
+
+def deaf_host(
+    monkeypatch: pytest.MonkeyPatch, processor: Echo, reporter: Reporter, others_reach: bool
+) -> tuple[ConfluentHost, list[FakeConsumer], list[str]]:
+    """A host whose first consumer reaches no broker for good (its statistics say so,
+    its metadata requests fail); the clients made after it reach one if
+    ``others_reach``. The host, every consumer it made, the clients' log."""
     monkeypatch.setattr(confluent_host, "DEAF_PROBE_S", 0.0)
     monkeypatch.setattr(confluent_host, "DEAF_AFTER_S", 0.05)
     monkeypatch.setattr(confluent_host, "PROBE_S", 0.01)
     log: list[str] = []
     made: list[FakeConsumer] = []
-    reporter = StopsWhenUp(Echo(stop_after=99))
-
-    def deaf(topic: str, timeout: float) -> Any:
-        raise KafkaException(KafkaError(KafkaError._TRANSPORT))
 
     def make_consumer(config: dict[str, Any]) -> FakeConsumer:
         consumer = FakeConsumer(config, log, [])
         consumer.before_poll = lambda _: time.sleep(0.005)  # nothing comes: poll waits
-        if not made:  # the stage's first consumer: deaf for good
+        if not made:
             consumer.stats = [stats("CONNECT", "wait-coord", "CONNECT")] * 10_000
-            consumer.list_topics = deaf  # type: ignore[method-assign]
+        if not made or not others_reach:
+            consumer.list_topics = unreachable  # type: ignore[method-assign]
         made.append(consumer)
         return consumer
 
@@ -707,8 +710,18 @@ def test_a_consumer_that_reaches_no_broker_while_a_new_client_does_is_replaced(
     )
     settings = HostSettings("broker:9092", "group-a", batch_size=10, poll_s=0.01,
                             dlq_topic="dlq", instance_id="scorer-a")  # fmt: skip
-    host = ConfluentHost(reporter.processor, "in", settings, clients, metrics=reporter)
-    reporter.processor.host = host
+    host = ConfluentHost(processor, "in", settings, clients, metrics=reporter)
+    processor.host = host
+    return host, made, log
+
+
+def test_a_consumer_that_reaches_no_broker_while_a_new_client_does_is_replaced(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # seen in CI after a broker restart: the scorer's consumer said "no broker
+    # connected" for over a minute and fetched nothing; every other client was back
+    reporter = StopsWhenUp(Echo(stop_after=99))
+    host, made, log = deaf_host(monkeypatch, reporter.processor, reporter, others_reach=True)
     run(host)
     probes = [c for c in made[1:] if "group.instance.id" not in c.config]
     joined = [c for c in made[1:] if "group.instance.id" in c.config]
@@ -724,29 +737,7 @@ def test_a_consumer_that_reaches_no_broker_while_a_new_client_does_is_replaced(
 def test_a_consumer_is_not_replaced_while_no_new_client_reaches_a_broker_either(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(confluent_host, "DEAF_PROBE_S", 0.0)
-    monkeypatch.setattr(confluent_host, "DEAF_AFTER_S", 0.0)
-    monkeypatch.setattr(confluent_host, "PROBE_S", 0.01)
-    made: list[FakeConsumer] = []
-
-    def down(topic: str, timeout: float) -> Any:
-        raise KafkaException(KafkaError(KafkaError._TRANSPORT))
-
-    def make_consumer(config: dict[str, Any]) -> FakeConsumer:
-        consumer = FakeConsumer(config, [], [])
-        consumer.list_topics = down  # type: ignore[method-assign]  # Kafka away for all
-        made.append(consumer)
-        return consumer
-
-    processor = Echo(stop_after=99)
-    clients = ClientSettings(make_consumer=make_consumer,
-                             make_producer=lambda config: FakeProducer(config, []))  # fmt: skip
-    settings = HostSettings("broker:9092", "group-a", batch_size=10, poll_s=0.01,
-                            dlq_topic="dlq", instance_id="scorer-a")  # fmt: skip
-    host = ConfluentHost(processor, "in", settings, clients, metrics=Reporter())
-    processor.host = host
-    made[0].stats = [stats("CONNECT", "wait-coord", "CONNECT")] * 10_000
-    made[0].before_poll = lambda _: time.sleep(0.005)
+    host, made, _ = deaf_host(monkeypatch, Echo(stop_after=99), Reporter(), others_reach=False)
     threading.Timer(0.5, host.stop).start()
     run(host)
     assert len(made) > 3  # it asked, with new clients, many times
