@@ -425,6 +425,15 @@ def wait_for_kafka(
 
 
 REDIS_DURABILITY = "AOF, fsync every second"
+# what every Redis the stack starts (single or a cluster's node) runs with: durable
+# (append-only, fsync every second), never evicting, expired keys freed in the
+# background, and the append-only file rewritten after 1 GB of growth, not 64 MB
+# (``start_redis``; docs/operations.md)
+_REDIS_SETTINGS = (
+    "--save", "", "--appendonly", "yes", "--appendfsync", "everysec",
+    "--maxmemory-policy", "noeviction", "--lazyfree-lazy-expire", "yes",
+    "--auto-aof-rewrite-min-size", "1gb",
+)  # fmt: skip
 
 
 def start_redis(workdir: Path, timeout_s: float = 20.0, port: int | None = None) -> ServerProcess:
@@ -448,10 +457,8 @@ def start_redis(workdir: Path, timeout_s: float = 20.0, port: int | None = None)
     port = port or free_port()
     log = workdir / "redis.log"
     cmd = [
-        exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir), "--save", "",
-        "--appendonly", "yes", "--appendfsync", "everysec", "--maxmemory-policy", "noeviction",
-        "--lazyfree-lazy-expire", "yes", "--auto-aof-rewrite-min-size", "1gb",
-        "--protected-mode", "yes", "--logfile", str(log),
+        exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir),
+        *_REDIS_SETTINGS, "--protected-mode", "yes", "--logfile", str(log),
     ]  # fmt: skip
     pid = _spawn(cmd, workdir / "redis.stdout", workdir)
     server = ServerProcess("redis", pid, f"redis://127.0.0.1:{port}/0", log, REDIS_DURABILITY)
@@ -711,9 +718,8 @@ def _start_cluster_node(
     folder.mkdir(parents=True, exist_ok=True)
     log = folder / "redis.log"
     cmd = [
-        exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder), "--save", "",
-        "--appendonly", "yes", "--appendfsync", "everysec", "--maxmemory-policy", "noeviction",
-        "--lazyfree-lazy-expire", "yes", "--auto-aof-rewrite-min-size", "1gb",
+        exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder),
+        *_REDIS_SETTINGS,
         "--cluster-enabled", "yes", "--cluster-config-file", str(folder / "nodes.conf"),
         "--cluster-node-timeout", str(node_timeout_ms), "--repl-diskless-sync-delay", "0",
         "--logfile", str(log),
