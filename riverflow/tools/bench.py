@@ -60,6 +60,14 @@ from riverflow.tools.stack import Endpoints, local_stack, stop_processes
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 T = TypeVar("T")
+# the bench's producer stands for the user's. It lingers LINGER_MS; a hold from
+# BATCHED_FROM_RATE goes through one that lingers BATCHED_LINGER_MS (librdkafka's
+# default, as ``kafka_io.producer``'s): at 12,000-20,000/s the 1 ms one cost the broker
+# ~10 us an event more on the same two cores (docs/benchmarks.md), while a slow stream's
+# events would wait up to 5 ms in the producer, inside the measured latency
+LINGER_MS = 1
+BATCHED_LINGER_MS = 5
+BATCHED_FROM_RATE = 5_000
 
 
 @dataclass
@@ -501,7 +509,7 @@ def produce_backlog(bootstrap: str, topic: str, key: str, events: list[dict[str,
     """``events`` produced to ``topic`` (keyed by their field ``key``) and
     acknowledged, so a drain starts on the whole backlog; the producer, to send more
     (flushed by the caller)."""
-    prod = producer(bootstrap, **{"linger.ms": 1})
+    prod = producer(bootstrap, **{"linger.ms": LINGER_MS})
     produce_all(prod, ((topic, e[key].encode(), orjson.dumps(e)) for e in events))
     return prod
 
@@ -576,6 +584,7 @@ def measure_host(
     events, _ = stream(warm + cfg.events, cfg.seed, prefix="d")
     key = spec.events.key
     prod = produce_backlog(ep.kafka_bootstrap, topics.events, key, events)
+    batched = producer(ep.kafka_bootstrap, **{"linger.ms": BATCHED_LINGER_MS})
     # each paced run goes on in event time from the one before, as a live stream does
     # (restarting at the drain's first time made every entity see hours-late events)
     newest = [events[-1]["ts"]]
@@ -615,8 +624,10 @@ def measure_host(
             # CPU per event of the scorer and the servers over the hold: on a shared box
             # a hold can fail for want of CPU share at a cost per event the drain had
             cpu0 = {"scorer": usage.cpu_s(), **{n: u.cpu_s() for n, u in servers.items()}}
-            row = offer(prod, clock, topics.events, key, rate, seconds, next(seeds), what,
-                        start_ts=newest[0] + 1.0)  # fmt: skip
+            fast = rate >= BATCHED_FROM_RATE
+            row = offer(batched if fast else prod, clock, topics.events, key, rate, seconds,
+                        next(seeds), what, start_ts=newest[0] + 1.0)  # fmt: skip
+            row["producer_linger_ms"] = BATCHED_LINGER_MS if fast else LINGER_MS
             newest[0] = row["last_ts"]
             for n, u in (("scorer", usage), *servers.items()):
                 row[f"{n}_cpu_us"] = (u.cpu_s() - cpu0[n]) / row["sent"] * 1e6
