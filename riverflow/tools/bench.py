@@ -11,7 +11,8 @@
    full as in the paced holds), the maximum sustained rate (searched: paced arrivals held at
    a rate, sustained when the backlog stays bounded, see ``Sustained``), then
    end-to-end latency (produce call -> prediction read by a consumer) at fixed
-   offered rates, including 80% of the maximum sustained rate;
+   offered rates, including 80% of the maximum sustained rate (the bench's producer
+   lingers ``LINGER_MS``, or ``BATCHED_LINGER_MS`` from ``BATCHED_FROM_RATE``);
 4. two peers on the same broker and Redis, each its own process, their backlog
    drain measured as the scorer's (``riverflow.tools.bench_peers``): **bare**
    (consume -> decode -> champion predict -> produce, no features, no Redis, no
