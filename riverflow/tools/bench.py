@@ -585,7 +585,6 @@ def measure_host(
     events, _ = stream(warm + cfg.events, cfg.seed, prefix="d")
     key = spec.events.key
     prod = produce_backlog(ep.kafka_bootstrap, topics.events, key, events)
-    batched = producer(ep.kafka_bootstrap, **{"linger.ms": BATCHED_LINGER_MS})
     # each paced run goes on in event time from the one before, as a live stream does
     # (restarting at the drain's first time made every entity see hours-late events)
     newest = [events[-1]["ts"]]
@@ -620,6 +619,7 @@ def measure_host(
             return out
         gc.collect()  # what the drain left behind; then the bench's heap is out of the way
         gc.freeze()
+        batched = producer(ep.kafka_bootstrap, **{"linger.ms": BATCHED_LINGER_MS})
 
         def held(rate: int, seconds: float, what: str) -> dict[str, Any]:
             # CPU per event of the scorer and the servers over the hold: on a shared box
