@@ -161,9 +161,12 @@ class EmbeddedRuntime:
         self.indexed = 0  # the predictions the learner's index has read
         # labels by timeout trail the predictions, never past what the index has read
         timeout = label_timeout(spec.label, settings.label_horizon_s)
+        # ... and never before the learner has read the labels in the log (it reads a
+        # batch of them a step): no default beats a label that came before it
         self.timeouts = None if timeout is None else Timeouts(
             timeout, LogTimers(self.log, spec.topics.predictions, 10 * settings.batch_size),
             lambda: {0: self.indexed}, clock=wall, limit=10 * settings.batch_size,
+            labels_read=lambda: wall() if self._labels_read() else None,
         )  # fmt: skip
         self.learner = build_learner(
             spec, settings, self.store, self.registry, self.scored, registry_poll_s=0,
@@ -241,6 +244,10 @@ class EmbeddedRuntime:
         """Publish every candidate's state now, as a Kafka learner does at a clean stop."""
         self._write(self.learner.publish())
         self.learner.commit()
+
+    def _labels_read(self) -> bool:
+        """Whether the learner has read every label in the log."""
+        return self.learner.positions.get(0, 0) >= self.log.count(self.topics.labels)
 
     def _index_predictions(self) -> None:
         topic = self.topics.predictions

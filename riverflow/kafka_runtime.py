@@ -42,6 +42,7 @@ from riverflow.streams.hosting import HostSettings
 from riverflow.streams.kafka_io import (
     GroupProgress,
     KafkaIOError,
+    ReadProgress,
     TopicFollower,
     check_access,
     ensure_topics,
@@ -284,6 +285,12 @@ def run_stage(stage: str, spec: PipelineSpec, settings: Settings, ep: Servers) -
                               timeouts=timeouts, label_features=labelled),
         settings.outage_limit_s, "restoring the learner",
     )  # fmt: skip
+
+    if timeouts is not None:  # a default waits for the labels produced before it to be read
+        timeouts.labels_read = ReadProgress(
+            ep.kafka_bootstrap, topics.labels, lambda: learner.positions,
+            settings.scorer_progress_poll_s,
+        )  # fmt: skip
 
     def publish_on_stop() -> list[Output]:
         publishing = settings.snapshot_every_labels or settings.snapshot_every_s

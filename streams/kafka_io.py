@@ -353,6 +353,39 @@ class GroupProgress:
         self.consumer.close()
 
 
+class ReadProgress(GroupProgress):
+    """``GroupProgress`` of a reader in this process that commits nothing to Kafka:
+    T such that every message produced to ``topic`` before T has been read, from
+    the reader's own ``positions`` (partition -> next offset to read). Only the
+    partitions the topic had at the first call count: one added later is read only
+    after a restart (the learner's labels topic), so nothing waits for it.
+    ``clock``: wall time by default, the time record timestamps are in.
+    """
+
+    def __init__(
+        self,
+        bootstrap: str,
+        topic: str,
+        positions: Callable[[], Mapping[int, int]],
+        poll_s: float = 1.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        # (the group is never joined, nor are its offsets read)
+        super().__init__(bootstrap, f"riverflow-read-progress-{topic}", topic, poll_s, clock)
+        self._positions = positions
+        self._partitions: set[int] | None = None
+
+    def _highs(self) -> dict[int, int]:
+        highs = super()._highs()
+        if self._partitions is None:
+            self._partitions = set(highs)
+        return {p: h for p, h in highs.items() if p in self._partitions}
+
+    def _committed(self, partitions: list[int]) -> dict[int, int]:
+        read = self._positions()
+        return {p: read.get(p, -1) for p in partitions}
+
+
 class TopicIndex(Protocol):
     """What ``TopicFollower`` keeps up to date: an index of a topic's records that
     stores its own read positions with them (``features.scored.DiskScoredIndex``)."""

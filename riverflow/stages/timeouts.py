@@ -128,6 +128,13 @@ class Timeouts:
     misses an event the index was only late to read. ``clock``: the time
     predictions are stamped in (wall time; a replay's event time). At most
     ``limit`` predictions are due per call.
+
+    ``labels_read``: the time on ``clock`` before which every label message
+    produced has been read by the learner (None while that is not known). A
+    prediction falls due only once its timeout is past that time too: a learner
+    that lags on the labels topic, or was down, reads the labels in its backlog
+    before it defaults their predictions, so a click within ``after`` is never
+    beaten by its default. Not given: every label is read when it is due.
     """
 
     def __init__(
@@ -137,12 +144,14 @@ class Timeouts:
         indexed: Callable[[], Mapping[int, int]],
         clock: Callable[[], float] = time.time,
         limit: int = 5000,
+        labels_read: Callable[[], float | None] | None = None,
     ) -> None:
         self.timeout = timeout
         self.queue = queue
         self.indexed = indexed
         self.clock = clock
         self.limit = limit
+        self.labels_read = labels_read
         self._positions: dict[int, int] | None = None
 
     @property
@@ -157,11 +166,17 @@ class Timeouts:
         self._positions = self.queue.start(saved)
 
     def due(self) -> list[DueDefault]:
-        """The predictions served more than ``after`` ago from the positions on (in
-        order per partition, up to the first not due yet); positions do not move
-        until ``advance``."""
+        """The predictions served more than ``after`` ago, and more than ``after``
+        before the labels read (``labels_read``), from the positions on (in order per
+        partition, up to the first not due yet); positions do not move until
+        ``advance``."""
         after = self.timeout.after_s
-        now = self.clock()
+        now = until = self.clock()
+        if self.labels_read is not None:
+            read = self.labels_read()
+            if read is None:  # how far the labels were read is not known yet
+                return []
+            until = min(now, read)
         positions, indexed = self.positions, self.indexed()
         out: list[DueDefault] = []
         for p, run in self.queue.fetch(positions).items():
@@ -182,7 +197,7 @@ class Timeouts:
                     log.warning("%s[%s]@%s is stamped %.0f s ahead: its timeout is due now",
                                 msg.topic, p, msg.offset, served - now)  # fmt: skip
                     served = None
-                if served is not None and served + after > now:
+                if served is not None and served + after > until:
                     break
                 due_at = now if served is None else served + after
                 out.append(DueDefault(msg, defaulted_ids(prediction), due_at))

@@ -121,6 +121,44 @@ def test_each_event_is_labelled_once_by_message_or_by_timeout_across_a_kill(
     assert len(collect(kafka, topics.evaluations, N, timeout_s=10, settle_s=1)) == len(evaluations)
 
 
+def test_labels_waiting_in_the_topic_beat_their_timeouts_after_a_learner_outage(
+    stack: Endpoints, spec_file: Path, start_stage: StageFactory
+) -> None:
+    """A learner that was down for longer than ``after`` (every timeout is due when it
+    comes back, and its labels wait in the topic, many batches of them) reads those
+    labels before it defaults their events: each event labelled within ``after`` is
+    learned with its label, and no label is lost to a default."""
+    data = yaml.safe_load(spec_file.read_text())
+    data["label"].update(default=False, after="2s")
+    spec_file.write_text(yaml.safe_dump(data))
+    spec = load_spec(spec_file)
+    topics, kafka = spec.topics, stack.kafka_bootstrap
+    ensure_topics(kafka, topics.all(), 2)
+    run = {"partitions": 2, "label_wait_s": 30, "batch_size": 100, "snapshot_every_s": 3600,
+           "scorer_progress_poll_s": 0.5}  # fmt: skip
+    start_stage("scorer", **run)
+    n = 1_500
+    events = [e for e, _ in transactions(n, FraudStreamConfig(seed=21))]
+    ids = [e["event_id"] for e in events]
+    out = producer(kafka)
+    produce_all(out, [(topics.events, e["card_id"].encode(), orjson.dumps(e)) for e in events])
+    assert len(collect(kafka, topics.predictions, n, settle_s=0)) == n
+    labelled = set(ids[::2])  # at once: well within `after` of their predictions
+    produce_all(out, [(topics.labels, e.encode(), orjson.dumps({"event_id": e, "is_fraud": True}))
+                      for e in ids if e in labelled])  # fmt: skip
+    time.sleep(3)  # the learner is down while every timeout falls due
+
+    learner = start_stage("learner", **run)
+    wait_for(learner, "labels_learned", n, timeout_s=90)
+    evaluations = [Evaluation.decode(m.value())
+                   for m in collect(kafka, topics.evaluations, n, settle_s=1)]  # fmt: skip
+    assert Counter(e.event_id for e in evaluations) == dict.fromkeys(ids, 1)
+    assert {e.event_id for e in evaluations if not e.defaulted} == labelled
+    assert all(e.label is (e.event_id in labelled) for e in evaluations)
+    assert status(learner, "labels_after_default") == 0
+    assert status(learner, "labels_defaulted") == n - len(labelled)
+
+
 def test_a_trailing_reader_gives_each_record_once_in_order_with_small_buffers(
     stack: Endpoints,
 ) -> None:

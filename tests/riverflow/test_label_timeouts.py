@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from riverflow.assembly import build_learner, memory_backends, signing_key
-from riverflow.embedded import EmbeddedRuntime, LogTimers
+from riverflow.embedded import EmbeddedLog, EmbeddedRuntime, LogTimers
 from riverflow.errors import RiverflowError
 from riverflow.features.errors import FeatureStoreError
 from riverflow.features.scored import MemoryScoredEvents, defaulted_ids
@@ -22,7 +22,7 @@ from riverflow.settings import Settings
 from riverflow.spec import PipelineSpec, SpecError, parse_spec
 from riverflow.stages.common import guarded
 from riverflow.stages.learner import Learner
-from riverflow.stages.timeouts import Timeouts, label_timeout
+from riverflow.stages.timeouts import LabelTimeout, Timeouts, label_timeout
 from riverflow.streams.contracts import Evaluation, LabelType, Message, Output
 from riverflow.streams.schema import LabelSpec
 from riverflow.tools.generator import FraudStreamConfig, transactions
@@ -184,6 +184,58 @@ def test_a_label_claimed_first_wins_over_its_default(fraud_spec: PipelineSpec) -
     [only] = evaluations(rt)
     assert (only.label, only.defaulted) == (True, False)
     assert rt.learner.status()["labels_defaulted"] == 0
+
+
+def test_labels_in_the_backlog_are_read_before_their_predictions_default(
+    fraud_spec: PipelineSpec,
+) -> None:
+    """A learner behind on the labels (here a backlog of many batches, as after a
+    learner was down) reads them before it defaults their predictions: a label
+    produced within ``after`` of its prediction is learned, never beaten by the
+    default that fell due while it waited in the topic."""
+    clock = Clock()
+    spec = timeout_spec(default=False, after="1s")
+    rt = EmbeddedRuntime(spec, Settings(label_wait_s=0.0, batch_size=50), clock=clock)
+    events = [e for e, _ in transactions(600, FraudStreamConfig(seed=5))]
+    for e in events:
+        rt.produce(rt.topics.events, e["card_id"].encode(), orjson.dumps(e))
+    while rt.log.count(rt.topics.predictions) < len(events):  # all scored, none labelled
+        rt.step()
+    clock.now += 0.5  # the labels come within `after` of their predictions...
+    labelled = [e["event_id"] for e in events[::2]]
+    for event_id in labelled:
+        rt.produce(rt.topics.labels, event_id.encode(), label(event_id))
+    clock.now += 60  # ... but the learner reads them only now, every timeout due
+    rt.drain()
+    out = evaluations(rt)
+    assert sorted(e.event_id for e in out) == sorted(e["event_id"] for e in events)
+    assert {e.event_id for e in out if not e.defaulted} == set(labelled)
+    assert all(e.label is True for e in out if not e.defaulted)
+    status = rt.learner.status()
+    assert status["labels_defaulted"] == len(events) - len(labelled)
+    assert status["labels_after_default"] == 0
+
+
+def test_a_timeout_falls_due_only_once_the_labels_before_it_are_read() -> None:
+    """``Timeouts.due``: a prediction whose ``after`` has passed is due only once the
+    labels produced up to its timeout have been read (``labels_read``); nothing is
+    due while that is not known."""
+    clock, read = Clock(), [None]
+    timeout = LabelTimeout(False, 10.0)
+    log = EmbeddedLog()
+    for i in range(3):  # served at 1,000, 1,001, 1,002
+        log.append("p", None, orjson.dumps({"event_id": f"e{i}", "scored_at": 1_000.0 + i}))
+    timeouts = Timeouts(timeout, LogTimers(log, "p", 100), lambda: {0: 3}, clock=clock,
+                        labels_read=lambda: read[0])  # fmt: skip
+    clock.now = 1_050.0  # every timeout has passed...
+    assert timeouts.due() == []  # ... but how far the labels were read is not known
+    read[0] = 1_009.0
+    assert timeouts.due() == []
+    read[0] = 1_011.5  # the labels up to e0's and e1's timeouts are read
+    assert [d.ids for d in timeouts.due()] == [["e0"], ["e1"]]
+    read[0] = 2_000.0  # read past now: now decides
+    clock.now = 1_011.5
+    assert [d.ids for d in timeouts.due()] == [["e0"], ["e1"]]
 
 
 def test_a_learner_killed_after_its_checkpoint_learns_each_default_once(
