@@ -269,6 +269,8 @@ def cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
 
     if args.rate is not None and args.rate <= 0:
         raise RiverflowError(f"--rate {args.rate:g}: events per second must be positive")
+    if not 0 <= args.skip <= args.events:
+        raise RiverflowError(f"--skip {args.skip}: must be from 0 to --events ({args.events})")
     spec = load_spec(args.spec or settings.spec)
     topics = spec.topics
     ep = endpoints(settings)
@@ -282,10 +284,14 @@ def cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
         name = stream_for(spec.label.field, args.stream)
 
         def generated() -> Iterator[tuple[str, bytes | None, bytes]]:
+            skipped: set[str] = set()  # --skip: the first events, and their labels
             for kind, rec in history(name, args.events, args.seed, dropped=args.drop_field):
                 if kind == "event":
+                    if len(skipped) < args.skip:
+                        skipped.add(rec["event_id"])
+                        continue
                     yield topics.events, str(rec[spec.events.key]).encode(), orjson.dumps(rec)
-                elif not args.no_labels:
+                elif not args.no_labels and rec["event_id"] not in skipped:
                     yield topics.labels, rec["event_id"].encode(), orjson.dumps(rec)
 
         records = generated()
@@ -310,7 +316,7 @@ def _produce_requests(args: argparse.Namespace, spec: PipelineSpec, ep: Endpoint
         raise RiverflowError(f"riverflow produce generates requests of examples/recsys.yaml's "
                              f"shape, and {why}: give your own with --file")  # fmt: skip
     world = RecsysWorld(RecsysConfig(seed=args.seed, shown=spec.events.slate.shown))  # type: ignore[union-attr]
-    events = [world.event(r) for r in world.requests(args.events)]
+    events = [world.event(r) for r in world.requests(args.events)][args.skip :]
     users = None if args.no_labels else SimulatedUsers(ep.kafka_bootstrap, spec, world, args.seed)
     if users is not None:
         for e in events:
@@ -830,6 +836,11 @@ def parser() -> argparse.ArgumentParser:
     )
     produce.add_argument("--events", type=int, default=10_000)
     produce.add_argument("--seed", type=int, default=7)
+    produce.add_argument(
+        "--skip", type=int, default=0,
+        help="leave out the first SKIP of the --events generated events and their labels "
+        "(the rest of the same stream: resumes a run stopped after SKIP)",
+    )  # fmt: skip
     produce.add_argument("--no-labels", action="store_true")
     produce.add_argument("--drop-field", type=_dropped_field, metavar="FIELD:START:END",
                          help=DROP_HELP)  # fmt: skip

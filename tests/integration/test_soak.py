@@ -14,6 +14,7 @@ from rich.console import Console
 
 from riverflow.settings import Settings
 from riverflow.spec import PipelineSpec
+from riverflow.tools.generator import history, stream_for
 from riverflow.tools.soak import SoakConfig, report, run_soak
 from riverflow.tools.stack import Endpoints
 from tests.integration.conftest import collect
@@ -63,3 +64,34 @@ def test_produce_at_a_rate_is_paced_and_delivers_everything(
     assert "produced 2,000 messages" in done.stdout  # 1,000 events and their labels
     assert took >= 1000 / 400 - 0.1  # paced: never faster than asked
     assert len(collect(stack.kafka_bootstrap, spec.topics.events, 1000, settle_s=0.5)) == 1000
+
+
+def test_produce_skips_the_first_events_of_the_stream_and_their_labels(
+    stack: Endpoints, spec_file: Path, spec: PipelineSpec
+) -> None:
+    """``--events 1000 --skip 600``: the last 400 events of the 1,000-event stream and
+    their labels (a stream resumed where an earlier run stopped)."""
+    env = {**os.environ, "RIVERFLOW_KAFKA_BOOTSTRAP": stack.kafka_bootstrap,
+           "RIVERFLOW_REDIS_URL": stack.redis_url}  # fmt: skip
+
+    def produce(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "riverflow.cli", "produce", "--spec", str(spec_file),
+             "--seed", "5", *args],
+            capture_output=True, text=True, env=env, timeout=120, check=False,
+        )  # fmt: skip
+
+    wrong = produce("--events", "10", "--skip", "11")
+    assert wrong.returncode != 0 and "--skip 11: must be from 0 to --events (10)" in wrong.stderr
+    rest = produce("--events", "1000", "--skip", "600")
+    assert rest.returncode == 0, rest.stderr
+    assert "produced 800 messages" in rest.stdout
+    name = stream_for(spec.label.field, None)
+    whole = [rec for kind, rec in history(name, 1000, 5) if kind == "event"]
+    t = spec.topics
+    sent = [orjson.loads(m.value()) for m in collect(stack.kafka_bootstrap, t.events, 400)]
+    assert sorted(sent, key=lambda e: e["event_id"]) == whole[600:]  # (in order per partition)
+    labels = collect(stack.kafka_bootstrap, t.labels, 400, settle_s=0.5)
+    assert sorted(orjson.loads(m.value())["event_id"] for m in labels) == [
+        e["event_id"] for e in whole[600:]
+    ]
