@@ -17,7 +17,7 @@ import yaml
 from riverflow.assembly import signing_key
 from riverflow.models.registry import RedisRegistry
 from riverflow.settings import Settings
-from riverflow.spec import load_spec
+from riverflow.spec import PipelineSpec, load_spec
 from riverflow.streams.contracts import Evaluation
 from riverflow.streams.kafka_io import ensure_topics, produce_all, producer
 from riverflow.streams.trailing import TrailingReader
@@ -43,15 +43,22 @@ def status(learner: StageProcess, name: str) -> float:
         return -1.0
 
 
-def test_each_event_is_labelled_once_by_message_or_by_timeout_across_a_kill(
-    stack: Endpoints, spec_file: Path, start_stage: StageFactory
-) -> None:
+def timeout_spec(stack: Endpoints, spec_file: Path) -> PipelineSpec:
+    """The test's spec with a label by timeout (false after 2 s), its topics made with
+    two partitions each."""
     data = yaml.safe_load(spec_file.read_text())
     data["label"].update(default=False, after="2s")
     spec_file.write_text(yaml.safe_dump(data))
     spec = load_spec(spec_file)
+    ensure_topics(stack.kafka_bootstrap, spec.topics.all(), 2)
+    return spec
+
+
+def test_each_event_is_labelled_once_by_message_or_by_timeout_across_a_kill(
+    stack: Endpoints, spec_file: Path, start_stage: StageFactory
+) -> None:
+    spec = timeout_spec(stack, spec_file)
     topics, kafka = spec.topics, stack.kafka_bootstrap
-    ensure_topics(kafka, topics.all(), 2)
     run = {"partitions": 2, "label_wait_s": 30, "snapshot_every_labels": 150,
            "snapshot_every_s": 3600, "scorer_progress_poll_s": 0.5}  # fmt: skip
     learner = start_stage("learner", **run)
@@ -128,12 +135,8 @@ def test_labels_waiting_in_the_topic_beat_their_timeouts_after_a_learner_outage(
     comes back, and its labels wait in the topic, many batches of them) reads those
     labels before it defaults their events: each event labelled within ``after`` is
     learned with its label, and no label is lost to a default."""
-    data = yaml.safe_load(spec_file.read_text())
-    data["label"].update(default=False, after="2s")
-    spec_file.write_text(yaml.safe_dump(data))
-    spec = load_spec(spec_file)
+    spec = timeout_spec(stack, spec_file)
     topics, kafka = spec.topics, stack.kafka_bootstrap
-    ensure_topics(kafka, topics.all(), 2)
     run = {"partitions": 2, "label_wait_s": 30, "batch_size": 100, "snapshot_every_s": 3600,
            "scorer_progress_poll_s": 0.5}  # fmt: skip
     start_stage("scorer", **run)
