@@ -735,7 +735,8 @@ class ConfluentHost:
         self._new_consumer()
 
     def _new_consumer(self) -> None:
-        """Replace the consumer with a new one in the group (the same instance id).
+        """Replace the consumer with a new one in the group (the same instance id), or
+        assigned at the processor's positions when it keeps them (``Checkpointing``).
 
         Nothing is committed for the partitions (they may be another member's by
         now; an open transaction is aborted and what it read is read again by
@@ -764,6 +765,9 @@ class ConfluentHost:
                         "on its own", CLOSE_WAIT_S)  # fmt: skip
         self._group_lost_since = self._group_stuck = self._reached_at = None
         self.consumer = self._create_consumer()
+        if self.checkpoint is not None:  # no group: on from what the processor has read
+            self._assign(self.checkpoint.positions)
+            return
         self.consumer.subscribe(self.sources, on_revoke=self._on_revoke, on_lost=self._on_lost)
 
     def _create_consumer(self) -> Consumer:
@@ -900,9 +904,10 @@ class ConfluentHost:
         ``DEAF_AFTER_S`` while ours still has not means ours is stuck (seen after a
         broker restart under load: the consumer's statistics said no broker connected
         for over a minute, and no fetch came, while the other stages' clients were
-        back within a second); a new consumer joins (``_replace_stuck_consumer``)."""
-        if self.checkpoint is not None or now < self._next_fresh_probe:
-            return  # (assigned positions: what to replace it with is the processor's)
+        back within a second); a new consumer joins (``_replace_stuck_consumer``), or,
+        reading from the processor's own positions (the learner), is assigned there."""
+        if now < self._next_fresh_probe:
+            return
         self._next_fresh_probe = now + DEAF_PROBE_S
         if self._reached_at is None:
             if self._fresh_client_reaches_kafka():

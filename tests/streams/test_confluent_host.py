@@ -684,8 +684,9 @@ def unreachable(topic: str, timeout: float) -> Any:
 
 
 def deaf_host(
-    monkeypatch: pytest.MonkeyPatch, processor: Echo, reporter: Reporter, others_reach: bool
-) -> tuple[ConfluentHost, list[FakeConsumer], list[str]]:
+    monkeypatch: pytest.MonkeyPatch, processor: Echo, reporter: Reporter, others_reach: bool,
+    checkpoint: Checkpointing | None = None,
+) -> tuple[ConfluentHost, list[FakeConsumer], list[str]]:  # fmt: skip
     """A host whose first consumer reaches no broker for good (its statistics say so,
     its metadata requests fail); the clients made after it reach one if
     ``others_reach``. The host, every consumer it made, the clients' log."""
@@ -710,7 +711,9 @@ def deaf_host(
     )
     settings = HostSettings("broker:9092", "group-a", batch_size=10, poll_s=0.01,
                             dlq_topic="dlq", instance_id="scorer-a")  # fmt: skip
-    host = ConfluentHost(processor, "in", settings, clients, metrics=reporter)
+    host = ConfluentHost(
+        processor, "in", settings, clients, metrics=reporter, checkpoint=checkpoint
+    )
     processor.host = host
     return host, made, log
 
@@ -731,6 +734,27 @@ def test_a_consumer_that_reaches_no_broker_while_a_new_client_does_is_replaced(
     assert len(joined) == 1 and joined[0].config["group.instance.id"] == "scorer-a"
     assert log.count("subscribe in") == 2
     assert reporter.degraded[0] == ("Kafka: no broker connected", "kafka")
+    assert reporter.degraded[-1] == (None, "kafka")
+
+
+def test_a_deaf_consumer_reading_from_the_processors_positions_is_assigned_there_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # the learner: no group, every partition assigned from the positions it has read to
+    positions = {0: 40, 1: 7}
+    reporter = StopsWhenUp(Echo(stop_after=99))
+    host, made, log = deaf_host(monkeypatch, reporter.processor, reporter, others_reach=True,
+                                checkpoint=Checkpointing(positions, lambda: None))  # fmt: skip
+    deaf = host.consumer
+    answered = FakeConsumer.list_topics.__get__(deaf)  # its start: it was assigned
+    deaf.list_topics = lambda topic, timeout: (  # type: ignore[method-assign]
+        unreachable(topic, timeout) if deaf.assigned else answered(topic, timeout)
+    )
+    deaf.before_poll = lambda _: positions.update({1: 9})  # read on meanwhile
+    run(host)
+    assigned = [c for c in made if c.assigned]
+    assert len(assigned) == 2 and "subscribe in" not in log  # the first, and its successor
+    assert {(tp.partition, tp.offset) for tp in assigned[1].assigned} == {(0, 40), (1, 9)}
     assert reporter.degraded[-1] == (None, "kafka")
 
 
