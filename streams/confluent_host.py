@@ -335,10 +335,7 @@ class ConfluentHost:
         if self.exactly_once:
             # fences an earlier producer with our transactional.id and aborts what it left open
             self.producer.init_transactions(self.settings.transaction_timeout_s * 3)
-        if checkpoint is None:
-            self.consumer.subscribe(self.sources, on_revoke=self._on_revoke, on_lost=self._on_lost)
-        else:
-            self._assign(checkpoint.positions)
+        self._start_reading()
         next_tick = time.monotonic() + (tick_s or 0)
         try:
             while not self._stop.is_set():
@@ -765,10 +762,15 @@ class ConfluentHost:
                         "on its own", CLOSE_WAIT_S)  # fmt: skip
         self._group_lost_since = self._group_stuck = self._reached_at = None
         self.consumer = self._create_consumer()
-        if self.checkpoint is not None:  # no group: on from what the processor has read
+        self._start_reading()
+
+    def _start_reading(self) -> None:
+        """The consumer joins the group on the sources, or, where the processor keeps
+        its own positions (``Checkpointing``), is assigned every partition from them."""
+        if self.checkpoint is None:
+            self.consumer.subscribe(self.sources, on_revoke=self._on_revoke, on_lost=self._on_lost)
+        else:
             self._assign(self.checkpoint.positions)
-            return
-        self.consumer.subscribe(self.sources, on_revoke=self._on_revoke, on_lost=self._on_lost)
 
     def _create_consumer(self) -> Consumer:
         """A consumer whose callbacks (commits, errors, statistics) reach the host while
