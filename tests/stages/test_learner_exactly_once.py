@@ -136,11 +136,12 @@ class World:
         return float(self.tick) if not unscored else min(unscored) - 0.5
 
     def start_learner(self) -> Learner:
+        # on the world's clock from the start: a restored learner dates its waiting
+        # labels by it (on the host's clock they would wait ~uptime ticks)
         learner = build_learner(
             self.spec, SETTINGS, self.store, self.registry, self.scored, registry_poll_s=0,
-            scored_through=self.scored_through,
+            scored_through=self.scored_through, clock=lambda: float(self.tick),
         )  # fmt: skip
-        learner.clock = lambda: float(self.tick)
         for c in learner.candidates.values():
             if not isinstance(c.model, Recorder):
                 c.model = Recorder()
