@@ -41,6 +41,14 @@ from riverflow.streams.kafka_io import ensure_topics, produce_all, producer, rea
 from riverflow.tools.recsys import RecsysConfig, RecsysWorld, SimulatedUsers
 from riverflow.tools.stack import Endpoints
 from tests.helpers import slate_recount
+from tests.integration.chaos import (
+    by_event,
+    dead,
+    final_models,
+    sigkill_and_restart,
+    stop_cleanly,
+    tails,
+)
 from tests.integration.conftest import StageFactory, StageProcess, collect
 from tests.label_streams import matching_prefix
 
@@ -177,6 +185,80 @@ def test_the_recsys_example_ranks_every_request_and_labels_every_shown_item_once
         k = matching_prefix(labels, pairs, p["event_time"], values, labelled, "user_id",
                             (lo, hi), plan.tiles.lateness_s)  # fmt: skip
         assert k is not None, (p["event_id"], lo, hi)
+
+
+def test_sigkilled_slate_scorer_and_learner_label_every_shown_item_once(
+    stack: Endpoints, spec: PipelineSpec, spec_file: Path, start_stage: StageFactory
+) -> None:
+    """Requests and their users' clicks flowing, the learner SIGKILLed twice and the
+    scorer once, each restarted at once: every request ranked (a request ranked again is
+    the same ranking), and every shown item learned into the final models exactly once,
+    as its click or as the timeout's negative, whichever the users gave."""
+    t = spec.topics
+    n, rate = 2_400, 150  # requests, requests/s: a 16-second stream
+    ensure_topics(stack.kafka_bootstrap, t.all(), partitions=3)
+    predictions, evaluations, letters = tails(stack.kafka_bootstrap, t)
+
+    def scorer() -> StageProcess:  # a stable instance id: it takes its place at once
+        return start_stage("scorer", instance_id="slates-1")
+
+    def learner() -> StageProcess:
+        return start_stage("learner", snapshot_every_labels=1_000, label_wait_s=2)
+
+    stages = {"scorer": scorer(), "learner": learner()}
+    env = {**os.environ, "RIVERFLOW_KAFKA_BOOTSTRAP": stack.kafka_bootstrap,
+           "RIVERFLOW_REDIS_URL": stack.redis_url}  # fmt: skip
+    users = subprocess.Popen(
+        [sys.executable, "-m", "riverflow.cli", "produce", "--spec", str(spec_file),
+         "--events", str(n), "--seed", "11", "--rate", str(rate)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        assert evaluations.first(lambda s: True, 90), f"never learned; {dead(stages)}"
+        for stage in ("learner", "scorer", "learner"):
+            restart = scorer if stage == "scorer" else learner
+            stages[stage], kill = sigkill_and_restart(stage, stages[stage], restart)
+            assert kill.was_alive, f"{stage} had exited before it was killed"
+            time.sleep(4)
+        out, _ = users.communicate(timeout=240)
+    finally:
+        if users.poll() is None:
+            users.kill()
+    assert users.returncode == 0, out
+    assert f"saw {n:,} rankings" in out, out
+
+    # every request ranked; a request ranked again (the scorer's replay) ranked the same
+    seen = by_event(predictions.close(0.0))
+    assert len(seen) == n
+    for request, ranked in seen.items():
+        orders = {tuple((c["item"], c["score"]) for c in p.record.slate or []) for p in ranked}
+        assert len(orders) == 1, (request, orders)
+    shown = {pair_id(r, c["item"]) for r, ranked in seen.items()
+             for c in ranked[0].record.slate or [] if c["shown"]}  # fmt: skip
+    assert len(shown) == n * SHOWN
+
+    # every shown item evaluated (at least once: a restarted learner learns again what
+    # came after its last snapshot), with the users' label
+    assert evaluations.wait(lambda s: shown <= {e.record.event_id for e in s}, 240), (
+        f"{len(shown - {e.record.event_id for e in evaluations.seen})} shown items never "
+        f"evaluated; {dead(stages)}"
+    )
+    failures = dead(stages) + stop_cleanly(*stages.values())
+    clicked = [orjson.loads(m.value()) for m in read_topic(stack.kafka_bootstrap, t.labels)]
+    clicks = {pair_id(c["request_id"], c["item_id"]) for c in clicked}
+    assert clicks and clicks <= shown
+    by_pair = by_event(evaluations.close(0.0))
+    assert set(by_pair) == shown
+    wrong = [p for p, es in by_pair.items() if {e.record.label for e in es} != {p in clicks}]
+    assert not wrong, f"{len(wrong)} shown items learned with the wrong label: {wrong[:3]}"
+
+    # ... and in the final models exactly once
+    checkpoint, published = final_models(stack.redis_url, spec.name)
+    assert checkpoint is not None and not checkpoint.pending
+    assert checkpoint.labels_seen == len(shown), (checkpoint.labels_seen, len(shown))
+    assert set(published.values()) == {len(shown)}, published
+    assert not letters.close(0.0)  # no click was an orphan, no request bad
+    assert not failures, failures
 
 
 def test_the_simulated_users_stop_when_closed_while_no_prediction_comes(
