@@ -155,7 +155,7 @@ class Scorer:
         self.champion.refresh()
         cleaner = cleaning_of(self.champion.current.model) if self.clean else None
         quality, time_field = self.quality, self.schema.time
-        for event in self._intake(batch, now, out):
+        for _, event in self._intake(batch, now, out):
             raw = event
             done: dict[str, str] = {}
             if cleaner is not None:
@@ -179,9 +179,12 @@ class Scorer:
         requests = [self._request(e, r, v) for e, r, v in zip(events, raws, labelled, strict=True)]
         return self._finish(out, now, requests, lambda snaps: self._score(events, snaps, cleaned))
 
-    def _intake(self, batch: Sequence[Message], now: float, out: list[Output]) -> Iterator[Any]:
-        """The valid events of ``batch`` (their personal fields tokenised, their
-        freshness noted); each message that is none goes to ``out`` as a dead letter."""
+    def _intake(
+        self, batch: Sequence[Message], now: float, out: list[Output]
+    ) -> Iterator[tuple[Message, Any]]:
+        """The valid events of ``batch`` with their messages (their personal fields
+        tokenised, their freshness noted); each message that is none goes to ``out`` as
+        a dead letter."""
         quality, time_field = self.quality, self.schema.time
         for msg in batch:
             event = self.validate(msg.value)
@@ -191,7 +194,7 @@ class Scorer:
             if self.pii is not None:
                 self.pii.apply(event)
             quality.fresh(msg.partition, now - event[time_field])
-            yield event
+            yield msg, event
 
     def _finish(
         self,
@@ -221,6 +224,8 @@ class Scorer:
             scored, served = score(snapshots)
             self.store.record_served(served)
         self.counters.late_events += sum(s.late and not s.replayed for s in snapshots)
+        # (a request refused once its pairs were read: see _rank)
+        self.counters.dead_letters += sum(o.topic == self.topics.dlq for o in scored)
         out += scored
         self.counters.produced += len(out)
         return out
@@ -229,11 +234,13 @@ class Scorer:
         """The dead letter of a message that is no valid event (its personal fields
         scrubbed)."""
         self.quality.refused(invalid)
-        why = invalid.message
+        return self._dead_letter(msg, invalid.kind, invalid.message)
+
+    def _dead_letter(self, msg: Message, kind: str, why: str) -> Output:
         if self.pii is not None:
             msg, note = self.pii.scrub(msg)
             why += note
-        return dead_letter(self.topics, self.stage, msg, invalid.kind, why, self.dlq_keep_bytes)
+        return dead_letter(self.topics, self.stage, msg, kind, why, self.dlq_keep_bytes)
 
     def _process_slates(self, batch: Sequence[Message]) -> list[Output]:
         """Ranking requests: every (request, candidate) pair's features in one store
@@ -241,21 +248,21 @@ class Scorer:
         request with its candidates ranked (``Prediction.slate``)."""
         assert self.slate is not None
         out: list[Output] = []
-        requests: list[tuple[dict[str, Any], list[dict[str, Any]]]] = []
+        requests: list[tuple[Message, dict[str, Any], list[dict[str, Any]]]] = []
         pairs: list[FeatureRequest] = []
         now = self.clock()
         self.champion.refresh()
         s, item_id, plan = self.schema, self.slate.item_id, self.plan
-        for event in self._intake(batch, now, out):
+        for msg, event in self._intake(batch, now, out):
             items = event.pop(self.slate.field)
             self.quality.observe(event, ())
-            requests.append((event, items))
-        merged = [{**event, **item} for event, items in requests for item in items]
+            requests.append((msg, event, items))
+        merged = [{**event, **item} for _, event, items in requests for item in items]
         labelled: Iterator[dict[str, float] | None] = repeat(None)
         if self.labelled is not None:  # every pair's, in one read
             labelled = iter(self._read_labelled(merged, [pair[s.time] for pair in merged]))
         fields = iter(merged)
-        for event, items in requests:
+        for _, event, items in requests:
             request_id, ts = event[s.event_id], event[s.time]
             counted: dict[str, set[str]] = {}  # entity -> values this request counted in
             for item in items:
@@ -272,12 +279,13 @@ class Scorer:
 
     def _rank(
         self,
-        requests: list[tuple[dict[str, Any], list[dict[str, Any]]]],
+        requests: list[tuple[Message, dict[str, Any], list[dict[str, Any]]]],
         pairs: list[FeatureRequest],
         snapshots: list[FeatureSnapshot],
     ) -> tuple[list[Output], list[tuple[str, ServedPrediction]]]:
         """Each request's prediction: its candidates by score (the first of equals
-        first), and the pairs' served predictions to record."""
+        first), and the pairs' served predictions to record. A request whose id was
+        ranked before with other candidates goes to the dead letters (``_aggregates``)."""
         assert self.slate is not None
         model = self.champion.current
         now, plan, schema, shown = self.clock(), self.plan, self.schema, self.slate.shown
@@ -285,40 +293,38 @@ class Scorer:
         groups = [g.entity_name for g in plan.groups] + [g.entity_name for g in plan.sessions]
         out: list[Output] = []
         served: list[tuple[str, ServedPrediction]] = []
-        scored: list[tuple[Any, Any, dict[str, float], FeatureSnapshot]] = []  # (item, answer, ...)
-        unserved: list[int] = []  # the pairs first scored now
+        ranked: list[tuple[dict[str, Any], list[list[Any]]]] = []  # request, [item, answer, ...]
+        unserved: list[list[Any]] = []  # the pairs first scored now
         xs: list[dict[str, Any]] = []
         at = 0
-        for _, items in requests:
-            # a pair that did not count in an entity has the aggregates of the one that did
-            first: dict[tuple[int, str], list[Any]] = {}
-            for item, req, snap in zip(items, pairs[at : at + len(items)],
-                                       snapshots[at : at + len(items)], strict=True):  # fmt: skip
-                aggregates = list(snap.aggregates)
-                for gi, name in enumerate(groups):
-                    key = (gi, req.entities[name])
-                    if isinstance(aggregates[gi], list):
-                        first.setdefault(key, aggregates[gi])
-                    else:
-                        aggregates[gi] = first[key]
-                stored, features = self._served_with(snap, plan.values(aggregates))
+        for msg, event, items in requests:
+            n = len(items)
+            aggregates = _aggregates(groups, pairs[at : at + n], snapshots[at : at + n])
+            if aggregates is None:
+                why = (
+                    f"request id {event[schema.event_id]!r} was ranked before with other "
+                    "candidates: a request id names one request (a new slate needs a new id)"
+                )
+                out.append(self._dead_letter(msg, "wrong_value", why))
+                at += n
+                continue
+            rows = []
+            for item, snap, values in zip(items, snapshots[at : at + n], aggregates, strict=True):
+                stored, features = self._served_with(snap, plan.values(values))
+                row: list[Any] = [item, snap.served, features, snap]
                 if snap.served is None:
-                    unserved.append(len(scored))
+                    unserved.append(row)
                     xs.append({**model_inputs(stored, self.extra), **features})
-                scored.append((item, snap.served, features, snap))
-            at += len(items)
+                rows.append(row)
+            ranked.append((event, rows))
+            at += n
         # the batch's pairs in one call: a factorization machine scores them at once
-        for i, p in zip(unserved, positive_probabilities(model.model, xs), strict=True):
-            item, _, features, snap = scored[i]
-            answer = ServedPrediction(model.name, model.version, p)
-            served.append((snap.event_id, answer))
-            scored[i] = (item, answer, features, snap)
-        at = 0
-        for event, items in requests:
-            ranked = scored[at : at + len(items)]
-            at += len(items)
-            ranked.sort(key=lambda r: -(r[1].probability or 0.0))  # stable: ties keep order
-            served_order, propensities = self._explore(event[schema.event_id], ranked)
+        for row, p in zip(unserved, positive_probabilities(model.model, xs), strict=True):
+            row[1] = answer = ServedPrediction(model.name, model.version, p)
+            served.append((row[3].event_id, answer))
+        for event, rows in ranked:
+            rows.sort(key=lambda r: -(r[1].probability or 0.0))  # stable: ties keep order
+            served_order, propensities = self._explore(event[schema.event_id], rows)
             slate = [
                 {"item": item[self.slate.item_id], "position": position,
                  "score": answer.probability, "shown": position < shown,
@@ -327,11 +333,11 @@ class Scorer:
                 for position, ((item, answer, features, _), propensity)
                 in enumerate(zip(served_order, propensities, strict=True))
             ]  # fmt: skip
-            head = ranked[0][1]
+            head = rows[0][1]
             entity = str(event[schema.key])
             prediction = Prediction(
                 event[schema.event_id], entity, None, head.model, head.version, {},
-                event[schema.time], now, all(r[3].replayed for r in ranked),
+                event[schema.time], now, all(r[3].replayed for r in rows),
                 inputs={n: event[n] for n in self.request_inputs}, pii_key=self.pii_key,
                 slate=slate, shown=min(shown, len(slate)),
             )  # fmt: skip
@@ -490,3 +496,29 @@ class Scorer:
             cleaned,
         )
         return Output(self.topics.predictions, entity.encode(), prediction.encode()), served
+
+
+def _aggregates(
+    groups: list[str], pairs: Sequence[FeatureRequest], snapshots: Sequence[FeatureSnapshot]
+) -> list[list[Any]] | None:
+    """The aggregates of each pair of one request. A pair that did not count in an
+    entity (the request counted there with another pair) has the aggregates of the pair
+    that did, wherever that one is in the request: a replayed request may list its
+    candidates in another order. None if that pair is not in the request: its id was
+    ranked before with other candidates, whose aggregates it points at."""
+    counted: dict[tuple[int, str], list[Any]] = {}
+    for req, snap in zip(pairs, snapshots, strict=True):
+        for gi, name in enumerate(groups):
+            if isinstance(snap.aggregates[gi], list):
+                counted.setdefault((gi, req.entities[name]), snap.aggregates[gi])
+    out = []
+    for req, snap in zip(pairs, snapshots, strict=True):
+        values = list(snap.aggregates)
+        for gi, name in enumerate(groups):
+            if not isinstance(values[gi], list):
+                found = counted.get((gi, req.entities[name]))
+                if found is None:
+                    return None
+                values[gi] = found
+        out.append(values)
+    return out

@@ -4,6 +4,8 @@ refused naming the candidate, and the shown items indexed for the label join."""
 
 from __future__ import annotations
 
+import base64
+import json
 import math
 import random
 from typing import Any
@@ -130,6 +132,105 @@ def test_a_replayed_request_gets_the_ranking_it_was_served(spec: PipelineSpec) -
     for p, q in zip(first[10:20], again, strict=True):
         assert q["replayed"] and not p["replayed"]
         assert q["slate"] == p["slate"]
+
+
+def test_a_request_replayed_with_its_candidates_in_another_order_gets_its_ranking(
+    spec: PipelineSpec,
+) -> None:
+    _, events = requests(3)
+    scorer = scorer_of(spec)
+    first = predictions(scorer.process(messages(events)))[1]
+    reordered = dict(events[1], items=events[1]["items"][::-1])
+    [again] = predictions(scorer.process(messages([reordered])))
+    assert again["replayed"]
+
+    def served(p: dict[str, Any]) -> dict[str, Any]:
+        return {c["item"]: (c["score"], c["features"]) for c in p["slate"]}
+
+    assert served(again) == served(first)
+    assert [c["score"] for c in again["slate"]] == [c["score"] for c in first["slate"]]
+
+
+def test_a_request_id_ranked_before_with_other_candidates_is_refused_naming_it(
+    spec: PipelineSpec,
+) -> None:
+    """A second request under an id already ranked is not a replay of it: its pairs
+    would point at the first one's. It goes to the dead letters; the batch goes on."""
+    _, events = requests(6)
+    scorer = scorer_of(spec)
+    scorer.process(messages(events[:3]))
+    reused = dict(events[4], request_id=events[2]["request_id"])
+    out = scorer.process(messages([events[3], reused, events[5]]))
+    [letter] = [orjson.loads(o.value) for o in out if o.topic.endswith(".dlq")]
+    assert letter["error_kind"] == "wrong_value"
+    assert f"request id {events[2]['request_id']!r} was ranked before" in letter["error"]
+    assert orjson.loads(base64.b64decode(letter["payload_b64"])) == reused
+    ranked = [p["event_id"] for p in predictions(out)]
+    assert ranked == [events[3]["request_id"], events[5]["request_id"]]
+    assert scorer.counters.dead_letters == 1
+
+
+HOSTILE_VALUES: list[Any] = [None, True, 0, -1, 1e308, "", "x" * 5000, [], {}, [1, 2],
+                             {"a": 1}, 2**70, "\u0000", 1.5, "NaN"]  # fmt: skip
+
+
+def hostile(event: dict[str, Any], rng: random.Random) -> bytes:
+    """``event`` broken one way: a request's or a candidate's field given a hostile
+    value or taken away, bytes flipped, the message cut short, a slate of an odd size,
+    an absurd time, or the id of another request."""
+    e = orjson.loads(orjson.dumps(event))
+    items = e["items"]
+    how = rng.randrange(8)
+    target = rng.choice([e, rng.choice(items)])
+    if how == 0:
+        target[rng.choice(list(target))] = rng.choice(HOSTILE_VALUES)
+    elif how == 1:
+        del target[rng.choice(list(target))]
+    elif how == 2:
+        raw = bytearray(orjson.dumps(e))
+        for _ in range(rng.randrange(1, 4)):
+            raw[rng.randrange(len(raw))] = rng.randrange(256)
+        return bytes(raw)
+    elif how == 3:
+        raw = orjson.dumps(e)
+        return raw[: rng.randrange(len(raw))]
+    elif how == 4:
+        size = rng.choice([0, 1, 100, 101, 500])
+        e["items"] = [{**items[n % len(items)], "item_id": f"x{n}"} for n in range(size)]
+    elif how == 5:
+        e["ts"] = rng.choice([0, -1, 1e12, 1e18, float(2**53)])
+    elif how == 6:  # the id of a request ranked before
+        e["request_id"] = f"r3-{rng.randrange(int(e['request_id'][3:]) or 1):08d}"
+    else:
+        return json.dumps(e).replace('"quality": ', '"quality": NaN, "q": ', 1).encode()
+    return json.dumps(e).encode()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_hostile_requests_never_stop_the_slate_scorer_nor_cost_a_valid_request(
+    spec: PipelineSpec, seed: int
+) -> None:
+    """Batches of valid requests with hostile ones among them: every valid request is
+    ranked once, every other message is ranked or refused with a reason, none raises."""
+    rng = random.Random(seed)
+    _, events = requests(400)
+    scorer = scorer_of(spec)
+    refused = 0
+    for start in range(0, len(events), 20):
+        batch = []
+        for event in events[start : start + 20]:
+            if rng.random() < 0.5:
+                batch.append(hostile(event, rng))
+            batch.append(orjson.dumps(event))
+        msgs = [Message("recsys.events", 0, i, b"", raw) for i, raw in enumerate(batch)]
+        out = scorer.process(msgs)
+        letters = [orjson.loads(o.value) for o in out if o.topic.endswith(".dlq")]
+        assert all(d["error"] and d["error_kind"] != "internal_error" for d in letters)
+        assert len(predictions(out)) + len(letters) == len(batch)
+        ranked = {p["event_id"] for p in predictions(out)}
+        assert {e["request_id"] for e in events[start : start + 20]} <= ranked
+        refused += len(letters)
+    assert refused > 100  # the hostile ones were refused, not all let through
 
 
 def tampered(event: dict[str, Any], how: str) -> Any:
