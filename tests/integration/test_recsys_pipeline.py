@@ -24,6 +24,7 @@ import sys
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -42,6 +43,7 @@ from riverflow.tools.recsys import RecsysConfig, RecsysWorld, SimulatedUsers
 from riverflow.tools.stack import Endpoints
 from tests.helpers import slate_recount
 from tests.integration.chaos import (
+    PrivateStack,
     by_event,
     dead,
     final_models,
@@ -187,27 +189,65 @@ def test_the_recsys_example_ranks_every_request_and_labels_every_shown_item_once
         assert k is not None, (p["event_id"], lo, hi)
 
 
+Stages = dict[str, StageProcess]
+
+
 def test_sigkilled_slate_scorer_and_learner_label_every_shown_item_once(
     stack: Endpoints, spec: PipelineSpec, spec_file: Path, start_stage: StageFactory
 ) -> None:
     """Requests and their users' clicks flowing, the learner SIGKILLed twice and the
-    scorer once, each restarted at once: every request ranked (a request ranked again is
-    the same ranking), and every shown item learned into the final models exactly once,
-    as its click or as the timeout's negative, whichever the users gave."""
+    scorer once, each restarted at once: see ``disrupted``."""
+
+    def kill(stages: Stages, restart: dict[str, Callable[[], StageProcess]]) -> None:
+        for stage in ("learner", "scorer", "learner"):
+            stages[stage], killed = sigkill_and_restart(stage, stages[stage], restart[stage])
+            assert killed.was_alive, f"{stage} had exited before it was killed"
+            time.sleep(4)
+
+    disrupted(stack, spec, spec_file, start_stage, kill)
+
+
+def test_redis_and_the_broker_restarted_under_slates_label_every_shown_item_once(
+    private_stack: PrivateStack, spec: PipelineSpec, spec_file: Path,
+    start_private_stage: StageFactory,
+) -> None:  # fmt: skip
+    """Requests and their users' clicks flowing, Redis restarted (its entities, the
+    label-fed counts, the registry and the checkpoint on its disk), then the broker, each
+    down 2 s: see ``disrupted``."""
+
+    def restart(stages: Stages, _: dict[str, Callable[[], StageProcess]]) -> None:
+        private_stack.restart_redis(down_s=2.0)
+        time.sleep(4)
+        private_stack.restart_kafka(down_s=2.0)
+        time.sleep(2)
+
+    disrupted(private_stack, spec, spec_file, start_private_stage, restart)
+
+
+def disrupted(
+    servers: Endpoints | PrivateStack,
+    spec: PipelineSpec,
+    spec_file: Path,
+    start_stage: StageFactory,
+    disrupt: Callable[[Stages, dict[str, Callable[[], StageProcess]]], None],
+) -> None:
+    """2,400 requests at 150/s, their simulated users clicking, ``disrupt`` called once
+    the learner has learned (given the stages and how to start each again): every
+    request ranked (a request ranked again is the same ranking), every shown item
+    learned into the final models exactly once, as its click or as the timeout's
+    negative, whichever the users gave, and nothing in the DLQ."""
     t = spec.topics
     n, rate = 2_400, 150  # requests, requests/s: a 16-second stream
-    ensure_topics(stack.kafka_bootstrap, t.all(), partitions=3)
-    predictions, evaluations, letters = tails(stack.kafka_bootstrap, t)
-
-    def scorer() -> StageProcess:  # a stable instance id: it takes its place at once
-        return start_stage("scorer", instance_id="slates-1")
-
-    def learner() -> StageProcess:
-        return start_stage("learner", snapshot_every_labels=1_000, label_wait_s=2)
-
-    stages = {"scorer": scorer(), "learner": learner()}
-    env = {**os.environ, "RIVERFLOW_KAFKA_BOOTSTRAP": stack.kafka_bootstrap,
-           "RIVERFLOW_REDIS_URL": stack.redis_url}  # fmt: skip
+    bootstrap, redis_url = servers.kafka_bootstrap, servers.redis_url
+    ensure_topics(bootstrap, t.all(), partitions=3)
+    predictions, evaluations, letters = tails(bootstrap, t)
+    restart: dict[str, Callable[[], StageProcess]] = {
+        # a stable instance id: a restarted scorer takes its place at once
+        "scorer": lambda: start_stage("scorer", instance_id="slates-1"),
+        "learner": lambda: start_stage("learner", snapshot_every_labels=1_000, label_wait_s=2),
+    }
+    stages = {name: start() for name, start in restart.items()}
+    env = {**os.environ, "RIVERFLOW_KAFKA_BOOTSTRAP": bootstrap, "RIVERFLOW_REDIS_URL": redis_url}
     users = subprocess.Popen(
         [sys.executable, "-m", "riverflow.cli", "produce", "--spec", str(spec_file),
          "--events", str(n), "--seed", "11", "--rate", str(rate)],
@@ -215,11 +255,7 @@ def test_sigkilled_slate_scorer_and_learner_label_every_shown_item_once(
     )  # fmt: skip
     try:
         assert evaluations.first(lambda s: True, 90), f"never learned; {dead(stages)}"
-        for stage in ("learner", "scorer", "learner"):
-            restart = scorer if stage == "scorer" else learner
-            stages[stage], kill = sigkill_and_restart(stage, stages[stage], restart)
-            assert kill.was_alive, f"{stage} had exited before it was killed"
-            time.sleep(4)
+        disrupt(stages, restart)
         out, _ = users.communicate(timeout=240)
     finally:
         if users.poll() is None:
@@ -244,7 +280,7 @@ def test_sigkilled_slate_scorer_and_learner_label_every_shown_item_once(
         f"evaluated; {dead(stages)}"
     )
     failures = dead(stages) + stop_cleanly(*stages.values())
-    clicked = [orjson.loads(m.value()) for m in read_topic(stack.kafka_bootstrap, t.labels)]
+    clicked = [orjson.loads(m.value()) for m in read_topic(bootstrap, t.labels)]
     clicks = {pair_id(c["request_id"], c["item_id"]) for c in clicked}
     assert clicks and clicks <= shown
     by_pair = by_event(evaluations.close(0.0))
@@ -253,7 +289,7 @@ def test_sigkilled_slate_scorer_and_learner_label_every_shown_item_once(
     assert not wrong, f"{len(wrong)} shown items learned with the wrong label: {wrong[:3]}"
 
     # ... and in the final models exactly once
-    checkpoint, published = final_models(stack.redis_url, spec.name)
+    checkpoint, published = final_models(redis_url, spec.name)
     assert checkpoint is not None and not checkpoint.pending
     assert checkpoint.labels_seen == len(shown), (checkpoint.labels_seen, len(shown))
     assert set(published.values()) == {len(shown)}, published
