@@ -9,7 +9,9 @@ phases: ``riverflow produce --skip`` resumes the stream once the first's labels 
 - the features of a sample of pairs equal a recount of the requests before them,
   and the label-fed ones (click-through rates, recency) a recount of the labels the
   learner had learned when the request was scored;
-- a tampered request goes to the DLQ naming its candidate, and costs nothing else.
+- a tampered request goes to the DLQ naming its candidate, and costs nothing else;
+- through SIGKILLs of the scorer and the learner, and restarts of Redis and the
+  broker, every request is ranked and every shown item learned exactly once.
 """
 
 from __future__ import annotations

@@ -210,8 +210,9 @@ def hostile(event: dict[str, Any], rng: random.Random) -> bytes:
 def test_hostile_requests_never_stop_the_slate_scorer_nor_cost_a_valid_request(
     spec: PipelineSpec, seed: int
 ) -> None:
-    """Batches of valid requests with hostile ones among them: every valid request is
-    ranked once, every other message is ranked or refused with a reason, none raises."""
+    """Batches of valid requests with hostile ones among them (each before the request
+    it was made from): every valid request is ranked, every message is ranked or refused
+    with a reason, and none raises."""
     rng = random.Random(seed)
     _, events = requests(400)
     scorer = scorer_of(spec)
