@@ -842,8 +842,8 @@ def report(result: BenchResult) -> Table:
         )  # fmt: skip
         for rate, row in sl["latency"].items():
             lat = f"{row['p50_ms']:.1f} / {row['p99_ms']:.1f} / {row['p999_ms']:.1f}"
-            what = (
-                f"  recsys at {int(rate):,} requests/s ({row['received']:,}/{row['sent']:,} back)"
-            )
+            back = f"{row['received']:,}/{row['sent']:,} back"
+            bounded = {True: ", lag bounded", False: ", lag grows"}.get(row.get("sustained"), "")
+            what = f"  recsys at {int(rate):,} requests/s ({back}{bounded})"
             table.add_row(what, f"{row['offered_per_s']:,.0f}", "", "", "", "", lat)
     return table

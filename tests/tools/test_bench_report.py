@@ -130,3 +130,21 @@ def test_the_timed_drain_follows_a_warm_up_as_long_as_the_longest_window() -> No
     rows = table_rows(res)
     assert figures(rows, "Kafka scorer on confluent: backlog drain after 86,400")[0] == "7,000"
     assert figures(rows, "the first 86,400 (windows filling)")[0] == "9,000"
+
+
+def test_the_recsys_rows_say_which_rate_held_its_lag() -> None:
+    """The 1,000 requests/s point and, when it was not sustained, the point at a share
+    of the drain: each says whether the lag stayed bounded."""
+    res = result()
+
+    def point(rate: int, sustained: bool) -> dict[str, Any]:
+        return {"rate": rate, "offered_per_s": float(rate), "sent": 10 * rate,
+                "received": 10 * rate, "sustained": sustained, "p50_ms": 3_000.0,
+                "p99_ms": 5_000.0, "p999_ms": 6_000.0}  # fmt: skip
+
+    res.slates = {"slate": 20, "drain_requests_per_s": 950.0, "drain_items_per_s": 19_000.0,
+                  "cpu_s_per_million_requests": 1_000.0, "peak_rss_mb": 150.0,
+                  "latency": {"1000": point(1_000, False), "450": point(450, True)}}  # fmt: skip
+    rows = {row[0]: row for row in table_rows(res)}
+    assert rows["recsys at 1,000 requests/s (10,000/10,000 back, lag grows)"][1] == "1,000"
+    assert rows["recsys at 450 requests/s (4,500/4,500 back, lag bounded)"][1] == "450"
