@@ -120,31 +120,28 @@ def measure_slates(
             f"({out['drain_items_per_s']:,.0f} items/s)")  # fmt: skip
         gc.collect()
         gc.freeze()
+        start = [newest + 1.0]  # each hold's requests start after the last one's
+
+        def hold(rate: int, seconds: float, seed: int, prefix: str) -> dict[str, Any]:
+            row = offer(prod, clock, topics.events, spec.events.key, rate, seconds,
+                        cfg.seed + seed, prefix, start[0], make, ("request_id", "ts"))  # fmt: skip
+            start[0] = row.pop("last_ts") + 1.0
+            return row
+
         try:
             if cfg.warmup_seconds:
-                warm = offer(prod, clock, topics.events, spec.events.key, cfg.rate,
-                             cfg.warmup_seconds, cfg.seed + 2, "w", newest + 1.0, make,
-                             ("request_id", "ts"))  # fmt: skip
-                newest = warm.pop("last_ts")
-                out["warmup"] = warm
+                out["warmup"] = warm = hold(cfg.rate, cfg.warmup_seconds, 2, "w")
                 log(f"slates: warm-up, {cfg.rate:,} requests/s for {cfg.warmup_seconds:g} s "
                     f"(not judged): p99 {warm['p99_ms']:.1f} ms, "
                     f"end lag {warm['end_lag']:,}")  # fmt: skip
             out["latency"] = {}
-            row = offer(prod, clock, topics.events, spec.events.key, cfg.rate, cfg.seconds,
-                        cfg.seed + 1, "r", newest + 1.0, make, ("request_id", "ts"))  # fmt: skip
-            newest = _judged(out, row, log, cfg.seconds)
+            row = _judged(out, hold(cfg.rate, cfg.seconds, 1, "r"), log)
             lower = int(out["drain_requests_per_s"] * cfg.fallback_share) // 50 * 50
             if not row["sustained"] and 0 < lower < cfg.rate:
                 # offer waited for every request sent to come back: no backlog is left.
                 # A shorter warm-up: the broker's paths are warm by now
-                warm = offer(prod, clock, topics.events, spec.events.key, lower,
-                             cfg.warmup_seconds / 3, cfg.seed + 3, "v", newest + 1.0, make,
-                             ("request_id", "ts"))  # fmt: skip
-                row = offer(prod, clock, topics.events, spec.events.key, lower, cfg.seconds,
-                            cfg.seed + 4, "s", warm["last_ts"] + 1.0, make,
-                            ("request_id", "ts"))  # fmt: skip
-                _judged(out, row, log, cfg.seconds)
+                hold(lower, cfg.warmup_seconds / 3, 3, "v")
+                _judged(out, hold(lower, cfg.seconds, 4, "s"), log)
         finally:
             gc.unfreeze()
         out["peak_rss_mb"] = ProcessUsage(proc.pid).peak_rss_mb()
@@ -154,14 +151,12 @@ def measure_slates(
     return out
 
 
-def _judged(out: dict[str, Any], row: dict[str, Any], log: Callable[[str], None],
-            seconds: float) -> float:  # fmt: skip
-    """``row`` (a latency point) judged and kept in ``out``; the newest request time sent."""
-    newest: float = row.pop("last_ts")
+def _judged(out: dict[str, Any], row: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
+    """``row`` (a latency point) judged (``bench.Sustained``), kept in ``out`` and logged."""
     rate = row["rate"]
     row["sustained"] = Sustained().holds(row)
     out["latency"][str(rate)] = row
     bounded = "lag bounded" if row["sustained"] else "lag grows: not sustained"
-    log(f"slates: {rate:,} requests/s for {seconds:g} s: p50 {row['p50_ms']:.1f} ms, "
+    log(f"slates: {rate:,} requests/s for {row['seconds']:g} s: p50 {row['p50_ms']:.1f} ms, "
         f"p99 {row['p99_ms']:.1f} ms, end lag {row['end_lag']:,} ({bounded})")  # fmt: skip
-    return newest
+    return row
