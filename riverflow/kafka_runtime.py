@@ -289,7 +289,7 @@ def run_stage(stage: str, spec: PipelineSpec, settings: Settings, ep: Servers) -
     if timeouts is not None:  # a default waits for the labels produced before it to be read
         timeouts.labels_read = ReadProgress(
             ep.kafka_bootstrap, topics.labels, lambda: learner.positions,
-            settings.scorer_progress_poll_s,
+            settings.scorer_progress_poll_s, settle_s=settings.labels_settle_s,
         )  # fmt: skip
 
     def publish_on_stop() -> list[Output]:

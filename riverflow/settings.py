@@ -193,6 +193,12 @@ class Settings(BaseSettings):
     scorer_progress_poll_s: float = Field(
         1.0, gt=0, description="how often the learner reads the scorer group's lag on events"
     )
+    labels_settle_s: float = Field(
+        15.0, ge=0,
+        description="with a label timeout: once Kafka answers the learner again after an "
+        "outage, how long no timeout falls due, so that the labels producers held during "
+        "the outage reach the topic first (librdkafka retries a broker every 10 s at most)",
+    )  # fmt: skip
     registry_keep_versions: int = Field(
         20, ge=1,
         description="newest versions kept per candidate at publish; the champion, versions "

@@ -294,7 +294,12 @@ class GroupProgress:
     them; then T is confirmed and a new probe starts. The learner's
     ``ScoredThrough`` in the Kafka runtime: the scorer group's committed offsets
     on the events topic (it commits a batch once its snapshots are stored).
-    A Kafka error keeps the last answer (the learner's labels wait longer).
+    A Kafka error keeps the last answer (the learner's labels wait longer), and
+    then no new probe starts until Kafka has answered again for ``settle_s``:
+    producers hold what they made while the broker was out of reach and deliver
+    it only once they reconnect (librdkafka retries a broker at most every
+    ``reconnect.backoff.max.ms``, 10 s), so high watermarks read the moment
+    Kafka is back do not cover what was produced during the outage.
     """
 
     def __init__(
@@ -304,10 +309,13 @@ class GroupProgress:
         topic: str,
         poll_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        settle_s: float = 0.0,
     ) -> None:
         self.topic = topic
         self.poll_s = poll_s
         self.clock = clock
+        self.settle_s = settle_s
+        self._failed = False  # Kafka out of reach at the last call
         # group.id only names whose committed offsets are read: it never subscribes,
         # so it never joins the group or takes partitions from its members
         self.consumer = Consumer(
@@ -330,9 +338,15 @@ class GroupProgress:
                     self._through, self._probe = at, None
             if self._probe is None:
                 at = self.clock()
-                self._probe = (at, self._highs())
+                highs = self._highs()
+                if self._failed:  # Kafka answers again: let the producers catch up first
+                    self._failed, self._probe = False, None
+                    self._next = self.clock() + max(self.settle_s, self.poll_s)
+                else:
+                    self._probe = (at, highs)
         except KafkaException as exc:
             log.warning("reading how far the group has got on %s: %s", self.topic, exc)
+            self._failed = True
         return self._through
 
     def _highs(self) -> dict[int, int]:
@@ -369,9 +383,11 @@ class ReadProgress(GroupProgress):
         positions: Callable[[], Mapping[int, int]],
         poll_s: float = 1.0,
         clock: Callable[[], float] = time.time,
+        settle_s: float = 0.0,
     ) -> None:
         # (the group is never joined, nor are its offsets read)
-        super().__init__(bootstrap, f"riverflow-read-progress-{topic}", topic, poll_s, clock)
+        group = f"riverflow-read-progress-{topic}"
+        super().__init__(bootstrap, group, topic, poll_s, clock, settle_s)
         self._positions = positions
         self._partitions: set[int] | None = None
 

@@ -15,16 +15,24 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import redis
+from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from riverflow.models.registry import ChampionPointer, RedisRegistry
 from riverflow.spec import PipelineSpec
-from riverflow.streams.kafka_io import ensure_topics
+from riverflow.streams.kafka_io import (
+    ReadProgress,
+    ensure_topics,
+    groupless_reader,
+    produce_all,
+    producer,
+)
 from tests.integration.chaos import (
     SIGNING_KEY,
     Outage,
@@ -302,6 +310,68 @@ def test_a_broker_restart_mid_stream_loses_nothing(
     )  # fmt: skip
     print(f"\n{report}")
     assert not failures, "\n".join(failures) + "\n\n" + report
+
+
+def test_labels_a_producer_held_through_a_broker_outage_are_read_before_progress_passes_them(
+    private_stack: PrivateStack,
+) -> None:
+    """The learner's label timeouts fall due only before ``ReadProgress``'s time, which
+    promises that every label produced before it has been read. A click made while
+    the broker is down waits in its producer until that producer reconnects, which
+    librdkafka does after a backoff (here 2-4 s; by default up to 10 s): the
+    watermarks read the moment the broker is back do not hold it yet. Progress must
+    not pass the click's time until the click is read (else its timeout would label
+    it a negative), and it must move on after the settle."""
+    bootstrap, topic = private_stack.kafka_bootstrap, f"labels-{uuid.uuid4().hex[:8]}"
+    ensure_topics(bootstrap, [topic], 2)
+    reader, partitions = groupless_reader(bootstrap, topic, "read-progress-test")
+    reader.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+    positions: dict[int, int] = {}
+    values: set[bytes] = set()
+
+    def read() -> None:
+        for msg in reader.consume(100, timeout=0.05):
+            if msg.error() is None:
+                positions[msg.partition()] = msg.offset() + 1
+                values.add(msg.value())
+
+    progress = ReadProgress(bootstrap, topic, lambda: positions, poll_s=0.1, settle_s=8.0)
+    user = producer(bootstrap, **{"reconnect.backoff.ms": 2000, "reconnect.backoff.max.ms": 4000})
+    produce_all(user, [(topic, b"u1", b"before")])
+    deadline = time.monotonic() + 30
+    while progress() is None and time.monotonic() < deadline:
+        read()
+    assert progress() is not None, "progress never confirmed a time before the outage"
+
+    assert private_stack.kafka is not None
+    private_stack.kafka.stop()
+    held_at = time.time()
+    user.produce(topic, key=b"u1", value=b"held")  # held by the producer: no broker
+    # the learner asks every tick, so an outage longer than a tick finds it asking
+    # (and a call then fails: up to 5 s for the metadata it never gets)
+    progress()
+    private_stack.start()
+    back_at = time.time()
+    passed_unread: list[float] = []
+    moved_on = None
+    deadline = time.monotonic() + 40
+    while moved_on is None and time.monotonic() < deadline:
+        user.poll(0)
+        read()
+        through = progress()
+        if through is not None and through > held_at:
+            if b"held" in values:
+                moved_on = through
+            else:
+                passed_unread.append(through - held_at)
+    reader.close()
+    progress.close()
+    assert user.flush(10) == 0
+    assert not passed_unread, (
+        f"progress passed the held click's time by {passed_unread[0]:.1f} s before it was read"
+    )
+    assert moved_on is not None, "progress never passed the outage"
+    assert moved_on - back_at < 30, moved_on - back_at
 
 
 def scorer_members(bootstrap: str) -> dict[str, set[str]]:
