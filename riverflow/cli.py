@@ -264,20 +264,22 @@ def cmd_forget(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
     from riverflow.kafka_runtime import ensure_pipeline_topics
-    from riverflow.streams.kafka_io import produce_all, producer
     from riverflow.tools.generator import history, paced, stream_for
 
     if args.rate is not None and args.rate <= 0:
         raise RiverflowError(f"--rate {args.rate:g}: events per second must be positive")
     if not 0 <= args.skip <= args.events:
         raise RiverflowError(f"--skip {args.skip}: must be from 0 to --events ({args.events})")
+    acks_wait = settings.outage_limit_s if args.acks_wait is None else args.acks_wait
+    if acks_wait <= 0:
+        raise RiverflowError(f"--acks-wait {acks_wait:g}: seconds must be positive")
     spec = load_spec(args.spec or settings.spec)
     topics = spec.topics
     ep = endpoints(settings)
     ensure_pipeline_topics(ep.kafka_bootstrap, spec, settings)
     records: Iterator[tuple[str, bytes | None, bytes]]
     if spec.events.slate is not None and not args.file:
-        return _produce_requests(args, spec, ep)
+        return _produce_requests(args, spec, ep, acks_wait)
     if args.file:
         records = _file_records(Path(args.file), args.topic or topics.events)
     else:
@@ -299,15 +301,34 @@ def cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
         # a file's every line takes a slot; generated labels ride along with their events
         events_only = None if args.file else lambda r: r[0] == topics.events
         records = paced(records, args.rate, counts=events_only)
-    n = produce_all(producer(ep.kafka_bootstrap), records)
+    n = _deliver(ep.kafka_bootstrap, records, acks_wait)
     console.print(f"produced {n:,} messages to {ep.kafka_bootstrap}")
     return 0
 
 
-def _produce_requests(args: argparse.Namespace, spec: PipelineSpec, ep: Endpoints) -> int:
+def _deliver(
+    bootstrap: str, records: Iterator[tuple[str, bytes | None, bytes]], wait_s: float
+) -> int:
+    """Produce ``records``, waiting up to ``wait_s`` after the last for their acks
+    (through a broker outage), and saying so every 10 s meanwhile."""
+    from riverflow.streams.kafka_io import produce_all, producer
+
+    said = [0.0]
+
+    def waiting(left: int) -> None:
+        if time.monotonic() - said[0] >= 10:
+            said[0] = time.monotonic()
+            err_console.print(f"{left:,} messages wait for their acks from {bootstrap} "
+                              f"(up to {wait_s:g} s)")  # fmt: skip
+
+    return produce_all(producer(bootstrap), records, wait_s, waiting)
+
+
+def _produce_requests(
+    args: argparse.Namespace, spec: PipelineSpec, ep: Endpoints, acks_wait: float
+) -> int:
     """A slate spec's ``produce``: ranking requests of the simulated world, and (unless
     ``--no-labels``) its users clicking what the pipeline shows them."""
-    from riverflow.streams.kafka_io import produce_all, producer
     from riverflow.tools.generator import paced
     from riverflow.tools.recsys import RecsysConfig, RecsysWorld, SimulatedUsers, fits
 
@@ -327,7 +348,7 @@ def _produce_requests(args: argparse.Namespace, spec: PipelineSpec, ep: Endpoint
     )
     if args.rate is not None:
         records = paced(records, args.rate)
-    n = produce_all(producer(ep.kafka_bootstrap), records)
+    n = _deliver(ep.kafka_bootstrap, records, acks_wait)
     console.print(f"produced {n:,} requests to {ep.kafka_bootstrap}")
     if users is not None:
         done = users.wait(args.clicks_wait)
@@ -850,6 +871,12 @@ def parser() -> argparse.ArgumentParser:
         "--rate", type=float, help="events per second, paced (default: as fast as possible)"
     )
     produce.add_argument("--spec", type=Path)
+    produce.add_argument(
+        "--acks-wait", type=float, metavar="SECONDS",
+        help="how long to wait for the broker's acks after the last message, e.g. "
+        "through a broker restart (default: OUTAGE_LIMIT_S, 120 s); then it fails "
+        "naming how many were not acknowledged",
+    )  # fmt: skip
     produce.add_argument(
         "--clicks-wait", type=float, default=120.0,
         help="slate specs: how long the simulated users wait for the last ranking (s)",

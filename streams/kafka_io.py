@@ -209,7 +209,12 @@ def produce_all(
             waiting(remaining)
         remaining = prod.flush(min(1.0, left))
     if remaining or errors:
-        raise KafkaIOError(f"{remaining} undelivered, errors: {errors[:3]}")
+        unacked = (f"{remaining:,} of {n:,} messages not acknowledged within {timeout_s:g} s "
+                   "after the last was produced (the broker out of reach?): they may not be "
+                   "written")  # fmt: skip
+        refused = f"{len(errors):,} refused: {errors[:3]}"
+        why = [m for m, on in ((unacked, remaining), (refused, errors)) if on]
+        raise KafkaIOError("; ".join(why))
     return n
 
 

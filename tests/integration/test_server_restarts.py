@@ -13,13 +13,19 @@ Run with ``-s`` to see the seconds (they are in the failure message too).
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import orjson
 import redis
 from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 from confluent_kafka.admin import AdminClient
@@ -32,7 +38,9 @@ from riverflow.streams.kafka_io import (
     groupless_reader,
     produce_all,
     producer,
+    read_topic,
 )
+from riverflow.tools.generator import history, stream_for
 from tests.integration.chaos import (
     SIGNING_KEY,
     Outage,
@@ -372,6 +380,45 @@ def test_labels_a_producer_held_through_a_broker_outage_are_read_before_progress
     )
     assert moved_on is not None, "progress never passed the outage"
     assert moved_on - back_at < 30, moved_on - back_at
+
+
+def test_riverflow_produce_waits_out_a_broker_restart_up_to_the_outage_limit(
+    private_stack: PrivateStack, spec: PipelineSpec, spec_file: Path
+) -> None:
+    """``riverflow produce`` with the broker stopped mid-stream for 8 s: within
+    ``--acks-wait`` (default ``OUTAGE_LIMIT_S``) it delivers every message once;
+    past it, it fails naming how many were not acknowledged, instead of hanging or
+    exiting 0."""
+    env = {**os.environ, "RIVERFLOW_KAFKA_BOOTSTRAP": private_stack.kafka_bootstrap,
+           "RIVERFLOW_REDIS_URL": private_stack.redis_url}  # fmt: skip
+
+    def produce_through_an_outage(*args: str) -> subprocess.CompletedProcess[str]:
+        private_stack.start()
+        run = subprocess.Popen(
+            [sys.executable, "-m", "riverflow.cli", "produce", "--spec", str(spec_file),
+             "--events", "400", "--rate", "100", *args],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        time.sleep(1.5)
+        private_stack.restart_kafka(down_s=8.0)
+        out, err = run.communicate(timeout=180)
+        return subprocess.CompletedProcess(run.args, run.returncode, out, err)
+
+    cut_short = produce_through_an_outage("--seed", "1", "--acks-wait", "3")
+    error = [line for line in cut_short.stderr.splitlines() if line.startswith("error:")]
+    assert cut_short.returncode == 2 and error, cut_short.stderr
+    assert "of 800 messages not acknowledged within 3 s" in error[0], error
+
+    waited = produce_through_an_outage("--seed", "2")  # OUTAGE_LIMIT_S: 120 s
+    assert waited.returncode == 0, waited.stderr
+    assert "produced 800 messages" in waited.stdout  # 400 events and their labels
+    assert "messages wait for their acks" in waited.stderr
+    name = stream_for(spec.label.field, None)
+    sent = {rec["event_id"] for kind, rec in history(name, 400, 2) if kind == "event"}
+    read = [orjson.loads(m.value())["event_id"]
+            for m in read_topic(private_stack.kafka_bootstrap, spec.topics.events)]  # fmt: skip
+    assert sent <= set(read)  # every event of the second run, each once
+    assert all(n == 1 for e, n in Counter(read).items() if e in sent)
 
 
 def scorer_members(bootstrap: str) -> dict[str, set[str]]:
