@@ -74,15 +74,36 @@ def ensure_topics(
     ]
     if not new:
         return []
-    for name, future in admin.create_topics(new).items():
-        try:
-            future.result()
-        except KafkaException as exc:
-            if "TOPIC_ALREADY_EXISTS" not in str(exc):
-                raise KafkaIOError(f"creating topic {name}: {exc}") from exc
+    todo, deadline = {t.topic: t for t in new}, time.monotonic() + START_WAIT_S
+    while todo:
+        for name, future in admin.create_topics(list(todo.values())).items():
+            try:
+                future.result()
+            except KafkaException as exc:
+                if _starting(exc) and time.monotonic() < deadline:
+                    continue  # asked again below
+                if "TOPIC_ALREADY_EXISTS" not in str(exc):
+                    raise KafkaIOError(f"creating topic {name}: {exc}") from exc
+            del todo[name]
+        if todo:
+            time.sleep(0.5)
     created = [t.topic for t in new]
     _await_leaders(admin, created)
     return created
+
+
+# how long a topic's creation is asked again while the cluster is starting up
+START_WAIT_S = 30.0
+
+
+def _starting(exc: KafkaException) -> bool:
+    """Whether a creation was refused only because the cluster is starting: a
+    retriable error, or (KRaft) no broker unfenced yet, as just after a restart."""
+    err = exc.args[0] if exc.args else None
+    if not isinstance(err, KafkaError):
+        return False
+    fenced = err.code() == KafkaError.INVALID_REPLICATION_FACTOR and "fenced" in err.str()
+    return bool(err.retriable()) or fenced
 
 
 def _await_leaders(admin: AdminClient, topics: Sequence[str], timeout_s: float = 30.0) -> None:
