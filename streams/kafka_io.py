@@ -94,6 +94,9 @@ def ensure_topics(
 
 # how long a topic's creation is asked again while the cluster is starting up
 START_WAIT_S = 30.0
+# how long a TopicFollower behind its topic may read nothing before its consumer is
+# replaced (librdkafka reconnects within reconnect.backoff.max.ms, 10 s, by itself)
+STALL_S = 15.0
 
 
 def _starting(exc: KafkaException) -> bool:
@@ -451,6 +454,13 @@ class TopicFollower:
     before the call is indexed. Where a partition is comes from its messages
     and from librdkafka's end-of-partition events, which also count the
     transaction markers an exactly-once scorer leaves.
+
+    A consumer that stops fetching is replaced by a new one assigned where this one
+    had read to: seen after a broker restart, when the client called the topic's
+    partitions unknown and then fetched nothing while the topic grew, so the
+    learner's labels waited for their events for good. It is replaced when the
+    high watermarks cannot be read for an unknown partition, or when ``caught_up``
+    finds it behind and nothing has come for ``STALL_S``.
     """
 
     def __init__(
@@ -462,18 +472,20 @@ class TopicFollower:
         max_per_call: int = 50_000,
         config: dict[str, Any] | None = None,
     ) -> None:
-        self.topic = topic
+        self.bootstrap, self.topic = bootstrap, topic
         self.index = index
         self.max_per_call = max_per_call
-        settings: dict[str, Any] = {
+        self._settings: dict[str, Any] = {
             "enable.partition.eof": True,
             # a saved position the topic no longer has: index it again from the start
             "auto.offset.reset": "earliest",
             **(config or {}),
         }
         self.consumer, self.partitions = groupless_reader(
-            bootstrap, topic, f"riverflow-follower-{topic}", **settings
+            bootstrap, topic, f"riverflow-follower-{topic}", **self._settings
         )
+        self._heard = time.monotonic()  # when the consumer last gave a message or an end
+        self._behind: float | None = None  # since when caught_up found it behind, silent
         cluster = self.consumer.list_topics(timeout=10).cluster_id
         start = dict(index.positions(f"{cluster}/{topic}"))
         new = [p for p in self.partitions if p not in start]
@@ -501,18 +513,46 @@ class TopicFollower:
             highs = {p: self._high(p) for p in self.partitions}
         except KafkaException as exc:
             log.warning("reading the end of %s: %s", self.topic, exc)
+            err = exc.args[0] if exc.args else None
+            if isinstance(err, KafkaError) and err.code() == KafkaError._UNKNOWN_PARTITION:
+                self._renew(f"the client calls its partitions unknown ({err.str()})")
             return False
         read = 0
         while read < self.max_per_call:
             if all(self.at[p] >= h for p, h in highs.items()):
+                self._behind = None
                 return True
             batch = self.consumer.consume(1000, timeout=0.5)
-            if not batch:
-                return False  # the broker is slow or away: not known yet
+            if not batch:  # the broker is slow or away: not known yet
+                now = time.monotonic()
+                self._behind = self._behind or now
+                silent = now - max(self._heard, self._behind)
+                if silent >= STALL_S:
+                    behind = sum(max(0, h - self.at[p]) for p, h in highs.items())
+                    self._renew(f"{behind:,} messages behind and nothing read for {silent:.0f} s")
+                return False
             read += self._add(batch)
         return False
 
+    def _renew(self, why: str) -> None:
+        """Read on with a new consumer from ``at`` (the old one closes in the
+        background: a client that lost its broker may take long to). Kept as it is
+        if no new one can be made now: the next call tries again."""
+        try:
+            consumer, _ = groupless_reader(
+                self.bootstrap, self.topic, f"riverflow-follower-{self.topic}", **self._settings
+            )
+        except (KafkaException, KafkaIOError) as exc:
+            log.warning("reading %s: no new consumer yet: %s", self.topic, exc)
+            return
+        log.warning("reading %s: a new consumer from where the last read to, since %s",
+                    self.topic, why)  # fmt: skip
+        consumer.assign([TopicPartition(self.topic, p, o) for p, o in self.at.items()])
+        old, self.consumer, self._heard = self.consumer, consumer, time.monotonic()
+        threading.Thread(target=old.close, name="follower-close", daemon=True).start()
+
     def _add(self, batch: list[Any]) -> int:
+        self._heard = time.monotonic()
         messages = []
         for msg in batch:
             err = msg.error()

@@ -1,0 +1,156 @@
+"""A ``TopicFollower`` whose consumer stops fetching gets a new one, from where it had
+read to. Seen on a real broker restarted under load: the learner's follower of the
+predictions topic was told its partitions were unknown, then fetched nothing while
+the topic grew, and the learner's labels waited for their events until the test
+gave up. The consumers here are fakes: the stall is librdkafka's and rare, and what
+is tested is what the follower does about it."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+from confluent_kafka import KafkaError, KafkaException
+
+from riverflow.streams import kafka_io
+from riverflow.streams.contracts import Message
+from riverflow.streams.kafka_io import TopicFollower
+
+
+class Msg:
+    def __init__(self, offset: int) -> None:
+        self._offset = offset
+
+    def error(self) -> None:
+        return None
+
+    def topic(self) -> str:
+        return "t.predictions"
+
+    def partition(self) -> int:
+        return 0
+
+    def offset(self) -> int:
+        return self._offset
+
+    def key(self) -> bytes:
+        return b"k"
+
+    def value(self) -> bytes:
+        return b"p%d" % self._offset
+
+    def timestamp(self) -> tuple[int, int]:
+        return (1, 1_000 + self._offset)
+
+
+class Consumer:
+    """One partition whose end is ``topic.end``; gives what was written from where it
+    was assigned, unless ``deaf``; ``unknown``: its watermarks cannot be read."""
+
+    def __init__(self, topic: Topic, deaf: bool = False, unknown: bool = False) -> None:
+        self.topic, self.deaf, self.unknown = topic, deaf, unknown
+        self.at = 0
+        self.assigned: list[int] = []
+        self.closed = False
+
+    def list_topics(self, timeout: float) -> Any:
+        return type("Meta", (), {"cluster_id": "c1"})()
+
+    def assign(self, tps: Sequence[Any]) -> None:
+        self.assigned = [tp.offset for tp in tps]
+        self.at = tps[0].offset
+
+    def get_watermark_offsets(self, tp: Any, timeout: float) -> tuple[int, int]:
+        if self.unknown:
+            raise KafkaException(KafkaError(KafkaError._UNKNOWN_PARTITION, "Unknown partition"))
+        return 0, self.topic.end
+
+    def consume(self, n: int, timeout: float) -> list[Msg]:
+        if self.deaf or self.at >= self.topic.end or self.topic.late > 0:
+            self.topic.late -= 1
+            return []
+        out = [Msg(o) for o in range(self.at, min(self.topic.end, self.at + n))]
+        self.at += len(out)
+        return out
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class Topic:
+    """What the fake broker holds, and the consumers made for it, in order."""
+
+    def __init__(self, end: int) -> None:
+        self.end = end
+        self.late = 0  # consume calls that come back empty although behind
+        self.made: list[Consumer] = []
+        self.next: list[dict[str, bool]] = []  # how the next consumers behave
+
+    def reader(self, bootstrap: str, topic: str, group: str, **config: Any) -> Any:
+        consumer = Consumer(self, **(self.next.pop(0) if self.next else {}))
+        self.made.append(consumer)
+        return consumer, [0]
+
+
+class Index:
+    def __init__(self) -> None:
+        self.offsets: list[int] = []
+
+    def add(self, messages: Sequence[Message]) -> None:
+        self.offsets += [m.offset for m in messages]
+
+    def positions(self, source: str) -> dict[int, int]:
+        return {0: 0}
+
+
+@pytest.fixture
+def topic(monkeypatch: pytest.MonkeyPatch) -> Topic:
+    made = Topic(end=5)
+    monkeypatch.setattr(kafka_io, "groupless_reader", made.reader)
+    monkeypatch.setattr(kafka_io, "STALL_S", 0.3)
+    return made
+
+
+def caught_up_within(follower: TopicFollower, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if follower.caught_up():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_consumer_behind_that_reads_nothing_is_replaced_from_where_it_read_to(
+    topic: Topic,
+) -> None:
+    index = Index()
+    follower = TopicFollower("b", "t.predictions", index, since_s=60)
+    assert follower.caught_up()  # the first five, read by the first consumer
+    topic.made[0].deaf, topic.end = True, 9  # it stops fetching; four more are written
+    assert not follower.caught_up()
+    assert caught_up_within(follower, 3), "never replaced"
+    first, second = topic.made
+    assert first.closed and second.assigned == [5]
+    assert index.offsets == list(range(9))  # each once, in order
+
+
+def test_a_consumer_that_calls_its_partition_unknown_is_replaced_at_once(topic: Topic) -> None:
+    index = Index()
+    topic.next = [{"unknown": True}]
+    follower = TopicFollower("b", "t.predictions", index, since_s=60)
+    assert not follower.caught_up()  # the end unknown: replaced now, not after STALL_S
+    assert len(topic.made) == 2 and follower.caught_up()
+    assert index.offsets == list(range(5))
+
+
+def test_a_quiet_topic_then_a_slow_fetch_is_not_a_stall(topic: Topic) -> None:
+    index = Index()
+    follower = TopicFollower("b", "t.predictions", index, since_s=60)
+    assert follower.caught_up()
+    time.sleep(0.4)  # quiet for longer than STALL_S: nothing to read, nothing heard
+    topic.end, topic.late = 6, 1  # one more written; the first fetch comes back empty
+    assert not follower.caught_up()
+    assert follower.caught_up()
+    assert len(topic.made) == 1 and index.offsets == list(range(6))
