@@ -460,7 +460,8 @@ class TopicFollower:
     partitions unknown and then fetched nothing while the topic grew, so the
     learner's labels waited for their events for good. It is replaced when the
     high watermarks cannot be read for an unknown partition, or when ``caught_up``
-    finds it behind and nothing has come for ``STALL_S``.
+    finds it behind and nothing has come for ``STALL_S`` (``follow`` asks that
+    itself every ``STALL_S`` while nothing comes).
     """
 
     def __init__(
@@ -486,6 +487,7 @@ class TopicFollower:
         )
         self._heard = time.monotonic()  # when the consumer last gave a message or an end
         self._behind: float | None = None  # since when caught_up found it behind, silent
+        self._looked = 0.0  # when follow last looked at the end for itself
         cluster = self.consumer.list_topics(timeout=10).cluster_id
         start = dict(index.positions(f"{cluster}/{topic}"))
         new = [p for p in self.partitions if p not in start]
@@ -499,13 +501,19 @@ class TopicFollower:
         return int(self.consumer.get_watermark_offsets(tp, timeout=10)[1])
 
     def follow(self) -> int:
-        """Index what has arrived (bounded); returns how many messages were read."""
+        """Index what has arrived (bounded); returns how many messages were read.
+        Silent for ``STALL_S``, it looks at the topic's end (``caught_up``) at most
+        every ``STALL_S``: a stalled consumer is found even when nobody asks."""
         read = 0
         while read < self.max_per_call:
             batch = self.consumer.consume(1000, timeout=0)
             if not batch:
                 break
             read += self._add(batch)
+        now = time.monotonic()
+        if not read and now - self._heard >= STALL_S and now >= self._looked + STALL_S:
+            self._looked = now
+            self.caught_up()
         return read
 
     def caught_up(self) -> bool:

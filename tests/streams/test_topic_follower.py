@@ -154,3 +154,18 @@ def test_a_quiet_topic_then_a_slow_fetch_is_not_a_stall(topic: Topic) -> None:
     assert not follower.caught_up()
     assert follower.caught_up()
     assert len(topic.made) == 1 and index.offsets == list(range(6))
+
+
+def test_following_alone_finds_a_stalled_consumer(topic: Topic) -> None:
+    """The learner asks ``caught_up`` only when a label is due to be orphaned, which
+    waits for the scorer's progress; ``follow``, called every batch and tick, looks
+    for itself."""
+    index = Index()
+    follower = TopicFollower("b", "t.predictions", index, since_s=60)
+    follower.follow()
+    topic.made[0].deaf, topic.end = True, 8
+    deadline = time.monotonic() + 3
+    while len(index.offsets) < 8 and time.monotonic() < deadline:
+        follower.follow()
+        time.sleep(0.05)
+    assert len(topic.made) == 2 and index.offsets == list(range(8))
