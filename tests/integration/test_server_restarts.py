@@ -27,7 +27,7 @@ from typing import Any
 
 import orjson
 import redis
-from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from riverflow.models.registry import ChampionPointer, RedisRegistry
@@ -392,14 +392,35 @@ def test_riverflow_produce_waits_out_a_broker_restart_up_to_the_outage_limit(
     env = {**os.environ, "RIVERFLOW_KAFKA_BOOTSTRAP": private_stack.kafka_bootstrap,
            "RIVERFLOW_REDIS_URL": private_stack.redis_url}  # fmt: skip
 
+    events = spec.topics.events
+
+    def written() -> int:
+        """How many events the topic has (0 before it exists, or while it is too new
+        to have leaders the client knows)."""
+        client = Consumer({"bootstrap.servers": private_stack.kafka_bootstrap,
+                           "group.id": "produce-test"})  # fmt: skip
+        try:
+            meta = client.list_topics(events, timeout=10).topics.get(events)
+            if meta is None or meta.error is not None:
+                return 0
+            tps = [TopicPartition(events, p) for p in meta.partitions]
+            return sum(client.get_watermark_offsets(tp, timeout=10)[1] for tp in tps)
+        except KafkaException:
+            return 0
+        finally:
+            client.close()
+
     def produce_through_an_outage(*args: str) -> subprocess.CompletedProcess[str]:
         private_stack.start()
+        before = written()
         run = subprocess.Popen(
             [sys.executable, "-m", "riverflow.cli", "produce", "--spec", str(spec_file),
              "--events", "400", "--rate", "100", *args],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
-        time.sleep(1.5)
+        deadline = time.monotonic() + 60
+        while written() <= before and run.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)  # (its topics made, its first events in: the stream flows)
         private_stack.restart_kafka(down_s=8.0)
         out, err = run.communicate(timeout=180)
         return subprocess.CompletedProcess(run.args, run.returncode, out, err)
