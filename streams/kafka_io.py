@@ -94,9 +94,72 @@ def ensure_topics(
 
 # how long a topic's creation is asked again while the cluster is starting up
 START_WAIT_S = 30.0
-# how long a TopicFollower behind its topic may read nothing before its consumer is
-# replaced (librdkafka reconnects within reconnect.backoff.max.ms, 10 s, by itself)
+# how long a reader behind its topic may read nothing before its consumer is replaced
+# (librdkafka reconnects within reconnect.backoff.max.ms, 10 s, by itself)
 STALL_S = 15.0
+
+
+class Stall:
+    """Whether a groupless reader's consumer has stopped fetching: behind its topic's
+    end and nothing read for ``STALL_S``. Seen after a broker restart under load: the
+    client called the topic's partitions unknown, then fetched nothing while the
+    topic grew. The reader says when it read something (``heard``) and, when asked
+    (``look``: at most every ``STALL_S`` while nothing comes), whether it is behind."""
+
+    def __init__(self) -> None:
+        self._heard = time.monotonic()  # the consumer's last message (or end event)
+        self._behind: float | None = None  # since when it has been found behind, silent
+        self._looked = 0.0
+
+    def heard(self) -> None:
+        self._heard = time.monotonic()
+
+    def look(self) -> bool:
+        """Whether to read the topic's end now: silent for ``STALL_S``, not read
+        within the last ``STALL_S``."""
+        now = time.monotonic()
+        if now - self._heard < STALL_S or now < self._looked + STALL_S:
+            return False
+        self._looked = now
+        return True
+
+    def stalled(self, behind: bool) -> float | None:
+        """Seconds silent while behind, once that is ``STALL_S`` or more (else None)."""
+        if not behind:
+            self._behind = None
+            return None
+        now = time.monotonic()
+        self._behind = self._behind or now
+        silent = now - max(self._heard, self._behind)
+        return silent if silent >= STALL_S else None
+
+
+def unknown_partition(exc: KafkaException) -> bool:
+    err = exc.args[0] if exc.args else None
+    return isinstance(err, KafkaError) and err.code() == KafkaError._UNKNOWN_PARTITION
+
+
+def renewed_reader(
+    old: Consumer,
+    bootstrap: str,
+    topic: str,
+    group: str,
+    settings: Mapping[str, Any],
+    at: Mapping[int, int],
+    why: str,
+) -> Consumer:
+    """A new groupless consumer of ``topic`` assigned at ``at`` in place of ``old``,
+    which closes in the background (a client that lost its broker may take long to);
+    ``old`` itself if no new one can be made now (the next stall tries again)."""
+    try:
+        consumer, _ = groupless_reader(bootstrap, topic, group, **settings)
+    except (KafkaException, KafkaIOError) as exc:
+        log.warning("reading %s: no new consumer yet: %s", topic, exc)
+        return old
+    log.warning("reading %s: a new consumer from where the last read to, since %s", topic, why)
+    consumer.assign([TopicPartition(topic, p, o) for p, o in at.items()])
+    threading.Thread(target=old.close, name="reader-close", daemon=True).start()
+    return consumer
 
 
 def _starting(exc: KafkaException) -> bool:
@@ -482,12 +545,11 @@ class TopicFollower:
             "auto.offset.reset": "earliest",
             **(config or {}),
         }
+        self._group = f"riverflow-follower-{topic}"
         self.consumer, self.partitions = groupless_reader(
-            bootstrap, topic, f"riverflow-follower-{topic}", **self._settings
+            bootstrap, topic, self._group, **self._settings
         )
-        self._heard = time.monotonic()  # when the consumer last gave a message or an end
-        self._behind: float | None = None  # since when caught_up found it behind, silent
-        self._looked = 0.0  # when follow last looked at the end for itself
+        self._stall = Stall()
         cluster = self.consumer.list_topics(timeout=10).cluster_id
         start = dict(index.positions(f"{cluster}/{topic}"))
         new = [p for p in self.partitions if p not in start]
@@ -510,9 +572,7 @@ class TopicFollower:
             if not batch:
                 break
             read += self._add(batch)
-        now = time.monotonic()
-        if not read and now - self._heard >= STALL_S and now >= self._looked + STALL_S:
-            self._looked = now
+        if not read and self._stall.look():
             self.caught_up()
         return read
 
@@ -521,21 +581,18 @@ class TopicFollower:
             highs = {p: self._high(p) for p in self.partitions}
         except KafkaException as exc:
             log.warning("reading the end of %s: %s", self.topic, exc)
-            err = exc.args[0] if exc.args else None
-            if isinstance(err, KafkaError) and err.code() == KafkaError._UNKNOWN_PARTITION:
-                self._renew(f"the client calls its partitions unknown ({err.str()})")
+            if unknown_partition(exc):
+                self._renew(f"the client calls its partitions unknown ({exc})")
             return False
         read = 0
         while read < self.max_per_call:
             if all(self.at[p] >= h for p, h in highs.items()):
-                self._behind = None
+                self._stall.stalled(behind=False)
                 return True
             batch = self.consumer.consume(1000, timeout=0.5)
             if not batch:  # the broker is slow or away: not known yet
-                now = time.monotonic()
-                self._behind = self._behind or now
-                silent = now - max(self._heard, self._behind)
-                if silent >= STALL_S:
+                silent = self._stall.stalled(behind=True)
+                if silent is not None:
                     behind = sum(max(0, h - self.at[p]) for p, h in highs.items())
                     self._renew(f"{behind:,} messages behind and nothing read for {silent:.0f} s")
                 return False
@@ -543,24 +600,12 @@ class TopicFollower:
         return False
 
     def _renew(self, why: str) -> None:
-        """Read on with a new consumer from ``at`` (the old one closes in the
-        background: a client that lost its broker may take long to). Kept as it is
-        if no new one can be made now: the next call tries again."""
-        try:
-            consumer, _ = groupless_reader(
-                self.bootstrap, self.topic, f"riverflow-follower-{self.topic}", **self._settings
-            )
-        except (KafkaException, KafkaIOError) as exc:
-            log.warning("reading %s: no new consumer yet: %s", self.topic, exc)
-            return
-        log.warning("reading %s: a new consumer from where the last read to, since %s",
-                    self.topic, why)  # fmt: skip
-        consumer.assign([TopicPartition(self.topic, p, o) for p, o in self.at.items()])
-        old, self.consumer, self._heard = self.consumer, consumer, time.monotonic()
-        threading.Thread(target=old.close, name="follower-close", daemon=True).start()
+        self.consumer = renewed_reader(self.consumer, self.bootstrap, self.topic, self._group,
+                                       self._settings, self.at, why)  # fmt: skip
+        self._stall.heard()
 
     def _add(self, batch: list[Any]) -> int:
-        self._heard = time.monotonic()
+        self._stall.heard()
         messages = []
         for msg in batch:
             err = msg.error()

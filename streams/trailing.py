@@ -8,10 +8,16 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from confluent_kafka import KafkaError, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from riverflow.streams.contracts import Message
-from riverflow.streams.kafka_io import groupless_reader, offsets_since
+from riverflow.streams.kafka_io import (
+    Stall,
+    groupless_reader,
+    offsets_since,
+    renewed_reader,
+    unknown_partition,
+)
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +32,10 @@ class TrailingReader:
     that of the buffers (and librdkafka's prefetch, held to ``prefetch_kb``),
     however far behind the end the caller trails. A partition with no position
     starts at its first record no older than ``since_s``.
+
+    A consumer that stops fetching (``kafka_io.Stall``: behind the end of a partition
+    it is not paused on, nothing read for ``STALL_S``) is replaced by a new one from
+    where it read to; without that the timeouts would fall due no more.
     """
 
     def __init__(
@@ -37,17 +47,19 @@ class TrailingReader:
         prefetch_kb: int = 8192,
         config: Mapping[str, Any] | None = None,
     ) -> None:
-        self.topic = topic
+        self.bootstrap, self.topic = bootstrap, topic
         self.since_s = since_s
         self.buffered = buffered
-        settings = {
+        self._settings = {
             "auto.offset.reset": "earliest",  # a position the topic no longer has
             "queued.max.messages.kbytes": prefetch_kb,
             **(config or {}),
         }
+        self._group = f"riverflow-trailing-{topic}"
         self.consumer, self.partitions = groupless_reader(
-            bootstrap, topic, f"riverflow-trailing-{topic}", **settings
+            bootstrap, topic, self._group, **self._settings
         )
+        self._stall = Stall()
         self._buffers: dict[int, deque[Message]] = {}
         self._next: dict[int, int] = {}  # the offset after the last record read, per partition
         self._passed: dict[int, int] = {}  # where the caller was last
@@ -91,7 +103,10 @@ class TrailingReader:
         while room > 0:
             batch: list[Any] = self.consumer.consume(min(room, 1000), timeout=0)
             if not batch:
+                if self._stall.look():
+                    self._check_stall()
                 return
+            self._stall.heard()
             for msg in batch:
                 err = msg.error()
                 if err is not None:
@@ -113,6 +128,32 @@ class TrailingReader:
             if full:
                 self.consumer.pause([TopicPartition(self.topic, p) for p in full])
                 self._paused.update(full)
+
+    def _check_stall(self) -> None:
+        """Read the ends of the partitions read (not paused); a new consumer if it has
+        been behind one of them with nothing read for ``STALL_S``."""
+        reading = [p for p in self._buffers if p not in self._paused]
+        try:
+            ends = {
+                p: self.consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=10)[1]
+                for p in reading
+            }
+        except KafkaException as exc:
+            log.warning("reading the end of %s: %s", self.topic, exc)
+            if unknown_partition(exc):
+                self._renew(f"the client calls its partitions unknown ({exc})")
+            return
+        behind = sum(max(0, end - self._next[p]) for p, end in ends.items())
+        silent = self._stall.stalled(behind > 0)
+        if silent is not None:
+            self._renew(f"{behind:,} records behind and nothing read for {silent:.0f} s")
+
+    def _renew(self, why: str) -> None:
+        self.consumer = renewed_reader(self.consumer, self.bootstrap, self.topic, self._group,
+                                       self._settings, self._next, why)  # fmt: skip
+        if self._paused:
+            self.consumer.pause([TopicPartition(self.topic, p) for p in self._paused])
+        self._stall.heard()
 
     def close(self) -> None:
         self.consumer.close()

@@ -1,9 +1,9 @@
-"""A ``TopicFollower`` whose consumer stops fetching gets a new one, from where it had
-read to. Seen on a real broker restarted under load: the learner's follower of the
-predictions topic was told its partitions were unknown, then fetched nothing while
-the topic grew, and the learner's labels waited for their events until the test
-gave up. The consumers here are fakes: the stall is librdkafka's and rare, and what
-is tested is what the follower does about it."""
+"""A ``TopicFollower`` (and a ``TrailingReader``) whose consumer stops fetching gets a
+new one, from where it had read to. Seen on a real broker restarted under load: the
+learner's follower of the predictions topic was told its partitions were unknown,
+then fetched nothing while the topic grew, and the learner's labels waited for their
+events until the test gave up. The consumers here are fakes: the stall is
+librdkafka's and rare, and what is tested is what the readers do about it."""
 
 from __future__ import annotations
 
@@ -14,9 +14,12 @@ from typing import Any
 import pytest
 from confluent_kafka import KafkaError, KafkaException
 
-from riverflow.streams import kafka_io
+from riverflow.streams import kafka_io, trailing
 from riverflow.streams.contracts import Message
 from riverflow.streams.kafka_io import TopicFollower
+from riverflow.streams.trailing import TrailingReader
+
+NOWHERE = "127.0.0.1:1"  # never connected to: every consumer here is a fake
 
 
 class Msg:
@@ -78,6 +81,12 @@ class Consumer:
     def close(self) -> None:
         self.closed = True
 
+    def pause(self, tps: Sequence[Any]) -> None:
+        self.deaf = True
+
+    def resume(self, tps: Sequence[Any]) -> None:
+        self.deaf = False
+
 
 class Topic:
     """What the fake broker holds, and the consumers made for it, in order."""
@@ -109,6 +118,7 @@ class Index:
 def topic(monkeypatch: pytest.MonkeyPatch) -> Topic:
     made = Topic(end=5)
     monkeypatch.setattr(kafka_io, "groupless_reader", made.reader)
+    monkeypatch.setattr(trailing, "groupless_reader", made.reader)
     monkeypatch.setattr(kafka_io, "STALL_S", 0.3)
     return made
 
@@ -126,7 +136,7 @@ def test_a_consumer_behind_that_reads_nothing_is_replaced_from_where_it_read_to(
     topic: Topic,
 ) -> None:
     index = Index()
-    follower = TopicFollower("b", "t.predictions", index, since_s=60)
+    follower = TopicFollower(NOWHERE, "t.predictions", index, since_s=60)
     assert follower.caught_up()  # the first five, read by the first consumer
     topic.made[0].deaf, topic.end = True, 9  # it stops fetching; four more are written
     assert not follower.caught_up()
@@ -139,7 +149,7 @@ def test_a_consumer_behind_that_reads_nothing_is_replaced_from_where_it_read_to(
 def test_a_consumer_that_calls_its_partition_unknown_is_replaced_at_once(topic: Topic) -> None:
     index = Index()
     topic.next = [{"unknown": True}]
-    follower = TopicFollower("b", "t.predictions", index, since_s=60)
+    follower = TopicFollower(NOWHERE, "t.predictions", index, since_s=60)
     assert not follower.caught_up()  # the end unknown: replaced now, not after STALL_S
     assert len(topic.made) == 2 and follower.caught_up()
     assert index.offsets == list(range(5))
@@ -147,7 +157,7 @@ def test_a_consumer_that_calls_its_partition_unknown_is_replaced_at_once(topic: 
 
 def test_a_quiet_topic_then_a_slow_fetch_is_not_a_stall(topic: Topic) -> None:
     index = Index()
-    follower = TopicFollower("b", "t.predictions", index, since_s=60)
+    follower = TopicFollower(NOWHERE, "t.predictions", index, since_s=60)
     assert follower.caught_up()
     time.sleep(0.4)  # quiet for longer than STALL_S: nothing to read, nothing heard
     topic.end, topic.late = 6, 1  # one more written; the first fetch comes back empty
@@ -161,7 +171,7 @@ def test_following_alone_finds_a_stalled_consumer(topic: Topic) -> None:
     waits for the scorer's progress; ``follow``, called every batch and tick, looks
     for itself."""
     index = Index()
-    follower = TopicFollower("b", "t.predictions", index, since_s=60)
+    follower = TopicFollower(NOWHERE, "t.predictions", index, since_s=60)
     follower.follow()
     topic.made[0].deaf, topic.end = True, 8
     deadline = time.monotonic() + 3
@@ -169,3 +179,17 @@ def test_following_alone_finds_a_stalled_consumer(topic: Topic) -> None:
         follower.follow()
         time.sleep(0.05)
     assert len(topic.made) == 2 and index.offsets == list(range(8))
+
+
+def test_a_trailing_reader_whose_consumer_stalls_reads_on_with_a_new_one(topic: Topic) -> None:
+    """The label timeouts' reader of the predictions: stalled, no timeout would fall
+    due again."""
+    reader = TrailingReader(NOWHERE, "t.predictions", since_s=60, buffered=100)
+    assert reader.start({0: 0}) == {0: 0}
+    assert [m.offset for m in reader.fetch({0: 0})[0]] == list(range(5))
+    topic.made[0].deaf, topic.end = True, 9
+    deadline = time.monotonic() + 3
+    while len(reader.fetch({0: 3})[0]) < 6 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(topic.made) == 2 and topic.made[1].assigned == [5]
+    assert [m.offset for m in reader.fetch({0: 3})[0]] == list(range(3, 9))
