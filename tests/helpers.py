@@ -1,11 +1,12 @@
-"""Brute-force references the tests compare the real thing against."""
+"""Brute-force references the tests compare the real thing against, and a wait."""
 
 from __future__ import annotations
 
 import math
+import time
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from riverflow.features.definitions import Aggregation, FeatureSpec, entity_value, parse_duration
@@ -284,3 +285,13 @@ def slate_recount(
         for pid, counted_as in pairs:
             out[pid][f.name] = counted[counted_as][f.name]
     return dict(out)
+
+
+def within(seconds: float, condition: Callable[[], bool], every_s: float = 0.05) -> bool:
+    """Whether ``condition()`` comes true within ``seconds`` (asked every ``every_s``)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(every_s)
+    return False

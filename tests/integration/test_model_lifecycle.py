@@ -31,6 +31,7 @@ from riverflow.streams.contracts import Evaluation, ModelEvent, Prediction, Reco
 from riverflow.streams.kafka_io import ensure_topics, produce_all, producer
 from riverflow.tools.generator import FraudStreamConfig, transactions, with_labels
 from riverflow.tools.stack import Endpoints
+from tests.helpers import within
 from tests.integration.conftest import StageFactory, collect
 from tests.models.test_registry_retention import bounded_history
 
@@ -404,12 +405,7 @@ def check_a_replica_hears_of_moves(client: Any, spec: PipelineSpec) -> None:
     assert replica.version == v1 and not replica.refresh()
 
     def heard(within_s: float = 5.0) -> bool:
-        deadline = time.monotonic() + within_s
-        while time.monotonic() < deadline:
-            if replica.refresh():
-                return True
-            time.sleep(0.001)
-        return False
+        return within(within_s, replica.refresh, every_s=0.001)
 
     registry.promote(ChampionPointer(tree, v2), reason="another process moved it")
     assert heard() and replica.version == v2

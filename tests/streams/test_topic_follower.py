@@ -18,6 +18,7 @@ from riverflow.streams import kafka_io, trailing
 from riverflow.streams.contracts import Message
 from riverflow.streams.kafka_io import TopicFollower
 from riverflow.streams.trailing import TrailingReader
+from tests.helpers import within
 
 NOWHERE = "127.0.0.1:1"  # never connected to: every consumer here is a fake
 
@@ -123,15 +124,6 @@ def topic(monkeypatch: pytest.MonkeyPatch) -> Topic:
     return made
 
 
-def caught_up_within(follower: TopicFollower, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if follower.caught_up():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def test_a_consumer_behind_that_reads_nothing_is_replaced_from_where_it_read_to(
     topic: Topic,
 ) -> None:
@@ -140,7 +132,7 @@ def test_a_consumer_behind_that_reads_nothing_is_replaced_from_where_it_read_to(
     assert follower.caught_up()  # the first five, read by the first consumer
     topic.made[0].deaf, topic.end = True, 9  # it stops fetching; four more are written
     assert not follower.caught_up()
-    assert caught_up_within(follower, 3), "never replaced"
+    assert within(3, follower.caught_up), "never replaced"
     first, second = topic.made
     assert first.closed and second.assigned == [5]
     assert index.offsets == list(range(9))  # each once, in order
