@@ -352,10 +352,11 @@ def _produce_requests(
     console.print(f"produced {n:,} requests to {ep.kafka_bootstrap}")
     if users is not None:
         done = users.wait(args.clicks_wait)
+        why = (f"they stopped reading: {users.stopped}" if users.stopped is not None
+               else f"after {args.clicks_wait:g} s: is the scorer running?")  # fmt: skip
         console.print(f"the simulated users saw {users.answered:,} rankings and clicked "
                       f"{users.clicks:,} items" + ("" if done else
-                      f" ({len(users.waiting):,} requests unanswered after "
-                      f"{args.clicks_wait:g} s: is the scorer running?)"))  # fmt: skip
+                      f" ({len(users.waiting):,} requests unanswered {why})"))  # fmt: skip
         users.close()
         if not done:
             return 1

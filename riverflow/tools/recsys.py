@@ -23,6 +23,7 @@ Because relevance is known, a ranking's expected clicks are exact
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import threading
@@ -35,6 +36,8 @@ import orjson
 
 from riverflow.spec import PipelineSpec
 from riverflow.streams.kafka_io import produce_one, producer, read_topic
+
+log = logging.getLogger(__name__)
 
 DEVICES = ("mobile", "desktop", "tablet")
 PAGES = ("home", "search", "item")
@@ -217,6 +220,7 @@ class SimulatedUsers:
         self.waiting: set[str] = set()
         self.answered = 0
         self.clicks = 0
+        self.stopped: str | None = None  # why the users stopped reading, if they did early
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="simulated-users", daemon=True)
@@ -234,24 +238,36 @@ class SimulatedUsers:
             for msg in predictions:
                 if self._stop.is_set():  # the rest of a batch read before it was set
                     continue
-                p = orjson.loads(msg.value() or b"{}")
-                with self._lock:
-                    if p.get("event_id") not in self.waiting:
-                        continue
-                    self.waiting.discard(p["event_id"])
-                    self.answered += 1
-                for click in self.world.click_labels(p, self.rng):
-                    produce_one(prod, self.topics.labels, click["request_id"].encode(),
-                                orjson.dumps(click), _ignore)  # fmt: skip
-                    self.clicks += 1
-                prod.poll(0)
+                self._answer(msg, prod)
+            if not self._stop.is_set():
+                self.stopped = "the predictions topic's reader ended"
+        except Exception as exc:  # said by wait()'s caller; the traceback to the log
+            self.stopped = f"{type(exc).__name__}: {exc}"
+            log.exception("the simulated users stopped reading the predictions")
         finally:
             prod.flush(30)
 
+    def _answer(self, msg: Any, prod: Any) -> None:
+        try:
+            p = orjson.loads(msg.value() or b"{}")
+        except orjson.JSONDecodeError:
+            return  # not a prediction the users could have been shown
+        with self._lock:
+            if not isinstance(p, dict) or p.get("event_id") not in self.waiting:
+                return
+            self.waiting.discard(p["event_id"])
+            self.answered += 1
+        for click in self.world.click_labels(p, self.rng):
+            produce_one(prod, self.topics.labels, click["request_id"].encode(),
+                        orjson.dumps(click), _ignore)  # fmt: skip
+            self.clicks += 1
+        prod.poll(0)
+
     def wait(self, timeout_s: float) -> bool:
-        """Whether every request expected was answered within ``timeout_s``."""
+        """Whether every request expected was answered within ``timeout_s`` (False at
+        once if the users stopped reading: ``stopped`` says why)."""
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and self.stopped is None:
             with self._lock:
                 if not self.waiting:
                     return True
