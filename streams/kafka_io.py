@@ -97,6 +97,9 @@ START_WAIT_S = 30.0
 # how long a reader behind its topic may read nothing before its consumer is replaced
 # (librdkafka reconnects within reconnect.backoff.max.ms, 10 s, by itself)
 STALL_S = 15.0
+# how long such a look at a topic's end may wait for the broker (during an outage it
+# fails: a reader's caller is held this long every STALL_S at most)
+LOOK_TIMEOUT_S = 2.0
 
 
 class Stall:
@@ -558,9 +561,9 @@ class TopicFollower:
         self.at = {p: start[p] for p in self.partitions}  # the next offset per partition
         self.consumer.assign([TopicPartition(topic, p, o) for p, o in self.at.items()])
 
-    def _high(self, partition: int) -> int:
+    def _high(self, partition: int, timeout_s: float) -> int:
         tp = TopicPartition(self.topic, partition)
-        return int(self.consumer.get_watermark_offsets(tp, timeout=10)[1])
+        return int(self.consumer.get_watermark_offsets(tp, timeout=timeout_s)[1])
 
     def follow(self) -> int:
         """Index what has arrived (bounded); returns how many messages were read.
@@ -573,12 +576,14 @@ class TopicFollower:
                 break
             read += self._add(batch)
         if not read and self._stall.look():
-            self.caught_up()
+            self.caught_up(LOOK_TIMEOUT_S)
         return read
 
-    def caught_up(self) -> bool:
+    def caught_up(self, timeout_s: float = 10.0) -> bool:
+        """Whether everything written before the call is indexed (the ends read
+        within ``timeout_s`` each)."""
         try:
-            highs = {p: self._high(p) for p in self.partitions}
+            highs = {p: self._high(p, timeout_s) for p in self.partitions}
         except KafkaException as exc:
             log.warning("reading the end of %s: %s", self.topic, exc)
             if unknown_partition(exc):

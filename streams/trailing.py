@@ -12,6 +12,7 @@ from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from riverflow.streams.contracts import Message
 from riverflow.streams.kafka_io import (
+    LOOK_TIMEOUT_S,
     Stall,
     groupless_reader,
     offsets_since,
@@ -135,7 +136,9 @@ class TrailingReader:
         reading = [p for p in self._buffers if p not in self._paused]
         try:
             ends = {
-                p: self.consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=10)[1]
+                p: self.consumer.get_watermark_offsets(
+                    TopicPartition(self.topic, p), timeout=LOOK_TIMEOUT_S
+                )[1]
                 for p in reading
             }
         except KafkaException as exc:
