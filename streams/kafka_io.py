@@ -359,12 +359,15 @@ def read_topic(
     older than that many seconds), until none arrived for ``idle_s`` seconds (or
     forever with ``follow``), or ``stop`` is set (noticed within a poll, 0.2 s, even
     while nothing arrives). Reads all partitions without a consumer group, so it
-    commits nothing and joins no rebalance."""
+    commits nothing and joins no rebalance. Following, a consumer that stops
+    fetching (``Stall``) is replaced by a new one from where it read to."""
     consumer, partitions = groupless_reader(bootstrap, topic, "riverflow-reader")
     starts = dict.fromkeys(partitions, OFFSET_BEGINNING)
     if since_s is not None:
         starts = offsets_since(consumer, topic, partitions, since_s)
     consumer.assign([TopicPartition(topic, p, o) for p, o in starts.items()])
+    at = dict(starts)  # the next offset to read per partition (its start until one is read)
+    stall = Stall() if follow else None
     last = time.monotonic()
     try:
         while (follow or time.monotonic() - last < idle_s) and not (stop and stop.is_set()):
@@ -372,11 +375,40 @@ def read_topic(
             for msg in batch:
                 if msg.error():
                     raise KafkaIOError(f"reading {topic}: {msg.error()}")
+                partition, offset = msg.partition(), msg.offset()
+                if partition is not None and offset is not None:
+                    at[partition] = offset + 1
                 yield msg
             if batch:
                 last = time.monotonic()
+                if stall is not None:
+                    stall.heard()
+            elif stall is not None and stall.look():
+                consumer = _unstalled(consumer, bootstrap, topic, at, stall)
     finally:
         consumer.close()
+
+
+def _unstalled(
+    consumer: Consumer, bootstrap: str, topic: str, at: Mapping[int, int], stall: Stall
+) -> Consumer:
+    """``read_topic``'s consumer, or a new one from ``at`` if it has stalled."""
+    try:
+        ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p),
+                                                  timeout=LOOK_TIMEOUT_S) for p in at}  # fmt: skip
+    except KafkaException as exc:
+        if not unknown_partition(exc):
+            return consumer
+        why = f"the client calls its partitions unknown ({exc})"
+        return renewed_reader(consumer, bootstrap, topic, "riverflow-reader", {}, at, why)
+    # a partition not read yet is at its start: behind by what it holds
+    behind = sum(high - (o if o >= 0 else low) for p, o in at.items() for low, high in [ends[p]])
+    silent = stall.stalled(behind > 0)
+    if silent is None:
+        return consumer
+    why = f"{behind:,} messages behind and nothing read for {silent:.0f} s"
+    stall.heard()
+    return renewed_reader(consumer, bootstrap, topic, "riverflow-reader", {}, at, why)
 
 
 class GroupProgress:

@@ -1,12 +1,14 @@
-"""A ``TopicFollower`` (and a ``TrailingReader``) whose consumer stops fetching gets a
-new one, from where it had read to. Seen on a real broker restarted under load: the
-learner's follower of the predictions topic was told its partitions were unknown,
-then fetched nothing while the topic grew, and the learner's labels waited for their
-events until the test gave up. The consumers here are fakes: the stall is
-librdkafka's and rare, and what is tested is what the readers do about it."""
+"""A ``TopicFollower`` (and a ``TrailingReader``, and ``read_topic`` following) whose
+consumer stops fetching gets a new one, from where it had read to. Seen on a real
+broker restarted under load: the learner's follower of the predictions topic was
+told its partitions were unknown, then fetched nothing while the topic grew, and
+the learner's labels waited for their events until the test gave up. The consumers
+here are fakes: the stall is librdkafka's and rare, and what is tested is what the
+readers do about it."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -16,7 +18,7 @@ from confluent_kafka import KafkaError, KafkaException
 
 from riverflow.streams import kafka_io, trailing
 from riverflow.streams.contracts import Message
-from riverflow.streams.kafka_io import TopicFollower
+from riverflow.streams.kafka_io import TopicFollower, read_topic
 from riverflow.streams.trailing import TrailingReader
 from tests.helpers import within
 
@@ -64,7 +66,7 @@ class Consumer:
 
     def assign(self, tps: Sequence[Any]) -> None:
         self.assigned = [tp.offset for tp in tps]
-        self.at = tps[0].offset
+        self.at = max(0, tps[0].offset)  # a logical start (the beginning) is 0 here
 
     def get_watermark_offsets(self, tp: Any, timeout: float) -> tuple[int, int]:
         if self.unknown:
@@ -185,3 +187,22 @@ def test_a_trailing_reader_whose_consumer_stalls_reads_on_with_a_new_one(topic: 
         time.sleep(0.05)
     assert len(topic.made) == 2 and topic.made[1].assigned == [5]
     assert [m.offset for m in reader.fetch({0: 3})[0]] == list(range(3, 9))
+
+
+def test_read_topic_following_a_stalled_consumer_reads_on_with_a_new_one(topic: Topic) -> None:
+    """``riverflow tail --follow`` and the simulated users read this way."""
+    seen: list[int] = []
+    stop = threading.Event()
+
+    def tail() -> None:
+        for msg in read_topic(NOWHERE, "t.predictions", follow=True, stop=stop):
+            seen.append(msg.offset())
+
+    reader = threading.Thread(target=tail, daemon=True)
+    reader.start()
+    assert within(3, lambda: len(seen) == 5)
+    topic.made[0].deaf, topic.end = True, 9
+    assert within(5, lambda: len(seen) == 9), seen
+    stop.set()
+    reader.join(5)
+    assert seen == list(range(9)) and len(topic.made) == 2 and topic.made[1].assigned == [5]
