@@ -402,7 +402,8 @@ def _unstalled(
         why = f"the client calls its partitions unknown ({exc})"
         return renewed_reader(consumer, bootstrap, topic, "riverflow-reader", {}, at, why)
     # a partition not read yet is at its start: behind by what it holds
-    behind = sum(high - (o if o >= 0 else low) for p, o in at.items() for low, high in [ends[p]])
+    behind = sum(max(0, high - (o if o >= 0 else low)) for p, o in at.items()
+                 for low, high in [ends[p]])  # fmt: skip
     silent = stall.stalled(behind > 0)
     if silent is None:
         return consumer
