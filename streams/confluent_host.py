@@ -167,6 +167,17 @@ CLOSE_WAIT_S = 10.0  # a consumer being replaced gets this long to close, then i
 # (librdkafka reconnects within its reconnect.backoff.max.ms, 10 s, by itself)
 DEAF_PROBE_S = 5.0
 DEAF_AFTER_S = 15.0
+# a checkpointed stage's outputs unacknowledged this long while a new client reaches
+# Kafka: its producer is stuck, and a new one writes them again (``_write``)
+STUCK_ACKS_S = 20.0
+
+
+class _StuckProducer(Exception):
+    def __init__(self, waiting: int) -> None:
+        super().__init__(f"{waiting} outputs unacknowledged")
+        self.waiting = waiting
+
+
 # the final flush, commit and close of a host that is its process end by then (else the
 # process exits, status 1): a client waiting on a broker that never answers held a
 # SIGTERMed scorer for over a minute
@@ -302,9 +313,11 @@ class ConfluentHost:
         if settings.exactly_once:
             producer["transactional.id"] = transactional_id(settings)
             producer["transaction.timeout.ms"] = int(settings.transaction_timeout_s * 1000)
-        self.producer = clients.make_producer(
-            producer_config(settings.bootstrap, **{**producer, **clients.producer})
+        self._producer_config = producer_config(
+            settings.bootstrap, **{**producer, **clients.producer}
         )
+        self._make_producer = clients.make_producer
+        self.producer = clients.make_producer(self._producer_config)
 
     def stop(self) -> None:
         self._stop.set()
@@ -847,11 +860,52 @@ class ConfluentHost:
     def _write(self, outputs: list[Output]) -> None:
         # Raises when an output is not acknowledged: the batch is then not committed
         # and will be consumed again after a restart.
-        if outputs:
-            records = ((o.topic, o.key, o.value) for o in outputs)
-            produce_all(self.producer, records, self.settings.write_timeout_s, self._acks_late)
-            if self._kafka_down_since is not None:  # acknowledged: the broker is back
-                self._kafka_up()
+        if not outputs:
+            return
+        records = [(o.topic, o.key, o.value) for o in outputs]
+        deadline = time.monotonic() + self.settings.write_timeout_s
+        while True:
+            try:
+                left = max(0.0, deadline - time.monotonic())
+                produce_all(self.producer, records, left, self._stuck_watch())
+                break
+            except _StuckProducer as stuck:  # all of them again, through a new producer
+                self._replace_producer(stuck.waiting)
+        if self._kafka_down_since is not None:  # acknowledged: the broker is back
+            self._kafka_up()
+
+    def _stuck_watch(self) -> Callable[[int], None]:
+        """``produce_all``'s ``waiting``: reports late acks, and (at least once, in no
+        transaction) raises ``_StuckProducer`` once they have waited ``STUCK_ACKS_S``
+        while a new client reaches Kafka (asked every ``DEAF_PROBE_S``)."""
+        started, probe = time.monotonic(), [0.0]
+
+        def waiting(left: int) -> None:
+            self._acks_late(left)
+            now = time.monotonic()
+            if self.exactly_once or now - started < STUCK_ACKS_S or now < probe[0]:
+                return
+            probe[0] = now + DEAF_PROBE_S
+            if self._fresh_client_reaches_kafka():
+                raise _StuckProducer(left)
+
+        return waiting
+
+    def _replace_producer(self, waiting: int) -> None:
+        """A new producer in place of one stuck (librdkafka #5430: a partition it was
+        told has leader -1, as a broker shuts down, stays without a leader for good,
+        "new leader-1 not found in cache"); the old one's messages are purged and it
+        is let go in the background."""
+        log.warning("%s: %d outputs unacknowledged for %.0f s while Kafka answers a new "
+                    "client: a new producer writes them again", self.processor.stage,
+                    waiting, STUCK_ACKS_S)  # fmt: skip
+        old, self.producer = self.producer, self._make_producer(self._producer_config)
+
+        def let_go() -> None:
+            old.purge(in_queue=True, in_flight=True, blocking=False)
+            old.flush(CLOSE_WAIT_S)
+
+        threading.Thread(target=let_go, name="stuck-producer", daemon=True).start()
 
     # -- Kafka outages (degraded on /healthz while they last) --
 

@@ -32,6 +32,7 @@ from riverflow.streams.contracts import Message, Output
 from riverflow.streams.kafka_io import KafkaIOError
 from riverflow.streams.topics import Topics
 from tests.conftest import REPO_ROOT
+from tests.helpers import within
 
 
 class FakeMessage:
@@ -170,6 +171,9 @@ class FakeProducer:
         time.sleep(max(0.0, min(timeout, self.acks_from - time.monotonic())))
         self._serve()
         return self.unacked.pop(0) if self.unacked else 0
+
+    def purge(self, in_queue: bool = True, in_flight: bool = True, blocking: bool = True) -> None:
+        self.log.append("purge")
 
     def init_transactions(self, timeout: float) -> None:
         self.log.append("init_transactions")
@@ -327,6 +331,34 @@ def test_checkpointed_positions_are_assigned_and_saved_after_writes_never_commit
     assert "commit" not in log
     assert saved == [1, 1]  # after the batch's write, and after the final outputs' write
     assert log.count("flush") >= 2
+
+
+def test_a_checkpointed_stage_whose_producer_is_stuck_writes_through_a_new_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """librdkafka #5430, seen in a learner after a broker restart: a partition the
+    producer was told has leader -1 (the broker shutting down) is never routed again,
+    and its outputs wait for acks until ``write_timeout_s`` stops the stage. Once they
+    have waited ``STUCK_ACKS_S`` while a new client reaches Kafka, a new producer
+    writes them again; the old one is purged."""
+    monkeypatch.setattr(confluent_host, "STUCK_ACKS_S", 0.5)
+    processor, saved = Echo(), []
+    checkpoint = Checkpointing({1: 5}, lambda: saved.append(len(processor.batches)))
+    host, log = host_on_fakes(processor, [FakeMessage("in", 1, 5, b"a")], checkpoint=checkpoint)
+    stuck = host.producer
+    stuck.acks_from, stuck.unacked = time.monotonic() + 3600, [1] * 1000  # never acknowledged
+    made: list[FakeProducer] = []
+
+    def new_producer(config: dict[str, Any]) -> FakeProducer:
+        made.append(FakeProducer(config, log))
+        return made[-1]
+
+    host._make_producer = new_producer
+    run(host)
+    [fresh] = made
+    assert fresh.config == stuck.config and fresh.produced == 1  # the output, again
+    assert host.producer is fresh and saved == [1]  # written, then checkpointed
+    assert within(5, lambda: "purge" in log)
 
 
 def batches(n: int, per: int = 2) -> list[FakeMessage]:
