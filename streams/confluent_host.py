@@ -167,8 +167,8 @@ CLOSE_WAIT_S = 10.0  # a consumer being replaced gets this long to close, then i
 # (librdkafka reconnects within its reconnect.backoff.max.ms, 10 s, by itself)
 DEAF_PROBE_S = 5.0
 DEAF_AFTER_S = 15.0
-# a checkpointed stage's outputs unacknowledged this long while a new client reaches
-# Kafka: its producer is stuck, and a new one writes them again (``_write``)
+# a checkpointed stage's outputs unacknowledged this long, and a new client has reached
+# Kafka for DEAF_AFTER_S: its producer is stuck, and a new one writes them again
 STUCK_ACKS_S = 20.0
 
 
@@ -877,16 +877,22 @@ class ConfluentHost:
     def _stuck_watch(self) -> Callable[[int], None]:
         """``produce_all``'s ``waiting``: reports late acks, and (at least once, in no
         transaction) raises ``_StuckProducer`` once they have waited ``STUCK_ACKS_S``
-        while a new client reaches Kafka (asked every ``DEAF_PROBE_S``)."""
-        started, probe = time.monotonic(), [0.0]
+        and a new client has reached Kafka for ``DEAF_AFTER_S`` (asked every
+        ``DEAF_PROBE_S``): a producer back from an outage reconnects within that."""
+        started = time.monotonic()
+        probe: list[float | None] = [0.0, None]  # the next probe; since when one reached
 
         def waiting(left: int) -> None:
             self._acks_late(left)
             now = time.monotonic()
-            if self.exactly_once or now - started < STUCK_ACKS_S or now < probe[0]:
+            if self.exactly_once or now - started < STUCK_ACKS_S or now < (probe[0] or 0.0):
                 return
             probe[0] = now + DEAF_PROBE_S
-            if self._fresh_client_reaches_kafka():
+            if not self._fresh_client_reaches_kafka():
+                probe[1] = None
+            elif probe[1] is None:
+                probe[1] = now
+            elif now - probe[1] >= DEAF_AFTER_S:
                 raise _StuckProducer(left)
 
         return waiting

@@ -339,9 +339,11 @@ def test_a_checkpointed_stage_whose_producer_is_stuck_writes_through_a_new_one(
     """librdkafka #5430, seen in a learner after a broker restart: a partition the
     producer was told has leader -1 (the broker shutting down) is never routed again,
     and its outputs wait for acks until ``write_timeout_s`` stops the stage. Once they
-    have waited ``STUCK_ACKS_S`` while a new client reaches Kafka, a new producer
-    writes them again; the old one is purged."""
+    have waited ``STUCK_ACKS_S`` and a new client has reached Kafka for
+    ``DEAF_AFTER_S``, a new producer writes them again; the old one is purged."""
     monkeypatch.setattr(confluent_host, "STUCK_ACKS_S", 0.5)
+    monkeypatch.setattr(confluent_host, "DEAF_PROBE_S", 0.5)
+    monkeypatch.setattr(confluent_host, "DEAF_AFTER_S", 1.0)
     processor, saved = Echo(), []
     checkpoint = Checkpointing({1: 5}, lambda: saved.append(len(processor.batches)))
     host, log = host_on_fakes(processor, [FakeMessage("in", 1, 5, b"a")], checkpoint=checkpoint)
