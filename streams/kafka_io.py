@@ -126,6 +126,31 @@ class Stall:
         self._looked = now
         return True
 
+    def check(self, consumer: Consumer, topic: str, at: Mapping[int, int]) -> str | None:
+        """Why ``consumer``, reading ``topic``'s partitions from ``at`` (the next
+        offset each; a logical start until one is read), should be replaced, or None:
+        its ends refused for an unknown partition, or ``stalled``. Reads the ends,
+        waiting ``LOOK_TIMEOUT_S`` at most."""
+        try:
+            ends = {
+                p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=LOOK_TIMEOUT_S)
+                for p in at
+            }
+        except KafkaException as exc:
+            log.warning("reading the end of %s: %s", topic, exc)
+            return (
+                f"the client calls its partitions unknown ({exc})"
+                if unknown_partition(exc)
+                else None
+            )
+        # a partition not read yet is at its start: behind by what it holds
+        behind = sum(max(0, high - (o if o >= 0 else low)) for p, o in at.items()
+                     for low, high in [ends[p]])  # fmt: skip
+        silent = self.stalled(behind > 0)
+        if silent is None:
+            return None
+        return f"{behind:,} messages behind and nothing read for {silent:.0f} s"
+
     def stalled(self, behind: bool) -> float | None:
         """Seconds silent while behind, once that is ``STALL_S`` or more (else None)."""
         if not behind:
@@ -384,32 +409,13 @@ def read_topic(
                 if stall is not None:
                     stall.heard()
             elif stall is not None and stall.look():
-                consumer = _unstalled(consumer, bootstrap, topic, at, stall)
+                why = stall.check(consumer, topic, at)
+                if why is not None:
+                    consumer = renewed_reader(consumer, bootstrap, topic, "riverflow-reader",
+                                              {}, at, why)  # fmt: skip
+                    stall.heard()
     finally:
         consumer.close()
-
-
-def _unstalled(
-    consumer: Consumer, bootstrap: str, topic: str, at: Mapping[int, int], stall: Stall
-) -> Consumer:
-    """``read_topic``'s consumer, or a new one from ``at`` if it has stalled."""
-    try:
-        ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p),
-                                                  timeout=LOOK_TIMEOUT_S) for p in at}  # fmt: skip
-    except KafkaException as exc:
-        if not unknown_partition(exc):
-            return consumer
-        why = f"the client calls its partitions unknown ({exc})"
-        return renewed_reader(consumer, bootstrap, topic, "riverflow-reader", {}, at, why)
-    # a partition not read yet is at its start: behind by what it holds
-    behind = sum(max(0, high - (o if o >= 0 else low)) for p, o in at.items()
-                 for low, high in [ends[p]])  # fmt: skip
-    silent = stall.stalled(behind > 0)
-    if silent is None:
-        return consumer
-    why = f"{behind:,} messages behind and nothing read for {silent:.0f} s"
-    stall.heard()
-    return renewed_reader(consumer, bootstrap, topic, "riverflow-reader", {}, at, why)
 
 
 class GroupProgress:

@@ -8,16 +8,14 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from confluent_kafka import KafkaError, KafkaException, TopicPartition
+from confluent_kafka import KafkaError, TopicPartition
 
 from riverflow.streams.contracts import Message
 from riverflow.streams.kafka_io import (
-    LOOK_TIMEOUT_S,
     Stall,
     groupless_reader,
     offsets_since,
     renewed_reader,
-    unknown_partition,
 )
 
 log = logging.getLogger(__name__)
@@ -131,25 +129,11 @@ class TrailingReader:
                 self._paused.update(full)
 
     def _check_stall(self) -> None:
-        """Read the ends of the partitions read (not paused); a new consumer if it has
-        been behind one of them with nothing read for ``STALL_S``."""
-        reading = [p for p in self._buffers if p not in self._paused]
-        try:
-            ends = {
-                p: self.consumer.get_watermark_offsets(
-                    TopicPartition(self.topic, p), timeout=LOOK_TIMEOUT_S
-                )[1]
-                for p in reading
-            }
-        except KafkaException as exc:
-            log.warning("reading the end of %s: %s", self.topic, exc)
-            if unknown_partition(exc):
-                self._renew(f"the client calls its partitions unknown ({exc})")
-            return
-        behind = sum(max(0, end - self._next[p]) for p, end in ends.items())
-        silent = self._stall.stalled(behind > 0)
-        if silent is not None:
-            self._renew(f"{behind:,} records behind and nothing read for {silent:.0f} s")
+        """A new consumer if it has stalled on a partition it reads (not paused)."""
+        reading = {p: self._next[p] for p in self._buffers if p not in self._paused}
+        why = self._stall.check(self.consumer, self.topic, reading)
+        if why is not None:
+            self._renew(why)
 
     def _renew(self, why: str) -> None:
         self.consumer = renewed_reader(self.consumer, self.bootstrap, self.topic, self._group,
