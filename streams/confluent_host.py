@@ -141,6 +141,7 @@ class _InFlight:
     every one of them is acknowledged."""
 
     offsets: dict[tuple[str, int], int]  # next offset per source partition
+    firsts: dict[tuple[str, int], int]  # its first offset per source partition
     outputs: int
     waiting: int  # outputs not acknowledged yet
     since: float  # when they were produced (monotonic)
@@ -167,8 +168,9 @@ CLOSE_WAIT_S = 10.0  # a consumer being replaced gets this long to close, then i
 # (librdkafka reconnects within its reconnect.backoff.max.ms, 10 s, by itself)
 DEAF_PROBE_S = 5.0
 DEAF_AFTER_S = 15.0
-# a checkpointed stage's outputs unacknowledged this long, and a new client has reached
-# Kafka for DEAF_AFTER_S: its producer is stuck, and a new one writes them again
+# a stage's outputs unacknowledged this long, and a new client has reached Kafka for
+# DEAF_AFTER_S: its producer is stuck, and a new one writes them again (a checkpointed
+# stage), or their batches are consumed again and a new one writes theirs (at least once)
 STUCK_ACKS_S = 20.0
 
 
@@ -252,6 +254,8 @@ class ConfluentHost:
         self.exactly_once = settings.exactly_once
         self._committable: dict[tuple[str, int], int] = {}  # next offset, acknowledged
         self._in_flight: deque[_InFlight] = deque()  # batches awaiting acks, oldest first
+        # the oldest batch's acks late: which batch, and its stuck producer's watch
+        self._late: tuple[_InFlight, Callable[[int], None]] | None = None
         self._committed: dict[tuple[str, int], int] = {}  # what the last commit sent
         self._commit_in_flight = False
         self._next_commit = 0.0
@@ -409,9 +413,11 @@ class ConfluentHost:
         if not batch and not outputs:
             return
         offsets: dict[tuple[str, int], int] = {}
+        firsts: dict[tuple[str, int], int] = {}
         for m in batch:
             offsets[(m.topic, m.partition)] = m.offset + 1
-        entry = _InFlight(offsets, len(outputs), len(outputs), time.monotonic())
+            firsts.setdefault((m.topic, m.partition), m.offset)
+        entry = _InFlight(offsets, firsts, len(outputs), len(outputs), time.monotonic())
         prod = self.producer
         for o in outputs:
             produce_one(prod, o.topic, o.key, o.value, entry.on_delivery)
@@ -444,7 +450,14 @@ class ConfluentHost:
         if queue and raising:
             waited = time.monotonic() - queue[0].since
             if waited > 1.0:
-                self._acks_late(sum(e.waiting for e in queue))
+                late = self._late
+                if late is None or late[0] is not queue[0]:
+                    late = self._late = (queue[0], self._stuck_watch())
+                try:
+                    late[1](sum(e.waiting for e in queue))  # reports the late acks
+                except _StuckProducer as stuck:
+                    self._consume_unacknowledged_again(stuck.waiting)
+                    return
             if waited > self.settings.write_timeout_s:
                 raise KafkaIOError(
                     f"{sum(e.waiting for e in queue)} outputs unacknowledged after "
@@ -614,8 +627,9 @@ class ConfluentHost:
         self._txn_started = None
         self._txn_next.clear()
 
-    def _rewind(self) -> None:
-        for (topic, partition), offset in self._txn_first.items():
+    def _rewind(self, firsts: dict[tuple[str, int], int] | None = None) -> None:
+        """The consumer moved back to ``firsts`` (default: the open transaction's)."""
+        for (topic, partition), offset in (self._txn_first if firsts is None else firsts).items():
             try:
                 self.consumer.seek(TopicPartition(topic, partition, offset))
             except KafkaException as exc:  # revoked meanwhile: its next owner reads it
@@ -875,8 +889,9 @@ class ConfluentHost:
             self._kafka_up()
 
     def _stuck_watch(self) -> Callable[[int], None]:
-        """``produce_all``'s ``waiting``: reports late acks, and (at least once, in no
-        transaction) raises ``_StuckProducer`` once they have waited ``STUCK_ACKS_S``
+        """Called with how many outputs wait (``produce_all``'s ``waiting``, and
+        ``_settle``'s): reports late acks, and (in no transaction) raises
+        ``_StuckProducer`` once they have waited ``STUCK_ACKS_S``
         and a new client has reached Kafka for ``DEAF_AFTER_S`` (asked every
         ``DEAF_PROBE_S``): a producer back from an outage reconnects within that."""
         started = time.monotonic()
@@ -896,6 +911,20 @@ class ConfluentHost:
                 raise _StuckProducer(left)
 
         return waiting
+
+    def _consume_unacknowledged_again(self, waiting: int) -> None:
+        """At least once, the producer stuck: a new one, and the consumer moved back to
+        the first batch not acknowledged. Its batches and the ones after it are
+        processed again (the store's event-id dedup serves the same outputs) and
+        written through the new producer; the old one's are purged."""
+        firsts: dict[tuple[str, int], int] = {}
+        for entry in self._in_flight:
+            for tp, offset in entry.firsts.items():
+                firsts.setdefault(tp, offset)
+        self._in_flight.clear()
+        self._late = None
+        self._replace_producer(waiting)
+        self._rewind(firsts)
 
     def _replace_producer(self, waiting: int) -> None:
         """A new producer in place of one stuck (librdkafka #5430: a partition it was

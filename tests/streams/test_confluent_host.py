@@ -363,6 +363,42 @@ def test_a_checkpointed_stage_whose_producer_is_stuck_writes_through_a_new_one(
     assert within(5, lambda: "purge" in log)
 
 
+def test_an_at_least_once_stage_whose_producer_is_stuck_consumes_its_batches_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The scorer's path (at least once, outputs acknowledged in the background):
+    with its producer stuck (librdkafka #5430), the batches from the first one not
+    acknowledged are consumed again and their outputs written through a new
+    producer, instead of the stage stopping at ``write_timeout_s``; nothing is
+    committed past them before that."""
+    monkeypatch.setattr(confluent_host, "STUCK_ACKS_S", 0.5)
+    monkeypatch.setattr(confluent_host, "DEAF_PROBE_S", 0.5)
+    monkeypatch.setattr(confluent_host, "DEAF_AFTER_S", 1.0)
+    processor = Echo(stop_after=3)
+    first = [FakeMessage("in", 1, 5, b"a"), FakeMessage("in", 1, 6, b"b")]
+    host, log = host_on_fakes(processor, first, host={"commit_interval_s": 0.0})
+    host.settings = replace(host.settings, batch_size=1)  # two batches in flight
+    stuck = host.producer
+    stuck.acks_from = time.monotonic() + 3600  # never acknowledged
+    made: list[FakeProducer] = []
+
+    def new_producer(config: dict[str, Any]) -> FakeProducer:
+        made.append(FakeProducer(config, log))
+        return made[-1]
+
+    host._make_producer = new_producer
+    run(host)
+    [fresh] = made
+    assert host.consumer.seeks == [(1, 5)]  # back to the first unacknowledged batch
+    again = processor.batches[2]
+    assert [(m.partition, m.offset, m.value) for m in again] == [(1, 5, b"again")]
+    assert fresh.config == stuck.config and fresh.produced == 1 and "ack" in log
+    assert host.producer is fresh and stuck.produced == 2
+    committed = [offsets for offsets, _ in host.consumer.commits]
+    assert committed and all(o == {("in", 1): 6} for o in committed)  # only once acked
+    assert within(5, lambda: "purge" in log)
+
+
 def batches(n: int, per: int = 2) -> list[FakeMessage]:
     """``n`` batches' worth of messages on partitions 0 and 1 (offsets 0, 1, ...)."""
     return [FakeMessage("in", i % 2, i // 2, b"x") for i in range(n * per)]
