@@ -174,6 +174,25 @@ DEAF_AFTER_S = 15.0
 STUCK_ACKS_S = 20.0
 
 
+class _FreshReach:
+    """How long a new client has reached Kafka, asked (``probe``) at most every
+    ``DEAF_PROBE_S``; an answer refused starts the count again."""
+
+    def __init__(self) -> None:
+        self._next = 0.0
+        self._since: float | None = None
+
+    def reached_for(self, now: float, probe: Callable[[], bool]) -> float | None:
+        """Seconds since a new client first reached Kafka (None: it has not)."""
+        if now >= self._next:
+            self._next = now + DEAF_PROBE_S
+            if not probe():
+                self._since = None
+            elif self._since is None:
+                self._since = now
+        return None if self._since is None else now - self._since
+
+
 class _StuckProducer(Exception):
     def __init__(self, waiting: int) -> None:
         super().__init__(f"{waiting} outputs unacknowledged")
@@ -296,8 +315,7 @@ class ConfluentHost:
         self._kafka_down_since: float | None = None  # degraded: the broker is unreachable
         self._kafka_up_at = -math.inf  # when the last outage ended
         self._next_probe = 0.0
-        self._next_fresh_probe = 0.0  # when a new client may ask a broker next (outage)
-        self._reached_at: float | None = None  # when a new client first reached one
+        self._reach = _FreshReach()  # a new client's reach of Kafka (outage)
         # the group's coordinator unreachable while a broker answers (see _on_stats)
         self._group_lost_since: float | None = None
         self._group_stuck: str | None = None  # why the consumer is to be replaced
@@ -787,7 +805,8 @@ class ConfluentHost:
         if closing.is_alive():
             log.warning("the replaced consumer did not close within %.0f s: left to close "
                         "on its own", CLOSE_WAIT_S)  # fmt: skip
-        self._group_lost_since = self._group_stuck = self._reached_at = None
+        self._group_lost_since = self._group_stuck = None
+        self._reach = _FreshReach()
         self.consumer = self._create_consumer()
         self._start_reading()
 
@@ -895,19 +914,15 @@ class ConfluentHost:
         and a new client has reached Kafka for ``DEAF_AFTER_S`` (asked every
         ``DEAF_PROBE_S``): a producer back from an outage reconnects within that."""
         started = time.monotonic()
-        probe: list[float | None] = [0.0, None]  # the next probe; since when one reached
+        reach = _FreshReach()
 
         def waiting(left: int) -> None:
             self._acks_late(left)
             now = time.monotonic()
-            if self.exactly_once or now - started < STUCK_ACKS_S or now < (probe[0] or 0.0):
+            if self.exactly_once or now - started < STUCK_ACKS_S:
                 return
-            probe[0] = now + DEAF_PROBE_S
-            if not self._fresh_client_reaches_kafka():
-                probe[1] = None
-            elif probe[1] is None:
-                probe[1] = now
-            elif now - probe[1] >= DEAF_AFTER_S:
+            up = reach.reached_for(now, self._fresh_client_reaches_kafka)
+            if up is not None and up >= DEAF_AFTER_S:
                 raise _StuckProducer(left)
 
         return waiting
@@ -971,7 +986,8 @@ class ConfluentHost:
             "%s: Kafka reachable again after %.1fs",
             self.processor.stage, time.monotonic() - self._kafka_down_since,
         )  # fmt: skip
-        self._kafka_down_since = self._reached_at = None
+        self._kafka_down_since = None
+        self._reach = _FreshReach()
         self._kafka_up_at = time.monotonic()
         if self.metrics is not None:
             self.metrics.set_degraded(None, "kafka")
@@ -997,15 +1013,9 @@ class ConfluentHost:
         for over a minute, and no fetch came, while the other stages' clients were
         back within a second); a new consumer joins (``_replace_stuck_consumer``), or,
         reading from the processor's own positions (the learner), is assigned there."""
-        if now < self._next_fresh_probe:
-            return
-        self._next_fresh_probe = now + DEAF_PROBE_S
-        if self._reached_at is None:
-            if self._fresh_client_reaches_kafka():
-                self._reached_at = now
-            return
-        if now - self._reached_at >= DEAF_AFTER_S:
-            down, up = now - (self._kafka_down_since or now), now - self._reached_at
+        up = self._reach.reached_for(now, self._fresh_client_reaches_kafka)
+        if up is not None and up >= DEAF_AFTER_S:
+            down = now - (self._kafka_down_since or now)
             self._group_stuck = (f"Kafka: the consumer reached no broker for {down:.0f} s, "
                                  f"while a new client has for {up:.0f} s")  # fmt: skip
 
