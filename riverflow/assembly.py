@@ -114,10 +114,12 @@ def kafka_unreachable(exc: BaseException) -> str | None:
     """Why ``exc`` is the Kafka cluster being unreachable, or its partitions' leaders
     not there yet (a topic just created, a broker restarting): not a refusal. None
     if it is neither."""
-    from confluent_kafka import KafkaError, KafkaException
+    from confluent_kafka import KafkaError
 
-    err = exc.args[0] if isinstance(exc, KafkaException) and exc.args else None
-    if not isinstance(err, KafkaError):
+    from riverflow.streams.kafka_io import kafka_error
+
+    err = kafka_error(exc)
+    if err is None:
         return None
     down = (KafkaError._TRANSPORT, KafkaError._TIMED_OUT, KafkaError._ALL_BROKERS_DOWN,
             # offsets_for_times says so, not retriable, right after a topic is made

@@ -85,6 +85,7 @@ from riverflow.streams.kafka_io import (
     MAX_MESSAGE_BYTES,
     KafkaIOError,
     client_config,
+    kafka_error,
     produce_all,
     produce_one,
     producer_config,
@@ -612,8 +613,8 @@ class ConfluentHost:
                     self.producer.commit_transaction(timeout)
                     break
                 except KafkaException as exc:
-                    err = exc.args[0]
-                    if attempt == 2 or not isinstance(err, KafkaError) or not err.retriable():
+                    err = kafka_error(exc)
+                    if attempt == 2 or err is None or not err.retriable():
                         raise
         except KafkaException as exc:
             self._failed_transaction(exc, [])
@@ -626,8 +627,8 @@ class ConfluentHost:
         """Abort the open transaction and rewind every partition it read (and ``batch``'s)
         to where it began, so that what it held is processed again; a fatal error (fenced)
         stops the host."""
-        err = exc.args[0]
-        if not isinstance(err, KafkaError) or err.fatal() or not err.txn_requires_abort():
+        err = kafka_error(exc)
+        if err is None or err.fatal() or not err.txn_requires_abort():
             raise KafkaIOError(
                 f"transaction failed for good ({exc}); fenced means another process "
                 f"runs with transactional.id {transactional_id(self.settings)!r}: "

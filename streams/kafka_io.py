@@ -162,9 +162,15 @@ class Stall:
         return silent if silent >= STALL_S else None
 
 
+def kafka_error(exc: BaseException) -> KafkaError | None:
+    """The ``KafkaError`` a ``KafkaException`` carries (None for any other)."""
+    err = exc.args[0] if isinstance(exc, KafkaException) and exc.args else None
+    return err if isinstance(err, KafkaError) else None
+
+
 def unknown_partition(exc: KafkaException) -> bool:
-    err = exc.args[0] if exc.args else None
-    return isinstance(err, KafkaError) and err.code() == KafkaError._UNKNOWN_PARTITION
+    err = kafka_error(exc)
+    return err is not None and err.code() == KafkaError._UNKNOWN_PARTITION
 
 
 def renewed_reader(
@@ -193,8 +199,8 @@ def renewed_reader(
 def _starting(exc: KafkaException) -> bool:
     """Whether a creation was refused only because the cluster is starting: a
     retriable error, or (KRaft) no broker unfenced yet, as just after a restart."""
-    err = exc.args[0] if exc.args else None
-    if not isinstance(err, KafkaError):
+    err = kafka_error(exc)
+    if err is None:
         return False
     fenced = err.code() == KafkaError.INVALID_REPLICATION_FACTOR and "fenced" in err.str()
     return bool(err.retriable()) or fenced
@@ -262,8 +268,8 @@ def topic_retention(bootstrap: str, topic: str) -> tuple[int, int]:
             break
         except KafkaException as exc:
             # a topic another process has just created: the broker asked may not know it yet
-            err = exc.args[0] if exc.args else None
-            unknown = isinstance(err, KafkaError) and err.code() == KafkaError.UNKNOWN_TOPIC_OR_PART
+            err = kafka_error(exc)
+            unknown = err is not None and err.code() == KafkaError.UNKNOWN_TOPIC_OR_PART
             if not unknown or time.monotonic() > deadline:
                 raise KafkaIOError(f"reading the configuration of topic {topic}: {exc}") from exc
             time.sleep(0.2)
