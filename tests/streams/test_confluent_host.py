@@ -333,6 +333,26 @@ def test_checkpointed_positions_are_assigned_and_saved_after_writes_never_commit
     assert log.count("flush") >= 2
 
 
+def stuck_producer(
+    monkeypatch: pytest.MonkeyPatch, host: ConfluentHost, log: list[str]
+) -> tuple[FakeProducer, list[FakeProducer]]:
+    """The host's producer never acknowledged, with short stuck-producer timings: it,
+    and the producers the host makes after it."""
+    monkeypatch.setattr(confluent_host, "STUCK_ACKS_S", 0.5)
+    monkeypatch.setattr(confluent_host, "DEAF_PROBE_S", 0.5)
+    monkeypatch.setattr(confluent_host, "DEAF_AFTER_S", 1.0)
+    stuck = host.producer
+    stuck.acks_from, stuck.unacked = time.monotonic() + 3600, [1] * 1000
+    made: list[FakeProducer] = []
+
+    def new_producer(config: dict[str, Any]) -> FakeProducer:
+        made.append(FakeProducer(config, log))
+        return made[-1]
+
+    host._make_producer = new_producer
+    return stuck, made
+
+
 def test_a_checkpointed_stage_whose_producer_is_stuck_writes_through_a_new_one(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -341,21 +361,10 @@ def test_a_checkpointed_stage_whose_producer_is_stuck_writes_through_a_new_one(
     and its outputs wait for acks until ``write_timeout_s`` stops the stage. Once they
     have waited ``STUCK_ACKS_S`` and a new client has reached Kafka for
     ``DEAF_AFTER_S``, a new producer writes them again; the old one is purged."""
-    monkeypatch.setattr(confluent_host, "STUCK_ACKS_S", 0.5)
-    monkeypatch.setattr(confluent_host, "DEAF_PROBE_S", 0.5)
-    monkeypatch.setattr(confluent_host, "DEAF_AFTER_S", 1.0)
     processor, saved = Echo(), []
     checkpoint = Checkpointing({1: 5}, lambda: saved.append(len(processor.batches)))
     host, log = host_on_fakes(processor, [FakeMessage("in", 1, 5, b"a")], checkpoint=checkpoint)
-    stuck = host.producer
-    stuck.acks_from, stuck.unacked = time.monotonic() + 3600, [1] * 1000  # never acknowledged
-    made: list[FakeProducer] = []
-
-    def new_producer(config: dict[str, Any]) -> FakeProducer:
-        made.append(FakeProducer(config, log))
-        return made[-1]
-
-    host._make_producer = new_producer
+    stuck, made = stuck_producer(monkeypatch, host, log)
     run(host)
     [fresh] = made
     assert fresh.config == stuck.config and fresh.produced == 1  # the output, again
@@ -371,22 +380,11 @@ def test_an_at_least_once_stage_whose_producer_is_stuck_consumes_its_batches_aga
     acknowledged are consumed again and their outputs written through a new
     producer, instead of the stage stopping at ``write_timeout_s``; nothing is
     committed past them before that."""
-    monkeypatch.setattr(confluent_host, "STUCK_ACKS_S", 0.5)
-    monkeypatch.setattr(confluent_host, "DEAF_PROBE_S", 0.5)
-    monkeypatch.setattr(confluent_host, "DEAF_AFTER_S", 1.0)
     processor = Echo(stop_after=3)
     first = [FakeMessage("in", 1, 5, b"a"), FakeMessage("in", 1, 6, b"b")]
     host, log = host_on_fakes(processor, first, host={"commit_interval_s": 0.0})
     host.settings = replace(host.settings, batch_size=1)  # two batches in flight
-    stuck = host.producer
-    stuck.acks_from = time.monotonic() + 3600  # never acknowledged
-    made: list[FakeProducer] = []
-
-    def new_producer(config: dict[str, Any]) -> FakeProducer:
-        made.append(FakeProducer(config, log))
-        return made[-1]
-
-    host._make_producer = new_producer
+    stuck, made = stuck_producer(monkeypatch, host, log)
     run(host)
     [fresh] = made
     assert host.consumer.seeks == [(1, 5)]  # back to the first unacknowledged batch
