@@ -439,7 +439,10 @@ class GroupProgress:
     producers hold what they made while the broker was out of reach and deliver
     it only once they reconnect (librdkafka retries a broker at most every
     ``reconnect.backoff.max.ms``, 10 s), so high watermarks read the moment
-    Kafka is back do not cover what was produced during the outage.
+    Kafka is back do not cover what was produced during the outage. Errors for
+    ``STALL_S`` on end bring a new consumer, the old one closing in the background
+    (a client can stay stuck after a broker restart while new ones reach it, as the
+    other readers here can: without it, no label would time out again).
     """
 
     def __init__(
@@ -456,11 +459,11 @@ class GroupProgress:
         self.clock = clock
         self.settle_s = settle_s
         self._failed = False  # Kafka out of reach at the last call
+        self._failing_since: float | None = None
         # group.id only names whose committed offsets are read: it never subscribes,
         # so it never joins the group or takes partitions from its members
-        self.consumer = Consumer(
-            client_config(bootstrap, **{"group.id": group, "enable.auto.commit": False})
-        )
+        self._config = client_config(bootstrap, **{"group.id": group, "enable.auto.commit": False})
+        self.consumer = Consumer(self._config)
         self._probe: tuple[float, dict[int, int]] | None = None
         self._through: float | None = None
         self._next = 0.0
@@ -484,10 +487,27 @@ class GroupProgress:
                     self._next = self.clock() + max(self.settle_s, self.poll_s)
                 else:
                     self._probe = (at, highs)
+            self._failing_since = None
         except KafkaException as exc:
             log.warning("reading how far the group has got on %s: %s", self.topic, exc)
             self._failed = True
+            if self._failing_since is None:
+                self._failing_since = now
+            elif now - self._failing_since >= STALL_S:
+                self._renew()
         return self._through
+
+    def _renew(self) -> None:
+        try:
+            consumer = Consumer(self._config)
+        except KafkaException as exc:
+            log.warning("reading how far the group has got on %s: no new consumer yet: %s",
+                        self.topic, exc)  # fmt: skip
+            return
+        log.warning("reading how far the group has got on %s: a new consumer, after "
+                    "errors for %.0f s", self.topic, STALL_S)  # fmt: skip
+        old, self.consumer, self._failing_since = self.consumer, consumer, None
+        threading.Thread(target=old.close, name="progress-close", daemon=True).start()
 
     def _highs(self) -> dict[int, int]:
         meta = self.consumer.list_topics(self.topic, timeout=5).topics.get(self.topic)

@@ -1,5 +1,6 @@
 """A ``TopicFollower`` (and a ``TrailingReader``, and ``read_topic`` following) whose
-consumer stops fetching gets a new one, from where it had read to. Seen on a real
+consumer stops fetching gets a new one, from where it had read to; so does a
+``GroupProgress`` whose consumer is refused for ``STALL_S`` on end. Seen on a real
 broker restarted under load: the learner's follower of the predictions topic was
 told its partitions were unknown, then fetched nothing while the topic grew, and
 the learner's labels waited for their events until the test gave up. The consumers
@@ -11,7 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from confluent_kafka import KafkaError, KafkaException
@@ -206,3 +207,60 @@ def test_read_topic_following_a_stalled_consumer_reads_on_with_a_new_one(topic: 
     stop.set()
     reader.join(5)
     assert seen == list(range(9)) and len(topic.made) == 2 and topic.made[1].assigned == [5]
+
+
+class ProgressConsumer:
+    """What ``GroupProgress`` asks of a consumer: one partition at offset 3, all of it
+    committed; ``stuck``: every call refused, as a client stuck after a broker restart."""
+
+    made: ClassVar[list[ProgressConsumer]] = []
+    stuck_next: ClassVar[bool] = True
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.stuck, ProgressConsumer.stuck_next = ProgressConsumer.stuck_next, False
+        self.closed = False
+        ProgressConsumer.made.append(self)
+
+    def _answer(self) -> None:
+        if self.stuck:
+            raise KafkaException(KafkaError(KafkaError._TRANSPORT, "Local: Broker transport"))
+
+    def list_topics(self, topic: str, timeout: float) -> Any:
+        self._answer()
+        meta = type("T", (), {"partitions": {0: None}, "error": None})()
+        return type("Meta", (), {"topics": {topic: meta}})()
+
+    def get_watermark_offsets(self, tp: Any, timeout: float) -> tuple[int, int]:
+        self._answer()
+        return 0, 3
+
+    def committed(self, tps: Sequence[Any], timeout: float) -> list[Any]:
+        self._answer()
+        return [type("TP", (), {"partition": tp.partition, "offset": 3})() for tp in tps]
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_group_progress_whose_consumer_stays_refused_gets_a_new_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Label timeouts fall due by ``GroupProgress``: a consumer of it stuck after a
+    broker restart would hold every timeout for good. Errors for ``STALL_S`` on end
+    bring a new consumer, and progress moves on with it."""
+    monkeypatch.setattr(kafka_io, "Consumer", ProgressConsumer)
+    monkeypatch.setattr(kafka_io, "STALL_S", 15.0)
+    ProgressConsumer.made, ProgressConsumer.stuck_next = [], True
+    now = [0.0]
+    progress = kafka_io.GroupProgress(NOWHERE, "g", "t.events", poll_s=0, clock=lambda: now[0])
+    stuck = progress.consumer
+    for now[0] in (0.0, 5.0, 14.0):
+        assert progress() is None
+    assert progress.consumer is stuck  # refused for 14 s: kept
+    now[0] = 15.0
+    assert progress() is None
+    assert progress.consumer is not stuck and len(ProgressConsumer.made) == 2
+    assert within(5, lambda: stuck.closed)
+    for now[0] in (16.0, 17.0, 18.0):  # Kafka answers: settles, probes, confirms
+        through = progress()
+    assert through == 17.0  # what was produced before 17 s is committed
