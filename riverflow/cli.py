@@ -373,7 +373,8 @@ def cmd_tail(args: argparse.Namespace, settings: Settings) -> int:
             text = json.dumps(orjson.loads(value))
         except orjson.JSONDecodeError:
             text = repr(value[:200])
-        print(f"{msg.partition()}:{msg.offset()} {text}")
+        # each line as it comes, into a pipe too (`riverflow tail -f t | grep ...`)
+        print(f"{msg.partition()}:{msg.offset()} {text}", flush=args.follow)
         if args.limit and shown >= args.limit:
             break
     return 0
