@@ -27,7 +27,13 @@ from typing import Any
 
 import orjson
 import redis
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    TopicPartition,
+)
 from confluent_kafka.admin import AdminClient
 
 from riverflow.models.registry import ChampionPointer, RedisRegistry
@@ -394,32 +400,39 @@ def test_riverflow_produce_waits_out_a_broker_restart_up_to_the_outage_limit(
 
     events = spec.topics.events
 
-    def written() -> int:
-        """How many events the topic has (0 before it exists, or while it is too new
-        to have leaders the client knows)."""
+    def written() -> int | None:
+        """How many events the topic has: 0 before it exists; None while Kafka does not
+        say (just restarted, or a topic too new to have leaders the client knows)."""
         client = Consumer({"bootstrap.servers": private_stack.kafka_bootstrap,
                            "group.id": "produce-test"})  # fmt: skip
         try:
             meta = client.list_topics(events, timeout=10).topics.get(events)
-            if meta is None or meta.error is not None:
-                return 0
+            if meta is not None and meta.error is not None:
+                unknown = (KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC)
+                return 0 if meta.error.code() in unknown else None
+            if meta is None:
+                return None
             tps = [TopicPartition(events, p) for p in meta.partitions]
             return sum(client.get_watermark_offsets(tp, timeout=10)[1] for tp in tps)
         except KafkaException:
-            return 0
+            return None
         finally:
             client.close()
 
     def produce_through_an_outage(*args: str) -> subprocess.CompletedProcess[str]:
         private_stack.start()
-        before = written()
+        deadline = time.monotonic() + 60
+        # (read until Kafka says: a 0 misread after the last restart would have the
+        # broker stopped before this stream's first event, and no outage within it)
+        while (before := written()) is None:
+            assert time.monotonic() < deadline, "Kafka never said how many events there are"
+            time.sleep(0.2)
         run = subprocess.Popen(
             [sys.executable, "-m", "riverflow.cli", "produce", "--spec", str(spec_file),
              "--events", "400", "--rate", "100", *args],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
-        deadline = time.monotonic() + 60
-        while written() <= before and run.poll() is None and time.monotonic() < deadline:
+        while (written() or 0) <= before and run.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)  # (its topics made, its first events in: the stream flows)
         private_stack.restart_kafka(down_s=8.0)
         out, err = run.communicate(timeout=180)
