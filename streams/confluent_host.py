@@ -647,13 +647,15 @@ class ConfluentHost:
         self._txn_next.clear()
 
     def _rewind(self, firsts: dict[tuple[str, int], int] | None = None) -> None:
-        """The consumer moved back to ``firsts`` (default: the open transaction's)."""
+        """The consumer moved back to ``firsts`` (default: the open transaction's,
+        then forgotten)."""
         for (topic, partition), offset in (self._txn_first if firsts is None else firsts).items():
             try:
                 self.consumer.seek(TopicPartition(topic, partition, offset))
             except KafkaException as exc:  # revoked meanwhile: its next owner reads it
                 log.warning("rewind of %s[%d] skipped: %s", topic, partition, exc)
-        self._txn_first.clear()
+        if firsts is None:
+            self._txn_first.clear()
 
     def _assign(self, positions: dict[int, int]) -> None:
         if len(self.sources) != 1:

@@ -138,14 +138,14 @@ class Stall:
             }
         except KafkaException as exc:
             log.warning("reading the end of %s: %s", topic, exc)
-            return (
-                f"the client calls its partitions unknown ({exc})"
-                if unknown_partition(exc)
-                else None
-            )
+            return unknown_why(exc)
         # a partition not read yet is at its start: behind by what it holds
-        behind = sum(max(0, high - (o if o >= 0 else low)) for p, o in at.items()
-                     for low, high in [ends[p]])  # fmt: skip
+        return self.behind_by(sum(max(0, high - (o if o >= 0 else low)) for p, o in at.items()
+                                  for low, high in [ends[p]]))  # fmt: skip
+
+    def behind_by(self, behind: int) -> str | None:
+        """Why to replace a consumer ``behind`` messages behind its topic's end, or
+        None: ``stalled``."""
         silent = self.stalled(behind > 0)
         if silent is None:
             return None
@@ -168,9 +168,13 @@ def kafka_error(exc: BaseException) -> KafkaError | None:
     return err if isinstance(err, KafkaError) else None
 
 
-def unknown_partition(exc: KafkaException) -> bool:
+def unknown_why(exc: KafkaException) -> str | None:
+    """Why to replace a consumer whose call raised ``exc``: it calls its topic's
+    partitions unknown; or None."""
     err = kafka_error(exc)
-    return err is not None and err.code() == KafkaError._UNKNOWN_PARTITION
+    if err is None or err.code() != KafkaError._UNKNOWN_PARTITION:
+        return None
+    return f"the client calls its partitions unknown ({exc})"
 
 
 def renewed_reader(
@@ -651,8 +655,9 @@ class TopicFollower:
             highs = {p: self._high(p, timeout_s) for p in self.partitions}
         except KafkaException as exc:
             log.warning("reading the end of %s: %s", self.topic, exc)
-            if unknown_partition(exc):
-                self._renew(f"the client calls its partitions unknown ({exc})")
+            why = unknown_why(exc)
+            if why is not None:
+                self._renew(why)
             return False
         read = 0
         while read < self.max_per_call:
@@ -661,10 +666,9 @@ class TopicFollower:
                 return True
             batch = self.consumer.consume(1000, timeout=0.5)
             if not batch:  # the broker is slow or away: not known yet
-                silent = self._stall.stalled(behind=True)
-                if silent is not None:
-                    behind = sum(max(0, h - self.at[p]) for p, h in highs.items())
-                    self._renew(f"{behind:,} messages behind and nothing read for {silent:.0f} s")
+                why = self._stall.behind_by(sum(max(0, h - self.at[p]) for p, h in highs.items()))
+                if why is not None:
+                    self._renew(why)
                 return False
             read += self._add(batch)
         return False
