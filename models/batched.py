@@ -42,24 +42,36 @@ def positive_probabilities(model: Any, xs: Sequence[dict[str, Any]]) -> list[flo
 def _fm(fm: facto.FMClassifier, xs: Sequence[dict[str, Any]]) -> list[float]:
     weights, latents = fm.weights, fm.latents
     raw: list[float] = []
-    rows: list[np.ndarray] = []  # every pairwise-interacting input's latent vector
+    keys: list[Any] = []  # every pairwise-interacting input, prediction after prediction
     values: list[float] = []
-    starts: list[int] = []  # where each such prediction's rows start
+    starts: list[int] = []  # where each such prediction's inputs start
     which: list[int] = []  # ...and which prediction it is
     for i, x in enumerate(xs):
         # River's one-hot encoding of strings (FMClassifier._ohe_cat_features)
-        ohe = dict((f"{j}_{v}", 1) if isinstance(v, str) else (j, v) for j, v in x.items())
+        ohe: dict[Any, Any] = {}
+        for j, v in x.items():
+            if isinstance(v, str):
+                ohe[f"{j}_{v}"] = 1
+            else:
+                ohe[j] = v
         raw.append(fm.intercept + dot(ohe, weights))
         if len(ohe) > 1:  # (River touches no latent vector for fewer than two inputs)
-            starts.append(len(rows))
+            starts.append(len(keys))
             which.append(i)
-            rows.extend([latents[j] for j in ohe])  # created as River creates them
-            values.extend(ohe.values())
-    if rows:
-        weighted = np.asarray(rows, dtype=float) * np.asarray(values, dtype=float)[:, None]
-        at = np.asarray(starts)
-        sums = np.add.reduceat(weighted, at, axis=0)
-        squares = np.add.reduceat(np.einsum("ij,ij->i", weighted, weighted), at)
+            keys += ohe
+            values += ohe.values()
+    if keys:
+        # each input's latent vector once (a slate's pairs share most inputs: its
+        # user, page, categories), created as River creates them: in order of first use
+        distinct = dict.fromkeys(keys)
+        rows = [latents[j] for j in distinct]
+        for n, j in enumerate(distinct):
+            distinct[j] = n
+        at = np.fromiter(map(distinct.__getitem__, keys), dtype=np.intp, count=len(keys))
+        weighted = np.asarray(rows, dtype=float)[at] * np.asarray(values, dtype=float)[:, None]
+        starts_at = np.asarray(starts)
+        sums = np.add.reduceat(weighted, starts_at, axis=0)
+        squares = np.add.reduceat(np.einsum("ij,ij->i", weighted, weighted), starts_at)
         pairwise = 0.5 * (np.einsum("ij,ij->i", sums, sums) - squares)
         for i, value in zip(which, pairwise.tolist(), strict=True):
             raw[i] += value
