@@ -27,7 +27,9 @@ from riverflow.features.definitions import FeaturePlan
 from riverflow.streams.contracts import ServedPrediction
 
 
-@dataclass(frozen=True)
+# Not frozen: a batch makes one of each per event (per pair of a slate), and a frozen
+# dataclass's __init__ costs 5x a plain one's (0.85 against 0.17 us with 8 fields)
+@dataclass(slots=True)
 class FeatureRequest:
     """One event's part in a batch update: what to add, where, and its model inputs."""
 
@@ -80,7 +82,7 @@ def packed(served: ServedPrediction) -> bytes:
     return msgpack.packb([served.model, served.version, None, served.value, served.probabilities])
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # (not frozen: see FeatureRequest)
 class FeatureSnapshot:
     """What an event was scored with: its model inputs and its window aggregates,
     and the prediction served for it once one was recorded."""
