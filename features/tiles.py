@@ -665,6 +665,31 @@ def compact_entity(engine: Engine, ent: Entity, version: int) -> bytes:
     return msgpack.packb([ints, array("d", floats).tobytes(), rest or None, sessions])
 
 
+# An entity whose stored state (``encode_entity``) is this small is held as that state,
+# which the batch that last changed it made for Redis anyway, rather than compacted:
+# a slate's entities (a tile or two: ~37 bytes stored) are ~16 bytes larger so, and
+# holding and expanding them again cost ~1.5 us against ~5 (docs/benchmarks.md)
+HELD_AS_STORED_BYTES = 96
+_AS_STORED = 0  # a held entity's first byte then (a compact one's is a msgpack array's)
+
+
+def held_entity(engine: Engine, ent: Entity, version: int, stored: bytes | None = None) -> bytes:
+    """What a scorer's cache holds of an entity and its version: ``stored`` (its
+    state as ``encode_entity`` made it, if the caller has it) if that is at most
+    ``HELD_AS_STORED_BYTES``, else ``compact_entity``. ``expand_held`` reverses both."""
+    if stored is not None and len(stored) <= HELD_AS_STORED_BYTES:
+        return bytes((_AS_STORED,)) + version.to_bytes(8, "little", signed=True) + stored
+    return compact_entity(engine, ent, version)
+
+
+def expand_held(engine: Engine, held: bytes) -> tuple[Entity, int]:
+    """The entity and version ``held_entity`` made ``held`` of."""
+    if held[0] == _AS_STORED:
+        stored = msgpack.unpackb(held[9:], strict_map_key=False)
+        return unpack_entity(engine, stored), int.from_bytes(held[1:9], "little", signed=True)
+    return expand_entity(engine, held)
+
+
 def expand_entity(engine: Engine, compact: bytes) -> tuple[Entity, int]:
     """The entity and version ``compact_entity`` made ``compact`` of."""
     ints, raw, rest, sessions = msgpack.unpackb(compact, strict_map_key=False)

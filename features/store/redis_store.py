@@ -89,9 +89,9 @@ from riverflow.features.tiles import (
     Engine,
     Entity,
     check_time,
-    compact_entity,
     encode_entity,
-    expand_entity,
+    expand_held,
+    held_entity,
     unpack_entity,
 )
 from riverflow.streams.contracts import ServedPrediction
@@ -114,9 +114,10 @@ _LOAD = _lua("load")
 
 _LUA_STATS = ("S", "Q", "MN", "MX", "L", "C")  # names of definitions.STATS in the scripts
 
-# A scorer holds up to ``cached_entities`` entities compact (``tiles.compact_entity``,
-# ~450 bytes each with its key) and at most this many more ready to compute
-# (Python lists, 3-7 KB each): those the last batches touched.
+# A scorer holds up to ``cached_entities`` entities compact (``tiles.held_entity``: a
+# fraud-bench card ~450 bytes with its key; a slate's entity, small, as its stored
+# state, ~80) and at most this many more ready to compute (Python lists, 3-7 KB each):
+# those the last batches touched.
 READY_ENTITIES = 4096
 
 # ``check_server`` warns of an append-only file rewritten each time it grows by less
@@ -283,6 +284,8 @@ class RedisFeatureStore:
         # entity value alone when the plan keys one entity)
         self._cache: dict[str, tuple[Entity, int]] = {}
         self._compact: dict[str, bytes] = {}
+        # the ready entities' states as the last commit wrote them (``held_entity``)
+        self._stored: dict[str, bytes] = {}
         self._ready = min(READY_ENTITIES, max(1, cached_entities // 4))
         root = len(self.entity_key(names[0], "")) if len(names) == 1 else len(f"{self.prefix}ent:")
         self._short = slice(root, None)
@@ -421,6 +424,7 @@ class RedisFeatureStore:
                 pipe.hdel(key, *event_ids)
             snapshots = sum(int(n) for n in pipe.execute())
         self._cache.clear()
+        self._stored.clear()
         self._compact.clear()
         return entities, snapshots
 
@@ -429,6 +433,7 @@ class RedisFeatureStore:
         deleted = self._unlink_matching([f"{self.prefix}ent:*"])
         self.client.delete(self.layout_key)
         self._cache.clear()
+        self._stored.clear()
         self._compact.clear()
         return deleted
 
@@ -530,9 +535,11 @@ class RedisFeatureStore:
             fields += event_id, raw if prediction is None else SERVED_HEAD + raw[1:] + prediction
         snapshots: list[Any] = [x for pair in hashes.items() for x in pair]
         entities: list[Any] = []
+        stored: dict[str, bytes] = {}
         for key, name in pending.changed.items():
             ent, version = cache[key]
-            entities += key, version, encode_entity(engine, ent), self._entity_ttl_ms[name]
+            state = stored[key] = encode_entity(engine, ent)
+            entities += key, version, state, self._entity_ttl_ms[name]
         blob = pack([snapshots, entities])
         try:
             committed = self._write(self._commit, self._route, [self.replay_ms, blob])
@@ -548,6 +555,7 @@ class RedisFeatureStore:
         for key in pending.changed:
             ent, version = cache[key]
             cache[key] = (ent, version + 1)
+        self._stored.update(stored)
         if len(cache) > self._ready:  # a tenth more, so this runs once in many batches
             self._compact_oldest(len(cache) - self._ready * 9 // 10)
         self._backoff = 0
@@ -565,9 +573,10 @@ class RedisFeatureStore:
         (~84 bytes an entry at 500,000); rebuilt after each cut it stays at
         ~42."""
         cache, held, short, engine = self._cache, self._compact, self._short, self.engine
+        stored = self._stored
         for key in list(itertools.islice(cache, n)):
             ent, version = cache.pop(key)
-            held[key[short]] = compact_entity(engine, ent, version)
+            held[key[short]] = held_entity(engine, ent, version, stored.pop(key, None))
         if len(held) > self.cached_entities:
             over = len(held) - self.cached_entities * 9 // 10
             for key in list(itertools.islice(held, over)):
@@ -576,6 +585,7 @@ class RedisFeatureStore:
 
     def _drop(self, key: str) -> None:
         self._cache.pop(key, None)
+        self._stored.pop(key, None)
         self._compact.pop(key[self._short], None)
 
     def _forget(self, pending: _Pending) -> None:
@@ -594,7 +604,7 @@ class RedisFeatureStore:
             if packed is None:
                 order.append(key)
             else:
-                self._cache[key] = expand_entity(engine, packed)
+                self._cache[key] = expand_held(engine, packed)
         if not order:
             return
         replies = self._call(self._load_states, self._route, order)
