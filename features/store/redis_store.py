@@ -86,6 +86,7 @@ from riverflow.features.store.base import (
     packed,
 )
 from riverflow.features.tiles import (
+    HELD_AS_STORED_BYTES,
     Engine,
     Entity,
     check_time,
@@ -284,7 +285,7 @@ class RedisFeatureStore:
         # entity value alone when the plan keys one entity)
         self._cache: dict[str, tuple[Entity, int]] = {}
         self._compact: dict[str, bytes] = {}
-        # the ready entities' states as the last commit wrote them (``held_entity``)
+        # the small ready entities' states as the last commit wrote them (``held_entity``)
         self._stored: dict[str, bytes] = {}
         self._ready = min(READY_ENTITIES, max(1, cached_entities // 4))
         root = len(self.entity_key(names[0], "")) if len(names) == 1 else len(f"{self.prefix}ent:")
@@ -535,10 +536,12 @@ class RedisFeatureStore:
             fields += event_id, raw if prediction is None else SERVED_HEAD + raw[1:] + prediction
         snapshots: list[Any] = [x for pair in hashes.items() for x in pair]
         entities: list[Any] = []
-        stored: dict[str, bytes] = {}
+        stored: dict[str, bytes] = {}  # the small ones, to hold as they are (held_entity)
         for key, name in pending.changed.items():
             ent, version = cache[key]
-            state = stored[key] = encode_entity(engine, ent)
+            state = encode_entity(engine, ent)
+            if len(state) <= HELD_AS_STORED_BYTES:
+                stored[key] = state
             entities += key, version, state, self._entity_ttl_ms[name]
         blob = pack([snapshots, entities])
         try:
