@@ -25,6 +25,7 @@ from river import compose, facto
 from river.utils.math import dot, sigmoid
 
 from riverflow.models.champion import positive_probability
+from riverflow.models.factory import Select
 
 
 def positive_probabilities(model: Any, xs: Sequence[dict[str, Any]]) -> list[float]:
@@ -34,12 +35,19 @@ def positive_probabilities(model: Any, xs: Sequence[dict[str, Any]]) -> list[flo
         *steps, final = model.steps.values()
     if type(final) is not facto.FMClassifier or final.sample_normalization or not xs:
         return [positive_probability(model, x) for x in xs]
+    order = None
+    if len(steps) == 1 and type(steps[0]) is Select:  # the inputs taken as _fm reads them
+        order, steps = steps[0].ordered, []
     for step in steps:  # the transformers, as the pipeline's predict applies them
         xs = [step.transform_one(x) for x in xs]
-    return _fm(final, xs)
+    return _fm(final, xs, order)
 
 
-def _fm(fm: facto.FMClassifier, xs: Sequence[dict[str, Any]]) -> list[float]:
+def _fm(
+    fm: facto.FMClassifier, xs: Sequence[dict[str, Any]], order: tuple[Any, ...] | None = None
+) -> list[float]:
+    """``positive_probabilities`` of a factorization machine, on ``order``'s inputs of
+    each of ``xs`` in that order (as ``factory.Select`` takes them), or on all."""
     weights, latents = fm.weights, fm.latents
     raw: list[float] = []
     keys: list[Any] = []  # every pairwise-interacting input, prediction after prediction
@@ -49,7 +57,8 @@ def _fm(fm: facto.FMClassifier, xs: Sequence[dict[str, Any]]) -> list[float]:
     for i, x in enumerate(xs):
         # River's one-hot encoding of strings (FMClassifier._ohe_cat_features)
         ohe: dict[Any, Any] = {}
-        for j, v in x.items():
+        for j in x if order is None else order:
+            v = x[j]
             if isinstance(v, str):
                 ohe[f"{j}_{v}"] = 1
             else:
