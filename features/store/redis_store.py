@@ -498,6 +498,7 @@ class RedisFeatureStore:
         written: dict[str, bytes] = {}
         step = self.engine.step
         names = [name for name, _ in prefixes]
+        last_ts, at = None, ""  # the last snapshot hash, and the time it is for
         # a read-only entity is left out of what the step sees (as the step would
         # leave it out)
         for req, keys in zip(batch, keyed, strict=True):
@@ -517,10 +518,12 @@ class RedisFeatureStore:
                     ents[name] = cache[key][0]
             vectors, late, _ = step(ents, req.ts, req.numbers, req.distinct)
             raw = written[req.event_id] = encode_snapshot(req.context, vectors, late)
-            key = served_at[req.event_id] = where(req.ts)
-            pending.snapshots.append((req.event_id, key, raw))
+            if req.ts != last_ts:  # (a slate's pairs share their request's time)
+                last_ts, at = req.ts, where(req.ts)
+            served_at[req.event_id] = at
+            pending.snapshots.append((req.event_id, at, raw))
             inputs = req.inputs if req.inputs is not None else orjson.loads(req.context)
-            out.append(FeatureSnapshot(req.event_id, inputs, vectors, late=late))
+            out.append(FeatureSnapshot(req.event_id, inputs, vectors, False, late))
         return pending, out
 
     def _apply(self, pending: _Pending, served: dict[str, bytes]) -> bool:

@@ -270,11 +270,18 @@ class Scorer:
                 context, inputs = self._context(pair, next(labelled))
                 entities = plan.entity_values(pair)
                 # a request counts once in each entity it touches: with its first pair
-                seen = tuple(n for n, v in entities.items() if v in counted.setdefault(n, set()))
+                seen = []
                 for name, value in entities.items():
-                    counted[name].add(value)
-                pairs.append(feature_request(plan, pair, pair_id(request_id, item[item_id]),
-                                             ts, context, entities, seen, inputs))  # fmt: skip
+                    values = counted.get(name)
+                    if values is None:
+                        counted[name] = {value}
+                    elif value in values:
+                        seen.append(name)
+                    else:
+                        values.add(value)
+                pid = pair_id(request_id, item[item_id])
+                pairs.append(feature_request(plan, pair, pid, ts, context, entities,
+                                             tuple(seen), inputs))  # fmt: skip
         return self._finish(out, now, pairs, lambda snaps: self._rank(requests, pairs, snaps))
 
     def _rank(
