@@ -21,10 +21,16 @@ from enum import Enum
 from typing import Any, Protocol
 
 import msgpack
+import msgspec
 import orjson
 
 from riverflow.features.definitions import FeaturePlan
 from riverflow.streams.contracts import ServedPrediction
+
+# msgspec's msgpack encoder writes what msgpack.packb writes for a snapshot or a served
+# probability (strings, numbers, lists, None: byte for byte, tests/features/
+# test_snapshot_encoding.py) in a fifth of the time; a slate request makes 20 of each
+_encode = msgspec.msgpack.Encoder().encode
 
 
 # Not frozen: a batch makes one of each per event (per pair of a slate), and a frozen
@@ -78,7 +84,7 @@ def packed(served: ServedPrediction) -> bytes:
     version, probability]``, and for a label that is no flag ``[model, version, None,
     value, probabilities]``."""
     if served.probability is not None:
-        return msgpack.packb([served.model, served.version, float(served.probability)])
+        return _encode([served.model, served.version, float(served.probability)])
     return msgpack.packb([served.model, served.version, None, served.value, served.probabilities])
 
 
@@ -223,4 +229,4 @@ def evict_oldest(records: dict[str, Any], order: deque[str], bound: int) -> dequ
 
 def encode_snapshot(context: bytes, vectors: Sequence[list[Any] | None], late: bool) -> bytes:
     """A snapshot as stored, without a served prediction (see the module docstring)."""
-    return msgpack.packb([context.decode(), vectors, int(late)])
+    return _encode([context.decode(), vectors, int(late)])
