@@ -17,6 +17,7 @@ vector is created for an input seen for the first time, in the same order
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,9 +39,72 @@ def positive_probabilities(model: Any, xs: Sequence[dict[str, Any]]) -> list[flo
     order = None
     if len(steps) == 1 and type(steps[0]) is Select:  # the inputs taken as _fm reads them
         order, steps = steps[0].ordered, []
+    if order is not None and _distinct_one_hot(order):
+        try:
+            return _fm_selected(final, xs, order)
+        except _Unusual:
+            pass
     for step in steps:  # the transformers, as the pipeline's predict applies them
         xs = [step.transform_one(x) for x in xs]
     return _fm(final, xs, order)
+
+
+class _Unusual(Exception):
+    """An input ``_fm_selected`` does not score as River would: ``_fm`` does."""
+
+
+@functools.cache
+def _distinct_one_hot(order: tuple[Any, ...]) -> bool:
+    """Whether River's one-hot names of ``order``'s inputs (``name_value`` for a string,
+    ``name`` for a number) can never coincide: they could only if a name began with
+    another one and ``_``. Then every prediction has ``len(order)`` distinct inputs."""
+    return len(order) > 1 and not any(
+        isinstance(a, str) and isinstance(b, str) and a != b and a.startswith(f"{b}_")
+        for a in order
+        for b in order
+    )
+
+
+def _fm_selected(
+    fm: facto.FMClassifier, xs: Sequence[dict[str, Any]], order: tuple[Any, ...]
+) -> list[float]:
+    """``_fm`` of ``order``'s inputs, which ``_distinct_one_hot`` allows: each
+    prediction has the same number of inputs, so its terms are rows of one array (the
+    linear one too). ``_Unusual`` for an input that is neither a string nor a number
+    (River would refuse it)."""
+    weights, latents = fm.weights, fm.latents
+    keys: list[Any] = []
+    values: list[Any] = []
+    key, value = keys.append, values.append
+    for x in xs:
+        for j in order:
+            v = x[j]
+            if isinstance(v, str):
+                key(f"{j}_{v}")
+                value(1)
+            else:
+                key(j)
+                value(v)
+    if None in values:
+        raise _Unusual
+    distinct = dict.fromkeys(keys)
+    rows = [latents[j] for j in distinct]  # created as River creates them: by first use
+    known = [j in weights for j in distinct]  # (River's dot skips an input without a weight)
+    linear = [weights[j] if k else 0.0 for j, k in zip(distinct, known, strict=True)]
+    for n, j in enumerate(distinct):
+        distinct[j] = n
+    at = np.fromiter(map(distinct.__getitem__, keys), dtype=np.intp, count=len(keys))
+    try:
+        vals = np.asarray(values, dtype=float)
+    except (TypeError, ValueError):
+        raise _Unusual from None
+    shape = (len(xs), len(order))
+    lin = np.where(np.asarray(known)[at], np.asarray(linear)[at] * vals, 0.0).reshape(shape)
+    weighted = (np.asarray(rows, dtype=float)[at] * vals[:, None]).reshape(*shape, -1)
+    sums = weighted.sum(axis=1)
+    squares = np.einsum("pnk,pnk->p", weighted, weighted)
+    raw = fm.intercept + lin.sum(axis=1) + 0.5 * (np.einsum("pk,pk->p", sums, sums) - squares)
+    return [sigmoid(r) for r in raw.tolist()]
 
 
 def _fm(

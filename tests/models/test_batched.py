@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from river import facto, linear_model, optim
 
+from riverflow.models import batched
 from riverflow.models.batched import positive_probabilities
 from riverflow.models.champion import positive_probability
-from riverflow.models.factory import build_candidates
+from riverflow.models.factory import Select, build_candidates
 from riverflow.spec import load_spec
 
 
@@ -60,8 +61,13 @@ def test_a_factorization_machine_scores_a_batch_as_river_does() -> None:
     assert_same(fm, [{"quality": 0.3}, {"user_id": "new"}, {}, *xs[:3], {"page": "x"}])
 
 
-def test_the_recsys_candidates_score_a_batch_as_river_does() -> None:
-    """The example's pipelines (Select, crosses, hashing, FM and logistic regression)."""
+def test_the_recsys_candidates_score_a_batch_as_river_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The example's pipelines (Select, crosses, hashing, FM and logistic regression);
+    its champion, an FM behind a Select, on the path that reads the selected inputs
+    in place."""
+    selected = []
+    fm_selected = batched._fm_selected
+    monkeypatch.setattr(batched, "_fm_selected", lambda *a: selected.append(1) or fm_selected(*a))
     spec = load_spec("recsys")
     rng = random.Random(5)
     xs = [{**pair(rng), "item_id": f"i{rng.randrange(50)}"} for _ in range(300)]
@@ -70,6 +76,33 @@ def test_the_recsys_candidates_score_a_batch_as_river_does() -> None:
             model.learn_one(x, x["category"] in ("c1", "c2"))
         assert_same(model, xs[200:])
         assert name  # every candidate checked
+    assert selected
+
+
+def test_an_fm_behind_a_select_whose_one_hot_names_may_coincide_scores_as_river_does() -> None:
+    """``page`` "x_y" and ``page_x`` "y" are both River's input ``page_x_y``: the
+    selected inputs of one prediction are not always distinct, and River's dictionary
+    keeps the last. So do the batch's predictions; and an input River refuses (None)
+    is refused the same way."""
+    model = Select("page", "page_x", "quality") | facto.FMClassifier(n_factors=4, seed=3)
+    rng = random.Random(2)
+    xs = [
+        {"page": rng.choice(["x_y", "home"]), "page_x": rng.choice(["y", "z"]),
+         "quality": rng.random()}
+        for _ in range(200)
+    ]  # fmt: skip
+    for x in xs[:100]:
+        model.learn_one(x, x["page"] == "x_y")
+    assert_same(model, xs[100:])
+    distinct = Select("page", "quality") | facto.FMClassifier(n_factors=4, seed=3)
+    for x in xs[:100]:
+        distinct.learn_one(x, x["page"] == "x_y")
+    assert_same(distinct, xs[100:])
+    for m in (model, distinct):
+        with pytest.raises(TypeError):
+            positive_probability(copy.deepcopy(m), {**xs[0], "quality": None})
+        with pytest.raises(TypeError):
+            positive_probabilities(copy.deepcopy(m), [xs[1], {**xs[0], "quality": None}])
 
 
 def test_other_models_and_an_empty_batch() -> None:
