@@ -371,7 +371,7 @@ class SessionGroup:
 
 def entity_value(fields: tuple[str, ...], event: Mapping[str, object]) -> str:
     """The key of one entity in an event; composite keys join their parts with ``|``."""
-    return "|".join(str(event[f]) for f in fields)
+    return "|".join([str(event[f]) for f in fields])  # (a list: faster than a generator)
 
 
 @dataclass(frozen=True)
@@ -467,7 +467,7 @@ class FeaturePlan:
     def entity_values(self, event: Mapping[str, object]) -> dict[str, str]:
         """Every entity's key in ``event`` (name -> value; as ``entity_value``)."""
         return {
-            name: str(event[e[0]]) if len(e) == 1 else "|".join(str(event[f]) for f in e)
+            name: str(event[e[0]]) if len(e) == 1 else "|".join([str(event[f]) for f in e])
             for name, e in self.named_entities
         }
 

@@ -623,7 +623,7 @@ def pack_entity(engine: Engine, ent: Entity) -> list[Any]:
     """An entity as the Lua scripts store it: ``[w, {group index (1-based) -> group}]``,
     and ``{session group index (1-based) -> sessions, flat}`` if it keeps any."""
     out = [ent.w, {gi + 1: engine.kernels[gi].pack(t) for gi, t in ent.groups.items()}]
-    sessions = _packed_sessions(engine, ent)
+    sessions = _packed_sessions(engine, ent) if ent.sessions else None
     if sessions:
         out.append(sessions)
     return out
