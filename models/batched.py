@@ -9,7 +9,9 @@ by pair (28 numpy dot products for 8 inputs, ~48 us per prediction), while
     sum_{i<j} <v_i, v_j> x_i x_j = 1/2 * (|sum_i v_i x_i|^2 - sum_i |v_i|^2 x_i^2)
 
 is linear in the inputs (Rendle, 2010), and one stacked array serves the whole
-batch (~5 us per prediction). The result equals River's up to rounding
+batch (~5 us per prediction; ~2 behind a ``factory.Select`` whose inputs' one-hot
+names cannot coincide: every prediction then has as many inputs, and its terms,
+the linear one too, are rows of one array). The result equals River's up to rounding
 (~1e-16), and the model is left as River's predictions leave it: a latent
 vector is created for an input seen for the first time, in the same order
 (``tests/models/test_batched.py``). Any other model is scored one by one.
@@ -47,6 +49,17 @@ def positive_probabilities(model: Any, xs: Sequence[dict[str, Any]]) -> list[flo
     for step in steps:  # the transformers, as the pipeline's predict applies them
         xs = [step.transform_one(x) for x in xs]
     return _fm(final, xs, order)
+
+
+def _distinct(keys: list[Any]) -> tuple[list[Any], np.ndarray]:
+    """The distinct inputs among ``keys``, in order of first use, and where each of
+    ``keys`` is among them: a slate's pairs share most inputs (its user, page,
+    categories), whose latent vectors are then taken once."""
+    index = dict.fromkeys(keys)
+    distinct = list(index)
+    for n, j in enumerate(distinct):
+        index[j] = n
+    return distinct, np.fromiter(map(index.__getitem__, keys), dtype=np.intp, count=len(keys))
 
 
 class _Unusual(Exception):
@@ -87,13 +100,10 @@ def _fm_selected(
                 value(v)
     if None in values:
         raise _Unusual
-    distinct = dict.fromkeys(keys)
+    distinct, at = _distinct(keys)
     rows = [latents[j] for j in distinct]  # created as River creates them: by first use
     known = [j in weights for j in distinct]  # (River's dot skips an input without a weight)
     linear = [weights[j] if k else 0.0 for j, k in zip(distinct, known, strict=True)]
-    for n, j in enumerate(distinct):
-        distinct[j] = n
-    at = np.fromiter(map(distinct.__getitem__, keys), dtype=np.intp, count=len(keys))
     try:
         vals = np.asarray(values, dtype=float)
     except (TypeError, ValueError):
@@ -134,13 +144,8 @@ def _fm(
             keys += ohe
             values += ohe.values()
     if keys:
-        # each input's latent vector once (a slate's pairs share most inputs: its
-        # user, page, categories), created as River creates them: in order of first use
-        distinct = dict.fromkeys(keys)
-        rows = [latents[j] for j in distinct]
-        for n, j in enumerate(distinct):
-            distinct[j] = n
-        at = np.fromiter(map(distinct.__getitem__, keys), dtype=np.intp, count=len(keys))
+        distinct, at = _distinct(keys)
+        rows = [latents[j] for j in distinct]  # created as River creates them: by first use
         weighted = np.asarray(rows, dtype=float)[at] * np.asarray(values, dtype=float)[:, None]
         starts_at = np.asarray(starts)
         sums = np.add.reduceat(weighted, starts_at, axis=0)
