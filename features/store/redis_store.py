@@ -510,12 +510,13 @@ class RedisFeatureStore:
             # one an event was too late for is unchanged, but read for its score,
             # and another scorer may have written it since this process read it
             # (and a read-only one: the request's pair that counted there read it)
-            read_only = req.read_only
-            ents = {}
-            for name, key in zip(names, keys, strict=True):
-                changed[key] = name
-                if name not in read_only:
-                    ents[name] = cache[key][0]
+            changed.update(zip(keys, names, strict=True))
+            skip = req.read_only
+            pairs = zip(names, keys, strict=True)
+            if skip:
+                ents = {n: cache[k][0] for n, k in pairs if n not in skip}
+            else:
+                ents = {n: cache[k][0] for n, k in pairs}
             vectors, late, _ = step(ents, req.ts, req.numbers, req.distinct)
             raw = written[req.event_id] = encode_snapshot(req.context, vectors, late)
             if req.ts != last_ts:  # (a slate's pairs share their request's time)
