@@ -546,6 +546,8 @@ class RedisFeatureStore:
             state = encode_entity(engine, ent)
             if len(state) <= HELD_AS_STORED_BYTES:
                 stored[key] = state
+            else:  # grown: what an earlier commit stored small is not its state any more
+                self._stored.pop(key, None)
             entities += key, version, state, self._entity_ttl_ms[name]
         blob = pack([snapshots, entities])
         try:

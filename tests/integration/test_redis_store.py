@@ -42,6 +42,7 @@ from tests.feature_streams import (
     FEATURES,
     LATENESS_S,
     PLAN,
+    START_TS,
     event_streams,
     run_batches,
 )
@@ -199,6 +200,42 @@ def test_in_process_values_equal_brute_force_and_the_embedded_store(
         assert_aggregations_match(values, expected[g.event_id], EXACT_FEATURES)
         assert values == EXACT_PLAN.values(w.aggregates) and g.late == w.late
     assert sum(s.batches["in_process"] for s in scorers) > 0
+
+
+def test_an_entity_that_grew_while_ready_is_held_as_it_is_now(redis_client: redis.Redis) -> None:
+    """A small entity is held, once the ready set lets it go, as the state its last
+    commit stored (``tiles.held_entity``). One that grew past that size while ready is
+    held as it is now: its later events count when it is read back."""
+    ns = f"t{uuid.uuid4().hex[:8]}"
+    store = RedisFeatureStore(redis_client, ns, EXACT_PLAN, horizon_s=3600, cached_entities=40)
+    # c0 at m0 an hour apart: their pair's state is 46, 71, 96, then 121 and 146 bytes
+    events = [
+        {"event_id": f"e{k}", "card_id": "c0", "merchant": "m0", "amount": 3.0 + k,
+         "ts": START_TS + 3700.0 * k}
+        for k in range(5)
+    ]  # fmt: skip
+    # then twelve entities no batch touched: the ready set (10) lets c0, m0 and the pair go
+    events += [
+        {"event_id": f"n{k}", "card_id": f"c{k}", "merchant": f"m{k}", "amount": 1.0,
+         "ts": START_TS + 3700.0 * 4 + 10.0}
+        for k in range(1, 5)
+    ]  # fmt: skip
+    events.append({"event_id": "last", "card_id": "c0", "merchant": "m0", "amount": 2.0,
+                   "ts": START_TS + 3700.0 * 5})  # fmt: skip
+    reqs = stream_requests(events, EXACT_PLAN)
+    got = []
+    for batch in (reqs[:1], reqs[1:2], reqs[2:3], reqs[3:4], reqs[4:5], reqs[5:9]):
+        got += store.update_and_read(batch)
+    assert store.entity_key("card_id+merchant", "c0|m0") not in store._cache  # let go
+    got += store.update_and_read(reqs[9:])  # ...and read back from what the process holds
+    assert store.batches["in_process"] == 7
+    want = run_batches(MemoryFeatureStore(EXACT_PLAN), reqs, 1)
+    expected = brute_force_features(events, EXACT_FEATURES, "card_id", "ts", LATENESS_S)
+    for g, w in zip(got, want, strict=True):
+        values = EXACT_PLAN.values(g.aggregates)
+        assert values == EXACT_PLAN.values(w.aggregates), g.event_id
+        assert_aggregations_match(values, expected[g.event_id], EXACT_FEATURES)
+    assert EXACT_PLAN.values(got[-1].aggregates)["pair_n_24h"] == 6
 
 
 def dump(client: redis.Redis, prefix: str) -> dict[bytes, Any]:
