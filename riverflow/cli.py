@@ -310,8 +310,9 @@ def _deliver(
     bootstrap: str, records: Iterator[tuple[str, bytes | None, bytes]], wait_s: float
 ) -> int:
     """Produce ``records``, waiting up to ``wait_s`` after the last for their acks
-    (through a broker outage), and saying so every 10 s meanwhile."""
-    from riverflow.streams.kafka_io import produce_all, producer
+    (through a broker outage, and a new producer if the first is stuck after it), and
+    saying so every 10 s meanwhile."""
+    from riverflow.streams.kafka_io import Renewal, produce_all, producer, reaches_kafka
 
     said = [0.0]
 
@@ -321,7 +322,9 @@ def _deliver(
             err_console.print(f"{left:,} messages wait for their acks from {bootstrap} "
                               f"(up to {wait_s:g} s)")  # fmt: skip
 
-    return produce_all(producer(bootstrap), records, wait_s, waiting)
+    # a producer stuck after a broker restart (librdkafka #5430) is replaced
+    renewal = Renewal(lambda: producer(bootstrap), lambda: reaches_kafka(bootstrap))
+    return produce_all(producer(bootstrap), records, wait_s, waiting, renewal)
 
 
 def _produce_requests(

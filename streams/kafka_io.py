@@ -305,33 +305,94 @@ def produce_one(
             prod.poll(0.05)
 
 
+# a producer whose messages have waited this long for their acks while a new client has
+# reached Kafka for REACHED_FOR_S (asked about once a second) is stuck (librdkafka #5430:
+# a partition it was told has leader -1 as the broker shut down stays without one)
+STUCK_AFTER_S = 20.0
+REACHED_FOR_S = 15.0
+
+
+class Renewal:
+    """What ``produce_all`` needs to replace a stuck producer: a new one (``make``),
+    and whether a new client reaches Kafka now (``reaches``)."""
+
+    def __init__(self, make: Callable[[], Producer], reaches: Callable[[], bool]) -> None:
+        self.make, self.reaches = make, reaches
+        self.renewed = 0  # producers replaced so far
+
+
+def reaches_kafka(bootstrap: str, timeout_s: float = 5.0) -> bool:
+    """Whether a new client gets the cluster's metadata from ``bootstrap`` now."""
+    client = AdminClient(client_config(bootstrap))
+    try:
+        client.list_topics(timeout=timeout_s)
+        return True
+    except KafkaException:
+        return False
+
+
 def produce_all(
     prod: Producer,
     records: Iterable[tuple[str, bytes | None, bytes]],
     timeout_s: float = 60.0,
     waiting: Callable[[int], None] | None = None,
+    renewal: Renewal | None = None,
 ) -> int:
     """Produce every (topic, key, value); flush once at the end, waiting up to
     ``timeout_s`` for the acks (librdkafka retries meanwhile, e.g. while the broker
     restarts): ``waiting(n)`` is told every second of it how many are still
-    unacknowledged. Raises on delivery errors."""
+    unacknowledged. Raises on delivery errors.
+
+    With ``renewal``, the messages are kept until acknowledged, and a producer that
+    is stuck (``STUCK_AFTER_S``) is replaced by a new one, which sends them again: at
+    least once, so a message the stuck one did write may be written twice."""
     errors: list[str] = []
+    kept: dict[int, tuple[str, bytes | None, bytes]] = {}
+    current = [0]  # the producer's generation: a replaced one's reports are ignored
 
     def on_delivery(err: Any, _msg: Any) -> None:
         if err is not None:
             errors.append(str(err))
 
+    def acked(i: int) -> Callable[[Any, Any], None]:
+        generation = current[0]
+
+        def done(err: Any, _msg: Any) -> None:
+            if generation != current[0]:
+                return
+            if err is not None:
+                errors.append(str(err))
+            kept.pop(i, None)
+
+        return done
+
     n = 0
     for topic, key, value in records:
-        produce_one(prod, topic, key, value, on_delivery)
+        if renewal is None:
+            produce_one(prod, topic, key, value, on_delivery)
+        else:
+            kept[n] = (topic, key, value)
+            produce_one(prod, topic, key, value, acked(n))
         n += 1
         if n % 1000 == 0:
             prod.poll(0)
-    deadline = time.monotonic() + timeout_s
+    started = time.monotonic()
+    deadline = started + timeout_s
+    reached: float | None = None  # since when a new client has reached Kafka
     remaining = prod.flush(min(1.0, timeout_s))
     while remaining and (left := deadline - time.monotonic()) > 0:
         if waiting is not None:
             waiting(remaining)
+        now = time.monotonic()
+        if renewal is not None and now - started >= STUCK_AFTER_S:
+            if not renewal.reaches():
+                reached = None
+            elif reached is None:
+                reached = now
+            elif now - reached >= REACHED_FOR_S and kept:
+                current[0] += 1
+                prod = _renewed(prod, renewal, kept, acked)
+                started, reached = time.monotonic(), None
         remaining = prod.flush(min(1.0, left))
     if remaining or errors:
         unacked = (f"{remaining:,} of {n:,} messages not acknowledged within {timeout_s:g} s "
@@ -341,6 +402,24 @@ def produce_all(
         why = [m for m, on in ((unacked, remaining), (refused, errors)) if on]
         raise KafkaIOError("; ".join(why))
     return n
+
+
+def _renewed(
+    stuck: Producer,
+    renewal: Renewal,
+    kept: dict[int, tuple[str, bytes | None, bytes]],
+    acked: Callable[[int], Callable[[Any, Any], None]],
+) -> Producer:
+    """A new producer sending ``kept`` again in place of ``stuck`` (purged, let go)."""
+    log.warning("%d messages unacknowledged for %.0f s while Kafka answers a new client: "
+                "a new producer sends them again", len(kept), STUCK_AFTER_S)  # fmt: skip
+    stuck.purge(in_queue=True, in_flight=True, blocking=False)
+    stuck.flush(0)  # (its reports, of an older generation, are ignored)
+    prod = renewal.make()
+    renewal.renewed += 1
+    for i, (topic, key, value) in list(kept.items()):
+        produce_one(prod, topic, key, value, acked(i))
+    return prod
 
 
 def groupless_reader(
