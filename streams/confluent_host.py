@@ -82,7 +82,11 @@ from confluent_kafka import (
 from riverflow.streams.contracts import Message, Output, Processor
 from riverflow.streams.hosting import HostSettings, StageReporter
 from riverflow.streams.kafka_io import (
+    DEAF_AFTER_S,
+    DEAF_PROBE_S,
     MAX_MESSAGE_BYTES,
+    STUCK_ACKS_S,
+    FreshReach,
     KafkaIOError,
     client_config,
     kafka_error,
@@ -164,34 +168,12 @@ GROUP_STUCK_TIMES = 4
 GROUP_STUCK_MIN_S = 20.0
 GROUP_STUCK_AGAIN_S = 600.0
 CLOSE_WAIT_S = 10.0  # a consumer being replaced gets this long to close, then is left
-# during an outage a new client asks a broker for metadata every DEAF_PROBE_S; once one
-# has answered, a consumer that still reaches no broker DEAF_AFTER_S later is replaced
-# (librdkafka reconnects within its reconnect.backoff.max.ms, 10 s, by itself)
-DEAF_PROBE_S = 5.0
-DEAF_AFTER_S = 15.0
-# a stage's outputs unacknowledged this long, and a new client has reached Kafka for
-# DEAF_AFTER_S: its producer is stuck, and a new one writes them again (a checkpointed
-# stage), or their batches are consumed again and a new one writes theirs (at least once)
-STUCK_ACKS_S = 20.0
-
-
-class _FreshReach:
-    """How long a new client has reached Kafka, asked (``probe``) at most every
-    ``DEAF_PROBE_S``; an answer refused starts the count again."""
-
-    def __init__(self) -> None:
-        self._next = 0.0
-        self._since: float | None = None
-
-    def reached_for(self, now: float, probe: Callable[[], bool]) -> float | None:
-        """Seconds since a new client first reached Kafka (None: it has not)."""
-        if now >= self._next:
-            self._next = now + DEAF_PROBE_S
-            if not probe():
-                self._since = None
-            elif self._since is None:
-                self._since = now
-        return None if self._since is None else now - self._since
+# (DEAF_PROBE_S, DEAF_AFTER_S and STUCK_ACKS_S, from kafka_io: during an outage a new
+# client asks a broker every DEAF_PROBE_S; once one has answered, a consumer that still
+# reaches no broker DEAF_AFTER_S later is replaced; a stage's outputs unacknowledged
+# STUCK_ACKS_S while a new client has reached Kafka for DEAF_AFTER_S: its producer is
+# stuck, and a new one writes them again (a checkpointed stage), or their batches are
+# consumed again and a new one writes theirs (at least once))
 
 
 class _StuckProducer(Exception):
@@ -316,7 +298,7 @@ class ConfluentHost:
         self._kafka_down_since: float | None = None  # degraded: the broker is unreachable
         self._kafka_up_at = -math.inf  # when the last outage ended
         self._next_probe = 0.0
-        self._reach = _FreshReach()  # a new client's reach of Kafka (outage)
+        self._reach = FreshReach()  # a new client's reach of Kafka (outage)
         # the group's coordinator unreachable while a broker answers (see _on_stats)
         self._group_lost_since: float | None = None
         self._group_stuck: str | None = None  # why the consumer is to be replaced
@@ -809,7 +791,7 @@ class ConfluentHost:
             log.warning("the replaced consumer did not close within %.0f s: left to close "
                         "on its own", CLOSE_WAIT_S)  # fmt: skip
         self._group_lost_since = self._group_stuck = None
-        self._reach = _FreshReach()
+        self._reach = FreshReach()
         self.consumer = self._create_consumer()
         self._start_reading()
 
@@ -917,14 +899,14 @@ class ConfluentHost:
         and a new client has reached Kafka for ``DEAF_AFTER_S`` (asked every
         ``DEAF_PROBE_S``): a producer back from an outage reconnects within that."""
         started = time.monotonic()
-        reach = _FreshReach()
+        reach = FreshReach()
 
         def waiting(left: int) -> None:
             self._acks_late(left)
             now = time.monotonic()
             if self.exactly_once or now - started < STUCK_ACKS_S:
                 return
-            up = reach.reached_for(now, self._fresh_client_reaches_kafka)
+            up = reach.reached_for(now, self._fresh_client_reaches_kafka, DEAF_PROBE_S)
             if up is not None and up >= DEAF_AFTER_S:
                 raise _StuckProducer(left)
 
@@ -990,7 +972,7 @@ class ConfluentHost:
             self.processor.stage, time.monotonic() - self._kafka_down_since,
         )  # fmt: skip
         self._kafka_down_since = None
-        self._reach = _FreshReach()
+        self._reach = FreshReach()
         self._kafka_up_at = time.monotonic()
         if self.metrics is not None:
             self.metrics.set_degraded(None, "kafka")
@@ -1016,7 +998,7 @@ class ConfluentHost:
         for over a minute, and no fetch came, while the other stages' clients were
         back within a second); a new consumer joins (``_replace_stuck_consumer``), or,
         reading from the processor's own positions (the learner), is assigned there."""
-        up = self._reach.reached_for(now, self._fresh_client_reaches_kafka)
+        up = self._reach.reached_for(now, self._fresh_client_reaches_kafka, DEAF_PROBE_S)
         if up is not None and up >= DEAF_AFTER_S:
             down = now - (self._kafka_down_since or now)
             self._group_stuck = (f"Kafka: the consumer reached no broker for {down:.0f} s, "

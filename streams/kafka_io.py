@@ -305,11 +305,34 @@ def produce_one(
             prod.poll(0.05)
 
 
+# during an outage a new client asks a broker for metadata every DEAF_PROBE_S; once one
+# has answered, a client that still reaches no broker DEAF_AFTER_S later is stuck
+# (librdkafka reconnects within its reconnect.backoff.max.ms, 10 s, by itself)
+DEAF_PROBE_S = 5.0
+DEAF_AFTER_S = 15.0
 # a producer whose messages have waited this long for their acks while a new client has
-# reached Kafka for REACHED_FOR_S (asked about once a second) is stuck (librdkafka #5430:
-# a partition it was told has leader -1 as the broker shut down stays without one)
-STUCK_AFTER_S = 20.0
-REACHED_FOR_S = 15.0
+# reached Kafka for DEAF_AFTER_S is stuck (librdkafka #5430: a partition it was told has
+# leader -1 as the broker shut down stays without one)
+STUCK_ACKS_S = 20.0
+
+
+class FreshReach:
+    """How long a new client has reached Kafka, asked (``probe``) at most every
+    ``every_s``; an answer refused starts the count again."""
+
+    def __init__(self) -> None:
+        self._next = 0.0
+        self._since: float | None = None
+
+    def reached_for(self, now: float, probe: Callable[[], bool], every_s: float) -> float | None:
+        """Seconds since a new client first reached Kafka (None: it has not)."""
+        if now >= self._next:
+            self._next = now + every_s
+            if not probe():
+                self._since = None
+            elif self._since is None:
+                self._since = now
+        return None if self._since is None else now - self._since
 
 
 class Renewal:
@@ -344,7 +367,7 @@ def produce_all(
     unacknowledged. Raises on delivery errors.
 
     With ``renewal``, the messages are kept until acknowledged, and a producer that
-    is stuck (``STUCK_AFTER_S``) is replaced by a new one, which sends them again: at
+    is stuck (``STUCK_ACKS_S``) is replaced by a new one, which sends them again: at
     least once, so a message the stuck one did write may be written twice."""
     errors: list[str] = []
     kept: dict[int, tuple[str, bytes | None, bytes]] = {}
@@ -378,21 +401,18 @@ def produce_all(
             prod.poll(0)
     started = time.monotonic()
     deadline = started + timeout_s
-    reached: float | None = None  # since when a new client has reached Kafka
+    reach = FreshReach()
     remaining = prod.flush(min(1.0, timeout_s))
     while remaining and (left := deadline - time.monotonic()) > 0:
         if waiting is not None:
             waiting(remaining)
         now = time.monotonic()
-        if renewal is not None and now - started >= STUCK_AFTER_S:
-            if not renewal.reaches():
-                reached = None
-            elif reached is None:
-                reached = now
-            elif now - reached >= REACHED_FOR_S and kept:
+        if renewal is not None and kept and now - started >= STUCK_ACKS_S:
+            up = reach.reached_for(now, renewal.reaches, DEAF_PROBE_S)
+            if up is not None and up >= DEAF_AFTER_S:
                 current[0] += 1
                 prod = _renewed(prod, renewal, kept, acked)
-                started, reached = time.monotonic(), None
+                started, reach = time.monotonic(), FreshReach()
         remaining = prod.flush(min(1.0, left))
     if remaining or errors:
         unacked = (f"{remaining:,} of {n:,} messages not acknowledged within {timeout_s:g} s "
@@ -412,7 +432,7 @@ def _renewed(
 ) -> Producer:
     """A new producer sending ``kept`` again in place of ``stuck`` (purged, let go)."""
     log.warning("%d messages unacknowledged for %.0f s while Kafka answers a new client: "
-                "a new producer sends them again", len(kept), STUCK_AFTER_S)  # fmt: skip
+                "a new producer sends them again", len(kept), STUCK_ACKS_S)  # fmt: skip
     stuck.purge(in_queue=True, in_flight=True, blocking=False)
     stuck.flush(0)  # (its reports, of an older generation, are ignored)
     prod = renewal.make()

@@ -50,8 +50,8 @@ class Producer:
 
 @pytest.fixture
 def short(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(kafka_io, "STUCK_AFTER_S", 0.2)
-    monkeypatch.setattr(kafka_io, "REACHED_FOR_S", 0.2)
+    monkeypatch.setattr(kafka_io, "STUCK_ACKS_S", 0.2)
+    monkeypatch.setattr(kafka_io, "DEAF_AFTER_S", 0.2)
 
 
 RECORDS = [("events", b"k", f"m{i}".encode()) for i in range(50)]
