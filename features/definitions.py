@@ -517,6 +517,22 @@ class FeaturePlan:
         then session groups')."""
         return {name: read(aggregates[gi]) for name, gi, read, _ in self._readers}
 
+    def group_values(self, gi: int, aggregate: list[float]) -> dict[str, float]:
+        """The part of ``current_values`` that group ``gi``'s aggregate gives."""
+        return {name: read(aggregate) for name, read in self._group_readers[gi]}
+
+    @cached_property
+    def _group_readers(self) -> list[list[tuple[str, Callable[[list[float]], float]]]]:
+        """``current_values``' readers by group (built once: ``group_values`` runs per
+        pair)."""
+        out: list[list[tuple[str, Callable[[list[float]], float]]]] = [
+            [] for _ in (*self.groups, *self.sessions)
+        ]
+        for name, gi, read, needs_event in self._readers:
+            if not needs_event:
+                out[gi].append((name, read))
+        return out
+
     def current_values(self, aggregates: list[list[float] | None]) -> dict[str, float]:
         """Values read outside an event (``FeatureStore.read``): groups without an
         entity value are left out, and so is the z-score, which needs an event."""

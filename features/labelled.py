@@ -60,6 +60,10 @@ from riverflow.features.tiles import MAX_TIME_S, Engine, Entity, check_time, unp
 
 # derived fields of a label "event" (``@`` keeps them apart from the spec's fields)
 ALL, WHEN, TS, WHEN_TS = "@all", "@when", "@ts", "@when_ts"
+
+# what a group of an entity without labels gives a read (one object: pairs of new
+# entities share their values; never changed)
+_NOTHING: dict[str, float] = {}
 NEVER = -MAX_TIME_S  # ``@when_ts`` of a negative label: older than any time
 KEY_PART = "lab:"  # label-fed state sits under rf:{ns}:lab:
 
@@ -160,6 +164,24 @@ class LabelPlan:
                            if f not in fields)  # fmt: skip
             raise ValueError(f"label-fed features: the pair has no field {missing!r}") from None
 
+    def entity_columns(self, pairs: Sequence[Mapping[str, Any]]) -> dict[str, list[str]]:
+        """``entity_keys`` of many pairs, by entity: name -> each pair's value."""
+        try:
+            out = {}
+            for name, e, one in self._entities:
+                if e == (ALL,):
+                    out[name] = ["1"] * len(pairs)
+                elif one:
+                    field = e[0]
+                    out[name] = [str(fields[field]) for fields in pairs]
+                else:
+                    out[name] = [entity_value(e, fields) for fields in pairs]
+            return out
+        except KeyError:
+            missing = next(f for fields in pairs for _, e, _ in self._entities if e != (ALL,)
+                           for f in e if f not in fields)  # fmt: skip
+            raise ValueError(f"label-fed features: the pair has no field {missing!r}") from None
+
     @cached_property
     def _entities(self) -> list[tuple[str, tuple[str, ...], bool]]:
         """Per entity of the plan: its name, fields, whether it is one field (built
@@ -168,7 +190,10 @@ class LabelPlan:
 
     def values(self, aggregates: list[list[Any] | None], at: float) -> dict[str, float]:
         """The features from a pair's group aggregates (None: no state) read at ``at``."""
-        inner = self.tiles.current_values(aggregates)
+        return self.values_of(self.tiles.current_values(aggregates), at)
+
+    def values_of(self, inner: Mapping[str, float], at: float) -> dict[str, float]:
+        """The features from the tile plan's values (``FeaturePlan.current_values``)."""
         return {name: read(inner, at) for name, read in self._readers}
 
     @cached_property
@@ -404,29 +429,42 @@ class LabelFeatures:
         times = [float(at)] * len(pairs) if isinstance(at, int | float) else list(at)
         if len(times) != len(pairs):
             raise ValueError(f"read: {len(pairs)} pairs but {len(times)} read times")
-        keys = [self.plan.entity_keys(fields) for fields in pairs]
-        states = self._states.load({(n, v) for k in keys for n, v in k.items()})
-        read: Callable[[int, Entity, float], list[Any] | None] = self._states.engine.read
-        groups = list(enumerate(self._groups))
-        # what one group of one entity value reads at one time, and the values of one
-        # set of aggregates at one time: a slate's pairs share their request's user,
-        # time and the global counts, and an entity without labels reads nothing
-        memo: dict[tuple[int, str, float], list[Any] | None] = {}
-        done: dict[tuple[Any, ...], dict[str, float]] = {}
-        out = []
-        for k, t in zip(keys, times, strict=True):
+        for t in set(times):
             check_time(t)
-            aggregates: list[list[Any] | None] = []
-            for gi, name in groups:
-                value = k[name]
-                seen = (gi, value, t)
-                if seen not in memo:
+        plan = self.plan
+        columns = plan.entity_columns(pairs)
+        states = self._states.load(
+            {(name, value) for name, values in columns.items() for value in set(values)}
+        )
+        read: Callable[[int, Entity, float], list[Any] | None] = self._states.engine.read
+        part = plan.tiles.group_values
+        # by group, column-wise: what each pair reads there, as the part of the tile
+        # plan's values it gives. One group of one entity value reads once per time (a
+        # slate's pairs share their request's user, time and the global counts), and an
+        # entity without labels reads nothing
+        parts: list[list[dict[str, float]]] = []
+        for gi, name in enumerate(self._groups):
+            memo: dict[tuple[str, float], dict[str, float]] = {}
+            column = []
+            for value, t in zip(columns[name], times, strict=True):
+                got = memo.get((value, t))
+                if got is None:
                     ent = states.get((name, value))
-                    memo[seen] = None if ent is None else read(gi, ent, t)
-                aggregates.append(memo[seen])
-            same = (t, *map(id, aggregates))  # (memo keeps each aggregate alive)
+                    aggregate = None if ent is None else read(gi, ent, t)
+                    got = memo[value, t] = _NOTHING if aggregate is None else part(gi, aggregate)
+                column.append(got)
+            parts.append(column)
+        # the values of one set of parts at one time, once (e.g. pairs of new entities)
+        done: dict[tuple[Any, ...], dict[str, float]] = {}
+        of = plan.values_of
+        out = []
+        for t, *these in zip(times, *parts, strict=True):
+            same = (t, *map(id, these))  # (the memos keep each part alive)
             values = done.get(same)
             if values is None:
-                values = done[same] = self.plan.values(aggregates, t)
+                inner: dict[str, float] = {}
+                for p in these:
+                    inner.update(p)
+                values = done[same] = of(inner, t)
             out.append(dict(values))
         return out
