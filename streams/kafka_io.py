@@ -97,6 +97,8 @@ START_WAIT_S = 30.0
 # how long a reader behind its topic may read nothing before its consumer is replaced
 # (librdkafka reconnects within reconnect.backoff.max.ms, 10 s, by itself)
 STALL_S = 15.0
+# a GroupProgress not called for this long settles as after an error (see there)
+QUIET_GAP_S = 5.0
 # how long such a look at a topic's end may wait for the broker (during an outage it
 # fails: a reader's caller is held this long every STALL_S at most)
 LOOK_TIMEOUT_S = 2.0
@@ -546,6 +548,10 @@ class GroupProgress:
     ``STALL_S`` on end bring a new consumer, the old one closing in the background
     (a client can stay stuck after a broker restart while new ones reach it, as the
     other readers here can: without it, no label would time out again).
+    Not called for ``QUIET_GAP_S`` (its caller was held up: by an outage, often, that
+    it never saw), it settles as after an error: seen under a Redis and then a broker
+    restart, the learner blocked on its writes all through the outage, and its
+    timeouts fell due before the clicks held meanwhile came (learned as negatives).
     """
 
     def __init__(
@@ -562,6 +568,7 @@ class GroupProgress:
         self.clock = clock
         self.settle_s = settle_s
         self._failed = False  # Kafka out of reach at the last call
+        self._called: float | None = None  # when it was last called (on ``clock``)
         self._failing_since: float | None = None
         # group.id only names whose committed offsets are read: it never subscribes,
         # so it never joins the group or takes partitions from its members
@@ -573,6 +580,9 @@ class GroupProgress:
 
     def __call__(self) -> float | None:
         now = self.clock()
+        called, self._called = self._called, now
+        if called is not None and now - called > QUIET_GAP_S:
+            self._failed = True  # as if Kafka had been away: settle before a new probe
         if now < self._next:
             return self._through
         self._next = now + self.poll_s

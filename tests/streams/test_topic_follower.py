@@ -264,3 +264,46 @@ def test_group_progress_whose_consumer_stays_refused_gets_a_new_one(
     for now[0] in (16.0, 17.0, 18.0):  # Kafka answers: settles, probes, confirms
         through = progress()
     assert through == 17.0  # what was produced before 17 s is committed
+
+
+def test_group_progress_not_asked_for_a_while_settles_before_it_moves_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A learner held up through a broker outage (blocked on its writes) never asks
+    ``GroupProgress`` while Kafka is away, so no call fails. The labels producers held
+    meanwhile reach the topic only after they reconnect: asked again after
+    ``QUIET_GAP_S``, progress settles (``settle_s``) before it passes the gap, as after
+    an error. Before, it moved on at once and the held clicks' timeouts fell due."""
+    monkeypatch.setattr(kafka_io, "Consumer", ProgressConsumer)
+    ProgressConsumer.made, ProgressConsumer.stuck_next = [], False
+    now = [0.0]
+    progress = kafka_io.GroupProgress(
+        NOWHERE, "g", "t.events", poll_s=0, clock=lambda: now[0], settle_s=8.0
+    )
+    for now[0] in (0.0, 1.0):  # probes, confirms
+        through = progress()
+    assert through == 0.0
+    back = now[0] = 16.0  # held up: not asked for 15 s (QUIET_GAP_S is 5)
+    assert progress() == 1.0  # what was probed before the gap, confirmed
+    for now[0] in (back + 1, back + 4, back + 7):
+        assert progress() == 1.0  # settling: nothing past the gap yet
+    for now[0] in (back + 9, back + 10):  # settled: probes, confirms
+        through = progress()
+    assert through == back + 9
+
+
+def test_group_progress_asked_often_moves_on_without_settling(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Asked every second (a learner's ticks), progress moves on a call after each
+    probe: no settle without an error or a gap."""
+    monkeypatch.setattr(kafka_io, "Consumer", ProgressConsumer)
+    ProgressConsumer.made, ProgressConsumer.stuck_next = [], False
+    now = [0.0]
+    progress = kafka_io.GroupProgress(
+        NOWHERE, "g", "t.events", poll_s=0, clock=lambda: now[0], settle_s=8.0
+    )
+    seen = []
+    for now[0] in (0.0, 1.0, 2.0, 3.0, 4.0):
+        seen.append(progress())
+    assert seen == [None, 0.0, 1.0, 2.0, 3.0]
