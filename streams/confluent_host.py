@@ -88,6 +88,7 @@ from riverflow.streams.kafka_io import (
     STUCK_ACKS_S,
     FreshReach,
     KafkaIOError,
+    Stall,
     client_config,
     kafka_error,
     produce_all,
@@ -302,6 +303,8 @@ class ConfluentHost:
         # the group's coordinator unreachable while a broker answers (see _on_stats)
         self._group_lost_since: float | None = None
         self._group_stuck: str | None = None  # why the consumer is to be replaced
+        # (reading from the processor's positions) whether the consumer still fetches
+        self._stall = Stall()
         self._group_degraded = False
         self._group_replaced_at: float | None = None
         hooks = getattr(processor, "on_wait", None)  # streams.guard.Guard
@@ -673,7 +676,9 @@ class ConfluentHost:
         first = self.consumer.poll(self.settings.poll_s)
         if first is None:
             self._pace(0)
+            self._watch_fetching()
             return []
+        self._stall.heard()
         size = self.settings.batch_size
         raw = [first, *self.consumer.consume(size - 1, timeout=0)]
         short = min(size, LINGER_BATCH) - len(raw)
@@ -711,6 +716,21 @@ class ConfluentHost:
             stamp = ts if ts_type != TIMESTAMP_NOT_AVAILABLE else None
             batch.append(Message(topic, partition, offset, m.key(), m.value(), stamp))
         return batch
+
+    def _watch_fetching(self) -> None:
+        """Reading from the processor's own positions (the learner), a consumer silent
+        for ``STALL_S`` while the source has more is replaced (``_replace_stuck_consumer``
+        assigns a new one there): seen after a broker restart, a consumer that fetched
+        nothing again while Kafka answered, its labels never read and none timing out.
+        A group's member is watched through its group instead (``_on_stats``)."""
+        if self.checkpoint is None or self._group_stuck is not None or not self._stall.look():
+            return
+        positions = self.checkpoint.positions
+        at = {tp.partition: positions.get(tp.partition, OFFSET_BEGINNING)
+              for tp in self.consumer.assignment()}  # fmt: skip
+        why = self._stall.check(self.consumer, self.sources[0], at)
+        if why is not None:
+            self._group_stuck = f"Kafka: the consumer stalled ({why})"
 
     def _pace(self, taken: int) -> None:
         """Follow the source's rate: an average over batches, each weighted by the time

@@ -19,7 +19,7 @@ import pytest
 from confluent_kafka import TIMESTAMP_CREATE_TIME, KafkaError, KafkaException, TopicPartition
 
 from riverflow.stages.common import guarded
-from riverflow.streams import confluent_host
+from riverflow.streams import confluent_host, kafka_io
 from riverflow.streams.confluent_host import (
     LINGER_BATCH,
     Checkpointing,
@@ -956,3 +956,81 @@ def test_a_refused_output_stops_the_host_and_nothing_from_its_batch_on_is_commit
     assert len(processor.batches) == 3
     # the first batch's offsets only: the second and third are consumed again
     assert host.consumer.commits[-1] == ({("in", 0): 1, ("in", 1): 1}, False)
+
+
+class Ends(FakeConsumer):
+    """A consumer whose topic has ``high`` messages in each partition."""
+
+    high = 10
+
+    def get_watermark_offsets(
+        self, tp: TopicPartition, timeout: float | None = None, cached: bool = False
+    ) -> tuple[int, int]:
+        return 0, self.high
+
+
+def stalled_learner(
+    monkeypatch: pytest.MonkeyPatch, positions: dict[int, int]
+) -> tuple[ConfluentHost, list[Ends], Echo]:
+    """A host reading from the processor's ``positions`` (the learner) whose first
+    consumer fetches nothing, ever (its topic has 10 messages a partition); each one
+    made after it hands out what its partitions hold from where it was assigned."""
+    monkeypatch.setattr(kafka_io, "STALL_S", 0.05)
+    log: list[str] = []
+    made: list[Ends] = []
+
+    def make_consumer(config: dict[str, Any]) -> Ends:
+        consumer = Ends(config, log, [])
+        consumer.before_poll = lambda _: time.sleep(0.005)  # nothing comes: poll waits
+        if made:  # a new one: what its partitions hold on from its positions
+            real_assign = consumer.assign
+
+            def assign(partitions: list[TopicPartition]) -> None:
+                real_assign(partitions)
+                consumer.pending += [
+                    FakeMessage("in", tp.partition, o, b"label")
+                    for tp in partitions
+                    for o in range(tp.offset, Ends.high)
+                ]
+
+            consumer.assign = assign  # type: ignore[method-assign]
+        made.append(consumer)
+        return consumer
+
+    processor = Echo(stop_after=1)
+    clients = ClientSettings(
+        make_consumer=make_consumer, make_producer=lambda config: FakeProducer(config, log)
+    )
+    settings = HostSettings("broker:9092", "group-a", batch_size=10, poll_s=0.01,
+                            dlq_topic="dlq")  # fmt: skip
+    host = ConfluentHost(
+        processor, "in", settings, clients, checkpoint=Checkpointing(positions, lambda: None)
+    )
+    processor.host = host
+    return host, made, processor
+
+
+def test_a_consumer_reading_from_positions_silent_while_its_topic_has_more_is_replaced(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # seen after a Redis and then a broker restart: the learner said Kafka was back,
+    # then sat in its poll reading nothing while labels came, and no timeout fell due
+    host, made, processor = stalled_learner(monkeypatch, {0: 4, 1: 10})
+    run(host)
+    assert len(made) == 2  # the silent one, and the one assigned where it had read to
+    assert {(tp.partition, tp.offset) for tp in made[1].assigned} == {(0, 4), (1, 10)}
+    assert [m.offset for m in processor.batches[0]] == [4, 5, 6, 7, 8, 9]
+
+
+def test_a_consumer_reading_from_positions_at_the_topics_end_is_kept(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # nothing to read: silence is no stall
+    host, made, processor = stalled_learner(monkeypatch, {0: 10, 1: 10})
+    thread = threading.Thread(target=host.run, daemon=True)
+    thread.start()
+    time.sleep(0.5)  # ten times STALL_S
+    host.stop()
+    thread.join(10)
+    assert not thread.is_alive()
+    assert len(made) == 1 and not processor.batches
