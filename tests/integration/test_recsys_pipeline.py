@@ -65,6 +65,20 @@ RATE = 400  # requests/s
 FIRST = 2_000
 
 
+# what a failure's report shows of a stage's metrics
+WATCHED = ("riverflow_stage_status", "riverflow_consumer_lag", "riverflow_consumed_messages",
+           "riverflow_produced_messages", "riverflow_stage_degraded")  # fmt: skip
+
+
+def status(stage: StageProcess) -> str:
+    """The stage's status gauges (labels waiting, held, learned...), or why not."""
+    try:
+        _, body = stage.get("/metrics")
+    except OSError as exc:
+        return f"(no metrics: {exc})"
+    return "\n".join(line for line in body.splitlines() if line.startswith(WATCHED))
+
+
 def answers(stage: StageProcess) -> bool:
     try:
         return stage.get("/healthz")[0] in (200, 503)
@@ -276,10 +290,12 @@ def disrupted(
 
     # every shown item evaluated (at least once: a restarted learner learns again what
     # came after its last snapshot), with the users' label
-    assert evaluations.wait(lambda s: shown <= {e.record.event_id for e in s}, 240), (
-        f"{len(shown - {e.record.event_id for e in evaluations.seen})} shown items never "
-        f"evaluated; {dead(stages)}"
-    )
+    if not evaluations.wait(lambda s: shown <= {e.record.event_id for e in s}, 240):
+        missing = len(shown - {e.record.event_id for e in evaluations.seen})
+        # where each stage waits: a stage that stopped making progress says nothing else
+        stacks = "\n".join(f"--- {name}:\n{status(stage)}\n{stage.stacks()}"
+                           for name, stage in stages.items())  # fmt: skip
+        raise AssertionError(f"{missing} shown items never evaluated; {dead(stages)}\n{stacks}")
     failures = dead(stages) + stop_cleanly(*stages.values())
     clicked = [orjson.loads(m.value()) for m in read_topic(bootstrap, t.labels)]
     clicks = {pair_id(c["request_id"], c["item_id"]) for c in clicked}
