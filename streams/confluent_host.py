@@ -722,7 +722,11 @@ class ConfluentHost:
         for ``STALL_S`` while the source has more is replaced (``_replace_stuck_consumer``
         assigns a new one there): seen after a broker restart, a consumer that fetched
         nothing again while Kafka answered, its labels never read and none timing out.
-        A group's member is watched through its group instead (``_on_stats``)."""
+        A group's member is watched through its group instead (``_on_stats``); a paused
+        consumer is not watched."""
+        if self._paused:  # silent on purpose (_backpressure): not a stall
+            self._stall.heard()
+            return
         if self.checkpoint is None or self._group_stuck is not None or not self._stall.look():
             return
         positions = self.checkpoint.positions

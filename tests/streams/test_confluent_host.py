@@ -970,7 +970,7 @@ class Ends(FakeConsumer):
 
 
 def stalled_learner(
-    monkeypatch: pytest.MonkeyPatch, positions: dict[int, int]
+    monkeypatch: pytest.MonkeyPatch, positions: dict[int, int], processor: Echo | None = None
 ) -> tuple[ConfluentHost, list[Ends], Echo]:
     """A host reading from the processor's ``positions`` (the learner) whose first
     consumer fetches nothing, ever (its topic has 10 messages a partition); each one
@@ -997,7 +997,7 @@ def stalled_learner(
         made.append(consumer)
         return consumer
 
-    processor = Echo(stop_after=1)
+    processor = processor or Echo(stop_after=1)
     clients = ClientSettings(
         make_consumer=make_consumer, make_producer=lambda config: FakeProducer(config, log)
     )
@@ -1022,15 +1022,25 @@ def test_a_consumer_reading_from_positions_silent_while_its_topic_has_more_is_re
     assert [m.offset for m in processor.batches[0]] == [4, 5, 6, 7, 8, 9]
 
 
-def test_a_consumer_reading_from_positions_at_the_topics_end_is_kept(
-    monkeypatch: pytest.MonkeyPatch,
+class Full(Echo):
+    """The learner with its waiting list full: accepts no input (the host pauses it)."""
+
+    def accepting(self) -> bool:
+        return False
+
+
+@pytest.mark.parametrize("positions, processor", [
+    ({0: 10, 1: 10}, Echo),  # nothing to read: silence is no stall
+    ({0: 4, 1: 10}, Full),  # paused on purpose, behind: no stall either
+])  # fmt: skip
+def test_a_consumer_reading_from_positions_at_the_end_or_paused_is_kept(
+    monkeypatch: pytest.MonkeyPatch, positions: dict[int, int], processor: type[Echo]
 ) -> None:
-    # nothing to read: silence is no stall
-    host, made, processor = stalled_learner(monkeypatch, {0: 10, 1: 10})
+    host, made, _ = stalled_learner(monkeypatch, positions, processor(stop_after=1))
     thread = threading.Thread(target=host.run, daemon=True)
     thread.start()
     time.sleep(0.5)  # ten times STALL_S
     host.stop()
     thread.join(10)
     assert not thread.is_alive()
-    assert len(made) == 1 and not processor.batches
+    assert len(made) == 1 and not host.processor.batches
