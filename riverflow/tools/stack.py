@@ -20,7 +20,7 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib.resources import files
@@ -71,9 +71,27 @@ def stop_processes(procs: Iterable[subprocess.Popen[bytes]], timeout_s: float = 
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(n: int, taken: Collection[int] = ()) -> list[int]:
+    """``n`` distinct TCP ports on 127.0.0.1 that nothing listens on right now, none of
+    ``taken``. Held open together while picked: one at a time, the kernel may hand out
+    the same port twice (seen in CI: a broker's two listeners on one port)."""
+    held: list[socket.socket] = []
+    try:
+        ports: list[int] = []
+        while len(ports) < n:
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            held.append(s)
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+            if port not in taken:
+                ports.append(port)
+        return ports
+    finally:
+        for s in held:
+            s.close()
 
 
 def tail(path: Path, lines: int = 40) -> str:
@@ -282,7 +300,9 @@ def start_kafka(
         raise StackError(NO_JAVA)
     libs = kafka_libs(settings)
     workdir.mkdir(parents=True, exist_ok=True)
-    port, cport = ports or (free_port(), free_port())
+    # (the secure broker's SSL port was picked before: the others must differ from it)
+    picked = free_ports(3, taken=() if secure is None else (secure.ssl_port,))
+    port, cport = ports or (picked[0], picked[1])
     log = workdir / "kafka.log"
     props = workdir / "server.properties"
     if secure is None:
@@ -293,7 +313,9 @@ def start_kafka(
             "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
         ]
     else:
-        internal = free_port()
+        internal = picked[2]
+        if ports is not None and internal in ports:
+            internal = free_ports(1, taken=(*ports, secure.ssl_port))[0]
         ssl = secure.ssl_port
         plain_users = " ".join(f'user_{name}="{pw}"' for name, pw in secure.users.items())
         listeners = [
