@@ -60,12 +60,11 @@ from riverflow.features.tiles import MAX_TIME_S, Engine, Entity, check_time, unp
 
 # derived fields of a label "event" (``@`` keeps them apart from the spec's fields)
 ALL, WHEN, TS, WHEN_TS = "@all", "@when", "@ts", "@when_ts"
-
+NEVER = -MAX_TIME_S  # ``@when_ts`` of a negative label: older than any time
+KEY_PART = "lab:"  # label-fed state sits under rf:{ns}:lab:
 # what a group of an entity without labels gives a read (one object: pairs of new
 # entities share their values; never changed)
 _NOTHING: dict[str, float] = {}
-NEVER = -MAX_TIME_S  # ``@when_ts`` of a negative label: older than any time
-KEY_PART = "lab:"  # label-fed state sits under rf:{ns}:lab:
 
 
 @dataclass(frozen=True)
@@ -154,15 +153,7 @@ class LabelPlan:
 
     def entity_keys(self, fields: Mapping[str, Any]) -> dict[str, str]:
         """Every entity of the plan (name -> value) in a pair's fields."""
-        try:
-            return {
-                name: "1" if e == (ALL,) else str(fields[e[0]]) if one else entity_value(e, fields)
-                for name, e, one in self._entities
-            }
-        except KeyError:
-            missing = next(f for _, e, _ in self._entities if e != (ALL,) for f in e
-                           if f not in fields)  # fmt: skip
-            raise ValueError(f"label-fed features: the pair has no field {missing!r}") from None
+        return {name: values[0] for name, values in self.entity_columns([fields]).items()}
 
     def entity_columns(self, pairs: Sequence[Mapping[str, Any]]) -> dict[str, list[str]]:
         """``entity_keys`` of many pairs, by entity: name -> each pair's value."""

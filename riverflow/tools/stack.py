@@ -301,8 +301,8 @@ def start_kafka(
     libs = kafka_libs(settings)
     workdir.mkdir(parents=True, exist_ok=True)
     # (the secure broker's SSL port was picked before: the others must differ from it)
-    picked = free_ports(3, taken=() if secure is None else (secure.ssl_port,))
-    port, cport = ports or (picked[0], picked[1])
+    ssl_port = () if secure is None else (secure.ssl_port,)
+    port, cport = ports or free_ports(2, taken=ssl_port)
     log = workdir / "kafka.log"
     props = workdir / "server.properties"
     if secure is None:
@@ -313,9 +313,7 @@ def start_kafka(
             "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
         ]
     else:
-        internal = picked[2]
-        if ports is not None and internal in ports:
-            internal = free_ports(1, taken=(*ports, secure.ssl_port))[0]
+        internal = free_ports(1, taken=(port, cport, *ssl_port))[0]
         ssl = secure.ssl_port
         plain_users = " ".join(f'user_{name}="{pw}"' for name, pw in secure.users.items())
         listeners = [
