@@ -102,6 +102,9 @@ QUIET_GAP_S = 5.0
 # how long such a look at a topic's end may wait for the broker (during an outage it
 # fails: a reader's caller is held this long every STALL_S at most)
 LOOK_TIMEOUT_S = 2.0
+# how long ``read_topic`` short of its topic's end waits for a message before it gives
+# up (a stalled consumer is replaced within 2 x STALL_S)
+BEHIND_S = 60.0
 
 
 class Stall:
@@ -492,41 +495,76 @@ def read_topic(
     stop: threading.Event | None = None,
 ) -> Iterator[Any]:
     """Every message of ``topic`` from the beginning (``since_s``: from the first no
-    older than that many seconds), until none arrived for ``idle_s`` seconds (or
-    forever with ``follow``), or ``stop`` is set (noticed within a poll, 0.2 s, even
-    while nothing arrives). Reads all partitions without a consumer group, so it
-    commits nothing and joins no rebalance. Following, a consumer that stops
-    fetching (``Stall``) is replaced by a new one from where it read to."""
-    consumer, partitions = groupless_reader(bootstrap, topic, "riverflow-reader")
+    older than that many seconds) to its end as it was when called, and on until none
+    arrived for ``idle_s`` seconds (or forever with ``follow``), or ``stop`` is set
+    (noticed within a poll, 0.2 s, even while nothing arrives). Reads all partitions
+    without a consumer group, so it commits nothing and joins no rebalance. A consumer
+    that stops fetching (``Stall``) is replaced by a new one from where it read to.
+
+    Short of the end, a pause in what comes is not the end: on a loaded machine a
+    fetch took over ``idle_s``, and a read that stopped then returned part of the
+    topic as if whole (the test of a pipeline missed a request; ``riverflow forget``
+    would miss events). ``KafkaIOError`` if nothing comes for ``BEHIND_S`` while
+    short of it. Ends are committed ends (read_committed): an open transaction's
+    records are not waited for."""
+    consumer, partitions = groupless_reader(
+        bootstrap, topic, "riverflow-reader", **{"enable.partition.eof": True}
+    )
     starts = dict.fromkeys(partitions, OFFSET_BEGINNING)
     if since_s is not None:
         starts = offsets_since(consumer, topic, partitions, since_s)
+    # the ends to read to (empty partitions have none); read before the first fetch
+    short = {} if follow else _short_of(consumer, topic, starts)
     consumer.assign([TopicPartition(topic, p, o) for p, o in starts.items()])
     at = dict(starts)  # the next offset to read per partition (its start until one is read)
-    stall = Stall() if follow else None
+    stall = Stall()
     last = time.monotonic()
     try:
-        while (follow or time.monotonic() - last < idle_s) and not (stop and stop.is_set()):
+        while not (stop and stop.is_set()):
+            quiet = time.monotonic() - last
+            if not follow and not short and quiet >= idle_s:
+                break
+            if short and quiet >= BEHIND_S:
+                left = sum(end - max(at[p], 0) for p, end in short.items())
+                raise KafkaIOError(f"reading {topic}: nothing came for {BEHIND_S:g} s, "
+                                   f"{left:,} messages short of its end")  # fmt: skip
             batch = consumer.consume(1000, timeout=0.2)
+            heard = False
             for msg in batch:
-                if msg.error():
-                    raise KafkaIOError(f"reading {topic}: {msg.error()}")
-                partition, offset = msg.partition(), msg.offset()
-                if partition is not None and offset is not None:
-                    at[partition] = offset + 1
-                yield msg
-            if batch:
+                err, partition, offset = msg.error(), msg.partition(), msg.offset()
+                if err is not None and err.code() != KafkaError._PARTITION_EOF:
+                    raise KafkaIOError(f"reading {topic}: {err}")
+                if partition is None or offset is None:
+                    continue
+                # an end event's offset is the end: past the markers of transactions too
+                at[partition] = offset if err is not None else offset + 1
+                if partition in short and at[partition] >= short[partition]:
+                    del short[partition]
+                if err is None:
+                    heard = True
+                    yield msg
+            if heard:
                 last = time.monotonic()
-                if stall is not None:
-                    stall.heard()
-            elif stall is not None and stall.look():
+                stall.heard()
+            elif stall.look():
                 why = stall.check(consumer, topic, at)
                 if why is not None:
                     consumer = renewed_reader(consumer, bootstrap, topic, "riverflow-reader",
-                                              {}, at, why)  # fmt: skip
+                                              {"enable.partition.eof": True}, at, why)  # fmt: skip
                     stall.heard()
     finally:
         consumer.close()
+
+
+def _short_of(consumer: Consumer, topic: str, starts: Mapping[int, int]) -> dict[int, int]:
+    """Per partition of ``topic`` with something to read from ``starts`` (an offset, or
+    its beginning), its end now."""
+    short = {}
+    for p, start in starts.items():
+        low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+        if high > max(low, start):
+            short[p] = int(high)
+    return short
 
 
 class GroupProgress:

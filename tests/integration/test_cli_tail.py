@@ -1,6 +1,7 @@
-"""`riverflow tail --follow` on the real broker, as an operator runs it into a pipe:
-what the topic holds, then what comes while it follows, from every partition, a
-record that is not JSON shown as bytes, not fatal."""
+"""`riverflow tail` (and ``read_topic``, what it reads with) on the real broker.
+Following, as an operator runs it into a pipe: what the topic holds, then what comes
+while it follows, from every partition, a record that is not JSON shown as bytes, not
+fatal. Not following: the whole topic as it was, however slow the fetches."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import uuid
 
 import orjson
 
-from riverflow.streams.kafka_io import ensure_topics, produce_all, producer
+from riverflow.streams.kafka_io import ensure_topics, produce_all, producer, read_topic
 from riverflow.tools.stack import Endpoints
 from tests.helpers import within
 
@@ -64,3 +65,45 @@ def test_riverflow_tail_follow_prints_each_record_as_it_comes_into_a_pipe(
     assert all(offsets == sorted(offsets) for offsets in shown.values())
     assert sorted(orjson.loads(v)["n"] for v in values if v != repr(HOSTILE)) == list(range(11))
     assert values.count(repr(HOSTILE)) == 1
+
+
+def test_riverflow_tail_reads_a_transactional_topic_to_its_committed_end_and_stops(
+    stack: Endpoints,
+) -> None:
+    """Without --follow, as the scorer writes predictions under exactly-once: what was
+    committed, in full, and then it stops, although the topic ends in transaction
+    markers and a transaction is still open (its records are not waited for)."""
+    topic = f"tail-tx-{uuid.uuid4().hex[:8]}"
+    ensure_topics(stack.kafka_bootstrap, [topic], partitions=3)
+    prod = producer(stack.kafka_bootstrap, **{"transactional.id": f"tx-{topic}"})
+    prod.init_transactions()
+    for batch in range(3):
+        prod.begin_transaction()
+        for i in range(batch * 400, batch * 400 + 400):
+            prod.produce(topic, key=b"k%d" % i, value=orjson.dumps({"n": i}))
+        prod.commit_transaction()
+    prod.begin_transaction()
+    prod.produce(topic, key=b"open", value=orjson.dumps({"n": -1}))
+    prod.flush()
+    env = {**os.environ, "RIVERFLOW_KAFKA_BOOTSTRAP": stack.kafka_bootstrap,
+           "RIVERFLOW_REDIS_URL": stack.redis_url}  # fmt: skip
+    try:
+        done = subprocess.run([sys.executable, "-m", "riverflow.cli", "tail", topic],
+                              env=env, capture_output=True, text=True, timeout=50)  # fmt: skip
+    finally:
+        prod.abort_transaction()
+    assert done.returncode == 0, done.stderr
+    shown = [orjson.loads(line.split(" ", 1)[1])["n"] for line in done.stdout.splitlines()]
+    assert sorted(shown) == list(range(1200))
+
+
+def test_read_topic_with_no_idle_time_still_reads_the_whole_topic(stack: Endpoints) -> None:
+    """``idle_s`` is how long to wait for more once at the end, not for the first fetch:
+    with none, every message the topic held is still read (before, the first empty
+    poll ended the read)."""
+    topic = f"read-{uuid.uuid4().hex[:8]}"
+    ensure_topics(stack.kafka_bootstrap, [topic], partitions=3)
+    produce_all(producer(stack.kafka_bootstrap),
+                [(topic, b"k%d" % i, b"%d" % i) for i in range(3000)])  # fmt: skip
+    got = sorted(int(m.value()) for m in read_topic(stack.kafka_bootstrap, topic, idle_s=0.0))
+    assert got == list(range(3000))

@@ -1,4 +1,4 @@
-"""A ``TopicFollower`` (and a ``TrailingReader``, and ``read_topic`` following) whose
+"""A ``TopicFollower`` (and a ``TrailingReader``, and ``read_topic``) whose
 consumer stops fetching gets a new one, from where it had read to; so does a
 ``GroupProgress`` whose consumer is refused for ``STALL_S`` on end. Seen on a real
 broker restarted under load: the learner's follower of the predictions topic was
@@ -207,6 +207,26 @@ def test_read_topic_following_a_stalled_consumer_reads_on_with_a_new_one(topic: 
     stop.set()
     reader.join(5)
     assert seen == list(range(9)) and len(topic.made) == 2 and topic.made[1].assigned == [5]
+
+
+def test_read_topic_short_of_its_end_reads_on_through_a_pause_longer_than_idle(
+    topic: Topic,
+) -> None:
+    """A fetch slower than ``idle_s`` is not the end of the topic: the read stops
+    only once past the end the topic had when it began (a test of the recsys pipeline
+    missed a request so on a loaded machine; ``riverflow forget`` would miss events)."""
+    topic.late = 20  # 20 polls come back empty, behind
+    assert [m.offset() for m in read_topic(NOWHERE, "t.predictions", idle_s=0.0)] == [0, 1, 2, 3, 4]
+
+
+def test_read_topic_that_nothing_reaches_short_of_its_end_says_so(
+    topic: Topic, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not a silent short read: an error naming the topic and how much is missing."""
+    monkeypatch.setattr(kafka_io, "BEHIND_S", 0.5)
+    topic.next = [{"deaf": True}]
+    with pytest.raises(kafka_io.KafkaIOError, match=r"t\.predictions.*5 messages short"):
+        list(read_topic(NOWHERE, "t.predictions", idle_s=0.0))
 
 
 class ProgressConsumer:
