@@ -56,7 +56,15 @@ from riverflow.features.definitions import (
 from riverflow.features.store.base import FeatureRequest, FeatureSnapshot
 from riverflow.features.store.memory import MemoryFeatureStore
 from riverflow.features.store.redis_store import RedisFeatureStore
-from riverflow.features.tiles import MAX_TIME_S, Engine, Entity, check_time, unpack_entity
+from riverflow.features.tiles import (
+    MAX_TIME_S,
+    Engine,
+    Entity,
+    Window,
+    at_time,
+    check_time,
+    unpack_entity,
+)
 
 # derived fields of a label "event" (``@`` keeps them apart from the spec's fields)
 ALL, WHEN, TS, WHEN_TS = "@all", "@when", "@ts", "@when_ts"
@@ -427,22 +435,33 @@ class LabelFeatures:
         states = self._states.load(
             {(name, value) for name, values in columns.items() for value in set(values)}
         )
-        read: Callable[[int, Entity, float], list[Any] | None] = self._states.engine.read
+        engine = self._states.engine
         part = plan.tiles.group_values
         # by group, column-wise: what each pair reads there, as the part of the tile
         # plan's values it gives. One group of one entity value reads once per time (a
-        # slate's pairs share their request's user, time and the global counts), and an
-        # entity without labels reads nothing
+        # slate's pairs share their request's user, time and the global counts), its
+        # tiles are summed once per window (the batch's requests at times in one tile
+        # bucket: an item shown to many), and an entity without labels reads nothing
         parts: list[list[dict[str, float]]] = []
         for gi, name in enumerate(self._groups):
+            width = engine.kernels[gi].width
             memo: dict[tuple[str, float], dict[str, float]] = {}
+            windows: dict[tuple[str, int], Window | None] = {}
             column = []
             for value, t in zip(columns[name], times, strict=True):
                 got = memo.get((value, t))
                 if got is None:
+                    got = _NOTHING
                     ent = states.get((name, value))
-                    aggregate = None if ent is None else read(gi, ent, t)
-                    got = memo[value, t] = _NOTHING if aggregate is None else part(gi, aggregate)
+                    if ent is not None:
+                        end = int(t // width)
+                        if (value, end) in windows:
+                            window = windows[value, end]
+                        else:
+                            window = windows[value, end] = engine.window(gi, ent, end)
+                        if window is not None:
+                            got = part(gi, at_time(window, t))
+                    memo[value, t] = got
                 column.append(got)
             parts.append(column)
         # the values of one set of parts at one time, once (e.g. pairs of new entities)

@@ -475,6 +475,21 @@ def since(ts: float, newest: float | None) -> float | None:
     return gap if gap > 0 else 0.0  # an out-of-order event comes right after the newest one
 
 
+# a window's aggregate as at no time (``Engine.window``), and its newest event's time
+Window = tuple[float | None, list[Any]]
+
+
+def at_time(window: Window, ts: float) -> list[Any]:
+    """A window's aggregate at event time ``ts`` (in the bucket it ends in): a copy with
+    the time since its newest event, as ``Kernel.vector`` writes it."""
+    newest, vector = window
+    out = list(vector)
+    gap = since(ts, newest)
+    if gap is not None:
+        out[1], out[2] = 1, gap or 0
+    return out
+
+
 class Engine:
     """A plan's kernels, and one event's whole step over its entities."""
 
@@ -592,10 +607,21 @@ class Engine:
         tiles = ent.groups.get(gi)
         if ent.w is None or tiles is None:
             return None
+        ts = ent.w if at is None else check_time(at)
+        end = tiles.hb if at is None else int(ts // self.kernels[gi].width)
+        window = self.window(gi, ent, end)
+        return None if window is None else at_time(window, ts)
+
+    def window(self, gi: int, ent: Entity, end: int) -> Window | None:
+        """Group ``gi``'s aggregate of ``ent`` over the window ending in bucket ``end``,
+        as at no time in particular: ``at_time`` gives it at one (the same for every
+        time in that bucket but the time since the newest event). None: no state."""
+        tiles = ent.groups.get(gi)
+        if ent.w is None or tiles is None:
+            return None
         k = self.kernels[gi]
-        ts, end = (ent.w, tiles.hb) if at is None else (at, int(check_time(at) // k.width))
         newest, prev = k.previous(tiles, end)
-        return k.vector(tiles, end, since(ts, newest), prev, [])
+        return newest, k.vector(tiles, end, None, prev, [])
 
     def read_session(self, si: int, ent: Entity, at: float | None) -> list[Any] | None:
         """Session group ``si``'s aggregate of ``ent``: the session open at event time

@@ -4,11 +4,13 @@ only, a label learned twice counts once and a label too late counts nowhere."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from riverflow.features.definitions import FeatureSpec
 from riverflow.features.labelled import LabelFeatures, LabelPlan, LearnedLabel
-from tests.label_streams import PLAN, check_stream
+from tests.label_streams import PLAN, brute_force, check_stream, world
 
 T0 = 1_767_225_600.0  # on an hour boundary: the 1h windows' 5-minute tiles start here
 ALICE = {"user_id": "alice", "item_id": "i1", "category": "books"}
@@ -29,6 +31,41 @@ def test_reads_equal_a_recount_of_the_labels_written() -> None:
     totals = check_stream(LabelFeatures.in_memory(PLAN), requests=300, seed=3)
     assert totals["counted"] > 1000 and totals["late"] == 0 and totals["duplicates"] > 0
     assert totals["smoothed"] > 0 and totals["recent"] > 0
+
+
+def test_a_batch_of_requests_at_many_times_reads_what_a_recount_gives_each() -> None:
+    """As a scorer reads a batch: every request's pairs at its own time, in one call
+    (the labels learned before the batch written first). Requests seconds apart share
+    a tile bucket (their windows' tiles are summed once) and differ in the time since
+    each entity's newest label; every value equals the recount at its request's time."""
+    scored, labels = world(400, seed=5)
+    features = LabelFeatures.in_memory(PLAN)
+    written: list[LearnedLabel] = []
+    due: list[LearnedLabel] = []
+    recencies: set[float] = set()
+    batches_of = [scored[i : i + 25] for i in range(0, len(scored), 25)]
+    learned = iter(labels)
+    pending = next(learned, None)
+    for batch in batches_of:
+        while pending is not None and pending[0] <= batch[0].ts:
+            due.append(pending[1])
+            pending = next(learned, None)
+        assert features.write(due).late == 0
+        written, due = written + due, []
+        pairs = [pair for request in batch for pair in request.pairs]
+        times = [request.ts for request in batch for _ in request.pairs]
+        wanted = [v for r in batch for v in brute_force(written, r.pairs, r.ts)]
+        got = features.read(pairs, times)
+        assert len(got) == len(wanted) == len(pairs)
+        for pair, t, values, want in zip(pairs, times, got, wanted, strict=True):
+            assert values.keys() == want.keys()
+            for name, value in values.items():
+                assert math.isclose(value, want[name], rel_tol=1e-12, abs_tol=1e-12), (
+                    name, value, want[name], pair, t,
+                )  # fmt: skip
+            recencies.add(values["item_since_shown"])
+    # not vacuous: labels were read, and one batch's requests read different recencies
+    assert len(written) > 1000 and len(recencies) > 100
 
 
 def test_new_users_start_at_the_global_rate_and_move_to_their_own() -> None:
