@@ -500,6 +500,8 @@ def read_topic(
     (noticed within a poll, 0.2 s, even while nothing arrives). Reads all partitions
     without a consumer group, so it commits nothing and joins no rebalance. A consumer
     that stops fetching (``Stall``) is replaced by a new one from where it read to.
+    An error the client reports is ``KafkaIOError``; following, only a fatal one (the
+    others, as a broker restarts, are logged: the read goes on).
 
     Short of the end, a pause in what comes is not the end: on a loaded machine a
     fetch took over ``idle_s``, and a read that stopped then returned part of the
@@ -533,7 +535,12 @@ def read_topic(
             for msg in batch:
                 err, partition, offset = msg.error(), msg.partition(), msg.offset()
                 if err is not None and err.code() != KafkaError._PARTITION_EOF:
-                    raise KafkaIOError(f"reading {topic}: {err}")
+                    if not follow or err.fatal():
+                        raise KafkaIOError(f"reading {topic}: {err}")
+                    # following, the client's news (a broker restarting: partitions
+                    # unknown for a while); a consumer that stops reading is replaced
+                    log.warning("reading %s: %s", topic, err)
+                    continue
                 if partition is None or offset is None:
                     continue
                 # an end event's offset is the end: past the markers of transactions too
