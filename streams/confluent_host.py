@@ -28,8 +28,10 @@ metadata) that commit together or not at all. A transaction spans the batches
 of ``transaction_interval_s`` (0.1 s): a transaction per batch cost ~28% of the
 drain rate (five broker round trips each). A failed transaction is aborted and
 the consumer rewound to its first offsets, so its batches are processed again;
-a fenced producer (another process took the same ``transactional.id``) stops
-the host. A revoke commits the open transaction first (its offsets must not
+one that cannot be aborted (the broker away, or fenced) is ended by a new producer
+with the same ``transactional.id`` (``_renew_producer``), and renewed three times
+within a minute (another process has our id) the host stops. A revoke commits the
+open transaction first (its offsets must not
 go with the partitions); partitions lost abort it.
 
 Group membership: with ``instance_id`` the consumer is a static member
@@ -291,6 +293,7 @@ class ConfluentHost:
         self._consumer_config = {**consumer, **clients.consumer}
         self._make_consumer = clients.make_consumer
         self._fenced_at: deque[float] = deque()  # when the consumer was fenced lately
+        self._renewed_at: deque[float] = deque()  # when the producer was renewed lately
         self._generation = 0  # of the consumer: one replaced is closed apart (_new_consumer)
         self.consumer = self._create_consumer()
         self._paused = False  # the processor asked for no input (backpressure)
@@ -587,6 +590,11 @@ class ConfluentHost:
         if self._txn_started is None:
             return
         timeout = self.settings.transaction_timeout_s
+        # these calls block while the broker is away (up to ``timeout`` each): the
+        # stage says it is degraded meanwhile, as it does when its acks are late
+        late = threading.Timer(1.0, self._kafka_down, ("Kafka: a transaction waits for it",))
+        late.daemon = True
+        late.start()
         try:
             if self._txn_next:
                 self.producer.send_offsets_to_transaction(
@@ -602,34 +610,91 @@ class ConfluentHost:
                     if attempt == 2 or err is None or not err.retriable():
                         raise
         except KafkaException as exc:
+            late.cancel()
             self._failed_transaction(exc, [])
             return
+        late.cancel()
+        if self._kafka_down_since is not None:  # committed: the broker answers
+            self._kafka_up()
         self._txn_started = None
         self._txn_first.clear()
         self._txn_next.clear()
 
     def _failed_transaction(self, exc: KafkaException, batch: list[Message]) -> None:
         """Abort the open transaction and rewind every partition it read (and ``batch``'s)
-        to where it began, so that what it held is processed again; a fatal error (fenced)
-        stops the host."""
+        to where it began, so that what it held is processed again. One that cannot be
+        aborted (timed out: the broker away; fatal: the broker aborted it, as it does
+        one open past ``transaction_timeout_s``, and took the producer's epoch) is ended
+        by a new producer (``_renew_producer``)."""
         err = kafka_error(exc)
-        if err is None or err.fatal() or not err.txn_requires_abort():
-            raise KafkaIOError(
-                f"transaction failed for good ({exc}); fenced means another process "
-                f"runs with transactional.id {transactional_id(self.settings)!r}: "
-                "give each its own RIVERFLOW_INSTANCE_ID"
-            ) from exc
-        log.warning("transaction aborted, its batches come again: %s", exc)
-        self._abort()
         for m in batch:
             self._txn_first.setdefault((m.topic, m.partition), m.offset)
+        if err is not None and not err.fatal() and err.txn_requires_abort():
+            log.warning("transaction aborted, its batches come again: %s", exc)
+            self._abort()
+        else:
+            self._renew_producer(exc)
         self._rewind()
 
     def _abort(self) -> None:
-        if self._txn_started is not None:
-            self.producer.abort_transaction(self.settings.transaction_timeout_s)
+        """Abort the open transaction; one that cannot be is ended by a new producer."""
+        try:
+            if self._txn_started is not None:
+                self.producer.abort_transaction(self.settings.transaction_timeout_s)
+        except KafkaException as exc:
+            self._renew_producer(exc)
         self._txn_started = None
         self._txn_next.clear()
+
+    def _renew_producer(self, exc: KafkaException) -> None:
+        """A new transactional producer with our ``transactional.id`` in place of one
+        whose transaction could not be ended: its ``init_transactions`` fences the old
+        one and aborts what it left open, so nothing of it is read committed (what it
+        read is read again: the caller rewinds). Seen after a broker restart: the
+        scorer's offsets waited 10 s for a coordinator that was down, and the stage
+        stopped. Asked again while Kafka is away, up to ``write_timeout_s``. Renewed
+        ``FENCED_TIMES`` within ``FENCED_AGAIN_S``, it stops: another process with our
+        id fences each new producer (and is fenced by it)."""
+        now = time.monotonic()
+        renewed = self._renewed_at
+        renewed.append(now)
+        while renewed and now - renewed[0] > FENCED_AGAIN_S:
+            renewed.popleft()
+        if len(renewed) >= FENCED_TIMES:
+            raise KafkaIOError(
+                f"transaction failed ({exc}) {len(renewed)} times within {FENCED_AGAIN_S:g} s: "
+                f"another process may run with transactional.id "
+                f"{transactional_id(self.settings)!r}; give each its own RIVERFLOW_INSTANCE_ID"
+            ) from exc
+        self._kafka_down(f"Kafka: transaction failed: {exc}")
+        log.warning("%s: the transaction could not be ended (%s): a new producer with our "
+                    "transactional.id aborts it, its batches come again",
+                    self.processor.stage, exc)  # fmt: skip
+        old, self._txn_started = self.producer, None
+        self._txn_next.clear()
+
+        def let_go() -> None:
+            try:
+                old.purge(in_queue=True, in_flight=True, blocking=False)
+                old.flush(0)
+            except KafkaException as closing:  # a fatal producer may refuse
+                log.info("letting the old producer go: %s", closing)
+
+        threading.Thread(target=let_go, name="fenced-producer", daemon=True).start()
+        self.producer = self._make_producer(self._producer_config)
+        deadline = now + self.settings.write_timeout_s
+        while True:
+            try:
+                self.producer.init_transactions(self.settings.transaction_timeout_s)
+                break
+            except KafkaException as again:
+                err = kafka_error(again)
+                if err is None or not err.retriable() or time.monotonic() >= deadline:
+                    raise KafkaIOError(f"no new transactional producer: {again}") from again
+                log.warning("%s: a new transactional producer waits for Kafka: %s",
+                            self.processor.stage, again)  # fmt: skip
+        if self._kafka_down_since is not None:
+            self._kafka_up()
 
     def _rewind(self, firsts: dict[tuple[str, int], int] | None = None) -> None:
         """The consumer moved back to ``firsts`` (default: the open transaction's,

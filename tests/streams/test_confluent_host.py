@@ -138,6 +138,7 @@ class FakeProducer:
     def __init__(self, config: dict[str, Any], log: list[str]) -> None:
         self.config, self.log = config, log
         self.fail_commits = 0
+        self.commit_error = KafkaError(KafkaError._STATE, "abortable", txn_requires_abort=True)
         self.unacked: list[int] = []  # what successive flushes leave unacknowledged
         self.deliveries: list[tuple[Any, Any]] = []  # (callback, error) not served yet
         self.acks_from = 0.0  # the broker acknowledges nothing before this (monotonic)
@@ -191,9 +192,7 @@ class FakeProducer:
         if self.fail_commits:
             self.fail_commits -= 1
             self.log.append("commit_transaction failed")
-            raise KafkaException(
-                KafkaError(KafkaError._STATE, "abortable", txn_requires_abort=True)
-            )
+            raise KafkaException(self.commit_error)
         self.log.append("commit_transaction")
 
     def abort_transaction(self, timeout: float) -> None:
@@ -487,6 +486,52 @@ def test_a_failed_transaction_is_aborted_and_its_batch_comes_again() -> None:
     assert log.count("abort") == 1 and host.consumer.seeks == [(0, 5), (1, 8)]
     assert [m.offset for m in processor.batches[1]] == [5, 8]  # read again from the seek
     assert log[-4:] == ["offsets 0:6,1:9", "commit_transaction", "flush", "close"]
+
+
+# the broker away past the commit's timeout (a restart): the transaction can be neither
+# committed nor aborted by this producer
+TIMED_OUT = KafkaError(KafkaError._TIMED_OUT, "Failed to end transaction", retriable=True)
+
+
+def test_a_transaction_that_cannot_be_ended_gets_a_new_producer_and_its_batch_again() -> None:
+    """After a broker restart an exactly-once scorer's commit timed out and the stage
+    stopped. A new producer with the same transactional.id fences the old one and
+    aborts what it left open; the batch is read again and committed through it."""
+    processor = Echo(stop_after=2)
+    host, log = host_on_fakes(
+        processor, [FakeMessage("in", 0, 5, b"a"), FakeMessage("in", 1, 8, b"b")],
+        host={"instance_id": "scorer-a", "exactly_once": True, "transaction_interval_s": 0},
+    )  # fmt: skip
+    first = host.producer
+    first.fail_commits, first.commit_error = 3, TIMED_OUT  # each of its 3 tries
+    run(host)
+    assert host.producer is not first
+    assert host.producer.config["transactional.id"] == "group-a.scorer-a"
+    assert log.count("init_transactions") == 2 and "abort" not in log  # (the new one aborts)
+    assert host.consumer.seeks == [(0, 5), (1, 8)]
+    assert [m.offset for m in processor.batches[1]] == [5, 8]  # read again from the seek
+    assert log[-4:] == ["offsets 0:6,1:9", "commit_transaction", "flush", "close"]
+
+
+def test_transactions_failing_again_and_again_stop_the_host_naming_the_instance_id() -> None:
+    """Another process with our transactional.id fences every new producer: the host
+    stops with an error naming the setting, rather than fence it back for good."""
+    host, log = host_on_fakes(
+        Echo(stop_after=10), [FakeMessage("in", 0, 5, b"a")],
+        host={"instance_id": "scorer-a", "exactly_once": True, "transaction_interval_s": 0},
+    )  # fmt: skip
+
+    def failing(config: dict[str, Any]) -> FakeProducer:
+        made = FakeProducer(config, log)
+        made.fail_commits, made.commit_error = 3, TIMED_OUT
+        return made
+
+    host._make_producer = failing
+    host.producer = failing(host.producer.config)
+    raised = run_raising(host)
+    assert len(raised) == 1 and isinstance(raised[0], KafkaIOError)
+    assert "3 times within 60 s" in str(raised[0]) and "RIVERFLOW_INSTANCE_ID" in str(raised[0])
+    assert log.count("init_transactions") == 3
 
 
 def test_exactly_once_needs_an_instance_id_and_a_consumer_group() -> None:
