@@ -223,16 +223,18 @@ def test_sigkilled_slate_scorer_and_learner_label_every_shown_item_once(
     disrupted(stack, spec, spec_file, start_stage, kill)
 
 
-def test_a_redis_restart_under_slates_labels_every_shown_item_once(
+def test_a_redis_and_a_broker_restart_under_slates_label_every_shown_item_once(
     private_stack: PrivateStack, spec: PipelineSpec, spec_file: Path,
     start_private_stage: StageFactory,
 ) -> None:  # fmt: skip
     """Requests and their users' clicks flowing, Redis restarted (its entities, the
-    label-fed counts, the registry and the checkpoint on its disk), down 2 s: see
-    ``disrupted``. (A broker restart here failed once in CI: docs/architecture.md.)"""
+    label-fed counts, the registry and the checkpoint on its disk), down 2 s, and then
+    the broker, down 3 s: see ``disrupted``."""
 
     def restart(stages: Stages, _: dict[str, Callable[[], StageProcess]]) -> None:
         private_stack.restart_redis(down_s=2.0)
+        time.sleep(2)
+        private_stack.restart_kafka(down_s=3.0)
         time.sleep(4)
 
     disrupted(private_stack, spec, spec_file, start_private_stage, restart)
