@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
-from river import base, drift
+from river import base
 
 from riverflow.models.errors import ModelSpecError
 
@@ -34,12 +34,17 @@ class DetectorKind(StrEnum):
     KSWIN = "kswin"
 
 
-_CLASSES: dict[DetectorKind, Any] = {
-    DetectorKind.ADWIN: drift.ADWIN,
-    DetectorKind.DDM: drift.binary.DDM,
-    DetectorKind.PAGE_HINKLEY: drift.PageHinkley,
-    DetectorKind.KSWIN: drift.KSWIN,
-}
+def _detector_class(kind: DetectorKind) -> Any:
+    # river.drift imports scipy.stats (~0.8 s, for KSWIN) when first imported: a stage
+    # that builds a detector pays it, a command that only reads a spec does not
+    from river import drift
+
+    return {
+        DetectorKind.ADWIN: drift.ADWIN,
+        DetectorKind.DDM: drift.binary.DDM,
+        DetectorKind.PAGE_HINKLEY: drift.PageHinkley,
+        DetectorKind.KSWIN: drift.KSWIN,
+    }[kind]
 
 
 class DetectorSpec(BaseModel):
@@ -52,7 +57,7 @@ class DetectorSpec(BaseModel):
 
 
 def build_detector(spec: DetectorSpec) -> base.DriftDetector | base.BinaryDriftDetector:
-    cls = _CLASSES[spec.kind]
+    cls = _detector_class(spec.kind)
     params = dict(spec.params)
     if spec.kind is DetectorKind.PAGE_HINKLEY:
         params.setdefault("mode", "up")
@@ -75,6 +80,7 @@ class ErrorDriftMonitor:
     def __init__(self, spec: DetectorSpec | None = None) -> None:
         self.spec = spec or DetectorSpec()
         self.detector = build_detector(self.spec)
+        self._adwin = self.spec.kind is DetectorKind.ADWIN
         self.alarms = 0
 
     def statistic(self) -> dict[str, float]:
@@ -93,14 +99,15 @@ class ErrorDriftMonitor:
     def update(self, error: float) -> bool:
         """One model's loss on a label (0/1, or an absolute error): True on a rise."""
         detector = self.detector
-        before = detector.estimation if isinstance(detector, drift.ADWIN) else 0.0
+        adwin: Any = detector if self._adwin else None  # its error estimate, before
+        before = adwin.estimation if adwin is not None else 0.0
         if isinstance(detector, base.BinaryDriftDetector):
             detector.update(bool(error))
         else:
             detector.update(error)
         if not detector.drift_detected:
             return False
-        if isinstance(detector, drift.ADWIN) and detector.estimation <= before:
+        if adwin is not None and adwin.estimation <= before:
             return False  # the error rate fell: the model got better, no alarm
         self.alarms += 1
         return True
