@@ -226,6 +226,16 @@ class ConsumerState:
         return cls(up, ", ".join(waits))
 
 
+def _once_more(times: deque[float]) -> int:
+    """One more time now in ``times`` (those older than ``FENCED_AGAIN_S`` dropped):
+    how many are left."""
+    now = time.monotonic()
+    times.append(now)
+    while now - times[0] > FENCED_AGAIN_S:
+        times.popleft()
+    return len(times)
+
+
 def transactional_id(settings: HostSettings) -> str:
     """The producer's ``transactional.id``: stable per group and instance, so a restarted
     process fences its predecessor (and aborts what that one left open)."""
@@ -655,14 +665,10 @@ class ConfluentHost:
         stopped. Asked again while Kafka is away, up to ``write_timeout_s``. Renewed
         ``FENCED_TIMES`` within ``FENCED_AGAIN_S``, it stops: another process with our
         id fences each new producer (and is fenced by it)."""
-        now = time.monotonic()
-        renewed = self._renewed_at
-        renewed.append(now)
-        while renewed and now - renewed[0] > FENCED_AGAIN_S:
-            renewed.popleft()
-        if len(renewed) >= FENCED_TIMES:
+        times = _once_more(self._renewed_at)
+        if times >= FENCED_TIMES:
             raise KafkaIOError(
-                f"transaction failed ({exc}) {len(renewed)} times within {FENCED_AGAIN_S:g} s: "
+                f"transaction failed ({exc}) {times} times within {FENCED_AGAIN_S:g} s: "
                 f"another process may run with transactional.id "
                 f"{transactional_id(self.settings)!r}; give each its own RIVERFLOW_INSTANCE_ID"
             ) from exc
@@ -682,7 +688,7 @@ class ConfluentHost:
 
         threading.Thread(target=let_go, name="fenced-producer", daemon=True).start()
         self.producer = self._make_producer(self._producer_config)
-        deadline = now + self.settings.write_timeout_s
+        deadline = time.monotonic() + self.settings.write_timeout_s
         while True:
             try:
                 self.producer.init_transactions(self.settings.transaction_timeout_s)
@@ -836,14 +842,10 @@ class ConfluentHost:
         rejoin: at ``FENCED_TIMES`` fences within ``FENCED_AGAIN_S`` the host stops
         with an error naming the setting.
         """
-        now = time.monotonic()
-        fenced = self._fenced_at
-        fenced.append(now)
-        while fenced and now - fenced[0] > FENCED_AGAIN_S:
-            fenced.popleft()
-        if len(fenced) >= FENCED_TIMES:
+        times = _once_more(self._fenced_at)
+        if times >= FENCED_TIMES:
             raise KafkaIOError(
-                f"Kafka consumer stopped: {err}. Fenced {len(fenced)} times within "
+                f"Kafka consumer stopped: {err}. Fenced {times} times within "
                 f"{FENCED_AGAIN_S:g} s: another process is in group {self.settings.group!r} "
                 f"as {self.settings.instance_id!r}; give each its own RIVERFLOW_INSTANCE_ID"
             )
