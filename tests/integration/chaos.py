@@ -9,6 +9,7 @@ from a restart to the first prediction" compares like with like.
 from __future__ import annotations
 
 import base64
+import os
 import signal
 import subprocess
 import threading
@@ -375,14 +376,20 @@ class PrivateStack:
         assert self.redis is not None
         return self._restart(self.redis, down_s)
 
-    def restart_kafka(self, down_s: float = 0.0) -> Outage:
-        """SIGTERM the broker (its clean shutdown), wait ``down_s``, start it again."""
+    def restart_kafka(self, down_s: float = 0.0, kill: bool = False) -> Outage:
+        """SIGTERM the broker (its clean shutdown; ``kill``: SIGKILL, none, its logs
+        recovered when it starts), wait ``down_s``, start it again."""
         assert self.kafka is not None
-        return self._restart(self.kafka, down_s)
+        return self._restart(self.kafka, down_s, kill)
 
-    def _restart(self, server: ServerProcess, down_s: float) -> Outage:
+    def _restart(self, server: ServerProcess, down_s: float, kill: bool = False) -> Outage:
         stopping = time.time()
-        server.stop()
+        if kill:
+            os.kill(server.pid, signal.SIGKILL)
+            while server.alive():
+                time.sleep(0.05)
+        else:
+            server.stop()
         stopped = time.time()
         time.sleep(down_s)
         starting = time.time()

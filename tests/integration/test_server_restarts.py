@@ -309,19 +309,25 @@ def test_a_redis_restart_mid_stream_loses_nothing(
     assert not failures, "\n".join(failures) + "\n\n" + report
 
 
-@pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
+@pytest.mark.parametrize(
+    ("guarantee", "kill"),
+    [("at_least_once", False), ("exactly_once", False), ("at_least_once", True)],
+    ids=["at-least-once", "exactly-once", "at-least-once-sigkill"],
+)
 def test_a_broker_restart_mid_stream_loses_nothing(
     private_stack: PrivateStack, spec: PipelineSpec, start_private_stage: StageFactory,
-    guarantee: str,
+    guarantee: str, kill: bool,
 ) -> None:  # fmt: skip
     """Exactly once, the scorer's transaction can neither commit nor abort while the
-    broker is away (it stopped so, before a new producer took over)."""
+    broker is away (it stopped so, before a new producer took over). ``kill``: the
+    broker SIGKILLed, no clean shutdown (its partitions' leaders never handed over,
+    its logs recovered when it starts)."""
     run = Run.start(private_stack, spec, start_private_stage, guarantee=guarantee)
     time.sleep(2.0)
     # held down 3 s past its stop, as the Redis restart is: a broker that is back within
     # a second or two (an idle machine) can come and go between the stage's checks
     outage, flowing, failures, lines = run.through(
-        "Kafka", lambda: private_stack.restart_kafka(down_s=3.0)
+        "Kafka", lambda: private_stack.restart_kafka(down_s=3.0, kill=kill)
     )
     if flowing is None:
         failures.append("no prediction of an event produced after the broker was back")
