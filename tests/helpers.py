@@ -6,7 +6,7 @@ import math
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Container, Iterable, Mapping
 from typing import Any
 
 from riverflow.features.definitions import Aggregation, FeatureSpec, entity_value, parse_duration
@@ -32,8 +32,10 @@ def brute_force_features(
     key: str,
     time: str,
     lateness_s: float = 0.0,
+    wanted: Container[str] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Each event's feature values, recomputed from every earlier event of its entity.
+    """Each event's feature values (of those whose event id is ``wanted``, default
+    all), recomputed from every earlier event of its entity.
 
     Semantics (see features.definitions): an event's window is its own time
     bucket of width window/buckets and the buckets-1 before it, over the events
@@ -51,6 +53,7 @@ def brute_force_features(
         values: dict[str, float] = {}
         ts = event[time]
         entities = set()
+        counted = wanted is None or event["event_id"] in wanted
         for f in features:
             fields = f.entity_fields(key)
             entity = (fields, entity_value(fields, event))
@@ -60,25 +63,29 @@ def brute_force_features(
                 continue
             entities.add(entity)
             past = accepted[entity]
-            late = bool(past) and ts < max(e[time] for e in past) - lateness_s
+            if not counted:
+                continue
+            # (``newest``: the latest time of the entity's events so far, accepted ones)
+            late = bool(past) and ts < newest[entity] - lateness_s
             width = parse_duration(f.window) / f.buckets
 
             def bucket(t: float, width: float = width) -> int:
                 return int(t // width)
 
-            end = max(bucket(e[time]) for e in past) if late else bucket(ts)
+            end = bucket(newest[entity]) if late else bucket(ts)
             earlier = [e for e in past if end - f.buckets < bucket(e[time]) <= end]
             window = earlier if late else [*earlier, event]
             values[f.name] = _aggregate(f, event, window, earlier, time)
         for entity in entities:
             past = accepted[entity]
-            if not past or ts >= max(e[time] for e in past) - lateness_s:
+            if not past or ts >= newest[entity] - lateness_s:
                 past.append(event)
         for f in features:
             fields = f.entity_fields(key)
             entity = (fields, entity_value(fields, event))
             newest[entity] = max(newest.get(entity, ts), ts)
-        out[event["event_id"]] = values
+        if counted:
+            out[event["event_id"]] = values
     return out
 
 
@@ -258,12 +265,12 @@ def assert_served_matches(evaluations: Iterable[Any], predictions: Mapping[str, 
 
 
 def slate_recount(
-    spec: PipelineSpec, requests: Iterable[dict[str, Any]]
+    spec: PipelineSpec, requests: Iterable[dict[str, Any]], wanted: Container[str] | None = None
 ) -> dict[str, dict[str, float]]:
-    """Each (request, candidate) pair's events-sourced features (by pair id),
-    recounted from the requests in order: a request counts once in each entity it
-    touches, with its first candidate there, and its other pairs see what that one
-    saw. (Label-fed features: ``tests.label_streams.brute_force``.)"""
+    """Each (request, candidate) pair's events-sourced features (by pair id; those
+    ``wanted``, default all), recounted from the requests in order: a request counts
+    once in each entity it touches, with its first candidate there, and its other
+    pairs see what that one saw. (Label-fed features: ``tests.label_streams.brute_force``.)"""
     slate = spec.events.slate
     assert slate is not None
     requests = list(requests)
@@ -280,8 +287,10 @@ def slate_recount(
                 if touch not in first:
                     first[touch] = pair["event_id"]
                     stream.append(pair)
-                pairs.append((pair["event_id"], first[touch]))
-        counted = brute_force_features(stream, [f], spec.events.key, spec.events.time)
+                if wanted is None or pair["event_id"] in wanted:
+                    pairs.append((pair["event_id"], first[touch]))
+        counted = brute_force_features(stream, [f], spec.events.key, spec.events.time,
+                                       wanted={counted_as for _, counted_as in pairs})  # fmt: skip
         for pid, counted_as in pairs:
             out[pid][f.name] = counted[counted_as][f.name]
     return dict(out)

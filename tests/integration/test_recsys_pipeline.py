@@ -166,8 +166,9 @@ def test_the_recsys_example_ranks_every_request_and_labels_every_shown_item_once
     # a sample of pairs' features against a recount of the requests before them
     served = {pair_id(p["event_id"], c["item"]): c["features"] for p in predictions
               for c in p["slate"]}  # fmt: skip
-    recount = slate_recount(spec, events)
-    for pid in random.Random(2).sample(sorted(served), 400):
+    sample = random.Random(2).sample(sorted(served), 400)
+    recount = slate_recount(spec, events, set(sample))
+    for pid in sample:
         assert {n: served[pid][n] for n in recount[pid]} == recount[pid], pid
 
     # label-fed: a sample of requests against the labels learned before each was scored.
