@@ -522,6 +522,17 @@ class FeaturePlan:
         return {name: read(aggregate) for name, read in self._group_readers[gi]}
 
     @cached_property
+    def timed_groups(self) -> frozenset[int]:
+        """The tile groups whose ``group_values`` change with the read time within one
+        tile bucket: those with a ``since_previous`` feature (the time since the newest
+        event). The others' are the same at every time of the bucket."""
+        return frozenset(
+            slot[0]
+            for f, slot in zip(self.features, self._slots, strict=True)
+            if f.session is None and f.agg is Aggregation.SINCE_PREVIOUS
+        )
+
+    @cached_property
     def _group_readers(self) -> list[list[tuple[str, Callable[[list[float]], float]]]]:
         """``current_values``' readers by group (built once: ``group_values`` runs per
         pair)."""

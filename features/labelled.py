@@ -60,8 +60,6 @@ from riverflow.features.tiles import (
     MAX_TIME_S,
     Engine,
     Entity,
-    Window,
-    at_time,
     check_time,
     unpack_entity,
 )
@@ -358,6 +356,8 @@ class LabelFeatures:
     """
 
     def __init__(self, plan: LabelPlan, states: _States) -> None:
+        # ``read`` takes a window's part as the same at every time of its tile bucket
+        assert not plan.tiles.timed_groups, "a label plan holds no time since an event"
         self.plan = plan
         self._states = states
         self._groups = [g.entity_name for g in plan.tiles.groups]
@@ -438,30 +438,23 @@ class LabelFeatures:
         engine = self._states.engine
         part = plan.tiles.group_values
         # by group, column-wise: what each pair reads there, as the part of the tile
-        # plan's values it gives. One group of one entity value reads once per time (a
-        # slate's pairs share their request's user, time and the global counts), its
-        # tiles are summed once per window (the batch's requests at times in one tile
-        # bucket: an item shown to many), and an entity without labels reads nothing
+        # plan's values it gives, once per entity value and window (a slate's pairs
+        # share their request's user and the global counts; an item is shown to many
+        # requests of a batch, at times in one tile bucket). A label plan's groups hold
+        # counts, sums and maxima (``_inner``): a window's part is the same at every
+        # time of its bucket. An entity without labels reads nothing
         parts: list[list[dict[str, float]]] = []
         for gi, name in enumerate(self._groups):
             width = engine.kernels[gi].width
-            memo: dict[tuple[str, float], dict[str, float]] = {}
-            windows: dict[tuple[str, int], Window | None] = {}
+            memo: dict[tuple[str, int], dict[str, float]] = {}
             column = []
             for value, t in zip(columns[name], times, strict=True):
-                got = memo.get((value, t))
+                key = (value, int(t // width))
+                got = memo.get(key)
                 if got is None:
-                    got = _NOTHING
                     ent = states.get((name, value))
-                    if ent is not None:
-                        end = int(t // width)
-                        if (value, end) in windows:
-                            window = windows[value, end]
-                        else:
-                            window = windows[value, end] = engine.window(gi, ent, end)
-                        if window is not None:
-                            got = part(gi, at_time(window, t))
-                    memo[value, t] = got
+                    window = None if ent is None else engine.window(gi, ent, key[1])
+                    got = memo[key] = _NOTHING if window is None else part(gi, window[1])
                 column.append(got)
             parts.append(column)
         # the values of one set of parts at one time, once (e.g. pairs of new entities)
