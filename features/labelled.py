@@ -56,13 +56,7 @@ from riverflow.features.definitions import (
 from riverflow.features.store.base import FeatureRequest, FeatureSnapshot
 from riverflow.features.store.memory import MemoryFeatureStore
 from riverflow.features.store.redis_store import RedisFeatureStore
-from riverflow.features.tiles import (
-    MAX_TIME_S,
-    Engine,
-    Entity,
-    check_time,
-    unpack_entity,
-)
+from riverflow.features.tiles import MAX_TIME_S, Engine, Entity, check_time, unpack_entity
 
 # derived fields of a label "event" (``@`` keeps them apart from the spec's fields)
 ALL, WHEN, TS, WHEN_TS = "@all", "@when", "@ts", "@when_ts"
