@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from types import SimpleNamespace
 from typing import Any
@@ -796,6 +796,34 @@ def unreachable(topic: str, timeout: float) -> Any:
     raise KafkaException(KafkaError(KafkaError._TRANSPORT))
 
 
+def quiet_host(
+    processor: Echo, setup: Callable[[Any, int], None], consumer: type[FakeConsumer] = FakeConsumer,
+    instance_id: str | None = None, **kwargs: Any,
+) -> tuple[ConfluentHost, list[Any], list[str]]:  # fmt: skip
+    """A host on fakes whose consumers have nothing to give (poll waits) unless ``setup``
+    (given each consumer and how many were made before it) says otherwise; ``kwargs``:
+    the host's own (metrics, checkpoint). The host, every consumer it made, the clients'
+    log."""
+    log: list[str] = []
+    made: list[Any] = []
+
+    def make_consumer(config: dict[str, Any]) -> FakeConsumer:
+        made_one = consumer(config, log, [])
+        made_one.before_poll = lambda _: time.sleep(0.005)  # nothing comes: poll waits
+        setup(made_one, len(made))
+        made.append(made_one)
+        return made_one
+
+    clients = ClientSettings(
+        make_consumer=make_consumer, make_producer=lambda config: FakeProducer(config, log)
+    )
+    settings = HostSettings("broker:9092", "group-a", batch_size=10, poll_s=0.01,
+                            dlq_topic="dlq", instance_id=instance_id)  # fmt: skip
+    host = ConfluentHost(processor, "in", settings, clients, **kwargs)
+    processor.host = host
+    return host, made, log
+
+
 def deaf_host(
     monkeypatch: pytest.MonkeyPatch, processor: Echo, reporter: Reporter, others_reach: bool,
     checkpoint: Checkpointing | None = None,
@@ -806,29 +834,15 @@ def deaf_host(
     monkeypatch.setattr(confluent_host, "DEAF_PROBE_S", 0.0)
     monkeypatch.setattr(confluent_host, "DEAF_AFTER_S", 0.05)
     monkeypatch.setattr(confluent_host, "PROBE_S", 0.01)
-    log: list[str] = []
-    made: list[FakeConsumer] = []
 
-    def make_consumer(config: dict[str, Any]) -> FakeConsumer:
-        consumer = FakeConsumer(config, log, [])
-        consumer.before_poll = lambda _: time.sleep(0.005)  # nothing comes: poll waits
-        if not made:
+    def setup(consumer: FakeConsumer, before: int) -> None:
+        if not before:
             consumer.stats = [stats("CONNECT", "wait-coord", "CONNECT")] * 10_000
-        if not made or not others_reach:
+        if not before or not others_reach:
             consumer.list_topics = unreachable  # type: ignore[method-assign]
-        made.append(consumer)
-        return consumer
 
-    clients = ClientSettings(
-        make_consumer=make_consumer, make_producer=lambda config: FakeProducer(config, log)
-    )
-    settings = HostSettings("broker:9092", "group-a", batch_size=10, poll_s=0.01,
-                            dlq_topic="dlq", instance_id="scorer-a")  # fmt: skip
-    host = ConfluentHost(
-        processor, "in", settings, clients, metrics=reporter, checkpoint=checkpoint
-    )
-    processor.host = host
-    return host, made, log
+    return quiet_host(processor, setup, metrics=reporter, checkpoint=checkpoint,
+                      instance_id="scorer-a")  # fmt: skip
 
 
 def test_a_consumer_that_reaches_no_broker_while_a_new_client_does_is_replaced(
@@ -1021,37 +1035,26 @@ def stalled_learner(
     consumer fetches nothing, ever (its topic has 10 messages a partition); each one
     made after it hands out what its partitions hold from where it was assigned."""
     monkeypatch.setattr(kafka_io, "STALL_S", 0.05)
-    log: list[str] = []
-    made: list[Ends] = []
 
-    def make_consumer(config: dict[str, Any]) -> Ends:
-        consumer = Ends(config, log, [])
-        consumer.before_poll = lambda _: time.sleep(0.005)  # nothing comes: poll waits
-        if made:  # a new one: what its partitions hold on from its positions
-            real_assign = consumer.assign
+    def setup(consumer: Ends, before: int) -> None:
+        if not before:
+            return
+        real_assign = consumer.assign  # a new one: what its partitions hold on from there
 
-            def assign(partitions: list[TopicPartition]) -> None:
-                real_assign(partitions)
-                consumer.pending += [
-                    FakeMessage("in", tp.partition, o, b"label")
-                    for tp in partitions
-                    for o in range(tp.offset, Ends.high)
-                ]
+        def assign(partitions: list[TopicPartition]) -> None:
+            real_assign(partitions)
+            consumer.pending += [
+                FakeMessage("in", tp.partition, o, b"label")
+                for tp in partitions
+                for o in range(tp.offset, Ends.high)
+            ]
 
-            consumer.assign = assign  # type: ignore[method-assign]
-        made.append(consumer)
-        return consumer
+        consumer.assign = assign  # type: ignore[method-assign]
 
     processor = processor or Echo(stop_after=1)
-    clients = ClientSettings(
-        make_consumer=make_consumer, make_producer=lambda config: FakeProducer(config, log)
+    host, made, _ = quiet_host(
+        processor, setup, Ends, checkpoint=Checkpointing(positions, lambda: None)
     )
-    settings = HostSettings("broker:9092", "group-a", batch_size=10, poll_s=0.01,
-                            dlq_topic="dlq")  # fmt: skip
-    host = ConfluentHost(
-        processor, "in", settings, clients, checkpoint=Checkpointing(positions, lambda: None)
-    )
-    processor.host = host
     return host, made, processor
 
 
