@@ -137,10 +137,7 @@ class Stall:
         its ends refused for an unknown partition, or ``stalled``. Reads the ends,
         waiting ``LOOK_TIMEOUT_S`` at most."""
         try:
-            ends = {
-                p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=LOOK_TIMEOUT_S)
-                for p in at
-            }
+            ends = watermarks(consumer, topic, at, LOOK_TIMEOUT_S)
         except KafkaException as exc:
             log.warning("reading the end of %s: %s", topic, exc)
             return unknown_why(exc)
@@ -463,21 +460,34 @@ def groupless_reader(
     return consumer, sorted(meta.partitions)
 
 
+def watermarks(
+    consumer: Consumer, topic: str, partitions: Iterable[int], timeout_s: float = 10.0
+) -> dict[int, tuple[int, int]]:
+    """Per partition of ``topic``: its (low, high) watermarks (for a read_committed
+    consumer the high one is the committed end)."""
+    return {
+        p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout_s)
+        for p in partitions
+    }
+
+
 def offsets_since(
-    consumer: Consumer, topic: str, partitions: Iterable[int], since_s: float
+    consumer: Consumer,
+    topic: str,
+    partitions: Iterable[int],
+    since_s: float,
+    marks: Mapping[int, tuple[int, int]] | None = None,
 ) -> dict[int, int]:
     """Per partition of ``topic``, the offset of its first message no older than
-    ``since_s`` seconds, or its end if none is that recent.
+    ``since_s`` seconds, or its end if none is that recent (``marks``: its watermarks,
+    read just before; default: read here).
 
     The ends are read first: "none that recent" is true of the partition as it was
     when asked, and a message written after that (before the end is read) must not
     be skipped. Reading the end afterwards lost the predictions a scorer wrote in
     between (a learner started with its scorer orphaned their labels)."""
     wanted = list(partitions)
-    ends = {
-        p: int(consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1])
-        for p in wanted
-    }
+    ends = {p: int(high) for p, (_, high) in (marks or watermarks(consumer, topic, wanted)).items()}
     at_ms = int((time.time() - since_s) * 1000)
     found = consumer.offsets_for_times(
         [TopicPartition(topic, p, at_ms) for p in wanted], timeout=10
@@ -512,11 +522,15 @@ def read_topic(
     consumer, partitions = groupless_reader(
         bootstrap, topic, "riverflow-reader", **{"enable.partition.eof": True}
     )
+    # the ends as they are now, before any offset is looked up or fetched (following
+    # from the beginning, none is needed)
+    marks = {} if follow and since_s is None else watermarks(consumer, topic, partitions)
     starts = dict.fromkeys(partitions, OFFSET_BEGINNING)
     if since_s is not None:
-        starts = offsets_since(consumer, topic, partitions, since_s)
-    # the ends to read to (empty partitions have none); read before the first fetch
-    short = {} if follow else _short_of(consumer, topic, starts)
+        starts = offsets_since(consumer, topic, partitions, since_s, marks)
+    # not following, the ends to read to (a partition with nothing to read has none)
+    short = {} if follow else {p: int(high) for p, (low, high) in marks.items()
+                               if high > max(low, starts[p])}  # fmt: skip
     consumer.assign([TopicPartition(topic, p, o) for p, o in starts.items()])
     at = dict(starts)  # the next offset to read per partition (its start until one is read)
     stall = Stall()
@@ -561,17 +575,6 @@ def read_topic(
                     stall.heard()
     finally:
         consumer.close()
-
-
-def _short_of(consumer: Consumer, topic: str, starts: Mapping[int, int]) -> dict[int, int]:
-    """Per partition of ``topic`` with something to read from ``starts`` (an offset, or
-    its beginning), its end now."""
-    short = {}
-    for p, start in starts.items():
-        low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-        if high > max(low, start):
-            short[p] = int(high)
-    return short
 
 
 class GroupProgress:
