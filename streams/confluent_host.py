@@ -67,7 +67,10 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as CallTimedOut
 from dataclasses import dataclass, field
+from queue import SimpleQueue
 from typing import Any
 
 import orjson
@@ -159,6 +162,43 @@ class _InFlight:
         if err is not None:
             self.errors.append(str(err))
         self.waiting -= 1
+
+
+# exactly once: a transactional call that waits past TXN_LATE_S makes the stage degraded;
+# one that has not returned after TXN_GIVE_UP times its own timeout is given up as timed
+# out (a new producer ends the transaction): librdkafka's send_offsets_to_transaction can
+# block past its timeout when the group coordinator goes away (seen after a broker
+# restart, 67 s and on; librdkafka#5456, open for 2.16)
+TXN_LATE_S = 1.0
+TXN_GIVE_UP = 1.5
+
+
+class _CallThread:
+    """Runs the calls submitted, one after another, on a daemon thread of its own. Not a
+    ``ThreadPoolExecutor``: the interpreter joins its threads at exit, and a call stuck
+    in a client library would hold the process."""
+
+    def __init__(self, name: str) -> None:
+        self._calls: SimpleQueue[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]] | None]
+        self._calls = SimpleQueue()
+        threading.Thread(target=self._serve, name=name, daemon=True).start()
+
+    def submit(self, call: Callable[..., Any], *args: Any) -> Future[Any]:
+        done: Future[Any] = Future()
+        self._calls.put((done, call, args))
+        return done
+
+    def close(self) -> None:
+        """The thread ends once the call it runs, if any, returns."""
+        self._calls.put(None)
+
+    def _serve(self) -> None:
+        while (item := self._calls.get()) is not None:
+            done, call, args = item
+            try:
+                done.set_result(call(*args))
+            except BaseException as exc:  # handed to whoever waits on it
+                done.set_exception(exc)
 
 
 PROBE_S = 1.0  # while Kafka is unreachable, a broker is asked this often whether it is back
@@ -304,6 +344,7 @@ class ConfluentHost:
         self._make_consumer = clients.make_consumer
         self._fenced_at: deque[float] = deque()  # when the consumer was fenced lately
         self._renewed_at: deque[float] = deque()  # when the producer was renewed lately
+        self._txn_thread: _CallThread | None = None  # runs the calls _txn_call bounds
         self._generation = 0  # of the consumer: one replaced is closed apart (_new_consumer)
         self.consumer = self._create_consumer()
         self._paused = False  # the processor asked for no input (backpressure)
@@ -418,6 +459,8 @@ class ConfluentHost:
                 # back until the session times out; a dynamic one leaves
                 self.consumer.close()
             finally:
+                if self._txn_thread is not None:
+                    self._txn_thread.close()
                 if deadline is not None:
                     deadline.cancel()
 
@@ -599,36 +642,56 @@ class ConfluentHost:
         on an abortable error, abort it and rewind to its first offsets."""
         if self._txn_started is None:
             return
-        timeout = self.settings.transaction_timeout_s
-        # these calls block while the broker is away (up to ``timeout`` each): the
-        # stage says it is degraded meanwhile, as it does when its acks are late
-        late = threading.Timer(1.0, self._kafka_down, ("Kafka: a transaction waits for it",))
-        late.daemon = True
-        late.start()
         try:
             if self._txn_next:
-                self.producer.send_offsets_to_transaction(
+                self._txn_call(
+                    self.producer.send_offsets_to_transaction,
                     [TopicPartition(t, p, o) for (t, p), o in self._txn_next.items()],
-                    self.consumer.consumer_group_metadata(), timeout,
+                    self.consumer.consumer_group_metadata(),
                 )  # fmt: skip
             for attempt in range(3):
                 try:
-                    self.producer.commit_transaction(timeout)
+                    self._txn_call(self.producer.commit_transaction)
                     break
                 except KafkaException as exc:
                     err = kafka_error(exc)
                     if attempt == 2 or err is None or not err.retriable():
                         raise
         except KafkaException as exc:
-            late.cancel()
             self._failed_transaction(exc, [])
             return
-        late.cancel()
         if self._kafka_down_since is not None:  # committed: the broker answers
             self._kafka_up()
         self._txn_started = None
         self._txn_first.clear()
         self._txn_next.clear()
+
+    def _txn_call(self, call: Callable[..., None], *args: Any) -> None:
+        """``call(*args, transaction_timeout_s)``, a transactional call of the producer, on
+        a thread of its own: these calls block while the broker is away, and the stage
+        says it is degraded once one has waited ``TXN_LATE_S``. One that has not returned
+        after ``TXN_GIVE_UP`` times its timeout raises ``_TIMED_OUT`` (the caller ends the
+        transaction with a new producer) and is left to its thread."""
+        timeout = self.settings.transaction_timeout_s
+        if self._txn_thread is None:
+            self._txn_thread = _CallThread(f"{self.processor.stage}-transaction")
+        pending = self._txn_thread.submit(call, *args, timeout)
+        try:
+            pending.result(TXN_LATE_S)
+            return
+        except CallTimedOut:
+            self._kafka_down("Kafka: a transaction waits for it")
+        try:
+            pending.result(max(0.0, timeout * TXN_GIVE_UP - TXN_LATE_S))
+        except CallTimedOut:
+            self._txn_thread.close()
+            self._txn_thread = None
+            name = getattr(call, "__name__", "a transactional call")
+            raise KafkaException(KafkaError(
+                KafkaError._TIMED_OUT,
+                f"{name} has not returned in {timeout * TXN_GIVE_UP:g} s, past its own "
+                f"timeout of {timeout:g} s",
+            )) from None  # fmt: skip
 
     def _failed_transaction(self, exc: KafkaException, batch: list[Message]) -> None:
         """Abort the open transaction and rewind every partition it read (and ``batch``'s)

@@ -144,6 +144,7 @@ class FakeProducer:
         self.acks_from = 0.0  # the broker acknowledges nothing before this (monotonic)
         self.refused: set[int] = set()  # which produce calls (0, 1, ...) the broker refuses
         self.produced = 0
+        self.offsets_hang: threading.Event | None = None  # send_offsets returns once set
 
     def produce(self, topic: str, value: bytes, key: bytes | None, on_delivery: Any = None) -> None:
         self.log.append(f"produce {topic}")
@@ -186,6 +187,9 @@ class FakeProducer:
         self, offsets: list[TopicPartition], metadata: Any, timeout: float
     ) -> None:
         assert metadata == "group-metadata"
+        if self.offsets_hang is not None:
+            self.offsets_hang.wait()
+            return
         self.log.append("offsets " + ",".join(f"{tp.partition}:{tp.offset}" for tp in offsets))
 
     def commit_transaction(self, timeout: float) -> None:
@@ -511,6 +515,36 @@ def test_a_transaction_that_cannot_be_ended_gets_a_new_producer_and_its_batch_ag
     assert host.consumer.seeks == [(0, 5), (1, 8)]
     assert [m.offset for m in processor.batches[1]] == [5, 8]  # read again from the seek
     assert log[-4:] == ["offsets 0:6,1:9", "commit_transaction", "flush", "close"]
+
+
+def test_a_transactional_call_that_never_returns_is_given_up_for_a_new_producer() -> None:
+    """After a broker restart librdkafka's send_offsets_to_transaction blocked for good,
+    past its own timeout (librdkafka#5456), and the exactly-once scorer never scored
+    again. The stage is degraded while the call waits; past 1.5 times the timeout it is
+    given up, a new producer ends the transaction, and the batch comes again and commits."""
+    processor = Echo(stop_after=2)
+    reporter = Reporter()
+    host, log = host_on_fakes(
+        processor, [FakeMessage("in", 0, 5, b"a"), FakeMessage("in", 1, 8, b"b")],
+        host={"instance_id": "scorer-a", "exactly_once": True, "transaction_interval_s": 0,
+              "transaction_timeout_s": 1.0},
+        metrics=reporter,
+    )  # fmt: skip
+    first = host.producer
+    first.offsets_hang = threading.Event()
+    started = time.monotonic()
+    try:
+        run(host)
+    finally:
+        first.offsets_hang.set()
+    assert 1.5 <= time.monotonic() - started < 5
+    assert host.producer is not first and log.count("init_transactions") == 2
+    assert host.consumer.seeks == [(0, 5), (1, 8)]
+    assert [m.offset for m in processor.batches[1]] == [5, 8]  # read again from the seek
+    assert log[-4:] == ["offsets 0:6,1:9", "commit_transaction", "flush", "close"]
+    waits = reporter.degraded.index(("Kafka: a transaction waits for it", "kafka"))
+    assert "has not returned in 1.5 s" in str(reporter.degraded[waits + 1][0])
+    assert reporter.degraded[-1] == (None, "kafka")  # up again once the new one committed
 
 
 def test_transactions_failing_again_and_again_stop_the_host_naming_the_instance_id() -> None:
