@@ -713,7 +713,7 @@ class ConfluentHost:
         """Abort the open transaction; one that cannot be is ended by a new producer."""
         try:
             if self._txn_started is not None:
-                self.producer.abort_transaction(self.settings.transaction_timeout_s)
+                self._txn_call(self.producer.abort_transaction)
         except KafkaException as exc:
             self._renew_producer(exc)
         self._txn_started = None

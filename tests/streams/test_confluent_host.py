@@ -145,6 +145,7 @@ class FakeProducer:
         self.refused: set[int] = set()  # which produce calls (0, 1, ...) the broker refuses
         self.produced = 0
         self.offsets_hang: threading.Event | None = None  # send_offsets returns once set
+        self.abort_hang: threading.Event | None = None  # abort_transaction, the same
 
     def produce(self, topic: str, value: bytes, key: bytes | None, on_delivery: Any = None) -> None:
         self.log.append(f"produce {topic}")
@@ -200,6 +201,9 @@ class FakeProducer:
         self.log.append("commit_transaction")
 
     def abort_transaction(self, timeout: float) -> None:
+        if self.abort_hang is not None:
+            self.abort_hang.wait()
+            return
         self.log.append("abort")
 
 
@@ -545,6 +549,24 @@ def test_a_transactional_call_that_never_returns_is_given_up_for_a_new_producer(
     waits = reporter.degraded.index(("Kafka: a transaction waits for it", "kafka"))
     assert "has not returned in 1.5 s" in str(reporter.degraded[waits + 1][0])
     assert reporter.degraded[-1] == (None, "kafka")  # up again once the new one committed
+
+
+def test_an_abort_that_never_returns_is_given_up_for_a_new_producer_too() -> None:
+    processor = Echo(stop_after=2)
+    host, log = host_on_fakes(
+        processor, [FakeMessage("in", 0, 5, b"a")],
+        host={"instance_id": "scorer-a", "exactly_once": True, "transaction_interval_s": 0,
+              "transaction_timeout_s": 1.0},
+    )  # fmt: skip
+    first = host.producer
+    first.fail_commits, first.abort_hang = 1, threading.Event()  # an abortable error first
+    try:
+        run(host)
+    finally:
+        first.abort_hang.set()
+    assert host.producer is not first and log.count("init_transactions") == 2
+    assert [m.offset for m in processor.batches[1]] == [5]  # read again, then committed
+    assert log[-4:] == ["offsets 0:6", "commit_transaction", "flush", "close"]
 
 
 def test_transactions_failing_again_and_again_stop_the_host_naming_the_instance_id() -> None:
