@@ -10,6 +10,7 @@ client lists topics, Redis answers PING. The test session fixtures and
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
 import os
 import secrets
@@ -102,8 +103,16 @@ def tail(path: Path, lines: int = 40) -> str:
 
 
 def kafka_libs(settings: Settings) -> Path:
-    """The folder of broker jars, fetched with Maven on first use and cached after."""
-    libs = settings.cache_dir / f"kafka-{settings.kafka_version}" / "libs"
+    """The folder of broker jars, fetched with Maven on first use and cached after.
+
+    Processes that start a broker at once on a fresh machine (the test session's
+    workers, each with its own broker) fetch once: the first holds a lock on the
+    cache while Maven runs, the others wait and find the jars. Maven copies into a
+    folder of its own, moved into place only when complete, so a fetch that failed
+    or was killed leaves no half-copied jar for the next start to take as cached
+    (Maven's copy does not overwrite a release jar already there)."""
+    root = settings.cache_dir / f"kafka-{settings.kafka_version}"
+    libs = root / "libs"
     marker = libs / ".complete"
     if marker.exists():
         return libs
@@ -113,18 +122,29 @@ def kafka_libs(settings: Settings) -> Path:
         )
     if shutil.which("java") is None:
         raise StackError(NO_JAVA)
-    libs.mkdir(parents=True, exist_ok=True)
-    # Maven runs on a copy in the cache: the installed package may be read-only
-    pom = libs.parent / "pom.xml"
-    pom.write_text(POM.read_text())
-    cmd = [
-        "mvn", "-q", "-B", "-f", str(pom), "dependency:copy-dependencies",
-        f"-DoutputDirectory={libs}", f"-Dkafka.version={settings.kafka_version}",
-    ]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise StackError(f"fetching Kafka jars failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
-    marker.touch()
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".fetch.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if marker.exists():  # another process fetched them while this one waited
+            return libs
+        partial = root / "libs.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        # Maven runs on a copy in the cache: the installed package may be read-only
+        pom = root / "pom.xml"
+        pom.write_text(POM.read_text())
+        cmd = [
+            "mvn", "-q", "-B", "-f", str(pom), "dependency:copy-dependencies",
+            f"-DoutputDirectory={partial}", f"-Dkafka.version={settings.kafka_version}",
+        ]  # fmt: skip
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise StackError(
+                f"fetching Kafka jars failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}"
+            )
+        (partial / ".complete").touch()
+        shutil.rmtree(libs, ignore_errors=True)  # what an older, unfinished fetch left
+        partial.rename(libs)
     return libs
 
 
