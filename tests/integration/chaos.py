@@ -371,10 +371,11 @@ class PrivateStack:
             if server is not None:
                 server.stop()
 
-    def restart_redis(self, down_s: float = 0.0) -> Outage:
-        """SIGTERM redis-server, wait ``down_s``, start it again (as the stack does)."""
+    def restart_redis(self, down_s: float = 0.0, kill: bool = False) -> Outage:
+        """SIGTERM redis-server (``kill``: SIGKILL, no last write of its append-only
+        file), wait ``down_s``, start it again (as the stack does)."""
         assert self.redis is not None
-        return self._restart(self.redis, down_s)
+        return self._restart(self.redis, down_s, kill)
 
     def restart_kafka(self, down_s: float = 0.0, kill: bool = False) -> Outage:
         """SIGTERM the broker (its clean shutdown; ``kill``: SIGKILL, none, its logs
