@@ -3,11 +3,11 @@ module's own (the session's shared stack is never stopped).
 
 Scorer, learner and monitor run as processes while events flow at 250/s with
 their labels 400 events behind. A server is stopped (SIGTERM, and SIGKILL as a
-crash) and started again on its port and directory, as an operator's restart does. Nothing may be lost:
-the stages wait the outage out, every event is predicted, every label is learned,
-and (Redis) the registry's versions, champion pointer and the learner's
-checkpoint survive, no version number naming a second model. The broker restart
-runs with the scorer at least once and exactly once.
+crash) and started again on its port and directory, as an operator's restart
+does. Nothing may be lost: the stages wait the outage out, every event is
+predicted, every label is learned, and (Redis) the registry's versions, champion
+pointer and the learner's checkpoint survive, no version number naming a second
+model. The broker restart runs with the scorer at least once and exactly once.
 
 Run with ``-s`` to see the seconds (they are in the failure message too).
 """
