@@ -531,14 +531,20 @@ class RedisFeatureStore:
         """Commit what ``_in_process`` computed, with the ``served`` predictions
         (event id -> encoded); False (nothing written) if it was refused."""
         cache, pack, engine = self._cache, self._pack, self.engine
-        hashes: dict[str, list[Any]] = {}  # hash -> [id, snapshot, ...], as commit.lua reads them
+        hashes: dict[str, list[Any]] = {}  # hash -> [id, snapshot, ...]
         for event_id, key, raw in pending.snapshots:
             prediction = served.get(event_id)
             fields = hashes.get(key)
             if fields is None:
                 fields = hashes[key] = []
             fields += event_id, raw if prediction is None else SERVED_HEAD + raw[1:] + prediction
-        snapshots: list[Any] = [x for pair in hashes.items() for x in pair]
+        # as commit.lua reads them: what to do with the bytes in the msgpack, the bytes
+        # themselves (snapshots, then states) as arguments of their own
+        snapshots: list[Any] = []
+        args: list[Any] = [self.replay_ms, b""]
+        for key, fields in hashes.items():
+            snapshots += key, len(fields)
+            args += fields
         entities: list[Any] = []
         stored: dict[str, bytes] = {}  # the small ones, to hold as they are (held_entity)
         for key, name in pending.changed.items():
@@ -548,10 +554,11 @@ class RedisFeatureStore:
                 stored[key] = state
             else:  # grown: what an earlier commit stored small is not its state any more
                 self._stored.pop(key, None)
-            entities += key, version, state, self._entity_ttl_ms[name]
-        blob = pack([snapshots, entities])
+            entities += key, version, self._entity_ttl_ms[name]
+            args.append(state)
+        args[1] = pack([snapshots, entities])
         try:
-            committed = self._write(self._commit, self._route, [self.replay_ms, blob])
+            committed = self._write(self._commit, self._route, args)
         except Exception:
             self._forget(pending)  # written or not, Redis holds the truth
             raise
