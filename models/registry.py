@@ -446,6 +446,28 @@ class ModelRegistry(ABC):
     def save_checkpoint(self, checkpoint: LearnerCheckpoint) -> None:
         self._save_checkpoint(checkpoint.encode(self.key))
 
+    # -- the monitor's memory of good versions ----------------------------------
+
+    def monitor_memory(self) -> dict[str, Any] | None:
+        """What the monitor last saved of what it needs to roll a champion back
+        (``monitors.policy.PipelineMonitor.memory``); None if nothing, or nothing
+        readable (logged: the monitor then learns it again, as on its first start)."""
+        raw = self._monitor_memory()
+        if raw is None:
+            return None
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            log.warning("the monitor's saved memory is not JSON, ignored: %s", exc)
+            return None
+        if not isinstance(data, dict):
+            log.warning("the monitor's saved memory is not an object, ignored")
+            return None
+        return data
+
+    def save_monitor_memory(self, memory: dict[str, Any]) -> None:
+        self._save_monitor_memory(orjson.dumps(memory))
+
     # -- storage primitives -------------------------------------------------------
 
     @abstractmethod
@@ -487,6 +509,12 @@ class ModelRegistry(ABC):
     @abstractmethod
     def _save_checkpoint(self, raw: bytes) -> None: ...
 
+    @abstractmethod
+    def _monitor_memory(self) -> bytes | None: ...
+
+    @abstractmethod
+    def _save_monitor_memory(self, raw: bytes) -> None: ...
+
 
 def _signed(record: dict[str, Any]) -> bytes:
     """What an export's signature covers: every field but the signature, canonical."""
@@ -518,6 +546,7 @@ class MemoryRegistry(ModelRegistry):
         self.moves: list[bytes] = []
         self.saved: bytes | None = None
         self.fresh: dict[str, bytes] = {}
+        self.remembered: bytes | None = None  # the monitor's memory
 
     def names(self) -> list[str]:
         return sorted({n for n, _ in self.blobs})
@@ -573,6 +602,12 @@ class MemoryRegistry(ModelRegistry):
 
     def _save_checkpoint(self, raw: bytes) -> None:
         self.saved = raw
+
+    def _monitor_memory(self) -> bytes | None:
+        return self.remembered
+
+    def _save_monitor_memory(self, raw: bytes) -> None:
+        self.remembered = raw
 
 
 # KEYS: pointer, history; ARGV: expected pointer ('' = none), new pointer, move record,
@@ -729,3 +764,10 @@ class RedisRegistry(ModelRegistry):
 
     def _save_checkpoint(self, raw: bytes) -> None:
         self.client.set(f"{self.prefix}learner:checkpoint", raw)
+
+    def _monitor_memory(self) -> bytes | None:
+        raw = self.client.get(f"{self.prefix}monitor:memory")
+        return None if raw is None else bytes(raw)
+
+    def _save_monitor_memory(self, raw: bytes) -> None:
+        self.client.set(f"{self.prefix}monitor:memory", raw)

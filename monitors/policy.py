@@ -59,6 +59,7 @@ apart, by ``monitors.history``.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import re
 import time
@@ -81,9 +82,12 @@ from riverflow.monitors.quality import (
 from riverflow.monitors.spec import MonitorSpec
 from riverflow.streams.contracts import Label, LabelPosition, ModelEvent
 
+log = logging.getLogger(__name__)
+
 MAX_SEGMENTS = 1_000  # segment values tracked one by one
 OTHER_SEGMENT = "(other)"
 ROLLBACK_TARGETS = 3  # earlier good versions shadow-scored before a rollback
+MEMORY_GOOD = 10  # versions served while good that the monitor's saved memory keeps
 
 
 @dataclass(frozen=True)
@@ -243,6 +247,35 @@ class PipelineMonitor:
     @property
     def champion_name(self) -> str:
         return self.champion.model if self.champion else self.lead
+
+    # -- what a restarted monitor must not forget --------------------------------
+
+    def memory(self) -> dict[str, Any]:
+        """What a rollback needs that the labels to come cannot teach a restarted
+        monitor: the champion's level when it was last good, and the versions served
+        while it was (newest last, at most ``MEMORY_GOOD`` of them). Without it, a
+        monitor restarted during a fall learns its level from the fall and knows no
+        version to go back to: the champion is never rolled back."""
+        good = [[p.model, p.version] for _, p in list(self.good)[-MEMORY_GOOD:]]
+        return {"champion": self.champion_name, "level": self.level, "good": good}
+
+    def restore(self, memory: Mapping[str, Any] | None) -> bool:
+        """Take back what ``memory`` saved, if it is of the champion served now (a
+        memory of another champion's level says nothing of this one's). The versions
+        it names count as served a full window before any label this monitor sees.
+        True if taken."""
+        if not memory or memory.get("champion") != self.champion_name or self.good:
+            return False
+        try:
+            level = memory.get("level")
+            good = [ChampionPointer(str(m), int(v)) for m, v in memory.get("good") or []]
+            self.level = None if level is None else float(level)
+        except (TypeError, ValueError) as exc:
+            log.warning("the monitor's saved memory is not readable, ignored: %s", exc)
+            return False
+        before = -self.spec.rollback.window
+        self.good.extend((before, pointer) for pointer in good)
+        return True
 
     def on_prediction(
         self, features: dict[str, float], probability: float, model: str, version: int

@@ -112,7 +112,8 @@ def redis_acl_rules(spec: PipelineSpec, stage: str, cluster: bool = False) -> li
         "learner": [f"~{p}learned:*", f"~{p}models", f"~{p}model:*", f"~{p}champion",
                     f"~{p}champion:history", f"~{p}learner:checkpoint", f"%R~{p}challengers"],
         "monitor": [f"~{p}champion", f"~{p}champion:history", f"~{p}challengers",
-                    f"%R~{p}models", f"%R~{p}model:*", f"%R~{p}learner:checkpoint"],
+                    f"~{p}monitor:memory", f"%R~{p}models", f"%R~{p}model:*",
+                    f"%R~{p}learner:checkpoint"],
     }[stage]  # fmt: skip
     if spec.label_features:
         lab = f"{p}lab:"

@@ -19,11 +19,13 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any, cast
 
 import orjson
 from pydantic import ValidationError
+from redis.exceptions import RedisError
 
 from riverflow.errors import error_lines
 from riverflow.models.batched import positive_probabilities
@@ -48,6 +50,7 @@ from riverflow.streams.topics import Topics
 
 log = logging.getLogger(__name__)
 
+MEMORY_EVERY_S = 2.0  # the monitor's memory is saved at most this often, when it changed
 MAX_SHOWN = 1_000  # a slate evaluation's ``shown`` beyond this is not a slate's
 
 
@@ -81,6 +84,11 @@ class Monitor:
         self._shadows: dict[str, tuple[int, Any]] = {}
         self._shadows_read = False
         self._lock = threading.Lock()  # the status page reads the view from another thread
+        # what a restarted monitor must not forget (``PipelineMonitor.memory``): taken
+        # back at the first batch, saved at most every MEMORY_EVERY_S when it changed
+        self._restored = False
+        self._memory: dict[str, Any] | None = None
+        self._memory_at = -math.inf
 
     def process(self, batch: Sequence[Message]) -> list[Output]:
         with self._lock:
@@ -90,6 +98,11 @@ class Monitor:
         self.counters.consumed += len(batch)
         out: list[Output] = []
         decisions: list[Decision] = self.core.refresh()
+        if not self._restored:  # after refresh: the memory is of the champion it read
+            if self.core.restore(self.core.registry.monitor_memory()):
+                log.info("monitor: took back its memory of %s (level %s, %d good versions)",
+                         self.core.champion_name, self.core.level, len(self.core.good))  # fmt: skip
+            self._restored = True
         self._shadows_read = False
         for msg in batch:
             try:
@@ -146,7 +159,27 @@ class Monitor:
         if self.metrics is not None:
             self.metrics.update(self._view(series=False), decisions)
         self.counters.produced += len(out)
+        self._remember()
         return out
+
+    def _remember(self) -> None:
+        """Save the core's memory if it changed, at most every ``MEMORY_EVERY_S``. A
+        failed save is tried again later: the batch it ends is done, and must not be
+        taken in twice."""
+        now = time.monotonic()
+        if now - self._memory_at < MEMORY_EVERY_S:
+            return
+        self._memory_at = now
+        memory = self.core.memory()
+        if memory == self._memory:
+            return
+        try:
+            self.core.registry.save_monitor_memory(memory)
+        except RedisError as exc:
+            log.warning("monitor: its memory not saved (tried again in %g s): %s",
+                        MEMORY_EVERY_S, exc)  # fmt: skip
+            return
+        self._memory = memory
 
     def _ranking(self) -> RankingMonitor:
         if self.ranking is None:

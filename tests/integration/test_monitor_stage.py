@@ -20,6 +20,7 @@ from riverflow.models.registry import PointerMove, RedisRegistry
 from riverflow.monitors.view import MonitorView
 from riverflow.settings import DEFAULT_SPEC, Settings
 from riverflow.spec import PipelineSpec
+from riverflow.stages.monitor import MEMORY_EVERY_S
 from riverflow.streams.contracts import ModelEvent
 from riverflow.streams.kafka_io import ensure_topics, produce_all, producer
 from riverflow.tools.generator import FraudStreamConfig, with_labels
@@ -62,6 +63,51 @@ def spec_file(tmp_path: Path) -> Path:
     return path
 
 
+class FlippedStream:
+    """The stages on the broker, and the fraud stream with a flipped-label burst to
+    send in three parts: clean labels, the burst, clean labels again."""
+
+    def __init__(self, stack: Endpoints, spec: PipelineSpec, start_stage: StageFactory) -> None:
+        self.topics = t = spec.topics
+        ensure_topics(stack.kafka_bootstrap, t.all(), partitions=1, replication=1)
+        start_stage("scorer", model_poll_s=0.05)
+        start_stage("learner", snapshot_every_labels=500, label_wait_s=5)
+        self.monitor = start_stage("monitor", model_poll_s=0.05)
+        self.stream = list(with_labels(N, FraudStreamConfig(drift_at=(), flipped_labels=FLIP)))
+        self.parts = [0, self._label_at(FLIP[0]), self._label_at(FLIP[1]), len(self.stream)]
+        self.producer = producer(stack.kafka_bootstrap)
+        self.labels_sent = 0
+
+    def _label_at(self, n: int) -> int:
+        event_id = f"e7-{n:08d}"
+        return next(
+            i for i, (k, r) in enumerate(self.stream)
+            if k == "label" and r["event_id"] == event_id
+        )  # fmt: skip
+
+    def send(self, part: int) -> int:
+        """Send part 0, 1 or 2; the labels sent so far."""
+        t, records = self.topics, self.stream[self.parts[part] : self.parts[part + 1]]
+        produce_all(self.producer, ((t.events if k == "event" else t.labels,
+                    str(r["card_id"] if k == "event" else r["event_id"]).encode(),
+                    orjson.dumps(r)) for k, r in records))  # fmt: skip
+        self.labels_sent += sum(k == "label" for k, _ in records)
+        return self.labels_sent
+
+    def through_the_burst(self, registry: RedisRegistry) -> int:
+        """Clean labels, then the burst, each seen by the monitor: no rollback yet."""
+        for part in (0, 1):
+            sent = self.send(part)
+            wait_for(f"the monitor to see part {part}",
+                     lambda n=sent: labels_seen(self.monitor) >= n, 120)  # fmt: skip
+            assert not [m for m in registry.history() if m.kind == "rollback"]
+        return sent
+
+
+def rolled_back(registry: RedisRegistry) -> PointerMove | None:
+    return next((m for m in registry.history() if m.kind == "rollback"), None)
+
+
 def test_a_flipped_label_burst_is_rolled_back_within_5_seconds_of_clean_labels(
     stack: Endpoints,
     spec: PipelineSpec,
@@ -70,44 +116,15 @@ def test_a_flipped_label_burst_is_rolled_back_within_5_seconds_of_clean_labels(
     tmp_path: Path,
 ) -> None:
     t = spec.topics
-    ensure_topics(stack.kafka_bootstrap, t.all(), partitions=1, replication=1)
-    start_stage("scorer", model_poll_s=0.05)
-    start_stage("learner", snapshot_every_labels=500, label_wait_s=5)
-    monitor = start_stage("monitor", model_poll_s=0.05)
-    stream = list(with_labels(N, FraudStreamConfig(drift_at=(), flipped_labels=FLIP)))
-
-    def label_at(n: int) -> int:
-        event_id = f"e7-{n:08d}"
-        return next(
-            i for i, (k, r) in enumerate(stream) if k == "label" and r["event_id"] == event_id
-        )
-
-    cut, clean = label_at(FLIP[0]), label_at(FLIP[1])
-    p = producer(stack.kafka_bootstrap)
-
-    def send(part: list[tuple[str, dict[str, object]]]) -> None:
-        produce_all(p, ((t.events if k == "event" else t.labels,
-                         str(r["card_id"] if k == "event" else r["event_id"]).encode(),
-                         orjson.dumps(r)) for k, r in part))  # fmt: skip
-
-    send(stream[:cut])  # clean labels up to the burst
-    before = sum(k == "label" for k, _ in stream[:cut])
-    wait_for("the monitor to see the clean labels", lambda: labels_seen(monitor) >= before, 120)
+    run = FlippedStream(stack, spec, start_stage)
+    monitor = run.monitor
     registry = RedisRegistry(redis_client, spec.name, KEY)
-    assert not [m for m in registry.history() if m.kind == "rollback"]
-
-    send(stream[cut:clean])  # the burst: no earlier version does better on these labels
-    burst = before + sum(k == "label" for k, _ in stream[cut:clean])
-    wait_for("the monitor to see the burst", lambda: labels_seen(monitor) >= burst, 120)
-    assert not [m for m in registry.history() if m.kind == "rollback"]
+    burst = run.through_the_burst(registry)
     clean_sent = time.time()
-    send(stream[clean:])
+    run.send(2)
 
-    def rolled_back() -> PointerMove | None:
-        return next((m for m in registry.history() if m.kind == "rollback"), None)
-
-    wait_for("a rollback", rolled_back, 60)
-    move = rolled_back()
+    wait_for("a rollback", lambda: rolled_back(registry), 60)
+    move = rolled_back(registry)
     assert move is not None
     assert move.at - clean_sent < 5.0, f"rollback {move.at - clean_sent:.2f}s after clean labels"
     events = [ModelEvent.decode(m.value()) for m in
@@ -152,6 +169,40 @@ def test_a_flipped_label_burst_is_rolled_back_within_5_seconds_of_clean_labels(
     assert done.returncode == 0, done.stderr
     assert champion.model in html.read_text() and "rollback" in html.read_text()
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_a_monitor_sigkilled_after_the_burst_and_restarted_still_rolls_back(
+    stack: Endpoints, spec: PipelineSpec, start_stage: StageFactory, redis_client: redis.Redis
+) -> None:
+    """What a rollback needs that the labels to come cannot teach a restarted monitor
+    (the champion's level when good, the versions served then) is saved in Redis. A
+    monitor that lost it learned its level from the fall, knew no version to go back
+    to and rolled nothing back: no rollback within 60 s of the clean labels."""
+    run = FlippedStream(stack, spec, start_stage)
+    registry = RedisRegistry(redis_client, spec.name, KEY)
+    run.through_the_burst(registry)
+    saved = registry.monitor_memory
+    wait_for("the monitor's memory", lambda: (saved() or {}).get("good"), 10)
+    time.sleep(MEMORY_EVERY_S + 1.0)  # what it saved last is from after the burst
+    memory = saved()
+    assert memory is not None and memory["level"] is not None and memory["good"], memory
+    run.monitor.proc.kill()
+    run.monitor.proc.wait()
+    start_stage("monitor", model_poll_s=0.05)
+    clean_sent = time.time()
+    run.send(2)
+    wait_for("a rollback", lambda: rolled_back(registry), 60)
+    move = rolled_back(registry)
+    assert move is not None
+    assert move.at - clean_sent < 30.0, f"rollback {move.at - clean_sent:.2f}s after clean labels"
+    decision = next(
+        ModelEvent.decode(m.value())
+        for m in collect(stack.kafka_bootstrap, spec.topics.model_events, 1, settle_s=3.0)
+        if b'"rollback"' in m.value() and b'"monitor"' in m.value()
+    )  # fmt: skip
+    assert decision.evidence is not None
+    assert decision.evidence["good_level"] == round(memory["level"], 6)
+    assert decision.evidence["recent_accuracy"] < decision.evidence["good_level"] - 0.1
 
 
 def _quality(monitor: StageProcess, model: str) -> float | None:

@@ -4,6 +4,7 @@ scorer's user cannot store a model version or move the champion pointer."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from pathlib import Path
 
@@ -62,6 +63,13 @@ def test_each_stage_runs_as_its_own_redis_user_and_the_scorer_cannot_touch_the_r
         # the learner published and moved the pointer as it went: under its own user
         pointer = RedisRegistry(redis_client, spec.name, KEY).champion()
         assert pointer is not None and pointer.version > 0
+        # the monitor saved its memory (what a restarted one needs to roll back) under its
+        # own user: a refused save is only logged, so it is looked for here
+        memory = RedisRegistry(redis_client, spec.name, KEY).monitor_memory
+        deadline = time.monotonic() + 10
+        while memory() is None:
+            assert time.monotonic() < deadline, "the monitor saved no memory"
+            time.sleep(0.2)
 
         user, password = users["scorer"]
         as_scorer = redis.Redis.from_url(stack.redis_url, username=user, password=password)

@@ -82,6 +82,49 @@ def test_a_bad_version_is_rolled_back_to_one_that_does_better_on_the_recent_labe
     assert registry.champion() != ChampionPointer("m", 3)
 
 
+def test_a_monitor_restarted_during_a_fall_still_rolls_the_bad_version_back() -> None:
+    """Its level and the versions served while it was good are saved: a monitor
+    restarted with nothing but the labels to come would learn its level from the fall
+    and know no version to go back to (seen on the real broker: no rollback in 60 s)."""
+    spec = MonitorSpec()
+    outcomes = []
+    for remembered in (True, False):
+        monitor, registry = monitor_with_versions(spec)
+        rng = random.Random(1)
+        feed(monitor, rng, 1_200, served_right=0.95)
+        advance(registry, 2)
+        monitor.refresh()
+        feed(monitor, rng, 300, served_right=0.95)
+        advance(registry, 3)
+        monitor.refresh()
+        falling = feed(monitor, rng, 60, served_right=0.6, bad=3)
+        assert [d for d in falling if d.kind == "rollback"] == []  # not rolled back yet
+        registry.save_monitor_memory(monitor.memory())
+        # SIGKILLed and started again: a new monitor on the same registry
+        restarted = PipelineMonitor("p", spec, registry, "m")
+        restarted.refresh()
+        taken = restarted.restore(registry.monitor_memory() if remembered else None)
+        assert taken is remembered
+        decisions = feed(restarted, rng, 1_000, served_right=0.6, bad=3)
+        outcomes.append([d for d in decisions if d.kind == "rollback"])
+    with_memory, without = outcomes
+    assert len(with_memory) == 1 and without == []
+    assert with_memory[0].evidence["good_level"] > 0.9  # the level from before the fall
+    assert registry.champion() == ChampionPointer("m", 3)  # (the run without memory)
+
+
+def test_a_memory_of_another_champion_or_an_unreadable_one_is_not_taken() -> None:
+    monitor, registry = monitor_with_versions(MonitorSpec())
+    assert not monitor.restore({"champion": "other", "level": 0.9, "good": [["other", 1]]})
+    assert not monitor.restore({"champion": "m", "level": "high", "good": [["m", 1]]})
+    assert not monitor.restore({"champion": "m", "level": 0.9, "good": [["m"]]})
+    assert monitor.level is None and not monitor.good
+    registry._save_monitor_memory(b"not json")
+    assert registry.monitor_memory() is None
+    assert monitor.restore({"champion": "m", "level": 0.9, "good": [["m", 1]]})
+    assert monitor.level == 0.9 and [p for _, p in monitor.good] == [ChampionPointer("m", 1)]
+
+
 def test_no_rollback_to_a_version_that_is_no_better_on_the_recent_labels() -> None:
     monitor, registry = monitor_with_versions(MonitorSpec())
     rng = random.Random(2)
