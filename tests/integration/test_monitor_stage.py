@@ -103,9 +103,18 @@ class FlippedStream:
             assert not [m for m in registry.history() if m.kind == "rollback"]
         return sent
 
+    def clean_until_rollback(self, registry: RedisRegistry) -> tuple[PointerMove, float]:
+        """Clean labels again, until a rollback: the move, and its seconds after them."""
+        clean_sent = time.time()
+        self.send(2)
 
-def rolled_back(registry: RedisRegistry) -> PointerMove | None:
-    return next((m for m in registry.history() if m.kind == "rollback"), None)
+        def rolled_back() -> PointerMove | None:
+            return next((m for m in registry.history() if m.kind == "rollback"), None)
+
+        wait_for("a rollback", rolled_back, 60)
+        move = rolled_back()
+        assert move is not None
+        return move, move.at - clean_sent
 
 
 def test_a_flipped_label_burst_is_rolled_back_within_5_seconds_of_clean_labels(
@@ -120,13 +129,8 @@ def test_a_flipped_label_burst_is_rolled_back_within_5_seconds_of_clean_labels(
     monitor = run.monitor
     registry = RedisRegistry(redis_client, spec.name, KEY)
     burst = run.through_the_burst(registry)
-    clean_sent = time.time()
-    run.send(2)
-
-    wait_for("a rollback", lambda: rolled_back(registry), 60)
-    move = rolled_back(registry)
-    assert move is not None
-    assert move.at - clean_sent < 5.0, f"rollback {move.at - clean_sent:.2f}s after clean labels"
+    move, after = run.clean_until_rollback(registry)
+    assert after < 5.0, f"rollback {after:.2f}s after clean labels"
     events = [ModelEvent.decode(m.value()) for m in
               collect(stack.kafka_bootstrap, t.model_events, 1, settle_s=3.0)]  # fmt: skip
     decision = next(e for e in events if e.kind == "rollback" and e.by == "monitor")
@@ -189,12 +193,8 @@ def test_a_monitor_sigkilled_after_the_burst_and_restarted_still_rolls_back(
     run.monitor.proc.kill()
     run.monitor.proc.wait()
     start_stage("monitor", model_poll_s=0.05)
-    clean_sent = time.time()
-    run.send(2)
-    wait_for("a rollback", lambda: rolled_back(registry), 60)
-    move = rolled_back(registry)
-    assert move is not None
-    assert move.at - clean_sent < 30.0, f"rollback {move.at - clean_sent:.2f}s after clean labels"
+    _, after = run.clean_until_rollback(registry)
+    assert after < 30.0, f"rollback {after:.2f}s after clean labels"  # (it joins its group)
     decision = next(
         ModelEvent.decode(m.value())
         for m in collect(stack.kafka_bootstrap, spec.topics.model_events, 1, settle_s=3.0)

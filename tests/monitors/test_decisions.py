@@ -64,15 +64,22 @@ def advance(registry: MemoryRegistry, version: int) -> None:
     assert registry.move(ChampionPointer("m", version), "advance", registry.champion(), "")
 
 
-def test_a_bad_version_is_rolled_back_to_one_that_does_better_on_the_recent_labels() -> None:
-    monitor, registry = monitor_with_versions(MonitorSpec())
-    rng = random.Random(1)
+def good_then_a_third_version(
+    monitor: PipelineMonitor, registry: MemoryRegistry, rng: random.Random
+) -> None:
+    """Versions 1 and 2 served on labels they get right, then version 3 served."""
     feed(monitor, rng, 1_200, served_right=0.95)
     advance(registry, 2)
     monitor.refresh()
     feed(monitor, rng, 300, served_right=0.95)
     advance(registry, 3)
     monitor.refresh()
+
+
+def test_a_bad_version_is_rolled_back_to_one_that_does_better_on_the_recent_labels() -> None:
+    monitor, registry = monitor_with_versions(MonitorSpec())
+    rng = random.Random(1)
+    good_then_a_third_version(monitor, registry, rng)
     decisions = feed(monitor, rng, 1_000, served_right=0.6, bad=3)  # v1 and v2 did not
     rollbacks = [d for d in decisions if d.kind == "rollback"]
     assert len(rollbacks) == 1, decisions
@@ -91,12 +98,7 @@ def test_a_monitor_restarted_during_a_fall_still_rolls_the_bad_version_back() ->
     for remembered in (True, False):
         monitor, registry = monitor_with_versions(spec)
         rng = random.Random(1)
-        feed(monitor, rng, 1_200, served_right=0.95)
-        advance(registry, 2)
-        monitor.refresh()
-        feed(monitor, rng, 300, served_right=0.95)
-        advance(registry, 3)
-        monitor.refresh()
+        good_then_a_third_version(monitor, registry, rng)
         falling = feed(monitor, rng, 60, served_right=0.6, bad=3)
         assert [d for d in falling if d.kind == "rollback"] == []  # not rolled back yet
         registry.save_monitor_memory(monitor.memory())
