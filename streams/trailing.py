@@ -98,6 +98,9 @@ class TrailingReader:
         if resume:
             self.consumer.resume([TopicPartition(self.topic, p) for p in resume])
             self._paused.difference_update(resume)
+            # paused is not silent: the fetch after a resume may come back empty (the
+            # broker answers later), and a pause of STALL_S or more is no stall
+            self._stall.heard()
         room = sum(max(0, self.buffered - len(b)) for b in self._buffers.values())
         while room > 0:
             batch: list[Any] = self.consumer.consume(min(room, 1000), timeout=0)

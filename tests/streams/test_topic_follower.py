@@ -327,3 +327,28 @@ def test_group_progress_asked_often_moves_on_without_settling(
     for now[0] in (0.0, 1.0, 2.0, 3.0, 4.0):
         seen.append(progress())
     assert seen == [None, 0.0, 1.0, 2.0, 3.0]
+
+
+def test_a_trailing_reader_paused_on_a_full_buffer_is_not_a_stall_when_it_resumes(
+    topic: Topic,
+) -> None:
+    """Trailing a label timeout behind, the reader's buffer fills and its partition is
+    paused while the caller catches up. A pause longer than ``STALL_S`` is not silence:
+    the first fetch after the resume may come back empty (the broker answers later)
+    and the consumer must not be replaced for it. Seen in a 25-minute recsys run: the
+    timeouts' reader was renewed "39,859 messages behind and nothing read for 18 s"."""
+    topic.end = 20
+    reader = TrailingReader(NOWHERE, "t.predictions", since_s=60, buffered=4)
+    reader.start({0: 0})
+    read: list[int] = []
+    at = 0
+    for _ in range(3):  # full, paused longer than STALL_S, drained, resumed
+        buffered = [m.offset for m in reader.fetch({0: at})[0]]
+        read += [o for o in buffered if o not in read]
+        time.sleep(0.4)
+        at = buffered[-1]  # the caller passes all but the last: the buffer is resumed
+        topic.late = 1  # whose first fetch comes back empty
+        reader.fetch({0: at})
+    read += [m.offset for m in reader.fetch({0: at})[0] if m.offset not in read]
+    assert len(topic.made) == 1, "a paused reader was taken for a stalled one"
+    assert read == list(range(len(read))) and len(read) >= 8
