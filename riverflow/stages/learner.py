@@ -339,7 +339,7 @@ class Learner:
                 self.positions[msg.partition] = msg.offset + 1
                 self._changed = True
             if every and self._since_snapshot >= every:
-                out += self.publish()
+                self._publish(out)
         if self.timeouts is not None:
             self._defaults(self.timeouts, out)
         out += self._overflow()
@@ -348,7 +348,7 @@ class Learner:
             self._orphan_ids = []
         every_s = self.timing.snapshot_every_s
         if every_s and self._since_snapshot and now - self._last_snapshot >= every_s:
-            out += self.publish()
+            self._publish(out)
 
     def _learn_message(self, snap: ScoredEvent, event_id: str, item: _Pending) -> list[Output]:
         """Learn a claimed label message (at once, or held until its timeout)."""
@@ -492,7 +492,7 @@ class Learner:
             self._partial.clear()
             self._changed = True
             if every and self._since_snapshot >= every:
-                out += self.publish()
+                self._publish(out)
 
     def _forget_labelled(self, found: set[str]) -> None:
         """Forget events a default found labelled in a committed checkpoint, yet in the
@@ -545,6 +545,9 @@ class Learner:
         label_time: float | None,
         defaulted: bool = False,
     ) -> list[Output]:
+        # read before anything learns: a read that raises (Redis down) must leave the
+        # label unlearned, for the guard's retry to learn it once
+        serving = self._serving() if self.searches.rung_ends_next() else self.lineage.lead
         segment = None if self.join.segment is None else snap.inputs.get(self.join.segment)
         x = {**model_inputs(snap.inputs, self.extra), **snap.features}
         predictions: dict[str, CandidatePrediction] = {}
@@ -557,7 +560,7 @@ class Learner:
         self._since_snapshot += 1
         self._changed = True
         # a search ranks binary classifiers only (the spec refuses one on another label)
-        search = self.searches.learn(x, label is True, self.candidates, self._serving)
+        search = self.searches.learn(x, label is True, self.candidates, serving)
         record = Evaluation(
             event_id=snap.event_id,
             label=label,
@@ -614,15 +617,23 @@ class Learner:
     def publish(self) -> list[Output]:
         """Publish every candidate as a new version (see ``Lineage.publish``); returns
         the model-events to write."""
+        # what a call that raised made goes out with it (a clean stop publishes it too)
+        out, self._carried = self._carried, []
+        try:
+            self._publish(out)
+        except BaseException:  # (Redis down midway: a version or pointer move made
+            self._carried = out  # before keeps its model-event)
+            raise
+        return out
+
+    def _publish(self, out: list[Output]) -> None:
         # held labels are saved as waiting ones: a restarted learner claims them again
         # (its checkpoint says their marks are stale) and holds them again
         pending = [(p.msg, p.label) for p in (*self.pending.values(), *self.held.values())]
-        # what a call that raised made goes out with it (a clean stop publishes it too)
-        out, self._carried = self._carried, []
         searches = self.searches.publish(self.lineage.registry, self.learned)
         timeouts = None if self.timeouts is None else self.timeouts.positions
-        out += self.lineage.publish(
-            self.clock(), self.learned, self.positions, pending, searches, timeouts
+        self.lineage.publish(
+            out, self.clock(), self.learned, self.positions, pending, searches, timeouts
         )
         # bounded: ids beyond it are not released early, they expire at the horizon
         self._staged_ids = [*self._staged_ids, *self._learned_ids][-_RELEASE_AT_MOST:]
@@ -633,7 +644,6 @@ class Learner:
         self._since_snapshot = 0
         self._changed = False
         self._last_snapshot = self.clock()
-        return out
 
     def commit(self) -> None:
         """Save the checkpoint of the last snapshot; call once its outputs are written.

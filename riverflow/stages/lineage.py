@@ -10,6 +10,7 @@ and says when to publish; every read and write of the registry is here.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +40,18 @@ class Following:
     poll_s: float  # the registry is read at most this often (and before every publish)
     # a fresh challenger's metrics (of the label's kind)
     new_metrics: Callable[[], Metrics] = PrequentialMetrics
+
+
+@dataclass(frozen=True)
+class _Rollback:
+    """What ``Lineage.follow`` read of the rollbacks: the moves seen up to ``seen``;
+    the rollback to follow (with the model of the version it went back to) and the
+    move that re-applied it, if any."""
+
+    seen: float
+    move: PointerMove | None = None
+    model: Any = None
+    again: PointerMove | None = None
 
 
 class Lineage:
@@ -73,70 +86,87 @@ class Lineage:
         continue a rolled-back candidate from the version it was rolled back to.
 
         Reads the registry at most every ``following.poll_s``; returns model-events.
+        Every read (and the one write) of the registry comes before anything changes
+        here: one that raises (Redis down) leaves nothing half-followed, and the next
+        call follows it all.
         """
         if now < self._next_poll and not force:
             return []
-        self._next_poll = now + self.following.poll_s
-        out = []
         wanted = {name: info["base"] for name, info in self.registry.challengers().items()}
         pointer = self.registry.champion()
-        for name in [n for n in self.dynamic if n not in wanted]:
-            if pointer is not None and pointer.model == name:
-                continue  # retired while champion: keep training what is served
+        serving = pointer.model if pointer else None
+        # retired: dropped, unless champion (what is served keeps training)
+        drop = [n for n in self.dynamic if n not in wanted and n != serving]
+        start = {n: (b, self._fresh(n, b)) for n, b in wanted.items() if n not in self.candidates}
+        back = self._read_rollback(pointer, (self.candidates.keys() - set(drop)) | start.keys())
+        self._next_poll = now + self.following.poll_s
+        out = []
+        for name in drop:
             del self.candidates[name], self.dynamic[name]
             out.append(self._model_event(ModelEvent(kind="dropped", model=name,
                                                     version=0, reason="retired")))  # fmt: skip
-        for name, base in wanted.items():
-            if name in self.candidates:
-                continue
-            model = self.following.fresh_model(base)
-            if model is None:
-                raise ModelSpecError(f"fresh challenger of {base!r}: not a candidate of the spec")
+        for name, (base, model) in start.items():
             self.candidates[name] = Candidate(name, model, 0, self.following.new_metrics())
             self.dynamic[name] = base
             out.append(self._model_event(ModelEvent(kind="started", model=name, version=0,
                                                     reason=f"fresh {base}")))  # fmt: skip
-        out += self._follow_rollback(pointer)
+        self._rollbacks_after = back.seen
+        if back.move is not None:
+            c, to, why = self.candidates[back.move.to.model], back.move.to, back.move.reason
+            c.model, c.version = back.model, to.version
+            out.append(self._model_event(ModelEvent(kind="rebased", model=c.name,
+                                                    version=c.version, reason=why)))  # fmt: skip
+            if back.again is not None:
+                out.append(self._model_event(back.again.as_event()))
         return out
 
-    def _follow_rollback(self, pointer: ChampionPointer | None) -> list[Output]:
-        """Continue a rolled-back candidate from the version it was rolled back to.
+    def _fresh(self, name: str, base: str) -> Any:
+        model = self.following.fresh_model(base)
+        if model is None:
+            raise ModelSpecError(
+                f"fresh challenger {name!r} of {base!r}: not a candidate of the spec"
+            )
+        return model
+
+    def _read_rollback(self, pointer: ChampionPointer | None, names: AbstractSet[str]) -> _Rollback:
+        """The newest rollback not followed yet, to one of ``names``: the version to
+        continue from, loaded.
 
         Looks at the last moves, not only the last one: a snapshot published just
         after a rollback to the version it continued may have advanced the
-        pointer again; that advance is rolled back too.
+        pointer again; that advance is rolled back too (the write made here).
         """
         moves = self.registry.recent_moves(10)
+        seen = max([self._rollbacks_after, *(m.at for m in moves)])
         new = [m for m in moves if m.at > self._rollbacks_after]
-        self._rollbacks_after = max([self._rollbacks_after, *(m.at for m in moves)])
         back = next((m for m in reversed(new) if m.kind == "rollback"), None)
-        if back is None or back.to.model not in self.candidates:
-            return []
-        c, to = self.candidates[back.to.model], back.to
-        c.model, c.version = self.registry.load(to.model, to.version).model, to.version
-        out = [self._model_event(ModelEvent(kind="rebased", model=c.name, version=c.version,
-                                            reason=back.reason))]  # fmt: skip
+        if back is None or back.to.model not in names:
+            return _Rollback(seen)
+        to = back.to
+        model = self.registry.load(to.model, to.version).model
+        again = None
         if pointer is not None and pointer.model == to.model and pointer.version > to.version:
             again = self.registry.move(to, "rollback", pointer, f"re-applied: {back.reason}")
             if again is not None:
-                self._rollbacks_after = again.at
-                out.append(self._model_event(again.as_event()))
-        return out
+                seen = again.at
+        return _Rollback(seen, back, model, again)
 
     def publish(
         self,
+        out: list[Output],
         now: float,
         labels_seen: int,
         positions: Mapping[int, int],
         pending: Sequence[tuple[Message, Label]],
         searches: Mapping[str, dict[str, Any]] | None = None,
         timeouts: Mapping[int, int] | None = None,
-    ) -> list[Output]:
+    ) -> None:
         """Publish every candidate as a new version and stage the checkpoint of what the
         learner has done (``labels_seen``, its read ``positions``, the labels still
         ``pending``, where its ``searches`` and its labels by ``timeouts`` are);
-        returns the model-events to write."""
-        out: list[Output] = self.follow(now, force=True)
+        adds the model-events to write to ``out`` as it goes (a registry call that
+        raises midway leaves there the events of what was done before it)."""
+        out += self.follow(now, force=True)
         offsets = {self.topics.labels: {str(p): o for p, o in sorted(positions.items())}}
         for c in self.candidates.values():
             meta = {
@@ -164,7 +194,6 @@ class Lineage:
             searches=dict(searches or {}),
             timeouts=dict(timeouts or {}),
         )
-        return out
 
     def _advance(self, name: str, parent: int, version: int) -> PointerMove | None:
         """Move the pointer from ``name``'s ``parent`` version to ``version``, if it still
@@ -172,16 +201,30 @@ class Lineage:
         expect = ChampionPointer(name, parent) if parent else None
         to = ChampionPointer(name, version)
         moved = self.registry.move(to, "advance", expect)
-        current = self.registry.champion()
-        if moved is None and current and self._orphan_of(current, name, parent):
-            moved = self.registry.move(to, "advance", current)
+        if moved is None:
+            current = self.registry.champion()
+            if self._left_behind(current, name, parent):
+                moved = self.registry.move(to, "advance", current)
         return moved
+
+    def _left_behind(self, pointer: ChampionPointer | None, name: str, parent: int) -> bool:
+        """Whether ``pointer``, not at ``name``'s ``parent``, still follows the learner:
+        a version a dead run published after ``parent`` (see ``_orphan_of``), or where
+        an advance that failed (Redis down) left it: nothing (the lead's first
+        advance) or an older version of ``name`` the last move advanced it to. Never
+        where a promotion or a rollback put it."""
+        if pointer is None:
+            return name == self.lead and not self.registry.recent_moves(1)
+        if pointer.model != name or not parent:
+            return False
+        if pointer.version > parent:
+            return self._orphan_of(pointer, name, parent)
+        last = self.registry.recent_moves(1)
+        return bool(last) and last[-1].kind == "advance" and last[-1].to == pointer
 
     def _orphan_of(self, pointer: ChampionPointer, name: str, parent: int) -> bool:
         """Whether ``pointer`` is a version of ``name`` that a dead run of this learner
         published after ``parent`` without committing it: it still follows the learner."""
-        if pointer.model != name or not parent or pointer.version <= parent:
-            return False
         version = pointer.version
         while version > parent:
             try:

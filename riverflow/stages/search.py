@@ -8,7 +8,7 @@ The learner stage (``riverflow.stages.learner``) hands every label it learns to
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from riverflow.models.checkpoint import LearnerCheckpoint
@@ -77,22 +77,29 @@ class Searches:
                         if b == run.plan.base and n in candidates}  # fmt: skip
             self.events.append(run.start(why, warm))
 
+    def rung_ends_next(self) -> bool:
+        """Whether the next label ends a rung of some search, so may end its round:
+        the survivors then join knowing which candidate serves, and the learner reads
+        that before it learns the label (a read that raises leaves it unlearned)."""
+        return any(not r.done and r.seen + 1 >= r.rung_end for r in self.runs.values())
+
     def learn(
         self,
         x: dict[str, Any],
         label: bool,
         candidates: dict[str, Candidate],
-        serving: Callable[[], str],
+        serving: str,
     ) -> list[ModelEvent]:
         """One label for every search; the model-events it led to. ``serving``: the
-        candidate the champion pointer names (a survivor serving never leaves)."""
+        candidate the champion pointer names (a survivor serving never leaves), read
+        when ``rung_ends_next`` says so (it is not used otherwise)."""
         events, self.events = self.events, []
         for run in self.runs.values():
             if run.done:
                 continue
             events += run.learn(x, label)
             if run.done:
-                events += self._join(run, candidates, serving())
+                events += self._join(run, candidates, serving)
         return events
 
     def _join(
@@ -134,8 +141,8 @@ class Searches:
         if pointer is None or pointer.model not in self.dropped:
             return []
         name, version = pointer.model, pointer.version
+        model = registry.load(name, version).model  # first: a load that raises changes nothing
         self.survivors[name] = self.dropped.pop(name)
-        model = registry.load(name, version).model
         candidates[name] = Candidate(name, model, version, PrequentialMetrics())
         return [ModelEvent(kind="started", model=name, version=version, by="learner",
                            reason=f"serving: continued from v{version}")]  # fmt: skip

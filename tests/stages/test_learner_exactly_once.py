@@ -8,6 +8,8 @@ from __future__ import annotations
 import base64
 import random
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,11 +19,11 @@ import pytest
 from riverflow.assembly import build_learner, build_scorer, signing_key
 from riverflow.features.scored import MemoryScoredEvents
 from riverflow.features.store import MemoryFeatureStore
-from riverflow.models.registry import MemoryRegistry
+from riverflow.models.registry import ChampionPointer, MemoryRegistry
 from riverflow.settings import Settings
-from riverflow.spec import PipelineSpec
+from riverflow.spec import PipelineSpec, parse_spec
 from riverflow.stages.learner import Learner
-from riverflow.streams.contracts import DeadLetter, Message, Output
+from riverflow.streams.contracts import DeadLetter, Message, ModelEvent, Output
 from riverflow.tools.generator import FraudStreamConfig, transactions
 
 WAIT_S = 3.0
@@ -58,11 +60,25 @@ class Kills:
     count: int = 0
     outage: bool = False
     reply_lost: bool = False  # a claim fails after its script ran (a timeout, retried)
+    reads: bool = False  # the learner's reads of the registry count (and fail) too
+    paused: bool = False  # (while the scorer reads, or a learner restores)
 
     def tick(self, write: bool = True) -> None:
         self.count += 1
         if self.count in self.at and not (self.outage and not write):
             raise (Outage if self.outage else Killed)(self.count)
+
+    def read(self) -> None:
+        if self.reads and not self.paused:
+            self.tick()
+
+    @contextmanager
+    def pause(self) -> Iterator[None]:
+        self.paused = True
+        try:
+            yield
+        finally:
+            self.paused = False
 
 
 class KillableStore(MemoryFeatureStore):
@@ -100,6 +116,22 @@ class KillableRegistry(MemoryRegistry):
         self.kills.tick()
         super()._save_checkpoint(raw)
 
+    def _get(self, *args: Any) -> Any:
+        self.kills.read()
+        return super()._get(*args)
+
+    def _pointer(self) -> bytes | None:
+        self.kills.read()
+        return super()._pointer()
+
+    def _recent_moves(self, n: int) -> list[bytes]:
+        self.kills.read()
+        return super()._recent_moves(n)
+
+    def _challengers(self) -> dict[str, bytes]:
+        self.kills.read()
+        return super()._challengers()
+
 
 @dataclass
 class World:
@@ -124,10 +156,14 @@ class World:
         self.store.kills = self.kills
         self.registry = KillableRegistry(signing_key(SETTINGS))
         self.registry.kills = self.kills
-        self.scorer = build_scorer(self.spec, SETTINGS, self.store, self.registry, model_poll_s=0)
+        with self.kills.pause():
+            self.scorer = build_scorer(
+                self.spec, SETTINGS, self.store, self.registry, model_poll_s=0
+            )
 
     def score(self, events: list[Message]) -> None:
-        self.scored.add(as_messages(self.scorer.process(events)))
+        with self.kills.pause():
+            self.scored.add(as_messages(self.scorer.process(events)))
 
     def scored_through(self) -> float:
         """Every event produced before this was scored (the Kafka runtime reads it
@@ -138,10 +174,11 @@ class World:
     def start_learner(self) -> Learner:
         # on the world's clock from the start: a restored learner dates its waiting
         # labels by it (on the host's clock they would wait ~uptime ticks)
-        learner = build_learner(
-            self.spec, SETTINGS, self.store, self.registry, self.scored, registry_poll_s=0,
-            scored_through=self.scored_through, clock=lambda: float(self.tick),
-        )  # fmt: skip
+        with self.kills.pause():
+            learner = build_learner(
+                self.spec, SETTINGS, self.store, self.registry, self.scored, registry_poll_s=0,
+                scored_through=self.scored_through, clock=lambda: float(self.tick),
+            )  # fmt: skip
         for c in learner.candidates.values():
             if not isinstance(c.model, Recorder):
                 c.model = Recorder()
@@ -209,10 +246,14 @@ def world(spec: PipelineSpec, kills: Kills, seed: int = 3) -> World:
 
 
 def check(w: World, learner: Learner) -> None:
+    w.kills.paused = True  # (the run is over: these reads are the test's)
     saved = w.registry.checkpoint()
     assert saved is not None and not saved.pending
     learned: Counter[float] = Counter()
+    spec_candidates = {c.name for c in w.spec.models.candidates}  # (not a search's survivor)
     for name, version in saved.versions.items():
+        if name not in spec_candidates:
+            continue
         model = w.registry.load(name, version).model
         assert isinstance(model, Recorder)
         assert learned in (Counter(), Counter(model.seen)), name  # all candidates alike
@@ -225,14 +266,17 @@ def check(w: World, learner: Learner) -> None:
     assert orphans in ({"never-produced", late}, {"never-produced"})
     assert learned == Counter(a for e, a in w.amounts.items() if e not in orphans)
     assert saved.labels_seen == len(w.amounts) - len(orphans) + 1
+    # the pointer followed the learner to the end (no monitor moves it here)
+    lead = w.spec.models.champion
+    assert w.registry.champion() == ChampionPointer(lead, saved.versions[lead])
 
 
 def _event_id(letter: DeadLetter) -> str:
     return str(orjson.loads(base64.b64decode(letter.payload_b64 or ""))["event_id"])
 
 
-def writes_in_a_run(spec: PipelineSpec) -> int:
-    w = world(spec, Kills())
+def writes_in_a_run(spec: PipelineSpec, reads: bool = False) -> int:
+    w = world(spec, Kills(reads=reads))
     check(w, w.run())
     return w.kills.count
 
@@ -314,6 +358,18 @@ def test_a_batch_retried_after_a_redis_error_evaluates_every_label_once(
         check(w, w.run())
         evaluated = Counter(o.key for o in w.written if o.topic == w.spec.topics.evaluations)
         assert set(evaluated.values()) == {1}, at  # none lost, none twice
+        assert_every_move_logged(w)
+
+
+def assert_every_move_logged(w: World) -> None:
+    """Every move of the pointer is in the audit log (the model-events written), even
+    one a snapshot made before a later call of it failed."""
+    events = [
+        ModelEvent.decode(o.value) for o in w.written if o.topic == w.spec.topics.model_events
+    ]
+    logged = {(e.kind, e.model, e.version, e.at) for e in events}
+    moves = [m.as_event() for m in w.registry.history()]
+    assert moves and [m for m in moves if (m.kind, m.model, m.version, m.at) not in logged] == []
 
 
 def test_a_claim_whose_reply_was_lost_is_retried_without_losing_its_labels(
@@ -326,3 +382,60 @@ def test_a_claim_whose_reply_was_lost_is_retried_without_losing_its_labels(
         check(w, w.run())
         evaluated = Counter(o.key for o in w.written if o.topic == w.spec.topics.evaluations)
         assert set(evaluated.values()) == {1}, at
+
+
+@pytest.fixture(scope="module")
+def searching_spec(unmonitored_spec: PipelineSpec) -> PipelineSpec:
+    """The fraud spec whose search ends its round within the world's 40 labels
+    (budget 3: its six configurations are down to one after 21)."""
+    data = unmonitored_spec.model_dump(mode="json", by_alias=True)
+    for c in data["models"]["candidates"]:
+        if c["search"]:
+            c["search"]["budget"] = 3
+    return parse_spec(data)
+
+
+def test_a_redis_error_at_any_registry_call_of_a_searching_learner_loses_nothing(
+    searching_spec: PipelineSpec,
+) -> None:
+    # the label that ends a search's round reads the champion pointer (a survivor
+    # serving stays): that read failing must not learn the label twice, nor leave the
+    # round's survivors out
+    for at in range(1, writes_in_a_run(searching_spec, reads=True) + 1):
+        w = world(searching_spec, Kills({at}, outage=True, reads=True))
+        check(w, w.run())
+        evaluated = Counter(o.key for o in w.written if o.topic == w.spec.topics.evaluations)
+        assert set(evaluated.values()) == {1}, at  # none lost, none twice
+        events = [
+            ModelEvent.decode(o.value) for o in w.written if o.topic == w.spec.topics.model_events
+        ]
+        assert [e.kind for e in events if e.kind in ("search", "prune")] == [
+            "search",
+            *["prune"] * 3,
+        ], at
+        [survivor] = [e.model for e in events if e.kind == "started"]
+        assert survivor.startswith("fraud-logreg@"), at
+        assert survivor in w.registry.checkpoint().versions, at
+        assert_every_move_logged(w)
+
+
+def test_a_rollback_is_followed_even_when_redis_fails_while_the_learner_reads_it(
+    unmonitored_spec: PipelineSpec,
+) -> None:
+    # the monitor rolled the lead back from v2 to v1; each of the learner's registry
+    # calls while it follows that failing in turn: the next follow continues from v1
+    for k in range(1, 5):
+        w = world(unmonitored_spec, Kills(outage=True, reads=True))
+        learner = w.start_learner()
+        lead = learner.candidates[learner.lineage.lead]
+        learner.publish()  # v1, then v2: the pointer follows
+        learner.publish()
+        assert w.registry.champion() == ChampionPointer(lead.name, 2) and lead.version == 2
+        w.registry.promote(ChampionPointer(lead.name, 1), "rollback", "worse on recent labels")
+        w.kills.at = {w.kills.count + k}
+        with pytest.raises(Outage):
+            learner.lineage.follow(0.0, force=True)
+        out = learner.lineage.follow(0.0, force=True)
+        events = [ModelEvent.decode(o.value) for o in out]
+        assert [(e.kind, e.model, e.version) for e in events] == [("rebased", lead.name, 1)], k
+        assert lead.version == 1 and w.registry.champion() == ChampionPointer(lead.name, 1)
