@@ -23,7 +23,10 @@ and its store calls are idempotent by event id (a snapshot stored by the failed
 attempt is read back, the prediction is recorded once); the learner keeps what an
 attempt that raised did (its outputs come with its next call, labels it read are
 skipped, labels it claimed but did not learn are taken over), so each label is
-learned and evaluated once. Kafka being down is the host's to wait out (it waits
+learned and evaluated once; the monitor keeps what an attempt that raised did too
+(the records it took in are skipped when given again, its outputs and decisions
+come with its next call), so its quality counts no record twice but the one that
+raised. Kafka being down is the host's to wait out (it waits
 ``write_timeout_s`` for acks; librdkafka reconnects by itself) and to report: it
 says degraded with source ``kafka``, the guard with its own, and each clears
 only its own reason.

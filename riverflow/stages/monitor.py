@@ -89,15 +89,57 @@ class Monitor:
         self._restored = False
         self._memory: dict[str, Any] | None = None
         self._memory_at = -math.inf
+        # a batch the guard runs again (Redis down midway): the messages a call that
+        # raised took in are not taken in twice, its outputs and decisions come with
+        # the next call (see _process)
+        self._taken: set[tuple[str, int, int]] = set()
+        self._carried: tuple[list[Output], list[Decision]] = ([], [])
 
     def process(self, batch: Sequence[Message]) -> list[Output]:
         with self._lock:
             return self._process(batch)
 
     def _process(self, batch: Sequence[Message]) -> list[Output]:
+        """The batch's outputs. A call that raises (a registry write with Redis down)
+        keeps what it did: the messages it took in are skipped when the guard gives
+        them again (the one that raised is run again: its metrics may count it twice,
+        no other's), and its outputs and decisions come with the next call."""
         self.counters.consumed += len(batch)
-        out: list[Output] = []
-        decisions: list[Decision] = self.core.refresh()
+        out, decisions = self._carried
+        self._carried = ([], [])
+        taken: list[tuple[str, int, int]] = []
+        try:
+            again = self._take(batch, out, decisions, taken)
+        except BaseException:
+            self._carried = (out, decisions)
+            self._taken.update(taken)
+            raise
+        if batch and not again:  # past the batch of the call that raised
+            self._taken.clear()
+        self.counters.dead_letters += sum(o.topic == self.topics.dlq for o in out)
+        self.history.record(decisions)
+        if self.ranking is not None:
+            for d in decisions:
+                if d.kind == "retire":
+                    self.ranking.forget(d.model)
+        for d in decisions:
+            out.append(Output(self.topics.model_events, d.model.encode(), d.as_event().encode()))
+        if self.metrics is not None:
+            self.metrics.update(self._view(series=False), decisions)
+        self.counters.produced += len(out)
+        self._remember()
+        return out
+
+    def _take(
+        self,
+        batch: Sequence[Message],
+        out: list[Output],
+        decisions: list[Decision],
+        taken: list[tuple[str, int, int]],
+    ) -> int:
+        """Take the batch in; how many of its messages a call that raised took in."""
+        again = 0
+        decisions += self.core.refresh()
         if not self._restored:  # after refresh: the memory is of the champion it read
             if self.core.restore(self.core.registry.monitor_memory()):
                 log.info("monitor: took back its memory of %s (level %s, %d good versions)",
@@ -105,6 +147,10 @@ class Monitor:
             self._restored = True
         self._shadows_read = False
         for msg in batch:
+            at = (msg.topic, msg.partition, msg.offset)
+            if at in self._taken:  # (kept: the guard may bisect the batch and give it again)
+                again += 1
+                continue
             try:
                 if msg.topic == self.topics.evaluations:
                     ev = Evaluation.decode(msg.value or b"")
@@ -148,19 +194,8 @@ class Monitor:
                         self.topics, self.stage, msg, "bad_record", why, self.dlq_keep_bytes
                     )
                 )
-        self.counters.dead_letters += len(out)
-        self.history.record(decisions)
-        if self.ranking is not None:
-            for d in decisions:
-                if d.kind == "retire":
-                    self.ranking.forget(d.model)
-        for d in decisions:
-            out.append(Output(self.topics.model_events, d.model.encode(), d.as_event().encode()))
-        if self.metrics is not None:
-            self.metrics.update(self._view(series=False), decisions)
-        self.counters.produced += len(out)
-        self._remember()
-        return out
+            taken.append(at)
+        return again
 
     def _remember(self) -> None:
         """Save the core's memory if it changed, at most every ``MEMORY_EVERY_S``. A

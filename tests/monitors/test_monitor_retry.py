@@ -1,0 +1,118 @@
+"""A monitor batch the guard runs again after a Redis error midway (a decision's
+registry write failed) takes in each record once: quality is not counted twice, a
+bad record goes to the DLQ once, and a decision made before the error is written."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from typing import Any
+
+import orjson
+from redis.exceptions import ConnectionError as RedisConnectionError
+from river import linear_model
+
+from riverflow.assembly import build_monitor
+from riverflow.models.registry import ChampionPointer, MemoryRegistry
+from riverflow.spec import PipelineSpec, parse_spec
+from riverflow.stages.common import dead_letter
+from riverflow.streams.contracts import Message, ModelEvent
+from riverflow.streams.guard import Guard
+
+KEY = b"k" * 32
+EVALUATIONS = 800
+BATCH = 50
+
+
+class FailingRegistry(MemoryRegistry):
+    """Counts its reads and writes of "Redis"; the ``fail_at``-th raises as a server
+    that went away does."""
+
+    def __init__(self, fail_at: int = 0) -> None:
+        super().__init__(KEY)
+        self.fail_at, self.calls = fail_at, 0
+
+    def _call(self) -> None:
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise RedisConnectionError(
+                "Error 111 connecting to localhost:6379. Connection refused."
+            )
+
+    def _get(self, *args: Any) -> Any:
+        self._call()
+        return super()._get(*args)
+
+    def _pointer(self) -> bytes | None:
+        self._call()
+        return super()._pointer()
+
+    def _compare_and_set(self, *args: Any) -> bool:
+        self._call()
+        return super()._compare_and_set(*args)
+
+    def _challengers(self) -> dict[str, bytes]:
+        self._call()
+        return super()._challengers()
+
+    def _recent_moves(self, n: int) -> list[bytes]:
+        self._call()
+        return super()._recent_moves(n)
+
+
+def promoting_spec(fraud_spec: PipelineSpec) -> PipelineSpec:
+    """The fraud spec whose monitor promotes after 50 paired labels and does nothing else."""
+    monitors = {"promote": {"min_labels": 50}, "cooldown": 0, "rollback": {"enabled": False},
+                "challengers": {"on_drift": False}}  # fmt: skip
+    return parse_spec({**fraud_spec.model_dump(mode="json", by_alias=True), "monitors": monitors})
+
+
+def evaluations(spec: PipelineSpec) -> list[Message]:
+    """The champion right on 60% of the labels, the logistic regression on 95%; every
+    40th record is not an evaluation (the DLQ's)."""
+    rng = random.Random(7)
+    out = []
+    for i in range(EVALUATIONS):
+        label = rng.random() < 0.5
+        answers = {"fraud-hoeffding": 0.6, "fraud-logreg": 0.95}
+        predictions = {
+            name: {"version": 1, "probability": 0.9 if (rng.random() < right) == label else 0.1}
+            for name, right in answers.items()
+        }
+        record = {"event_id": f"e{i}", "label": label, "labels_seen": i + 1,
+                  "predictions": predictions}  # fmt: skip
+        value = b"{not json" if i % 40 == 39 else orjson.dumps(record)
+        out.append(Message(spec.topics.evaluations, 0, i, f"e{i}".encode(), value))
+    return out
+
+
+def run(spec: PipelineSpec, fail_at: int) -> tuple[Any, list[Any], FailingRegistry]:
+    registry = FailingRegistry()
+    for name in ("fraud-hoeffding", "fraud-logreg"):
+        registry.publish(name, linear_model.LogisticRegression(), {"metrics": {"labels": 1000}})
+    registry.move(ChampionPointer("fraud-hoeffding", 1), "advance", None)
+    monitor = build_monitor(spec, registry)
+    guard = Guard(monitor, lambda m, k, e: dead_letter(spec.topics, "monitor", m, k, e),
+                  sleep=lambda s: None)  # fmt: skip
+    registry.fail_at = registry.calls + fail_at if fail_at else 0
+    msgs = evaluations(spec)
+    out = [o for i in range(0, len(msgs), BATCH) for o in guard.process(msgs[i : i + BATCH])]
+    return monitor, out, registry
+
+
+def test_a_batch_run_again_after_a_redis_error_takes_each_record_in_once(
+    fraud_spec: PipelineSpec,
+) -> None:
+    spec = promoting_spec(fraud_spec)
+    _, clean, registry = run(spec, 0)
+    promoted = [ModelEvent.decode(o.value) for o in clean if o.topic == spec.topics.model_events]
+    assert [(e.kind, e.model) for e in promoted] == [("promote", "fraud-logreg")]
+    bad = EVALUATIONS // 40
+    for k in range(1, registry.calls + 1):  # each read and write of the registry, in turn
+        monitor, out, _ = run(spec, k)
+        # the record whose decision's write failed is taken in again: at most it counts twice
+        assert monitor.core.labels in (EVALUATIONS - bad, EVALUATIONS - bad + 1), k
+        topics = Counter(o.topic for o in out)
+        assert topics[spec.topics.dlq] == bad, k
+        events = [ModelEvent.decode(o.value) for o in out if o.topic == spec.topics.model_events]
+        assert [(e.kind, e.model) for e in events] == [("promote", "fraud-logreg")], k
