@@ -43,7 +43,8 @@ import logging
 import select
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -135,6 +136,56 @@ class PointerMove:
 
 
 HISTORY_KEEP = 10_000  # pointer moves kept in the registry (all go to model-events)
+UNSURE_LOOKBACK = 50  # recent moves searched for one whose reply was lost
+
+
+class UnsureMoves:
+    """The pointer moves of one caller whose call raised.
+
+    Redis may have applied such a move and lost its reply (killed, or the connection
+    dropped between the two). The caller's next attempt would then find the pointer
+    already moved and log nothing, so the audit log would miss the move and the
+    caller would not act on it. ``applied`` reads the recent history once the
+    registry answers again and gives back the attempts it holds (the same kind, the
+    same target, stamped at or after the attempt began), with what the caller kept
+    of each; ``clear`` forgets them all, once the caller has them.
+    """
+
+    def __init__(self, registry: ModelRegistry) -> None:
+        self.registry = registry
+        # bounded: a caller settles at its next read of the registry
+        self._attempts: deque[tuple[float, str, ChampionPointer, Any]] = deque(
+            maxlen=UNSURE_LOOKBACK
+        )
+
+    @contextlib.contextmanager
+    def attempt(self, kind: str, to: ChampionPointer, context: Any = None) -> Iterator[None]:
+        """Around a ``move`` (or ``promote``) of ``kind`` to ``to``: kept if it raises."""
+        began = self.registry.clock()
+        try:
+            yield
+        except BaseException:
+            self._attempts.append((began, kind, to, context))
+            raise
+
+    def applied(self) -> list[tuple[PointerMove, Any]]:
+        """The attempts that moved the pointer after all, with their context (a read
+        of the history, only when there are any)."""
+        if not self._attempts:
+            return []
+        recent = self.registry.recent_moves(UNSURE_LOOKBACK)
+        found = []
+        for began, kind, to, context in self._attempts:
+            move = next(
+                (m for m in reversed(recent) if m.kind == kind and m.to == to and m.at >= began),
+                None,
+            )
+            if move is not None:
+                found.append((move, context))
+        return found
+
+    def clear(self) -> None:
+        self._attempts.clear()
 
 
 class PointerWatch(Protocol):

@@ -68,7 +68,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from riverflow.models.registry import ChampionPointer, ModelRegistry
+from riverflow.models.registry import ChampionPointer, ModelRegistry, UnsureMoves
 from riverflow.models.target import Target
 from riverflow.monitors.distribution import DistributionMonitor
 from riverflow.monitors.drift import ErrorDriftMonitor
@@ -185,6 +185,7 @@ class PipelineMonitor:
         self.target = target or Target()
         self.spec = spec
         self.registry = registry
+        self.unsure = UnsureMoves(registry)  # promotions and rollbacks whose write raised
         self.lead = lead
         self.clock = clock
         self.watches: dict[str, Watch] = {}
@@ -223,6 +224,14 @@ class PipelineMonitor:
         self.error_drift = True
 
     # -- inputs -----------------------------------------------------------------
+
+    def settle(self) -> list[Decision]:
+        """The promotions and rollbacks whose registry write raised but was applied
+        (Redis lost its reply): made now, as if the write had answered. Call it before
+        ``refresh``: that one would take the moved pointer for someone else's move."""
+        applied = self.unsure.applied()
+        self.unsure.clear()
+        return [self._moved(m.kind, m.to, *context) for m, context in applied]
 
     def refresh(self) -> list[Decision]:
         """Read the champion pointer and the fresh challengers; retire stale ones."""
@@ -571,15 +580,11 @@ class PipelineMonitor:
                   else f"fell more than {policy.drop} below {self.level:.3f}")
                + f"; {target} right on {accuracy:.3f} of them"
                + f" (sign test p={p_value:.1e})")  # fmt: skip
-        moved = self.registry.move(target, "rollback", self.champion, why)
+        with self.unsure.attempt("rollback", target, (why, evidence, n)):
+            moved = self.registry.move(target, "rollback", self.champion, why)
         if moved is None:
             return []  # the pointer moved meanwhile: look again with the next label
-        self.champion = target
-        while self.good and self.good[-1][0] > n:
-            self.good.pop()
-        self._champion_changed()
-        self.last_decision = self.labels
-        return [self._decision("rollback", target.model, target.version, why, evidence)]
+        return [self._moved("rollback", target, why, evidence, n)]
 
     def _shadow(self, model: Any) -> tuple[int, int] | None:
         """``model`` scored on the champion's last ``rollback.window`` labels: how many
@@ -682,11 +687,27 @@ class PipelineMonitor:
 
     def _promote(self, name: str, version: int, why: str, evidence: dict[str, Any]) -> Decision:
         to = ChampionPointer(name, version)
-        self.registry.promote(to, "promote", why)
+        with self.unsure.attempt("promote", to, (why, evidence, None)):
+            self.registry.promote(to, "promote", why)
+        return self._moved("promote", to, why, evidence, None)
+
+    def _moved(
+        self,
+        kind: str,
+        to: ChampionPointer,
+        why: str,
+        evidence: dict[str, Any],
+        good_until: int | None,
+    ) -> Decision:
+        """The pointer moved to ``to`` by this monitor's ``kind`` of decision: the
+        champion is ``to``; after a rollback, the versions served while it was good are
+        those up to ``good_until`` labels."""
         self.champion = to
+        while good_until is not None and self.good and self.good[-1][0] > good_until:
+            self.good.pop()
         self._champion_changed()
         self.last_decision = self.labels
-        return self._decision("promote", name, version, why, evidence)
+        return self._decision(kind, to.model, to.version, why, evidence)
 
     def _decision(
         self, kind: str, model: str, version: int, reason: str, evidence: dict[str, Any]

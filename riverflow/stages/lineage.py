@@ -16,7 +16,7 @@ from typing import Any
 
 from riverflow.models.checkpoint import LearnerCheckpoint
 from riverflow.models.errors import ModelError, ModelSpecError
-from riverflow.models.registry import ChampionPointer, ModelRegistry, PointerMove
+from riverflow.models.registry import ChampionPointer, ModelRegistry, PointerMove, UnsureMoves
 from riverflow.monitors.prequential import Metrics, PrequentialMetrics, metrics_from_state
 from riverflow.streams.contracts import Label, Message, ModelEvent, Output
 from riverflow.streams.topics import Topics
@@ -80,6 +80,7 @@ class Lineage:
         self._staged: LearnerCheckpoint | None = None
         self._rollbacks_after = 0.0  # unix seconds: rollbacks after this are not applied yet
         self._next_poll = 0.0
+        self.unsure = UnsureMoves(registry)  # pointer moves whose call raised
 
     def follow(self, now: float, force: bool = False) -> list[Output]:
         """Train the fresh challengers the monitor started, drop the retired ones, and
@@ -88,10 +89,12 @@ class Lineage:
         Reads the registry at most every ``following.poll_s``; returns model-events.
         Every read (and the one write) of the registry comes before anything changes
         here: one that raises (Redis down) leaves nothing half-followed, and the next
-        call follows it all.
+        call follows it all. A pointer move of this learner whose call raised but
+        was applied (its reply lost) gets its model-event here.
         """
         if now < self._next_poll and not force:
             return []
+        settled = self.unsure.applied()  # a move whose reply was lost: logged here
         wanted = {name: info["base"] for name, info in self.registry.challengers().items()}
         pointer = self.registry.champion()
         serving = pointer.model if pointer else None
@@ -100,7 +103,8 @@ class Lineage:
         start = {n: (b, self._fresh(n, b)) for n, b in wanted.items() if n not in self.candidates}
         back = self._read_rollback(pointer, (self.candidates.keys() - set(drop)) | start.keys())
         self._next_poll = now + self.following.poll_s
-        out = []
+        self.unsure.clear()
+        out = [self._model_event(move.as_event()) for move, _ in settled]
         for name in drop:
             del self.candidates[name], self.dynamic[name]
             out.append(self._model_event(ModelEvent(kind="dropped", model=name,
@@ -146,7 +150,8 @@ class Lineage:
         model = self.registry.load(to.model, to.version).model
         again = None
         if pointer is not None and pointer.model == to.model and pointer.version > to.version:
-            again = self.registry.move(to, "rollback", pointer, f"re-applied: {back.reason}")
+            with self.unsure.attempt("rollback", to):
+                again = self.registry.move(to, "rollback", pointer, f"re-applied: {back.reason}")
             if again is not None:
                 seen = again.at
         return _Rollback(seen, back, model, again)
@@ -200,11 +205,12 @@ class Lineage:
         follows the learner; the move made, or None."""
         expect = ChampionPointer(name, parent) if parent else None
         to = ChampionPointer(name, version)
-        moved = self.registry.move(to, "advance", expect)
-        if moved is None:
-            current = self.registry.champion()
-            if self._left_behind(current, name, parent):
-                moved = self.registry.move(to, "advance", current)
+        with self.unsure.attempt("advance", to):
+            moved = self.registry.move(to, "advance", expect)
+            if moved is None:
+                current = self.registry.champion()
+                if self._left_behind(current, name, parent):
+                    moved = self.registry.move(to, "advance", current)
         return moved
 
     def _left_behind(self, pointer: ChampionPointer | None, name: str, parent: int) -> bool:

@@ -139,6 +139,7 @@ class Monitor:
     ) -> int:
         """Take the batch in; how many of its messages a call that raised took in."""
         again = 0
+        decisions += self.core.settle()  # a decision whose write's reply was lost
         decisions += self.core.refresh()
         if not self._restored:  # after refresh: the memory is of the champion it read
             if self.core.restore(self.core.registry.monitor_memory()):

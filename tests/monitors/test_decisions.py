@@ -6,6 +6,9 @@ from __future__ import annotations
 import random
 from typing import Any
 
+import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
+
 from riverflow.models.registry import ChampionPointer, MemoryRegistry
 from riverflow.monitors.policy import Decision, LabelSource, PipelineMonitor
 from riverflow.monitors.spec import MonitorSpec
@@ -25,8 +28,10 @@ class Sign:
         return {True: 0.9 if yes else 0.1, False: 0.1 if yes else 0.9}
 
 
-def monitor_with_versions(spec: MonitorSpec) -> tuple[PipelineMonitor, MemoryRegistry]:
-    registry = MemoryRegistry(KEY)
+def monitor_with_versions(
+    spec: MonitorSpec, registry: MemoryRegistry | None = None
+) -> tuple[PipelineMonitor, MemoryRegistry]:
+    registry = registry or MemoryRegistry(KEY)
     for _ in range(3):
         registry.publish("m", Sign(positive=True), {"parent": None, "metrics": {"labels": 1000}})
     advance(registry, 1)
@@ -87,6 +92,40 @@ def test_a_bad_version_is_rolled_back_to_one_that_does_better_on_the_recent_labe
     assert ev["target_window_accuracy"] > ev["champion_window_accuracy"]
     assert ev["shadow_labels"] == MonitorSpec().rollback.window
     assert registry.champion() != ChampionPointer("m", 3)
+
+
+class LosesAReply(MemoryRegistry):
+    """Once ``armed``, its next pointer move is made and then raises: Redis went away
+    before its answer came back."""
+
+    armed = False
+
+    def _compare_and_set(self, *args: Any) -> bool:
+        moved = super()._compare_and_set(*args)
+        if self.armed:
+            self.armed = False
+            raise RedisConnectionError("Connection closed by server.")
+        return moved
+
+
+def test_a_rollback_whose_reply_was_lost_is_decided_once_and_followed() -> None:
+    monitor, registry = monitor_with_versions(MonitorSpec(), LosesAReply(KEY))
+    rng = random.Random(1)
+    good_then_a_third_version(monitor, registry, rng)
+    registry.armed = True
+    with pytest.raises(RedisConnectionError):
+        feed(monitor, rng, 1_000, served_right=0.6, bad=3)
+    back = registry.champion()
+    assert back is not None and back.version < 3  # the rollback was made
+    # the stage's next call (the guard's retry) settles before anything else
+    [rollback] = monitor.settle() + monitor.refresh()
+    assert (rollback.kind, rollback.model, rollback.version) == ("rollback", "m", back.version)
+    assert rollback.evidence["from"] == "m v3" and rollback.evidence["sign_test_p"] < 0.05
+    assert monitor.champion == back and monitor.last_decision == monitor.labels
+    assert monitor.settle() == []  # settled once
+    later = feed(monitor, rng, 1_000, served_right=0.6, bad=3)  # the version back is good
+    assert [d.kind for d in later if d.kind in ("rollback", "promote")] == []
+    assert [m.kind for m in registry.history()] == ["advance"] * 3 + ["rollback"]
 
 
 def test_a_monitor_restarted_during_a_fall_still_rolls_the_bad_version_back() -> None:

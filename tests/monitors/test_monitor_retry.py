@@ -26,11 +26,11 @@ BATCH = 50
 
 class FailingRegistry(MemoryRegistry):
     """Counts its reads and writes of "Redis"; the ``fail_at``-th raises as a server
-    that went away does."""
+    that went away does (with ``reply_lost``, a pointer move raises after it was made)."""
 
-    def __init__(self, fail_at: int = 0) -> None:
+    def __init__(self, reply_lost: bool = False) -> None:
         super().__init__(KEY)
-        self.fail_at, self.calls = fail_at, 0
+        self.fail_at, self.calls, self.reply_lost = 0, 0, reply_lost
 
     def _call(self) -> None:
         self.calls += 1
@@ -48,8 +48,12 @@ class FailingRegistry(MemoryRegistry):
         return super()._pointer()
 
     def _compare_and_set(self, *args: Any) -> bool:
+        if not self.reply_lost:
+            self._call()
+            return super()._compare_and_set(*args)
+        moved = super()._compare_and_set(*args)
         self._call()
-        return super()._compare_and_set(*args)
+        return moved
 
     def _challengers(self) -> dict[str, bytes]:
         self._call()
@@ -86,8 +90,10 @@ def evaluations(spec: PipelineSpec) -> list[Message]:
     return out
 
 
-def run(spec: PipelineSpec, fail_at: int) -> tuple[Any, list[Any], FailingRegistry]:
-    registry = FailingRegistry()
+def run(
+    spec: PipelineSpec, fail_at: int, reply_lost: bool = False
+) -> tuple[Any, list[Any], FailingRegistry]:
+    registry = FailingRegistry(reply_lost)
     for name in ("fraud-hoeffding", "fraud-logreg"):
         registry.publish(name, linear_model.LogisticRegression(), {"metrics": {"labels": 1000}})
     registry.move(ChampionPointer("fraud-hoeffding", 1), "advance", None)
@@ -116,3 +122,20 @@ def test_a_batch_run_again_after_a_redis_error_takes_each_record_in_once(
         assert topics[spec.topics.dlq] == bad, k
         events = [ModelEvent.decode(o.value) for o in out if o.topic == spec.topics.model_events]
         assert [(e.kind, e.model) for e in events] == [("promote", "fraud-logreg")], k
+
+
+def test_a_promotion_whose_reply_was_lost_is_logged_once_and_followed(
+    fraud_spec: PipelineSpec,
+) -> None:
+    # Redis moved the pointer, then the answer was lost: the monitor must still log the
+    # promotion (the audit log) and take the promoted model as its champion
+    spec = promoting_spec(fraud_spec)
+    _, _, registry = run(spec, 0)
+    for k in range(1, registry.calls + 1):
+        monitor, out, failing = run(spec, k, reply_lost=True)
+        failing.fail_at = 0  # (the checks read it too)
+        events = [ModelEvent.decode(o.value) for o in out if o.topic == spec.topics.model_events]
+        assert [(e.kind, e.model) for e in events] == [("promote", "fraud-logreg")], k
+        assert [m.kind for m in failing.history()] == ["advance", "promote"], k
+        assert monitor.core.champion == failing.champion(), k
+        assert monitor.core.last_decision is not None, k
