@@ -23,6 +23,7 @@ Because relevance is known, a ranking's expected clicks are exact
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import random
@@ -103,7 +104,8 @@ class RecsysWorld:
             perm = list(range(c.categories))
             rng.shuffle(perm)
             self.seasons.append([perm[k] for k in self.seasons[-1]])
-        self._weights = [self.popularity[i] for i in self.item_ids]
+        # cumulative once: ``choices`` given plain weights adds them all up on every call
+        self._cum_weights = list(itertools.accumulate(self.popularity[i] for i in self.item_ids))
 
     def season(self, position: int) -> int:
         return sum(position >= s for s in self.config.shift_at)
@@ -118,7 +120,7 @@ class RecsysWorld:
             ts += rng.expovariate(1.0 / c.mean_gap_s)
             slate: list[str] = []
             while len(slate) < c.slate:  # distinct candidates, drawn by popularity
-                for item in rng.choices(self.item_ids, self._weights, k=c.slate):
+                for item in rng.choices(self.item_ids, cum_weights=self._cum_weights, k=c.slate):
                     if item not in slate and len(slate) < c.slate:
                         slate.append(item)
             yield Request(pos, f"r{c.seed}-{pos:08d}", rng.choice(self.user_ids), round(ts, 3),
