@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import itertools
 import json
 import logging
 import signal
@@ -340,15 +341,18 @@ def _produce_requests(
         raise RiverflowError(f"riverflow produce generates requests of examples/recsys.yaml's "
                              f"shape, and {why}: give your own with --file")  # fmt: skip
     world = RecsysWorld(RecsysConfig(seed=args.seed, shown=spec.events.slate.shown))  # type: ignore[union-attr]
-    events = [world.event(r) for r in world.requests(args.events)][args.skip :]
     users = None if args.no_labels else SimulatedUsers(ep.kafka_bootstrap, spec, world, args.seed)
-    if users is not None:
-        for e in events:
-            users.expect(e["request_id"])
     key = spec.events.key
-    records: Iterator[tuple[str, bytes | None, bytes]] = (
-        (spec.topics.events, str(e[key]).encode(), orjson.dumps(e)) for e in events
-    )
+
+    def generated() -> Iterator[tuple[str, bytes | None, bytes]]:
+        # made as they are sent: memory does not grow with --events
+        for request in itertools.islice(world.requests(args.events), args.skip, None):
+            e = world.event(request)
+            if users is not None:  # before it is sent: its prediction comes after
+                users.expect(e["request_id"])
+            yield spec.topics.events, str(e[key]).encode(), orjson.dumps(e)
+
+    records = generated()
     if args.rate is not None:
         records = paced(records, args.rate)
     n = _deliver(ep.kafka_bootstrap, records, acks_wait)
