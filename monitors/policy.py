@@ -186,6 +186,8 @@ class PipelineMonitor:
         self.spec = spec
         self.registry = registry
         self.unsure = UnsureMoves(registry)  # promotions and rollbacks whose write raised
+        # a drift alarm whose challenger's write raised: its decisions so far (``settle``)
+        self._unfinished: tuple[str, dict[str, Any], list[Decision]] | None = None
         self.lead = lead
         self.clock = clock
         self.watches: dict[str, Watch] = {}
@@ -226,12 +228,20 @@ class PipelineMonitor:
     # -- inputs -----------------------------------------------------------------
 
     def settle(self) -> list[Decision]:
-        """The promotions and rollbacks whose registry write raised but was applied
-        (Redis lost its reply): made now, as if the write had answered. Call it before
-        ``refresh``: that one would take the moved pointer for someone else's move."""
-        applied = self.unsure.applied()
+        """What a call that raised on a registry write left undone, done now: a drift
+        alarm whose fresh challenger was not started (its detector has fired, so the
+        record run again would not raise it again), and the promotions and rollbacks
+        whose write was applied after all (Redis lost its reply), as if it had
+        answered. Call it before ``refresh``: that one would take the moved pointer for
+        someone else's move."""
+        applied = self.unsure.applied()  # (reads first: nothing is done twice)
+        out: list[Decision] = []
+        if self._unfinished is not None:
+            name, evidence, out = self._unfinished  # (a raise keeps what it made)
+            self._challenge(name, evidence, out)
+            self._unfinished = None
         self.unsure.clear()
-        return [self._moved(m.kind, m.to, *context) for m, context in applied]
+        return out + [self._moved(m.kind, m.to, *context) for m, context in applied]
 
     def refresh(self) -> list[Decision]:
         """Read the champion pointer and the fresh challengers; retire stale ones."""
@@ -453,13 +463,24 @@ class PipelineMonitor:
         policy = self.spec.challengers
         if not is_champion or not policy.on_drift or policy.max == 0:
             return out
+        try:
+            self._challenge(name, evidence, out)
+        except BaseException:  # a registry write raised: the detector has fired already,
+            self._unfinished = (name, evidence, out)  # so ``settle`` finishes it
+            raise
+        return out
+
+    def _challenge(self, name: str, evidence: dict[str, Any], out: list[Decision]) -> None:
+        """A fresh challenger after the drift alarm of the champion ``name`` (the
+        oldest retired first at the cap), unless one is still warming up; its decisions
+        are added to ``out`` as they are made."""
         young = [c for c, w in self.watches.items() if c in self.fresh and c != name
                  and self.labels - w.first_label < self.spec.cooldown]  # fmt: skip
         if young or any(c not in self.watches for c in self.fresh):
-            return out  # one started recently is still warming up
+            return  # one started recently is still warming up
         alive = sorted((c for c in self.fresh if c != self.champion_name),
                        key=lambda c: self.fresh[c]["started"])  # fmt: skip
-        while len(alive) >= policy.max:
+        while len(alive) >= self.spec.challengers.max:
             out.append(self._retire(alive.pop(0), "the challenger cap is reached", {}))
         base = self.fresh.get(name, {}).get("base", name)
         fresh = self._fresh_name(base)
@@ -468,7 +489,6 @@ class PipelineMonitor:
         out.append(self._decision("challenger", fresh, 0,
                                   f"fresh {base} started after the drift alarm of {name}",
                                   {"base": base, **evidence}))  # fmt: skip
-        return out
 
     @property
     def error_name(self) -> str:

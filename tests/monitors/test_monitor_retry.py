@@ -59,6 +59,10 @@ class FailingRegistry(MemoryRegistry):
         self._call()
         return super()._challengers()
 
+    def _set_challenger(self, name: str, raw: bytes | None) -> None:
+        self._call()
+        super()._set_challenger(name, raw)
+
     def _recent_moves(self, n: int) -> list[bytes]:
         self._call()
         return super()._recent_moves(n)
@@ -71,14 +75,24 @@ def promoting_spec(fraud_spec: PipelineSpec) -> PipelineSpec:
     return parse_spec({**fraud_spec.model_dump(mode="json", by_alias=True), "monitors": monitors})
 
 
-def evaluations(spec: PipelineSpec) -> list[Message]:
-    """The champion right on 60% of the labels, the logistic regression on 95%; every
-    40th record is not an evaluation (the DLQ's)."""
+def drifting_spec(fraud_spec: PipelineSpec) -> PipelineSpec:
+    """The fraud spec whose monitor starts a fresh challenger on the champion's drift
+    alarm and decides nothing else."""
+    monitors = {"promote": {"enabled": False}, "rollback": {"enabled": False},
+                "challengers": {"on_drift": True}}  # fmt: skip
+    return parse_spec({**fraud_spec.model_dump(mode="json", by_alias=True), "monitors": monitors})
+
+
+def evaluations(spec: PipelineSpec, falls_at: int | None = None) -> list[Message]:
+    """The champion right on 60% of the labels (95%, then 10% from ``falls_at`` on,
+    if given), the logistic regression on 95%; every 40th record is not an evaluation
+    (the DLQ's)."""
     rng = random.Random(7)
     out = []
     for i in range(EVALUATIONS):
         label = rng.random() < 0.5
-        answers = {"fraud-hoeffding": 0.6, "fraud-logreg": 0.95}
+        champion = 0.6 if falls_at is None else 0.95 if i < falls_at else 0.1
+        answers = {"fraud-hoeffding": champion, "fraud-logreg": 0.95}
         predictions = {
             name: {"version": 1, "probability": 0.9 if (rng.random() < right) == label else 0.1}
             for name, right in answers.items()
@@ -91,7 +105,7 @@ def evaluations(spec: PipelineSpec) -> list[Message]:
 
 
 def run(
-    spec: PipelineSpec, fail_at: int, reply_lost: bool = False
+    spec: PipelineSpec, fail_at: int, reply_lost: bool = False, falls_at: int | None = None
 ) -> tuple[Any, list[Any], FailingRegistry]:
     registry = FailingRegistry(reply_lost)
     for name in ("fraud-hoeffding", "fraud-logreg"):
@@ -101,7 +115,7 @@ def run(
     guard = Guard(monitor, lambda m, k, e: dead_letter(spec.topics, "monitor", m, k, e),
                   sleep=lambda s: None)  # fmt: skip
     registry.fail_at = registry.calls + fail_at if fail_at else 0
-    msgs = evaluations(spec)
+    msgs = evaluations(spec, falls_at)
     out = [o for i in range(0, len(msgs), BATCH) for o in guard.process(msgs[i : i + BATCH])]
     return monitor, out, registry
 
@@ -139,3 +153,22 @@ def test_a_promotion_whose_reply_was_lost_is_logged_once_and_followed(
         assert [m.kind for m in failing.history()] == ["advance", "promote"], k
         assert monitor.core.champion == failing.champion(), k
         assert monitor.core.last_decision is not None, k
+
+
+def test_a_drift_alarm_whose_challenger_start_failed_still_starts_it_once(
+    fraud_spec: PipelineSpec,
+) -> None:
+    # the champion's detector fires, then writing the fresh challenger fails: the
+    # detector has reset, so the record taken in again would not raise the alarm again
+    spec = drifting_spec(fraud_spec)
+    _, clean, registry = run(spec, 0, falls_at=400)
+    kinds = [ModelEvent.decode(o.value).kind for o in clean if o.topic == spec.topics.model_events]
+    assert kinds == ["drift", "challenger"]
+    for k in range(1, registry.calls + 1):
+        monitor, out, failing = run(spec, k, falls_at=400)
+        failing.fail_at = 0  # (the checks read it too)
+        events = [ModelEvent.decode(o.value) for o in out if o.topic == spec.topics.model_events]
+        assert [e.kind for e in events] == kinds, k
+        [started] = failing.challengers()
+        assert [e.model for e in events if e.kind == "challenger"] == [started], k
+        assert set(monitor.core.fresh) == {started}, k
