@@ -58,13 +58,14 @@ apart, by ``monitors.history``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import re
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -188,6 +189,7 @@ class PipelineMonitor:
         self.unsure = UnsureMoves(registry)  # promotions and rollbacks whose write raised
         # a drift alarm whose challenger's write raised: its decisions so far (``settle``)
         self._unfinished: tuple[str, dict[str, Any], list[Decision]] | None = None
+        self._kept: list[Decision] = []  # made by a call that raised later (``settle``)
         self.lead = lead
         self.clock = clock
         self.watches: dict[str, Watch] = {}
@@ -235,13 +237,25 @@ class PipelineMonitor:
         answered. Call it before ``refresh``: that one would take the moved pointer for
         someone else's move."""
         applied = self.unsure.applied()  # (reads first: nothing is done twice)
-        out: list[Decision] = []
         if self._unfinished is not None:
-            name, evidence, out = self._unfinished  # (a raise keeps what it made)
-            self._challenge(name, evidence, out)
+            name, evidence, made = self._unfinished  # (a raise keeps what it made)
+            self._challenge(name, evidence, made)
             self._unfinished = None
+            self._kept += made
         self.unsure.clear()
+        out, self._kept = self._kept, []
         return out + [self._moved(m.kind, m.to, *context) for m, context in applied]
+
+    @contextlib.contextmanager
+    def _keeping(self, out: list[Decision]) -> Iterator[None]:
+        """The decisions in ``out``, made before a registry call raised, come with the
+        next ``settle``: what they did is done (a challenger retired, a drift's detector
+        reset), and the call run again would not make them again."""
+        try:
+            yield
+        except BaseException:
+            self._kept += out
+            raise
 
     def refresh(self) -> list[Decision]:
         """Read the champion pointer and the fresh challengers; retire stale ones."""
@@ -252,15 +266,16 @@ class PipelineMonitor:
                 self._champion_changed()
             self.champion = pointer
         self.fresh = self.registry.challengers()
-        out = []
-        for name in list(self.fresh):
-            watch = self.watches.get(name)
-            if name == self.champion_name or watch is None:
-                continue
-            age = self.labels - watch.first_label
-            if age >= self.spec.challengers.patience:
-                why = f"not promoted within {self.spec.challengers.patience} labelled events"
-                out.append(self._retire(name, why, {"labels": age}))
+        out: list[Decision] = []
+        with self._keeping(out):
+            for name in list(self.fresh):
+                watch = self.watches.get(name)
+                if name == self.champion_name or watch is None:
+                    continue
+                age = self.labels - watch.first_label
+                if age >= self.spec.challengers.patience:
+                    why = f"not promoted within {self.spec.challengers.patience} labelled events"
+                    out.append(self._retire(name, why, {"labels": age}))
         return out
 
     @property
@@ -367,10 +382,11 @@ class PipelineMonitor:
                         duel.update_errors(loss[champion], error)
                     else:
                         duel.update(not loss[champion], not error)
-            if not regression:  # a regressor's fall is left to drift and promotion
-                out += self._check_rollback(champion)
-            if not self.explores:
-                out += self._check_promotions(champion)
+            with self._keeping(out):  # (a drift alarm made above)
+                if not regression:  # a regressor's fall is left to drift and promotion
+                    out += self._check_rollback(champion)
+                if not self.explores:
+                    out += self._check_promotions(champion)
         return out
 
     def on_ranked_slate(

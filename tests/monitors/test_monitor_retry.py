@@ -9,11 +9,14 @@ from collections import Counter
 from typing import Any
 
 import orjson
+import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 from river import linear_model
 
 from riverflow.assembly import build_monitor
 from riverflow.models.registry import ChampionPointer, MemoryRegistry
+from riverflow.monitors.policy import PipelineMonitor
+from riverflow.monitors.spec import MonitorSpec
 from riverflow.spec import PipelineSpec, parse_spec
 from riverflow.stages.common import dead_letter
 from riverflow.streams.contracts import Message, ModelEvent
@@ -172,3 +175,26 @@ def test_a_drift_alarm_whose_challenger_start_failed_still_starts_it_once(
         [started] = failing.challengers()
         assert [e.model for e in events if e.kind == "challenger"] == [started], k
         assert set(monitor.core.fresh) == {started}, k
+
+
+def test_a_challenger_retired_before_a_later_retire_failed_is_still_logged() -> None:
+    # two fresh challengers out of patience: the first is retired, writing the second's
+    # retirement fails; the first's decision must come with the next call
+    registry = FailingRegistry()
+    registry.publish("m", linear_model.LogisticRegression(), {"metrics": {"labels": 1000}})
+    registry.move(ChampionPointer("m", 1), "advance", None)
+    for name in ("m.r1", "m.r2"):
+        registry.start_challenger(name, "m", "a test's")
+    spec = MonitorSpec(promote={"enabled": False}, rollback={"enabled": False},
+                       challengers={"on_drift": False, "patience": 100})  # fmt: skip
+    monitor = PipelineMonitor("p", spec, registry, "m")
+    monitor.refresh()
+    for _ in range(120):
+        monitor.on_evaluation(True, {"m": (1, 0.9), "m.r1": (0, 0.9), "m.r2": (0, 0.9)})
+    # the pointer read, the challengers read, then a retirement written each
+    registry.fail_at = registry.calls + 4
+    with pytest.raises(RedisConnectionError):
+        monitor.refresh()
+    decisions = monitor.settle() + monitor.refresh()
+    assert sorted((d.kind, d.model) for d in decisions) == [("retire", "m.r1"), ("retire", "m.r2")]
+    assert registry.challengers() == {} and monitor.settle() == []
