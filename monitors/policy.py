@@ -69,6 +69,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from riverflow.errors import outage
 from riverflow.models.registry import ChampionPointer, ModelRegistry, UnsureMoves
 from riverflow.models.target import Target
 from riverflow.monitors.distribution import DistributionMonitor
@@ -190,6 +191,10 @@ class PipelineMonitor:
         # a drift alarm whose challenger's write raised: its decisions so far (``settle``)
         self._unfinished: tuple[str, dict[str, Any], list[Decision]] | None = None
         self._kept: list[Decision] = []  # made by a call that raised later (``settle``)
+        # the checks (in order: "rollback", "promote", "slate") a server outage stopped,
+        # owed: ``settle`` runs them; the outage, for ``raise_owed``
+        self._owed: list[str] = []
+        self._failed: Exception | None = None
         self.lead = lead
         self.clock = clock
         self.watches: dict[str, Watch] = {}
@@ -232,19 +237,75 @@ class PipelineMonitor:
     def settle(self) -> list[Decision]:
         """What a call that raised on a registry write left undone, done now: a drift
         alarm whose fresh challenger was not started (its detector has fired, so the
-        record run again would not raise it again), and the promotions and rollbacks
+        record run again would not raise it again), the promotions and rollbacks
         whose write was applied after all (Redis lost its reply), as if it had
-        answered. Call it before ``refresh``: that one would take the moved pointer for
-        someone else's move."""
+        answered, and the checks a server outage stopped (``raise_owed``), on the
+        state their record left. Call it before ``refresh``: that one would take the
+        moved pointer for someone else's move."""
         applied = self.unsure.applied()  # (reads first: nothing is done twice)
         if self._unfinished is not None:
             name, evidence, made = self._unfinished  # (a raise keeps what it made)
-            self._challenge(name, evidence, made)
+            with self._dropped_unless_outage("fresh challenger"):
+                self._challenge(name, evidence, made)
             self._unfinished = None
             self._kept += made
         self.unsure.clear()
         out, self._kept = self._kept, []
-        return out + [self._moved(m.kind, m.to, *context) for m, context in applied]
+        out += [self._moved(m.kind, m.to, *context) for m, context in applied]
+        if applied:
+            self._owed = []  # a move was made: what the owed checks were to decide
+        while self._owed:
+            with self._keeping(out), self._dropped_unless_outage(f"{self._owed[0]} check"):
+                out += self._run_check(self._owed[0])
+            del self._owed[0]
+        self._failed = None
+        return out
+
+    @contextlib.contextmanager
+    def _dropped_unless_outage(self, what: str) -> Iterator[None]:
+        """Something owed, done by ``settle``: a server outage raises (the guard waits,
+        it stays owed), anything else is logged and dropped: raised at every batch's
+        ``settle``, it would send every record to the DLQ."""
+        try:
+            yield
+        except Exception as exc:
+            if outage(exc) is not None:
+                raise
+            log.error("monitor: the owed %s raised, dropped: %s: %s", what,
+                      type(exc).__name__, exc)  # fmt: skip
+
+    def raise_owed(self) -> None:
+        """Raise the server outage that stopped a check since the last call, if one
+        did. A record's checks are its last step: the record is taken in, and the
+        check is owed (``settle`` runs it), so a caller that gives the record again
+        after the outage would count it twice."""
+        failed, self._failed = self._failed, None
+        if failed is not None:
+            raise failed
+
+    def _check(self, kind: str, out: list[Decision]) -> None:
+        """The ``kind`` check now, its decisions added to ``out``; if a server outage
+        stops it (or an earlier check is owed: they run in order), it is owed instead
+        (``raise_owed``). Anything else raises, ``out`` kept for ``settle``."""
+        if not self._owed:
+            try:
+                out += self._run_check(kind)
+                return
+            except Exception as exc:
+                if outage(exc) is None:
+                    self._kept += out
+                    raise
+                self._failed = self._failed or exc
+        if kind not in self._owed:
+            self._owed.append(kind)
+
+    def _run_check(self, kind: str) -> list[Decision]:
+        champion = self.champion_name
+        if kind == "rollback":
+            return self._check_rollback(champion)
+        if kind == "promote":
+            return self._check_promotions(champion)
+        return self._check_slate_promotions(champion)
 
     @contextlib.contextmanager
     def _keeping(self, out: list[Decision]) -> Iterator[None]:
@@ -382,11 +443,10 @@ class PipelineMonitor:
                         duel.update_errors(loss[champion], error)
                     else:
                         duel.update(not loss[champion], not error)
-            with self._keeping(out):  # (a drift alarm made above)
-                if not regression:  # a regressor's fall is left to drift and promotion
-                    out += self._check_rollback(champion)
-                if not self.explores:
-                    out += self._check_promotions(champion)
+            if not regression:  # a regressor's fall is left to drift and promotion
+                self._check("rollback", out)
+            if not self.explores:
+                self._check("promote", out)
         return out
 
     def on_ranked_slate(
@@ -435,7 +495,9 @@ class PipelineMonitor:
                 warmup = math.ceil(self.spec.promote.min_labels / len(w))
                 duel = self.slate_duels[name] = OffPolicyDuel(warmup, self.spec.ranking.window)
             duel.update(clicks, w)
-        return self._check_slate_promotions(champion)
+        out: list[Decision] = []
+        self._check("slate", out)
+        return out
 
     # -- policies -----------------------------------------------------------------
 
@@ -481,9 +543,12 @@ class PipelineMonitor:
             return out
         try:
             self._challenge(name, evidence, out)
-        except BaseException:  # a registry write raised: the detector has fired already,
-            self._unfinished = (name, evidence, out)  # so ``settle`` finishes it
-            raise
+        except Exception as exc:  # a registry write raised: the detector has fired
+            if outage(exc) is None:  # already, so ``settle`` finishes it
+                self._unfinished = (name, evidence, out)  # (``out`` kept: this raises)
+                raise
+            self._unfinished = (name, evidence, [])  # (``out`` returned: the record is
+            self._failed = self._failed or exc  # taken in, ``raise_owed``)
         return out
 
     def _challenge(self, name: str, evidence: dict[str, Any], out: list[Decision]) -> None:
@@ -595,7 +660,7 @@ class PipelineMonitor:
             p_value = sign_test(*shadow)
             if best is None or p_value < best[0]:
                 best = (p_value, n, target, *shadow)
-        self.shadow_at = self.labels
+        shadow_was, self.shadow_at = self.shadow_at, self.labels
         if best is None:
             return []
         p_value, n, target, target_only, champion_only = best
@@ -617,7 +682,11 @@ class PipelineMonitor:
                + f"; {target} right on {accuracy:.3f} of them"
                + f" (sign test p={p_value:.1e})")  # fmt: skip
         with self.unsure.attempt("rollback", target, (why, evidence, n)):
-            moved = self.registry.move(target, "rollback", self.champion, why)
+            try:
+                moved = self.registry.move(target, "rollback", self.champion, why)
+            except BaseException:
+                self.shadow_at = shadow_was  # (the check owed, run again, is not refused)
+                raise
         if moved is None:
             return []  # the pointer moved meanwhile: look again with the next label
         return [self._moved("rollback", target, why, evidence, n)]

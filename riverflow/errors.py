@@ -1,8 +1,17 @@
-"""The root of riverflow's own exceptions; each package derives its own from it."""
+"""The root of riverflow's own exceptions (each package derives its own from it), and
+which exceptions are a server being down (``outage``)."""
 
 from __future__ import annotations
 
 from pydantic import ValidationError
+
+# answers of a Redis server that is there but cannot serve now (or, like a changed
+# password or a full memory, not until someone acts: better to stop after the outage
+# limit than to send every message to the DLQ)
+_REDIS_BUSY = (
+    "BUSY", "LOADING", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "READONLY", "OOM",
+    "NOAUTH", "WRONGPASS", "NOPERM", "MISCONF",
+)  # fmt: skip
 
 
 class RiverflowError(Exception):
@@ -13,6 +22,40 @@ class Unavailable(RiverflowError):
     """Something a stage needs is down or cannot take writes (not a bad message): the
     guard (``streams.guard``) retries the batch with backoff, says the stage is
     degraded, and stops it after the outage limit."""
+
+
+def outage(exc: BaseException) -> str | None:
+    """Why ``exc`` (or an exception it was raised from) is a server being down, or
+    None if it is not one."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        why = _outage_of(e)
+        if why is not None:
+            return why
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _outage_of(e: BaseException) -> str | None:
+    name = f"{type(e).__module__}.{type(e).__name__}"
+    try:
+        import redis.exceptions as rx
+    except ImportError:  # pragma: no cover - redis is a dependency
+        rx = None  # type: ignore[assignment]
+    if rx is not None:
+        if isinstance(e, rx.ConnectionError | rx.TimeoutError | rx.BusyLoadingError):
+            return f"Redis: {name}: {e}"
+        if isinstance(e, rx.ResponseError | rx.AuthenticationError) and str(e).startswith(
+            _REDIS_BUSY
+        ):
+            return f"Redis: {str(e)[:200]}"
+    if isinstance(e, ConnectionError | TimeoutError):  # the builtins (OSError)
+        return f"{name}: {e}"
+    if isinstance(e, Unavailable):
+        return str(e)[:300]
+    return None
 
 
 def error_lines(exc: ValidationError) -> list[str]:

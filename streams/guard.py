@@ -25,8 +25,8 @@ attempt that raised did (its outputs come with its next call, labels it read are
 skipped, labels it claimed but did not learn are taken over), so each label is
 learned and evaluated once; the monitor keeps what an attempt that raised did too
 (the records it took in are skipped when given again, its outputs and decisions
-come with its next call), so its quality counts no record twice but the one that
-raised. Kafka being down is the host's to wait out (it waits
+come with its next call, a check a record's label led to is run by its next call),
+so its quality counts no record twice. Kafka being down is the host's to wait out (it waits
 ``write_timeout_s`` for acks; librdkafka reconnects by itself) and to report: it
 says degraded with source ``kafka``, the guard with its own, and each clears
 only its own reason.
@@ -39,24 +39,16 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from riverflow.errors import RiverflowError, Unavailable
+from riverflow.errors import RiverflowError, outage
 from riverflow.streams.contracts import Message, Output, Processor
 
 log = logging.getLogger(__name__)
 
-# answers of a Redis server that is there but cannot serve now (or, like a changed
-# password or a full memory, not until someone acts: better to stop after the outage
-# limit than to send every message to the DLQ)
 # a batch is retried this long after an outage began, doubling up to the most; a
 # retry against a server that is down costs a refused connection, and a short
 # cap means the stage resumes within a second of the server's return
 FIRST_BACKOFF_S = 0.2
 MAX_BACKOFF_S = 1.0
-
-_REDIS_BUSY = (
-    "BUSY", "LOADING", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "READONLY", "OOM",
-    "NOAUTH", "WRONGPASS", "NOPERM", "MISCONF",
-)  # fmt: skip
 
 
 class StageOutage(RiverflowError):
@@ -67,40 +59,6 @@ class Health(Protocol):
     """Where the guard says the stage is degraded (``StageMetrics.set_degraded``)."""
 
     def set_degraded(self, reason: str | None) -> None: ...
-
-
-def outage(exc: BaseException) -> str | None:
-    """Why ``exc`` (or an exception it was raised from) is a server being down, or
-    None if it is not one."""
-    seen: set[int] = set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        why = _outage_of(e)
-        if why is not None:
-            return why
-        e = e.__cause__ or e.__context__
-    return None
-
-
-def _outage_of(e: BaseException) -> str | None:
-    name = f"{type(e).__module__}.{type(e).__name__}"
-    try:
-        import redis.exceptions as rx
-    except ImportError:  # pragma: no cover - redis is a dependency
-        rx = None  # type: ignore[assignment]
-    if rx is not None:
-        if isinstance(e, rx.ConnectionError | rx.TimeoutError | rx.BusyLoadingError):
-            return f"Redis: {name}: {e}"
-        if isinstance(e, rx.ResponseError | rx.AuthenticationError) and str(e).startswith(
-            _REDIS_BUSY
-        ):
-            return f"Redis: {str(e)[:200]}"
-    if isinstance(e, ConnectionError | TimeoutError):  # the builtins (OSError)
-        return f"{name}: {e}"
-    if isinstance(e, Unavailable):
-        return str(e)[:300]
-    return None
 
 
 class Guard:

@@ -102,8 +102,9 @@ class Monitor:
     def _process(self, batch: Sequence[Message]) -> list[Output]:
         """The batch's outputs. A call that raises (a registry write with Redis down)
         keeps what it did: the messages it took in are skipped when the guard gives
-        them again (the one that raised is run again: its metrics may count it twice,
-        no other's), and its outputs and decisions come with the next call."""
+        them again (one whose check met the outage among them: the check is owed, run
+        by the next call's ``settle``), and its outputs and decisions come with the
+        next call."""
         self.counters.consumed += len(batch)
         out, decisions = self._carried
         self._carried = ([], [])
@@ -196,6 +197,7 @@ class Monitor:
                     )
                 )
             taken.append(at)
+            self.core.raise_owed()  # a check a server outage stopped: owed, the record taken in
         return again
 
     def _remember(self) -> None:

@@ -9,6 +9,7 @@ import msgpack
 import orjson
 import pytest
 
+from riverflow.errors import outage
 from riverflow.features.scored import (
     DiskScoredIndex,
     MemoryScoredEvents,
@@ -16,7 +17,6 @@ from riverflow.features.scored import (
     ScoredIndexError,
 )
 from riverflow.streams.contracts import Message, Prediction, ServedPrediction
-from riverflow.streams.guard import outage
 
 TOPIC = "ns.predictions"
 

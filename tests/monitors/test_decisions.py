@@ -61,6 +61,7 @@ def feed(
         probability = 0.9 if right == label else 0.1
         version = monitor.champion.version if monitor.champion else 0
         out += monitor.on_evaluation(label, {"m": (version, probability)}, inputs={"v": v})
+        monitor.raise_owed()  # (as the stage does: a check Redis being down stopped)
     return out
 
 
@@ -96,16 +97,43 @@ def test_a_bad_version_is_rolled_back_to_one_that_does_better_on_the_recent_labe
 
 class LosesAReply(MemoryRegistry):
     """Once ``armed``, its next pointer move is made and then raises: Redis went away
-    before its answer came back."""
+    before its answer came back (with ``refuses``, before the move was made)."""
 
     armed = False
+    refuses = False
 
     def _compare_and_set(self, *args: Any) -> bool:
+        if self.armed and self.refuses:
+            self.armed = False
+            raise RedisConnectionError("Error 111 connecting to localhost:6379.")
         moved = super()._compare_and_set(*args)
         if self.armed:
             self.armed = False
             raise RedisConnectionError("Connection closed by server.")
         return moved
+
+
+def test_a_rollback_whose_write_failed_is_made_by_the_next_settle_as_without_it() -> None:
+    # Redis is down when the rollback is written: the record is counted once and the
+    # check is owed; the stage's next call (the guard's retry, Redis back) makes it, on
+    # the labels of that record: the same rollback as without the outage
+    monitor, registry = monitor_with_versions(MonitorSpec())
+    rng = random.Random(1)
+    good_then_a_third_version(monitor, registry, rng)
+    [clean] = [d for d in feed(monitor, rng, 1_000, 0.6, bad=3) if d.kind == "rollback"]
+    monitor, failing = monitor_with_versions(MonitorSpec(), LosesAReply(KEY))
+    rng = random.Random(1)
+    good_then_a_third_version(monitor, failing, rng)
+    failing.armed = failing.refuses = True
+    with pytest.raises(RedisConnectionError):
+        feed(monitor, rng, 1_000, served_right=0.6, bad=3)
+    assert failing.champion() == ChampionPointer("m", 3) and monitor.labels == clean.labels
+    [rollback] = monitor.settle() + monitor.refresh()
+    assert (rollback.kind, rollback.version, rollback.labels) == ("rollback", clean.version,
+                                                                  clean.labels)  # fmt: skip
+    assert rollback.evidence == clean.evidence and rollback.reason == clean.reason
+    assert failing.champion() == monitor.champion == ChampionPointer("m", clean.version)
+    assert monitor.settle() == []  # settled once
 
 
 def test_a_rollback_whose_reply_was_lost_is_decided_once_and_followed() -> None:

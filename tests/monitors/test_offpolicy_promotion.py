@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import orjson
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from riverflow.embedded import EmbeddedRuntime
 from riverflow.models.registry import ChampionPointer, MemoryRegistry
@@ -167,8 +168,10 @@ class Fixed:
         return {True: 0.5, False: 0.5}
 
 
-def slate_monitor(spec: MonitorSpec) -> tuple[PipelineMonitor, MemoryRegistry]:
-    registry = MemoryRegistry(KEY)
+def slate_monitor(
+    spec: MonitorSpec, registry: MemoryRegistry | None = None
+) -> tuple[PipelineMonitor, MemoryRegistry]:
+    registry = registry or MemoryRegistry(KEY)
     for name in ("popularity", "relevance"):
         registry.publish(name, Fixed(), {"parent": None, "metrics": {"labels": 5_000}})
     registry.move(ChampionPointer("popularity", 1), "advance", None, "")
@@ -193,10 +196,41 @@ def serve(
         monitor.on_ranked_slate(req.request_id, "popularity", served, propensities,
                                 {"relevance": top})  # fmt: skip
         decisions = monitor.on_ranked_request(req.request_id, world.clicks(req, served, rng))
+        monitor.raise_owed()  # (as the stage does: a check Redis being down stopped)
         if decisions and at < 0:
             at = n
         out += decisions
     return out, at
+
+
+class RefusesAMove(MemoryRegistry):
+    """Once ``armed``, its next pointer move raises before it is made: Redis is down."""
+
+    armed = False
+
+    def _compare_and_set(self, *args: Any) -> bool:
+        if self.armed:
+            self.armed = False
+            raise RedisConnectionError("Error 111 connecting to localhost:6379.")
+        return super()._compare_and_set(*args)
+
+
+def test_a_slate_promotion_whose_write_failed_is_made_by_the_next_settle_as_without_it() -> None:
+    # the promotion's write meets Redis down: that request is taken in once, the check
+    # is owed, and the stage's next call (Redis back) makes the same promotion
+    world = RecsysWorld(RecsysConfig(seed=11, shift_at=()))
+    monitor, _ = slate_monitor(MonitorSpec())
+    (clean,), at = serve(monitor, world, 10_000, 0, world.by_relevance)
+    monitor, registry = slate_monitor(MonitorSpec(), RefusesAMove(KEY))
+    registry.armed = True
+    with pytest.raises(RedisConnectionError):
+        serve(monitor, world, at + 1, 0, world.by_relevance)
+    assert registry.champion() == ChampionPointer("popularity", 1)
+    (promote,) = monitor.settle() + monitor.refresh()
+    assert (promote.kind, promote.model, promote.reason) == ("promote", "relevance", clean.reason)
+    assert promote.evidence == clean.evidence  # (each request in the duel once)
+    assert registry.champion() == monitor.champion == ChampionPointer("relevance", 1)
+    assert monitor.settle() == []
 
 
 def test_a_better_ranking_is_promoted_within_10000_requests_with_its_evidence() -> None:
