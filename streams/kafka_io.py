@@ -23,6 +23,16 @@ from riverflow.streams.contracts import Message
 
 log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # the DLQ must hold an oversized payload plus its envelope
+# what a reader beside a stage's own loop (the learner's index follower, the label
+# timeouts' trailing reader) may hold fetched ahead, unread: librdkafka's default is
+# 64 MB (a follower not called while its topic held 120 MB of slate predictions grew
+# 84 MB, 22 MB with this), and once the cap is met it fetches again after
+# ``fetch.queue.backoff.ms``, 1 s by default: 10 ms keeps a capped reader's catch-up
+# at ~200 MB/s, against ~30 (docs/bench/follower_prefetch.py, docs/benchmarks.md)
+SIDE_READER_PREFETCH: dict[str, Any] = {
+    "queued.max.messages.kbytes": 8192,
+    "fetch.queue.backoff.ms": 10,
+}
 
 
 class KafkaIOError(RiverflowError):
@@ -772,6 +782,7 @@ class TopicFollower:
             "enable.partition.eof": True,
             # a saved position the topic no longer has: index it again from the start
             "auto.offset.reset": "earliest",
+            **SIDE_READER_PREFETCH,
             **(config or {}),
         }
         self._group = f"riverflow-follower-{topic}"

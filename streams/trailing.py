@@ -12,6 +12,7 @@ from confluent_kafka import KafkaError, TopicPartition
 
 from riverflow.streams.contracts import Message
 from riverflow.streams.kafka_io import (
+    SIDE_READER_PREFETCH,
     Stall,
     groupless_reader,
     offsets_since,
@@ -28,7 +29,7 @@ class TrailingReader:
     The caller says where it is (``fetch(positions)``) and moves on at its own pace,
     a record's time after it was written: what it has passed leaves the buffer,
     and a partition whose buffer is full is paused until it drains, so memory is
-    that of the buffers (and librdkafka's prefetch, held to ``prefetch_kb``),
+    that of the buffers (and librdkafka's prefetch, ``kafka_io.SIDE_READER_PREFETCH``),
     however far behind the end the caller trails. A partition with no position
     starts at its first record no older than ``since_s``.
 
@@ -43,7 +44,6 @@ class TrailingReader:
         topic: str,
         since_s: float,
         buffered: int = 1000,
-        prefetch_kb: int = 8192,
         config: Mapping[str, Any] | None = None,
     ) -> None:
         self.bootstrap, self.topic = bootstrap, topic
@@ -51,7 +51,7 @@ class TrailingReader:
         self.buffered = buffered
         self._settings = {
             "auto.offset.reset": "earliest",  # a position the topic no longer has
-            "queued.max.messages.kbytes": prefetch_kb,
+            **SIDE_READER_PREFETCH,
             **(config or {}),
         }
         self._group = f"riverflow-trailing-{topic}"
