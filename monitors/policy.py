@@ -346,30 +346,47 @@ class PipelineMonitor:
     # -- what a restarted monitor must not forget --------------------------------
 
     def memory(self) -> dict[str, Any]:
-        """What a rollback needs that the labels to come cannot teach a restarted
-        monitor: the champion's level when it was last good, and the versions served
-        while it was (newest last, at most ``MEMORY_GOOD`` of them). Without it, a
-        monitor restarted during a fall learns its level from the fall and knows no
-        version to go back to: the champion is never rolled back."""
+        """What the labels to come cannot teach a restarted monitor. For a rollback:
+        the champion's level when it was last good, and the versions served while it
+        was (newest last, at most ``MEMORY_GOOD`` of them); without them, a monitor
+        restarted during a fall learns its level from the fall and knows no version
+        to go back to: the champion is never rolled back. And the labels since the
+        last promotion or rollback, and each fresh challenger's age in labels:
+        without them, a restart ends the cool-down and gives every challenger its
+        patience again."""
         good = [[p.model, p.version] for _, p in list(self.good)[-MEMORY_GOOD:]]
-        return {"champion": self.champion_name, "level": self.level, "good": good}
+        since = None if self.last_decision is None else self.labels - self.last_decision
+        ages = {name: self.labels - w.first_label for name, w in self.watches.items()
+                if name in self.fresh and name != self.champion_name}  # fmt: skip
+        return {"champion": self.champion_name, "level": self.level, "good": good,
+                "since_decision": since, "ages": ages}  # fmt: skip
 
     def restore(self, memory: Mapping[str, Any] | None) -> bool:
         """Take back what ``memory`` saved, if it is of the champion served now (a
         memory of another champion's level says nothing of this one's). The versions
-        it names count as served a full window before any label this monitor sees.
-        True if taken."""
+        it names count as served a full window before any label this monitor sees;
+        the last decision and the challengers' ages count back from the labels it
+        has seen. True if taken."""
         if not memory or memory.get("champion") != self.champion_name or self.good:
             return False
         try:
             level = memory.get("level")
             good = [ChampionPointer(str(m), int(v)) for m, v in memory.get("good") or []]
-            self.level = None if level is None else float(level)
-        except (TypeError, ValueError) as exc:
+            since = memory.get("since_decision")
+            since = None if since is None else int(since)
+            ages = {str(n): int(a) for n, a in (memory.get("ages") or {}).items()}
+            level = None if level is None else float(level)
+        except (AttributeError, TypeError, ValueError) as exc:
             log.warning("the monitor's saved memory is not readable, ignored: %s", exc)
             return False
+        self.level = level
         before = -self.spec.rollback.window
         self.good.extend((before, pointer) for pointer in good)
+        if since is not None and self.last_decision is None:
+            self.last_decision = self.labels - since
+        for name, age in ages.items():  # (those still fresh; none seen yet)
+            if name in self.fresh and name not in self.watches:
+                self.watches[name] = Watch(self.spec, self.labels - age, self.target)
         return True
 
     def on_prediction(

@@ -182,6 +182,74 @@ def test_a_monitor_restarted_during_a_fall_still_rolls_the_bad_version_back() ->
     assert registry.champion() == ChampionPointer("m", 3)  # (the run without memory)
 
 
+def restarted_monitor(
+    monitor: PipelineMonitor, registry: MemoryRegistry, remembered: bool
+) -> PipelineMonitor:
+    """``monitor`` SIGKILLed after saving its memory, and started again (with its
+    memory, or with none)."""
+    registry.save_monitor_memory(monitor.memory())
+    restarted = PipelineMonitor("p", monitor.spec, registry, monitor.lead)
+    restarted.refresh()
+    assert restarted.restore(registry.monitor_memory() if remembered else None) is remembered
+    return restarted
+
+
+def test_a_restarted_monitor_retires_a_challenger_at_its_patience_not_later() -> None:
+    spec = MonitorSpec(promote={"enabled": False}, rollback={"enabled": False},
+                       challengers={"on_drift": False, "patience": 100})  # fmt: skip
+    retired = []
+    for restart_at in (None, 80, 80):
+        monitor, registry = monitor_with_versions(spec)
+        registry.start_challenger("m.r1", "m", "a test's")
+        monitor.refresh()
+        for n in range(1, 300):
+            if n == restart_at:
+                monitor = restarted_monitor(monitor, registry, remembered=len(retired) == 1)
+            monitor.on_evaluation(True, {"m": (1, 0.9), "m.r1": (0, 0.9)})
+            if [d.kind for d in monitor.refresh()] == ["retire"]:
+                retired.append(n)
+                break
+    # with its memory, at the label it would have been without the restart; without
+    # it, its patience starts over at the restart
+    straight, remembered, forgotten = retired
+    assert remembered == straight and forgotten == straight + 80 - 1
+
+
+def test_a_restarted_monitor_keeps_its_cool_down_after_a_promotion() -> None:
+    spec = MonitorSpec(promote={"min_labels": 50}, rollback={"enabled": False},
+                       challengers={"on_drift": False}, cooldown=600)  # fmt: skip
+    promoted_at = []
+    for remembered in (None, True, False):
+        registry = MemoryRegistry(KEY)
+        for name in ("m", "c", "d"):
+            registry.publish(
+                name, Sign(positive=True), {"parent": None, "metrics": {"labels": 1000}}
+            )
+        advance(registry, 1)
+        monitor = PipelineMonitor("p", spec, registry, "m")
+        monitor.refresh()
+        rng = random.Random(4)
+        right = {"m": 0.5, "c": 0.9, "d": 0.5}  # c beats m; then d beats c
+        first: int | None = None
+        for n in range(1, 3_000):
+            label = rng.random() < 0.5
+            answers = {name: (1, 0.9 if (rng.random() < r) == label else 0.1)
+                       for name, r in right.items()}  # fmt: skip
+            decisions = monitor.on_evaluation(label, answers)
+            kinds = [(d.kind, d.model) for d in decisions if d.kind == "promote"]
+            if kinds == [("promote", "c")]:
+                first, right = n, {"m": 0.5, "c": 0.6, "d": 1.0}
+                if remembered is not None:
+                    monitor = restarted_monitor(monitor, registry, remembered)
+            elif kinds == [("promote", "d")]:
+                assert first is not None
+                promoted_at.append(n - first)
+                break
+    straight, remembered_, forgotten = promoted_at
+    assert straight >= spec.cooldown and remembered_ == straight  # cooled down, as without
+    assert forgotten < spec.cooldown  # (a restart without its memory ends the cool-down)
+
+
 def test_a_memory_of_another_champion_or_an_unreadable_one_is_not_taken() -> None:
     monitor, registry = monitor_with_versions(MonitorSpec())
     assert not monitor.restore({"champion": "other", "level": 0.9, "good": [["other", 1]]})
