@@ -211,6 +211,9 @@ class PipelineMonitor:
         self.recent: deque[tuple[dict[str, Any] | None, Label, bool]] = deque(
             maxlen=spec.rollback.window
         )
+        # beside each: the learner's count of labels when it learned it (None: not
+        # given), so that a target that learned one of them is not scored on them
+        self.recent_seen: deque[int | None] = deque(maxlen=spec.rollback.window)
         self.fallen_at: int | None = None  # label count when the current fall began
         self.shadow_at: int | None = None  # label count of the last refused rollback
         self.segments: dict[str, Windowed] = {}
@@ -414,11 +417,13 @@ class PipelineMonitor:
         segment: object = None,
         source: LabelSource | None = None,
         inputs: dict[str, Any] | None = None,
+        seen: int | None = None,
     ) -> list[Decision]:
         """A label with every candidate's prequential ``(version, answer)``: the
         probability of true (a bool label), the value (a number), or the class and
         the class probabilities (a category); ``source`` names the label, ``inputs``
-        are what the models were given."""
+        are what the models were given, ``seen`` the learner's count of labels when
+        it learned it (its evaluation's ``labels_seen``)."""
         self.labels += 1
         champion = self.champion_name
         loss: dict[str, float] = {}  # 0/1 (wrong) for a classifier, |error| for a regressor
@@ -449,6 +454,7 @@ class PipelineMonitor:
         if champion in loss:
             regression = self.target.kind == "regression"
             self.recent.append((inputs, label, not loss[champion]))
+            self.recent_seen.append(seen)
             for name, error in loss.items():
                 if name != champion and not self.explores:  # (a slate's: by its rankings)
                     duel = self.duels.get(name)
@@ -669,9 +675,18 @@ class PipelineMonitor:
         served = sum(ok for _, _, ok in self.recent) / len(self.recent)
         alpha = policy.alpha / len(targets)  # Bonferroni: the best of several is tested
         best: tuple[float, int, ChampionPointer, int, int] | None = None
+        oldest = min((s for s in self.recent_seen if s is not None), default=None)
         for n, target in targets:
             # refuses an unverifiable target (raises) before anything is decided
-            shadow = self._shadow(self.registry.load(target.model, target.version).model)
+            version = self.registry.load(target.model, target.version)
+            learned = version.meta.get("labels_seen")
+            if oldest is not None and isinstance(learned, int) and learned >= oldest:
+                # it learned some of the labels it would be scored on (the learner
+                # published it before this monitor saw it served): scored on what it
+                # was trained on, it would look right on them, as a version that
+                # fitted a burst of bad labels does on that burst
+                continue
+            shadow = self._shadow(version.model)
             if shadow is None:
                 break  # labels without inputs (an older learner): nothing can be shown
             p_value = sign_test(*shadow)
@@ -731,6 +746,7 @@ class PipelineMonitor:
         self.slate_waiting.clear()
         self.level = self.fallen_at = self.shadow_at = None
         self.recent.clear()
+        self.recent_seen.clear()
         watch = self.watches.get(self.champion_name)
         if watch is not None:
             watch.settle(self.spec, self.labels)

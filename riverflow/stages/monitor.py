@@ -165,7 +165,7 @@ class Monitor:
                         self.history.record_search(ev.search, self.core.labels + 1)
                     source = LabelSource(ev.event_id, ev.label_at, ev.label_time)
                     decisions += self.core.on_evaluation(
-                        ev.label, predictions, ev.segment, source, ev.inputs
+                        ev.label, predictions, ev.segment, source, ev.inputs, ev.labels_seen
                     )
                     self.history.sample(self.core)
                     if shown is not None:

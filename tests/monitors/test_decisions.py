@@ -60,7 +60,8 @@ def feed(
         right = rng.random() < (0.95 if good else served_right)
         probability = 0.9 if right == label else 0.1
         version = monitor.champion.version if monitor.champion else 0
-        out += monitor.on_evaluation(label, {"m": (version, probability)}, inputs={"v": v})
+        out += monitor.on_evaluation(label, {"m": (version, probability)}, inputs={"v": v},
+                                     seen=monitor.labels + 1)  # fmt: skip
         monitor.raise_owed()  # (as the stage does: a check Redis being down stopped)
     return out
 
@@ -260,6 +261,39 @@ def test_a_memory_of_another_champion_or_an_unreadable_one_is_not_taken() -> Non
     assert registry.monitor_memory() is None
     assert monitor.restore({"champion": "m", "level": 0.9, "good": [["m", 1]]})
     assert monitor.level == 0.9 and [p for _, p in monitor.good] == [ChampionPointer("m", 1)]
+
+
+@pytest.mark.parametrize("published_at", [1_000, 1_600, 10**9])
+def test_a_version_is_scored_only_on_recent_labels_it_did_not_learn(published_at: int) -> None:
+    # v2 fits the labels of the fall, which begins at label 1,501. Published
+    # (labels_seen) before them, it is shown better on them and rolled back to at
+    # once. Published after some of them (the learner ahead of the monitor, which saw
+    # it served while good), it learned those: scored on what it was trained on, it
+    # would look right for no reason. It is scored once the recent labels are all
+    # after it, or never
+    registry = MemoryRegistry(KEY)
+    meta = {"parent": None, "metrics": {"labels": 1000}}
+    registry.publish("m", Sign(positive=True), {**meta, "labels_seen": 500})
+    registry.publish("m", Sign(positive=False), {**meta, "labels_seen": published_at})
+    registry.publish("m", Sign(positive=True), {**meta, "labels_seen": 1_700})
+    advance(registry, 1)
+    spec = MonitorSpec()
+    monitor = PipelineMonitor("p", spec, registry, "m")
+    monitor.refresh()
+    rng = random.Random(1)
+    good_then_a_third_version(monitor, registry, rng)  # (v2 served from label 1,201)
+    decisions = feed(monitor, rng, 1_000, served_right=0.6, concept=False, bad=3)
+    rollbacks = [d for d in decisions if d.kind == "rollback"]
+    window = spec.rollback.window
+    if published_at == 10**9:
+        assert rollbacks == []
+    else:
+        [rollback] = rollbacks
+        assert (rollback.model, rollback.version) == ("m", 2)
+        oldest_scored = rollback.labels - window + 1
+        assert oldest_scored > published_at  # (the monitor counts as the learner here)
+        if published_at < 1_500:
+            assert rollback.labels < 1_500 + 2 * window  # not held back
 
 
 def test_no_rollback_to_a_version_that_is_no_better_on_the_recent_labels() -> None:
