@@ -679,8 +679,10 @@ class PipelineMonitor:
         for n, target in targets:
             # refuses an unverifiable target (raises) before anything is decided
             version = self.registry.load(target.model, target.version)
+            # (an imported version's count is of the learner it came from)
             learned = version.meta.get("labels_seen")
-            if oldest is not None and isinstance(learned, int) and learned >= oldest:
+            if (oldest is not None and isinstance(learned, int) and learned >= oldest
+                    and "imported_from" not in version.meta):  # fmt: skip
                 # it learned some of the labels it would be scored on (the learner
                 # published it before this monitor saw it served): scored on what it
                 # was trained on, it would look right on them, as a version that
