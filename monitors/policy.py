@@ -206,14 +206,13 @@ class PipelineMonitor:
         self.retired: set[str] = set()  # fresh challengers retired (names are never reused)
         self.level: float | None = None  # champion's accuracy when last seen good
         self.good: deque[tuple[int, ChampionPointer]] = deque(maxlen=10_000)
-        # the last rollback.window labels the champion predicted: (inputs, label, it
-        # right), where a rollback target is shadow-scored
-        self.recent: deque[tuple[dict[str, Any] | None, Label, bool]] = deque(
+        # the last rollback.window labels the champion predicted, where a rollback
+        # target is shadow-scored: (inputs, label, it right, the learner's count of
+        # labels when it learned it: None if not given; a target that learned one is
+        # not scored on them)
+        self.recent: deque[tuple[dict[str, Any] | None, Label, bool, int | None]] = deque(
             maxlen=spec.rollback.window
         )
-        # beside each: the learner's count of labels when it learned it (None: not
-        # given), so that a target that learned one of them is not scored on them
-        self.recent_seen: deque[int | None] = deque(maxlen=spec.rollback.window)
         self.fallen_at: int | None = None  # label count when the current fall began
         self.shadow_at: int | None = None  # label count of the last refused rollback
         self.segments: dict[str, Windowed] = {}
@@ -286,6 +285,14 @@ class PipelineMonitor:
         if failed is not None:
             raise failed
 
+    def _owe(self, exc: Exception) -> bool:
+        """Whether ``exc`` is a server outage: then it is kept for ``raise_owed``, and
+        what it stopped is owed rather than raised."""
+        if outage(exc) is None:
+            return False
+        self._failed = self._failed or exc
+        return True
+
     def _check(self, kind: str, out: list[Decision]) -> None:
         """The ``kind`` check now, its decisions added to ``out``; if a server outage
         stops it (or an earlier check is owed: they run in order), it is owed instead
@@ -295,10 +302,9 @@ class PipelineMonitor:
                 out += self._run_check(kind)
                 return
             except Exception as exc:
-                if outage(exc) is None:
+                if not self._owe(exc):
                     self._kept += out
                     raise
-                self._failed = self._failed or exc
         if kind not in self._owed:
             self._owed.append(kind)
 
@@ -453,8 +459,7 @@ class PipelineMonitor:
             seg.add(label, predictions[champion][1])
         if champion in loss:
             regression = self.target.kind == "regression"
-            self.recent.append((inputs, label, not loss[champion]))
-            self.recent_seen.append(seen)
+            self.recent.append((inputs, label, not loss[champion], seen))
             for name, error in loss.items():
                 if name != champion and not self.explores:  # (a slate's: by its rankings)
                     duel = self.duels.get(name)
@@ -567,11 +572,10 @@ class PipelineMonitor:
         try:
             self._challenge(name, evidence, out)
         except Exception as exc:  # a registry write raised: the detector has fired
-            if outage(exc) is None:  # already, so ``settle`` finishes it
+            if not self._owe(exc):  # already, so ``settle`` finishes it
                 self._unfinished = (name, evidence, out)  # (``out`` kept: this raises)
                 raise
-            self._unfinished = (name, evidence, [])  # (``out`` returned: the record is
-            self._failed = self._failed or exc  # taken in, ``raise_owed``)
+            self._unfinished = (name, evidence, [])  # (``out`` returned: the record is in)
         return out
 
     def _challenge(self, name: str, evidence: dict[str, Any], out: list[Decision]) -> None:
@@ -672,10 +676,10 @@ class PipelineMonitor:
                     break
         if not targets or len(self.recent) < policy.window:
             return []
-        served = sum(ok for _, _, ok in self.recent) / len(self.recent)
+        served = sum(ok for _, _, ok, _ in self.recent) / len(self.recent)
         alpha = policy.alpha / len(targets)  # Bonferroni: the best of several is tested
         best: tuple[float, int, ChampionPointer, int, int] | None = None
-        oldest = min((s for s in self.recent_seen if s is not None), default=None)
+        oldest = min((s for *_, s in self.recent if s is not None), default=None)
         for n, target in targets:
             # refuses an unverifiable target (raises) before anything is decided
             version = self.registry.load(target.model, target.version)
@@ -694,8 +698,8 @@ class PipelineMonitor:
             p_value = sign_test(*shadow)
             if best is None or p_value < best[0]:
                 best = (p_value, n, target, *shadow)
-        shadow_was, self.shadow_at = self.shadow_at, self.labels
         if best is None:
+            self.shadow_at = self.labels
             return []
         p_value, n, target, target_only, champion_only = best
         accuracy = served + (target_only - champion_only) / len(self.recent)
@@ -709,19 +713,18 @@ class PipelineMonitor:
                     "target_only_right": target_only, "champion_only_right": champion_only,
                     "sign_test_p": p_value, "alpha": alpha}  # fmt: skip
         if p_value >= alpha:
+            self.shadow_at = self.labels
             return []  # not shown to mend it: no move (tried again a window later)
         why = (f"accuracy over the last {policy.window} labels {recent:.3f} "
                + (f"< floor {policy.floor}" if below_floor
                   else f"fell more than {policy.drop} below {self.level:.3f}")
                + f"; {target} right on {accuracy:.3f} of them"
                + f" (sign test p={p_value:.1e})")  # fmt: skip
+        # (a move that raises refuses nothing: the check owed, run again, moves)
         with self.unsure.attempt("rollback", target, (why, evidence, n)):
-            try:
-                moved = self.registry.move(target, "rollback", self.champion, why)
-            except BaseException:
-                self.shadow_at = shadow_was  # (the check owed, run again, is not refused)
-                raise
+            moved = self.registry.move(target, "rollback", self.champion, why)
         if moved is None:
+            self.shadow_at = self.labels
             return []  # the pointer moved meanwhile: look again with the next label
         return [self._moved("rollback", target, why, evidence, n)]
 
@@ -732,7 +735,7 @@ class PipelineMonitor:
         if len(self.recent) < self.spec.rollback.window:
             return None
         model_only = champion_only = 0
-        for inputs, label, champion_right in self.recent:
+        for inputs, label, champion_right, _ in self.recent:
             if inputs is None:
                 return None  # from a learner that does not pass them on
             right = self.target.right(model, inputs, label)
@@ -748,7 +751,6 @@ class PipelineMonitor:
         self.slate_waiting.clear()
         self.level = self.fallen_at = self.shadow_at = None
         self.recent.clear()
-        self.recent_seen.clear()
         watch = self.watches.get(self.champion_name)
         if watch is not None:
             watch.settle(self.spec, self.labels)
