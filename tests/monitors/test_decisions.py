@@ -13,6 +13,7 @@ from riverflow.models.registry import ChampionPointer, MemoryRegistry
 from riverflow.monitors.policy import Decision, LabelSource, PipelineMonitor
 from riverflow.monitors.spec import MonitorSpec
 from riverflow.streams.contracts import Evaluation, LabelPosition, ModelEvent
+from tests.monitors.registries import LosesAReply
 
 KEY = b"k" * 32
 
@@ -94,24 +95,6 @@ def test_a_bad_version_is_rolled_back_to_one_that_does_better_on_the_recent_labe
     assert ev["target_window_accuracy"] > ev["champion_window_accuracy"]
     assert ev["shadow_labels"] == MonitorSpec().rollback.window
     assert registry.champion() != ChampionPointer("m", 3)
-
-
-class LosesAReply(MemoryRegistry):
-    """Once ``armed``, its next pointer move is made and then raises: Redis went away
-    before its answer came back (with ``refuses``, before the move was made)."""
-
-    armed = False
-    refuses = False
-
-    def _compare_and_set(self, *args: Any) -> bool:
-        if self.armed and self.refuses:
-            self.armed = False
-            raise RedisConnectionError("Error 111 connecting to localhost:6379.")
-        moved = super()._compare_and_set(*args)
-        if self.armed:
-            self.armed = False
-            raise RedisConnectionError("Connection closed by server.")
-        return moved
 
 
 def test_a_rollback_whose_write_failed_is_made_by_the_next_settle_as_without_it() -> None:

@@ -29,6 +29,7 @@ from riverflow.settings import Settings
 from riverflow.spec import load_spec, parse_spec
 from riverflow.streams.contracts import Message, ModelEvent
 from riverflow.tools.recsys import EpsilonGreedy, RecsysConfig, RecsysWorld
+from tests.monitors.registries import LosesAReply
 
 KEY = b"k" * 32
 
@@ -203,26 +204,14 @@ def serve(
     return out, at
 
 
-class RefusesAMove(MemoryRegistry):
-    """Once ``armed``, its next pointer move raises before it is made: Redis is down."""
-
-    armed = False
-
-    def _compare_and_set(self, *args: Any) -> bool:
-        if self.armed:
-            self.armed = False
-            raise RedisConnectionError("Error 111 connecting to localhost:6379.")
-        return super()._compare_and_set(*args)
-
-
 def test_a_slate_promotion_whose_write_failed_is_made_by_the_next_settle_as_without_it() -> None:
     # the promotion's write meets Redis down: that request is taken in once, the check
     # is owed, and the stage's next call (Redis back) makes the same promotion
     world = RecsysWorld(RecsysConfig(seed=11, shift_at=()))
     monitor, _ = slate_monitor(MonitorSpec())
     (clean,), at = serve(monitor, world, 10_000, 0, world.by_relevance)
-    monitor, registry = slate_monitor(MonitorSpec(), RefusesAMove(KEY))
-    registry.armed = True
+    monitor, registry = slate_monitor(MonitorSpec(), LosesAReply(KEY))
+    registry.armed = registry.refuses = True
     with pytest.raises(RedisConnectionError):
         serve(monitor, world, at + 1, 0, world.by_relevance)
     assert registry.champion() == ChampionPointer("popularity", 1)
