@@ -253,7 +253,8 @@ class PipelineMonitor:
             self._kept += made
         self.unsure.clear()
         out, self._kept = self._kept, []
-        out += [self._moved(m.kind, m.to, *context) for m, context in applied]
+        for m, (why, evidence, good_until) in applied:  # (each move's context: attempt)
+            out.append(self._moved(m.kind, m.to, why, evidence, good_until, m.at))
         if applied:
             self._owed = []  # a move was made: what the owed checks were to decide
         while self._owed:
@@ -726,7 +727,7 @@ class PipelineMonitor:
         if moved is None:
             self.shadow_at = self.labels
             return []  # the pointer moved meanwhile: look again with the next label
-        return [self._moved("rollback", target, why, evidence, n)]
+        return [self._moved("rollback", target, why, evidence, n, moved.at)]
 
     def _shadow(self, model: Any) -> tuple[int, int] | None:
         """``model`` scored on the champion's last ``rollback.window`` labels: how many
@@ -830,8 +831,8 @@ class PipelineMonitor:
     def _promote(self, name: str, version: int, why: str, evidence: dict[str, Any]) -> Decision:
         to = ChampionPointer(name, version)
         with self.unsure.attempt("promote", to, (why, evidence, None)):
-            self.registry.promote(to, "promote", why)
-        return self._moved("promote", to, why, evidence, None)
+            moved = self.registry.promote(to, "promote", why)
+        return self._moved("promote", to, why, evidence, None, moved.at)
 
     def _moved(
         self,
@@ -840,18 +841,28 @@ class PipelineMonitor:
         why: str,
         evidence: dict[str, Any],
         good_until: int | None,
+        at: float,
     ) -> Decision:
-        """The pointer moved to ``to`` by this monitor's ``kind`` of decision: the
-        champion is ``to``; after a rollback, the versions served while it was good are
-        those up to ``good_until`` labels."""
+        """The pointer moved to ``to`` by this monitor's ``kind`` of decision, at ``at``
+        (the move's time in the registry's history: the audit log's reconciler,
+        ``riverflow.stages.audit``, knows the decision's record by it): the champion is
+        ``to``; after a rollback, the versions served while it was good are those up to
+        ``good_until`` labels."""
         self.champion = to
         while good_until is not None and self.good and self.good[-1][0] > good_until:
             self.good.pop()
         self._champion_changed()
         self.last_decision = self.labels
-        return self._decision(kind, to.model, to.version, why, evidence)
+        return self._decision(kind, to.model, to.version, why, evidence, at)
 
     def _decision(
-        self, kind: str, model: str, version: int, reason: str, evidence: dict[str, Any]
+        self,
+        kind: str,
+        model: str,
+        version: int,
+        reason: str,
+        evidence: dict[str, Any],
+        at: float | None = None,
     ) -> Decision:
-        return Decision(kind, model, version, reason, evidence, self.clock(), self.labels)
+        when = self.clock() if at is None else at
+        return Decision(kind, model, version, reason, evidence, when, self.labels)
