@@ -27,6 +27,7 @@ from riverflow.monitors.policy import PipelineMonitor
 from riverflow.monitors.prequential import PrequentialMetrics, metrics_for
 from riverflow.settings import DEV_SIGNING_KEY, Settings
 from riverflow.spec import PipelineSpec
+from riverflow.stages.audit import AuditReconciler
 from riverflow.stages.common import DLQ_KEEP_BYTES
 from riverflow.stages.learner import LabelJoin, Learner, LearnerTiming, ScoredThrough
 from riverflow.stages.lineage import Candidate, Following, Lineage
@@ -371,6 +372,7 @@ def build_monitor(
     metrics: MonitorMetrics | None = None,
     dlq_keep_bytes: int = DLQ_KEEP_BYTES,
     clock: Callable[[], float] = time.time,
+    audit: AuditReconciler | None = None,
 ) -> Monitor:
     slate = spec.events.slate
     core = PipelineMonitor(
@@ -378,4 +380,4 @@ def build_monitor(
         target=Target(spec.label.type, spec.label.classes),
         explores=slate is not None and slate.epsilon > 0,  # promotes off-policy
     )  # fmt: skip
-    return Monitor(spec.topics, core, MonitorHistory(clock), metrics, dlq_keep_bytes)
+    return Monitor(spec.topics, core, MonitorHistory(clock), metrics, dlq_keep_bytes, audit)

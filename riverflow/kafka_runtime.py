@@ -13,9 +13,11 @@ import logging
 import math
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from typing import Any, Protocol
+
+from pydantic import ValidationError
 
 from riverflow.assembly import (
     build_learner,
@@ -32,10 +34,11 @@ from riverflow.features.scored import DiskScoredIndex, FollowedIndex
 from riverflow.monitors.exporter import MonitorMetrics, StageMetrics, serve
 from riverflow.settings import DEV_PII_KEY, Settings
 from riverflow.spec import PipelineSpec
+from riverflow.stages.audit import WINDOW_S, AuditReconciler
 from riverflow.stages.common import guarded
 from riverflow.stages.timeouts import Timeouts, label_timeout
 from riverflow.streams.confluent_host import Checkpointing, ConfluentHost
-from riverflow.streams.contracts import Output, Processor
+from riverflow.streams.contracts import ModelEvent, Output, Processor
 from riverflow.streams.faust_app import run_worker, stage_app
 from riverflow.streams.guard import Guard
 from riverflow.streams.hosting import HostSettings
@@ -46,12 +49,14 @@ from riverflow.streams.kafka_io import (
     TopicFollower,
     check_access,
     ensure_topics,
+    read_topic,
     topic_retention,
 )
 from riverflow.streams.trailing import TrailingReader
 
 log = logging.getLogger(__name__)
 METRICS_PORTS = {"scorer": 9401, "learner": 9402, "monitor": 9403}
+AUDIT_EVERY_S = 60.0  # how often the monitor checks the audit log for lost moves
 WEEK_MS = 7 * 24 * 3600 * 1000  # Kafka's default retention
 
 
@@ -206,6 +211,33 @@ def scored_index(spec: PipelineSpec, settings: Settings, ep: Servers) -> Followe
     return FollowedIndex(index, follower)
 
 
+def audit_window_s(bootstrap: str, topic: str) -> float:
+    """How far back a starting monitor looks for pointer moves the audit log lacks: a
+    day, or less than what ``topic`` keeps by time (a move older than that would be
+    found missing from a log that deleted it, and written again). Its size bound, if
+    it has one, is not known to keep a day: then an hour."""
+    try:
+        keep_ms, keep_bytes = topic_retention(bootstrap, topic)
+    except KafkaIOError as exc:
+        log.warning("monitor: %s; the audit log is checked an hour back", exc)
+        return 3_600.0
+    if keep_bytes >= 0:
+        return 3_600.0
+    if keep_ms < 0:
+        return WINDOW_S
+    return max(0.0, min(WINDOW_S, keep_ms / 1000 - 3_600.0))
+
+
+def logged_model_events(bootstrap: str, spec: PipelineSpec, since_s: float) -> Iterator[ModelEvent]:
+    """The records of ``{ns}.model-events`` of the last ``since_s`` seconds (to its end
+    as it is now); one that is not a model-event is passed over."""
+    for msg in read_topic(bootstrap, spec.topics.model_events, idle_s=0.0, since_s=since_s):
+        try:
+            yield ModelEvent.decode(msg.value() or b"")
+        except ValidationError:
+            continue
+
+
 def run_stage(stage: str, spec: PipelineSpec, settings: Settings, ep: Servers) -> None:
     """Run ``scorer``, ``learner`` or ``monitor`` until SIGTERM / Ctrl-C."""
     if stage not in METRICS_PORTS:
@@ -247,9 +279,15 @@ def run_stage(stage: str, spec: PipelineSpec, settings: Settings, ep: Servers) -
         log.info("scorer: %s, group instance %s", settings.processing_guarantee,
                  instance_id(stage, settings) if host == "confluent" else "- (faust)")  # fmt: skip
     if stage == "monitor":
+        audit = AuditReconciler(
+            registry, lambda since_s: logged_model_events(ep.kafka_bootstrap, spec, since_s),
+            settings.audit_grace_s, min(AUDIT_EVERY_S, settings.audit_grace_s),
+            window_s=audit_window_s(ep.kafka_bootstrap, topics.model_events),
+        )  # fmt: skip
         monitor = build_monitor(
-            spec, registry, MonitorMetrics(metrics.registry), settings.dlq_keep_bytes
-        )
+            spec, registry, MonitorMetrics(metrics.registry), settings.dlq_keep_bytes,
+            audit=audit,
+        )  # fmt: skip
         if port:  # with the status page: /, /status.json
             serve(metrics, port, settings.metrics_host, view=monitor.view)
         freeze_startup_heap()

@@ -41,7 +41,7 @@ def stage_acls(spec: PipelineSpec, stage: str, principal: str) -> list[AclBindin
         raise ValueError(f"unknown stage {stage!r} (scorer, learner or monitor)")
     t = spec.topics
     reads = {"scorer": [t.events], "learner": [t.labels, t.predictions],
-             "monitor": [t.evaluations, t.predictions]}[stage]  # fmt: skip
+             "monitor": [t.evaluations, t.predictions, t.model_events]}[stage]  # fmt: skip
     writes = {"scorer": [t.predictions, t.dlq],
               "learner": [t.evaluations, t.model_events, t.dlq],
               "monitor": [t.model_events, t.dlq]}[stage]  # fmt: skip

@@ -126,6 +126,11 @@ class Settings(BaseSettings):
         60.0, ge=0, description="... and at least every T seconds while labels come (0 = never)"
     )
     model_poll_s: float = Field(0.1, gt=0, description="how often a scorer checks the champion")
+    audit_grace_s: float = Field(
+        300.0, gt=0,
+        description="the monitor writes a pointer move missing from model-events once it "
+        "is this old (its mover was killed before writing it)",
+    )  # fmt: skip
     signing_key: SecretStr = Field(
         SecretStr(DEV_SIGNING_KEY), description="HMAC key for model snapshots"
     )

@@ -21,12 +21,14 @@ import redis
 import yaml
 from river import evaluate, metrics
 
+from riverflow.kafka_runtime import audit_window_s
 from riverflow.models.champion import ChampionReplica
 from riverflow.models.errors import SignatureError
 from riverflow.models.factory import build_model
 from riverflow.models.registry import ChampionPointer, RedisRegistry
 from riverflow.settings import Settings
 from riverflow.spec import PipelineSpec, load_spec
+from riverflow.stages.audit import WINDOW_S
 from riverflow.streams.contracts import Evaluation, ModelEvent, Prediction, Record
 from riverflow.streams.kafka_io import ensure_topics, produce_all, producer
 from riverflow.tools.generator import FraudStreamConfig, transactions, with_labels
@@ -374,6 +376,54 @@ def test_list_show_and_rollback_through_the_cli(
         ("rollback", 2, {"model": tree, "version": 3}, "degraded"),
         ("rollback", 1, {"model": tree, "version": 2}, "degraded"),
     ]
+
+
+def test_a_move_whose_model_event_was_never_written_reaches_the_audit_log(
+    stack: Endpoints, spec: PipelineSpec, redis_client: redis.Redis, start_stage: StageFactory
+) -> None:
+    """A learner killed between the registry and Kafka leaves an advance in the pointer
+    history that ``model-events`` never gets. The monitor writes it there, once, after
+    the grace (1 s here); the move that was logged is not written again."""
+    topics = spec.topics
+    ensure_topics(stack.kafka_bootstrap, topics.all(), partitions=1, replication=1)
+    registry = RedisRegistry(redis_client, spec.name, KEY)
+    tree = spec.models.champion_spec.name
+    made: list[Any] = []
+    for labels in (100, 200):  # as the learner does: publish, then advance
+        version = registry.publish(tree, build_model(spec.models.champion_spec),
+                                   {"labels_seen": labels, "parent": 0})  # fmt: skip
+        previous = made[-1].to if made else None
+        made.append(registry.move(ChampionPointer(tree, version), "advance", previous))
+    logged, lost = made
+    # the first move's event was written; the learner was killed before the second's
+    produce_all(producer(stack.kafka_bootstrap),
+                [(topics.model_events, tree.encode(), logged.as_event().encode())])  # fmt: skip
+
+    monitor = start_stage("monitor", audit_grace_s=1)
+    # (3 s more: a move written twice would show; the monitor looks every second)
+    log = read(stack, topics.model_events, 2, ModelEvent, 60, 3.0)
+    assert [(e.kind, e.version, e.at, e.previous) for e in log] == [
+        ("advance", logged.to.version, logged.at, None),
+        ("advance", lost.to.version, lost.at, {"model": tree, "version": logged.to.version}),
+    ]
+    assert log[0].evidence is None and log[1].evidence is not None
+    assert log[1].evidence["recovered"] is True
+    recovered = monitor.metric(
+        "riverflow_stage_status", stage="monitor", name="audit_recovered_moves"
+    )
+    assert recovered == 1.0  # on /metrics for the operator
+
+
+def test_a_starting_monitor_looks_back_no_further_than_model_events_keeps(
+    stack: Endpoints, spec: PipelineSpec
+) -> None:
+    """A move older than what the log keeps would be found missing and written again at
+    every start: the look back is a day, or an hour less than the log keeps."""
+    kept, whole = f"{spec.topics.model_events}-3h", spec.topics.model_events
+    hours = {kept: {"retention.ms": str(3 * 3_600_000)}, whole: {"retention.ms": "-1"}}
+    ensure_topics(stack.kafka_bootstrap, [kept, whole], 1, configs=hours)
+    assert audit_window_s(stack.kafka_bootstrap, kept) == 2 * 3_600
+    assert audit_window_s(stack.kafka_bootstrap, whole) == WINDOW_S
 
 
 def test_the_pointer_history_in_redis_keeps_the_newest_moves(
