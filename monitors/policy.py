@@ -363,13 +363,16 @@ class PipelineMonitor:
         to go back to: the champion is never rolled back. And the labels since the
         last promotion or rollback, and each fresh challenger's age in labels:
         without them, a restart ends the cool-down and gives every challenger its
-        patience again."""
+        patience again. And the challengers' duels with the champion (``duels``):
+        without them, every restart began each duel afresh, and a monitor restarted
+        more often than a duel takes never promoted."""
         good = [[p.model, p.version] for _, p in list(self.good)[-MEMORY_GOOD:]]
         since = None if self.last_decision is None else self.labels - self.last_decision
         ages = {name: self.labels - w.first_label for name, w in self.watches.items()
                 if name in self.fresh and name != self.champion_name}  # fmt: skip
+        duels = {name: duel.state() for name, duel in self.duels.items()}
         return {"champion": self.champion_name, "level": self.level, "good": good,
-                "since_decision": since, "ages": ages}  # fmt: skip
+                "since_decision": since, "ages": ages, "duels": duels}  # fmt: skip
 
     def restore(self, memory: Mapping[str, Any] | None) -> bool:
         """Take back what ``memory`` saved, if it is of the champion served now (a
@@ -386,7 +389,10 @@ class PipelineMonitor:
             since = None if since is None else int(since)
             ages = {str(n): int(a) for n, a in (memory.get("ages") or {}).items()}
             level = None if level is None else float(level)
-        except (AttributeError, TypeError, ValueError) as exc:
+            warmup, window = self.spec.promote.min_labels, self.spec.window
+            duels = {str(n): PairedDuel.restored(warmup, window, d)
+                     for n, d in (memory.get("duels") or {}).items()}  # fmt: skip
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
             log.warning("the monitor's saved memory is not readable, ignored: %s", exc)
             return False
         self.level = level
@@ -397,6 +403,9 @@ class PipelineMonitor:
         for name, age in ages.items():  # (those still fresh; none seen yet)
             if name in self.fresh and name not in self.watches:
                 self.watches[name] = Watch(self.spec, self.labels - age, self.target)
+        for name, duel in duels.items():  # (of this champion: the memory is its)
+            if name not in self.retired and name not in self.duels and not self.explores:
+                self.duels[name] = duel
         return True
 
     def on_prediction(
@@ -425,12 +434,14 @@ class PipelineMonitor:
         source: LabelSource | None = None,
         inputs: dict[str, Any] | None = None,
         seen: int | None = None,
+        paired: bool = True,
     ) -> list[Decision]:
         """A label with every candidate's prequential ``(version, answer)``: the
         probability of true (a bool label), the value (a number), or the class and
         the class probabilities (a category); ``source`` names the label, ``inputs``
         are what the models were given, ``seen`` the learner's count of labels when
-        it learned it (its evaluation's ``labels_seen``)."""
+        it learned it (its evaluation's ``labels_seen``). ``paired`` False: the duels
+        counted it before a restart (``restore``), and leave it out."""
         self.labels += 1
         champion = self.champion_name
         loss: dict[str, float] = {}  # 0/1 (wrong) for a classifier, |error| for a regressor
@@ -462,7 +473,8 @@ class PipelineMonitor:
             regression = self.target.kind == "regression"
             self.recent.append((inputs, label, not loss[champion], seen))
             for name, error in loss.items():
-                if name != champion and not self.explores:  # (a slate's: by its rankings)
+                # (a slate's: by its rankings)
+                if name != champion and not self.explores and paired:
                     duel = self.duels.get(name)
                     if duel is None:
                         duel = self.duels[name] = PairedDuel(

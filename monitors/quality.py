@@ -377,6 +377,34 @@ class PairedDuel:
         """Pairs counted (after the warm-up)."""
         return self.wins + self.ties + self.losses
 
+    def state(self) -> dict[str, Any]:
+        """What a restarted monitor takes back (``restored``): the pairs seen, the
+        wealth, the counts and the recent differences (a classifier's, each -1, 0 or +1,
+        as one character: ``-``, ``0``, ``+``)."""
+        recent: str | list[float] = (
+            list(self.recent.values) if self._regression
+            else "".join("-0+"[int(d) + 1] for d in self.recent.values)
+        )  # fmt: skip
+        return {"seen": self.seen, "log_wealth": self.log_wealth, "wins": self.wins,
+                "ties": self.ties, "losses": self.losses, "errors": self._errors,
+                "regression": self._regression, "recent": recent}  # fmt: skip
+
+    @classmethod
+    def restored(cls, warmup: int, window: int, state: dict[str, Any]) -> PairedDuel:
+        """The duel ``state`` saved, going on from where it was: the wealth is the one
+        its bets earned, so the e-process stays valid across the restart as long as no
+        pair is counted twice (the monitor stage skips the pairs it replays).
+        ``KeyError``, ``TypeError`` or ``ValueError`` if ``state`` is not one."""
+        duel = cls(warmup, window)
+        duel.seen, duel.log_wealth = int(state["seen"]), float(state["log_wealth"])
+        duel.wins, duel.ties, duel.losses = (int(state[k]) for k in ("wins", "ties", "losses"))
+        duel._errors, duel._regression = float(state["errors"]), bool(state["regression"])
+        recent = state["recent"]
+        values = [float("-0+".index(c) - 1) for c in recent] if isinstance(recent, str) else recent
+        for d in values[-window:]:
+            duel.recent.add(float(d))
+        return duel
+
     def e_value(self) -> float:
         return math.exp(self.log_wealth)
 

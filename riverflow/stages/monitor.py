@@ -55,6 +55,15 @@ MEMORY_EVERY_S = 2.0  # the monitor's memory is saved at most this often, when i
 MAX_SHOWN = 1_000  # a slate evaluation's ``shown`` beyond this is not a slate's
 
 
+def _offsets(raw: Any) -> dict[int, int]:
+    """A saved memory's ``through`` (partition -> offset); empty if it is not one."""
+    try:
+        return {int(p): int(o) for p, o in (raw or {}).items()}
+    except (AttributeError, TypeError, ValueError):
+        log.warning("monitor: the duels' offsets in its memory are not readable, ignored")
+        return {}
+
+
 class _Refused(Exception):
     """A record that parses but holds what the monitor must not take in."""
 
@@ -92,6 +101,11 @@ class Monitor:
         # what a restarted monitor must not forget (``PipelineMonitor.memory``): taken
         # back at the first batch, saved at most every MEMORY_EVERY_S when it changed
         self._restored = False
+        # per partition of the evaluations, the next offset the duels have not counted:
+        # saved with the memory (its duels hold every pair before it), so that a restart
+        # that reads some again (the group's committed offsets are behind the memory)
+        # does not count them twice in the restored duels
+        self._through: dict[int, int] = {}
         self._memory: dict[str, Any] | None = None
         self._memory_at = -math.inf
         # a batch the guard runs again (Redis down midway): the messages a call that
@@ -151,9 +165,13 @@ class Monitor:
         decisions += self.core.settle()  # a decision whose write's reply was lost
         decisions += self.core.refresh()
         if not self._restored:  # after refresh: the memory is of the champion it read
-            if self.core.restore(self.core.registry.monitor_memory()):
-                log.info("monitor: took back its memory of %s (level %s, %d good versions)",
-                         self.core.champion_name, self.core.level, len(self.core.good))  # fmt: skip
+            memory = self.core.registry.monitor_memory()
+            if self.core.restore(memory):
+                assert memory is not None
+                self._through = _offsets(memory.get("through"))
+                log.info("monitor: took back its memory of %s (level %s, %d good versions, "
+                         "%d duels)", self.core.champion_name, self.core.level,
+                         len(self.core.good), len(self.core.duels))  # fmt: skip
             self._restored = True
         self._shadows_read = False
         for msg in batch:
@@ -172,9 +190,17 @@ class Monitor:
                     if ev.search:  # the learner's model search: read first (may refuse)
                         self.history.record_search(ev.search, self.core.labels + 1)
                     source = LabelSource(ev.event_id, ev.label_at, ev.label_time)
+                    counted = self._through.get(msg.partition, 0)
                     decisions += self.core.on_evaluation(
-                        ev.label, predictions, ev.segment, source, ev.inputs, ev.labels_seen
+                        ev.label,
+                        predictions,
+                        ev.segment,
+                        source,
+                        ev.inputs,
+                        ev.labels_seen,
+                        paired=msg.offset >= counted,
                     )
+                    self._through[msg.partition] = max(counted, msg.offset + 1)
                     self.history.sample(self.core)
                     if shown is not None:
                         ranking = self._ranking()
@@ -217,6 +243,7 @@ class Monitor:
             return
         self._memory_at = now
         memory = self.core.memory()
+        memory["through"] = {str(p): o for p, o in self._through.items()}
         if memory == self._memory:
             return
         try:
