@@ -347,6 +347,11 @@ class ModelRegistry(ABC):
         return ModelVersion(name, version, verify_and_load(blob, self.key), meta)
 
     def meta(self, name: str, version: int) -> dict[str, Any]:
+        """The version's metadata (not its model: a read of the metadata alone where
+        the store can); ``ModelError`` if there is no such version."""
+        return self._meta_of(name, version)
+
+    def _meta_of(self, name: str, version: int) -> dict[str, Any]:
         return self._get(name, version)[1]
 
     def latest(self, name: str) -> int | None:
@@ -775,6 +780,12 @@ class RedisRegistry(ModelRegistry):
         if blob is None or meta is None:
             raise ModelError(f"model {name!r} has no version {version}")
         return blob, orjson.loads(meta)
+
+    def _meta_of(self, name: str, version: int) -> dict[str, Any]:
+        meta = self.client.get(f"{self._model(name)}meta:{version}")
+        if meta is None:
+            raise ModelError(f"model {name!r} has no version {version}")
+        return dict(orjson.loads(meta))
 
     def _pointer(self) -> bytes | None:
         raw = self.client.get(f"{self.prefix}champion")
