@@ -128,8 +128,8 @@ class Settings(BaseSettings):
     model_poll_s: float = Field(0.1, gt=0, description="how often a scorer checks the champion")
     audit_grace_s: float = Field(
         300.0, gt=0,
-        description="the monitor writes a pointer move missing from model-events once it "
-        "is this old (its mover was killed before writing it)",
+        description="the monitor writes a version or pointer move missing from model-events "
+        "once it is this old (its maker was killed before logging it)",
     )  # fmt: skip
     signing_key: SecretStr = Field(
         SecretStr(DEV_SIGNING_KEY), description="HMAC key for model snapshots"

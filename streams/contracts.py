@@ -468,9 +468,9 @@ class ModelEvent(Record):
     names the label that tripped it (``event_id``, ``label_at``, ``label_time``)
     and whether the model was the ``champion`` then. A model search
     (``models.search``, ``by: learner``) writes ``search`` (a round began) and
-    ``prune`` (a rung's decision, with its evidence). A pointer move its mover was
-    killed before logging is written by the monitor (``riverflow.stages.audit``) with
-    ``evidence: {"recovered": true, "late_s": ...}``.
+    ``prune`` (a rung's decision, with its evidence). A version or pointer move whose
+    maker was killed before logging it is written by the monitor
+    (``riverflow.stages.audit``) with ``evidence: {"recovered": true, "late_s": ...}``.
     """
 
     kind: str

@@ -419,8 +419,8 @@ class Monitor:
     def status(self) -> dict[str, float]:
         out = {"labels": float(self.core.labels)}
         out.update({f"decisions_{k}": float(v) for k, v in self.history.decisions.items()})
-        if self.audit is not None:  # pointer moves the audit log lacked, written here
-            out["audit_recovered_moves"] = float(self.audit.recovered)
+        if self.audit is not None:  # versions and moves the audit log lacked, written here
+            out["audit_recovered"] = float(self.audit.recovered)
         return out
 
     def view(self, series: bool = True) -> MonitorView:

@@ -381,37 +381,42 @@ def test_list_show_and_rollback_through_the_cli(
 def test_a_move_whose_model_event_was_never_written_reaches_the_audit_log(
     stack: Endpoints, spec: PipelineSpec, redis_client: redis.Redis, start_stage: StageFactory
 ) -> None:
-    """A learner killed between the registry and Kafka leaves an advance in the pointer
-    history that ``model-events`` never gets. The monitor writes it there, once, after
-    the grace (1 s here); the move that was logged is not written again."""
+    """A learner killed between the registry and Kafka leaves a version and an advance
+    in the registry that ``model-events`` never gets. The monitor writes them there, once,
+    after the grace (1 s here); what was logged is not written again."""
     topics = spec.topics
     ensure_topics(stack.kafka_bootstrap, topics.all(), partitions=1, replication=1)
     registry = RedisRegistry(redis_client, spec.name, KEY)
     tree = spec.models.champion_spec.name
     made: list[Any] = []
     for labels in (100, 200):  # as the learner does: publish, then advance
+        parent = made[-1].to.version if made else 0
         version = registry.publish(tree, build_model(spec.models.champion_spec),
-                                   {"labels_seen": labels, "parent": 0})  # fmt: skip
+                                   {"labels_seen": labels, "parent": parent})  # fmt: skip
         previous = made[-1].to if made else None
         made.append(registry.move(ChampionPointer(tree, version), "advance", previous))
     logged, lost = made
-    # the first move's event was written; the learner was killed before the second's
+    # the first version's events were written; the learner was killed before the second's
+    published = ModelEvent(kind="published", model=tree, version=logged.to.version,
+                           parent=0, labels_seen=100)  # fmt: skip
     produce_all(producer(stack.kafka_bootstrap),
-                [(topics.model_events, tree.encode(), logged.as_event().encode())])  # fmt: skip
+                [(topics.model_events, tree.encode(), e.encode())
+                 for e in (published, logged.as_event())])  # fmt: skip
 
     monitor = start_stage("monitor", audit_grace_s=1)
     # (3 s more: a move written twice would show; the monitor looks every second)
-    log = read(stack, topics.model_events, 2, ModelEvent, 60, 3.0)
-    assert [(e.kind, e.version, e.at, e.previous) for e in log] == [
-        ("advance", logged.to.version, logged.at, None),
-        ("advance", lost.to.version, lost.at, {"model": tree, "version": logged.to.version}),
+    log = read(stack, topics.model_events, 4, ModelEvent, 60, 3.0)
+    v1, v2 = logged.to.version, lost.to.version
+    assert [(e.kind, e.version, e.at, e.parent, e.labels_seen) for e in log] == [
+        ("published", v1, None, 0, 100),
+        ("advance", v1, logged.at, None, None),
+        ("published", v2, None, v1, 200),
+        ("advance", v2, lost.at, None, None),
     ]
-    assert log[0].evidence is None and log[1].evidence is not None
-    assert log[1].evidence["recovered"] is True
-    recovered = monitor.metric(
-        "riverflow_stage_status", stage="monitor", name="audit_recovered_moves"
-    )
-    assert recovered == 1.0  # on /metrics for the operator
+    assert log[3].previous == {"model": tree, "version": v1}
+    assert [bool(e.evidence and e.evidence["recovered"]) for e in log] == [0, 0, 1, 1]
+    recovered = monitor.metric("riverflow_stage_status", stage="monitor", name="audit_recovered")
+    assert recovered == 2.0  # on /metrics for the operator
 
 
 def test_a_starting_monitor_looks_back_no_further_than_model_events_keeps(
