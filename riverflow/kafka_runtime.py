@@ -56,7 +56,7 @@ from riverflow.streams.trailing import TrailingReader
 
 log = logging.getLogger(__name__)
 METRICS_PORTS = {"scorer": 9401, "learner": 9402, "monitor": 9403}
-AUDIT_EVERY_S = 60.0  # how often the monitor checks the audit log for lost moves
+AUDIT_EVERY_S = 60.0  # how often the monitor looks for versions and moves the audit log lacks
 WEEK_MS = 7 * 24 * 3600 * 1000  # Kafka's default retention
 
 
@@ -212,10 +212,10 @@ def scored_index(spec: PipelineSpec, settings: Settings, ep: Servers) -> Followe
 
 
 def audit_window_s(bootstrap: str, topic: str) -> float:
-    """How far back a starting monitor looks for pointer moves the audit log lacks: a
-    day, or less than what ``topic`` keeps by time (a move older than that would be
-    found missing from a log that deleted it, and written again). Its size bound, if
-    it has one, is not known to keep a day: then an hour."""
+    """How far back a starting monitor looks for versions and pointer moves the audit
+    log lacks: a day, or an hour less than what ``topic`` keeps by time (a record older
+    than that would be found missing from a log that deleted it, and written again).
+    A size bound, if it has one, is not known to keep a day: then an hour."""
     try:
         keep_ms, keep_bytes = topic_retention(bootstrap, topic)
     except KafkaIOError as exc:

@@ -83,8 +83,8 @@ class Monitor:
         audit: AuditReconciler | None = None,
     ) -> None:
         self.topics = topics
-        # the pointer moves the audit log lacks, written by this stage (its mover was
-        # killed between the registry and Kafka): riverflow.stages.audit
+        # the versions and pointer moves the audit log lacks, written by this stage
+        # (their maker was killed between the registry and Kafka): riverflow.stages.audit
         self.audit = audit
         self.dlq_keep_bytes = dlq_keep_bytes
         self.core = core
