@@ -184,14 +184,14 @@ class AuditReconciler:
                 meta = self.registry.meta(name, version)
             except ModelError:
                 continue
-            created = meta.get("created")
+            raw = meta.get("created")
+            created = float(raw) if isinstance(raw, int | float) else -math.inf
             # a model search's configurations are stored for its checkpoint, not logged
-            old = not isinstance(created, int | float) or created <= horizon
-            if old or "search" in meta:
+            if created <= horizon or "search" in meta:
                 self.versions_checked.add((name, version))
             elif created <= until:
                 kind = "imported" if "imported_from" in meta else "published"
-                out.append((kind, name, version, meta, float(created)))
+                out.append((kind, name, version, meta, created))
         return out
 
     def _unchecked(self, horizon: float) -> list[PointerMove]:
