@@ -50,6 +50,7 @@ RECENT = 500  # moves read from the history at a time (all of it if that is too 
 # (kind, model, version, the move's time): a version's own record has no time, and its
 # number is never used twice
 Key = tuple[str, str, int, float | None]
+MoveKey = tuple[str, str, int, float]
 
 
 def event_key(event: ModelEvent) -> Key | None:
@@ -84,14 +85,14 @@ class AuditReconciler:
         self.every_s = every_s
         self.clock = clock
         self.window_s = window_s
-        # the moves looked for (by key, with their times): by key, not by a time
+        # the moves looked for, by key (its last field is the move's time): not by a time
         # watermark, as movers' clocks differ; only those still in the last read of the
         # history are kept (a move read again is looked for again: the log has it)
-        self.checked: dict[Key, float] = {}
+        self.checked: set[MoveKey] = set()
         self.versions_checked: set[tuple[str, int]] = set()  # (name, version) looked for
         self._next = -math.inf
         self._read_all = True  # the first look reads the whole history
-        self.recovered = 0  # moves written by this reconciler
+        self.recovered = 0  # versions and moves written by this reconciler
         # a look runs in a thread of its own: a read of the topic with Kafka away waits
         # out its timeouts (up to a minute), which the monitor's batches must not
         self._looking: threading.Thread | None = None
@@ -160,7 +161,7 @@ class AuditReconciler:
                         name, version, kind, created)  # fmt: skip
         for m in moves:
             key = _key(m)
-            self.checked[key] = m.at
+            self.checked.add(key)
             if key in logged:
                 continue
             out.append(replace(m.as_event(), evidence=_recovered(now, m.at)))
@@ -207,11 +208,11 @@ class AuditReconciler:
             recent = self.registry.recent_moves(HISTORY_KEEP)
         self._read_all = False
         oldest = min((m.at for m in recent), default=math.inf)
-        self.checked = {k: at for k, at in self.checked.items() if at >= oldest}
+        self.checked = {k for k in self.checked if k[3] >= oldest}
         return [m for m in recent if m.at > horizon and _key(m) not in self.checked]
 
 
-def _key(m: PointerMove) -> Key:
+def _key(m: PointerMove) -> MoveKey:
     return (m.kind, m.to.model, m.to.version, m.at)
 
 
