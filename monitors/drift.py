@@ -16,7 +16,10 @@ their error rate barely moves when what users like changes.
 
 from __future__ import annotations
 
+import base64
+import logging
 import math
+import pickle
 from enum import StrEnum
 from typing import Any, Literal
 
@@ -24,7 +27,15 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 from river import base
 
-from riverflow.models.errors import ModelSpecError
+from riverflow.models.errors import ModelSpecError, SignatureError
+from riverflow.models.signing import Keys, sign, verify_and_load
+
+log = logging.getLogger(__name__)
+
+# what taking back a saved detector may raise: a field missing or of a wrong type, bad
+# base64, a signature of another key, a pickle a River upgrade cannot load
+_UNREADABLE = (KeyError, TypeError, ValueError, AttributeError, ImportError,
+               pickle.UnpicklingError, SignatureError)  # fmt: skip
 
 
 class DetectorKind(StrEnum):
@@ -95,6 +106,37 @@ class ErrorDriftMonitor:
             if isinstance(value, int | float | np.floating) and not isinstance(value, bool):
                 out[name.lstrip("_")] = round(float(value), 6)
         return out
+
+    def state(self, keys: Keys) -> dict[str, Any]:
+        """What ``restored`` takes back: the detector's spec, its alarms, and the
+        detector itself (a River object: a pickle signed with ``keys``, in base64)."""
+        blob = base64.b64encode(sign(self.detector, keys)).decode()
+        return {"spec": self.spec.model_dump(mode="json"), "alarms": self.alarms,
+                "detector": blob}  # fmt: skip
+
+    @classmethod
+    def restored(
+        cls, spec: DetectorSpec, state: dict[str, Any], keys: Keys
+    ) -> ErrorDriftMonitor | None:
+        """The monitor ``state()`` saved, if it is of a detector ``spec`` builds (a
+        detector of other parameters says nothing of this one's) and signed with a key
+        of ``keys``; None otherwise (it cannot be read, or is refused: logged)."""
+        try:
+            if DetectorSpec.model_validate(state["spec"]) != spec:
+                return None
+            alarms = int(state["alarms"])
+            detector = verify_and_load(base64.b64decode(state["detector"], validate=True), keys)
+        except _UNREADABLE as exc:
+            log.warning("a saved drift detector is not readable, a fresh one used: %s", exc)
+            return None
+        kind = _detector_class(spec.kind)
+        if type(detector) is not kind:
+            log.warning("a saved drift detector is a %s, not a %s: a fresh one used",
+                        type(detector).__name__, kind.__name__)  # fmt: skip
+            return None
+        monitor = cls(spec)
+        monitor.detector, monitor.alarms = detector, alarms
+        return monitor
 
     def update(self, error: float) -> bool:
         """One model's loss on a label (0/1, or an absolute error): True on a rise."""

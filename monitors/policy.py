@@ -365,14 +365,23 @@ class PipelineMonitor:
         without them, a restart ends the cool-down and gives every challenger its
         patience again. And the challengers' duels with the champion (``duels``):
         without them, every restart began each duel afresh, and a monitor restarted
-        more often than a duel takes never promoted."""
+        more often than a duel takes never promoted. And the champion's drift detector
+        (``drift``): a fresh one after a restart sees only the errors since, and a
+        monitor restarted once its champion's errors had risen never raised the alarm
+        (nor started the fresh challenger it brings)."""
         good = [[p.model, p.version] for _, p in list(self.good)[-MEMORY_GOOD:]]
         since = None if self.last_decision is None else self.labels - self.last_decision
         ages = {name: self.labels - w.first_label for name, w in self.watches.items()
                 if name in self.fresh and name != self.champion_name}  # fmt: skip
         duels = {name: duel.state() for name, duel in self.duels.items()}
-        return {"champion": self.champion_name, "level": self.level, "good": good,
-                "since_decision": since, "ages": ages, "duels": duels}  # fmt: skip
+        memory = {"champion": self.champion_name, "level": self.level, "good": good,
+                  "since_decision": since, "ages": ages, "duels": duels}  # fmt: skip
+        watch = self.watches.get(self.champion_name)
+        if watch is not None and self.error_drift:
+            memory["drift"] = {"version": watch.version,
+                               "settling": max(0, watch.settled_at - self.labels),
+                               **watch.drift.state(self.registry.key)}  # fmt: skip
+        return memory
 
     def restore(self, memory: Mapping[str, Any] | None) -> bool:
         """Take back what ``memory`` saved, if it is of the champion served now (a
@@ -406,7 +415,24 @@ class PipelineMonitor:
         for name, duel in duels.items():  # (of this champion: the memory is its)
             if name not in self.retired and name not in self.duels and not self.explores:
                 self.duels[name] = duel
+        self._restore_drift(memory.get("drift"))
         return True
+
+    def _restore_drift(self, saved: object) -> None:
+        """The champion's drift detector as ``memory`` saved it, if of this spec's
+        detector (``restore`` checked the memory is of this champion)."""
+        if not isinstance(saved, dict) or self.champion_name in self.watches:
+            return
+        try:
+            version, settling = int(saved["version"]), int(saved["settling"])
+        except (KeyError, TypeError, ValueError):
+            return
+        drift = ErrorDriftMonitor.restored(self.spec.detector, saved, self.registry.key)
+        if drift is None:
+            return
+        watch = self.watches[self.champion_name] = Watch(self.spec, self.labels, self.target)
+        watch.version, watch.drift = version, drift
+        watch.settled_at = self.labels + settling
 
     def on_prediction(
         self, features: dict[str, float], probability: float, model: str, version: int
@@ -441,7 +467,8 @@ class PipelineMonitor:
         the class probabilities (a category); ``source`` names the label, ``inputs``
         are what the models were given, ``seen`` the learner's count of labels when
         it learned it (its evaluation's ``labels_seen``). ``paired`` False: the duels
-        counted it before a restart (``restore``), and leave it out."""
+        and the champion's drift detector counted it before a restart (``restore``),
+        and leave it out."""
         self.labels += 1
         champion = self.champion_name
         loss: dict[str, float] = {}  # 0/1 (wrong) for a classifier, |error| for a regressor
@@ -457,6 +484,7 @@ class PipelineMonitor:
             if (
                 name == champion
                 and self.error_drift
+                and paired
                 and self.labels >= watch.settled_at
                 and watch.drift.update(loss[name])
             ):

@@ -170,8 +170,10 @@ class Monitor:
                 assert memory is not None
                 self._through = _offsets(memory.get("through"))
                 log.info("monitor: took back its memory of %s (level %s, %d good versions, "
-                         "%d duels)", self.core.champion_name, self.core.level,
-                         len(self.core.good), len(self.core.duels))  # fmt: skip
+                         "%d duels, drift detector %s)", self.core.champion_name,
+                         self.core.level, len(self.core.good), len(self.core.duels),
+                         "kept" if self.core.champion_name in self.core.watches
+                         else "fresh")  # fmt: skip
             self._restored = True
         self._shadows_read = False
         for msg in batch:

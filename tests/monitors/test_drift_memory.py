@@ -1,0 +1,86 @@
+"""A monitor killed after its champion's errors rose, and started again, still raises the
+drift alarm (and starts the fresh challenger it brings): its saved memory carries the
+champion's drift detector. Before, the restarted monitor's fresh detector saw only the
+errors since the restart, found no change in them, and never raised it."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+from river import linear_model
+
+from riverflow.assembly import build_monitor
+from riverflow.models.registry import ChampionPointer, MemoryRegistry
+from riverflow.monitors.drift import DetectorKind, DetectorSpec, ErrorDriftMonitor
+from riverflow.spec import PipelineSpec
+from riverflow.stages import monitor as monitor_stage
+from riverflow.stages.monitor import Monitor
+from riverflow.streams.contracts import Message, ModelEvent
+from tests.monitors.test_monitor_retry import KEY, drifting_spec, evaluations
+
+BATCH = 10
+FALLS_AT = 500  # the champion right on 95% of the labels, then on 10%
+
+
+def registry_with_two() -> MemoryRegistry:
+    registry = MemoryRegistry(KEY)
+    for name in ("fraud-hoeffding", "fraud-logreg"):
+        registry.publish(name, linear_model.LogisticRegression(), {"metrics": {"labels": 1000}})
+    registry.move(ChampionPointer("fraud-hoeffding", 1), "advance", None)
+    return registry
+
+
+def feed(monitor: Monitor, msgs: list[Message]) -> list[ModelEvent]:
+    """``msgs`` in batches; the drift alarms and fresh challengers written."""
+    out = [o for i in range(0, len(msgs), BATCH) for o in monitor.process(msgs[i : i + BATCH])]
+    events = [ModelEvent.decode(o.value) for o in out if o.topic == monitor.topics.model_events]
+    return [e for e in events if e.kind in ("drift", "challenger")]
+
+
+def detector_evidence(events: list[ModelEvent]) -> list[tuple[str, str, object]]:
+    return [(e.kind, e.model, (e.evidence or {}).get("statistic")) for e in events]
+
+
+@pytest.mark.parametrize("replayed", [0, 5])
+def test_a_monitor_restarted_after_its_champion_fell_still_raises_the_drift_alarm(
+    fraud_spec: PipelineSpec, monkeypatch: pytest.MonkeyPatch, replayed: int
+) -> None:
+    spec = drifting_spec(fraud_spec)
+    msgs = evaluations(spec, falls_at=FALLS_AT)
+    whole = feed(build_monitor(spec, registry_with_two()), msgs)
+    assert [e.kind for e in whole] == ["drift", "challenger"]
+    alarm_at = (whole[0].evidence or {}).get("labels")
+    assert isinstance(alarm_at, int) and FALLS_AT < alarm_at < FALLS_AT + 20
+
+    monkeypatch.setattr(monitor_stage, "MEMORY_EVERY_S", 0.0)  # saved after every batch
+    registry = registry_with_two()
+    killed_at = FALLS_AT + 5  # the errors have risen; the alarm has not come yet
+    first = build_monitor(spec, registry)
+    assert feed(first, msgs[:killed_at]) == []
+    # SIGKILLed; the group committed offsets ``replayed`` records behind the memory
+    again = build_monitor(spec, registry)
+    assert detector_evidence(feed(again, msgs[killed_at - replayed :])) == detector_evidence(whole)
+    assert again.core.fresh.keys() == {"fraud-hoeffding.r1"}
+
+
+def test_a_saved_detector_is_taken_back_only_if_signed_by_us_and_of_the_spec() -> None:
+    spec = DetectorSpec()
+    drift = ErrorDriftMonitor(spec)
+    for i in range(300):
+        drift.update(float(i % 10 == 0))
+    state = drift.state(KEY)
+
+    back = ErrorDriftMonitor.restored(spec, state, KEY)
+    assert back is not None
+    assert back.statistic() == drift.statistic()
+    assert [back.update(1.0) for _ in range(60)] == [drift.update(1.0) for _ in range(60)]
+
+    assert ErrorDriftMonitor.restored(spec, state, b"x" * 32) is None  # another key
+    blob = bytearray(base64.b64decode(state["detector"]))
+    blob[-5] ^= 1  # one bit of the pickle changed
+    tampered = {**state, "detector": base64.b64encode(bytes(blob)).decode()}
+    assert ErrorDriftMonitor.restored(spec, tampered, KEY) is None
+    assert ErrorDriftMonitor.restored(spec, {**state, "detector": "not base64!"}, KEY) is None
+    other = DetectorSpec(kind=DetectorKind.ADWIN, params={"delta": 0.01})
+    assert ErrorDriftMonitor.restored(other, state, KEY) is None  # other parameters
