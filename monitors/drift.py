@@ -239,6 +239,33 @@ class RankingDriftMonitor:
     def _spread(self) -> float:
         return max(math.sqrt(self.var), MIN_SPREAD)
 
+    def state(self) -> dict[str, Any]:
+        """What ``restored`` takes back (plain numbers)."""
+        return {"spec": self.spec.model_dump(mode="json"), "requests": self.requests,
+                "mean": self.mean, "var": self.var, "cusum": self.cusum, "run": list(self.run),
+                "alarms": self.alarms, "restarts": self.restarts, "last": self.last}  # fmt: skip
+
+    @classmethod
+    def restored(cls, spec: RankingDriftSpec, state: dict[str, Any]) -> RankingDriftMonitor | None:
+        """The detector ``state()`` saved, if of ``spec`` (None otherwise, or if it
+        cannot be read: logged)."""
+        try:
+            if RankingDriftSpec.model_validate(state["spec"]) != spec:
+                return None
+            detector = cls(spec)
+            detector.requests = int(state["requests"])
+            detector.mean, detector.var = float(state["mean"]), float(state["var"])
+            detector.cusum = float(state["cusum"])
+            n, total = state["run"]
+            detector.run = (int(n), float(total))
+            detector.alarms, detector.restarts = int(state["alarms"]), int(state["restarts"])
+            detector.last = {str(k): float(v) for k, v in state["last"].items()}
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            log.warning("a saved ranking drift detector is not readable, a fresh one used: %s",
+                        exc)  # fmt: skip
+            return None
+        return detector
+
     def update(self, value: float) -> bool:
         """One completed request's quality: True on a drop (then the detector restarts)."""
         if not 0.0 <= value <= 1.0:  # (a NaN too)

@@ -51,7 +51,7 @@ import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, cast
+from typing import Any, Literal, cast
 
 from riverflow.monitors.drift import RankingDriftMonitor, RankingDriftSpec
 from riverflow.monitors.history import MAX_POINTS
@@ -389,15 +389,47 @@ class RankingMonitor:
         self.targets_dropped = 0  # shadow rankings dropped before their request completed
 
     def on_item(
-        self, request: str, shown: int, item: ShownItem, served: tuple[str, int] | None
+        self,
+        request: str,
+        shown: int,
+        item: ShownItem,
+        served: tuple[str, int] | None,
+        counted: bool = False,
     ) -> ServedRequest | None:
-        """One labelled shown item; the request if this completed it."""
+        """One labelled shown item; the request if this completed it. ``counted``: the
+        item was read again after a restart, and the drift detectors restored
+        (``restore_drift``) had counted the request it completes, if it completes one
+        (its items were all read before, then)."""
         done = self.open.add(request, shown, item, served)
         if done is not None:
-            self._complete(done)
+            self._complete(done, counted)
         return done
 
-    def _complete(self, req: ServedRequest) -> None:
+    def drift_memory(self) -> dict[str, Any]:
+        """Each serving model's drift detector (``restore_drift`` takes them back): a
+        fresh one after a restart takes the level it sees then as its reference, and a
+        monitor restarted after the served quality fell never raised the alarm."""
+        return {model: {"version": w.version, "detector": w.drift.state()}
+                for model, w in self._served.items() if w.drift is not None}  # fmt: skip
+
+    def restore_drift(self, memory: object) -> None:
+        """The drift detectors ``drift_memory`` saved (those of this spec's detector)."""
+        if self.drift is None or not isinstance(memory, dict):
+            return
+        for model, saved in memory.items():
+            if model in self._served or not isinstance(saved, dict):
+                continue
+            detector = RankingDriftMonitor.restored(self.drift, saved.get("detector") or {})
+            try:
+                version = int(saved["version"])
+            except (KeyError, TypeError, ValueError):
+                continue
+            if detector is not None:
+                w = _Window(version, self.open.completed, clicks=ClickQuality(self.window))
+                w.drift = detector
+                self._served[str(model)] = w
+
+    def _complete(self, req: ServedRequest, counted: bool = False) -> None:
         k = len(req.items)
         self.k = max(self.k, k)
         n = self.open.completed
@@ -413,7 +445,7 @@ class RankingMonitor:
             w.version, w.last = version, n
             assert w.clicks is not None
             ctr, gain = w.clicks.add(req.clicks, k)
-            if w.drift is not None:
+            if w.drift is not None and not counted:
                 value = ctr if w.drift.spec.signal == "ctr" else gain
                 self._detect(w.drift, model, version, req.request, value)
         for name, (version, _) in req.items[0].scores.items():

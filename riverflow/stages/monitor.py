@@ -108,6 +108,7 @@ class Monitor:
         self._through: dict[int, int] = {}
         self._memory: dict[str, Any] | None = None
         self._memory_at = -math.inf
+        self._ranking_drift: object = None  # a slate pipeline's, restored with the ranking
         # a batch the guard runs again (Redis down midway): the messages a call that
         # raised took in are not taken in twice, its outputs and decisions come with
         # the next call (see _process)
@@ -169,6 +170,7 @@ class Monitor:
             if self.core.restore(memory):
                 assert memory is not None
                 self._through = _offsets(memory.get("through"))
+                self._ranking_drift = memory.get("ranking_drift")  # (when slates come)
                 log.info("monitor: took back its memory of %s (level %s, %d good versions, "
                          "%d duels, drift detector %s)", self.core.champion_name,
                          self.core.level, len(self.core.good), len(self.core.duels),
@@ -193,6 +195,7 @@ class Monitor:
                         self.history.record_search(ev.search, self.core.labels + 1)
                     source = LabelSource(ev.event_id, ev.label_at, ev.label_time)
                     counted = self._through.get(msg.partition, 0)
+                    reread = msg.offset < counted  # (the restored memory counted it)
                     decisions += self.core.on_evaluation(
                         ev.label,
                         predictions,
@@ -200,13 +203,13 @@ class Monitor:
                         source,
                         ev.inputs,
                         ev.labels_seen,
-                        paired=msg.offset >= counted,
+                        paired=not reread,
                     )
                     self._through[msg.partition] = max(counted, msg.offset + 1)
                     self.history.sample(self.core)
                     if shown is not None:
                         ranking = self._ranking()
-                        done = ranking.on_item(*shown)
+                        done = ranking.on_item(*shown, counted=reread)
                         if done is not None and self.core.explores:  # its off-policy duels
                             decisions += self.core.on_ranked_request(done.request, done.clicks)
                         for a in ranking.take_alarms():  # its drift detector, for slates
@@ -246,6 +249,8 @@ class Monitor:
         self._memory_at = now
         memory = self.core.memory()
         memory["through"] = {str(p): o for p, o in self._through.items()}
+        if self.ranking is not None:
+            memory["ranking_drift"] = self.ranking.drift_memory()
         if memory == self._memory:
             return
         try:
@@ -265,6 +270,7 @@ class Monitor:
             # a slate's drift is a drop of the served ranking's quality per request,
             # not of the per-item error rate (mostly negatives: it barely moves)
             self.core.error_drift = False
+            self.ranking.restore_drift(self._ranking_drift)
         return self.ranking
 
     def _shown_item(

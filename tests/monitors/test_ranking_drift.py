@@ -218,8 +218,8 @@ def stage_decisions(
                           "propensity": 1.0, "defaulted": not clicked})  # fmt: skip
         if (req.position + 1) % 100 == 0:
             rng.shuffle(batch)
-            t = rt.topics.evaluations
-            messages = [Message(t, 0, n, b"k", orjson.dumps(r)) for n, r in enumerate(batch)]
+            t, at = rt.topics.evaluations, rt.monitor.core.labels  # (offsets count on)
+            messages = [Message(t, 0, at + n, b"k", orjson.dumps(r)) for n, r in enumerate(batch)]
             events = [ModelEvent.decode(o.value) for o in rt.monitor.process(messages)
                       if o.topic == rt.topics.model_events]  # fmt: skip
             out += [(req.position + 1, e) for e in events]
