@@ -17,6 +17,7 @@ import redis
 import yaml
 
 from riverflow.models.registry import PointerMove, RedisRegistry
+from riverflow.monitors.drift import ErrorDriftMonitor
 from riverflow.monitors.view import MonitorView
 from riverflow.settings import DEFAULT_SPEC, Settings
 from riverflow.spec import PipelineSpec
@@ -190,6 +191,9 @@ def test_a_monitor_sigkilled_after_the_burst_and_restarted_still_rolls_back(
     time.sleep(MEMORY_EVERY_S + 1.0)  # what it saved last is from after the burst
     memory = saved()
     assert memory is not None and memory["level"] is not None and memory["good"], memory
+    # and its champion's drift detector, signed, as Redis keeps it
+    drift = ErrorDriftMonitor.restored(spec.monitors.detector, memory["drift"], KEY)
+    assert drift is not None and drift.statistic()["width"] > 0
     run.monitor.proc.kill()
     run.monitor.proc.wait()
     start_stage("monitor", model_poll_s=0.05)
