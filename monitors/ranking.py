@@ -419,11 +419,11 @@ class RankingMonitor:
         for model, saved in memory.items():
             if model in self._served or not isinstance(saved, dict):
                 continue
-            detector = RankingDriftMonitor.restored(self.drift, saved.get("detector") or {})
             try:
                 version = int(saved["version"])
             except (KeyError, TypeError, ValueError):
                 continue
+            detector = RankingDriftMonitor.restored(self.drift, saved.get("detector") or {})
             if detector is not None:
                 w = _Window(version, self.open.completed, clicks=ClickQuality(self.window))
                 w.drift = detector
