@@ -61,16 +61,23 @@ class Target:
             raise ModelSpecError(f"model {name!r}: {why}")
 
     def predict(
-        self, model: Any, x: dict[str, Any], version: int, label: Label | None = None
+        self,
+        model: Any,
+        x: dict[str, Any],
+        version: int,
+        label: Label | None = None,
+        proba: dict[Any, float] | None = None,
     ) -> tuple[Any, CandidatePrediction]:
         """What ``model`` predicts for ``x``: what its metrics score (the probabilities
         River gives, or the value) and the prediction as it is written (with its
-        absolute error if the number ``label`` is given)."""
+        absolute error if the number ``label`` is given). ``proba``: a classifier's
+        ``predict_proba_one(x)`` if the caller has it already."""
         if self.type.regression:
             number = float(model.predict_one(x))
             error = None if label is None else abs(float(label) - number)
             return number, CandidatePrediction(version, None, number, error=error)
-        proba = model.predict_proba_one(x)
+        if proba is None:
+            proba = model.predict_proba_one(x)
         if self.type is LabelType.BOOL:
             return proba, CandidatePrediction(version, float(proba.get(True, proba.get(1, 0.0))))
         value, probabilities = self._classes(proba)

@@ -21,6 +21,7 @@ from riverflow.features.definitions import FeaturePlan
 from riverflow.features.labelled import LabelFeatures, LearnedLabel
 from riverflow.features.scored import ScoredEvent, ScoredEvents
 from riverflow.features.store import ORPHAN, Claim, FeatureStore
+from riverflow.models.batched import fm_proba_one
 from riverflow.models.checkpoint import LearnerCheckpoint
 from riverflow.models.target import Target
 from riverflow.monitors.prequential import Metrics
@@ -39,6 +40,7 @@ from riverflow.streams.contracts import (
     Evaluation,
     Label,
     LabelPosition,
+    LabelType,
     Message,
     Output,
 )
@@ -157,6 +159,7 @@ class Learner:
         self.scored_through: ScoredThrough = scored_through or (lambda: self.clock())
         self.extra = monitor_only_field(join.segment, join.inputs)
         self.target = Target(join.label.type, join.label.classes)
+        self._binary = self.target.type is LabelType.BOOL
         self.validate = label_validator(join.label, join.max_bytes)
         self.pending: dict[str, _Pending] = {}
         # label.learn: at_timeout: label messages claimed, held until their prediction's
@@ -552,7 +555,10 @@ class Learner:
         x = {**model_inputs(snap.inputs, self.extra), **snap.features}
         predictions: dict[str, CandidatePrediction] = {}
         for c in self.candidates.values():
-            scored, prediction = self.target.predict(c.model, x, c.version, label)
+            # a factorization machine's in linear time (models.batched): River sums its
+            # pairwise interactions pair by pair, a third of a recsys label's learning
+            proba = fm_proba_one(c.model, x) if self._binary else None
+            scored, prediction = self.target.predict(c.model, x, c.version, label, proba)
             c.metrics.update(label, scored)
             c.model.learn_one(x, label)
             predictions[c.name] = prediction

@@ -114,3 +114,28 @@ def test_other_models_and_an_empty_batch() -> None:
         positive_probability(logreg, x) for x in numeric
     ]
     assert positive_probabilities(facto.FMClassifier(), []) == []
+
+
+def test_the_learners_prequential_prediction_of_an_fm_is_rivers_step_after_step() -> None:
+    """The learner predicts each label's pair with ``fm_proba_one`` and then learns it:
+    the same probabilities as River's ``predict_proba_one`` before each step, and the
+    same model after all of them (an unseen user's latent vector drawn where River
+    draws it); None for a model it does not score."""
+    spec = load_spec("recsys")
+    models = build_candidates(spec.models)
+    ours, rivers = models["recsys-fm"], copy.deepcopy(models["recsys-fm"])
+    rng = random.Random(4)
+    for n in range(1_500):
+        x = pair(rng, users=60 + n // 10)  # new users keep coming
+        label = rng.random() < 0.1 + 0.5 * (x["category"] == "c3")
+        got, expected = batched.fm_proba_one(ours, x), rivers.predict_proba_one(x)
+        assert got is not None and got.keys() == expected.keys() == {False, True}
+        assert got[True] == pytest.approx(expected[True], abs=1e-12, rel=1e-12)
+        ours.learn_one(x, label)
+        rivers.learn_one(x, label)
+    fm, river_fm = list(ours.steps.values())[-1], list(rivers.steps.values())[-1]
+    assert list(fm.latents) == list(river_fm.latents)
+    for key, vector in river_fm.latents.items():
+        np.testing.assert_array_equal(fm.latents[key], vector)
+    assert fm.weights == river_fm.weights and fm.intercept == river_fm.intercept
+    assert batched.fm_proba_one(models["recsys-logreg"], x) is None
