@@ -173,6 +173,10 @@ def run_recsys_demo(
     assert spec.events.slate is not None
     console = console or Console()
     shift = requests // 2
+    # the summary's shortest span (just after the shift) is a quarter of the first half:
+    # a window starts in it only if windows are no longer (3,000 requests in windows of
+    # 1,000 said "nan" for it and for the last quarter)
+    window = max(1, min(window, shift // 4))
     config = RecsysConfig(seed=seed, shown=spec.events.slate.shown, shift_at=(shift,),
                           users=world_users, items=world_items)  # fmt: skip
     world = RecsysWorld(config)

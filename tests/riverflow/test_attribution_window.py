@@ -20,7 +20,7 @@ from riverflow.stages.common import guarded
 from riverflow.stages.learner import Learner
 from riverflow.stages.timeouts import Timeouts
 from riverflow.streams.contracts import Evaluation, Message, Output
-from riverflow.tools.demo_recsys import run_recsys_demo
+from riverflow.tools.demo_recsys import recsys_summary, run_recsys_demo
 from tests.riverflow.test_label_timeouts import (
     Clock,
     evaluations,
@@ -203,3 +203,22 @@ def test_the_learned_ranker_beats_popularity_on_ndcg() -> None:
     served = result.mean("ndcg", *last_quarter)
     assert served > result.mean("popularity_ndcg", *last_quarter) + 0.02
     assert all(0.5 < auc < 0.75 for auc in result.candidates.values())
+
+
+def test_a_short_demo_still_has_a_figure_for_every_span_of_its_summary() -> None:
+    """``riverflow demo --example recsys --events 3000`` used the CLI's windows of 1,000
+    requests: none started just after the shift (at 1,500) nor in the last quarter, and
+    the summary said "nan" for both. Windows are now no longer than the shortest span."""
+    spec = load_spec("examples/recsys.yaml")
+    result = run_recsys_demo(spec, Settings(), requests=600, seed=7,
+                             console=Console(file=io.StringIO()), window=1_000)  # fmt: skip
+    summary = io.StringIO()
+    Console(file=summary, width=200).print(recsys_summary(result))
+    assert "nan" not in summary.getvalue()
+    shift = result.shift_at
+    for start, end in (
+        (shift // 2, shift),
+        (shift, shift + shift // 4),
+        (3 * shift // 2, 2 * shift),
+    ):
+        assert 0.0 < result.mean("ndcg", start, end) <= 1.0
