@@ -15,6 +15,7 @@ whose labels tripped it and how many requests had been sent when it was raised.
 
 from __future__ import annotations
 
+import math
 import random
 import resource
 import time
@@ -262,6 +263,9 @@ def recsys_summary(result: RecsysDemoResult) -> Table:
     spans = (("before the shift", shift // 2, shift), ("just after it", shift, shift + shift // 4),
              ("in the last quarter", shift + shift // 2, 2 * shift))  # fmt: skip
     for label, start, end in spans:
+        if math.isnan(result.mean("ndcg", start, end)):  # (a run of a handful of requests)
+            table.add_row(f"NDCG@{K} {label}", "no requests in it (too few for the summary)")
+            continue
         table.add_row(
             f"NDCG@{K} {label}",
             f"{result.mean('ndcg', start, end):.3f} (popularity "

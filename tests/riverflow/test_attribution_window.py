@@ -222,3 +222,14 @@ def test_a_short_demo_still_has_a_figure_for_every_span_of_its_summary() -> None
         (3 * shift // 2, 2 * shift),
     ):
         assert 0.0 < result.mean("ndcg", start, end) <= 1.0
+
+
+def test_a_demo_of_a_handful_of_requests_says_its_spans_are_too_short() -> None:
+    spec = load_spec("examples/recsys.yaml")
+    result = run_recsys_demo(
+        spec, Settings(), requests=7, seed=7, console=Console(file=io.StringIO())
+    )
+    summary = io.StringIO()
+    Console(file=summary, width=200).print(recsys_summary(result))
+    assert "nan" not in summary.getvalue()
+    assert "no requests in it (too few for the summary)" in summary.getvalue()
