@@ -188,7 +188,8 @@ def replay(
     ``model-events.jsonl`` and ``dlq.jsonl`` into the directory ``out``."""
     for path in (events, labels):
         if path is not None and not path.is_file():
-            raise RiverflowError(f"{path}: no such file")
+            what = "a directory, not a JSON-lines file" if path.is_dir() else "no such file"
+            raise RiverflowError(f"{path}: {what}")
     out.mkdir(parents=True, exist_ok=True)
     prefix = f"{spec.name}."
     with ExitStack() as files:

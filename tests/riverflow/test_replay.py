@@ -98,3 +98,6 @@ def test_generate_then_replay_from_the_command_line(tmp_path: Path) -> None:
     said = " ".join(missing.stderr.split())
     assert missing.returncode != 0 and "nope.jsonl: no such file" in said
     assert "Traceback" not in missing.stderr
+    folder = riverflow("replay", "--events", str(tmp_path), "--out", "x")
+    said = " ".join(folder.stderr.split())
+    assert folder.returncode != 0 and "a directory, not a JSON-lines file" in said
