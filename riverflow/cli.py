@@ -155,7 +155,10 @@ DROP_HELP = "events at positions [START, END) come without FIELD (a data-quality
 
 def _rates(text: str) -> tuple[int, ...]:
     """``--rates``: events per second, comma-separated, each at least 1."""
-    return tuple(_count(r.strip()) for r in text.split(",") if r.strip())
+    rates = tuple(_count(r.strip()) for r in text.split(",") if r.strip())
+    if not rates:
+        raise argparse.ArgumentTypeError(f"{text!r}: no rate (e.g. 1000,5000)")
+    return rates
 
 
 def _positive(text: str, unit: str = "") -> float:
