@@ -158,22 +158,15 @@ def _rates(text: str) -> tuple[int, ...]:
     return tuple(_count(r.strip()) for r in text.split(",") if r.strip())
 
 
-def _positive(text: str, unit: str = "") -> float:
-    """A finite number more than 0 (of ``unit``)."""
+def _seconds(text: str) -> float:
+    """A duration in seconds, more than 0."""
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a number{unit and ' of' + unit}"
-        ) from None
-    if not 0 < value < float("inf"):  # (NaN too)
-        raise argparse.ArgumentTypeError(f"{text}: more than 0{unit}")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0 or value == float("inf"):  # (NaN too)
+        raise argparse.ArgumentTypeError(f"{text}: more than 0 seconds")
     return value
-
-
-def _seconds(text: str) -> float:
-    """A duration in seconds, more than 0."""
-    return _positive(text, " seconds")
 
 
 def _hosts(text: str) -> tuple[str, ...]:
@@ -187,21 +180,13 @@ def _hosts(text: str) -> tuple[str, ...]:
     return hosts
 
 
-def _whole(text: str) -> int:
-    """A whole number, 0 or more."""
+def _count(text: str) -> int:
+    """A number of events (or requests, labels...): a whole number, at least 1 (0 used to
+    run the default count, and a negative one an empty run)."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value}: 0 or more")
-    return value
-
-
-def _count(text: str) -> int:
-    """A number of events (or requests, labels...): a whole number, at least 1 (0 used to
-    run the default count, and a negative one an empty run)."""
-    value = _whole(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value}: at least 1")
     return value
@@ -963,10 +948,10 @@ def parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--rate-seconds", type=_seconds, help="each latency point (default 8)")
     bench.add_argument("--hold-seconds", type=_seconds, help="each rate the search tries (12)")
-    bench.add_argument("--search-steps", type=_whole, help="bisections of the search (4)")
+    bench.add_argument("--search-steps", type=int, help="bisections of the search (4)")
     bench.add_argument("--quick", action="store_true", help="shorter: fewer events and holds")
     bench.add_argument(
-        "--drain-warmup", type=_whole,
+        "--drain-warmup", type=int,
         help="events a scorer drains before its timed drain (default: the spec's longest "
         "window of event time, at most 200,000; 0: none)",
     )  # fmt: skip
@@ -981,7 +966,7 @@ def parser() -> argparse.ArgumentParser:
         help="the bare and textbook Faust agent rows, drained on the same broker (default: on)",
     )  # fmt: skip
     bench.add_argument(
-        "--textbook-events", type=_count, help="the textbook agent's drain (default 5,000: ~10 s)"
+        "--textbook-events", type=int, help="the textbook agent's drain (default 5,000: ~10 s)"
     )
     bench.add_argument(
         "--slates", action=argparse.BooleanOptionalAction,
@@ -995,12 +980,12 @@ def parser() -> argparse.ArgumentParser:
     soak = sub.add_parser(
         "soak", help="scorer, learner and monitor under steady load: gaps, lag, memory, counts"
     )
-    soak.add_argument("--minutes", type=_positive, default=25.0)
-    soak.add_argument("--rate", type=_positive, default=1500.0, help="events per second, paced")
-    soak.add_argument("--labels-behind", type=_whole, default=400,
+    soak.add_argument("--minutes", type=float, default=25.0)
+    soak.add_argument("--rate", type=float, default=1500.0, help="events per second, paced")
+    soak.add_argument("--labels-behind", type=int, default=400,
                       help="a label follows its event by this many events")  # fmt: skip
     soak.add_argument("--warmup", type=float, help="seconds not judged (default: 1/4, <= 60)")
-    soak.add_argument("--drain", type=_seconds, default=60.0,
+    soak.add_argument("--drain", type=float, default=60.0,
                       help="seconds to wait after the last event for what is missing")  # fmt: skip
     soak.add_argument("--seed", type=int, default=7)
     soak.add_argument("--json", help="write every figure to this file")
@@ -1074,7 +1059,7 @@ def parser() -> argparse.ArgumentParser:
         "--events", type=_count, default=50_000, help="bench, join-bench: events per run"
     )
     features.add_argument(
-        "--batch", type=_count, action="append", help="bench: batch size (default: 100 and 1000)"
+        "--batch", type=int, action="append", help="bench: batch size (default: 100 and 1000)"
     )
     features.add_argument(
         "--path", action="append", choices=["in-process", "server"],
