@@ -153,18 +153,6 @@ def _dropped_field(text: str) -> tuple[str, int, int]:
 DROP_HELP = "events at positions [START, END) come without FIELD (a data-quality scenario)"
 
 
-def _count(text: str) -> int:
-    """A number of events (or requests, labels...): a whole number, at least 1 (0 used to
-    run the default count, and a negative one an empty run)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value}: at least 1")
-    return value
-
-
 def cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
     from riverflow.tools.generator import history, stamped_history, stream_for
 
@@ -791,9 +779,7 @@ def parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="a pipeline (fraud by default) on the embedded runtime")
     demo.add_argument(
-        "--events",
-        type=_count,
-        help="events (default 20,000), or requests of a slate spec (30,000)",
+        "--events", type=int, help="events (default 20,000), or requests of a slate spec (30,000)"
     )
     demo.add_argument("--seed", type=int, default=7)
     demo.add_argument("--spec", type=Path)
@@ -850,7 +836,7 @@ def parser() -> argparse.ArgumentParser:
     replay.set_defaults(func=cmd_replay)
 
     generate = sub.add_parser("generate", help="write a history of events and labels (for replay)")
-    generate.add_argument("--events", type=_count, default=20_000)
+    generate.add_argument("--events", type=int, default=20_000)
     generate.add_argument("--seed", type=int, default=7)
     generate.add_argument(
         "--stream", choices=STREAMS, default="fraud",
@@ -878,7 +864,7 @@ def parser() -> argparse.ArgumentParser:
     produce = sub.add_parser(
         "produce", help="produce generated events + labels, or a JSON-lines file"
     )
-    produce.add_argument("--events", type=_count, default=10_000)
+    produce.add_argument("--events", type=int, default=10_000)
     produce.add_argument("--seed", type=int, default=7)
     produce.add_argument(
         "--skip", type=int, default=0,
@@ -915,7 +901,7 @@ def parser() -> argparse.ArgumentParser:
     tail.add_argument("-n", "--limit", type=int, default=0)
     tail.set_defaults(func=cmd_tail)
     bench = sub.add_parser("bench", help="measure limit, embedded and Kafka runtimes (one run)")
-    bench.add_argument("--events", type=_count, help="limit, embedded, drain (default 100,000)")
+    bench.add_argument("--events", type=int, help="limit, embedded, drain (default 100,000)")
     bench.add_argument("--rates", help="offered rates for latency, per s (default 1000,5000)")
     bench.add_argument("--rate-seconds", type=float, help="each latency point (default 8)")
     bench.add_argument("--hold-seconds", type=float, help="each rate the search tries (12)")
@@ -973,8 +959,8 @@ def parser() -> argparse.ArgumentParser:
     )
     drift.add_argument("--stream", action="append", choices=streams,
                        help="repeatable; default all four")  # fmt: skip
-    drift.add_argument("--events", type=_count, default=200_000)
-    drift.add_argument("--every", type=_count, default=20_000, help="events between drifts")
+    drift.add_argument("--events", type=int, default=200_000)
+    drift.add_argument("--every", type=int, default=20_000, help="events between drifts")
     drift.add_argument("--seed", type=int, default=7)
     drift.add_argument(
         "--monitored-only", action="store_true", help="skip the run without the monitor"
@@ -986,8 +972,8 @@ def parser() -> argparse.ArgumentParser:
         "recovery-eval",
         help="the whole pipeline on abrupt drifts, with the monitor's policies and without",
     )
-    recovery.add_argument("--events", type=_count, default=200_000)
-    recovery.add_argument("--every", type=_count, default=25_000, help="events between drifts")
+    recovery.add_argument("--events", type=int, default=200_000)
+    recovery.add_argument("--every", type=int, default=25_000, help="events between drifts")
     recovery.add_argument("--seed", type=int, default=42)
     recovery.add_argument("--stream", choices=streams, default="agrawal")
     recovery.add_argument(
@@ -1027,7 +1013,7 @@ def parser() -> argparse.ArgumentParser:
         "features: now)",
     )  # fmt: skip
     features.add_argument(
-        "--events", type=_count, default=50_000, help="bench, join-bench: events per run"
+        "--events", type=int, default=50_000, help="bench, join-bench: events per run"
     )
     features.add_argument(
         "--batch", type=int, action="append", help="bench: batch size (default: 100 and 1000)"

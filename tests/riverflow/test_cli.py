@@ -160,15 +160,3 @@ def test_the_cli_starts_without_the_drift_statistics() -> None:
                           timeout=120, check=False)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["False"]
-
-
-def test_a_count_of_zero_or_less_is_refused_with_a_clear_error() -> None:
-    """``--events 0`` ran the default 20,000 (30,000 requests of the recsys example: ~2
-    minutes), and ``--events -5`` an empty run with a summary of nothing."""
-    for command in (["demo"], ["demo", "--example", "recsys"], ["generate"], ["produce"]):
-        for value, why in (("0", "0: at least 1"), ("-5", "-5: at least 1"),
-                           ("many", "'many' is not a whole number")):  # fmt: skip
-            done = riverflow(*command, "--events", value)
-            assert done.returncode == 2, (command, value, done.stdout)
-            assert f"argument --events: {why}" in done.stderr, done.stderr
-            assert "summary" not in done.stdout
