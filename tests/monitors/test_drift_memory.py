@@ -20,19 +20,12 @@ from riverflow.stages import monitor as monitor_stage
 from riverflow.stages.monitor import Monitor
 from riverflow.streams.contracts import Message, ModelEvent
 from riverflow.tools.recsys import RecsysConfig, RecsysWorld
+from tests.monitors.test_duel_memory import registry_with_two
 from tests.monitors.test_monitor_retry import KEY, drifting_spec, evaluations
 from tests.monitors.test_ranking_drift import ranker
 
 BATCH = 10
 FALLS_AT = 500  # the champion right on 95% of the labels, then on 10%
-
-
-def registry_with_two() -> MemoryRegistry:
-    registry = MemoryRegistry(KEY)
-    for name in ("fraud-hoeffding", "fraud-logreg"):
-        registry.publish(name, linear_model.LogisticRegression(), {"metrics": {"labels": 1000}})
-    registry.move(ChampionPointer("fraud-hoeffding", 1), "advance", None)
-    return registry
 
 
 def feed(monitor: Monitor, msgs: list[Message]) -> list[ModelEvent]:
