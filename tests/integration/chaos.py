@@ -14,6 +14,7 @@ import signal
 import subprocess
 import threading
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -47,6 +48,9 @@ class Stage(Protocol):
 
     @property
     def proc(self) -> subprocess.Popen[bytes]: ...
+
+    @property
+    def metrics_port(self) -> int: ...
 
 
 # -- the stream ---------------------------------------------------------------------
@@ -297,20 +301,41 @@ class Kill:
     killed_at: float
     restarted_at: float
     was_alive: bool  # False: the stage had already exited by itself
+    # when the new process's metrics server first answered: its start-up done (imports,
+    # Kafka and Redis reached), before it loads models and joins its group. None: never
+    up_at: float | None = None
 
 
 S = TypeVar("S", bound=Stage)
 
 
-def sigkill_and_restart(stage: str, running: S, restart: Callable[[], S]) -> tuple[S, Kill]:
+def sigkill_and_restart(
+    stage: str, running: S, restart: Callable[[], S], up_within_s: float = 60.0
+) -> tuple[S, Kill]:
     """SIGKILL ``running``, wait for it to die, start it again at once with
-    ``restart()``; the new process and what happened."""
+    ``restart()`` and wait up to ``up_within_s`` for its metrics server to answer;
+    the new process and what happened."""
     was_alive = running.proc.poll() is None
     killed_at = time.time()
     running.proc.send_signal(signal.SIGKILL)
     running.proc.wait(10)
     again = restart()
-    return again, Kill(stage, killed_at, time.time(), was_alive)
+    restarted_at = time.time()
+    return again, Kill(stage, killed_at, restarted_at, was_alive, up(again, up_within_s))
+
+
+def up(stage: Stage, within_s: float) -> float | None:
+    """When ``stage``'s metrics server first answered (polled every 50 ms), or None if
+    it did not within ``within_s`` or the stage exited."""
+    url = f"http://127.0.0.1:{stage.metrics_port}/metrics"
+    deadline = time.time() + within_s
+    while time.time() < deadline and stage.proc.poll() is None:
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return time.time()
+        except OSError:  # refused until it listens (URLError and timeouts are OSErrors)
+            time.sleep(0.05)
+    return None
 
 
 # -- a stack of one's own, to restart -------------------------------------------------
@@ -470,7 +495,8 @@ def window(t: float, starts: list[float]) -> int:
 def scorer_kill_report(
     audit: PredictionAudit, kills: list[Kill]
 ) -> tuple[list[str], list[dict[str, Any]]]:
-    """Per scorer kill: seconds to recovery; events lost (produced after the kill
+    """Per scorer kill: seconds to recovery (and of them, to the new process's start-up
+    done: ``Kill.up_at``); events lost (produced after the kill
     before it and up to this one: the killed scorer had read them); predictions
     duplicated (extras written from this restart to the next)."""
     killed = [k.killed_at for k in kills]
@@ -482,12 +508,16 @@ def scorer_kill_report(
     t0 = min(audit.produced.values())
     for i, k in enumerate(kills):
         rec = audit.recovery_s(k)
-        rows.append({"recovery_s": rec, "lost": lost[i], "duplicated": dups[i], "kill": k})
+        up_s = None if k.up_at is None else k.up_at - k.restarted_at
+        after_up = None if rec is None or up_s is None else rec - up_s
+        rows.append({"recovery_s": rec, "up_s": up_s, "after_up_s": after_up,
+                     "lost": lost[i], "duplicated": dups[i], "kill": k})  # fmt: skip
         shown = "never" if rec is None else f"{rec:.1f} s"
+        started = "never up" if up_s is None else f"up in {up_s:.1f} s"
         alive = "" if k.was_alive else " (it had already exited by itself)"
         lines.append(
-            f"scorer kill {i + 1} at +{k.killed_at - t0:.1f} s{alive}: predictions resumed "
-            f"{shown} after the restart; lost {lost[i]}, duplicated {dups[i]}"
+            f"scorer kill {i + 1} at +{k.killed_at - t0:.1f} s{alive}: {started}, predictions "
+            f"resumed {shown} after the restart; lost {lost[i]}, duplicated {dups[i]}"
         )
     lines.append(f"events produced after the last kill: lost {lost[len(kills)]}")
     return lines, rows

@@ -5,7 +5,12 @@ with their labels 400 events behind; each is restarted at once. Nothing may be
 lost: every event gets a prediction (exactly one as a ``read_committed`` reader
 sees it under ``exactly_once``; extras are consistent replays otherwise), every
 label whose event was scored is in the final models exactly once, and the scorer
-serves again within 10 s of each restart.
+serves again within 10 s of its start-up (the new process's metrics server answering:
+imports done, Kafka and Redis reached): it takes its partitions back at once (static
+membership) rather than waiting out the killed member's session, set to 40 s here so
+that a scorer that waited could not pass. How long the start-up itself takes
+depends on how busy the machine is (1.4-2.8 s quiet; several seconds with the
+suite's other workers beside it) and is reported, not bounded.
 
 Run with ``-s`` to see the figures per kill (they are in the failure message too).
 """
@@ -39,7 +44,8 @@ from tests.integration.conftest import StageFactory, StageProcess
 RATE = 250  # events/s
 LABEL_DELAY = 400  # events between an event and its label
 KILLS = ("scorer", "learner", "scorer", "learner", "scorer")
-RECOVERY_S = 10.0  # the scorer serves again within this of its restart
+RECOVERY_S = 10.0  # the scorer serves again within this of its start-up being done
+SESSION_S = 40.0  # the scorer's session: the killed member's partitions wait this long
 WAIT_CAP_S = 30.0  # how long the test waits for a recovery before it kills again
 GAP_S = 3.0  # steady stream between kills
 
@@ -56,8 +62,11 @@ def test_sigkilled_scorer_and_learner_lose_nothing(
         settings["processing_guarantee"] = guarantee
 
     def scorer() -> StageProcess:
-        # a stable instance id: a restarted scorer takes its place in the group at once
-        return start_stage("scorer", instance_id="scorer-1", **settings)
+        # a stable instance id: a restarted scorer takes its place in the group at once;
+        # the long session makes one that did not (waiting out the killed member) plain
+        return start_stage(
+            "scorer", instance_id="scorer-1", session_timeout_s=SESSION_S, **settings
+        )
 
     def learner() -> StageProcess:
         return start_stage("learner", **settings)
@@ -126,12 +135,12 @@ def test_sigkilled_scorer_and_learner_lose_nothing(
     if guarantee == "at_least_once" and bad:
         failures.append(f"{len(bad)} extra predictions are not consistent replays: {bad[:3]}")
     for i, row in enumerate(rows):
-        took = row["recovery_s"]
+        took = row["after_up_s"]
         if took is None or took > RECOVERY_S:
             shown = "never" if took is None else f"{took:.1f} s"
             failures.append(
                 f"scorer kill {i + 1}: predictions not resumed within {RECOVERY_S} s of the "
-                f"restart ({shown})"
+                f"restarted scorer's start-up ({shown})"
             )
     failures += labelled.failures()
     others = [s.record for s in letters.seen if s.record.error_kind != "orphan_label"]
