@@ -153,6 +153,53 @@ def _dropped_field(text: str) -> tuple[str, int, int]:
 DROP_HELP = "events at positions [START, END) come without FIELD (a data-quality scenario)"
 
 
+def _rates(text: str) -> tuple[int, ...]:
+    """``--rates``: events per second, comma-separated, each at least 1."""
+    rates = tuple(_count(r.strip()) for r in text.split(",") if r.strip())
+    if not rates:
+        raise argparse.ArgumentTypeError(f"{text!r}: no rate (e.g. 1000,5000)")
+    return rates
+
+
+def _seconds(text: str) -> float:
+    """A duration in seconds: a finite number more than 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < float("inf"):  # (NaN too)
+        raise argparse.ArgumentTypeError(f"{text}: more than 0 seconds")
+    return value
+
+
+def _hosts(text: str) -> tuple[str, ...]:
+    """``--hosts``: faust, confluent, or both, comma-separated (none: neither)."""
+    hosts = tuple(h.strip() for h in text.split(",") if h.strip())
+    unknown = [h for h in hosts if h not in ("faust", "confluent", "none")]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"{', '.join(unknown)}: hosts are faust, confluent (comma-separated), or none"
+        )
+    return hosts
+
+
+def _whole(text: str, least: int = 0) -> int:
+    """A whole number, at least ``least``."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < least:
+        raise argparse.ArgumentTypeError(f"{value}: at least {least}")
+    return value
+
+
+def _count(text: str) -> int:
+    """A number of events (or requests, labels...): at least 1 (0 used to run the default
+    count, and a negative one an empty run)."""
+    return _whole(text, 1)
+
+
 def cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
     from riverflow.tools.generator import history, stamped_history, stream_for
 
@@ -393,9 +440,9 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     spec = load_spec(args.spec or settings.spec)
     given = {
         "events": args.events,
-        "rates": tuple(int(r) for r in args.rates.split(",") if r) if args.rates else None,
+        "rates": args.rates,
         "rate_seconds": args.rate_seconds,
-        "hosts": tuple(args.hosts.split(",")),
+        "hosts": args.hosts,
         "hold_seconds": args.hold_seconds,
         "search_steps": args.search_steps,
         "guarantee": args.guarantee,
@@ -779,7 +826,9 @@ def parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="a pipeline (fraud by default) on the embedded runtime")
     demo.add_argument(
-        "--events", type=int, help="events (default 20,000), or requests of a slate spec (30,000)"
+        "--events",
+        type=_count,
+        help="events (default 20,000), or requests of a slate spec (30,000)",
     )
     demo.add_argument("--seed", type=int, default=7)
     demo.add_argument("--spec", type=Path)
@@ -836,7 +885,7 @@ def parser() -> argparse.ArgumentParser:
     replay.set_defaults(func=cmd_replay)
 
     generate = sub.add_parser("generate", help="write a history of events and labels (for replay)")
-    generate.add_argument("--events", type=int, default=20_000)
+    generate.add_argument("--events", type=_count, default=20_000)
     generate.add_argument("--seed", type=int, default=7)
     generate.add_argument(
         "--stream", choices=STREAMS, default="fraud",
@@ -864,7 +913,7 @@ def parser() -> argparse.ArgumentParser:
     produce = sub.add_parser(
         "produce", help="produce generated events + labels, or a JSON-lines file"
     )
-    produce.add_argument("--events", type=int, default=10_000)
+    produce.add_argument("--events", type=_count, default=10_000)
     produce.add_argument("--seed", type=int, default=7)
     produce.add_argument(
         "--skip", type=int, default=0,
@@ -901,18 +950,20 @@ def parser() -> argparse.ArgumentParser:
     tail.add_argument("-n", "--limit", type=int, default=0)
     tail.set_defaults(func=cmd_tail)
     bench = sub.add_parser("bench", help="measure limit, embedded and Kafka runtimes (one run)")
-    bench.add_argument("--events", type=int, help="limit, embedded, drain (default 100,000)")
-    bench.add_argument("--rates", help="offered rates for latency, per s (default 1000,5000)")
-    bench.add_argument("--rate-seconds", type=float, help="each latency point (default 8)")
-    bench.add_argument("--hold-seconds", type=float, help="each rate the search tries (12)")
-    bench.add_argument("--search-steps", type=int, help="bisections of the search (4)")
+    bench.add_argument("--events", type=_count, help="limit, embedded, drain (default 100,000)")
+    bench.add_argument(
+        "--rates", type=_rates, help="offered rates for latency, per s (default 1000,5000)"
+    )
+    bench.add_argument("--rate-seconds", type=_seconds, help="each latency point (default 8)")
+    bench.add_argument("--hold-seconds", type=_seconds, help="each rate the search tries (12)")
+    bench.add_argument("--search-steps", type=_whole, help="bisections of the search (4)")
     bench.add_argument("--quick", action="store_true", help="shorter: fewer events and holds")
     bench.add_argument(
-        "--drain-warmup", type=int,
+        "--drain-warmup", type=_whole,
         help="events a scorer drains before its timed drain (default: the spec's longest "
         "window of event time, at most 200,000; 0: none)",
     )  # fmt: skip
-    bench.add_argument("--hosts", default="faust,confluent")
+    bench.add_argument("--hosts", type=_hosts, default=("faust", "confluent"))
     bench.add_argument(
         "--guarantee", choices=["at_least_once", "exactly_once", "both"],
         help="the confluent scorer's drain under each (both: also exactly once, then at "
@@ -923,7 +974,7 @@ def parser() -> argparse.ArgumentParser:
         help="the bare and textbook Faust agent rows, drained on the same broker (default: on)",
     )  # fmt: skip
     bench.add_argument(
-        "--textbook-events", type=int, help="the textbook agent's drain (default 5,000: ~10 s)"
+        "--textbook-events", type=_count, help="the textbook agent's drain (default 5,000: ~10 s)"
     )
     bench.add_argument(
         "--slates", action=argparse.BooleanOptionalAction,
@@ -959,8 +1010,8 @@ def parser() -> argparse.ArgumentParser:
     )
     drift.add_argument("--stream", action="append", choices=streams,
                        help="repeatable; default all four")  # fmt: skip
-    drift.add_argument("--events", type=int, default=200_000)
-    drift.add_argument("--every", type=int, default=20_000, help="events between drifts")
+    drift.add_argument("--events", type=_count, default=200_000)
+    drift.add_argument("--every", type=_count, default=20_000, help="events between drifts")
     drift.add_argument("--seed", type=int, default=7)
     drift.add_argument(
         "--monitored-only", action="store_true", help="skip the run without the monitor"
@@ -972,8 +1023,8 @@ def parser() -> argparse.ArgumentParser:
         "recovery-eval",
         help="the whole pipeline on abrupt drifts, with the monitor's policies and without",
     )
-    recovery.add_argument("--events", type=int, default=200_000)
-    recovery.add_argument("--every", type=int, default=25_000, help="events between drifts")
+    recovery.add_argument("--events", type=_count, default=200_000)
+    recovery.add_argument("--every", type=_count, default=25_000, help="events between drifts")
     recovery.add_argument("--seed", type=int, default=42)
     recovery.add_argument("--stream", choices=streams, default="agrawal")
     recovery.add_argument(
@@ -1013,10 +1064,10 @@ def parser() -> argparse.ArgumentParser:
         "features: now)",
     )  # fmt: skip
     features.add_argument(
-        "--events", type=int, default=50_000, help="bench, join-bench: events per run"
+        "--events", type=_count, default=50_000, help="bench, join-bench: events per run"
     )
     features.add_argument(
-        "--batch", type=int, action="append", help="bench: batch size (default: 100 and 1000)"
+        "--batch", type=_count, action="append", help="bench: batch size (default: 100 and 1000)"
     )
     features.add_argument(
         "--path", action="append", choices=["in-process", "server"],

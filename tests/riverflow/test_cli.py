@@ -160,3 +160,34 @@ def test_the_cli_starts_without_the_drift_statistics() -> None:
                           timeout=120, check=False)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["False"]
+
+
+def test_a_count_of_zero_or_less_is_refused_with_a_clear_error() -> None:
+    """``--events 0`` ran the default 20,000 (30,000 requests of the recsys example: ~2
+    minutes), and ``--events -5`` an empty run with a summary of nothing."""
+    for command in (["demo"], ["demo", "--example", "recsys"], ["generate"], ["produce"]):
+        for value, why in (("0", "0: at least 1"), ("-5", "-5: at least 1"),
+                           ("many", "'many' is not a whole number")):  # fmt: skip
+            done = riverflow(*command, "--events", value)
+            assert done.returncode == 2, (command, value, done.stdout)
+            assert f"argument --events: {why}" in done.stderr, done.stderr
+            assert "summary" not in done.stdout
+
+
+def test_the_bench_refuses_bad_rates_durations_and_hosts_before_it_starts() -> None:
+    """``--rates 1000,abc`` raised a ValueError traceback after the limit's run; ``--rates
+    0``, ``--rate-seconds 0`` and an unknown host were taken as given."""
+    for args, why in (
+        (["--rates", "1000,abc"], "argument --rates: 'abc' is not a whole number"),
+        (["--rates", "0"], "argument --rates: 0: at least 1"),
+        (["--rates", ","], "argument --rates: ',': no rate (e.g. 1000,5000)"),
+        (["--rate-seconds", "0"], "argument --rate-seconds: 0: more than 0 seconds"),
+        (["--hold-seconds", "nan"], "argument --hold-seconds: nan: more than 0 seconds"),
+        (["--hosts", "kafka"], "argument --hosts: kafka: hosts are faust, confluent"),
+        (["--search-steps", "-1"], "argument --search-steps: -1: at least 0"),
+        (["--textbook-events", "0"], "argument --textbook-events: 0: at least 1"),
+    ):
+        done = riverflow("bench", *args)
+        assert done.returncode == 2, (args, done.stdout, done.stderr)
+        assert why in done.stderr, done.stderr
+        assert "limit" not in done.stdout + done.stderr
