@@ -3,15 +3,36 @@ which exceptions are a server being down (``outage``)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import ValidationError
 
 # answers of a Redis server that is there but cannot serve now (or, like a changed
 # password or a full memory, not until someone acts: better to stop after the outage
-# limit than to send every message to the DLQ)
+# limit than to send every message to the DLQ). redis-py raises its own class for
+# most, with the code cut off the message ("CLUSTERDOWN The cluster is down" is a
+# ClusterDownError saying "The cluster is down"): those are matched by class
+# (``_redis_outages``), the rest by the code the message starts with
 _REDIS_BUSY = (
     "BUSY", "LOADING", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "READONLY", "OOM",
     "NOAUTH", "WRONGPASS", "NOPERM", "MISCONF",
 )  # fmt: skip
+
+
+def _redis_outages(rx: Any) -> tuple[type[BaseException], ...]:
+    """redis-py's exceptions that are a server (or a cluster) unable to serve now."""
+    return (
+        rx.ConnectionError,  # refused, reset, authentication, too many connections
+        rx.TimeoutError,
+        rx.BusyLoadingError,
+        rx.ClusterDownError,  # and MasterDownError: a primary failed, no replica took over yet
+        rx.TryAgainError,  # a slot migrating or failing over
+        rx.ReadOnlyError,  # a write to a primary just demoted to a replica
+        rx.OutOfMemoryError,  # maxmemory reached
+        rx.NoPermissionError,  # an ACL changed under the stage
+        rx.SlotNotCoveredError,  # the client's view of the cluster: no node for a slot
+        rx.RedisClusterUnreachableError,  # no node of the cluster answers
+    )
 
 
 class RiverflowError(Exception):
@@ -45,7 +66,7 @@ def _outage_of(e: BaseException) -> str | None:
     except ImportError:  # pragma: no cover - redis is a dependency
         rx = None  # type: ignore[assignment]
     if rx is not None:
-        if isinstance(e, rx.ConnectionError | rx.TimeoutError | rx.BusyLoadingError):
+        if isinstance(e, _redis_outages(rx)):
             return f"Redis: {name}: {e}"
         if isinstance(e, rx.ResponseError | rx.AuthenticationError) and str(e).startswith(
             _REDIS_BUSY

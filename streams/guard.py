@@ -93,6 +93,7 @@ class Guard:
         self.on_wait: list[Callable[[], None]] = []
         self.internal_errors = 0
         self.degraded: str | None = None
+        self.down_since: float | None = None  # (clock) the outage the stage is in began
 
     def __getattr__(self, name: str) -> Any:
         # what else the host or the runtime reads of the stage (counters, view, ...)
@@ -117,7 +118,7 @@ class Guard:
 
     def _through_outage(self, batch: Sequence[Message]) -> list[Output]:
         """``inner.process(batch)``, again and again while a server is down."""
-        started: float | None = None
+        started: float | None = None  # this call's outage (its limit and its backoff)
         delay = self.first_backoff_s
         while True:
             try:
@@ -127,9 +128,11 @@ class Guard:
                 if why is None:
                     raise
                 now = self.clock()
+                if self.down_since is None:  # an outage the stage was not already in
+                    self.down_since = now
+                    log.warning("%s degraded, retrying the batch: %s", self.stage, why)
                 if started is None:
                     started = now
-                    log.warning("%s degraded, retrying the batch: %s", self.stage, why)
                     for hook in self.on_wait:
                         hook()
                 self._set_degraded(why)
@@ -142,8 +145,11 @@ class Guard:
                 self.sleep(min(delay, max(0.0, self.outage_limit_s - down)))
                 delay = min(delay * 2, self.max_backoff_s)
                 continue
-            if self.degraded is not None:
-                log.warning("%s recovered after %.1fs", self.stage, self.clock() - (started or 0))
+            if self.down_since is not None:
+                # (the outage may have begun in an earlier call: a batch that raised
+                # something else while a server was down is bisected, call by call)
+                log.warning("%s recovered after %.1fs", self.stage, self.clock() - self.down_since)
+                self.down_since = None
                 self._set_degraded(None)
             return out
 
