@@ -1,6 +1,6 @@
 """Where a paced slate request's CPU goes, per process and per scorer thread (not project code).
 
-    python docs/bench/slate_paced.py [--rate 1000] [--seconds 20] [--warmup 20]
+    python docs/bench/slate_paced.py [--rate 1000] [--seconds 20] [--warmup 20] [--scorers 1]
 
 On a local stack of its own (as ``riverflow bench`` starts it: a broker, a durable
 Redis), the confluent scorer on ``examples/recsys.yaml`` drains 2,000 requests of
@@ -9,7 +9,8 @@ judged: the broker's first minute costs more) and for ``--seconds`` more, the
 measured hold (``riverflow.tools.bench.offer``). Printed: the hold's latency and lag,
 the CPU per request of the scorer, the broker, Redis and this process (which makes
 the hold's requests before sending them), and of each busy thread of the scorer,
-whose one Python thread is what a paced rate is bound by.
+whose one Python thread is what a paced rate is bound by. ``--scorers 2``: two scorer
+processes in the group, the three partitions split between them (CPU summed over them).
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ def main() -> None:
     parser.add_argument("--rate", type=int, default=1000)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--warmup", type=float, default=20.0)
+    parser.add_argument("--scorers", type=int, default=1)
     args = parser.parse_args()
     settings = Settings(kafka_bootstrap="", redis_url="")
     with tempfile.TemporaryDirectory() as d, local_stack(settings, Path(d)) as ep:
@@ -73,12 +75,17 @@ def main() -> None:
             **os.environ, "RIVERFLOW_KAFKA_BOOTSTRAP": ep.kafka_bootstrap,
             "RIVERFLOW_REDIS_URL": ep.redis_url, "RIVERFLOW_SPEC": str(spec_file),
             "RIVERFLOW_HOST": "confluent", "RIVERFLOW_METRICS_PORT": "0",
-            "RIVERFLOW_INSTANCE_ID": f"{name}-0",
         }  # fmt: skip
         clock = PredictionClock(ep.kafka_bootstrap, topics.predictions)
-        with open(Path(d) / "scorer.log", "wb") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "riverflow.cli", "run", "scorer"],
-                                    env=env, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+        procs = []
+        for i in range(args.scorers):
+            with open(Path(d) / f"scorer-{i}.log", "wb") as log:
+                procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "riverflow.cli", "run", "scorer"],
+                    env={**env, "RIVERFLOW_INSTANCE_ID": f"{name}-{i}"},
+                    stdout=log, stderr=subprocess.STDOUT,
+                ))  # fmt: skip
+        proc = procs[0]
         try:
             if not clock.wait_for(BACKLOG, 180):
                 raise SystemExit("the scorer did not drain its backlog within 3 minutes")
@@ -88,7 +95,8 @@ def main() -> None:
                          5, "w", start, make, ids)  # fmt: skip
             print(f"warm-up {args.rate:,}/s for {args.warmup:g} s: p50 {warm['p50_ms']:.1f} ms, "
                   f"end lag {warm['end_lag']:,}")  # fmt: skip
-            usage = {"scorer": ProcessUsage(proc.pid), "bench": ProcessUsage(os.getpid()),
+            usage = {**{f"scorer {i}": ProcessUsage(p.pid) for i, p in enumerate(procs)},
+                     "bench": ProcessUsage(os.getpid()),
                      **{k: ProcessUsage(pid) for k, pid in ep.pids.items()}}  # fmt: skip
             before = {k: u.cpu_s() for k, u in usage.items()}
             threads = thread_cpu_s(proc.pid)
@@ -105,7 +113,7 @@ def main() -> None:
                 if spent / n > 5e-6:
                     print(f"    scorer thread {thread} ({tid}): {spent / n * 1e3:.3f} ms")
         finally:
-            stop_processes([proc])
+            stop_processes(procs)
             clock.close()
 
 
