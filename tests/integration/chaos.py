@@ -14,7 +14,6 @@ import signal
 import subprocess
 import threading
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -48,9 +47,6 @@ class Stage(Protocol):
 
     @property
     def proc(self) -> subprocess.Popen[bytes]: ...
-
-    @property
-    def metrics_port(self) -> int: ...
 
 
 # -- the stream ---------------------------------------------------------------------
@@ -324,18 +320,15 @@ def sigkill_and_restart(
     return again, Kill(stage, killed_at, restarted_at, was_alive, up(again, up_within_s))
 
 
-def up(stage: Stage, within_s: float) -> float | None:
-    """When ``stage``'s metrics server first answered (polled every 50 ms), or None if
-    it did not within ``within_s`` or the stage exited."""
-    url = f"http://127.0.0.1:{stage.metrics_port}/metrics"
-    deadline = time.time() + within_s
-    while time.time() < deadline and stage.proc.poll() is None:
-        try:
-            with urllib.request.urlopen(url, timeout=1):
-                return time.time()
-        except OSError:  # refused until it listens (URLError and timeouts are OSErrors)
-            time.sleep(0.05)
-    return None
+def up(stage: Any, within_s: float) -> float | None:
+    """When ``stage`` (conftest's ``StageProcess``) first answered on its metrics port
+    (``test_failover.wait_up``), or None if it did not within ``within_s`` or exited."""
+    from tests.integration.test_failover import wait_up
+
+    try:
+        return wait_up(stage, within_s)
+    except AssertionError:
+        return None
 
 
 # -- a stack of one's own, to restart -------------------------------------------------
