@@ -67,6 +67,10 @@ def spec(spec_file: Path) -> PipelineSpec:
     return load_spec(spec_file)
 
 
+class MissingSample(AssertionError):
+    """A stage's /metrics answered without the sample asked for."""
+
+
 @dataclass
 class StageProcess:
     """A stage we started, and where its /metrics and /healthz are, and its log."""
@@ -99,13 +103,13 @@ class StageProcess:
 
     def metric(self, sample_name: str, /, **labels: str) -> float:
         """The value of one sample, e.g. ``metric("riverflow_dead_letters_total", kind="x")``."""
-        _, body = self.get("/metrics")
+        status, body = self.get("/metrics")
         for family in text_string_to_metric_families(body):
             for sample in family.samples:
                 wanted = all(sample.labels.get(k) == v for k, v in labels.items())
                 if sample.name == sample_name and wanted:
                     return float(sample.value)
-        raise AssertionError(f"no sample {sample_name} {labels}")
+        raise MissingSample(f"no sample {sample_name} {labels} (HTTP {status}: {body[:200]!r})")
 
 
 StageFactory = Callable[..., StageProcess]
