@@ -28,7 +28,16 @@ from riverflow.models.checkpoint import LearnerCheckpoint
 from riverflow.models.registry import RedisRegistry
 from riverflow.settings import Settings
 from riverflow.streams.contracts import DeadLetter, Evaluation, Prediction
-from riverflow.streams.kafka_io import KafkaIOError, producer, read_topic
+from riverflow.streams.kafka_io import (
+    DEAF_AFTER_S,
+    DEAF_PROBE_S,
+    STUCK_ACKS_S,
+    FreshReach,
+    KafkaIOError,
+    producer,
+    reaches_kafka,
+    read_topic,
+)
 from riverflow.streams.topics import Topics
 from riverflow.tools.generator import FraudStreamConfig, transactions
 from riverflow.tools.stack import (
@@ -68,7 +77,17 @@ class PacedStream:
         self.events: dict[str, float] = {}  # event id -> when its event was produced
         self.labels: dict[str, float] = {}  # event id -> when its label was produced
         self.errors: list[str] = []
+        self.bootstrap = bootstrap
         self._producer = producer(bootstrap)
+        # what is not acknowledged yet, by send number: (topic, key, value, when sent).
+        # A producer stuck after a broker restart (librdkafka #5430, which the stages'
+        # own producers survive: streams.kafka_io.STUCK_ACKS_S) is replaced, and the
+        # new one sends these again
+        self._unacked: dict[int, tuple[str, bytes, bytes, float]] = {}
+        self._sends = 0
+        self._generation = 0
+        self._reach = FreshReach()
+        self.renewed = 0  # producers replaced
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="paced-stream", daemon=True)
 
@@ -104,6 +123,7 @@ class PacedStream:
                     self._label(*owed.pop(0))
             sent = max(sent, due)
             self._producer.poll(0)
+            self._renew_if_stuck()
             time.sleep(0.005)
         started, sent = time.monotonic(), 0
         while sent < len(owed):
@@ -112,26 +132,65 @@ class PacedStream:
                 self._label(event_id, fraud)
             sent = max(sent, due)
             self._producer.poll(0)
+            self._renew_if_stuck()
             time.sleep(0.005)
-        left = self._producer.flush(90)
+        deadline = time.monotonic() + 90
+        while (left := self._producer.flush(1.0)) and time.monotonic() < deadline:
+            self._renew_if_stuck()
         if left:
             self.errors.append(f"{left} records undelivered after 90 s")
+
+    def _renew_if_stuck(self) -> None:
+        """Replace the producer if a record has waited STUCK_ACKS_S for its ack while a
+        new client has reached Kafka for DEAF_AFTER_S (as ``kafka_io.produce_all``)."""
+        if not self._unacked:
+            return
+        now = time.monotonic()
+        oldest = next(iter(self._unacked.values()))[3]
+        if now - oldest < STUCK_ACKS_S:
+            return
+        up = self._reach.reached_for(now, lambda: reaches_kafka(self.bootstrap), DEAF_PROBE_S)
+        if up is None or up < DEAF_AFTER_S:
+            return
+        self._generation += 1  # first: the stuck one's reports (purged) are ignored
+        stuck, self._producer = self._producer, producer(self.bootstrap)
+        stuck.purge(in_queue=True, in_flight=True, blocking=False)
+        stuck.flush(0)
+        self.renewed += 1
+        self._reach = FreshReach()
+        print(f"paced stream: {len(self._unacked)} records unacknowledged for "
+              f"{now - oldest:.0f} s while Kafka answers: a new producer sends them")  # fmt: skip
+        for i, (topic, key, value, _) in list(self._unacked.items()):
+            self._unacked[i] = (topic, key, value, now)
+            self._produce(i, topic, key, value)
 
     def _label(self, event_id: str, fraud: bool) -> None:
         self.labels[event_id] = time.time()
         self._send(self.topics.labels, event_id, {"event_id": event_id, "is_fraud": fraud})
 
     def _send(self, topic: str, key: str, record: dict[str, Any]) -> None:
+        i, self._sends = self._sends, self._sends + 1
+        value, key_bytes = orjson.dumps(record), key.encode()
+        self._unacked[i] = (topic, key_bytes, value, time.monotonic())
+        self._produce(i, topic, key_bytes, value)
+
+    def _produce(self, i: int, topic: str, key: bytes, value: bytes) -> None:
+        generation = self._generation
+
         def acked(err: Any, _msg: Any) -> None:
+            if generation != self._generation:
+                return  # a replaced producer's report
             if err is not None:
                 self.errors.append(str(err))
+            self._unacked.pop(i, None)
 
         while True:
             try:
-                self._producer.produce(topic, orjson.dumps(record), key.encode(), on_delivery=acked)
+                self._producer.produce(topic, value, key, on_delivery=acked)
                 return
             except BufferError:  # the local queue is full (a broker outage): let it drain
                 self._producer.poll(0.05)
+                self._renew_if_stuck()
 
 
 # -- reading the topics back ------------------------------------------------------------
