@@ -70,7 +70,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from riverflow.errors import outage
-from riverflow.models.errors import ModelError
 from riverflow.models.registry import ChampionPointer, ModelRegistry, UnsureMoves
 from riverflow.models.target import Target
 from riverflow.monitors.distribution import DistributionMonitor
@@ -684,13 +683,11 @@ class PipelineMonitor:
             return True
         if self._published is None or self._published[0] != pointer:
             learned = None
-            try:
+            if self.registry.has(pointer):
                 meta = self.registry.meta(pointer.model, pointer.version)
-            except ModelError:  # not in the registry (the spec's fresh v0, or pruned)
-                meta = {}
-            count = meta.get("labels_seen")
-            if isinstance(count, int) and "imported_from" not in meta:
-                learned = count
+                count = meta.get("labels_seen")
+                if isinstance(count, int) and "imported_from" not in meta:
+                    learned = count
             self._published = (pointer, learned)
         learned = self._published[1]
         return learned is None or seen > learned
