@@ -206,9 +206,6 @@ class PipelineMonitor:
         self.retired: set[str] = set()  # fresh challengers retired (names are never reused)
         self.level: float | None = None  # champion's accuracy when last seen good
         self.good: deque[tuple[int, ChampionPointer]] = deque(maxlen=10_000)
-        # the champion version's count of labels learned when it was published (None:
-        # not known), read once per version: see ``_learned_since``
-        self._published: tuple[ChampionPointer, int | None] | None = None
         # the last rollback.window labels the champion predicted, where a rollback
         # target is shadow-scored: (inputs, label, it right, the learner's count of
         # labels when it learned it: None if not given; a target that learned one is
@@ -668,30 +665,6 @@ class PipelineMonitor:
         version = watch.version if watch else 0
         return self._decision("retire", name, version, f"{name} retired: {why}", evidence)
 
-    def _learned_since(self) -> bool:
-        """Whether the label just taken in was learned after the champion version was
-        published, so that it judges the version on what it had not seen. The learner
-        runs ahead of the monitor: a version it published after the first labels of a
-        bad burst becomes the champion while the monitor still reads the labels before
-        the fall shows. Counted as served while good then, it became a rollback target
-        that had learned the burst's start and so was right on the rest of it (CI,
-        2026-12-04). True when either count is not known, or for an imported version
-        (its count is of the learner it came from)."""
-        seen = self.recent[-1][3] if self.recent else None
-        pointer = self.champion
-        if seen is None or pointer is None:
-            return True
-        if self._published is None or self._published[0] != pointer:
-            learned = None
-            if self.registry.has(pointer):
-                meta = self.registry.meta(pointer.model, pointer.version)
-                count = meta.get("labels_seen")
-                if isinstance(count, int) and "imported_from" not in meta:
-                    learned = count
-            self._published = (pointer, learned)
-        learned = self._published[1]
-        return learned is None or seen > learned
-
     def _check_rollback(self, champion: str) -> list[Decision]:
         policy = self.spec.rollback
         quality = self.watches[champion].quality
@@ -716,11 +689,10 @@ class PipelineMonitor:
         if not (below_floor or dropped):
             self.fallen_at = self.shadow_at = None
             self.level = quality.accuracy()
-            if self._learned_since():  # (a label the version learned shows nothing)
-                if not self.good or self.good[-1][1] != self.champion:
-                    self.good.append((self.labels, self.champion))
-                else:
-                    self.good[-1] = (self.labels, self.champion)
+            if not self.good or self.good[-1][1] != self.champion:
+                self.good.append((self.labels, self.champion))
+            else:
+                self.good[-1] = (self.labels, self.champion)
             return []
         # (no cool-down here: a rollback is taken only to a version shown better on the
         # recent labels, and a champion that collapsed right after a promotion cannot wait)
