@@ -9,8 +9,8 @@ serves again within 10 s of its start-up (the new process's metrics server answe
 imports done, Kafka and Redis reached): it takes its partitions back at once (static
 membership) rather than waiting out the killed member's session, set to 40 s here so
 that a scorer that waited could not pass. How long the start-up itself takes
-depends on how busy the machine is (1.4-2.8 s quiet; several seconds with the
-suite's other workers beside it) and is reported, not bounded.
+depends on how busy the machine is (1.4-3.0 s quiet, 4.2-6.7 s beside three CPU
+burners) and is reported, not bounded.
 
 Run with ``-s`` to see the figures per kill (they are in the failure message too).
 """
