@@ -244,10 +244,13 @@ class Settings(BaseSettings):
         "read_committed reader waits at most, beyond the batch)",
     )  # fmt: skip
     transaction_timeout_s: float = Field(
-        10.0, ge=1,
-        description="exactly once: the broker aborts a transaction left open this long "
-        "(a killed scorer that does not come back holds its partitions' reads until then, "
-        "plus the broker's transaction.abort.timed.out.transaction.cleanup.interval.ms)",
+        5.0, ge=1,
+        description="exactly once: the broker aborts a transaction left open this long. "
+        "A scorer killed between its offsets and its commit holds its partitions' "
+        "offsets until then, plus the broker's "
+        "transaction.abort.timed.out.transaction.cleanup.interval.ms (1 s on the stack "
+        "riverflow starts): keep the sum under the 10 s failover bound, and above the "
+        "slowest batch (a batch waiting out an outage ends its transaction first)",
     )  # fmt: skip
 
     @field_validator("kafka_jvm_options")

@@ -64,6 +64,6 @@ class HostSettings:
     max_poll_interval_s: float = 300.0  # a batch slower than this leaves the group
     commit_interval_s: float = 1.0  # offsets committed at most this often, one commit in flight
     exactly_once: bool = False  # Kafka transactions: outputs and offsets commit together
-    transaction_timeout_s: float = 10.0  # the broker aborts a transaction open this long
+    transaction_timeout_s: float = 5.0  # the broker aborts a transaction open this long
     transaction_interval_s: float = 0.1  # a transaction spans the batches of this long
     write_timeout_s: float = 120.0  # a batch's outputs wait this long for a broker that is down

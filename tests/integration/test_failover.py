@@ -21,6 +21,7 @@ import orjson
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
+from riverflow.settings import Settings
 from riverflow.spec import PipelineSpec
 from riverflow.streams.confluent_host import ConfluentHost, ConsumerState
 from riverflow.streams.contracts import Prediction
@@ -205,12 +206,12 @@ def test_a_killed_scorer_not_restarted_its_partitions_move_within_ten_seconds(
 ) -> None:
     # exactly once: what a read_committed reader sees, after the broker aborted the
     # dead scorer's open transaction. A kill between its offsets and its commit holds
-    # the partitions' offsets until that abort: transaction_timeout_s (5 s here) plus
-    # the broker's cleanup interval (1 s on our stack); 19 s at the defaults, 10 + 10
+    # the partitions' offsets until that abort: transaction_timeout_s (5 s by default)
+    # plus the broker's cleanup interval (1 s on our stack; the next test)
     topics = spec.topics
     ensure_topics(stack.kafka_bootstrap, topics.all(), partitions=3)
     watch = PredictionWatch(stack.kafka_bootstrap, topics.predictions)
-    settings = {"processing_guarantee": guarantee, "transaction_timeout_s": 5}
+    settings = {"processing_guarantee": guarantee}
     first = start_stage("scorer", partitions=3, instance_id="scorer-a", **settings)
     second = start_stage("scorer", partitions=3, instance_id="scorer-b", **settings)
     events = PacedEvents(stack.kafka_bootstrap, topics.events, RATE * 25)
@@ -235,6 +236,56 @@ def test_a_killed_scorer_not_restarted_its_partitions_move_within_ten_seconds(
         watch.close()
     print(f"{guarantee}: served again {served:.1f} s after the kill; "
           f"{sum(c > 1 for c in counts.values())} events replayed")  # fmt: skip
+
+
+def test_offsets_a_dead_scorer_left_in_its_transaction_hold_the_next_member_under_ten_seconds(
+    stack: Endpoints,
+) -> None:
+    # the worst moment to kill an exactly-once scorer: its offsets are in the
+    # transaction, the commit not yet sent. The member taking its partitions reads their
+    # committed offsets only once the broker aborted that transaction (KIP-447): the
+    # default transaction_timeout_s, plus the cleanup interval of the stack we start
+    topic, group = f"held-{uuid.uuid4().hex[:8]}", f"held-{uuid.uuid4().hex[:8]}"
+    ensure_topics(stack.kafka_bootstrap, [topic, f"{topic}-out"], partitions=1)
+    feed = producer(stack.kafka_bootstrap)
+    for i in range(20):
+        feed.produce(topic, str(i).encode())
+    assert feed.flush(30) == 0
+    group_config = {"bootstrap.servers": stack.kafka_bootstrap, "group.id": group,
+                    "enable.auto.commit": False, "auto.offset.reset": "earliest"}  # fmt: skip
+    dying = Consumer(group_config)
+    dying.subscribe([topic])
+    deadline = time.monotonic() + 30
+    while (msg := dying.poll(0.5)) is None or msg.error():
+        assert time.monotonic() < deadline, "the dying member never read"
+    timeout_ms = int(Settings().transaction_timeout_s * 1000)
+    txn = producer(stack.kafka_bootstrap, **{"transactional.id": group,
+                                            "transaction.timeout.ms": timeout_ms})  # fmt: skip
+    txn.init_transactions(30)
+    txn.begin_transaction()  # a committed transaction's offsets: 5
+    txn.send_offsets_to_transaction([TopicPartition(topic, 0, 5)],
+                                    dying.consumer_group_metadata(), 30)  # fmt: skip
+    txn.commit_transaction(30)
+    txn.begin_transaction()  # then one that is never committed
+    txn.produce(f"{topic}-out", b"lost with its transaction")
+    txn.send_offsets_to_transaction([TopicPartition(topic, 0, 15)],
+                                    dying.consumer_group_metadata(), 30)  # fmt: skip
+    held_at = time.monotonic()  # the producer is left as a SIGKILL would leave it
+    dying.close()
+    member = Consumer({**group_config, "isolation.level": "read_committed"})
+    try:
+        member.assign([TopicPartition(topic, 0)])
+        while (msg := member.poll(0.2)) is None or msg.error():
+            assert time.monotonic() - held_at < 60, "the next member never read"
+        waited = time.monotonic() - held_at
+    finally:
+        member.close()
+    print(f"the next member read {waited:.1f} s after the transaction was left open")
+    assert msg.offset() == 5, "the aborted transaction's offsets were taken"
+    assert waited < BOUND_S, (
+        f"the next member read {waited:.1f} s after the dead scorer's transaction took "
+        f"its offsets (transaction_timeout_s {timeout_ms / 1000:g} s)"
+    )
 
 
 def test_the_host_reads_a_real_consumers_statistics(stack: Endpoints) -> None:
