@@ -423,7 +423,7 @@ def produce_all(
             up = reach.reached_for(now, renewal.reaches, DEAF_PROBE_S)
             if up is not None and up >= DEAF_AFTER_S:
                 current[0] += 1
-                prod = _renewed(prod, renewal, kept, acked)
+                prod = renewed_producer(prod, renewal, kept, acked)
                 started, reach = time.monotonic(), FreshReach()
         remaining = prod.flush(min(1.0, left))
     if remaining or errors:
@@ -436,13 +436,15 @@ def produce_all(
     return n
 
 
-def _renewed(
+def renewed_producer(
     stuck: Producer,
     renewal: Renewal,
     kept: dict[int, tuple[str, bytes | None, bytes]],
     acked: Callable[[int], Callable[[Any, Any], None]],
 ) -> Producer:
-    """A new producer sending ``kept`` again in place of ``stuck`` (purged, let go)."""
+    """A new producer sending ``kept`` (by send number) again in place of ``stuck``
+    (purged, let go); ``acked(i)`` is the delivery report of send ``i``. The caller
+    ignores the reports of ``stuck`` from here on."""
     log.warning("%d messages unacknowledged for %.0f s while Kafka answers a new client: "
                 "a new producer sends them again", len(kept), STUCK_ACKS_S)  # fmt: skip
     stuck.purge(in_queue=True, in_flight=True, blocking=False)

@@ -34,9 +34,11 @@ from riverflow.streams.kafka_io import (
     STUCK_ACKS_S,
     FreshReach,
     KafkaIOError,
+    Renewal,
     producer,
     reaches_kafka,
     read_topic,
+    renewed_producer,
 )
 from riverflow.streams.topics import Topics
 from riverflow.tools.generator import FraudStreamConfig, transactions
@@ -79,15 +81,16 @@ class PacedStream:
         self.errors: list[str] = []
         self.bootstrap = bootstrap
         self._producer = producer(bootstrap)
-        # what is not acknowledged yet, by send number: (topic, key, value, when sent).
-        # A producer stuck after a broker restart (librdkafka #5430, which the stages'
-        # own producers survive: streams.kafka_io.STUCK_ACKS_S) is replaced, and the
-        # new one sends these again
-        self._unacked: dict[int, tuple[str, bytes, bytes, float]] = {}
+        # what is not acknowledged yet, by send number: (topic, key, value), and when it
+        # was sent. A producer stuck after a broker restart (librdkafka #5430, which
+        # the stages' own producers survive: streams.kafka_io.STUCK_ACKS_S) is replaced
+        # as kafka_io.produce_all replaces one, and the new one sends these again
+        self._unacked: dict[int, tuple[str, bytes | None, bytes]] = {}
+        self._sent_at: dict[int, float] = {}
         self._sends = 0
         self._generation = 0
         self._reach = FreshReach()
-        self.renewed = 0  # producers replaced
+        self.renewal = Renewal(lambda: producer(bootstrap), lambda: reaches_kafka(bootstrap))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="paced-stream", daemon=True)
 
@@ -143,26 +146,18 @@ class PacedStream:
     def _renew_if_stuck(self) -> None:
         """Replace the producer if a record has waited STUCK_ACKS_S for its ack while a
         new client has reached Kafka for DEAF_AFTER_S (as ``kafka_io.produce_all``)."""
-        if not self._unacked:
+        if not self._sent_at:
             return
         now = time.monotonic()
-        oldest = next(iter(self._unacked.values()))[3]
-        if now - oldest < STUCK_ACKS_S:
+        if now - next(iter(self._sent_at.values())) < STUCK_ACKS_S:
             return
-        up = self._reach.reached_for(now, lambda: reaches_kafka(self.bootstrap), DEAF_PROBE_S)
+        up = self._reach.reached_for(now, self.renewal.reaches, DEAF_PROBE_S)
         if up is None or up < DEAF_AFTER_S:
             return
         self._generation += 1  # first: the stuck one's reports (purged) are ignored
-        stuck, self._producer = self._producer, producer(self.bootstrap)
-        stuck.purge(in_queue=True, in_flight=True, blocking=False)
-        stuck.flush(0)
-        self.renewed += 1
+        self._producer = renewed_producer(self._producer, self.renewal, self._unacked, self._acked)
+        self._sent_at = dict.fromkeys(self._unacked, now)
         self._reach = FreshReach()
-        print(f"paced stream: {len(self._unacked)} records unacknowledged for "
-              f"{now - oldest:.0f} s while Kafka answers: a new producer sends them")  # fmt: skip
-        for i, (topic, key, value, _) in list(self._unacked.items()):
-            self._unacked[i] = (topic, key, value, now)
-            self._produce(i, topic, key, value)
 
     def _label(self, event_id: str, fraud: bool) -> None:
         self.labels[event_id] = time.time()
@@ -171,10 +166,21 @@ class PacedStream:
     def _send(self, topic: str, key: str, record: dict[str, Any]) -> None:
         i, self._sends = self._sends, self._sends + 1
         value, key_bytes = orjson.dumps(record), key.encode()
-        self._unacked[i] = (topic, key_bytes, value, time.monotonic())
-        self._produce(i, topic, key_bytes, value)
+        self._unacked[i] = (topic, key_bytes, value)
+        self._sent_at[i] = time.monotonic()
+        generation = self._generation
+        while True:
+            try:
+                self._producer.produce(topic, value, key_bytes, on_delivery=self._acked(i))
+                return
+            except BufferError:  # the local queue is full (a broker outage): let it drain
+                self._producer.poll(0.05)
+                self._renew_if_stuck()
+                if self._generation != generation:
+                    return  # a new producer sent it, with the others unacknowledged
 
-    def _produce(self, i: int, topic: str, key: bytes, value: bytes) -> None:
+    def _acked(self, i: int) -> Callable[[Any, Any], None]:
+        """The delivery report of send ``i`` by the current producer."""
         generation = self._generation
 
         def acked(err: Any, _msg: Any) -> None:
@@ -183,14 +189,9 @@ class PacedStream:
             if err is not None:
                 self.errors.append(str(err))
             self._unacked.pop(i, None)
+            self._sent_at.pop(i, None)
 
-        while True:
-            try:
-                self._producer.produce(topic, value, key, on_delivery=acked)
-                return
-            except BufferError:  # the local queue is full (a broker outage): let it drain
-                self._producer.poll(0.05)
-                self._renew_if_stuck()
+        return acked
 
 
 # -- reading the topics back ------------------------------------------------------------
