@@ -35,7 +35,9 @@ rolled back, see below).
 - **rollback** (classifiers): the champion's accuracy over the last ``rollback.window``
   labelled events falling ``rollback.drop`` below its level when it was last
   good (or below ``rollback.floor``) makes the last three versions served
-  while it was good, a full rollback window before the fall, rollback targets;
+  while it was good (a version counts once the monitor has read past the labels
+  it learned without a fall: ``_served_good``), a full rollback window before the
+  fall, rollback targets;
   each is shadow-scored on those same recent labelled events and the pointer
   moves to the best only if it is right on more of them than the champion was,
   by a one-sided sign test at ``rollback.alpha / 3`` on the labels where they
@@ -70,6 +72,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from riverflow.errors import outage
+from riverflow.models.errors import ModelError
 from riverflow.models.registry import ChampionPointer, ModelRegistry, UnsureMoves
 from riverflow.models.target import Target
 from riverflow.monitors.distribution import DistributionMonitor
@@ -90,6 +93,7 @@ MAX_SEGMENTS = 1_000  # segment values tracked one by one
 OTHER_SEGMENT = "(other)"
 ROLLBACK_TARGETS = 3  # earlier good versions shadow-scored before a rollback
 MEMORY_GOOD = 10  # versions served while good that the monitor's saved memory keeps
+PENDING = 100  # versions served while good on labels they had learned, held (``_served_good``)
 
 
 @dataclass(frozen=True)
@@ -206,6 +210,11 @@ class PipelineMonitor:
         self.retired: set[str] = set()  # fresh challengers retired (names are never reused)
         self.level: float | None = None  # champion's accuracy when last seen good
         self.good: deque[tuple[int, ChampionPointer]] = deque(maxlen=10_000)
+        # versions served while good, but only on labels they had learned (the learner
+        # runs ahead): the learner's count of labels when each was published, and the
+        # version; good once this monitor has read past that count without a fall
+        self.pending: deque[tuple[int, ChampionPointer]] = deque(maxlen=PENDING)
+        self._learned_at: tuple[ChampionPointer, int | None] | None = None  # (read once)
         # the last rollback.window labels the champion predicted, where a rollback
         # target is shadow-scored: (inputs, label, it right, the learner's count of
         # labels when it learned it: None if not given; a target that learned one is
@@ -689,11 +698,9 @@ class PipelineMonitor:
         if not (below_floor or dropped):
             self.fallen_at = self.shadow_at = None
             self.level = quality.accuracy()
-            if not self.good or self.good[-1][1] != self.champion:
-                self.good.append((self.labels, self.champion))
-            else:
-                self.good[-1] = (self.labels, self.champion)
+            self._served_good(self.champion)
             return []
+        self.pending.clear()  # they learned labels this monitor now sees fall
         # (no cool-down here: a rollback is taken only to a version shown better on the
         # recent labels, and a champion that collapsed right after a promotion cannot wait)
         if self.fallen_at is None:
@@ -768,6 +775,49 @@ class PipelineMonitor:
             self.shadow_at = self.labels
             return []  # the pointer moved meanwhile: look again with the next label
         return [self._moved("rollback", target, why, evidence, n, moved.at)]
+
+    def _served_good(self, pointer: ChampionPointer) -> None:
+        """The champion ``pointer`` was served while it was good: a rollback target from
+        now on, unless it had learned the labels it was judged on. The learner runs
+        ahead of the monitor: 300 labels into a burst of flipped labels it published a
+        version that fitted them, and the pointer followed while the monitor had read
+        only the burst's first labels, no fall shown yet. Counted good then, that
+        version, scored on the rest of the burst, was right on it and was rolled back
+        to during the burst (CI, 2026-12-04). Such a version is held (``pending``) until
+        this monitor has read past the labels it learned without a fall (a fall forgets
+        it), then counted good, even if the pointer has moved on since (a monitor
+        lagging the learner by more than a publication never sees a version served on
+        labels after its own). A version whose count is unknown, or imported (its
+        count is another learner's), is counted good at once, as are labels without
+        the learner's count."""
+        seen = self.recent[-1][3] if self.recent else None
+        learned = None if seen is None else self._learned(pointer)
+        if learned is not None and seen is not None and seen <= learned:
+            if all(p != pointer for _, p in self.pending):
+                self.pending.append((learned, pointer))
+        elif not self.good or self.good[-1][1] != pointer:
+            self.good.append((self.labels, pointer))
+        else:
+            self.good[-1] = (self.labels, pointer)
+        if seen is not None and self.pending and min(n for n, _ in self.pending) < seen:
+            for n, p in list(self.pending):
+                if n < seen:
+                    self.pending.remove((n, p))
+                    self.good.append((self.labels, p))
+
+    def _learned(self, pointer: ChampionPointer) -> int | None:
+        """The learner's count of labels when ``pointer`` was published (None: not known,
+        imported, or not in the registry: the spec's fresh v0, or pruned); one
+        registry read per version."""
+        if self._learned_at is None or self._learned_at[0] != pointer:
+            try:
+                meta = self.registry.meta(pointer.model, pointer.version)
+            except ModelError:
+                meta = {}
+            count = meta.get("labels_seen")
+            known = isinstance(count, int) and "imported_from" not in meta
+            self._learned_at = (pointer, count if known else None)
+        return self._learned_at[1]
 
     def _shadow(self, model: Any) -> tuple[int, int] | None:
         """``model`` scored on the champion's last ``rollback.window`` labels: how many
@@ -891,6 +941,7 @@ class PipelineMonitor:
         self.champion = to
         while good_until is not None and self.good and self.good[-1][0] > good_until:
             self.good.pop()
+        self.pending.clear()  # (versions of the line moved away from)
         self._champion_changed()
         self.last_decision = self.labels
         return self._decision(kind, to.model, to.version, why, evidence, at)
