@@ -317,6 +317,9 @@ class ConfluentHost:
         self._txn_started: float | None = None  # the open transaction's start
         self._txn_first: dict[tuple[str, int], int] = {}  # its first offset per partition
         self._txn_next: dict[tuple[str, int], int] = {}  # its next offset per partition
+        # partitions rewound (to these offsets) under the batch in hand, by a transaction
+        # that failed while the batch waited (``_commit_before_waiting``)
+        self._rewound_under_batch: dict[tuple[str, int], int] = {}
         session_ms = int(settings.session_timeout_s * 1000)
         consumer: dict[str, Any] = {
             **client_config(settings.bootstrap),
@@ -365,7 +368,7 @@ class ConfluentHost:
         if settings.exactly_once and isinstance(hooks, list):
             # a batch waiting out a Redis outage must not hold a transaction open:
             # the broker aborts it after transaction_timeout_s, fencing the producer
-            hooks.append(self._end_transaction)
+            hooks.append(self._commit_before_waiting)
         # lz4: a batch's records (JSON) shrink ~3.4x, and the broker's CPU per record
         # with them (warm broker: ~5 -> ~4 us; docs/benchmarks.md); every consumer
         # riverflow runs is librdkafka, which reads it as it comes
@@ -610,6 +613,11 @@ class ConfluentHost:
     def _transact(self, batch: list[Message], outputs: list[Output]) -> None:
         """Add the batch's outputs and offsets to the open transaction (beginning one if
         none is open); commit it once it has been open ``transaction_interval_s``."""
+        if self._rewound_under_batch:
+            if batch:
+                self._drop_batch(batch)
+                return
+            self._rewound_under_batch = {}  # (a tick: it read nothing past them)
         prod = self.producer
         if batch or outputs:
             try:
@@ -636,12 +644,36 @@ class ConfluentHost:
         ):
             self._end_transaction()
 
-    def _end_transaction(self) -> None:
+    def _commit_before_waiting(self) -> None:
+        """The guard's hook, called as a batch starts waiting out an outage: commit the
+        open transaction, which the broker would abort meanwhile. If that fails, its
+        partitions are rewound under the batch in hand, which was read past them: that
+        batch is dropped as it ends (``_drop_batch``) and read again after them.
+        Committed with the next transaction, its offsets would pass what the failed one
+        held, lost to a crash or a rebalance before they were read again."""
+        firsts = dict(self._txn_first)
+        if not self._end_transaction():
+            self._rewound_under_batch.update(firsts)
+
+    def _drop_batch(self, batch: list[Message]) -> None:
+        """A batch read past offsets that were rewound under it: its outputs are dropped,
+        and its partitions that were not rewound are, to its first offsets (the others are
+        read again from earlier ones). It comes again, as a replay."""
+        rewound, self._rewound_under_batch = self._rewound_under_batch, {}
+        firsts: dict[tuple[str, int], int] = {}
+        for m in batch:
+            firsts.setdefault((m.topic, m.partition), m.offset)
+        log.warning("%s: a batch read past a transaction that failed under it is read again",
+                    self.processor.stage)  # fmt: skip
+        self._rewind({key: o for key, o in firsts.items() if key not in rewound})
+
+    def _end_transaction(self) -> bool:
         """Commit the open transaction with its offsets (``send_offsets_to_transaction``
         with the consumer's group metadata: a member of an older generation is fenced);
-        on an abortable error, abort it and rewind to its first offsets."""
+        on an abortable error, abort it and rewind to its first offsets. False if it
+        failed."""
         if self._txn_started is None:
-            return
+            return True
         try:
             if self._txn_next:
                 self._txn_call(
@@ -659,12 +691,13 @@ class ConfluentHost:
                         raise
         except KafkaException as exc:
             self._failed_transaction(exc, [])
-            return
+            return False
         if self._kafka_down_since is not None:  # committed: the broker answers
             self._kafka_up()
         self._txn_started = None
         self._txn_first.clear()
         self._txn_next.clear()
+        return True
 
     def _txn_call(self, call: Callable[..., None], *args: Any) -> None:
         """``call(*args, transaction_timeout_s)``, a transactional call of the producer, on

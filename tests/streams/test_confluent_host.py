@@ -731,10 +731,52 @@ def test_an_exactly_once_host_commits_its_transaction_before_its_guard_waits() -
     # a batch waiting out Redis must not hold a transaction the broker aborts meanwhile
     guard = guarded(Echo(), Topics("t"))
     host, _ = host_on_fakes(guard, [], host={"instance_id": "scorer-a", "exactly_once": True})
-    assert guard.on_wait == [host._end_transaction]
+    assert guard.on_wait == [host._commit_before_waiting]
     plain = guarded(Echo(), Topics("t"))
     host_on_fakes(plain, [])
     assert plain.on_wait == []
+
+
+class WaitsInItsSecondBatch(Echo):
+    """Its second batch waits out an outage: the guard's hook runs in the middle of it."""
+
+    def process(self, batch: Sequence[Message]) -> list[Output]:
+        if len(self.batches) == 1 and batch and self.host is not None:
+            self.host._commit_before_waiting()
+        return super().process(batch)
+
+
+def test_a_batch_read_past_a_transaction_that_failed_while_it_waited_is_read_again() -> None:
+    """The open transaction (partition 0 at 5) is committed as the next batch (0 at 6, 1
+    at 8) starts waiting out Redis, and fails: partition 0 is rewound to 5 under that
+    batch. Committed with the next transaction, the batch's offsets would pass 5, whose
+    prediction was aborted: lost to a crash or a rebalance before it was read again
+    (here a revoke of another partition commits at once). The batch is dropped, its
+    partition 1 rewound too, and both are read again."""
+    processor = WaitsInItsSecondBatch(stop_after=3)
+    host, log = host_on_fakes(
+        processor, [FakeMessage("in", 0, 5, b"a")],
+        host={"instance_id": "scorer-a", "exactly_once": True, "transaction_interval_s": 3600},
+    )  # fmt: skip
+    host.settings = replace(host.settings, batch_size=2)
+    host.producer.fail_commits = 1  # abortable
+    polls = 0
+
+    def second_batch_then_a_revoke(consumer: FakeConsumer) -> None:
+        nonlocal polls
+        polls += 1
+        if polls == 2:
+            consumer.pending += [FakeMessage("in", 0, 6, b"b"), FakeMessage("in", 1, 8, b"c")]
+        if polls == 3:
+            consumer.callbacks["on_revoke"](consumer, [TopicPartition("in", 2)])
+
+    host.consumer.before_poll = second_batch_then_a_revoke
+    run(host)
+    # (the fake consumer hands out the message at each seek, not the ones after it)
+    assert [[m.offset for m in b] for b in processor.batches] == [[5], [6, 8], [5, 8]]
+    assert host.consumer.seeks == [(0, 5), (1, 8)]
+    assert [e for e in log if e.startswith("offsets")] == ["offsets 0:6", "offsets 0:6,1:9"]
+    assert log.count("produce out") == 3  # the dropped batch's outputs never went out
 
 
 class StopsWhenUp(Reporter):
