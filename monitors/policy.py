@@ -367,7 +367,8 @@ class PipelineMonitor:
     def memory(self) -> dict[str, Any]:
         """What the labels to come cannot teach a restarted monitor. For a rollback:
         the champion's level when it was last good, and the versions served while it
-        was (newest last, at most ``MEMORY_GOOD`` of them); without them, a monitor
+        was (newest last, at most ``MEMORY_GOOD`` of them, and those held until the
+        monitor has read past what they learned: ``pending``); without them, a monitor
         restarted during a fall learns its level from the fall and knows no version
         to go back to: the champion is never rolled back. And the labels since the
         last promotion or rollback, and each fresh challenger's age in labels:
@@ -383,8 +384,10 @@ class PipelineMonitor:
         ages = {name: self.labels - w.first_label for name, w in self.watches.items()
                 if name in self.fresh and name != self.champion_name}  # fmt: skip
         duels = {name: duel.state() for name, duel in self.duels.items()}
+        pending = [[n, p.model, p.version] for n, p in self.pending]
         memory = {"champion": self.champion_name, "level": self.level, "good": good,
-                  "since_decision": since, "ages": ages, "duels": duels}  # fmt: skip
+                  "pending": pending, "since_decision": since, "ages": ages,
+                  "duels": duels}  # fmt: skip
         watch = self.watches.get(self.champion_name)
         if watch is not None and self.error_drift:
             memory["drift"] = {"version": watch.version,
@@ -403,6 +406,8 @@ class PipelineMonitor:
         try:
             level = memory.get("level")
             good = [ChampionPointer(str(m), int(v)) for m, v in memory.get("good") or []]
+            pending = [(int(n), ChampionPointer(str(m), int(v)))
+                       for n, m, v in memory.get("pending") or []]  # fmt: skip
             since = memory.get("since_decision")
             since = None if since is None else int(since)
             ages = {str(n): int(a) for n, a in (memory.get("ages") or {}).items()}
@@ -416,6 +421,7 @@ class PipelineMonitor:
         self.level = level
         before = -self.spec.rollback.window
         self.good.extend((before, pointer) for pointer in good)
+        self.pending.extend(pending)
         if since is not None and self.last_decision is None:
             self.last_decision = self.labels - since
         for name, age in ages.items():  # (those still fresh; none seen yet)

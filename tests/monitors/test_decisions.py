@@ -378,13 +378,18 @@ def test_records_from_before_these_fields_still_decode() -> None:
     assert evaluation.encode() == raw
 
 
-def test_versions_published_ahead_of_a_lagging_monitor_become_rollback_targets() -> None:
+@pytest.mark.parametrize("restart", [None, "its memory", "its memory without pending"])
+def test_versions_published_ahead_of_a_lagging_monitor_become_rollback_targets(
+    restart: str | None,
+) -> None:
     """The learner publishes every 500 labels, 700 ahead of the monitor: the pointer
     moves on from each version while the monitor still reads labels it had learned.
     Each is held, then counted good once the monitor has read past them without a
     fall: the last one before a bad version is its rollback target. (Counting a
     version good only on labels read while it is the champion counted none of them,
-    and went back to the first version.)"""
+    and went back to the first version.) A monitor restarted while it holds version
+    4, which it then never sees served again, takes it back from its memory; without
+    it, version 3 is the target."""
     registry = MemoryRegistry(KEY)
     registry.publish("m", Sign(positive=True), {"parent": None, "labels_seen": 0})
     advance(registry, 1)
@@ -396,6 +401,16 @@ def test_versions_published_ahead_of_a_lagging_monitor_become_rollback_targets()
         assert registry.publish("m", Sign(positive=True), meta) == version
         advance(registry, version)
         monitor.refresh()
+        if version == 5 and restart is not None:
+            assert [p.version for _, p in monitor.pending] == [4]
+            memory = monitor.memory()
+            if restart == "its memory without pending":
+                del memory["pending"]
+            restarted = PipelineMonitor("p", monitor.spec, registry, monitor.lead)
+            restarted.refresh()
+            assert restarted.restore(memory)
+            restarted.labels = monitor.labels  # (the stage counts on from its offsets)
+            monitor = restarted
         feed(monitor, rng, 500, served_right=0.95)
     assert [p.version for _, p in monitor.pending] == [5]  # 2,200 learned, 2,000 read
     bad = registry.publish("m", Sign(positive=False), {"parent": None, "labels_seen": 2_000})
@@ -403,5 +418,6 @@ def test_versions_published_ahead_of_a_lagging_monitor_become_rollback_targets()
     monitor.refresh()
     decisions = feed(monitor, rng, 1_000, served_right=0.6, bad=bad)
     [rollback] = [d for d in decisions if d.kind == "rollback"]
-    assert (rollback.model, rollback.version) == ("m", 4)
+    expected = 3 if restart == "its memory without pending" else 4
+    assert (rollback.model, rollback.version) == ("m", expected)
     assert not monitor.pending  # version 5 learned labels read after the fall began
