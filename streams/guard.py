@@ -118,7 +118,7 @@ class Guard:
 
     def _through_outage(self, batch: Sequence[Message]) -> list[Output]:
         """``inner.process(batch)``, again and again while a server is down."""
-        started: float | None = None  # this call's outage (its limit and its backoff)
+        started: float | None = None  # this call's outage (its hooks and its backoff)
         delay = self.first_backoff_s
         while True:
             try:
@@ -136,7 +136,9 @@ class Guard:
                     for hook in self.on_wait:
                         hook()
                 self._set_degraded(why)
-                down = now - started
+                # the limit is the stage's outage's: one that a bisection spans (a call
+                # that raised something else meanwhile) is not given the limit again
+                down = now - self.down_since
                 if down >= self.outage_limit_s:
                     raise StageOutage(
                         f"{self.stage}: a server has been down {down:.0f}s "

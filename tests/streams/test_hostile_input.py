@@ -291,6 +291,35 @@ def test_the_guard_gives_up_after_the_outage_limit() -> None:
     assert 60 <= now[0] < 61
 
 
+class DownPoisonDown(Flaky):
+    """Redis down for ``first`` calls, then a message that raises (the batch is
+    bisected), then Redis down for good."""
+
+    def __init__(self, first: int) -> None:
+        super().__init__({b"x"}, down=first)
+        self.poisoned = False
+
+    def process(self, batch: Sequence[Message]) -> list[Output]:
+        if self.down == 0 and self.poisoned:
+            self.down = 10**9
+        if self.down == 0:
+            self.poisoned = True
+        return super().process(batch)
+
+
+def test_an_outage_that_a_bisection_spans_is_given_its_limit_once() -> None:
+    """Each call of the bisection started the limit again: an outage of 48 s before a
+    message raised and the batch was split was waited out 60 s more in the first half."""
+    now = [0.0]
+    stage = DownPoisonDown(first=50)  # 0.2 + 0.4 + 0.8 + 47 x 1 s of backoff: 48.4 s
+    guard = guarded(stage, Topics("t"), outage_limit_s=60)
+    guard.sleep = lambda s: now.__setitem__(0, now[0] + s)
+    guard.clock = lambda: now[0]
+    with pytest.raises(StageOutage, match=r"down 60s"):
+        guard.process(batch([b"a", b"x"]))
+    assert 60 <= now[0] < 61
+
+
 def test_healthz_answers_503_with_the_reason_while_a_server_is_down() -> None:
     metrics = StageMetrics("scorer")
     server = serve(metrics, free_port())
