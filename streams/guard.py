@@ -52,7 +52,8 @@ MAX_BACKOFF_S = 1.0
 
 
 class StageOutage(RiverflowError):
-    """A server stayed down longer than the outage limit: the stage stops."""
+    """A server stayed down longer than the outage limit, or the host failed in a hook
+    the guard called before waiting (``on_wait``): the stage stops."""
 
 
 class Health(Protocol):
@@ -134,7 +135,10 @@ class Guard:
                 if started is None:
                     started = now
                     for hook in self.on_wait:
-                        hook()
+                        try:
+                            hook()
+                        except Exception as failed:  # the host's failure, not a message's
+                            raise StageOutage(f"{self.stage}: {failed}") from failed
                 self._set_degraded(why)
                 # the limit is the stage's outage's: one that a bisection spans (a call
                 # that raised something else meanwhile) is not given the limit again

@@ -21,6 +21,7 @@ from riverflow.spec import PipelineSpec
 from riverflow.stages.common import dead_letter, guarded
 from riverflow.streams.contracts import DeadLetter, Message, Output, Prediction
 from riverflow.streams.guard import StageOutage
+from riverflow.streams.kafka_io import KafkaIOError
 from riverflow.streams.topics import Topics
 from riverflow.tools.hostile import HostileEvents
 from riverflow.tools.stack import free_port
@@ -318,6 +319,23 @@ def test_an_outage_that_a_bisection_spans_is_given_its_limit_once() -> None:
     with pytest.raises(StageOutage, match=r"down 60s"):
         guard.process(batch([b"a", b"x"]))
     assert 60 <= now[0] < 61
+
+
+def test_a_hook_that_fails_before_the_wait_stops_the_stage_and_blames_no_message() -> None:
+    """The exactly-once host commits its transaction in the guard's hook; a host that
+    then cannot go on (another process fences each new producer) raised there, and the
+    guard took that for the batch's fault: bisected, every message in the DLQ."""
+    stage = Flaky(set(), down=1)
+    guard = guarded(stage, Topics("t"), outage_limit_s=60)
+    guard.sleep = lambda s: None
+
+    def fenced() -> None:
+        raise KafkaIOError("transaction failed 3 times within 60 s: give each its own id")
+
+    guard.on_wait.append(fenced)
+    with pytest.raises(StageOutage, match="scorer: transaction failed 3 times"):
+        guard.process(batch([b"a", b"b"]))
+    assert guard.internal_errors == 0
 
 
 def test_healthz_answers_503_with_the_reason_while_a_server_is_down() -> None:
