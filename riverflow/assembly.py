@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from riverflow.errors import RiverflowError
+from riverflow.errors import RiverflowError, refusal
 from riverflow.features.labelled import LabelFeatures
 from riverflow.features.scored import ScoredEvents
 from riverflow.features.store import FeatureStore, MemoryFeatureStore, RedisFeatureStore
@@ -45,6 +45,10 @@ log = logging.getLogger(__name__)
 
 class ConnectionFailed(RiverflowError):
     """A server named in the settings cannot be reached."""
+
+
+class Refused(RiverflowError):
+    """Redis refused the stage's user at startup (a password, an ACL): not waited for."""
 
 
 def signing_key(settings: Settings) -> Keyring:
@@ -91,18 +95,32 @@ def pseudonymizer(spec: PipelineSpec, settings: Settings) -> Pseudonymizer:
 T = TypeVar("T")
 
 
-def through_outage(call: Callable[[], T], wait_s: float, what: str) -> T:
+def through_outage(
+    call: Callable[[], T], wait_s: float, what: str, refusals_wait: bool = False
+) -> T:
     """``call()``, retried with the guard's backoff while a server is down, for
     at most ``wait_s``; then its error is raised. A server down is what the guard
     calls an outage (``streams.guard.outage``: Redis unreachable, timing out,
     loading, BUSY...) or a Kafka cluster that cannot be reached. For what a stage
     does outside its batches (startup, restore, checkpoint commit, creating
-    topics): each is safe to repeat."""
+    topics): each is safe to repeat.
+
+    Redis refusing the stage's user (a wrong password, an ACL without a command) is
+    ``Refused`` at once, naming the settings to check: at startup that is a
+    misconfiguration, and waiting it out only delayed the error. ``refusals_wait``:
+    waited out as an outage, as the guard does for a stage already running (an ACL
+    changed under it)."""
     give_up, pause = time.monotonic() + wait_s, FIRST_BACKOFF_S
     while True:
         try:
             return call()
         except Exception as exc:
+            refused = None if refusals_wait else refusal(exc)
+            if refused is not None:
+                raise Refused(
+                    f"{what}: {refused} (check RIVERFLOW_REDIS_USERNAME, "
+                    "RIVERFLOW_REDIS_PASSWORD and the user's ACL: riverflow acls STAGE --redis)"
+                ) from exc
             why = outage(exc) or kafka_unreachable(exc)
             if why is None or time.monotonic() + pause > give_up:
                 raise

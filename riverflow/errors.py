@@ -59,6 +59,29 @@ def outage(exc: BaseException) -> str | None:
     return None
 
 
+def refusal(exc: BaseException) -> str | None:
+    """Why ``exc`` (or an exception it was raised from) is Redis refusing the stage's
+    user: a wrong password, a disabled user, a command its ACL does not allow; None if
+    it is not one. To a running stage's guard it is an outage (an ACL changed under it
+    must not send every message to the DLQ); at startup, an error at once."""
+    try:
+        import redis.exceptions as rx
+    except ImportError:  # pragma: no cover - redis is a dependency
+        return None
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        coded = isinstance(e, rx.ResponseError) and str(e).startswith(_REDIS_REFUSED)
+        if isinstance(e, rx.AuthenticationError | rx.NoPermissionError) or coded:
+            return f"Redis refused: {str(e)[:200]}"
+        e = e.__cause__ or e.__context__
+    return None
+
+
+_REDIS_REFUSED = ("NOAUTH", "WRONGPASS", "NOPERM")
+
+
 def _outage_of(e: BaseException) -> str | None:
     name = f"{type(e).__module__}.{type(e).__name__}"
     try:

@@ -335,7 +335,9 @@ def run_stage(stage: str, spec: PipelineSpec, settings: Settings, ep: Servers) -
         return learner.publish() if publishing and learner.has_unpublished() else []
 
     def commit() -> None:
-        through_outage(learner.commit, settings.outage_limit_s, "saving the checkpoint")
+        # (running: a refusal is an ACL changed under the stage, waited out as the guard does)
+        through_outage(learner.commit, settings.outage_limit_s, "saving the checkpoint",
+                       refusals_wait=True)  # fmt: skip
 
     freeze_startup_heap()
     # ticks retry waiting labels, take the timed snapshots and label by timeout: at least

@@ -7,7 +7,7 @@ import pytest
 import redis
 from confluent_kafka import KafkaError, KafkaException
 
-from riverflow.assembly import through_outage
+from riverflow.assembly import Refused, through_outage
 
 
 def flaky(failures: list[BaseException]) -> object:
@@ -44,3 +44,28 @@ def test_a_refusal_is_raised_at_once_and_an_outage_after_the_wait() -> None:
     down = [redis.ConnectionError("Error 111")] * 10
     with pytest.raises(redis.ConnectionError):
         through_outage(flaky(down), 0.5, "Redis")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "refused",
+    [
+        redis.exceptions.AuthenticationError("invalid username-password pair or user is disabled."),
+        redis.exceptions.NoPermissionError(
+            "this user has no permissions to run the 'ping' command"
+        ),
+        redis.exceptions.ResponseError("NOPERM No permissions to access a key"),
+    ],
+    ids=["wrong-password", "no-permission", "noperm-in-a-script"],
+)
+def test_redis_refusing_the_user_at_startup_is_an_error_at_once(refused: Exception) -> None:
+    """A wrong password or an ACL without a command was waited out at startup for the
+    whole outage limit (120 s) before the stage gave up: a misconfiguration, named at
+    once. A running stage's checkpoint commit still waits it out (an ACL changed under
+    it), as its guard does."""
+    call = flaky([refused])
+    with pytest.raises(Refused, match=r"Redis refused.*RIVERFLOW_REDIS_PASSWORD.*riverflow acls"):
+        through_outage(call, 30.0, "Redis")  # type: ignore[arg-type]
+    assert len(call.calls) == 1  # type: ignore[attr-defined]
+    call = flaky([refused])
+    assert through_outage(call, 30.0, "saving the checkpoint", refusals_wait=True) == "done"  # type: ignore[arg-type]
+    assert len(call.calls) == 2  # type: ignore[attr-defined]
