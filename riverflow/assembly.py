@@ -47,7 +47,7 @@ class ConnectionFailed(RiverflowError):
     """A server named in the settings cannot be reached."""
 
 
-class Refused(RiverflowError):
+class Refused(ConnectionFailed):
     """Redis refused the stage's user at startup (a password, an ACL): not waited for."""
 
 
