@@ -805,11 +805,10 @@ class PipelineMonitor:
             self.good.append((self.labels, pointer))
         else:
             self.good[-1] = (self.labels, pointer)
-        if seen is not None and self.pending and min(n for n, _ in self.pending) < seen:
-            for n, p in list(self.pending):
-                if n < seen:
-                    self.pending.remove((n, p))
-                    self.good.append((self.labels, p))
+        ready = [] if seen is None else [e for e in self.pending if e[0] < seen]
+        for entry in ready:  # the monitor has read past what they learned, no fall
+            self.pending.remove(entry)
+            self.good.append((self.labels, entry[1]))
 
     def _learned(self, pointer: ChampionPointer) -> int | None:
         """The learner's count of labels when ``pointer`` was published (None: not known,

@@ -3,6 +3,7 @@ which exceptions are a server being down (``outage``)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import ValidationError
@@ -13,9 +14,12 @@ from pydantic import ValidationError
 # most, with the code cut off the message ("CLUSTERDOWN The cluster is down" is a
 # ClusterDownError saying "The cluster is down"): those are matched by class
 # (``_redis_outages``), the rest by the code the message starts with
+# the answers that refuse the stage's user (a password, an ACL): outages to a running
+# stage's guard, an error at once at startup (``refusal``)
+_REDIS_REFUSED = ("NOAUTH", "WRONGPASS", "NOPERM")
 _REDIS_BUSY = (
     "BUSY", "LOADING", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "READONLY", "OOM",
-    "NOAUTH", "WRONGPASS", "NOPERM", "MISCONF",
+    "MISCONF", *_REDIS_REFUSED,
 )  # fmt: skip
 
 
@@ -48,15 +52,7 @@ class Unavailable(RiverflowError):
 def outage(exc: BaseException) -> str | None:
     """Why ``exc`` (or an exception it was raised from) is a server being down, or
     None if it is not one."""
-    seen: set[int] = set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        why = _outage_of(e)
-        if why is not None:
-            return why
-        e = e.__cause__ or e.__context__
-    return None
+    return _in_chain(exc, _outage_of)
 
 
 def refusal(exc: BaseException) -> str | None:
@@ -64,22 +60,31 @@ def refusal(exc: BaseException) -> str | None:
     user: a wrong password, a disabled user, a command its ACL does not allow; None if
     it is not one. To a running stage's guard it is an outage (an ACL changed under it
     must not send every message to the DLQ); at startup, an error at once."""
-    try:
-        import redis.exceptions as rx
-    except ImportError:  # pragma: no cover - redis is a dependency
-        return None
+    return _in_chain(exc, _refusal_of)
+
+
+def _in_chain(exc: BaseException, why_of: Callable[[BaseException], str | None]) -> str | None:
+    """``why_of`` the first of ``exc`` and the exceptions it was raised from that has one."""
     seen: set[int] = set()
     e: BaseException | None = exc
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        coded = isinstance(e, rx.ResponseError) and str(e).startswith(_REDIS_REFUSED)
-        if isinstance(e, rx.AuthenticationError | rx.NoPermissionError) or coded:
-            return f"Redis refused: {str(e)[:200]}"
+        why = why_of(e)
+        if why is not None:
+            return why
         e = e.__cause__ or e.__context__
     return None
 
 
-_REDIS_REFUSED = ("NOAUTH", "WRONGPASS", "NOPERM")
+def _refusal_of(e: BaseException) -> str | None:
+    try:
+        import redis.exceptions as rx
+    except ImportError:  # pragma: no cover - redis is a dependency
+        return None
+    coded = isinstance(e, rx.ResponseError) and str(e).startswith(_REDIS_REFUSED)
+    if isinstance(e, rx.AuthenticationError | rx.NoPermissionError) or coded:
+        return f"Redis refused: {str(e)[:200]}"
+    return None
 
 
 def _outage_of(e: BaseException) -> str | None:

@@ -79,7 +79,6 @@ class PacedStream:
         self.events: dict[str, float] = {}  # event id -> when its event was produced
         self.labels: dict[str, float] = {}  # event id -> when its label was produced
         self.errors: list[str] = []
-        self.bootstrap = bootstrap
         self._producer = producer(bootstrap)
         # what is not acknowledged yet, by send number: (topic, key, value), and when it
         # was sent. A producer stuck after a broker restart (librdkafka #5430, which
