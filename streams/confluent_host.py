@@ -320,6 +320,8 @@ class ConfluentHost:
         # partitions rewound (to these offsets) under the batch in hand, by a transaction
         # that failed while the batch waited (``_commit_before_waiting``)
         self._rewound_under_batch: dict[tuple[str, int], int] = {}
+        # partitions assigned and not read from since: where each starts is logged
+        self._unread: set[tuple[str, int]] = set()
         session_ms = int(settings.session_timeout_s * 1000)
         consumer: dict[str, Any] = {
             **client_config(settings.bootstrap),
@@ -816,10 +818,10 @@ class ConfluentHost:
         meta = self.consumer.list_topics(source, timeout=10).topics.get(source)
         if meta is None or meta.error is not None:
             raise KafkaIOError(f"no topic {source!r}")
-        self.consumer.assign(
-            [TopicPartition(source, p, positions.get(p, OFFSET_BEGINNING))
-             for p in sorted(meta.partitions)]
-        )  # fmt: skip
+        assigned = [TopicPartition(source, p, positions.get(p, OFFSET_BEGINNING))
+                    for p in sorted(meta.partitions)]  # fmt: skip
+        self.consumer.assign(assigned)
+        self._on_assign(self.consumer, assigned)
 
     def _observe(self, batch: list[Message], outputs: list[Output], seconds: float) -> None:
         assert self.metrics is not None
@@ -860,6 +862,7 @@ class ConfluentHost:
             raw += self.consumer.consume(short, timeout=linger)
         self._pace(len(raw))
         batch = []
+        firsts: dict[tuple[str, int], int] = {}  # partitions read for the first time
         for m in raw:
             err = m.error()
             if err is not None:
@@ -879,10 +882,60 @@ class ConfluentHost:
             # a message without error always has its topic, partition and offset
             topic, partition, offset = m.topic(), m.partition(), m.offset()
             assert topic is not None and partition is not None and offset is not None
+            if self._unread and (topic, partition) in self._unread:
+                self._unread.discard((topic, partition))
+                firsts[(topic, partition)] = offset
             ts_type, ts = m.timestamp()
             stamp = ts if ts_type != TIMESTAMP_NOT_AVAILABLE else None
             batch.append(Message(topic, partition, offset, m.key(), m.value(), stamp))
+        if firsts:
+            self._first_reads(firsts)
         return batch
+
+    def _first_reads(self, firsts: dict[tuple[str, int], int]) -> None:
+        """Log where partitions assigned to us are first read. One read past where it
+        should begin (the group's committed offset, or the log's start when there is
+        none) is a warning: the offsets between were skipped, as records of aborted
+        transactions (read_committed) or lost to the stage. Asks the group's committed
+        offsets of the partitions not read from the log's start (once per assignment)."""
+        lows = {}
+        for (topic, partition), offset in firsts.items():
+            low, _ = self.consumer.get_watermark_offsets(
+                TopicPartition(topic, partition), cached=True
+            )
+            if low >= 0 and offset <= low:
+                log.info("%s: %s[%d] read from offset %d on (the log's start)",
+                         self.processor.stage, topic, partition, offset)  # fmt: skip
+            else:
+                lows[(topic, partition)] = low
+        if not lows:
+            return
+        try:
+            asked = self.consumer.committed([TopicPartition(t, p) for t, p in lows], timeout=5)
+        except KafkaException as exc:
+            log.info("%s: the committed offsets of %s not read: %s",
+                     self.processor.stage, sorted(lows), exc)  # fmt: skip
+            return
+        committed = {(tp.topic, tp.partition): tp.offset for tp in asked}
+        for (topic, partition), low in lows.items():
+            offset, begin = firsts[(topic, partition)], committed.get((topic, partition), -1)
+            # where the group's position began: its committed offset, the log's start
+            # without one (auto.offset.reset=earliest, as for one the log no longer has)
+            expected = max(begin, low) if begin >= 0 else low
+            if expected < 0 or offset <= expected:
+                log.info("%s: %s[%d] read from offset %d on", self.processor.stage, topic,
+                         partition, offset)  # fmt: skip
+                continue
+            log.warning(
+                "%s: %s[%d] read from offset %d on, past where it begins (%s %d): offsets "
+                "%d-%d skipped (records of aborted transactions, or not read)",
+                self.processor.stage, topic, partition, offset,
+                "committed" if begin >= 0 else "no offset committed; the log starts at",
+                expected, expected, offset - 1,
+            )  # fmt: skip
+
+    def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        self._unread.update((tp.topic, tp.partition) for tp in partitions)
 
     def _watch_fetching(self) -> None:
         """Reading from the processor's own positions (the learner), a consumer silent
@@ -986,7 +1039,12 @@ class ConfluentHost:
         """The consumer joins the group on the sources, or, where the processor keeps
         its own positions (``Checkpointing``), is assigned every partition from them."""
         if self.checkpoint is None:
-            self.consumer.subscribe(self.sources, on_revoke=self._on_revoke, on_lost=self._on_lost)
+            self.consumer.subscribe(
+                self.sources,
+                on_assign=self._on_assign,
+                on_revoke=self._on_revoke,
+                on_lost=self._on_lost,
+            )
         else:
             self._assign(self.checkpoint.positions)
 

@@ -22,7 +22,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import orjson
 import redis
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from riverflow.models.checkpoint import LearnerCheckpoint
 from riverflow.models.registry import RedisRegistry
@@ -35,6 +35,7 @@ from riverflow.streams.kafka_io import (
     FreshReach,
     KafkaIOError,
     Renewal,
+    groupless_reader,
     producer,
     reaches_kafka,
     read_topic,
@@ -494,6 +495,45 @@ def orphaned_labels(letters: Iterable[Seen[DeadLetter]]) -> dict[str, int]:
             payload = base64.b64decode(s.record.payload_b64 or "")
             out[orjson.loads(payload)["event_id"]] += 1
     return dict(out)
+
+
+def where_lost(bootstrap: str, topics: Topics, lost: Collection[str], logs: Path) -> str:
+    """For a failure's report: where events never predicted are on the events topic,
+    any prediction of them that only a read_uncommitted reader sees (an aborted
+    transaction's), where each partition's log starts, and where the scorers (the
+    stage logs under ``logs``) began reading each partition."""
+    wanted = set(list(lost)[:50])
+    lines = []
+    for topic in (topics.events, topics.predictions):
+        consumer, partitions = groupless_reader(
+            bootstrap, topic, "riverflow-diagnosis",
+            **{"isolation.level": "read_uncommitted", "enable.partition.eof": True},
+        )  # fmt: skip
+        starts = [consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=5)[0]
+                  for p in partitions]  # fmt: skip
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+        found: list[str] = []
+        ended: set[int] = set()
+        deadline = time.monotonic() + 30
+        while len(ended) < len(partitions) and time.monotonic() < deadline:
+            for msg in consumer.consume(1000, timeout=0.5):
+                if msg.error() is not None:
+                    ended.add(msg.partition())
+                    continue
+                try:
+                    event_id = orjson.loads(msg.value()).get("event_id")
+                except (orjson.JSONDecodeError, AttributeError):
+                    continue
+                if event_id in wanted:
+                    found.append(f"{event_id}@{msg.partition()}:{msg.offset()}")
+        consumer.close()
+        lines.append(f"{topic} (read_uncommitted; logs start at {starts}): {found[:12]}")
+    for path in sorted(logs.glob("*.log")):
+        began = [line.split(": ", 1)[-1].strip() for line in path.read_text(errors="replace")
+                 .splitlines() if "read from offset" in line]  # fmt: skip
+        if began:
+            lines.append(f"{path.name}: {began[:6]}")
+    return "\n".join(lines)
 
 
 @dataclass

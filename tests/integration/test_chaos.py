@@ -38,6 +38,7 @@ from tests.integration.chaos import (
     stop_cleanly,
     tails,
     wait_drained,
+    where_lost,
 )
 from tests.integration.conftest import StageFactory, StageProcess
 
@@ -126,6 +127,8 @@ def test_sigkilled_scorer_and_learner_lose_nothing(
                  enumerate(kills) if not k.was_alive]  # fmt: skip
     if audit.lost:
         failures.append(f"{len(audit.lost)} events never predicted, e.g. {audit.lost[:3]}")
+        failures.append(where_lost(stack.kafka_bootstrap, spec.topics, audit.lost,
+                                   stages["scorer"].log.parent))  # fmt: skip
     if guarantee == "exactly_once" and extras:
         failures.append(
             f"exactly_once: a read_committed reader sees {len(extras)} extra predictions "

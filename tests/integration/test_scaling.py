@@ -37,7 +37,14 @@ from riverflow.tools.bench_scaling import scorer_drain
 from riverflow.tools.generator import FraudStreamConfig, transactions
 from riverflow.tools.stack import Endpoints
 from tests.helpers import assert_features_match, brute_force_features
-from tests.integration.chaos import PredictionAudit, Seen, TopicTail, by_event, stop_cleanly
+from tests.integration.chaos import (
+    PredictionAudit,
+    Seen,
+    TopicTail,
+    by_event,
+    stop_cleanly,
+    where_lost,
+)
 from tests.integration.conftest import StageFactory, StageProcess
 from tests.integration.test_failover import consumed, wait_up
 
@@ -222,6 +229,8 @@ def test_three_scorers_join_leave_and_die_and_every_event_is_predicted(
 
     if audit.lost:
         failures.append(f"{len(audit.lost)} events never predicted, e.g. {audit.lost[:3]}")
+        failures.append(where_lost(stack.kafka_bootstrap, topics, audit.lost,
+                                   c.log.parent))  # fmt: skip
     if guarantee == "exactly_once" and audit.extras:
         failures.append(f"a read_committed reader sees {len(audit.extras)} extra predictions")
     failures += audit.bad_replays[:3]

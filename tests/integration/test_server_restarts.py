@@ -63,6 +63,7 @@ from tests.integration.chaos import (
     stop_cleanly,
     tails,
     wait_drained,
+    where_lost,
 )
 from tests.integration.conftest import StageFactory, StageProcess
 
@@ -220,6 +221,8 @@ class Run:
         )  # fmt: skip
         if audit.lost:
             failures.append(f"{len(audit.lost)} events never predicted, e.g. {audit.lost[:3]}")
+            failures.append(where_lost(self.servers.kafka_bootstrap, self.spec.topics, audit.lost,
+                                       self.stages["scorer"].log.parent))  # fmt: skip
         if self.guarantee == "exactly_once" and audit.extras:  # (read_committed)
             failures.append(f"{len(audit.extras)} extra predictions under exactly once")
         bad = audit.bad_replays

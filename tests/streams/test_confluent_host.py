@@ -4,6 +4,7 @@ acknowledged, and each batch is reported to the stage's reporter."""
 
 from __future__ import annotations
 
+import logging
 import signal
 import subprocess
 import sys
@@ -76,6 +77,7 @@ class FakeConsumer:
         self.before_poll: Any = None
         self.arriving: list[FakeMessage] = []
         self.stats: list[str] = []  # librdkafka's statistics, one served by each poll
+        self.committed_at: dict[int, int] = {}  # the group's committed offset per partition
 
     def subscribe(self, topics: list[str], **callbacks: Any) -> None:
         self.callbacks = callbacks
@@ -120,6 +122,10 @@ class FakeConsumer:
 
     def get_watermark_offsets(self, tp: TopicPartition, cached: bool) -> tuple[int, int]:
         return 0, 10
+
+    def committed(self, partitions: list[TopicPartition], timeout: float) -> list[TopicPartition]:
+        return [TopicPartition(tp.topic, tp.partition, self.committed_at.get(tp.partition, -1001))
+                for tp in partitions]  # fmt: skip
 
     def close(self) -> None:
         self.log.append("close")
@@ -455,6 +461,46 @@ def test_revoked_partitions_get_their_acknowledged_offsets_committed_synchronous
     assert commits[0] == ({("in", 0): 1, ("in", 1): 1}, True)
     assert commits[1] == ({("in", 1): 2}, False)  # on revoke: partition 1 only, and waited for
     assert commits[2] == ({("in", 0): 10}, False)  # at the stop: partition 1 is not ours
+
+
+def test_a_partition_first_read_past_where_it_begins_is_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # where a member began each partition assigned to it is logged once; past the
+    # group's committed offset (or past the log's start, with none committed) the
+    # offsets between were skipped: a warning names them
+    processor = Echo(stop_after=2)
+    host, _ = host_on_fakes(processor, [])
+    host.consumer.committed_at = {1: 7, 2: 4}
+    polls = 0
+
+    def assigned_in_the_first_poll(consumer: FakeConsumer) -> None:
+        nonlocal polls
+        polls += 1
+        if polls == 1:  # as librdkafka calls it, inside a poll
+            consumer.callbacks["on_assign"](
+                consumer, [TopicPartition("in", p) for p in (0, 1, 2, 3)]
+            )
+            consumer.pending += [FakeMessage("in", 0, 3, b"a"), FakeMessage("in", 0, 4, b"b")]
+        elif polls == 2:  # (partition 0 read on: logged once)
+            consumer.pending += [FakeMessage("in", p, o, b"c")
+                                 for p, o in ((0, 5), (1, 7), (2, 6), (3, 0))]  # fmt: skip
+
+    host.consumer.before_poll = assigned_in_the_first_poll
+    with caplog.at_level(logging.INFO, logger="riverflow.streams.confluent_host"):
+        run(host)
+    assert len(processor.batches) == 2
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records
+             if "read from offset" in r.getMessage()]  # fmt: skip
+    assert lines == [
+        ("WARNING", "echo: in[0] read from offset 3 on, past where it begins (no offset "
+                    "committed; the log starts at 0): offsets 0-2 skipped (records of "
+                    "aborted transactions, or not read)"),
+        ("INFO", "echo: in[3] read from offset 0 on (the log's start)"),
+        ("INFO", "echo: in[1] read from offset 7 on"),
+        ("WARNING", "echo: in[2] read from offset 6 on, past where it begins (committed "
+                    "4): offsets 4-5 skipped (records of aborted transactions, or not read)"),
+    ]  # fmt: skip
 
 
 def test_static_membership_and_session_settings_reach_the_consumer() -> None:
