@@ -607,6 +607,7 @@ class ConfluentHost:
         for key in partitions:
             self._committable.pop(key, None)
             self._committed.pop(key, None)
+            self._unread.discard(key)
             for entry in self._in_flight:  # acknowledged later, they commit nothing here
                 entry.offsets.pop(key, None)
 
