@@ -58,6 +58,7 @@ state makes none: tests/integration/test_scorer_gc.py).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import math
@@ -66,7 +67,7 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as CallTimedOut
 from dataclasses import dataclass, field
@@ -171,6 +172,12 @@ class _InFlight:
 # restart, 67 s and on; librdkafka#5456, open for 2.16)
 TXN_LATE_S = 1.0
 TXN_GIVE_UP = 1.5
+# exactly once: a batch still being processed once the open transaction (the batches
+# before it) has been open this share of ``transaction_timeout_s`` has that transaction
+# committed from the side (``_watch_transaction``): Redis stalling a batch for seconds
+# without an error (a CLIENT PAUSE, a slow disk) made the broker abort it, fencing the
+# producer, and three of those within a minute stopped the stage
+TXN_WATCH_SHARE = 0.5
 
 
 class _CallThread:
@@ -320,6 +327,11 @@ class ConfluentHost:
         # partitions rewound (to these offsets) under the batch in hand, by a transaction
         # that failed while the batch waited (``_commit_before_waiting``)
         self._rewound_under_batch: dict[tuple[str, int], int] = {}
+        # the transaction's state is changed by the main thread outside ``process`` and,
+        # while it is inside (``_processing``), by the guard's hook and the watch
+        self._txn_lock = threading.Lock()
+        self._processing = False
+        self._watch_failed: BaseException | None = None  # raised in the main thread
         # partitions assigned and not read from since: where each starts is logged
         self._unread: set[tuple[str, int]] = set()
         session_ms = int(settings.session_timeout_s * 1000)
@@ -415,6 +427,10 @@ class ConfluentHost:
         if self.exactly_once:
             # fences an earlier producer with our transactional.id and aborts what it left open
             self.producer.init_transactions(self.settings.transaction_timeout_s * 3)
+            watch = threading.Thread(target=self._watch_transaction,
+                                     name=f"{self.processor.stage}-transaction-watch",
+                                     daemon=True)  # fmt: skip
+            watch.start()
         self._start_reading()
         next_tick = time.monotonic() + (tick_s or 0)
         try:
@@ -426,10 +442,11 @@ class ConfluentHost:
                 self._backpressure()
                 batch = self._take()
                 started = time.perf_counter()
-                outputs = self.processor.process(batch) if batch else []
-                if tick_s is not None and time.monotonic() >= next_tick:
-                    next_tick = time.monotonic() + tick_s
-                    outputs += self.processor.process([])
+                with self._processing_batch():
+                    outputs = self.processor.process(batch) if batch else []
+                    if tick_s is not None and time.monotonic() >= next_tick:
+                        next_tick = time.monotonic() + tick_s
+                        outputs += self.processor.process([])
                 if self.exactly_once:
                     self._transact(batch, outputs)
                 elif checkpoint is None:
@@ -454,6 +471,7 @@ class ConfluentHost:
             if self.exactly_once:
                 self._end_transaction()
         finally:
+            self._stop.set()  # (the transaction watch ends too)
             deadline = self._exit_after(STOP_DEADLINE_S) if process else None
             try:
                 self.producer.flush(30)
@@ -654,9 +672,62 @@ class ConfluentHost:
         batch is dropped as it ends (``_drop_batch``) and read again after them.
         Committed with the next transaction, its offsets would pass what the failed one
         held, lost to a crash or a rebalance before they were read again."""
+        with self._txn_lock:
+            self._end_under_batch()
+
+    def _end_under_batch(self) -> None:
+        """``_commit_before_waiting``'s work, the lock held."""
         firsts = dict(self._txn_first)
         if not self._end_transaction():
             self._rewound_under_batch.update(firsts)
+
+    @contextlib.contextmanager
+    def _processing_batch(self) -> Iterator[None]:
+        """The processor at work on a batch: meanwhile the transaction watch may end the
+        open transaction. Raises what the watch raised (a transaction that could not be
+        ended by any producer)."""
+        if not self.exactly_once:
+            yield
+            return
+        with self._txn_lock:
+            self._processing = True
+        try:
+            yield
+        finally:
+            with self._txn_lock:
+                self._processing = False
+                failed, self._watch_failed = self._watch_failed, None
+        if failed is not None:
+            raise failed
+
+    def _watch_transaction(self) -> None:
+        """While the processor works on a batch, commit the open transaction (the
+        batches before it) once it has been open ``TXN_WATCH_SHARE`` of
+        ``transaction_timeout_s``, as the guard's hook does when a batch starts waiting
+        out an outage. A Redis that stalls without an error (a ``CLIENT PAUSE``, a slow
+        disk) holds a batch for seconds: the broker aborted the transaction under it
+        and fenced the producer, and three of those within a minute stopped the stage
+        (``FENCED_TIMES``), blaming another process."""
+        limit = self.settings.transaction_timeout_s * TXN_WATCH_SHARE
+        every = min(0.25, limit / 4)
+        while not self._stop.wait(every):
+            with self._txn_lock:
+                started = self._txn_started
+                if not self._processing or started is None:
+                    continue
+                if time.monotonic() - started < limit:
+                    continue
+                log.warning(
+                    "%s: a slow batch (Redis stalled?) holds the transaction open %.1f s: "
+                    "it is committed before the broker aborts it at transaction_timeout_s "
+                    "(%g s)", self.processor.stage, time.monotonic() - started,
+                    self.settings.transaction_timeout_s,
+                )  # fmt: skip
+                try:
+                    self._end_under_batch()
+                except BaseException as exc:  # (a new producer refused): the main thread's
+                    self._watch_failed = exc
+                    return
 
     def _drop_batch(self, batch: list[Message]) -> None:
         """A batch read past offsets that were rewound under it: its outputs are dropped,

@@ -1,5 +1,5 @@
-"""Redis and the Kafka broker restarted under a paced stream, on a stack of the
-module's own (the session's shared stack is never stopped).
+"""Redis and the Kafka broker restarted (and Redis stalled) under a paced stream, on a
+stack of the module's own (the session's shared stack is never stopped).
 
 Scorer, learner and monitor run as processes while events flow at 250/s with
 their labels 400 events behind. A server is stopped (SIGTERM, and SIGKILL as a
@@ -343,6 +343,37 @@ def test_a_redis_restart_mid_stream_loses_nothing(
     )  # fmt: skip
     print(f"\n{report}")
     assert not failures, "\n".join(failures) + "\n\n" + report
+
+
+def test_an_exactly_once_scorer_goes_on_through_redis_stalls_longer_than_its_transactions(
+    private_stack: PrivateStack, spec: PipelineSpec, start_private_stage: StageFactory
+) -> None:
+    """Redis paused (``CLIENT PAUSE``, as a manual failover or a stalled disk does: no
+    error, every command waits) 6 s, three times in half a minute, longer than the
+    exactly-once scorer's transaction timeout (5 s). Its transaction stayed open under
+    the stalled batch; the broker aborted it and fenced the producer, and the third time
+    the scorer stopped, blaming another process with its transactional.id. It goes on:
+    no producer renewed, no event lost, one prediction per event read committed."""
+    run = Run.start(private_stack, spec, start_private_stage, guarantee="exactly_once")
+    client = redis.Redis.from_url(private_stack.redis_url)
+    failures: list[str] = []
+    try:
+        for _ in range(3):
+            time.sleep(4.0)
+            client.execute_command("CLIENT", "PAUSE", 6000, "ALL")
+            time.sleep(7.0)
+        failures += [f"after the stalls: {d}" for d in dead(run.stages)]
+    except BaseException:
+        run.stream.abort()
+        raise
+    drained, lines = run.finish()
+    log = run.stages["scorer"].log.read_text(errors="replace")
+    renewed = [line for line in log.splitlines() if "the transaction could not be ended" in line]
+    if renewed:
+        failures.append(f"the scorer's producer was fenced and renewed: {renewed[:2]}")
+    report = "\n".join(lines)
+    print(f"\n{report}")
+    assert not failures + drained, "\n".join(failures + drained) + "\n\n" + report
 
 
 @pytest.mark.parametrize(

@@ -825,6 +825,73 @@ def test_a_batch_read_past_a_transaction_that_failed_while_it_waited_is_read_aga
     assert log.count("produce out") == 3  # the dropped batch's outputs never went out
 
 
+class SlowSecondBatch(Echo):
+    """Its second batch takes ``seconds`` (Redis stalled without an error), logged."""
+
+    def __init__(self, seconds: float, log: list[str], stop_after: int) -> None:
+        super().__init__(stop_after)
+        self.seconds, self.log = seconds, log
+
+    def process(self, batch: Sequence[Message]) -> list[Output]:
+        if len(self.batches) == 1 and batch:
+            self.log.append("slow batch starts")
+            time.sleep(self.seconds)
+            self.log.append("slow batch ends")
+        return super().process(batch)
+
+
+def slow_second_batch(fail_commits: int, batches: int) -> tuple[SlowSecondBatch, list[str]]:
+    """A host whose transactions end only by stop or its watch (an interval of an hour),
+    timing out after 1 s, stopping after ``batches``; the second batch takes 0.9 s."""
+    log: list[str] = []
+    processor = SlowSecondBatch(0.9, log, stop_after=batches)
+    host, _ = host_on_fakes(
+        processor, [FakeMessage("in", 0, 5, b"a")],
+        host={"instance_id": "scorer-a", "exactly_once": True, "transaction_interval_s": 3600,
+              "transaction_timeout_s": 1.0},
+    )  # fmt: skip
+    host.consumer.log = host.producer.log = log
+    host.settings = replace(host.settings, batch_size=2)
+    host.producer.fail_commits = fail_commits
+    polls = 0
+
+    def second_batch(consumer: FakeConsumer) -> None:
+        nonlocal polls
+        polls += 1
+        if polls == 2:
+            consumer.pending += [FakeMessage("in", 0, 6, b"b"), FakeMessage("in", 1, 8, b"c")]
+
+    host.consumer.before_poll = second_batch
+    run(host)
+    return processor, log
+
+
+def test_a_transaction_open_under_a_slow_batch_is_committed_before_the_broker_aborts_it() -> None:
+    """A batch held by a Redis that stalls without an error (CLIENT PAUSE) outlived the
+    transaction open under it (the batch before, partition 0 at 5): the broker aborted
+    it at ``transaction_timeout_s`` and fenced the producer, and three such stalls in a
+    minute stopped the stage. It is committed while the batch is processed, half way to
+    the timeout; the slow batch's outputs go in the next transaction."""
+    processor, log = slow_second_batch(fail_commits=0, batches=2)
+    assert [[m.offset for m in b] for b in processor.batches] == [[5], [6, 8]]
+    slow = log[log.index("slow batch starts") : log.index("slow batch ends")]
+    assert slow == ["slow batch starts", "offsets 0:6", "commit_transaction"]
+    assert "abort" not in log
+    # the slow batch's transaction, committed at the stop
+    assert [e for e in log if e.startswith("offsets")] == ["offsets 0:6", "offsets 0:7,1:9"]
+
+
+def test_a_transaction_the_watch_could_not_commit_has_the_slow_batch_read_again() -> None:
+    """The watch's commit fails (abortable): the transaction is aborted and partition 0
+    rewound to 5 under the slow batch, which is dropped as it ends and read again, as
+    when the guard's hook fails: nothing of it is committed past what was aborted."""
+    processor, log = slow_second_batch(fail_commits=1, batches=3)
+    slow = log[log.index("slow batch starts") : log.index("slow batch ends")]
+    assert slow == ["slow batch starts", "offsets 0:6", "commit_transaction failed", "abort"]
+    assert [[m.offset for m in b] for b in processor.batches] == [[5], [6, 8], [5, 8]]
+    assert log.count("produce out") == 3  # the slow batch's outputs never went out
+
+
 class StopsWhenUp(Reporter):
     """Stops the processor's host once the stage is no longer degraded."""
 
