@@ -718,9 +718,10 @@ class ConfluentHost:
                 if time.monotonic() - started < limit:
                     continue
                 log.warning(
-                    "%s: a slow batch (Redis stalled?) holds the transaction open %.1f s: "
-                    "it is committed before the broker aborts it at transaction_timeout_s "
-                    "(%g s)", self.processor.stage, time.monotonic() - started,
+                    "%s: a batch still in process (Redis stalled, the process paused?) "
+                    "holds the transaction open %.1f s: it is committed before the broker "
+                    "aborts it at transaction_timeout_s (%g s)", self.processor.stage,
+                    time.monotonic() - started,
                     self.settings.transaction_timeout_s,
                 )  # fmt: skip
                 try:
