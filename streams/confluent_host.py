@@ -94,6 +94,7 @@ from riverflow.streams.kafka_io import (
     STUCK_ACKS_S,
     FreshReach,
     KafkaIOError,
+    PartitionWatch,
     Stall,
     client_config,
     kafka_error,
@@ -334,6 +335,11 @@ class ConfluentHost:
         self._watch_failed: BaseException | None = None  # raised in the main thread
         # partitions assigned and not read from since: where each starts is logged
         self._unread: set[tuple[str, int]] = set()
+        # the offset each was assigned at, if any (a group's member is assigned none: it
+        # begins at the group's committed offset)
+        self._assigned_at: dict[tuple[str, int], int] = {}
+        # reading from the processor's positions: partitions added to the source since
+        self._added: PartitionWatch | None = None
         session_ms = int(settings.session_timeout_s * 1000)
         consumer: dict[str, Any] = {
             **client_config(settings.bootstrap),
@@ -626,6 +632,7 @@ class ConfluentHost:
             self._committable.pop(key, None)
             self._committed.pop(key, None)
             self._unread.discard(key)
+            self._assigned_at.pop(key, None)
             for entry in self._in_flight:  # acknowledged later, they commit nothing here
                 entry.offsets.pop(key, None)
 
@@ -895,6 +902,19 @@ class ConfluentHost:
                     for p in sorted(meta.partitions)]  # fmt: skip
         self.consumer.assign(assigned)
         self._on_assign(self.consumer, assigned)
+        self._added = PartitionWatch(source, meta.partitions)
+
+    def _take_added(self) -> None:
+        """Partitions added to the source since it was assigned (the learner's labels
+        topic altered to more partitions), assigned from their start: before, their
+        labels were read only after a restart."""
+        assert self._added is not None
+        added = self._added.added(self.consumer)
+        if added:
+            source = self.sources[0]
+            assigned = [TopicPartition(source, p, OFFSET_BEGINNING) for p in added]
+            self.consumer.incremental_assign(assigned)
+            self._on_assign(self.consumer, assigned)
 
     def _observe(self, batch: list[Message], outputs: list[Output], seconds: float) -> None:
         assert self.metrics is not None
@@ -915,6 +935,8 @@ class ConfluentHost:
                 self.metrics.set_lag(topic, partition, max(0, high - offset - 1))
 
     def _take(self) -> list[Message]:
+        if self._added is not None:
+            self._take_added()
         first = self.consumer.poll(self.settings.poll_s)
         if first is None:
             self._pace(0)
@@ -976,7 +998,20 @@ class ConfluentHost:
             low, _ = self.consumer.get_watermark_offsets(
                 TopicPartition(topic, partition), cached=True
             )
-            if low >= 0 and offset <= low:
+            at = self._assigned_at.pop((topic, partition), -1)
+            if at >= 0:  # assigned at a position the processor keeps (its checkpoint)
+                expected = max(at, low)
+                if offset > expected:
+                    log.warning(
+                        "%s: %s[%d] read from offset %d on, past where it was assigned (%d): "
+                        "offsets %d-%d skipped (records of aborted transactions, or not read)",
+                        self.processor.stage, topic, partition, offset, at, expected,
+                        offset - 1,
+                    )  # fmt: skip
+                else:
+                    log.info("%s: %s[%d] read from offset %d on (assigned at %d)",
+                             self.processor.stage, topic, partition, offset, at)  # fmt: skip
+            elif low >= 0 and offset <= low:
                 log.info("%s: %s[%d] read from offset %d on (the log's start)",
                          self.processor.stage, topic, partition, offset)  # fmt: skip
             else:
@@ -1009,6 +1044,7 @@ class ConfluentHost:
 
     def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         self._unread.update((tp.topic, tp.partition) for tp in partitions)
+        self._assigned_at.update(((tp.topic, tp.partition), tp.offset) for tp in partitions)
 
     def _watch_fetching(self) -> None:
         """Reading from the processor's own positions (the learner), a consumer silent

@@ -189,6 +189,46 @@ def unknown_why(exc: KafkaException) -> str | None:
     return f"the client calls its partitions unknown ({exc})"
 
 
+# how often a reader that assigns itself every partition of a topic (the learner's
+# labels, its index of the predictions, the label timeouts' trailing reader) asks for
+# partitions added to it since (``kafka-topics.sh --alter --partitions``): before, they
+# were read only after a restart, and labels of events predicted into a new predictions
+# partition went to the DLQ as orphans
+PARTITIONS_EVERY_S = 10.0
+
+
+class PartitionWatch:
+    """Partitions added to ``topic`` since the reader began, asked of the broker at most
+    every ``PARTITIONS_EVERY_S`` (a metadata request of one topic)."""
+
+    def __init__(
+        self, topic: str, known: Iterable[int], clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.topic = topic
+        self.known = set(known)
+        self._clock = clock
+        self._next = clock() + PARTITIONS_EVERY_S
+
+    def added(self, consumer: Any) -> list[int]:
+        """The partitions added since the last call that found some (none before
+        ``PARTITIONS_EVERY_S`` has passed since the last look); known after."""
+        if self._clock() < self._next:
+            return []
+        self._next = self._clock() + PARTITIONS_EVERY_S
+        try:
+            meta = consumer.list_topics(self.topic, timeout=LOOK_TIMEOUT_S).topics.get(self.topic)
+        except KafkaException as exc:  # the broker away: asked again next time
+            log.info("partitions of %s not read: %s", self.topic, exc)
+            return []
+        if meta is None or meta.error is not None:
+            return []
+        added = sorted(set(meta.partitions) - self.known)
+        if added:
+            log.warning("%s: partitions %s were added: read from their start", self.topic, added)
+            self.known.update(added)
+        return added
+
+
 def renewed_reader(
     old: Consumer,
     bootstrap: str,
@@ -799,6 +839,20 @@ class TopicFollower:
             start.update(offsets_since(self.consumer, topic, new, since_s))
         self.at = {p: start[p] for p in self.partitions}  # the next offset per partition
         self.consumer.assign([TopicPartition(topic, p, o) for p, o in self.at.items()])
+        self._since_s = since_s
+        self._added = PartitionWatch(topic, self.partitions)
+
+    def _take_added(self) -> None:
+        """Partitions added to the topic since: read from their first record no older
+        than the horizon (a new partition's first)."""
+        added = self._added.added(self.consumer)
+        if not added:
+            return
+        start = offsets_since(self.consumer, self.topic, added, self._since_s)
+        self.partitions = sorted([*self.partitions, *added])
+        self.at.update(start)
+        assigned = [TopicPartition(self.topic, p, o) for p, o in start.items()]
+        self.consumer.incremental_assign(assigned)
 
     def _high(self, partition: int, timeout_s: float) -> int:
         tp = TopicPartition(self.topic, partition)
@@ -808,6 +862,7 @@ class TopicFollower:
         """Index what has arrived (bounded); returns how many messages were read.
         Silent for ``STALL_S``, it looks at the topic's end (``caught_up``) at most
         every ``STALL_S``: a stalled consumer is found even when nobody asks."""
+        self._take_added()
         read = 0
         while read < self.max_per_call:
             batch = self.consumer.consume(1000, timeout=0)
@@ -820,7 +875,8 @@ class TopicFollower:
 
     def caught_up(self, timeout_s: float = 10.0) -> bool:
         """Whether everything written before the call is indexed (the ends read
-        within ``timeout_s`` each)."""
+        within ``timeout_s`` each), in partitions added since too."""
+        self._take_added()
         try:
             highs = {p: self._high(p, timeout_s) for p in self.partitions}
         except KafkaException as exc:

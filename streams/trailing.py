@@ -13,6 +13,7 @@ from confluent_kafka import KafkaError, TopicPartition
 from riverflow.streams.contracts import Message
 from riverflow.streams.kafka_io import (
     SIDE_READER_PREFETCH,
+    PartitionWatch,
     Stall,
     groupless_reader,
     offsets_since,
@@ -63,6 +64,7 @@ class TrailingReader:
         self._next: dict[int, int] = {}  # the offset after the last record read, per partition
         self._passed: dict[int, int] = {}  # where the caller was last
         self._paused: set[int] = set()
+        self._added = PartitionWatch(topic, self.partitions)
 
     def start(self, positions: Mapping[int, int]) -> dict[int, int]:
         start = {p: positions[p] for p in self.partitions if p in positions}
@@ -80,6 +82,18 @@ class TrailingReader:
         self._paused.clear()
 
     def fetch(self, positions: Mapping[int, int]) -> Mapping[int, Sequence[Message]]:
+        """Per partition, its buffered records from ``positions`` on; a partition added
+        to the topic since (``kafka_io.PartitionWatch``) joins from its start."""
+        added = self._added.added(self.consumer) if self._buffers else []
+        if added:
+            start = offsets_since(self.consumer, self.topic, added, self.since_s)
+            self.partitions = sorted([*self.partitions, *added])
+            for p, o in start.items():
+                self._buffers[p] = deque()
+                self._next[p] = self._passed[p] = o
+            self.consumer.incremental_assign(
+                [TopicPartition(self.topic, p, o) for p, o in start.items()]
+            )
         if any(
             p not in self._buffers or at < self._passed[p] or at > self._next[p]
             for p, at in positions.items()

@@ -16,6 +16,7 @@ import orjson
 import pytest
 import redis
 from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewPartitions
 
 from riverflow.assembly import signing_key
 from riverflow.features.store import (
@@ -28,6 +29,7 @@ from riverflow.kafka_runtime import ensure_pipeline_topics, retention_problem, s
 from riverflow.models.registry import RedisRegistry
 from riverflow.settings import Settings
 from riverflow.spec import PipelineSpec
+from riverflow.streams import kafka_io
 from riverflow.streams.contracts import DeadLetter
 from riverflow.streams.kafka_io import (
     GroupProgress,
@@ -38,8 +40,10 @@ from riverflow.streams.kafka_io import (
     producer,
     topic_retention,
 )
+from riverflow.streams.trailing import TrailingReader
 from riverflow.tools.generator import FraudStreamConfig, with_labels
 from riverflow.tools.stack import Endpoints
+from tests.helpers import within
 
 from .conftest import StageFactory, collect
 
@@ -227,6 +231,49 @@ def test_the_follower_knows_it_has_caught_up_past_transaction_markers(stack: End
     follower.follow()
     assert caught_up() and index.values[-1] == b"late"
     follower.close()
+
+
+def test_partitions_added_to_the_predictions_topic_are_followed_and_trailed(
+    stack: Endpoints, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``kafka-topics.sh --alter --partitions 3`` on the predictions topic while the
+    learner runs. Its index (``TopicFollower``) and the label timeouts' reader
+    (``TrailingReader``) assigned themselves the partitions there were at start: a
+    prediction written to the new one was never indexed, ``caught_up`` said all was
+    read, and its event's label went to the DLQ as an orphan. Both now take the new
+    partition, from its start, at their next look for added partitions."""
+    monkeypatch.setattr(kafka_io, "PARTITIONS_EVERY_S", 0.0)
+    topic = f"added-{uuid.uuid4().hex[:8]}"
+    ensure_topics(stack.kafka_bootstrap, [topic], 2)
+    write = producer(stack.kafka_bootstrap)
+    produce_all(write, [(topic, None, b"before")])
+    index = ListIndex()
+    follower = TopicFollower(stack.kafka_bootstrap, topic, index, since_s=3600)
+    trailing = TrailingReader(stack.kafka_bootstrap, topic, since_s=3600)
+    trailing.start({})
+    admin = AdminClient({"bootstrap.servers": stack.kafka_bootstrap})
+    admin.create_partitions([NewPartitions(topic, 3)])[topic].result(timeout=30)
+    write = producer(stack.kafka_bootstrap)  # (one that knows the new partition)
+    write.produce(topic, value=b"in the new partition", partition=2)
+    assert write.flush(30) == 0
+
+    def caught_up() -> bool:  # (False may mean "not known yet": asked again)
+        deadline = time.monotonic() + 30
+        while not follower.caught_up():
+            if time.monotonic() > deadline:
+                return False
+        return True
+
+    assert caught_up()
+    assert sorted(index.values) == [b"before", b"in the new partition"]
+    assert index.at.get(2) == 1
+
+    def trailed() -> list[bytes | None]:
+        return [m.value for m in trailing.fetch({}).get(2, [])]
+
+    assert within(30, lambda: trailed() == [b"in the new partition"])
+    follower.close()
+    trailing.close()
 
 
 class WritesAfterAsking:

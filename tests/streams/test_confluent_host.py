@@ -78,17 +78,22 @@ class FakeConsumer:
         self.arriving: list[FakeMessage] = []
         self.stats: list[str] = []  # librdkafka's statistics, one served by each poll
         self.committed_at: dict[int, int] = {}  # the group's committed offset per partition
+        self.partition_count = 2  # of every topic, as the broker's metadata says
 
     def subscribe(self, topics: list[str], **callbacks: Any) -> None:
         self.callbacks = callbacks
         self.log.append(f"subscribe {','.join(topics)}")
 
     def list_topics(self, topic: str, timeout: float) -> Any:
-        meta = SimpleNamespace(partitions={0: None, 1: None}, error=None)
+        meta = SimpleNamespace(partitions=dict.fromkeys(range(self.partition_count)), error=None)
         return SimpleNamespace(topics={topic: meta})
 
     def assign(self, partitions: list[TopicPartition]) -> None:
         self.assigned = partitions
+
+    def incremental_assign(self, partitions: list[TopicPartition]) -> None:
+        self.log.append(f"incremental_assign {[(tp.partition, tp.offset) for tp in partitions]}")
+        self.assigned = [*self.assigned, *partitions]
 
     def poll(self, timeout: float) -> FakeMessage | None:
         if self.before_poll is not None:
@@ -344,6 +349,42 @@ def test_checkpointed_positions_are_assigned_and_saved_after_writes_never_commit
     assert "commit" not in log
     assert saved == [1, 1]  # after the batch's write, and after the final outputs' write
     assert log.count("flush") >= 2
+
+
+def test_partitions_added_to_a_checkpointed_source_are_read_from_their_start(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The learner assigns itself every labels partition from its checkpoint. One added
+    to the topic while it runs (``kafka-topics.sh --alter --partitions 3``) was read
+    only after a restart; it is found within ``PARTITIONS_EVERY_S`` and read from its
+    first offset. A partition read from where its checkpoint assigned it (0 at 3, the
+    log starting at 0, nothing committed: the learner commits nothing) is no warning
+    of skipped offsets, as it was at every learner's start."""
+    caplog.set_level(logging.INFO, logger="riverflow.streams.confluent_host")
+    monkeypatch.setattr(kafka_io, "PARTITIONS_EVERY_S", 0.0)
+    processor = Echo(stop_after=2)
+    checkpoint = Checkpointing({0: 3}, lambda: None)
+    host, log = host_on_fakes(processor, [FakeMessage("in", 0, 3, b"a")], checkpoint=checkpoint)
+    polls, sent = 0, False
+
+    def partition_added(consumer: FakeConsumer) -> None:
+        nonlocal polls, sent
+        polls += 1
+        if polls == 2:
+            consumer.partition_count = 3
+        if not sent and any(tp.partition == 2 for tp in consumer.assigned):
+            consumer.pending.append(FakeMessage("in", 2, 0, b"new"))  # fetched once assigned
+            sent = True
+
+    host.consumer.before_poll = partition_added
+    run(host)
+    assert [[(m.partition, m.offset) for m in b] for b in processor.batches] == [[(0, 3)], [(2, 0)]]
+    assert log.count("incremental_assign [(2, -2)]") == 1  # OFFSET_BEGINNING, once
+    reads = [r.getMessage() for r in caplog.records if "read from offset" in r.getMessage()]
+    assert reads == ["echo: in[0] read from offset 3 on (assigned at 3)",
+                     "echo: in[2] read from offset 0 on (the log's start)"]  # fmt: skip
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING
+                and "read from offset" in r.getMessage()]  # fmt: skip
 
 
 def stuck_producer(
