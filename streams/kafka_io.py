@@ -55,10 +55,18 @@ def security() -> dict[str, Any]:
     return dict(_SECURITY)
 
 
+# how often every client refreshes the metadata of the topics it uses (librdkafka's
+# default: 5 minutes). A consumer group's leader sees partitions added to a topic only
+# then, and a producer writes to them only then: the scorers took new events partitions
+# up to 5 minutes late (a static member restarted meanwhile got its old assignment back)
+METADATA_REFRESH_S = 10.0
+
+
 def client_config(bootstrap: str, **extra: Any) -> dict[str, Any]:
-    """A librdkafka client's settings: ``bootstrap``, the process's security settings
-    (``use_security``) and ``extra``."""
-    return {"bootstrap.servers": bootstrap, **_SECURITY, **extra}
+    """A librdkafka client's settings: ``bootstrap``, the metadata refresh, the process's
+    security settings (``use_security``) and ``extra``."""
+    refresh = {"topic.metadata.refresh.interval.ms": int(METADATA_REFRESH_S * 1000)}
+    return {"bootstrap.servers": bootstrap, **refresh, **_SECURITY, **extra}
 
 
 def ensure_topics(
@@ -194,7 +202,7 @@ def unknown_why(exc: KafkaException) -> str | None:
 # partitions added to it since (``kafka-topics.sh --alter --partitions``): before, they
 # were read only after a restart, and labels of events predicted into a new predictions
 # partition went to the DLQ as orphans
-PARTITIONS_EVERY_S = 10.0
+PARTITIONS_EVERY_S = METADATA_REFRESH_S
 
 
 class PartitionWatch:
@@ -570,7 +578,8 @@ def read_topic(
     topic as if whole (the test of a pipeline missed a request; ``riverflow forget``
     would miss events). ``KafkaIOError`` if nothing comes for ``BEHIND_S`` while
     short of it. Ends are committed ends (read_committed): an open transaction's
-    records are not waited for."""
+    records are not waited for. Following, partitions added to the topic are read from
+    their start (``PartitionWatch``)."""
     consumer, partitions = groupless_reader(
         bootstrap, topic, "riverflow-reader", **{"enable.partition.eof": True}
     )
@@ -587,8 +596,12 @@ def read_topic(
     at = dict(starts)  # the next offset to read per partition (its start until one is read)
     stall = Stall()
     last = time.monotonic()
+    added = PartitionWatch(topic, partitions) if follow else None  # following: new ones too
     try:
         while not (stop and stop.is_set()):
+            for p in added.added(consumer) if added is not None else ():
+                at[p] = OFFSET_BEGINNING
+                consumer.incremental_assign([TopicPartition(topic, p, OFFSET_BEGINNING)])
             quiet = time.monotonic() - last
             if not follow and not short and quiet >= idle_s:
                 break
@@ -743,9 +756,9 @@ class GroupProgress:
 class ReadProgress(GroupProgress):
     """``GroupProgress`` of a reader in this process that commits nothing to Kafka:
     T such that every message produced to ``topic`` before T has been read, from
-    the reader's own ``positions`` (partition -> next offset to read). Only the
-    partitions the topic had at the first call count: one added later is read only
-    after a restart (the learner's labels topic), so nothing waits for it.
+    the reader's own ``positions`` (partition -> next offset to read), over every
+    partition the topic has (one added while the reader runs is read from its start,
+    ``PartitionWatch``: a label there is read before T passes it).
     ``clock``: wall time by default, the time record timestamps are in.
     """
 
@@ -762,13 +775,6 @@ class ReadProgress(GroupProgress):
         group = f"riverflow-read-progress-{topic}"
         super().__init__(bootstrap, group, topic, poll_s, clock, settle_s)
         self._positions = positions
-        self._partitions: set[int] | None = None
-
-    def _highs(self) -> dict[int, int]:
-        highs = super()._highs()
-        if self._partitions is None:
-            self._partitions = set(highs)
-        return {p: h for p, h in highs.items() if p in self._partitions}
 
     def _committed(self, partitions: list[int]) -> dict[int, int]:
         read = self._positions()

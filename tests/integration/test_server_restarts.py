@@ -36,11 +36,12 @@ from confluent_kafka import (
     KafkaException,
     TopicPartition,
 )
-from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin import AdminClient, NewPartitions
 
 from riverflow.models.registry import ChampionPointer, RedisRegistry
 from riverflow.spec import PipelineSpec
 from riverflow.streams.kafka_io import (
+    METADATA_REFRESH_S,
     ReadProgress,
     ensure_topics,
     groupless_reader,
@@ -343,6 +344,40 @@ def test_a_redis_restart_mid_stream_loses_nothing(
     )  # fmt: skip
     print(f"\n{report}")
     assert not failures, "\n".join(failures) + "\n\n" + report
+
+
+def test_partitions_added_mid_stream_are_scored_and_their_labels_learned(
+    private_stack: PrivateStack, spec: PipelineSpec, start_private_stage: StageFactory
+) -> None:
+    """``kafka-topics.sh --alter --partitions 5`` on the events, labels and predictions
+    topics mid-stream (3 before), the stages running on. The scorers' group took the
+    new events partitions only at its metadata refresh (librdkafka's default: every 5
+    minutes; a static member restarted meanwhile got its old assignment back), and the
+    learner never: its readers of the labels and of the predictions assigned themselves
+    the partitions there were at its start, so the labels on the new partitions were
+    never read, and those of events predicted there went to the DLQ as orphans. Every
+    event is predicted and every label learned, some of them on the new partitions."""
+    bootstrap, topics = private_stack.kafka_bootstrap, spec.topics
+    run = Run.start(private_stack, spec, start_private_stage)
+    failures: list[str] = []
+    altered = [topics.events, topics.labels, topics.predictions]
+    try:
+        time.sleep(4.0)
+        admin = AdminClient({"bootstrap.servers": bootstrap})
+        for future in admin.create_partitions([NewPartitions(t, 5) for t in altered]).values():
+            future.result(timeout=30)
+        time.sleep(2 * METADATA_REFRESH_S + 5.0)  # (the stream's producer refreshes too)
+        failures += dead(run.stages)
+    except BaseException:
+        run.stream.abort()
+        raise
+    drained, lines = run.finish()
+    on_new = {t: sum(1 for m in read_topic(bootstrap, t) if m.partition() >= 3) for t in altered}
+    if not all(on_new.values()):
+        failures.append(f"records on the new partitions: {on_new} (none: nothing tested)")
+    report = "\n".join([f"records on the new partitions: {on_new}", *lines])
+    print(f"\n{report}")
+    assert not failures + drained, "\n".join(failures + drained) + "\n\n" + report
 
 
 def test_an_exactly_once_scorer_goes_on_through_redis_stalls_longer_than_its_transactions(
