@@ -29,7 +29,7 @@ from faust.types import TP
 
 from riverflow.streams.contracts import Message, Output, Processor
 from riverflow.streams.hosting import HostSettings, StageReporter
-from riverflow.streams.kafka_io import security
+from riverflow.streams.kafka_io import METADATA_REFRESH_S, security
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,9 @@ def stage_app(
         broker_commit_every=batch_size,
         broker_session_timeout=settings.session_timeout_s,
         broker_heartbeat_interval=max(0.1, settings.session_timeout_s / 5),
+        # partitions added to a topic are seen at the next refresh (aiokafka: 5 minutes)
+        consumer_metadata_max_age_ms=int(METADATA_REFRESH_S * 1000),
+        producer_metadata_max_age_ms=int(METADATA_REFRESH_S * 1000),
     )
     topics: dict[str, Any] = {}
 
