@@ -1,5 +1,6 @@
-"""Redis and the Kafka broker restarted (and Redis stalled) under a paced stream, on a
-stack of the module's own (the session's shared stack is never stopped).
+"""Redis and the Kafka broker restarted (and Redis stalled, and the topics given more
+partitions) under a paced stream, on a stack of the module's own (the session's shared
+stack is never stopped).
 
 Scorer, learner and monitor run as processes while events flow at 250/s with
 their labels 400 events behind. A server is stopped (SIGTERM, and SIGKILL as a
