@@ -824,6 +824,24 @@ def test_an_exactly_once_host_commits_its_transaction_before_its_guard_waits() -
     assert plain.on_wait == []
 
 
+def before_polls(steps: dict[int, Callable[[FakeConsumer], None]]) -> Callable[..., None]:
+    """A ``before_poll`` that runs ``steps[n]`` before the consumer's n-th poll."""
+    polls = 0
+
+    def before(consumer: FakeConsumer) -> None:
+        nonlocal polls
+        polls += 1
+        if polls in steps:
+            steps[polls](consumer)
+
+    return before
+
+
+def second_batch(consumer: FakeConsumer) -> None:
+    """Partition 0 at 6 and partition 1 at 8 arrive (after the first batch, 0 at 5)."""
+    consumer.pending += [FakeMessage("in", 0, 6, b"b"), FakeMessage("in", 1, 8, b"c")]
+
+
 class WaitsInItsSecondBatch(Echo):
     """Its second batch waits out an outage: the guard's hook runs in the middle of it."""
 
@@ -847,17 +865,11 @@ def test_a_batch_read_past_a_transaction_that_failed_while_it_waited_is_read_aga
     )  # fmt: skip
     host.settings = replace(host.settings, batch_size=2)
     host.producer.fail_commits = 1  # abortable
-    polls = 0
 
-    def second_batch_then_a_revoke(consumer: FakeConsumer) -> None:
-        nonlocal polls
-        polls += 1
-        if polls == 2:
-            consumer.pending += [FakeMessage("in", 0, 6, b"b"), FakeMessage("in", 1, 8, b"c")]
-        if polls == 3:
-            consumer.callbacks["on_revoke"](consumer, [TopicPartition("in", 2)])
+    def revoke(consumer: FakeConsumer) -> None:
+        consumer.callbacks["on_revoke"](consumer, [TopicPartition("in", 2)])
 
-    host.consumer.before_poll = second_batch_then_a_revoke
+    host.consumer.before_poll = before_polls({2: second_batch, 3: revoke})
     run(host)
     # (the fake consumer hands out the message at each seek, not the ones after it)
     assert [[m.offset for m in b] for b in processor.batches] == [[5], [6, 8], [5, 8]]
@@ -894,15 +906,7 @@ def slow_second_batch(fail_commits: int, batches: int) -> tuple[SlowSecondBatch,
     host.consumer.log = host.producer.log = log
     host.settings = replace(host.settings, batch_size=2)
     host.producer.fail_commits = fail_commits
-    polls = 0
-
-    def second_batch(consumer: FakeConsumer) -> None:
-        nonlocal polls
-        polls += 1
-        if polls == 2:
-            consumer.pending += [FakeMessage("in", 0, 6, b"b"), FakeMessage("in", 1, 8, b"c")]
-
-    host.consumer.before_poll = second_batch
+    host.consumer.before_poll = before_polls({2: second_batch})
     run(host)
     return processor, log
 
