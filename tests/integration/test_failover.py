@@ -29,7 +29,7 @@ from riverflow.streams.hosting import HostSettings
 from riverflow.streams.kafka_io import ensure_topics, producer
 from riverflow.tools.generator import FraudStreamConfig, transactions
 from riverflow.tools.stack import Endpoints
-from tests.integration.conftest import MissingSample, StageFactory, StageProcess
+from tests.integration.conftest import StageFactory, StageProcess
 
 RATE = 200  # events/s
 BOUND_S = 10.0
@@ -143,20 +143,10 @@ class PredictionWatch:
         return counts
 
 
-def consumed(stage: StageProcess) -> float:
-    """Messages the stage consumed so far (-1 while its metrics server is not up, or
-    answers without the count: once, in CI with three workers, the port of a scorer
-    still starting answered /metrics without it; what answered is not known)."""
-    try:
-        return stage.metric("riverflow_consumed_messages_total")
-    except (OSError, MissingSample):
-        return -1.0
-
-
 def wait_up(stage: StageProcess, timeout_s: float = 60) -> float:
     """When the stage's process answers on its metrics port (imports done, connecting)."""
     deadline = time.monotonic() + timeout_s
-    while consumed(stage) < 0:
+    while stage.consumed() < 0:
         assert stage.proc.poll() is None, "the stage exited"
         assert time.monotonic() < deadline, "the stage never came up"
         time.sleep(0.05)
@@ -219,9 +209,9 @@ def test_a_killed_scorer_not_restarted_its_partitions_move_within_ten_seconds(
         # both serve: each has consumed events lately (the group has balanced)
         deadline = time.monotonic() + 40
         while True:
-            a0, b0 = consumed(first), consumed(second)
+            a0, b0 = first.consumed(), second.consumed()
             time.sleep(1)
-            a1, b1 = consumed(first), consumed(second)
+            a1, b1 = first.consumed(), second.consumed()
             if a1 > a0 >= 0 and b1 > b0 >= 0:
                 break
             assert time.monotonic() < deadline, "the two scorers never both consumed"

@@ -46,7 +46,7 @@ from tests.integration.chaos import (
     where_lost,
 )
 from tests.integration.conftest import StageFactory, StageProcess
-from tests.integration.test_failover import consumed, wait_up
+from tests.integration.test_failover import wait_up
 
 RATE = 200  # events/s
 PARTITIONS = 6
@@ -112,9 +112,9 @@ def consuming(*stages: StageProcess, timeout_s: float = 60.0) -> None:
     """Wait until each stage consumes (its count grows over a second)."""
     deadline = time.monotonic() + timeout_s
     while True:
-        before = [consumed(s) for s in stages]
+        before = [s.consumed() for s in stages]
         time.sleep(1)
-        after = [consumed(s) for s in stages]
+        after = [s.consumed() for s in stages]
         if all(a > b >= 0 for a, b in zip(after, before, strict=True)):
             return
         assert all(s.proc.poll() is None for s in stages), "a scorer exited"
