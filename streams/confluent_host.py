@@ -218,7 +218,8 @@ GROUP_DEGRADED_TIMES = 2
 GROUP_STUCK_TIMES = 4
 GROUP_STUCK_MIN_S = 20.0
 GROUP_STUCK_AGAIN_S = 600.0
-CLOSE_WAIT_S = 10.0  # a consumer being replaced gets this long to close, then is left
+CLOSE_WAIT_S = 0.5  # a consumer being replaced gets this long to close before its successor reads
+LET_GO_S = 10.0  # a stuck producer, purged, serves its delivery reports this long as it goes
 # (DEAF_PROBE_S, DEAF_AFTER_S and STUCK_ACKS_S, from kafka_io: during an outage a new
 # client asks a broker every DEAF_PROBE_S; once one has answered, a consumer that still
 # reaches no broker DEAF_AFTER_S later is replaced; a stage's outputs unacknowledged
@@ -610,6 +611,8 @@ class ConfluentHost:
     def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         """Partitions go to another member: commit what was acknowledged on them first
         (called inside a poll, so no batch is half done and no transaction is open)."""
+        if self._replaced(consumer):
+            return
         gone = {(tp.topic, tp.partition) for tp in partitions}
         if self.exactly_once:
             self._end_transaction()  # the open transaction holds their offsets
@@ -622,10 +625,18 @@ class ConfluentHost:
         """Partitions taken away without a revoke (the session expired): they may be
         someone else's already, so nothing is committed for them (an open transaction
         is aborted and what it read read again)."""
+        if self._replaced(consumer):
+            return
         if self.exactly_once and self._txn_started is not None:
             self._abort()
             self._rewind()
         self._forget({(tp.topic, tp.partition) for tp in partitions})
+
+    def _replaced(self, consumer: Any) -> bool:
+        """Whether a rebalance callback comes from a consumer replaced since
+        (``_new_consumer``): its close, in a thread of its own, revokes what it held,
+        which the host forgot as it replaced it."""
+        return consumer is not self.consumer
 
     def _forget(self, partitions: set[tuple[str, int]]) -> None:
         for key in partitions:
@@ -1043,6 +1054,8 @@ class ConfluentHost:
             )  # fmt: skip
 
     def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        if self._replaced(consumer):
+            return
         self._unread.update((tp.topic, tp.partition) for tp in partitions)
         self._assigned_at.update(((tp.topic, tp.partition), tp.offset) for tp in partitions)
 
@@ -1116,8 +1129,12 @@ class ConfluentHost:
 
         Nothing is committed for the partitions (they may be another member's by
         now; an open transaction is aborted and what it read is read again by
-        whoever owns them). The old consumer gets ``CLOSE_WAIT_S`` to close; one
-        whose close hangs on a broker is left to it."""
+        whoever owns them). The old consumer closes in a thread of its own, heard
+        from no more (``_create_consumer``, ``_replaced``): the new one reads
+        meanwhile. A wedged one's close hangs on its broker for as long as the broker
+        handle does (librdkafka: a broker dropped from the metadata, as after a 20 s
+        freeze of a single broker, was seen "terminating" for good); the process
+        was deaf for ``CLOSE_WAIT_S`` more while it waited for it."""
         if self.exactly_once and self._txn_started is not None:
             self._abort()
         self._txn_first.clear()
@@ -1126,22 +1143,22 @@ class ConfluentHost:
         for entry in self._in_flight:  # read by the old member: nothing to commit
             entry.offsets.clear()
         old = self.consumer
+        self._group_lost_since = self._group_stuck = None
+        self._reach = FreshReach()
+        self.consumer = self._create_consumer()
 
         def close() -> None:
+            started = time.monotonic()
             try:
                 old.close()
             except (KafkaException, RuntimeError) as exc:  # a fatal consumer may refuse
                 log.info("closing the replaced consumer: %s", exc)
+            log.info("the replaced consumer closed after %.1f s", time.monotonic() - started)
 
         closing = threading.Thread(target=close, name="closing-consumer", daemon=True)
         closing.start()
+        # one that closes at once (a fenced one) is gone before the new one joins
         closing.join(CLOSE_WAIT_S)
-        if closing.is_alive():
-            log.warning("the replaced consumer did not close within %.0f s: left to close "
-                        "on its own", CLOSE_WAIT_S)  # fmt: skip
-        self._group_lost_since = self._group_stuck = None
-        self._reach = FreshReach()
-        self.consumer = self._create_consumer()
         self._start_reading()
 
     def _start_reading(self) -> None:
@@ -1292,7 +1309,7 @@ class ConfluentHost:
 
         def let_go() -> None:
             old.purge(in_queue=True, in_flight=True, blocking=False)
-            old.flush(CLOSE_WAIT_S)
+            old.flush(LET_GO_S)
 
         threading.Thread(target=let_go, name="stuck-producer", daemon=True).start()
 

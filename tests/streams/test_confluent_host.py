@@ -1170,6 +1170,37 @@ def test_a_replaced_consumer_closing_apart_is_not_heard_from(
     assert host._group_stuck is not None
 
 
+def test_a_replaced_consumer_whose_close_hangs_neither_holds_up_nor_reaches_its_successor() -> None:
+    # seen after a broker frozen 20 s: librdkafka dropped the broker from the metadata,
+    # and the monitor's consumer, deaf, was replaced; the old one's close then hung on
+    # that broker's handle for good, and the monitor waited 10 s more for it
+    host, log = host_on_fakes(Echo(), [], host={"instance_id": "monitor-a"})
+    old = host.consumer
+    host._start_reading()
+    released = threading.Event()
+
+    def hang() -> None:
+        released.wait(30)
+        # a close revokes what the consumer held (librdkafka serves it as it leaves)
+        old.callbacks["on_revoke"](old, [TopicPartition("in", 0)])
+
+    old.close = hang  # type: ignore[method-assign]
+    replacing = threading.Thread(target=host._new_consumer, daemon=True)
+    replacing.start()
+    replacing.join(5)
+    try:
+        assert not replacing.is_alive(), "the new consumer waited for the old one's close"
+        assert host.consumer is not old and log.count("subscribe in") == 2
+        host._committable[("in", 0)] = 7  # acknowledged since, read by the new consumer
+    finally:
+        released.set()
+    for thread in threading.enumerate():
+        if thread.name == "closing-consumer":
+            thread.join(10)
+    # the old consumer's revoke touched nothing of its successor's
+    assert host._committable == {("in", 0): 7} and not host.consumer.commits
+
+
 STUCK_ON_CLOSE = """
 import time
 from riverflow.streams import confluent_host
