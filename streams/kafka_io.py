@@ -60,12 +60,20 @@ def security() -> dict[str, Any]:
 # then, and a producer writes to them only then: the scorers took new events partitions
 # up to 5 minutes late (a static member restarted meanwhile got its old assignment back)
 METADATA_REFRESH_S = 10.0
+# how long a client with no broker left goes on before it bootstraps again from
+# ``bootstrap.servers`` (librdkafka's default: 5 minutes). librdkafka drops a broker
+# the metadata no longer lists, and the bootstrap ones once it has learned the
+# cluster's: a single broker frozen 20 s (SIGSTOP, a long GC or VM pause) was listed
+# by nobody for a moment after it resumed, so a client then had no broker at all. The
+# monitor's consumer was deaf until the host replaced it, 17-28 s after the broker was back
+REBOOTSTRAP_S = 5.0
 
 
 def client_config(bootstrap: str, **extra: Any) -> dict[str, Any]:
-    """A librdkafka client's settings: ``bootstrap``, the metadata refresh, the process's
-    security settings (``use_security``) and ``extra``."""
-    refresh = {"topic.metadata.refresh.interval.ms": int(METADATA_REFRESH_S * 1000)}
+    """A librdkafka client's settings: ``bootstrap``, the metadata refresh and
+    re-bootstrap, the process's security settings (``use_security``) and ``extra``."""
+    refresh = {"topic.metadata.refresh.interval.ms": int(METADATA_REFRESH_S * 1000),
+               "metadata.recovery.rebootstrap.trigger.ms": int(REBOOTSTRAP_S * 1000)}  # fmt: skip
     return {"bootstrap.servers": bootstrap, **refresh, **_SECURITY, **extra}
 
 
