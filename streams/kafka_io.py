@@ -64,8 +64,9 @@ METADATA_REFRESH_S = 10.0
 # ``bootstrap.servers`` (librdkafka's default: 5 minutes). librdkafka drops a broker
 # the metadata no longer lists, and the bootstrap ones once it has learned the
 # cluster's: a single broker frozen 20 s (SIGSTOP, a long GC or VM pause) was listed
-# by nobody for a moment after it resumed, so a client then had no broker at all. The
-# monitor's consumer was deaf until the host replaced it, 17-28 s after the broker was back
+# by nobody for a moment after it resumed, so a client then had no broker at all: a
+# stage's consumer (the monitor's, once the scorer's) was deaf until the host replaced
+# it, 17-28 s after the broker was back
 REBOOTSTRAP_S = 5.0
 
 
