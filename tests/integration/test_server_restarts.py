@@ -418,9 +418,11 @@ FREEZE_S = 20.0  # the broker stopped (SIGSTOP) this long
 READS_AGAIN_S = 15.0
 
 
+@pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
 def test_every_stage_reads_again_soon_after_the_broker_was_frozen(
-    private_stack: PrivateStack, spec: PipelineSpec, start_private_stage: StageFactory
-) -> None:
+    private_stack: PrivateStack, spec: PipelineSpec, start_private_stage: StageFactory,
+    guarantee: str,
+) -> None:  # fmt: skip
     """The broker stopped 20 s (SIGSTOP: a long GC or VM pause, the process kept) and
     resumed. For a moment after it resumed the metadata listed no broker, so librdkafka
     dropped it, and a client that had dropped its bootstrap broker before had none
@@ -428,8 +430,9 @@ def test_every_stage_reads_again_soon_after_the_broker_was_frozen(
     stage's consumer (the monitor's; once the scorer's: 24.8 s without a read) was
     deaf 17 s, until the host replaced it, and then 10 s more while the host waited
     for the old one's close, which never ended. Each stage reads again within
-    ``READS_AGAIN_S`` of the broker's return, and nothing is lost."""
-    run = Run.start(private_stack, spec, start_private_stage)
+    ``READS_AGAIN_S`` of the broker's return, and nothing is lost (exactly once: the
+    scorer's transactional producer too, one prediction per event read committed)."""
+    run = Run.start(private_stack, spec, start_private_stage, guarantee=guarantee)
     assert private_stack.kafka is not None
     broker = private_stack.kafka.found().pid
     failures: list[str] = []
