@@ -220,6 +220,7 @@ GROUP_STUCK_MIN_S = 20.0
 GROUP_STUCK_AGAIN_S = 600.0
 CLOSE_WAIT_S = 0.5  # a consumer being replaced gets this long to close before its successor reads
 LET_GO_S = 10.0  # a stuck producer, purged, serves its delivery reports this long as it goes
+GAP_LOOK_S = 5.0  # offsets skipped at a partition's first read are read again this long at most
 # (DEAF_PROBE_S, DEAF_AFTER_S and STUCK_ACKS_S, from kafka_io: during an outage a new
 # client asks a broker every DEAF_PROBE_S; once one has answered, a consumer that still
 # reaches no broker DEAF_AFTER_S later is replaced; a stage's outputs unacknowledged
@@ -370,6 +371,7 @@ class ConfluentHost:
         self._renewed_at: deque[float] = deque()  # when the producer was renewed lately
         self._txn_thread: _CallThread | None = None  # runs the calls _txn_call bounds
         self._generation = 0  # of the consumer: one replaced is closed apart (_new_consumer)
+        self._gap_look: threading.Thread | None = None  # the last look into skipped offsets
         self.consumer = self._create_consumer()
         self._paused = False  # the processor asked for no input (backpressure)
         self._rate = 0.0  # events/s the source brought lately (an average over batches)
@@ -999,11 +1001,30 @@ class ConfluentHost:
         return batch
 
     def _first_reads(self, firsts: dict[tuple[str, int], int]) -> None:
-        """Log where partitions assigned to us are first read. One read past where it
-        should begin (the group's committed offset, or the log's start when there is
-        none) is a warning: the offsets between were skipped, as records of aborted
-        transactions (read_committed) or lost to the stage. Asks the group's committed
-        offsets of the partitions not read from the log's start (once per assignment)."""
+        """Log where partitions assigned to us are first read. Asks the group's
+        committed offsets of the partitions not read from the log's start (once per
+        assignment). One read past where it should begin (the committed offset, the
+        log's start without one, or where the processor assigned it) skipped the
+        offsets between: transaction markers and records of aborted transactions
+        (read_committed), or records lost to the stage. A thread reads them again to
+        tell which (``_look_into``): under exactly once a transaction's commit marker
+        takes an offset, so a reader of a transactional topic skips one at nearly every
+        restart or rebalance, which was a warning each time."""
+        gaps: list[tuple[str, int, int, int, str]] = []  # topic, partition, from, to, where
+        try:
+            self._first_read_gaps(firsts, gaps)
+        finally:
+            if gaps:
+                self._gap_look = threading.Thread(
+                    target=self._look_into, args=(gaps,), name="gap-look", daemon=True
+                )
+                self._gap_look.start()
+
+    def _first_read_gaps(
+        self, firsts: dict[tuple[str, int], int], gaps: list[tuple[str, int, int, int, str]]
+    ) -> None:
+        """``_first_reads``' work: each partition read past where it should begin goes to
+        ``gaps``."""
         lows = {}
         for (topic, partition), offset in firsts.items():
             low, _ = self.consumer.get_watermark_offsets(
@@ -1013,12 +1034,8 @@ class ConfluentHost:
             if at >= 0:  # assigned at a position the processor keeps (its checkpoint)
                 expected = max(at, low)
                 if offset > expected:
-                    log.warning(
-                        "%s: %s[%d] read from offset %d on, past where it was assigned (%d): "
-                        "offsets %d-%d skipped (records of aborted transactions, or not read)",
-                        self.processor.stage, topic, partition, offset, at, expected,
-                        offset - 1,
-                    )  # fmt: skip
+                    gaps.append((topic, partition, expected, offset,
+                                 f"past where it was assigned ({at})"))  # fmt: skip
                 else:
                     log.info("%s: %s[%d] read from offset %d on (assigned at %d)",
                              self.processor.stage, topic, partition, offset, at)  # fmt: skip
@@ -1045,13 +1062,50 @@ class ConfluentHost:
                 log.info("%s: %s[%d] read from offset %d on", self.processor.stage, topic,
                          partition, offset)  # fmt: skip
                 continue
-            log.warning(
-                "%s: %s[%d] read from offset %d on, past where it begins (%s %d): offsets "
-                "%d-%d skipped (records of aborted transactions, or not read)",
-                self.processor.stage, topic, partition, offset,
-                "committed" if begin >= 0 else "no offset committed; the log starts at",
-                expected, expected, offset - 1,
-            )  # fmt: skip
+            where = "committed" if begin >= 0 else "no offset committed; the log starts at"
+            gaps.append((topic, partition, expected, offset,
+                         f"past where it begins ({where} {expected})"))  # fmt: skip
+
+    def _look_into(self, gaps: list[tuple[str, int, int, int, str]]) -> None:
+        """Read the skipped offsets of each gap ``(topic, partition, from, to, where)``
+        again, read_committed, with a consumer of no group: a committed record among
+        them was lost to the stage (a warning), none means they were transaction
+        markers or records of aborted transactions (info). Not read again within
+        ``GAP_LOOK_S``, the gap is a warning that says so."""
+        stage = self.processor.stage
+        ends = {(t, p): to for t, p, _, to, _ in gaps}
+        found = dict.fromkeys(ends, 0)
+        why = f"not read again within {GAP_LOOK_S:g} s"
+        try:
+            look = self._make_consumer(self._groupless_config())
+            try:
+                look.assign([TopicPartition(t, p, start) for t, p, start, _, _ in gaps])
+                deadline = time.monotonic() + GAP_LOOK_S
+                while ends and time.monotonic() < deadline:
+                    for m in look.consume(500, 0.2):
+                        key, offset = (m.topic(), m.partition()), m.offset()
+                        if m.error() is not None or offset is None or key not in ends:
+                            continue
+                        if offset < ends[key]:
+                            found[key] += 1
+                        else:
+                            del ends[key]
+            finally:
+                look.close()
+        except KafkaException as exc:
+            why = f"not read again: {exc}"
+        for topic, partition, start, to, where in gaps:
+            head = (f"{stage}: {topic}[{partition}] read from offset {to} on, {where}: "
+                    f"offsets {start}-{to - 1}")  # fmt: skip
+            n = found[(topic, partition)]
+            if n:
+                log.warning("%s skipped: %d committed record(s) among them not read", head, n)
+            elif (topic, partition) in ends:
+                log.warning("%s skipped (records of aborted transactions, or not read; %s)",
+                            head, why)  # fmt: skip
+            else:
+                log.info("%s hold no committed record (transaction markers, or records of "
+                         "aborted transactions)", head)  # fmt: skip
 
     def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         if self._replaced(consumer):
@@ -1375,12 +1429,16 @@ class ConfluentHost:
             self._group_stuck = (f"Kafka: the consumer reached no broker for {down:.0f} s, "
                                  f"while a new client has for {up:.0f} s")  # fmt: skip
 
+    def _groupless_config(self) -> dict[str, Any]:
+        """The consumer's settings for a client of its own that joins no group (it
+        only names the group: librdkafka needs one) and reports no statistics."""
+        return {k: v for k, v in self._consumer_config.items()
+                if k not in ("group.instance.id", "statistics.interval.ms")}  # fmt: skip
+
     def _fresh_client_reaches_kafka(self) -> bool:
         """Whether a new consumer (in no group) gets the source's metadata."""
-        config = {k: v for k, v in self._consumer_config.items()
-                  if k not in ("group.instance.id", "statistics.interval.ms")}  # fmt: skip
         try:
-            client = self._make_consumer(config)
+            client = self._make_consumer(self._groupless_config())
         except KafkaException as exc:
             log.info("a client to probe Kafka: %s", exc)
             return False
