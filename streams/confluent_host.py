@@ -371,7 +371,6 @@ class ConfluentHost:
         self._renewed_at: deque[float] = deque()  # when the producer was renewed lately
         self._txn_thread: _CallThread | None = None  # runs the calls _txn_call bounds
         self._generation = 0  # of the consumer: one replaced is closed apart (_new_consumer)
-        self._gap_look: threading.Thread | None = None  # the last look into skipped offsets
         self.consumer = self._create_consumer()
         self._paused = False  # the processor asked for no input (backpressure)
         self._rate = 0.0  # events/s the source brought lately (an average over batches)
@@ -1010,21 +1009,17 @@ class ConfluentHost:
         tell which (``_look_into``): under exactly once a transaction's commit marker
         takes an offset, so a reader of a transactional topic skips one at nearly every
         restart or rebalance, which was a warning each time."""
-        gaps: list[tuple[str, int, int, int, str]] = []  # topic, partition, from, to, where
-        try:
-            self._first_read_gaps(firsts, gaps)
-        finally:
-            if gaps:
-                self._gap_look = threading.Thread(
-                    target=self._look_into, args=(gaps,), name="gap-look", daemon=True
-                )
-                self._gap_look.start()
+        gaps = self._first_read_gaps(firsts)
+        if gaps:
+            threading.Thread(target=self._look_into, args=(gaps,), name="gap-look",
+                             daemon=True).start()  # fmt: skip
 
     def _first_read_gaps(
-        self, firsts: dict[tuple[str, int], int], gaps: list[tuple[str, int, int, int, str]]
-    ) -> None:
-        """``_first_reads``' work: each partition read past where it should begin goes to
-        ``gaps``."""
+        self, firsts: dict[tuple[str, int], int]
+    ) -> list[tuple[str, int, int, int, str]]:
+        """``_first_reads``' work: each partition read past where it should begin, as
+        ``(topic, partition, from, to, where)``; the others are logged."""
+        gaps: list[tuple[str, int, int, int, str]] = []
         lows = {}
         for (topic, partition), offset in firsts.items():
             low, _ = self.consumer.get_watermark_offsets(
@@ -1045,13 +1040,13 @@ class ConfluentHost:
             else:
                 lows[(topic, partition)] = low
         if not lows:
-            return
+            return gaps
         try:
             asked = self.consumer.committed([TopicPartition(t, p) for t, p in lows], timeout=5)
         except KafkaException as exc:
             log.info("%s: the committed offsets of %s not read: %s",
                      self.processor.stage, sorted(lows), exc)  # fmt: skip
-            return
+            return gaps
         committed = {(tp.topic, tp.partition): tp.offset for tp in asked}
         for (topic, partition), low in lows.items():
             offset, begin = firsts[(topic, partition)], committed.get((topic, partition), -1)
@@ -1065,6 +1060,7 @@ class ConfluentHost:
             where = "committed" if begin >= 0 else "no offset committed; the log starts at"
             gaps.append((topic, partition, expected, offset,
                          f"past where it begins ({where} {expected})"))  # fmt: skip
+        return gaps
 
     def _look_into(self, gaps: list[tuple[str, int, int, int, str]]) -> None:
         """Read the skipped offsets of each gap ``(topic, partition, from, to, where)``
