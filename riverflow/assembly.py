@@ -371,6 +371,7 @@ def build_learner(
         settings.label_wait_s, settings.snapshot_every_labels, settings.snapshot_every_s,
         label_horizon_s=settings.label_horizon_s, max_waiting=settings.label_max_waiting,
         keep_learned_s=settings.learned_keep_s,
+        snapshot_min_interval_s=settings.snapshot_min_interval_s,
     )  # fmt: skip
     learner = Learner(
         spec.topics, store, scored, lineage, join, timing, clock=clock,

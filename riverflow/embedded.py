@@ -168,8 +168,11 @@ class EmbeddedRuntime:
             lambda: {0: self.indexed}, clock=wall, limit=10 * settings.batch_size,
             labels_read=lambda: wall() if self._labels_read() else None,
         )  # fmt: skip
+        # versions every snapshot_every_labels, with no floor in time: what a run
+        # publishes depends on its input, not on how fast the machine is
         self.learner = build_learner(
-            spec, settings, self.store, self.registry, self.scored, registry_poll_s=0,
+            spec, settings.model_copy(update={"snapshot_min_interval_s": 0.0}), self.store,
+            self.registry, self.scored, registry_poll_s=0,
             clock=steady, timeouts=self.timeouts, label_features=self.label_features,
         )  # fmt: skip
         self.monitor = build_monitor(

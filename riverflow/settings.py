@@ -125,6 +125,13 @@ class Settings(BaseSettings):
     snapshot_every_s: float = Field(
         60.0, ge=0, description="... and at least every T seconds while labels come (0 = never)"
     )
+    snapshot_min_interval_s: float = Field(
+        1.0, ge=0,
+        description="... but at most one version every T seconds (0 = no floor): a version "
+        "copies every candidate, which the learner pickles and every scorer loads, so the "
+        "cost grows with the model; the embedded runtime has no floor (its runs do not "
+        "depend on the machine's speed)",
+    )  # fmt: skip
     model_poll_s: float = Field(0.1, gt=0, description="how often a scorer checks the champion")
     audit_grace_s: float = Field(
         300.0, gt=0,

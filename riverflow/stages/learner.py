@@ -72,7 +72,16 @@ class LabelJoin:
 @dataclass(frozen=True)
 class LearnerTiming:
     """How long a label waits for its event; how often candidates are published
-    (every ``snapshot_every`` labels and every ``snapshot_every_s`` seconds; 0: never).
+    (every ``snapshot_every`` labels and every ``snapshot_every_s`` seconds; 0: never),
+    at most once every ``snapshot_min_interval_s`` seconds (0: no floor).
+
+    A version is a whole copy of every candidate: the learner pickles and signs each,
+    and every scorer loads the champion's (a Hoeffding tree grows without end: ~2 MB
+    after 100,000 labels, ~35 ms to publish and ~40 ms for a scorer to load, on its
+    main thread). Published every 1,000 labels, a learner at thousands of labels a
+    second spent a tenth of its CPU publishing, and each scorer stalled that often:
+    the floor bounds both by time, whatever the label rate (docs/benchmarks.md,
+    "Versions at most once a second").
 
     A label waits at least ``label_wait_s`` *and* until the scorer has scored every
     event produced by then and the learner has indexed their predictions; one
@@ -92,6 +101,7 @@ class LearnerTiming:
     label_horizon_s: float = 7 * 24 * 3600.0
     max_waiting: int = 50_000
     keep_learned_s: float = 600.0
+    snapshot_min_interval_s: float = 0.0
 
 
 _RELEASE_AT_MOST = 100_000  # learned event ids held to release at the next commit
@@ -341,7 +351,7 @@ class Learner:
             if msg.offset >= self.positions.get(msg.partition, 0):
                 self.positions[msg.partition] = msg.offset + 1
                 self._changed = True
-            if every and self._since_snapshot >= every:
+            if every and self._since_snapshot >= every and self._floor_passed():
                 self._publish(out)
         if self.timeouts is not None:
             self._defaults(self.timeouts, out)
@@ -352,6 +362,8 @@ class Learner:
         every_s = self.timing.snapshot_every_s
         if every_s and self._since_snapshot and now - self._last_snapshot >= every_s:
             self._publish(out)
+        elif every and self._since_snapshot >= every and self._floor_passed():
+            self._publish(out)  # held back by the floor, and no label came since it passed
 
     def _learn_message(self, snap: ScoredEvent, event_id: str, item: _Pending) -> list[Output]:
         """Learn a claimed label message (at once, or held until its timeout)."""
@@ -494,8 +506,13 @@ class Learner:
             timeouts.advance(d.msg)
             self._partial.clear()
             self._changed = True
-            if every and self._since_snapshot >= every:
+            if every and self._since_snapshot >= every and self._floor_passed():
                 self._publish(out)
+
+    def _floor_passed(self) -> bool:
+        """Whether ``snapshot_min_interval_s`` has passed since the last snapshot."""
+        floor = self.timing.snapshot_min_interval_s
+        return not floor or self.clock() - self._last_snapshot >= floor
 
     def _forget_labelled(self, found: set[str]) -> None:
         """Forget events a default found labelled in a committed checkpoint, yet in the

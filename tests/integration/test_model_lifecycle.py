@@ -105,7 +105,8 @@ def test_prequential_metrics_equal_rivers_progressive_val_score(
     ensure_topics(stack.kafka_bootstrap, topics.all(), partitions=1)
     events, labels = events_and_labels(n)
     start_stage("scorer", partitions=1)
-    start_stage("learner", partitions=1, snapshot_every_labels=n, snapshot_every_s=0)
+    start_stage("learner", partitions=1, snapshot_every_labels=n, snapshot_every_s=0,
+                snapshot_min_interval_s=0)  # fmt: skip
     send(stack, topics.events, events, "card_id")
     predictions = read(stack, topics.predictions, n, Prediction, 90, 0.5)
     # zero delay: each label right after its event is scored, in the stream's order
@@ -309,10 +310,11 @@ def test_a_killed_learner_resumes_from_its_snapshot(
     start_stage("scorer", partitions=1)
     send(stack, topics.events, events, "card_id")
     predictions = read(stack, topics.predictions, n, Prediction, 90, 0.2)
-    # the first learner snapshots at 700 and 1400 labels and is killed after learning
-    # 2000: labels 1401..2000 were learned (and marked) but are in no snapshot
+    # the first learner snapshots at 700 and 1400 labels (no floor in time: they come
+    # within a second) and is killed after learning 2000: labels 1401..2000 were
+    # learned (and marked) but are in no snapshot
     settings = {"partitions": 1, "snapshot_every_labels": 700, "label_wait_s": 2,
-                "batch_size": 50}  # fmt: skip
+                "batch_size": 50, "snapshot_min_interval_s": 0}  # fmt: skip
     first = start_stage("learner", **settings, snapshot_every_s=0)
     send(stack, topics.labels, labels[:2000], "event_id")
     collect(stack.kafka_bootstrap, topics.evaluations, 2000, 90, 0.0)
