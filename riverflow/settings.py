@@ -127,10 +127,11 @@ class Settings(BaseSettings):
     )
     snapshot_min_interval_s: float = Field(
         1.0, ge=0,
-        description="... but at most one version every T seconds (0 = no floor): a version "
-        "copies every candidate, which the learner pickles and every scorer loads, so the "
-        "cost grows with the model; the embedded runtime has no floor (its runs do not "
-        "depend on the machine's speed)",
+        description="... but at most one version every T seconds (0 = no floor), or "
+        "further apart while publishing takes over 0.5% of the time between them: a "
+        "version copies every candidate, which the learner pickles and every scorer "
+        "loads, so the cost grows with the model; the embedded runtime has no floor (its "
+        "runs do not depend on the machine's speed)",
     )  # fmt: skip
     model_poll_s: float = Field(0.1, gt=0, description="how often a scorer checks the champion")
     audit_grace_s: float = Field(

@@ -73,7 +73,8 @@ class LabelJoin:
 class LearnerTiming:
     """How long a label waits for its event; how often candidates are published
     (every ``snapshot_every`` labels and every ``snapshot_every_s`` seconds; 0: never),
-    at most once every ``snapshot_min_interval_s`` seconds (0: no floor).
+    at most once every ``snapshot_min_interval_s`` seconds (0: no floor), further apart
+    while publishing takes over ``PUBLISH_SHARE`` of the time between versions.
 
     A version is a whole copy of every candidate: the learner pickles and signs each,
     and every scorer loads the champion's (a Hoeffding tree grows without end: ~2 MB
@@ -105,6 +106,13 @@ class LearnerTiming:
 
 
 _RELEASE_AT_MOST = 100_000  # learned event ids held to release at the next commit
+
+# Publishing takes at most this share of the time between versions: the floor between
+# two (``snapshot_min_interval_s``) is raised to the last publish's duration over it. A
+# scorer loads the champion's version in about what the learner took to publish it (a
+# 2.3 MB tree: 35 ms to pickle and sign, 41 to verify and unpickle, holding the GIL),
+# so a scorer's batches stall for about this share of its time, whatever the model's size
+PUBLISH_SHARE = 0.005
 
 ScoredThrough = Callable[[], float | None]
 """The time (on the learner's clock) before which every event produced has been
@@ -185,6 +193,7 @@ class Learner:
         self._since_snapshot = 0
         self._changed = False  # anything to publish since the last snapshot
         self._last_snapshot = clock()
+        self._publish_s = 0.0  # how long the last publish took (wall time)
         # labels are marked learned under "run:partition:offset"; see _stale
         self.run = uuid.uuid4().hex[:12]
         self._base: dict[int, int] = {}
@@ -509,10 +518,16 @@ class Learner:
             if every and self._since_snapshot >= every and self._floor_passed():
                 self._publish(out)
 
-    def _floor_passed(self) -> bool:
-        """Whether ``snapshot_min_interval_s`` has passed since the last snapshot."""
+    @property
+    def version_floor_s(self) -> float:
+        """The least time between two versions now: ``snapshot_min_interval_s``, or
+        longer if the last publish took more than ``PUBLISH_SHARE`` of it (a model
+        grown large); 0 without a floor."""
         floor = self.timing.snapshot_min_interval_s
-        return not floor or self.clock() - self._last_snapshot >= floor
+        return max(floor, self._publish_s / PUBLISH_SHARE) if floor else 0.0
+
+    def _floor_passed(self) -> bool:
+        return self.clock() - self._last_snapshot >= self.version_floor_s
 
     def _forget_labelled(self, found: set[str]) -> None:
         """Forget events a default found labelled in a committed checkpoint, yet in the
@@ -655,9 +670,11 @@ class Learner:
         pending = [(p.msg, p.label) for p in (*self.pending.values(), *self.held.values())]
         searches = self.searches.publish(self.lineage.registry, self.learned)
         timeouts = None if self.timeouts is None else self.timeouts.positions
+        started = time.perf_counter()
         self.lineage.publish(
             out, self.clock(), self.learned, self.positions, pending, searches, timeouts
         )
+        self._publish_s = time.perf_counter() - started
         # bounded: ids beyond it are not released early, they expire at the horizon
         self._staged_ids = [*self._staged_ids, *self._learned_ids][-_RELEASE_AT_MOST:]
         self._learned_ids = []

@@ -1,7 +1,11 @@
 """How often the learner publishes versions: every ``snapshot_every_labels`` labels, at
-most once every ``snapshot_min_interval_s`` seconds, whatever the label rate."""
+most once every ``snapshot_min_interval_s`` seconds whatever the label rate, and further
+apart when publishing a grown model takes longer than a small share of that."""
 
 from __future__ import annotations
+
+import time
+from typing import Any
 
 import orjson
 
@@ -9,6 +13,7 @@ from riverflow.assembly import build_learner
 from riverflow.embedded import EmbeddedRuntime
 from riverflow.settings import Settings
 from riverflow.spec import PipelineSpec
+from riverflow.stages.learner import PUBLISH_SHARE
 from riverflow.streams.contracts import Message, ModelEvent, Output
 from riverflow.tools.generator import FraudStreamConfig, with_labels
 
@@ -75,3 +80,34 @@ def test_versions_come_every_n_labels_but_at_most_once_per_interval(
                             clock=lambda: 0.0)  # fmt: skip
     versions = published(learner.process(labels[:500]), lead)
     assert [(v.version, v.labels_seen) for v in versions] == [(k, 100 * k) for k in range(1, 6)]
+
+
+def test_a_slow_publish_spaces_versions_out_so_it_takes_a_bounded_share_of_the_time(
+    unmonitored_spec: PipelineSpec,
+) -> None:
+    rt, labels = scored_runtime(unmonitored_spec, 2000)
+    lead = unmonitored_spec.models.champion_spec.name
+    settings = Settings(snapshot_every_labels=100, snapshot_every_s=0, label_wait_s=0,
+                        snapshot_min_interval_s=1.0)  # fmt: skip
+    clock = [0.0]
+    learner = build_learner(unmonitored_spec, settings, rt.store, rt.registry, rt.scored,
+                            clock=lambda: clock[0])  # fmt: skip
+    publish = learner.lineage.publish
+    clock[0] = 2.0
+
+    def slow(*args: Any) -> None:  # a model grown large: 20 ms to pickle, sign and store
+        time.sleep(0.02)
+        publish(*args)
+
+    learner.lineage.publish = slow  # type: ignore[method-assign]
+    assert learner.version_floor_s == 1.0
+    [first] = published(learner.process(labels[:200]), lead)
+    # the next version once publishing is PUBLISH_SHARE of the time since (over 4 s
+    # for 20 ms), though the floor is 1 s
+    floor = learner.version_floor_s
+    assert first.labels_seen == 100 and 0.02 / PUBLISH_SHARE <= floor < 0.2 / PUBLISH_SHARE
+    clock[0] = 2.0 + floor - 0.1
+    assert published(learner.process(labels[200:600]), lead) == []
+    clock[0] = 2.0 + floor + 0.1
+    [second] = published(learner.process(labels[600:700]), lead)
+    assert second.labels_seen == 601
