@@ -108,7 +108,7 @@ class LearnerTiming:
 _RELEASE_AT_MOST = 100_000  # learned event ids held to release at the next commit
 
 # Publishing takes at most this share of the time between versions: the floor between
-# two (``snapshot_min_interval_s``) is raised to the last publish's duration over it. A
+# two (``snapshot_min_interval_s``) is raised to the last publish's CPU time over it. A
 # scorer loads the champion's version in about what the learner took to publish it (a
 # 2.3 MB tree: 35 ms to pickle and sign, 41 to verify and unpickle, holding the GIL),
 # so a scorer's batches stall for about this share of its time, whatever the model's size
@@ -193,7 +193,7 @@ class Learner:
         self._since_snapshot = 0
         self._changed = False  # anything to publish since the last snapshot
         self._last_snapshot = clock()
-        self._publish_s = 0.0  # how long the last publish took (wall time)
+        self._publish_s = 0.0  # the CPU time the last publish took
         # labels are marked learned under "run:partition:offset"; see _stale
         self.run = uuid.uuid4().hex[:12]
         self._base: dict[int, int] = {}
@@ -521,8 +521,8 @@ class Learner:
     @property
     def version_floor_s(self) -> float:
         """The least time between two versions now: ``snapshot_min_interval_s``, or
-        longer if the last publish took more than ``PUBLISH_SHARE`` of it (a model
-        grown large); 0 without a floor."""
+        longer if the last publish took more than ``PUBLISH_SHARE`` of it in CPU time (a
+        model grown large); 0 without a floor."""
         floor = self.timing.snapshot_min_interval_s
         return max(floor, self._publish_s / PUBLISH_SHARE) if floor else 0.0
 
@@ -670,11 +670,13 @@ class Learner:
         pending = [(p.msg, p.label) for p in (*self.pending.values(), *self.held.values())]
         searches = self.searches.publish(self.lineage.registry, self.learned)
         timeouts = None if self.timeouts is None else self.timeouts.positions
-        started = time.perf_counter()
+        # its CPU time, what pickling and signing cost (and a scorer's load): not its
+        # wall time, which a slow Redis (a failover) would turn into minutes of floor
+        started = time.thread_time()
         self.lineage.publish(
             out, self.clock(), self.learned, self.positions, pending, searches, timeouts
         )
-        self._publish_s = time.perf_counter() - started
+        self._publish_s = time.thread_time() - started
         # bounded: ids beyond it are not released early, they expire at the horizon
         self._staged_ids = [*self._staged_ids, *self._learned_ids][-_RELEASE_AT_MOST:]
         self._learned_ids = []

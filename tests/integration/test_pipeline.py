@@ -70,9 +70,10 @@ def test_ten_thousand_events_through_kafka_and_redis(
     assert set(bad) == set(BAD_KINDS)
 
     scorer = start_stage("scorer", partitions=3, host=host)
-    learner = start_stage(
-        "learner", partitions=3, label_wait_s=3, snapshot_every_labels=2000, host=host
-    )
+    # (no floor in time between versions: the labels come in a burst of seconds, and a
+    # version every 2,000 of them is what the end checks)
+    learner = start_stage("learner", partitions=3, label_wait_s=3, snapshot_every_labels=2000,
+                          snapshot_min_interval_s=0, host=host)  # fmt: skip
     # events first, labels once they are scored: ground truth comes late
     prod = producer(stack.kafka_bootstrap)
     produce_all(prod, (r for r in records if r[0] == topics.events))
@@ -141,7 +142,9 @@ def test_evaluations_join_the_prediction_each_champion_version_served(
     events = [rec for kind, rec in stream if kind == "event"]
     labels = {rec["event_id"]: rec for kind, rec in stream if kind == "label"}
     scorer = start_stage("scorer", partitions=3)
-    start_stage("learner", partitions=3, snapshot_every_labels=500, label_wait_s=3)
+    # a version every 500 labels, however fast a wave's come (no floor in time)
+    start_stage("learner", partitions=3, snapshot_every_labels=500, label_wait_s=3,
+                snapshot_min_interval_s=0)  # fmt: skip
     registry = RedisRegistry(redis_client, spec.name, signing_key(Settings()))
 
     def scorer_follows_the_pointer() -> None:

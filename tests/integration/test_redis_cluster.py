@@ -110,8 +110,9 @@ def test_pipeline_survives_a_primary_killed_and_restarted(
     ensure_topics(stack.kafka_bootstrap, topics.all(), partitions=3)
     watch = PredictionWatch(stack.kafka_bootstrap, topics.predictions)
     scorer = start_cluster_stage("scorer", partitions=3, redis_wait_replicas=wait_replicas)
+    # a version every 500 labels (no floor in time: the end counts them)
     learner = start_cluster_stage("learner", partitions=3, label_wait_s=3,
-                                  snapshot_every_labels=500,
+                                  snapshot_every_labels=500, snapshot_min_interval_s=0,
                                   redis_wait_replicas=wait_replicas)  # fmt: skip
     monitor = start_cluster_stage("monitor")
     for stage in (scorer, learner, monitor):

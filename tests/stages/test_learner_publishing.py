@@ -95,8 +95,10 @@ def test_a_slow_publish_spaces_versions_out_so_it_takes_a_bounded_share_of_the_t
     publish = learner.lineage.publish
     clock[0] = 2.0
 
-    def slow(*args: Any) -> None:  # a model grown large: 20 ms to pickle, sign and store
-        time.sleep(0.02)
+    def slow(*args: Any) -> None:  # a model grown large: 20 ms of CPU to pickle and sign
+        spin = time.thread_time() + 0.02
+        while time.thread_time() < spin:
+            pass
         publish(*args)
 
     learner.lineage.publish = slow  # type: ignore[method-assign]
@@ -111,3 +113,26 @@ def test_a_slow_publish_spaces_versions_out_so_it_takes_a_bounded_share_of_the_t
     clock[0] = 2.0 + floor + 0.1
     [second] = published(learner.process(labels[600:700]), lead)
     assert second.labels_seen == 601
+
+
+def test_a_publish_that_waits_on_a_slow_store_does_not_raise_the_floor(
+    unmonitored_spec: PipelineSpec,
+) -> None:
+    """What raises the floor is the CPU a publish takes, not its wall time: a Redis
+    failing over, answering after seconds, must not hold versions back for minutes."""
+    rt, labels = scored_runtime(unmonitored_spec, 1000)
+    settings = Settings(snapshot_every_labels=100, snapshot_every_s=0, label_wait_s=0,
+                        snapshot_min_interval_s=1.0)  # fmt: skip
+    clock = [0.0]
+    learner = build_learner(unmonitored_spec, settings, rt.store, rt.registry, rt.scored,
+                            clock=lambda: clock[0])  # fmt: skip
+    publish = learner.lineage.publish
+
+    def waiting(*args: Any) -> None:
+        time.sleep(0.05)  # 50 ms of wall time: a 10 s floor, if it counted
+        publish(*args)
+
+    learner.lineage.publish = waiting  # type: ignore[method-assign]
+    clock[0] = 2.0
+    learner.process(labels[:200])
+    assert learner.version_floor_s == 1.0
