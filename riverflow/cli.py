@@ -421,7 +421,12 @@ def cmd_tail(args: argparse.Namespace, settings: Settings) -> int:
     from riverflow.streams.kafka_io import read_topic
 
     ep = endpoints(settings)
-    for shown, msg in enumerate(read_topic(ep.kafka_bootstrap, args.topic, follow=args.follow), 1):
+    shown = 0
+    held: list[Any] | None = None if args.last is None else []  # the last ones, until the end
+
+    def show(msg: Any) -> bool:
+        """Print one message; False once ``--limit`` are printed."""
+        nonlocal shown
         value = msg.value() or b""
         try:
             text = json.dumps(orjson.loads(value))
@@ -429,9 +434,38 @@ def cmd_tail(args: argparse.Namespace, settings: Settings) -> int:
             text = repr(value[:200])
         # each line as it comes, into a pipe too (`riverflow tail -f t | grep ...`)
         print(f"{msg.partition()}:{msg.offset()} {text}", flush=args.follow)
-        if args.limit and shown >= args.limit:
-            break
+        shown += 1
+        return not args.limit or shown < args.limit
+
+    def at_end() -> None:
+        """The topic read to its end: its last ``--last`` messages, oldest first (by
+        their Kafka timestamps, across partitions)."""
+        nonlocal held
+        if held is None:
+            return
+        ordered = sorted(held, key=lambda m: (m.timestamp()[1], m.partition(), m.offset()))
+        held = None
+        for msg in ordered[-args.last :]:
+            if not show(msg):
+                raise _TailDone
+
+    reader = read_topic(ep.kafka_bootstrap, args.topic, follow=args.follow, last=args.last,
+                        on_end=None if args.last is None else at_end)  # fmt: skip
+    try:
+        for msg in reader:
+            if held is not None:
+                held.append(msg)  # (at most --last of each partition)
+            elif not show(msg):
+                break
+    except _TailDone:
+        pass
+    finally:
+        reader.close()
     return 0
+
+
+class _TailDone(Exception):
+    """``riverflow tail`` printed its ``--limit``."""
 
 
 def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
@@ -944,10 +978,16 @@ def parser() -> argparse.ArgumentParser:
     )
     produce.set_defaults(func=cmd_produce)
 
-    tail = sub.add_parser("tail", help="print a topic's messages from the beginning")
+    tail = sub.add_parser(
+        "tail", help="print a topic's messages: from the beginning, or its last N (--last)"
+    )
     tail.add_argument("topic")
-    tail.add_argument("-f", "--follow", action="store_true")
-    tail.add_argument("-n", "--limit", type=int, default=0)
+    tail.add_argument("-f", "--follow", action="store_true",
+                      help="go on printing what comes, until interrupted")  # fmt: skip
+    tail.add_argument("-n", "--limit", type=int, default=0, help="stop after printing this many")
+    tail.add_argument("-l", "--last", type=_count,
+                      help="start from the topic's last N messages (oldest first, across "
+                           "partitions by their timestamps)")  # fmt: skip
     tail.set_defaults(func=cmd_tail)
     bench = sub.add_parser("bench", help="measure limit, embedded and Kafka runtimes (one run)")
     bench.add_argument("--events", type=_count, help="limit, embedded, drain (default 100,000)")

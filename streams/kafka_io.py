@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 from confluent_kafka import (
@@ -572,11 +572,15 @@ def read_topic(
     follow: bool = False,
     since_s: float | None = None,
     stop: threading.Event | None = None,
-) -> Iterator[Any]:
+    last: int | None = None,
+    on_end: Callable[[], None] | None = None,
+) -> Generator[Any, None, None]:
     """Every message of ``topic`` from the beginning (``since_s``: from the first no
-    older than that many seconds) to its end as it was when called, and on until none
-    arrived for ``idle_s`` seconds (or forever with ``follow``), or ``stop`` is set
-    (noticed within a poll, 0.2 s, even while nothing arrives). Reads all partitions
+    older than that many seconds; ``last``: from the last ``last`` of each partition) to
+    its end as it was when called, and on until none arrived for ``idle_s`` seconds (or
+    forever with ``follow``), or ``stop`` is set (noticed within a poll, 0.2 s, even
+    while nothing arrives). ``on_end`` is called once every partition has been read to
+    that end (following too). Reads all partitions
     without a consumer group, so it commits nothing and joins no rebalance. A consumer
     that stops fetching (``Stall``) is replaced by a new one from where it read to.
     An error the client reports is ``KafkaIOError``; following, only a fatal one (the
@@ -589,32 +593,46 @@ def read_topic(
     short of it. Ends are committed ends (read_committed): an open transaction's
     records are not waited for. Following, partitions added to the topic are read from
     their start (``PartitionWatch``)."""
+    if since_s is not None and last is not None:
+        raise ValueError("read_topic: since_s or last, not both")
     consumer, partitions = groupless_reader(
         bootstrap, topic, "riverflow-reader", **{"enable.partition.eof": True}
     )
     # the ends as they are now, before any offset is looked up or fetched (following
-    # from the beginning, none is needed)
-    marks = {} if follow and since_s is None else watermarks(consumer, topic, partitions)
+    # from the beginning with no end to tell, none is needed)
+    ends_wanted = not follow or since_s is not None or last is not None or on_end is not None
+    marks = watermarks(consumer, topic, partitions) if ends_wanted else {}
     starts = dict.fromkeys(partitions, OFFSET_BEGINNING)
     if since_s is not None:
         starts = offsets_since(consumer, topic, partitions, since_s, marks)
-    # not following, the ends to read to (a partition with nothing to read has none)
-    short = {} if follow else {p: int(high) for p, (low, high) in marks.items()
-                               if high > max(low, starts[p])}  # fmt: skip
+    elif last is not None:
+        starts = {p: max(int(low), int(high) - last) if high > low else OFFSET_BEGINNING
+                  for p, (low, high) in marks.items()}  # fmt: skip
+    # the ends to read to (a partition with nothing to read has none); following, only
+    # to tell on_end when they are reached
+    short = {p: int(high) for p, (low, high) in marks.items()
+             if high > max(low, starts[p])}  # fmt: skip
+    if follow and on_end is None:
+        short = {}
     consumer.assign([TopicPartition(topic, p, o) for p, o in starts.items()])
     at = dict(starts)  # the next offset to read per partition (its start until one is read)
     stall = Stall()
-    last = time.monotonic()
+    heard_at = time.monotonic()
     added = PartitionWatch(topic, partitions) if follow else None  # following: new ones too
+    ended = False
     try:
         while not (stop and stop.is_set()):
+            if not short and not ended:
+                ended = True
+                if on_end is not None:
+                    on_end()
             for p in added.added(consumer) if added is not None else ():
                 at[p] = OFFSET_BEGINNING
                 consumer.incremental_assign([TopicPartition(topic, p, OFFSET_BEGINNING)])
-            quiet = time.monotonic() - last
+            quiet = time.monotonic() - heard_at
             if not follow and not short and quiet >= idle_s:
                 break
-            if short and quiet >= BEHIND_S:
+            if short and not follow and quiet >= BEHIND_S:
                 left = sum(end - max(at[p], 0) for p, end in short.items())
                 raise KafkaIOError(f"reading {topic}: nothing came for {BEHIND_S:g} s, "
                                    f"{left:,} messages short of its end")  # fmt: skip
@@ -639,7 +657,7 @@ def read_topic(
                     heard = True
                     yield msg
             if heard:
-                last = time.monotonic()
+                heard_at = time.monotonic()
                 stall.heard()
             elif stall.look():
                 why = stall.check(consumer, topic, at)

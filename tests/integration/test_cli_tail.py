@@ -1,7 +1,9 @@
 """`riverflow tail` (and ``read_topic``, what it reads with) on the real broker.
 Following, as an operator runs it into a pipe: what the topic holds, then what comes
 while it follows, from every partition, a record that is not JSON shown as bytes, not
-fatal. Not following: the whole topic as it was, however slow the fetches."""
+fatal. Not following: the whole topic as it was, however slow the fetches. With
+``--last N``: the topic's last N, oldest first across its partitions, then (following)
+what comes."""
 
 from __future__ import annotations
 
@@ -12,8 +14,15 @@ import threading
 import uuid
 
 import orjson
+from confluent_kafka import Producer
 
-from riverflow.streams.kafka_io import ensure_topics, produce_all, producer, read_topic
+from riverflow.streams.kafka_io import (
+    client_config,
+    ensure_topics,
+    produce_all,
+    producer,
+    read_topic,
+)
 from riverflow.tools.stack import Endpoints
 from tests.helpers import within
 
@@ -107,3 +116,71 @@ def test_read_topic_with_no_idle_time_still_reads_the_whole_topic(stack: Endpoin
                 [(topic, b"k%d" % i, b"%d" % i) for i in range(3000)])  # fmt: skip
     got = sorted(int(m.value()) for m in read_topic(stack.kafka_bootstrap, topic, idle_s=0.0))
     assert got == list(range(3000))
+
+
+def stamped(stack: Endpoints, topic: str, ns: range, at_ms: int) -> None:
+    """``{"n": n}`` for each n, spread over the topic's partitions by key, each stamped
+    ``at_ms + n`` (so the newest by timestamp is not the last of any one partition)."""
+    prod = Producer(client_config(stack.kafka_bootstrap))
+    for n in ns:
+        prod.produce(topic, key=b"k%d" % (n * 7), value=orjson.dumps({"n": n}), timestamp=at_ms + n)
+    assert prod.flush(30) == 0
+
+
+def tail_command(stack: Endpoints, *args: str) -> tuple[list[str], dict[str, str]]:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    env |= {"RIVERFLOW_KAFKA_BOOTSTRAP": stack.kafka_bootstrap,
+            "RIVERFLOW_REDIS_URL": stack.redis_url}  # fmt: skip
+    return [sys.executable, "-m", "riverflow.cli", "tail", *args], env
+
+
+def numbers(lines: list[str]) -> list[int]:
+    return [orjson.loads(line.rstrip("\n").split(" ", 1)[1])["n"] for line in lines]
+
+
+def test_riverflow_tail_last_prints_the_newest_messages_oldest_first_then_follows(
+    stack: Endpoints,
+) -> None:
+    topic = f"tail-last-{uuid.uuid4().hex[:8]}"
+    ensure_topics(stack.kafka_bootstrap, [topic], partitions=3)
+    at_ms = 1_700_000_000_000
+    stamped(stack, topic, range(30), at_ms)
+    command, env = tail_command(stack, topic, "--last", "5")
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    # the five newest of the whole topic, not the first ones nor the last of a partition
+    assert numbers(done.stdout.splitlines()) == [25, 26, 27, 28, 29]
+
+    # following: those, then what comes, until --limit
+    command, env = tail_command(stack, topic, "--last", "3", "--follow", "-n", "6")
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    lines: list[str] = []
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        assert within(60, lambda: len(lines) >= 3), (lines, proc.poll())
+        stamped(stack, topic, range(30, 33), at_ms)
+        assert proc.wait(60) == 0, proc.stderr and proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        reader.join(10)
+    assert numbers(lines[:3]) == [27, 28, 29]
+    assert sorted(numbers(lines[3:])) == [30, 31, 32]
+
+    # a topic with fewer messages than asked: all of them; an empty one: nothing
+    empty = f"tail-empty-{uuid.uuid4().hex[:8]}"
+    ensure_topics(stack.kafka_bootstrap, [empty], partitions=2)
+    command, env = tail_command(stack, empty, "--last", "5")
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout == "", done.stderr
+    stamped(stack, empty, range(2), at_ms)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and numbers(done.stdout.splitlines()) == [0, 1], done.stderr
