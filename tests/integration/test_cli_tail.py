@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 import uuid
 
 import orjson
@@ -143,7 +144,7 @@ def test_riverflow_tail_last_prints_the_newest_messages_oldest_first_then_follow
 ) -> None:
     topic = f"tail-last-{uuid.uuid4().hex[:8]}"
     ensure_topics(stack.kafka_bootstrap, [topic], partitions=3)
-    at_ms = 1_700_000_000_000
+    at_ms = int(time.time() * 1000) - 60_000
     stamped(stack, topic, range(30), at_ms)
     command, env = tail_command(stack, topic, "--last", "5")
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
