@@ -298,6 +298,8 @@ class ModelRegistry(ABC):
         self.keep_versions = keep_versions
         self.history_keep = history_keep
         self.clock = clock  # the time a move, a version or a challenger is stamped with
+        # model -> the signed size in bytes of the last version this client published
+        self.published_bytes: dict[str, int] = {}
 
     # -- versions ---------------------------------------------------------------
 
@@ -310,7 +312,9 @@ class ModelRegistry(ABC):
         a version it still knows. Then older versions are pruned (see ``prune``).
         """
         meta = {**meta, "key_id": self.key.key_id}  # which key signed it (rotation)
-        version = self._store(name, sign(model, self.key), meta)
+        blob = sign(model, self.key)
+        version = self._store(name, blob, meta)
+        self.published_bytes[name] = len(blob)
         if self.keep_versions is not None:
             self.prune(name, self.keep_versions)
         return version
@@ -398,7 +402,7 @@ class ModelRegistry(ABC):
         origin = {"version": record.get("version"), "meta": record["meta"],
                   "meta_verified": signed}  # fmt: skip
         if signed:  # its version numbers (own, parent) belong to the registry it came from
-            drop = ("version", "parent", "created", "river")
+            drop = ("version", "parent", "created", "river", "bytes")
             meta = {k: v for k, v in meta.items() if k not in drop}
         else:
             meta = {"model": name}
@@ -578,10 +582,13 @@ def _signed(record: dict[str, Any]) -> bytes:
     return orjson.dumps(fields, option=orjson.OPT_SORT_KEYS)
 
 
-def _meta(version: int, meta: dict[str, Any], created: float) -> bytes:
+def _meta(version: int, meta: dict[str, Any], created: float, blob: bytes) -> bytes:
+    """A version's stored metadata: the caller's, its number, when it was made, the
+    River that made it and its signed blob's size in bytes (``bytes``)."""
     return orjson.dumps(
-        {**meta, "version": version, "created": created, "river": river.__version__}
-    )
+        {**meta, "version": version, "created": created, "river": river.__version__,
+         "bytes": len(blob)}
+    )  # fmt: skip
 
 
 class MemoryRegistry(ModelRegistry):
@@ -613,7 +620,7 @@ class MemoryRegistry(ModelRegistry):
     def _store(self, name: str, blob: bytes, meta: dict[str, Any]) -> int:
         last = max(self.seq.get(name, 0), *self.versions(name), int(meta.get("parent") or 0))
         version = self.seq[name] = last + 1
-        self.blobs[(name, version)] = (blob, _meta(version, meta, self.clock()))
+        self.blobs[(name, version)] = (blob, _meta(version, meta, self.clock(), blob))
         return version
 
     def _delete(self, name: str, versions: list[int]) -> None:
@@ -754,7 +761,7 @@ class RedisRegistry(ModelRegistry):
         floor = int(meta.get("parent") or 0)
         keys = [f"{prefix}seq", f"{prefix}versions", f"{self.prefix}models"]
         args = [name, floor, f"{prefix}v:", f"{prefix}meta:", blob,
-                _meta(_UNNUMBERED, meta, self.clock())]  # fmt: skip
+                _meta(_UNNUMBERED, meta, self.clock(), blob)]  # fmt: skip
         return int(self._store_script(keys=keys, args=args))
 
     def _index(self, name: str) -> None:

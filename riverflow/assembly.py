@@ -364,6 +364,7 @@ def build_learner(
         [Candidate(name, model, 0, metrics_for(target.kind)) for name, model in fresh.items()],
         spec.models.champion_spec.name,
         Following(fresh_model, poll_s, functools.partial(metrics_for, target.kind)),
+        int(settings.model_size_warn_mb * 2**20),
     )  # fmt: skip
     join = LabelJoin(spec.label, settings.max_event_bytes, spec.feature_plan(),
                      tuple(spec.models.inputs), spec.monitors.segment)  # fmt: skip

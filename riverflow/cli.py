@@ -616,6 +616,11 @@ def _model_event(ep: Endpoints, topic: str, event: ModelEvent) -> None:
     produce_all(producer(ep.kafka_bootstrap), [(topic, event.model.encode(), event.encode())])
 
 
+def _megabytes(size: int) -> str:
+    """A model version's size for a person: ``"0.13 MB"``."""
+    return f"{size / 2**20:.2f} MB"
+
+
 def _version(registry: RedisRegistry, args: argparse.Namespace) -> int:
     """The version named on the command line, else the model's latest."""
     version: int | None = args.version or registry.latest(args.name)
@@ -639,10 +644,13 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
                 meta = registry.meta(name, v)
                 mark = "*" if ChampionPointer(name, v) == champion else " "
                 auc = meta.get("metrics", {}).get("roc_auc")
+                size = meta.get("bytes")  # (versions published before it was recorded: -)
                 console.print(
                     f"{mark} {name} v{v}  labels {meta.get('labels_seen', '-')}  "
-                    f"roc_auc {'-' if auc is None else f'{auc:.4f}'}  parent "
-                    f"{meta.get('parent', '-')}"
+                    # (``or 0.0``: a fresh model's -0.0 printed as "-0.0000")
+                    f"roc_auc {'-' if auc is None else f'{auc or 0.0:.4f}'}  "
+                    f"size {'-' if size is None else _megabytes(size)}  "
+                    f"parent {meta.get('parent', '-')}"
                 )
         for move in registry.history()[-args.last :]:
             console.print(f"  {move.kind:8} -> {move.to}  (from {move.previous})  {move.reason}")

@@ -133,6 +133,14 @@ class Settings(BaseSettings):
         "loads, so the cost grows with the model; the embedded runtime has no floor (its "
         "runs do not depend on the machine's speed)",
     )  # fmt: skip
+    model_size_warn_mb: float = Field(
+        32.0, ge=0,
+        description="the learner logs a WARNING when a candidate's signed version passes "
+        "this size, and again at each doubling (0 = never): a scorer loads each new "
+        "champion on its main thread (~17 ms a MB on a development machine) and Redis "
+        "keeps registry_keep_versions of each candidate; a Hoeffding tree grows with the "
+        "stream up to its max_size (River's default: 100 MB of memory)",
+    )  # fmt: skip
     model_poll_s: float = Field(0.1, gt=0, description="how often a scorer checks the champion")
     audit_grace_s: float = Field(
         300.0, gt=0,

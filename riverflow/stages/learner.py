@@ -647,8 +647,12 @@ class Learner:
         }
         if self.label_features is not None:  # labels written, seen before, too late
             out.update({f"label_features_{k}": float(v) for k, v in self.label_writes.items()})
+        out["version_floor_s"] = self.version_floor_s
+        sizes = self.lineage.registry.published_bytes
         for c in self.candidates.values():
             out[f"{c.name}:version"] = float(c.version)
+            if c.name in sizes:  # its last version's signed size, once it has published
+                out[f"{c.name}:version_bytes"] = float(sizes[c.name])
             out.update({f"{c.name}:prequential_{k}": v for k, v in c.metrics.as_dict().items()})
         return out
 

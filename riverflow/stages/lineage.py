@@ -9,6 +9,7 @@ and says when to publish; every read and write of the registry is here.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from riverflow.models.registry import ChampionPointer, ModelRegistry, PointerMov
 from riverflow.monitors.prequential import Metrics, PrequentialMetrics, metrics_from_state
 from riverflow.streams.contracts import Label, Message, ModelEvent, Output
 from riverflow.streams.topics import Topics
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -70,8 +73,11 @@ class Lineage:
         candidates: Sequence[Candidate],
         lead: str,
         following: Following,
+        size_warn_bytes: int = 0,
     ) -> None:
         self.registry = registry
+        self.size_warn_bytes = size_warn_bytes  # a version's size that is warned of (0: none)
+        self._warned_bytes: dict[str, int] = {}  # candidate -> the size last warned of
         self.topics = topics
         self.candidates = {c.name: c for c in candidates}
         self.lead = lead
@@ -182,6 +188,7 @@ class Lineage:
                 "metrics": c.metrics.as_dict(),
             }
             parent, c.version = c.version, self.registry.publish(c.name, c.model, meta)
+            self._check_size(c.name, c.version)
             out.append(self._model_event(ModelEvent(kind="published", model=c.name,
                                                     version=c.version, parent=parent,
                                                     labels_seen=labels_seen)))  # fmt: skip
@@ -199,6 +206,26 @@ class Lineage:
             searches=dict(searches or {}),
             timeouts=dict(timeouts or {}),
         )
+
+    def _check_size(self, name: str, version: int) -> None:
+        """A WARNING when ``name``'s version passes ``size_warn_bytes``, and again each
+        time it doubles since: a model that grows with the stream (a Hoeffding tree,
+        up to its ``max_size``) costs every version's publish and load more."""
+        size = self.registry.published_bytes.get(name, 0)
+        threshold = max(self.size_warn_bytes, 2 * self._warned_bytes.get(name, 0))
+        if not self.size_warn_bytes or size < threshold:
+            return
+        self._warned_bytes[name] = size
+        keep = self.registry.keep_versions
+        log.warning(
+            "model %r v%d is %.1f MB signed (warned from %.1f MB): it grows with what it "
+            "learns, every scorer loads each new champion on its main thread (its batch "
+            "waits) and Redis keeps %s of it; bound it in the spec (a Hoeffding tree's "
+            "max_size, MB of memory, checked every memory_estimate_period labels) or "
+            "raise RIVERFLOW_MODEL_SIZE_WARN_MB",
+            name, version, size / 2**20, self.size_warn_bytes / 2**20,
+            "every version" if keep is None else f"up to {keep} versions",
+        )  # fmt: skip
 
     def _advance(self, name: str, parent: int, version: int) -> PointerMove | None:
         """Move the pointer from ``name``'s ``parent`` version to ``version``, if it still

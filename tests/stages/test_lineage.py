@@ -21,7 +21,11 @@ from riverflow.settings import Settings
 from riverflow.spec import PipelineSpec
 from riverflow.tools.generator import FraudStreamConfig, with_labels
 
-SETTINGS = Settings(snapshot_every_labels=0, snapshot_every_s=0, label_wait_s=60)
+# (no floor between versions, as the embedded runtime's learner has none: the restored
+# learner's status is compared with that one's)
+SETTINGS = Settings(
+    snapshot_every_labels=0, snapshot_every_s=0, label_wait_s=60, snapshot_min_interval_s=0
+)
 KEY = signing_key(SETTINGS)
 
 
