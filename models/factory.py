@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import inspect
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from river import base, compose
@@ -115,6 +116,51 @@ def build_model(
     if not steps:
         return estimator
     return compose.Pipeline(*steps, estimator)
+
+
+# What a stored model takes on from the spec while it keeps what it learned: how big a
+# tree may grow (River's Hoeffding trees; their own setters). Any other parameter of a
+# continued candidate stays as it was stored: it changes what the state means.
+RUNTIME_PARAMS = ("max_size", "memory_estimate_period")
+
+
+@dataclass(frozen=True)
+class Reconciled:
+    """What ``reconcile`` did to a stored model: each as ``"step.param: old -> new"``."""
+
+    applied: list[str]  # the spec's runtime bounds, now the model's
+    kept: list[str]  # other parameters the spec changed, kept as stored
+
+
+def reconcile(stored: Any, spec_model: Any) -> Reconciled:
+    """Give ``stored`` (a candidate's model read back from the registry) the spec's
+    ``RUNTIME_PARAMS`` where they differ from its own, step by step, and say which
+    other parameters of ``spec_model`` (the candidate as the spec builds it now)
+    differ from the stored ones."""
+    have, want = _steps(stored), _steps(spec_model)
+    if list(have) != list(want):
+        return Reconciled([], [f"steps: {list(have)} -> {list(want)}"])
+    applied: list[str] = []
+    kept: list[str] = []
+    for name, step in have.items():
+        old, new = step._get_params(), want[name]._get_params()
+        for param in sorted(old.keys() | new.keys()):
+            if old.get(param) == new.get(param):
+                continue
+            change = f"{name}.{param}: {old.get(param)!r} -> {new.get(param)!r}"
+            if param in RUNTIME_PARAMS and param in old and param in new:
+                setattr(step, param, new[param])
+                applied.append(change)
+            else:
+                kept.append(change)
+    return Reconciled(applied, kept)
+
+
+def _steps(model: Any) -> dict[str, Any]:
+    """A model's steps by name: a pipeline's, or the estimator alone."""
+    if isinstance(model, compose.Pipeline):
+        return dict(model.steps)
+    return {type(model).__name__: model}
 
 
 def build_candidates(

@@ -17,6 +17,7 @@ from typing import Any
 
 from riverflow.models.checkpoint import LearnerCheckpoint
 from riverflow.models.errors import ModelError, ModelSpecError
+from riverflow.models.factory import reconcile
 from riverflow.models.registry import ChampionPointer, ModelRegistry, PointerMove, UnsureMoves
 from riverflow.monitors.prequential import Metrics, PrequentialMetrics, metrics_from_state
 from riverflow.streams.contracts import Label, Message, ModelEvent, Output
@@ -154,6 +155,7 @@ class Lineage:
             return _Rollback(seen)
         to = back.to
         model = self.registry.load(to.model, to.version).model
+        model = self._continued(to.model, self.dynamic.get(to.model, to.model), to.version, model)
         again = None
         if pointer is not None and pointer.model == to.model and pointer.version > to.version:
             with self.unsure.attempt("rollback", to):
@@ -283,7 +285,8 @@ class Lineage:
         for c in self.candidates.values():
             version = saved.versions.get(c.name, 0)
             if version:
-                c.model, c.version = self.registry.load(c.name, version).model, version
+                model = self.registry.load(c.name, version).model
+                c.model, c.version = self._continued(c.name, c.name, version, model), version
                 c.metrics = metrics_from_state(saved.metrics[c.name])
         for name, info in self.registry.challengers().items():
             if name not in saved.versions or name in self.candidates:
@@ -292,11 +295,35 @@ class Lineage:
             if fresh is None:  # its base left the spec
                 continue
             v = saved.versions[name]
-            model = self.registry.load(name, v).model if v else fresh
+            model = (
+                self._continued(name, info["base"], v, self.registry.load(name, v).model)
+                if v
+                else fresh
+            )
             metrics = metrics_from_state(saved.metrics[name])
             self.candidates[name] = Candidate(name, model, v, metrics)
             self.dynamic[name] = info["base"]
         self._rollbacks_after = saved.saved_at
+
+    def _continued(self, name: str, base: str, version: int, model: Any) -> Any:
+        """``model``, ``name``'s stored ``version``, given the spec's bounds as its
+        candidate ``base`` now has them (``reconcile``: how big a tree may grow); the
+        other parameters the spec changed since are kept as stored, with a WARNING."""
+        spec_model = self.following.fresh_model(base)
+        if spec_model is None:  # its base left the spec
+            return model
+        done = reconcile(model, spec_model)
+        if done.applied:
+            log.info("model %r v%d continues with the spec's %s", name, version,
+                     "; ".join(done.applied))  # fmt: skip
+        if done.kept:
+            log.warning(
+                "model %r v%d continues as it was made, not with the spec's %s: what it "
+                "learned was learned with those; a changed parameter applies to a fresh "
+                "candidate only (give it a new name to train one from the start)",
+                name, version, "; ".join(done.kept),
+            )  # fmt: skip
+        return model
 
     def _model_event(self, event: ModelEvent) -> Output:
         return Output(self.topics.model_events, event.model.encode(), event.encode())
