@@ -616,9 +616,9 @@ def _model_event(ep: Endpoints, topic: str, event: ModelEvent) -> None:
     produce_all(producer(ep.kafka_bootstrap), [(topic, event.model.encode(), event.encode())])
 
 
-def _megabytes(size: int) -> str:
-    """A model version's size for a person: ``"0.13 MB"``."""
-    return f"{size / 2**20:.2f} MB"
+def _human_size(size: int) -> str:
+    """A model version's size for a person: ``"2.2 KB"``, ``"5.02 MB"``."""
+    return f"{size / 2**10:.1f} KB" if size < 2**20 else f"{size / 2**20:.2f} MB"
 
 
 def _version(registry: RedisRegistry, args: argparse.Namespace) -> int:
@@ -649,7 +649,7 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
                     f"{mark} {name} v{v}  labels {meta.get('labels_seen', '-')}  "
                     # (``or 0.0``: a fresh model's -0.0 printed as "-0.0000")
                     f"roc_auc {'-' if auc is None else f'{auc or 0.0:.4f}'}  "
-                    f"size {'-' if size is None else _megabytes(size)}  "
+                    f"size {'-' if size is None else _human_size(size)}  "
                     f"parent {meta.get('parent', '-')}"
                 )
         for move in registry.history()[-args.last :]:

@@ -220,7 +220,7 @@ class Lineage:
         self._warned_bytes[name] = size
         keep = self.registry.keep_versions
         log.warning(
-            "model %r v%d is %.1f MB signed (warned from %.1f MB): it grows with what it "
+            "model %r v%d is %.2f MB signed (warned from %.2f MB): it grows with what it "
             "learns, every scorer loads each new champion on its main thread (its batch "
             "waits) and Redis keeps %s of it; bound it in the spec (a Hoeffding tree's "
             "max_size, MB of memory, checked every memory_estimate_period labels) or "
@@ -308,14 +308,15 @@ class Lineage:
     def _continued(self, name: str, base: str, version: int, model: Any) -> Any:
         """``model``, ``name``'s stored ``version``, given the spec's bounds as its
         candidate ``base`` now has them (``reconcile``: how big a tree may grow); the
-        other parameters the spec changed since are kept as stored, with a WARNING."""
+        other parameters the spec changed since are kept as stored. Both are logged
+        (WARNING: the model differs from what it was, or from what the spec says)."""
         spec_model = self.following.fresh_model(base)
         if spec_model is None:  # its base left the spec
             return model
         done = reconcile(model, spec_model)
-        if done.applied:
-            log.info("model %r v%d continues with the spec's %s", name, version,
-                     "; ".join(done.applied))  # fmt: skip
+        if done.applied:  # (once: the versions published from here on have them)
+            log.warning("model %r v%d continues with the spec's %s (and what it learned)",
+                        name, version, "; ".join(done.applied))  # fmt: skip
         if done.kept:
             log.warning(
                 "model %r v%d continues as it was made, not with the spec's %s: what it "
