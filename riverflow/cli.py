@@ -643,17 +643,26 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
             for v in registry.versions(name)[-args.last :]:
                 meta = registry.meta(name, v)
                 mark = "*" if ChampionPointer(name, v) == champion else " "
-                auc = meta.get("metrics", {}).get("roc_auc")
+                metrics = meta.get("metrics", {})
+                auc = metrics.get("roc_auc")
                 size = meta.get("bytes")  # (versions published before it was recorded: -)
+                seen, own = meta.get("labels_seen", "-"), metrics.get("labels")
+                # a challenger started later has learned fewer than the learner has seen
+                if own is not None and isinstance(seen, int) and own < seen:
+                    seen = f"{seen} ({int(own)} its own)"
                 console.print(
-                    f"{mark} {name} v{v}  labels {meta.get('labels_seen', '-')}  "
+                    f"{mark} {name} v{v}  labels {seen}  "
                     # (``or 0.0``: a fresh model's -0.0 printed as "-0.0000")
                     f"roc_auc {'-' if auc is None else f'{auc or 0.0:.4f}'}  "
                     f"size {'-' if size is None else _human_size(size)}  "
-                    f"parent {meta.get('parent', '-')}"
+                    f"parent {meta.get('parent', '-')}",
+                    soft_wrap=True,  # a line a version, however narrow the terminal (grep)
                 )
         for move in registry.history()[-args.last :]:
-            console.print(f"  {move.kind:8} -> {move.to}  (from {move.previous})  {move.reason}")
+            console.print(
+                f"  {move.kind:8} -> {move.to}  (from {move.previous})  {move.reason}",
+                soft_wrap=True,
+            )
         return 0
     if args.action == "show":
         version = _version(registry, args)

@@ -356,7 +356,8 @@ def test_list_show_and_rollback_through_the_cli(
     previous = None
     for labels in (100, 200, 300):  # as the learner does: publish, then advance
         # (a fresh model's ROC AUC is -0.0 in River: the first's, listed as 0.0000)
-        metrics = {"roc_auc": -0.0} if labels == 100 else {}
+        # and the last one's own labels: those of a challenger started at label 250
+        metrics = {"roc_auc": -0.0} if labels == 100 else {"labels": 50.0} if labels == 300 else {}
         meta = {"labels_seen": labels, "parent": 0, "metrics": metrics}
         version = registry.publish(tree, {"w": labels}, meta)
         to = ChampionPointer(tree, version)
@@ -366,15 +367,17 @@ def test_list_show_and_rollback_through_the_cli(
     listed = cli(stack, spec_file, "list")
     assert listed.returncode == 0, listed.stderr
     assert "champion: fraud-hoeffding v3" in listed.stdout
-    assert "* fraud-hoeffding v3  labels 300" in listed.stdout
+    assert "* fraud-hoeffding v3  labels 300 (50 its own)  roc_auc -" in listed.stdout
     # each version's signed size, as Redis holds it
     for v in (1, 2, 3):
         size = redis_client.strlen(f"{registry.prefix}model:{tree}:v:{v}")
         assert registry.meta(tree, v)["bytes"] == size > 0
         auc = "0.0000" if v == 1 else "-"
         assert size < 2**20  # a small one, in KB
-        assert f"fraud-hoeffding v{v}  labels {v}00  roc_auc {auc}  size {size / 2**10:.1f} KB" in (
-            listed.stdout
+        own = " (50 its own)" if v == 3 else ""
+        assert (
+            f"fraud-hoeffding v{v}  labels {v}00{own}  roc_auc {auc}  size {size / 2**10:.1f} KB"
+            in (listed.stdout)
         )
     shown = cli(stack, spec_file, "show", tree, "2")
     assert shown.returncode == 0 and orjson.loads(shown.stdout)["labels_seen"] == 200
