@@ -167,6 +167,10 @@ class ScoredEvents(Protocol):
         checkpoint (a duplicate label still finds its learned-mark in the store)."""
         ...
 
+    def memory_bytes(self) -> int | None:
+        """What the index holds in memory, in bytes, where it can say (None)."""
+        ...
+
 
 class MemoryScoredEvents:
     """The join's records in a dictionary, for the embedded runtime: the runtime
@@ -204,6 +208,12 @@ class MemoryScoredEvents:
         for event_id in event_ids:
             self.records.pop(event_id, None)
 
+    def memory_bytes(self) -> None:
+        return None  # (bounded by ``max_events``: capacity table, docs/architecture.md)
+
+
+# RocksDB's properties that together are what an index holds in memory
+_MEMORY_PROPERTIES = ("rocksdb.block-cache-usage", "rocksdb.size-all-mem-tables")
 
 _POSITIONS = b"\x00positions"  # not an event id: ids are non-empty text
 
@@ -331,6 +341,12 @@ class DiskScoredIndex:
         except Exception as exc:  # rocksdict raises plain Exceptions
             raise ScoredIndexError(f"scored-events index at {self.path}: {exc}") from exc
 
+    def memory_bytes(self) -> int:
+        """RocksDB's memory: its block cache in use (index and filter blocks included)
+        and its memtables, those being flushed too; at most ``cache_mb`` and 2 x 64 MB."""
+        db = self.db
+        return sum(int(db.property_int_value(p) or 0) for p in _MEMORY_PROPERTIES)
+
     def close(self) -> None:
         self.db.close()
 
@@ -365,6 +381,9 @@ class FollowedIndex:
 
     def forget(self, event_ids: Sequence[str]) -> None:
         self.index.forget(event_ids)
+
+    def memory_bytes(self) -> int:
+        return self.index.memory_bytes()
 
     def close(self) -> None:
         self.follower.close()

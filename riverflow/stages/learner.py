@@ -648,6 +648,9 @@ class Learner:
         if self.label_features is not None:  # labels written, seen before, too late
             out.update({f"label_features_{k}": float(v) for k, v in self.label_writes.items()})
         out["version_floor_s"] = self.version_floor_s
+        index_bytes = self.scored.memory_bytes()
+        if index_bytes is not None:  # the scored-events index's RocksDB, in the process
+            out["scored_index_bytes"] = float(index_bytes)
         sizes = self.lineage.registry.published_bytes
         for c in self.candidates.values():
             out[f"{c.name}:version"] = float(c.version)

@@ -16,7 +16,9 @@ and watches from outside, as a user would:
 - **memory**: the RSS of every stage process (``/proc/PID/status``) and Redis'
   ``used_memory`` and key count, sampled every few seconds, with their slopes
   after warm-up (targets: flat RSS; Redis levelling off, judged on the second
-  half of the run after warm-up);
+  half of the run after warm-up). The learner's RSS is judged less what its index
+  of scored events holds in memory (RocksDB's block cache and memtables, bounded,
+  filling for the first tens of minutes: ``scored_index_bytes`` on its ``/metrics``);
 - **counts**: events produced and predicted, predictions missing after a drain
   period, second predictions (flagged replayed or not), labels produced and
   learned (the evaluations topic), dead letters by stage and kind.
@@ -35,6 +37,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -45,6 +48,7 @@ from typing import Any
 import orjson
 import yaml
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from prometheus_client.parser import text_string_to_metric_families
 from redis.exceptions import RedisError
 from rich.console import Group
 from rich.table import Table
@@ -306,7 +310,8 @@ def targets(
                f"({config.rate * config.lag_limit_s:,.0f} events)",
                f"at most {max_behind:,} events ({max_behind / config.rate:.2f} s)",
                max_behind <= config.rate * config.lag_limit_s),
-        Target("rss", f"RSS slope under {config.rss_slope_limit_mb_min:g} MB/min per stage",
+        Target("rss", f"RSS slope under {config.rss_slope_limit_mb_min:g} MB/min per stage "
+               "(the learner's less its scored-events index)",
                f"{rss} MB/min",
                all(v < config.rss_slope_limit_mb_min for v in rss_slopes.values())),
         Target("redis", f"Redis memory slope in the 2nd half under "
@@ -454,22 +459,40 @@ class Watchers:
 
 def start_stages(
     spec_file: Path, ep: Endpoints, workdir: Path, stage_env: dict[str, str]
-) -> dict[str, subprocess.Popen[bytes]]:
-    """``riverflow run <stage>`` for every stage, as a user would start them."""
-    procs = {}
+) -> tuple[dict[str, subprocess.Popen[bytes]], dict[str, int]]:
+    """``riverflow run <stage>`` for every stage, as a user would start them; the
+    processes and their metrics ports."""
+    procs, ports = {}, {}
     for stage in STAGES:
+        ports[stage] = free_port()
         env = {
             # the learner's index of scored events, with the run's other state
             **os.environ, "RIVERFLOW_SCORED_DIR": str(workdir / "scored"), **stage_env,
             "RIVERFLOW_KAFKA_BOOTSTRAP": ep.kafka_bootstrap, "RIVERFLOW_REDIS_URL": ep.redis_url,
-            "RIVERFLOW_SPEC": str(spec_file), "RIVERFLOW_METRICS_PORT": str(free_port()),
+            "RIVERFLOW_SPEC": str(spec_file), "RIVERFLOW_METRICS_PORT": str(ports[stage]),
         }  # fmt: skip
         with (workdir / f"{stage}.log").open("wb") as out:
             procs[stage] = subprocess.Popen(
                 [sys.executable, "-m", "riverflow.cli", "run", stage],
                 env=env, stdout=out, stderr=subprocess.STDOUT,
             )  # fmt: skip
-    return procs
+    return procs, ports
+
+
+def stage_status(port: int, name: str) -> float:
+    """A status a stage reports on its ``/metrics`` (``riverflow_stage_status``), nan
+    if it does not (yet) or cannot be read."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as reply:
+            text = reply.read().decode()
+    except OSError:
+        return math.nan
+    for family in text_string_to_metric_families(text):
+        if family.name == "riverflow_stage_status":
+            for sample in family.samples:
+                if sample.labels.get("name") == name:
+                    return float(sample.value)
+    return math.nan
 
 
 def run_soak(
@@ -495,8 +518,9 @@ def run_soak(
         servers={"kafka": ep.kafka_bootstrap, "redis": ep.redis_url.split("@")[-1]},
     )  # fmt: skip
     log(f"namespace {spec.name}; stage logs in {workdir}")
-    procs = start_stages(spec_file, ep, workdir, stage_env or {})
+    procs, ports = start_stages(spec_file, ep, workdir, stage_env or {})
     rss: dict[str, list[tuple[float, float]]] = {name: [] for name in (*STAGES, "soak")}
+    index_mb: list[tuple[float, float]] = []  # the learner's scored-events index
     redis_mem: list[tuple[float, float]] = []
     redis_keys: list[tuple[float, float]] = []
     pids = {**{s: p.pid for s, p in procs.items()}, "soak": os.getpid()}
@@ -511,6 +535,7 @@ def run_soak(
             t = now - start
             for name, pid in pids.items():
                 rss[name].append((t, rss_mb(pid)))
+            index_mb.append((t, stage_status(ports["learner"], "scored_index_bytes") / 2**20))
             for stage, proc in procs.items():
                 if proc.poll() is not None and stage not in exited:
                     exited[stage] = t
@@ -547,9 +572,14 @@ def run_soak(
     warm = config.warmup
     half = warm + (result.produced["seconds"] - warm) / 2
     post = {n: [(t, v) for t, v in s if t >= warm and not math.isnan(v)] for n, s in rss.items()}
+    # the learner's RSS less its index's, sample by sample (both taken together)
+    less_index = [(t, r - i) for (t, r), (_, i) in zip(rss["learner"], index_mb, strict=True)]
+    less_index = [(t, v) for t, v in less_index if t >= warm and not math.isnan(v)]
     result.memory = {
         "rss_mb": {n: _series(s) for n, s in rss.items()},
         "rss_slope_mb_min": {n: slope_per_min(s) for n, s in post.items()},
+        "learner_index_mb": _series(index_mb),
+        "learner_less_index_slope_mb_min": slope_per_min(less_index),
         "redis_mb": _series(redis_mem),
         "redis_keys": _series(redis_keys),
         "redis_slope_mb_min": slope_per_min([(t, v) for t, v in redis_mem if t >= warm]),
@@ -575,6 +605,9 @@ def run_soak(
                          sorted(watchers.dead_letters.items())},
     }  # fmt: skip
     stage_slopes = {s: result.memory["rss_slope_mb_min"][s] for s in STAGES}
+    less_index = result.memory["learner_less_index_slope_mb_min"]
+    if not math.isnan(less_index):  # what the learner holds beyond its bounded index
+        stage_slopes["learner"] = less_index
     lost = {
         "missing predictions": missing, "unflagged duplicates": ledger.second_unflagged,
         "orphan labels": ledger.labels_orphaned,
@@ -695,6 +728,12 @@ def report(result: SoakResult) -> Group:
 
     for name in (*STAGES, "soak"):
         row(f"{name} RSS", mem["rss_mb"][name], mem["rss_slope_mb_min"][name])
+    if "learner_index_mb" in mem:  # (figures of a soak before it was sampled: none)
+        index = mem["learner_index_mb"]
+        row("learner's index (RocksDB)", index, slope_per_min([p for p in index if p[0] >= warm]))
+        rss_less = [(t, r - i) for (t, r), (_, i) in zip(mem["rss_mb"]["learner"], index,
+                                                          strict=True)]  # fmt: skip
+        row("learner RSS less its index", rss_less, mem["learner_less_index_slope_mb_min"])
     row("Redis used_memory", mem["redis_mb"], mem["redis_slope_mb_min"])
     keys = [v for t, v in mem["redis_keys"] if t >= warm]
     memory.add_row("Redis keys", f"{keys[0]:,.0f}" if keys else "-",

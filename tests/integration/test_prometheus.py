@@ -102,6 +102,12 @@ def test_prometheus_scrapes_every_stage_and_promql_returns_the_champion(
         assert float(learned[0]["value"][1]) >= float(champion[0]["value"][1])
         consumed = query(port, 'riverflow_consumed_messages_total{stage="scorer"}')
         assert float(consumed[0]["value"][1]) == 2000
+        # the learner's own memory beside its RSS: its index of scored events (RocksDB),
+        # and each candidate's last version's size
+        index = query(port, 'riverflow_stage_status{stage="learner",name="scored_index_bytes"}')
+        assert index and float(index[0]["value"][1]) > 2000 * 70
+        sizes = query(port, 'riverflow_stage_status{stage="learner",name=~".+:version_bytes"}')
+        assert sizes and all(float(s["value"][1]) > 0 for s in sizes)
     finally:
         proc.terminate()
         proc.wait(30)

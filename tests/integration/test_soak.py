@@ -3,6 +3,7 @@ scorer, learner and monitor as their own processes (``riverflow soak`` runs 25).
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -45,6 +46,11 @@ def test_two_minutes_of_steady_load_lose_and_stall_nothing(
     for stage in ("scorer", "learner", "monitor"):
         assert result.memory["rss_mb"][stage]
     assert result.memory["redis_mb"] and result.memory["redis_keys"]
+    # and the learner's index of scored events, read from its /metrics: it holds
+    # memtables of the run's records (~70 B each at least) once the learner is up
+    index = [mb for t, mb in result.memory["learner_index_mb"] if not math.isnan(mb)]
+    assert index and index[-1] * 2**20 > 70 * counts["labels_learned"]
+    assert not math.isnan(result.memory["learner_less_index_slope_mb_min"])
     assert orjson.loads(orjson.dumps(result.as_dict()))["counts"] == counts
 
 
