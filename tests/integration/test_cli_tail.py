@@ -7,12 +7,14 @@ what comes."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 
 import orjson
 from confluent_kafka import Producer
@@ -30,20 +32,14 @@ from tests.helpers import within
 HOSTILE = b"\xff\x00 not json"
 
 
-def test_riverflow_tail_follow_prints_each_record_as_it_comes_into_a_pipe(
-    stack: Endpoints,
-) -> None:
-    topic = f"tail-{uuid.uuid4().hex[:8]}"
-    ensure_topics(stack.kafka_bootstrap, [topic], partitions=3)
-    prod = producer(stack.kafka_bootstrap)
-    produce_all(prod, [(topic, b"k%d" % i, orjson.dumps({"n": i})) for i in range(6)])
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # a plain pipe
-    env |= {"RIVERFLOW_KAFKA_BOOTSTRAP": stack.kafka_bootstrap,
-            "RIVERFLOW_REDIS_URL": stack.redis_url}  # fmt: skip
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "riverflow.cli", "tail", topic, "--follow", "-n", "12"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+@contextlib.contextmanager
+def following(
+    command: list[str], env: dict[str, str]
+) -> Iterator[tuple[subprocess.Popen[str], list[str]]]:
+    """``command`` running, and the lines it has printed so far (read by a thread as
+    they come); killed at the end if it has not exited."""
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
     lines: list[str] = []
 
     def read() -> None:
@@ -54,16 +50,31 @@ def test_riverflow_tail_follow_prints_each_record_as_it_comes_into_a_pipe(
     reader = threading.Thread(target=read)
     reader.start()
     try:
+        yield proc, lines
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        reader.join(10)
+
+
+def test_riverflow_tail_follow_prints_each_record_as_it_comes_into_a_pipe(
+    stack: Endpoints,
+) -> None:
+    topic = f"tail-{uuid.uuid4().hex[:8]}"
+    ensure_topics(stack.kafka_bootstrap, [topic], partitions=3)
+    prod = producer(stack.kafka_bootstrap)
+    produce_all(prod, [(topic, b"k%d" % i, orjson.dumps({"n": i})) for i in range(6)])
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # a plain pipe
+    env |= {"RIVERFLOW_KAFKA_BOOTSTRAP": stack.kafka_bootstrap,
+            "RIVERFLOW_REDIS_URL": stack.redis_url}  # fmt: skip
+    command = [sys.executable, "-m", "riverflow.cli", "tail", topic, "--follow", "-n", "12"]
+    with following(command, env) as (proc, lines):
         # what the topic held, printed while tail goes on following
         assert within(60, lambda: len(lines) >= 6), (lines, proc.poll())
         assert proc.poll() is None
         later = [(topic, b"k%d" % i, orjson.dumps({"n": i})) for i in range(6, 11)]
         produce_all(prod, [*later, (topic, b"k-bad", HOSTILE)])
         assert proc.wait(60) == 0, proc.stderr and proc.stderr.read()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        reader.join(10)
     assert len(lines) == 12
     shown: dict[int, list[int]] = {}
     values = []
@@ -154,25 +165,10 @@ def test_riverflow_tail_last_prints_the_newest_messages_oldest_first_then_follow
 
     # following: those, then what comes, until --limit
     command, env = tail_command(stack, topic, "--last", "3", "--follow", "-n", "6")
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
-    lines: list[str] = []
-
-    def read() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line)
-
-    reader = threading.Thread(target=read)
-    reader.start()
-    try:
+    with following(command, env) as (proc, lines):
         assert within(60, lambda: len(lines) >= 3), (lines, proc.poll())
         stamped(stack, topic, range(30, 33), at_ms)
         assert proc.wait(60) == 0, proc.stderr and proc.stderr.read()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        reader.join(10)
     assert numbers(lines[:3]) == [27, 28, 29]
     assert sorted(numbers(lines[3:])) == [30, 31, 32]
 

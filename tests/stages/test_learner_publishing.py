@@ -13,7 +13,7 @@ from riverflow.assembly import build_learner
 from riverflow.embedded import EmbeddedRuntime
 from riverflow.settings import Settings
 from riverflow.spec import PipelineSpec
-from riverflow.stages.learner import PUBLISH_SHARE
+from riverflow.stages.learner import PUBLISH_SHARE, Learner
 from riverflow.streams.contracts import Message, ModelEvent, Output
 from riverflow.tools.generator import FraudStreamConfig, with_labels
 
@@ -35,6 +35,19 @@ def scored_runtime(spec: PipelineSpec, n: int) -> tuple[EmbeddedRuntime, list[Me
     return rt, labels
 
 
+FLOORED = Settings(snapshot_every_labels=100, snapshot_every_s=0, label_wait_s=0,
+                   snapshot_min_interval_s=1.0)  # fmt: skip
+
+
+def floored_learner(spec: PipelineSpec, rt: EmbeddedRuntime) -> tuple[Learner, list[float]]:
+    """A learner of ``rt``'s scored events: a version every 100 labels, at most one a
+    second, by a clock the test sets (``clock[0]``, starting at 0)."""
+    clock = [0.0]
+    learner = build_learner(spec, FLOORED, rt.store, rt.registry, rt.scored,
+                            clock=lambda: clock[0])  # fmt: skip
+    return learner, clock
+
+
 def published(outputs: list[Output], model: str) -> list[ModelEvent]:
     events = [ModelEvent.decode(o.value) for o in outputs if o.value.startswith(b'{"kind"')]
     return [e for e in events if e.kind == "published" and e.model == model]
@@ -45,11 +58,7 @@ def test_versions_come_every_n_labels_but_at_most_once_per_interval(
 ) -> None:
     rt, labels = scored_runtime(unmonitored_spec, 2000)
     lead = unmonitored_spec.models.champion_spec.name
-    settings = Settings(snapshot_every_labels=100, snapshot_every_s=0, label_wait_s=0,
-                        snapshot_min_interval_s=1.0)  # fmt: skip
-    clock = [0.0]
-    learner = build_learner(unmonitored_spec, settings, rt.store, rt.registry, rt.scored,
-                            clock=lambda: clock[0])  # fmt: skip
+    learner, clock = floored_learner(unmonitored_spec, rt)
 
     # 500 labels within one second of the start: 5 x snapshot_every_labels, no version
     clock[0] = 0.5
@@ -75,7 +84,7 @@ def test_versions_come_every_n_labels_but_at_most_once_per_interval(
 
     # no floor: a version every 100 labels, as many as the labels make
     rt, labels = scored_runtime(unmonitored_spec, 2000)
-    unfloored = settings.model_copy(update={"snapshot_min_interval_s": 0.0})
+    unfloored = FLOORED.model_copy(update={"snapshot_min_interval_s": 0.0})
     learner = build_learner(unmonitored_spec, unfloored, rt.store, rt.registry, rt.scored,
                             clock=lambda: 0.0)  # fmt: skip
     versions = published(learner.process(labels[:500]), lead)
@@ -87,11 +96,7 @@ def test_a_slow_publish_spaces_versions_out_so_it_takes_a_bounded_share_of_the_t
 ) -> None:
     rt, labels = scored_runtime(unmonitored_spec, 2000)
     lead = unmonitored_spec.models.champion_spec.name
-    settings = Settings(snapshot_every_labels=100, snapshot_every_s=0, label_wait_s=0,
-                        snapshot_min_interval_s=1.0)  # fmt: skip
-    clock = [0.0]
-    learner = build_learner(unmonitored_spec, settings, rt.store, rt.registry, rt.scored,
-                            clock=lambda: clock[0])  # fmt: skip
+    learner, clock = floored_learner(unmonitored_spec, rt)
     publish = learner.lineage.publish
     clock[0] = 2.0
 
@@ -121,11 +126,7 @@ def test_a_publish_that_waits_on_a_slow_store_does_not_raise_the_floor(
     """What raises the floor is the CPU a publish takes, not its wall time: a Redis
     failing over, answering after seconds, must not hold versions back for minutes."""
     rt, labels = scored_runtime(unmonitored_spec, 1000)
-    settings = Settings(snapshot_every_labels=100, snapshot_every_s=0, label_wait_s=0,
-                        snapshot_min_interval_s=1.0)  # fmt: skip
-    clock = [0.0]
-    learner = build_learner(unmonitored_spec, settings, rt.store, rt.registry, rt.scored,
-                            clock=lambda: clock[0])  # fmt: skip
+    learner, clock = floored_learner(unmonitored_spec, rt)
     publish = learner.lineage.publish
 
     def waiting(*args: Any) -> None:
