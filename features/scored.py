@@ -212,6 +212,12 @@ class MemoryScoredEvents:
         return None  # (bounded by ``max_events``: capacity table, docs/architecture.md)
 
 
+# RocksDB's memtable (its default: 64 MB). A freed one's pages stay in the learner's
+# RSS, so the index costs two of them from its first minutes at 1,500 labels a second,
+# and 10-minute soaks read RocksDB's default as a leak (+4.3-4.6 MB/min); at 10,000 events
+# a second (~1 MB/s of records) 16 MB is flushed every ~16 s, cheap for RocksDB
+MEMTABLE_MB = 16
+
 # RocksDB's properties that together are what an index holds in memory
 _MEMORY_PROPERTIES = ("rocksdb.block-cache-usage", "rocksdb.size-all-mem-tables")
 
@@ -226,8 +232,8 @@ class ScoredIndexError(Unavailable):
 class DiskScoredIndex:
     """The join's records on disk: RocksDB (``rocksdict``) at ``path``, each record
     expiring ``ttl_s`` (the label horizon) after it was written. Memory: a block
-    cache of ``cache_mb`` (index and filter blocks included) and the memtables
-    (RocksDB's default, up to 2 x 64 MB).
+    cache of ``cache_mb`` (index and filter blocks included) and at most two
+    memtables of ``memtable_mb``: the one written, and one being flushed.
 
     The read positions on the predictions topic are written in the same atomic
     batch as the records they cover, so a learner restarted (even killed) goes on
@@ -235,7 +241,9 @@ class DiskScoredIndex:
     keep the predictions topic's retention at least the label horizon.
     """
 
-    def __init__(self, path: Path, ttl_s: float, cache_mb: int = 256) -> None:
+    def __init__(
+        self, path: Path, ttl_s: float, cache_mb: int = 256, memtable_mb: int = MEMTABLE_MB
+    ) -> None:
         from rocksdict import (
             AccessType,
             BlockBasedOptions,
@@ -260,6 +268,8 @@ class DiskScoredIndex:
         table.set_cache_index_and_filter_blocks(True)
         table.set_pin_l0_filter_and_index_blocks_in_cache(True)
         options.set_block_based_table_factory(table)
+        options.set_write_buffer_size(memtable_mb * 2**20)
+        options.set_max_write_buffer_number(2)
         try:
             self.db = Rdict(str(path), options, access_type=AccessType.with_ttl(max(1, int(ttl_s))))
         except Exception as exc:  # rocksdict raises plain Exceptions (e.g. the lock)

@@ -16,9 +16,10 @@ and watches from outside, as a user would:
 - **memory**: the RSS of every stage process (``/proc/PID/status``) and Redis'
   ``used_memory`` and key count, sampled every few seconds, with their slopes
   after warm-up (targets: flat RSS; Redis levelling off, judged on the second
-  half of the run after warm-up). The learner's RSS is judged less what its index
-  of scored events holds in memory (RocksDB's block cache and memtables, bounded,
-  filling for the first tens of minutes: ``scored_index_bytes`` on its ``/metrics``);
+  half of the run after warm-up). The learner's RSS is judged less the most its
+  index of scored events has held in memory so far (RocksDB's block cache and
+  memtables, bounded: ``scored_index_bytes`` on its ``/metrics``; a flushed
+  memtable's pages stay in the RSS, so its high-water mark, not what it holds now);
 - **counts**: events produced and predicted, predictions missing after a drain
   period, second predictions (flagged replayed or not), labels produced and
   learned (the evaluations topic), dead letters by stage and kind.
@@ -572,9 +573,8 @@ def run_soak(
     warm = config.warmup
     half = warm + (result.produced["seconds"] - warm) / 2
     post = {n: [(t, v) for t, v in s if t >= warm and not math.isnan(v)] for n, s in rss.items()}
-    # the learner's RSS less its index's, sample by sample (both taken together)
-    less_index = [(t, r - i) for (t, r), (_, i) in zip(rss["learner"], index_mb, strict=True)]
-    less_index = [(t, v) for t, v in less_index if t >= warm and not math.isnan(v)]
+    less_index = [(t, v) for t, v in learner_less_index(rss["learner"], index_mb)
+                  if t >= warm and not math.isnan(v)]  # fmt: skip
     result.memory = {
         "rss_mb": {n: _series(s) for n, s in rss.items()},
         "rss_slope_mb_min": {n: slope_per_min(s) for n, s in post.items()},
@@ -627,6 +627,20 @@ def _wait_started(procs: dict[str, subprocess.Popen[bytes]], workdir: Path) -> N
                 log = (workdir / f"{stage}.log").read_text(errors="replace")[-2000:]
                 raise RuntimeError(f"{stage} exited with {proc.returncode} at start:\n{log}")
         time.sleep(0.2)
+
+
+def learner_less_index(
+    rss: Sequence[Sequence[float]], index: Sequence[Sequence[float]]
+) -> list[tuple[float, float]]:
+    """The learner's RSS less the most its index has held up to each sample (taken
+    together): what it holds beyond a bounded index, whose freed memtables' pages stay
+    resident. Nan until the index is read."""
+    out, most = [], math.nan
+    for (t, r), (_, i) in zip(rss, index, strict=True):
+        if not math.isnan(i):
+            most = i if math.isnan(most) else max(most, i)
+        out.append((t, r - most))
+    return out
 
 
 def _series(samples: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -731,9 +745,9 @@ def report(result: SoakResult) -> Group:
     if "learner_index_mb" in mem:  # (figures of a soak before it was sampled: none)
         index = mem["learner_index_mb"]
         row("learner's index (RocksDB)", index, slope_per_min([p for p in index if p[0] >= warm]))
-        rss_less = [(t, r - i) for (t, r), (_, i) in zip(mem["rss_mb"]["learner"], index,
-                                                          strict=True)]  # fmt: skip
-        row("learner RSS less its index", rss_less, mem["learner_less_index_slope_mb_min"])
+        rss_less = learner_less_index(mem["rss_mb"]["learner"], index)
+        row("learner RSS less its index's most", rss_less,
+            mem["learner_less_index_slope_mb_min"])  # fmt: skip
     row("Redis used_memory", mem["redis_mb"], mem["redis_slope_mb_min"])
     keys = [v for t, v in mem["redis_keys"] if t >= warm]
     memory.add_row("Redis keys", f"{keys[0]:,.0f}" if keys else "-",

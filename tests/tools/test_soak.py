@@ -18,6 +18,7 @@ from riverflow.tools.soak import (
     Ledger,
     SoakConfig,
     event_index,
+    learner_less_index,
     slope_per_min,
     targets,
 )
@@ -174,3 +175,17 @@ def test_a_rate_or_duration_that_cannot_be_is_an_error_line(args: tuple[str, ...
                           capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "error:" in done.stderr and "must be positive" in done.stderr
+
+
+def test_the_learner_is_judged_less_the_most_its_index_has_held() -> None:
+    """A memtable flushed leaves its pages in the RSS: the learner's own memory is its
+    RSS less the index's high-water mark, flat here though the index empties."""
+    index = [(0.0, math.nan), (5.0, 10.0), (10.0, 30.0), (15.0, 2.0), (20.0, 25.0)]
+    rss = [(0.0, 150.0), (5.0, 160.0), (10.0, 180.0), (15.0, 180.0), (20.0, 180.0)]
+    less = learner_less_index(rss, index)
+    assert math.isnan(less[0][1])  # not read yet
+    assert [v for _, v in less[1:]] == [150.0, 150.0, 150.0, 150.0]
+    assert slope_per_min(less[1:]) == 0.0
+    # what grows beyond the index is still seen
+    grown = learner_less_index([(t, v + t) for t, v in rss], index)
+    assert slope_per_min(grown[1:]) == pytest.approx(60.0)
