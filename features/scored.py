@@ -351,11 +351,15 @@ class DiskScoredIndex:
         except Exception as exc:  # rocksdict raises plain Exceptions
             raise ScoredIndexError(f"scored-events index at {self.path}: {exc}") from exc
 
-    def memory_bytes(self) -> int:
+    def memory_bytes(self) -> int | None:
         """RocksDB's memory: its block cache in use (index and filter blocks included)
-        and its memtables, those being flushed too; at most ``cache_mb`` and 2 x 64 MB."""
+        and its memtables, one being flushed too; at most ``cache_mb`` and two
+        ``memtable_mb``. None once closed (a status asked at shutdown)."""
         db = self.db
-        return sum(int(db.property_int_value(p) or 0) for p in _MEMORY_PROPERTIES)
+        try:
+            return sum(int(db.property_int_value(p) or 0) for p in _MEMORY_PROPERTIES)
+        except Exception:  # rocksdict raises plain Exceptions (a closed database)
+            return None
 
     def close(self) -> None:
         self.db.close()
@@ -392,7 +396,7 @@ class FollowedIndex:
     def forget(self, event_ids: Sequence[str]) -> None:
         self.index.forget(event_ids)
 
-    def memory_bytes(self) -> int:
+    def memory_bytes(self) -> int | None:
         return self.index.memory_bytes()
 
     def close(self) -> None:
