@@ -572,14 +572,19 @@ def run_soak(
         stop_processes(procs.values())
     warm = config.warmup
     half = warm + (result.produced["seconds"] - warm) / 2
-    post = {n: [(t, v) for t, v in s if t >= warm and not math.isnan(v)] for n, s in rss.items()}
-    less_index = [(t, v) for t, v in learner_less_index(rss["learner"], index_mb)
-                  if t >= warm and not math.isnan(v)]  # fmt: skip
+
+    def after_warmup(samples: list[tuple[float, float]]) -> list[tuple[float, float]]:
+        return [(t, v) for t, v in samples if t >= warm and not math.isnan(v)]
+
+    post = {n: after_warmup(s) for n, s in rss.items()}
+    less_index = learner_less_index(rss["learner"], index_mb)
     result.memory = {
         "rss_mb": {n: _series(s) for n, s in rss.items()},
         "rss_slope_mb_min": {n: slope_per_min(s) for n, s in post.items()},
         "learner_index_mb": _series(index_mb),
-        "learner_less_index_slope_mb_min": slope_per_min(less_index),
+        "learner_index_slope_mb_min": slope_per_min(after_warmup(index_mb)),
+        "learner_less_index_mb": _series(less_index),
+        "learner_less_index_slope_mb_min": slope_per_min(after_warmup(less_index)),
         "redis_mb": _series(redis_mem),
         "redis_keys": _series(redis_keys),
         "redis_slope_mb_min": slope_per_min([(t, v) for t, v in redis_mem if t >= warm]),
@@ -743,10 +748,9 @@ def report(result: SoakResult) -> Group:
     for name in (*STAGES, "soak"):
         row(f"{name} RSS", mem["rss_mb"][name], mem["rss_slope_mb_min"][name])
     if "learner_index_mb" in mem:  # (figures of a soak before it was sampled: none)
-        index = mem["learner_index_mb"]
-        row("learner's index (RocksDB)", index, slope_per_min([p for p in index if p[0] >= warm]))
-        rss_less = learner_less_index(mem["rss_mb"]["learner"], index)
-        row("learner RSS less its index's most", rss_less,
+        row("learner's index (RocksDB)", mem["learner_index_mb"],
+            mem["learner_index_slope_mb_min"])  # fmt: skip
+        row("learner RSS less its index's most", mem["learner_less_index_mb"],
             mem["learner_less_index_slope_mb_min"])  # fmt: skip
     row("Redis used_memory", mem["redis_mb"], mem["redis_slope_mb_min"])
     keys = [v for t, v in mem["redis_keys"] if t >= warm]
