@@ -13,6 +13,7 @@ import base64
 import fcntl
 import json
 import os
+import random
 import secrets
 import shlex
 import shutil
@@ -76,23 +77,50 @@ def free_port() -> int:
 
 
 def free_ports(n: int, taken: Collection[int] = ()) -> list[int]:
-    """``n`` distinct TCP ports on 127.0.0.1 that nothing listens on right now, none of
-    ``taken``. Held open together while picked: one at a time, the kernel may hand out
-    the same port twice (seen in CI: a broker's two listeners on one port)."""
+    """``n`` distinct TCP ports on 127.0.0.1 that nothing is bound to right now, none of
+    ``taken``.
+
+    Picked at random below the kernel's ephemeral range (``ip_local_port_range``,
+    32768-60999 by default) when it leaves room: a port the kernel hands out for
+    ``bind(0)`` can be taken, once let go, as the local port of any outgoing
+    connection before the server it was picked for binds it (seen in CI: a stage
+    exited with EADDRINUSE on the metrics port picked for it while other processes
+    connected to the broker). Ports below that range are only ever taken by a server
+    that binds them by number. Held open together while picked, so none repeats."""
+    low = ephemeral_ports()[0]
     held: list[socket.socket] = []
     try:
         ports: list[int] = []
-        while len(ports) < n:
+        for _ in range(1000 + n):
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             held.append(s)
-            s.bind(("127.0.0.1", 0))
+            try:
+                s.bind(("127.0.0.1", _PICK.randrange(PICK_FROM, low) if low > PICK_FROM else 0))
+            except OSError:
+                continue  # bound or lingering: another
             port = int(s.getsockname()[1])
             if port not in taken:
                 ports.append(port)
-        return ports
+            if len(ports) == n:
+                return ports
+        raise OSError(f"no {n} free ports found on 127.0.0.1")
     finally:
         for s in held:
             s.close()
+
+
+PICK_FROM = 20000  # free_ports' lowest pick: well clear of the ports services are known by
+_PICK = random.Random()
+
+
+def ephemeral_ports() -> tuple[int, int]:
+    """The kernel's range of ports for outgoing connections (Linux; the default
+    range elsewhere)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
 
 
 def tail(path: Path, lines: int = 40) -> str:
