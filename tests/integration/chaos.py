@@ -60,6 +60,9 @@ class Stage(Protocol):
     @property
     def proc(self) -> subprocess.Popen[bytes]: ...
 
+    @property
+    def log(self) -> Path: ...
+
 
 # -- the stream ---------------------------------------------------------------------
 
@@ -750,6 +753,15 @@ def stop_cleanly(*stages: Stage, timeout_s: float = 60.0) -> list[str]:
 
 
 def dead(stages: Mapping[str, Stage]) -> list[str]:
-    """The stages that have exited, with their exit codes."""
-    return [f"{name} exited ({s.proc.returncode})" for name, s in stages.items()
-            if s.proc.poll() is not None]  # fmt: skip
+    """The stages that have exited, with their exit codes and the last line each logged
+    (librdkafka's aside: a traceback's last line, or the error a stage exits on)."""
+    return [f"{name} exited ({s.proc.returncode}): {last_line(s.log)}"
+            for name, s in stages.items() if s.proc.poll() is not None]  # fmt: skip
+
+
+def last_line(log: Path) -> str:
+    """The last line of a stage's log that is not librdkafka's ("" if none)."""
+    if not log.exists():
+        return ""
+    lines = log.read_text(errors="replace").splitlines()
+    return next((line for line in reversed(lines) if line and not line.startswith("%")), "")
