@@ -68,13 +68,20 @@ METADATA_REFRESH_S = 10.0
 # stage's consumer (the monitor's, once the scorer's) was deaf until the host replaced
 # it, 17-28 s after the broker was back
 REBOOTSTRAP_S = 5.0
+# the longest a client waits between two tries to reach a broker it lost (librdkafka's
+# ``reconnect.backoff.max.ms``, 10 s by default): a stage's consumer back by itself
+# within this is not taken for stuck (``DEAF_AFTER_S``), and a stuck one is replaced
+# sooner (at 10 s, 16-17 s after a frozen broker's return: past the 15 s in which
+# every stage reads again, test_server_restarts)
+RECONNECT_MAX_S = 3.0
 
 
 def client_config(bootstrap: str, **extra: Any) -> dict[str, Any]:
     """A librdkafka client's settings: ``bootstrap``, the metadata refresh and
     re-bootstrap, the process's security settings (``use_security``) and ``extra``."""
     refresh = {"topic.metadata.refresh.interval.ms": int(METADATA_REFRESH_S * 1000),
-               "metadata.recovery.rebootstrap.trigger.ms": int(REBOOTSTRAP_S * 1000)}  # fmt: skip
+               "metadata.recovery.rebootstrap.trigger.ms": int(REBOOTSTRAP_S * 1000),
+               "reconnect.backoff.max.ms": int(RECONNECT_MAX_S * 1000)}  # fmt: skip
     return {"bootstrap.servers": bootstrap, **refresh, **_SECURITY, **extra}
 
 
@@ -122,7 +129,7 @@ def ensure_topics(
 # how long a topic's creation is asked again while the cluster is starting up
 START_WAIT_S = 30.0
 # how long a reader behind its topic may read nothing before its consumer is replaced
-# (librdkafka reconnects within reconnect.backoff.max.ms, 10 s, by itself)
+# (librdkafka reconnects within RECONNECT_MAX_S by itself)
 STALL_S = 15.0
 # a GroupProgress not called for this long settles as after an error (see there)
 QUIET_GAP_S = 5.0
@@ -376,9 +383,9 @@ def produce_one(
 
 # during an outage a new client asks a broker for metadata every DEAF_PROBE_S; once one
 # has answered, a client that still reaches no broker DEAF_AFTER_S later is stuck
-# (librdkafka reconnects within its reconnect.backoff.max.ms, 10 s, by itself)
+# (librdkafka reconnects within RECONNECT_MAX_S by itself)
 DEAF_PROBE_S = 5.0
-DEAF_AFTER_S = 15.0
+DEAF_AFTER_S = 8.0
 # a producer whose messages have waited this long for their acks while a new client has
 # reached Kafka for DEAF_AFTER_S is stuck (librdkafka #5430: a partition it was told has
 # leader -1 as the broker shut down stays without one)
@@ -683,7 +690,7 @@ class GroupProgress:
     then no new probe starts until Kafka has answered again for ``settle_s``:
     producers hold what they made while the broker was out of reach and deliver
     it only once they reconnect (librdkafka retries a broker at most every
-    ``reconnect.backoff.max.ms``, 10 s), so high watermarks read the moment
+    ``RECONNECT_MAX_S``), so high watermarks read the moment
     Kafka is back do not cover what was produced during the outage. Errors for
     ``STALL_S`` on end bring a new consumer, the old one closing in the background
     (a client can stay stuck after a broker restart while new ones reach it, as the
