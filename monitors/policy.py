@@ -341,10 +341,10 @@ class PipelineMonitor:
         """Read the champion pointer and the fresh challengers; retire stale ones."""
         pointer = self.registry.champion()
         if pointer != self.champion:
-            if self.champion is None or pointer is None or pointer.model != self.champion.model:
-                self.champion = pointer
+            # (no pointer yet: the lead is served; its first pointer is no swap)
+            before, self.champion = self.champion_name, pointer
+            if self.champion_name != before:
                 self._champion_changed()
-            self.champion = pointer
         self.fresh = self.registry.challengers()
         out: list[Decision] = []
         with self._keeping(out):

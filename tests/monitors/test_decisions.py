@@ -342,6 +342,27 @@ def test_a_champion_change_resets_its_drift_detector_and_holds_it_for_a_window()
     assert monitor.watches["m"].drift.detector.width > 0
 
 
+def test_the_first_pointer_to_the_lead_is_no_champion_change() -> None:
+    """Until the learner's first pointer the lead is the champion; that pointer names
+    the same model. Taken for a swap, it reset the lead's detector (CI: a monitor
+    killed after a burst saved an unfed detector, and one restarted after the pointer
+    came had lost every error before it)."""
+    registry = MemoryRegistry(KEY)
+    registry.publish("m", Sign(positive=True), {"parent": None, "metrics": {"labels": 1000}})
+    monitor = PipelineMonitor("p", MonitorSpec(cooldown=0), registry, "m")
+    monitor.refresh()
+    assert monitor.champion is None and monitor.champion_name == "m"
+    feed(monitor, random.Random(6), 2_000, served_right=0.95)
+    width = monitor.watches["m"].drift.detector.width
+    assert width > 1_000
+    advance(registry, 1)  # the first pointer: the lead's version 1
+    monitor.refresh()
+    assert monitor.champion == ChampionPointer("m", 1)
+    assert monitor.watches["m"].drift.detector.width == width  # fed on, not reset
+    feed(monitor, random.Random(7), 10, served_right=0.95)
+    assert monitor.watches["m"].drift.detector.width > width
+
+
 def test_a_drift_event_names_the_label_that_tripped_it_and_the_champion() -> None:
     monitor, _ = monitor_with_versions(MonitorSpec())
     rng = random.Random(4)
