@@ -218,9 +218,9 @@ class Settings(BaseSettings):
         30.0, ge=0,
         description="with a label timeout: once Kafka answers the learner again after an "
         "outage, how long no timeout falls due, so that the labels producers held during "
-        "the outage reach the topic first (librdkafka retries a broker every 10 s at most; "
-        "a producer stuck after a broker restart, as riverflow produce replaces one, "
-        "delivers 15-20 s after the broker is back)",
+        "the outage reach the topic first (librdkafka retries a broker every 10 s at most "
+        "by default, 3 s in riverflow's clients; a producer stuck after a broker restart, "
+        "as riverflow produce replaces one, delivers 8-13 s after the broker is back)",
     )  # fmt: skip
     registry_keep_versions: int = Field(
         20, ge=1,
