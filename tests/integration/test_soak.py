@@ -35,7 +35,8 @@ def test_two_minutes_of_steady_load_lose_and_stall_nothing(
     # every event predicted, once or with its replays flagged
     assert counts["missing_predictions"] == 0
     assert counts["second_predictions_unflagged"] == 0
-    assert result.gaps["over_limit"] == 0, result.gaps
+    # (a gap the soak's own process was held up for is the loaded CI box's)
+    assert result.gaps["over_unexplained"] == 0, result.gaps
     # labels: every one produced (all but the last 400 events') learned once, none orphaned
     assert counts["labels_produced"] == produced - CONFIG.labels_behind - 1
     assert counts["orphan_labels"] == 0
@@ -51,6 +52,12 @@ def test_two_minutes_of_steady_load_lose_and_stall_nothing(
     index = [mb for t, mb in result.memory["learner_index_mb"] if not math.isnan(mb)]
     assert index and max(index) - min(index) > 0.5 and max(index) < 256 + 2 * 16
     assert not math.isnan(result.memory["learner_less_index_slope_mb_min"])
+    # what Redis holds by kind of key: every candidate's versions, the entities' state
+    kinds = result.memory["redis_by_kind"]
+    for candidate in spec.models.candidates:
+        assert kinds[f"model:{candidate.name}"]["mb"] > 0, kinds
+    assert any(kind.startswith("ent:") and used["keys"] > 0 for kind, used in kinds.items())
+    assert sum(used["keys"] for used in kinds.values()) <= result.memory["redis_keys"][-1][1]
     assert orjson.loads(orjson.dumps(result.as_dict()))["counts"] == counts
 
 

@@ -52,6 +52,22 @@ def test_gaps_skip_the_warm_up_and_count_the_silence_at_the_end() -> None:
                          (108.1, pytest.approx(6.9))]  # fmt: skip
 
 
+def test_a_gap_the_soak_itself_was_held_up_for_is_not_the_pipelines() -> None:
+    gaps = Gaps(start=0.0, limit_s=5.0)
+    for at in (1.0, 11.0, 12.0, 22.0):  # two 10 s gaps
+        gaps.arrived(at)
+    gaps.held(2.0, 8.0)  # the soak did not run for 8 s of the first: 2 s is left
+    gaps.held(13.0, 4.0)  # only 4 s of the second: 6 s is left, over the limit
+    assert gaps.over_count == 2 and gaps.unexplained() == 1
+    config = SoakConfig(rate=1500)
+    verdict = targets(config, gaps, 0, {"scorer": 0.0}, 0.0, {})[0]
+    assert not verdict.passed
+    assert "1 while the soak itself was held up, 12.0 s in all" in verdict.value
+    gaps.held(17.0, 3.0)  # and 3 s more of the second
+    verdict = targets(config, gaps, 0, {"scorer": 0.0}, 0.0, {})[0]
+    assert gaps.unexplained() == 0 and verdict.passed
+
+
 def test_no_prediction_at_all_is_one_gap_as_long_as_the_run() -> None:
     gaps = Gaps(start=10.0, limit_s=5.0)
     gaps.close(70.0)
