@@ -70,9 +70,10 @@ METADATA_REFRESH_S = 10.0
 REBOOTSTRAP_S = 5.0
 # the longest a client waits between two tries to reach a broker it lost (librdkafka's
 # ``reconnect.backoff.max.ms``, 10 s by default): a stage's consumer back by itself
-# within this is not taken for stuck (``DEAF_AFTER_S``), and a stuck one is replaced
-# sooner (at 10 s, 16-17 s after a frozen broker's return: past the 15 s in which
-# every stage reads again, test_server_restarts)
+# within this is not taken for stuck (``DEAF_AFTER_S``), and so a stuck one can be
+# replaced sooner (at 15 s, as with librdkafka's 10, it read again 16-18 s after a
+# frozen broker's return: past the 15 s in which test_server_restarts wants every
+# stage reading)
 RECONNECT_MAX_S = 3.0
 
 
