@@ -531,6 +531,11 @@ class ModelRegistry(ABC):
     # -- storage primitives -------------------------------------------------------
 
     @abstractmethod
+    def stored_bytes(self) -> int:
+        """The size of every stored version's signed blob, all models together: what
+        the versions take (bounded by ``keep_versions`` x a model's size x models)."""
+
+    @abstractmethod
     def names(self) -> list[str]: ...
 
     @abstractmethod
@@ -610,6 +615,9 @@ class MemoryRegistry(ModelRegistry):
         self.saved: bytes | None = None
         self.fresh: dict[str, bytes] = {}
         self.remembered: bytes | None = None  # the monitor's memory
+
+    def stored_bytes(self) -> int:
+        return sum(len(blob) for blob, _ in self.blobs.values())
 
     def names(self) -> list[str]:
         return sorted({n for n, _ in self.blobs})
@@ -738,6 +746,13 @@ class RedisRegistry(ModelRegistry):
 
     def _model(self, name: str) -> str:
         return f"{self.prefix}model:{name}:"
+
+    def stored_bytes(self) -> int:
+        pipe = self.client.pipeline(transaction=False)
+        for name in self.names():
+            for v in self.versions(name):
+                pipe.strlen(f"{self._model(name)}v:{v}")
+        return sum(int(n) for n in pipe.execute())
 
     def names(self) -> list[str]:
         return sorted(n.decode() for n in self.client.smembers(f"{self.prefix}models"))

@@ -25,7 +25,7 @@ from riverflow.kafka_runtime import audit_window_s
 from riverflow.models.champion import ChampionReplica
 from riverflow.models.errors import SignatureError
 from riverflow.models.factory import build_model
-from riverflow.models.registry import ChampionPointer, RedisRegistry
+from riverflow.models.registry import ChampionPointer, MemoryRegistry, RedisRegistry
 from riverflow.settings import Settings
 from riverflow.spec import PipelineSpec, load_spec
 from riverflow.stages.audit import WINDOW_S
@@ -493,3 +493,22 @@ def check_a_replica_hears_of_moves(client: Any, spec: PipelineSpec) -> None:
     assert replica.watch.listening
     registry.promote(ChampionPointer(tree, v1), kind="rollback")
     assert heard() and replica.version == v1
+
+
+def test_the_bytes_the_stored_versions_take_follow_publishes_and_pruning(
+    redis_client: redis.Redis, spec: PipelineSpec
+) -> None:
+    """``stored_bytes``: what the soak takes out of Redis' memory as bounded by the
+    models' size, not the stream's length. The same figure on both registries."""
+    stores = [RedisRegistry(redis_client, spec.name, KEY, keep_versions=2),
+              MemoryRegistry(KEY, keep_versions=2)]  # fmt: skip
+    for registry in stores:
+        assert registry.stored_bytes() == 0
+        for n in (1_000, 50_000, 200_000):  # a growing model
+            registry.publish("m", bytearray(n), {"parent": None})
+        registry.publish("n", bytearray(10), {"parent": None})
+    blobs = [len(stores[1].blobs[("m", v)][0]) for v in (2, 3)] + [
+        len(stores[1].blobs[("n", 1)][0])
+    ]
+    assert stores[0].stored_bytes() == stores[1].stored_bytes() == sum(blobs)
+    assert 250_000 < sum(blobs) < 251_000  # the two newest of "m" and "n"'s one, signed

@@ -58,6 +58,9 @@ def test_two_minutes_of_steady_load_lose_and_stall_nothing(
         assert kinds[f"model:{candidate.name}"]["mb"] > 0, kinds
     assert any(kind.startswith("ent:") and used["keys"] > 0 for kind, used in kinds.items())
     assert sum(used["keys"] for used in kinds.values()) <= result.memory["redis_keys"][-1][1]
+    # and the versions' bytes through the run, which the Redis target takes out
+    models = result.memory["redis_models_mb"]
+    assert models and 0 < models[-1][1] <= sum(u["mb"] for k, u in kinds.items() if "model:" in k)
     assert orjson.loads(orjson.dumps(result.as_dict()))["counts"] == counts
 
 

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from riverflow.settings import Settings
 from riverflow.tools import generator
 from riverflow.tools.generator import paced
 from riverflow.tools.soak import (
@@ -19,6 +20,7 @@ from riverflow.tools.soak import (
     SoakConfig,
     event_index,
     learner_less_index,
+    redis_window,
     slope_per_min,
     targets,
 )
@@ -66,6 +68,18 @@ def test_a_gap_the_soak_itself_was_held_up_for_is_not_the_pipelines() -> None:
     gaps.held(17.0, 3.0)  # and 3 s more of the second
     verdict = targets(config, gaps, 0, {"scorer": 0.0}, 0.0, {})[0]
     assert gaps.unexplained() == 0 and verdict.passed
+
+
+def test_redis_is_judged_once_its_snapshots_and_marks_have_filled() -> None:
+    # the defaults: a 15-minute replay window (10 for the marks) and a minute's bucket
+    settings = Settings()
+    assert redis_window(25 * 60, 60, settings) == (960.0, "from 16 min, once snapshots "
+                                                   "and marks filled")  # fmt: skip
+    # 12 minutes: too short to judge after 16; the 2nd half after warm-up, said so
+    start, when = redis_window(12 * 60, 60, settings)
+    assert start == 390.0 and when.startswith("in the 2nd half (snapshots and marks fill")
+    shorter = Settings(replay_window_s=60, learned_keep_s=0)
+    assert redis_window(12 * 60, 60, shorter)[0] == 120.0
 
 
 def test_no_prediction_at_all_is_one_gap_as_long_as_the_run() -> None:
