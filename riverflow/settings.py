@@ -123,8 +123,10 @@ class Settings(BaseSettings):
         1000, ge=0, description="learner publishes a model version every N labels (0 = never)"
     )
     snapshot_every_s: float = Field(
-        60.0, ge=0, description="... and at least every T seconds while labels come (0 = never)"
-    )
+        60.0, ge=0,
+        description="... and at least every T seconds while labels come (0 = never), or at "
+        "the floor (snapshot_min_interval_s) if a grown model has raised it past T",
+    )  # fmt: skip
     snapshot_min_interval_s: float = Field(
         1.0, ge=0,
         description="... but at most one version every T seconds (0 = no floor), or "

@@ -369,7 +369,9 @@ class Learner:
             self.store.mark_orphans(self._orphan_ids)
             self._orphan_ids = []
         every_s = self.timing.snapshot_every_s
-        if every_s and self._since_snapshot and now - self._last_snapshot >= every_s:
+        # (a model grown so large that its floor is past every_s: at the floor, not before)
+        due_s = max(every_s, self.version_floor_s)
+        if every_s and self._since_snapshot and now - self._last_snapshot >= due_s:
             self._publish(out)
         elif every and self._since_snapshot >= every and self._floor_passed():
             self._publish(out)  # held back by the floor, and no label came since it passed

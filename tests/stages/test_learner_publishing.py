@@ -5,6 +5,7 @@ apart when publishing a grown model takes longer than a small share of that."""
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -118,6 +119,17 @@ def test_a_slow_publish_spaces_versions_out_so_it_takes_a_bounded_share_of_the_t
     clock[0] = 2.0 + floor + 0.1
     [second] = published(learner.process(labels[600:700]), lead)
     assert second.labels_seen == 601
+
+    # the timed version (snapshot_every_s, 1 s here) waits for that floor too: once
+    # every second it would cost a grown model's every scorer a load each second
+    learner.timing = replace(learner.timing, snapshot_every_s=1.0)
+    last, floor = clock[0], learner.version_floor_s
+    learner.process(labels[700:750])  # fewer than snapshot_every_labels since
+    clock[0] = last + floor - 0.1
+    assert published(learner.process([]), lead) == []
+    clock[0] = last + floor + 0.1
+    [timed] = published(learner.process([]), lead)
+    assert timed.labels_seen == 750
 
 
 def test_a_publish_that_waits_on_a_slow_store_does_not_raise_the_floor(
