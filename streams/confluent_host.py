@@ -219,6 +219,10 @@ GROUP_STUCK_TIMES = 4
 GROUP_STUCK_MIN_S = 20.0
 GROUP_STUCK_AGAIN_S = 600.0
 CLOSE_WAIT_S = 0.5  # a consumer being replaced gets this long to close before its successor reads
+# replaced consumers whose close has not ended (each keeps its threads and buffers): with
+# this many, the next replacement stops the host instead (its supervisor starts a new
+# process), so the clients a process leaks stay bounded
+HUNG_CLOSES_MAX = 3
 LET_GO_S = 10.0  # a stuck producer, purged, serves its delivery reports this long as it goes
 GAP_LOOK_S = 5.0  # offsets skipped at a partition's first read are read again this long at most
 # (DEAF_PROBE_S, DEAF_AFTER_S and STUCK_ACKS_S, from kafka_io: during an outage a new
@@ -371,6 +375,7 @@ class ConfluentHost:
         self._renewed_at: deque[float] = deque()  # when the producer was renewed lately
         self._txn_thread: _CallThread | None = None  # runs the calls _txn_call bounds
         self._generation = 0  # of the consumer: one replaced is closed apart (_new_consumer)
+        self._closing: list[threading.Thread] = []  # replaced consumers' closes not ended
         self.consumer = self._create_consumer()
         self._paused = False  # the processor asked for no input (backpressure)
         self._rate = 0.0  # events/s the source brought lately (an average over batches)
@@ -1184,7 +1189,13 @@ class ConfluentHost:
         meanwhile. A wedged one's close hangs on its broker for as long as the broker
         handle does (librdkafka: a broker dropped from the metadata, as after a 20 s
         freeze of a single broker, was seen "terminating" for good); the process
-        was deaf for ``CLOSE_WAIT_S`` more while it waited for it."""
+        was deaf for ``CLOSE_WAIT_S`` more while it waited for it. With
+        ``HUNG_CLOSES_MAX`` of them still closing, the host stops instead."""
+        self._closing = [t for t in self._closing if t.is_alive()]
+        if len(self._closing) >= HUNG_CLOSES_MAX:
+            raise KafkaIOError(f"{len(self._closing)} replaced consumers have not finished "
+                               "closing (each holds its client's threads and buffers): "
+                               "stopping, for a new process")  # fmt: skip
         if self.exactly_once and self._txn_started is not None:
             self._abort()
         self._txn_first.clear()
@@ -1209,6 +1220,8 @@ class ConfluentHost:
         closing.start()
         # one that closes at once (a fenced one) is gone before the new one joins
         closing.join(CLOSE_WAIT_S)
+        if closing.is_alive():
+            self._closing.append(closing)
         self._start_reading()
 
     def _start_reading(self) -> None:

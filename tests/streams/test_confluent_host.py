@@ -1235,6 +1235,27 @@ def test_a_replaced_consumer_whose_close_hangs_neither_holds_up_nor_reaches_its_
     assert host._committable == {("in", 0): 7} and not host.consumer.commits
 
 
+def test_replaced_consumers_whose_close_never_ends_are_bounded() -> None:
+    # each keeps its client (threads, buffers): without a bound, one leaked per
+    # replacement for as long as the process lives
+    host, _ = host_on_fakes(Echo(), [], host={"instance_id": "scorer-a"})
+    host._start_reading()
+    released = threading.Event()
+    for _ in range(confluent_host.HUNG_CLOSES_MAX):
+        host.consumer.close = lambda: released.wait(30)  # type: ignore[method-assign]
+        host._new_consumer()
+    try:
+        host.consumer.close = lambda: released.wait(30)  # type: ignore[method-assign]
+        with pytest.raises(KafkaIOError, match="3 replaced consumers have not finished"):
+            host._new_consumer()
+    finally:
+        released.set()
+    for thread in threading.enumerate():
+        if thread.name == "closing-consumer":
+            thread.join(10)
+    host._new_consumer()  # once they have closed, replacing is allowed again
+
+
 STUCK_ON_CLOSE = """
 import time
 from riverflow.streams import confluent_host
