@@ -687,6 +687,7 @@ def run_soak(
         "redis_models_mb": _series(models_mb),
         "redis_models_slope_mb_min": slope_per_min(after_warmup(models_mb)),
         "redis_less_models_mb": _series(less_models),
+        "redis_less_models_slope_mb_min": slope_per_min(after_warmup(less_models)),
         "redis_judged_from_s": redis_from,
         "redis_judged_slope_mb_min": slope_per_min([p for p in less_models if p[0] >= redis_from]),
     }
@@ -861,9 +862,8 @@ def report(result: SoakResult) -> Group:
     if "redis_models_mb" in mem:  # (figures of a soak before they were sampled: none)
         row("Redis: the model versions", mem["redis_models_mb"],
             mem["redis_models_slope_mb_min"])  # fmt: skip
-        less = mem["redis_less_models_mb"]
-        row("Redis less the model versions", less,
-            slope_per_min([p for p in less if p[0] >= warm]))  # fmt: skip
+        row("Redis less the model versions", mem["redis_less_models_mb"],
+            mem["redis_less_models_slope_mb_min"])  # fmt: skip
     keys = [v for t, v in mem["redis_keys"] if t >= warm]
     memory.add_row("Redis keys", f"{keys[0]:,.0f}" if keys else "-",
                    f"{keys[-1]:,.0f}" if keys else "-",
